@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates .venv and installs the pinned packages of pyproject.toml, once per pyproject version.
+# Used by the README's two commands; safe to run again (it does nothing when up to date).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "error: Python 3.11 is required (PyFlink 2.0 and the pinned set); set PYTHON=/path/to/python3.11" >&2
+  exit 2
+fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "==> installing packages into .venv (first run: a few minutes, ~2.5 GB)" >&2
+  # pip 23's resolver gives up on this set; pip >= 26 resolves it in seconds
+  .venv/bin/python -m pip install --quiet --upgrade "pip>=26"
+  .venv/bin/python -m pip install --quiet -e ".[dev]"
+  .venv/bin/python -m pip check
+  touch "$stamp"
+fi

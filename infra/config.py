@@ -1,0 +1,146 @@
+"""The one typed configuration of mindstream, shared by every package.
+
+Values come from, in increasing precedence:
+  1. the defaults below (a local, loopback-only embedded stack under ./var),
+  2. a TOML file: $MINDSTREAM_CONFIG, else ./mindstream.toml if it exists,
+  3. environment variables MINDSTREAM_<SECTION>__<FIELD>, e.g.
+     MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS=broker-1:9093 or MINDSTREAM_MILVUS__URI=http://milvus:19530.
+
+Secrets (passwords, tokens) are read like any other field, so production passes them as
+environment variables from its secret store and never writes them into the TOML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "MINDSTREAM_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    # Everything the embedded stack writes lives under var/ (git-ignored).
+    var_dir: Path = REPO_ROOT / "var"
+    data_dir: Path = REPO_ROOT / "var" / "data"  # downloaded datasets (never committed)
+    cache_dir: Path = REPO_ROOT / "var" / "cache"  # preprocessed, split datasets
+    artifacts_dir: Path = REPO_ROOT / "var" / "artifacts"  # trained models and exports
+    shared_data_dir: Path = REPO_ROOT.parent / "shared" / "data"  # amazon_beauty.txt
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    events_topic: str = "mindstream.events.v1"
+    dead_letter_topic: str = "mindstream.events.dlq.v1"
+    security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    sasl_mechanism: str = ""  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    uri: str = "redis://127.0.0.1:6379/0"  # rediss:// for TLS; AUTH via password below or in the URI
+    password: str = ""
+    ssl_cafile: str = ""
+
+
+@dataclass(frozen=True)
+class MilvusConfig:
+    uri: str = str(REPO_ROOT / "var" / "milvus" / "mindstream.db")  # a file = Milvus Lite
+    token: str = ""  # "user:password" or an API key for a Milvus server
+    collection_prefix: str = "mindstream_items"
+
+
+@dataclass(frozen=True)
+class RecallServiceConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9464
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
+    auth_token: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    milvus: MilvusConfig = field(default_factory=MilvusConfig)
+    recall: RecallServiceConfig = field(default_factory=RecallServiceConfig)
+
+
+def _coerce(value: object, target: type, where: str) -> object:
+    """Turn a TOML or environment value into the field's declared type, or say what is wrong."""
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where}: expected a boolean, got {value!r}")
+    if target is int:
+        try:
+            return int(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if target is Path:
+        return Path(str(value)).expanduser()
+    if target is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported field type {target!r}")
+
+
+def _section_overrides(section_name: str, section_cls: type, from_file: dict, environ: dict) -> dict:
+    hints = typing.get_type_hints(section_cls)
+    known = {f.name for f in dataclasses.fields(section_cls)}
+    unknown = set(from_file) - known
+    if unknown:
+        raise ConfigError(f"[{section_name}] has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    values = {}
+    for name in known:
+        env_name = f"{ENV_PREFIX}{section_name.upper()}__{name.upper()}"
+        if env_name in environ:
+            values[name] = _coerce(environ[env_name], hints[name], env_name)
+        elif name in from_file:
+            values[name] = _coerce(from_file[name], hints[name], f"[{section_name}].{name}")
+    return values
+
+
+def load_config(path: str | os.PathLike | None = None, environ: dict | None = None) -> Config:
+    """Load the configuration: defaults, then the TOML file, then MINDSTREAM_* variables."""
+    environ = dict(os.environ if environ is None else environ)
+    file_path = Path(path) if path else Path(environ.get(f"{ENV_PREFIX}CONFIG", "mindstream.toml"))
+    from_file: dict = {}
+    if file_path.is_file():
+        with open(file_path, "rb") as fh:
+            try:
+                from_file = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{file_path}: not valid TOML ({exc})") from None
+    elif path:
+        raise ConfigError(f"configuration file {file_path} does not exist")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = set(from_file) - set(sections)
+    if unknown:
+        raise ConfigError(f"{file_path}: unknown sections {sorted(unknown)}; known: {sorted(sections)}")
+    built = {}
+    for name, f in sections.items():
+        section_cls = typing.get_type_hints(Config)[name]
+        built[name] = section_cls(**_section_overrides(name, section_cls, from_file.get(name, {}), environ))
+    return Config(**built)

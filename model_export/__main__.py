@@ -1,0 +1,184 @@
+"""python -m model_export: train -> evaluate -> export, plus the quality, peer and speed benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from infra.config import load_config
+
+MODELS = ("mostpop", "youtube_dnn", "mind", "mind_remi")
+
+
+def _dataset_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="ml-1m, beauty, or a path: one-user-per-line .txt, or .csv/.tsv/.parquet with user, item, timestamp columns")
+
+
+def _load(dataset: str):
+    from model_export.data import load_dataset
+
+    paths = load_config().paths
+    return load_dataset(dataset, paths.data_dir, paths.cache_dir, paths.shared_data_dir)
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from model_export.data import describe
+    from model_export.train import DATASET_DEFAULTS, FALLBACK_DEFAULTS, TrainConfig, default_spec, train
+
+    data = _load(args.dataset)
+    print(describe(data), file=sys.stderr)
+    defaults = DATASET_DEFAULTS.get(data.name, FALLBACK_DEFAULTS)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = TrainConfig(
+        dataset=args.dataset,
+        model=args.model,
+        seed=args.seed,
+        epochs=args.epochs or defaults["epochs"],
+        patience=args.patience,
+        batch_size=args.batch_size or defaults["batch_size"],
+        lr=args.lr,
+        n_negatives=args.negatives,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+        device=device,
+    )
+    spec = default_spec(
+        args.model,
+        data,
+        dim=args.dim,
+        n_interests=args.interests,
+        maxlen=args.maxlen,
+        attention_power=args.power,
+        hard_negative_beta=args.beta,
+        routing_regularization=args.rr_lambda,
+    )
+    history = train(config, spec, data, Path(args.out), resume=args.resume, progress=not args.quiet)
+    print(json.dumps({"model_dir": args.out, "best": history["best"]}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from model_export.data import evaluation_cases
+    from model_export.evaluate import evaluate_model, evaluate_popularity
+    from model_export.train import check_dataset, load_model
+
+    data = _load(args.dataset)
+    model_dir = Path(args.model_dir)
+    check_dataset(model_dir, data)
+    spec, model = load_model(model_dir)
+    users = data.test_users if args.split == "test" else data.valid_users
+    cases = evaluation_cases(data, users, spec.maxlen)
+    metrics = evaluate_popularity(model, cases) if spec.kind == "mostpop" else evaluate_model(model, data, cases)
+    report = {"model_dir": str(model_dir), "model": spec.kind, "dataset": data.name, "split": args.split, "users": len(users), "metrics": metrics}
+    (model_dir / f"evaluation_{args.split}.json").write_text(json.dumps(report, indent=2))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{spec.kind} on {data.name} ({args.split}, {len(users)} users): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from model_export.export import export_model
+
+    data = _load(args.dataset)
+    out, manifest = export_model(Path(args.model_dir), data, Path(args.out) if args.out else None)
+    print(json.dumps({"export_dir": str(out), "model_version": manifest.model_version, "parity_max_abs_diff": manifest.extra["onnx_parity_max_abs_diff"], "test": manifest.metrics["test"]}, indent=2))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from model_export.bench import bench_user_tower
+
+    bench_user_tower(Path(args.export_dir), batch=args.batch, seconds=args.seconds)
+    return 0
+
+
+def cmd_quality(args) -> int:
+    from model_export.quality import quality_benchmark
+
+    quality_benchmark(args.datasets, args.models, args.seeds, Path(args.out), max_steps_per_epoch=args.max_steps_per_epoch, epochs=args.epochs)
+    return 0
+
+
+def cmd_peer(args) -> int:
+    from model_export.peer import compare_with_rechub
+
+    compare_with_rechub(args.dataset, Path(args.out), epochs=args.epochs, max_steps_per_epoch=args.max_steps_per_epoch)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model_export", description="Train, evaluate and export MIND / MIND+REMI and baselines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (progress bar, checkpoints, early stopping, --resume)")
+    _dataset_arg(p)
+    p.add_argument("--model", choices=MODELS, required=True)
+    p.add_argument("--out", required=True, help="run directory (checkpoints, best weights, history)")
+    p.add_argument("--seed", type=int, default=2019)
+    p.add_argument("--epochs", type=int, default=0, help="maximum epochs (default: per dataset)")
+    p.add_argument("--patience", type=int, default=3, help="epochs without a better validation Recall@50 before stopping")
+    p.add_argument("--batch-size", type=int, default=0, help="default: per dataset")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--negatives", type=int, default=1280, help="sampled negatives per batch")
+    p.add_argument("--dim", type=int, default=None)
+    p.add_argument("--interests", type=int, default=None, help="K, the most interests per user")
+    p.add_argument("--maxlen", type=int, default=None, help="behaviours read by the user tower (default: per dataset)")
+    p.add_argument("--power", type=float, default=None, help="p of the label-aware attention")
+    p.add_argument("--beta", type=float, default=None, help="REMI hard-negative beta (mind_remi default 1.0)")
+    p.add_argument("--rr-lambda", type=float, default=None, help="REMI routing-regularisation lambda (mind_remi default 1.0)")
+    p.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap steps per epoch (0 = full pass); for smoke runs")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test Recall/HitRate/NDCG@20,50 of a trained run")
+    p.add_argument("--model-dir", required=True)
+    _dataset_arg(p)
+    p.add_argument("--split", choices=("test", "valid"), default="test")
+    p.add_argument("--json", action="store_true", help="print the JSON report")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="ONNX user tower + item vectors + manifest, parity-checked")
+    p.add_argument("--model-dir", required=True)
+    _dataset_arg(p)
+    p.add_argument("--out", default=None, help="export directory (default MODEL_DIR/export)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="user-tower speed: ONNX Runtime vs PyTorch eager")
+    p.add_argument("--export-dir", required=True, help="an export directory (with manifest.json)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--seconds", type=float, default=3.0, help="time budget per measurement")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("quality", help="quality table: models x datasets x seeds, mean and spread, ratios")
+    p.add_argument("--datasets", nargs="+", default=["ml-1m", "beauty"])
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--epochs", type=int, default=0, help="maximum epochs (default: per dataset)")
+    p.add_argument("--max-steps-per-epoch", type=int, default=0)
+    p.add_argument("--out", default="var/quality", help="run directories and quality.json")
+    p.set_defaults(func=cmd_quality)
+
+    p = sub.add_parser("peer", help="torch-rechub MIND vs ours on the same split: quality and time per epoch")
+    _dataset_arg(p)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap both models' steps per epoch (0 = full)")
+    p.add_argument("--out", default="var/peer")
+    p.set_defaults(func=cmd_peer)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""User-tower speed: ONNX Runtime (CPU) against PyTorch eager on the same weights, same inputs.
+
+Prints batch throughput (users/s) at a given batch size, single-user latency percentiles, and the
+ratios, all measured in the same run. Inputs are full windows of random items with the user
+profile set, i.e. the worst case the streaming job sends.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model_export.manifest import Manifest
+from model_export.onnx_runtime import UserTowerSession
+from model_export.train import load_model
+
+
+def _throughput(fn, users_per_call: int, seconds: float) -> float:
+    fn()  # warm-up
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        fn()
+        calls += 1
+    return calls * users_per_call / (time.perf_counter() - started)
+
+
+def _latencies_ms(fn, calls: int) -> np.ndarray:
+    for _ in range(20):
+        fn()
+    out = np.empty(calls)
+    for i in range(calls):
+        t = time.perf_counter()
+        fn()
+        out[i] = (time.perf_counter() - t) * 1e3
+    return out
+
+
+def bench_user_tower(export_dir: Path, batch: int = 256, seconds: float = 3.0, single_calls: int = 2000) -> dict:
+    manifest = Manifest.load(export_dir)
+    model_dir = export_dir.parent
+    _, model = load_model(model_dir)
+    session = UserTowerSession(export_dir, manifest, prefer_gpu=False)
+    rng = np.random.default_rng(0)
+    n_fields = len(manifest.profile_fields)
+
+    def inputs(b: int):
+        items = rng.integers(1, manifest.n_items + 1, size=(b, manifest.maxlen), dtype=np.int64)
+        lengths = np.full(b, manifest.maxlen, dtype=np.int64)
+        profile = np.ones((b, n_fields), dtype=np.int64)
+        return items, lengths, profile
+
+    items, lengths, profile = inputs(batch)
+    t_items, t_lengths, t_profile = map(torch.as_tensor, (items, lengths, profile))
+
+    @torch.no_grad()
+    def torch_batch():
+        model(t_items, t_lengths, t_profile if n_fields else None)
+
+    def onnx_batch():
+        session.run(items, lengths, profile)
+
+    one = inputs(1)
+    t_one = tuple(map(torch.as_tensor, one))
+
+    @torch.no_grad()
+    def torch_single():
+        model(t_one[0], t_one[1], t_one[2] if n_fields else None)
+
+    def onnx_single():
+        session.run(*one)
+
+    torch_tput = _throughput(torch_batch, batch, seconds)
+    onnx_tput = _throughput(onnx_batch, batch, seconds)
+    torch_lat = _latencies_ms(torch_single, single_calls)
+    onnx_lat = _latencies_ms(onnx_single, single_calls)
+    report = {
+        "model_version": manifest.model_version,
+        "provider": session.provider,
+        "torch_threads": torch.get_num_threads(),
+        "batch": batch,
+        "throughput_users_per_s": {"onnxruntime": round(onnx_tput), "torch_eager": round(torch_tput), "ratio": round(onnx_tput / torch_tput, 2)},
+        "single_user_ms": {
+            "onnxruntime": {"p50": round(float(np.percentile(onnx_lat, 50)), 3), "p99": round(float(np.percentile(onnx_lat, 99)), 3)},
+            "torch_eager": {"p50": round(float(np.percentile(torch_lat, 50)), 3), "p99": round(float(np.percentile(torch_lat, 99)), 3)},
+        },
+    }
+    print(f"user tower {manifest.model_version} ({manifest.model_kind}, K={manifest.n_interests}, D={manifest.dim}, window {manifest.maxlen}), ONNX on {session.provider}")
+    print(f"  batch {batch}: onnxruntime {onnx_tput:,.0f} users/s, torch eager {torch_tput:,.0f} users/s -> {onnx_tput / torch_tput:.2f}x  (target >= 3x)")
+    print(
+        f"  single user: onnxruntime p50 {report['single_user_ms']['onnxruntime']['p50']} ms, p99 {report['single_user_ms']['onnxruntime']['p99']} ms (target p99 <= 2 ms); "
+        f"torch eager p50 {report['single_user_ms']['torch_eager']['p50']} ms, p99 {report['single_user_ms']['torch_eager']['p99']} ms"
+    )
+    print(json.dumps(report))
+    return report

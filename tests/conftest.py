@@ -1,0 +1,30 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def synthetic_interactions(n_users: int = 120, n_items: int = 60, seed: int = 0) -> pd.DataFrame:
+    """A small CSV-shaped table with clustered tastes, item genres and a user profile field."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        tastes = rng.choice(4, size=2, replace=False)  # each user likes two of four item clusters
+        length = int(rng.integers(6, 25))
+        for t in range(length):
+            cluster = tastes[t % 2]
+            item = int(cluster * (n_items // 4) + rng.integers(0, n_items // 4))
+            rows.append({"user": f"u{u}", "item": f"i{item}", "timestamp": 1_000 * t + u, "item_genre": f"g{cluster}|gx", "user_gender": "MF"[u % 2]})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def synthetic_csv(tmp_path) -> Path:
+    path = tmp_path / "interactions.csv"
+    synthetic_interactions().to_csv(path, index=False)
+    return path

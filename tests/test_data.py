@@ -1,0 +1,114 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from model_export.data import (
+    DatasetError,
+    evaluation_cases,
+    gather_histories,
+    load_dataset,
+    load_sequence_file,
+    preprocess,
+    training_positions,
+)
+
+
+def _load(path, tmp_path, seed=2019):
+    return load_dataset(str(path), tmp_path / "data", tmp_path / "cache", tmp_path / "shared", split_seed=seed)
+
+
+def test_five_core_filter_items_then_users(tmp_path):
+    # i_rare appears 4 times and x once (both dropped); u_short then has 4 items left (dropped).
+    lines = ["u1 a b c d e i_rare", "u2 a b c d e i_rare", "u3 a b c d e i_rare", "u4 a b c d e i_rare", "u5 a b c d e", "u_short a b c d x"]
+    path = tmp_path / "seq.txt"
+    path.write_text("\n".join(lines) + "\n")
+    data = preprocess(load_sequence_file(path), "t", "f", split_seed=1)
+    assert "i_rare" not in set(data.item_ids)
+    assert set(data.user_ids) == {"u1", "u2", "u3", "u4", "u5"}
+    assert data.n_items == 5 and data.item_ids[0] == "<pad>"
+
+
+def test_split_is_disjoint_deterministic_and_80_10_10(synthetic_csv, tmp_path):
+    data = _load(synthetic_csv, tmp_path)
+    train, valid, test = map(set, (data.train_users, data.valid_users, data.test_users))
+    assert not (train & valid) and not (train & test) and not (valid & test)
+    assert len(train | valid | test) == data.n_users
+    assert abs(len(train) / data.n_users - 0.8) < 0.02
+    again = _load(synthetic_csv, tmp_path / "other")
+    assert np.array_equal(again.test_users, data.test_users)
+    other_seed = _load(synthetic_csv, tmp_path / "seeded", seed=7)
+    assert not np.array_equal(other_seed.test_users, data.test_users)
+
+
+def test_no_held_out_user_leaks_into_training_samples(synthetic_csv, tmp_path):
+    data = _load(synthetic_csv, tmp_path)
+    users, positions = training_positions(data, data.train_users)
+    assert set(np.unique(users)) <= set(data.train_users)
+    assert not set(np.unique(users)) & (set(data.valid_users) | set(data.test_users))
+    # popularity used by MostPop and the sampler comes only from training users
+    counts = data.item_counts(data.train_users)
+    assert counts.sum() == sum(len(data.sequence(u)) for u in data.train_users)
+
+
+def test_sequences_are_time_ordered_and_histories_precede_targets(synthetic_csv, tmp_path):
+    data = _load(synthetic_csv, tmp_path)
+    for u in range(data.n_users):
+        times = data.seq_times[data.seq_offsets[u] : data.seq_offsets[u + 1]]
+        assert np.all(np.diff(times) >= 0)
+    users, positions = training_positions(data, data.train_users[:3], min_history=1)
+    hist, lengths = gather_histories(data, users, positions, maxlen=4)
+    for b in range(len(users)):
+        seq = data.sequence(users[b])
+        expected = seq[max(0, positions[b] - 4) : positions[b]]
+        assert lengths[b] == len(expected)
+        assert np.array_equal(hist[b, : lengths[b]], expected)
+        assert np.all(hist[b, lengths[b] :] == 0)  # right padding
+
+
+def test_evaluation_uses_first_80_percent_as_history_and_all_the_rest_as_targets(synthetic_csv, tmp_path):
+    data = _load(synthetic_csv, tmp_path)
+    cases = evaluation_cases(data, data.test_users, maxlen=50)
+    for i, u in enumerate(data.test_users):
+        seq = data.sequence(u)
+        split = int(len(seq) * 0.8)
+        assert np.array_equal(cases.history[i, : cases.lengths[i]], seq[:split])
+        assert np.array_equal(cases.targets_of(i), seq[split:])
+
+
+def test_side_features_and_profile_are_loaded_from_a_table(synthetic_csv, tmp_path):
+    data = _load(synthetic_csv, tmp_path)
+    assert list(data.profile_fields) == ["user_gender"]
+    assert data.profile_cardinalities.tolist() == [3]  # unknown + F + M
+    assert (data.item_side > 0).sum(1)[1:].min() == 2  # every item has its cluster genre and gx
+    assert "item_genre=gx" in set(data.side_vocab)
+
+
+def test_cache_round_trip(synthetic_csv, tmp_path):
+    first = _load(synthetic_csv, tmp_path)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    second = _load(synthetic_csv, tmp_path)
+    for key, value in first.__dict__.items():
+        assert np.array_equal(np.asarray(value), np.asarray(getattr(second, key))), key
+
+
+def test_malformed_sequence_file_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_text("u1 1 2 3\nlonely\n")
+    with pytest.raises(DatasetError, match=r"bad\.txt:2"):
+        _load(path, tmp_path)
+
+
+def test_malformed_table_names_file_and_row(tmp_path):
+    path = tmp_path / "bad.csv"
+    pd.DataFrame({"user": ["a", "b"], "item": ["x", "y"], "timestamp": ["1", "yesterday"]}).to_csv(path, index=False)
+    with pytest.raises(DatasetError, match=r"bad\.csv:3: timestamp 'yesterday'"):
+        _load(path, tmp_path)
+    missing = tmp_path / "nocol.csv"
+    pd.DataFrame({"user": ["a"], "thing": ["x"], "timestamp": [1]}).to_csv(missing, index=False)
+    with pytest.raises(DatasetError, match="no item column"):
+        _load(missing, tmp_path)
+
+
+def test_unknown_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match="built-in names: ml-1m, beauty"):
+        _load(tmp_path / "nothing-here", tmp_path)

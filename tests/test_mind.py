@@ -1,0 +1,147 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model_export.mind import MIND, b2i_routing, dynamic_interest_count, label_aware_attention, routing_regularization, squash
+from model_export.spec import ModelSpec
+from model_export.youtube_dnn import YouTubeDNN
+
+
+def _spec(**kw):
+    base = dict(kind="mind", n_items=30, dim=8, n_interests=4, maxlen=10, n_side_tokens=3, profile_cardinalities=[3, 5])
+    base.update(kw)
+    return ModelSpec(**base)
+
+
+def _side(n_items=30):
+    side = torch.zeros(n_items + 1, 2, dtype=torch.long)
+    side[1:, 0] = torch.arange(n_items) % 3 + 1
+    return side
+
+
+def _inputs(b=6, maxlen=10, n_items=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([1, 2, 3, 4, 8, 10][:b])
+    items = torch.randint(1, n_items + 1, (b, maxlen), generator=g)
+    items = torch.where(torch.arange(maxlen)[None, :] < lengths[:, None], items, torch.zeros_like(items))
+    profile = torch.stack([torch.randint(0, 3, (b,), generator=g), torch.randint(0, 5, (b,), generator=g)], 1)
+    return items, lengths, profile
+
+
+def test_dynamic_interest_count_follows_log2_of_history_length():
+    lengths = torch.tensor([0, 1, 2, 3, 4, 7, 8, 15, 16, 100])
+    expected = [max(1, min(4, math.floor(math.log2(max(n, 1))))) for n in lengths.tolist()]
+    assert dynamic_interest_count(lengths, 4).tolist() == expected == [1, 1, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_squash_keeps_direction_and_bounds_norm_below_one():
+    z = torch.randn(100, 8) * torch.logspace(-3, 3, 100)[:, None]
+    s = squash(z)
+    norms = s.norm(dim=-1)
+    assert torch.all(norms < 1.0)
+    assert torch.allclose(norms, z.norm(dim=-1) ** 2 / (1 + z.norm(dim=-1) ** 2), rtol=1e-4)
+    cos = torch.nn.functional.cosine_similarity(s, z, dim=-1)
+    assert torch.allclose(cos, torch.ones(100), atol=1e-4)
+
+
+def test_routing_shapes_norms_and_masks():
+    b, length, k, d = 5, 7, 4, 6
+    behaviours = torch.randn(b, length, d)
+    behaviour_mask = torch.arange(length)[None, :] < torch.tensor([1, 2, 4, 7, 7])[:, None]
+    interest_mask = torch.arange(k)[None, :] < torch.tensor([1, 1, 2, 2, 4])[:, None]
+    capsules, weights = b2i_routing(behaviours, behaviour_mask, interest_mask, torch.randn(b, k, length), iterations=3)
+    assert capsules.shape == (b, k, d) and weights.shape == (b, k, length)
+    assert torch.all(capsules.norm(dim=-1) < 1.0)
+    assert torch.all(capsules[~interest_mask] == 0)  # inactive interests are zero
+    assert torch.all(weights.transpose(1, 2)[~behaviour_mask] == 0)  # padding routes nowhere
+    valid_weight_sums = weights.sum(1)[behaviour_mask]  # each real behaviour distributes weight 1
+    assert torch.allclose(valid_weight_sums, torch.ones_like(valid_weight_sums), atol=1e-5)
+    assert torch.all(weights[~interest_mask] == 0)
+
+
+def test_padding_content_does_not_change_the_interests():
+    model = MIND(_spec(), _side()).eval()
+    items, lengths, profile = _inputs()
+    out, k = model(items, lengths, profile)
+    noisy = torch.where(items == 0, torch.randint(1, 31, items.shape), items)
+    out_noisy, _ = model(noisy, lengths, profile)
+    assert torch.allclose(out, out_noisy, atol=1e-6)
+    # a shorter padded window gives the same result as the full-width one
+    out_short, _ = model(items[:, :5][:4], lengths[:4], profile[:4])
+    assert torch.allclose(out[:4], out_short, atol=1e-5)
+
+
+def test_user_tower_output_has_dynamic_k_and_is_deterministic_in_eval():
+    model = MIND(_spec(), _side()).eval()
+    items, lengths, profile = _inputs()
+    out, k = model(items, lengths, profile)
+    assert out.shape == (6, 4, 8)
+    assert k.tolist() == [1, 1, 1, 2, 3, 3]
+    for row, ku in enumerate(k.tolist()):
+        assert torch.all(out[row, ku:] == 0) and torch.all(out[row, :ku].norm(dim=-1) > 0)
+    out2, _ = model(items, lengths, profile)
+    assert torch.equal(out, out2)  # fixed routing initialisation at inference
+    model.train()
+    torch.manual_seed(1)
+    a, _, _ = model.interests(items, lengths, profile)
+    torch.manual_seed(2)
+    b, _, _ = model.interests(items, lengths, profile)
+    assert not torch.allclose(a, b)  # random routing logits in training
+
+
+def test_one_bilinear_map_shared_by_all_behaviours():
+    model = MIND(_spec(), _side())
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.in_features == m.out_features == 8]
+    assert len(linear) == 1 and linear[0].bias is None
+
+
+def test_label_aware_attention_selects_the_matching_interest_with_large_power():
+    interests = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    target = torch.tensor([[0.0, 2.0]])
+    active = torch.tensor([[True, True, False]])  # the third (largest) interest is inactive
+    hard = label_aware_attention(interests, target, active, power=50.0)
+    assert torch.allclose(hard, interests[0, 1:2], atol=1e-4)
+    soft = label_aware_attention(interests, target, active, power=1.0)  # p = 1: softmax of the scores
+    w = torch.softmax(torch.tensor([0.0, 2.0]), 0)
+    assert torch.allclose(soft, (w[:, None] * interests[0, :2]).sum(0, keepdim=True), atol=1e-6)
+
+
+def test_label_aware_attention_never_prefers_an_opposed_interest():
+    interests = torch.tensor([[[-3.0, 0.0], [1.0, 0.0]]])
+    target = torch.tensor([[1.0, 0.0]])
+    out = label_aware_attention(interests, target, torch.ones(1, 2, dtype=torch.bool), power=2.0)
+    assert out[0, 0] > 0  # an even power of -3 would have picked the opposed interest
+
+
+def test_routing_regularization_is_zero_for_even_routing_and_grows_with_collapse():
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    even = torch.full((1, 4, 6), 0.25)
+    collapsed = torch.zeros(1, 4, 6)
+    collapsed[0, :, 0] = 1.0  # every interest draws all its weight from behaviour 0
+    assert routing_regularization(even, mask).item() == pytest.approx(0.0, abs=1e-12)
+    assert routing_regularization(collapsed, mask).item() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["mind", "mind_remi", "youtube_dnn"])
+def test_training_step_reduces_loss_on_a_fixed_batch(kind):
+    torch.manual_seed(0)
+    from model_export.sampled_softmax import NegativeSampler
+
+    spec = _spec(kind=kind, n_interests=1 if kind == "youtube_dnn" else 4, hard_negative_beta=1.0 if kind == "mind_remi" else 0.0, routing_regularization=1.0 if kind == "mind_remi" else 0.0)
+    model = (YouTubeDNN if kind == "youtube_dnn" else MIND)(spec, _side())
+    items, lengths, profile = _inputs()
+    targets = torch.tensor([3, 5, 7, 9, 11, 13])
+    sampler = NegativeSampler(torch.ones(31))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    first = None
+    for _ in range(30):
+        g.manual_seed(0)
+        loss = model.loss(items, lengths, profile, targets, sampler, 20, g)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert np.isfinite(loss.item()) and loss.item() < first * 0.7

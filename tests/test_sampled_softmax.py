@@ -1,0 +1,72 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_export.sampled_softmax import NegativeSampler, sampled_softmax_loss
+
+
+def _setup(b=4, n_items=9, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randn(n_items + 1, d, generator=g)
+    user = torch.randn(b, d, generator=g)
+    targets = torch.tensor([1, 4, 7, 9][:b])
+    return items, user, targets
+
+
+def test_equals_full_softmax_when_negatives_are_all_items_with_uniform_q():
+    items, user, targets = _setup()
+    n_items = items.shape[0] - 1
+    negatives = torch.arange(1, n_items + 1)  # every item once; the target among them is an accidental hit
+    log_q = torch.full((n_items + 1,), -math.log(n_items))  # uniform: log(N q) = 0, no correction
+    loss = sampled_softmax_loss(user, items[targets], targets, items[negatives], negatives, log_q)
+    full = F.cross_entropy(user @ items[1:].T, targets - 1)
+    assert loss.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_log_q_correction_removes_the_sampling_bias():
+    items, user, targets = _setup()
+    negatives = torch.tensor([2, 3, 5])
+    uniform = torch.full((10,), -math.log(9))
+    skewed = uniform.clone()
+    skewed[2] += math.log(4.0)  # item 2 is drawn 4x as often: its logit is lowered by log 4
+    base = sampled_softmax_loss(user, items[targets], targets, items[negatives], negatives, uniform)
+    corrected = sampled_softmax_loss(user, items[targets], targets, items[negatives], negatives, skewed)
+    assert corrected.item() < base.item()
+
+
+def test_accidental_hits_are_removed():
+    items, user, targets = _setup(b=1)
+    negatives = torch.tensor([targets[0].item(), 2, 3])
+    log_q = torch.full((10,), -math.log(9))
+    with_hit = sampled_softmax_loss(user, items[targets], targets, items[negatives], negatives, log_q)
+    without = sampled_softmax_loss(user, items[targets], targets, items[negatives[1:]], negatives[1:], log_q + math.log(3 / 2))
+    assert with_hit.item() == pytest.approx(without.item(), rel=1e-5)
+
+
+def test_remi_hard_negative_weighting():
+    items, user, targets = _setup()
+    negatives = torch.tensor([2, 3, 5, 6, 8])
+    log_q = torch.full((10,), -math.log(9))
+    plain = sampled_softmax_loss(user, items[targets], targets, items[negatives], negatives, log_q, 0.0)
+    hard = sampled_softmax_loss(user, items[targets], targets, items[negatives], negatives, log_q, 2.0)
+    # importance weights emphasise high-scoring negatives: the loss grows (Jensen: weighted mean of exp >= mean)
+    assert hard.item() > plain.item()
+    # with identical negative scores the weights are all 1 and IHN changes nothing
+    same = items[2:3].expand(5, -1)
+    a = sampled_softmax_loss(user, items[targets], targets, same, negatives, log_q, 0.0)
+    b = sampled_softmax_loss(user, items[targets], targets, same, negatives, log_q, 2.0)
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+
+
+def test_sampler_follows_popularity_power_and_never_draws_padding():
+    counts = torch.tensor([100.0, 1.0, 9.0, 99.0])
+    sampler = NegativeSampler(counts, alpha=1.0)
+    assert sampler.q[0] == 0
+    assert torch.allclose(sampler.q[1:], torch.tensor([2.0, 10.0, 100.0]) / 112.0)
+    draws = sampler.sample(20000, torch.Generator().manual_seed(0))
+    assert draws.min() >= 1
+    assert abs((draws == 3).float().mean().item() - 100 / 112) < 0.02
+    uniform = NegativeSampler(counts, alpha=0.0)
+    assert torch.allclose(uniform.q[1:], torch.full((3,), 1 / 3))
