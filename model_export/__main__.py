@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--epochs", type=int, default=0, help="maximum epochs (default: per dataset)")
     p.add_argument("--max-steps-per-epoch", type=int, default=0)
-    p.add_argument("--out", default="var/quality", help="run directories and quality.json")
+    p.add_argument("--out", default="var/quality", help="run directories and quality-<datasets>.json")
     p.set_defaults(func=cmd_quality)
 
     p = sub.add_parser("peer", help="torch-rechub MIND vs ours on the same split: quality and time per epoch")

@@ -66,6 +66,8 @@ class ProfileEmbedding(nn.Module):
     def __init__(self, cardinalities: list[int], dim_per_field: int):
         super().__init__()
         self.fields = nn.ModuleList(nn.Embedding(c, dim_per_field) for c in cardinalities)
+        for field in self.fields:  # on the scale of the item embeddings, so neither dominates the ReLU layers
+            nn.init.normal_(field.weight, std=0.1)
         self.out_dim = dim_per_field * len(cardinalities)
 
     def forward(self, profile: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,9 @@ from model_export.sampled_softmax import NegativeSampler, sampled_softmax_loss
 from model_export.spec import ModelSpec
 
 
+BILINEAR_INIT_GAIN = 4.0
+
+
 def squash(z: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
     """Capsule non-linearity: keeps the direction, maps the norm into [0, 1)."""
     sq = (z * z).sum(-1, keepdim=True)
@@ -106,6 +109,9 @@ class MIND(nn.Module):
         d, k = spec.dim, spec.n_interests
         self.items = ItemEmbedding(spec.n_items, d, item_side, spec.n_side_tokens)
         self.bilinear = nn.Linear(d, d, bias=False)  # S, shared by all behaviours and interests
+        # Agreement u_j^T S e_i must be able to outweigh the N(0, 1) initial logits, or routing never
+        # leaves its random start; item vectors start with norm ~0.8, so S starts as a scaled rotation.
+        nn.init.orthogonal_(self.bilinear.weight, gain=BILINEAR_INIT_GAIN)
         self.profile = ProfileEmbedding(spec.profile_cardinalities, spec.profile_dim_per_field) if spec.profile_cardinalities else None
         in_dim = d + (self.profile.out_dim if self.profile is not None else 0)
         self.mlp = nn.Sequential(nn.Linear(in_dim, spec.hidden_multiplier * d), nn.ReLU(), nn.Linear(spec.hidden_multiplier * d, d))

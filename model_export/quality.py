@@ -2,7 +2,7 @@
 
 Each (dataset, model, seed) is a full `train` with the defaults (the seed changes initialisation,
 sampling and routing noise; the user split stays the papers' fixed split), then a test
-evaluation. Prints a Markdown table and the target ratios, and writes OUT/quality.json.
+evaluation. Prints a Markdown table and the target ratios, and writes OUT/quality-<datasets>.json.
 Runs already finished in OUT are reused, so an interrupted benchmark resumes.
 """
 
@@ -111,7 +111,7 @@ def quality_benchmark(datasets: list[str], models: list[str], seeds: list[int], 
                 )
     summary = summarise(results)
     report = {"summary": summary, "ratios": ratios(summary), "runs": results}
-    (out / "quality.json").write_text(json.dumps(report, indent=2))
+    (out / f"quality-{'+'.join(datasets)}.json").write_text(json.dumps(report, indent=2))
     print(markdown(summary))
     for dataset, rs in report["ratios"].items():
         print(f"{dataset}: " + ", ".join(f"{k} = {v}" for k, v in rs.items()))

@@ -34,8 +34,8 @@ SELECTION_METRIC = "recall@50"
 
 # Per-dataset defaults that reach the README's targets without extra flags.
 DATASET_DEFAULTS = {
-    "ml-1m": {"maxlen": 50, "epochs": 30, "batch_size": 1024},
-    "beauty": {"maxlen": 20, "epochs": 50, "batch_size": 256},
+    "ml-1m": {"maxlen": 50, "epochs": 10, "batch_size": 1024},
+    "beauty": {"maxlen": 20, "epochs": 30, "batch_size": 256},
 }
 FALLBACK_DEFAULTS = {"maxlen": 20, "epochs": 30, "batch_size": 256}
 REMI_DEFAULTS = {"hard_negative_beta": 1.0, "routing_regularization": 1.0}
