@@ -39,6 +39,10 @@ class ItemEmbedding(nn.Module):
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """items [...] int64 -> [..., D]; padding (0) maps to the zero vector."""
+        if not self.training and self.side is not None:
+            # At inference the item table is a constant: computed once per call here, and folded into
+            # a single initializer by the ONNX exporter, so the exported tower only gathers.
+            return F.embedding(items, self.all_items())
         e = self.ids(items)
         if self.side is not None:
             e = e + self.side_pooling[items] @ self.side  # mean of the item's side-token embeddings

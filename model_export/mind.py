@@ -5,7 +5,7 @@ User tower, for a user with behaviours I_u (item ids, oldest first) and profile 
     e_i        = ItemEmbedding(i)                                  embedding & pooling layer (3.2)
     ê_i        = S e_i                                             ONE bilinear map S shared by all behaviours
     K_u        = max(1, min(K, floor(log2 |I_u|)))                 dynamic number of interests (eq. 9)
-    b_ij       ~ N(0, 1)                                           routing logits: random, not zero
+    b_ij       ~ N(0, sigma^2)                                     routing logits: random, not zero
     repeat r = 3 times:                                            B2I dynamic routing (algorithm 1)
         w_ij   = softmax_j(b_ij)      over the K_u active interests; padded behaviours weigh 0
         z_j    = sum_i w_ij ê_i
@@ -32,9 +32,6 @@ from torch import nn
 from model_export.embedding import ItemEmbedding, ProfileEmbedding, per_distinct_item
 from model_export.sampled_softmax import NegativeSampler, sampled_softmax_loss
 from model_export.spec import ModelSpec
-
-
-BILINEAR_INIT_GAIN = 4.0
 
 
 def squash(z: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
@@ -109,15 +106,13 @@ class MIND(nn.Module):
         d, k = spec.dim, spec.n_interests
         self.items = ItemEmbedding(spec.n_items, d, item_side, spec.n_side_tokens)
         self.bilinear = nn.Linear(d, d, bias=False)  # S, shared by all behaviours and interests
-        # Agreement u_j^T S e_i must be able to outweigh the N(0, 1) initial logits, or routing never
-        # leaves its random start; item vectors start with norm ~0.8, so S starts as a scaled rotation.
-        nn.init.orthogonal_(self.bilinear.weight, gain=BILINEAR_INIT_GAIN)
         self.profile = ProfileEmbedding(spec.profile_cardinalities, spec.profile_dim_per_field) if spec.profile_cardinalities else None
         in_dim = d + (self.profile.out_dim if self.profile is not None else 0)
         self.mlp = nn.Sequential(nn.Linear(in_dim, spec.hidden_multiplier * d), nn.ReLU(), nn.Linear(spec.hidden_multiplier * d, d))
         # Fixed initial routing logits for inference, so a user's interests do not change between calls.
         g = torch.Generator().manual_seed(spec.routing_seed)
-        self.register_buffer("routing_init", torch.randn(k, spec.maxlen, generator=g), persistent=True)  # [K, maxlen]
+        initial = torch.randn(k, spec.maxlen, generator=g) * spec.routing_init_std
+        self.register_buffer("routing_init", initial, persistent=True)  # [K, maxlen]
 
     def interests(self, items: torch.Tensor, lengths: torch.Tensor, profile: torch.Tensor | None = None):
         """The user tower. items [B, L<=maxlen] int64 (right-padded with 0), lengths [B], profile [B, F].
@@ -129,10 +124,13 @@ class MIND(nn.Module):
         k_user = dynamic_interest_count(lengths, k)  # [B]
         interest_mask = torch.arange(k, device=items.device)[None, :] < k_user[:, None]  # [B, K]
         if self.training:
-            initial = torch.randn(b, k, length, device=items.device)
+            initial = torch.randn(b, k, length, device=items.device) * self.spec.routing_init_std
         else:
             initial = self.routing_init[:, :length].unsqueeze(0)  # [1, K, L]
-        mapped = per_distinct_item(items, self.mapped_item) if self.training else self.mapped_item(items)  # [B, L, D]
+        if self.training:
+            mapped = per_distinct_item(items, self.mapped_item)  # [B, L, D]
+        else:  # S e_i of every item is a constant at inference: one table, folded into an initializer in ONNX
+            mapped = F.embedding(items, self.mapped_item(torch.arange(self.spec.n_items + 1, device=items.device)))
         capsules, weights = b2i_routing(mapped, behaviour_mask, interest_mask, initial, self.spec.routing_iterations)
         if self.profile is not None:
             p = self.profile(profile)[:, None, :].expand(b, k, -1)  # [B, K, P]

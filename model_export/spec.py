@@ -19,6 +19,7 @@ class ModelSpec:
     maxlen: int = 20  # behaviours the user tower reads
     routing_iterations: int = 3
     routing_seed: int = 7  # fixes the initial routing logits at inference (deterministic serving)
+    routing_init_std: float = 0.1  # b_ij ~ N(0, std^2): random (not zero) so capsules can differ; 0.1 chosen on validation
     attention_power: float = 2.0  # p of the label-aware attention
     profile_dim_per_field: int = 16
     hidden_multiplier: int = 4  # width of the ReLU layer after concatenating the profile: multiplier * dim

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +180,8 @@ def train(config: TrainConfig, spec: ModelSpec, data: SequenceDataset, out: Path
                 bar.set_postfix(loss=f"{total / (step + 1):.4f}")
         seconds = time.perf_counter() - started
         valid = evaluate_model(model, data, valid_cases, device)
-        record = {"epoch": epoch, "loss": total / steps, "seconds": seconds, "steps": steps, "valid": valid}
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        record = {"epoch": epoch, "loss": total / steps, "seconds": seconds, "steps": steps, "valid": valid, "peak_rss_mb": round(peak_rss_mb)}
         history["epochs"].append(record)
         improved = valid[SELECTION_METRIC] > history["best"][SELECTION_METRIC]
         if improved:
