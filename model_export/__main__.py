@@ -62,7 +62,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from model_export.data import evaluation_cases
-    from model_export.evaluate import evaluate_model, evaluate_popularity
+    from model_export.evaluate import evaluate_model, evaluate_popularity, interest_diversity
     from model_export.train import check_dataset, load_model
 
     data = _load(args.dataset)
@@ -73,6 +73,8 @@ def cmd_evaluate(args) -> int:
     cases = evaluation_cases(data, users, spec.maxlen)
     metrics = evaluate_popularity(model, cases) if spec.kind == "mostpop" else evaluate_model(model, data, cases)
     report = {"model_dir": str(model_dir), "model": spec.kind, "dataset": data.name, "split": args.split, "users": len(users), "metrics": metrics}
+    if spec.is_multi_interest:
+        report["interest_cosine"] = interest_diversity(model, data, cases)
     (model_dir / f"evaluation_{args.split}.json").write_text(json.dumps(report, indent=2))
     if args.json:
         print(json.dumps(report, indent=2))

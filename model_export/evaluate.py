@@ -38,6 +38,25 @@ def recommend(model: torch.nn.Module, data: SequenceDataset, cases: EvalCases, n
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def interest_diversity(model: torch.nn.Module, data: SequenceDataset, cases: EvalCases, device: str = "cpu") -> float | None:
+    """Mean cosine similarity between the active interests of users with K_u >= 2 (1.0 = collapsed
+    onto one direction). None for single-vector models or when no user has two interests."""
+    model.eval()
+    sims = []
+    for start in range(0, len(cases.users), EVAL_BATCH):
+        sl = slice(start, start + EVAL_BATCH)
+        profile = torch.as_tensor(data.user_profile[cases.users[sl]], device=device)
+        interests, k_user = model(torch.as_tensor(cases.history[sl], device=device), torch.as_tensor(cases.lengths[sl], device=device), profile)
+        unit = torch.nn.functional.normalize(interests, dim=-1)
+        cos = unit @ unit.transpose(1, 2)  # [b, K, K]
+        for row, k in enumerate(k_user.tolist()):
+            if k >= 2:
+                block = cos[row, :k, :k]
+                sims.append(((block.sum() - k) / (k * (k - 1))).item())
+    return float(np.mean(sims)) if sims else None
+
+
 def most_popular(popularity: np.ndarray, n_users: int, n: int) -> np.ndarray:
     top = np.argsort(-popularity[1:], kind="stable")[:n] + 1
     return np.broadcast_to(top, (n_users, n))

@@ -43,3 +43,20 @@ def test_bad_configuration_is_named(tmp_path, text, message):
 def test_missing_explicit_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_config_command_prints_effective_values_with_secrets_masked(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = dict(os.environ, MINDSTREAM_REDIS__PASSWORD="s3cret", MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS="kafka-1:9093", MINDSTREAM_CONFIG=str(tmp_path / "none.toml"))
+    out = subprocess.run([sys.executable, "-m", "infra", "config"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+    printed = json.loads(out)
+    assert printed["kafka"]["bootstrap_servers"] == "kafka-1:9093"
+    assert printed["redis"]["password"] == "***" and "s3cret" not in out
+    bad = subprocess.run([sys.executable, "-m", "infra", "config", "--file", str(tmp_path / "missing.toml")], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr

@@ -50,6 +50,7 @@ def test_train_evaluate_export_end_to_end(synthetic_csv, tmp_path):
     report = json.loads(cli("evaluate", "--model-dir", str(run), "--dataset", str(synthetic_csv), "--json").stdout)
     assert set(report["metrics"]) == {f"{m}@{n}" for m in ("recall", "hitrate", "ndcg") for n in (20, 50)}
     assert report["metrics"]["recall@50"] > 0.2  # clustered synthetic tastes are learnable
+    assert -1.0 <= report["interest_cosine"] <= 1.0
 
     exported = json.loads(cli("export", "--model-dir", str(run), "--dataset", str(synthetic_csv)).stdout)
     assert exported["parity_max_abs_diff"] <= PARITY_TOLERANCE
