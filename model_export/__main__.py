@@ -92,6 +92,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_publish(args) -> int:
+    from model_export.publish import connect, publish
+
+    milvus = load_config().milvus
+    uri = args.milvus_uri or milvus.uri
+    client = connect(uri, milvus.token)
+    done = publish(Path(args.export_dir), client, milvus.collection_prefix, args.index, progress=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({"milvus": uri, **done.__dict__}, indent=2))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from model_export.bench import bench_user_tower
 
@@ -151,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     _dataset_arg(p)
     p.add_argument("--out", default=None, help="export directory (default MODEL_DIR/export)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("publish", help="item vectors -> a Milvus collection of this model version, then the alias swap")
+    p.add_argument("--export-dir", required=True, help="an export directory (with manifest.json)")
+    p.add_argument("--milvus-uri", default=None, help="default: [milvus].uri of the configuration (a file = Milvus Lite)")
+    p.add_argument("--index", choices=("FLAT", "HNSW"), default=None, help="default: FLAT below 20,000 items, else HNSW")
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("bench", help="user-tower speed: ONNX Runtime vs PyTorch eager")
     p.add_argument("--export-dir", required=True, help="an export directory (with manifest.json)")

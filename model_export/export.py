@@ -88,8 +88,10 @@ def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = 
     with torch.no_grad():
         item_vectors = model.item_vectors()[1:].float().numpy()  # row r = item index r + 1
     np.save(staging / "item_vectors.npy", np.ascontiguousarray(item_vectors, dtype=np.float32))
+    side_tokens = data.side_vocab[data.item_side[1:]]  # [n_items, S]; index 0 is "<pad>"
     vocab = {
         "items": data.item_ids[1:].tolist(),
+        "item_side": [[str(t) for t in row if t != "<pad>"] for row in side_tokens],
         "profile": {str(f): data.profile_vocab_for_field(i).tolist() for i, f in enumerate(data.profile_fields)},
     }
     (staging / "vocab.json").write_text(json.dumps(vocab))

@@ -4,7 +4,7 @@ An export directory holds
     manifest.json       this record
     user_tower.onnx     behaviour ids (+ lengths, profile) -> K interest vectors and K_u
     item_vectors.npy    float32 [n_items, dim]; row r is the item with index r + 1
-    vocab.json          raw item ids by index, and the user-profile vocabulary by field
+    vocab.json          raw item ids and side tokens by index, and the user-profile vocabulary by field
 Downstream code (streaming job, recall service, publisher) opens an export only through
 `Manifest.load`, which checks every file against its SHA-256 before anything is used.
 """

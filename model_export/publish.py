@@ -1,0 +1,124 @@
+"""Publish an export's item vectors to Milvus: one collection per model version, then an atomic alias swap.
+
+    <prefix>_<model version>   item_id (INT64, primary: the item index), raw_id, category (the item's
+                               side tokens joined by '|'), active (BOOL), model_version, vector (FLOAT_VECTOR, IP)
+    <prefix>                   the alias readers search; it moves to a new version only once that
+                               collection is complete, indexed and loaded
+
+Older collections stay: the interests already in the feature store carry their model version and
+are answered from the collection of that version until they are re-extracted. The index is HNSW
+(inner product) by default and FLAT for small catalogs, where exact search costs nothing.
+Milvus Lite (a local file) is the default; MILVUS_URI / [milvus].uri points at a server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model_export.manifest import Manifest
+
+FLAT_BELOW_ITEMS = 20_000  # exact search is cheap below this many items
+HNSW_PARAMS = {"M": 16, "efConstruction": 200}
+INSERT_BATCH = 5_000
+
+
+@dataclass
+class Published:
+    collection: str
+    alias: str
+    model_version: str
+    items: int
+    index_type: str
+    seconds: float
+
+
+def collection_name(prefix: str, model_version: str) -> str:
+    """Milvus names allow letters, digits and underscores only."""
+    return f"{prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', model_version)}"
+
+
+def connect(uri: str, token: str = ""):
+    from pymilvus import MilvusClient
+
+    if "://" not in uri:  # a Milvus Lite file: its folder must exist
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    return MilvusClient(uri=uri, token=token) if token else MilvusClient(uri=uri)
+
+
+def alias_target(client, alias: str) -> str | None:
+    """The collection an alias points at, or None when the alias does not exist yet."""
+    from pymilvus.exceptions import MilvusException
+
+    quiet = logging.getLogger("pymilvus")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # pymilvus logs a missing alias as an ERROR before raising
+    try:
+        return client.describe_alias(alias=alias)["collection_name"]
+    except MilvusException:
+        return None
+    finally:
+        quiet.setLevel(level)
+
+
+def publish(export_dir: Path, client, prefix: str, index_type: str | None = None, progress=print) -> Published:
+    """Create, fill, index and load the collection of this export's version, then point the alias at it."""
+    from pymilvus import DataType, MilvusClient
+
+    started = time.perf_counter()
+    manifest = Manifest.load(export_dir)
+    vectors = np.load(manifest.file(export_dir, "item_vectors"), allow_pickle=False)
+    vocab = json.loads(manifest.file(export_dir, "vocab").read_text())
+    raw_ids = vocab["items"]
+    categories = ["|".join(tokens) for tokens in vocab["item_side"]]
+    if vectors.shape != (manifest.n_items, manifest.dim) or len(raw_ids) != manifest.n_items:
+        raise ValueError(f"{export_dir}: item vectors {vectors.shape} / vocabulary {len(raw_ids)} disagree with the manifest")
+    index_type = index_type or ("FLAT" if manifest.n_items < FLAT_BELOW_ITEMS else "HNSW")
+    name = collection_name(prefix, manifest.model_version)
+
+    if client.has_collection(name):
+        client.drop_collection(name)  # a half-written earlier attempt: the alias never pointed at it
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=f"mindstream item vectors {manifest.model_version}")
+    schema.add_field("item_id", DataType.INT64, is_primary=True)
+    schema.add_field("raw_id", DataType.VARCHAR, max_length=1024)
+    schema.add_field("category", DataType.VARCHAR, max_length=2048)
+    schema.add_field("active", DataType.BOOL)
+    schema.add_field("model_version", DataType.VARCHAR, max_length=256)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=manifest.dim)
+    index = client.prepare_index_params()
+    index.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=HNSW_PARAMS if index_type == "HNSW" else {})
+    client.create_collection(collection_name=name, schema=schema, index_params=index)
+
+    for start in range(0, manifest.n_items, INSERT_BATCH):
+        stop = min(start + INSERT_BATCH, manifest.n_items)
+        rows = [
+            {
+                "item_id": i + 1,
+                "raw_id": raw_ids[i][:1024],
+                "category": categories[i][:2048],
+                "active": True,
+                "model_version": manifest.model_version,
+                "vector": vectors[i].tolist(),
+            }
+            for i in range(start, stop)
+        ]
+        client.insert(collection_name=name, data=rows)
+        progress(f"  {stop:,}/{manifest.n_items:,} item vectors inserted into {name}")
+    client.flush(collection_name=name)
+    client.load_collection(collection_name=name)
+    count = int(client.query(collection_name=name, filter="item_id >= 0", output_fields=["count(*)"])[0]["count(*)"])
+    if count != manifest.n_items:
+        raise RuntimeError(f"{name} holds {count} items, expected {manifest.n_items}; the alias was not moved")
+
+    current = alias_target(client, prefix)
+    if current is None:
+        client.create_alias(collection_name=name, alias=prefix)
+    elif current != name:
+        client.alter_alias(collection_name=name, alias=prefix)  # atomic: readers see old or new, never neither
+    return Published(name, prefix, manifest.model_version, count, index_type, time.perf_counter() - started)

@@ -1,0 +1,96 @@
+"""Publishing item vectors to a real Milvus Lite database: versioned collections and the alias swap."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from model_export.manifest import Manifest
+from model_export.publish import alias_target, collection_name, connect, publish
+
+from conftest import REPO
+
+PREFIX = "mindstream_items"
+
+
+@pytest.fixture(scope="module")
+def two_exports(tmp_path_factory):
+    """Two exports (two model versions) of a small model trained on the synthetic CSV."""
+    from conftest import synthetic_interactions
+
+    root = tmp_path_factory.mktemp("publish")
+    csv = root / "interactions.csv"
+    synthetic_interactions().to_csv(csv, index=False)
+    exports = []
+    for seed in ("1", "2"):
+        run = root / f"run{seed}"
+        for args in (
+            ["train", "--dataset", str(csv), "--model", "mind", "--out", str(run), "--epochs", "1", "--seed", seed, "--quiet"],
+            ["export", "--model-dir", str(run), "--dataset", str(csv)],
+        ):
+            subprocess.run([sys.executable, "-m", "model_export", *args], cwd=REPO, check=True, capture_output=True)
+        exports.append(run / "export")
+    return exports
+
+
+def _exact_top(vectors: np.ndarray, query: np.ndarray, n: int) -> list[int]:
+    return (np.argsort(-(vectors @ query), kind="stable")[:n] + 1).tolist()
+
+
+def test_publish_then_search_through_the_alias(two_exports, tmp_path):
+    client = connect(str(tmp_path / "milvus.db"))
+    first = publish(two_exports[0], client, PREFIX, progress=lambda m: None)
+    manifest = Manifest.load(two_exports[0])
+    assert first.items == manifest.n_items and first.index_type == "FLAT"
+    assert alias_target(client, PREFIX) == collection_name(PREFIX, manifest.model_version)
+
+    vectors = np.load(manifest.file(two_exports[0], "item_vectors"))
+    query = vectors[3] + 0.5 * vectors[10]
+    hits = client.search(PREFIX, data=[query.tolist()], limit=10, filter="active == true", output_fields=["raw_id", "category", "model_version"])[0]
+    assert [h["item_id"] for h in hits] == _exact_top(vectors, query, 10)  # FLAT = exact inner-product search
+    vocab = json.loads(manifest.file(two_exports[0], "vocab").read_text())
+    top = hits[0]
+    assert top["entity"]["raw_id"] == vocab["items"][top["item_id"] - 1]
+    assert top["entity"]["model_version"] == manifest.model_version
+    assert "item_genre=" in top["entity"]["category"]
+
+
+def test_a_new_version_moves_the_alias_and_keeps_the_old_collection(two_exports, tmp_path):
+    client = connect(str(tmp_path / "milvus.db"))
+    old = publish(two_exports[0], client, PREFIX, progress=lambda m: None)
+    new = publish(two_exports[1], client, PREFIX, progress=lambda m: None)
+    assert new.collection != old.collection
+    assert alias_target(client, PREFIX) == new.collection
+    assert client.has_collection(old.collection)  # interests of the old version are still served
+    hit = client.search(old.collection, data=[[0.1] * 64], limit=1, output_fields=["model_version"])[0][0]
+    assert hit["entity"]["model_version"] == old.model_version
+    # publishing the same version again is idempotent
+    again = publish(two_exports[1], client, PREFIX, progress=lambda m: None)
+    assert again.collection == new.collection and again.items == new.items
+    assert alias_target(client, PREFIX) == new.collection
+
+
+def test_publish_command_reads_the_configured_milvus(two_exports, tmp_path):
+    uri = str(tmp_path / "cli.db")
+    result = subprocess.run(
+        [sys.executable, "-m", "model_export", "publish", "--export-dir", str(two_exports[0]), "--milvus-uri", uri],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )
+    report = json.loads(result.stdout)
+    assert report["milvus"] == uri and report["items"] == Manifest.load(two_exports[0]).n_items
+    assert "item vectors inserted" in result.stderr  # progress
+
+
+def test_a_tampered_export_is_not_published(two_exports, tmp_path):
+    import shutil
+
+    broken = tmp_path / "export"
+    shutil.copytree(two_exports[0], broken)
+    vocab = broken / "vocab.json"
+    vocab.write_text(vocab.read_text().replace("i1", "i1x", 1))
+    client = connect(str(tmp_path / "milvus.db"))
+    with pytest.raises(Exception, match="does not match the manifest"):
+        publish(broken, client, PREFIX, progress=lambda m: None)
+    assert alias_target(client, PREFIX) is None
