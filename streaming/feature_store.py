@@ -1,0 +1,156 @@
+"""The online feature store: one record per user with the interests the user tower extracted.
+
+This module owns the record layout and its version; the streaming job writes records and the
+recall service reads them, both only through `FeatureStore`. A record is a Redis hash at
+`<prefix>:user:<user id>`:
+
+    schema          RECORD_SCHEMA, checked on read
+    model_version   the export that produced the interests (recall searches that version's collection)
+    k, dim          K_u and the vector dimension
+    interests       K_u x dim float32, little-endian, row-major
+    window          JSON list of the raw item ids in the user's behaviour window, oldest first
+    last_event_ms   event time of the newest behaviour reflected
+    last_offset     "partition:offset" of the Kafka record that triggered the update
+    updated_ms      wall-clock time of the write
+
+Raw item ids (not model indices) keep the window valid across model versions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+import numpy as np
+
+RECORD_SCHEMA = 1
+
+
+class RecordError(ValueError):
+    """A stored record is of another schema or is corrupt."""
+
+
+@dataclass(frozen=True)
+class InterestRecord:
+    user_id: str
+    model_version: str
+    interests: np.ndarray  # [K_u, dim] float32: only the active interests
+    window: tuple[str, ...]  # raw item ids, oldest first
+    last_event_ms: int
+    last_offset: str  # "partition:offset"
+    updated_ms: int = 0
+
+    @property
+    def k(self) -> int:
+        return int(self.interests.shape[0])
+
+
+def encode(record: InterestRecord) -> dict[str, bytes | str | int]:
+    vectors = np.ascontiguousarray(record.interests, dtype="<f4")
+    if vectors.ndim != 2 or vectors.shape[0] < 1:
+        raise RecordError(f"user {record.user_id}: interests must be [K_u >= 1, dim], got {vectors.shape}")
+    return {
+        "schema": RECORD_SCHEMA,
+        "model_version": record.model_version,
+        "k": vectors.shape[0],
+        "dim": vectors.shape[1],
+        "interests": vectors.tobytes(),
+        "window": json.dumps(list(record.window)),
+        "last_event_ms": int(record.last_event_ms),
+        "last_offset": record.last_offset,
+        "updated_ms": int(record.updated_ms or time.time() * 1000),
+    }
+
+
+def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
+    try:
+        schema = int(fields[b"schema"])
+        if schema != RECORD_SCHEMA:
+            raise RecordError(f"user {user_id}: record schema {schema}, this code reads {RECORD_SCHEMA}")
+        k, dim = int(fields[b"k"]), int(fields[b"dim"])
+        raw = fields[b"interests"]
+        if len(raw) != k * dim * 4:
+            raise RecordError(f"user {user_id}: {len(raw)} interest bytes for k={k}, dim={dim}")
+        return InterestRecord(
+            user_id=user_id,
+            model_version=fields[b"model_version"].decode(),
+            interests=np.frombuffer(raw, dtype="<f4").reshape(k, dim).astype(np.float32),
+            window=tuple(json.loads(fields[b"window"])),
+            last_event_ms=int(fields[b"last_event_ms"]),
+            last_offset=fields[b"last_offset"].decode(),
+            updated_ms=int(fields[b"updated_ms"]),
+        )
+    except (KeyError, ValueError, json.JSONDecodeError) as exc:
+        if isinstance(exc, RecordError):
+            raise
+        raise RecordError(f"user {user_id}: corrupt record ({exc!r})") from None
+
+
+class FeatureStore(Protocol):
+    def put_many(self, records: Iterable[InterestRecord]) -> int: ...
+    def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]: ...
+    def delete(self, user_id: str) -> None: ...
+
+
+class RedisFeatureStore:
+    """Redis / Valkey (any RESP server); pipelined writes, one round trip per batch of reads."""
+
+    def __init__(self, client, prefix: str = "mindstream", ttl_seconds: int = 0):
+        self.client, self.prefix, self.ttl_seconds = client, prefix, ttl_seconds
+
+    @classmethod
+    def from_config(cls, redis_config, prefix: str = "mindstream", ttl_seconds: int = 0, timeout_s: float = 1.0) -> "RedisFeatureStore":
+        import redis
+
+        options = {"password": redis_config.password or None, "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        if redis_config.uri.startswith("rediss://") and redis_config.ssl_cafile:
+            options["ssl_ca_certs"] = redis_config.ssl_cafile
+        client = redis.Redis.from_url(redis_config.uri, **options)
+        return cls(client, prefix, ttl_seconds)
+
+    def key(self, user_id: str) -> str:
+        return f"{self.prefix}:user:{user_id}"
+
+    def put_many(self, records: Iterable[InterestRecord]) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        n = 0
+        for record in records:
+            key = self.key(record.user_id)
+            pipe.delete(key)  # a record is replaced whole: no field of an older layout survives
+            pipe.hset(key, mapping=encode(record))
+            if self.ttl_seconds:
+                pipe.expire(key, self.ttl_seconds)
+            n += 1
+        pipe.execute()
+        return n
+
+    def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]:
+        pipe = self.client.pipeline(transaction=False)
+        for user_id in user_ids:
+            pipe.hgetall(self.key(user_id))
+        return [decode(u, fields) if fields else None for u, fields in zip(user_ids, pipe.execute())]
+
+    def delete(self, user_id: str) -> None:
+        self.client.delete(self.key(user_id))
+
+
+class InMemoryFeatureStore:
+    """The same contract in a dict, for unit tests of code that reads or writes the store."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[bytes, bytes]] = {}
+
+    def put_many(self, records: Iterable[InterestRecord]) -> int:
+        n = 0
+        for record in records:
+            self.rows[record.user_id] = {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in encode(record).items()}
+            n += 1
+        return n
+
+    def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]:
+        return [decode(u, self.rows[u]) if u in self.rows else None for u in user_ids]
+
+    def delete(self, user_id: str) -> None:
+        self.rows.pop(user_id, None)

@@ -1,0 +1,89 @@
+"""The feature-store record contract, with an in-memory store and against a real Redis server."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from infra.config import RedisConfig
+from infra.redis_server import EmbeddedRedis
+from streaming.feature_store import InMemoryFeatureStore, InterestRecord, RecordError, RedisFeatureStore, decode, encode
+
+
+def _record(user="u1", k=3, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return InterestRecord(user, "ml-1m-mind-v1", rng.normal(size=(k, dim)).astype(np.float32), ("Toy Story (1995)", "Heat (1995)"), 978300760000, "0:41")
+
+
+def _same(a: InterestRecord, b: InterestRecord) -> bool:
+    return (
+        a.user_id == b.user_id and a.model_version == b.model_version and a.window == b.window
+        and a.last_event_ms == b.last_event_ms and a.last_offset == b.last_offset and np.array_equal(a.interests, b.interests)
+    )
+
+
+def test_round_trip_is_exact():
+    record = _record()
+    fields = {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in encode(record).items()}
+    back = decode("u1", fields)
+    assert _same(record, back) and back.k == 3 and back.interests.dtype == np.float32 and back.updated_ms > 0
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda f: f.update({b"schema": b"99"}), "record schema 99"),
+        (lambda f: f.update({b"interests": f[b"interests"][:-4]}), "interest bytes"),
+        (lambda f: f.pop(b"window"), "corrupt record"),
+    ],
+)
+def test_foreign_or_corrupt_records_are_refused(mutate, message):
+    fields = {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in encode(_record()).items()}
+    mutate(fields)
+    with pytest.raises(RecordError, match=message):
+        decode("u1", fields)
+
+
+def test_empty_interests_cannot_be_written():
+    with pytest.raises(RecordError):
+        encode(dataclasses.replace(_record(), interests=np.zeros((0, 8), np.float32)))
+
+
+def test_in_memory_store_follows_the_contract():
+    store = InMemoryFeatureStore()
+    assert store.put_many([_record("a"), _record("b", k=1)]) == 2
+    a, missing, b = store.get_many(["a", "nobody", "b"])
+    assert missing is None and a.k == 3 and b.k == 1
+    store.delete("a")
+    assert store.get_many(["a"]) == [None]
+
+
+def test_real_redis_round_trip_replace_ttl_and_auth(tmp_path):
+    with EmbeddedRedis(tmp_path / "redis", password="pw") as server:
+        store = RedisFeatureStore.from_config(RedisConfig(uri=server.uri, password="pw"), prefix="test", ttl_seconds=3600)
+        records = [_record(f"user-{i}", k=1 + i % 4, seed=i) for i in range(200)]
+        assert store.put_many(records) == 200
+        back = store.get_many([r.user_id for r in records] + ["unknown"])
+        assert back[-1] is None
+        assert all(_same(a, b) for a, b in zip(records, back[:-1]))
+        assert 0 < store.client.ttl("test:user:user-0") <= 3600
+        # a newer record replaces the old one whole (fewer interests, new version)
+        newer = dataclasses.replace(_record("user-3", k=1, seed=9), model_version="ml-1m-mind-v2")
+        store.put_many([newer])
+        assert _same(store.get_many(["user-3"])[0], newer)
+        # without the password the server refuses
+        from redis.exceptions import AuthenticationError, ResponseError
+
+        anonymous = RedisFeatureStore.from_config(RedisConfig(uri=server.uri), prefix="test")
+        with pytest.raises((AuthenticationError, ResponseError)):
+            anonymous.get_many(["user-0"])
+
+
+def test_redis_down_fails_fast(tmp_path):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from infra.redis_server import free_port
+
+    store = RedisFeatureStore.from_config(RedisConfig(uri=f"redis://127.0.0.1:{free_port()}/0"), timeout_s=0.5)
+    with pytest.raises(RedisConnectionError):
+        store.get_many(["u1"])
