@@ -139,7 +139,7 @@ def compare_with_rechub(dataset: str, out: Path, epochs: int = 1, max_steps_per_
     report["epoch_time_ratio"] = report["mindstream"]["seconds_per_epoch"] / report["torch_rechub"]["seconds_per_epoch"]
     (out / f"peer-{data.name}.json").write_text(json.dumps(report, indent=2))
     print(f"\n{data.name}, {n_samples:,} training samples per epoch, {epochs} epoch(s), same test users ({len(cases.users)}):")
-    print(f"| model | s/epoch | recall@20 | recall@50 | hitrate@50 | ndcg@50 |\n|---|---|---|---|---|---|")
+    print("| model | s/epoch | recall@20 | recall@50 | hitrate@50 | ndcg@50 |\n|---|---|---|---|---|---|")
     for name, r in (("torch-rechub MIND 0.9.0", report["torch_rechub"]), ("mindstream MIND", report["mindstream"])):
         t = r["test"]
         print(f"| {name} | {r['seconds_per_epoch']:.1f} | {t['recall@20']:.4f} | {t['recall@50']:.4f} | {t['hitrate@50']:.4f} | {t['ndcg@50']:.4f} |")

@@ -82,9 +82,9 @@ def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
             last_offset=fields[b"last_offset"].decode(),
             updated_ms=int(fields[b"updated_ms"]),
         )
-    except (KeyError, ValueError, json.JSONDecodeError) as exc:
-        if isinstance(exc, RecordError):
-            raise
+    except RecordError:
+        raise
+    except (KeyError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         raise RecordError(f"user {user_id}: corrupt record ({exc!r})") from None
 
 
