@@ -18,17 +18,24 @@ EVAL_BATCH = 512
 
 
 @torch.no_grad()
-def recommend(model: torch.nn.Module, data: SequenceDataset, cases: EvalCases, n: int, device: str = "cpu") -> np.ndarray:
-    """[U, n] item indices recommended to each evaluation user, best first."""
+def user_towers(model: torch.nn.Module, data: SequenceDataset, cases: EvalCases, device: str = "cpu"):
+    """Runs the user tower over the evaluation users in batches: yields (interests [b, K, D], K_u [b])."""
     model.eval()
-    items = model.item_vectors()  # [n_items + 1, D]
-    out = []
     for start in range(0, len(cases.users), EVAL_BATCH):
         sl = slice(start, start + EVAL_BATCH)
         hist = torch.as_tensor(cases.history[sl], device=device)
         lengths = torch.as_tensor(cases.lengths[sl], device=device)
         profile = torch.as_tensor(data.user_profile[cases.users[sl]], device=device)
-        interests, k_user = model(hist, lengths, profile)  # [b, K, D], [b]
+        yield model(hist, lengths, profile)
+
+
+@torch.no_grad()
+def recommend(model: torch.nn.Module, data: SequenceDataset, cases: EvalCases, n: int, device: str = "cpu") -> np.ndarray:
+    """[U, n] item indices recommended to each evaluation user, best first."""
+    model.eval()
+    items = model.item_vectors()  # [n_items + 1, D]
+    out = []
+    for interests, k_user in user_towers(model, data, cases, device):
         scores = interests @ items.T  # [b, K, n_items + 1]
         scores[..., 0] = float("-inf")  # padding is not an item
         top_scores, top_ids = scores.topk(n, dim=-1)  # [b, K, n]
@@ -38,16 +45,11 @@ def recommend(model: torch.nn.Module, data: SequenceDataset, cases: EvalCases, n
     return np.concatenate(out)
 
 
-@torch.no_grad()
 def interest_diversity(model: torch.nn.Module, data: SequenceDataset, cases: EvalCases, device: str = "cpu") -> float | None:
     """Mean cosine similarity between the active interests of users with K_u >= 2 (1.0 = collapsed
     onto one direction). None for single-vector models or when no user has two interests."""
-    model.eval()
     sims = []
-    for start in range(0, len(cases.users), EVAL_BATCH):
-        sl = slice(start, start + EVAL_BATCH)
-        profile = torch.as_tensor(data.user_profile[cases.users[sl]], device=device)
-        interests, k_user = model(torch.as_tensor(cases.history[sl], device=device), torch.as_tensor(cases.lengths[sl], device=device), profile)
+    for interests, k_user in user_towers(model, data, cases, device):
         unit = torch.nn.functional.normalize(interests, dim=-1)
         cos = unit @ unit.transpose(1, 2)  # [b, K, K]
         for row, k in enumerate(k_user.tolist()):

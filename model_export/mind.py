@@ -130,7 +130,7 @@ class MIND(nn.Module):
         if self.training:
             mapped = per_distinct_item(items, self.mapped_item)  # [B, L, D]
         else:  # S e_i of every item is a constant at inference: one table, folded into an initializer in ONNX
-            mapped = F.embedding(items, self.mapped_item(torch.arange(self.spec.n_items + 1, device=items.device)))
+            mapped = F.embedding(items, self.bilinear(self.items.all_items()))
         capsules, weights = b2i_routing(mapped, behaviour_mask, interest_mask, initial, self.spec.routing_iterations)
         if self.profile is not None:
             p = self.profile(profile)[:, None, :].expand(b, k, -1)  # [B, K, P]

@@ -64,6 +64,11 @@ def encode(record: InterestRecord) -> dict[str, bytes | str | int]:
     }
 
 
+def stored_fields(record: InterestRecord) -> dict[bytes, bytes]:
+    """The hash exactly as a Redis server returns it (bytes keys and values)."""
+    return {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in encode(record).items()}
+
+
 def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
     try:
         schema = int(fields[b"schema"])
@@ -145,7 +150,7 @@ class InMemoryFeatureStore:
     def put_many(self, records: Iterable[InterestRecord]) -> int:
         n = 0
         for record in records:
-            self.rows[record.user_id] = {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in encode(record).items()}
+            self.rows[record.user_id] = stored_fields(record)
             n += 1
         return n
 

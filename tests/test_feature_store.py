@@ -7,7 +7,7 @@ import pytest
 
 from infra.config import RedisConfig
 from infra.redis_server import EmbeddedRedis
-from streaming.feature_store import InMemoryFeatureStore, InterestRecord, RecordError, RedisFeatureStore, decode, encode
+from streaming.feature_store import InMemoryFeatureStore, InterestRecord, RecordError, RedisFeatureStore, decode, encode, stored_fields
 
 
 def _record(user="u1", k=3, dim=8, seed=0):
@@ -24,7 +24,7 @@ def _same(a: InterestRecord, b: InterestRecord) -> bool:
 
 def test_round_trip_is_exact():
     record = _record()
-    fields = {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in encode(record).items()}
+    fields = stored_fields(record)
     back = decode("u1", fields)
     assert _same(record, back) and back.k == 3 and back.interests.dtype == np.float32 and back.updated_ms > 0
 
@@ -38,7 +38,7 @@ def test_round_trip_is_exact():
     ],
 )
 def test_foreign_or_corrupt_records_are_refused(mutate, message):
-    fields = {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in encode(_record()).items()}
+    fields = stored_fields(_record())
     mutate(fields)
     with pytest.raises(RecordError, match=message):
         decode("u1", fields)
