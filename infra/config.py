@@ -34,6 +34,7 @@ class PathsConfig:
     data_dir: Path = REPO_ROOT / "var" / "data"  # downloaded datasets (never committed)
     cache_dir: Path = REPO_ROOT / "var" / "cache"  # preprocessed, split datasets
     artifacts_dir: Path = REPO_ROOT / "var" / "artifacts"  # trained models and exports
+    models_dir: Path = REPO_ROOT / "var" / "models"  # the registry of published versions (a shared volume in production)
     shared_data_dir: Path = REPO_ROOT.parent / "shared" / "data"  # amazon_beauty.txt
 
 

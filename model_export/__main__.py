@@ -94,12 +94,16 @@ def cmd_export(args) -> int:
 
 def cmd_publish(args) -> int:
     from model_export.publish import connect, publish
+    from model_export.registry import ModelRegistry
 
-    milvus = load_config().milvus
-    uri = args.milvus_uri or milvus.uri
-    client = connect(uri, milvus.token)
-    done = publish(Path(args.export_dir), client, milvus.collection_prefix, args.index, progress=lambda m: print(m, file=sys.stderr))
-    print(json.dumps({"milvus": uri, **done.__dict__}, indent=2))
+    config = load_config()
+    uri = args.milvus_uri or config.milvus.uri
+    registry = ModelRegistry(config.paths.models_dir)
+    manifest = registry.install(Path(args.export_dir))
+    client = connect(uri, config.milvus.token)
+    done = publish(registry.path(manifest.model_version), client, config.milvus.collection_prefix, args.index, progress=lambda m: print(m, file=sys.stderr))
+    registry.set_current(manifest.model_version)  # last: the streaming job hot-reloads on this
+    print(json.dumps({"milvus": uri, "registry": str(registry.root), **done.__dict__}, indent=2))
     return 0
 
 
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="export directory (default MODEL_DIR/export)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("publish", help="item vectors -> a Milvus collection of this model version, then the alias swap")
+    p = sub.add_parser("publish", help="install an export in the model registry, fill its Milvus collection, swap the alias, make it current")
     p.add_argument("--export-dir", required=True, help="an export directory (with manifest.json)")
     p.add_argument("--milvus-uri", default=None, help="default: [milvus].uri of the configuration (a file = Milvus Lite)")
     p.add_argument("--index", choices=("FLAT", "HNSW"), default=None, help="default: FLAT below 20,000 items, else HNSW")

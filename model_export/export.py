@@ -93,6 +93,8 @@ def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = 
         "items": data.item_ids[1:].tolist(),
         "item_side": [[str(t) for t in row if t != "<pad>"] for row in side_tokens],
         "profile": {str(f): data.profile_vocab_for_field(i).tolist() for i, f in enumerate(data.profile_fields)},
+        # training interactions per item: the recall service's popular fallback and the "active" cut
+        "popularity": data.item_counts(data.train_users)[1:].astype(int).tolist(),
     }
     (staging / "vocab.json").write_text(json.dumps(vocab))
 

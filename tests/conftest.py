@@ -1,3 +1,4 @@
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,3 +29,21 @@ def synthetic_csv(tmp_path) -> Path:
     path = tmp_path / "interactions.csv"
     synthetic_interactions().to_csv(path, index=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def two_exports(tmp_path_factory) -> list[Path]:
+    """Two exports (two model versions) of a small MIND trained for one epoch on the synthetic CSV."""
+    root = tmp_path_factory.mktemp("exports")
+    csv = root / "interactions.csv"
+    synthetic_interactions().to_csv(csv, index=False)
+    exports = []
+    for seed in ("1", "2"):
+        run = root / f"run{seed}"
+        for args in (
+            ["train", "--dataset", str(csv), "--model", "mind", "--out", str(run), "--epochs", "1", "--seed", seed, "--quiet"],
+            ["export", "--model-dir", str(run), "--dataset", str(csv)],
+        ):
+            subprocess.run([sys.executable, "-m", "model_export", *args], cwd=REPO, check=True, capture_output=True)
+        exports.append(run / "export")
+    return exports

@@ -15,26 +15,6 @@ from conftest import REPO
 PREFIX = "mindstream_items"
 
 
-@pytest.fixture(scope="module")
-def two_exports(tmp_path_factory):
-    """Two exports (two model versions) of a small model trained on the synthetic CSV."""
-    from conftest import synthetic_interactions
-
-    root = tmp_path_factory.mktemp("publish")
-    csv = root / "interactions.csv"
-    synthetic_interactions().to_csv(csv, index=False)
-    exports = []
-    for seed in ("1", "2"):
-        run = root / f"run{seed}"
-        for args in (
-            ["train", "--dataset", str(csv), "--model", "mind", "--out", str(run), "--epochs", "1", "--seed", seed, "--quiet"],
-            ["export", "--model-dir", str(run), "--dataset", str(csv)],
-        ):
-            subprocess.run([sys.executable, "-m", "model_export", *args], cwd=REPO, check=True, capture_output=True)
-        exports.append(run / "export")
-    return exports
-
-
 def _exact_top(vectors: np.ndarray, query: np.ndarray, n: int) -> list[int]:
     return (np.argsort(-(vectors @ query), kind="stable")[:n] + 1).tolist()
 
@@ -72,15 +52,30 @@ def test_a_new_version_moves_the_alias_and_keeps_the_old_collection(two_exports,
     assert alias_target(client, PREFIX) == new.collection
 
 
-def test_publish_command_reads_the_configured_milvus(two_exports, tmp_path):
+def test_publish_command_installs_publishes_and_makes_current(two_exports, tmp_path):
+    import os
+
+    from model_export.artifact import UserTower
+    from model_export.registry import ModelRegistry
+
     uri = str(tmp_path / "cli.db")
+    env = {**os.environ, "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path / "models")}
     result = subprocess.run(
         [sys.executable, "-m", "model_export", "publish", "--export-dir", str(two_exports[0]), "--milvus-uri", uri],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO, capture_output=True, text=True, check=True, env=env,
     )
     report = json.loads(result.stdout)
-    assert report["milvus"] == uri and report["items"] == Manifest.load(two_exports[0]).n_items
+    manifest = Manifest.load(two_exports[0])
+    assert report["milvus"] == uri and report["items"] == manifest.n_items
     assert "item vectors inserted" in result.stderr  # progress
+    registry = ModelRegistry(tmp_path / "models")
+    assert registry.current_version() == manifest.model_version == report["model_version"]
+    tower = UserTower.load(registry.current(), prefer_gpu=False)
+    alone = tower.interests([["i1", "i2", "i3"]])[0]
+    # a user's interests do not depend on who shares the batch (padding is masked) or on unknown ids
+    batched = tower.interests([["i1", "i2", "i3"], ["i5"] * 9, ["never-seen"]])
+    np.testing.assert_allclose(batched[0], alone, atol=1e-5)
+    assert batched[2] is None and alone.shape[1] == manifest.dim
 
 
 def test_a_tampered_export_is_not_published(two_exports, tmp_path):

@@ -1,0 +1,106 @@
+"""An export opened for serving: the manifest, the raw-id vocabularies and the user tower behind one object.
+
+The streaming job, the recall service (interests computed on the fly) and the backfill all turn
+raw item ids into interests through `UserTower.interests`, so they agree to the last bit with
+each other and with the offline parity check of the export.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from model_export.manifest import Manifest
+from model_export.onnx_runtime import UserTowerSession
+
+
+@dataclass
+class ModelArtifact:
+    directory: Path
+    manifest: Manifest
+    raw_items: list[str]  # raw item id of index i + 1
+    item_side: list[list[str]]  # side tokens (e.g. genres) of index i + 1
+    popularity: np.ndarray  # [n_items] training interactions of index i + 1
+    profile_tokens: dict[str, list[str]]  # field -> "field=value" tokens by id (0 = unknown)
+
+    @classmethod
+    def load(cls, directory: Path) -> "ModelArtifact":
+        """Opens an export; refuses files whose hashes differ from the manifest's."""
+        directory = Path(directory)
+        manifest = Manifest.load(directory)
+        vocab = json.loads(manifest.file(directory, "vocab").read_text())
+        popularity = np.asarray(vocab.get("popularity") or np.zeros(manifest.n_items), dtype=np.int64)
+        return cls(directory, manifest, vocab["items"], vocab["item_side"], popularity, vocab["profile"])
+
+    @property
+    def version(self) -> str:
+        return self.manifest.model_version
+
+    @cached_property
+    def item_index(self) -> dict[str, int]:
+        return {raw: i + 1 for i, raw in enumerate(self.raw_items)}
+
+    @cached_property
+    def profile_index(self) -> dict[str, dict[str, int]]:
+        return {f: {token.split("=", 1)[1]: i for i, token in enumerate(tokens)} for f, tokens in self.profile_tokens.items()}
+
+    def item_vectors(self) -> np.ndarray:
+        return np.load(self.manifest.file(self.directory, "item_vectors"), allow_pickle=False)
+
+    def encode_windows(self, windows: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Raw ids, oldest first -> (items [B, L] int64 right-padded with 0, lengths [B]).
+
+        Ids this model has never seen are skipped (they get vectors at the next retraining); the
+        newest `maxlen` known ids are kept, as in training.
+        """
+        maxlen = self.manifest.maxlen
+        encoded = [[self.item_index[r] for r in window if r in self.item_index][-maxlen:] for window in windows]
+        lengths = np.array([len(e) for e in encoded], dtype=np.int64)
+        items = np.zeros((len(encoded), max(1, int(lengths.max(initial=0)))), dtype=np.int64)
+        for row, e in enumerate(encoded):
+            items[row, : len(e)] = e
+        return items, lengths
+
+    def encode_profiles(self, profiles: Sequence[Mapping[str, str] | None]) -> np.ndarray:
+        """Profile field values (e.g. {"gender": "F"}) -> [B, n_fields] ids; absent or unseen values -> 0."""
+        fields = self.manifest.profile_fields
+        out = np.zeros((len(profiles), len(fields)), dtype=np.int64)
+        for row, profile in enumerate(profiles):
+            for col, f in enumerate(fields):
+                if profile and f in profile:
+                    out[row, col] = self.profile_index[f].get(str(profile[f]), 0)
+        return out
+
+
+class UserTower:
+    """Raw behaviour windows -> each user's K_u interest vectors, with the export's ONNX user tower."""
+
+    def __init__(self, artifact: ModelArtifact, prefer_gpu: bool = True, threads: int = 0):
+        self.artifact = artifact
+        self.session = UserTowerSession(artifact.directory, artifact.manifest, prefer_gpu=prefer_gpu, threads=threads)
+
+    @classmethod
+    def load(cls, directory: Path, prefer_gpu: bool = True, threads: int = 0) -> "UserTower":
+        return cls(ModelArtifact.load(directory), prefer_gpu, threads)
+
+    @property
+    def version(self) -> str:
+        return self.artifact.version
+
+    def interests(self, windows: Sequence[Sequence[str]], profiles: Sequence[Mapping[str, str] | None] | None = None) -> list[np.ndarray | None]:
+        """One [K_u, dim] float32 array per user; None for a window with no item this model knows."""
+        items, lengths = self.artifact.encode_windows(windows)
+        out: list[np.ndarray | None] = [None] * len(windows)
+        known = np.flatnonzero(lengths > 0)
+        if len(known) == 0:
+            return out
+        profile = self.artifact.encode_profiles(profiles if profiles is not None else [None] * len(windows))
+        vectors, k_user = self.session.run(items[known], lengths[known], profile[known])
+        for row, user in enumerate(known):
+            out[user] = np.ascontiguousarray(vectors[row, : int(k_user[row])], dtype=np.float32)
+        return out

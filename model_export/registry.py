@@ -1,0 +1,78 @@
+"""The model registry: published exports by version, and which one is current.
+
+    <models_dir>/<model version>/   a verified copy of an export (manifest.json, user_tower.onnx, ...)
+    <models_dir>/CURRENT.json       {"model_version": ..., "published_at": ...}, replaced atomically
+
+`python -m model_export publish` installs an export here, fills its Milvus collection, swaps
+the alias, and only then moves CURRENT. The streaming job polls CURRENT to hot-reload its user
+tower; the recall service opens any installed version by name, because each stored interest is
+answered with the model version that produced it. In production the folder is a shared volume.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+from model_export.manifest import Manifest
+
+CURRENT_FILE = "CURRENT.json"
+
+
+class RegistryError(LookupError):
+    """The registry has no current model, or not the version asked for."""
+
+
+class ModelRegistry:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def install(self, export_dir: Path) -> Manifest:
+        """Copies an export in under its version (verified first); installing a version again is a no-op."""
+        manifest = Manifest.load(export_dir)
+        target = self.root / manifest.model_version
+        if not (target / "manifest.json").is_file():
+            staging = self.root / f".{manifest.model_version}.staging"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(export_dir, staging)
+            Manifest.load(staging)  # the copy is complete and intact
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+        return manifest
+
+    def set_current(self, model_version: str) -> None:
+        self.path(model_version)  # refuses a version that is not installed
+        record = {"model_version": model_version, "published_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+        tmp = self.root / f".{CURRENT_FILE}.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.replace(self.root / CURRENT_FILE)
+
+    def current_version(self) -> str | None:
+        try:
+            return json.loads((self.root / CURRENT_FILE).read_text())["model_version"]
+        except FileNotFoundError:
+            return None
+
+    def current(self) -> Path:
+        version = self.current_version()
+        if version is None:
+            raise RegistryError(f"no model published in {self.root}: run `python -m model_export publish --export-dir DIR`")
+        return self.path(version)
+
+    def path(self, model_version: str) -> Path:
+        path = self.root / model_version
+        if not (path / "manifest.json").is_file():
+            raise RegistryError(f"model version {model_version!r} is not installed in {self.root}")
+        return path
+
+    def versions(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / "manifest.json").is_file() and not p.name.startswith("."))
+
+    def remove(self, model_version: str) -> None:
+        if model_version == self.current_version():
+            raise RegistryError(f"{model_version} is the current model; publish another one first")
+        shutil.rmtree(self.root / model_version, ignore_errors=True)
