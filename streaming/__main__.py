@@ -1,0 +1,114 @@
+"""python -m streaming: the event contract, the producer, the PyFlink job and its benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from infra.config import ConfigError, load_config
+
+
+def cmd_schema(args) -> int:
+    from streaming.events import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_topics(args) -> int:
+    from infra.broker import ensure_topics
+
+    config = load_config()
+    created = ensure_topics(config.kafka, config.streaming.topic_partitions, config.streaming.topic_retention_ms)
+    print(json.dumps({"bootstrap_servers": config.kafka.bootstrap_servers, "created": created}))
+    return 0
+
+
+def cmd_produce(args) -> int:
+    from tqdm import tqdm
+
+    from streaming.producer import EventProducer, ReplayEvents, replay
+
+    config = load_config()
+    events = ReplayEvents.from_dataset(args.dataset, config.paths.data_dir, config.paths.shared_data_dir)
+    stop = len(events) if args.limit is None else min(len(events), args.start + args.limit)
+    with EventProducer(config.kafka) as producer, tqdm(total=stop - args.start, unit="ev", desc=f"replaying {args.dataset}", disable=args.quiet) as bar:
+        last = [0]
+
+        def progress(sent: int) -> None:
+            bar.update(sent - last[0])
+            last[0] = sent
+
+        sent = replay(events.events(args.start, stop), producer, rate=args.rate, speedup=args.speedup, on_progress=progress)
+    print(json.dumps({"topic": config.kafka.events_topic, "sent": sent, "next_start": args.start + sent}))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from streaming.job import latest_checkpoint, run_job
+
+    config = load_config()
+    restore = None
+    if args.restore == "latest":
+        restore = latest_checkpoint(config.streaming.checkpoint_dir)
+        if restore is None:
+            print(f"no checkpoint under {config.streaming.checkpoint_dir}: starting from the committed Kafka offsets", file=sys.stderr)
+    elif args.restore:
+        restore = Path(args.restore)
+    run_job(config, restore)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from streaming.bench import run_bench
+
+    return run_bench(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python narrates every connection at INFO
+    parser = argparse.ArgumentParser(prog="python -m streaming", description="Behaviour events -> PyFlink per-user windows -> ONNX user tower -> feature store.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("schema", help="print the behaviour-event contract as a JSON Schema document")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("topics", help="create the events and dead-letter topics on [kafka].bootstrap_servers if missing")
+    p.set_defaults(func=cmd_topics)
+
+    p = sub.add_parser("produce", help="replay a dataset's interactions into Kafka in event-time order")
+    p.add_argument("--dataset", default="ml-1m", help="ml-1m, beauty or a path (as in model_export train)")
+    p.add_argument("--rate", type=float, default=0.0, help="events per second (default: as fast as possible)")
+    p.add_argument("--speedup", type=float, default=0.0, help="alternatively, replay the real event-time gaps this many times faster")
+    p.add_argument("--start", type=int, default=0, help="index of the first interaction to send (resume a replay)")
+    p.add_argument("--limit", type=int, default=None, help="send at most this many events")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("run", help="run the PyFlink job (blocks; Ctrl-C or SIGTERM stops it, checkpoints are kept)")
+    p.add_argument("--restore", default=None, help="'latest' or a checkpoint folder (chk-N) to restore state and offsets from")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="throughput, memory, freshness vs the bare broker, and parity with offline ONNX (starts its own stack)")
+    p.add_argument("--export-dir", default=None, help="user tower to serve (default: the registry's current model, else var/artifacts/ml-1m-mind_remi/export)")
+    p.add_argument("--events", type=int, default=200_000, help="ML-1M events for the throughput phase")
+    p.add_argument("--freshness-rate", type=float, default=1000.0, help="events per second in the freshness phase")
+    p.add_argument("--freshness-seconds", type=float, default=30.0)
+    p.add_argument("--broker", choices=("noida", "tansu"), default="noida")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The behaviour-event contract (version 1): the one definition producers and the job share.
+
+An event is one compact JSON object per Kafka record, keyed by the user id (so a user's events
+stay in one partition, in order):
+
+    {"schema": 1, "user_id": "42", "item_id": "Toy Story (1995)", "event_type": "click",
+     "event_time_ms": 978300760000, "event_id": "optional, makes retries idempotent",
+     "profile": {"gender": "F", "age": "25"}, "side": {"page": "home"}}
+
+`FIELDS` below is the source of truth; `json_schema()` renders it as a JSON Schema document
+(`python -m streaming schema`). The parser rejects, with a reason, anything else: bad JSON,
+missing or unknown fields, wrong types, an unknown event type, oversized records. Rejected
+records go to the dead-letter topic; they are never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+EVENT_SCHEMA = 1
+EVENT_TYPES = ("view", "click", "cart", "buy")
+MAX_EVENT_BYTES = 4096  # default record limit; [streaming].max_event_bytes overrides it
+MAX_ID_CHARS = 256
+MAX_MAP_ENTRIES = 16  # profile / side fields per event
+MAX_TIME_MS = 2**53  # JSON numbers are exact integers below this
+
+# name -> (JSON type, required, description)
+FIELDS: dict[str, tuple[str, bool, str]] = {
+    "schema": ("integer", True, f"contract version; this code reads {EVENT_SCHEMA}"),
+    "user_id": ("string", True, f"raw user id, 1-{MAX_ID_CHARS} characters; also the Kafka key"),
+    "item_id": ("string", True, f"raw item id, 1-{MAX_ID_CHARS} characters, as in the model's vocabulary"),
+    "event_type": ("string", True, f"one of {', '.join(EVENT_TYPES)}"),
+    "event_time_ms": ("integer", True, "when the behaviour happened, ms since the Unix epoch"),
+    "event_id": ("string", False, "unique id of this event; a redelivered event with the same id is ignored"),
+    "profile": ("object", False, f"user profile fields (e.g. gender, age, occupation) -> string values, at most {MAX_MAP_ENTRIES}"),
+    "side": ("object", False, f"other side fields -> string or number values, at most {MAX_MAP_ENTRIES}; carried, not modelled"),
+}
+
+
+class EventError(ValueError):
+    """A record that is not a valid event; the message is the dead-letter reason, `kind` its class."""
+
+    def __init__(self, message: str, kind: str = "invalid"):
+        super().__init__(message)
+        self.kind = kind  # oversized | malformed | unknown_field | missing_field | invalid
+
+
+@dataclass(frozen=True)
+class BehaviourEvent:
+    user_id: str
+    item_id: str
+    event_type: str
+    event_time_ms: int
+    event_id: str = ""
+    profile: dict[str, str] = field(default_factory=dict)
+    side: dict[str, str | int | float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = {"schema": EVENT_SCHEMA, "user_id": self.user_id, "item_id": self.item_id, "event_type": self.event_type, "event_time_ms": self.event_time_ms}
+        if self.event_id:
+            out["event_id"] = self.event_id
+        if self.profile:
+            out["profile"] = self.profile
+        if self.side:
+            out["side"] = self.side
+        return out
+
+
+def encode_event(event: BehaviourEvent) -> bytes:
+    raw = json.dumps(event.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+    if len(raw) > MAX_EVENT_BYTES:
+        raise EventError(f"event of user {event.user_id!r} is {len(raw)} bytes, over the {MAX_EVENT_BYTES}-byte limit", "oversized")
+    return raw
+
+
+def _string_id(obj: dict, name: str) -> str:
+    value = obj[name]
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
+        raise EventError(f"{name} must be a string of 1-{MAX_ID_CHARS} characters, got {value!r:.80}")
+    return value
+
+
+def _string_map(obj: dict, name: str, numbers_allowed: bool) -> dict:
+    value = obj.get(name, {})
+    allowed = (str, int, float) if numbers_allowed else (str,)
+    if not isinstance(value, dict) or len(value) > MAX_MAP_ENTRIES:
+        raise EventError(f"{name} must be an object with at most {MAX_MAP_ENTRIES} entries")
+    for k, v in value.items():
+        if len(k) > MAX_ID_CHARS or isinstance(v, bool) or not isinstance(v, allowed) or (isinstance(v, str) and len(v) > MAX_ID_CHARS):
+            raise EventError(f"{name}.{k:.80} must be a {'string or number' if numbers_allowed else 'string'} of at most {MAX_ID_CHARS} characters")
+    return value
+
+
+def parse_event(raw: bytes, max_bytes: int = MAX_EVENT_BYTES) -> BehaviourEvent:
+    """One Kafka record value -> a validated event, or EventError saying what is wrong."""
+    if len(raw) > max_bytes:
+        raise EventError(f"oversized: {len(raw)} bytes, limit {max_bytes}", "oversized")
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EventError(f"malformed JSON: {exc}", "malformed") from None
+    if not isinstance(obj, dict):
+        raise EventError(f"an event is a JSON object, got {type(obj).__name__}", "malformed")
+    unknown = set(obj) - set(FIELDS)
+    if unknown:
+        raise EventError(f"unknown fields {sorted(unknown)[:5]}; the v{EVENT_SCHEMA} contract has {sorted(FIELDS)}", "unknown_field")
+    missing = [name for name, (_, required, _) in FIELDS.items() if required and name not in obj]
+    if missing:
+        raise EventError(f"missing required fields {missing}", "missing_field")
+    if obj["schema"] != EVENT_SCHEMA or isinstance(obj["schema"], bool):
+        raise EventError(f"schema {obj['schema']!r:.20}: this job reads version {EVENT_SCHEMA}")
+    if obj["event_type"] not in EVENT_TYPES:
+        raise EventError(f"event_type {obj['event_type']!r:.40} is not one of {EVENT_TYPES}")
+    time_ms = obj["event_time_ms"]
+    if isinstance(time_ms, bool) or not isinstance(time_ms, int) or not 0 <= time_ms < MAX_TIME_MS:
+        raise EventError(f"event_time_ms must be an integer number of ms since the epoch, got {time_ms!r:.40}")
+    event_id = obj.get("event_id", "")
+    if not isinstance(event_id, str) or len(event_id) > MAX_ID_CHARS:
+        raise EventError(f"event_id must be a string of at most {MAX_ID_CHARS} characters")
+    return BehaviourEvent(
+        user_id=_string_id(obj, "user_id"),
+        item_id=_string_id(obj, "item_id"),
+        event_type=obj["event_type"],
+        event_time_ms=time_ms,
+        event_id=event_id,
+        profile=_string_map(obj, "profile", numbers_allowed=False),
+        side=_string_map(obj, "side", numbers_allowed=True),
+    )
+
+
+def json_schema() -> dict:
+    """FIELDS as a JSON Schema (draft 2020-12) document, for producers in other languages."""
+    properties = {name: {"type": kind, "description": text} for name, (kind, _, text) in FIELDS.items()}
+    properties["schema"]["const"] = EVENT_SCHEMA
+    properties["event_type"]["enum"] = list(EVENT_TYPES)
+    properties["event_time_ms"].update(minimum=0, maximum=MAX_TIME_MS - 1)
+    for name in ("user_id", "item_id"):
+        properties[name].update(minLength=1, maxLength=MAX_ID_CHARS)
+    properties["event_id"]["maxLength"] = MAX_ID_CHARS
+    properties["profile"].update(maxProperties=MAX_MAP_ENTRIES, additionalProperties={"type": "string", "maxLength": MAX_ID_CHARS})
+    properties["side"].update(maxProperties=MAX_MAP_ENTRIES, additionalProperties={"type": ["string", "number"]})
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://mindstream.dev/schemas/behaviour-event-v{EVENT_SCHEMA}.json",
+        "title": f"mindstream behaviour event v{EVENT_SCHEMA}",
+        "description": f"One JSON object per Kafka record, key = user_id, at most {MAX_EVENT_BYTES} bytes by default.",
+        "type": "object",
+        "properties": properties,
+        "required": [name for name, (_, required, _) in FIELDS.items() if required],
+        "additionalProperties": False,
+    }

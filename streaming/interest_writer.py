@@ -1,0 +1,156 @@
+"""Micro-batching across users -> user tower -> feature store, with hot reload of the tower.
+
+The keyed function hands every changed window to `InterestWriter.add`; `flush` runs the user
+tower once for all pending users (one ONNX call instead of one per event) and writes their
+records in one pipelined round trip. The caller bounds a batch by size (`full`) and by time (a
+timer). A failing store write is retried with backoff until it succeeds: the job then applies
+back-pressure and Kafka keeps the events, instead of an update being dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from model_export.artifact import UserTower
+from streaming import metrics
+from streaming.feature_store import FeatureStore, InterestRecord
+from streaming.window import UserWindow
+
+log = logging.getLogger(__name__)
+
+
+class TowerSource(Protocol):
+    def current(self) -> UserTower: ...
+
+
+class RegistryTowers:
+    """The user tower of the registry's current version, reloaded when CURRENT moves (no restart)."""
+
+    def __init__(self, registry, poll_s: float = 2.0, prefer_gpu: bool = True, clock: Callable[[], float] = time.monotonic):
+        self.registry, self.poll_s, self.prefer_gpu, self.clock = registry, poll_s, prefer_gpu, clock
+        self.tower: UserTower | None = None
+        self.checked = -float("inf")
+
+    def current(self) -> UserTower:
+        now = self.clock()
+        if self.tower is None or now - self.checked >= self.poll_s:
+            self.checked = now
+            version = self.registry.current_version()
+            if self.tower is None or (version and version != self.tower.version):
+                self._load(version)
+        return self.tower
+
+    def _load(self, version: str | None) -> None:
+        try:
+            tower = UserTower.load(self.registry.path(version) if version else self.registry.current(), prefer_gpu=self.prefer_gpu, threads=1)
+        except Exception:
+            metrics.MODEL_RELOADS.labels("failed").inc()
+            if self.tower is None:
+                raise  # nothing to serve with: the job cannot start without a model
+            log.exception("could not load user tower %s; keeping %s", version, self.tower.version)
+            return
+        if self.tower is not None:
+            metrics.MODEL_INFO.remove(self.tower.version)
+            metrics.MODEL_RELOADS.labels("ok").inc()
+        metrics.MODEL_INFO.labels(tower.version).set(1)
+        log.info("user tower %s loaded (%s)", tower.version, tower.session.provider)
+        self.tower = tower
+
+
+class FixedTower:
+    """One tower, never reloaded (tests, benchmarks, backfills of a given version)."""
+
+    def __init__(self, tower: UserTower):
+        self.tower = tower
+
+    def current(self) -> UserTower:
+        return self.tower
+
+
+@dataclass
+class PendingUpdate:
+    window: tuple[str, ...]
+    profile: dict[str, str]
+    last_event_ms: int
+    last_offset: str
+    produced_ms: list[int] = field(default_factory=list)  # Kafka timestamps of the events it reflects
+
+
+class InterestWriter:
+    def __init__(self, towers: TowerSource, store: FeatureStore, max_users: int = 256, retry_max_s: float = 2.0,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
+        self.towers, self.store, self.max_users, self.retry_max_s = towers, store, max_users, retry_max_s
+        self.clock, self.sleep = clock, sleep
+        self.pending: dict[str, PendingUpdate] = {}
+
+    def add(self, user_id: str, window: UserWindow, produced_ms: int | None = None) -> None:
+        """Queues the newest state of a user's window; a later add for the same user replaces it."""
+        earlier = self.pending.get(user_id)
+        produced = earlier.produced_ms if earlier else []
+        if produced_ms is not None:
+            produced.append(produced_ms)
+        self.pending[user_id] = PendingUpdate(window.item_ids(), dict(window.profile), window.newest_ms, window.last_offset, produced)
+
+    @property
+    def full(self) -> bool:
+        return len(self.pending) >= self.max_users
+
+    def flush(self) -> list[str]:
+        """Extracts and stores the interests of every pending user; returns the users flushed."""
+        if not self.pending:
+            return []
+        users = list(self.pending)
+        updates = [self.pending[u] for u in users]
+        tower = self.towers.current()
+        started = time.perf_counter()
+        interests = tower.interests([u.window for u in updates], [u.profile for u in updates])
+        metrics.TOWER_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_USERS.observe(len(users))
+        now_ms = int(self.clock() * 1000)
+        records = []
+        for user, update, vectors in zip(users, updates, interests):
+            if vectors is None:
+                metrics.UNKNOWN_WINDOWS.inc()
+                continue
+            records.append(InterestRecord(user, tower.version, vectors, update.window, update.last_event_ms, update.last_offset, now_ms))
+        self._write(records)
+        written_s = self.clock()
+        for update in updates:
+            for produced in update.produced_ms:
+                metrics.FRESHNESS_SECONDS.observe(max(0.0, written_s - produced / 1000.0))
+        metrics.LAST_WRITE.set(written_s)
+        self.pending.clear()
+        return users
+
+    def _write(self, records: list[InterestRecord]) -> None:
+        delay = 0.05
+        while True:
+            started = time.perf_counter()
+            try:
+                self.store.put_many(records)
+                metrics.STORE_WRITE_SECONDS.observe(time.perf_counter() - started)
+                return
+            except Exception as exc:  # the store is down or unreachable: wait, never drop
+                metrics.STORE_ERRORS.inc()
+                log.warning("feature-store write of %d records failed (%s); retrying in %.2fs", len(records), exc, delay)
+                self.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+
+
+def dead_letter(reason: str, kind: str, value: bytes, partition: int, offset: int, produced_ms: int, topic: str, max_bytes: int = 65_536) -> str:
+    """The dead-letter record: why, where it came from, and the original value (truncated if huge)."""
+    return json.dumps({
+        "reason": reason,
+        "kind": kind,
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "produced_ms": produced_ms,
+        "value": value[:max_bytes].decode("utf-8", errors="replace"),
+        "value_bytes": len(value),
+        "truncated": len(value) > max_bytes,
+    })

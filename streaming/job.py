@@ -1,0 +1,237 @@
+"""The PyFlink job: Kafka -> validate (-> dead letters) -> per-user window -> micro-batched user tower -> Redis.
+
+    events topic --KafkaSource (SQL connector: value bytes + partition, offset, timestamp)-->
+    key_by(Kafka key = user id) --> UserWindows: parse + validate, apply to the user's window,
+        queue the window for the next micro-batch, flush by size or by a timer
+        --> InterestWriter: one ONNX user-tower call per batch, one pipelined Redis write
+    dead letters (invalid, oversized, late records, with the reason) --KafkaSink--> dead-letter topic
+
+Exactly-once in the windows: the window lives in Flink keyed state and the source offsets in
+the same checkpoint, so a restore rewinds both together and the replay is deduplicated by the
+window. A window change that was queued but not yet written when a checkpoint was taken keeps
+`pending` set and its timer registered in that checkpoint: after a restore the timer fires and
+re-extracts the user from the restored window, so no accepted event is missing from the store.
+
+Thread execution mode (the Python functions run in the TaskManager's JVM through pemja) is
+15-20x faster than process mode for keyed state; it does not scale with parallelism inside one
+JVM, so scale out with TaskManagers (see the README's scaling notes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import site
+import sys
+from pathlib import Path
+
+from infra.config import REPO_ROOT, Config
+
+log = logging.getLogger(__name__)
+
+JOB_NAME = "mindstream-interests"
+JVM_HEAP = "-Xmx640m"  # with the embedded Python the whole job stays well under 1.5 GB
+
+
+def job_settings(config: Config) -> dict:
+    """What the job's functions need, as plain values (they are pickled into the job graph)."""
+    s = config.streaming
+    return {
+        "events_topic": config.kafka.events_topic,
+        "window_length": s.window_length,
+        "allowed_lateness_ms": s.allowed_lateness_ms,
+        "max_event_bytes": s.max_event_bytes,
+        "batch_max_users": s.batch_max_users,
+        "batch_max_delay_ms": s.batch_max_delay_ms,
+        "state_ttl_hours": s.state_ttl_hours,
+        "record_ttl_s": s.record_ttl_s,
+        "models_dir": str(config.paths.models_dir),
+        "model_poll_s": s.model_poll_s,
+        "metrics_host": s.metrics_host,
+        "metrics_port": s.metrics_port,
+        "redis": {"uri": config.redis.uri, "password": config.redis.password, "ssl_cafile": config.redis.ssl_cafile},
+    }
+
+
+def _user_windows_function(settings: dict):
+    """The keyed function; built here so that importing this module needs no PyFlink."""
+    from pyflink.common import Types
+    from pyflink.common.time import Time
+    from pyflink.datastream import KeyedProcessFunction, RuntimeContext
+    from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
+
+    from infra.config import RedisConfig
+    from model_export.registry import ModelRegistry
+    from streaming import metrics
+    from streaming.events import EventError, parse_event
+    from streaming.feature_store import RedisFeatureStore
+    from streaming.interest_writer import InterestWriter, RegistryTowers, dead_letter
+    from streaming.window import Applied, UserWindow
+
+    class UserWindows(KeyedProcessFunction):
+        def open(self, runtime_context: RuntimeContext):
+            descriptor = ValueStateDescriptor("window", Types.PICKLED_BYTE_ARRAY())
+            ttl = StateTtlConfig.new_builder(Time.hours(settings["state_ttl_hours"])).set_update_type(
+                StateTtlConfig.UpdateType.OnCreateAndWrite).set_state_visibility(StateTtlConfig.StateVisibility.NeverReturnExpired).build()
+            descriptor.enable_time_to_live(ttl)
+            self.state = runtime_context.get_state(descriptor)
+            store = RedisFeatureStore.from_config(RedisConfig(**settings["redis"]), ttl_seconds=settings["record_ttl_s"])
+            towers = RegistryTowers(ModelRegistry(Path(settings["models_dir"])), settings["model_poll_s"])
+            towers.current()  # fail at start, with the registry's message, when no model is published
+            self.writer = InterestWriter(towers, store, settings["batch_max_users"])
+            self.flushed: set[str] = set()  # written users whose timer has not fired yet
+            metrics.serve(settings["metrics_host"], settings["metrics_port"])
+
+        def process_element(self, row, ctx: KeyedProcessFunction.Context):
+            key, value, partition, offset, timestamp = row[0], row[1], row[2], row[3], row[4]
+            produced_ms = timestamp.toEpochMilli()
+            metrics.EVENTS_IN.inc()
+            try:
+                event = parse_event(value or b"", settings["max_event_bytes"])
+                if event.user_id != key:
+                    raise EventError(f"Kafka key {key!r:.80} differs from user_id {event.user_id!r:.80}; producers key events by user id")
+            except EventError as exc:
+                metrics.DEAD_LETTERS.labels(exc.kind).inc()
+                yield dead_letter(str(exc), exc.kind, value or b"", partition, offset, produced_ms, settings["events_topic"])
+                return
+            window = UserWindow.from_state(self.state.value())
+            outcome = window.apply(event, settings["window_length"], settings["allowed_lateness_ms"], f"{partition}:{offset}")
+            metrics.EVENTS_APPLIED.labels(outcome.value).inc()
+            if outcome is Applied.LATE:
+                metrics.DEAD_LETTERS.labels("late").inc()
+                reason = f"late: event time {event.event_time_ms} is more than {settings['allowed_lateness_ms']} ms behind this user's newest {window.newest_ms}"
+                yield dead_letter(reason, "late", value, partition, offset, produced_ms, settings["events_topic"])
+                return
+            if outcome is not Applied.ADDED:
+                return
+            self.writer.add(key, window, produced_ms)
+            if not window.pending:
+                window.pending = True
+                timers = ctx.timer_service()
+                timers.register_processing_time_timer(timers.current_processing_time() + settings["batch_max_delay_ms"])
+            self.state.update(window.to_state())
+            if self.writer.full:
+                self.flushed.update(self.writer.flush())
+
+        def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
+            user = ctx.get_current_key()
+            window = UserWindow.from_state(self.state.value())
+            if user in self.writer.pending:
+                self.flushed.update(self.writer.flush())
+            elif user not in self.flushed and window.behaviours:
+                # Restored from a checkpoint taken while this user's update was queued: redo it.
+                self.writer.add(user, window)
+                self.flushed.update(self.writer.flush())
+            self.flushed.discard(user)
+            window.pending = False
+            self.state.update(window.to_state())
+            return iter(())
+
+    return UserWindows()
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a chk-N folder with _metadata) of any earlier run."""
+    done = [p.parent for p in Path(checkpoint_dir).glob("*/chk-*/_metadata")]
+    return max(done, key=lambda p: p.stat().st_mtime) if done else None
+
+
+def _environment(config: Config, restore_from: Path | None):
+    from pyflink.common import Configuration
+    from pyflink.datastream import StreamExecutionEnvironment
+
+    from infra.flink_jars import kafka_connector_jars
+
+    s = config.streaming
+    log_dir = config.paths.var_dir / "flink" / "log"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FLINK_LOG_DIR", str(log_dir))
+    # JVM_ARGS adds to PyFlink's --add-opens flags (FLINK_ENV_JAVA_OPTS would replace them).
+    os.environ["JVM_ARGS"] = f"{os.environ.get('JVM_ARGS', '')} {JVM_HEAP}".strip()
+    checkpoint_dir = str(s.checkpoint_dir) if "://" in str(s.checkpoint_dir) else Path(s.checkpoint_dir).resolve().as_uri()
+    jars = kafka_connector_jars(config.paths.var_dir / "jars")
+    conf = Configuration()
+    for key, value in {
+        "python.execution-mode": "thread",
+        "python.executable": sys.executable,
+        # the interpreter embedded in the JVM starts from the base Python: give it the venv and the repo
+        "python.pythonpath": os.pathsep.join([*site.getsitepackages(), str(REPO_ROOT)]),
+        "pipeline.jars": ";".join(p.resolve().as_uri() for p in jars),
+        "pipeline.name": JOB_NAME,
+        "execution.checkpointing.interval": f"{s.checkpoint_interval_ms} ms",
+        "execution.checkpointing.dir": checkpoint_dir,
+        "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
+        "execution.checkpointing.num-retained": "2",
+        "restart-strategy.type": "fixed-delay",
+        "restart-strategy.fixed-delay.attempts": "1000000",
+        "restart-strategy.fixed-delay.delay": "2 s",
+        "parallelism.default": str(s.parallelism),
+    }.items():
+        conf.set_string(key, value)
+    if restore_from is not None:
+        conf.set_string("execution.state-recovery.path", Path(restore_from).resolve().as_uri())
+    return StreamExecutionEnvironment.get_execution_environment(conf)
+
+
+def build_job(config: Config, restore_from: Path | None = None):
+    """The job graph on a local (mini-cluster) environment; returns the environment to execute."""
+    from pyflink.common import Types
+    from pyflink.datastream.connectors.base import DeliveryGuarantee
+    from pyflink.datastream.connectors.kafka import KafkaRecordSerializationSchema, KafkaSink
+    from pyflink.common.serialization import SimpleStringSchema
+    from pyflink.table import StreamTableEnvironment
+
+    from streaming.kafka_clients import java_client_properties
+
+    env = _environment(config, restore_from)
+    t_env = StreamTableEnvironment.create(env)
+    kafka_props = java_client_properties(config.kafka)
+    options = {
+        "connector": "kafka",
+        "topic": config.kafka.events_topic,
+        "properties.group.id": config.streaming.consumer_group,
+        "scan.startup.mode": "group-offsets",  # first start: committed offsets, else earliest
+        "properties.auto.offset.reset": "earliest",
+        "key.format": "raw",
+        "key.fields": "user_key",
+        "value.format": "raw",
+        "value.fields-include": "EXCEPT_KEY",
+        **{f"properties.{k}": v for k, v in kafka_props.items()},
+    }
+    with_clause = ", ".join(f"'{k}' = '{_sql_string(v)}'" for k, v in options.items())
+    t_env.execute_sql(f"""
+        CREATE TABLE events (
+            `user_key` STRING,
+            `value` BYTES,
+            `partition` INT METADATA VIRTUAL,
+            `offset` BIGINT METADATA VIRTUAL,
+            `produced` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL
+        ) WITH ({with_clause})
+    """)
+    records = t_env.to_data_stream(t_env.from_path("events"))
+    dead_letters = records.key_by(lambda row: row[0] or "", key_type=Types.STRING()).process(
+        _user_windows_function(job_settings(config)), output_type=Types.STRING()).name("user-windows")
+    sink = KafkaSink.builder().set_bootstrap_servers(config.kafka.bootstrap_servers).set_record_serializer(
+        KafkaRecordSerializationSchema.builder().set_topic(config.kafka.dead_letter_topic).set_value_serialization_schema(SimpleStringSchema()).build()
+    ).set_delivery_guarantee(DeliveryGuarantee.AT_LEAST_ONCE)
+    for k, v in kafka_props.items():
+        if k != "bootstrap.servers":
+            sink = sink.set_property(k, v)
+    dead_letters.sink_to(sink.build()).name("dead-letters")
+    return env
+
+
+def _sql_string(value: str) -> str:
+    return str(value).replace("'", "''")
+
+
+def run_job(config: Config, restore_from: Path | None = None) -> None:
+    """Runs the job until it is cancelled or killed (blocking)."""
+    from infra.broker import ensure_topics
+
+    ensure_topics(config.kafka, config.streaming.topic_partitions, config.streaming.topic_retention_ms)
+    env = build_job(config, restore_from)
+    log.info("starting %s%s", JOB_NAME, f" from {restore_from}" if restore_from else "")
+    print(json.dumps({"job": JOB_NAME, "restore_from": str(restore_from) if restore_from else None, "metrics": f"http://{config.streaming.metrics_host}:{config.streaming.metrics_port}/metrics"}), flush=True)
+    env.execute(JOB_NAME)

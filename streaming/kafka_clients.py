@@ -1,0 +1,46 @@
+"""Kafka client settings from the one configuration: kafka-python options and Java client properties.
+
+Both clients (the Python producer/consumers and Flink's Java connector) are configured from the
+same [kafka] section, so pointing the system at a real cluster with SASL and TLS is a
+configuration change only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+JAAS_MODULES = {
+    "PLAIN": "org.apache.kafka.common.security.plain.PlainLoginModule",
+    "SCRAM-SHA-256": "org.apache.kafka.common.security.scram.ScramLoginModule",
+    "SCRAM-SHA-512": "org.apache.kafka.common.security.scram.ScramLoginModule",
+}
+
+
+def python_client_options(kafka) -> dict:
+    """Keyword arguments for kafka-python's KafkaProducer / KafkaConsumer / KafkaAdminClient."""
+    options: dict = {"bootstrap_servers": kafka.bootstrap_servers.split(","), "security_protocol": kafka.security_protocol}
+    if kafka.security_protocol.startswith("SASL"):
+        options.update(sasl_mechanism=kafka.sasl_mechanism, sasl_plain_username=kafka.sasl_username, sasl_plain_password=kafka.sasl_password)
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        options.update({k: v for k, v in (("ssl_cafile", kafka.ssl_cafile), ("ssl_certfile", kafka.ssl_certfile), ("ssl_keyfile", kafka.ssl_keyfile)) if v})
+    return options
+
+
+def java_client_properties(kafka) -> dict[str, str]:
+    """Properties for Flink's Kafka connector (the Java client); PEM files are passed inline."""
+    props = {"bootstrap.servers": kafka.bootstrap_servers, "security.protocol": kafka.security_protocol}
+    if kafka.security_protocol.startswith("SASL"):
+        if kafka.sasl_mechanism not in JAAS_MODULES:
+            raise ValueError(f"[kafka].sasl_mechanism {kafka.sasl_mechanism!r}: use one of {sorted(JAAS_MODULES)}")
+        props["sasl.mechanism"] = kafka.sasl_mechanism
+        props["sasl.jaas.config"] = f'{JAAS_MODULES[kafka.sasl_mechanism]} required username="{kafka.sasl_username}" password="{kafka.sasl_password}";'
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        if kafka.ssl_cafile:
+            props.update({"ssl.truststore.type": "PEM", "ssl.truststore.location": kafka.ssl_cafile})
+        if kafka.ssl_certfile and kafka.ssl_keyfile:
+            props.update({
+                "ssl.keystore.type": "PEM",
+                "ssl.keystore.certificate.chain": Path(kafka.ssl_certfile).read_text(),
+                "ssl.keystore.key": Path(kafka.ssl_keyfile).read_text(),
+            })
+    return props

@@ -1,0 +1,44 @@
+"""The streaming job's Prometheus metrics (prometheus_client, served by the job on [streaming].metrics_port).
+
+Defined once per interpreter: in thread mode the Python interpreter lives inside the Flink
+TaskManager JVM and outlives a task restart, so the job imports this module rather than
+registering metrics in its functions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+EVENTS_IN = Counter("mindstream_stream_events_in_total", "Kafka records read by the job")
+EVENTS_APPLIED = Counter("mindstream_stream_events_applied_total", "Valid events by what they did to the user's window", ["outcome"])
+DEAD_LETTERS = Counter("mindstream_stream_dead_letters_total", "Records sent to the dead-letter topic, by reason", ["reason"])
+BATCH_USERS = Histogram("mindstream_stream_batch_users", "Users per user-tower micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+TOWER_SECONDS = Histogram("mindstream_stream_tower_seconds", "ONNX user-tower latency per micro-batch", buckets=LATENCY_BUCKETS)
+STORE_WRITE_SECONDS = Histogram("mindstream_stream_store_write_seconds", "Feature-store write latency per micro-batch", buckets=LATENCY_BUCKETS)
+FRESHNESS_SECONDS = Histogram("mindstream_stream_freshness_seconds", "Event produce time (Kafka timestamp) to feature-store write", buckets=FRESHNESS_BUCKETS)
+UNKNOWN_WINDOWS = Counter("mindstream_stream_unknown_windows_total", "Updates skipped: no item in the window is known to the model yet")
+STORE_ERRORS = Counter("mindstream_stream_store_errors_total", "Failed feature-store writes (retried until they succeed)")
+MODEL_RELOADS = Counter("mindstream_stream_model_reloads_total", "User-tower hot reloads, by result", ["result"])
+MODEL_INFO = Gauge("mindstream_stream_model_info", "The user tower in use (value 1)", ["model_version"])
+LAST_WRITE = Gauge("mindstream_stream_last_write_timestamp_seconds", "Wall-clock time of the newest feature-store write")
+
+_served_on: tuple[str, int] | None = None
+
+
+def serve(host: str, port: int) -> None:
+    """Starts the /metrics endpoint once per interpreter; a busy port is logged, not fatal."""
+    global _served_on
+    if _served_on is not None or port <= 0:
+        return
+    try:
+        start_http_server(port, addr=host)
+        _served_on = (host, port)
+    except OSError as exc:
+        log.warning("streaming metrics not served on %s:%d (%s)", host, port, exc)

@@ -1,0 +1,169 @@
+"""The streaming core without servers: the event contract, the per-user window and the micro-batch writer."""
+
+import json
+
+import numpy as np
+import pytest
+
+from streaming.events import EVENT_TYPES, BehaviourEvent, EventError, encode_event, json_schema, parse_event
+from streaming.feature_store import InMemoryFeatureStore
+from streaming.interest_writer import FixedTower, InterestWriter, dead_letter
+from streaming.window import Applied, UserWindow
+
+
+def event(item="i1", t=1_000, user="u1", **kw) -> BehaviourEvent:
+    return BehaviourEvent(user, item, kw.pop("event_type", "click"), t, **kw)
+
+
+# ----------------------------------------------------------------------------- contract
+
+
+def test_an_event_survives_encode_then_parse():
+    e = event(event_id="e-1", profile={"gender": "F"}, side={"page": "home", "position": 3})
+    assert parse_event(encode_event(e)) == e
+
+
+@pytest.mark.parametrize(
+    "raw, kind",
+    [
+        (b"{not json", "malformed"),
+        (b"\xff\xfe", "malformed"),
+        (b"[1, 2]", "malformed"),
+        (b'{"schema": 1, "user_id": "u", "item_id": "i", "event_type": "click", "event_time_ms": 1, "price": 3}', "unknown_field"),
+        (b'{"schema": 1, "user_id": "u", "event_type": "click", "event_time_ms": 1}', "missing_field"),
+        (b'{"schema": 2, "user_id": "u", "item_id": "i", "event_type": "click", "event_time_ms": 1}', "invalid"),
+        (b'{"schema": 1, "user_id": "u", "item_id": "i", "event_type": "like", "event_time_ms": 1}', "invalid"),
+        (b'{"schema": 1, "user_id": "u", "item_id": "i", "event_type": "click", "event_time_ms": -5}', "invalid"),
+        (b'{"schema": 1, "user_id": "u", "item_id": "i", "event_type": "click", "event_time_ms": true}', "invalid"),
+        (b'{"schema": 1, "user_id": "", "item_id": "i", "event_type": "click", "event_time_ms": 1}', "invalid"),
+        (b'{"schema": 1, "user_id": "u", "item_id": 7, "event_type": "click", "event_time_ms": 1}', "invalid"),
+        (b'{"schema": 1, "user_id": "u", "item_id": "i", "event_type": "click", "event_time_ms": 1, "profile": {"age": 3}}', "invalid"),
+    ],
+)
+def test_invalid_records_are_refused_with_a_reason(raw, kind):
+    with pytest.raises(EventError) as caught:
+        parse_event(raw)
+    assert caught.value.kind == kind and str(caught.value)
+
+
+def test_oversized_records_are_refused_before_parsing():
+    raw = encode_event(event()) + b" " * 5000
+    with pytest.raises(EventError, match="oversized") as caught:
+        parse_event(raw, max_bytes=4096)
+    assert caught.value.kind == "oversized"
+
+
+def test_the_json_schema_is_generated_from_the_contract():
+    schema = json_schema()
+    assert set(schema["required"]) == {"schema", "user_id", "item_id", "event_type", "event_time_ms"}
+    assert schema["properties"]["event_type"]["enum"] == list(EVENT_TYPES)
+    assert schema["additionalProperties"] is False
+
+
+def test_dead_letters_keep_the_reason_and_the_original_value():
+    record = json.loads(dead_letter("malformed JSON", "malformed", b"{oops", 1, 42, 123, "events"))
+    assert record == {**record, "reason": "malformed JSON", "kind": "malformed", "partition": 1, "offset": 42, "value": "{oops", "truncated": False}
+
+
+# ----------------------------------------------------------------------------- window
+
+
+def test_window_orders_by_event_time_within_the_lateness_bound():
+    w = UserWindow()
+    assert w.apply(event("a", 3_000), 10, 2_500) is Applied.ADDED
+    assert w.apply(event("b", 1_000), 10, 2_500) is Applied.ADDED  # 2 s behind: inserted in order
+    assert w.apply(event("c", 4_000), 10, 2_500) is Applied.ADDED
+    assert w.item_ids() == ("b", "a", "c")
+    assert w.apply(event("d", 1_000), 10, 2_500) is Applied.LATE  # 3 s behind the newest
+    assert w.item_ids() == ("b", "a", "c")
+
+
+def test_window_ignores_redeliveries_but_keeps_repeated_behaviours():
+    w = UserWindow()
+    assert w.apply(event("a", 1_000), 10, 0) is Applied.ADDED
+    assert w.apply(event("a", 1_000), 10, 0) is Applied.DUPLICATE  # same item, type, time
+    assert w.apply(event("a", 2_000), 10, 0) is Applied.ADDED  # watched again later: a behaviour
+    assert w.apply(event("b", 2_000, event_id="x"), 10, 0) is Applied.ADDED
+    assert w.apply(event("b", 2_000, event_id="x"), 10, 0) is Applied.DUPLICATE
+    assert w.apply(event("b", 2_000, event_id="y"), 10, 0) is Applied.ADDED
+    assert w.item_ids() == ("a", "a", "b", "b")
+
+
+def test_window_keeps_the_newest_l_and_survives_its_state_form():
+    w = UserWindow()
+    for t in range(8):
+        w.apply(event(f"i{t}", 1_000 * t), 5, 10_000, offset=f"0:{t}")
+    assert w.item_ids() == ("i3", "i4", "i5", "i6", "i7")
+    assert w.apply(event("old", 2_500), 5, 10_000) is Applied.EVICTED  # older than all of a full window
+    restored = UserWindow.from_state(w.to_state())
+    assert restored == w and restored.last_offset == "0:7"
+    assert UserWindow.from_state(None) == UserWindow()
+
+
+def test_replaying_after_a_restore_leaves_the_window_unchanged():
+    events = [event(f"i{t % 4}", 1_000 * t, event_id=f"e{t}") for t in range(20)]
+    once = UserWindow()
+    for e in events:
+        once.apply(e, 8, 5_000)
+    restored = UserWindow()
+    for e in events[:12]:
+        restored.apply(e, 8, 5_000)
+    restored = UserWindow.from_state(restored.to_state())
+    for e in events[9:]:  # the replay overlaps what the checkpoint already holds
+        restored.apply(e, 8, 5_000)
+    assert restored.item_ids() == once.item_ids()
+
+
+# ----------------------------------------------------------------------------- micro-batch writer
+
+
+class FakeTower:
+    version = "v-test"
+
+    def __init__(self):
+        self.calls = []
+
+    def interests(self, windows, profiles=None):
+        self.calls.append(len(windows))
+        return [None if not w else np.full((1, 4), float(len(w)), dtype=np.float32) for w in windows]
+
+
+class FlakyStore(InMemoryFeatureStore):
+    def __init__(self, failures: int):
+        super().__init__()
+        self.failures = failures
+
+    def put_many(self, records):
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("redis is down")
+        return super().put_many(records)
+
+
+def test_writer_batches_users_and_keeps_only_the_newest_window_per_user():
+    tower, store = FakeTower(), InMemoryFeatureStore()
+    writer = InterestWriter(FixedTower(tower), store, max_users=2)
+    w = UserWindow()
+    w.apply(event("a", 1), 10, 0, offset="0:1")
+    writer.add("u1", w, produced_ms=1)
+    w.apply(event("b", 2), 10, 0, offset="0:2")
+    writer.add("u1", w, produced_ms=2)
+    assert not writer.full
+    writer.add("u2", UserWindow(), produced_ms=3)  # no known item: nothing to store
+    assert writer.full
+    assert sorted(writer.flush()) == ["u1", "u2"] and tower.calls == [2]
+    record = store.get_many(["u1"])[0]
+    assert record.window == ("a", "b") and record.last_offset == "0:2" and record.model_version == "v-test"
+    assert store.get_many(["u2"]) == [None] and writer.flush() == []
+
+
+def test_writer_retries_a_failing_store_instead_of_dropping_the_update():
+    slept = []
+    store = FlakyStore(failures=3)
+    writer = InterestWriter(FixedTower(FakeTower()), store, sleep=slept.append)
+    w = UserWindow()
+    w.apply(event("a", 1), 10, 0)
+    writer.add("u1", w)
+    writer.flush()
+    assert store.get_many(["u1"])[0].window == ("a",)
+    assert slept == [0.05, 0.1, 0.2]  # backed off, then written
