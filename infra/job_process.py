@@ -48,10 +48,11 @@ class StreamingJobProcess:
             return None
 
     def metric(self, name: str, labels: str = "") -> float:
-        """One sample of the job's metrics, e.g. metric("mindstream_stream_dead_letters_total", 'reason="late"')."""
+        """A metric of the job summed over its series, or the series with exactly these labels:
+        metric("mindstream_stream_dead_letters_total", 'reason="late"')."""
         text = self.metrics() or ""
-        wanted = f"{name}{{{labels}}}" if labels else name
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(wanted + " "))
+        prefixes = (f"{name}{{{labels}}} ",) if labels else (f"{name} ", f"{name}{{")
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefixes))
 
     def rss_bytes(self) -> int:
         """Resident memory of the job: the Python client, its JVM and everything they started."""

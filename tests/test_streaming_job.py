@@ -1,0 +1,166 @@
+"""The real PyFlink job against the real broker (noida) and the real Redis.
+
+One job is started for the module and restarted once, by the kill-and-restore test (each start
+costs 10-25 s). Tests run in file order; the last one kills the job.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from infra.broker import EmbeddedBroker, ensure_topics
+from infra.config import load_config
+from infra.job_process import StreamingJobProcess
+from infra.redis_server import EmbeddedRedis, free_port
+from model_export.artifact import UserTower
+from model_export.registry import ModelRegistry
+from streaming.events import BehaviourEvent
+from streaming.feature_store import RedisFeatureStore
+from streaming.producer import EventProducer
+from streaming.window import UserWindow
+
+LATENESS_MS = 10_000
+WINDOW = 50
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, two_exports):
+    root = tmp_path_factory.mktemp("streaming")
+    registry = ModelRegistry(root / "models")
+    first = registry.install(two_exports[0])
+    registry.set_current(first.model_version)
+    metrics_port = free_port()
+    with EmbeddedBroker(root / "broker") as broker, EmbeddedRedis(root / "redis") as store_server:
+        env = {
+            **os.environ,
+            "MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "MINDSTREAM_REDIS__URI": store_server.uri,
+            "MINDSTREAM_PATHS__MODELS_DIR": str(registry.root),
+            "MINDSTREAM_STREAMING__CHECKPOINT_DIR": str(root / "checkpoints"),
+            "MINDSTREAM_STREAMING__CHECKPOINT_INTERVAL_MS": "1000",
+            "MINDSTREAM_STREAMING__ALLOWED_LATENESS_MS": str(LATENESS_MS),
+            "MINDSTREAM_STREAMING__WINDOW_LENGTH": str(WINDOW),
+            "MINDSTREAM_STREAMING__MODEL_POLL_S": "0.5",
+            "MINDSTREAM_STREAMING__METRICS_PORT": str(metrics_port),
+        }
+        config = load_config(environ=env)
+        ensure_topics(config.kafka, partitions=2, retention_ms=3_600_000)
+        job = StreamingJobProcess(env, root / "job.log", f"http://127.0.0.1:{metrics_port}/metrics").start()
+        producer = EventProducer(config.kafka)
+        store = RedisFeatureStore(redis.Redis.from_url(store_server.uri))
+        try:
+            yield {"job": job, "producer": producer, "store": store, "config": config, "registry": registry, "first": first}
+        finally:
+            producer.close()
+            job.stop()
+
+
+def wait_for(condition, timeout_s=60.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def expected_windows(events):
+    """The windows the job must hold, computed with the same pure logic in event order."""
+    windows = {}
+    for e in events:
+        windows.setdefault(e.user_id, UserWindow()).apply(e, WINDOW, LATENESS_MS)
+    return {u: w.item_ids() for u, w in windows.items()}
+
+
+def dead_letters(config, n, timeout_s=30.0):
+    from kafka import KafkaConsumer
+
+    from streaming.kafka_clients import python_client_options
+
+    consumer = KafkaConsumer(config.kafka.dead_letter_topic, **python_client_options(config.kafka), auto_offset_reset="earliest", consumer_timeout_ms=1000)
+    records, deadline = [], time.monotonic() + timeout_s
+    while len(records) < n and time.monotonic() < deadline:
+        records += [json.loads(m.value) for m in consumer]
+    consumer.close()
+    return records
+
+
+def test_events_in_interests_out_equal_to_the_offline_user_tower(stack):
+    producer, store = stack["producer"], stack["store"]
+    events = [BehaviourEvent(f"a{u}", f"i{(7 * u + 3 * t) % 60}", "click", 1_000_000 + 1_000 * t, profile={"gender": "MF"[u % 2]}) for u in range(5) for t in range(12)]
+    events.append(BehaviourEvent("a0", "i5", "view", 1_000_000 + 5_500))  # out of order, within the bound
+    events.append(BehaviourEvent("a0", "i5", "view", 1_000_000 + 5_500))  # a redelivery
+    events.append(BehaviourEvent("a1", "never-seen-item", "buy", 1_000_000 + 20_000))  # unknown to the model: kept in the window
+    for e in events:
+        producer.send(e)
+    producer.flush()
+    expected = expected_windows(events)
+    users = sorted(expected)
+    records = wait_for(lambda: (r := store.get_many(users)) and all(x is not None and x.window == expected[x.user_id] for x in r) and r, what="all windows stored")
+    tower = UserTower.load(stack["registry"].path(stack["first"].model_version), prefer_gpu=False)
+    offline = tower.interests([r.window for r in records], [{"gender": "MF"[int(r.user_id[1:]) % 2]} for r in records])
+    for record, vectors in zip(records, offline):
+        assert record.model_version == stack["first"].model_version
+        np.testing.assert_allclose(record.interests, vectors, atol=1e-4)
+    assert records[0].window.count("i5") == expected["a0"].count("i5")  # the redelivery was not added
+    assert stack["job"].metric("mindstream_stream_events_applied_total", 'outcome="duplicate"') >= 1
+
+
+def test_dead_letters_are_counted_and_do_not_stop_the_job(stack):
+    producer, store, job = stack["producer"], stack["store"], stack["job"]
+    before = job.metric("mindstream_stream_dead_letters_total")
+    poison = [
+        ("p1", b"{not json"),
+        ("p1", json.dumps({"schema": 1, "user_id": "p1", "item_id": "i1", "event_type": "click", "event_time_ms": 5, "price": 1}).encode()),
+        ("p1", b'{"schema": 1, "user_id": "p1", "item_id": "i1", "event_type": "click", "event_time_ms": 1, "side": {"x": "' + b"y" * 5000 + b'"}}'),
+        ("someone-else", json.dumps({"schema": 1, "user_id": "p1", "item_id": "i1", "event_type": "click", "event_time_ms": 5}).encode()),
+    ]
+    for key, value in poison:
+        producer.send_raw(key, value)
+    producer.send(BehaviourEvent("p1", "i2", "click", 50_000))
+    producer.send(BehaviourEvent("p1", "i3", "click", 50_000 - LATENESS_MS - 1))  # late: dead-lettered
+    producer.flush()
+    wait_for(lambda: (r := store.get_many(["p1"])[0]) is not None and r.window == ("i2",), what="the valid event after the poison")
+    letters = dead_letters(stack["config"], 5)
+    assert sorted(letter["kind"] for letter in letters) == ["invalid", "late", "malformed", "oversized", "unknown_field"]
+    assert all(letter["reason"] and letter["topic"] == stack["config"].kafka.events_topic for letter in letters)
+    assert next(x for x in letters if x["kind"] == "malformed")["value"] == "{not json"
+    wait_for(lambda: job.metric("mindstream_stream_dead_letters_total") - before == 5, what="dead letters counted")
+
+
+def test_a_newly_published_user_tower_is_used_without_a_restart(stack, two_exports):
+    registry, producer, store = stack["registry"], stack["producer"], stack["store"]
+    second = registry.install(two_exports[1])
+    registry.set_current(second.model_version)
+    producer.send(BehaviourEvent("h1", "i4", "click", 1_000))
+    producer.send(BehaviourEvent("h1", "i9", "click", 2_000))
+    producer.flush()
+    record = wait_for(lambda: (r := store.get_many(["h1"])[0]) is not None and r.window == ("i4", "i9") and r, what="h1 stored")
+    assert record.model_version == second.model_version
+    np.testing.assert_allclose(record.interests, UserTower.load(registry.path(second.model_version), prefer_gpu=False).interests([record.window])[0], atol=1e-4)
+
+
+def test_kill_and_restore_from_a_checkpoint_loses_and_doubles_nothing(stack):
+    producer, store, job = stack["producer"], stack["store"], stack["job"]
+    rng = np.random.default_rng(3)
+    events = [BehaviourEvent(f"k{rng.integers(40)}", f"i{rng.integers(60)}", "click", 2_000_000 + 100 * t, event_id=f"k-{t}") for t in range(3000)]
+    for e in events[:1500]:
+        producer.send(e)
+    producer.flush()
+    wait_for(lambda: job.metric("mindstream_stream_events_applied_total") >= 1, what="progress")
+    time.sleep(2.5)  # at least one checkpoint (every 1 s) covers part of the stream
+    job.kill()  # SIGKILL, mid-stream: some events are applied after the last checkpoint
+    for e in events[1500:]:
+        producer.send(e)  # accepted by the broker while the job is down
+    producer.flush()
+    job.start(restore="latest")
+    expected = expected_windows(events)
+    users = sorted(expected)
+    wait_for(lambda: all(r is not None and r.window == expected[r.user_id] for r in store.get_many(users)), timeout_s=90, what="every window complete after the restore")
+    for record in store.get_many(users):
+        assert len(record.window) == len(expected[record.user_id])  # nothing twice
