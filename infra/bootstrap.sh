@@ -19,3 +19,4 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip check
   touch "$stamp"
 fi
+.venv/bin/python -m infra jars >/dev/null  # Flink's Kafka connector, extracted once into var/jars

@@ -89,11 +89,30 @@ class MilvusConfig:
 @dataclass(frozen=True)
 class RecallServiceConfig:
     host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 9464
-    tls_certfile: str = ""
+    port: int = 50051  # 0 = any free port (tests)
+    metrics_port: int = 9464  # Prometheus /metrics on 127.0.0.1; 0 = any free port
+    tls_certfile: str = ""  # both set = TLS
     tls_keyfile: str = ""
-    auth_token: str = ""
+    auth_token: str = ""  # set = every RPC but health needs `authorization: Bearer <token>`
+    # Request limits: beyond them INVALID_ARGUMENT (messages over 4 x max_request_bytes are refused
+    # by gRPC itself with RESOURCE_EXHAUSTED).
+    max_n: int = 1000
+    max_per_interest_n: int = 2000
+    max_exclusions: int = 5000
+    max_recent_items: int = 500
+    max_filter_chars: int = 1024
+    max_batch: int = 64
+    max_request_bytes: int = 1_048_576
+    # Time: the budget of a request without a deadline, and the caps of each backend call.
+    default_deadline_ms: int = 1000
+    feature_store_timeout_ms: int = 200
+    vector_search_timeout_ms: int = 500
+    outage_cooldown_ms: int = 1000  # a failed backend is skipped this long (fallback at once)
+    health_interval_ms: int = 2000
+    fallback_on_outage: bool = True  # False: store / Milvus down -> UNAVAILABLE instead of a fallback path
+    search_ef: int = 128  # HNSW ef (raised to the per-interest limit when smaller)
+    workers: int = 16  # gRPC handler threads
+    max_concurrent_rpcs: int = 256  # beyond: RESOURCE_EXHAUSTED at once instead of an unbounded queue
 
 
 @dataclass(frozen=True)

@@ -73,10 +73,7 @@ class FixedTower:
 
 @dataclass
 class PendingUpdate:
-    window: tuple[str, ...]
-    profile: dict[str, str]
-    last_event_ms: int
-    last_offset: str
+    window: UserWindow  # the newest state; read at flush time (the job replaces, never mutates, it)
     produced_ms: list[int] = field(default_factory=list)  # Kafka timestamps of the events it reflects
 
 
@@ -89,11 +86,13 @@ class InterestWriter:
 
     def add(self, user_id: str, window: UserWindow, produced_ms: int | None = None) -> None:
         """Queues the newest state of a user's window; a later add for the same user replaces it."""
-        earlier = self.pending.get(user_id)
-        produced = earlier.produced_ms if earlier else []
+        update = self.pending.get(user_id)
+        if update is None:
+            update = self.pending[user_id] = PendingUpdate(window)
+        else:
+            update.window = window
         if produced_ms is not None:
-            produced.append(produced_ms)
-        self.pending[user_id] = PendingUpdate(window.item_ids(), dict(window.profile), window.newest_ms, window.last_offset, produced)
+            update.produced_ms.append(produced_ms)
 
     @property
     def full(self) -> bool:
@@ -107,16 +106,17 @@ class InterestWriter:
         updates = [self.pending[u] for u in users]
         tower = self.towers.current()
         started = time.perf_counter()
-        interests = tower.interests([u.window for u in updates], [u.profile for u in updates])
+        windows = [u.window.item_ids() for u in updates]
+        interests = tower.interests(windows, [u.window.profile for u in updates])
         metrics.TOWER_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_USERS.observe(len(users))
         now_ms = int(self.clock() * 1000)
         records = []
-        for user, update, vectors in zip(users, updates, interests):
+        for user, update, window, vectors in zip(users, updates, windows, interests):
             if vectors is None:
                 metrics.UNKNOWN_WINDOWS.inc()
                 continue
-            records.append(InterestRecord(user, tower.version, vectors, update.window, update.last_event_ms, update.last_offset, now_ms))
+            records.append(InterestRecord(user, tower.version, vectors, window, update.window.newest_ms, update.window.last_offset, now_ms))
         self._write(records)
         written_s = self.clock()
         for update in updates:

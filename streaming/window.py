@@ -4,7 +4,7 @@ The job keeps one `UserWindow` per user in keyed state. Events may arrive out of
 to `allowed_lateness_ms` behind the newest event seen for that user; they are inserted in
 event-time order. Anything later than that is refused as late (dead-lettered with the reason,
 never silently lost). Redeliveries are recognised and ignored: by `event_id` when the producer
-sets one, else by (item, type, event time). Restoring state from a checkpoint and replaying
+sets one, else by (item, type, event time) among events without an id. Restoring state from a checkpoint and replaying
 Kafka from the checkpointed offsets therefore leaves every window exactly as if no failure had
 happened: nothing missing, nothing twice.
 """
@@ -27,36 +27,34 @@ class Applied(Enum):
 
 @dataclass
 class UserWindow:
-    # (event_time_ms, identity, item_id), oldest first; identity = event_id or "type|time|item"
-    behaviours: list[tuple[int, str, str]] = field(default_factory=list)
+    # (event_time_ms, item_id, event_type, event_id), oldest first
+    behaviours: list[tuple[int, str, str, str]] = field(default_factory=list)
     newest_ms: int = -1
     profile: dict[str, str] = field(default_factory=dict)
     last_offset: str = ""  # "partition:offset" of the newest record applied
     pending: bool = False  # an extraction is scheduled and not yet written (a timer is registered)
 
     def item_ids(self) -> tuple[str, ...]:
-        return tuple(item for _, _, item in self.behaviours)
+        return tuple(b[1] for b in self.behaviours)
 
     def apply(self, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "") -> Applied:
         if self.newest_ms >= 0 and event.event_time_ms < self.newest_ms - allowed_lateness_ms:
             return Applied.LATE
-        identity = event.event_id or f"{event.event_type}|{event.event_time_ms}|{event.item_id}"
-        entry = (event.event_time_ms, identity, event.item_id)
         # Redeliveries carry the same event time, so only that stretch of the window is searched.
         lo = bisect.bisect_left(self.behaviours, (event.event_time_ms,))
-        for time_ms, seen, _ in self.behaviours[lo:]:
+        for time_ms, item, event_type, event_id in self.behaviours[lo:]:
             if time_ms != event.event_time_ms:
                 break
-            if seen == identity:
+            if (event_id == event.event_id != "") or (not event.event_id and not event_id and item == event.item_id and event_type == event.event_type):
                 return Applied.DUPLICATE
         if len(self.behaviours) >= max_length and event.event_time_ms < self.behaviours[0][0]:
             return Applied.EVICTED
-        # After equal times, keep arrival order (bisect_right on the time alone).
-        position = bisect.bisect_right(self.behaviours, (event.event_time_ms, "\U0010ffff"))
-        self.behaviours.insert(position, entry)
+        # After equal times, keep arrival order: insert behind every entry of the same time.
+        position = bisect.bisect_left(self.behaviours, (event.event_time_ms + 1,))
+        self.behaviours.insert(position, (event.event_time_ms, event.item_id, event.event_type, event.event_id))
         del self.behaviours[:-max_length]
         self.newest_ms = max(self.newest_ms, event.event_time_ms)
-        if event.profile:
+        if event.profile and event.profile != self.profile:
             self.profile = {**self.profile, **event.profile}
         if offset:
             self.last_offset = offset
