@@ -62,6 +62,24 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_backfill(args) -> int:
+    from tqdm import tqdm
+
+    from model_export.artifact import UserTower
+    from model_export.registry import ModelRegistry
+    from streaming.backfill import backfill
+    from streaming.feature_store import RedisFeatureStore
+
+    config = load_config()
+    registry = ModelRegistry(config.paths.models_dir)
+    tower = UserTower.load(registry.path(args.model_version) if args.model_version else registry.current())
+    store = RedisFeatureStore.from_config(config.redis, ttl_seconds=config.streaming.record_ttl_s, timeout_s=10.0)
+    with tqdm(unit="user", desc=f"re-extracting interests with {tower.version}", disable=args.quiet) as bar:
+        report = backfill(store, tower, batch=args.batch, progress=bar.update)
+    print(json.dumps(report.__dict__, indent=2))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from streaming.bench import run_bench
 
@@ -92,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run the PyFlink job (blocks; Ctrl-C or SIGTERM stops it, checkpoints are kept)")
     p.add_argument("--restore", default=None, help="'latest' or a checkpoint folder (chk-N) to restore state and offsets from")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("backfill", help="re-extract every stored user's interests with a model version (default: the current one)")
+    p.add_argument("--model-version", default=None, help="an installed version of the model registry (default: CURRENT)")
+    p.add_argument("--batch", type=int, default=512, help="users per user-tower call and per store round trip")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_backfill)
 
     p = sub.add_parser("bench", help="throughput, memory, freshness vs the bare broker, and parity with offline ONNX (starts its own stack)")
     p.add_argument("--export-dir", default=None, help="user tower to serve (default: the registry's current model, else var/artifacts/ml-1m-mind_remi/export)")

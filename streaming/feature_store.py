@@ -12,6 +12,7 @@ recall service reads them, both only through `FeatureStore`. A record is a Redis
     last_event_ms   event time of the newest behaviour reflected
     last_offset     "partition:offset" of the Kafka record that triggered the update
     updated_ms      wall-clock time of the write
+    profile         JSON object of the user-profile fields the tower read (a backfill re-reads them)
 
 Raw item ids (not model indices) keep the window valid across model versions.
 """
@@ -20,12 +21,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
-from typing import Iterable, Protocol
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
-RECORD_SCHEMA = 1
+RECORD_SCHEMA = 2  # 2: + profile
 
 
 class RecordError(ValueError):
@@ -41,6 +42,7 @@ class InterestRecord:
     last_event_ms: int
     last_offset: str  # "partition:offset"
     updated_ms: int = 0
+    profile: dict[str, str] = field(default_factory=dict)
 
     @property
     def k(self) -> int:
@@ -61,6 +63,7 @@ def encode(record: InterestRecord) -> dict[str, bytes | str | int]:
         "last_event_ms": int(record.last_event_ms),
         "last_offset": record.last_offset,
         "updated_ms": int(record.updated_ms or time.time() * 1000),
+        "profile": json.dumps(record.profile),
     }
 
 
@@ -86,6 +89,7 @@ def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
             last_event_ms=int(fields[b"last_event_ms"]),
             last_offset=fields[b"last_offset"].decode(),
             updated_ms=int(fields[b"updated_ms"]),
+            profile=json.loads(fields[b"profile"]),
         )
     except RecordError:
         raise
@@ -97,6 +101,20 @@ class FeatureStore(Protocol):
     def put_many(self, records: Iterable[InterestRecord]) -> int: ...
     def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]: ...
     def delete(self, user_id: str) -> None: ...
+    def user_ids(self, batch: int = 1000) -> Iterator[list[str]]: ...
+    def replace_if_unchanged(self, records: list[InterestRecord], expected_updated_ms: list[int]) -> int: ...
+
+
+# Replaces a record only if nobody wrote it since it was read (its updated_ms is unchanged), so a
+# backfill never overwrites a newer window the streaming job has just written.
+# KEYS[1] = record key; ARGV = expected updated_ms, ttl seconds (0 = none), field, value, ...
+REPLACE_IF_UNCHANGED = """
+if redis.call('HGET', KEYS[1], 'updated_ms') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+if ARGV[2] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
 
 
 class RedisFeatureStore:
@@ -140,6 +158,26 @@ class RedisFeatureStore:
     def delete(self, user_id: str) -> None:
         self.client.delete(self.key(user_id))
 
+    def user_ids(self, batch: int = 1000) -> Iterator[list[str]]:
+        """Every stored user, in batches (SCAN: never blocks the server like KEYS would)."""
+        prefix = f"{self.prefix}:user:"
+        chunk: list[str] = []
+        for key in self.client.scan_iter(match=f"{prefix}*", count=batch):
+            chunk.append(key.decode()[len(prefix):])
+            if len(chunk) >= batch:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def replace_if_unchanged(self, records: list[InterestRecord], expected_updated_ms: list[int]) -> int:
+        script = self.client.register_script(REPLACE_IF_UNCHANGED)
+        pipe = self.client.pipeline(transaction=False)
+        for record, expected in zip(records, expected_updated_ms):
+            flat = [x for kv in encode(record).items() for x in kv]
+            script(keys=[self.key(record.user_id)], args=[str(expected), str(self.ttl_seconds), *flat], client=pipe)
+        return sum(pipe.execute())
+
 
 class InMemoryFeatureStore:
     """The same contract in a dict, for unit tests of code that reads or writes the store."""
@@ -159,3 +197,16 @@ class InMemoryFeatureStore:
 
     def delete(self, user_id: str) -> None:
         self.rows.pop(user_id, None)
+
+    def user_ids(self, batch: int = 1000) -> Iterator[list[str]]:
+        users = list(self.rows)
+        for start in range(0, len(users), batch):
+            yield users[start : start + batch]
+
+    def replace_if_unchanged(self, records: list[InterestRecord], expected_updated_ms: list[int]) -> int:
+        n = 0
+        for record, expected in zip(records, expected_updated_ms):
+            if record.user_id in self.rows and int(self.rows[record.user_id][b"updated_ms"]) == expected:
+                self.rows[record.user_id] = stored_fields(record)
+                n += 1
+        return n

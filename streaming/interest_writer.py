@@ -116,7 +116,7 @@ class InterestWriter:
             if vectors is None:
                 metrics.UNKNOWN_WINDOWS.inc()
                 continue
-            records.append(InterestRecord(user, tower.version, vectors, window, update.window.newest_ms, update.window.last_offset, now_ms))
+            records.append(InterestRecord(user, tower.version, vectors, window, update.window.newest_ms, update.window.last_offset, now_ms, update.window.profile))
         self._write(records)
         written_s = self.clock()
         for update in updates:

@@ -71,6 +71,12 @@ def test_real_redis_round_trip_replace_ttl_and_auth(tmp_path):
         newer = dataclasses.replace(_record("user-3", k=1, seed=9), model_version="ml-1m-mind-v2")
         store.put_many([newer])
         assert _same(store.get_many(["user-3"])[0], newer)
+        # the backfill's scan and conditional replace (a Lua script on the server)
+        assert sorted(u for chunk in store.user_ids(batch=64) for u in chunk) == sorted(r.user_id for r in records)
+        current = store.get_many(["user-5"])[0]
+        moved = dataclasses.replace(current, model_version="v3", updated_ms=current.updated_ms + 1)
+        assert store.replace_if_unchanged([moved, moved], [current.updated_ms, current.updated_ms]) == 1  # the 2nd saw a newer write
+        assert _same(store.get_many(["user-5"])[0], moved) and 0 < store.client.ttl("test:user:user-5") <= 3600
         # without the password the server refuses
         from redis.exceptions import AuthenticationError, ResponseError
 

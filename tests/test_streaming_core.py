@@ -167,3 +167,34 @@ def test_writer_retries_a_failing_store_instead_of_dropping_the_update():
     writer.flush()
     assert store.get_many(["u1"])[0].window == ("a",)
     assert slept == [0.05, 0.1, 0.2]  # backed off, then written
+
+
+# ----------------------------------------------------------------------------- backfill
+
+
+class VersionedTower(FakeTower):
+    def __init__(self, version):
+        super().__init__()
+        self.version = version
+
+
+def test_backfill_moves_every_record_to_the_new_version_but_never_over_a_newer_write():
+    from streaming.backfill import backfill
+    from streaming.feature_store import InterestRecord
+
+    store = InMemoryFeatureStore()
+    old = np.ones((1, 4), dtype=np.float32)
+    store.put_many([InterestRecord(f"u{i}", "v1", old, ("a",) * (i + 1), i, f"0:{i}", 1000 + i, {"gender": "F"}) for i in range(5)])
+    store.put_many([InterestRecord("empty", "v1", old, ("unknown",)[:0], 0, "0:9", 7)])
+    tower = VersionedTower("v2")
+    report = backfill(store, tower, batch=2)
+    assert report.rewritten == 5 and report.skipped_unknown == 1 and report.users_seen == 6
+    for i, record in enumerate(store.get_many([f"u{i}" for i in range(5)])):
+        assert record.model_version == "v2" and record.window == ("a",) * (i + 1) and record.profile == {"gender": "F"}
+        assert record.interests[0, 0] == i + 1  # the new tower's output on the stored window
+    # a record written after it was read is left alone
+    stale = store.get_many(["u0"])[0]
+    store.put_many([InterestRecord("u0", "v2", old, ("b",), 99, "0:99", stale.updated_ms + 5)])
+    fresh = InterestRecord("u0", "v3", old, ("a",), 0, "0:0", 1)
+    assert store.replace_if_unchanged([fresh], [stale.updated_ms]) == 0
+    assert store.get_many(["u0"])[0].window == ("b",)
