@@ -86,6 +86,12 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_poison(args) -> int:
+    from streaming.bench import run_poison
+
+    return run_poison(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python narrates every connection at INFO
@@ -125,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broker", choices=("noida", "tansu"), default="noida")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("poison", help="a stream with poison records mixed in: the job stays up, dead letters = exactly the poison, valid events all reflected")
+    p.add_argument("--export-dir", default=None, help="user tower to serve (default: as for bench)")
+    p.add_argument("--rate", type=float, default=2000.0, help="records per second")
+    p.add_argument("--seconds", type=float, default=300.0)
+    p.add_argument("--poison", type=float, default=0.1, help="fraction of poison records (malformed, oversized, unknown field, invalid)")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.set_defaults(func=cmd_poison)
 
     args = parser.parse_args(argv)
     try:

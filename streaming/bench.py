@@ -20,14 +20,17 @@ import os
 import re
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import redis
 from tqdm import tqdm
 
 from infra.broker import EmbeddedBroker, ensure_topics
-from infra.config import load_config
+from infra.config import Config, load_config
 from infra.job_process import StreamingJobProcess
 from infra.redis_server import EmbeddedRedis, free_port
 from model_export.artifact import UserTower
@@ -97,27 +100,35 @@ def broker_baseline(kafka, topic: str, rate: float, seconds: float) -> dict:
     return {"messages": len(lat), "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
 
 
-def run_bench(args) -> int:
+@dataclass
+class BenchStack:
+    root: Path
+    config: Config  # pointing at this stack's broker, Redis and registry
+    registry: ModelRegistry
+    model_version: str
+    job: StreamingJobProcess  # not started
+    redis_uri: str
+
+
+def resolve_export(config: Config, export_dir: str | None) -> Path:
+    if export_dir:
+        return Path(export_dir)
+    registry = ModelRegistry(config.paths.models_dir)
+    current = registry.current_version()
+    return registry.path(current) if current else DEFAULT_EXPORT
+
+
+@contextmanager
+def bench_stack(name: str, export_dir: Path, broker_kind: str = "noida") -> Iterator[BenchStack]:
+    """A broker, a Redis, a registry holding export_dir, and the job (not started), all in var/bench/."""
     config = load_config()
-    export_dir = Path(args.export_dir) if args.export_dir else None
-    if export_dir is None:
-        current = ModelRegistry(config.paths.models_dir).current_version()
-        export_dir = ModelRegistry(config.paths.models_dir).path(current) if current else DEFAULT_EXPORT
-    if not (export_dir / "manifest.json").is_file():
-        print(f"error: no export at {export_dir}; run infra/run.sh (or model_export train + export) first, or pass --export-dir")
-        return 2
-    root = config.paths.var_dir / "bench" / f"streaming-{time.strftime('%Y%m%dT%H%M%S')}"
+    root = config.paths.var_dir / "bench" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
     registry = ModelRegistry(root / "models")
     manifest = registry.install(export_dir)
     registry.set_current(manifest.model_version)
-    events = ReplayEvents.from_dataset("ml-1m", config.paths.data_dir, config.paths.shared_data_dir)
-    n_throughput = min(args.events, len(events))
-    n_fresh = int(args.freshness_rate * args.freshness_seconds)
     metrics_port = free_port()
-    report: dict = {"conditions": {"cores": os.cpu_count(), "broker": args.broker, "model_version": manifest.model_version,
-                                   "batch_max_users": config.streaming.batch_max_users, "batch_max_delay_ms": config.streaming.batch_max_delay_ms}}
-    print(f"stack in {root}: {args.broker} broker, redis, model {manifest.model_version}")
-    with EmbeddedBroker(root / "broker", kind=args.broker) as broker, EmbeddedRedis(root / "redis") as redis_server:
+    print(f"stack in {root}: {broker_kind} broker, redis, model {manifest.model_version}")
+    with EmbeddedBroker(root / "broker", kind=broker_kind) as broker, EmbeddedRedis(root / "redis") as redis_server:
         env = {
             **os.environ,
             "MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
@@ -125,10 +136,30 @@ def run_bench(args) -> int:
             "MINDSTREAM_PATHS__MODELS_DIR": str(registry.root),
             "MINDSTREAM_STREAMING__CHECKPOINT_DIR": str(root / "checkpoints"),
             "MINDSTREAM_STREAMING__METRICS_PORT": str(metrics_port),
-            "MINDSTREAM_STREAMING__CONSUMER_GROUP": "mindstream-bench",
+            "MINDSTREAM_STREAMING__CONSUMER_GROUP": f"mindstream-{name}",
         }
         config = load_config(environ=env)
         ensure_topics(config.kafka, config.streaming.topic_partitions, config.streaming.topic_retention_ms)
+        job = StreamingJobProcess(env, root / "job.log", f"http://127.0.0.1:{metrics_port}/metrics")
+        try:
+            yield BenchStack(root, config, registry, manifest.model_version, job, redis_server.uri)
+        finally:
+            job.stop()
+
+
+def run_bench(args) -> int:
+    config = load_config()
+    export_dir = resolve_export(config, args.export_dir)
+    if not (export_dir / "manifest.json").is_file():
+        print(f"error: no export at {export_dir}; run infra/run.sh (or model_export train + export) first, or pass --export-dir")
+        return 2
+    events = ReplayEvents.from_dataset("ml-1m", config.paths.data_dir, config.paths.shared_data_dir)
+    n_throughput = min(args.events, len(events))
+    n_fresh = int(args.freshness_rate * args.freshness_seconds)
+    with bench_stack("streaming", export_dir, args.broker) as stack:
+        config, job, registry = stack.config, stack.job, stack.registry
+        report: dict = {"conditions": {"cores": os.cpu_count(), "broker": args.broker, "model_version": stack.model_version,
+                                       "batch_max_users": config.streaming.batch_max_users, "batch_max_delay_ms": config.streaming.batch_max_delay_ms}}
         baseline_topic = "mindstream.bench.baseline"
         from kafka import KafkaAdminClient
         from kafka.admin import NewTopic
@@ -140,7 +171,6 @@ def run_bench(args) -> int:
         # 1. throughput: a backlog of ML-1M events, then the job
         with EventProducer(config.kafka, linger_ms=20) as producer, tqdm(total=n_throughput, unit="ev", desc="queueing ML-1M events") as bar:
             replay(events.events(0, n_throughput), producer, on_progress=lambda sent: bar.update(sent - bar.n))
-        job = StreamingJobProcess(env, root / "job.log", f"http://127.0.0.1:{metrics_port}/metrics")
         print("starting the PyFlink job (10-25 s) ...")
         job.start()
         try:
@@ -208,13 +238,13 @@ def run_bench(args) -> int:
         windows: dict[str, UserWindow] = {}
         for e in sent:
             windows.setdefault(e.user_id, UserWindow()).apply(e, config.streaming.window_length, config.streaming.allowed_lateness_ms)
-        store = RedisFeatureStore(redis.Redis.from_url(redis_server.uri))
+        store = RedisFeatureStore(redis.Redis.from_url(stack.redis_uri))
         users = sorted(windows)
         records = store.get_many(users)
         wrong_windows = sum(1 for u, r in zip(users, records) if r is None or r.window != windows[u].item_ids())
         rng = np.random.default_rng(0)
         sample = [records[i] for i in rng.choice(len(users), size=min(500, len(users)), replace=False) if records[i] is not None]
-        tower = UserTower.load(registry.path(manifest.model_version), prefer_gpu=False)
+        tower = UserTower.load(registry.path(stack.model_version), prefer_gpu=False)
         offline = tower.interests([r.window for r in sample], [events.profiles.get(r.user_id) for r in sample])
         diff = max(float(np.abs(r.interests - o).max()) for r, o in zip(sample, offline))
         report["parity"] = {"users": len(users), "windows_differing": wrong_windows, "sampled_users": len(sample), "max_abs_diff": diff}
@@ -239,3 +269,92 @@ def wait_for_count(job: StreamingJobProcess, n: int, timeout_s: float = 600) -> 
         if time.monotonic() > deadline:
             raise RuntimeError(f"the job read fewer than {n} events within {timeout_s}s; see its log")
         time.sleep(0.2)
+
+
+POISON_KINDS = ("malformed", "oversized", "unknown_field", "invalid")
+
+
+def poison_record(kind: str, i: int, max_bytes: int) -> tuple[str, bytes]:
+    """(Kafka key, value) of one record the job must dead-letter, of the given kind."""
+    user = f"poison-{i % 97}"
+    valid = {"schema": 1, "user_id": user, "item_id": "x", "event_type": "click", "event_time_ms": 1}
+    if kind == "malformed":
+        return user, b'{"schema": 1, "user_id": "' + user.encode() + b'", "item_id": '
+    if kind == "oversized":
+        return user, json.dumps({**valid, "side": {"blob": "y" * max_bytes}}).encode()
+    if kind == "unknown_field":
+        return user, json.dumps({**valid, "price": 9.99}).encode()
+    return user, json.dumps({**valid, "event_type": "like"}).encode()
+
+
+def run_poison(args) -> int:
+    """A stream with a fraction of poison records: the job stays up, the dead-letter topic holds
+    exactly the poison records, and every valid event is reflected in its user's window."""
+    from kafka import KafkaConsumer
+
+    config = load_config()
+    export_dir = resolve_export(config, args.export_dir)
+    events = ReplayEvents.from_dataset("ml-1m", config.paths.data_dir, config.paths.shared_data_dir)
+    total = int(args.rate * args.seconds)
+    rng = np.random.default_rng(0)
+    is_poison = rng.random(total) < args.poison
+    with bench_stack("poison", export_dir) as stack:
+        config, job = stack.config, stack.job
+        print("starting the PyFlink job (10-25 s) ...")
+        job.start()
+        valid_sent, poison_futures, job_down_polls = [], [], 0
+        valid_iter = events.events()
+        with EventProducer(config.kafka) as producer, tqdm(total=total, unit="rec", desc=f"{args.rate:.0f} rec/s, {args.poison:.0%} poison") as bar:
+            started = time.perf_counter()
+            for i in range(total):
+                wait = started + i / args.rate - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                if is_poison[i]:
+                    key, value = poison_record(POISON_KINDS[i % len(POISON_KINDS)], i, config.streaming.max_event_bytes)
+                    poison_futures.append(producer.send_raw(key, value))
+                else:
+                    event = next(valid_iter)
+                    producer.send(event)
+                    valid_sent.append(event)
+                if i % 2000 == 0:
+                    bar.update(i - bar.n)
+                    job_down_polls += job.metrics() is None
+            producer.flush()
+            bar.update(total - bar.n)
+        poison_at = {(f.get().partition, f.get().offset) for f in poison_futures}
+        wait_for_count(job, total)
+        time.sleep(1.0)
+        job_alive = job.metrics() is not None
+
+        consumer = KafkaConsumer(config.kafka.dead_letter_topic, **python_client_options(config.kafka), auto_offset_reset="earliest", consumer_timeout_ms=3000)
+        letters = [json.loads(m.value) for m in consumer]
+        consumer.close()
+        lettered_at = [(x["partition"], x["offset"]) for x in letters]
+        windows: dict[str, UserWindow] = {}
+        for e in valid_sent:
+            windows.setdefault(e.user_id, UserWindow()).apply(e, config.streaming.window_length, config.streaming.allowed_lateness_ms)
+        users = sorted(windows)
+        store = RedisFeatureStore(redis.Redis.from_url(stack.redis_uri))
+        records = store.get_many(users)
+        wrong = sum(1 for u, r in zip(users, records) if r is None or r.window != windows[u].item_ids())
+        report = {
+            "records": total,
+            "poison_sent": len(poison_at),
+            "valid_sent": len(valid_sent),
+            "dead_letters": len(letters),
+            "dead_letters_not_poison": len(set(lettered_at) - poison_at),
+            "poison_missing_from_dead_letters": len(poison_at - set(lettered_at)),
+            "dead_letters_repeated": len(lettered_at) - len(set(lettered_at)),
+            "users": len(users),
+            "windows_differing": wrong,
+            "job_up_throughout": job_alive and job_down_polls == 0,
+            "dead_letters_by_kind": {k: sum(1 for x in letters if x["kind"] == k) for k in POISON_KINDS},
+        }
+    print(json.dumps(report, indent=2))
+    exact = report["dead_letters_not_poison"] == report["poison_missing_from_dead_letters"] == report["dead_letters_repeated"] == 0
+    print(f"\nsummary: job up throughout: {report['job_up_throughout']}; dead-letter topic holds exactly the poison records: {exact}; "
+          f"valid events reflected: {wrong == 0} ({report['valid_sent']:,} events, {len(users):,} users)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0 if exact and wrong == 0 and report["job_up_throughout"] else 1
