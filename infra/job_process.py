@@ -6,39 +6,37 @@ cluster, with the job's Python embedded): stopping or killing the group reaches 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import psutil
 
-from infra.config import REPO_ROOT
+from infra.process import PythonModuleProcess
 
 
-class StreamingJobProcess:
-    def __init__(self, env: dict[str, str], log_path: Path, metrics_url: str):
-        self.env, self.log_path, self.metrics_url = env, Path(log_path), metrics_url
-        self.process: subprocess.Popen | None = None
+class StreamingJobProcess(PythonModuleProcess):
+    name = "streaming job"
+    stop_grace_s = 20.0
+    start_timeout_s = 120.0
+    slow_start_note = "the Flink mini-cluster and the job take 10-25 s to start"
 
-    def start(self, restore: str | None = None, timeout_s: float = 120.0) -> "StreamingJobProcess":
-        """Starts the job and waits until its functions are open (their /metrics endpoint answers)."""
-        args = [sys.executable, "-m", "streaming", "run", *(["--restore", restore] if restore else [])]
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(args, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the streaming job exited with {self.process.returncode}; see {self.log_path}")
-            if self.metrics() is not None:
-                return self
-            time.sleep(0.5)
-        self.kill()
-        raise RuntimeError(f"the streaming job did not start within {timeout_s}s; see {self.log_path}")
+    def __init__(self, env: dict[str, str], log_path: Path, metrics_url: str, restore: str | None = None):
+        super().__init__(log_path, env)
+        self.metrics_url, self.restore = metrics_url, restore
+
+    @property
+    def module_args(self) -> tuple[str, ...]:
+        return ("streaming", "run", *(("--restore", self.restore) if self.restore else ()))
+
+    def start(self, restore: str | None = None, timeout_s: float | None = None) -> "StreamingJobProcess":
+        """Starts the job (restoring from a checkpoint: 'latest' or a chk-N folder) and waits until
+        its functions are open (their /metrics endpoint answers)."""
+        if restore is not None:
+            self.restore = restore
+        return super().start(timeout_s)
+
+    def ready(self) -> bool:
+        return self.metrics() is not None
 
     def metrics(self) -> str | None:
         try:
@@ -56,30 +54,10 @@ class StreamingJobProcess:
 
     def rss_bytes(self) -> int:
         """Resident memory of the job: the Python client, its JVM and everything they started."""
-        if self.process is None or self.process.poll() is not None:
+        if not self.alive():
             return 0
         try:
-            root = psutil.Process(self.process.pid)
+            root = psutil.Process(self.pid)
             return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
         except psutil.NoSuchProcess:
             return 0
-
-    def kill(self) -> None:
-        """SIGKILL to the whole group: a crash, as far as the job can tell."""
-        self._signal(signal.SIGKILL)
-
-    def stop(self) -> None:
-        self._signal(signal.SIGTERM, grace_s=20)
-
-    def _signal(self, sig: int, grace_s: float = 10) -> None:
-        if self.process is None:
-            return
-        try:
-            os.killpg(self.process.pid, sig)
-            self.process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        except ProcessLookupError:
-            pass
-        self.process = None

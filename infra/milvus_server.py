@@ -16,13 +16,15 @@ Production points [milvus].uri at a real deployment instead.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from infra.redis_server import free_port
+from infra.process import ManagedProcess, free_port, port_open
 
 # Components whose advertised address must be loopback (the `ip:` key of each section).
 COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexCoord", "indexNode", "dataCoord", "dataNode")
@@ -112,52 +114,28 @@ class MilvusServer:
         self.stop()
 
 
-class MilvusLiteServer:
+class MilvusLiteServer(ManagedProcess):
     """Milvus Lite (the pure-Python engine of milvus-lite) served over gRPC on a loopback port, so
     several processes can share one data directory (a file URI allows one process only)."""
 
-    def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1"):
+    name = "milvus-lite"
+    stop_signal = signal.SIGINT
+    start_timeout_s = 60.0
+
+    def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1", log_path: Path | None = None):
         self.data_dir, self.port, self.host = Path(data_dir).resolve(), port or free_port(), host
-        self.process: subprocess.Popen | None = None
+        super().__init__(log_path or self.data_dir / "milvus-lite.log")
 
     @property
     def uri(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout_s: float = 60.0) -> "MilvusLiteServer":
-        import shutil
-        import socket
-        import sys
+    def command(self) -> list[str]:
+        binary = shutil.which("milvus-lite", path=str(Path(sys.executable).parent)) or "milvus-lite"
+        return [binary, "server", "--data-dir", str(self.data_dir), "--host", self.host, "--port", str(self.port)]
 
+    def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        command = shutil.which("milvus-lite", path=str(Path(sys.executable).parent)) or "milvus-lite"
-        log = open(self.data_dir / "milvus-lite.log", "ab")
-        self.process = subprocess.Popen([command, "server", "--data-dir", str(self.data_dir), "--host", self.host, "--port", str(self.port)],
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"milvus-lite exited with {self.process.returncode}; see {self.data_dir / 'milvus-lite.log'}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"milvus-lite did not listen on {self.host}:{self.port} within {timeout_s:.0f}s")
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        self.process = None
-
-    def __enter__(self) -> "MilvusLiteServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def ready(self) -> bool:
+        return port_open(self.host, self.port)

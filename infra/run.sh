@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# The main job on the embedded default stack. Today (model issue): set up, train MIND+REMI on
-# MovieLens-1M (resuming if a run exists), evaluate it on the held-out test users, export the
-# ONNX user tower + item vectors + manifest, and benchmark the user tower.
+# The main job on the embedded default stack: set up, train MIND+REMI on MovieLens-1M (resuming if
+# a run exists), evaluate it on the held-out test users, export the ONNX user tower + item vectors
+# + manifest, benchmark the user tower; then start the whole stack (python -m infra up), publish
+# the model to it, replay ML-1M events through Kafka and the PyFlink job into Redis, and ask the
+# recall service for a few users' movies. The stack keeps running: python -m infra down stops it.
 #   DATASET=beauty MODEL=mind infra/run.sh     other dataset / model
+#   EVENTS=20000 RATE=2000 infra/run.sh        events replayed per run (a rerun continues the replay), events/s
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 infra/bootstrap.sh
 DATASET=${DATASET:-ml-1m}
 MODEL=${MODEL:-mind_remi}
 RUN=${RUN:-var/artifacts/$DATASET-$MODEL}
+EVENTS=${EVENTS:-20000}
+RATE=${RATE:-2000}
 PY=.venv/bin/python
 echo "==> training $MODEL on $DATASET into $RUN (resumes an existing run)" >&2
 $PY -m model_export train --dataset "$DATASET" --model "$MODEL" --out "$RUN" --resume
@@ -22,4 +27,22 @@ echo "==> exporting (ONNX user tower, item vectors, manifest; parity-checked)" >
 $PY -m model_export export --model-dir "$RUN" --dataset "$DATASET"
 echo "==> user-tower speed" >&2
 $PY -m model_export bench --export-dir "$RUN/export"
-echo "==> done: artifacts in $RUN/export (manifest.json lists version, dims, K, metrics, hashes)" >&2
+
+echo "==> starting the stack: broker, Redis, Milvus Lite, recall service, exporter, Prometheus" >&2
+$PY -m infra up >/dev/null  # its progress goes to stderr; the status is printed at the end
+export MINDSTREAM_CONFIG=$PWD/var/stack/mindstream.toml
+echo "==> publishing the model to the stack (its registry and Milvus collection; the alias moves)" >&2
+$PY -m model_export publish --export-dir "$RUN/export"
+echo "==> starting the streaming job (it waits for a published model)" >&2
+$PY -m infra up >/dev/null
+# A rerun continues the replay where the last one stopped: replaying old events again would only
+# dead-letter them as late.
+next_file=var/stack/replay-$DATASET.next
+START=$(cat "$next_file" 2>/dev/null || echo 0)
+echo "==> replaying $DATASET events $START..$((START + EVENTS)) at $RATE events/s into Kafka" >&2
+$PY -m streaming produce --dataset "$DATASET" --start "$START" --limit "$EVENTS" --rate "$RATE" \
+  | $PY -c 'import json, sys; print(json.load(sys.stdin)["next_start"])' > "$next_file"
+$PY -m infra demo --dataset "$DATASET" --start "$START" --limit "$EVENTS" --users 3 --n 10
+echo >&2
+echo "==> the stack keeps running:" >&2
+$PY -m infra status || true

@@ -1,0 +1,128 @@
+"""A Prometheus exporter for what neither the broker nor the Flink job exports here: the streaming
+job's consumer lag and the age of the current model (`python -m infra exporter`, run by the stack).
+
+Read at every scrape:
+    mindstream_kafka_consumer_lag{group, topic, partition}   end offset - the group's committed offset
+    mindstream_kafka_up                                       1 when the broker answered this scrape
+    mindstream_model_created_timestamp_seconds{model_version} the current model's export time
+    mindstream_model_published_timestamp_seconds{model_version}  when it was made current
+
+Flink commits the group's offsets when a checkpoint completes, so the lag is up to one checkpoint
+interval ([streaming].checkpoint_interval_ms) behind what the job has actually read. A partition
+the group has never committed counts from its earliest offset (all of it is still to be read).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from infra.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def _timestamp(iso: str) -> float:
+    return dt.datetime.fromisoformat(iso).timestamp()
+
+
+class StackCollector(Collector):
+    def __init__(self, config: Config, timeout_s: float = 3.0):
+        self.config, self.timeout_s = config, timeout_s
+        self._admin = self._consumer = None
+        self._lock = threading.Lock()  # the HTTP server scrapes from several threads
+
+    def collect(self):
+        with self._lock:
+            yield from self._kafka_metrics()
+            yield from self._model_metrics()
+
+    def _clients(self):
+        from kafka import KafkaAdminClient, KafkaConsumer
+
+        from streaming.kafka_clients import python_client_options
+
+        if self._admin is None:
+            options = python_client_options(self.config.kafka)
+            timeout_ms = int(self.timeout_s * 1000)
+            self._admin = KafkaAdminClient(**options, request_timeout_ms=timeout_ms)
+            self._consumer = KafkaConsumer(**options, request_timeout_ms=timeout_ms + 1000, enable_auto_commit=False)
+        return self._admin, self._consumer
+
+    def consumer_lag(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> messages the group has not committed yet, for the events topic."""
+        from kafka import TopicPartition
+
+        admin, consumer = self._clients()
+        topic = self.config.kafka.events_topic
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not partitions:
+            return {}
+        group = self.config.streaming.consumer_group
+        committed = admin.list_group_offsets({group: partitions}).get(group, {})
+        ends = consumer.end_offsets(partitions)
+        starts = consumer.beginning_offsets(partitions)
+        lag = {}
+        for tp in partitions:
+            done = committed.get(tp)
+            position = done.offset if done is not None and done.offset >= 0 else starts[tp]
+            lag[(tp.topic, tp.partition)] = max(0, ends[tp] - position)
+        return lag
+
+    def _kafka_metrics(self):
+        group = self.config.streaming.consumer_group
+        lag = GaugeMetricFamily("mindstream_kafka_consumer_lag", "Events not yet committed by the streaming job's consumer group",
+                                labels=["group", "topic", "partition"])
+        up = GaugeMetricFamily("mindstream_kafka_up", "1 when the broker answered the exporter's last scrape")
+        try:
+            for (topic, partition), value in self.consumer_lag().items():
+                lag.add_metric([group, topic, str(partition)], value)
+            up.add_metric([], 1)
+        except Exception as exc:  # an unreachable broker is a value (kafka_up 0), never a failed scrape
+            log.warning("consumer lag unavailable: %s", exc)
+            self.close()
+            up.add_metric([], 0)
+        yield lag
+        yield up
+
+    def _model_metrics(self):
+        from model_export.registry import CURRENT_FILE
+
+        created = GaugeMetricFamily("mindstream_model_created_timestamp_seconds", "Export time of the current model",
+                                    labels=["model_version"])
+        published = GaugeMetricFamily("mindstream_model_published_timestamp_seconds", "When the current model was made current",
+                                      labels=["model_version"])
+        models_dir = self.config.paths.models_dir
+        try:
+            current = json.loads((models_dir / CURRENT_FILE).read_text())
+            version = current["model_version"]
+            manifest = json.loads((models_dir / version / "manifest.json").read_text())
+            created.add_metric([version], _timestamp(manifest["created_at"]))
+            published.add_metric([version], _timestamp(current["published_at"]))
+        except FileNotFoundError:
+            pass  # nothing published yet: no series
+        yield created
+        yield published
+
+    def close(self) -> None:
+        for client in (self._admin, self._consumer):
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:  # closing a broken client must not hide the original error
+                    pass
+        self._admin = self._consumer = None
+
+
+def serve(config: Config, port: int, host: str = "127.0.0.1"):
+    """Serves the collector on host:port (a registry of its own: no process metrics)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(StackCollector(config))
+    return start_http_server(port, addr=host, registry=registry)

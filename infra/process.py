@@ -1,0 +1,187 @@
+"""Server processes of the embedded stack: each started detached in its own process group, its
+output appended to a log file, ready when its health probe says so, stopped by PID.
+
+Its own process group (a new session), because a service may be a tree of processes (the
+streaming job is a Python client plus the JVM it launches): signalling the group reaches all of
+them, and the group outlives the command that started it (`python -m infra up` returns while the
+services keep running).
+
+A ManagedProcess is either started here (tests and benchmarks hold it and stop it; the supervisor
+also writes its PID to a file) or adopted from that PID by a later command (`python -m infra down`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from infra.config import REPO_ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def http_ok(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs (zombies do not count: in a container nobody
+    may reap an orphaned leader)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
+
+
+class ManagedProcess:
+    """One service process. Subclasses say what to run (`command`) and when it is ready (`ready`)."""
+
+    name = "process"
+    stop_signal = signal.SIGTERM  # the service's clean shutdown
+    stop_grace_s = 10.0  # then SIGKILL to the whole group
+    start_timeout_s = 30.0
+    slow_start_note = ""  # said while waiting for a service that takes long to be ready
+
+    def __init__(self, log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
+        self.log_path, self.env, self.cwd = Path(log_path), env, cwd
+        self.process: subprocess.Popen | None = None
+        self.pid: int | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """A quick health probe (no waiting): True once the service answers."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Runs before the start: folders, generated files."""
+
+    def spawn(self) -> "ManagedProcess":
+        """Starts the process without waiting for it to be ready (see wait_ready)."""
+        self.prepare()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command(), cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.process.pid
+        return self
+
+    def wait_ready(self, timeout_s: float | None = None) -> "ManagedProcess":
+        """Waits for the health probe; a process that exits or stays unready is stopped, and the
+        error names its log."""
+        timeout_s = self.start_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            if not self.alive():
+                code = self.process.returncode if self.process is not None else "?"
+                self.stop()
+                raise RuntimeError(f"{self.name} exited with {code}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} was not ready within {timeout_s:.0f} s; see {self.log_path}")
+            time.sleep(0.1)
+        return self
+
+    def start(self, timeout_s: float | None = None) -> "ManagedProcess":
+        return self.spawn().wait_ready(timeout_s)
+
+    def adopt(self, pid: int) -> "ManagedProcess":
+        """Takes charge of a process started by an earlier command (its PID from a PID file)."""
+        self.process, self.pid = None, pid
+        return self
+
+    def alive(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        if self.pid is None:
+            return False
+        try:
+            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """The service's stop signal to its group, then SIGKILL to whatever is left after the grace period."""
+        self._signal_group(self.stop_signal, self.stop_grace_s if grace_s is None else grace_s)
+
+    def kill(self) -> None:
+        """SIGKILL to the whole group: a crash, as far as the service can tell."""
+        self._signal_group(signal.SIGKILL, 10.0)
+
+    def _signal_group(self, sig: int, grace_s: float) -> None:
+        if self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        if not self._wait_gone(grace_s):
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._wait_gone(10.0)
+        self.process, self.pid = None, None
+
+    def _wait_gone(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process is not None:
+                self.process.poll()  # reaps our own child, so it does not linger as a zombie
+            if not _group_alive(self.pid):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class PythonModuleProcess(ManagedProcess):
+    """`python -m <module> <arguments>` of this repository, with this interpreter (the venv's)."""
+
+    module_args: tuple[str, ...] = ()
+
+    def __init__(self, log_path: Path, env: dict[str, str] | None = None):
+        super().__init__(log_path, env=env, cwd=REPO_ROOT)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", *self.module_args]

@@ -1,0 +1,35 @@
+"""The recall service as a supervised process: `python -m recall_service serve`, ready when its gRPC
+health service answers SERVING (it does once Redis and Milvus are reachable; a model need not be
+published yet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from infra.process import PythonModuleProcess
+
+
+def health_status(target: str, timeout_s: float = 0.5) -> str | None:
+    """The service's overall health (SERVING, NOT_SERVING, ...), None when it does not answer."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return None
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+class RecallServiceProcess(PythonModuleProcess):
+    name = "recall service"
+    module_args = ("recall_service", "serve")
+    start_timeout_s = 90.0
+
+    def __init__(self, env: dict[str, str], target: str, log_path: Path):
+        super().__init__(log_path, env)
+        self.target = target
+
+    def ready(self) -> bool:
+        return health_status(self.target) == "SERVING"

@@ -1,0 +1,357 @@
+"""The supervisor of the embedded stack: `python -m infra up | down | status`.
+
+    broker -> redis -> milvus -> streaming-job -> recall -> exporter -> prometheus   (started in this
+    order, stopped in the reverse one: the job and the services before the stores and the broker)
+
+Everything lives in one folder (var/stack by default):
+    mindstream.toml   the generated configuration: free loopback ports chosen at `up`, data folders;
+                      every service runs with MINDSTREAM_CONFIG pointing at it
+    logs/<service>.log, pids/<service>.pid, data/<service>/, models/ (the stack's model registry)
+    prometheus.yml    generated from the same ports
+
+Each service is a detached process in its own process group (infra/process.py), so `up` returns
+while they run and `down` stops them later by PID: the service's own stop signal to the group
+(SIGINT for the broker and Milvus Lite, SIGTERM for the rest), SIGKILL after a grace period.
+
+The stack has its own model registry beside its Milvus data: a registry whose current version
+has no collection in this Milvus would make every recall fall back. The streaming job cannot
+start without a published model, so `up` leaves it out until one is published
+(`python -m model_export publish`), and the next `up` starts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import tomllib
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import psutil
+
+from infra.broker import EmbeddedBroker, ensure_topics
+from infra.config import ENV_PREFIX, REPO_ROOT, Config, load_config
+from infra.job_process import StreamingJobProcess
+from infra.milvus_server import MilvusLiteServer
+from infra.monitoring import ExporterProcess, PrometheusProcess, prometheus_tool, write_prometheus_config
+from infra.process import ManagedProcess, free_port, port_open
+from infra.recall_process import RecallServiceProcess
+from infra.redis_server import EmbeddedRedis
+from model_export.registry import ModelRegistry
+
+DEFAULT_STACK_DIR = REPO_ROOT / "var" / "stack"
+SERVICES = ("broker", "redis", "milvus", "streaming-job", "recall", "exporter", "prometheus")
+# The ports chosen at `up`, by what uses them.
+PORTS = ("broker", "redis", "milvus", "streaming_metrics", "recall", "recall_metrics", "exporter", "prometheus")
+PID_SLACK_S = 2.0  # process start times are known to about a second
+
+
+class StackError(RuntimeError):
+    """The stack cannot do what was asked; the message says what to do next."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StackLayout:
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "mindstream.toml"
+
+    @property
+    def prometheus_config_path(self) -> Path:
+        return self.root / "prometheus.yml"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def log(self, service: str) -> Path:
+        return self.root / "logs" / f"{service}.log"
+
+    def pid_file(self, service: str) -> Path:
+        return self.root / "pids" / f"{service}.pid"
+
+    def data(self, service: str) -> Path:
+        return self.root / "data" / service
+
+
+def stack_settings(layout: StackLayout, ports: dict[str, int]) -> dict[str, dict]:
+    """What the stack decides: addresses and folders. Everything else comes from the user's configuration."""
+    return {
+        "paths": {"models_dir": layout.models_dir},
+        "kafka": {"bootstrap_servers": f"127.0.0.1:{ports['broker']}"},
+        "streaming": {"metrics_host": "127.0.0.1", "metrics_port": ports["streaming_metrics"],
+                      "checkpoint_dir": layout.data("streaming-job") / "checkpoints"},
+        "redis": {"uri": f"redis://127.0.0.1:{ports['redis']}/0"},
+        "milvus": {"uri": f"http://127.0.0.1:{ports['milvus']}"},
+        "recall": {"host": "127.0.0.1", "port": ports["recall"], "metrics_port": ports["recall_metrics"]},
+        "monitoring": {"prometheus_port": ports["prometheus"], "exporter_port": ports["exporter"]},
+    }
+
+
+def ports_of(config: Config) -> dict[str, int]:
+    return {
+        "broker": int(config.kafka.bootstrap_servers.rsplit(":", 1)[1]),
+        "redis": int(config.redis.uri.rsplit(":", 1)[1].split("/")[0]),
+        "milvus": int(config.milvus.uri.rsplit(":", 1)[1]),
+        "streaming_metrics": config.streaming.metrics_port,
+        "recall": config.recall.port,
+        "recall_metrics": config.recall.metrics_port,
+        "exporter": config.monitoring.exporter_port,
+        "prometheus": config.monitoring.prometheus_port,
+    }
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def render_toml(sections: dict[str, dict], header: str) -> str:
+    lines = [header]
+    for section, values in sections.items():
+        lines += ["", f"[{section}]", *(f"{key} = {_toml_value(value)}" for key, value in values.items())]
+    return "\n".join(lines) + "\n"
+
+
+def user_settings(environ: dict[str, str]) -> dict[str, dict]:
+    """The TOML file load_config would read ($MINDSTREAM_CONFIG, else ./mindstream.toml). When that is
+    the generated file itself, it carries the user's settings of the `up` that wrote it."""
+    path = Path(environ.get(f"{ENV_PREFIX}CONFIG", "mindstream.toml"))
+    if not path.is_file():
+        return {}
+    with open(path, "rb") as fh:
+        return tomllib.load(fh)
+
+
+def generated_config(user: dict[str, dict], layout: StackLayout, ports: dict[str, int]) -> str:
+    """The stack's TOML file: the user's settings with the stack's addresses and folders on top."""
+    sections = {section: dict(values) for section, values in user.items()}
+    for section, values in stack_settings(layout, ports).items():
+        sections[section] = {**sections.get(section, {}), **values}
+    header = ("# Generated by `python -m infra up`: the embedded stack's addresses (free loopback ports) and folders,\n"
+              "# on top of your own mindstream.toml if you have one. Rewritten by the next `up`.\n"
+              f"# Every service of the stack reads it; to use the stack from a shell: export MINDSTREAM_CONFIG={layout.config_path}")
+    return render_toml(sections, header)
+
+
+def service_environment(environ: dict[str, str], config_path: Path) -> dict[str, str]:
+    """The services' environment: MINDSTREAM_CONFIG -> the generated file, and no MINDSTREAM_*
+    variable that would override an address the stack chose (the file is the one truth for them)."""
+    stack_fields = stack_settings(StackLayout(config_path.parent), dict.fromkeys(PORTS, 0))
+    overriding = {f"{ENV_PREFIX}{section.upper()}__{key.upper()}" for section, values in stack_fields.items() for key in values}
+    env = {k: v for k, v in environ.items() if k not in overriding}
+    env[f"{ENV_PREFIX}CONFIG"] = str(config_path)
+    env["PYTHONUNBUFFERED"] = "1"  # logs as they happen
+    return env
+
+
+@dataclasses.dataclass
+class ServiceState:
+    name: str
+    state: str  # running | not ready | exited | stopped
+    pid: int | None
+    address: str
+    log: str
+    note: str = ""  # why a stopped service cannot start yet
+
+
+class Stack:
+    def __init__(self, root: Path = DEFAULT_STACK_DIR, environ: dict[str, str] | None = None, out=print):
+        self.layout = StackLayout(Path(root).resolve())
+        self.environ = dict(os.environ if environ is None else environ)
+        self.env = service_environment(self.environ, self.layout.config_path)
+        self.out = out
+
+    # --- configuration -------------------------------------------------------------------------
+
+    def config(self) -> Config:
+        """The generated configuration as the services read it."""
+        if not self.layout.config_path.is_file():
+            raise StackError(f"no stack configuration at {self.layout.config_path}: run `python -m infra up` first")
+        return load_config(self.layout.config_path, environ=self.env)
+
+    def _write_config(self, ports: dict[str, int]) -> Config:
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.layout.config_path.with_suffix(".tmp")
+        tmp.write_text(generated_config(user_settings(self.environ), self.layout, ports))
+        tmp.replace(self.layout.config_path)
+        return self.config()
+
+    def _choose_ports(self, keep_current: bool) -> dict[str, int]:
+        """The ports of the last `up` where still free (or when services still use them), new free ones otherwise."""
+        previous = ports_of(self.config()) if self.layout.config_path.is_file() else {}
+        if keep_current:
+            if not previous:
+                raise StackError(f"services run but {self.layout.config_path} is gone: run `python -m infra down`, then `up`")
+            return previous
+        chosen: dict[str, int] = {}
+        for key in PORTS:
+            port = previous.get(key)
+            if not port or port in chosen.values() or port_open("127.0.0.1", port):
+                port = free_port()
+                while port in chosen.values():
+                    port = free_port()
+            chosen[key] = port
+        return chosen
+
+    # --- processes -----------------------------------------------------------------------------
+
+    def process(self, name: str, config: Config) -> ManagedProcess:
+        layout, ports = self.layout, ports_of(config)
+        if name == "broker":
+            return EmbeddedBroker(layout.data(name), ports["broker"], log_path=layout.log(name))
+        if name == "redis":
+            return EmbeddedRedis(layout.data(name), ports["redis"], log_path=layout.log(name))
+        if name == "milvus":
+            return MilvusLiteServer(layout.data(name), ports["milvus"], log_path=layout.log(name))
+        if name == "streaming-job":
+            # restores window state and offsets from the newest checkpoint of an earlier run, if any
+            return StreamingJobProcess(self.env, layout.log(name), f"http://127.0.0.1:{ports['streaming_metrics']}/metrics", restore="latest")
+        if name == "recall":
+            return RecallServiceProcess(self.env, f"127.0.0.1:{ports['recall']}", layout.log(name))
+        if name == "exporter":
+            return ExporterProcess(self.env, ports["exporter"], layout.log(name))
+        if name == "prometheus":
+            return PrometheusProcess(layout.prometheus_config_path, layout.data(name), ports["prometheus"], layout.log(name))
+        raise ValueError(f"unknown service {name!r}; the services are {', '.join(SERVICES)}")
+
+    def running_pid(self, name: str) -> int | None:
+        """The PID in the service's PID file if that process still runs (and is not a later one with a recycled PID)."""
+        pid_file = self.layout.pid_file(name)
+        try:
+            pid = int(pid_file.read_text().split()[0])
+            process = psutil.Process(pid)
+            if process.status() == psutil.STATUS_ZOMBIE or process.create_time() > pid_file.stat().st_mtime + PID_SLACK_S:
+                return None
+            return pid
+        except (FileNotFoundError, ValueError, IndexError, psutil.NoSuchProcess):
+            return None
+
+    def _write_pid(self, name: str, pid: int) -> None:
+        pid_file = self.layout.pid_file(name)
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{pid}\n")
+
+    def skip_reason(self, name: str, config: Config) -> str | None:
+        """Why a service cannot start now (None: it can)."""
+        if name == "streaming-job":
+            if ModelRegistry(config.paths.models_dir).current_version() is None:
+                return ("waits for a model: publish one with `MINDSTREAM_CONFIG=" f"{self.layout.config_path} python -m model_export publish "
+                        "--export-dir DIR`, then run `python -m infra up` again")
+        if name == "prometheus":
+            if prometheus_tool("prometheus") is None:
+                return "not installed: run infra/install_prometheus.sh (infra/bootstrap.sh does), then `python -m infra up` again"
+        return None
+
+    # --- commands ------------------------------------------------------------------------------
+
+    def up(self, skip: tuple[str, ...] = ()) -> int:
+        started_at = time.monotonic()
+        wanted = [name for name in SERVICES if name not in skip]
+        running = {name: self.running_pid(name) for name in SERVICES}
+        if all(running[name] for name in wanted):
+            self.out(f"the stack is already running ({self.layout.root}); `python -m infra status` shows it")
+            return 0
+        config = self._write_config(self._choose_ports(keep_current=any(running.values())))
+        write_prometheus_config(config, self.layout.prometheus_config_path)
+        self.out(f"starting the embedded stack in {self.layout.root} (configuration: {self.layout.config_path})")
+        # Two waves: the stores first (the job and the services connect to them at start), then
+        # the slow starters together (the job's JVM takes 10-25 s; the others start meanwhile).
+        for wave in (("broker", "redis", "milvus"), ("streaming-job", "recall", "exporter", "prometheus")):
+            spawned = {}
+            for name in wave:
+                if name in wanted and not running[name] and not self.skip_reason(name, config):
+                    spawned[name] = (self.process(name, config).spawn(), time.monotonic())
+                    self._write_pid(name, spawned[name][0].pid)
+            for name in wave:
+                if name in wanted and name not in spawned:
+                    note = f"already running (pid {running[name]})" if running[name] else f"not started: {self.skip_reason(name, config)}"
+                    self.out(f"  {name:<14} {note}")
+            self._await_all(spawned, config)
+            if "broker" in wave and "broker" in wanted:
+                self._create_topics(config)
+        self.out(f"up in {time.monotonic() - started_at:.1f} s")
+        return 0
+
+    def _await_all(self, spawned: dict[str, tuple[ManagedProcess, float]], config: Config) -> None:
+        """Waits for the health checks side by side, saying each service's start time as it becomes ready."""
+        for name, (process, _) in spawned.items():
+            if process.slow_start_note:
+                self.out(f"  {name:<14} starting (pid {process.pid}): {process.slow_start_note} ...")
+        failures = []
+        with ThreadPoolExecutor(max_workers=max(1, len(spawned))) as pool:
+            waits = {pool.submit(process.wait_ready): name for name, (process, _) in spawned.items()}
+            for done in as_completed(waits):
+                name = waits[done]
+                process, spawned_at = spawned[name]
+                try:
+                    done.result()
+                except RuntimeError as exc:
+                    self.layout.pid_file(name).unlink(missing_ok=True)
+                    failures.append(f"{exc}\n{_tail(process.log_path)}")
+                    continue
+                self.out(f"  {name:<14} ready in {time.monotonic() - spawned_at:4.1f} s  {self._address(name, config)}  (pid {process.pid})")
+        if failures:
+            raise StackError("\n".join(failures) + "\nfix it, then `python -m infra up` starts what is missing (`python -m infra down` stops the rest)")
+
+    def _create_topics(self, config: Config) -> None:
+        created = ensure_topics(config.kafka, config.streaming.topic_partitions, config.streaming.topic_retention_ms)
+        if created:
+            self.out(f"  {'topics':<14} created {', '.join(created)}")
+
+    def down(self) -> int:
+        config = self.config() if self.layout.config_path.is_file() else Config()
+        stopped = 0
+        for name in reversed(SERVICES):
+            pid = self.running_pid(name)
+            if pid is not None:
+                began = time.monotonic()
+                self.process(name, config).adopt(pid).stop()
+                self.out(f"  {name:<14} stopped in {time.monotonic() - began:4.1f} s (pid {pid})")
+                stopped += 1
+            self.layout.pid_file(name).unlink(missing_ok=True)
+        self.out(f"stopped {stopped} service(s); data kept in {self.layout.root / 'data'}" if stopped else "the stack is not running")
+        return 0
+
+    def status(self) -> list[ServiceState]:
+        config = self.config()
+        states = []
+        for name in SERVICES:
+            pid = self.running_pid(name)
+            if pid is not None:
+                state = "running" if self.process(name, config).ready() else "not ready"
+            elif self.layout.pid_file(name).is_file():
+                state = "exited"
+            else:
+                state = "stopped"
+            note = (self.skip_reason(name, config) or "") if state == "stopped" else ""
+            states.append(ServiceState(name, state, pid, self._address(name, config), str(self.layout.log(name)), note))
+        return states
+
+    @staticmethod
+    def _address(name: str, config: Config) -> str:
+        ports = ports_of(config)
+        return {
+            "broker": f"kafka://127.0.0.1:{ports['broker']}",
+            "redis": config.redis.uri,
+            "milvus": config.milvus.uri,
+            "streaming-job": f"http://127.0.0.1:{ports['streaming_metrics']}/metrics",
+            "recall": f"grpc://127.0.0.1:{ports['recall']} (metrics http://127.0.0.1:{ports['recall_metrics']}/metrics)",
+            "exporter": f"http://127.0.0.1:{ports['exporter']}/metrics",
+            "prometheus": f"http://127.0.0.1:{ports['prometheus']}",
+        }[name]
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    return f"--- last lines of {path} ---\n" + "\n".join(text)

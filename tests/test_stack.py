@@ -1,0 +1,125 @@
+"""The embedded stack's supervisor with real processes: `python -m infra up / status / down` in a
+folder of the test's own (the streaming job is left out: it needs a published model and 10-25 s
+to start; tests/test_streaming_job.py runs it), the generated configuration, and the process
+groups' shutdown."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from infra.config import load_config
+from infra.process import ManagedProcess
+from infra.stack import PORTS, SERVICES, StackLayout, ports_of, generated_config, service_environment
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STARTED = [s for s in SERVICES if s != "streaming-job"]
+
+
+def infra(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "infra", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=180)
+
+
+def test_generated_config_is_read_back_by_the_typed_config(tmp_path):
+    layout = StackLayout(tmp_path)
+    ports = {key: 20000 + i for i, key in enumerate(PORTS)}
+    user = {"streaming": {"batch_max_users": 64}, "kafka": {"bootstrap_servers": "elsewhere:9092", "security_protocol": "PLAINTEXT"}}
+    layout.config_path.write_text(generated_config(user, layout, ports))
+    config = load_config(layout.config_path, environ={})
+    assert ports_of(config) == ports
+    assert config.streaming.batch_max_users == 64
+    assert config.milvus.uri == f"http://127.0.0.1:{ports['milvus']}"
+    assert config.paths.models_dir == layout.models_dir
+
+
+def test_services_ignore_variables_that_would_move_the_stacks_addresses(tmp_path):
+    env = service_environment({"MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS": "elsewhere:9092", "MINDSTREAM_STREAMING__BATCH_MAX_USERS": "64",
+                               "PATH": "/bin"}, tmp_path / "mindstream.toml")
+    assert "MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS" not in env
+    assert env["MINDSTREAM_STREAMING__BATCH_MAX_USERS"] == "64"  # tuning passes through
+    assert env["MINDSTREAM_CONFIG"] == str(tmp_path / "mindstream.toml")
+
+
+class Stubborn(ManagedProcess):
+    """A shell that ignores SIGTERM and has a child: stop must escalate to SIGKILL for the whole group."""
+
+    name = "stubborn"
+    stop_grace_s = 0.5
+
+    def command(self):
+        return ["sh", "-c", "trap '' TERM; sleep 60 & echo started; wait"]
+
+    def ready(self):
+        return "started" in self.log_path.read_text()
+
+
+def test_stop_kills_the_whole_group_after_the_grace_period(tmp_path):
+    process = Stubborn(tmp_path / "stubborn.log").start(timeout_s=10)
+    pid = process.pid
+    children = psutil.Process(pid).children()
+    assert children and os.getpgid(pid) == pid  # its own group, with a child in it
+    began = time.monotonic()
+    process.stop()
+    assert 0.4 < time.monotonic() - began < 10
+    for p in [psutil.Process(pid), *children] if psutil.pid_exists(pid) else children:
+        assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.fixture
+def stack_dir(tmp_path):
+    yield tmp_path / "stack"
+    infra("down", "--stack-dir", str(tmp_path / "stack"))  # whatever a failed assertion left running
+
+
+def test_up_status_down_with_real_processes(stack_dir):
+    env = {**os.environ, "MINDSTREAM_MONITORING__SCRAPE_INTERVAL_S": "1"}
+    up = infra("up", "--stack-dir", str(stack_dir), "--skip", "streaming-job", env=env)
+    assert up.returncode == 0, up.stderr
+    layout = StackLayout(stack_dir.resolve())
+    config = load_config(layout.config_path, environ={})
+    pids = {name: int(layout.pid_file(name).read_text()) for name in STARTED}
+    for name, pid in pids.items():
+        assert os.getpgid(pid) == pid, f"{name} is not in its own process group"
+        assert layout.log(name).is_file()
+    assert len(set(ports_of(config).values())) == len(PORTS)
+
+    status = infra("status", "--json", "--stack-dir", str(stack_dir))
+    states = {s["name"]: s["state"] for s in json.loads(status.stdout)["services"]}
+    assert states == {**dict.fromkeys(STARTED, "running"), "streaming-job": "stopped"}
+    assert status.returncode == 3  # not everything runs
+
+    again = infra("up", "--stack-dir", str(stack_dir), "--skip", "streaming-job", env=env)
+    assert again.returncode == 0 and "already running" in again.stderr
+
+    # Prometheus scrapes the services on the ports of the generated configuration.
+    deadline = time.monotonic() + 20
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{config.monitoring.prometheus_port}/api/v1/targets", timeout=5) as response:
+            health = {t["labels"]["job"]: t["health"] for t in json.load(response)["data"]["activeTargets"]}
+        if health.get("mindstream-recall") == "up" and health.get("mindstream-exporter") == "up" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert health["mindstream-recall"] == health["mindstream-exporter"] == health["prometheus"] == "up", health
+
+    # A crashed service is restarted by the next `up`, on the same port; the others are left alone.
+    os.killpg(pids["redis"], signal.SIGKILL)
+    time.sleep(0.3)
+    assert {s["name"]: s["state"] for s in json.loads(infra("status", "--json", "--stack-dir", str(stack_dir)).stdout)["services"]}["redis"] == "exited"
+    restarted = infra("up", "--stack-dir", str(stack_dir), "--skip", "streaming-job", env=env)
+    assert restarted.returncode == 0, restarted.stderr
+    assert "redis          ready" in restarted.stderr and "broker         already running" in restarted.stderr
+    assert ports_of(load_config(layout.config_path, environ={})) == ports_of(config)
+
+    down = infra("down", "--stack-dir", str(stack_dir))
+    assert down.returncode == 0 and f"stopped {len(STARTED)} service(s)" in down.stderr
+    pids["redis"] = int(restarted.stderr.split("redis          ready")[1].split("(pid ")[1].split(")")[0])
+    for name, pid in pids.items():
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, f"{name} still runs"
+        assert not layout.pid_file(name).exists()
+    assert "not running" in infra("down", "--stack-dir", str(stack_dir)).stderr  # idempotent
