@@ -55,3 +55,54 @@ def merge_by_score(
         out_scores = np.pad(out_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
         out_interest = np.pad(out_interest, ((0, 0), (0, pad)), constant_values=-1)
     return out_ids, out_scores, out_interest
+
+
+def merge_by_quota(
+    item_ids: np.ndarray,  # [B, K, N] candidates of each interest, best first
+    scores: np.ndarray,  # [B, K, N]; -inf marks a dropped candidate (excluded, padding)
+    n: int,
+    active_interests: np.ndarray | None = None,  # [B, K] bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-n per user where every interest contributes (diversity), same shapes as merge_by_score.
+
+    Each of the K_u active interests gets a quota of n // K_u slots (the first n % K_u one more).
+    Slots are filled round-robin by rank: rank 0 of every interest, then rank 1, ...; an item
+    already taken is skipped and the interest offers its next candidate. Slots an interest cannot
+    fill (too few candidates) go to the best remaining candidates by score, each item once. Items
+    come in selection order, so any prefix of a row stays spread over the interests.
+    """
+    b, k, per_interest = item_ids.shape
+    out_ids = np.full((b, n), MISSING_ITEM, dtype=item_ids.dtype)
+    out_scores = np.full((b, n), -np.inf, dtype=np.float32)
+    out_interest = np.full((b, n), -1, dtype=np.int64)
+    for row in range(b):
+        interests = [j for j in range(k) if active_interests is None or active_interests[row, j]]
+        if not interests:
+            continue
+        candidates = {j: [(int(i), float(s)) for i, s in zip(item_ids[row, j], scores[row, j]) if np.isfinite(s) and i != MISSING_ITEM] for j in interests}
+        quota = {j: n // len(interests) + (1 if rank < n % len(interests) else 0) for rank, j in enumerate(interests)}
+        taken: dict[int, tuple[float, int]] = {}  # item -> (score, interest), insertion = selection order
+        cursor = dict.fromkeys(interests, 0)
+        progress = True
+        while progress and len(taken) < n:
+            progress = False
+            for j in interests:
+                if quota[j] == 0 or len(taken) == n:
+                    continue
+                while cursor[j] < len(candidates[j]) and candidates[j][cursor[j]][0] in taken:
+                    cursor[j] += 1
+                if cursor[j] < len(candidates[j]):
+                    item, score = candidates[j][cursor[j]]
+                    taken[item] = (score, j)
+                    quota[j] -= 1
+                    cursor[j] += 1
+                    progress = True
+        if len(taken) < n:  # unfilled quotas: the best remaining candidates by score
+            rest = sorted(((s, j, i) for j in interests for i, s in candidates[j] if i not in taken), key=lambda t: -t[0])
+            for score, j, item in rest:
+                if len(taken) == n:
+                    break
+                taken.setdefault(item, (score, j))
+        for col, (item, (score, j)) in enumerate(taken.items()):
+            out_ids[row, col], out_scores[row, col], out_interest[row, col] = item, score, j
+    return out_ids, out_scores, out_interest

@@ -1,0 +1,249 @@
+"""The I/O adapters behind the interfaces of recaller.py: Redis, Milvus and the model registry.
+
+MilvusItemSearch sends the search request of pymilvus (built by its own `Prepare`, so the wire
+format is the pinned client's) through the client's gRPC stub and reads the reply with numpy:
+pymilvus' `SearchResult` builds a Python object per hit, which costs ~13 ms for 4 x 250 hits
+with an output field, several times the search itself. It connects lazily, so the service starts
+and answers (fallback) while Milvus is down.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from model_export.publish import collection_name
+from recall_service.filters import ItemFilter
+from recall_service.merge import MISSING_ITEM
+from recall_service.query import InvalidRequest
+from recall_service.recaller import BackendUnavailable, DeadlineExceeded, SearchHits, VersionRetired
+from streaming.feature_store import InterestRecord
+
+log = logging.getLogger(__name__)
+
+
+class FeatureStoreReader:
+    """A FeatureStore whose connection errors become BackendUnavailable (RecordError passes)."""
+
+    def __init__(self, store, unavailable: tuple[type[BaseException], ...]):
+        self.store, self.unavailable = store, unavailable
+
+    @classmethod
+    def redis(cls, redis_config, timeout_s: float) -> "FeatureStoreReader":
+        import redis
+
+        from streaming.feature_store import RedisFeatureStore
+
+        return cls(RedisFeatureStore.from_config(redis_config, timeout_s=timeout_s), (redis.RedisError, OSError))
+
+    def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]:
+        try:
+            return self.store.get_many(user_ids)
+        except self.unavailable as exc:
+            raise BackendUnavailable(f"feature store: {exc}") from None
+
+    def ping(self) -> None:
+        self.get_many(["__health__"])
+
+
+class MilvusItemSearch:
+    """Searches the collection `<prefix>_<model version>` (never the alias: the version must be
+    the one that produced the interests) with inner product and HNSW `ef` (raised to the limit,
+    which HNSW requires)."""
+
+    def __init__(self, uri: str, token: str = "", prefix: str = "mindstream_items", ef: int = 128, connect_timeout_s: float = 2.0):
+        self.uri, self.token, self.prefix, self.ef, self.connect_timeout_s = uri, token, prefix, ef, connect_timeout_s
+        self._client = None
+        self._lock = threading.Lock()
+        self._collections: dict[str, str] = {}  # model version -> collection name
+        self._templates: dict[tuple, object] = {}  # (collection, limit, ef, filter) -> SearchRequest
+
+    def connect(self):
+        """The pymilvus client, created by the first call (the server's health probe, so no request
+        waits on a connection); BackendUnavailable while Milvus is unreachable."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    from pymilvus import MilvusClient
+
+                    if "://" not in self.uri:  # a Milvus Lite file: its folder must exist
+                        Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        self._client = MilvusClient(uri=self.uri, token=self.token, timeout=self.connect_timeout_s)
+                    except Exception as exc:  # pymilvus raises MilvusException or its own connect errors
+                        raise BackendUnavailable(f"Milvus at {self.uri}: {exc}") from None
+        return self._client
+
+    def collection(self, model_version: str) -> str:
+        name = self._collections.get(model_version)
+        if name is None:
+            name = self._collections[model_version] = collection_name(self.prefix, model_version)
+        return name
+
+    def _request(self, name: str, vectors: np.ndarray, limit: int, expr: str):
+        """The SearchRequest pymilvus would send. Its fixed part is built by pymilvus once per
+        (collection, limit, ef, filter) and copied; only the vectors change per call."""
+        from pymilvus.client.prepare import Prepare
+        from pymilvus.grpc_gen import common_pb2, milvus_pb2
+
+        key = (name, limit, max(self.ef, limit), expr)
+        template = self._templates.get(key)
+        if template is None:
+            template = Prepare.search_requests_with_expr(name, [np.zeros(vectors.shape[1], np.float32)], "vector",
+                                                         {"metric_type": "IP", "params": {"ef": key[2]}}, limit, expr,
+                                                         output_fields=["raw_id"], consistency_level="Bounded")
+            if len(self._templates) >= 512:
+                self._templates.clear()
+            self._templates[key] = template
+        request = milvus_pb2.SearchRequest()
+        request.CopyFrom(template)
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        request.nq = len(vectors)
+        request.placeholder_group = common_pb2.PlaceholderGroup(placeholders=[common_pb2.PlaceholderValue(
+            tag="$0", type=common_pb2.PlaceholderType.FloatVector, values=[row.tobytes() for row in vectors])]).SerializeToString()
+        return request
+
+    def search(self, model_version: str, vectors: np.ndarray, limit: int, expr: str, timeout_s: float) -> SearchHits:
+        import grpc
+
+        client = self._client
+        if client is None:
+            raise BackendUnavailable(f"not connected to Milvus at {self.uri} yet; the health probe reconnects")
+        name = self.collection(model_version)
+        request = self._request(name, vectors, limit, expr)
+        started = time.monotonic()
+        try:
+            response = client._get_connection()._stub.Search(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceeded(f"vector search did not answer within {timeout_s * 1e3:.0f} ms") from None
+            raise BackendUnavailable(f"Milvus at {self.uri}: {exc.code().name} {exc.details()}") from None
+        status = response.status
+        if status.code != 0 or status.error_code != 0:
+            reason = status.reason
+            lowered = reason.lower()
+            if "collection not found" in lowered or "does not exist" in lowered:  # Milvus server / Milvus Lite
+                raise VersionRetired(f"model version {model_version}: {reason}")
+            if "expression" in lowered or "query plan" in lowered or "unknown field" in lowered:
+                raise InvalidRequest(f"filter: the vector store rejected it: {reason}")
+            raise BackendUnavailable(f"Milvus search in {name} failed after {time.monotonic() - started:.3f}s: {reason}")
+        return _hits(response.results, len(vectors), limit)
+
+    def ping(self) -> None:
+        try:
+            self.connect().describe_alias(alias=self.prefix, timeout=self.connect_timeout_s)
+        except BackendUnavailable:
+            raise
+        except Exception as exc:
+            if "alias" in str(exc).lower() and "not" in str(exc).lower():
+                return  # reachable; nothing published yet
+            raise BackendUnavailable(f"Milvus at {self.uri}: {exc}") from None
+
+
+def _hits(results, nq: int, limit: int) -> SearchHits:
+    """SearchResultData -> [nq, limit] arrays; query q's hits follow those of the queries before it."""
+    counts = np.asarray(results.topks, dtype=np.int64) if len(results.topks) else np.zeros(nq, dtype=np.int64)
+    ids = np.asarray(results.ids.int_id.data, dtype=np.int64)
+    scores = np.asarray(results.scores, dtype=np.float32)
+    raw = next((list(f.scalars.string_data.data) for f in results.fields_data if f.field_name == "raw_id"), [""] * len(ids))
+    out_ids = np.full((nq, limit), MISSING_ITEM, dtype=np.int64)
+    out_scores = np.full((nq, limit), -np.inf, dtype=np.float32)
+    out_raw = np.full((nq, limit), "", dtype=object)
+    offset = 0
+    for q, count in enumerate(counts.tolist()):
+        count = min(count, limit)
+        out_ids[q, :count] = ids[offset:offset + count]
+        out_scores[q, :count] = scores[offset:offset + count]
+        out_raw[q, :count] = raw[offset:offset + count]
+        offset += int(counts[q])
+    return SearchHits(out_ids, out_scores, out_raw)
+
+
+class LoadedModel:
+    """One installed model version: its user tower and its popularity ranking."""
+
+    def __init__(self, directory: Path, prefer_gpu: bool, popular_depth: int):
+        from model_export.artifact import UserTower
+
+        self.tower = UserTower.load(directory, prefer_gpu=prefer_gpu)
+        artifact = self.tower.artifact
+        self.version = artifact.version
+        self.categories = ["|".join(tokens) for tokens in artifact.item_side]  # as published to Milvus
+        self.raw_items = artifact.raw_items
+        self.popularity = artifact.popularity.astype(np.float32)
+        self.by_popularity = np.argsort(-artifact.popularity, kind="stable")  # ties: lower index first
+        self.popular_depth = popular_depth  # n + exclusions at most: deeper is never needed
+        self._filtered: OrderedDict[str, list[int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def interests(self, windows: Sequence[Sequence[str]]) -> list[np.ndarray | None]:
+        return self.tower.interests(windows)
+
+    def _ranked(self, item_filter: ItemFilter | None) -> list[int]:
+        """Item rows by popularity that pass the filter (every item counts as active: the export has
+        no flag), cut at `popular_depth`; the last 64 filters are cached."""
+        key = item_filter.milvus_expr if item_filter else ""
+        with self._lock:
+            if key in self._filtered:
+                self._filtered.move_to_end(key)
+                return self._filtered[key]
+        rows = []
+        for i in self.by_popularity.tolist():
+            if item_filter is None or item_filter.matches(self.categories[i], True):
+                rows.append(i)
+                if len(rows) == self.popular_depth:
+                    break
+        with self._lock:
+            self._filtered[key] = rows
+            while len(self._filtered) > 64:
+                self._filtered.popitem(last=False)
+        return rows
+
+    def popular(self, n: int, item_filter: ItemFilter | None, excluded: set[str]) -> list[tuple[str, float]]:
+        out = []
+        for i in self._ranked(item_filter):
+            raw = self.raw_items[i]
+            if raw not in excluded:
+                out.append((raw, float(self.popularity[i])))
+                if len(out) == n:
+                    break
+        return out
+
+
+class RegistryModels:
+    """The registry's current model, re-read at most every `refresh_s`; loaded versions are kept
+    (two at most) so a publish swaps models without a pause."""
+
+    def __init__(self, registry, prefer_gpu: bool = True, popular_depth: int = 6500, refresh_s: float = 2.0, clock=time.monotonic):
+        self.registry, self.prefer_gpu, self.popular_depth, self.refresh_s, self.clock = registry, prefer_gpu, popular_depth, refresh_s, clock
+        self._version: str | None = None
+        self._checked = -float("inf")
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def current_version(self) -> str | None:
+        if self.clock() - self._checked >= self.refresh_s:
+            self._version, self._checked = self.registry.current_version(), self.clock()
+        return self._version
+
+    def current(self) -> LoadedModel | None:
+        version = self.current_version()
+        if version is None:
+            return None
+        model = self._loaded.get(version)
+        if model is None:
+            with self._lock:
+                model = self._loaded.get(version)
+                if model is None:
+                    model = LoadedModel(self.registry.path(version), self.prefer_gpu, self.popular_depth)
+                    self._loaded[version] = model
+                    while len(self._loaded) > 2:
+                        self._loaded.popitem(last=False)
+                    log.info("serving model %s (user tower on %s)", version, model.tower.session.provider)
+        return model

@@ -1,0 +1,45 @@
+"""Prometheus metrics of the recall service (prefix mindstream_recall_), on their own registry so
+several servers can live in one process (tests); `serve` exports it on [recall].metrics_port.
+
+    mindstream_recall_latency_seconds{path, stage}   stage: feature_store, user_tower, vector_search,
+                                                      merge, total (one observation per request)
+    mindstream_recall_requests_total{method, code}   gRPC status code names
+    mindstream_recall_fallbacks_total{reason}        requests not served from stored interests
+    mindstream_recall_result_items                   items per response
+    mindstream_recall_unexpected_errors_total{method} exceptions no rule maps (returned as INTERNAL)
+    mindstream_recall_model_info{model_version}      1 for the current model
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Around the targets: p99 overhead <= 3 ms over a search of 5-20 ms, p99 <= 30 ms at scale.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+SIZE_BUCKETS = (0, 1, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+class RecallMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.latency = Histogram("mindstream_recall_latency_seconds", "Recall latency by path and stage", ["path", "stage"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter("mindstream_recall_requests_total", "RPCs by method and gRPC status code", ["method", "code"], registry=self.registry)
+        self.fallbacks = Counter("mindstream_recall_fallbacks_total", "Requests not served from stored interests, by reason", ["reason"], registry=self.registry)
+        self.result_items = Histogram("mindstream_recall_result_items", "Items per response", buckets=SIZE_BUCKETS, registry=self.registry)
+        self.unexpected = Counter("mindstream_recall_unexpected_errors_total", "Exceptions no rule maps to a status code", ["method"], registry=self.registry)
+        self.model_info = Gauge("mindstream_recall_model_info", "The current model version (value 1)", ["model_version"], registry=self.registry)
+        self._model_version: str | None = None
+
+    def set_model_version(self, version: str | None) -> None:
+        if version == self._model_version:
+            return
+        if self._model_version is not None:
+            self.model_info.remove(self._model_version)
+        if version is not None:
+            self.model_info.labels(model_version=version).set(1)
+        self._model_version = version
+
+    def serve(self, port: int, host: str = "127.0.0.1"):
+        """The /metrics HTTP endpoint; returns (server, thread) so it can be shut down."""
+        return start_http_server(port, addr=host, registry=self.registry)

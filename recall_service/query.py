@@ -1,0 +1,113 @@
+"""A recall request as the service's pure logic sees it, validated against the configured limits.
+
+`validate` turns the fields of a request (plain Python values: the gRPC layer unpacks the proto,
+tests call it directly) into a `RecallQuery` or raises `InvalidRequest` with a message naming the
+field and the limit, which the server returns as INVALID_ARGUMENT. Nothing past this point checks
+input again.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from recall_service.filters import FilterError, ItemFilter, parse_filter
+
+MAX_ID_CHARS = 256  # user and item ids; longer ones are not ids
+
+
+class InvalidRequest(ValueError):
+    """The request breaks the API contract; the message says which field and how."""
+
+
+class MergePolicy(enum.Enum):
+    MAX_SCORE = 1
+    QUOTA = 2
+
+
+class Path(enum.Enum):
+    STORED_INTERESTS = 1
+    COMPUTED_ON_THE_FLY = 2
+    POPULAR_FALLBACK = 3
+
+
+class FallbackReason(enum.Enum):
+    NONE = 0
+    UNKNOWN_USER = 1
+    FEATURE_STORE_UNAVAILABLE = 2
+    VECTOR_SEARCH_UNAVAILABLE = 3
+    STORED_VERSION_RETIRED = 4
+    CORRUPT_RECORD = 5
+    NO_KNOWN_RECENT_ITEMS = 6
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_n: int = 1000
+    max_per_interest_n: int = 2000
+    max_exclusions: int = 5000
+    max_recent_items: int = 500
+    max_filter_chars: int = 1024
+    max_batch: int = 64
+
+    @classmethod
+    def from_config(cls, recall_config) -> "Limits":
+        return cls(**{name: getattr(recall_config, name) for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class RecallQuery:
+    user_id: str
+    n: int
+    excluded: frozenset[str]  # the request's exclusions (the window is added per path)
+    recent_items: tuple[str, ...]  # oldest first
+    item_filter: ItemFilter | None
+    per_interest_n: int  # 0 = n + excluded items, capped (see per_interest_limit)
+    merge_policy: MergePolicy
+
+    def per_interest_limit(self, window: tuple[str, ...], cap: int) -> int:
+        """Candidates to fetch per interest. By default n + |excluded|: an item of the exact top n
+        by best score ranks at most n + |excluded| in the list of the interest that scores it best."""
+        if self.per_interest_n:
+            return self.per_interest_n
+        return min(cap, self.n + len(self.excluded.union(window)))
+
+
+def _check_ids(field: str, ids, limit: int) -> None:
+    if len(ids) > limit:
+        raise InvalidRequest(f"{field}: {len(ids)} ids, at most {limit}")
+    for i, item in enumerate(ids):
+        if not item or len(item) > MAX_ID_CHARS:
+            raise InvalidRequest(f"{field}[{i}]: an item id must have 1..{MAX_ID_CHARS} characters")
+
+
+def validate(
+    user_id: str,
+    n: int,
+    exclude_item_ids=(),
+    recent_item_ids=(),
+    filter_text: str = "",
+    per_interest_n: int = 0,
+    merge_policy: int = 0,
+    limits: Limits = Limits(),
+) -> RecallQuery:
+    if not user_id or len(user_id) > MAX_ID_CHARS:
+        raise InvalidRequest(f"user_id: must have 1..{MAX_ID_CHARS} characters")
+    if not 1 <= n <= limits.max_n:
+        raise InvalidRequest(f"n: {n} is out of range; ask for 1..{limits.max_n} items")
+    if not 0 <= per_interest_n <= limits.max_per_interest_n:
+        raise InvalidRequest(f"per_interest_n: {per_interest_n} is out of range; use 0 (automatic) or 1..{limits.max_per_interest_n}")
+    _check_ids("exclude_item_ids", exclude_item_ids, limits.max_exclusions)
+    _check_ids("recent_item_ids", recent_item_ids, limits.max_recent_items)
+    try:
+        item_filter = parse_filter(filter_text, limits.max_filter_chars)
+    except FilterError as exc:
+        raise InvalidRequest(str(exc)) from None
+    if merge_policy == 0:
+        policy = MergePolicy.MAX_SCORE
+    else:
+        try:
+            policy = MergePolicy(merge_policy)
+        except ValueError:
+            raise InvalidRequest(f"merge_policy: unknown value {merge_policy}; use MERGE_POLICY_MAX_SCORE or MERGE_POLICY_QUOTA") from None
+    return RecallQuery(user_id, n, frozenset(exclude_item_ids), tuple(recent_item_ids), item_filter, per_interest_n, policy)

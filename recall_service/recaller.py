@@ -1,0 +1,290 @@
+"""The recall path as pure logic over three small interfaces, so it is tested without servers.
+
+    InterestReader   user ids -> stored interest records (the feature store)
+    ItemSearch       (model version, vectors, limit, filter) -> per-vector top items (Milvus)
+    ModelSource      the current model: user tower (interests on the fly) and popular items
+
+For each request: the stored record -> ONE search with all K_u vectors in the collection of the
+record's own model version -> drop the window's items and the exclusions -> merge (max score or
+quota) -> top n. A user the store does not know gets interests computed by the current user
+tower from the request's recent items, else the current model's popular items. Outages take the
+same fallbacks (documented per reason in recall.proto) unless `fallback_on_outage` is off, in
+which case they raise `BackendUnavailable` (UNAVAILABLE). A backend that failed is skipped for a
+cool-down (`CircuitBreaker`), so requests during an outage answer at once instead of each
+waiting for a timeout. Every backend call is bounded by the request's `Deadline`.
+
+A batch is served with one store round trip and one search per (model version, filter) group.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from recall_service.filters import ItemFilter
+from recall_service.merge import MISSING_ITEM, merge_by_quota, merge_by_score
+from recall_service.query import FallbackReason, MergePolicy, Path, RecallQuery
+from streaming.feature_store import InterestRecord, RecordError
+
+ACTIVE_ONLY = "active == true"  # deactivated items are never recalled, whatever the request's filter
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend (feature store, vector search, model registry) cannot answer now."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """The request's deadline passed before the work was done."""
+
+
+class VersionRetired(LookupError):
+    """The vector collection of a model version does not exist (any more)."""
+
+
+@dataclass
+class SearchHits:
+    """Top items per query vector, best first; rows shorter than `limit` end in padding."""
+
+    item_ids: np.ndarray  # [M, limit] int64, MISSING_ITEM as padding
+    scores: np.ndarray  # [M, limit] float32, -inf as padding
+    raw_ids: np.ndarray  # [M, limit] object (str), "" as padding
+
+
+class InterestReader(Protocol):
+    def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]: ...
+
+
+class ItemSearch(Protocol):
+    def search(self, model_version: str, vectors: np.ndarray, limit: int, expr: str, timeout_s: float) -> SearchHits: ...
+
+
+class ServingModel(Protocol):
+    version: str
+
+    def interests(self, windows: Sequence[Sequence[str]]) -> list[np.ndarray | None]: ...
+    def popular(self, n: int, item_filter: ItemFilter | None, excluded: set[str]) -> list[tuple[str, float]]: ...
+
+
+class ModelSource(Protocol):
+    def current(self) -> ServingModel | None: ...
+    def current_version(self) -> str | None: ...
+
+
+class Deadline:
+    def __init__(self, seconds: float, clock=time.monotonic):
+        self.clock = clock
+        self.expires = clock() + seconds
+
+    def remaining(self) -> float:
+        return self.expires - self.clock()
+
+    def check(self, before: str) -> float:
+        left = self.remaining()
+        if left <= 0:
+            raise DeadlineExceeded(f"the deadline passed before {before}")
+        return left
+
+
+class CircuitBreaker:
+    """Open for `cooldown_s` after a failure: callers skip the backend and take the fallback."""
+
+    def __init__(self, cooldown_s: float, clock=time.monotonic):
+        self.cooldown_s, self.clock = cooldown_s, clock
+        self.open_until = 0.0
+
+    def allow(self) -> bool:
+        return self.clock() >= self.open_until
+
+    def failed(self) -> None:
+        self.open_until = self.clock() + self.cooldown_s
+
+    def succeeded(self) -> None:
+        self.open_until = 0.0
+
+
+@dataclass
+class RecallResult:
+    items: list[tuple[str, float, int]]  # (raw item id, score, interest index or -1)
+    model_version: str
+    path: Path
+    reason: FallbackReason
+    stages: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+
+
+@dataclass
+class _Pending:
+    """A request on its way through the paths."""
+
+    index: int
+    query: RecallQuery
+    stages: dict[str, float]
+    record: InterestRecord | None = None
+    reason: FallbackReason = FallbackReason.NONE
+    window: tuple[str, ...] = ()  # items to exclude beyond the request's own exclusions
+    vectors: np.ndarray | None = None
+
+
+class Recaller:
+    def __init__(self, reader: InterestReader, search: ItemSearch, models: ModelSource, *, search_timeout_s: float = 0.5,
+                 max_per_interest_n: int = 2000, fallback_on_outage: bool = True, cooldown_s: float = 1.0, clock=time.monotonic):
+        self.reader, self.search, self.models = reader, search, models
+        self.search_timeout_s, self.max_per_interest_n, self.fallback_on_outage = search_timeout_s, max_per_interest_n, fallback_on_outage
+        self.clock = clock
+        self.store_breaker = CircuitBreaker(cooldown_s, clock)
+        self.search_breaker = CircuitBreaker(cooldown_s, clock)
+
+    def recall_many(self, queries: Sequence[RecallQuery], deadline: Deadline) -> list[RecallResult]:
+        pending = [_Pending(i, q, {}) for i, q in enumerate(queries)]
+        results: list[RecallResult | None] = [None] * len(queries)
+        self._read_interests(pending, deadline)
+        stored = [p for p in pending if p.record is not None]
+        for p in pending:
+            if p.record is None:
+                p.window = p.query.recent_items
+        on_the_fly = [p for p in pending if p.record is None and p.query.recent_items]
+        popular = [p for p in pending if p.record is None and not p.query.recent_items]
+
+        for group in self._groups(stored, lambda p: p.record.model_version):
+            for p in group:
+                p.vectors, p.window = p.record.interests, p.record.window
+            self._search_and_merge(group, group[0].record.model_version, Path.STORED_INTERESTS, deadline, results, on_the_fly, popular)
+
+        if on_the_fly:
+            model = self._current_model()
+            started = self.clock()
+            vectors = model.interests([p.window for p in on_the_fly])
+            self._attribute(on_the_fly, "user_tower", self.clock() - started)
+            computed = []
+            for p, v in zip(on_the_fly, vectors):
+                if v is None:
+                    p.reason = FallbackReason.NO_KNOWN_RECENT_ITEMS
+                    popular.append(p)
+                else:
+                    p.vectors = v
+                    computed.append(p)
+            for group in self._groups(computed, lambda p: model.version):
+                self._search_and_merge(group, model.version, Path.COMPUTED_ON_THE_FLY, deadline, results, None, popular)
+
+        if popular:
+            model = self._current_model()
+            for p in popular:
+                started = self.clock()
+                ranked = model.popular(p.query.n, p.query.item_filter, set(p.query.excluded).union(p.window))
+                p.stages["merge"] = p.stages.get("merge", 0.0) + self.clock() - started
+                results[p.index] = RecallResult([(raw, score, -1) for raw, score in ranked], model.version, Path.POPULAR_FALLBACK, p.reason, p.stages)
+        return results  # type: ignore[return-value]
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def _read_interests(self, pending: list[_Pending], deadline: Deadline) -> None:
+        if not self.store_breaker.allow():
+            self._store_down(pending, "the feature store failed recently; retrying after the cool-down")
+            return
+        deadline.check("the feature store read")
+        started = self.clock()
+        try:
+            records = self.reader.get_many([p.query.user_id for p in pending])
+        except BackendUnavailable as exc:
+            self.store_breaker.failed()
+            self._attribute(pending, "feature_store", self.clock() - started)
+            self._store_down(pending, str(exc))
+            return
+        except RecordError:  # one corrupt record must not fail the others
+            records = []
+            for p in pending:
+                try:
+                    records.extend(self.reader.get_many([p.query.user_id]))
+                except RecordError:
+                    records.append(None)
+                    p.reason = FallbackReason.CORRUPT_RECORD
+        self.store_breaker.succeeded()
+        self._attribute(pending, "feature_store", self.clock() - started)
+        for p, record in zip(pending, records):
+            p.record = record
+            if record is None and p.reason is FallbackReason.NONE:
+                p.reason = FallbackReason.UNKNOWN_USER
+
+    def _store_down(self, pending: list[_Pending], detail: str) -> None:
+        if not self.fallback_on_outage:
+            raise BackendUnavailable(f"feature store unavailable: {detail}")
+        for p in pending:
+            p.reason = FallbackReason.FEATURE_STORE_UNAVAILABLE
+
+    def _search_and_merge(self, group: list[_Pending], version: str, path: Path, deadline: Deadline,
+                          results: list, retired_to: list | None, popular: list) -> None:
+        """One search for the whole group (all K_u vectors of all its users), then a merge per user."""
+        expr = ACTIVE_ONLY if group[0].query.item_filter is None else f"{ACTIVE_ONLY} and ({group[0].query.item_filter.milvus_expr})"
+        limits = [p.query.per_interest_limit(p.window, self.max_per_interest_n) for p in group]
+        if not self.search_breaker.allow():
+            return self._search_down(group, popular, "the vector search failed recently; retrying after the cool-down")
+        timeout = min(self.search_timeout_s, deadline.check("the vector search"))
+        started = self.clock()
+        try:
+            hits = self.search.search(version, np.concatenate([p.vectors for p in group]), max(limits), expr, timeout)
+        except VersionRetired:
+            if retired_to is None:  # the current model has no collection: nothing to search
+                return self._search_down(group, popular, f"the collection of the current model {version} is missing")
+            for p in group:  # recompute from the stored window with the current model
+                p.reason, p.record = FallbackReason.STORED_VERSION_RETIRED, None
+                retired_to.append(p)
+            return
+        except BackendUnavailable as exc:
+            self.search_breaker.failed()
+            self._attribute(group, "vector_search", self.clock() - started)
+            return self._search_down(group, popular, str(exc))
+        self.search_breaker.succeeded()
+        self._attribute(group, "vector_search", self.clock() - started)
+
+        row = 0
+        for p, limit in zip(group, limits):
+            started = self.clock()
+            k = len(p.vectors)
+            items = _merge_one(hits, row, k, limit, p.query, set(p.window))
+            row += k
+            p.stages["merge"] = p.stages.get("merge", 0.0) + self.clock() - started
+            results[p.index] = RecallResult(items, version, path, p.reason, p.stages)
+
+    def _search_down(self, group: list[_Pending], popular: list, detail: str) -> None:
+        if not self.fallback_on_outage:
+            raise BackendUnavailable(f"vector search unavailable: {detail}")
+        for p in group:
+            p.reason = FallbackReason.VECTOR_SEARCH_UNAVAILABLE
+            popular.append(p)
+
+    def _current_model(self) -> ServingModel:
+        model = self.models.current()
+        if model is None:
+            raise BackendUnavailable("no model is published: run `python -m model_export publish --export-dir DIR`")
+        return model
+
+    @staticmethod
+    def _groups(pending: list[_Pending], version_of) -> list[list[_Pending]]:
+        """Requests that can share one search: same model version and same filter."""
+        groups: dict[tuple, list[_Pending]] = defaultdict(list)
+        for p in pending:
+            groups[(version_of(p), p.query.item_filter.milvus_expr if p.query.item_filter else "")].append(p)
+        return list(groups.values())
+
+    @staticmethod
+    def _attribute(pending: list[_Pending], stage: str, seconds: float) -> None:
+        for p in pending:  # a shared stage counts fully for every request in it
+            p.stages[stage] = p.stages.get(stage, 0.0) + seconds
+
+
+def _merge_one(hits: SearchHits, row: int, k: int, limit: int, query: RecallQuery, window: set[str]) -> list[tuple[str, float, int]]:
+    """This user's rows of a group search -> exclusions dropped -> merged top n."""
+    ids = hits.item_ids[row:row + k, :limit]
+    raw = hits.raw_ids[row:row + k, :limit]
+    scores = hits.scores[row:row + k, :limit].copy()
+    excluded = query.excluded.union(window)
+    if excluded:
+        drop = np.fromiter((r in excluded for r in raw.ravel()), dtype=bool, count=raw.size).reshape(raw.shape)
+        scores[drop] = -np.inf
+    merge = merge_by_quota if query.merge_policy is MergePolicy.QUOTA else merge_by_score
+    out_ids, out_scores, out_interest = merge(ids[None], scores[None], query.n)
+    raw_of = dict(zip(ids.ravel().tolist(), raw.ravel().tolist()))
+    return [(raw_of[i], float(s), int(j)) for i, s, j in zip(out_ids[0].tolist(), out_scores[0].tolist(), out_interest[0].tolist()) if i != MISSING_ITEM]

@@ -1,0 +1,250 @@
+"""The gRPC recall server: RecallService (recall.proto), the standard health and reflection services,
+optional TLS and bearer-token auth, Prometheus metrics.
+
+The servicer only translates: proto -> `validate` -> `Recaller` -> proto, and exceptions -> status
+codes by one table (`_status_of`): InvalidRequest -> INVALID_ARGUMENT, DeadlineExceeded ->
+DEADLINE_EXCEEDED, BackendUnavailable -> UNAVAILABLE. Anything else is a bug: logged with its
+traceback, counted in mindstream_recall_unexpected_errors_total and returned as INTERNAL; no input
+is meant to get there (tests send malformed requests of every kind and expect none).
+
+The request's deadline (context.time_remaining(), else [recall].default_deadline_ms) bounds every
+backend call. Health is SERVING while the last probe (every health_interval_ms) reached both Redis
+and Milvus, NOT_SERVING before the first success and during an outage; requests are still answered
+then (fallback paths), so a shared outage degrades results instead of emptying the fleet.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from infra.config import Config
+from recall_service.coalesce import CoalescingSearch
+from recall_service.metrics import RecallMetrics
+from recall_service.query import FallbackReason, InvalidRequest, Limits, validate
+from recall_service.recaller import BackendUnavailable, Deadline, DeadlineExceeded, Recaller, RecallResult
+from recall_service.stubs import SERVICE_NAME, recall_pb2, recall_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"  # probes (load balancers, kubelet) carry no token
+
+
+def _status_of(exc: Exception) -> grpc.StatusCode | None:
+    if isinstance(exc, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(exc, BackendUnavailable):
+        return grpc.StatusCode.UNAVAILABLE
+    return None
+
+
+class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
+    def __init__(self, recaller: Recaller, limits: Limits, metrics: RecallMetrics, default_deadline_s: float, max_request_bytes: int):
+        self.recaller, self.limits, self.metrics = recaller, limits, metrics
+        self.default_deadline_s, self.max_request_bytes = default_deadline_s, max_request_bytes
+
+    def Recall(self, request, context):
+        responses = self._serve("Recall", request, [request], context)
+        return responses[0] if responses else recall_pb2.RecallResponse()
+
+    def BatchRecall(self, request, context):
+        if len(request.requests) > self.limits.max_batch:
+            return self._fail("BatchRecall", context, InvalidRequest(f"requests: {len(request.requests)} in one batch, at most {self.limits.max_batch}"), recall_pb2.BatchRecallResponse())
+        responses = self._serve("BatchRecall", request, list(request.requests), context)
+        return recall_pb2.BatchRecallResponse(responses=responses or [])
+
+    def _serve(self, method: str, message, requests: list, context) -> list | None:
+        started = time.perf_counter()
+        try:
+            if message.ByteSize() > self.max_request_bytes:
+                raise InvalidRequest(f"request: {message.ByteSize()} bytes, at most {self.max_request_bytes}; split it")
+            queries = [self._query(r, i if method == "BatchRecall" else None) for i, r in enumerate(requests)]
+            remaining = context.time_remaining()
+            budget = remaining if remaining is not None and remaining < 1e6 else self.default_deadline_s
+            results = self.recaller.recall_many(queries, Deadline(budget))
+            responses = [self._response(r) for r in results]
+        except Exception as exc:  # every exception ends as a status code here, never escapes to gRPC
+            self._fail(method, context, exc, None)
+            return None
+        total = time.perf_counter() - started
+        for result in results:
+            path = result.path.name.lower()
+            for stage, seconds in result.stages.items():
+                self.metrics.latency.labels(path, stage).observe(seconds)
+            self.metrics.latency.labels(path, "total").observe(total)
+            self.metrics.result_items.observe(len(result.items))
+            if result.reason is not FallbackReason.NONE:
+                self.metrics.fallbacks.labels(result.reason.name.lower()).inc()
+        self.metrics.requests.labels(method, "OK").inc()
+        return responses
+
+    def _query(self, request, index: int | None):
+        try:
+            return validate(request.user_id, request.n, request.exclude_item_ids, request.recent_item_ids, request.filter,
+                            request.per_interest_n, request.merge_policy, self.limits)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"requests[{index}].{exc}" if index is not None else str(exc)) from None
+
+    def _fail(self, method: str, context, exc: Exception, empty):
+        code = _status_of(exc)
+        if code is None:
+            log.exception("unexpected error in %s", method, exc_info=exc)
+            self.metrics.unexpected.labels(method).inc()
+            code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); it is logged and counted"
+        else:
+            message = str(exc)
+        self.metrics.requests.labels(method, code.name).inc()
+        context.set_code(code)
+        context.set_details(message)
+        return empty
+
+    @staticmethod
+    def _response(result: RecallResult):
+        return recall_pb2.RecallResponse(
+            items=[recall_pb2.RecalledItem(item_id=raw, score=score, interest_index=interest) for raw, score, interest in result.items],
+            model_version=result.model_version,
+            path=result.path.value,
+            fallback_reason=result.reason.value,
+        )
+
+
+class BearerTokenAuth(grpc.ServerInterceptor):
+    """Every RPC but the health check must carry `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str, metrics: RecallMetrics):
+        self.expected = f"Bearer {token}".encode()
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or details.method.startswith(HEALTH_PREFIX):
+            return handler
+        sent = dict(details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(sent.encode(), self.expected):
+            return handler
+        self.metrics.requests.labels(details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
+
+        def deny(request_or_iterator, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token: send metadata `authorization: Bearer <token>`")
+
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class RecallServer:
+    """The server and what it owns: adapters (from config unless given), health prober, metrics."""
+
+    def __init__(self, config: Config, *, reader=None, search=None, models=None, metrics: RecallMetrics | None = None):
+        from recall_service.backends import FeatureStoreReader, MilvusItemSearch, RegistryModels
+
+        rc = config.recall
+        self.config = config
+        self.limits = Limits.from_config(rc)
+        self.reader = reader or FeatureStoreReader.redis(config.redis, rc.feature_store_timeout_ms / 1e3)
+        self.search = search or MilvusItemSearch(config.milvus.uri, config.milvus.token, config.milvus.collection_prefix, ef=rc.search_ef)
+        if models is None:
+            from model_export.registry import ModelRegistry
+
+            models = RegistryModels(ModelRegistry(config.paths.models_dir), popular_depth=rc.max_n + rc.max_exclusions + rc.max_recent_items)
+        self.models = models
+        self.metrics = metrics or RecallMetrics()
+        searcher = CoalescingSearch(self.search, rc.search_batch_vectors) if rc.search_batch_vectors else self.search
+        self.recaller = Recaller(self.reader, searcher, self.models, search_timeout_s=rc.vector_search_timeout_ms / 1e3,
+                                 max_per_interest_n=rc.max_per_interest_n, fallback_on_outage=rc.fallback_on_outage,
+                                 cooldown_s=rc.outage_cooldown_ms / 1e3)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.port = 0
+        self.metrics_port = 0
+        self._grpc: grpc.Server | None = None
+        self._metrics_http = None
+        self._stop = threading.Event()
+        self._prober: threading.Thread | None = None
+
+    def start(self) -> "RecallServer":
+        rc = self.config.recall
+        interceptors = [BearerTokenAuth(rc.auth_token, self.metrics)] if rc.auth_token else []
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=rc.workers, thread_name_prefix="recall"),
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=rc.max_concurrent_rpcs,
+            options=[("grpc.max_receive_message_length", 4 * rc.max_request_bytes), ("grpc.so_reuseport", 0)],
+        )
+        recall_pb2_grpc.add_RecallServiceServicer_to_server(
+            RecallServicer(self.recaller, self.limits, self.metrics, rc.default_deadline_ms / 1e3, rc.max_request_bytes), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        address = f"{rc.host}:{rc.port}"
+        if rc.tls_certfile or rc.tls_keyfile:
+            with open(rc.tls_keyfile, "rb") as key, open(rc.tls_certfile, "rb") as cert:
+                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            self.port = self._grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self._grpc.add_insecure_port(address)
+        if not self.port:
+            raise RuntimeError(f"cannot bind {address}: is another server on it? set [recall].port / MINDSTREAM_RECALL__PORT")
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.probe()  # connects the backends before the first request
+        self._grpc.start()
+        self._metrics_http, _ = self.metrics.serve(rc.metrics_port)
+        self.metrics_port = self._metrics_http.server_port
+        self._prober = threading.Thread(target=self._probe_loop, name="recall-health", daemon=True)
+        self._prober.start()
+        return self
+
+    def probe(self) -> bool:
+        """One health probe: both stores reachable -> SERVING."""
+        problems = []
+        for name, backend in (("feature store", self.reader), ("vector search", self.search)):
+            try:
+                backend.ping()
+            except Exception as exc:  # a probe reports, it never raises
+                problems.append(f"{name}: {exc}")
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if problems else health_pb2.HealthCheckResponse.SERVING
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, status)
+        if problems:
+            log.warning("not serving: %s", "; ".join(problems))
+        try:
+            self.metrics.set_model_version(self.models.current_version())
+        except Exception as exc:
+            log.warning("cannot read the current model version: %s", exc)
+        return not problems
+
+    def _probe_loop(self) -> None:
+        while not self._stop.wait(self.config.recall.health_interval_ms / 1e3):
+            self.probe()
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self._stop.set()
+        if self._grpc is not None:
+            self.health.enter_graceful_shutdown()
+            self._grpc.stop(grace_s).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        if self._prober is not None:
+            self._prober.join(timeout=5)
+
+    def wait(self) -> None:
+        self._grpc.wait_for_termination()
+
+    def __enter__(self) -> "RecallServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

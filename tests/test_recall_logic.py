@@ -1,0 +1,394 @@
+"""Unit tests of the recall service's pure logic: filter grammar, request validation, the quota
+merge, exclusions and the path / fallback decisions of Recaller, with in-memory fakes."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from recall_service.filters import FilterError, parse_filter
+from recall_service.merge import MISSING_ITEM, merge_by_quota, merge_by_score
+from recall_service.query import FallbackReason, InvalidRequest, Limits, MergePolicy, Path, validate
+from recall_service.recaller import (ACTIVE_ONLY, BackendUnavailable, CircuitBreaker, Deadline, DeadlineExceeded, Recaller,
+                                     SearchHits, VersionRetired)
+from streaming.feature_store import InMemoryFeatureStore, InterestRecord
+
+# -- filters ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, milvus, keeps, drops", [
+    ('category == "a|b"', 'category == "a|b"', ("a|b", True), ("a", True)),
+    ("category like 'Com%' and active == true", '(category >= "Com" and category < "Con") and active == true', ("Comedy", True), ("Comedy", False)),
+    ('category like "item_g%"', '(category >= "item_g" and category < "item_h")', ("item_genre", True), ("itemXgenre", True)),
+    ('category in ["x", "y"] || active != true', 'category in ["x", "y"] or active == false', ("z", False), ("z", True)),
+    ('category not in ["x"]', 'not (category in ["x"])', ("y", True), ("x", True)),
+    ('NOT (category != "x") AND active == TRUE', 'not ((category != "x")) and active == true', ("x", True), ("y", True)),
+    ('!active == false', "not (active == false)", ("q", True), ("q", False)),
+    ('category like "Drama"', 'category == "Drama"', ("Drama", True), ("Drama|War", True)),
+    ("category == 'say \"hi\" \\o/'", 'category == "say \\"hi\\" \\\\o/"', ('say "hi" \\o/', True), ("say", True)),
+])
+def test_filter_compiles_to_milvus_and_to_an_equivalent_predicate(text, milvus, keeps, drops):
+    item_filter = parse_filter(text)
+    assert item_filter.milvus_expr == milvus
+    assert item_filter.matches(*keeps) and not item_filter.matches(*drops)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('category like "%Comedy%"', "prefix pattern"),
+    ('category like "Co%edy%"', "prefix pattern"),
+    ("price > 3", "unexpected character '>'"),
+    ('genre == "x"', "unknown field 'genre'"),
+    ('category == "a" and', "expected a field"),
+    ('category == "a" category', "unexpected 'category'"),
+    ('category == "a"b"', "unexpected character '\"' at position 16"),
+    ("active == 1", "unexpected character '1'"),
+    ('active == "true"', "true or false"),
+    ('category in []', "expected a quoted string"),
+    ("(" * 40 + "active == true" + ")" * 40, "nested deeper"),
+    ('category == "a"; drop collection', "unexpected character ';'"),
+    ('category == "\x01"', "control characters"),
+])
+def test_malformed_filters_are_refused_with_a_reason(text, message):
+    with pytest.raises(FilterError, match=message):
+        parse_filter(text)
+
+
+def test_empty_filter_is_no_filter_and_length_is_capped():
+    assert parse_filter("") is None and parse_filter("   ") is None
+    with pytest.raises(FilterError, match="at most 10"):
+        parse_filter("active == true", max_chars=10)
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+LIMITS = Limits(max_n=100, max_per_interest_n=300, max_exclusions=3, max_recent_items=4, max_filter_chars=64, max_batch=8)
+
+
+def test_a_valid_request_is_normalised():
+    q = validate("u1", 10, ["a", "b"], ["x"], 'active == true', 0, 2, LIMITS)
+    assert q.excluded == {"a", "b"} and q.recent_items == ("x",) and q.merge_policy is MergePolicy.QUOTA
+    assert q.item_filter.milvus_expr == "active == true"
+    assert validate("u1", 10, limits=LIMITS).merge_policy is MergePolicy.MAX_SCORE  # unspecified -> default
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n": 0}, "n: 0 is out of range"),
+    ({"n": -5}, "n: -5 is out of range"),
+    ({"n": 101}, r"ask for 1..100"),
+    ({"user_id": ""}, "user_id"),
+    ({"user_id": "u" * 300}, "user_id"),
+    ({"exclude_item_ids": ["a", "b", "c", "d"]}, "exclude_item_ids: 4 ids, at most 3"),
+    ({"exclude_item_ids": [""]}, r"exclude_item_ids\[0\]"),
+    ({"recent_item_ids": ["r"] * 5}, "recent_item_ids: 5 ids, at most 4"),
+    ({"filter_text": "category ~ 1"}, "filter: unexpected character"),
+    ({"filter_text": "active == true and " * 5}, "at most 64"),
+    ({"per_interest_n": 301}, "per_interest_n"),
+    ({"per_interest_n": -1}, "per_interest_n"),
+    ({"merge_policy": 9}, "merge_policy: unknown value 9"),
+])
+def test_invalid_requests_name_the_field(kwargs, message):
+    args = {"user_id": "u1", "n": 10, **kwargs}
+    with pytest.raises(InvalidRequest, match=message):
+        validate(limits=LIMITS, **args)
+
+
+def test_default_per_interest_limit_covers_the_exclusions():
+    q = validate("u1", 10, ["a", "b"], limits=LIMITS)
+    assert q.per_interest_limit(("b", "c"), cap=300) == 10 + 3  # a, b, c
+    assert q.per_interest_limit(tuple("defghijk"), cap=15) == 15
+    assert validate("u1", 10, per_interest_n=7, limits=LIMITS).per_interest_limit(("z",), cap=300) == 7
+
+
+# -- merges -------------------------------------------------------------------------------------
+
+
+def test_quota_merge_takes_round_robin_by_rank_then_fills_by_score():
+    ids = np.array([[[1, 2, 3, 4], [1, 5, 6, 7], [8, MISSING_ITEM, MISSING_ITEM, MISSING_ITEM]]])
+    scores = np.array([[[.9, .8, .7, .6], [.95, .5, .4, .3], [.2, -np.inf, -np.inf, -np.inf]]], dtype=np.float32)
+    out_ids, out_scores, out_interest = merge_by_quota(ids, scores, 7)
+    # quotas 3/2/2: rank 0 -> 1 (interest 0), 5 (1 skips its taken 1), 8 (2); rank 1 -> 2, 6; interest 2 is
+    # empty, so interest 0 takes its third (3) and the last slot is the best remaining by score (4: .6)
+    assert out_ids[0].tolist() == [1, 5, 8, 2, 6, 3, 4]
+    assert out_interest[0].tolist() == [0, 1, 2, 0, 1, 0, 0]
+    np.testing.assert_allclose(out_scores[0], [.9, .5, .2, .8, .4, .7, .6])
+
+
+def test_quota_merge_respects_active_interests_duplicates_and_short_rows():
+    ids = np.array([[[1, 2], [1, 2]], [[3, 4], [5, 6]]])
+    scores = np.array([[[.9, .8], [.9, .8]], [[.9, .8], [.7, .6]]], dtype=np.float32)
+    out_ids, _, out_interest = merge_by_quota(ids, scores, 3, active_interests=np.array([[True, True], [True, False]]))
+    assert out_ids[0].tolist() == [1, 2, MISSING_ITEM]  # only two distinct items exist
+    assert out_ids[1].tolist() == [3, 4, MISSING_ITEM] and out_interest[1].tolist() == [0, 0, -1]
+
+
+def test_quota_and_max_score_agree_with_one_interest():
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(50)[None, None, :20] + 1
+    scores = np.sort(rng.random(20).astype(np.float32))[::-1][None, None, :]
+    assert merge_by_quota(ids, scores, 10)[0].tolist() == merge_by_score(ids, scores, 10)[0].tolist()
+
+
+# -- the recall path with fakes -----------------------------------------------------------------
+
+DIM = 8
+
+
+class FakeSearch:
+    """Exact inner-product search over per-version catalogs; records every call."""
+
+    def __init__(self, catalogs: dict[str, np.ndarray]):
+        self.catalogs = catalogs  # version -> [n_items, dim]; item i has raw id f"i{i}"
+        self.calls = []
+        self.failure: Exception | None = None
+
+    def search(self, version, vectors, limit, expr, timeout_s):
+        self.calls.append((version, len(vectors), limit, expr, timeout_s))
+        if self.failure:
+            raise self.failure
+        if version not in self.catalogs:
+            raise VersionRetired(version)
+        scores = vectors @ self.catalogs[version].T
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :limit]
+        raw = np.array([f"i{i}" for i in range(len(self.catalogs[version]))], dtype=object)
+        return SearchHits(order + 1, np.take_along_axis(scores, order, 1).astype(np.float32), raw[order])
+
+
+class FakeModel:
+    def __init__(self, version, catalog):
+        self.version, self.catalog = version, catalog
+
+    def interests(self, windows):
+        known = [[int(r[1:]) for r in w if r.startswith("i")] for w in windows]
+        return [self.catalog[k][:2].copy() if k else None for k in known]
+
+    def popular(self, n, item_filter, excluded):
+        ranked = [(f"i{i}", float(100 - i)) for i in range(len(self.catalog))]
+        return [r for r in ranked if r[0] not in excluded][:n]
+
+
+class FakeModels:
+    def __init__(self, model):
+        self.model = model
+
+    def current(self):
+        return self.model
+
+    def current_version(self):
+        return self.model.version if self.model else None
+
+
+class DownStore:
+    def get_many(self, user_ids):
+        raise BackendUnavailable("connection refused")
+
+
+@pytest.fixture
+def world():
+    rng = np.random.default_rng(1)
+    catalogs = {"A": rng.standard_normal((40, DIM)).astype(np.float32), "B": rng.standard_normal((40, DIM)).astype(np.float32)}
+    store = InMemoryFeatureStore()
+    interests = rng.standard_normal((3, DIM)).astype(np.float32)
+    store.put_many([InterestRecord("alice", "A", interests, ("i1", "i2"), 0, "0:0")])
+    search = FakeSearch(catalogs)
+    recaller = Recaller(store, search, FakeModels(FakeModel("B", catalogs["B"])), max_per_interest_n=40)
+    return recaller, search, store, catalogs, interests
+
+
+def exact(catalog, interests, n, excluded):
+    scores = interests @ catalog.T
+    best = scores.max(0)
+    order = [i for i in np.argsort(-best, kind="stable") if f"i{i}" not in excluded][:n]
+    return [f"i{i}" for i in order], [int(scores[:, i].argmax()) for i in order]
+
+
+def q(user, n=5, **kw):
+    return validate(user, n, limits=Limits(max_per_interest_n=40), **kw)
+
+
+def test_stored_path_is_one_search_in_the_records_version_and_equals_the_exact_merge(world):
+    recaller, search, _, catalogs, interests = world
+    [result] = recaller.recall_many([q("alice", 6, exclude_item_ids=["i7"])], Deadline(1.0))
+    assert result.path is Path.STORED_INTERESTS and result.model_version == "A" and result.reason is FallbackReason.NONE
+    assert len(search.calls) == 1 and search.calls[0][:3] == ("A", 3, 6 + 3) and search.calls[0][3] == ACTIVE_ONLY
+    ids, interest = exact(catalogs["A"], interests, 6, {"i1", "i2", "i7"})  # window + exclusion dropped
+    assert [r for r, _, _ in result.items] == ids and [j for _, _, j in result.items] == interest
+    assert set(result.stages) == {"feature_store", "vector_search", "merge"}
+
+
+def test_quota_policy_spreads_the_items_over_the_interests(world):
+    recaller, *_ = world
+    [result] = recaller.recall_many([q("alice", 9, merge_policy=2)], Deadline(1.0))
+    assert sorted(j for _, _, j in result.items) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_filter_goes_to_the_search_after_the_active_flag(world):
+    recaller, search, *_ = world
+    recaller.recall_many([q("alice", filter_text='category == "x"')], Deadline(1.0))
+    assert search.calls[0][3] == 'active == true and (category == "x")'
+
+
+def test_unknown_user_gets_interests_on_the_fly_then_popular(world):
+    recaller, search, _, catalogs, _ = world
+    fly, known_nothing, nothing = recaller.recall_many(
+        [q("bob", 4, recent_item_ids=["i3", "i5"]), q("carol", 3, recent_item_ids=["zzz"]), q("dave", 3, exclude_item_ids=["i0"])], Deadline(1.0))
+    assert fly.path is Path.COMPUTED_ON_THE_FLY and fly.model_version == "B" and fly.reason is FallbackReason.UNKNOWN_USER
+    ids, _ = exact(catalogs["B"], catalogs["B"][[3, 5]][:2], 4, {"i3", "i5"})
+    assert [r for r, _, _ in fly.items] == ids
+    assert known_nothing.path is Path.POPULAR_FALLBACK and known_nothing.reason is FallbackReason.NO_KNOWN_RECENT_ITEMS
+    assert nothing.path is Path.POPULAR_FALLBACK and [r for r, _, _ in nothing.items] == ["i1", "i2", "i3"]
+    assert all(j == -1 for _, _, j in nothing.items)
+
+
+def test_a_batch_shares_one_store_read_and_one_search_per_version(world):
+    recaller, search, store, catalogs, interests = world
+    store.put_many([InterestRecord("erin", "A", interests[:1], (), 0, "0:1"), InterestRecord("finn", "B", interests[:2], (), 0, "0:2")])
+    results = recaller.recall_many([q("alice"), q("erin"), q("finn")], Deadline(1.0))
+    assert sorted((c[0], c[1]) for c in search.calls) == [("A", 4), ("B", 2)]
+    assert [r.model_version for r in results] == ["A", "A", "B"]
+    single = recaller.recall_many([q("erin")], Deadline(1.0))[0]
+    assert [(r, j) for r, _, j in single.items] == [(r, j) for r, _, j in results[1].items]
+    np.testing.assert_allclose([s for _, s, _ in single.items], [s for _, s, _ in results[1].items], rtol=1e-5)
+
+
+def test_a_retired_version_is_recomputed_from_the_stored_window(world):
+    recaller, search, _, catalogs, _ = world
+    del search.catalogs["A"]
+    [result] = recaller.recall_many([q("alice")], Deadline(1.0))
+    assert result.path is Path.COMPUTED_ON_THE_FLY and result.reason is FallbackReason.STORED_VERSION_RETIRED
+    assert result.model_version == "B" and not {"i1", "i2"} & {r for r, _, _ in result.items}
+
+
+def test_feature_store_down_falls_back_and_the_breaker_skips_it(world):
+    recaller, search, _, catalogs, _ = world
+    clock = [0.0]
+    recaller.reader = DownStore()
+    recaller.store_breaker = CircuitBreaker(1.0, clock=lambda: clock[0])
+    [result] = recaller.recall_many([q("alice", recent_item_ids=["i4"])], Deadline(1.0))
+    assert result.path is Path.COMPUTED_ON_THE_FLY and result.reason is FallbackReason.FEATURE_STORE_UNAVAILABLE
+    recaller.reader = None  # the breaker is open: the store is not even called
+    assert recaller.recall_many([q("alice")], Deadline(1.0))[0].reason is FallbackReason.FEATURE_STORE_UNAVAILABLE
+    clock[0] = 2.0
+    recaller.reader = DownStore()
+    assert recaller.recall_many([q("alice")], Deadline(1.0))[0].path is Path.POPULAR_FALLBACK
+
+
+def test_vector_search_down_falls_back_to_popular_or_raises_when_fallback_is_off(world):
+    recaller, search, *_ = world
+    search.failure = BackendUnavailable("Milvus down")
+    [result] = recaller.recall_many([q("alice", exclude_item_ids=["i3"])], Deadline(1.0))
+    assert result.path is Path.POPULAR_FALLBACK and result.reason is FallbackReason.VECTOR_SEARCH_UNAVAILABLE
+    assert {"i1", "i2", "i3"}.isdisjoint(r for r, _, _ in result.items)  # window and exclusions still dropped
+    recaller.fallback_on_outage = False
+    recaller.search_breaker.succeeded()
+    with pytest.raises(BackendUnavailable, match="vector search unavailable"):
+        recaller.recall_many([q("alice")], Deadline(1.0))
+    recaller.reader = DownStore()
+    with pytest.raises(BackendUnavailable, match="feature store unavailable"):
+        recaller.recall_many([q("alice")], Deadline(1.0))
+
+
+def test_no_published_model_is_unavailable_for_unknown_users(world):
+    recaller, *_ = world
+    recaller.models = FakeModels(None)
+    assert recaller.recall_many([q("alice")], Deadline(1.0))[0].path is Path.STORED_INTERESTS  # needs no model
+    with pytest.raises(BackendUnavailable, match="model_export publish"):
+        recaller.recall_many([q("nobody")], Deadline(1.0))
+
+
+def test_a_corrupt_record_fails_only_its_user(world):
+    recaller, _, store, *_ = world
+    store.rows["mallory"] = {b"schema": b"1", b"k": b"2"}
+    alice, mallory = recaller.recall_many([q("alice"), q("mallory")], Deadline(1.0))
+    assert alice.path is Path.STORED_INTERESTS
+    assert mallory.path is Path.POPULAR_FALLBACK and mallory.reason is FallbackReason.CORRUPT_RECORD
+
+
+def test_the_deadline_bounds_the_search_and_stops_late_work(world):
+    recaller, search, *_ = world
+    recaller.search_timeout_s = 5.0
+    recaller.recall_many([q("alice")], Deadline(0.25))
+    assert 0 < search.calls[0][4] <= 0.25
+    clock = [0.0]
+    late = Deadline(0.1, clock=lambda: clock[0])
+    clock[0] = 0.2
+    with pytest.raises(DeadlineExceeded, match="feature store"):
+        recaller.recall_many([q("alice")], late)
+
+
+# -- coalesced searches -------------------------------------------------------------------------
+
+
+class GatedSearch(FakeSearch):
+    """The first call blocks until `gate` is set, so that others queue up behind it."""
+
+    def __init__(self, catalogs):
+        super().__init__(catalogs)
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def search(self, version, vectors, limit, expr, timeout_s):
+        self.entered.set()
+        self.gate.wait(5)
+        return super().search(version, vectors, limit, expr, timeout_s)
+
+
+def test_concurrent_searches_go_out_as_one_call_and_get_their_own_rows(world):
+    from recall_service.coalesce import CoalescingSearch
+
+    _, _, _, catalogs, _ = world
+    inner = GatedSearch(catalogs)
+    search = CoalescingSearch(inner, max_vectors=64)
+    rng = np.random.default_rng(3)
+    asks = [(rng.standard_normal((k, DIM)).astype(np.float32), limit) for k, limit in ((2, 5), (1, 9), (3, 4), (2, 7))]
+    results = [None] * len(asks)
+
+    def ask(i):
+        results[i] = search.search("A", asks[i][0], asks[i][1], ACTIVE_ONLY, 5.0)
+
+    first = threading.Thread(target=ask, args=(0,))
+    first.start()
+    inner.entered.wait(5)  # the first call is in flight: the others queue
+    others = [threading.Thread(target=ask, args=(i,)) for i in (1, 2, 3)]
+    for t in others:
+        t.start()
+    while sum(len(q) for q in search._queues.values()) < 3:
+        time.sleep(0.001)
+    inner.gate.set()
+    for t in [first, *others]:
+        t.join(5)
+    assert [(c[1], c[2]) for c in inner.calls] == [(2, 5), (1 + 3 + 2, 9)]  # one call for the three that waited
+    for (vectors, limit), got in zip(asks, results):
+        alone = FakeSearch(catalogs).search("A", vectors, limit, ACTIVE_ONLY, 1.0)
+        assert got.item_ids.tolist() == alone.item_ids.tolist() and got.raw_ids.tolist() == alone.raw_ids.tolist()
+    assert not search._in_flight and not search._queues
+
+
+def test_a_coalesced_search_shares_errors_and_a_waiter_can_give_up(world):
+    from recall_service.coalesce import CoalescingSearch
+
+    _, _, _, catalogs, _ = world
+    inner = GatedSearch(catalogs)
+    search = CoalescingSearch(inner)
+    outcomes = {}
+
+    def ask(name, timeout):
+        try:
+            outcomes[name] = search.search("A", np.ones((1, DIM), np.float32), 3, ACTIVE_ONLY, timeout).item_ids.shape
+        except Exception as exc:
+            outcomes[name] = type(exc).__name__
+
+    first = threading.Thread(target=ask, args=("first", 5.0))
+    first.start()
+    inner.entered.wait(5)
+    ask("impatient", 0.05)  # the first call holds the collection past this one's deadline
+    assert outcomes["impatient"] == "DeadlineExceeded"
+    inner.failure = BackendUnavailable("Milvus down")
+    late = threading.Thread(target=ask, args=("late", 5.0))
+    late.start()
+    while not search._queues.get(("A", ACTIVE_ONLY)):
+        time.sleep(0.001)
+    inner.gate.set()
+    first.join(5)
+    late.join(5)
+    assert outcomes == {"impatient": "DeadlineExceeded", "first": "BackendUnavailable", "late": "BackendUnavailable"}
+    assert len(inner.calls) == 2 and not search._in_flight

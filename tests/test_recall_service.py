@@ -1,0 +1,359 @@
+"""The recall service end to end: real Redis (EmbeddedRedis), Milvus Lite (a file), the model
+registry with two published versions, the gRPC server in this process and real gRPC clients
+(Python, and Node through the .proto file)."""
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from infra.config import Config, MilvusConfig, PathsConfig, RecallServiceConfig, RedisConfig
+from infra.redis_server import EmbeddedRedis, free_port
+from model_export.artifact import ModelArtifact, UserTower
+from model_export.publish import connect, publish
+from model_export.registry import ModelRegistry
+from recall_service.server import RecallServer
+from recall_service.stubs import PROTO_ROOT, SERVICE_NAME, recall_pb2, recall_pb2_grpc
+from streaming.feature_store import InterestRecord, RedisFeatureStore
+
+from conftest import REPO
+
+PREFIX = "mindstream_items"
+STORED, ON_THE_FLY, POPULAR = recall_pb2.RECALL_PATH_STORED_INTERESTS, recall_pb2.RECALL_PATH_COMPUTED_ON_THE_FLY, recall_pb2.RECALL_PATH_POPULAR_FALLBACK
+WINDOW = ("i1", "i2", "i3", "i16", "i17", "i18", "i31", "i32")
+
+
+def service_config(root: Path, redis_uri: str, milvus_uri: str, **recall) -> Config:
+    return Config(paths=PathsConfig(models_dir=root / "models"), redis=RedisConfig(uri=redis_uri), milvus=MilvusConfig(uri=milvus_uri),
+                  recall=RecallServiceConfig(port=0, metrics_port=0, health_interval_ms=200, **recall))
+
+
+@dataclasses.dataclass
+class Stack:
+    root: Path
+    config: Config
+    server: RecallServer
+    stub: recall_pb2_grpc.RecallServiceStub
+    channel: grpc.Channel
+    artifacts: dict  # version -> ModelArtifact
+    old: str  # version A: published first, no longer current nor aliased
+    new: str  # version B: current, alias target
+    store: RedisFeatureStore
+
+    def recall(self, **fields):
+        return self.stub.Recall(recall_pb2.RecallRequest(**fields), timeout=10)
+
+
+@pytest.fixture(scope="module")
+def stack(two_exports, tmp_path_factory):
+    root = tmp_path_factory.mktemp("recall")
+    registry = ModelRegistry(root / "models")
+    milvus_uri = str(root / "milvus.db")
+    client = connect(milvus_uri)
+    versions = []
+    for export in two_exports:  # as `python -m model_export publish` does: install, publish, make current
+        version = registry.install(export).model_version
+        publish(registry.path(version), client, PREFIX, progress=lambda m: None)
+        registry.set_current(version)
+        versions.append(version)
+    artifacts = {v: ModelArtifact.load(registry.path(v)) for v in versions}
+    with EmbeddedRedis(root / "redis") as redis_server:
+        config = service_config(root, redis_server.uri, milvus_uri)
+        store = RedisFeatureStore.from_config(config.redis)
+        old, new = versions
+        for user, version in (("user-old", old), ("user-new", new)):
+            interests = UserTower(artifacts[version], prefer_gpu=False).interests([WINDOW])[0]
+            store.put_many([InterestRecord(user, version, interests, WINDOW, 1, "0:1")])
+        with RecallServer(config) as server:
+            channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+            yield Stack(root, config, server, recall_pb2_grpc.RecallServiceStub(channel), channel, artifacts, old, new, store)
+            channel.close()
+
+
+def exact_merge(artifact: ModelArtifact, interests: np.ndarray, n: int, excluded, keep=None):
+    """The reference: every catalog item at its best inner product over the interests, excluded
+    items dropped, top n (what a FLAT index and the papers' merge must return)."""
+    scores = interests @ artifact.item_vectors().T
+    best = scores.max(axis=0)
+    rows = [i for i in np.argsort(-best, kind="stable") if artifact.raw_items[i] not in excluded
+            and (keep is None or keep("|".join(artifact.item_side[i])))][:n]
+    return [artifact.raw_items[i] for i in rows], best[rows], [int(scores[:, i].argmax()) for i in rows]
+
+
+def assert_same(response, expected):
+    ids, scores, interests = expected
+    assert [i.item_id for i in response.items] == ids
+    np.testing.assert_allclose([i.score for i in response.items], scores, rtol=1e-4, atol=1e-5)
+    assert [i.interest_index for i in response.items] == interests
+
+
+def stored_interests(stack, user):
+    return stack.store.get_many([user])[0].interests
+
+
+def test_stored_path_equals_the_exact_merge_in_the_records_version(stack):
+    for user, version in (("user-new", stack.new), ("user-old", stack.old)):
+        response = stack.recall(user_id=user, n=12, exclude_item_ids=["i5", "i20"])
+        assert response.path == STORED and response.model_version == version
+        assert response.fallback_reason == recall_pb2.FALLBACK_REASON_UNSPECIFIED
+        assert_same(response, exact_merge(stack.artifacts[version], stored_interests(stack, user), 12, {"i5", "i20", *WINDOW}))
+
+
+def test_a_record_of_the_old_version_is_answered_from_its_own_collection(stack):
+    """The alias and CURRENT point at the new version; the old record must not be searched there."""
+    response = stack.recall(user_id="user-old", n=10)
+    interests = stored_interests(stack, "user-old")
+    assert response.model_version == stack.old
+    assert_same(response, exact_merge(stack.artifacts[stack.old], interests, 10, set(WINDOW)))
+    wrong = exact_merge(stack.artifacts[stack.new], interests, 10, set(WINDOW))
+    assert [i.item_id for i in response.items] != wrong[0]
+
+
+def test_filter_is_applied_by_milvus_like_the_reference_predicate(stack):
+    response = stack.recall(user_id="user-new", n=8, filter='category like "item_genre=g1%" and active == true')
+    assert response.items and all(i.item_id for i in response.items)
+    expected = exact_merge(stack.artifacts[stack.new], stored_interests(stack, "user-new"), 8, set(WINDOW), keep=lambda c: c.startswith("item_genre=g1"))
+    assert_same(response, expected)
+
+
+def test_quota_policy_spreads_the_result_over_the_interests(stack):
+    k = len(stored_interests(stack, "user-new"))
+    response = stack.recall(user_id="user-new", n=2 * k, merge_policy=recall_pb2.MERGE_POLICY_QUOTA)
+    assert len(response.items) == 2 * k and len({i.item_id for i in response.items}) == 2 * k
+    assert sorted(i.interest_index for i in response.items) == sorted(list(range(k)) * 2)
+    assert not set(WINDOW) & {i.item_id for i in response.items}
+
+
+def test_unknown_user_with_recent_items_gets_interests_on_the_fly_from_the_current_model(stack):
+    recent = ["i40", "i41", "i45", "i50", "i52"]
+    response = stack.recall(user_id="newcomer", n=10, recent_item_ids=recent)
+    assert response.path == ON_THE_FLY and response.model_version == stack.new
+    assert response.fallback_reason == recall_pb2.FALLBACK_REASON_UNKNOWN_USER
+    interests = UserTower(stack.artifacts[stack.new], prefer_gpu=False).interests([recent])[0]
+    assert_same(response, exact_merge(stack.artifacts[stack.new], interests, 10, set(recent)))
+
+
+def test_unknown_user_without_known_items_gets_popular_items_with_exclusions_and_filter(stack):
+    artifact = stack.artifacts[stack.new]
+    response = stack.recall(user_id="stranger", n=5, exclude_item_ids=[artifact.raw_items[int(np.argmax(artifact.popularity))]],
+                            recent_item_ids=["never-seen"], filter='category like "item_genre=g2%"')
+    assert response.path == POPULAR and response.fallback_reason == recall_pb2.FALLBACK_REASON_NO_KNOWN_RECENT_ITEMS
+    order = [i for i in np.argsort(-artifact.popularity, kind="stable") if "|".join(artifact.item_side[i]).startswith("item_genre=g2")]
+    expected = [artifact.raw_items[i] for i in order if i != int(np.argmax(artifact.popularity))][:5]
+    assert [i.item_id for i in response.items] == expected
+    assert all(i.interest_index == -1 for i in response.items)
+    assert [i.score for i in response.items] == [float(artifact.popularity[artifact.item_index[r] - 1]) for r in expected]
+
+
+def test_batch_recall_answers_each_request_like_recall(stack):
+    requests = [recall_pb2.RecallRequest(user_id="user-old", n=5), recall_pb2.RecallRequest(user_id="user-new", n=7, exclude_item_ids=["i9"]),
+                recall_pb2.RecallRequest(user_id="nobody", n=3, recent_item_ids=["i7", "i8"]), recall_pb2.RecallRequest(user_id="nobody", n=4)]
+    batch = stack.stub.BatchRecall(recall_pb2.BatchRecallRequest(requests=requests), timeout=10)
+    assert [r.path for r in batch.responses] == [STORED, STORED, ON_THE_FLY, POPULAR]
+    for request, response in zip(requests, batch.responses):
+        single = stack.stub.Recall(request, timeout=10)
+        assert [i.item_id for i in response.items] == [i.item_id for i in single.items]
+        assert response.model_version == single.model_version
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"n": 0}, "n: 0 is out of range"),
+    ({"n": 1001}, "ask for 1..1000"),
+    ({"n": 5, "filter": "category ="}, "filter: unexpected character '='"),
+    ({"n": 5, "filter": 'category like "%g1%"'}, "prefix pattern"),
+    ({"n": 5, "exclude_item_ids": [f"x{i}" for i in range(5001)]}, "exclude_item_ids: 5001 ids, at most 5000"),
+    ({"n": 5, "merge_policy": 7}, "merge_policy: unknown value 7"),
+    ({"n": 5, "per_interest_n": 100_000}, "per_interest_n"),
+    ({"n": 5, "exclude_item_ids": ["x" * 250] * 4500}, "bytes, at most 1048576"),
+])
+def test_bad_input_is_invalid_argument_with_a_message(stack, fields, message):
+    with pytest.raises(grpc.RpcError) as error:
+        stack.recall(user_id="user-new", **fields)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details()
+
+
+def test_a_batch_names_the_bad_request_and_is_bounded(stack):
+    requests = [recall_pb2.RecallRequest(user_id="a", n=1), recall_pb2.RecallRequest(user_id="b", n=-1)]
+    with pytest.raises(grpc.RpcError) as error:
+        stack.stub.BatchRecall(recall_pb2.BatchRecallRequest(requests=requests), timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error.value.details().startswith("requests[1].n:")
+    with pytest.raises(grpc.RpcError) as error:
+        stack.stub.BatchRecall(recall_pb2.BatchRecallRequest(requests=[recall_pb2.RecallRequest(user_id="a", n=1)] * 65), timeout=10)
+    assert "at most 64" in error.value.details()
+
+
+def test_no_input_yields_internal(stack):
+    rng = random.Random(4)
+    alphabet = 'categoryactivelikeinnotandor=!()[]",%_ \'|&\x00\u00e9\U0001f600truefalse0123456789<>;'
+    codes = set()
+    for _ in range(150):
+        text = lambda k: "".join(rng.choice(alphabet) for _ in range(rng.randint(0, k)))  # noqa: E731
+        request = recall_pb2.RecallRequest(
+            user_id=rng.choice(["user-new", "user-old", "", text(12), "u" * 300]), n=rng.choice([-3, 0, 1, 5, 50, 1000, 1001, 2**31 - 1]),
+            exclude_item_ids=[text(8) for _ in range(rng.randint(0, 4))], recent_item_ids=[rng.choice(["i3", text(6)]) for _ in range(rng.randint(0, 3))],
+            filter=rng.choice(["", text(30), 'category == "item_genre=g0|item_genre=gx"', 'not active == false']),
+            per_interest_n=rng.choice([0, 1, 7, 2000, 2001, -1]), merge_policy=rng.choice([0, 1, 2, 3, -1]))
+        try:
+            stack.stub.Recall(request, timeout=10)
+            codes.add(grpc.StatusCode.OK)
+        except grpc.RpcError as exc:
+            codes.add(exc.code())
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT} and len(codes) == 2
+    assert stack.server.metrics.unexpected.labels("Recall")._value.get() == 0
+
+
+def test_health_reflection_and_metrics(stack):
+    health_stub = health_pb2_grpc.HealthStub(stack.channel)
+    for service in ("", SERVICE_NAME):
+        assert health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    reflected = ProtoReflectionDescriptorDatabase(stack.channel)
+    assert SERVICE_NAME in reflected.get_services()
+    assert reflected.FindFileContainingSymbol(SERVICE_NAME).name == "mindstream/recall/v1/recall.proto"
+
+    stack.recall(user_id="user-new", n=3)
+    with pytest.raises(grpc.RpcError):
+        stack.recall(user_id="user-new", n=0)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{stack.server.metrics_port}/metrics", timeout=5).read().decode()
+    for needle in ('mindstream_recall_latency_seconds_bucket{le="0.003",path="stored_interests",stage="vector_search"}',
+                   'mindstream_recall_latency_seconds_count{path="stored_interests",stage="total"}',
+                   'mindstream_recall_requests_total{code="INVALID_ARGUMENT",method="Recall"}',
+                   'mindstream_recall_requests_total{code="OK",method="Recall"}',
+                   'mindstream_recall_result_items_bucket', f'mindstream_recall_model_info{{model_version="{stack.new}"}} 1.0'):
+        assert needle in text, needle
+
+
+def test_redis_down_falls_back_fast_or_is_unavailable_when_configured(stack):
+    with EmbeddedRedis(stack.root / "redis-down") as redis_server:
+        store = RedisFeatureStore.from_config(RedisConfig(uri=redis_server.uri))
+        store.put_many([stack.store.get_many(["user-new"])[0]])
+        for fallback in (True, False):
+            config = service_config(stack.root, redis_server.uri, stack.config.milvus.uri, fallback_on_outage=fallback)
+            server = RecallServer(config, search=stack.server.search, models=stack.server.models).start()
+            try:
+                stub = recall_pb2_grpc.RecallServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+                request = recall_pb2.RecallRequest(user_id="user-new", n=5, recent_item_ids=["i3", "i4"])
+                if fallback:
+                    assert stub.Recall(request, timeout=5).path == STORED
+                    redis_server.stop()
+                for _ in range(3):  # the first call meets the dead socket, the next ones the open breaker
+                    started = time.monotonic()
+                    if fallback:
+                        response = stub.Recall(request, timeout=5)
+                        assert response.path == ON_THE_FLY and response.fallback_reason == recall_pb2.FALLBACK_REASON_FEATURE_STORE_UNAVAILABLE
+                    else:
+                        with pytest.raises(grpc.RpcError) as error:
+                            stub.Recall(request, timeout=5)
+                        assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "feature store" in error.value.details()
+                    assert time.monotonic() - started < 0.5
+                assert not server.probe()  # health: NOT_SERVING
+            finally:
+                server.stop()
+
+
+def test_milvus_down_serves_popular_items_at_once(stack):
+    config = service_config(stack.root, stack.config.redis.uri, f"http://127.0.0.1:{free_port()}")
+    server = RecallServer(config, models=stack.server.models)
+    server.search.connect_timeout_s = 0.3
+    server.start()
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        started = time.monotonic()
+        response = recall_pb2_grpc.RecallServiceStub(channel).Recall(recall_pb2.RecallRequest(user_id="user-new", n=4), timeout=5)
+        assert time.monotonic() - started < 0.5
+        assert response.path == POPULAR and response.fallback_reason == recall_pb2.FALLBACK_REASON_VECTOR_SEARCH_UNAVAILABLE
+        assert not set(WINDOW) & {i.item_id for i in response.items}
+    finally:
+        server.stop()
+
+
+class SlowSearch:
+    def __init__(self, inner, delay_s):
+        self.inner, self.delay_s, self.timeouts = inner, delay_s, []
+
+    def search(self, version, vectors, limit, expr, timeout_s):
+        self.timeouts.append(timeout_s)
+        time.sleep(min(self.delay_s, timeout_s))
+        return self.inner.search(version, vectors, limit, expr, timeout_s)
+
+    def ping(self):
+        self.inner.ping()
+
+
+def test_the_client_deadline_bounds_the_work(stack):
+    slow = SlowSearch(stack.server.search, delay_s=1.0)
+    server = RecallServer(stack.config, reader=stack.server.reader, search=slow, models=stack.server.models).start()
+    try:
+        stub = recall_pb2_grpc.RecallServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Recall(recall_pb2.RecallRequest(user_id="user-new", n=5), timeout=0.2)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 0.5
+        assert slow.timeouts and slow.timeouts[0] <= 0.2  # the search got the remaining budget, not its own cap
+    finally:
+        server.stop()
+
+
+def test_bearer_token_and_tls(stack, tmp_path):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    config = dataclasses.replace(stack.config, recall=dataclasses.replace(stack.config.recall, auth_token="s3cret", tls_certfile=str(cert), tls_keyfile=str(key)))
+    server = RecallServer(config, reader=stack.server.reader, search=stack.server.search, models=stack.server.models).start()
+    try:
+        channel = grpc.secure_channel(f"localhost:{server.port}", grpc.ssl_channel_credentials(cert.read_bytes()))
+        stub = recall_pb2_grpc.RecallServiceStub(channel)
+        request = recall_pb2.RecallRequest(user_id="user-new", n=3)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Recall(request, timeout=5)
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Recall(request, timeout=5, metadata=[("authorization", "Bearer wrong")])
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.Recall(request, timeout=5, metadata=[("authorization", "Bearer s3cret")]).path == STORED
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)  # probes need no token
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as error:  # plaintext is refused by a TLS port
+            recall_pb2_grpc.RecallServiceStub(grpc.insecure_channel(f"localhost:{server.port}")).Recall(request, timeout=2)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
+
+
+def test_recall_from_node_through_the_proto_file(stack):
+    if not (shutil.which("node") and shutil.which("npm")):
+        pytest.skip("node and npm are not installed: the Node client test needs them")
+    client_dir = REPO / "recall_service" / "clients" / "node"
+    subprocess.run([str(client_dir / "install.sh")], check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "NODE_PATH": str(REPO / "var" / "node" / "node_modules")}
+
+    def node(request: dict) -> tuple[int, dict]:
+        done = subprocess.run(["node", str(client_dir / "recall.js"), f"127.0.0.1:{stack.server.port}", str(PROTO_ROOT), json.dumps(request)],
+                              capture_output=True, text=True, env=env, timeout=60)
+        return done.returncode, json.loads(done.stdout)
+
+    status, answer = node({"user_id": "user-old", "n": 6, "exclude_item_ids": ["i5"], "merge_policy": "MERGE_POLICY_QUOTA"})
+    python = stack.recall(user_id="user-old", n=6, exclude_item_ids=["i5"], merge_policy=recall_pb2.MERGE_POLICY_QUOTA)
+    assert status == 0 and answer["path"] == "RECALL_PATH_STORED_INTERESTS" and answer["model_version"] == stack.old
+    assert [i["item_id"] for i in answer["items"]] == [i.item_id for i in python.items]
+    assert [i["interest_index"] for i in answer["items"]] == [i.interest_index for i in python.items]
+    status, answer = node({"user_id": "user-old", "n": 0})
+    assert status == 1 and answer["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "n: 0" in answer["details"]
