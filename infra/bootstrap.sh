@@ -21,3 +21,5 @@ if [ ! -f "$stamp" ]; then
 fi
 .venv/bin/python -m infra jars >/dev/null  # Flink's Kafka connector, extracted once into var/jars
 infra/install_prometheus.sh  # Prometheus + promtool from Debian's package into var/prometheus, once
+# the recall service's gRPC stubs, generated from recall.proto (git-ignored; regenerated when stale)
+.venv/bin/python -m recall_service stubs >/dev/null

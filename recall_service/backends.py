@@ -22,7 +22,7 @@ from model_export.publish import collection_name
 from recall_service.filters import ItemFilter
 from recall_service.merge import MISSING_ITEM
 from recall_service.query import InvalidRequest
-from recall_service.recaller import BackendUnavailable, DeadlineExceeded, SearchHits, VersionRetired
+from recall_service.recaller import BackendUnavailable, DeadlineExceeded, SearchHits, SearchRejected, VersionRetired
 from streaming.feature_store import InterestRecord
 
 log = logging.getLogger(__name__)
@@ -132,17 +132,14 @@ class MilvusItemSearch:
                 raise VersionRetired(f"model version {model_version}: {reason}")
             if "expression" in lowered or "query plan" in lowered or "unknown field" in lowered:
                 raise InvalidRequest(f"filter: the vector store rejected it: {reason}")
-            raise BackendUnavailable(f"Milvus search in {name} failed after {time.monotonic() - started:.3f}s: {reason}")
+            raise SearchRejected(f"Milvus search in {name} failed after {time.monotonic() - started:.3f}s: {reason}")
         return _hits(response.results, len(vectors), limit)
 
     def ping(self) -> None:
+        client = self.connect()
         try:
-            self.connect().describe_alias(alias=self.prefix, timeout=self.connect_timeout_s)
-        except BackendUnavailable:
-            raise
-        except Exception as exc:
-            if "alias" in str(exc).lower() and "not" in str(exc).lower():
-                return  # reachable; nothing published yet
+            client.get_server_version(timeout=self.connect_timeout_s)
+        except Exception as exc:  # pymilvus wraps transport errors in several exception types
             raise BackendUnavailable(f"Milvus at {self.uri}: {exc}") from None
 
 
@@ -241,7 +238,10 @@ class RegistryModels:
             with self._lock:
                 model = self._loaded.get(version)
                 if model is None:
-                    model = LoadedModel(self.registry.path(version), self.prefer_gpu, self.popular_depth)
+                    try:
+                        model = LoadedModel(self.registry.path(version), self.prefer_gpu, self.popular_depth)
+                    except Exception as exc:  # missing, tampered with or unreadable: no request can fix it
+                        raise BackendUnavailable(f"current model {version} cannot be loaded: {exc}") from None
                     self._loaded[version] = model
                     while len(self._loaded) > 2:
                         self._loaded.popitem(last=False)

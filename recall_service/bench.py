@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -320,6 +321,7 @@ def bench_backend(backend: str, catalog_dir: Path, users, interests, args, root:
             report["ef_tuning"], report["ef"] = table, ef
         report["ef"] = search.ef
 
+        shutil.rmtree(root / f"redis-{backend}", ignore_errors=True)  # records are rewritten: no old file to load
         redis_server = stack.enter_context(EmbeddedRedis(root / f"redis-{backend}"))
         store = RedisFeatureStore.from_config(dataclasses.replace(load_config().redis, uri=redis_server.uri))
         for start in range(0, len(users), 1000):

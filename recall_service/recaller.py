@@ -37,6 +37,11 @@ class BackendUnavailable(RuntimeError):
     """A backend (feature store, vector search, model registry) cannot answer now."""
 
 
+class SearchRejected(BackendUnavailable):
+    """The vector store answered but refused this one search (a data problem, not an outage):
+    the requests fall back, the circuit breaker stays closed."""
+
+
 class DeadlineExceeded(RuntimeError):
     """The request's deadline passed before the work was done."""
 
@@ -232,8 +237,16 @@ class Recaller:
                 p.reason, p.record = FallbackReason.STORED_VERSION_RETIRED, None
                 retired_to.append(p)
             return
-        except BackendUnavailable as exc:
+        except DeadlineExceeded:
+            if deadline.remaining() <= 0:
+                raise
+            # the search's own cap, not the request's deadline, ran out: Milvus is too slow now
             self.search_breaker.failed()
+            self._attribute(group, "vector_search", self.clock() - started)
+            return self._search_down(group, popular, f"no answer within {timeout * 1e3:.0f} ms")
+        except BackendUnavailable as exc:
+            if not isinstance(exc, SearchRejected):
+                self.search_breaker.failed()
             self._attribute(group, "vector_search", self.clock() - started)
             return self._search_down(group, popular, str(exc))
         self.search_breaker.succeeded()

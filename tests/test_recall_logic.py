@@ -288,6 +288,18 @@ def test_vector_search_down_falls_back_to_popular_or_raises_when_fallback_is_off
         recaller.recall_many([q("alice")], Deadline(1.0))
 
 
+def test_a_rejected_search_falls_back_without_opening_the_breaker_and_a_slow_one_opens_it(world):
+    from recall_service.recaller import SearchRejected
+
+    recaller, search, *_ = world
+    search.failure = SearchRejected("dimension mismatch")
+    assert recaller.recall_many([q("alice")], Deadline(1.0))[0].reason is FallbackReason.VECTOR_SEARCH_UNAVAILABLE
+    assert recaller.search_breaker.allow()  # one bad search says nothing about Milvus
+    search.failure = DeadlineExceeded("no answer within 500 ms")  # the search's own cap, the request has time left
+    assert recaller.recall_many([q("alice")], Deadline(5.0))[0].reason is FallbackReason.VECTOR_SEARCH_UNAVAILABLE
+    assert not recaller.search_breaker.allow()
+
+
 def test_no_published_model_is_unavailable_for_unknown_users(world):
     recaller, *_ = world
     recaller.models = FakeModels(None)
