@@ -31,19 +31,19 @@ def _stamp() -> str:
     return f"{digest} grpcio-tools=={importlib.metadata.version('grpcio-tools')}\n"
 
 
-def generate(force: bool = False) -> Path:
-    """(Re)generates the stubs unless the stamp says they are current; returns the folder."""
+def generate(target: Path = GENERATED_DIR, force: bool = False) -> Path:
+    """(Re)generates the stubs into `target` unless its stamp says they are current."""
     stamp = _stamp()
-    stamp_path = GENERATED_DIR / STAMP_FILE
+    stamp_path = target / STAMP_FILE
     if not force and stamp_path.is_file() and stamp_path.read_text() == stamp:
-        return GENERATED_DIR
-    with open(PACKAGE_DIR / "_generated.lock", "w") as lock:
+        return target
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not force and stamp_path.is_file() and stamp_path.read_text() == stamp:
-            return GENERATED_DIR  # another process generated them while we waited
+            return target  # another process generated them while we waited
         from grpc_tools import protoc
 
-        staging = PACKAGE_DIR / "_generated.staging"
+        staging = target.with_name(target.name + ".staging")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={staging}", f"--grpc_python_out={staging}", f"--pyi_out={staging}", PROTO_FILE]
@@ -51,9 +51,9 @@ def generate(force: bool = False) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
             raise RuntimeError(f"protoc failed on {PROTO_ROOT / PROTO_FILE}; run `python -m grpc_tools.protoc {' '.join(args[1:])}` to see why")
         (staging / STAMP_FILE).write_text(stamp)
-        shutil.rmtree(GENERATED_DIR, ignore_errors=True)
-        staging.rename(GENERATED_DIR)
-    return GENERATED_DIR
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
 
 
 def _load():

@@ -404,3 +404,16 @@ def test_a_coalesced_search_shares_errors_and_a_waiter_can_give_up(world):
     late.join(5)
     assert outcomes == {"impatient": "DeadlineExceeded", "first": "BackendUnavailable", "late": "BackendUnavailable"}
     assert len(inner.calls) == 2 and not search._in_flight
+
+
+def test_stubs_are_regenerated_only_when_the_proto_or_the_generator_changes(tmp_path):
+    from recall_service import stubs
+
+    target = stubs.generate(tmp_path / "generated")
+    module = target / "mindstream" / "recall" / "v1" / "recall_pb2.py"
+    first = module.stat().st_mtime_ns
+    assert stubs.generate(target).samefile(target) and module.stat().st_mtime_ns == first  # current: untouched
+    (target / stubs.STAMP_FILE).write_text("an older recall.proto\n")
+    stubs.generate(target)
+    assert (target / stubs.STAMP_FILE).read_text() == stubs._stamp() and module.stat().st_mtime_ns != first
+    assert "mindstream/recall/v1/recall.proto" in module.read_text()
