@@ -112,7 +112,7 @@ class RecallServiceConfig:
     fallback_on_outage: bool = True  # False: store / Milvus down -> UNAVAILABLE instead of a fallback path
     search_ef: int = 128  # HNSW ef (raised to the per-interest limit when smaller)
     search_batch_vectors: int = 256  # concurrent searches share one Milvus call up to this many vectors; 0 = never
-    workers: int = 16  # gRPC handler threads
+    workers: int = 32  # gRPC handler threads: more requests in flight = larger shared Milvus searches (32 beat 16 in the bench)
     max_concurrent_rpcs: int = 256  # beyond: RESOURCE_EXHAUSTED at once instead of an unbounded queue
 
 

@@ -1,10 +1,11 @@
 """The I/O adapters behind the interfaces of recaller.py: Redis, Milvus and the model registry.
 
-MilvusItemSearch sends the search request of pymilvus (built by its own `Prepare`, so the wire
-format is the pinned client's) through the client's gRPC stub and reads the reply with numpy:
-pymilvus' `SearchResult` builds a Python object per hit, which costs ~13 ms for 4 x 250 hits
-with an output field, several times the search itself. It connects lazily, so the service starts
-and answers (fallback) while Milvus is down.
+MilvusItemSearch sends the search request of pymilvus (a template built by its own `Prepare`, so
+the wire format is the pinned client's, copied with new vectors per call) through the client's
+gRPC stub and reads the reply with numpy: pymilvus' `SearchResult` builds a Python object per
+hit, which cost ~13 ms for 4 x 250 hits with an output field, several times the search itself.
+The client is created by the first health probe, so the service starts and answers (fallback)
+while Milvus is down; a collection found released is loaded in the background.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class MilvusItemSearch:
         self._lock = threading.Lock()
         self._collections: dict[str, str] = {}  # model version -> collection name
         self._templates: dict[tuple, object] = {}  # (collection, limit, ef, filter) -> SearchRequest
+        self._loading: set[str] = set()  # collections being loaded in the background
 
     def connect(self):
         """The pymilvus client, created by the first call (the server's health probe, so no request
@@ -130,10 +132,32 @@ class MilvusItemSearch:
             lowered = reason.lower()
             if "collection not found" in lowered or "does not exist" in lowered:  # Milvus server / Milvus Lite
                 raise VersionRetired(f"model version {model_version}: {reason}")
+            if "not loaded" in lowered or "call load()" in lowered:  # e.g. Milvus Lite after a restart
+                self._load_in_background(client, name)
+                raise SearchRejected(f"{name} is not loaded; loading it now (requests fall back meanwhile)")
             if "expression" in lowered or "query plan" in lowered or "unknown field" in lowered:
                 raise InvalidRequest(f"filter: the vector store rejected it: {reason}")
             raise SearchRejected(f"Milvus search in {name} failed after {time.monotonic() - started:.3f}s: {reason}")
         return _hits(response.results, len(vectors), limit)
+
+    def _load_in_background(self, client, name: str) -> None:
+        """Loads a released collection without holding up requests (a large one takes minutes)."""
+        with self._lock:
+            if name in self._loading:
+                return
+            self._loading.add(name)
+
+        def load() -> None:
+            try:
+                client.load_collection(name, timeout=600)
+                log.info("loaded %s", name)
+            except Exception as exc:  # the next search that needs it tries again
+                log.warning("cannot load %s: %s", name, exc)
+            finally:
+                with self._lock:
+                    self._loading.discard(name)
+
+        threading.Thread(target=load, name=f"load-{name}", daemon=True).start()
 
     def ping(self) -> None:
         client = self.connect()

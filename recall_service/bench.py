@@ -269,6 +269,12 @@ def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def source_maxlen(catalog_dir: Path) -> int:
+    from model_export.manifest import Manifest
+
+    return Manifest.load(catalog_dir, verify=False).maxlen
+
+
 def tune_ef(search, version: str, vectors: np.ndarray, queries: np.ndarray, efs: list[int], target: float, log, k: int = 200) -> tuple[int, list[dict]]:
     """ANN recall@k against exact search for each ef; the smallest ef reaching `target` (else the best)."""
     exact = exact_top(vectors, queries, k)
@@ -281,10 +287,10 @@ def tune_ef(search, version: str, vectors: np.ndarray, queries: np.ndarray, efs:
         seconds = time.perf_counter() - started
         found = np.concatenate(found)
         recall = float(np.mean([len(set(f.tolist()) & set(e.tolist())) / k for f, e in zip(found, exact)]))
-        table.append({"ef": ef, "recall_at_200": round(recall, 4), "ms_per_query_vector": round(seconds / len(queries) * 1e3, 3)})
+        table.append({"ef": ef, "k": k, "recall": round(recall, 4), "ms_per_query_vector": round(seconds / len(queries) * 1e3, 3)})
         log(f"  ef {ef:4d}: ANN recall@{k} {recall:.4f} over {len(queries)} interest vectors ({seconds / len(queries) * 1e3:.2f} ms per vector, batches of 16)")
-    good = [row for row in table if row["recall_at_200"] >= target]
-    chosen = min(good, key=lambda row: row["ef"]) if good else max(table, key=lambda row: row["recall_at_200"])
+    good = [row for row in table if row["recall"] >= target]
+    chosen = min(good, key=lambda row: row["ef"]) if good else max(table, key=lambda row: row["recall"])
     return chosen["ef"], table
 
 
@@ -311,14 +317,16 @@ def bench_backend(backend: str, catalog_dir: Path, users, interests, args, root:
 
         search = MilvusItemSearch(milvus.uri, prefix=PREFIX, ef=args.ef or recall_config.search_ef, connect_timeout_s=30)
         search.connect()
+        sample = random.Random(0).sample(range(len(interests)), 250)
+        queries = np.concatenate([interests[i] for i in sample])
+        vectors = np.load(catalog_dir / "item_vectors.npy", mmap_mode="r")
         if args.scale:
-            sample = random.Random(0).sample(range(len(interests)), 250)
-            queries = np.concatenate([interests[i] for i in sample])
             log(f"[{backend}] tuning HNSW ef for ANN recall@200 >= {args.target_recall}")
-            ef, table = tune_ef(search, version, np.load(catalog_dir / "item_vectors.npy", mmap_mode="r"), queries,
-                                [int(e) for e in args.efs.split(",")], args.target_recall, log)
-            search.ef = ef
-            report["ef_tuning"], report["ef"] = table, ef
+            search.ef, report["ef_tuning"] = tune_ef(search, version, vectors, queries, [int(e) for e in args.efs.split(",")], args.target_recall, log)
+        else:  # the quality of what is served: recall@n+window (100 by default) at the service's ef
+            k = min(recall_config.max_per_interest_n, args.n + source_maxlen(catalog_dir))
+            log(f"[{backend}] ANN recall@{k} at the service's ef against exact search")
+            report["ann_recall"] = tune_ef(search, version, vectors, queries, [search.ef], 0.0, log, k=k)[1]
         report["ef"] = search.ef
 
         shutil.rmtree(root / f"redis-{backend}", ignore_errors=True)  # records are rewritten: no old file to load

@@ -111,24 +111,21 @@ class _Parser:
         return token is not None and token[0] == kind and token[1] == value
 
     def expr(self, depth: int) -> tuple[str, Predicate]:
-        parts = [self.term(depth)]
-        while self.at("keyword", "or"):
-            self.i += 1
-            parts.append(self.term(depth))
-        if len(parts) == 1:
-            return parts[0]
-        preds = [p for _, p in parts]
-        return " or ".join(e for e, _ in parts), lambda c, a: any(p(c, a) for p in preds)
+        return self._chain("or", self.term, depth, any)
 
     def term(self, depth: int) -> tuple[str, Predicate]:
-        parts = [self.factor(depth)]
-        while self.at("keyword", "and"):
+        return self._chain("and", self.factor, depth, all)
+
+    def _chain(self, keyword: str, operand, depth: int, combine) -> tuple[str, Predicate]:
+        """operand (keyword operand)*: `or` of terms, `and` of factors."""
+        parts = [operand(depth)]
+        while self.at("keyword", keyword):
             self.i += 1
-            parts.append(self.factor(depth))
+            parts.append(operand(depth))
         if len(parts) == 1:
             return parts[0]
-        preds = [p for _, p in parts]
-        return " and ".join(e for e, _ in parts), lambda c, a: all(p(c, a) for p in preds)
+        predicates = [p for _, p in parts]
+        return f" {keyword} ".join(e for e, _ in parts), lambda c, a: combine(p(c, a) for p in predicates)
 
     def factor(self, depth: int) -> tuple[str, Predicate]:
         if depth >= MAX_DEPTH:

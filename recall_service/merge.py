@@ -7,6 +7,8 @@ removed. Kept free of I/O: the offline evaluator and the recall service call the
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 MISSING_ITEM = -1  # fills rows that have fewer than n distinct candidates
@@ -55,6 +57,24 @@ def merge_by_score(
         out_scores = np.pad(out_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
         out_interest = np.pad(out_interest, ((0, 0), (0, pad)), constant_values=-1)
     return out_ids, out_scores, out_interest
+
+
+def merge_one_by_score(item_ids: np.ndarray, scores: np.ndarray, n: int, excluded=frozenset()) -> list[tuple[int, float, int]]:
+    """merge_by_score for one user ([K, N] -> at most n (item, score, interest), best first),
+    skipping `excluded` items: the serving path, where merge_by_score's batch machinery costs more
+    than the merge itself (~150 vs ~40 us for 4 x 100 candidates). The same result (tested)."""
+    per_interest = item_ids.shape[1]
+    flat = scores.ravel()
+    order = np.argsort(-flat, kind="stable")  # best first; ties keep interest-major order
+    out, seen = [], set()
+    for position, item, score in zip(order.tolist(), item_ids.ravel()[order].tolist(), flat[order].tolist()):
+        if item in seen or item in excluded or not math.isfinite(score):
+            continue
+        seen.add(item)
+        out.append((item, score, position // per_interest))
+        if len(out) == n:
+            break
+    return out
 
 
 def merge_by_quota(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from infra.config import RecallServiceConfig
 from recall_service.filters import FilterError, ItemFilter, parse_filter
 
 MAX_ID_CHARS = 256  # user and item ids; longer ones are not ids
@@ -25,7 +26,7 @@ class MergePolicy(enum.Enum):
     QUOTA = 2
 
 
-class Path(enum.Enum):
+class RecallPath(enum.Enum):
     STORED_INTERESTS = 1
     COMPUTED_ON_THE_FLY = 2
     POPULAR_FALLBACK = 3
@@ -43,15 +44,17 @@ class FallbackReason(enum.Enum):
 
 @dataclass(frozen=True)
 class Limits:
-    max_n: int = 1000
-    max_per_interest_n: int = 2000
-    max_exclusions: int = 5000
-    max_recent_items: int = 500
-    max_filter_chars: int = 1024
-    max_batch: int = 64
+    max_n: int
+    max_per_interest_n: int
+    max_exclusions: int
+    max_recent_items: int
+    max_filter_chars: int
+    max_batch: int
 
     @classmethod
-    def from_config(cls, recall_config) -> "Limits":
+    def from_config(cls, recall_config: RecallServiceConfig | None = None) -> "Limits":
+        """The limits of [recall]; its defaults when none is given."""
+        recall_config = recall_config or RecallServiceConfig()
         return cls(**{name: getattr(recall_config, name) for name in cls.__dataclass_fields__})
 
 
@@ -89,8 +92,9 @@ def validate(
     filter_text: str = "",
     per_interest_n: int = 0,
     merge_policy: int = 0,
-    limits: Limits = Limits(),
+    limits: Limits | None = None,
 ) -> RecallQuery:
+    limits = limits or Limits.from_config()
     if not user_id or len(user_id) > MAX_ID_CHARS:
         raise InvalidRequest(f"user_id: must have 1..{MAX_ID_CHARS} characters")
     if not 1 <= n <= limits.max_n:

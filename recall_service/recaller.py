@@ -26,8 +26,8 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from recall_service.filters import ItemFilter
-from recall_service.merge import MISSING_ITEM, merge_by_quota, merge_by_score
-from recall_service.query import FallbackReason, MergePolicy, Path, RecallQuery
+from recall_service.merge import MISSING_ITEM, merge_by_quota, merge_one_by_score
+from recall_service.query import FallbackReason, MergePolicy, RecallPath, RecallQuery
 from streaming.feature_store import InterestRecord, RecordError
 
 ACTIVE_ONLY = "active == true"  # deactivated items are never recalled, whatever the request's filter
@@ -115,7 +115,7 @@ class CircuitBreaker:
 class RecallResult:
     items: list[tuple[str, float, int]]  # (raw item id, score, interest index or -1)
     model_version: str
-    path: Path
+    path: RecallPath
     reason: FallbackReason
     stages: dict[str, float] = field(default_factory=dict)  # stage -> seconds
 
@@ -156,7 +156,7 @@ class Recaller:
         for group in self._groups(stored, lambda p: p.record.model_version):
             for p in group:
                 p.vectors, p.window = p.record.interests, p.record.window
-            self._search_and_merge(group, group[0].record.model_version, Path.STORED_INTERESTS, deadline, results, on_the_fly, popular)
+            self._search_and_merge(group, group[0].record.model_version, RecallPath.STORED_INTERESTS, deadline, results, on_the_fly, popular)
 
         if on_the_fly:
             model = self._current_model()
@@ -172,7 +172,7 @@ class Recaller:
                     p.vectors = v
                     computed.append(p)
             for group in self._groups(computed, lambda p: model.version):
-                self._search_and_merge(group, model.version, Path.COMPUTED_ON_THE_FLY, deadline, results, None, popular)
+                self._search_and_merge(group, model.version, RecallPath.COMPUTED_ON_THE_FLY, deadline, results, None, popular)
 
         if popular:
             model = self._current_model()
@@ -180,7 +180,7 @@ class Recaller:
                 started = self.clock()
                 ranked = model.popular(p.query.n, p.query.item_filter, set(p.query.excluded).union(p.window))
                 p.stages["merge"] = p.stages.get("merge", 0.0) + self.clock() - started
-                results[p.index] = RecallResult([(raw, score, -1) for raw, score in ranked], model.version, Path.POPULAR_FALLBACK, p.reason, p.stages)
+                results[p.index] = RecallResult([(raw, score, -1) for raw, score in ranked], model.version, RecallPath.POPULAR_FALLBACK, p.reason, p.stages)
         return results  # type: ignore[return-value]
 
     # -- stages ---------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ class Recaller:
         for p in pending:
             p.reason = FallbackReason.FEATURE_STORE_UNAVAILABLE
 
-    def _search_and_merge(self, group: list[_Pending], version: str, path: Path, deadline: Deadline,
+    def _search_and_merge(self, group: list[_Pending], version: str, path: RecallPath, deadline: Deadline,
                           results: list, retired_to: list | None, popular: list) -> None:
         """One search for the whole group (all K_u vectors of all its users), then a merge per user."""
         expr = ACTIVE_ONLY if group[0].query.item_filter is None else f"{ACTIVE_ONLY} and ({group[0].query.item_filter.milvus_expr})"
@@ -289,15 +289,17 @@ class Recaller:
 
 
 def _merge_one(hits: SearchHits, row: int, k: int, limit: int, query: RecallQuery, window: set[str]) -> list[tuple[str, float, int]]:
-    """This user's rows of a group search -> exclusions dropped -> merged top n."""
-    ids = hits.item_ids[row:row + k, :limit]
-    raw = hits.raw_ids[row:row + k, :limit]
-    scores = hits.scores[row:row + k, :limit].copy()
+    """This user's rows of a group search -> window and exclusions dropped -> merged top n."""
+    ids, raw = hits.item_ids[row:row + k, :limit], hits.raw_ids[row:row + k, :limit]
+    scores = hits.scores[row:row + k, :limit]
+    flat_ids, flat_raw = ids.ravel().tolist(), raw.ravel().tolist()
+    raw_of = dict(zip(flat_ids, flat_raw))
     excluded = query.excluded.union(window)
-    if excluded:
-        drop = np.fromiter((r in excluded for r in raw.ravel()), dtype=bool, count=raw.size).reshape(raw.shape)
-        scores[drop] = -np.inf
-    merge = merge_by_quota if query.merge_policy is MergePolicy.QUOTA else merge_by_score
-    out_ids, out_scores, out_interest = merge(ids[None], scores[None], query.n)
-    raw_of = dict(zip(ids.ravel().tolist(), raw.ravel().tolist()))
-    return [(raw_of[i], float(s), int(j)) for i, s, j in zip(out_ids[0].tolist(), out_scores[0].tolist(), out_interest[0].tolist()) if i != MISSING_ITEM]
+    skip = {i for i, r in zip(flat_ids, flat_raw) if r in excluded} if excluded else frozenset()
+    if query.merge_policy is MergePolicy.QUOTA:
+        kept = np.where(np.isin(ids, list(skip)), -np.inf, scores) if skip else scores
+        out_ids, out_scores, out_interest = merge_by_quota(ids[None], kept[None], query.n)
+        merged = [(i, s, j) for i, s, j in zip(out_ids[0].tolist(), out_scores[0].tolist(), out_interest[0].tolist()) if i != MISSING_ITEM]
+    else:
+        merged = merge_one_by_score(ids, scores, query.n, skip)
+    return [(raw_of[i], float(s), int(j)) for i, s, j in merged]

@@ -1,6 +1,7 @@
 """Unit tests of the recall service's pure logic: filter grammar, request validation, the quota
 merge, exclusions and the path / fallback decisions of Recaller, with in-memory fakes."""
 
+import dataclasses
 import threading
 import time
 
@@ -9,7 +10,7 @@ import pytest
 
 from recall_service.filters import FilterError, parse_filter
 from recall_service.merge import MISSING_ITEM, merge_by_quota, merge_by_score
-from recall_service.query import FallbackReason, InvalidRequest, Limits, MergePolicy, Path, validate
+from recall_service.query import FallbackReason, InvalidRequest, Limits, MergePolicy, RecallPath, validate
 from recall_service.recaller import (ACTIVE_ONLY, BackendUnavailable, CircuitBreaker, Deadline, DeadlineExceeded, Recaller,
                                      SearchHits, VersionRetired)
 from streaming.feature_store import InMemoryFeatureStore, InterestRecord
@@ -203,13 +204,13 @@ def exact(catalog, interests, n, excluded):
 
 
 def q(user, n=5, **kw):
-    return validate(user, n, limits=Limits(max_per_interest_n=40), **kw)
+    return validate(user, n, limits=dataclasses.replace(Limits.from_config(), max_per_interest_n=40), **kw)
 
 
 def test_stored_path_is_one_search_in_the_records_version_and_equals_the_exact_merge(world):
     recaller, search, _, catalogs, interests = world
     [result] = recaller.recall_many([q("alice", 6, exclude_item_ids=["i7"])], Deadline(1.0))
-    assert result.path is Path.STORED_INTERESTS and result.model_version == "A" and result.reason is FallbackReason.NONE
+    assert result.path is RecallPath.STORED_INTERESTS and result.model_version == "A" and result.reason is FallbackReason.NONE
     assert len(search.calls) == 1 and search.calls[0][:3] == ("A", 3, 6 + 3) and search.calls[0][3] == ACTIVE_ONLY
     ids, interest = exact(catalogs["A"], interests, 6, {"i1", "i2", "i7"})  # window + exclusion dropped
     assert [r for r, _, _ in result.items] == ids and [j for _, _, j in result.items] == interest
@@ -232,11 +233,11 @@ def test_unknown_user_gets_interests_on_the_fly_then_popular(world):
     recaller, search, _, catalogs, _ = world
     fly, known_nothing, nothing = recaller.recall_many(
         [q("bob", 4, recent_item_ids=["i3", "i5"]), q("carol", 3, recent_item_ids=["zzz"]), q("dave", 3, exclude_item_ids=["i0"])], Deadline(1.0))
-    assert fly.path is Path.COMPUTED_ON_THE_FLY and fly.model_version == "B" and fly.reason is FallbackReason.UNKNOWN_USER
+    assert fly.path is RecallPath.COMPUTED_ON_THE_FLY and fly.model_version == "B" and fly.reason is FallbackReason.UNKNOWN_USER
     ids, _ = exact(catalogs["B"], catalogs["B"][[3, 5]][:2], 4, {"i3", "i5"})
     assert [r for r, _, _ in fly.items] == ids
-    assert known_nothing.path is Path.POPULAR_FALLBACK and known_nothing.reason is FallbackReason.NO_KNOWN_RECENT_ITEMS
-    assert nothing.path is Path.POPULAR_FALLBACK and [r for r, _, _ in nothing.items] == ["i1", "i2", "i3"]
+    assert known_nothing.path is RecallPath.POPULAR_FALLBACK and known_nothing.reason is FallbackReason.NO_KNOWN_RECENT_ITEMS
+    assert nothing.path is RecallPath.POPULAR_FALLBACK and [r for r, _, _ in nothing.items] == ["i1", "i2", "i3"]
     assert all(j == -1 for _, _, j in nothing.items)
 
 
@@ -255,7 +256,7 @@ def test_a_retired_version_is_recomputed_from_the_stored_window(world):
     recaller, search, _, catalogs, _ = world
     del search.catalogs["A"]
     [result] = recaller.recall_many([q("alice")], Deadline(1.0))
-    assert result.path is Path.COMPUTED_ON_THE_FLY and result.reason is FallbackReason.STORED_VERSION_RETIRED
+    assert result.path is RecallPath.COMPUTED_ON_THE_FLY and result.reason is FallbackReason.STORED_VERSION_RETIRED
     assert result.model_version == "B" and not {"i1", "i2"} & {r for r, _, _ in result.items}
 
 
@@ -265,19 +266,19 @@ def test_feature_store_down_falls_back_and_the_breaker_skips_it(world):
     recaller.reader = DownStore()
     recaller.store_breaker = CircuitBreaker(1.0, clock=lambda: clock[0])
     [result] = recaller.recall_many([q("alice", recent_item_ids=["i4"])], Deadline(1.0))
-    assert result.path is Path.COMPUTED_ON_THE_FLY and result.reason is FallbackReason.FEATURE_STORE_UNAVAILABLE
+    assert result.path is RecallPath.COMPUTED_ON_THE_FLY and result.reason is FallbackReason.FEATURE_STORE_UNAVAILABLE
     recaller.reader = None  # the breaker is open: the store is not even called
     assert recaller.recall_many([q("alice")], Deadline(1.0))[0].reason is FallbackReason.FEATURE_STORE_UNAVAILABLE
     clock[0] = 2.0
     recaller.reader = DownStore()
-    assert recaller.recall_many([q("alice")], Deadline(1.0))[0].path is Path.POPULAR_FALLBACK
+    assert recaller.recall_many([q("alice")], Deadline(1.0))[0].path is RecallPath.POPULAR_FALLBACK
 
 
 def test_vector_search_down_falls_back_to_popular_or_raises_when_fallback_is_off(world):
     recaller, search, *_ = world
     search.failure = BackendUnavailable("Milvus down")
     [result] = recaller.recall_many([q("alice", exclude_item_ids=["i3"])], Deadline(1.0))
-    assert result.path is Path.POPULAR_FALLBACK and result.reason is FallbackReason.VECTOR_SEARCH_UNAVAILABLE
+    assert result.path is RecallPath.POPULAR_FALLBACK and result.reason is FallbackReason.VECTOR_SEARCH_UNAVAILABLE
     assert {"i1", "i2", "i3"}.isdisjoint(r for r, _, _ in result.items)  # window and exclusions still dropped
     recaller.fallback_on_outage = False
     recaller.search_breaker.succeeded()
@@ -303,7 +304,7 @@ def test_a_rejected_search_falls_back_without_opening_the_breaker_and_a_slow_one
 def test_no_published_model_is_unavailable_for_unknown_users(world):
     recaller, *_ = world
     recaller.models = FakeModels(None)
-    assert recaller.recall_many([q("alice")], Deadline(1.0))[0].path is Path.STORED_INTERESTS  # needs no model
+    assert recaller.recall_many([q("alice")], Deadline(1.0))[0].path is RecallPath.STORED_INTERESTS  # needs no model
     with pytest.raises(BackendUnavailable, match="model_export publish"):
         recaller.recall_many([q("nobody")], Deadline(1.0))
 
@@ -312,8 +313,8 @@ def test_a_corrupt_record_fails_only_its_user(world):
     recaller, _, store, *_ = world
     store.rows["mallory"] = {b"schema": b"1", b"k": b"2"}
     alice, mallory = recaller.recall_many([q("alice"), q("mallory")], Deadline(1.0))
-    assert alice.path is Path.STORED_INTERESTS
-    assert mallory.path is Path.POPULAR_FALLBACK and mallory.reason is FallbackReason.CORRUPT_RECORD
+    assert alice.path is RecallPath.STORED_INTERESTS
+    assert mallory.path is RecallPath.POPULAR_FALLBACK and mallory.reason is FallbackReason.CORRUPT_RECORD
 
 
 def test_the_deadline_bounds_the_search_and_stops_late_work(world):
@@ -417,3 +418,18 @@ def test_stubs_are_regenerated_only_when_the_proto_or_the_generator_changes(tmp_
     stubs.generate(target)
     assert (target / stubs.STAMP_FILE).read_text() == stubs._stamp() and module.stat().st_mtime_ns != first
     assert "mindstream/recall/v1/recall.proto" in module.read_text()
+
+
+def test_the_serving_merge_of_one_user_equals_the_papers_merge():
+    from recall_service.merge import merge_one_by_score
+
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        k, per, n = rng.integers(1, 5), rng.integers(1, 30), rng.integers(1, 40)
+        ids = rng.integers(1, 25, (k, per))  # many duplicates across and within interests
+        scores = rng.choice([0.1, 0.2, 0.3, 0.5, -np.inf], (k, per)).astype(np.float32) if trial % 2 else rng.random((k, per)).astype(np.float32)
+        excluded = set(rng.integers(1, 25, 3).tolist())
+        masked = np.where(np.isin(ids, list(excluded)), -np.inf, scores)
+        out_ids, out_scores, out_interest = merge_by_score(ids[None], masked[None], n)
+        expected = [(i, s, j) for i, s, j in zip(out_ids[0].tolist(), out_scores[0].tolist(), out_interest[0].tolist()) if i != MISSING_ITEM]
+        assert merge_one_by_score(ids, scores, n, excluded) == expected

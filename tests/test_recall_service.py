@@ -282,6 +282,18 @@ def test_milvus_down_serves_popular_items_at_once(stack):
         server.stop()
 
 
+def test_a_released_collection_is_loaded_in_the_background(stack):
+    """Milvus Lite forgets what was loaded when its process restarts: the first request falls back,
+    the collection loads behind it, later requests are served from the stored interests again."""
+    stack.server.search.connect().release_collection(stack.server.search.collection(stack.old))
+    first = stack.recall(user_id="user-old", n=3)
+    assert first.path == POPULAR and first.fallback_reason == recall_pb2.FALLBACK_REASON_VECTOR_SEARCH_UNAVAILABLE
+    deadline = time.monotonic() + 30
+    while stack.recall(user_id="user-old", n=3).path != STORED:
+        assert time.monotonic() < deadline, "the collection was not loaded again"
+        time.sleep(0.1)
+
+
 class SlowSearch:
     def __init__(self, inner, delay_s):
         self.inner, self.delay_s, self.timeouts = inner, delay_s, []
