@@ -90,7 +90,8 @@ class MilvusConfig:
 class RecallServiceConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port (tests)
-    metrics_port: int = 9464  # Prometheus /metrics on 127.0.0.1; 0 = any free port
+    metrics_host: str = "127.0.0.1"  # the /metrics listener; 0.0.0.0 in a container, so Prometheus in another one can scrape it
+    metrics_port: int = 9464  # Prometheus /metrics; 0 = any free port
     tls_certfile: str = ""  # both set = TLS
     tls_keyfile: str = ""
     auth_token: str = ""  # set = every RPC but health needs `authorization: Bearer <token>`
@@ -117,9 +118,28 @@ class RecallServiceConfig:
 
 
 @dataclass(frozen=True)
+class RetrainConfig:
+    consumer_group: str = "mindstream-retrain"  # its own group: the job's offsets are never touched
+    state_dir: Path = REPO_ROOT / "var" / "retrain"  # the event log since the base dataset, and the runs
+    start_offsets: str = "earliest"  # first retraining without recorded offsets: earliest | latest | committed
+    min_new_events: int = 1000  # fewer new events than this: nothing to retrain on yet
+    min_new_item_events: int = 2  # an item first seen in the stream gets a vector once it has this many events
+    holdout_fraction: float = 0.1  # the newest part of the new events (by event time) judges the candidate
+    tolerance: float = 0.02  # refuse a candidate whose holdout Recall@50 is this fraction below the current model's
+    epochs: int = 2  # fine-tuning passes over the new events (plus as many replayed older samples)
+    replay_ratio: float = 1.0  # older samples replayed per new sample, against forgetting
+    lr: float = 5e-4
+    batch_size: int = 512
+    backfill_batch: int = 512
+    every_minutes: float = 0.0  # scheduled mode (retrain --schedule): retrain after this long ...
+    every_events: int = 0  # ... or once this many new events wait, whichever comes first
+
+
+@dataclass(frozen=True)
 class MonitoringConfig:
     prometheus_port: int = 9090  # the embedded stack's Prometheus, on 127.0.0.1
-    exporter_port: int = 9466  # python -m infra exporter: consumer lag and model age, on 127.0.0.1
+    exporter_host: str = "127.0.0.1"  # python -m infra exporter's listener; 0.0.0.0 in a container (as [recall].metrics_host)
+    exporter_port: int = 9466  # python -m infra exporter: consumer lag and model age
     scrape_interval_s: int = 5
 
 
@@ -131,6 +151,7 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     milvus: MilvusConfig = field(default_factory=MilvusConfig)
     recall: RecallServiceConfig = field(default_factory=RecallServiceConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
 

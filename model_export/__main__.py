@@ -87,23 +87,47 @@ def cmd_export(args) -> int:
     from model_export.export import export_model
 
     data = _load(args.dataset)
-    out, manifest = export_model(Path(args.model_dir), data, Path(args.out) if args.out else None)
+    out, manifest = export_model(Path(args.model_dir), data, Path(args.out) if args.out else None, source=args.dataset)
     print(json.dumps({"export_dir": str(out), "model_version": manifest.model_version, "parity_max_abs_diff": manifest.extra["onnx_parity_max_abs_diff"], "test": manifest.metrics["test"]}, indent=2))
     return 0
 
 
 def cmd_publish(args) -> int:
-    from model_export.publish import connect, publish
+    from model_export.publish import connect, publish_version
     from model_export.registry import ModelRegistry
 
     config = load_config()
     uri = args.milvus_uri or config.milvus.uri
     registry = ModelRegistry(config.paths.models_dir)
-    manifest = registry.install(Path(args.export_dir))
     client = connect(uri, config.milvus.token)
-    done = publish(registry.path(manifest.model_version), client, config.milvus.collection_prefix, args.index, progress=lambda m: print(m, file=sys.stderr))
-    registry.set_current(manifest.model_version)  # last: the streaming job hot-reloads on this
+    done = publish_version(Path(args.export_dir), registry, client, config.milvus.collection_prefix, args.index, progress=lambda m: print(m, file=sys.stderr))
     print(json.dumps({"milvus": uri, "registry": str(registry.root), **done.__dict__}, indent=2))
+    return 0
+
+
+def cmd_retrain(args) -> int:
+    from model_export.retrain import RetrainError, retrain_once, run_schedule
+
+    config = load_config()
+    try:
+        if args.schedule:
+            run_schedule(config, publish_model=not args.no_publish, poll_s=args.poll, runs=args.runs)
+            return 0
+        report = retrain_once(config, publish_model=not args.no_publish, progress=not args.quiet)
+    except RetrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2, default=str))
+    if report["status"] == "refused":
+        print(f"refused: {report['reason']}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_timesplit(args) -> int:
+    from model_export.timesplit import timesplit_benchmark
+
+    timesplit_benchmark(args.model, args.train_until, args.later_until, args.test_until, Path(args.out), epochs=args.epochs)
     return 0
 
 
@@ -172,6 +196,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--milvus-uri", default=None, help="default: [milvus].uri of the configuration (a file = Milvus Lite)")
     p.add_argument("--index", choices=("FLAT", "HNSW"), default=None, help="default: FLAT below 20,000 items, else HNSW")
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("retrain", help="fine-tune the current model on the events since its offsets; publish it if it is not worse",
+                       description="Reads the events topic from the offsets the current model was trained to (own consumer group), grows "
+                                   "the item vocabulary, fine-tunes from the current weights, compares holdout Recall@50 with the current "
+                                   "model ([retrain].tolerance), then publishes, backfills the feature store and retires unreferenced "
+                                   "versions. Settings: the [retrain] section (MINDSTREAM_RETRAIN__*). Exit 3 = refused by the gate.")
+    p.add_argument("--schedule", action="store_true", help="keep running: retrain every [retrain].every_minutes / every_events")
+    p.add_argument("--poll", type=float, default=10.0, help="scheduled mode: seconds between looks at the topic")
+    p.add_argument("--runs", type=int, default=0, help="scheduled mode: stop after this many retrainings (0 = never)")
+    p.add_argument("--no-publish", action="store_true", help="train, judge and export only")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("timesplit", help="ML-1M by time: the model retrained on later weeks vs the one trained on earlier weeks, on the last weeks")
+    p.add_argument("--model", choices=MODELS[1:], default="mind_remi")
+    p.add_argument("--train-until", default="2000-11-22", help="earlier weeks end (UTC date; ~70%% of ML-1M's interactions)")
+    p.add_argument("--later-until", default="2000-12-10", help="later weeks end: the stream the model is retrained on")
+    p.add_argument("--test-until", default="2000-12-31", help="last weeks end: where both models are evaluated")
+    p.add_argument("--epochs", type=int, default=0, help="base model's maximum epochs (default: per dataset)")
+    p.add_argument("--out", default="var/timesplit")
+    p.set_defaults(func=cmd_timesplit)
 
     p = sub.add_parser("bench", help="user-tower speed: ONNX Runtime vs PyTorch eager")
     p.add_argument("--export-dir", required=True, help="an export directory (with manifest.json)")

@@ -83,7 +83,7 @@ class SequenceDataset:
     def item_counts(self, users: np.ndarray) -> np.ndarray:
         """[n_items + 1] interaction counts of the given users (the training popularity)."""
         lengths = self.seq_offsets[users + 1] - self.seq_offsets[users]
-        positions = np.repeat(self.seq_offsets[users], lengths) + _ragged_arange(lengths)
+        positions = np.repeat(self.seq_offsets[users], lengths) + ragged_arange(lengths)
         return np.bincount(self.seq_items[positions], minlength=self.n_items + 1)
 
     def profile_vocab_for_field(self, field_index: int) -> np.ndarray:
@@ -105,7 +105,7 @@ class SequenceDataset:
         return cls(**fields)
 
 
-def _ragged_arange(lengths: np.ndarray) -> np.ndarray:
+def ragged_arange(lengths: np.ndarray) -> np.ndarray:
     """[sum(lengths)]: 0..l-1 for each l in lengths, concatenated."""
     ends = np.cumsum(lengths)
     return np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - lengths, lengths)
@@ -367,7 +367,7 @@ def training_positions(data: SequenceDataset, users: np.ndarray, min_history: in
     lengths = data.seq_offsets[users + 1] - data.seq_offsets[users]
     per_user = np.maximum(lengths - min_history, 0)
     sample_users = np.repeat(users, per_user)
-    positions = _ragged_arange(per_user) + min_history
+    positions = ragged_arange(per_user) + min_history
     return sample_users, positions
 
 
@@ -390,7 +390,7 @@ def evaluation_cases(data: SequenceDataset, users: np.ndarray, maxlen: int) -> E
     split = (lengths * HISTORY_FRACTION).astype(np.int64)
     history, hist_len = gather_histories(data, users, split, maxlen)
     n_targets = lengths - split
-    pos = np.repeat(data.seq_offsets[users] + split, n_targets) + _ragged_arange(n_targets)
+    pos = np.repeat(data.seq_offsets[users] + split, n_targets) + ragged_arange(n_targets)
     return EvalCases(users, history, hist_len, np.concatenate([[0], np.cumsum(n_targets)]), data.seq_items[pos])
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_export.data import SequenceDataset, evaluation_cases
+from model_export.data import EvalCases, SequenceDataset, evaluation_cases
 from model_export.evaluate import evaluate_model
 from model_export.manifest import ArtifactFile, Manifest, sha256_of
 from model_export.onnx_runtime import UserTowerSession
@@ -52,7 +52,11 @@ def parity_inputs(data: SequenceDataset, maxlen: int, n_users: int = PARITY_USER
     return items, lengths, data.user_profile[users]
 
 
-def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = None) -> tuple[Path, Manifest]:
+def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = None, *, source: str | None = None,
+                 metrics_cases: tuple[str, EvalCases] | None = None, extra: dict | None = None) -> tuple[Path, Manifest]:
+    """source: how the dataset is named to `load_dataset` (default: its name), recorded so retraining can
+    reload it. metrics_cases: (name, cases) to report instead of the test users (a retrained model is
+    scored on its recent holdout). extra: more manifest fields (retraining lineage and offsets)."""
     check_dataset(model_dir, data)
     spec, model = load_model(model_dir)
     if spec.kind == "mostpop":
@@ -97,14 +101,15 @@ def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = 
         "popularity": data.item_counts(data.train_users)[1:].astype(int).tolist(),
     }
     (staging / "vocab.json").write_text(json.dumps(vocab))
+    shutil.copyfile(model_dir / "model.pt", staging / "weights.pt")  # the warm start of the next retraining
 
-    weights_digest = sha256_of(model_dir / "model.pt")
+    weights_digest = sha256_of(staging / "weights.pt")
     created = dt.datetime.now(dt.timezone.utc)
     files = {
         role: ArtifactFile(name, sha256_of(staging / name), (staging / name).stat().st_size)
-        for role, name in (("user_tower", "user_tower.onnx"), ("item_vectors", "item_vectors.npy"), ("vocab", "vocab.json"))
+        for role, name in (("user_tower", "user_tower.onnx"), ("item_vectors", "item_vectors.npy"), ("vocab", "vocab.json"), ("weights", "weights.pt"))
     }
-    test_metrics = evaluate_model(model, data, evaluation_cases(data, data.test_users, spec.maxlen))
+    metrics_name, cases = metrics_cases or ("test", evaluation_cases(data, data.test_users, spec.maxlen))
     manifest = Manifest(
         model_version=f"{data.name}-{spec.kind}-{created:%Y%m%dT%H%M%SZ}-{weights_digest[:8]}",
         model_kind=spec.kind,
@@ -112,7 +117,7 @@ def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = 
         n_interests=spec.n_interests,
         maxlen=spec.maxlen,
         n_items=data.n_items,
-        dataset={"name": data.name, "fingerprint": data.fingerprint},
+        dataset={"name": data.name, "fingerprint": data.fingerprint, "source": source or data.name},
         profile_fields=[str(f) for f in data.profile_fields] if with_profile else [],
         inputs=[
             {"name": "items", "dtype": "int64", "shape": ["batch", "sequence<=maxlen"], "note": "item indices, right-padded with 0"},
@@ -123,11 +128,11 @@ def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = 
             {"name": "interests", "dtype": "float32", "shape": ["batch", spec.n_interests, spec.dim], "note": "rows >= n_interests are zero"},
             {"name": "n_interests", "dtype": "int64", "shape": ["batch"]},
         ],
-        metrics={"test": test_metrics},
+        metrics={metrics_name: evaluate_model(model, data, cases)},
         files=files,
         created_at=created.isoformat(),
         onnx_opset=ONNX_OPSET,
-        extra={"weights_sha256": weights_digest, "spec": json.loads((model_dir / "spec.json").read_text())},
+        extra={"weights_sha256": weights_digest, "spec": json.loads((model_dir / "spec.json").read_text()), **(extra or {})},
     )
     manifest.extra["onnx_parity_max_abs_diff"] = check_parity(model, staging, manifest, data)
     manifest.write(staging)

@@ -4,7 +4,9 @@ An export directory holds
     manifest.json       this record
     user_tower.onnx     behaviour ids (+ lengths, profile) -> K interest vectors and K_u
     item_vectors.npy    float32 [n_items, dim]; row r is the item with index r + 1
-    vocab.json          raw item ids and side tokens by index, and the user-profile vocabulary by field
+    vocab.json          raw item ids and side tokens by index (the stable id mapping: retraining only
+                        appends), item popularity, and the user-profile vocabulary by field
+    weights.pt          the PyTorch weights (state dict; torch.load(weights_only=True)): retraining's warm start
 Downstream code (streaming job, recall service, publisher) opens an export only through
 `Manifest.load`, which checks every file against its SHA-256 before anything is used.
 """
@@ -47,7 +49,7 @@ class Manifest:
     n_interests: int  # K
     maxlen: int  # longest behaviour window the user tower accepts
     n_items: int
-    dataset: dict  # name, fingerprint
+    dataset: dict  # name, fingerprint, source (the load_dataset argument); retrained: base_fingerprint
     profile_fields: list[str]  # order of the user tower's profile input; [] = no profile input
     inputs: list[dict]  # ONNX inputs: name, dtype, shape
     outputs: list[dict]

@@ -122,3 +122,30 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
     elif current != name:
         client.alter_alias(collection_name=name, alias=prefix)  # atomic: readers see old or new, never neither
     return Published(name, prefix, manifest.model_version, count, index_type, time.perf_counter() - started)
+
+
+def publish_version(export_dir: Path, registry, client, prefix: str, index_type: str | None = None, progress=print) -> Published:
+    """The whole publication: install in the registry, fill + index + load the collection, swap the
+    alias, and only then move the registry's CURRENT (the streaming job hot-reloads on that)."""
+    manifest = registry.install(export_dir)
+    done = publish(registry.path(manifest.model_version), client, prefix, index_type, progress)
+    registry.set_current(manifest.model_version)
+    return done
+
+
+def retire_unreferenced(registry, client, prefix: str, referenced: set[str]) -> list[str]:
+    """Drops the collection and the registry copy of every version that is neither current nor
+    referenced by a stored interest; returns the retired versions."""
+    current = registry.current_version()
+    retired = []
+    for version in registry.versions():
+        if version == current or version in referenced:
+            continue
+        name = collection_name(prefix, version)
+        if alias_target(client, prefix) == name:
+            continue  # never drop what the alias points at (a CURRENT moved by hand, say)
+        if client.has_collection(name):
+            client.drop_collection(name)
+        registry.remove(version)
+        retired.append(version)
+    return retired

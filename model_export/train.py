@@ -19,11 +19,13 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from model_export import distributed
 from model_export.data import SequenceDataset, evaluation_cases, gather_histories, training_positions
 from model_export.evaluate import evaluate_model, evaluate_popularity
 from model_export.mind import MIND
@@ -109,6 +111,47 @@ def _rng_state(generator: np.random.Generator) -> dict:
     return generator.bit_generator.state
 
 
+def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: NegativeSampler, data: SequenceDataset,
+              users: np.ndarray, positions: np.ndarray, config: TrainConfig, rng: np.random.Generator, maxlen: int,
+              loss_fn: Callable[..., torch.Tensor] | None = None, desc: str = "epoch", progress: bool = True) -> tuple[float, int]:
+    """One shuffled pass over (user, target position) samples; returns (mean loss, steps).
+
+    Each sample's history is the `maxlen` items before its target. Under torchrun (WORLD_SIZE > 1)
+    every worker draws the same permutation and takes its own slice of each batch; DDP averages
+    the gradients, so N workers step through the data N times faster with the same batch size.
+    """
+    ddp = distributed.world()
+    loss_fn = loss_fn or model.loss
+    model.train()
+    order = rng.permutation(len(users))
+    steps = math.ceil(len(users) / config.batch_size)
+    if config.max_steps_per_epoch:
+        steps = min(steps, config.max_steps_per_epoch)
+    device = config.device
+    total = 0.0
+    bar = tqdm(range(steps), desc=desc, disable=not progress or ddp.rank != 0, leave=False, mininterval=2)
+    for step in bar:
+        batch = order[step * config.batch_size : (step + 1) * config.batch_size][ddp.rank :: ddp.size]
+        u, pos = users[batch], positions[batch]
+        hist, lengths = gather_histories(data, u, pos, maxlen)
+        targets = data.seq_items[data.seq_offsets[u] + pos]
+        loss = loss_fn(
+            torch.as_tensor(hist, device=device),
+            torch.as_tensor(lengths, device=device),
+            torch.as_tensor(data.user_profile[u], device=device),
+            torch.as_tensor(targets, device=device),
+            sampler,
+            config.n_negatives,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{total / (step + 1):.4f}")
+    return total / max(steps, 1), steps
+
+
 def train(config: TrainConfig, spec: ModelSpec, data: SequenceDataset, out: Path, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) a run in `out`; returns the history dict (also written to history.json)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -125,8 +168,10 @@ def train(config: TrainConfig, spec: ModelSpec, data: SequenceDataset, out: Path
         return history
 
     device = config.device
+    workers = distributed.init_from_env(device)
     torch.manual_seed(config.seed)
     model = build_model(spec, torch.as_tensor(data.item_side)).to(device)
+    loss_fn = distributed.loss_function(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     sampler = NegativeSampler(torch.as_tensor(popularity), config.sampler_alpha, device)
     rng = np.random.default_rng(config.seed)
@@ -142,54 +187,34 @@ def train(config: TrainConfig, spec: ModelSpec, data: SequenceDataset, out: Path
         history = json.loads((out / "history.json").read_text())
         start_epoch = state["epoch"] + 1
         print(f"resuming {out} at epoch {start_epoch}", flush=True)
-    spec.save(out / "spec.json")
-    (out / "train.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    if workers.is_writer:
+        spec.save(out / "spec.json")
+        (out / "train.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
     users, positions = training_positions(data, data.train_users, config.min_history)
-    steps = math.ceil(len(users) / config.batch_size)
-    if config.max_steps_per_epoch:
-        steps = min(steps, config.max_steps_per_epoch)
     epochs_without_gain = sum(1 for e in history["epochs"] if e["epoch"] > history["best"]["epoch"])
 
     for epoch in range(start_epoch, config.epochs + 1):
         if epochs_without_gain >= config.patience:
             break
-        model.train()
-        order = rng.permutation(len(users))
         started = time.perf_counter()
-        total = 0.0
-        bar = tqdm(range(steps), desc=f"{spec.kind} epoch {epoch}", disable=not progress, leave=False, mininterval=2)
-        for step in bar:
-            batch = order[step * config.batch_size : (step + 1) * config.batch_size]
-            u, pos = users[batch], positions[batch]
-            hist, lengths = gather_histories(data, u, pos, spec.maxlen)
-            targets = data.seq_items[data.seq_offsets[u] + pos]
-            loss = model.loss(
-                torch.as_tensor(hist, device=device),
-                torch.as_tensor(lengths, device=device),
-                torch.as_tensor(data.user_profile[u], device=device),
-                torch.as_tensor(targets, device=device),
-                sampler,
-                config.n_negatives,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{total / (step + 1):.4f}")
+        mean_loss, steps = run_epoch(model, optimizer, sampler, data, users, positions, config, rng, spec.maxlen,
+                                     loss_fn, desc=f"{spec.kind} epoch {epoch}", progress=progress and workers.is_writer)
         seconds = time.perf_counter() - started
         valid = evaluate_model(model, data, valid_cases, device)
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-        record = {"epoch": epoch, "loss": total / steps, "seconds": seconds, "steps": steps, "valid": valid, "peak_rss_mb": round(peak_rss_mb)}
+        record = {"epoch": epoch, "loss": mean_loss, "seconds": seconds, "steps": steps, "valid": valid, "peak_rss_mb": round(peak_rss_mb)}
         history["epochs"].append(record)
         improved = valid[SELECTION_METRIC] > history["best"][SELECTION_METRIC]
         if improved:
             history["best"] = {"epoch": epoch, SELECTION_METRIC: valid[SELECTION_METRIC], "valid": valid}
-            torch.save(model.state_dict(), out / "model.pt")
             epochs_without_gain = 0
         else:
             epochs_without_gain += 1
+        if not workers.is_writer:
+            continue
+        if improved:
+            torch.save(model.state_dict(), out / "model.pt")
         torch.save(
             {
                 "model": model.state_dict(),

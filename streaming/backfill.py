@@ -11,6 +11,7 @@ poll interval after the switch).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -65,3 +66,11 @@ def _one_pass(store: FeatureStore, tower: UserTower, batch: int, progress: Calla
         rewritten += done
         progress(done)
     return seen, current, unknown, rewritten
+
+
+def stored_versions(store: FeatureStore, batch: int = 1000) -> Counter:
+    """Model version -> how many stored records carry it (what may still be searched in Milvus)."""
+    versions: Counter = Counter()
+    for user_ids in store.user_ids(batch):
+        versions.update(r.model_version for r in store.get_many(user_ids) if r is not None)
+    return versions

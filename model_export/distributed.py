@@ -1,0 +1,66 @@
+"""Data-parallel training with torch DDP, for runs started by torchrun.
+
+    torchrun --nproc_per_node 2 -m model_export train --dataset ml-1m --model mind_remi --out DIR
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 4 -m model_export train ...
+
+torchrun sets RANK / WORLD_SIZE / MASTER_ADDR; `init_from_env` joins the process group (NCCL on
+GPUs, Gloo on CPUs). Every worker holds the whole model, draws the same sample permutation and
+trains on its own slice of each batch; DistributedDataParallel averages the gradients, so the
+weights stay identical on all workers. Every worker evaluates (same weights -> same early-stopping
+decision, no broadcast needed); only rank 0 writes checkpoints and prints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+
+def world() -> World:
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
+def init_from_env(device: str) -> World:
+    """Joins the torchrun process group when WORLD_SIZE > 1; a plain run stays single-process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return world()
+
+
+class _LossModule(nn.Module):
+    """DDP synchronises gradients through forward(); the models' training entry point is loss()."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return self.model.loss(*args)
+
+
+def loss_function(model: nn.Module) -> Callable[..., torch.Tensor]:
+    """model.loss, wrapped once in DistributedDataParallel when running under torchrun."""
+    if world().size == 1:
+        return model.loss
+    return DistributedDataParallel(_LossModule(model))

@@ -1,0 +1,215 @@
+"""The retraining event log: every valid behaviour event read from Kafka since the base dataset.
+
+Retraining reads the events topic with its own consumer group, from the offsets it stopped at, up
+to the end offsets seen when it starts (a bounded read, so a run always ends). Events are appended
+here, with the next offsets to read, in one atomic file write:
+
+    <retrain state_dir>/event_log.npz   users, items, times_ms, event_ids (str / int64 arrays),
+                                        profile_users + profile_json (latest profile per user),
+                                        partitions + next_offsets
+
+A crash before the write loses nothing (the offsets did not move either); a crash after it leaves
+the group's committed offsets behind, which is harmless: the log's offsets are the ones used.
+Records the job would dead-letter (malformed, unknown fields, ...) are counted and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from streaming.events import BehaviourEvent, EventError, parse_event
+
+LOG_FILE = "event_log.npz"
+START_POLICIES = ("earliest", "latest", "committed")
+
+
+@dataclass
+class EventLog:
+    users: np.ndarray = field(default_factory=lambda: np.array([], dtype=str))
+    items: np.ndarray = field(default_factory=lambda: np.array([], dtype=str))
+    times_ms: np.ndarray = field(default_factory=lambda: np.array([], dtype=np.int64))
+    event_ids: np.ndarray = field(default_factory=lambda: np.array([], dtype=str))
+    profiles: dict[str, dict[str, str]] = field(default_factory=dict)  # raw user id -> latest profile
+    offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset to read
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def append(self, events: list[BehaviourEvent], offsets: dict[int, int]) -> int:
+        """Adds events not already in the log (by event id, where they have one); returns how many."""
+        seen = {e for e in self.event_ids.tolist() if e}
+        fresh = []
+        for e in events:
+            if e.event_id and e.event_id in seen:
+                continue  # a producer retry or a replay of the same event
+            seen.add(e.event_id)
+            fresh.append(e)
+            if e.profile:
+                self.profiles[e.user_id] = dict(e.profile)
+        if fresh:
+            self.users = np.concatenate([self.users, np.array([e.user_id for e in fresh], dtype=str)])
+            self.items = np.concatenate([self.items, np.array([e.item_id for e in fresh], dtype=str)])
+            self.times_ms = np.concatenate([self.times_ms, np.array([e.event_time_ms for e in fresh], dtype=np.int64)])
+            self.event_ids = np.concatenate([self.event_ids, np.array([e.event_id for e in fresh], dtype=str)])
+        self.offsets.update(offsets)
+        return len(fresh)
+
+    def save(self, state_dir: Path) -> Path:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / LOG_FILE
+        tmp = state_dir / f".{LOG_FILE}.tmp.npz"
+        partitions = sorted(self.offsets)
+        np.savez(
+            tmp, users=self.users, items=self.items, times_ms=self.times_ms, event_ids=self.event_ids,
+            profile_users=np.array(list(self.profiles), dtype=str),
+            profile_json=np.array([json.dumps(p, sort_keys=True) for p in self.profiles.values()], dtype=str),
+            partitions=np.array(partitions, dtype=np.int64), next_offsets=np.array([self.offsets[p] for p in partitions], dtype=np.int64),
+        )
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, state_dir: Path) -> "EventLog":
+        path = state_dir / LOG_FILE
+        if not path.is_file():
+            return cls()
+        with np.load(path, allow_pickle=False) as z:
+            profiles = {str(u): json.loads(str(p)) for u, p in zip(z["profile_users"], z["profile_json"])}
+            offsets = {int(p): int(o) for p, o in zip(z["partitions"], z["next_offsets"])}
+            return cls(z["users"].astype(str), z["items"].astype(str), z["times_ms"].astype(np.int64), z["event_ids"].astype(str), profiles, offsets)
+
+
+@dataclass
+class ReadReport:
+    events: list[BehaviourEvent]
+    offsets: dict[int, int]  # partition -> next offset after this read
+    rejected: Counter  # EventError kind -> count (the job dead-letters these)
+    seconds: float
+
+
+def pending_events(kafka, topic: str, group: str, offsets: dict[int, int], start: str = "earliest") -> int:
+    """How many records wait on the topic after `offsets` (the scheduler's trigger)."""
+    consumer = _consumer(kafka, group)
+    try:
+        partitions = _partitions(consumer, topic)
+        starts = _start_offsets(consumer, partitions, offsets, start)
+        ends = consumer.end_offsets(partitions)
+        return sum(max(0, ends[tp] - starts[tp]) for tp in partitions)
+    finally:
+        consumer.close()
+
+
+def read_new_events(kafka, topic: str, group: str, offsets: dict[int, int], start: str = "earliest",
+                    max_events: int = 0, timeout_s: float = 120.0, progress: bool = True) -> ReadReport:
+    """Reads every record after `offsets` (partition -> next offset) up to the end offsets seen now.
+
+    Partitions without a recorded offset start at `start`: earliest, latest, or the group's
+    committed offset. max_events > 0 stops early (the rest is read next time).
+    """
+    started = time.perf_counter()
+    consumer = _consumer(kafka, group)
+    try:
+        partitions = _partitions(consumer, topic)
+        starts = _start_offsets(consumer, partitions, offsets, start)
+        ends = consumer.end_offsets(partitions)
+        consumer.assign(partitions)
+        for tp in partitions:
+            consumer.seek(tp, starts[tp])
+        position = dict(starts)
+        total = sum(max(0, ends[tp] - starts[tp]) for tp in partitions)
+        if max_events:
+            total = min(total, max_events)
+        events: list[BehaviourEvent] = []
+        rejected: Counter = Counter()
+        read = 0
+        last_report = time.monotonic()
+        deadline = time.monotonic() + timeout_s
+        while read < total and any(position[tp] < ends[tp] for tp in partitions):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"read {read:,} of {total:,} records of {topic} in {timeout_s:.0f} s; is the broker at "
+                                   f"{kafka.bootstrap_servers} healthy? Rerun to continue (nothing was recorded)")
+            for tp, records in consumer.poll(timeout_ms=500, max_records=5000).items():
+                for record in records:
+                    if record.offset >= ends[tp] or read >= total:
+                        continue
+                    position[tp] = record.offset + 1
+                    read += 1
+                    try:
+                        event = parse_event(record.value)
+                    except EventError as exc:
+                        rejected[exc.kind] += 1
+                        continue
+                    if record.key is not None and record.key.decode("utf-8", "replace") != event.user_id:
+                        rejected["key_mismatch"] += 1
+                        continue
+                    events.append(event)
+            if progress and time.monotonic() - last_report > 2:
+                print(f"  read {read:,}/{total:,} new events", file=sys.stderr, flush=True)
+                last_report = time.monotonic()
+        return ReadReport(events, {tp.partition: position[tp] for tp in partitions}, rejected, time.perf_counter() - started)
+    finally:
+        consumer.close()
+
+
+def commit_offsets(kafka, topic: str, group: str, offsets: dict[int, int]) -> None:
+    """Mirrors the log's offsets into the consumer group, so lag dashboards see the retraining too."""
+    from kafka import TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    consumer = _consumer(kafka, group)
+    try:
+        try:
+            consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
+        except TypeError:  # kafka-python < 2.1 takes (offset, metadata)
+            consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "") for p, o in offsets.items()})
+    finally:
+        consumer.close()
+
+
+def _consumer(kafka, group: str):
+    from kafka import KafkaConsumer
+
+    from streaming.kafka_clients import python_client_options
+
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    return KafkaConsumer(group_id=group, enable_auto_commit=False, auto_offset_reset="earliest", consumer_timeout_ms=1000,
+                         **python_client_options(kafka))
+
+
+def _partitions(consumer, topic: str) -> list:
+    from kafka import TopicPartition
+
+    ids = None
+    deadline = time.monotonic() + 10
+    while not ids and time.monotonic() < deadline:
+        ids = consumer.partitions_for_topic(topic)
+        if not ids:
+            time.sleep(0.2)
+    if not ids:
+        raise RuntimeError(f"topic {topic!r} not found: create it with `python -m streaming topics` (or start the stack)")
+    return [TopicPartition(topic, p) for p in sorted(ids)]
+
+
+def _start_offsets(consumer, partitions: list, offsets: dict[int, int], start: str) -> dict:
+    if start not in START_POLICIES:
+        raise ValueError(f"[retrain].start_offsets {start!r}: use one of {', '.join(START_POLICIES)}")
+    earliest = consumer.beginning_offsets(partitions)
+    latest = consumer.end_offsets(partitions)
+    out = {}
+    for tp in partitions:
+        if tp.partition in offsets:
+            out[tp] = max(offsets[tp.partition], earliest[tp])  # retention may have deleted older records
+        elif start == "committed":
+            committed = consumer.committed(tp)
+            out[tp] = earliest[tp] if committed is None else committed
+        else:
+            out[tp] = earliest[tp] if start == "earliest" else latest[tp]
+    return out

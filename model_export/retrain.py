@@ -1,0 +1,517 @@
+"""Incremental retraining: new events from the stream -> a fine-tuned, judged, published model version.
+
+    python -m model_export retrain [--schedule]
+
+  1. read    the events that arrived since the recorded offsets, with retraining's own consumer
+             group, into the event log (event_log.py); the offsets go into the new manifest
+  2. grow    the item vocabulary: an item first seen in the stream with >= min_new_item_events
+             events gets the next free index. Existing items keep theirs, so ids are stable
+             across versions (the Milvus primary key, the feature store windows' raw ids)
+  3. merge   the base dataset's sequences and the log, per user by event time; an interaction the
+             base already holds (same user, item and time, e.g. a replay) is not counted twice
+  4. split   the newest `holdout_fraction` of the new events (by event time) is held out
+  5. tune    warm start from the current version's weights. A new item starts at the mean vector
+             of the items that preceded it in the stream (where it came from), then every weight
+             is fine-tuned on the new samples plus as many replayed older ones (against forgetting)
+  6. judge   Recall@50 on the holdout: the candidate against the current version (which cannot
+             retrieve the new items); refused when below current x (1 - tolerance), saying so
+  7. ship    export -> publish (new Milvus collection, alias swap, registry CURRENT: the streaming
+             job hot-reloads the tower) -> backfill every stored user's interests -> retire the
+             versions no stored interest refers to any more (their collection and registry copy)
+
+The samples, histories and evaluation are the ones of offline training (data.py, train.py,
+evaluate.py): the merged data is a SequenceDataset like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from model_export.data import EvalCases, SequenceDataset, ragged_arange, gather_histories, load_dataset
+from model_export.evaluate import evaluate_model
+from model_export.event_log import EventLog
+from model_export.manifest import Manifest
+from model_export.sampled_softmax import NegativeSampler
+from model_export.spec import ModelSpec
+from model_export.train import SELECTION_METRIC, TrainConfig, build_model, run_epoch
+
+NEW_ITEM_INIT_STD = 0.1  # a new item never preceded by a known item starts like a fresh embedding
+
+
+class RetrainError(RuntimeError):
+    """Retraining cannot start or continue; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------- lineage
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What a version was trained on: the base dataset and how much of the event log."""
+
+    source: str  # load_dataset argument of the base dataset (ml-1m, beauty, a path)
+    base_fingerprint: str
+    log_events: int  # the first `log_events` events of the log are in this version's training data
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> "Lineage":
+        retrained = manifest.extra.get("retrain")
+        if retrained:
+            return cls(retrained["source"], retrained["base_fingerprint"], int(retrained["log_events"]))
+        return cls(manifest.dataset.get("source", manifest.dataset["name"]), manifest.dataset["fingerprint"], 0)
+
+
+# ----------------------------------------------------------------------------- pure data preparation
+
+
+def grow_vocabulary(vocabulary: list[str], log_items: np.ndarray, min_events: int) -> list[str]:
+    """Items of the log not in the vocabulary with >= min_events events, in order of first appearance."""
+    known = set(vocabulary)
+    counts: dict[str, int] = {}
+    order: list[str] = []
+    for item in log_items.tolist():
+        if item in known:
+            continue
+        if item not in counts:
+            order.append(item)
+            counts[item] = 0
+        counts[item] += 1
+    return [item for item in order if counts[item] >= min_events]
+
+
+@dataclass
+class IncrementalData:
+    data: SequenceDataset  # base + log over the grown vocabulary; train_users = everyone, test_users = holdout users
+    parent_items: int  # n_items of the version being fine-tuned
+    new_items: list[str]  # raw ids that got indices parent_items + 1 ...
+    new_samples: tuple[np.ndarray, np.ndarray]  # (users, positions) whose target is a new event before the cut
+    old_samples: tuple[np.ndarray, np.ndarray]  # older targets: base training users and earlier log events
+    holdout: EvalCases  # history before the cut, targets = held-out new events
+    holdout_parent: EvalCases  # the same, histories without the items the parent does not know
+    cut_ms: int  # holdout = new events at or after this event time
+    log_events: int  # events of the log this data includes
+
+
+def merge_with_log(base: SequenceDataset, log: EventLog, vocabulary: list[str], item_side: list[list[str]], parent_items: int,
+                   trained_log_events: int, holdout_fraction: float, fingerprint: str) -> IncrementalData:
+    """vocabulary / item_side: the grown item list (raw ids, side tokens), the parent's `parent_items` first."""
+    index = {raw: i + 1 for i, raw in enumerate(vocabulary)}
+    base_to_vocab = np.array([0] + [index[raw] for raw in base.item_ids[1:].tolist()], dtype=np.int64)
+    lengths = np.diff(base.seq_offsets)
+    base_frame = pd.DataFrame({
+        "user": np.repeat(base.user_ids, lengths),
+        "item": base_to_vocab[base.seq_items],
+        "ts": base.seq_times,
+        "log_index": -1,
+        "base_train": np.repeat(np.isin(np.arange(base.n_users), base.train_users), lengths),
+    })
+    log_items = np.array([index.get(raw, 0) for raw in log.items.tolist()], dtype=np.int64)
+    log_frame = pd.DataFrame({"user": log.users, "item": log_items, "ts": log.times_ms, "log_index": np.arange(len(log)), "base_train": False})
+    log_frame = log_frame[log_frame["item"] > 0]  # items still below min_new_item_events wait for the next run
+    frame = pd.concat([base_frame, log_frame], ignore_index=True)
+    frame["order"] = np.arange(len(frame))
+    frame = frame.drop_duplicates(["user", "item", "ts"], keep="first")  # a replayed interaction counts once
+    user_ids = np.array(sorted(frame["user"].unique()), dtype=str)
+    frame = frame.assign(user_idx=pd.Categorical(frame["user"], categories=user_ids).codes.astype(np.int64))
+    frame = frame.sort_values(["user_idx", "ts", "order"], kind="stable")
+    counts = np.bincount(frame["user_idx"].to_numpy(), minlength=len(user_ids))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    seq_items = frame["item"].to_numpy(np.int64)
+    seq_times = frame["ts"].to_numpy(np.int64)
+    log_index = frame["log_index"].to_numpy(np.int64)
+    base_train = frame["base_train"].to_numpy(bool)
+
+    # Every position p >= 1 of every sequence is a sample (target = item p, history = the items before).
+    users = np.repeat(np.arange(len(user_ids)), np.maximum(counts - 1, 0))
+    positions = ragged_arange(np.maximum(counts - 1, 0)) + 1
+    flat = offsets[users] + positions
+    is_new = log_index[flat] >= trained_log_events
+    new_times = seq_times[flat[is_new]]
+    if len(new_times) == 0:
+        raise RetrainError("no new interaction to learn from: every new event repeats one the model was trained on")
+    cut_ms = int(np.quantile(new_times, 1.0 - holdout_fraction, method="higher"))
+    held = is_new & (seq_times[flat] >= cut_ms)
+    fresh = is_new & ~held
+    old = ~is_new & ((log_index[flat] >= 0) | base_train[flat])
+
+    # Holdout: per user, history = everything before the first held-out position, targets = the held-out items.
+    first_held: dict[int, int] = {}
+    targets: dict[int, list[int]] = {}
+    for u, p in zip(users[held].tolist(), positions[held].tolist()):
+        first_held.setdefault(u, p)
+        targets.setdefault(u, []).append(int(seq_items[offsets[u] + p]))
+    holdout_users = np.array(sorted(first_held), dtype=np.int64)
+
+    data = SequenceDataset(
+        name=base.name, fingerprint=fingerprint,
+        item_ids=np.array(["<pad>", *vocabulary], dtype=str), user_ids=user_ids,
+        seq_offsets=offsets, seq_items=seq_items, seq_times=seq_times,
+        train_users=np.arange(len(user_ids), dtype=np.int64), valid_users=np.array([], dtype=np.int64), test_users=holdout_users,
+        item_side=_side_matrix(item_side, base.side_vocab), side_vocab=base.side_vocab,
+        user_profile=_profiles(base, user_ids, log.profiles), profile_fields=base.profile_fields,
+        profile_cardinalities=base.profile_cardinalities, profile_vocab=base.profile_vocab,
+    )
+    return IncrementalData(
+        data=data, parent_items=parent_items, new_items=vocabulary[parent_items:],
+        new_samples=(users[fresh], positions[fresh]), old_samples=(users[old], positions[old]),
+        holdout=_holdout_cases(data, holdout_users, first_held, targets, max_item=len(vocabulary)),
+        holdout_parent=_holdout_cases(data, holdout_users, first_held, targets, max_item=parent_items),
+        cut_ms=cut_ms, log_events=len(log),
+    )
+
+
+def _holdout_cases(data: SequenceDataset, users: np.ndarray, first_held: dict[int, int], targets: dict[int, list[int]], max_item: int) -> EvalCases:
+    """Histories use only items <= max_item (a model cannot read items it has no row for); users left
+    with an empty history are not evaluated."""
+    maxlen_rows, lengths, kept, target_lists = [], [], [], []
+    for u in users.tolist():
+        before = data.seq_items[data.seq_offsets[u] : data.seq_offsets[u] + first_held[u]]
+        before = before[before <= max_item]
+        if len(before) == 0:
+            continue
+        kept.append(u)
+        maxlen_rows.append(before)
+        lengths.append(len(before))
+        target_lists.append(targets[u])
+    width = max(lengths, default=1)
+    history = np.zeros((len(kept), width), dtype=np.int64)
+    for row, items in enumerate(maxlen_rows):
+        history[row, : len(items)] = items
+    n_targets = np.array([len(t) for t in target_lists], dtype=np.int64)
+    return EvalCases(
+        users=np.array(kept, dtype=np.int64), history=history, lengths=np.array(lengths, dtype=np.int64),
+        target_offsets=np.concatenate([[0], np.cumsum(n_targets)]).astype(np.int64),
+        targets=np.array([t for ts in target_lists for t in ts], dtype=np.int64),
+    )
+
+
+def clip_history(cases: EvalCases, maxlen: int) -> EvalCases:
+    """The newest maxlen items of each history, right-padded: what the user tower reads."""
+    if len(cases.users) == 0:
+        return dataclasses.replace(cases, history=np.zeros((0, maxlen), dtype=np.int64))
+    keep = np.minimum(cases.lengths, maxlen)
+    cols = np.arange(maxlen)
+    src = (cases.lengths - keep)[:, None] + cols[None, :]
+    valid = cols[None, :] < keep[:, None]
+    history = np.where(valid, np.take_along_axis(cases.history, np.minimum(src, cases.history.shape[1] - 1), axis=1), 0)
+    return dataclasses.replace(cases, history=history.astype(np.int64), lengths=keep.astype(np.int64))
+
+
+def _side_matrix(item_side: list[list[str]], side_vocab: np.ndarray) -> np.ndarray:
+    lookup = {str(t): i for i, t in enumerate(side_vocab.tolist())}
+    width = max([len(tokens) for tokens in item_side] + [1])
+    out = np.zeros((len(item_side) + 1, width), dtype=np.int64)
+    for i, tokens in enumerate(item_side, start=1):
+        for j, token in enumerate(tokens):
+            out[i, j] = lookup.get(token, 0)
+    return out
+
+
+def _profiles(base: SequenceDataset, user_ids: np.ndarray, log_profiles: dict[str, dict[str, str]]) -> np.ndarray:
+    """Base users keep their dataset profile; users first seen in the stream get the profile of their events."""
+    base_rows = {u: i for i, u in enumerate(base.user_ids.tolist())}
+    fields = base.profile_fields.tolist()
+    lookups = [{tok.split("=", 1)[1]: i for i, tok in enumerate(base.profile_vocab_for_field(f).tolist())} for f in range(len(fields))]
+    out = np.zeros((len(user_ids), len(fields)), dtype=np.int64)
+    for row, user in enumerate(user_ids.tolist()):
+        if user in base_rows:
+            out[row] = base.user_profile[base_rows[user]]
+        elif user in log_profiles:
+            out[row] = [lookups[f].get(log_profiles[user].get(name, ""), 0) for f, name in enumerate(fields)]
+    return out
+
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def grow_weights(state: dict[str, torch.Tensor], parent_items: int, new_rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Appends rows for new items to every per-item table of the item embedding.
+
+    new_rows [n_new, D]: the id-embedding rows of the new items; other per-item tables (side-token
+    pooling) get zero rows: a new item has no side tokens."""
+    grown = {}
+    for key, tensor in state.items():
+        if key.startswith("items.") and tensor.dim() >= 1 and tensor.shape[0] == parent_items + 1:
+            extra = new_rows.to(tensor.dtype) if key == "items.ids.weight" else tensor.new_zeros((len(new_rows), *tensor.shape[1:]))
+            tensor = torch.cat([tensor, extra], dim=0)
+        grown[key] = tensor
+    return grown
+
+
+def new_item_rows(item_vectors: torch.Tensor, data: SequenceDataset, samples: tuple[np.ndarray, np.ndarray], parent_items: int,
+                  n_new: int, maxlen: int, seed: int) -> torch.Tensor:
+    """[n_new, D]: each new item's mean of the (parent) item vectors in the windows that preceded it."""
+    dim = item_vectors.shape[1]
+    sums = np.zeros((n_new, dim), dtype=np.float64)
+    counts = np.zeros(n_new, dtype=np.int64)
+    users, positions = samples
+    targets = data.seq_items[data.seq_offsets[users] + positions]
+    is_new = targets > parent_items
+    if is_new.any():
+        hist, _ = gather_histories(data, users[is_new], positions[is_new], maxlen)
+        known = (hist > 0) & (hist <= parent_items)
+        vectors = item_vectors.detach().numpy()
+        context = (vectors[np.where(known, hist, 0)] * known[..., None]).sum(1)  # [S, D]
+        n = known.sum(1)
+        rows = targets[is_new] - parent_items - 1
+        np.add.at(sums, rows, context)
+        np.add.at(counts, rows, n)
+    rng = np.random.default_rng(seed)
+    out = rng.normal(0.0, NEW_ITEM_INIT_STD, size=(n_new, dim))
+    seen = counts > 0
+    out[seen] = sums[seen] / counts[seen, None]
+    return torch.as_tensor(out, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- fine-tuning and judging
+
+
+@dataclass
+class Verdict:
+    accepted: bool
+    candidate: dict[str, float]
+    current: dict[str, float]
+    reason: str
+
+
+def judge(candidate: dict[str, float], current: dict[str, float], tolerance: float, metric: str = SELECTION_METRIC) -> Verdict:
+    floor = current[metric] * (1.0 - tolerance)
+    if candidate[metric] >= floor:
+        return Verdict(True, candidate, current, f"holdout {metric} {candidate[metric]:.4f} >= {floor:.4f} (current {current[metric]:.4f} - {tolerance:.0%})")
+    return Verdict(False, candidate, current, f"holdout {metric} {candidate[metric]:.4f} is below {floor:.4f}: the current model scores "
+                                              f"{current[metric]:.4f} and the tolerance is {tolerance:.0%}; the current version stays")
+
+
+def fine_tune(parent_spec: ModelSpec, parent_state: dict[str, torch.Tensor], inc: IncrementalData, settings, seed: int = 2019,
+              device: str = "cpu", progress: bool = True) -> tuple[ModelSpec, torch.nn.Module, list[dict]]:
+    """settings: the [retrain] configuration (epochs, lr, batch_size, replay_ratio). Returns the grown
+    spec, the fine-tuned model and per-epoch records."""
+    data = inc.data
+    spec = dataclasses.replace(parent_spec, n_items=data.n_items)
+    parent = build_model(parent_spec, torch.zeros(parent_spec.n_items + 1, 1, dtype=torch.int64))
+    parent.load_state_dict(parent_state)
+    rows = new_item_rows(parent.item_vectors(), data, inc.new_samples, inc.parent_items, len(inc.new_items), spec.maxlen, seed)
+    torch.manual_seed(seed)
+    model = build_model(spec, torch.as_tensor(data.item_side)).to(device)
+    model.load_state_dict(grow_weights(parent_state, inc.parent_items, rows))
+    config = TrainConfig(dataset=data.name, model=spec.kind, seed=seed, epochs=settings.epochs, batch_size=settings.batch_size,
+                         lr=settings.lr, device=device, dataset_fingerprint=data.fingerprint)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    sampler = NegativeSampler(torch.as_tensor(data.item_counts(data.train_users)), config.sampler_alpha, device)
+    rng = np.random.default_rng(seed)
+    new_users, new_positions = inc.new_samples
+    old_users, old_positions = inc.old_samples
+    n_replay = min(len(old_users), int(round(settings.replay_ratio * len(new_users))))
+    records = []
+    for epoch in range(1, settings.epochs + 1):
+        replay = rng.choice(len(old_users), size=n_replay, replace=False) if n_replay else np.zeros(0, dtype=np.int64)
+        users = np.concatenate([new_users, old_users[replay]])
+        positions = np.concatenate([new_positions, old_positions[replay]])
+        started = time.perf_counter()
+        loss, steps = run_epoch(model, optimizer, sampler, data, users, positions, config, rng, spec.maxlen,
+                                desc=f"fine-tune epoch {epoch}", progress=progress)
+        records.append({"epoch": epoch, "loss": loss, "steps": steps, "samples": len(users), "seconds": time.perf_counter() - started})
+        if progress:
+            print(f"fine-tune epoch {epoch}: {len(users):,} samples ({len(new_users):,} new), loss {loss:.4f}, "
+                  f"{records[-1]['seconds']:.1f}s", file=sys.stderr, flush=True)
+    model.eval()
+    return spec, model, records
+
+
+def evaluate_holdout(model: torch.nn.Module, inc: IncrementalData, maxlen: int, parent: bool = False) -> dict[str, float]:
+    cases = clip_history(inc.holdout_parent if parent else inc.holdout, maxlen)
+    return evaluate_model(model, inc.data, cases)
+
+
+def load_weights(export_dir: Path, manifest: Manifest) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    if "weights" not in manifest.files:
+        raise RetrainError(f"{export_dir} has no weights.pt (exported by an older version): re-export the run with "
+                           f"`python -m model_export export` and publish it, then retrain")
+    spec = ModelSpec(**manifest.extra["spec"])
+    if not spec.is_multi_interest and spec.kind != "youtube_dnn":
+        raise RetrainError(f"{spec.kind} has no weights to fine-tune")
+    state = torch.load(manifest.file(export_dir, "weights"), map_location="cpu", weights_only=True)
+    return spec, state
+
+
+def dataset_fingerprint(base_fingerprint: str, log: EventLog, vocabulary_size: int) -> str:
+    key = hashlib.sha256(f"{base_fingerprint}:{len(log)}:{vocabulary_size}:{log.offsets}".encode())
+    return key.hexdigest()[:16]
+
+
+def prepare(base: SequenceDataset, log: EventLog, parent_vocab: dict, lineage: Lineage, settings) -> IncrementalData:
+    new_items = grow_vocabulary(parent_vocab["items"], log.items, settings.min_new_item_events)
+    vocabulary = [*parent_vocab["items"], *new_items]
+    item_side = [*parent_vocab["item_side"], *([[]] * len(new_items))]
+    return merge_with_log(base, log, vocabulary, item_side, len(parent_vocab["items"]), lineage.log_events,
+                          settings.holdout_fraction, dataset_fingerprint(lineage.base_fingerprint, log, len(vocabulary)))
+
+
+def run_dir_for(state_dir: Path) -> Path:
+    return state_dir / "runs" / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def save_run(run_dir: Path, spec: ModelSpec, model: torch.nn.Module, inc: IncrementalData, source: str, report: dict) -> None:
+    """A run directory like offline training's, so export_model reads it the same way."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec.save(run_dir / "spec.json")
+    torch.save(model.state_dict(), run_dir / "model.pt")
+    config = TrainConfig(dataset=source, model=spec.kind, dataset_fingerprint=inc.data.fingerprint)
+    (run_dir / "train.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    (run_dir / "history.json").write_text(json.dumps(report, indent=2, default=str))
+
+
+def base_dataset(lineage: Lineage, paths) -> SequenceDataset:
+    base = load_dataset(lineage.source, paths.data_dir, paths.cache_dir, paths.shared_data_dir)
+    if base.fingerprint != lineage.base_fingerprint:
+        raise RetrainError(f"the base dataset {lineage.source!r} changed since the current model was trained "
+                           f"(fingerprint {base.fingerprint}, expected {lineage.base_fingerprint}): restore it, or train a new base model")
+    return base
+
+
+# ----------------------------------------------------------------------------- one retraining, end to end
+
+
+def retrain_once(config, publish_model: bool = True, progress: bool = True) -> dict:
+    """read -> grow -> merge -> tune -> judge -> export -> publish -> backfill -> retire.
+
+    Returns the report printed by `python -m model_export retrain`: status is "published",
+    "refused" (the gate said no; the reason is in it), "trained" (publish_model=False) or
+    "skipped" (too few new events)."""
+    from model_export.event_log import commit_offsets, read_new_events
+    from model_export.export import export_model
+    from model_export.registry import ModelRegistry
+
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    settings, paths = config.retrain, config.paths
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 2)
+        clock = now
+
+    registry = ModelRegistry(paths.models_dir)
+    parent_dir = registry.current()
+    parent = Manifest.load(parent_dir)
+    lineage = Lineage.of(parent)
+    log = EventLog.load(settings.state_dir)
+    if lineage.log_events > len(log):
+        raise RetrainError(f"{parent.model_version} was trained on {lineage.log_events:,} logged events but {settings.state_dir} holds "
+                           f"{len(log):,}: restore the retraining state folder ([retrain].state_dir) it was trained with")
+    say(f"==> reading new events from {config.kafka.events_topic} (group {settings.consumer_group})")
+    read = read_new_events(config.kafka, config.kafka.events_topic, settings.consumer_group, log.offsets, settings.start_offsets, progress=progress)
+    added = log.append(read.events, read.offsets)
+    log.save(settings.state_dir)
+    commit_offsets(config.kafka, config.kafka.events_topic, settings.consumer_group, log.offsets)
+    lap("read")
+    report = {"parent": parent.model_version, "events_read": len(read.events) + sum(read.rejected.values()), "events_added": added,
+              "rejected": dict(read.rejected), "log_events": len(log), "new_events": len(log) - lineage.log_events, "offsets": log.offsets}
+    say(f"    {added:,} events added ({report['new_events']:,} new since {parent.model_version}; {sum(read.rejected.values())} invalid skipped)")
+    if report["new_events"] < settings.min_new_events:
+        return {**report, "status": "skipped", "reason": f"{report['new_events']:,} new events, fewer than [retrain].min_new_events = {settings.min_new_events:,}", "seconds": timings}
+
+    say("==> merging the base dataset and the event log")
+    base = base_dataset(lineage, paths)
+    parent_vocab = json.loads(parent.file(parent_dir, "vocab").read_text())
+    inc = prepare(base, log, parent_vocab, lineage, settings)
+    if len(inc.holdout.users) == 0:
+        return {**report, "status": "skipped", "reason": "no user has a held-out new event after some history: wait for more events", "seconds": timings}
+    report.update(new_items=len(inc.new_items), new_samples=len(inc.new_samples[0]), holdout_users=len(inc.holdout.users),
+                  holdout_cut=dt.datetime.fromtimestamp(inc.cut_ms / 1000, dt.timezone.utc).isoformat())
+    say(f"    {len(inc.new_samples[0]):,} new samples, {len(inc.new_items):,} new items, holdout: {len(inc.holdout.users):,} users from {report['holdout_cut']}")
+    lap("prepare")
+
+    parent_spec, parent_state = load_weights(parent_dir, parent)
+    spec, model, epochs = fine_tune(parent_spec, parent_state, inc, settings, progress=progress)
+    lap("train")
+    current_model = build_model(parent_spec, torch.zeros(parent_spec.n_items + 1, 1, dtype=torch.int64))
+    current_model.load_state_dict(parent_state)
+    verdict = judge(evaluate_holdout(model, inc, spec.maxlen), evaluate_holdout(current_model.eval(), inc, spec.maxlen, parent=True), settings.tolerance)
+    lap("judge")
+    report.update(epochs=epochs, holdout={"candidate": verdict.candidate, "current": verdict.current}, verdict=verdict.reason)
+    say(f"    {verdict.reason}")
+    run_dir = run_dir_for(settings.state_dir)
+    save_run(run_dir, spec, model, inc, lineage.source, report)
+    report["run_dir"] = str(run_dir)
+    if not verdict.accepted:
+        return {**report, "status": "refused", "reason": verdict.reason, "seconds": timings}
+
+    say("==> exporting the candidate")
+    lineage_record = {"parent": parent.model_version, "source": lineage.source, "base_fingerprint": lineage.base_fingerprint,
+                      "log_events": len(log), "offsets": {str(p): o for p, o in log.offsets.items()}, "topic": config.kafka.events_topic,
+                      "consumer_group": settings.consumer_group, "new_items": len(inc.new_items), "holdout_cut_ms": inc.cut_ms,
+                      "holdout": {"candidate": verdict.candidate, "current": verdict.current}}
+    export_dir, manifest = export_model(run_dir, inc.data, run_dir / "export", source=lineage.source,
+                                        metrics_cases=("holdout", clip_history(inc.holdout, spec.maxlen)), extra={"retrain": lineage_record})
+    report["model_version"] = manifest.model_version
+    lap("export")
+    if not publish_model:
+        return {**report, "status": "trained", "export_dir": str(export_dir), "seconds": timings}
+    return {**report, **refresh(config, export_dir, say, timings, lap), "status": "published"}
+
+
+def refresh(config, export_dir: Path, say, timings: dict, lap) -> dict:
+    """Publish an export and bring the feature store over to it; old versions go once unreferenced."""
+    from model_export.artifact import UserTower
+    from model_export.publish import connect, publish_version, retire_unreferenced
+    from model_export.registry import ModelRegistry
+    from streaming.backfill import backfill, stored_versions
+    from streaming.feature_store import RedisFeatureStore
+
+    registry = ModelRegistry(config.paths.models_dir)
+    client = connect(config.milvus.uri, config.milvus.token)
+    say("==> publishing: new collection, alias swap, registry CURRENT (the streaming job hot-reloads)")
+    published = publish_version(export_dir, registry, client, config.milvus.collection_prefix, progress=say)
+    lap("publish")
+    say("==> backfilling stored interests with the new user tower")
+    store = RedisFeatureStore.from_config(config.redis, ttl_seconds=config.streaming.record_ttl_s, timeout_s=10.0)
+    tower = UserTower.load(registry.path(published.model_version), prefer_gpu=True)
+    filled = backfill(store, tower, batch=config.retrain.backfill_batch)
+    lap("backfill")
+    versions = stored_versions(store)
+    retired = retire_unreferenced(registry, client, config.milvus.collection_prefix, set(versions))
+    lap("retire")
+    say(f"    {filled.rewritten:,} users re-extracted; retired {retired or 'nothing'}; stored versions now {dict(versions)}")
+    return {"collection": published.collection, "items": published.items, "index": published.index_type,
+            "backfill": dataclasses.asdict(filled), "stored_versions": dict(versions), "retired": retired,
+            "seconds": {**timings, "total": round(sum(timings.values()), 2)}}
+
+
+def run_schedule(config, publish_model: bool = True, poll_s: float = 10.0, runs: int = 0) -> None:
+    """Retrains whenever [retrain].every_events new events wait or every_minutes have passed (with at
+    least min_new_events waiting). runs > 0 stops after that many retrainings."""
+    from model_export.event_log import pending_events
+
+    settings = config.retrain
+    if settings.every_events <= 0 and settings.every_minutes <= 0:
+        raise RetrainError("scheduled mode needs [retrain].every_events or [retrain].every_minutes "
+                           "(e.g. MINDSTREAM_RETRAIN__EVERY_MINUTES=30)")
+    last = time.monotonic()
+    done = 0
+    while runs == 0 or done < runs:
+        log = EventLog.load(settings.state_dir)
+        waiting = pending_events(config.kafka, config.kafka.events_topic, settings.consumer_group, log.offsets, settings.start_offsets)
+        due_by_events = settings.every_events > 0 and waiting >= settings.every_events
+        due_by_time = settings.every_minutes > 0 and time.monotonic() - last >= settings.every_minutes * 60 and waiting >= settings.min_new_events
+        if due_by_events or due_by_time:
+            print(f"==> {waiting:,} new events waiting: retraining", file=sys.stderr, flush=True)
+            report = retrain_once(config, publish_model)
+            print(json.dumps(report, default=str), flush=True)
+            last = time.monotonic()
+            done += 1
+        else:
+            time.sleep(poll_s)

@@ -1,0 +1,158 @@
+"""Retraining's pure steps, without servers: the event log, vocabulary growth, merging, warm start, the gate."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from model_export.data import load_dataset
+from model_export.event_log import EventLog
+from model_export.manifest import Manifest
+from model_export.train import build_model
+from model_export.retrain import (
+    Lineage,
+    clip_history,
+    evaluate_holdout,
+    fine_tune,
+    grow_vocabulary,
+    grow_weights,
+    judge,
+    load_weights,
+    new_item_rows,
+    prepare,
+)
+from streaming.events import BehaviourEvent
+
+SETTINGS = SimpleNamespace(min_new_item_events=2, holdout_fraction=0.2, epochs=1, lr=1e-3, batch_size=64, replay_ratio=1.0)
+NOW = 1_700_000_000_000
+
+
+def event(user, item, t, event_id="", profile=None):
+    return BehaviourEvent(user, item, "click", t, event_id=event_id, profile=profile or {})
+
+
+def test_event_log_round_trips_and_ignores_redelivered_events(tmp_path):
+    log = EventLog()
+    assert log.append([event("u1", "a", 1, "e1", {"gender": "F"}), event("u2", "b", 2, "e2")], {0: 2}) == 2
+    assert log.append([event("u1", "a", 1, "e1"), event("u3", "c", 3)], {0: 3, 1: 5}) == 1  # e1 again: a retry
+    log.save(tmp_path)
+    again = EventLog.load(tmp_path)
+    assert again.users.tolist() == ["u1", "u2", "u3"] and again.items.tolist() == ["a", "b", "c"]
+    assert again.times_ms.tolist() == [1, 2, 3] and again.offsets == {0: 3, 1: 5}
+    assert again.profiles == {"u1": {"gender": "F"}}
+    assert len(EventLog.load(tmp_path / "nothing")) == 0
+
+
+def test_new_items_need_enough_events_and_keep_first_seen_order():
+    log_items = np.array(["x", "known", "y", "x", "z", "y", "y"])
+    assert grow_vocabulary(["known"], log_items, min_events=2) == ["x", "y"]
+    assert grow_vocabulary(["known"], log_items, min_events=1) == ["x", "y", "z"]
+
+
+@pytest.fixture
+def base(synthetic_csv, tmp_path):
+    return load_dataset(str(synthetic_csv), tmp_path / "data", tmp_path / "cache", tmp_path)
+
+
+def stream_for(base, n_per_user=4, replays=20):
+    """New events for every base user: known items; for users who like cluster 0 (items i0..i14)
+    two cluster-0 items followed by a brand-new item "fresh"; a new user with a profile; and exact
+    replays of base interactions (which must not count)."""
+    rng = np.random.default_rng(1)
+    cluster0 = {f"i{i}" for i in range(15)}
+    events = []
+    for u, user in enumerate(base.user_ids.tolist()):
+        seq = base.sequence(u)
+        likes_cluster0 = bool(cluster0 & set(base.item_ids[seq].tolist()))
+        for j in range(n_per_user):
+            t = NOW + 1000 * (j * len(base.user_ids) + u)
+            if likes_cluster0 and j >= n_per_user - 3:
+                item = "fresh" if j == n_per_user - 1 else f"i{rng.integers(15)}"
+            else:
+                item = str(base.item_ids[seq[rng.integers(len(seq))]])
+            events.append(event(user, item, t, f"n{u}-{j}"))
+    events += [event("newcomer", "i1", NOW + 10**9, "c1", {"user_gender": "F"}), event("newcomer", "i2", NOW + 10**9 + 1, "c2")]
+    for u in range(replays):  # the same interactions as in the base dataset
+        s = base.seq_offsets[u]
+        events.append(event(str(base.user_ids[u]), str(base.item_ids[base.seq_items[s]]), int(base.seq_times[s]), f"r{u}"))
+    log = EventLog()
+    log.append(events, {0: len(events)})
+    return log
+
+
+def vocab_of(base):
+    return {"items": base.item_ids[1:].tolist(), "item_side": [[str(t) for t in base.side_vocab[row] if t != "<pad>"] for row in base.item_side[1:]]}
+
+
+def test_merge_keeps_ids_stable_counts_replays_once_and_holds_out_the_newest(base):
+    log = stream_for(base)
+    inc = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, 0), SETTINGS)
+    data = inc.data
+    assert data.item_ids[1 : base.n_items + 1].tolist() == base.item_ids[1:].tolist()  # old items keep their index
+    assert inc.new_items == ["fresh"] and data.item_ids[base.n_items + 1] == "fresh" and inc.parent_items == base.n_items
+    assert len(data.seq_items) == len(base.seq_items) + len(log) - 20  # the 20 replays were already there
+    # every new event is a training sample or a held-out target, but the newcomer's first (it has no history)
+    assert len(inc.new_samples[0]) + int(inc.holdout.target_offsets[-1]) == len(log) - 20 - 1
+    held_times = [data.seq_times[data.seq_offsets[u]:data.seq_offsets[u + 1]].max() for u in inc.holdout.users]
+    assert min(held_times) >= inc.cut_ms
+    u_new = data.user_ids.tolist().index("newcomer")
+    assert data.user_profile[u_new].tolist() == [base.profile_vocab_for_field(0).tolist().index("user_gender=F")]
+    # the parent cannot read "fresh": its holdout histories leave it out, the candidate's keep it
+    assert inc.holdout_parent.history.max() <= base.n_items
+    assert data.item_side[base.n_items + 1].tolist() == [0] * data.item_side.shape[1]
+
+
+def test_grown_tables_keep_old_rows_and_start_new_items_from_their_context():
+    state = {"items.ids.weight": torch.arange(12.0).reshape(4, 3), "items.side_pooling": torch.ones(4, 2), "bilinear.weight": torch.eye(3)}
+    grown = grow_weights(state, parent_items=3, new_rows=torch.full((2, 3), 7.0))
+    assert grown["items.ids.weight"].shape == (6, 3) and torch.equal(grown["items.ids.weight"][:4], state["items.ids.weight"])
+    assert torch.equal(grown["items.ids.weight"][4:], torch.full((2, 3), 7.0))
+    assert torch.equal(grown["items.side_pooling"][4:], torch.zeros(2, 2)) and torch.equal(grown["bilinear.weight"], torch.eye(3))
+
+    # item 4 (new) follows items 1 and 2 once, and item 1 once: its start = mean of those three vectors
+    data = SimpleNamespace(seq_offsets=np.array([0, 3, 5]), seq_items=np.array([1, 2, 4, 1, 4]))
+    vectors = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [5.0, 5.0]])
+    rows = new_item_rows(vectors, data, (np.array([0, 1]), np.array([2, 1])), parent_items=3, n_new=2, maxlen=5, seed=0)
+    assert torch.allclose(rows[0], torch.tensor([2 / 3, 1.0]))
+    assert rows[1].abs().max() < 1.0  # never preceded by a known item: a small random start
+
+
+def test_the_gate_refuses_a_worse_candidate_and_says_why():
+    assert judge({"recall@50": 0.195}, {"recall@50": 0.2}, tolerance=0.05).accepted
+    refused = judge({"recall@50": 0.15}, {"recall@50": 0.2}, tolerance=0.05)
+    assert not refused.accepted and "0.1500 is below 0.1900" in refused.reason and "current version stays" in refused.reason
+
+
+def test_clip_history_keeps_the_newest_items():
+    cases = SimpleNamespace(users=np.array([0, 1]), history=np.array([[1, 2, 3, 4], [5, 6, 0, 0]]), lengths=np.array([4, 2]),
+                            target_offsets=np.array([0, 1, 2]), targets=np.array([9, 9]))
+    import dataclasses
+
+    from model_export.data import EvalCases
+
+    clipped = clip_history(EvalCases(**vars(cases)), maxlen=3)
+    assert clipped.history.tolist() == [[2, 3, 4], [5, 6, 0]] and clipped.lengths.tolist() == [3, 2]
+    assert dataclasses.is_dataclass(clipped)
+
+
+def test_fine_tuning_grows_the_model_and_learns_the_new_item(two_exports, synthetic_csv, tmp_path):
+    """Warm start from a real export: the candidate has a trained vector for "fresh" and scores its holdout."""
+    export = two_exports[0]
+    manifest = Manifest.load(export)
+    base = load_dataset(str(synthetic_csv), tmp_path / "data", tmp_path / "cache", tmp_path)
+    assert manifest.dataset["fingerprint"] == base.fingerprint and manifest.dataset["source"].endswith("interactions.csv")
+    spec, state = load_weights(export, manifest)
+    log = stream_for(base, n_per_user=6)
+    inc = prepare(base, log, json.loads(manifest.file(export, "vocab").read_text()), Lineage.of(manifest), SETTINGS)
+    grown, model, epochs = fine_tune(spec, state, inc, SimpleNamespace(**{**vars(SETTINGS), "epochs": 2}), progress=False)
+    assert grown.n_items == base.n_items + 1 and model.item_vectors().shape[0] == base.n_items + 2 and len(epochs) == 2
+    metrics = evaluate_holdout(model, inc, spec.maxlen)
+    assert 0.0 <= metrics["recall@50"] <= 1.0
+    fresh = base.n_items + 1
+    parent = build_model(spec, torch.zeros(spec.n_items + 1, 1, dtype=torch.int64))
+    parent.load_state_dict(state)
+    start = new_item_rows(parent.item_vectors(), inc.data, inc.new_samples, inc.parent_items, 1, spec.maxlen, seed=2019)[0]
+    learned = model.items.ids.weight[fresh].detach()
+    assert torch.isfinite(learned).all() and not torch.allclose(learned, start)  # started from its context, then trained
