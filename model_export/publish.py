@@ -67,6 +67,25 @@ def alias_target(client, alias: str) -> str | None:
         quiet.setLevel(level)
 
 
+def wait_for_index(client, name: str, rows: int, progress=print, poll_s: float = 1.0) -> None:
+    """A Milvus server builds the index of sealed segments after the load returns; until it is done,
+    searches scan raw segments (slow, and exact where HNSW is approximate). The alias moves only
+    once every row is indexed; the collection is then reloaded with its index. (Milvus Lite
+    indexes synchronously and reports no pending rows.)"""
+    started = time.perf_counter()
+    waited = False
+    while True:
+        info = client.describe_index(name, "vector")
+        if "pending_index_rows" not in info or (info.get("indexed_rows", 0) >= rows and info["pending_index_rows"] == 0):
+            break
+        waited = True
+        time.sleep(poll_s)
+    if waited:
+        client.release_collection(name)
+        client.load_collection(name)
+        progress(f"  index of {name} built after {time.perf_counter() - started:.0f}s more")
+
+
 def publish(export_dir: Path, client, prefix: str, index_type: str | None = None, progress=print) -> Published:
     """Create, fill, index and load the collection of this export's version, then point the alias at it."""
     from pymilvus import DataType, MilvusClient
@@ -112,6 +131,7 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
         progress(f"  {stop:,}/{manifest.n_items:,} item vectors inserted into {name}")
     client.flush(collection_name=name)
     client.load_collection(collection_name=name)
+    wait_for_index(client, name, manifest.n_items, progress)
     count = int(client.query(collection_name=name, filter="item_id >= 0", output_fields=["count(*)"])[0]["count(*)"])
     if count != manifest.n_items:
         raise RuntimeError(f"{name} holds {count} items, expected {manifest.n_items}; the alias was not moved")

@@ -114,11 +114,9 @@ def user_windows(maxlen: int) -> list[tuple[str, list[str]]]:
 
 
 def ensure_published(client, catalog_dir: Path, log) -> str:
-    """Publishes the catalog unless its collection is complete, then waits until the HNSW index
-    covers every row (publish returns once the rows are loaded, which on a server can be before
-    the index is built: searches would then scan raw segments)."""
+    """Publishes the catalog (HNSW, index built before the alias moves) unless its collection is complete."""
     from model_export.manifest import Manifest
-    from model_export.publish import collection_name, publish
+    from model_export.publish import collection_name, publish, wait_for_index
 
     manifest = Manifest.load(catalog_dir, verify=False)
     name = collection_name(PREFIX, manifest.model_version)
@@ -127,24 +125,14 @@ def ensure_published(client, catalog_dir: Path, log) -> str:
         client.load_collection(name)
         count = client.query(name, filter="item_id >= 0", output_fields=["count(*)"])[0]["count(*)"]
         complete = count == manifest.n_items
-    if not complete:
+    if complete:
+        wait_for_index(client, name, manifest.n_items, log)
+    else:
         started = time.perf_counter()
         step = max(manifest.n_items // 10, 5_000)
         publish(catalog_dir, client, PREFIX, index_type="HNSW",
-                progress=lambda m: log(m) if int(m.split("/")[0].split()[-1].replace(",", "")) % step < 5_000 else None)
+                progress=lambda m: log(m) if "inserted" not in m or int(m.split("/")[0].split()[-1].replace(",", "")) % step < 5_000 else None)
         log(f"published {manifest.n_items:,} items in {time.perf_counter() - started:.0f}s")
-    started = time.perf_counter()
-    waited = False
-    while True:
-        info = client.describe_index(name, "vector")
-        if "pending_index_rows" not in info or (info.get("indexed_rows", 0) >= manifest.n_items and info["pending_index_rows"] == 0):
-            break
-        waited = True
-        time.sleep(2)
-    if waited:
-        client.release_collection(name)
-        client.load_collection(name)  # reloads the sealed segments with their index
-        log(f"HNSW index finished after {time.perf_counter() - started:.0f}s more")
     return manifest.model_version
 
 
