@@ -131,6 +131,13 @@ def cmd_timesplit(args) -> int:
     return 0
 
 
+def cmd_refresh_bench(args) -> int:
+    from model_export.refresh_bench import run
+
+    run(args)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from model_export.bench import bench_user_tower
 
@@ -217,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=0, help="base model's maximum epochs (default: per dataset)")
     p.add_argument("--out", default="var/timesplit")
     p.set_defaults(func=cmd_timesplit)
+
+    from model_export.refresh_bench import __doc__ as refresh_doc, add_arguments as refresh_arguments
+
+    p = sub.add_parser("refresh-bench", help="a model refresh under recall load and an event stream; the refresh alone at 100k items",
+                       description=refresh_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    refresh_arguments(p)
+    p.set_defaults(func=cmd_refresh_bench)
 
     p = sub.add_parser("bench", help="user-tower speed: ONNX Runtime vs PyTorch eager")
     p.add_argument("--export-dir", required=True, help="an export directory (with manifest.json)")

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from model_export.manifest import Manifest
 FLAT_BELOW_ITEMS = 20_000  # exact search is cheap below this many items
 HNSW_PARAMS = {"M": 16, "efConstruction": 200}
 INSERT_BATCH = 5_000
+INSERT_STREAMS = 3
 
 
 @dataclass
@@ -114,9 +116,9 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
     index.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=HNSW_PARAMS if index_type == "HNSW" else {})
     client.create_collection(collection_name=name, schema=schema, index_params=index)
 
-    for start in range(0, manifest.n_items, INSERT_BATCH):
+    def rows(start: int) -> list[dict]:
         stop = min(start + INSERT_BATCH, manifest.n_items)
-        rows = [
+        return [
             {
                 "item_id": i + 1,
                 "raw_id": raw_ids[i][:1024],
@@ -127,8 +129,12 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
             }
             for i in range(start, stop)
         ]
-        client.insert(collection_name=name, data=rows)
-        progress(f"  {stop:,}/{manifest.n_items:,} item vectors inserted into {name}")
+
+    # Batches go out INSERT_STREAMS at a time: the client builds the next while the server ingests.
+    with ThreadPoolExecutor(INSERT_STREAMS) as pool:
+        batches = range(0, manifest.n_items, INSERT_BATCH)
+        for done in pool.map(lambda start: client.insert(collection_name=name, data=rows(start)) and min(start + INSERT_BATCH, manifest.n_items), batches):
+            progress(f"  {done:,}/{manifest.n_items:,} item vectors inserted into {name}")
     client.flush(collection_name=name)
     client.load_collection(collection_name=name)
     wait_for_index(client, name, manifest.n_items, progress)

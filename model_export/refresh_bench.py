@@ -1,0 +1,304 @@
+"""python -m model_export refresh-bench: refreshing the model with zero downtime, measured. Prints
+figures and asserts nothing.
+
+--part load (default): the whole embedded stack (infra/harness.py: broker, Redis, Milvus Lite, the
+    PyFlink job, the recall service) with the model trained on the earlier weeks of MovieLens-1M
+    (`python -m model_export timesplit` trains it), the later weeks replayed as the event stream and
+    an open-loop Recall load. After a warm-up and a baseline, `python -m model_export retrain` runs
+    as its own process (niced, one thread: on 2 shared cores it must not starve the services; in
+    production it runs on its own machine). Printed: failed requests, responses that mix versions,
+    recall p99 before / during the refresh and their ratio, the time to a fully refreshed system
+    (retrain's stages), and whether the stream-only items are retrievable afterwards.
+    Mixed versions: a response names the version of the interests it used. For the users that send
+    no event during the run (their window is the same before and after), every returned score must
+    be the inner product of that version's interest and that version's item vector: a response
+    that searched another version's collection fails this check.
+--part scale: the refresh alone at catalog scale: 100k item vectors (recall_service.bench's
+    catalog) and the interests of all 6,040 ML-1M users in Redis at the old version; timed:
+    publish (insert, index, load, alias) + backfill of every user + retire of the old version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from infra.config import REPO_ROOT, load_config
+
+TIMESPLIT_RUN = REPO_ROOT / "var" / "timesplit" / "base-mind_remi"
+FULL_EXPORT = REPO_ROOT / "var" / "artifacts" / "ml-1m-mind_remi" / "export"
+SCORE_TOLERANCE = 1e-3  # float32 inner products computed by Milvus and by numpy
+
+
+def add_arguments(p) -> None:
+    from infra.harness import add_load_arguments
+
+    p.add_argument("--part", choices=("load", "scale"), default="load")
+    add_load_arguments(p)
+    p.set_defaults(export_dir=TIMESPLIT_RUN / "export", start=-1, qps=30.0, rate=300.0, work_dir=REPO_ROOT / "var" / "refresh")
+    p.add_argument("--stream-from", default="2000-11-22", help="--part load: replay ML-1M from this date (the base model's training data ends there)")
+    p.add_argument("--warmup-s", type=float, default=20.0)
+    p.add_argument("--baseline-s", type=float, default=30.0, help="load measured before the refresh")
+    p.add_argument("--settle-s", type=float, default=15.0, help="load measured after the refresh")
+    p.add_argument("--items", type=int, default=100_000, help="--part scale: catalog size")
+    p.add_argument("--scale-export", type=Path, default=FULL_EXPORT, help="--part scale: the export whose vectors seed the catalog")
+    p.add_argument("--milvus", choices=("server", "lite"), default="server",
+                   help="--part scale: the Milvus 2.3.5 server of the PyPI package `milvus` (scale work) or Milvus Lite over gRPC")
+
+
+def run(args) -> dict:
+    return run_load(args) if args.part == "load" else run_scale(args)
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- part 1: under load
+
+
+def ensure_timesplit_export(export_dir: Path) -> None:
+    if (export_dir / "manifest.json").is_file():
+        return
+    run_dir = export_dir.parent
+    if not (run_dir / "model.pt").is_file():
+        raise SystemExit(f"no model in {run_dir}: train it first with `python -m model_export timesplit` (about 10 minutes on 2 cores)")
+    train = json.loads((run_dir / "train.json").read_text())
+    say(f"exporting {run_dir} (trained on {train['dataset']})")
+    subprocess.run([sys.executable, "-m", "model_export", "export", "--model-dir", str(run_dir), "--dataset", train["dataset"], "--out", str(export_dir)],
+                   cwd=REPO_ROOT, check=True)
+
+
+def first_event_at(date: str) -> int:
+    import pandas as pd
+
+    from streaming.producer import ReplayEvents
+
+    paths = load_config().paths
+    events = ReplayEvents.from_dataset("ml-1m", paths.data_dir, paths.shared_data_dir)
+    return int(np.searchsorted(events.times_ms, pd.Timestamp(date, tz="UTC").value // 1_000_000))
+
+
+class ResponseLog:
+    """Every answer of the load: (sent_at, user, model version, path, [(item, score, interest)])."""
+
+    def __init__(self):
+        self.rows: list[tuple] = []
+
+    def record(self, sent_at: float, request, response) -> None:
+        self.rows.append((sent_at, request.user_id, response.model_version, response.path,
+                          [(i.item_id, i.score, i.interest_index) for i in response.items]))
+
+
+def snapshot(config) -> dict:
+    from streaming.feature_store import RedisFeatureStore
+
+    store = RedisFeatureStore.from_config(config.redis, timeout_s=10.0)
+    records = {}
+    for ids in store.user_ids(2000):
+        records.update({r.user_id: r for r in store.get_many(ids) if r is not None})
+    return records
+
+
+def version_violations(rows, before: dict, after: dict, vectors: dict, index: dict) -> tuple[int, int, int]:
+    """(responses checked, responses inconsistent with their version, responses naming an unknown version)."""
+    checked = bad = unknown = 0
+    for _, user, version, _, items in rows:
+        if version not in vectors:
+            unknown += 1
+            continue
+        b, a = before.get(user), after.get(user)
+        if b is None or a is None or list(b.window) != list(a.window):
+            continue  # the user's window changed during the run: its interests at each version are unknown here
+        interests = {b.model_version: b.interests, a.model_version: a.interests}.get(version)
+        if interests is None or not items:
+            continue
+        checked += 1
+        for item, score, k in items:
+            row = index[version].get(item)
+            if row is None or k < 0 or k >= len(interests) or abs(float(interests[k] @ vectors[version][row - 1]) - score) > SCORE_TOLERANCE:
+                bad += 1
+                break
+    return checked, bad, unknown
+
+
+def run_load(args) -> dict:
+    from infra.fault_report import percentile
+    from infra.harness import system_under_load
+    from model_export.artifact import ModelArtifact
+
+    ensure_timesplit_export(args.export_dir)
+    if args.start < 0:
+        args.start = first_event_at(args.stream_from)
+    with system_under_load(args, "refresh", say, start_load=False) as loaded:
+        sut = loaded.sut
+        responses = ResponseLog()
+        load = loaded.load
+        load.on_answer = responses.record
+        started = time.monotonic()
+        load.start()
+        say(f"warming up {args.warmup_s:.0f}s, then a {args.baseline_s:.0f}s baseline")
+        time.sleep(args.warmup_s)
+        t_base = time.monotonic()
+        time.sleep(args.baseline_s)
+        before = snapshot(sut.config)
+        first = ModelArtifact.load(args.export_dir).version
+        say(f"==> retraining ({len(before):,} users stored) while the load goes on")
+        t_refresh = time.monotonic()
+        env = {**sut.stack.env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-m", "model_export", "retrain"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              preexec_fn=lambda: os.nice(19))
+        t_refreshed = time.monotonic()
+        if done.returncode != 0:
+            raise SystemExit(f"retrain failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        report = json.loads(done.stdout)
+        time.sleep(args.settle_s)
+        after = snapshot(sut.config)
+        load.stop()
+        outcome = loaded.finish(args.drain_timeout_s)
+
+        second = report["model_version"]
+        artifacts = {first: ModelArtifact.load(args.export_dir), second: ModelArtifact.load(sut.stack.layout.models_dir / second)}
+        vectors = {v: a.item_vectors() for v, a in artifacts.items()}
+        index = {v: a.item_index for v, a in artifacts.items()}
+        checked, mixed, unknown = version_violations(responses.rows, before, after, vectors, index)
+        samples = load.samples
+
+        def window(a, b):
+            inside = [s for s in samples if a <= s.sent_at < b]
+            ok = [s.latency_s for s in inside if s.code == "OK"]
+            return {"requests": len(inside), "failed": sum(1 for s in inside if s.code != "OK"), "p50_ms": _ms(percentile(ok, 50)), "p99_ms": _ms(percentile(ok, 99))}
+
+        new_items = [raw for raw in artifacts[second].raw_items[artifacts[first].manifest.n_items:]]
+        retrievable = _retrievable(sut.config, second, new_items)
+        result = {
+            "part": "load", "base_version": first, "new_version": second, "qps": args.qps, "event_rate": args.rate,
+            "before": window(t_base, t_refresh), "during": window(t_refresh, t_refreshed), "after": window(t_refreshed, t_refreshed + args.settle_s),
+            "failed_requests": sum(1 for s in samples if s.code != "OK"), "requests": len(samples),
+            "responses_checked_for_versions": checked, "responses_mixing_versions": mixed, "responses_of_unknown_versions": unknown,
+            "versions_served": sorted({r[2] for r in responses.rows}),
+            "refresh_seconds": round(t_refreshed - t_refresh, 1), "retrain_stages_s": report["seconds"],
+            "retrain": {k: report[k] for k in ("new_events", "new_items", "holdout", "verdict", "retired", "stored_versions") if k in report},
+            "stream_only_items": len(new_items), "stream_only_items_retrievable": retrievable,
+            "stream": outcome, "seconds": round(time.monotonic() - started, 1),
+        }
+    p99_ratio = (result["during"]["p99_ms"] or 0) / max(result["before"]["p99_ms"] or 1e-9, 1e-9)
+    result["p99_during_over_before"] = round(p99_ratio, 2)
+    _print_load(result)
+    _save(args.work_dir, "refresh_bench_load.json", result)
+    return result
+
+
+def _retrievable(config, version: str, raw_items: list[str], n: int = 100) -> int:
+    """How many stream-only items the service returns (top n, on-the-fly path) for a window of the
+    items that preceded the item's first occurrence in the stream."""
+    import grpc
+
+    from model_export.event_log import EventLog
+    from recall_service.stubs import recall_pb2, recall_pb2_grpc
+
+    log = EventLog.load(config.retrain.state_dir)
+    order = np.lexsort((log.times_ms, log.users))
+    users, items = log.users[order], log.items[order]
+    contexts = {}
+    for i, (user, item) in enumerate(zip(users.tolist(), items.tolist())):
+        if item in raw_items and item not in contexts:
+            before = [x for u, x in zip(users[max(0, i - 10):i].tolist(), items[max(0, i - 10):i].tolist()) if u == user]
+            if before:
+                contexts[item] = before
+    found = 0
+    with grpc.insecure_channel(f"{config.recall.host}:{config.recall.port}") as channel:
+        stub = recall_pb2_grpc.RecallServiceStub(channel)
+        for item, context in list(contexts.items())[:200]:
+            response = stub.Recall(recall_pb2.RecallRequest(user_id=f"probe-{item}", n=n, recent_item_ids=context), timeout=10)
+            found += int(response.model_version == version and item in {i.item_id for i in response.items})
+    return found
+
+
+def _ms(seconds):
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def _print_load(r: dict) -> None:
+    print(f"\nrefresh under load: {r['qps']:.0f} Recall calls/s (open loop), {r['event_rate']:.0f} events/s; {r['base_version']} -> {r['new_version']}")
+    print(f"{'window':<8} {'requests':>9} {'failed':>7} {'p50 ms':>8} {'p99 ms':>8}")
+    for name in ("before", "during", "after"):
+        w = r[name]
+        print(f"{name:<8} {w['requests']:>9,} {w['failed']:>7} {w['p50_ms'] or 0:>8.1f} {w['p99_ms'] or 0:>8.1f}")
+    print(f"failed requests: {r['failed_requests']} of {r['requests']:,}")
+    print(f"responses mixing versions: {r['responses_mixing_versions']} of {r['responses_checked_for_versions']:,} checked "
+          f"(+{r['responses_of_unknown_versions']} naming an unknown version); versions served {r['versions_served']}")
+    print(f"recall p99 during / before the refresh: {r['p99_during_over_before']:.2f}x (target <= 2)")
+    print(f"time to a fully refreshed system: {r['refresh_seconds']:.1f} s; stages {r['retrain_stages_s']}")
+    print(f"stream-only items: {r['stream_only_items']}; returned in the top 100 for a window of the items that preceded them: "
+          f"{r['stream_only_items_retrievable']}")
+    print(f"events: lost {r['stream']['events_lost']}, doubled {r['stream']['doubled_behaviours']}")
+
+
+def _save(work_dir: Path, name: str, result: dict) -> None:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / name).write_text(json.dumps(result, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------- part 2: at scale
+
+
+def run_scale(args) -> dict:
+    from infra.milvus_server import MilvusLiteServer, MilvusServer
+    from infra.redis_server import EmbeddedRedis
+    from model_export.artifact import UserTower
+    from model_export.publish import connect, publish_version
+    from model_export.registry import ModelRegistry
+    from model_export.retrain import refresh
+    from recall_service.bench import build_catalog, user_windows
+    from streaming.feature_store import InterestRecord, RedisFeatureStore
+
+    root = Path(args.work_dir) / "scale"
+    catalogs = [build_catalog(args.scale_export, args.items, Path(args.work_dir) / "catalogs", seed=s) for s in (0, 1)]
+    for sub in ("redis", "milvus", "models"):
+        shutil.rmtree(root / sub, ignore_errors=True)
+    milvus_server = MilvusServer(root / "milvus") if args.milvus == "server" else MilvusLiteServer(root / "milvus")
+    say(f"starting Redis and {'the Milvus server' if args.milvus == 'server' else 'Milvus Lite'} in {root}")
+    with EmbeddedRedis(root / "redis") as redis_server, milvus_server as milvus:
+        env = {**os.environ, "MINDSTREAM_REDIS__URI": redis_server.uri, "MINDSTREAM_MILVUS__URI": milvus.uri, "MINDSTREAM_PATHS__MODELS_DIR": str(root / "models")}
+        config = load_config(environ=env)
+        registry = ModelRegistry(config.paths.models_dir)
+        client = connect(config.milvus.uri)
+        say(f"publishing the old version ({args.items:,} items)")
+        began = time.perf_counter()
+        old = publish_version(catalogs[0], registry, client, config.milvus.collection_prefix, progress=lambda m: None)
+        say(f"  published in {time.perf_counter() - began:.0f}s")
+        tower = UserTower.load(registry.path(old.model_version), prefer_gpu=True)
+        windows = user_windows(tower.artifact.manifest.maxlen)
+        store = RedisFeatureStore.from_config(config.redis, timeout_s=10.0)
+        for start in range(0, len(windows), 1000):
+            chunk = windows[start : start + 1000]
+            vectors = tower.interests([w for _, w in chunk])
+            store.put_many([InterestRecord(u, old.model_version, v, w, 1, "0:0") for (u, w), v in zip(chunk, vectors) if v is not None])
+        say(f"{len(windows):,} users stored at {old.model_version}; refreshing to the new version")
+        timings: dict[str, float] = {}
+        clock = [time.perf_counter()]
+
+        def lap(name: str) -> None:
+            now = time.perf_counter()
+            timings[name] = round(now - clock[0], 2)
+            clock[0] = now
+
+        started = time.perf_counter()
+        report = refresh(config, catalogs[1], say, timings, lap)
+        total = time.perf_counter() - started
+    backend = "Milvus 2.3.5 server" if args.milvus == "server" else "Milvus Lite (server over gRPC)"
+    result = {"part": "scale", "items": args.items, "users": len(windows), "milvus": backend, "index": report["index"],
+              "seconds": {**report["seconds"], "total": round(total, 1)}, "rewritten": report["backfill"]["rewritten"], "retired": report["retired"]}
+    print(f"\nrefresh at scale: {args.items:,} item vectors + {len(windows):,} users' interests on {result['milvus']} ({report['index']})")
+    print(f"publish {timings['publish']:.1f} s, backfill {timings['backfill']:.1f} s ({report['backfill']['rewritten']:,} users), "
+          f"retire {timings['retire']:.1f} s: total {total:.1f} s (target <= 60 s)")
+    _save(args.work_dir, "refresh_bench_scale.json", result)
+    return result
