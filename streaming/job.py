@@ -168,6 +168,14 @@ def _environment(config: Config, restore_from: Path | None):
         "restart-strategy.fixed-delay.attempts": "1000000",
         "restart-strategy.fixed-delay.delay": "2 s",
         "parallelism.default": str(s.parallelism),
+        # The local cluster's endpoints stay on loopback, and its REST API takes no job uploads
+        # (an uploaded jar runs arbitrary code).
+        "rest.address": "127.0.0.1",
+        "rest.bind-address": "127.0.0.1",
+        "web.submit.enable": "false",
+        "jobmanager.bind-host": "127.0.0.1",
+        "taskmanager.bind-host": "127.0.0.1",
+        "taskmanager.host": "127.0.0.1",
     }.items():
         conf.set_string(key, value)
     if restore_from is not None:

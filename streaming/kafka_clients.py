@@ -33,7 +33,8 @@ def java_client_properties(kafka) -> dict[str, str]:
         if kafka.sasl_mechanism not in JAAS_MODULES:
             raise ValueError(f"[kafka].sasl_mechanism {kafka.sasl_mechanism!r}: use one of {sorted(JAAS_MODULES)}")
         props["sasl.mechanism"] = kafka.sasl_mechanism
-        props["sasl.jaas.config"] = f'{JAAS_MODULES[kafka.sasl_mechanism]} required username="{kafka.sasl_username}" password="{kafka.sasl_password}";'
+        props["sasl.jaas.config"] = (f'{JAAS_MODULES[kafka.sasl_mechanism]} required username="{_jaas_quoted(kafka.sasl_username)}" '
+                                     f'password="{_jaas_quoted(kafka.sasl_password)}";')
     if kafka.security_protocol in ("SSL", "SASL_SSL"):
         if kafka.ssl_cafile:
             props.update({"ssl.truststore.type": "PEM", "ssl.truststore.location": kafka.ssl_cafile})
@@ -44,3 +45,8 @@ def java_client_properties(kafka) -> dict[str, str]:
                 "ssl.keystore.key": Path(kafka.ssl_keyfile).read_text(),
             })
     return props
+
+
+def _jaas_quoted(value: str) -> str:
+    """A JAAS option value inside double quotes: a quote or backslash in a password must not end it early."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
