@@ -119,10 +119,16 @@ class StackCollector(Collector):
         self._admin = self._consumer = None
 
 
-def serve(config: Config, port: int, host: str = "127.0.0.1"):
-    """Serves the collector on host:port (a registry of its own: no process metrics)."""
+def serve(config: Config, port: int | None = None, host: str | None = None) -> tuple[object, StackCollector]:
+    """Serves the collector on host:port, by default [monitoring].exporter_host:exporter_port (a
+    registry of its own: no process metrics). Returns (HTTP server, collector): after
+    `server.shutdown()`, `collector.close()` stops its Kafka clients, whose I/O threads would
+    otherwise keep reconnecting for the life of the process."""
     from prometheus_client import CollectorRegistry, start_http_server
 
+    collector = StackCollector(config)
     registry = CollectorRegistry()
-    registry.register(StackCollector(config))
-    return start_http_server(port, addr=host, registry=registry)
+    registry.register(collector)
+    port = config.monitoring.exporter_port if port is None else port
+    server, _ = start_http_server(port, addr=host or config.monitoring.exporter_host, registry=registry)
+    return server, collector

@@ -19,7 +19,7 @@ def cmd_serve(args) -> int:
     config = load_config()
     server = RecallServer(config).start()
     print(f"recall service on {config.recall.host}:{server.port} (TLS {'on' if config.recall.tls_certfile else 'off'}, "
-          f"auth {'on' if config.recall.auth_token else 'off'}), metrics on 127.0.0.1:{server.metrics_port}/metrics, "
+          f"auth {'on' if config.recall.auth_token else 'off'}), metrics on {config.recall.metrics_host}:{server.metrics_port}/metrics, "
           f"Redis {config.redis.uri}, Milvus {config.milvus.uri}, models {config.paths.models_dir}", file=sys.stderr)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("serve", help="run the server with the configuration ([recall], [redis], [milvus], [paths].models_dir)",
                        description="Serves RecallService, health and reflection on [recall].host:port and metrics on "
-                                   "127.0.0.1:[recall].metrics_port until SIGINT / SIGTERM. Redis and Milvus come from the "
+                                   "[recall].metrics_host:metrics_port (default 127.0.0.1:9464) until SIGINT / SIGTERM. Redis and Milvus come from the "
                                    "configuration (python -m infra config shows it); publish a model first.")
     p.set_defaults(func=cmd_serve)
 

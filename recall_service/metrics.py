@@ -1,5 +1,5 @@
 """Prometheus metrics of the recall service (prefix mindstream_recall_), on their own registry so
-several servers can live in one process (tests); `serve` exports it on [recall].metrics_port.
+several servers can live in one process (tests); `serve` exports it on [recall].metrics_host:metrics_port.
 
     mindstream_recall_latency_seconds{path, stage}   stage: feature_store, user_tower, vector_search,
                                                       merge, total (one observation per request)

@@ -5,7 +5,9 @@ The servicer only translates: proto -> `validate` -> `Recaller` -> proto, and ex
 codes by one table (`_status_of`): InvalidRequest -> INVALID_ARGUMENT, DeadlineExceeded ->
 DEADLINE_EXCEEDED, BackendUnavailable -> UNAVAILABLE. Anything else is a bug: logged with its
 traceback, counted in mindstream_recall_unexpected_errors_total and returned as INTERNAL; no input
-is meant to get there (tests send malformed requests of every kind and expect none).
+is meant to get there (tests/test_recall_fuzz.py sends malformed requests of every kind, down to
+arbitrary bytes, and expects none). Requests are deserialized by `_lenient_parser`, not by gRPC,
+which would answer bytes that are not a valid message with INTERNAL and count them nowhere.
 
 The request's deadline (context.time_remaining(), else [recall].default_deadline_ms) bounds every
 backend call. Health is SERVING while the last probe (every health_interval_ms) reached both Redis
@@ -22,10 +24,11 @@ import time
 from concurrent import futures
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from infra.config import Config
+from infra.config import Config, ConfigError
 from recall_service.coalesce import CoalescingSearch
 from recall_service.metrics import RecallMetrics
 from recall_service.query import FallbackReason, InvalidRequest, Limits, validate
@@ -47,16 +50,38 @@ def _status_of(exc: Exception) -> grpc.StatusCode | None:
     return None
 
 
+class UnreadableRequest:
+    """Handed to the servicer instead of a request whose bytes are not a valid message."""
+
+    def __init__(self, type_name: str, error: DecodeError):
+        self.error = InvalidRequest(f"request: not a valid {type_name} ({error}); build it with stubs generated from recall.proto")
+
+
+def _lenient_parser(message_class):
+    """A request deserializer that never raises (see the module docstring)."""
+    def parse(serialized: bytes):
+        try:
+            return message_class.FromString(serialized)
+        except DecodeError as exc:  # truncated records, wrong wire types, strings that are not UTF-8
+            return UnreadableRequest(message_class.DESCRIPTOR.full_name, exc)
+
+    return parse
+
+
 class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
     def __init__(self, recaller: Recaller, limits: Limits, metrics: RecallMetrics, default_deadline_s: float, max_request_bytes: int):
         self.recaller, self.limits, self.metrics = recaller, limits, metrics
         self.default_deadline_s, self.max_request_bytes = default_deadline_s, max_request_bytes
 
     def Recall(self, request, context):
+        if isinstance(request, UnreadableRequest):
+            return self._fail("Recall", context, request.error, recall_pb2.RecallResponse())
         responses = self._serve("Recall", request, [request], context)
         return responses[0] if responses else recall_pb2.RecallResponse()
 
     def BatchRecall(self, request, context):
+        if isinstance(request, UnreadableRequest):
+            return self._fail("BatchRecall", context, request.error, recall_pb2.BatchRecallResponse())
         if len(request.requests) > self.limits.max_batch:
             return self._fail("BatchRecall", context, InvalidRequest(f"requests: {len(request.requests)} in one batch, at most {self.limits.max_batch}"), recall_pb2.BatchRecallResponse())
         responses = self._serve("BatchRecall", request, list(request.requests), context)
@@ -106,6 +131,19 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         context.set_code(code)
         context.set_details(message)
         return empty
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        """As recall_pb2_grpc.add_RecallServiceServicer_to_server, with `_lenient_parser` deserializers."""
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(method, request_deserializer=_lenient_parser(request_class),
+                                                      response_serializer=response_class.SerializeToString)
+            for name, method, request_class, response_class in (
+                ("Recall", self.Recall, recall_pb2.RecallRequest, recall_pb2.RecallResponse),
+                ("BatchRecall", self.BatchRecall, recall_pb2.BatchRecallRequest, recall_pb2.BatchRecallResponse),
+            )
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
     @staticmethod
     def _response(result: RecallResult):
@@ -176,6 +214,12 @@ class RecallServer:
 
     def start(self) -> "RecallServer":
         rc = self.config.recall
+        if bool(rc.tls_certfile) != bool(rc.tls_keyfile):
+            raise ConfigError("[recall].tls_certfile and tls_keyfile: set both for TLS, or neither "
+                              "(MINDSTREAM_RECALL__TLS_CERTFILE / MINDSTREAM_RECALL__TLS_KEYFILE)")
+        if rc.auth_token and not rc.tls_certfile:
+            log.warning("[recall].auth_token is set without TLS: the token crosses the network in clear text; "
+                        "set [recall].tls_certfile and tls_keyfile")
         interceptors = [BearerTokenAuth(rc.auth_token, self.metrics)] if rc.auth_token else []
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=rc.workers, thread_name_prefix="recall"),
@@ -183,12 +227,11 @@ class RecallServer:
             maximum_concurrent_rpcs=rc.max_concurrent_rpcs,
             options=[("grpc.max_receive_message_length", 4 * rc.max_request_bytes), ("grpc.so_reuseport", 0)],
         )
-        recall_pb2_grpc.add_RecallServiceServicer_to_server(
-            RecallServicer(self.recaller, self.limits, self.metrics, rc.default_deadline_ms / 1e3, rc.max_request_bytes), self._grpc)
+        RecallServicer(self.recaller, self.limits, self.metrics, rc.default_deadline_ms / 1e3, rc.max_request_bytes).add_to_server(self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         address = f"{rc.host}:{rc.port}"
-        if rc.tls_certfile or rc.tls_keyfile:
+        if rc.tls_certfile:
             with open(rc.tls_keyfile, "rb") as key, open(rc.tls_certfile, "rb") as cert:
                 credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
             self.port = self._grpc.add_secure_port(address, credentials)
@@ -200,7 +243,7 @@ class RecallServer:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.probe()  # connects the backends before the first request
         self._grpc.start()
-        self._metrics_http, _ = self.metrics.serve(rc.metrics_port)
+        self._metrics_http, _ = self.metrics.serve(rc.metrics_port, rc.metrics_host)
         self.metrics_port = self._metrics_http.server_port
         self._prober = threading.Thread(target=self._probe_loop, name="recall-health", daemon=True)
         self._prober.start()

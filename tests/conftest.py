@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,17 @@ def synthetic_interactions(n_users: int = 120, n_items: int = 60, seed: int = 0)
     return pd.DataFrame(rows)
 
 
+def self_signed_certificate(directory: Path, name: str = "server") -> tuple[Path, Path]:
+    """(certificate, key) PEM files of a self-signed certificate for localhost and 127.0.0.1,
+    made with the openssl command (the test is skipped without it)."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    cert, key = directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
 @pytest.fixture
 def synthetic_csv(tmp_path) -> Path:
     path = tmp_path / "interactions.csv"
@@ -47,3 +59,12 @@ def two_exports(tmp_path_factory) -> list[Path]:
             subprocess.run([sys.executable, "-m", "model_export", *args], cwd=REPO, check=True, capture_output=True)
         exports.append(run / "export")
     return exports
+
+
+@pytest.fixture(scope="module")
+def stack(two_exports, tmp_path_factory):
+    """The recall service on real Redis and Milvus Lite with two published versions (tests/recall_stack.py)."""
+    from recall_stack import running_stack  # grpc, Milvus and the model stack load only for the modules that need them
+
+    with running_stack(two_exports, tmp_path_factory.mktemp("recall")) as running:
+        yield running

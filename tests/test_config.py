@@ -9,18 +9,21 @@ def test_defaults_are_local_and_loopback(tmp_path):
     config = load_config(environ={"MINDSTREAM_CONFIG": str(tmp_path / "absent.toml")})
     assert config.kafka.bootstrap_servers.startswith("127.0.0.1:")
     assert config.redis.uri.startswith("redis://127.0.0.1")
-    assert config.recall.host == "127.0.0.1"
+    assert config.recall.host == config.recall.metrics_host == "127.0.0.1"
+    assert config.streaming.metrics_host == config.monitoring.exporter_host == "127.0.0.1"
     assert config.milvus.uri.endswith(".db")  # Milvus Lite file by default
 
 
 def test_file_then_environment_take_precedence(tmp_path):
     f = tmp_path / "m.toml"
     f.write_text('[kafka]\nbootstrap_servers = "k1:9093"\nsecurity_protocol = "SASL_SSL"\n[recall]\nport = 6000\n')
-    config = load_config(f, environ={"MINDSTREAM_RECALL__PORT": "7000", "MINDSTREAM_MILVUS__URI": "http://milvus:19530"})
+    config = load_config(f, environ={"MINDSTREAM_RECALL__PORT": "7000", "MINDSTREAM_MILVUS__URI": "http://milvus:19530",
+                                     "MINDSTREAM_RECALL__METRICS_HOST": "0.0.0.0", "MINDSTREAM_MONITORING__EXPORTER_HOST": "0.0.0.0"})
     assert config.kafka.bootstrap_servers == "k1:9093"
     assert config.kafka.security_protocol == "SASL_SSL"
     assert config.recall.port == 7000  # environment beats the file
     assert config.milvus.uri == "http://milvus:19530"
+    assert config.recall.metrics_host == config.monitoring.exporter_host == "0.0.0.0"
     assert isinstance(config.paths.data_dir, Path)
 
 

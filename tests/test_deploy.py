@@ -81,20 +81,40 @@ def test_compose_cross_references():
     assert (DEPLOY / "grpc_health_check.py").is_file()
 
 
-def test_compose_environment_is_valid_configuration():
-    """Every MINDSTREAM_* variable names a real field and parses (a typo would be ignored silently)."""
+def _config_fields() -> set[tuple[str, str]]:
     from infra import config as cfg
 
-    fields = {(s.name, f.name) for s in cfg.dataclasses.fields(cfg.Config) for f in cfg.dataclasses.fields(cfg.typing.get_type_hints(cfg.Config)[s.name])}
-    env = {}
-    for svc in _compose()["services"].values():
-        env.update({k: str(v) for k, v in (svc.get("environment") or {}).items() if k.startswith("MINDSTREAM_")})
-    pending = {"MINDSTREAM_RECALL__METRICS_HOST"}  # not a field yet: see the README's Production deployment
-    for key in set(env) - pending:
-        section, field = key[len("MINDSTREAM_"):].lower().split("__")
-        assert (section, field) in fields, f"{key} is not a configuration field"
-    config = load_config(path=None, environ={**env, "MINDSTREAM_CONFIG": "/nonexistent"})
-    assert config.kafka.bootstrap_servers == "kafka:9092" and config.recall.host == "0.0.0.0"
+    return {(s.name, f.name) for s in cfg.dataclasses.fields(cfg.Config) for f in cfg.dataclasses.fields(cfg.typing.get_type_hints(cfg.Config)[s.name])}
+
+
+def _service_config(env: dict[str, str], toml: Path | str = "/nonexistent"):
+    """The configuration a process with these variables reads; every MINDSTREAM_* variable must
+    name a real field (a typo would be ignored silently)."""
+    fields = _config_fields()
+    for key in env:
+        if key.startswith("MINDSTREAM_") and key != "MINDSTREAM_CONFIG":
+            section, field = key[len("MINDSTREAM_"):].lower().split("__")
+            assert (section, field) in fields, f"{key} is not a configuration field"
+    return load_config(path=None, environ={"MINDSTREAM_CONFIG": str(toml), **env})
+
+
+def test_compose_environment_is_valid_configuration_and_listens_beyond_loopback():
+    """The defaults bind loopback; in a container the API and every /metrics Prometheus scrapes
+    from its own container must listen on all interfaces."""
+    services = _compose()["services"]
+    configs = {name: _service_config({k: str(v) for k, v in (services[name].get("environment") or {}).items() if k.startswith("MINDSTREAM_")})
+               for name in ("jobmanager", "taskmanager", "job-submit", "recall", "exporter", "publish")}
+    assert configs["recall"].kafka.bootstrap_servers == "kafka:9092"
+    assert configs["recall"].recall.host == configs["recall"].recall.metrics_host == "0.0.0.0"
+    assert configs["taskmanager"].streaming.metrics_host == "0.0.0.0"
+    assert configs["exporter"].monitoring.exporter_host == "0.0.0.0"
+
+
+def test_compose_publishes_ports_on_the_hosts_loopback_only():
+    published = [(name, port) for name, svc in _compose()["services"].items() for port in svc.get("ports", [])]
+    assert len(published) == 5
+    for name, port in published:
+        assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface of the host"
 
 
 def test_prometheus_config_scrapes_the_jobs_the_rules_expect():
@@ -138,11 +158,15 @@ def _toml() -> dict:
     return tomllib.loads(cm["data"]["mindstream.toml"])
 
 
-def test_configmap_is_a_valid_configuration(tmp_path):
+def test_configmap_and_the_recall_pods_environment_are_a_valid_configuration(tmp_path):
     path = tmp_path / "mindstream.toml"
     path.write_text(_by_kind("ConfigMap")[0]["data"]["mindstream.toml"])
-    config = load_config(path, environ={})
-    assert config.recall.host == "0.0.0.0" and config.streaming.metrics_host == "0.0.0.0"
+    (deploy,) = _by_kind("Deployment")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value", "from-a-secret") for e in container["env"] if e["name"] != "MINDSTREAM_CONFIG"}
+    config = _service_config(env, path)
+    assert config.recall.host == config.recall.metrics_host == "0.0.0.0" and config.streaming.metrics_host == "0.0.0.0"
+    assert {"name": "metrics", "containerPort": config.recall.metrics_port} in container["ports"]
 
 
 def test_flink_deployment_structure():

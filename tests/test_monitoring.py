@@ -129,7 +129,7 @@ def test_every_panel_query_and_recording_rule_returns_data_from_real_prometheus(
         stream_server, _ = start_http_server(ports["stream"], addr="127.0.0.1")  # the default registry: streaming.metrics
         recall_metrics = RecallMetrics()
         recall_server, _ = recall_metrics.serve(ports["recall"])
-        exporter_server, _ = serve_exporter(config, ports["exporter"])
+        exporter_server, exporter_collector = serve_exporter(config, ports["exporter"])
         stop = threading.Event()
         traffic = threading.Thread(target=feed_traffic, args=(recall_metrics, stop), daemon=True)
         traffic.start()
@@ -156,3 +156,4 @@ def test_every_panel_query_and_recording_rule_returns_data_from_real_prometheus(
             for server in (stream_server, recall_server, exporter_server):
                 server.shutdown()
                 server.server_close()
+            exporter_collector.close()

