@@ -27,6 +27,7 @@ def cmd_train(args) -> int:
     import torch
 
     from model_export.data import describe
+    from model_export.distributed import world
     from model_export.train import DATASET_DEFAULTS, FALLBACK_DEFAULTS, TrainConfig, default_spec, train
 
     data = _load(args.dataset)
@@ -56,7 +57,8 @@ def cmd_train(args) -> int:
         routing_regularization=args.rr_lambda,
     )
     history = train(config, spec, data, Path(args.out), resume=args.resume, progress=not args.quiet)
-    print(json.dumps({"model_dir": args.out, "best": history["best"]}, indent=2))
+    if world().is_writer:  # under torchrun, one report
+        print(json.dumps({"model_dir": args.out, "best": history["best"]}, indent=2))
     return 0
 
 

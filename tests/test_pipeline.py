@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +120,15 @@ def test_onnx_parity_on_1000_movielens_held_out_users(tmp_path):
         torch_out, torch_k = model(torch.as_tensor(items), torch.as_tensor(lengths), torch.as_tensor(profile))
     assert np.abs(onnx_out - torch_out.numpy()).max() <= PARITY_TOLERANCE
     assert np.array_equal(onnx_k, torch_k.numpy())
+
+
+def test_torchrun_trains_on_two_data_parallel_workers(synthetic_csv, tmp_path):
+    """torch DDP through torchrun (Gloo on CPU): both workers step through the same batches, rank 0 writes the run."""
+    run = tmp_path / "ddp"
+    done = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "model_export", "train",
+                           "--dataset", str(synthetic_csv), "--model", "mind", "--out", str(run), "--epochs", "1", "--quiet"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    history = json.loads((run / "history.json").read_text())
+    assert len(history["epochs"]) == 1 and (run / "model.pt").is_file()
+    assert json.loads(done.stdout[done.stdout.index("{"):])["best"]["epoch"] == 1  # only rank 0 printed the result
