@@ -90,15 +90,15 @@ def cmd_exporter(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)  # an unreachable broker is reported as mindstream_kafka_up 0
     config = load_config()
-    port = args.port if args.port is not None else config.monitoring.exporter_port
-    server, _ = serve(config, port)
-    print(f"exporter on http://127.0.0.1:{server.server_port}/metrics (group {config.streaming.consumer_group}, "
+    server, collector = serve(config, args.port)
+    print(f"exporter on http://{config.monitoring.exporter_host}:{server.server_port}/metrics (group {config.streaming.consumer_group}, "
           f"topic {config.kafka.events_topic}, models {config.paths.models_dir})", file=sys.stderr, flush=True)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
     stopping.wait()
     server.shutdown()
+    collector.close()
     return 0
 
 
@@ -122,6 +122,7 @@ def cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from infra.harness import HarnessError
     from infra.stack import DEFAULT_STACK_DIR, SERVICES, StackError
 
     parser = argparse.ArgumentParser(prog="python -m infra", description="mindstream infrastructure tools")
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("exporter", help="serve consumer lag and model age to Prometheus (the stack runs it)",
                        description="Serves mindstream_kafka_consumer_lag (the events topic's end offsets minus the "
                                    "streaming job's committed group offsets), mindstream_kafka_up and the current "
-                                   "model's creation/publication times on 127.0.0.1:[monitoring].exporter_port until SIGINT / SIGTERM.")
+                                   "model's creation/publication times on [monitoring].exporter_host:exporter_port (default "
+                                   "127.0.0.1:9466) until SIGINT / SIGTERM.")
     p.add_argument("--port", type=int, default=None, help="default: [monitoring].exporter_port")
     p.set_defaults(func=cmd_exporter)
 
@@ -176,10 +178,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the job to catch up")
     p.set_defaults(func=cmd_demo)
 
+    from infra import faults, soak
+
+    for name, module, summary in (
+        ("faults", faults, "inject each fault (broker, job, Redis, Milvus, recall restarts) into a stack of its own under load: lost events, recoveries"),
+        ("soak", soak, "the stack under steady event and recall load for --minutes: per-minute errors, latency, events/s, RSS; memory growth"),
+    ):
+        p = sub.add_parser(name, help=summary, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           description=module.__doc__.split("\n\n")[0].removeprefix(f"`python -m infra {name}`: ")
+                           + " Progress on stderr; tables on stdout and, with the raw numbers, in --work-dir.")
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, StackError) as exc:
+    except (ConfigError, StackError, HarnessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
-import psutil
-
 from infra.process import PythonModuleProcess
 
 
@@ -51,13 +49,3 @@ class StreamingJobProcess(PythonModuleProcess):
         text = self.metrics() or ""
         prefixes = (f"{name}{{{labels}}} ",) if labels else (f"{name} ", f"{name}{{")
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefixes))
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the job: the Python client, its JVM and everything they started."""
-        if not self.alive():
-            return 0
-        try:
-            root = psutil.Process(self.pid)
-            return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-        except psutil.NoSuchProcess:
-            return 0

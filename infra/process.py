@@ -134,6 +134,17 @@ class ManagedProcess:
         except psutil.NoSuchProcess:
             return False
 
+    def rss_bytes(self) -> int:
+        """Resident memory of the service: its process and everything it started (the streaming job:
+        the Python client, its JVM and the Python embedded in it); 0 when it does not run."""
+        if not self.alive():
+            return 0
+        try:
+            root = psutil.Process(self.pid)
+            return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+        except psutil.NoSuchProcess:
+            return 0
+
     def stop(self, grace_s: float | None = None) -> None:
         """The service's stop signal to its group, then SIGKILL to whatever is left after the grace period."""
         self._signal_group(self.stop_signal, self.stop_grace_s if grace_s is None else grace_s)

@@ -89,6 +89,7 @@ def stack_settings(layout: StackLayout, ports: dict[str, int]) -> dict[str, dict
         "milvus": {"uri": f"http://127.0.0.1:{ports['milvus']}"},
         "recall": {"host": "127.0.0.1", "port": ports["recall"], "metrics_port": ports["recall_metrics"]},
         "monitoring": {"prometheus_port": ports["prometheus"], "exporter_port": ports["exporter"]},
+        "retrain": {"state_dir": layout.root / "retrain"},
     }
 
 
@@ -310,15 +311,33 @@ class Stack:
         config = self.config() if self.layout.config_path.is_file() else Config()
         stopped = 0
         for name in reversed(SERVICES):
-            pid = self.running_pid(name)
+            pid = self.stop_service(name, config)
             if pid is not None:
-                began = time.monotonic()
-                self.process(name, config).adopt(pid).stop()
-                self.out(f"  {name:<14} stopped in {time.monotonic() - began:4.1f} s (pid {pid})")
                 stopped += 1
             self.layout.pid_file(name).unlink(missing_ok=True)
         self.out(f"stopped {stopped} service(s); data kept in {self.layout.root / 'data'}" if stopped else "the stack is not running")
         return 0
+
+    def stop_service(self, name: str, config: Config | None = None, kill: bool = False) -> int | None:
+        """Stops one service (its stop signal, SIGKILL after the grace period; `kill`: SIGKILL at once,
+        a crash as far as it can tell); its PID file stays, so `status` says "exited" and the next
+        `up` starts it again on its port. Returns the PID stopped, None when it was not running."""
+        pid = self.running_pid(name)
+        if pid is None:
+            return None
+        began = time.monotonic()
+        process = self.process(name, config or self.config()).adopt(pid)
+        if kill:
+            process.kill()
+        else:
+            process.stop()
+        self.out(f"  {name:<14} {'killed' if kill else 'stopped'} in {time.monotonic() - began:4.1f} s (pid {pid})")
+        return pid
+
+    def rss_bytes(self, config: Config | None = None) -> dict[str, int]:
+        """Resident memory of each running service (its whole process tree)."""
+        config = config or self.config()
+        return {name: self.process(name, config).adopt(pid).rss_bytes() for name in SERVICES if (pid := self.running_pid(name)) is not None}
 
     def status(self) -> list[ServiceState]:
         config = self.config()

@@ -110,7 +110,11 @@ def snapshot(config) -> dict:
 def version_violations(rows, before: dict, after: dict, vectors: dict, index: dict) -> tuple[int, int, int]:
     """(responses checked, responses inconsistent with their version, responses naming an unknown version)."""
     checked = bad = unknown = 0
-    for _, user, version, _, items in rows:
+    from recall_service.stubs import recall_pb2
+
+    for _, user, version, path, items in rows:
+        if path != recall_pb2.RECALL_PATH_STORED_INTERESTS:
+            continue  # a fallback (popular items, or interests computed on the fly) is not searched with stored interests
         if version not in vectors:
             unknown += 1
             continue
@@ -148,11 +152,13 @@ def run_load(args) -> dict:
         time.sleep(args.warmup_s)
         t_base = time.monotonic()
         time.sleep(args.baseline_s)
+        t_refresh = time.monotonic()
         before = snapshot(sut.config)
         first = ModelArtifact.load(args.export_dir).version
         say(f"==> retraining ({len(before):,} users stored) while the load goes on")
-        t_refresh = time.monotonic()
-        env = {**sut.stack.env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        # The bench measures the refresh itself, so the quality gate only reports (tolerance 1.0): a
+        # minute of stream is a small update, which the gate may rightly refuse (its verdict is printed).
+        env = {**sut.stack.env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MINDSTREAM_RETRAIN__TOLERANCE": "1.0"}
         done = subprocess.run([sys.executable, "-m", "model_export", "retrain"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                               preexec_fn=lambda: os.nice(19))
         t_refreshed = time.monotonic()
@@ -168,7 +174,8 @@ def run_load(args) -> dict:
         artifacts = {first: ModelArtifact.load(args.export_dir), second: ModelArtifact.load(sut.stack.layout.models_dir / second)}
         vectors = {v: a.item_vectors() for v, a in artifacts.items()}
         index = {v: a.item_index for v, a in artifacts.items()}
-        checked, mixed, unknown = version_violations(responses.rows, before, after, vectors, index)
+        # Checked: answers sent after the first snapshot (an earlier one may predate a quiet user's last event).
+        checked, mixed, unknown = version_violations([r for r in responses.rows if r[0] >= t_refresh], before, after, vectors, index)
         samples = load.samples
 
         def window(a, b):
@@ -177,7 +184,7 @@ def run_load(args) -> dict:
             return {"requests": len(inside), "failed": sum(1 for s in inside if s.code != "OK"), "p50_ms": _ms(percentile(ok, 50)), "p99_ms": _ms(percentile(ok, 99))}
 
         new_items = [raw for raw in artifacts[second].raw_items[artifacts[first].manifest.n_items:]]
-        retrievable = _retrievable(sut.config, second, new_items)
+        ranks = _retrievable(sut.config, second, new_items)
         result = {
             "part": "load", "base_version": first, "new_version": second, "qps": args.qps, "event_rate": args.rate,
             "before": window(t_base, t_refresh), "during": window(t_refresh, t_refreshed), "after": window(t_refreshed, t_refreshed + args.settle_s),
@@ -186,7 +193,7 @@ def run_load(args) -> dict:
             "versions_served": sorted({r[2] for r in responses.rows}),
             "refresh_seconds": round(t_refreshed - t_refresh, 1), "retrain_stages_s": report["seconds"],
             "retrain": {k: report[k] for k in ("new_events", "new_items", "holdout", "verdict", "retired", "stored_versions") if k in report},
-            "stream_only_items": len(new_items), "stream_only_items_retrievable": retrievable,
+            "stream_only_items": len(new_items), "stream_only_item_ranks": ranks, "catalog_items": artifacts[second].manifest.n_items,
             "stream": outcome, "seconds": round(time.monotonic() - started, 1),
         }
     p99_ratio = (result["during"]["p99_ms"] or 0) / max(result["before"]["p99_ms"] or 1e-9, 1e-9)
@@ -196,9 +203,10 @@ def run_load(args) -> dict:
     return result
 
 
-def _retrievable(config, version: str, raw_items: list[str], n: int = 100) -> int:
-    """How many stream-only items the service returns (top n, on-the-fly path) for a window of the
-    items that preceded the item's first occurrence in the stream."""
+def _retrievable(config, version: str, raw_items: list[str], n: int = 1000) -> list[int | None]:
+    """For each stream-only item, its rank (1 = first) in a Recall of n items (on-the-fly path, the
+    new version) for a window of the items that preceded its first occurrence in the stream; None
+    when it is not among the n. The old version cannot return these items at all."""
     import grpc
 
     from model_export.event_log import EventLog
@@ -207,19 +215,21 @@ def _retrievable(config, version: str, raw_items: list[str], n: int = 100) -> in
     log = EventLog.load(config.retrain.state_dir)
     order = np.lexsort((log.times_ms, log.users))
     users, items = log.users[order], log.items[order]
+    wanted = set(raw_items)
     contexts = {}
     for i, (user, item) in enumerate(zip(users.tolist(), items.tolist())):
-        if item in raw_items and item not in contexts:
+        if item in wanted and item not in contexts:
             before = [x for u, x in zip(users[max(0, i - 10):i].tolist(), items[max(0, i - 10):i].tolist()) if u == user]
             if before:
                 contexts[item] = before
-    found = 0
+    ranks = []
     with grpc.insecure_channel(f"{config.recall.host}:{config.recall.port}") as channel:
         stub = recall_pb2_grpc.RecallServiceStub(channel)
         for item, context in list(contexts.items())[:200]:
             response = stub.Recall(recall_pb2.RecallRequest(user_id=f"probe-{item}", n=n, recent_item_ids=context), timeout=10)
-            found += int(response.model_version == version and item in {i.item_id for i in response.items})
-    return found
+            returned = [i.item_id for i in response.items] if response.model_version == version else []
+            ranks.append(returned.index(item) + 1 if item in returned else None)
+    return ranks
 
 
 def _ms(seconds):
@@ -237,8 +247,11 @@ def _print_load(r: dict) -> None:
           f"(+{r['responses_of_unknown_versions']} naming an unknown version); versions served {r['versions_served']}")
     print(f"recall p99 during / before the refresh: {r['p99_during_over_before']:.2f}x (target <= 2)")
     print(f"time to a fully refreshed system: {r['refresh_seconds']:.1f} s; stages {r['retrain_stages_s']}")
-    print(f"stream-only items: {r['stream_only_items']}; returned in the top 100 for a window of the items that preceded them: "
-          f"{r['stream_only_items_retrievable']}")
+    print(f"quality gate (reporting only in this bench): {r['retrain'].get('verdict')}")
+    ranks = r["stream_only_item_ranks"]
+    found = [x for x in ranks if x is not None]
+    print(f"stream-only items: {r['stream_only_items']}; returned by the new version for a window of the items that preceded them: "
+          f"{len(found)} of {len(ranks)} probed (ranks {sorted(found)} of {r['catalog_items']:,} items; asked for 1,000)")
     print(f"events: lost {r['stream']['events_lost']}, doubled {r['stream']['doubled_behaviours']}")
 
 

@@ -155,6 +155,14 @@ class RedisFeatureStore:
             pipe.hgetall(self.key(user_id))
         return [decode(u, fields) if fields else None for u, fields in zip(user_ids, pipe.execute())]
 
+    def get_windows(self, user_ids: list[str]) -> list[tuple[str, ...] | None]:
+        """Only the stored behaviour windows (None: no record), one round trip: what a checker of
+        the stream polls many times a second, without the interest vectors."""
+        pipe = self.client.pipeline(transaction=False)
+        for user_id in user_ids:
+            pipe.hget(self.key(user_id), "window")
+        return [tuple(json.loads(raw)) if raw is not None else None for raw in pipe.execute()]
+
     def delete(self, user_id: str) -> None:
         self.client.delete(self.key(user_id))
 

@@ -1,0 +1,270 @@
+"""The fault harness (python -m infra faults / soak).
+
+Unit tests of its accounting (infra/fault_report.py: which acked events are lost, fresh again,
+recall errors and recovery per fault, soak minutes and memory growth) without servers; then one
+short run of the real command against real processes (broker, Redis, Milvus Lite server, the
+PyFlink job, the recall service): Redis restarted, the job killed and restored from its
+checkpoint, the broker restarted, with events and recall calls flowing. It asserts what must hold
+whatever the timing (nothing lost, recall answering again, only UNAVAILABLE / DEADLINE_EXCEEDED),
+never how fast.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from infra.fault_report import (
+    EventLedger,
+    FaultRun,
+    RecallSample,
+    SentEvent,
+    fault_table,
+    fault_verdict,
+    fault_windows,
+    memory_growth,
+    minute_row,
+    percentile,
+    summarize_fault,
+    window_anomalies,
+)
+from infra.faults import parse_faults
+from infra.harness import HarnessError, reason_name
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- the event ledger -------------------------------------------------------------------------------
+
+
+def ledger_with(events, window_length=3):
+    """events: (event id, user, item, time ms, acked?)"""
+    ledger = EventLedger(window_length)
+    for event_id, user, item, time_ms, acked in events:
+        ledger.sent(event_id, user, item, time_ms, now=0.0)
+        if acked:
+            ledger.acked(event_id, now=1.0)
+    return ledger
+
+
+def test_an_acked_event_is_seen_once_its_item_is_in_the_users_window():
+    ledger = ledger_with([("e1", "u", "a", 10, True), ("e2", "u", "b", 20, True), ("e3", "u", "c", 30, False)])
+    assert ledger.users_to_check() == ["u"] and ledger.unresolved_count() == 2
+    assert ledger.observe("u", ("a",), now=2.0) == 1
+    assert ledger.events["e1"].seen_at == 2.0 and ledger.events["e2"].seen_at is None
+    assert ledger.observe("u", None, now=2.5) == 0  # no record yet: nothing resolved
+    ledger.observe("u", ("a", "b"), now=3.0)
+    assert ledger.events["e2"].seen_at == 3.0 and ledger.unresolved_count() == 0
+    assert ledger.seen_users == ["u"]
+    assert ledger.events["e3"].seen_at is None  # never acked: never waited for
+
+
+def test_an_unseen_event_older_than_a_full_window_is_evicted_not_lost():
+    ledger = ledger_with([(f"e{t}", "u", f"i{t}", t, True) for t in range(5)], window_length=3)
+    ledger.observe("u", ("i2", "i3", "i4"), now=2.0)  # full: i0 and i1 were pushed out unseen
+    assert [ledger.events[f"e{t}"].evicted for t in range(5)] == [True, True, False, False, False]
+    assert ledger.unresolved_count() == 0
+
+
+def test_an_event_missing_from_a_window_that_is_not_full_stays_unresolved():
+    ledger = ledger_with([("e0", "u", "i0", 0, True), ("e1", "u", "i1", 1, True)], window_length=3)
+    ledger.observe("u", ("i1",), now=2.0)
+    assert not ledger.events["e0"].evicted and ledger.events["e0"].seen_at is None
+    assert ledger.unresolved_count() == 1
+
+
+def test_the_final_check_counts_absent_acked_events_as_lost_even_if_seen_before():
+    ledger = ledger_with([("e0", "u", "i0", 0, True), ("e1", "u", "i1", 1, True), ("e2", "u", "i2", 2, False),
+                          ("e3", "v", "i0", 5, True)], window_length=10)
+    ledger.observe("u", ("i0", "i1"), now=2.0)  # both seen ...
+    ledger.final_check("u", ("i0",), now=9.0)  # ... then i1 vanished (a store that lost a write)
+    ledger.final_check("v", None, now=9.0)  # no record at all
+    assert [ledger.events[e].lost for e in ("e0", "e1", "e2", "e3")] == [False, True, False, True]  # e2 was never acked
+    assert ledger.unresolved_count() == 0
+
+
+def test_the_final_check_accepts_events_pushed_out_by_newer_ones():
+    ledger = ledger_with([(f"e{t}", "u", f"i{t}", t, True) for t in range(4)], window_length=2)
+    ledger.observe("u", ("i0", "i1"), now=2.0)
+    ledger.final_check("u", ("i2", "i3"), now=3.0)
+    events = [ledger.events[f"e{t}"] for t in range(4)]
+    assert not any(e.lost for e in events)
+    assert not any(e.evicted for e in events)  # i0 and i1 were seen before they were pushed out
+
+
+def test_the_oldest_unseen_ack_says_how_far_the_store_is_behind():
+    ledger = ledger_with([("e0", "u", "i0", 0, False), ("e1", "u", "i1", 1, False)])
+    assert ledger.oldest_unseen_ack() is None
+    ledger.acked("e0", now=5.0)
+    ledger.acked("e1", now=7.0)
+    ledger.acked("e0", now=9.0)  # a resent event's second ack changes nothing
+    assert ledger.oldest_unseen_ack() == 5.0
+    ledger.observe("u", ("i0",), now=8.0)
+    assert ledger.oldest_unseen_ack() == 7.0
+
+
+def test_window_anomalies_count_doubled_and_never_sent_behaviours():
+    assert window_anomalies(("a", "b"), {"a", "b"}) == (0, 0)
+    assert window_anomalies(("a", "a", "x"), {"a", "b"}) == (1, 1)
+
+
+# -- fault rows ----------------------------------------------------------------------------------
+
+
+def event(acked_at, seen_at=None, lost=False, failures=0, first_sent_at=None, evicted=False, in_broker=None):
+    sent = acked_at if first_sent_at is None else first_sent_at
+    return SentEvent("u", "i", 0, sent if sent is not None else 0.0, failures=failures, acked_at=acked_at, seen_at=seen_at, lost=lost,
+                     evicted=evicted, in_broker=in_broker)
+
+
+def test_a_fault_row_counts_its_window_only():
+    run = FaultRun("Redis restart", "redis", "SIGTERM", injected_at=100.0, stopped_at=100.5, restarted_at=104.0, window_start=95.0, window_end=140.0)
+    events = {
+        "before": event(90.0, seen_at=90.5, lost=True),  # another fault's
+        "ok": event(96.0, seen_at=97.0),
+        "lost": event(101.0, lost=True, in_broker=False),
+        "revert": event(99.0, seen_at=99.2, lost=True, in_broker=True),
+        "after": event(104.5, seen_at=106.0),
+        "later": event(105.0, seen_at=106.5),
+        "unacked": event(None, failures=60, first_sent_at=102.0),
+        "evicted": event(103.0, evicted=True),
+    }
+    samples = [
+        RecallSample(96.0, 96.1, "OK"),
+        RecallSample(100.8, 101.0, "OK", "FEATURE_STORE_UNAVAILABLE"),
+        RecallSample(101.0, 102.0, "DEADLINE_EXCEEDED"),
+        RecallSample(103.0, 103.01, "UNAVAILABLE"),
+        RecallSample(103.5, 103.6, "OK", "UNKNOWN_USER"),  # normal, but sent before the restart
+        RecallSample(104.2, 104.4, "OK", "VECTOR_SEARCH_UNAVAILABLE"),  # degraded: not recovered yet
+        RecallSample(104.5, 104.7, "OK"),
+        RecallSample(150.0, 150.1, "INTERNAL"),  # the next fault's
+    ]
+    s = summarize_fault(run, events, samples)
+    assert (s.events_acked, s.events_lost, s.events_lost_after_seen, s.events_lost_not_in_broker, s.events_evicted_unverified) == (6, 2, 1, 1, 1)
+    assert "**2** (1 not in the broker's log; 1 seen, then gone from the store)" in fault_table([s])
+    assert (s.events_unacked, s.send_failures) == (1, 60)
+    assert s.down_s == pytest.approx(4.0) and s.restart_s == pytest.approx(3.5)
+    assert s.fresh_again_s == pytest.approx(2.0)  # the first event acked after the restart was seen 2 s after it
+    assert s.lag_max_s == pytest.approx(1.5)
+    assert s.recall_requests == 7
+    assert s.recall_errors == {"DEADLINE_EXCEEDED": 1, "UNAVAILABLE": 1}
+    assert s.recall_degraded == {"FEATURE_STORE_UNAVAILABLE": 1, "VECTOR_SEARCH_UNAVAILABLE": 1}
+    assert s.recall_recovered_s == pytest.approx(0.7)
+    assert sorted(s.lost_event_ids) == ["lost", "revert"]
+
+
+def test_the_baseline_row_has_no_recovery_figures():
+    run = FaultRun("no fault", "", "", 0.0, 0.0, 0.0, 0.0, 10.0)
+    s = summarize_fault(run, {"e": event(1.0, seen_at=1.2)}, [RecallSample(1.0, 1.1, "OK")])
+    assert s.down_s is s.fresh_again_s is s.recall_recovered_s is None
+    assert s.lag_p50_s == pytest.approx(0.2)
+    assert "| no fault | – |" in fault_table([s])
+
+
+def test_fault_windows_start_a_lead_before_each_injection():
+    assert fault_windows(0.0, 100.0, [30.0, 60.0], lead_s=5.0) == [(0.0, 25.0), (25.0, 55.0), (55.0, 100.0)]
+    assert fault_windows(0.0, 100.0, [], lead_s=5.0) == [(0.0, 100.0)]
+
+
+def test_the_verdict_names_losses_unexpected_codes_and_missing_recoveries():
+    run = FaultRun("broker restart", "broker", "SIGINT", 10.0, 10.5, 14.0, 5.0, 50.0)
+    fine = summarize_fault(run, {"e": event(12.0, seen_at=16.0)}, [RecallSample(11.0, 12.0, "UNAVAILABLE"), RecallSample(15.0, 15.1, "OK")])
+    assert fault_verdict([fine]) == []
+    bad = summarize_fault(run, {"e": event(12.0, lost=True, in_broker=False)}, [RecallSample(11.0, 11.1, "INTERNAL"), RecallSample(15.0, 15.1, "UNAVAILABLE")])
+    problems = fault_verdict([bad])
+    assert len(problems) == 3
+    assert "1 acked events never reached their window: none of them is in the broker's log any more" in problems[0]
+    assert "INTERNAL 1" in problems[1]
+    assert "no normal recall answer after the restart" in problems[2]
+
+
+def test_parse_faults_keeps_the_order_and_refuses_unknown_names():
+    assert [f.service for f in parse_faults("redis, job")] == ["redis", "streaming-job"]
+    with pytest.raises(HarnessError, match="broker, job, redis, milvus, recall"):
+        parse_faults("redis,disk")
+
+
+def test_fallback_reason_names_match_the_accounting():
+    assert reason_name("FALLBACK_REASON_UNSPECIFIED") == "NONE"
+    assert reason_name("FALLBACK_REASON_VECTOR_SEARCH_UNAVAILABLE") == "VECTOR_SEARCH_UNAVAILABLE"
+
+
+# -- soak ----------------------------------------------------------------------------------------
+
+
+def test_percentile_interpolates_between_closest_ranks():
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert percentile(list(range(101)), 99) == pytest.approx(99.0)
+
+
+def test_a_minute_row_reports_errors_latency_events_and_memory():
+    samples = [RecallSample(0.0, 0.010, "OK"), RecallSample(1.0, 1.030, "OK", "VECTOR_SEARCH_UNAVAILABLE"), RecallSample(2.0, 3.0, "DEADLINE_EXCEEDED"),
+               RecallSample(3.0, 3.020, "OK")]
+    acked = [event(float(t), seen_at=t + 0.5) for t in range(120)]
+    row = minute_row(2, samples, acked, 60.0, {"redis": 8 * 2**20})
+    assert row.requests == 4 and row.error_rate == pytest.approx(0.25) and row.errors == {"DEADLINE_EXCEEDED": 1}
+    assert row.degraded == 1
+    assert row.p50_ms == pytest.approx(20.0)  # the answered calls only
+    assert row.events_per_s == pytest.approx(2.0)
+    assert row.lag_p99_s == pytest.approx(0.5)
+    assert row.rss_mb == {"redis": 8.0}
+
+
+def test_memory_growth_uses_the_larger_of_the_relative_and_the_absolute_bound():
+    mb = 2**20
+    rows = {r.process: r for r in memory_growth({"job": 1000 * mb, "redis": 10 * mb, "gone": mb}, {"job": 1150 * mb, "redis": 40 * mb}, 10.0, 50.0)}
+    assert set(rows) == {"job", "redis"}  # a process missing at the end is not compared
+    assert rows["job"].growth_mb == pytest.approx(150) and rows["job"].bound_mb == pytest.approx(100) and not rows["job"].within_bound
+    assert rows["redis"].growth_pct == pytest.approx(300) and rows["redis"].bound_mb == pytest.approx(50) and rows["redis"].within_bound
+
+
+# -- the real command, short ------------------------------------------------------------------------
+
+
+def replay_csv(path, users=3000, per_user=10, items=60, seed=0):
+    """Events of the synthetic catalog (i0..i59, the items of `two_exports`), each (user, item) once."""
+    rng = np.random.default_rng(seed)
+    rows = [{"user": f"f{u}", "item": f"i{item}", "timestamp": 1_000 * t + u}
+            for u in range(users) for t, item in enumerate(rng.choice(items, size=per_user, replace=False))]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_real_redis_restart_job_kill_and_broker_restart_lose_nothing_in_the_job_or_store(tmp_path, two_exports):
+    dataset = replay_csv(tmp_path / "events.csv")
+    work = tmp_path / "faults"
+    done = subprocess.run(
+        [sys.executable, "-m", "infra", "faults", "--export-dir", str(two_exports[0]), "--dataset", str(dataset),
+         "--faults", "redis,job,broker", "--rate", "100", "--qps", "4", "--clients", "2",
+         "--warmup-s", "6", "--lead-s", "2", "--down-s", "2", "--observe-s", "8", "--window-length", "100", "--drain-timeout-s", "90",
+         "--work-dir", str(work)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    reports = sorted(work.glob("faults-*.json"))
+    assert reports, f"no report written\n{done.stderr[-3000:]}"
+    report = json.loads(reports[-1].read_text())
+    rows = {row["service"]: row for row in report["faults"]}
+    assert list(rows) == ["", "redis", "streaming-job", "broker"], done.stderr[-3000:]
+    for service, row in rows.items():
+        assert row["events_acked"] > 0, (service, row)
+        # The job and the store lose nothing. noida 0.2.3, the embedded broker, acknowledges records
+        # it then drops when it is stopped during its shutdown snapshot (README, fault injection):
+        # such records are missing from the broker's own log, which the harness checks.
+        assert row["events_lost"] == row["events_lost_not_in_broker"], (service, row["lost_event_ids"])
+        if service != "broker":
+            assert row["events_lost"] == 0, (service, row["lost_event_ids"])
+        assert row["events_evicted_unverified"] == 0, service  # windows longer than any user's events: all checkable
+        assert set(row["recall_errors"]) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, (service, row["recall_errors"])
+        if service:
+            assert row["recall_recovered_s"] is not None, f"no normal recall answer after the {service} restart"
+            assert row["fresh_again_s"] is not None, f"no event acked after the {service} restart reached the store"
+    final = report["final"]
+    assert final["doubled_behaviours"] == 0 and final["phantom_behaviours"] == 0
+    assert all(problem.startswith("broker restart:") for problem in report["problems"]), report["problems"]
+    assert done.returncode == (1 if report["problems"] else 0), done.stdout + done.stderr[-3000:]
+    assert "| Redis restart |" in done.stdout and "| Flink job killed |" in done.stdout
