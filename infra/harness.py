@@ -486,7 +486,7 @@ def write_report(args, name: str, report: dict, markdown: str, say: Callable[[st
     """<work-dir>/<name>-<time>.json (the command, its arguments and `report`) and .md (the command and `markdown`)."""
     import json
 
-    command = f"python -m infra {name} " + " ".join(sys.argv[2:])
+    command = " ".join(["python -m infra", name, *sys.argv[2:]])
     arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
     stamp = time.strftime("%Y%m%dT%H%M%S")
     out = Path(args.work_dir)

@@ -66,6 +66,7 @@ def test_real_redis_round_trip_replace_ttl_and_auth(tmp_path):
         back = store.get_many([r.user_id for r in records] + ["unknown"])
         assert back[-1] is None
         assert all(_same(a, b) for a, b in zip(records, back[:-1]))
+        assert store.get_windows(["user-1", "unknown"]) == [records[1].window, None]  # the window alone (the fault harness polls it)
         assert 0 < store.client.ttl("test:user:user-0") <= 3600
         # a newer record replaces the old one whole (fewer interests, new version)
         newer = dataclasses.replace(_record("user-3", k=1, seed=9), model_version="ml-1m-mind-v2")
