@@ -163,12 +163,13 @@ def retire_unreferenced(registry, client, prefix: str, referenced: set[str]) -> 
     """Drops the collection and the registry copy of every version that is neither current nor
     referenced by a stored interest; returns the retired versions."""
     current = registry.current_version()
+    aliased = alias_target(client, prefix)
     retired = []
     for version in registry.versions():
         if version == current or version in referenced:
             continue
         name = collection_name(prefix, version)
-        if alias_target(client, prefix) == name:
+        if name == aliased:
             continue  # never drop what the alias points at (a CURRENT moved by hand, say)
         if client.has_collection(name):
             client.drop_collection(name)

@@ -269,7 +269,7 @@ def run_scale(args) -> dict:
     from model_export.artifact import UserTower
     from model_export.publish import connect, publish_version
     from model_export.registry import ModelRegistry
-    from model_export.retrain import refresh
+    from model_export.retrain import Stages, refresh
     from recall_service.bench import build_catalog, user_windows
     from streaming.feature_store import InterestRecord, RedisFeatureStore
 
@@ -296,22 +296,16 @@ def run_scale(args) -> dict:
             vectors = tower.interests([w for _, w in chunk])
             store.put_many([InterestRecord(u, old.model_version, v, w, 1, "0:0") for (u, w), v in zip(chunk, vectors) if v is not None])
         say(f"{len(windows):,} users stored at {old.model_version}; refreshing to the new version")
-        timings: dict[str, float] = {}
-        clock = [time.perf_counter()]
-
-        def lap(name: str) -> None:
-            now = time.perf_counter()
-            timings[name] = round(now - clock[0], 2)
-            clock[0] = now
-
+        stages = Stages()
         started = time.perf_counter()
-        report = refresh(config, catalogs[1], say, timings, lap)
+        report = refresh(config, catalogs[1], say, stages)
         total = time.perf_counter() - started
     backend = "Milvus 2.3.5 server" if args.milvus == "server" else "Milvus Lite (server over gRPC)"
     result = {"part": "scale", "items": args.items, "users": len(windows), "milvus": backend, "index": report["index"],
               "seconds": {**report["seconds"], "total": round(total, 1)}, "rewritten": report["backfill"]["rewritten"], "retired": report["retired"]}
     print(f"\nrefresh at scale: {args.items:,} item vectors + {len(windows):,} users' interests on {result['milvus']} ({report['index']})")
-    print(f"publish {timings['publish']:.1f} s, backfill {timings['backfill']:.1f} s ({report['backfill']['rewritten']:,} users), "
-          f"retire {timings['retire']:.1f} s: total {total:.1f} s (target <= 60 s)")
+    seconds = stages.seconds
+    print(f"publish {seconds['publish']:.1f} s, backfill {seconds['backfill']:.1f} s ({report['backfill']['rewritten']:,} users), "
+          f"retire {seconds['retire']:.1f} s: total {total:.1f} s (target <= 60 s)")
     _save(args.work_dir, "refresh_bench_scale.json", result)
     return result

@@ -44,7 +44,7 @@ from model_export.event_log import EventLog
 from model_export.manifest import Manifest
 from model_export.sampled_softmax import NegativeSampler
 from model_export.spec import ModelSpec
-from model_export.train import SELECTION_METRIC, TrainConfig, build_model, run_epoch
+from model_export.train import SELECTION_METRIC, TrainConfig, build_model, model_from_weights, run_epoch
 
 NEW_ITEM_INIT_STD = 0.1  # a new item never preceded by a known item starts like a fresh embedding
 
@@ -293,18 +293,16 @@ def judge(candidate: dict[str, float], current: dict[str, float], tolerance: flo
                                               f"{current[metric]:.4f} and the tolerance is {tolerance:.0%}; the current version stays")
 
 
-def fine_tune(parent_spec: ModelSpec, parent_state: dict[str, torch.Tensor], inc: IncrementalData, settings, seed: int = 2019,
+def fine_tune(parent_spec: ModelSpec, parent: torch.nn.Module, inc: IncrementalData, settings, seed: int = 2019,
               device: str = "cpu", progress: bool = True) -> tuple[ModelSpec, torch.nn.Module, list[dict]]:
-    """settings: the [retrain] configuration (epochs, lr, batch_size, replay_ratio). Returns the grown
-    spec, the fine-tuned model and per-epoch records."""
+    """parent: the current version's model (left unchanged). settings: the [retrain] configuration
+    (epochs, lr, batch_size, replay_ratio). Returns the grown spec, the fine-tuned model and per-epoch records."""
     data = inc.data
     spec = dataclasses.replace(parent_spec, n_items=data.n_items)
-    parent = build_model(parent_spec, torch.zeros(parent_spec.n_items + 1, 1, dtype=torch.int64))
-    parent.load_state_dict(parent_state)
     rows = new_item_rows(parent.item_vectors(), data, inc.new_samples, inc.parent_items, len(inc.new_items), spec.maxlen, seed)
     torch.manual_seed(seed)
     model = build_model(spec, torch.as_tensor(data.item_side)).to(device)
-    model.load_state_dict(grow_weights(parent_state, inc.parent_items, rows))
+    model.load_state_dict(grow_weights(parent.state_dict(), inc.parent_items, rows))
     config = TrainConfig(dataset=data.name, model=spec.kind, seed=seed, epochs=settings.epochs, batch_size=settings.batch_size,
                          lr=settings.lr, device=device, dataset_fingerprint=data.fingerprint)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -334,15 +332,15 @@ def evaluate_holdout(model: torch.nn.Module, inc: IncrementalData, maxlen: int, 
     return evaluate_model(model, inc.data, cases)
 
 
-def load_weights(export_dir: Path, manifest: Manifest) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+def load_parent(export_dir: Path, manifest: Manifest) -> tuple[ModelSpec, torch.nn.Module]:
+    """The published version's model, from the weights its export carries (eval mode)."""
     if "weights" not in manifest.files:
         raise RetrainError(f"{export_dir} has no weights.pt (exported by an older version): re-export the run with "
                            f"`python -m model_export export` and publish it, then retrain")
     spec = ModelSpec(**manifest.extra["spec"])
     if not spec.is_multi_interest and spec.kind != "youtube_dnn":
         raise RetrainError(f"{spec.kind} has no weights to fine-tune")
-    state = torch.load(manifest.file(export_dir, "weights"), map_location="cpu", weights_only=True)
-    return spec, state
+    return spec, model_from_weights(spec, manifest.file(export_dir, "weights"))
 
 
 def dataset_fingerprint(base_fingerprint: str, log: EventLog, vocabulary_size: int) -> str:
@@ -383,6 +381,19 @@ def base_dataset(lineage: Lineage, paths) -> SequenceDataset:
 # ----------------------------------------------------------------------------- one retraining, end to end
 
 
+class Stages:
+    """Seconds per stage of a refresh: each lap closes the stage that ran since the previous one."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._since = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._since, 2)
+        self._since = now
+
+
 def retrain_once(config, publish_model: bool = True, progress: bool = True) -> dict:
     """read -> grow -> merge -> tune -> judge -> export -> publish -> backfill -> retire.
 
@@ -395,15 +406,7 @@ def retrain_once(config, publish_model: bool = True, progress: bool = True) -> d
 
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     settings, paths = config.retrain, config.paths
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 2)
-        clock = now
-
+    stages = Stages()
     registry = ModelRegistry(paths.models_dir)
     parent_dir = registry.current()
     parent = Manifest.load(parent_dir)
@@ -417,38 +420,36 @@ def retrain_once(config, publish_model: bool = True, progress: bool = True) -> d
     added = log.append(read.events, read.offsets)
     log.save(settings.state_dir)
     commit_offsets(config.kafka, config.kafka.events_topic, settings.consumer_group, log.offsets)
-    lap("read")
+    stages.lap("read")
     report = {"parent": parent.model_version, "events_read": len(read.events) + sum(read.rejected.values()), "events_added": added,
               "rejected": dict(read.rejected), "log_events": len(log), "new_events": len(log) - lineage.log_events, "offsets": log.offsets}
     say(f"    {added:,} events added ({report['new_events']:,} new since {parent.model_version}; {sum(read.rejected.values())} invalid skipped)")
     if report["new_events"] < settings.min_new_events:
-        return {**report, "status": "skipped", "reason": f"{report['new_events']:,} new events, fewer than [retrain].min_new_events = {settings.min_new_events:,}", "seconds": timings}
+        return {**report, "status": "skipped", "reason": f"{report['new_events']:,} new events, fewer than [retrain].min_new_events = {settings.min_new_events:,}", "seconds": stages.seconds}
 
     say("==> merging the base dataset and the event log")
     base = base_dataset(lineage, paths)
     parent_vocab = json.loads(parent.file(parent_dir, "vocab").read_text())
     inc = prepare(base, log, parent_vocab, lineage, settings)
     if len(inc.holdout.users) == 0:
-        return {**report, "status": "skipped", "reason": "no user has a held-out new event after some history: wait for more events", "seconds": timings}
+        return {**report, "status": "skipped", "reason": "no user has a held-out new event after some history: wait for more events", "seconds": stages.seconds}
     report.update(new_items=len(inc.new_items), new_samples=len(inc.new_samples[0]), holdout_users=len(inc.holdout.users),
                   holdout_cut=dt.datetime.fromtimestamp(inc.cut_ms / 1000, dt.timezone.utc).isoformat())
     say(f"    {len(inc.new_samples[0]):,} new samples, {len(inc.new_items):,} new items, holdout: {len(inc.holdout.users):,} users from {report['holdout_cut']}")
-    lap("prepare")
+    stages.lap("prepare")
 
-    parent_spec, parent_state = load_weights(parent_dir, parent)
-    spec, model, epochs = fine_tune(parent_spec, parent_state, inc, settings, progress=progress)
-    lap("train")
-    current_model = build_model(parent_spec, torch.zeros(parent_spec.n_items + 1, 1, dtype=torch.int64))
-    current_model.load_state_dict(parent_state)
-    verdict = judge(evaluate_holdout(model, inc, spec.maxlen), evaluate_holdout(current_model.eval(), inc, spec.maxlen, parent=True), settings.tolerance)
-    lap("judge")
+    parent_spec, current_model = load_parent(parent_dir, parent)
+    spec, model, epochs = fine_tune(parent_spec, current_model, inc, settings, progress=progress)
+    stages.lap("train")
+    verdict = judge(evaluate_holdout(model, inc, spec.maxlen), evaluate_holdout(current_model, inc, spec.maxlen, parent=True), settings.tolerance)
+    stages.lap("judge")
     report.update(epochs=epochs, holdout={"candidate": verdict.candidate, "current": verdict.current}, verdict=verdict.reason)
     say(f"    {verdict.reason}")
     run_dir = run_dir_for(settings.state_dir)
     save_run(run_dir, spec, model, inc, lineage.source, report)
     report["run_dir"] = str(run_dir)
     if not verdict.accepted:
-        return {**report, "status": "refused", "reason": verdict.reason, "seconds": timings}
+        return {**report, "status": "refused", "reason": verdict.reason, "seconds": stages.seconds}
 
     say("==> exporting the candidate")
     lineage_record = {"parent": parent.model_version, "source": lineage.source, "base_fingerprint": lineage.base_fingerprint,
@@ -458,13 +459,13 @@ def retrain_once(config, publish_model: bool = True, progress: bool = True) -> d
     export_dir, manifest = export_model(run_dir, inc.data, run_dir / "export", source=lineage.source,
                                         metrics_cases=("holdout", clip_history(inc.holdout, spec.maxlen)), extra={"retrain": lineage_record})
     report["model_version"] = manifest.model_version
-    lap("export")
+    stages.lap("export")
     if not publish_model:
-        return {**report, "status": "trained", "export_dir": str(export_dir), "seconds": timings}
-    return {**report, **refresh(config, export_dir, say, timings, lap), "status": "published"}
+        return {**report, "status": "trained", "export_dir": str(export_dir), "seconds": stages.seconds}
+    return {**report, **refresh(config, export_dir, say, stages), "status": "published"}
 
 
-def refresh(config, export_dir: Path, say, timings: dict, lap) -> dict:
+def refresh(config, export_dir: Path, say, stages: "Stages") -> dict:
     """Publish an export and bring the feature store over to it; old versions go once unreferenced."""
     from model_export.artifact import UserTower
     from model_export.publish import connect, publish_version, retire_unreferenced
@@ -476,19 +477,19 @@ def refresh(config, export_dir: Path, say, timings: dict, lap) -> dict:
     client = connect(config.milvus.uri, config.milvus.token)
     say("==> publishing: new collection, alias swap, registry CURRENT (the streaming job hot-reloads)")
     published = publish_version(export_dir, registry, client, config.milvus.collection_prefix, progress=say)
-    lap("publish")
+    stages.lap("publish")
     say("==> backfilling stored interests with the new user tower")
     store = RedisFeatureStore.from_config(config.redis, ttl_seconds=config.streaming.record_ttl_s, timeout_s=10.0)
     tower = UserTower.load(registry.path(published.model_version), prefer_gpu=True)
     filled = backfill(store, tower, batch=config.retrain.backfill_batch)
-    lap("backfill")
+    stages.lap("backfill")
     versions = stored_versions(store)
     retired = retire_unreferenced(registry, client, config.milvus.collection_prefix, set(versions))
-    lap("retire")
+    stages.lap("retire")
     say(f"    {filled.rewritten:,} users re-extracted; retired {retired or 'nothing'}; stored versions now {dict(versions)}")
     return {"collection": published.collection, "items": published.items, "index": published.index_type,
             "backfill": dataclasses.asdict(filled), "stored_versions": dict(versions), "retired": retired,
-            "seconds": {**timings, "total": round(sum(timings.values()), 2)}}
+            "seconds": {**stages.seconds, "total": round(sum(stages.seconds.values()), 2)}}
 
 
 def run_schedule(config, publish_model: bool = True, poll_s: float = 10.0, runs: int = 0) -> None:

@@ -91,11 +91,15 @@ def load_model(model_dir: Path, device: str = "cpu") -> tuple[ModelSpec, torch.n
     spec = ModelSpec.load(model_dir / "spec.json")
     if spec.kind == "mostpop":
         return spec, np.load(model_dir / "popularity.npy", allow_pickle=False)
+    return spec, model_from_weights(spec, model_dir / "model.pt", device)
+
+
+def model_from_weights(spec: ModelSpec, weights: Path, device: str = "cpu") -> torch.nn.Module:
+    """A model of `spec` with the state dict in `weights` (no pickle), in eval mode."""
     placeholder_side = torch.zeros(spec.n_items + 1, 1, dtype=torch.int64)  # real tables come from the weights
     model = build_model(spec, placeholder_side).to(device)
-    model.load_state_dict(torch.load(model_dir / "model.pt", map_location=device, weights_only=True))
-    model.eval()
-    return spec, model
+    model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
+    return model.eval()
 
 
 def check_dataset(model_dir: Path, data: SequenceDataset) -> None:

@@ -35,7 +35,7 @@ from streaming.events import BehaviourEvent
 from streaming.feature_store import RedisFeatureStore
 from streaming.producer import EventProducer
 
-from conftest import REPO, synthetic_interactions
+from conftest import REPO, synthetic_interactions, wait_for
 
 CLUSTER0 = [f"i{i}" for i in range(15)]
 STORED = recall_pb2.RECALL_PATH_STORED_INTERESTS
@@ -82,16 +82,6 @@ def system(tmp_path_factory, two_exports):
         finally:
             producer.close()
             job.stop()
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def test_a_refresh_under_load_fails_nothing_mixes_no_versions_and_serves_the_new_item(system):

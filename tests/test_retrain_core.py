@@ -10,7 +10,6 @@ import torch
 from model_export.data import load_dataset
 from model_export.event_log import EventLog
 from model_export.manifest import Manifest
-from model_export.train import build_model
 from model_export.retrain import (
     Lineage,
     clip_history,
@@ -19,7 +18,7 @@ from model_export.retrain import (
     grow_vocabulary,
     grow_weights,
     judge,
-    load_weights,
+    load_parent,
     new_item_rows,
     prepare,
 )
@@ -143,16 +142,14 @@ def test_fine_tuning_grows_the_model_and_learns_the_new_item(two_exports, synthe
     manifest = Manifest.load(export)
     base = load_dataset(str(synthetic_csv), tmp_path / "data", tmp_path / "cache", tmp_path)
     assert manifest.dataset["fingerprint"] == base.fingerprint and manifest.dataset["source"].endswith("interactions.csv")
-    spec, state = load_weights(export, manifest)
+    spec, parent = load_parent(export, manifest)
     log = stream_for(base, n_per_user=6)
     inc = prepare(base, log, json.loads(manifest.file(export, "vocab").read_text()), Lineage.of(manifest), SETTINGS)
-    grown, model, epochs = fine_tune(spec, state, inc, SimpleNamespace(**{**vars(SETTINGS), "epochs": 2}), progress=False)
+    grown, model, epochs = fine_tune(spec, parent, inc, SimpleNamespace(**{**vars(SETTINGS), "epochs": 2}), progress=False)
     assert grown.n_items == base.n_items + 1 and model.item_vectors().shape[0] == base.n_items + 2 and len(epochs) == 2
     metrics = evaluate_holdout(model, inc, spec.maxlen)
     assert 0.0 <= metrics["recall@50"] <= 1.0
     fresh = base.n_items + 1
-    parent = build_model(spec, torch.zeros(spec.n_items + 1, 1, dtype=torch.int64))
-    parent.load_state_dict(state)
     start = new_item_rows(parent.item_vectors(), inc.data, inc.new_samples, inc.parent_items, 1, spec.maxlen, seed=2019)[0]
     learned = model.items.ids.weight[fresh].detach()
     assert torch.isfinite(learned).all() and not torch.allclose(learned, start)  # started from its context, then trained

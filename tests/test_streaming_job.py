@@ -23,6 +23,8 @@ from streaming.feature_store import RedisFeatureStore
 from streaming.producer import EventProducer
 from streaming.window import UserWindow
 
+from conftest import wait_for
+
 LATENESS_MS = 10_000
 WINDOW = 50
 
@@ -57,16 +59,6 @@ def stack(tmp_path_factory, two_exports):
         finally:
             producer.close()
             job.stop()
-
-
-def wait_for(condition, timeout_s=60.0, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def expected_windows(events):
