@@ -102,7 +102,9 @@ def test_up_status_down_with_real_processes(stack_dir):
     while True:
         with urllib.request.urlopen(f"http://127.0.0.1:{config.monitoring.prometheus_port}/api/v1/targets", timeout=5) as response:
             health = {t["labels"]["job"]: t["health"] for t in json.load(response)["data"]["activeTargets"]}
-        if health.get("mindstream-recall") == "up" and health.get("mindstream-exporter") == "up" or time.monotonic() > deadline:
+        # Each target turns "up" at its own first scrape, Prometheus's own included.
+        scraped = all(health.get(job) == "up" for job in ("mindstream-recall", "mindstream-exporter", "prometheus"))
+        if scraped or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert health["mindstream-recall"] == health["mindstream-exporter"] == health["prometheus"] == "up", health
