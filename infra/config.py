@@ -84,6 +84,10 @@ class MilvusConfig:
     uri: str = str(REPO_ROOT / "var" / "milvus" / "mindstream.db")  # a file = Milvus Lite
     token: str = ""  # "user:password" or an API key for a Milvus server
     collection_prefix: str = "mindstream_items"
+    # The server `python -m infra up` starts for the stack: "lite" (Milvus Lite over gRPC, the
+    # embedded default) or "server" (the standalone Milvus 2.3.5 binary of the PyPI package
+    # `milvus`: HNSW built in the background, the recall load figures). Production sets uri instead.
+    embedded_server: typing.Literal["lite", "server"] = "lite"
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,10 @@ class Config:
 
 def _coerce(value: object, target: type, where: str) -> object:
     """Turn a TOML or environment value into the field's declared type, or say what is wrong."""
+    if typing.get_origin(target) is typing.Literal:
+        if value not in typing.get_args(target):
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, typing.get_args(target)))}, got {value!r}")
+        return value
     if target is bool:
         if isinstance(value, bool):
             return value

@@ -1,6 +1,6 @@
 """The system under load, shared by `python -m infra faults` and `python -m infra soak`.
 
-    SystemUnderTest  the whole embedded stack (infra.stack.Stack: broker, Redis, Milvus Lite, the
+    SystemUnderTest  the whole embedded stack (infra.stack.Stack: broker, Redis, Milvus (Lite or server), the
                      streaming job, the recall service; not the exporter and Prometheus) in a folder
                      of its own on free ports, with a trained export published into it
     EventStream      replays a dataset's events at a steady rate through the application's producer
@@ -72,15 +72,18 @@ def add_load_arguments(p) -> None:
     p.add_argument("--poll-s", type=float, default=0.25, help="how often the stored windows of unseen events are read (the resolution of ack->store times)")
     p.add_argument("--drain-timeout-s", type=float, default=120.0, help="at the end: how long to wait for every acked event to reach the store")
     p.add_argument("--work-dir", type=Path, default=REPO_ROOT / "var" / "faults", help="the stack's folder (wiped at start) and the reports")
+    p.add_argument("--milvus", choices=("lite", "server"), default="lite",
+                   help="the stack's Milvus: lite (the embedded default) or server (the standalone Milvus 2.3.5 binary: "
+                        "searches in parallel, for recall loads beyond Milvus Lite's ~10 calls/s)")
 
 
 class SystemUnderTest:
     """The embedded stack in `root/stack`, with its own settings in `root/settings.toml`."""
 
-    def __init__(self, root: Path, export_dir: Path, say: Callable[[str], None], window_length: int | None = None):
+    def __init__(self, root: Path, export_dir: Path, say: Callable[[str], None], window_length: int | None = None, milvus: str = "lite"):
         self.root, self.export_dir, self.say = Path(root).resolve(), Path(export_dir), say
         streaming = {"allowed_lateness_ms": ANY_LATENESS_MS, **({"window_length": window_length} if window_length else {})}
-        self.settings = {"streaming": streaming}
+        self.settings = {"streaming": streaming, "milvus": {"embedded_server": milvus}}
         self.settings_path = self.root / "settings.toml"
         environ = {**os.environ, "MINDSTREAM_CONFIG": str(self.settings_path)}  # never the shell's stack configuration
         self.stack = Stack(self.root / "stack", environ=environ, out=self._stack_line)
@@ -530,7 +533,7 @@ def system_under_load(args, name: str, say: Callable[[str], None], start_load: b
     events = ReplayEvents.from_dataset(args.dataset, config.paths.data_dir, config.paths.shared_data_dir)
     if args.start >= len(events):
         raise HarnessError(f"--start {args.start} is past the {len(events):,} events of {args.dataset}")
-    with SystemUnderTest(Path(args.work_dir) / name, args.export_dir, say, args.window_length) as sut:
+    with SystemUnderTest(Path(args.work_dir) / name, args.export_dir, say, args.window_length, args.milvus) as sut:
         ledger = EventLedger(sut.config.streaming.window_length)
         first_user = str(events.users[args.start])
 

@@ -1,4 +1,4 @@
-"""Milvus servers for benchmarks, started on free ports with everything in a folder of ours.
+"""Milvus servers started by the project: on loopback ports, with everything in a folder of ours.
 
 MilvusServer: the standalone Milvus 2.3.5 binary of the PyPI package `milvus`. Not through its
 `milvus-server` command: that wrapper, stopped with SIGTERM, leaves the milvus child holding the
@@ -15,12 +15,12 @@ Production points [milvus].uri at a real deployment instead.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
-import subprocess
+import socket
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -30,35 +30,87 @@ from infra.process import ManagedProcess, free_port, port_open
 COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexCoord", "indexNode", "dataCoord", "dataNode")
 
 
-class MilvusServer:
-    def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1"):
+def _bind_like_milvus(port: int) -> socket.socket | None:
+    """The wrapper's check that a port is free, with SO_REUSEADDR as Milvus (Go) binds: without it
+    the check fails on the ports of a server stopped a moment ago (connections in TIME_WAIT)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+class MilvusServer(ManagedProcess):
+    """The standalone binary as a service of ours: the stack's supervisor starts, adopts, restarts
+    and stops it like any other (`[milvus].embedded = "server"`); benchmarks use it as a context
+    manager. The internal ports (etcd, the components, metrics) are chosen once per data folder and
+    kept in ports.json, so a restart on the same data finds etcd where its data says it is."""
+
+    name = "milvus"
+    stop_signal = signal.SIGINT  # SIGTERM leaves children holding the ports
+    stop_grace_s = 30.0
+    start_timeout_s = 180.0
+
+    def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1", log_path: Path | None = None):
         self.data_dir, self.port, self.host = Path(data_dir).resolve(), port or free_port(), host
-        self.metrics_port = 0
-        self.process: subprocess.Popen | None = None
+        super().__init__(log_path or self.data_dir / "logs" / "milvus.log", cwd=self.data_dir)
 
     @property
     def uri(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def _write_config(self):
+    @property
+    def ports_path(self) -> Path:
+        return self.data_dir / "ports.json"
+
+    def _internal_ports(self, milvus) -> dict[str, int]:
+        """Ports of etcd, the components and metrics: those of the last start on this data when free."""
+        try:
+            kept = json.loads(self.ports_path.read_text())
+        except (OSError, ValueError):
+            kept = {}
+        keys = [key for key in milvus.MilvusServerConfig().configurable_items if key.endswith("_port") and key != "proxy_port"]
+        ports: dict[str, int] = {}
+        for key in [*keys, "etcd_peer_port", "metrics_port"]:
+            port = kept.get(key)
+            if not port or port == self.port or port in ports.values() or port_open("127.0.0.1", port):
+                port = free_port()
+            ports[key] = port
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.ports_path.write_text(json.dumps(ports))
+        return ports
+
+    def prepare(self) -> None:
         try:
             import milvus
         except ImportError:
             raise RuntimeError("the Milvus server is the PyPI package `milvus`: pip install milvus==2.3.5") from None
 
-        ports = {key: free_port() for key in milvus.MilvusServerConfig().configurable_items if key.endswith("_port")}
-        ports["proxy_port"] = self.port
-        config = milvus.MilvusServerConfig(data_dir=str(self.data_dir), **ports)
+        ports = self._internal_ports(milvus)
+        config = milvus.MilvusServerConfig(data_dir=str(self.data_dir), proxy_port=self.port,
+                                           **{k: v for k, v in ports.items() if k not in ("etcd_peer_port", "metrics_port")})
         for component in COMPONENTS:
             config.set(f"{component}.ip", self.host)
+        config.try_bind_port = _bind_like_milvus
         config.resolve()  # writes <data_dir>/configs/milvus.yaml
-        self._embed_etcd_on_loopback(ports["etcd_port"])
+        self._embed_etcd_on_loopback(ports["etcd_port"], ports["etcd_peer_port"])
         milvus._initialize_data_files(str(self.data_dir))  # unpacks the binary and its libraries once
-        return self.data_dir / "bin" / "milvus"
+        binary_dir = self.data_dir / "bin"
+        self.env = {
+            **os.environ,
+            "DEPLOY_MODE": "STANDALONE",
+            "METRICS_PORT": str(ports["metrics_port"]),
+            "MILVUS_RUN_DIR": str(self.data_dir / "run"),
+            "LD_LIBRARY_PATH": f"{binary_dir}:{os.environ.get('LD_LIBRARY_PATH', '')}",
+        }
 
-    def _embed_etcd_on_loopback(self, client_port: int) -> None:
+    def _embed_etcd_on_loopback(self, client_port: int, peer_port: int) -> None:
         """The embedded etcd listens on 2379/2380 unless given its own configuration file."""
-        peer = f"http://{self.host}:{free_port()}"
+        peer = f"http://{self.host}:{peer_port}"
         client = f"http://{self.host}:{client_port}"
         etcd_yaml = self.data_dir / "configs" / "embed_etcd.yaml"
         etcd_yaml.write_text(
@@ -70,48 +122,17 @@ class MilvusServer:
         text = milvus_yaml.read_text()
         milvus_yaml.write_text(text.replace("\netcd:\n", f"\netcd:\n  config:\n    path: {etcd_yaml}\n", 1))
 
-    def start(self, timeout_s: float = 180.0) -> "MilvusServer":
-        binary = self._write_config()
-        self.metrics_port = free_port()
-        env = {
-            **os.environ,
-            "DEPLOY_MODE": "STANDALONE",
-            "METRICS_PORT": str(self.metrics_port),
-            "MILVUS_RUN_DIR": str(self.data_dir / "run"),
-            "LD_LIBRARY_PATH": f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}",
-        }
-        log = open(self.data_dir / "logs" / "milvus.log", "ab")
-        self.process = subprocess.Popen([str(binary), "run", "standalone"], cwd=self.data_dir, env=env, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"milvus exited with {self.process.returncode}; see {self.data_dir / 'logs'}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=1) as resp:
-                    if b"OK" in resp.read():
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"milvus did not become healthy within {timeout_s:.0f}s; see {self.data_dir / 'logs'}")
+    def command(self) -> list[str]:
+        return [str(self.data_dir / "bin" / "milvus"), "run", "standalone"]
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # SIGTERM leaves children holding the ports
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        self.process = None
-
-    def __enter__(self) -> "MilvusServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def ready(self) -> bool:
+        """Milvus' own health endpoint (on its metrics port) says OK and the proxy accepts."""
+        try:
+            metrics_port = json.loads(self.ports_path.read_text())["metrics_port"]
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=1) as response:
+                return b"OK" in response.read() and port_open(self.host, self.port)
+        except (OSError, ValueError, KeyError):
+            return False
 
 
 class MilvusLiteServer(ManagedProcess):

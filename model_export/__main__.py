@@ -113,7 +113,7 @@ def cmd_retrain(args) -> int:
     config = load_config()
     try:
         if args.schedule:
-            run_schedule(config, publish_model=not args.no_publish, poll_s=args.poll, runs=args.runs)
+            run_schedule(config, publish_model=not args.no_publish, poll_s=args.poll, runs=args.runs, progress=not args.quiet)
             return 0
         report = retrain_once(config, publish_model=not args.no_publish, progress=not args.quiet)
     except RetrainError as exc:

@@ -481,7 +481,9 @@ def refresh(config, export_dir: Path, say, stages: "Stages") -> dict:
     say("==> backfilling stored interests with the new user tower")
     store = RedisFeatureStore.from_config(config.redis, ttl_seconds=config.streaming.record_ttl_s, timeout_s=10.0)
     tower = UserTower.load(registry.path(published.model_version), prefer_gpu=True)
-    filled = backfill(store, tower, batch=config.retrain.backfill_batch)
+    # Until the streaming job's next look at CURRENT it still writes with the old tower: keep
+    # passing that long, or the old version stays referenced and cannot be retired.
+    filled = backfill(store, tower, batch=config.retrain.backfill_batch, settle_s=2 * config.streaming.model_poll_s + 2.0)
     stages.lap("backfill")
     versions = stored_versions(store)
     retired = retire_unreferenced(registry, client, config.milvus.collection_prefix, set(versions))
@@ -492,9 +494,20 @@ def refresh(config, export_dir: Path, say, stages: "Stages") -> dict:
             "seconds": {**stages.seconds, "total": round(sum(stages.seconds.values()), 2)}}
 
 
-def run_schedule(config, publish_model: bool = True, poll_s: float = 10.0, runs: int = 0) -> None:
-    """Retrains whenever [retrain].every_events new events wait or every_minutes have passed (with at
-    least min_new_events waiting). runs > 0 stops after that many retrainings."""
+def retrain_due(settings, waiting: int, idle_s: float) -> str | None:
+    """Why the scheduled mode should retrain now (None: not yet). `waiting` is the number of events
+    past the trained offsets, `idle_s` the time since the last retraining (or the scheduler's start)."""
+    if settings.every_events > 0 and waiting >= settings.every_events:
+        return f"{waiting:,} new events waiting (every_events = {settings.every_events:,})"
+    if settings.every_minutes > 0 and idle_s >= settings.every_minutes * 60 and waiting >= settings.min_new_events:
+        return f"{idle_s / 60:.1f} min since the last retraining, {waiting:,} new events waiting"
+    return None
+
+
+def run_schedule(config, publish_model: bool = True, poll_s: float = 10.0, runs: int = 0, progress: bool = True) -> None:
+    """Retrains whenever retrain_due says so; prints one JSON report per line. A failed look at the
+    topic or a failed retraining is reported and the schedule goes on (a scheduler that dies with
+    the first broker hiccup refreshes nothing). runs > 0 stops after that many retrainings."""
     from model_export.event_log import pending_events
 
     settings = config.retrain
@@ -504,15 +517,23 @@ def run_schedule(config, publish_model: bool = True, poll_s: float = 10.0, runs:
     last = time.monotonic()
     done = 0
     while runs == 0 or done < runs:
-        log = EventLog.load(settings.state_dir)
-        waiting = pending_events(config.kafka, config.kafka.events_topic, settings.consumer_group, log.offsets, settings.start_offsets)
-        due_by_events = settings.every_events > 0 and waiting >= settings.every_events
-        due_by_time = settings.every_minutes > 0 and time.monotonic() - last >= settings.every_minutes * 60 and waiting >= settings.min_new_events
-        if due_by_events or due_by_time:
-            print(f"==> {waiting:,} new events waiting: retraining", file=sys.stderr, flush=True)
-            report = retrain_once(config, publish_model)
-            print(json.dumps(report, default=str), flush=True)
-            last = time.monotonic()
-            done += 1
-        else:
+        try:
+            log = EventLog.load(settings.state_dir)
+            waiting = pending_events(config.kafka, config.kafka.events_topic, settings.consumer_group, log.offsets, settings.start_offsets)
+        except Exception as exc:  # noqa: BLE001 - the broker may be restarting; look again next poll
+            print(f"warning: could not count the new events ({type(exc).__name__}: {exc}); looking again in {poll_s:g} s", file=sys.stderr, flush=True)
             time.sleep(poll_s)
+            continue
+        reason = retrain_due(settings, waiting, time.monotonic() - last)
+        if reason is None:
+            time.sleep(poll_s)
+            continue
+        print(f"==> retraining: {reason}", file=sys.stderr, flush=True)
+        try:
+            report = retrain_once(config, publish_model, progress)
+        except Exception as exc:  # noqa: BLE001 - reported; the next due time tries again
+            report = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+            print(f"error: retraining failed ({report['reason']}); the schedule goes on", file=sys.stderr, flush=True)
+        print(json.dumps(report, default=str), flush=True)
+        last = time.monotonic()
+        done += 1

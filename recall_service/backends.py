@@ -260,14 +260,22 @@ class RegistryModels:
         model = self._loaded.get(version)
         if model is None:
             with self._lock:
-                model = self._loaded.get(version)
-                if model is None:
-                    try:
-                        model = LoadedModel(self.registry.path(version), self.prefer_gpu, self.popular_depth)
-                    except Exception as exc:  # missing, tampered with or unreadable: no request can fix it
-                        raise BackendUnavailable(f"current model {version} cannot be loaded: {exc}") from None
-                    self._loaded[version] = model
-                    while len(self._loaded) > 2:
-                        self._loaded.popitem(last=False)
-                    log.info("serving model %s (user tower on %s)", version, model.tower.session.provider)
+                model = self._loaded.get(version) or self._load(version)
+        return model
+
+    def _load(self, version: str) -> LoadedModel:
+        try:
+            model = LoadedModel(self.registry.path(version), self.prefer_gpu, self.popular_depth)
+        except Exception as exc:  # missing, tampered with or unreadable
+            # The version read up to refresh_s ago may be retired by now: a retirement follows the
+            # move of CURRENT, so look again before failing the request.
+            newer = self.registry.current_version()
+            if newer is not None and newer != version:
+                self._version, self._checked = newer, self.clock()
+                return self._loaded.get(newer) or self._load(newer)
+            raise BackendUnavailable(f"current model {version} cannot be loaded: {exc}") from None
+        self._loaded[version] = model
+        while len(self._loaded) > 2:
+            self._loaded.popitem(last=False)
+        log.info("serving model %s (user tower on %s)", version, model.tower.session.provider)
         return model

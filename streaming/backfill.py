@@ -4,8 +4,8 @@ Run after a new model version is published so that users who send no event meanw
 with the new version too. The streaming job keeps writing while this runs, so each record is
 replaced only if it is unchanged since it was read (`replace_if_unchanged`): a newer window the
 job has just written is never overwritten with an older one. Passes repeat until one finds no
-record of another version left (the job may still write the old version for up to one model
-poll interval after the switch).
+record of another version left: the job may still write with the old tower for up to one model
+poll interval after the switch.
 """
 
 from __future__ import annotations
@@ -30,18 +30,26 @@ class BackfillReport:
     seconds: float
 
 
-def backfill(store: FeatureStore, tower: UserTower, batch: int = 512, max_passes: int = 3,
-             progress: Callable[[int], None] = lambda n: None) -> BackfillReport:
+def backfill(store: FeatureStore, tower: UserTower, batch: int = 512, max_passes: int = 3, settle_s: float = 0.0,
+             pause_s: float = 0.5, progress: Callable[[int], None] = lambda n: None) -> BackfillReport:
+    """Passes over the store until one finds no record of another version left (records whose
+    window has no item the tower knows stay as they are): at least `max_passes` tries, and for
+    `settle_s` more (a pass every `pause_s`) while the streaming job may still be writing with the
+    old tower; set it to the job's model poll interval plus a batch."""
     started = time.perf_counter()
-    seen, current, unknown, rewritten = _one_pass(store, tower, batch, progress)
-    passes = 1
-    while passes < max_passes:
-        passes += 1
-        again = _one_pass(store, tower, batch, progress)[3]
-        rewritten += again
-        if again == 0:
+    report = None
+    rewritten = passes = 0
+    while True:
+        seen, current, unknown, done = _one_pass(store, tower, batch, progress)
+        report = report or (seen, current, unknown)
+        rewritten, passes = rewritten + done, passes + 1
+        if seen - current - unknown == 0:
             break
-    return BackfillReport(tower.version, seen, rewritten, current, unknown, passes, time.perf_counter() - started)
+        if passes >= max_passes:
+            if time.perf_counter() - started >= settle_s:
+                break
+            time.sleep(pause_s)
+    return BackfillReport(tower.version, report[0], rewritten, report[1], report[2], passes, time.perf_counter() - started)
 
 
 def _one_pass(store: FeatureStore, tower: UserTower, batch: int, progress: Callable[[int], None]) -> tuple[int, int, int, int]:

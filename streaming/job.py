@@ -149,6 +149,9 @@ def _environment(config: Config, restore_from: Path | None):
     os.environ.setdefault("FLINK_LOG_DIR", str(log_dir))
     # JVM_ARGS adds to PyFlink's --add-opens flags (FLINK_ENV_JAVA_OPTS would replace them).
     os.environ["JVM_ARGS"] = f"{os.environ.get('JVM_ARGS', '')} {JVM_HEAP}".strip()
+    # On a local cluster PyFlink starts a Beam worker-pool gRPC server on all interfaces ([::]:0)
+    # for process-mode Python workers. Thread mode never uses it; "process" here keeps it unstarted.
+    os.environ["_python_worker_execution_mode"] = "process"
     checkpoint_dir = str(s.checkpoint_dir) if "://" in str(s.checkpoint_dir) else Path(s.checkpoint_dir).resolve().as_uri()
     jars = kafka_connector_jars(config.paths.var_dir / "jars")
     conf = Configuration()

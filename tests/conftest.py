@@ -1,3 +1,4 @@
+import ipaddress
 import shutil
 import subprocess
 import sys
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,3 +82,19 @@ def stack(two_exports, tmp_path_factory):
 
     with running_stack(two_exports, tmp_path_factory.mktemp("recall")) as running:
         yield running
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def listening_addresses(process: psutil.Process) -> set[str]:
+    """Every TCP address the process and its children listen on."""
+    addresses = set()
+    for proc in [process, *process.children(recursive=True)]:
+        try:
+            addresses |= {f"{c.laddr.ip}:{c.laddr.port}" for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            continue
+    return addresses

@@ -2,6 +2,7 @@
 merge, exclusions and the path / fallback decisions of Recaller, with in-memory fakes."""
 
 import dataclasses
+import shutil
 import threading
 import time
 
@@ -433,3 +434,23 @@ def test_the_serving_merge_of_one_user_equals_the_papers_merge():
         out_ids, out_scores, out_interest = merge_by_score(ids[None], masked[None], n)
         expected = [(i, s, j) for i, s, j in zip(out_ids[0].tolist(), out_scores[0].tolist(), out_interest[0].tolist()) if i != MISSING_ITEM]
         assert merge_one_by_score(ids, scores, n, excluded) == expected
+
+
+def test_a_model_retired_since_the_last_look_at_current_is_replaced_by_the_new_current(two_exports, tmp_path):
+    """A refresh moves CURRENT, then retires the old version; a service that read CURRENT just
+    before (it re-reads at most every refresh_s) must serve the new version, not fail."""
+    from model_export.registry import ModelRegistry
+    from recall_service.backends import RegistryModels
+
+    registry = ModelRegistry(tmp_path / "models")
+    old, new = (registry.install(export).model_version for export in two_exports)
+    registry.set_current(old)
+    models = RegistryModels(registry, prefer_gpu=False, refresh_s=3600)
+    assert models.current_version() == old  # read, not loaded yet
+    registry.set_current(new)
+    registry.remove(old)
+    assert models.current().version == new
+    shutil.rmtree(registry.path(new))  # the current version itself gone: a clear error
+    models = RegistryModels(registry, prefer_gpu=False, refresh_s=3600)
+    with pytest.raises(BackendUnavailable, match=f"current model {new} cannot be loaded"):
+        models.current()

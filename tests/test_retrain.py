@@ -1,6 +1,6 @@
 """A refresh while requests and events flow, on the real components: the noida broker, the PyFlink
 job, Redis, Milvus Lite (served over gRPC, shared by the processes), the recall service, and
-`python -m model_export retrain` as its own process.
+`python -m model_export retrain --schedule` as its own process.
 
 Asserted: the retraining reads the events of its own consumer group and publishes a new version
 with the item first seen in the stream; no request fails; every response names a version that
@@ -135,7 +135,9 @@ def test_a_refresh_under_load_fails_nothing_mixes_no_versions_and_serves_the_new
         t.start()
     try:
         time.sleep(2)
-        retrain = subprocess.run([sys.executable, "-m", "model_export", "retrain", "--quiet"], cwd=REPO, env=system["env"],
+        # The scheduled mode, as an operator runs it, stopped after its first retraining.
+        retrain = subprocess.run([sys.executable, "-m", "model_export", "retrain", "--schedule", "--runs", "1", "--poll", "0.5", "--quiet"],
+                                 cwd=REPO, env={**system["env"], "MINDSTREAM_RETRAIN__EVERY_EVENTS": "200"},
                                  capture_output=True, text=True, timeout=600)
         assert retrain.returncode == 0, retrain.stderr[-3000:]
         report = json.loads(retrain.stdout)

@@ -21,6 +21,8 @@ from model_export.retrain import (
     load_parent,
     new_item_rows,
     prepare,
+    retrain_due,
+    run_schedule,
 )
 from streaming.events import BehaviourEvent
 
@@ -122,6 +124,48 @@ def test_the_gate_refuses_a_worse_candidate_and_says_why():
     assert judge({"recall@50": 0.195}, {"recall@50": 0.2}, tolerance=0.05).accepted
     refused = judge({"recall@50": 0.15}, {"recall@50": 0.2}, tolerance=0.05)
     assert not refused.accepted and "0.1500 is below 0.1900" in refused.reason and "current version stays" in refused.reason
+
+
+def test_schedule_is_due_by_event_count_or_by_time_with_enough_events():
+    by_events = SimpleNamespace(every_events=500, every_minutes=0.0, min_new_events=100)
+    assert retrain_due(by_events, 499, 10_000) is None
+    assert "500 new events" in retrain_due(by_events, 500, 0)
+    by_time = SimpleNamespace(every_events=0, every_minutes=30.0, min_new_events=100)
+    assert retrain_due(by_time, 10_000, 29 * 60) is None
+    assert retrain_due(by_time, 99, 31 * 60) is None  # time is up but too little to learn from
+    assert "31.0 min" in retrain_due(by_time, 100, 31 * 60)
+
+
+def test_the_schedule_outlives_a_broker_hiccup_and_a_failed_retraining(monkeypatch, tmp_path, capsys):
+    import model_export.event_log
+    import model_export.retrain
+
+    looks = iter([ConnectionError("broker restarting"), 10, 600, 700])
+
+    def pending(*args):
+        look = next(looks)
+        if isinstance(look, Exception):
+            raise look
+        return look
+
+    outcomes = iter([RuntimeError("Milvus unreachable"), {"status": "published", "model_version": "v2"}])
+
+    def retrain(config, publish_model, progress):
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(model_export.event_log, "pending_events", pending)
+    monkeypatch.setattr(model_export.retrain, "retrain_once", retrain)
+    config = SimpleNamespace(kafka=SimpleNamespace(events_topic="events"),
+                             retrain=SimpleNamespace(every_events=500, every_minutes=0.0, min_new_events=100, state_dir=tmp_path,
+                                                     consumer_group="g", start_offsets="earliest"))
+    run_schedule(config, poll_s=0, runs=2)
+    out = capsys.readouterr()
+    assert [json.loads(line)["status"] for line in out.out.splitlines()] == ["failed", "published"]
+    assert "broker restarting" in out.err and "Milvus unreachable" in out.err
+    assert next(looks, None) is None  # 10 waiting was not due; 600 and 700 were
 
 
 def test_clip_history_keeps_the_newest_items():

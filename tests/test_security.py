@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import ipaddress
 import socket
 import ssl
 import threading
@@ -27,7 +26,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import REPO, self_signed_certificate
+from conftest import REPO, is_loopback, listening_addresses, self_signed_certificate
 from infra.config import Config, ConfigError, KafkaConfig, MilvusConfig, PathsConfig, RecallServiceConfig, RedisConfig, load_config
 
 PROJECT_DIRS = ("infra", "model_export", "recall_service", "streaming", "tests")
@@ -116,29 +115,13 @@ def test_no_project_code_unpickles():
 # --- servers bind loopback unless told otherwise ---------------------------------------------
 
 
-def _is_loopback(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%")[0])
-    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
-
-
-def listening_addresses(process: psutil.Process) -> set[str]:
-    """Every TCP address the process and its children listen on."""
-    addresses = set()
-    for proc in [process, *process.children(recursive=True)]:
-        try:
-            addresses |= {f"{c.laddr.ip}:{c.laddr.port}" for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
-        except psutil.NoSuchProcess:
-            continue
-    return addresses
-
-
 def test_default_configuration_points_every_address_at_loopback(tmp_path):
     config = load_config(environ={"MINDSTREAM_CONFIG": str(tmp_path / "absent.toml")})
     hosts = {f"[{section.name}].{f.name}": getattr(getattr(config, section.name), f.name)
              for section in dataclasses.fields(config) for f in dataclasses.fields(getattr(config, section.name)) if f.name.endswith("host")}
     assert set(hosts) == {"[streaming].metrics_host", "[recall].host", "[recall].metrics_host", "[monitoring].exporter_host"}
-    assert all(_is_loopback(h) for h in hosts.values()), hosts
-    assert all(_is_loopback(server.rsplit(":", 1)[0]) for server in config.kafka.bootstrap_servers.split(","))
+    assert all(is_loopback(h) for h in hosts.values()), hosts
+    assert all(is_loopback(server.rsplit(":", 1)[0]) for server in config.kafka.bootstrap_servers.split(","))
     assert config.redis.uri.startswith("redis://127.0.0.1:") and "://" not in config.milvus.uri  # Milvus Lite: a file, no port
 
 
@@ -159,7 +142,7 @@ def test_servers_started_with_the_default_configuration_listen_on_loopback_only(
     try:
         ours = {server.port, server.metrics_port, exporter.server_port}
         addresses = [a for a in listening_addresses(psutil.Process()) if int(a.rsplit(":", 1)[1]) in ours]
-        assert len(addresses) == 3 and all(_is_loopback(a.rsplit(":", 1)[0]) for a in addresses), addresses
+        assert len(addresses) == 3 and all(is_loopback(a.rsplit(":", 1)[0]) for a in addresses), addresses
     finally:
         exporter.shutdown()
         exporter.server_close()
@@ -190,7 +173,7 @@ def test_the_embedded_stacks_servers_listen_on_loopback_only(service, tmp_path):
     server = _embedded_servers(tmp_path)[service]().start()
     try:
         addresses = listening_addresses(psutil.Process(server.pid))
-        assert addresses and all(_is_loopback(a.rsplit(":", 1)[0]) for a in addresses), addresses
+        assert addresses and all(is_loopback(a.rsplit(":", 1)[0]) for a in addresses), addresses
     finally:
         server.stop()
 

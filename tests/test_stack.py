@@ -13,6 +13,7 @@ import urllib.request
 
 import psutil
 import pytest
+from conftest import wait_for
 
 from infra.config import load_config
 from infra.process import ManagedProcess
@@ -125,3 +126,49 @@ def test_up_status_down_with_real_processes(stack_dir):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, f"{name} still runs"
         assert not layout.pid_file(name).exists()
     assert "not running" in infra("down", "--stack-dir", str(stack_dir)).stderr  # idempotent
+
+
+def test_the_stack_runs_the_milvus_server_and_restarts_it_on_its_data(stack_dir, two_exports):
+    """[milvus].embedded_server = "server": the standalone binary under the same supervisor; a model
+    published into it is searchable, and after a crash `up` restarts it on its port with its data."""
+    from pymilvus import MilvusClient
+
+    from model_export.artifact import ModelArtifact
+    from model_export.publish import publish_version
+    from model_export.registry import ModelRegistry
+    from recall_service.backends import MilvusItemSearch
+    from recall_service.recaller import SearchRejected
+
+    env = {**os.environ, "MINDSTREAM_MILVUS__EMBEDDED_SERVER": "server"}
+    only_stores = [arg for name in ("streaming-job", "recall", "exporter", "prometheus") for arg in ("--skip", name)]
+    up = infra("up", "--stack-dir", str(stack_dir), *only_stores, env=env)
+    assert up.returncode == 0, up.stderr
+    layout = StackLayout(stack_dir.resolve())
+    config = load_config(layout.config_path, environ={})
+    assert config.milvus.embedded_server == "server"
+    pid = int(layout.pid_file("milvus").read_text())
+    assert psutil.Process(pid).name() == "milvus"
+
+    registry = ModelRegistry(layout.models_dir)
+    published = publish_version(two_exports[0], registry, MilvusClient(config.milvus.uri), config.milvus.collection_prefix, progress=lambda m: None)
+    query = ModelArtifact.load(registry.path(published.model_version)).item_vectors()[:2]
+
+    def top5(search):
+        try:
+            hits = search.search(published.model_version, query, 5, "", timeout_s=30)
+        except SearchRejected:  # not loaded (after a restart): the search started loading it
+            return None
+        return hits.raw_ids.tolist(), hits.scores.round(4).tolist()
+
+    search = MilvusItemSearch(config.milvus.uri, prefix=config.milvus.collection_prefix)
+    search.connect()
+    before = top5(search)
+    assert all(len(row) == 5 and "" not in row for row in before[0])
+
+    os.killpg(pid, signal.SIGKILL)
+    restarted = infra("up", "--stack-dir", str(stack_dir), *only_stores, env=env)
+    assert restarted.returncode == 0, restarted.stderr
+    assert "milvus         ready" in restarted.stderr and ports_of(load_config(layout.config_path, environ={})) == ports_of(config)
+    search = MilvusItemSearch(config.milvus.uri, prefix=config.milvus.collection_prefix)
+    search.connect()
+    assert wait_for(lambda: top5(search), 60, "the collection loaded again") == before

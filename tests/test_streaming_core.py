@@ -178,6 +178,33 @@ class VersionedTower(FakeTower):
         self.version = version
 
 
+def test_backfill_keeps_passing_while_the_job_still_writes_with_the_old_tower():
+    from streaming.backfill import backfill
+    from streaming.feature_store import InterestRecord
+
+    class JobNotReloadedYet(InMemoryFeatureStore):
+        """After each of the first two scans, the job writes one more record with the old version."""
+
+        scans = 0
+
+        def user_ids(self, batch=1000):
+            yield from super().user_ids(batch)
+            self.scans += 1
+            if self.scans <= 2:
+                self.put_many([InterestRecord(f"late{self.scans}", "v1", np.ones((1, 4), np.float32), ("a",), 0, "0:0", 1)])
+
+    def run(settle_s):
+        store = JobNotReloadedYet()
+        store.put_many([InterestRecord(f"u{i}", "v1", np.ones((1, 4), np.float32), ("a",), i, f"0:{i}", 1) for i in range(3)])
+        report = backfill(store, VersionedTower("v2"), batch=2, max_passes=1, settle_s=settle_s, pause_s=0.01)
+        return report, {r.model_version for r in store.get_many(["u0", "u1", "u2", "late1", "late2"]) if r is not None}
+
+    report, versions = run(settle_s=5.0)
+    assert versions == {"v2"} and report.passes == 4 and report.rewritten == 5  # the fourth pass found nothing stale
+    report, versions = run(settle_s=0.0)
+    assert versions == {"v1", "v2"} and report.passes == 1  # without settling, the late write keeps the old version referenced
+
+
 def test_backfill_moves_every_record_to_the_new_version_but_never_over_a_newer_write():
     from streaming.backfill import backfill
     from streaming.feature_store import InterestRecord

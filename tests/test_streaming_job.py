@@ -9,6 +9,7 @@ import os
 import time
 
 import numpy as np
+import psutil
 import pytest
 import redis
 
@@ -23,7 +24,7 @@ from streaming.feature_store import RedisFeatureStore
 from streaming.producer import EventProducer
 from streaming.window import UserWindow
 
-from conftest import wait_for
+from conftest import is_loopback, listening_addresses, wait_for
 
 LATENESS_MS = 10_000
 WINDOW = 50
@@ -101,6 +102,13 @@ def test_events_in_interests_out_equal_to_the_offline_user_tower(stack):
         np.testing.assert_allclose(record.interests, vectors, atol=1e-4)
     assert records[0].window.count("i5") == expected["a0"].count("i5")  # the redelivery was not added
     assert stack["job"].metric("mindstream_stream_events_applied_total", 'outcome="duplicate"') >= 1
+
+
+def test_the_job_listens_on_loopback_only(stack):
+    """Every socket of the job's process tree: the client, its JVM (REST, RPC, data exchange) and
+    the Python embedded in it."""
+    addresses = listening_addresses(psutil.Process(stack["job"].pid))
+    assert addresses and all(is_loopback(a.rsplit(":", 1)[0]) for a in addresses), addresses
 
 
 def test_dead_letters_are_counted_and_do_not_stop_the_job(stack):
