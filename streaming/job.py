@@ -71,7 +71,7 @@ def _user_windows_function(settings: dict):
 
     class UserWindows(KeyedProcessFunction):
         def open(self, runtime_context: RuntimeContext):
-            descriptor = ValueStateDescriptor("window", Types.PICKLED_BYTE_ARRAY())
+            descriptor = ValueStateDescriptor("window", Types.STRING())  # JSON: UserWindow.to_state
             ttl = StateTtlConfig.new_builder(Time.hours(settings["state_ttl_hours"])).set_update_type(
                 StateTtlConfig.UpdateType.OnCreateAndWrite).set_state_visibility(StateTtlConfig.StateVisibility.NeverReturnExpired).build()
             descriptor.enable_time_to_live(ttl)

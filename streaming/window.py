@@ -15,6 +15,8 @@ import bisect
 from dataclasses import dataclass, field
 from enum import Enum
 
+import orjson
+
 from streaming.events import BehaviourEvent
 
 
@@ -60,10 +62,16 @@ class UserWindow:
             self.last_offset = offset
         return Applied.ADDED
 
-    # Flink keeps the window as a plain tuple (cheap to pickle into keyed state).
-    def to_state(self) -> tuple:
-        return (self.behaviours, self.newest_ms, self.profile, self.last_offset, self.pending)
+    # Flink keeps the window as a JSON string (its own string serializer), never pickled:
+    # restoring a checkpoint must not run whatever code a pickle in it would. orjson (PyFlink's
+    # Beam already needs it) is faster than pickle here. (A Flink byte array would reach Python
+    # as a tuple of ints.)
+    def to_state(self) -> str:
+        return orjson.dumps([self.behaviours, self.newest_ms, self.profile, self.last_offset, self.pending]).decode()
 
     @classmethod
-    def from_state(cls, state: tuple | None) -> "UserWindow":
-        return cls() if state is None else cls(list(state[0]), state[1], dict(state[2]), state[3], state[4])
+    def from_state(cls, state: str | None) -> "UserWindow":
+        if state is None:
+            return cls()
+        behaviours, newest_ms, profile, last_offset, pending = orjson.loads(state)
+        return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset, pending)

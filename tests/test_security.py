@@ -34,11 +34,7 @@ GENERATED = REPO / "recall_service" / "_generated"  # protoc output, not ours
 PICKLING_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "joblib", "shelve"}
 # Known pickles that this scan reports but cannot fix by itself: (file, what) -> why it is there.
 # Each must still exist (a stale entry fails), so removing the use means removing the entry.
-KNOWN_PICKLES = {
-    ("streaming/job.py", "Types.PICKLED_BYTE_ARRAY"):
-        "the window's keyed state is pickled into Flink checkpoints, and unpickled on restore: whoever can "
-        "write the checkpoint folder can run code in the job (store the window as JSON bytes instead)",
-}
+KNOWN_PICKLES: dict[tuple[str, str], str] = {}
 
 
 def project_files() -> list[Path]:
