@@ -273,6 +273,10 @@ class Stack:
         keep_current = any(running.values())
         config = self._write_config(self._choose_ports(keep_current), self._choose_milvus_server(milvus_runs=bool(running["milvus"])))
         write_prometheus_config(config, self.layout.prometheus_config_path)
+        current = ModelRegistry(config.paths.models_dir).current_version()
+        if "milvus" in wanted and not running["milvus"] and current and not (self.layout.data("milvus") / config.milvus.embedded_server).exists():
+            self.out(f"note: this Milvus ({config.milvus.embedded_server}) starts empty while the stack's current model is {current}: "
+                     f"publish a model again (`MINDSTREAM_CONFIG={self.layout.config_path} python -m model_export publish --export-dir DIR`)")
         self.out(f"starting the embedded stack in {self.layout.root} (configuration: {self.layout.config_path})")
         # Two waves: the stores first (the job and the services connect to them at start), then
         # the slow starters together (the job's JVM takes 10-25 s; the others start meanwhile).

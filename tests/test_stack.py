@@ -172,3 +172,10 @@ def test_the_stack_runs_the_milvus_server_and_restarts_it_on_its_data(stack_dir,
     search = MilvusItemSearch(config.milvus.uri, prefix=config.milvus.collection_prefix)
     search.connect()
     assert wait_for(lambda: top5(search), 60, "the collection loaded again") == before
+
+    # Back to Milvus Lite: its own (empty) data folder, and `up` says the model must be published again.
+    assert infra("down", "--stack-dir", str(stack_dir)).returncode == 0
+    lite = infra("up", "--stack-dir", str(stack_dir), *only_stores)
+    assert lite.returncode == 0, lite.stderr
+    assert f"this Milvus (lite) starts empty while the stack's current model is {published.model_version}" in lite.stderr
+    assert load_config(layout.config_path, environ={}).milvus.embedded_server == "lite"
