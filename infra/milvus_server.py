@@ -46,13 +46,14 @@ def _bind_like_milvus(port: int) -> socket.socket | None:
 
 
 class MilvusServer(ManagedProcess):
-    """The standalone binary as a service of ours: the stack's supervisor starts, adopts, restarts
-    and stops it like any other (`[milvus].embedded = "server"`); benchmarks use it as a context
-    manager. The internal ports (etcd, the components, metrics) are chosen once per data folder and
-    kept in ports.json, so a restart on the same data finds etcd where its data says it is."""
+    """The standalone binary as a service of ours: the stack's supervisor starts, adopts,
+    restarts and stops it like any other (`[milvus].embedded_server = "server"`); benchmarks use
+    it as a context manager. The internal ports (etcd, the components, metrics) are chosen once
+    per data folder and kept in ports.json, so a restart on the same data finds etcd where its
+    data says it is."""
 
     name = "milvus"
-    stop_signal = signal.SIGINT  # SIGTERM leaves children holding the ports
+    stop_signal = signal.SIGINT  # Milvus' clean shutdown
     stop_grace_s = GRACEFUL_STOP_S + 10.0
     start_timeout_s = 180.0
 
