@@ -1,10 +1,10 @@
 """python -m model_export refresh-bench: refreshing the model with zero downtime, measured. Prints
 figures and asserts nothing.
 
---part load (default): the whole stack (infra/harness.py: broker, Redis, Milvus (the server unless --milvus lite), the
-    PyFlink job, the recall service) with the model trained on the earlier weeks of MovieLens-1M
-    (`python -m model_export timesplit` trains it), the later weeks replayed as the event stream and
-    an open-loop Recall load. After a warm-up and a baseline, `python -m model_export retrain` runs
+--part load (default): the whole stack (infra/harness.py: broker, Redis, Milvus (the server
+    unless --milvus lite), the PyFlink job, the recall service) with the model trained on the
+    earlier weeks of MovieLens-1M (`python -m model_export timesplit` trains it), the later weeks
+    replayed as the event stream and an open-loop Recall load. After a warm-up and a baseline, `python -m model_export retrain` runs
     as its own process (niced, one thread: on 2 shared cores it must not starve the services; in
     production it runs on its own machine). Printed: failed requests, responses that mix versions,
     recall p99 before / during the refresh and their ratio, the time to a fully refreshed system
