@@ -15,8 +15,9 @@ the harness waits until every acked event is in the store (or --drain-timeout-s)
 acked events lost, how long until interests were fresh again, recall errors by status code,
 degraded answers and time to recover. The table goes to stdout, progress to stderr, the table
 and the raw numbers to <work-dir>/faults-<time>.{md,json}. Exit status 1 when an acked event was
-lost, a recall call failed with a code other than UNAVAILABLE / DEADLINE_EXCEEDED or never
-succeeded again after a fault, or a stored window holds a behaviour twice or one never sent.
+lost, a recall call failed with a code other than UNAVAILABLE / DEADLINE_EXCEEDED (or CANCELLED
+while the recall service itself stops: calls gRPC received but never ran) or never succeeded
+again after a fault, or a stored window holds a behaviour twice or one never sent.
 """
 
 from __future__ import annotations

@@ -180,6 +180,11 @@ def test_the_verdict_names_losses_unexpected_codes_and_missing_recoveries():
     assert "1 acked events never reached their window: none of them is in the broker's log any more" in problems[0]
     assert "INTERNAL 1" in problems[1]
     assert "no normal recall answer after the restart" in problems[2]
+    # CANCELLED: only from the recall service's own shutdown (calls it received but never ran)
+    samples = [RecallSample(11.0, 11.1, "CANCELLED"), RecallSample(15.0, 15.1, "OK")]
+    own = summarize_fault(FaultRun("recall service restart", "recall", "SIGTERM", 10.0, 10.5, 14.0, 5.0, 50.0), {}, samples)
+    assert fault_verdict([own]) == []
+    assert "CANCELLED 1" in fault_verdict([summarize_fault(run, {}, samples)])[0]
 
 
 def test_parse_faults_keeps_the_order_and_refuses_unknown_names():
