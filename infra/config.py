@@ -79,6 +79,9 @@ class RedisConfig:
     ssl_cafile: str = ""
 
 
+MilvusServerKind = typing.Literal["lite", "server"]  # what `python -m infra up` can start for [milvus]
+
+
 @dataclass(frozen=True)
 class MilvusConfig:
     uri: str = str(REPO_ROOT / "var" / "milvus" / "mindstream.db")  # a file = Milvus Lite
@@ -87,7 +90,7 @@ class MilvusConfig:
     # The server `python -m infra up` starts for the stack: "lite" (Milvus Lite over gRPC, the
     # embedded default) or "server" (the standalone Milvus 2.3.5 binary of the PyPI package
     # `milvus`: HNSW built in the background, the recall load figures). Production sets uri instead.
-    embedded_server: typing.Literal["lite", "server"] = "lite"
+    embedded_server: MilvusServerKind = "lite"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from typing import Callable, Iterator
 
 import psutil
 
-from infra.config import REPO_ROOT, Config, load_config
+from infra.config import REPO_ROOT, Config, MilvusConfig, MilvusServerKind, load_config
 from infra.fault_report import EventLedger, RecallSample, percentile, window_anomalies
 from infra.stack import Stack, render_toml
 from streaming.producer import EventProducer, ReplayEvents, replay
@@ -72,7 +73,7 @@ def add_load_arguments(p) -> None:
     p.add_argument("--poll-s", type=float, default=0.25, help="how often the stored windows of unseen events are read (the resolution of ack->store times)")
     p.add_argument("--drain-timeout-s", type=float, default=120.0, help="at the end: how long to wait for every acked event to reach the store")
     p.add_argument("--work-dir", type=Path, default=REPO_ROOT / "var" / "faults", help="the stack's folder (wiped at start) and the reports")
-    p.add_argument("--milvus", choices=("lite", "server"), default="lite",
+    p.add_argument("--milvus", choices=typing.get_args(MilvusServerKind), default=MilvusConfig.embedded_server,
                    help="the stack's Milvus: lite (the embedded default) or server (the standalone Milvus 2.3.5 binary: "
                         "searches in parallel, for recall loads beyond Milvus Lite's ~10 calls/s)")
 
@@ -80,7 +81,7 @@ def add_load_arguments(p) -> None:
 class SystemUnderTest:
     """The embedded stack in `root/stack`, with its own settings in `root/settings.toml`."""
 
-    def __init__(self, root: Path, export_dir: Path, say: Callable[[str], None], window_length: int | None = None, milvus: str = "lite"):
+    def __init__(self, root: Path, export_dir: Path, say: Callable[[str], None], window_length: int | None = None, milvus: MilvusServerKind = MilvusConfig.embedded_server):
         self.root, self.export_dir, self.say = Path(root).resolve(), Path(export_dir), say
         streaming = {"allowed_lateness_ms": ANY_LATENESS_MS, **({"window_length": window_length} if window_length else {})}
         self.settings = {"streaming": streaming, "milvus": {"embedded_server": milvus}}

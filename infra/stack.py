@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 
 from infra.broker import EmbeddedBroker, ensure_topics
-from infra.config import ENV_PREFIX, REPO_ROOT, Config, load_config
+from infra.config import ENV_PREFIX, REPO_ROOT, Config, MilvusConfig, MilvusServerKind, load_config
 from infra.job_process import StreamingJobProcess
 from infra.milvus_server import MilvusLiteServer, MilvusServer
 from infra.monitoring import ExporterProcess, PrometheusProcess, prometheus_tool, write_prometheus_config
@@ -78,7 +78,7 @@ class StackLayout:
         return self.root / "data" / service
 
 
-def stack_settings(layout: StackLayout, ports: dict[str, int], milvus_server: str = "lite") -> dict[str, dict]:
+def stack_settings(layout: StackLayout, ports: dict[str, int], milvus_server: MilvusServerKind = MilvusConfig.embedded_server) -> dict[str, dict]:
     """What the stack decides: addresses, folders and which Milvus server it runs (chosen by the
     first `up` from the user's configuration, kept while it runs). Everything else comes from the
     user's configuration."""
@@ -133,7 +133,8 @@ def user_settings(environ: dict[str, str]) -> dict[str, dict]:
         return tomllib.load(fh)
 
 
-def generated_config(user: dict[str, dict], layout: StackLayout, ports: dict[str, int], milvus_server: str = "lite") -> str:
+def generated_config(user: dict[str, dict], layout: StackLayout, ports: dict[str, int],
+                     milvus_server: MilvusServerKind = MilvusConfig.embedded_server) -> str:
     """The stack's TOML file: the user's settings with the stack's addresses and folders on top."""
     sections = {section: dict(values) for section, values in user.items()}
     for section, values in stack_settings(layout, ports, milvus_server).items():
@@ -180,14 +181,14 @@ class Stack:
             raise StackError(f"no stack configuration at {self.layout.config_path}: run `python -m infra up` first")
         return load_config(self.layout.config_path, environ=self.env)
 
-    def _write_config(self, ports: dict[str, int], milvus_server: str) -> Config:
+    def _write_config(self, ports: dict[str, int], milvus_server: MilvusServerKind) -> Config:
         self.layout.root.mkdir(parents=True, exist_ok=True)
         tmp = self.layout.config_path.with_suffix(".tmp")
         tmp.write_text(generated_config(user_settings(self.environ), self.layout, ports, milvus_server))
         tmp.replace(self.layout.config_path)
         return self.config()
 
-    def _choose_milvus_server(self, milvus_runs: bool) -> str:
+    def _choose_milvus_server(self, milvus_runs: bool) -> MilvusServerKind:
         """The one that runs, else the one the user's configuration asks for (each keeps its own data)."""
         if milvus_runs:
             return self.config().milvus.embedded_server
