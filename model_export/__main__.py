@@ -107,6 +107,37 @@ def cmd_publish(args) -> int:
     return 0
 
 
+def cmd_items(args) -> int:
+    from model_export.publish import connect, published_collections, set_active
+    from model_export.registry import ModelRegistry
+
+    config = load_config()
+    registry = ModelRegistry(config.paths.models_dir)
+    if args.action == "list":
+        inactive = registry.inactive_items()
+        print(json.dumps({"revision": inactive.revision, "inactive": sorted(inactive.items)}, indent=2))
+        return 0
+    ids = list(args.ids)
+    if args.file:
+        ids += [line.strip() for line in Path(args.file).read_text().splitlines() if line.strip()]
+    if not ids:
+        print("error: name the items: python -m model_export items deactivate ID [ID ...] (or --file FILE)", file=sys.stderr)
+        return 2
+    active = args.action == "activate"
+    inactive = registry.set_active(ids, active)
+    report = {"action": args.action, "items": len(set(ids)), "revision": inactive.revision, "inactive": len(inactive.items)}
+    try:  # the registry is the source of truth: the recall service filters on it within seconds
+        client = connect(config.milvus.uri, config.milvus.token)
+        report["rows_changed"] = set_active(client, published_collections(client, config.milvus.collection_prefix, registry.versions()), ids, active)
+    except Exception as exc:  # noqa: BLE001 - any client or server failure: say what holds and how to finish
+        print(json.dumps(report, indent=2))
+        print(f"error: the registry is updated (the recall service drops these items within seconds), but the Milvus rows "
+              f"were not marked: {exc}. Run the same command again once Milvus ({config.milvus.uri}) answers.", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_retrain(args) -> int:
     from model_export.retrain import RetrainError, retrain_once, run_schedule
 
@@ -205,6 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--milvus-uri", default=None, help="default: [milvus].uri of the configuration (a file = Milvus Lite)")
     p.add_argument("--index", choices=("FLAT", "HNSW"), default=None, help="default: FLAT below 20,000 items, else HNSW")
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("items", help="take items out of recall (withdrawn, out of stock) or put them back, in every model version",
+                       description="deactivate / activate: updates the model registry's inactive set (the recall service re-reads it "
+                                   "within seconds; later publishes keep it), then the `active` flag of the items' rows in every "
+                                   "published Milvus collection. list: the inactive items. Ids are raw item ids as in the events.")
+    p.add_argument("action", choices=("deactivate", "activate", "list"))
+    p.add_argument("ids", nargs="*", help="raw item ids")
+    p.add_argument("--file", default=None, help="more ids, one per line")
+    p.set_defaults(func=cmd_items)
 
     p = sub.add_parser("retrain", help="fine-tune the current model on the events since its offsets; publish it if it is not worse",
                        description="Reads the events topic from the offsets the current model was trained to (own consumer group), grows "

@@ -1,7 +1,9 @@
 """Publish an export's item vectors to Milvus: one collection per model version, then an atomic alias swap.
 
     <prefix>_<model version>   item_id (INT64, primary: the item index), raw_id, category (the item's
-                               side tokens joined by '|'), active (BOOL), model_version, vector (FLOAT_VECTOR, IP)
+                               side tokens joined by '|'), categories (the same tokens, ARRAY<VARCHAR>),
+                               active (BOOL: false for the registry's inactive items), model_version,
+                               vector (FLOAT_VECTOR, IP)
     <prefix>                   the alias readers search; it moves to a new version only once that
                                collection is complete, indexed and loaded
 
@@ -17,6 +19,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,11 @@ FLAT_BELOW_ITEMS = 20_000  # exact search is cheap below this many items
 HNSW_PARAMS = {"M": 16, "efConstruction": 200}
 INSERT_BATCH = 5_000
 INSERT_STREAMS = 3
+ROW_FIELDS = ("item_id", "raw_id", "category", "categories", "active", "model_version", "vector")
+MAX_RAW_ID_BYTES = 1024
+MAX_CATEGORY_BYTES = 2048  # the joined string
+MAX_CATEGORIES, MAX_TOKEN_BYTES = 64, 256  # the array
+IDS_PER_QUERY = 1_000
 
 
 @dataclass
@@ -44,6 +52,22 @@ class Published:
 def collection_name(prefix: str, model_version: str) -> str:
     """Milvus names allow letters, digits and underscores only."""
     return f"{prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', model_version)}"
+
+
+def milvus_string(value: str) -> str:
+    """A Milvus string literal (Milvus 2.3 and Milvus Lite both read these two escapes)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def fit(text: str, max_bytes: int) -> str:
+    """Cut to a Milvus VARCHAR's max_length, which counts UTF-8 bytes, on a character boundary."""
+    return text.encode()[:max_bytes].decode("utf-8", "ignore")
+
+
+def category_fields(side_tokens) -> tuple[str, tuple[str, ...]]:
+    """An item's side tokens as its two category fields, cut to their Milvus sizes; the recall
+    service's popular fallback filters on the same values."""
+    return fit("|".join(side_tokens), MAX_CATEGORY_BYTES), tuple(fit(t, MAX_TOKEN_BYTES) for t in side_tokens[:MAX_CATEGORIES])
 
 
 def connect(uri: str, token: str = ""):
@@ -88,8 +112,40 @@ def wait_for_index(client, name: str, rows: int, progress=print, poll_s: float =
         progress(f"  index of {name} built after {time.perf_counter() - started:.0f}s more")
 
 
-def publish(export_dir: Path, client, prefix: str, index_type: str | None = None, progress=print) -> Published:
-    """Create, fill, index and load the collection of this export's version, then point the alias at it."""
+def published_collections(client, prefix: str, versions) -> list[str]:
+    """The collections of these model versions (the registry's) that exist in Milvus."""
+    return [name for name in (collection_name(prefix, v) for v in versions) if client.has_collection(name)]
+
+
+def set_active(client, collections: Iterable[str], raw_item_ids: Iterable[str], active: bool) -> dict[str, int]:
+    """Sets the active flag of these items in these collections; returns the rows changed per collection.
+    Milvus 2.3 updates a row only whole, so the rows are read back and upserted. A released
+    collection (Milvus Lite does not keep loads across processes) is loaded for it and released after."""
+    wanted = sorted(set(raw_item_ids))
+    changed = {}
+    for name in collections:
+        changed[name] = 0
+        released = "NotLoad" in str(client.get_load_state(collection_name=name).get("state", ""))
+        if released:
+            client.load_collection(collection_name=name)
+        for start in range(0, len(wanted), IDS_PER_QUERY):
+            listed = ", ".join(milvus_string(r) for r in wanted[start:start + IDS_PER_QUERY])
+            rows = client.query(collection_name=name, filter=f"raw_id in [{listed}]", output_fields=list(ROW_FIELDS))
+            rows = [{f: row[f] for f in ROW_FIELDS} | {"active": active} for row in rows if row["active"] != active]
+            if rows:
+                client.upsert(collection_name=name, data=rows)
+                changed[name] += len(rows)
+        if released:
+            client.release_collection(collection_name=name)
+    return changed
+
+
+def publish(export_dir: Path, client, prefix: str, index_type: str | None = None, progress=print,
+            inactive_items: Callable[[], frozenset[str]] = frozenset) -> Published:
+    """Create, fill, index and load the collection of this export's version, then point the alias at it.
+    `inactive_items` is read twice: for the rows, and again once they are all in, so an item
+    (de)activated meanwhile is marked before the alias moves (`items` marks only collections whose
+    rows it finds)."""
     from pymilvus import DataType, MilvusClient
 
     started = time.perf_counter()
@@ -97,7 +153,8 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
     vectors = np.load(manifest.file(export_dir, "item_vectors"), allow_pickle=False)
     vocab = json.loads(manifest.file(export_dir, "vocab").read_text())
     raw_ids = vocab["items"]
-    categories = ["|".join(tokens) for tokens in vocab["item_side"]]
+    categories = [category_fields(tokens) for tokens in vocab["item_side"]]
+    inactive = inactive_items()
     if vectors.shape != (manifest.n_items, manifest.dim) or len(raw_ids) != manifest.n_items:
         raise ValueError(f"{export_dir}: item vectors {vectors.shape} / vocabulary {len(raw_ids)} disagree with the manifest")
     index_type = index_type or ("FLAT" if manifest.n_items < FLAT_BELOW_ITEMS else "HNSW")
@@ -107,8 +164,9 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
         client.drop_collection(name)  # a half-written earlier attempt: the alias never pointed at it
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=f"mindstream item vectors {manifest.model_version}")
     schema.add_field("item_id", DataType.INT64, is_primary=True)
-    schema.add_field("raw_id", DataType.VARCHAR, max_length=1024)
-    schema.add_field("category", DataType.VARCHAR, max_length=2048)
+    schema.add_field("raw_id", DataType.VARCHAR, max_length=MAX_RAW_ID_BYTES)
+    schema.add_field("category", DataType.VARCHAR, max_length=MAX_CATEGORY_BYTES)
+    schema.add_field("categories", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=MAX_CATEGORIES, max_length=MAX_TOKEN_BYTES)
     schema.add_field("active", DataType.BOOL)
     schema.add_field("model_version", DataType.VARCHAR, max_length=256)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=manifest.dim)
@@ -121,9 +179,10 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
         return [
             {
                 "item_id": i + 1,
-                "raw_id": raw_ids[i][:1024],
-                "category": categories[i][:2048],
-                "active": True,
+                "raw_id": fit(raw_ids[i], MAX_RAW_ID_BYTES),
+                "category": categories[i][0],
+                "categories": list(categories[i][1]),
+                "active": raw_ids[i] not in inactive,
                 "model_version": manifest.model_version,
                 "vector": vectors[i].tolist(),
             }
@@ -141,6 +200,9 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
     count = int(client.query(collection_name=name, filter="item_id >= 0", output_fields=["count(*)"])[0]["count(*)"])
     if count != manifest.n_items:
         raise RuntimeError(f"{name} holds {count} items, expected {manifest.n_items}; the alias was not moved")
+    late = inactive ^ inactive_items()
+    set_active(client, [name], late & inactive, True)
+    set_active(client, [name], late - inactive, False)
 
     current = alias_target(client, prefix)
     if current is None:
@@ -154,7 +216,7 @@ def publish_version(export_dir: Path, registry, client, prefix: str, index_type:
     """The whole publication: install in the registry, fill + index + load the collection, swap the
     alias, and only then move the registry's CURRENT (the streaming job hot-reloads on that)."""
     manifest = registry.install(export_dir)
-    done = publish(registry.path(manifest.model_version), client, prefix, index_type, progress)
+    done = publish(registry.path(manifest.model_version), client, prefix, index_type, progress, lambda: registry.inactive_items().items)
     registry.set_current(manifest.model_version)
     return done
 

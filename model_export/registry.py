@@ -2,23 +2,46 @@
 
     <models_dir>/<model version>/   a verified copy of an export (manifest.json, user_tower.onnx, ...)
     <models_dir>/CURRENT.json       {"model_version": ..., "published_at": ...}, replaced atomically
+    <models_dir>/INACTIVE.json      {"revision": n, "items": [raw item id, ...], "updated_at": ...}: items
+                                    taken out of recall (withdrawn, out of stock) in every version
 
 `python -m model_export publish` installs an export here, fills its Milvus collection, swaps
 the alias, and only then moves CURRENT. The streaming job polls CURRENT to hot-reload its user
 tower; the recall service opens any installed version by name, because each stored interest is
 answered with the model version that produced it. In production the folder is a shared volume.
+
+Item availability is not a property of a model version: an item withdrawn today stays withdrawn
+when tomorrow's retraining publishes a version that still knows it. So the inactive set lives here,
+beside CURRENT, and `python -m model_export items` changes it (then marks the rows of every
+published collection); `publish` reads it when it fills a collection, and the recall service
+re-reads it to filter its answers.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from model_export.manifest import Manifest
 
 CURRENT_FILE = "CURRENT.json"
+INACTIVE_FILE = "INACTIVE.json"
+
+
+@dataclass(frozen=True)
+class InactiveItems:
+    """Raw item ids never to be recalled; `revision` grows with every change, so readers cache by it."""
+
+    revision: int
+    items: frozenset[str]
+
+
+NO_INACTIVE_ITEMS = InactiveItems(0, frozenset())
 
 
 class RegistryError(LookupError):
@@ -71,6 +94,34 @@ class ModelRegistry:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if (p / "manifest.json").is_file() and not p.name.startswith("."))
+
+    @property
+    def inactive_path(self) -> Path:
+        return self.root / INACTIVE_FILE
+
+    def inactive_items(self) -> InactiveItems:
+        try:
+            record = json.loads(self.inactive_path.read_text())
+        except FileNotFoundError:
+            return NO_INACTIVE_ITEMS
+        return InactiveItems(int(record["revision"]), frozenset(record["items"]))
+
+    def set_active(self, raw_item_ids: Iterable[str], active: bool) -> InactiveItems:
+        """Takes items out of recall (active=False) or puts them back; concurrent callers are serialised."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f".{INACTIVE_FILE}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # read-modify-write: two operators must not lose an update
+            current = self.inactive_items()
+            wanted = set(raw_item_ids)
+            items = current.items - wanted if active else current.items | wanted
+            if items == current.items:
+                return current
+            updated = InactiveItems(current.revision + 1, frozenset(items))
+            record = {"revision": updated.revision, "items": sorted(items), "updated_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+            tmp = self.root / f".{INACTIVE_FILE}.tmp"
+            tmp.write_text(json.dumps(record))
+            tmp.replace(self.inactive_path)
+            return updated
 
     def remove(self, model_version: str) -> None:
         if model_version == self.current_version():

@@ -19,7 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from model_export.publish import collection_name
+from model_export.publish import category_fields, collection_name
+from model_export.registry import NO_INACTIVE_ITEMS, InactiveItems
 from recall_service.filters import ItemFilter
 from recall_service.merge import MISSING_ITEM
 from recall_service.query import InvalidRequest
@@ -195,7 +196,7 @@ class LoadedModel:
         self.tower = UserTower.load(directory, prefer_gpu=prefer_gpu)
         artifact = self.tower.artifact
         self.version = artifact.version
-        self.categories = ["|".join(tokens) for tokens in artifact.item_side]  # as published to Milvus
+        self.categories = [category_fields(tokens) for tokens in artifact.item_side]  # as published to Milvus
         self.raw_items = artifact.raw_items
         self.popularity = artifact.popularity.astype(np.float32)
         self.by_popularity = np.argsort(-artifact.popularity, kind="stable")  # ties: lower index first
@@ -206,17 +207,19 @@ class LoadedModel:
     def interests(self, windows: Sequence[Sequence[str]]) -> list[np.ndarray | None]:
         return self.tower.interests(windows)
 
-    def _ranked(self, item_filter: ItemFilter | None) -> list[int]:
-        """Item rows by popularity that pass the filter (every item counts as active: the export has
-        no flag), cut at `popular_depth`; the last 64 filters are cached."""
-        key = item_filter.milvus_expr if item_filter else ""
+    def _ranked(self, item_filter: ItemFilter | None, inactive: InactiveItems) -> list[int]:
+        """Active item rows by popularity that pass the filter, cut at `popular_depth`; the last 64
+        (filter, inactive revision) pairs are cached."""
+        key = (item_filter.milvus_expr if item_filter else "", inactive.revision)
         with self._lock:
             if key in self._filtered:
                 self._filtered.move_to_end(key)
                 return self._filtered[key]
         rows = []
         for i in self.by_popularity.tolist():
-            if item_filter is None or item_filter.matches(self.categories[i], True):
+            if self.raw_items[i] in inactive.items:
+                continue
+            if item_filter is None or item_filter.matches(*self.categories[i], True):
                 rows.append(i)
                 if len(rows) == self.popular_depth:
                     break
@@ -226,15 +229,45 @@ class LoadedModel:
                 self._filtered.popitem(last=False)
         return rows
 
-    def popular(self, n: int, item_filter: ItemFilter | None, excluded: set[str]) -> list[tuple[str, float]]:
+    def popular(self, n: int, item_filter: ItemFilter | None, excluded: set[str], inactive: InactiveItems) -> list[tuple[str, float]]:
         out = []
-        for i in self._ranked(item_filter):
+        for i in self._ranked(item_filter, inactive):
             raw = self.raw_items[i]
             if raw not in excluded:
                 out.append((raw, float(self.popularity[i])))
                 if len(out) == n:
                     break
         return out
+
+
+class RegistryAvailability:
+    """The registry's inactive items, looked at at most every `refresh_s` and re-read only when the
+    file changed. A file that cannot be read keeps the last good set (logged): a recall answer
+    never fails on it."""
+
+    def __init__(self, registry, refresh_s: float = 2.0, clock=time.monotonic):
+        self.registry, self.refresh_s, self.clock = registry, refresh_s, clock
+        self._items, self._stamp, self._checked = NO_INACTIVE_ITEMS, None, -float("inf")
+        self._lock = threading.Lock()
+
+    def inactive(self) -> InactiveItems:
+        if self.clock() - self._checked < self.refresh_s:
+            return self._items
+        with self._lock:
+            if self.clock() - self._checked >= self.refresh_s:
+                self._checked = self.clock()
+                try:
+                    stat = self.registry.inactive_path.stat()
+                    stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+                except FileNotFoundError:
+                    stamp = None
+                if stamp != self._stamp:
+                    try:
+                        self._items, self._stamp = self.registry.inactive_items(), stamp
+                        log.info("inactive items: %d (revision %d)", len(self._items.items), self._items.revision)
+                    except (OSError, ValueError, KeyError) as exc:
+                        log.warning("keeping %d inactive items: %s unreadable: %s", len(self._items.items), self.registry.inactive_path, exc)
+        return self._items
 
 
 class RegistryModels:

@@ -4,7 +4,7 @@
     term       := factor (("and" | "&&") factor)*
     factor     := ("not" | "!") factor | "(" expr ")" | comparison
     comparison := category ("==" | "!=") STRING | category like STRING | category [not] in [STRING, ...]
-                | active ("==" | "!=") (true | false)
+                | category contains STRING | active ("==" | "!=") (true | false)
 
 Strings are double- or single-quoted (no escapes: a string cannot hold its own quote). `like`
 takes an exact string or a prefix ("Comedy%", the only `%` allowed is the last character) and is
@@ -12,7 +12,10 @@ compiled to a string range, `category >= "Comedy" and category < "Comedz"`: Milv
 differs between versions (2.3 accepts prefixes only and reads `_` literally, Milvus Lite reads it
 as a wildcard), a range means the same everywhere. A parsed filter gives two equivalent forms:
 the canonical Milvus expression (the only text ever sent to Milvus: the request's own text never
-is) and a Python predicate over (category, active), which the popular fallback evaluates.
+is) and a Python predicate over (category, categories, active), which the popular fallback
+evaluates. `category` is the item's side tokens joined by "|" (e.g. "Comedy|Romance"), so ==, like
+and in compare the whole list; `contains` tests one token (`array_contains` on the `categories`
+array field).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Callable
+
+from model_export.publish import milvus_string
 
 MAX_DEPTH = 32  # nesting of not / parentheses: bounds the recursion of the parser
 
@@ -31,13 +36,8 @@ TOKEN = re.compile(
     )""",
     re.VERBOSE,
 )
-KEYWORDS = frozenset(("and", "or", "not", "in", "like", "true", "false"))
+KEYWORDS = frozenset(("and", "or", "not", "in", "like", "contains", "true", "false"))
 ALIASES = {"&&": "and", "||": "or", "!": "not"}
-
-
-def _literal(value: str) -> str:
-    """A Milvus string literal (both engines read these two escapes)."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _successor(prefix: str) -> str | None:
@@ -60,10 +60,10 @@ class FilterError(ValueError):
 class ItemFilter:
     text: str  # as the client sent it
     milvus_expr: str  # canonical Milvus boolean expression
-    matches: Callable[[str, bool], bool]  # (category, active) -> keep?
+    matches: Callable[[str, tuple[str, ...], bool], bool]  # (category, categories, active) -> keep?
 
 
-Predicate = Callable[[str, bool], bool]
+Predicate = Callable[[str, tuple[str, ...], bool], bool]
 
 
 def _tokens(text: str) -> list[tuple[str, str, int]]:
@@ -125,7 +125,7 @@ class _Parser:
         if len(parts) == 1:
             return parts[0]
         predicates = [p for _, p in parts]
-        return f" {keyword} ".join(e for e, _ in parts), lambda c, a: combine(p(c, a) for p in predicates)
+        return f" {keyword} ".join(e for e, _ in parts), lambda c, t, a: combine(p(c, t, a) for p in predicates)
 
     def factor(self, depth: int) -> tuple[str, Predicate]:
         if depth >= MAX_DEPTH:
@@ -133,7 +133,7 @@ class _Parser:
         if self.at("keyword", "not"):
             self.i += 1
             inner, pred = self.factor(depth + 1)
-            return f"not ({inner})", lambda c, a: not pred(c, a)
+            return f"not ({inner})", lambda c, t, a: not pred(c, t, a)
         if self.at("op", "("):
             self.i += 1
             inner, pred = self.expr(depth + 1)
@@ -152,9 +152,13 @@ class _Parser:
             if value not in ("true", "false"):
                 raise FilterError(f"filter: active compares with true or false, found {value!r}")
             want = (value == "true") == (op == "==")
-            return f"active == {str(want).lower()}", lambda c, a: a == want
+            return f"active == {str(want).lower()}", lambda c, t, a: a == want
         if field != "category":
             raise FilterError(f"filter: unknown field {field!r} at position {token[2]}; fields: category, active")
+        if self.at("keyword", "contains"):
+            self.i += 1
+            member = self.take("string")
+            return f"array_contains(categories, {milvus_string(member)})", lambda c, t, a: member in t
         if self.at("keyword", "like"):
             self.i += 1
             pattern = self.take("string")
@@ -162,10 +166,10 @@ class _Parser:
             if "%" in (pattern if prefix is None else prefix):
                 raise FilterError(f'filter: like takes an exact string or a prefix pattern like "Comedy%", found {pattern!r}')
             if prefix is None:
-                return f"category == {_literal(pattern)}", lambda c, a: c == pattern
+                return f"category == {milvus_string(pattern)}", lambda c, t, a: c == pattern
             upper = _successor(prefix)
-            expr = f"category >= {_literal(prefix)}" + (f" and category < {_literal(upper)}" if upper is not None else "")
-            return f"({expr})", lambda c, a: c.startswith(prefix)
+            expr = f"category >= {milvus_string(prefix)}" + (f" and category < {milvus_string(upper)}" if upper is not None else "")
+            return f"({expr})", lambda c, t, a: c.startswith(prefix)
         negated = self.at("keyword", "not")
         if negated:
             self.i += 1
@@ -178,19 +182,19 @@ class _Parser:
                 values.append(self.take("string"))
             self.take("op", "]")
             members = frozenset(values)
-            listed = ", ".join(_literal(v) for v in values)
+            listed = ", ".join(milvus_string(v) for v in values)
             if negated:
-                return f"not (category in [{listed}])", lambda c, a: c not in members
-            return f"category in [{listed}]", lambda c, a: c in members
+                return f"not (category in [{listed}])", lambda c, t, a: c not in members
+            return f"category in [{listed}]", lambda c, t, a: c in members
         if negated:
             raise FilterError("filter: `not` after a field must be followed by `in`")
         op = self.take("op")
         if op not in ("==", "!="):
-            raise FilterError(f"filter: category takes ==, !=, like or in, found {op!r}")
+            raise FilterError(f"filter: category takes ==, !=, like, in or contains, found {op!r}")
         value = self.take("string")
         if op == "==":
-            return f"category == {_literal(value)}", lambda c, a: c == value
-        return f"category != {_literal(value)}", lambda c, a: c != value
+            return f"category == {milvus_string(value)}", lambda c, t, a: c == value
+        return f"category != {milvus_string(value)}", lambda c, t, a: c != value
 
 
 def parse_filter(text: str, max_chars: int = 1024) -> ItemFilter | None:

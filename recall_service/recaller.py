@@ -3,10 +3,14 @@
     InterestReader   user ids -> stored interest records (the feature store)
     ItemSearch       (model version, vectors, limit, filter) -> per-vector top items (Milvus)
     ModelSource      the current model: user tower (interests on the fly) and popular items
+    ItemAvailability the items taken out of recall (the model registry's inactive set)
 
 For each request: the stored record -> ONE search with all K_u vectors in the collection of the
 record's own model version -> drop the window's items and the exclusions -> merge (max score or
-quota) -> top n. A user the store does not know gets interests computed by the current user
+quota) -> top n. Inactive items are excluded twice: by the search's `active == true` (so a
+search returns enough active items) and by the availability set after it (so an item is out of
+every answer as soon as the service has read the set, before Milvus shows the flag). A user the
+store does not know gets interests computed by the current user
 tower from the request's recent items, else the current model's popular items. Outages take the
 same fallbacks (documented per reason in recall.proto) unless `fallback_on_outage` is off, in
 which case they raise `BackendUnavailable` (UNAVAILABLE). A backend that failed is skipped for a
@@ -27,6 +31,7 @@ import numpy as np
 
 from recall_service.filters import ItemFilter
 from recall_service.merge import MISSING_ITEM, merge_by_quota, merge_one_by_score
+from model_export.registry import NO_INACTIVE_ITEMS, InactiveItems
 from recall_service.query import FallbackReason, MergePolicy, RecallPath, RecallQuery
 from streaming.feature_store import InterestRecord, RecordError
 
@@ -71,12 +76,21 @@ class ServingModel(Protocol):
     version: str
 
     def interests(self, windows: Sequence[Sequence[str]]) -> list[np.ndarray | None]: ...
-    def popular(self, n: int, item_filter: ItemFilter | None, excluded: set[str]) -> list[tuple[str, float]]: ...
+    def popular(self, n: int, item_filter: ItemFilter | None, excluded: set[str], inactive: InactiveItems) -> list[tuple[str, float]]: ...
 
 
 class ModelSource(Protocol):
     def current(self) -> ServingModel | None: ...
     def current_version(self) -> str | None: ...
+
+
+class ItemAvailability(Protocol):
+    def inactive(self) -> InactiveItems: ...
+
+
+class EveryItemActive:
+    def inactive(self) -> InactiveItems:
+        return NO_INACTIVE_ITEMS
 
 
 class Deadline:
@@ -134,9 +148,10 @@ class _Pending:
 
 
 class Recaller:
-    def __init__(self, reader: InterestReader, search: ItemSearch, models: ModelSource, *, search_timeout_s: float = 0.5,
-                 max_per_interest_n: int = 2000, fallback_on_outage: bool = True, cooldown_s: float = 1.0, clock=time.monotonic):
-        self.reader, self.search, self.models = reader, search, models
+    def __init__(self, reader: InterestReader, search: ItemSearch, models: ModelSource, *, availability: ItemAvailability = EveryItemActive(),
+                 search_timeout_s: float = 0.5, max_per_interest_n: int = 2000, fallback_on_outage: bool = True, cooldown_s: float = 1.0,
+                 clock=time.monotonic):
+        self.reader, self.search, self.models, self.availability = reader, search, models, availability
         self.search_timeout_s, self.max_per_interest_n, self.fallback_on_outage = search_timeout_s, max_per_interest_n, fallback_on_outage
         self.clock = clock
         self.store_breaker = CircuitBreaker(cooldown_s, clock)
@@ -145,6 +160,7 @@ class Recaller:
     def recall_many(self, queries: Sequence[RecallQuery], deadline: Deadline) -> list[RecallResult]:
         pending = [_Pending(i, q, {}) for i, q in enumerate(queries)]
         results: list[RecallResult | None] = [None] * len(queries)
+        inactive = self.availability.inactive()
         self._read_interests(pending, deadline)
         stored = [p for p in pending if p.record is not None]
         for p in pending:
@@ -156,7 +172,7 @@ class Recaller:
         for group in self._groups(stored, lambda p: p.record.model_version):
             for p in group:
                 p.vectors, p.window = p.record.interests, p.record.window
-            self._search_and_merge(group, group[0].record.model_version, RecallPath.STORED_INTERESTS, deadline, results, on_the_fly, popular)
+            self._search_and_merge(group, group[0].record.model_version, RecallPath.STORED_INTERESTS, deadline, inactive, results, on_the_fly, popular)
 
         if on_the_fly:
             model = self._current_model()
@@ -172,13 +188,13 @@ class Recaller:
                     p.vectors = v
                     computed.append(p)
             for group in self._groups(computed, lambda p: model.version):
-                self._search_and_merge(group, model.version, RecallPath.COMPUTED_ON_THE_FLY, deadline, results, None, popular)
+                self._search_and_merge(group, model.version, RecallPath.COMPUTED_ON_THE_FLY, deadline, inactive, results, None, popular)
 
         if popular:
             model = self._current_model()
             for p in popular:
                 started = self.clock()
-                ranked = model.popular(p.query.n, p.query.item_filter, set(p.query.excluded).union(p.window))
+                ranked = model.popular(p.query.n, p.query.item_filter, set(p.query.excluded).union(p.window), inactive)
                 p.stages["merge"] = p.stages.get("merge", 0.0) + self.clock() - started
                 results[p.index] = RecallResult([(raw, score, -1) for raw, score in ranked], model.version, RecallPath.POPULAR_FALLBACK, p.reason, p.stages)
         return results  # type: ignore[return-value]
@@ -219,7 +235,7 @@ class Recaller:
         for p in pending:
             p.reason = FallbackReason.FEATURE_STORE_UNAVAILABLE
 
-    def _search_and_merge(self, group: list[_Pending], version: str, path: RecallPath, deadline: Deadline,
+    def _search_and_merge(self, group: list[_Pending], version: str, path: RecallPath, deadline: Deadline, inactive: InactiveItems,
                           results: list, retired_to: list | None, popular: list) -> None:
         """One search for the whole group (all K_u vectors of all its users), then a merge per user."""
         expr = ACTIVE_ONLY if group[0].query.item_filter is None else f"{ACTIVE_ONLY} and ({group[0].query.item_filter.milvus_expr})"
@@ -256,7 +272,7 @@ class Recaller:
         for p, limit in zip(group, limits):
             started = self.clock()
             k = len(p.vectors)
-            items = _merge_one(hits, row, k, limit, p.query, set(p.window))
+            items = _merge_one(hits, row, k, limit, p.query, set(p.window), inactive.items)
             row += k
             p.stages["merge"] = p.stages.get("merge", 0.0) + self.clock() - started
             results[p.index] = RecallResult(items, version, path, p.reason, p.stages)
@@ -288,14 +304,15 @@ class Recaller:
             p.stages[stage] = p.stages.get(stage, 0.0) + seconds
 
 
-def _merge_one(hits: SearchHits, row: int, k: int, limit: int, query: RecallQuery, window: set[str]) -> list[tuple[str, float, int]]:
-    """This user's rows of a group search -> window and exclusions dropped -> merged top n."""
+def _merge_one(hits: SearchHits, row: int, k: int, limit: int, query: RecallQuery, window: set[str],
+               inactive: frozenset[str]) -> list[tuple[str, float, int]]:
+    """This user's rows of a group search -> window, exclusions and inactive items dropped -> merged top n."""
     ids, raw = hits.item_ids[row:row + k, :limit], hits.raw_ids[row:row + k, :limit]
     scores = hits.scores[row:row + k, :limit]
     flat_ids, flat_raw = ids.ravel().tolist(), raw.ravel().tolist()
     raw_of = dict(zip(flat_ids, flat_raw))
     excluded = query.excluded.union(window)
-    skip = {i for i, r in zip(flat_ids, flat_raw) if r in excluded} if excluded else frozenset()
+    skip = {i for i, r in zip(flat_ids, flat_raw) if r in excluded or r in inactive} if excluded or inactive else frozenset()
     if query.merge_policy is MergePolicy.QUOTA:
         kept = np.where(np.isin(ids, list(skip)), -np.inf, scores) if skip else scores
         out_ids, out_scores, out_interest = merge_by_quota(ids[None], kept[None], query.n)

@@ -186,22 +186,21 @@ class BearerTokenAuth(grpc.ServerInterceptor):
 class RecallServer:
     """The server and what it owns: adapters (from config unless given), health prober, metrics."""
 
-    def __init__(self, config: Config, *, reader=None, search=None, models=None, metrics: RecallMetrics | None = None):
-        from recall_service.backends import FeatureStoreReader, MilvusItemSearch, RegistryModels
+    def __init__(self, config: Config, *, reader=None, search=None, models=None, availability=None, metrics: RecallMetrics | None = None):
+        from model_export.registry import ModelRegistry
+        from recall_service.backends import FeatureStoreReader, MilvusItemSearch, RegistryAvailability, RegistryModels
 
         rc = config.recall
         self.config = config
         self.limits = Limits.from_config(rc)
         self.reader = reader or FeatureStoreReader.redis(config.redis, rc.feature_store_timeout_ms / 1e3)
         self.search = search or MilvusItemSearch(config.milvus.uri, config.milvus.token, config.milvus.collection_prefix, ef=rc.search_ef)
-        if models is None:
-            from model_export.registry import ModelRegistry
-
-            models = RegistryModels(ModelRegistry(config.paths.models_dir), popular_depth=rc.max_n + rc.max_exclusions + rc.max_recent_items)
-        self.models = models
+        registry = ModelRegistry(config.paths.models_dir)
+        self.models = models or RegistryModels(registry, popular_depth=rc.max_n + rc.max_exclusions + rc.max_recent_items)
+        self.availability = availability or RegistryAvailability(registry)
         self.metrics = metrics or RecallMetrics()
         searcher = CoalescingSearch(self.search, rc.search_batch_vectors) if rc.search_batch_vectors else self.search
-        self.recaller = Recaller(self.reader, searcher, self.models, search_timeout_s=rc.vector_search_timeout_ms / 1e3,
+        self.recaller = Recaller(self.reader, searcher, self.models, availability=self.availability, search_timeout_s=rc.vector_search_timeout_ms / 1e3,
                                  max_per_interest_n=rc.max_per_interest_n, fallback_on_outage=rc.fallback_on_outage,
                                  cooldown_s=rc.outage_cooldown_ms / 1e3)
         self.health = health.HealthServicer(experimental_non_blocking=True)

@@ -1,6 +1,7 @@
 """Publishing item vectors to a real Milvus Lite database: versioned collections and the alias swap."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -89,3 +90,26 @@ def test_a_tampered_export_is_not_published(two_exports, tmp_path):
     with pytest.raises(Exception, match="does not match the manifest"):
         publish(broken, client, PREFIX, progress=lambda m: None)
     assert alias_target(client, PREFIX) is None
+
+
+def test_items_command_deactivates_in_every_version_and_later_publishes_keep_it(two_exports, tmp_path):
+    """`items deactivate` marks the rows of the versions already published; a version published
+    after it starts with them inactive (the registry, not the collection, holds availability)."""
+    env = {**os.environ, "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path / "models"), "MINDSTREAM_MILVUS__URI": str(tmp_path / "items.db")}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "model_export", *args], cwd=REPO, capture_output=True, text=True, check=True, env=env)
+
+    cli("publish", "--export-dir", str(two_exports[0]))
+    report = json.loads(cli("items", "deactivate", "i3", "i5", "no-such-item").stdout)
+    old = collection_name(PREFIX, Manifest.load(two_exports[0]).model_version)
+    assert report["revision"] == 1 and report["inactive"] == 3 and report["rows_changed"] == {old: 2}
+    cli("publish", "--export-dir", str(two_exports[1]))
+    assert json.loads(cli("items", "list").stdout) == {"revision": 1, "inactive": ["i3", "i5", "no-such-item"]}
+
+    client = connect(env["MINDSTREAM_MILVUS__URI"])
+    for name in (old, collection_name(PREFIX, Manifest.load(two_exports[1]).model_version)):
+        client.load_collection(name)  # Milvus Lite keeps no load across processes
+        rows = client.query(name, filter='active == false', output_fields=["raw_id", "categories", "category"])
+        assert sorted(r["raw_id"] for r in rows) == ["i3", "i5"], name
+        assert all(list(r["categories"]) == r["category"].split("|") for r in rows)

@@ -22,6 +22,7 @@ import grpc
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from model_export.publish import category_fields
 from recall_service.filters import parse_filter
 from recall_service.query import Limits
 from recall_service.stubs import SERVICE_NAME, recall_pb2
@@ -73,12 +74,13 @@ def quoted(text: str, quote: str) -> str:
 
 # Filters of the grammar: comparisons with catalog or arbitrary strings (the grammar refuses
 # control characters below 32 in them), combined at random.
-literal_text = st.one_of(st.sampled_from(CATEGORIES + ["item_genre=g1", ""]), st.text(st.characters(codec="utf-8", min_codepoint=32), max_size=16))
+literal_text = st.one_of(st.sampled_from(CATEGORIES + ["item_genre=g1", "item_genre=gx", ""]), st.text(st.characters(codec="utf-8", min_codepoint=32), max_size=16))
 literals = st.builds(quoted, literal_text, st.sampled_from('"\''))
 comparisons = st.one_of(
     st.builds("category {} {}".format, st.sampled_from(["==", "!="]), literals),
     st.builds(lambda text, wildcard, quote: f"category like {quoted(text + wildcard, quote)}", literal_text, st.sampled_from(["%", ""]), st.sampled_from('"\'')),
     st.builds(lambda negated, values: f"category {'not ' if negated else ''}in [{', '.join(values)}]", st.booleans(), st.lists(literals, min_size=1, max_size=4)),
+    st.builds("category contains {}".format, literals),
     st.builds("active {} {}".format, st.sampled_from(["==", "!="]), st.sampled_from(["true", "false", "TRUE"])),
 )
 grammar_filters = st.recursive(comparisons, lambda inner: st.one_of(
@@ -87,7 +89,7 @@ grammar_filters = st.recursive(comparisons, lambda inner: st.one_of(
 ), max_leaves=10)
 # Anything near the grammar: its tokens in random order, arbitrary text, deep nesting, lengths
 # around the limit.
-GRAMMAR_TOKENS = ["category", "active", "==", "!=", "=", "like", "in", "not", "and", "or", "&&", "||", "!", "(", ")", "[", "]", ",",
+GRAMMAR_TOKENS = ["category", "active", "==", "!=", "=", "like", "in", "contains", "not", "and", "or", "&&", "||", "!", "(", ")", "[", "]", ",",
                   "true", "false", "nosuch", '"%"', '"%g1"', '""', "''", '"', "'", "\\", "%", "_", "0", "1e9", "\x00"]
 token_sentences = st.tuples(st.lists(st.one_of(st.sampled_from(GRAMMAR_TOKENS), literals), max_size=24), st.sampled_from([" ", "", "\t", "\u3000"])).map(
     lambda t: t[1].join(t[0]))
@@ -187,8 +189,8 @@ def assert_keeps_the_contract(stack, request, response):
     if item_filter is not None and response.items:
         artifact = stack.artifacts[response.model_version]
         for item in response.items:
-            category = "|".join(artifact.item_side[artifact.item_index[item.item_id] - 1])
-            assert item_filter.matches(category, True), f"{item.item_id} ({category}) does not pass {request.filter!r}"
+            category = category_fields(artifact.item_side[artifact.item_index[item.item_id] - 1])
+            assert item_filter.matches(*category, True), f"{item.item_id} ({category}) does not pass {request.filter!r}"
 
 
 def assert_still_serving(stack):

@@ -14,21 +14,25 @@ from recall_service.merge import MISSING_ITEM, merge_by_quota, merge_by_score
 from recall_service.query import FallbackReason, InvalidRequest, Limits, MergePolicy, RecallPath, validate
 from recall_service.recaller import (ACTIVE_ONLY, BackendUnavailable, CircuitBreaker, Deadline, DeadlineExceeded, Recaller,
                                      SearchHits, VersionRetired)
+from model_export.registry import InactiveItems
 from streaming.feature_store import InMemoryFeatureStore, InterestRecord
 
 # -- filters ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("text, milvus, keeps, drops", [
-    ('category == "a|b"', 'category == "a|b"', ("a|b", True), ("a", True)),
-    ("category like 'Com%' and active == true", '(category >= "Com" and category < "Con") and active == true', ("Comedy", True), ("Comedy", False)),
-    ('category like "item_g%"', '(category >= "item_g" and category < "item_h")', ("item_genre", True), ("itemXgenre", True)),
-    ('category in ["x", "y"] || active != true', 'category in ["x", "y"] or active == false', ("z", False), ("z", True)),
-    ('category not in ["x"]', 'not (category in ["x"])', ("y", True), ("x", True)),
-    ('NOT (category != "x") AND active == TRUE', 'not ((category != "x")) and active == true', ("x", True), ("y", True)),
-    ('!active == false', "not (active == false)", ("q", True), ("q", False)),
-    ('category like "Drama"', 'category == "Drama"', ("Drama", True), ("Drama|War", True)),
-    ("category == 'say \"hi\" \\o/'", 'category == "say \\"hi\\" \\\\o/"', ('say "hi" \\o/', True), ("say", True)),
+    ('category == "a|b"', 'category == "a|b"', ("a|b", (), True), ("a", (), True)),
+    ("category like 'Com%' and active == true", '(category >= "Com" and category < "Con") and active == true', ("Comedy", (), True), ("Comedy", (), False)),
+    ('category like "item_g%"', '(category >= "item_g" and category < "item_h")', ("item_genre", (), True), ("itemXgenre", (), True)),
+    ('category in ["x", "y"] || active != true', 'category in ["x", "y"] or active == false', ("z", (), False), ("z", (), True)),
+    ('category not in ["x"]', 'not (category in ["x"])', ("y", (), True), ("x", (), True)),
+    ('NOT (category != "x") AND active == TRUE', 'not ((category != "x")) and active == true', ("x", (), True), ("y", (), True)),
+    ('!active == false', "not (active == false)", ("q", (), True), ("q", (), False)),
+    ('category like "Drama"', 'category == "Drama"', ("Drama", (), True), ("Drama|War", (), True)),
+    ("category == 'say \"hi\" \\o/'", 'category == "say \\"hi\\" \\\\o/"', ('say "hi" \\o/', (), True), ("say", (), True)),
+    ('category contains "Romance"', 'array_contains(categories, "Romance")', ("Comedy|Romance", ("Comedy", "Romance"), True), ("Romance|X", ("Romance X",), True)),
+    ("category contains 'a\"b' and not category contains 'c'", 'array_contains(categories, "a\\"b") and not (array_contains(categories, "c"))',
+     ("", ('a"b',), True), ("", ('a"b', "c"), True)),
 ])
 def test_filter_compiles_to_milvus_and_to_an_equivalent_predicate(text, milvus, keeps, drops):
     item_filter = parse_filter(text)
@@ -47,6 +51,8 @@ def test_filter_compiles_to_milvus_and_to_an_equivalent_predicate(text, milvus, 
     ("active == 1", "unexpected character '1'"),
     ('active == "true"', "true or false"),
     ('category in []', "expected a quoted string"),
+    ('category contains ["a"]', "expected a quoted string"),
+    ('categories contains "a"', "unknown field 'categories'"),
     ("(" * 40 + "active == true" + ")" * 40, "nested deeper"),
     ('category == "a"; drop collection', "unexpected character ';'"),
     ('category == "\x01"', "control characters"),
@@ -164,9 +170,9 @@ class FakeModel:
         known = [[int(r[1:]) for r in w if r.startswith("i")] for w in windows]
         return [self.catalog[k][:2].copy() if k else None for k in known]
 
-    def popular(self, n, item_filter, excluded):
+    def popular(self, n, item_filter, excluded, inactive):
         ranked = [(f"i{i}", float(100 - i)) for i in range(len(self.catalog))]
-        return [r for r in ranked if r[0] not in excluded][:n]
+        return [r for r in ranked if r[0] not in excluded and r[0] not in inactive.items][:n]
 
 
 class FakeModels:
@@ -228,6 +234,56 @@ def test_filter_goes_to_the_search_after_the_active_flag(world):
     recaller, search, *_ = world
     recaller.recall_many([q("alice", filter_text='category == "x"')], Deadline(1.0))
     assert search.calls[0][3] == 'active == true and (category == "x")'
+
+
+class SetAvailability:
+    def __init__(self, *items):
+        self.items = InactiveItems(1, frozenset(items))
+
+    def inactive(self):
+        return self.items
+
+
+def test_inactive_items_are_dropped_on_every_path_even_before_the_search_knows(world):
+    """The search (FakeSearch ignores the flag, as Milvus may for a moment after `items
+    deactivate`) still returns them; the service's own set drops them, and the rest moves up."""
+    recaller, search, store, catalogs, interests = world
+    top, _ = exact(catalogs["A"], interests, 3, {"i1", "i2"})
+    popular_top = ["i0", "i1"]
+    recaller.availability = SetAvailability(*top, *popular_top)
+    stored, popular = recaller.recall_many([q("alice", 6), q("nobody", 4)], Deadline(1.0))
+    ids, _ = exact(catalogs["A"], interests, 6, {"i1", "i2", *top})
+    assert [r for r, _, _ in stored.items] == ids
+    active_by_popularity = [f"i{i}" for i in range(40) if f"i{i}" not in {*top, *popular_top}]  # FakeModel ranks i0, i1, ...
+    assert popular.path is RecallPath.POPULAR_FALLBACK and [r for r, _, _ in popular.items] == active_by_popularity[:4]
+
+
+def test_registry_inactive_set_is_serialised_versioned_and_reread_only_when_changed(tmp_path):
+    from model_export.registry import ModelRegistry
+    from recall_service.backends import RegistryAvailability
+
+    registry = ModelRegistry(tmp_path / "models")
+    assert registry.inactive_items() == InactiveItems(0, frozenset())
+    threads = [threading.Thread(target=registry.set_active, args=([f"t{t}-{i}" for i in range(20)], False)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(registry.inactive_items().items) == 80 and registry.inactive_items().revision == 4  # no update lost
+    assert registry.set_active(["t0-0"], False).revision == 4  # no change, no new revision
+    assert registry.set_active(["t0-0", "never-inactive"], True) == InactiveItems(5, registry.inactive_items().items)
+    assert "t0-0" not in registry.inactive_items().items
+
+    now = [0.0]
+    availability = RegistryAvailability(registry, refresh_s=2.0, clock=lambda: now[0])
+    assert availability.inactive().revision == 5
+    registry.set_active(["x"], False)
+    assert availability.inactive().revision == 5  # not looked at again within refresh_s
+    now[0] = 2.0
+    assert "x" in availability.inactive().items
+    registry.inactive_path.write_text("{not json")
+    now[0] = 4.0
+    assert "x" in availability.inactive().items  # an unreadable file keeps the last good set
 
 
 def test_unknown_user_gets_interests_on_the_fly_then_popular(world):

@@ -22,8 +22,9 @@ from recall_service.server import RecallServer
 from recall_service.stubs import PROTO_ROOT, SERVICE_NAME, recall_pb2, recall_pb2_grpc
 from streaming.feature_store import RedisFeatureStore
 
-from conftest import REPO, self_signed_certificate
-from recall_stack import ON_THE_FLY, POPULAR, STORED, WINDOW, service_config
+from conftest import REPO, self_signed_certificate, wait_for
+from model_export.publish import collection_name
+from recall_stack import ON_THE_FLY, POPULAR, PREFIX, STORED, WINDOW, service_config
 
 # `stack` (tests/conftest.py, built by tests/recall_stack.py): the server on real Redis and Milvus Lite.
 
@@ -72,6 +73,46 @@ def test_filter_is_applied_by_milvus_like_the_reference_predicate(stack):
     assert response.items and all(i.item_id for i in response.items)
     expected = exact_merge(stack.artifacts[stack.new], stored_interests(stack, "user-new"), 8, set(WINDOW), keep=lambda c: c.startswith("item_genre=g1"))
     assert_same(response, expected)
+
+
+def test_contains_filter_tests_one_category_token_in_milvus_like_the_reference(stack):
+    response = stack.recall(user_id="user-new", n=8, filter='category contains "item_genre=g2"')
+    expected = exact_merge(stack.artifacts[stack.new], stored_interests(stack, "user-new"), 8, set(WINDOW),
+                           keep=lambda c: "item_genre=g2" in c.split("|"))
+    assert_same(response, expected)
+
+
+def test_deactivated_items_leave_every_path_at_once_and_come_back(stack):
+    """`model_export items` in two steps: the registry's set alone takes the items out of every
+    answer (the service re-reads it), then the Milvus flag lets the search fill the places."""
+    from model_export.publish import connect, published_collections, set_active
+    from model_export.registry import ModelRegistry
+
+    registry, client = ModelRegistry(stack.config.paths.models_dir), connect(stack.config.milvus.uri)
+    artifact, interests = stack.artifacts[stack.new], stored_interests(stack, "user-new")
+    before_stored = stack.recall(user_id="user-new", n=10)
+    before_popular = stack.recall(user_id="stranger", n=5)
+    gone = {i.item_id for i in before_stored.items[:3]} | {i.item_id for i in before_popular.items[:2]}
+    try:
+        registry.set_active(gone, False)
+        wait_for(lambda: not gone & {i.item_id for i in stack.recall(user_id="user-new", n=10).items}, 10, "the service to read the inactive set")
+        # the search still returns them (their rows are active in Milvus): dropped after it, so the
+        # answer is the exact one without them, cut where the search's margin ran out
+        stored = [i.item_id for i in stack.recall(user_id="user-new", n=10).items]
+        assert len(stored) >= 7 and stored == exact_merge(artifact, interests, 10, set(WINDOW) | gone)[0][:len(stored)]
+        popular = stack.recall(user_id="stranger", n=5)
+        assert popular.path == POPULAR and not gone & {i.item_id for i in popular.items} and len(popular.items) == 5
+
+        changed = set_active(client, published_collections(client, PREFIX, registry.versions()), gone, False)
+        assert changed == {collection_name(PREFIX, v): sum(r in gone for r in stack.artifacts[v].raw_items) for v in (stack.old, stack.new)}
+        assert_same(wait_for(lambda: (r := stack.recall(user_id="user-new", n=10)) and len(r.items) == 10 and r, 10, "a full answer"),
+                    exact_merge(artifact, interests, 10, set(WINDOW) | gone))
+        fly = stack.recall(user_id="newcomer", n=10, recent_item_ids=list(WINDOW))
+        assert fly.path == ON_THE_FLY and len(fly.items) == 10 and not gone & {i.item_id for i in fly.items}
+    finally:
+        registry.set_active(gone, True)
+        set_active(client, published_collections(client, PREFIX, registry.versions()), gone, True)
+    wait_for(lambda: [i.item_id for i in stack.recall(user_id="user-new", n=10).items] == [i.item_id for i in before_stored.items], 10, "the items back")
 
 
 def test_quota_policy_spreads_the_result_over_the_interests(stack):
