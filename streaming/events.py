@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import orjson
+
 EVENT_SCHEMA = 1
 EVENT_TYPES = ("view", "click", "cart", "buy")
 MAX_EVENT_BYTES = 4096  # default record limit; [streaming].max_event_bytes overrides it
@@ -97,8 +99,8 @@ def parse_event(raw: bytes, max_bytes: int = MAX_EVENT_BYTES) -> BehaviourEvent:
     if len(raw) > max_bytes:
         raise EventError(f"oversized: {len(raw)} bytes, limit {max_bytes}", "oversized")
     try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = orjson.loads(raw)  # strict: also refuses NaN, integers beyond 64 bits and lone surrogates
+    except orjson.JSONDecodeError as exc:
         raise EventError(f"malformed JSON: {exc}", "malformed") from None
     if not isinstance(obj, dict):
         raise EventError(f"an event is a JSON object, got {type(obj).__name__}", "malformed")

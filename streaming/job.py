@@ -8,9 +8,11 @@
 
 Exactly-once in the windows: the window lives in Flink keyed state and the source offsets in
 the same checkpoint, so a restore rewinds both together and the replay is deduplicated by the
-window. A window change that was queued but not yet written when a checkpoint was taken keeps
-`pending` set and its timer registered in that checkpoint: after a restore the timer fires and
-re-extracts the user from the restored window, so no accepted event is missing from the store.
+window. A window change that was queued but not yet written when a checkpoint was taken has its
+flush timer in that checkpoint: after a restore the timer fires for a user this process never
+queued nor wrote, and that user is re-extracted from the restored window, so no accepted event is
+missing from the store. Which users have a timer is kept in memory, not in state, so a timer
+that finds its user already written costs no state access.
 
 Thread execution mode (the Python functions run in the TaskManager's JVM through pemja) is
 15-20x faster than process mode for keyed state; it does not scale with parallelism inside one
@@ -80,6 +82,7 @@ def _user_windows_function(settings: dict):
             towers = RegistryTowers(ModelRegistry(Path(settings["models_dir"])), settings["model_poll_s"])
             towers.current()  # fail at start, with the registry's message, when no model is published
             self.writer = InterestWriter(towers, store, settings["batch_max_users"])
+            self.timed: set[str] = set()  # users with a flush timer registered by this process
             self.flushed: set[str] = set()  # written users whose timer has not fired yet
             self.applied = {outcome: metrics.EVENTS_APPLIED.labels(outcome.value) for outcome in Applied}  # resolved once: per-event cost
             metrics.serve(settings["metrics_host"], settings["metrics_port"])
@@ -106,8 +109,8 @@ def _user_windows_function(settings: dict):
             if outcome is not Applied.ADDED:
                 return
             self.writer.add(key, window, produced_ms)
-            if not window.pending:
-                window.pending = True
+            if key not in self.timed:
+                self.timed.add(key)
                 timers = ctx.timer_service()
                 timers.register_processing_time_timer(timers.current_processing_time() + settings["batch_max_delay_ms"])
             self.state.update(window.to_state())
@@ -116,16 +119,16 @@ def _user_windows_function(settings: dict):
 
         def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
             user = ctx.get_current_key()
-            window = UserWindow.from_state(self.state.value())
+            self.timed.discard(user)
             if user in self.writer.pending:
                 self.flushed.update(self.writer.flush())
-            elif user not in self.flushed and window.behaviours:
-                # Restored from a checkpoint taken while this user's update was queued: redo it.
-                self.writer.add(user, window)
-                self.flushed.update(self.writer.flush())
+            elif user not in self.flushed:
+                # A timer of a restored checkpoint, taken while this user's update was queued: redo it.
+                window = UserWindow.from_state(self.state.value())
+                if window.behaviours:
+                    self.writer.add(user, window)
+                    self.flushed.update(self.writer.flush())
             self.flushed.discard(user)
-            window.pending = False
-            self.state.update(window.to_state())
             return iter(())
 
     return UserWindows()

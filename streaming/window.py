@@ -34,7 +34,6 @@ class UserWindow:
     newest_ms: int = -1
     profile: dict[str, str] = field(default_factory=dict)
     last_offset: str = ""  # "partition:offset" of the newest record applied
-    pending: bool = False  # an extraction is scheduled and not yet written (a timer is registered)
 
     def item_ids(self) -> tuple[str, ...]:
         return tuple(b[1] for b in self.behaviours)
@@ -67,11 +66,11 @@ class UserWindow:
     # Beam already needs it) is faster than pickle here. (A Flink byte array would reach Python
     # as a tuple of ints.)
     def to_state(self) -> str:
-        return orjson.dumps([self.behaviours, self.newest_ms, self.profile, self.last_offset, self.pending]).decode()
+        return orjson.dumps([self.behaviours, self.newest_ms, self.profile, self.last_offset]).decode()
 
     @classmethod
     def from_state(cls, state: str | None) -> "UserWindow":
         if state is None:
             return cls()
-        behaviours, newest_ms, profile, last_offset, pending = orjson.loads(state)
-        return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset, pending)
+        behaviours, newest_ms, profile, last_offset = orjson.loads(state)[:4]  # checkpoints before 0.5 hold a 5th field (unused)
+        return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset)
