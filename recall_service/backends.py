@@ -81,6 +81,9 @@ class MilvusItemSearch:
                         self._client = MilvusClient(uri=self.uri, token=self.token, timeout=self.connect_timeout_s)
                     except Exception as exc:  # pymilvus raises MilvusException or its own connect errors
                         raise BackendUnavailable(f"Milvus at {self.uri}: {exc}") from None
+                    # pymilvus imports scipy.sparse (~1 s) when it builds its first search request;
+                    # building one here keeps that import off the first requests' latency.
+                    self._request("warm_up", np.zeros((1, 1), np.float32), 1, "")
         return self._client
 
     def collection(self, model_version: str) -> str:
