@@ -113,3 +113,11 @@ def test_items_command_deactivates_in_every_version_and_later_publishes_keep_it(
         rows = client.query(name, filter='active == false', output_fields=["raw_id", "categories", "category"])
         assert sorted(r["raw_id"] for r in rows) == ["i3", "i5"], name
         assert all(list(r["categories"]) == r["category"].split("|") for r in rows)
+
+
+def test_items_changed_while_a_version_is_published_are_marked_before_the_alias_moves(two_exports, tmp_path):
+    client = connect(str(tmp_path / "milvus.db"))
+    reads = iter([frozenset({"i3"}), frozenset({"i5"})])  # i3 put back and i5 taken out during the publish
+    done = publish(two_exports[0], client, PREFIX, progress=lambda m: None, inactive_items=lambda: next(reads))
+    rows = client.query(done.collection, filter='raw_id in ["i3", "i5", "i7"]', output_fields=["raw_id", "active"])
+    assert {r["raw_id"]: r["active"] for r in rows} == {"i3": True, "i5": False, "i7": True}
