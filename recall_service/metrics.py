@@ -8,6 +8,7 @@ several servers can live in one process (tests); `serve` exports it on [recall].
     mindstream_recall_result_items                   items per response
     mindstream_recall_unexpected_errors_total{method} exceptions no rule maps (returned as INTERNAL)
     mindstream_recall_model_info{model_version}      1 for the current model
+    mindstream_recall_inactive_items                 items taken out of recall (`model_export items`)
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class RecallMetrics:
         self.result_items = Histogram("mindstream_recall_result_items", "Items per response", buckets=SIZE_BUCKETS, registry=self.registry)
         self.unexpected = Counter("mindstream_recall_unexpected_errors_total", "Exceptions no rule maps to a status code", ["method"], registry=self.registry)
         self.model_info = Gauge("mindstream_recall_model_info", "The current model version (value 1)", ["model_version"], registry=self.registry)
+        self.inactive_items = Gauge("mindstream_recall_inactive_items", "Items taken out of recall, as this service last read them",
+                                    registry=self.registry)
         self._model_version: str | None = None
 
     def set_model_version(self, version: str | None) -> None:

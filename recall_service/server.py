@@ -265,6 +265,7 @@ class RecallServer:
             self.metrics.set_model_version(self.models.current_version())
         except Exception as exc:
             log.warning("cannot read the current model version: %s", exc)
+        self.metrics.inactive_items.set(len(self.availability.inactive().items))
         return not problems
 
     def _probe_loop(self) -> None:

@@ -62,6 +62,7 @@ def feed_traffic(recall_metrics, stop: threading.Event) -> None:
     rng = random.Random(0)
     stream.MODEL_INFO.labels("v1").set(1)
     recall_metrics.set_model_version("v1")
+    recall_metrics.inactive_items.set(2)
     while not stop.wait(0.1):
         stream.EVENTS_IN.inc(20)
         stream.EVENTS_APPLIED.labels("added").inc(18)

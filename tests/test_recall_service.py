@@ -109,6 +109,9 @@ def test_deactivated_items_leave_every_path_at_once_and_come_back(stack):
                     exact_merge(artifact, interests, 10, set(WINDOW) | gone))
         fly = stack.recall(user_id="newcomer", n=10, recent_item_ids=list(WINDOW))
         assert fly.path == ON_THE_FLY and len(fly.items) == 10 and not gone & {i.item_id for i in fly.items}
+        metrics_url = f"http://127.0.0.1:{stack.server.metrics_port}/metrics"
+        wait_for(lambda: f"mindstream_recall_inactive_items {float(len(gone))}" in urllib.request.urlopen(metrics_url, timeout=5).read().decode(),
+                 10, "the inactive-items gauge")
     finally:
         registry.set_active(gone, True)
         set_active(client, published_collections(client, PREFIX, registry.versions()), gone, True)
