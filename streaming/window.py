@@ -72,5 +72,5 @@ class UserWindow:
     def from_state(cls, state: str | None) -> "UserWindow":
         if state is None:
             return cls()
-        behaviours, newest_ms, profile, last_offset = orjson.loads(state)[:4]  # checkpoints before 0.5 hold a 5th field (unused)
+        behaviours, newest_ms, profile, last_offset = orjson.loads(state)[:4]  # older checkpoints hold a 5th field, a "pending" flag no longer used
         return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset)
