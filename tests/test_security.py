@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import select
 import socket
 import ssl
 import threading
@@ -238,18 +239,21 @@ class TlsTerminator:
             client.close()
             return
         upstream = socket.create_connection(("127.0.0.1", self.target_port))
-
-        def pump(source, sink):
+        # One thread moves both directions and closes both sockets: an SSL socket read, written or
+        # closed by two threads at once can make OpenSSL write an alert to a closed and reused file
+        # descriptor (seen once as TLS bytes in a later test's subprocess output).
+        with secure, upstream:
             try:
-                while data := source.recv(65536):
-                    sink.sendall(data)
+                while True:
+                    readable = [secure] if secure.pending() else select.select([secure, upstream], [], [])[0]
+                    for source, sink in ((secure, upstream), (upstream, secure)):
+                        if source in readable:
+                            data = source.recv(65536)
+                            if not data:
+                                return
+                            sink.sendall(data)
             except OSError:
-                pass
-            finally:
-                sink.close()
-
-        threading.Thread(target=pump, args=(upstream, secure), daemon=True).start()
-        pump(secure, upstream)
+                return
 
     def close(self) -> None:
         self.listener.close()
