@@ -201,8 +201,9 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
     if count != manifest.n_items:
         raise RuntimeError(f"{name} holds {count} items, expected {manifest.n_items}; the alias was not moved")
     late = inactive ^ inactive_items()
-    set_active(client, [name], late & inactive, True)
-    set_active(client, [name], late - inactive, False)
+    if late:
+        set_active(client, [name], late & inactive, True)
+        set_active(client, [name], late - inactive, False)
 
     current = alias_target(client, prefix)
     if current is None:
