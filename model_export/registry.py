@@ -67,10 +67,7 @@ class ModelRegistry:
 
     def set_current(self, model_version: str) -> None:
         self.path(model_version)  # refuses a version that is not installed
-        record = {"model_version": model_version, "published_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-        tmp = self.root / f".{CURRENT_FILE}.tmp"
-        tmp.write_text(json.dumps(record))
-        tmp.replace(self.root / CURRENT_FILE)
+        self._replace(CURRENT_FILE, {"model_version": model_version, "published_at": dt.datetime.now(dt.timezone.utc).isoformat()})
 
     def current_version(self) -> str | None:
         try:
@@ -117,11 +114,14 @@ class ModelRegistry:
             if items == current.items:
                 return current
             updated = InactiveItems(current.revision + 1, frozenset(items))
-            record = {"revision": updated.revision, "items": sorted(items), "updated_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-            tmp = self.root / f".{INACTIVE_FILE}.tmp"
-            tmp.write_text(json.dumps(record))
-            tmp.replace(self.inactive_path)
+            self._replace(INACTIVE_FILE, {"revision": updated.revision, "items": sorted(items), "updated_at": dt.datetime.now(dt.timezone.utc).isoformat()})
             return updated
+
+    def _replace(self, name: str, record: dict) -> None:
+        """Writes a registry record whole: readers see the old file or the new one, never a part."""
+        tmp = self.root / f".{name}.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.replace(self.root / name)
 
     def remove(self, model_version: str) -> None:
         if model_version == self.current_version():
