@@ -124,6 +124,20 @@ def test_routing_regularization_is_zero_for_even_routing_and_grows_with_collapse
     assert routing_regularization(collapsed, mask).item() > 1e-3
 
 
+def test_routing_regularization_reaches_the_behaviour_embeddings_only_when_enabled():
+    """REMI's penalty on the routing weights must have a gradient; the default detached routing gives it none."""
+    items, lengths, profile = _inputs()
+    mask = torch.arange(items.shape[1])[None, :] < lengths[:, None]
+    torch.manual_seed(0)
+    plain = MIND(_spec(kind="mind"), _side()).train()
+    assert not plain.interests(items, lengths, profile)[2].requires_grad
+    model = MIND(_spec(kind="mind_remi", routing_regularization=1.0), _side()).train()
+    _, _, weights = model.interests(items, lengths, profile)
+    routing_regularization(weights, mask).backward()
+    assert model.bilinear.weight.grad.abs().sum().item() > 0
+    assert model.items.ids.weight.grad.abs().sum().item() > 0
+
+
 @pytest.mark.parametrize("kind", ["mind", "mind_remi", "youtube_dnn"])
 def test_training_step_reduces_loss_on_a_fixed_batch(kind):
     torch.manual_seed(0)
