@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interests", type=int, default=None, help="K, the most interests per user")
     p.add_argument("--maxlen", type=int, default=None, help="behaviours read by the user tower (default: per dataset)")
     p.add_argument("--power", type=float, default=None, help="p of the label-aware attention")
-    p.add_argument("--beta", type=float, default=None, help="REMI hard-negative beta (mind_remi default 1.0)")
+    p.add_argument("--beta", type=float, default=None, help="REMI hard-negative beta (mind_remi default: 1.0, on ml-1m 16.0)")
     p.add_argument("--rr-lambda", type=float, default=None, help="REMI routing-regularisation lambda (mind_remi default 1.0)")
     p.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap steps per epoch (0 = full pass); for smoke runs")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
