@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import signal
@@ -18,6 +19,11 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config()
     server = RecallServer(config).start()
+    # What is loaded by now (modules, clients, the model) lives as long as the process: frozen out of
+    # the cyclic collector's reach, so its full collections scan only what requests allocate. Without
+    # this each one stalled every request thread for ~34 ms (measured under `bench`).
+    gc.collect()
+    gc.freeze()
     print(f"recall service on {config.recall.host}:{server.port} (TLS {'on' if config.recall.tls_certfile else 'off'}, "
           f"auth {'on' if config.recall.auth_token else 'off'}), metrics on {config.recall.metrics_host}:{server.metrics_port}/metrics, "
           f"Redis {config.redis.uri}, Milvus {config.milvus.uri}, models {config.paths.models_dir}", file=sys.stderr)

@@ -172,21 +172,23 @@ class MilvusItemSearch:
 
 
 def _hits(results, nq: int, limit: int) -> SearchHits:
-    """SearchResultData -> [nq, limit] arrays; query q's hits follow those of the queries before it."""
+    """SearchResultData -> [nq, limit] arrays; query q's hits follow those of the queries before it.
+    Vectorised (no loop over queries): it runs on every request."""
     counts = np.asarray(results.topks, dtype=np.int64) if len(results.topks) else np.zeros(nq, dtype=np.int64)
     ids = np.asarray(results.ids.int_id.data, dtype=np.int64)
     scores = np.asarray(results.scores, dtype=np.float32)
-    raw = next((list(f.scalars.string_data.data) for f in results.fields_data if f.field_name == "raw_id"), [""] * len(ids))
+    raw = next((f.scalars.string_data.data for f in results.fields_data if f.field_name == "raw_id"), None)
+    raw = np.array(raw, dtype=object) if raw is not None else np.full(len(ids), "", dtype=object)
+    if len(counts) == nq and (counts == limit).all():  # every query found `limit` items: the common case, one reshape
+        return SearchHits(ids.reshape(nq, limit), scores.reshape(nq, limit), raw.reshape(nq, limit))
+    query = np.repeat(np.arange(nq), counts)  # the query of each hit
+    rank = np.arange(len(ids)) - np.repeat(np.cumsum(counts) - counts, counts)  # its rank within the query
+    keep = rank < limit
     out_ids = np.full((nq, limit), MISSING_ITEM, dtype=np.int64)
     out_scores = np.full((nq, limit), -np.inf, dtype=np.float32)
     out_raw = np.full((nq, limit), "", dtype=object)
-    offset = 0
-    for q, count in enumerate(counts.tolist()):
-        count = min(count, limit)
-        out_ids[q, :count] = ids[offset:offset + count]
-        out_scores[q, :count] = scores[offset:offset + count]
-        out_raw[q, :count] = raw[offset:offset + count]
-        offset += int(counts[q])
+    for out, values in ((out_ids, ids), (out_scores, scores), (out_raw, raw)):
+        out[query[keep], rank[keep]] = values[keep]
     return SearchHits(out_ids, out_scores, out_raw)
 
 

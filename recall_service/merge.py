@@ -8,6 +8,7 @@ removed. Kept free of I/O: the offline evaluator and the recall service call the
 from __future__ import annotations
 
 import math
+from typing import Container, Sequence
 
 import numpy as np
 
@@ -59,21 +60,29 @@ def merge_by_score(
     return out_ids, out_scores, out_interest
 
 
-def merge_one_by_score(item_ids: np.ndarray, scores: np.ndarray, n: int, excluded=frozenset()) -> list[tuple[int, float, int]]:
+def merge_one_by_score(item_ids: np.ndarray, scores: np.ndarray, n: int, excluded: Sequence[Container] = ()) -> list[tuple[object, float, int]]:
     """merge_by_score for one user ([K, N] -> at most n (item, score, interest), best first),
-    skipping `excluded` items: the serving path, where merge_by_score's batch machinery costs more
-    than the merge itself (~150 vs ~40 us for 4 x 100 candidates). The same result (tested)."""
+    skipping the items in any of the `excluded` containers: the serving path, where merge_by_score's
+    batch machinery costs more than the merge itself. The same result (tested). Ids may be of any
+    hashable type (the service merges the raw ids Milvus returns); -inf scores are padding. It stops
+    at the n-th distinct item, so a typical call looks at few more than n candidates."""
     per_interest = item_ids.shape[1]
     flat = scores.ravel()
     order = np.argsort(-flat, kind="stable")  # best first; ties keep interest-major order
+    ids, ranked = item_ids.ravel().tolist(), flat[order].tolist()
     out, seen = [], set()
-    for position, item, score in zip(order.tolist(), item_ids.ravel()[order].tolist(), flat[order].tolist()):
-        if item in seen or item in excluded or not math.isfinite(score):
+    for rank, position in enumerate(order.tolist()):
+        item = ids[position]
+        if item in seen or not math.isfinite(ranked[rank]):
             continue
-        seen.add(item)
-        out.append((item, score, position // per_interest))
-        if len(out) == n:
-            break
+        for container in excluded:
+            if item in container:
+                break
+        else:
+            seen.add(item)
+            out.append((item, ranked[rank], position // per_interest))
+            if len(out) == n:
+                break
     return out
 
 

@@ -272,7 +272,7 @@ class Recaller:
         for p, limit in zip(group, limits):
             started = self.clock()
             k = len(p.vectors)
-            items = _merge_one(hits, row, k, limit, p.query, set(p.window), inactive.items)
+            items = _merge_one(hits, row, k, limit, p.query, p.window, inactive.items)
             row += k
             p.stages["merge"] = p.stages.get("merge", 0.0) + self.clock() - started
             results[p.index] = RecallResult(items, version, path, p.reason, p.stages)
@@ -304,19 +304,16 @@ class Recaller:
             p.stages[stage] = p.stages.get(stage, 0.0) + seconds
 
 
-def _merge_one(hits: SearchHits, row: int, k: int, limit: int, query: RecallQuery, window: set[str],
+def _merge_one(hits: SearchHits, row: int, k: int, limit: int, query: RecallQuery, window: tuple[str, ...],
                inactive: frozenset[str]) -> list[tuple[str, float, int]]:
-    """This user's rows of a group search -> window, exclusions and inactive items dropped -> merged top n."""
-    ids, raw = hits.item_ids[row:row + k, :limit], hits.raw_ids[row:row + k, :limit]
-    scores = hits.scores[row:row + k, :limit]
-    flat_ids, flat_raw = ids.ravel().tolist(), raw.ravel().tolist()
-    raw_of = dict(zip(flat_ids, flat_raw))
-    excluded = query.excluded.union(window)
-    skip = {i for i, r in zip(flat_ids, flat_raw) if r in excluded or r in inactive} if excluded or inactive else frozenset()
+    """This user's rows of a group search -> window, exclusions and inactive items dropped -> merged top n.
+    Merged by raw id (one per item of a collection), so no id -> raw id map is built per call."""
+    raw, scores = hits.raw_ids[row:row + k, :limit], hits.scores[row:row + k, :limit]
+    excluded = query.excluded.union(window) if window else query.excluded
     if query.merge_policy is MergePolicy.QUOTA:
-        kept = np.where(np.isin(ids, list(skip)), -np.inf, scores) if skip else scores
-        out_ids, out_scores, out_interest = merge_by_quota(ids[None], kept[None], query.n)
-        merged = [(i, s, j) for i, s, j in zip(out_ids[0].tolist(), out_scores[0].tolist(), out_interest[0].tolist()) if i != MISSING_ITEM]
-    else:
-        merged = merge_one_by_score(ids, scores, query.n, skip)
-    return [(raw_of[i], float(s), int(j)) for i, s, j in merged]
+        ids = hits.item_ids[row:row + k, :limit]
+        skip = np.fromiter((r in excluded or r in inactive for r in raw.ravel().tolist()), dtype=bool, count=raw.size).reshape(raw.shape)
+        out_ids, out_scores, out_interest = merge_by_quota(ids[None], np.where(skip, -np.inf, scores)[None], query.n)
+        raw_of = dict(zip(ids.ravel().tolist(), raw.ravel().tolist()))
+        return [(raw_of[i], s, j) for i, s, j in zip(out_ids[0].tolist(), out_scores[0].tolist(), out_interest[0].tolist()) if i != MISSING_ITEM]
+    return merge_one_by_score(raw, scores, query.n, (excluded, inactive))

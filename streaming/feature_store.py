@@ -150,6 +150,9 @@ class RedisFeatureStore:
         return n
 
     def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]:
+        if len(user_ids) == 1:  # the recall service's common case: a pipeline costs ~35 us more
+            fields = self.client.hgetall(self.key(user_ids[0]))
+            return [decode(user_ids[0], fields) if fields else None]
         pipe = self.client.pipeline(transaction=False)
         for user_id in user_ids:
             pipe.hgetall(self.key(user_id))

@@ -489,7 +489,32 @@ def test_the_serving_merge_of_one_user_equals_the_papers_merge():
         masked = np.where(np.isin(ids, list(excluded)), -np.inf, scores)
         out_ids, out_scores, out_interest = merge_by_score(ids[None], masked[None], n)
         expected = [(i, s, j) for i, s, j in zip(out_ids[0].tolist(), out_scores[0].tolist(), out_interest[0].tolist()) if i != MISSING_ITEM]
-        assert merge_one_by_score(ids, scores, n, excluded) == expected
+        assert merge_one_by_score(ids, scores, n, (excluded,)) == expected
+        assert merge_one_by_score(ids.astype(str).astype(object), scores, n, (set(), {str(i) for i in excluded})) == [(str(i), s, j) for i, s, j in expected]
+
+
+@pytest.mark.parametrize("topks, limit", [([3, 3], 3), ([3, 0, 5], 4), ([5, 1], 3), ([], 2), ([2, 2], 5)])
+def test_milvus_results_become_rows_per_query_cut_to_the_limit_and_padded(topks, limit):
+    """_hits reads Milvus' flat SearchResultData (query q's hits after those of the queries before it)."""
+    from pymilvus.grpc_gen import schema_pb2
+
+    from recall_service.backends import _hits
+
+    nq = max(len(topks), 2)
+    per_query = [[(100 * q + r, 1.0 - 0.1 * r) for r in range(count)] for q, count in enumerate(topks)] + [[] for _ in range(nq - len(topks))]
+    flat = [hit for hits in per_query for hit in hits]
+    results = schema_pb2.SearchResultData(num_queries=nq, topks=topks, scores=[s for _, s in flat])
+    results.ids.int_id.data.extend([i for i, _ in flat])
+    raw = results.fields_data.add()
+    raw.field_name = "raw_id"
+    raw.scalars.string_data.data.extend([f"r{i}" for i, _ in flat])
+    hits = _hits(results, nq, limit)
+    assert hits.item_ids.shape == hits.scores.shape == hits.raw_ids.shape == (nq, limit)
+    for q, expected in enumerate(per_query):
+        kept = expected[:limit]
+        assert hits.item_ids[q].tolist() == [i for i, _ in kept] + [MISSING_ITEM] * (limit - len(kept))
+        assert hits.raw_ids[q].tolist() == [f"r{i}" for i, _ in kept] + [""] * (limit - len(kept))
+        assert np.allclose(hits.scores[q, :len(kept)], [s for _, s in kept]) and np.all(np.isneginf(hits.scores[q, len(kept):]))
 
 
 def test_a_model_retired_since_the_last_look_at_current_is_replaced_by_the_new_current(two_exports, tmp_path):
