@@ -37,7 +37,8 @@ def test_dynamic_interest_count_follows_log2_of_history_length():
 
 
 def test_squash_keeps_direction_and_bounds_norm_below_one():
-    z = torch.randn(100, 8) * torch.logspace(-3, 3, 100)[:, None]
+    # norms 1e-3 .. 1e2 (seeded): beyond ~1e3 the true value 1 - 1/(1 + |z|^2) rounds to 1.0 in float32
+    z = torch.randn(100, 8, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 100)[:, None]
     s = squash(z)
     norms = s.norm(dim=-1)
     assert torch.all(norms < 1.0)
