@@ -60,8 +60,9 @@ def per_distinct_item(items: torch.Tensor, embed) -> torch.Tensor:
     behaviours repeats popular items many times, and any per-item map (side pooling, MIND's S)
     is then paid per distinct item instead of per behaviour. Same result as embed(items)."""
     distinct, inverse = torch.unique(items, return_inverse=True)
-    # F.embedding, not indexing: its backward is a fast dense scatter, indexing's is index_put.
-    return F.embedding(inverse, embed(distinct))
+    # index_select, not F.embedding or indexing: its backward (index_add) is ~3x faster on CPU than
+    # embedding's dense backward, and indexing's backward (index_put) is slower still.
+    return embed(distinct).index_select(0, inverse.reshape(-1)).view(*items.shape, -1)
 
 
 class ProfileEmbedding(nn.Module):
