@@ -48,14 +48,18 @@ def cmd_produce(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from streaming.job import latest_checkpoint, run_job
+    from streaming.job import STATE_LAYOUT, latest_checkpoint, run_job, unrestorable_checkpoints
 
     config = load_config()
     restore = None
     if args.restore == "latest":
         restore = latest_checkpoint(config.streaming.checkpoint_dir)
         if restore is None:
-            print(f"no checkpoint under {config.streaming.checkpoint_dir}: starting from the committed Kafka offsets", file=sys.stderr)
+            print(f"no checkpoint under {config.streaming.checkpoint_dir}/{STATE_LAYOUT}: starting from the committed Kafka offsets", file=sys.stderr)
+            stale = unrestorable_checkpoints(config.streaming.checkpoint_dir)
+            if stale:
+                print(f"  {len(stale)} checkpoint(s) of an older state layout (e.g. {stale[0]}) cannot be restored by this version: "
+                      "users' windows restart from their next events; delete them once this job has checkpointed", file=sys.stderr)
     elif args.restore:
         restore = Path(args.restore)
     run_job(config, restore)

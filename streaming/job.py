@@ -33,6 +33,13 @@ from infra.config import REPO_ROOT, Config
 log = logging.getLogger(__name__)
 
 JOB_NAME = "mindstream-interests"
+# Flink restores keyed state only into the same state types: a checkpoint taken when the window was
+# a pickled value cannot be restored into the JSON string of today's job (the restore fails and the
+# job restarts forever). So checkpoints live in a folder per state layout, and `--restore latest`
+# looks only in this one. Bump it whenever a state descriptor's type changes.
+#   1  window as a pickled Python value (before the JSON window state), in the root folder
+#   2  window as a JSON string (UserWindow.to_state)
+STATE_LAYOUT = "state-v2"
 JVM_HEAP = "-Xmx640m"  # with the embedded Python the whole job stays well under 1.5 GB
 
 
@@ -134,10 +141,23 @@ def _user_windows_function(settings: dict):
     return UserWindows()
 
 
+def checkpoint_location(checkpoint_dir: Path | str) -> str:
+    """Where this job's checkpoints go: [streaming].checkpoint_dir / STATE_LAYOUT, as a URI."""
+    root = str(checkpoint_dir) if "://" in str(checkpoint_dir) else Path(checkpoint_dir).resolve().as_uri()
+    return f"{root.rstrip('/')}/{STATE_LAYOUT}"
+
+
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest complete checkpoint (a chk-N folder with _metadata) of any earlier run."""
-    done = [p.parent for p in Path(checkpoint_dir).glob("*/chk-*/_metadata")]
+    """The newest complete checkpoint (a chk-N folder with _metadata) of any earlier run of this state layout."""
+    done = [p.parent for p in (Path(checkpoint_dir) / STATE_LAYOUT).glob("*/chk-*/_metadata")]
     return max(done, key=lambda p: p.stat().st_mtime) if done else None
+
+
+def unrestorable_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Complete checkpoints of other state layouts: this job cannot restore them."""
+    root = Path(checkpoint_dir)
+    return [p.parent for p in [*root.glob("*/chk-*/_metadata"), *root.glob("*/*/chk-*/_metadata")]
+            if root / STATE_LAYOUT not in p.parents]
 
 
 def _environment(config: Config, restore_from: Path | None):
@@ -155,7 +175,6 @@ def _environment(config: Config, restore_from: Path | None):
     # On a local cluster PyFlink starts a Beam worker-pool gRPC server on all interfaces ([::]:0)
     # for process-mode Python workers. Thread mode never uses it; "process" here keeps it unstarted.
     os.environ["_python_worker_execution_mode"] = "process"
-    checkpoint_dir = str(s.checkpoint_dir) if "://" in str(s.checkpoint_dir) else Path(s.checkpoint_dir).resolve().as_uri()
     jars = kafka_connector_jars(config.paths.var_dir / "jars")
     conf = Configuration()
     for key, value in {
@@ -167,7 +186,7 @@ def _environment(config: Config, restore_from: Path | None):
         "pipeline.name": JOB_NAME,
         "pipeline.object-reuse": "true",  # no defensive copies between chained Java operators
         "execution.checkpointing.interval": f"{s.checkpoint_interval_ms} ms",
-        "execution.checkpointing.dir": checkpoint_dir,
+        "execution.checkpointing.dir": checkpoint_location(s.checkpoint_dir),
         "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
         "execution.checkpointing.num-retained": "2",
         "restart-strategy.type": "fixed-delay",

@@ -189,7 +189,9 @@ def test_flink_deployment_structure():
     streaming = _toml()["streaming"]
     assert job["parallelism"] == streaming["parallelism"]
     assert streaming["topic_partitions"] >= streaming["parallelism"]
-    assert conf["execution.checkpointing.dir"] == streaming["checkpoint_dir"]
+    from streaming.job import checkpoint_location
+
+    assert conf["execution.checkpointing.dir"] == checkpoint_location(streaming["checkpoint_dir"])
     (container,) = spec["podTemplate"]["spec"]["containers"]
     assert container["name"] == "flink-main-container"  # the operator merges by this name
     assert {"name": "job-metrics", "containerPort": streaming["metrics_port"]} in container["ports"]

@@ -226,3 +226,30 @@ def test_backfill_moves_every_record_to_the_new_version_but_never_over_a_newer_w
     fresh = InterestRecord("u0", "v3", old, ("a",), 0, "0:0", 1)
     assert store.replace_if_unchanged([fresh], [stale.updated_ms]) == 0
     assert store.get_many(["u0"])[0].window == ("b",)
+
+
+def test_restore_latest_takes_only_checkpoints_of_this_state_layout(tmp_path):
+    """A checkpoint of another keyed-state layout cannot be restored (Flink refuses the serializer
+    and the job would restart forever): `--restore latest` must not pick it."""
+    import os
+
+    from streaming.job import STATE_LAYOUT, checkpoint_location, latest_checkpoint, unrestorable_checkpoints
+
+    def checkpoint(*parts: str, complete: bool = True, age_s: int = 0):
+        folder = tmp_path.joinpath(*parts)
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / "_metadata").write_bytes(b"")
+            os.utime(folder, (1e9 - age_s, 1e9 - age_s))
+        return folder
+
+    assert latest_checkpoint(tmp_path) is None and unrestorable_checkpoints(tmp_path) == []
+    older_layout = checkpoint("0f3a", "chk-40")  # layout 1 wrote straight into the root
+    other_layout = checkpoint("state-v0", "77aa", "chk-2")
+    checkpoint(STATE_LAYOUT, "b1c2", "chk-5", age_s=20)
+    newest = checkpoint(STATE_LAYOUT, "b1c2", "chk-6", age_s=10)
+    checkpoint(STATE_LAYOUT, "b1c2", "chk-7", complete=False)  # still being written
+    assert latest_checkpoint(tmp_path) == newest
+    assert sorted(unrestorable_checkpoints(tmp_path)) == sorted([older_layout, other_layout])
+    assert checkpoint_location("s3://bucket/checkpoints/") == f"s3://bucket/checkpoints/{STATE_LAYOUT}"
+    assert checkpoint_location(tmp_path) == f"{tmp_path.resolve().as_uri()}/{STATE_LAYOUT}"
