@@ -93,7 +93,11 @@ def build_catalog(export_dir: Path, n_items: int, out_root: Path, seed: int = 0)
     np.save(staging / "item_vectors.npy", catalog)
     (staging / "vocab.json").write_text(json.dumps(vocab))
     (staging / "user_tower.onnx").write_bytes(source.file(export_dir, "user_tower").read_bytes())
-    files = {role: ArtifactFile(f.path, sha256_of(staging / f.path), (staging / f.path).stat().st_size) for role, f in source.files.items()}
+    # What serving reads; not the source's training weights (a catalog is never retrained, and its
+    # items are not the weights' items).
+    served = ("user_tower", "item_vectors", "vocab")
+    files = {role: ArtifactFile(f.path, sha256_of(staging / f.path), (staging / f.path).stat().st_size)
+             for role, f in source.files.items() if role in served}
     extra = {**source.extra, "bench_catalog": {"source": source.model_version, "real_items": len(vectors), "bandwidth": BANDWIDTH, "seed": seed}}
     dataclasses.replace(source, model_version=version, n_items=n_items, files=files, extra=extra).write(staging)
     staging.rename(out)

@@ -535,3 +535,20 @@ def test_a_model_retired_since_the_last_look_at_current_is_replaced_by_the_new_c
     models = RegistryModels(registry, prefer_gpu=False, refresh_s=3600)
     with pytest.raises(BackendUnavailable, match=f"current model {new} cannot be loaded"):
         models.current()
+
+
+def test_the_bench_catalog_of_an_export_is_a_valid_export_of_its_own(two_exports, tmp_path):
+    """`recall_service bench` serves a catalog grown from a trained export; exports also carry
+    training weights, which a catalog (other items) must not claim."""
+    from model_export.manifest import Manifest
+    from recall_service.bench import build_catalog
+
+    source = Manifest.load(two_exports[0])
+    catalog = build_catalog(two_exports[0], source.n_items + 40, tmp_path)
+    manifest = Manifest.load(catalog)  # verifies every listed file against its SHA-256
+    assert "weights" in source.files and "weights" not in manifest.files
+    assert manifest.n_items == source.n_items + 40
+    vectors = np.load(manifest.file(catalog, "item_vectors"))
+    assert vectors.shape == (source.n_items + 40, source.dim)
+    assert np.array_equal(vectors[:source.n_items], np.load(source.file(two_exports[0], "item_vectors")))
+    assert build_catalog(two_exports[0], source.n_items + 40, tmp_path) == catalog  # built once, then reused
