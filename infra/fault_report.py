@@ -6,7 +6,9 @@ sends of it failed, when the broker acknowledged it (acks=all) and when it was f
 user's stored window (polled while the load runs: the ack->store time). Once the stream has
 drained, every user's final stored window is checked against every event acked for that user
 (`EventLedger.final_check`): an acked event must be in it, so an event that was seen and then
-vanished (a store that lost writes) counts as lost too. A window holds the newest L behaviours
+vanished (a store that lost writes) counts as lost too. A lost event is then looked for in the
+broker's log, and its acknowledged offset compared with the others': a broker that dropped
+records it had served gives their offsets out again, which a consumer past them never reads. A window holds the newest L behaviours
 by event time, so an absent event is not necessarily lost: when the window is full and the event
 is no newer than its oldest behaviour, newer events pushed it out. If such an event was never
 seen, it is `evicted`: the harness cannot tell whether it was ever applied, and reports how many
@@ -48,6 +50,8 @@ class SentEvent:
     evicted: bool = False  # never seen, and older than a full window's oldest behaviour
     lost: bool = False  # acked, yet not in its user's final window (set by the final check)
     in_broker: bool | None = None  # for a lost event: whether the broker's log still holds it (None: not looked)
+    acked_offset: tuple[int, int] | None = None  # (partition, offset) the broker's acknowledgement named
+    offset_reused: bool = False  # acked at an offset the broker had acknowledged earlier for another record
 
 
 def oldest_time_ms(window: tuple[str, ...], times: dict[str, int]) -> int | None:
@@ -83,12 +87,25 @@ class EventLedger:
                 self.items_by_user.setdefault(user_id, {})[item_id] = event_time_ms
                 self.ids_by_user.setdefault(user_id, []).append(event_id)
 
-    def acked(self, event_id: str, now: float) -> None:
+    def acked(self, event_id: str, now: float, partition: int | None = None, offset: int | None = None) -> None:
         with self.lock:
             event = self.events[event_id]
             if event.acked_at is None:  # a resent event may be acked twice: the first ack counts
                 event.acked_at = now
+                event.acked_offset = None if offset is None else (partition, offset)
                 self.unseen.setdefault(event.user_id, set()).add(event_id)
+
+    def mark_reused_offsets(self) -> int:
+        """Marks every event acknowledged at a (partition, offset) the broker had acknowledged earlier
+        for another event; returns how many. A broker that loses records it has already served (noida
+        0.2.3 at a restart, README) hands their offsets out again: a consumer that read the lost
+        record is already past the offset and never reads the new one there."""
+        first_at: dict[tuple[int, int], str] = {}
+        with self.lock:
+            acked = sorted((kv for kv in self.events.items() if kv[1].acked_offset is not None), key=lambda kv: kv[1].acked_at)
+            for event_id, event in acked:
+                event.offset_reused = first_at.setdefault(event.acked_offset, event_id) != event_id
+            return sum(1 for _, e in acked if e.offset_reused)
 
     def failed(self, event_id: str) -> int:
         """Counts a failed send; returns how many sends of this event failed so far."""
@@ -223,6 +240,7 @@ class FaultSummary:
     events_lost: int  # acked, not in the final stored window, not pushed out of it by newer events
     events_lost_after_seen: int  # of those: seen in the store earlier, then gone (the store lost a write)
     events_lost_not_in_broker: int  # of those: absent from the broker's log too (the broker dropped an acked record)
+    events_lost_at_reused_offset: int  # of those: acked at an offset already acked for another record (the broker reused it)
     events_evicted_unverified: int
     events_unacked: int  # never acknowledged: the producer gave up (not a loss of the system's)
     send_failures: int  # sends refused or failed, each sent again
@@ -257,6 +275,7 @@ def summarize_fault(run: FaultRun, events: dict[str, SentEvent], samples: list[R
         events_lost=len(lost),
         events_lost_after_seen=sum(1 for eid in lost if acked[eid].seen_at is not None),
         events_lost_not_in_broker=sum(1 for eid in lost if acked[eid].in_broker is False),
+        events_lost_at_reused_offset=sum(1 for eid in lost if acked[eid].offset_reused),
         events_evicted_unverified=sum(1 for e in acked.values() if e.evicted),
         events_unacked=sum(1 for e in sent_here if e.acked_at is None),
         send_failures=sum(e.failures for e in sent_here),
@@ -294,6 +313,7 @@ def _lost(s: FaultSummary) -> str:
     if not s.events_lost:
         return "0"
     where = [f"{s.events_lost_not_in_broker:,} not in the broker's log"] if s.events_lost_not_in_broker else []
+    where += [f"{s.events_lost_at_reused_offset:,} at an offset the broker reused"] if s.events_lost_at_reused_offset else []
     where += [f"{s.events_lost_after_seen:,} seen, then gone from the store"] if s.events_lost_after_seen else []
     return f"**{s.events_lost:,}**" + (f" ({'; '.join(where)})" if where else "")
 
@@ -318,11 +338,13 @@ def fault_verdict(summaries: list[FaultSummary]) -> list[str]:
     problems = []
     for s in summaries:
         if s.events_lost:
-            cause = ""
-            if s.events_lost_not_in_broker == s.events_lost:
-                cause = ": none of them is in the broker's log any more (the broker dropped records it had acknowledged)"
-            elif s.events_lost_not_in_broker:
-                cause = f": {s.events_lost_not_in_broker} of them are not in the broker's log any more"
+            broker_lost = s.events_lost_not_in_broker + s.events_lost_at_reused_offset
+            causes = [f"{s.events_lost_not_in_broker} not in the broker's log any more"] if s.events_lost_not_in_broker else []
+            causes += [f"{s.events_lost_at_reused_offset} acked at an offset the broker had acknowledged before for another record"
+                       ] if s.events_lost_at_reused_offset else []
+            cause = f": {'; '.join(causes)}" if causes else ""
+            if broker_lost == s.events_lost:
+                cause += " (all of them the broker's: it dropped records it had acknowledged)"
             problems.append(f"{s.name}: {s.events_lost} acked events never reached their window{cause} (first ids: {', '.join(s.lost_event_ids[:5])})")
         expected = EXPECTED_ERROR_CODES | (EXPECTED_IN_OWN_SHUTDOWN if s.service == "recall" else frozenset())
         unexpected = {code: n for code, n in s.recall_errors.items() if code not in expected}

@@ -134,7 +134,8 @@ def run(args) -> int:
 
     print(table)
     print(f"\nevents sent {len(events):,}, acked {sum(e.acked_at is not None for e in events.values()):,}, lost {final['events_lost']:,} "
-          f"({final['events_lost_not_in_broker']:,} of them not in the broker's log); recall calls {len(samples):,}; "
+          f"({final['events_lost_not_in_broker']:,} of them not in the broker's log, {final['events_lost_at_reused_offset']:,} at an offset "
+          f"the broker reused); recall calls {len(samples):,}; "
           f"doubled behaviours {final['doubled_behaviours']}, phantom behaviours {final['phantom_behaviours']}; "
           f"load average {load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end ({os.cpu_count()} CPUs)")
     print("\n".join(["verdict: every check holds"] if not problems else ["verdict: PROBLEMS", *(f"  - {p}" for p in problems)]))

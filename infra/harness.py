@@ -204,7 +204,7 @@ class TrackedProducer(EventProducer):
         except KafkaError as exc:  # e.g. no broker for max_block_ms: nothing was queued
             self.stream.failed(event, exc)
             return None
-        future.add_callback(lambda _metadata: self.stream.acked(event))
+        future.add_callback(lambda metadata: self.stream.acked(event, metadata))
         future.add_errback(lambda exc: self.stream.failed(event, exc))
         return future
 
@@ -231,8 +231,8 @@ class EventStream:
     def sending(self, event) -> None:
         self.ledger.sent(event.event_id, event.user_id, event.item_id, event.event_time_ms, time.monotonic())
 
-    def acked(self, event) -> None:
-        self.ledger.acked(event.event_id, time.monotonic())
+    def acked(self, event, metadata) -> None:
+        self.ledger.acked(event.event_id, time.monotonic(), metadata.partition, metadata.offset)
 
     def failed(self, event, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"[:200]
@@ -462,6 +462,7 @@ class LoadRun:
         drained = self.poller.drain(drain_timeout_s, lambda: job.metric("mindstream_stream_events_in_total"), self.say)
         self.poller.stop()
         doubled, phantom = self.poller.final_check()
+        self.ledger.mark_reused_offsets()
         lost = [e for e in self.ledger.snapshot() if e.lost]
         if lost:  # where were they lost: is the record still in the broker's log?
             self.say(f"  {len(lost):,} acked events are not in their windows: looking for them in the broker's log")
@@ -472,6 +473,7 @@ class LoadRun:
                         event.in_broker = event_id in in_log
         return {"drained": drained, "doubled_behaviours": doubled, "phantom_behaviours": phantom,
                 "events_lost": len(lost), "events_lost_not_in_broker": sum(1 for e in lost if e.in_broker is False),
+                "events_lost_at_reused_offset": sum(1 for e in lost if e.offset_reused),
                 "store_read_errors": self.poller.read_errors, "stream_error": repr(self.stream.error) if self.stream.error else None,
                 "last_send_error": self.stream.last_error}
 
