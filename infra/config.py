@@ -62,6 +62,9 @@ class StreamingConfig:
     batch_max_delay_ms: int = 20  # ... and the longest an update waits for its batch
     state_ttl_hours: int = 720  # a user idle this long is dropped from the job's state
     record_ttl_s: int = 0  # feature-store record expiry (0 = never)
+    # A user the job holds no state for (new, idle past state_ttl_hours, or state lost) starts from
+    # the window of its stored record: one store read per such user. Off: such windows start empty.
+    seed_windows_from_store: bool = True
     checkpoint_interval_ms: int = 5_000
     checkpoint_dir: Path = REPO_ROOT / "var" / "flink" / "checkpoints"  # s3://... in production
     parallelism: int = 1  # thread mode runs one Python interpreter per TaskManager JVM

@@ -5,6 +5,10 @@ tower once for all pending users (one ONNX call instead of one per event) and wr
 records in one pipelined round trip. The caller bounds a batch by size (`full`) and by time (a
 timer). A failing store write is retried with backoff until it succeeds: the job then applies
 back-pressure and Kafka keeps the events, instead of an update being dropped.
+
+For a user the job holds no state for, `stored_window` reads the window the user's stored record
+reflects (streaming/window.py), with the same retry: a window must never start empty only
+because the store did not answer.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Callable, Protocol
 
 from model_export.artifact import UserTower
 from streaming import metrics
-from streaming.feature_store import FeatureStore, InterestRecord
+from streaming.feature_store import FeatureStore, InterestRecord, RecordError
 from streaming.window import UserWindow
 
 log = logging.getLogger(__name__)
@@ -126,17 +130,33 @@ class InterestWriter:
         self.pending.clear()
         return users
 
+    def stored_window(self, user_id: str) -> UserWindow:
+        """The window of the user's stored record; empty when there is none or it is unreadable (counted)."""
+        try:
+            record = self._retrying(lambda: self.store.get_many([user_id])[0], f"feature-store read of user {user_id!r:.80}")
+        except RecordError as exc:  # another schema or corrupt: the job's next write replaces it
+            metrics.WINDOW_SEEDS.labels("unreadable").inc()
+            log.warning("window of user %.80r not seeded: %s", user_id, exc)
+            return UserWindow()
+        metrics.WINDOW_SEEDS.labels("none" if record is None else "seeded").inc()
+        return UserWindow() if record is None else UserWindow.from_record(record)
+
     def _write(self, records: list[InterestRecord]) -> None:
+        started = time.perf_counter()
+        self._retrying(lambda: self.store.put_many(records), f"feature-store write of {len(records)} records")
+        metrics.STORE_WRITE_SECONDS.observe(time.perf_counter() - started)
+
+    def _retrying(self, action: Callable, what: str):
+        """action() until it does not raise: the store is down or unreachable, so wait, never drop."""
         delay = 0.05
         while True:
-            started = time.perf_counter()
             try:
-                self.store.put_many(records)
-                metrics.STORE_WRITE_SECONDS.observe(time.perf_counter() - started)
-                return
-            except Exception as exc:  # the store is down or unreachable: wait, never drop
+                return action()
+            except RecordError:
+                raise  # the store answered: a bad record, not an outage
+            except Exception as exc:
                 metrics.STORE_ERRORS.inc()
-                log.warning("feature-store write of %d records failed (%s); retrying in %.2fs", len(records), exc, delay)
+                log.warning("%s failed (%s); retrying in %.2fs", what, exc, delay)
                 self.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)
 

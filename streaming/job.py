@@ -55,6 +55,7 @@ def job_settings(config: Config) -> dict:
         "batch_max_delay_ms": s.batch_max_delay_ms,
         "state_ttl_hours": s.state_ttl_hours,
         "record_ttl_s": s.record_ttl_s,
+        "seed_windows_from_store": s.seed_windows_from_store,
         "models_dir": str(config.paths.models_dir),
         "model_poll_s": s.model_poll_s,
         "metrics_host": s.metrics_host,
@@ -105,7 +106,13 @@ def _user_windows_function(settings: dict):
                 metrics.DEAD_LETTERS.labels(exc.kind).inc()
                 yield dead_letter(str(exc), exc.kind, value or b"", partition, offset, produced_ms, settings["events_topic"])
                 return
-            window = UserWindow.from_state(self.state.value())
+            state = self.state.value()
+            if state is not None:
+                window = UserWindow.from_state(state)
+            elif settings["seed_windows_from_store"]:
+                window = self.writer.stored_window(key)
+            else:
+                window = UserWindow()
             outcome = window.apply(event, settings["window_length"], settings["allowed_lateness_ms"], f"{partition}:{offset}")
             self.applied[outcome].inc()
             if outcome is Applied.LATE:

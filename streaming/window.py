@@ -7,6 +7,20 @@ never silently lost). Redeliveries are recognised and ignored: by `event_id` whe
 sets one, else by (item, type, event time) among events without an id. Restoring state from a checkpoint and replaying
 Kafka from the checkpointed offsets therefore leaves every window exactly as if no failure had
 happened: nothing missing, nothing twice.
+
+A record at or before the newest applied offset of its partition (`last_offset`) and no newer than
+the newest event time is a redelivery too: Kafka delivers a partition in order, and a user's
+events share one partition. (The time bound keeps a recreated topic, whose offsets start again,
+from having its new events taken for old ones.)
+
+A job that starts without its state (a state-layout change, a lost checkpoint, an expired state)
+seeds a user's window from the user's stored feature-store record (`from_record`) instead of
+starting it empty, so the next write does not replace a long stored window with a one-item one.
+The record keeps the raw item ids, the newest event time and the newest offset, not each
+behaviour's time or id: seeded behaviours all carry the record's newest event time, and the
+records the job reads again from its committed offsets, up to the stored offset, are recognised
+by that offset and not applied twice. (What such a start cannot know: the events of a write that was
+still queued when a checkpoint covered them and the job died before it, within `batch_max_delay_ms`.)
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ from enum import Enum
 import orjson
 
 from streaming.events import BehaviourEvent
+from streaming.feature_store import InterestRecord
 
 
 class Applied(Enum):
@@ -38,7 +53,14 @@ class UserWindow:
     def item_ids(self) -> tuple[str, ...]:
         return tuple(b[1] for b in self.behaviours)
 
+    @classmethod
+    def from_record(cls, record: InterestRecord) -> "UserWindow":
+        """The window a stored record reflects (see the module docstring)."""
+        return cls([(record.last_event_ms, item, "", "") for item in record.window], record.last_event_ms, dict(record.profile), record.last_offset)
+
     def apply(self, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "") -> Applied:
+        if offset and self.last_offset and event.event_time_ms <= self.newest_ms and _not_after(offset, self.last_offset):
+            return Applied.DUPLICATE
         if self.newest_ms >= 0 and event.event_time_ms < self.newest_ms - allowed_lateness_ms:
             return Applied.LATE
         # Redeliveries carry the same event time, so only that stretch of the window is searched.
@@ -74,3 +96,10 @@ class UserWindow:
             return cls()
         behaviours, newest_ms, profile, last_offset = orjson.loads(state)[:4]  # older checkpoints hold a 5th field, a "pending" flag no longer used
         return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset)
+
+
+def _not_after(offset: str, last_offset: str) -> bool:
+    """Whether Kafka record `offset` ("partition:offset") is at or before `last_offset` of the same partition."""
+    partition, _, position = offset.partition(":")
+    last_partition, _, last_position = last_offset.partition(":")
+    return partition == last_partition and int(position) <= int(last_position)

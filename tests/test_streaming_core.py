@@ -115,6 +115,18 @@ def test_replaying_after_a_restore_leaves_the_window_unchanged():
     assert restored.item_ids() == once.item_ids()
 
 
+def test_a_record_at_or_before_the_newest_applied_offset_of_its_partition_is_a_redelivery():
+    w = UserWindow()
+    assert w.apply(event("a", 1_000), 8, 5_000, offset="0:4") is Applied.ADDED
+    assert w.apply(event("b", 3_000), 8, 5_000, offset="0:5") is Applied.ADDED
+    assert w.apply(event("b", 3_000), 8, 5_000, offset="0:5") is Applied.DUPLICATE  # the same record again
+    assert w.apply(event("x", 2_000), 8, 5_000, offset="0:3") is Applied.DUPLICATE  # an earlier record: handled before, whatever it holds
+    assert w.apply(event("c", 2_500), 8, 5_000, offset="1:2") is Applied.ADDED  # another partition
+    assert w.apply(event("d", 4_000), 8, 5_000) is Applied.ADDED  # no offset (offline use): not compared
+    assert w.apply(event("e", 6_000), 8, 5_000, offset="1:0") is Applied.ADDED  # newer than the window: a recreated topic
+    assert w.item_ids() == ("a", "c", "b", "d", "e")
+
+
 # ----------------------------------------------------------------------------- micro-batch writer
 
 
@@ -168,6 +180,55 @@ def test_writer_retries_a_failing_store_instead_of_dropping_the_update():
     writer.flush()
     assert store.get_many(["u1"])[0].window == ("a",)
     assert slept == [0.05, 0.1, 0.2]  # backed off, then written
+
+
+def test_a_window_seeded_from_its_stored_record_takes_up_a_replay_from_older_offsets():
+    # The job wrote the user's record after event 11, then lost its state (e.g. a state-layout
+    # change); it starts again from the offsets committed at its last checkpoint, after event 7.
+    events = [event(f"i{t}", 1_000 * t, event_id=f"e{t}") for t in range(20)]
+    once = UserWindow()
+    for t, e in enumerate(events):
+        once.apply(e, 8, 5_000, offset=f"0:{t}")
+    store = InMemoryFeatureStore()
+    writer = InterestWriter(FixedTower(FakeTower()), store)
+    before = UserWindow()
+    for t, e in enumerate(events[:12]):
+        before.apply(e, 8, 5_000, offset=f"0:{t}")
+    writer.add("u1", before)
+    writer.flush()
+    seeded = writer.stored_window("u1")
+    assert seeded.item_ids() == before.item_ids() and seeded.last_offset == "0:11" and seeded.newest_ms == 11_000
+    outcomes = [seeded.apply(e, 8, 5_000, offset=f"0:{t}") for t, e in enumerate(events) if t >= 8]
+    assert outcomes == [Applied.DUPLICATE] * 4 + [Applied.ADDED] * 8
+    assert seeded.item_ids() == once.item_ids()  # nothing lost, nothing twice
+    assert writer.stored_window("nobody") == UserWindow()
+
+
+class UnreadableStore(InMemoryFeatureStore):
+    def __init__(self, error: Exception, times: int):
+        super().__init__()
+        self.error, self.times = error, times
+
+    def get_many(self, user_ids):
+        if self.times:
+            self.times -= 1
+            raise self.error
+        return super().get_many(user_ids)
+
+
+def test_a_window_is_seeded_after_a_store_outage_and_starts_empty_from_a_corrupt_record():
+    from streaming.feature_store import RecordError
+
+    slept = []
+    w = UserWindow()
+    w.apply(event("a", 1), 10, 0, offset="0:1")
+    store = UnreadableStore(ConnectionError("redis is down"), times=2)
+    writer = InterestWriter(FixedTower(FakeTower()), store, sleep=slept.append)
+    writer.add("u1", w)
+    writer.flush()
+    assert writer.stored_window("u1").item_ids() == ("a",) and slept == [0.05, 0.1]  # waited, never guessed empty
+    corrupt = UnreadableStore(RecordError("user u1: corrupt record"), times=1)
+    assert InterestWriter(FixedTower(FakeTower()), corrupt, sleep=slept.append).stored_window("u1") == UserWindow()
 
 
 # ----------------------------------------------------------------------------- backfill

@@ -1,7 +1,7 @@
 """The real PyFlink job against the real broker (noida) and the real Redis.
 
-One job is started for the module and restarted once, by the kill-and-restore test (each start
-costs 10-25 s). Tests run in file order; the last one kills the job.
+One job is started for the module and restarted by the last two tests, which kill it (each start
+costs 10-25 s). Tests run in file order.
 """
 
 import json
@@ -20,7 +20,7 @@ from infra.redis_server import EmbeddedRedis, free_port
 from model_export.artifact import UserTower
 from model_export.registry import ModelRegistry
 from streaming.events import BehaviourEvent
-from streaming.feature_store import RedisFeatureStore
+from streaming.feature_store import InterestRecord, RedisFeatureStore
 from streaming.producer import EventProducer
 from streaming.window import UserWindow
 
@@ -145,6 +145,24 @@ def test_a_newly_published_user_tower_is_used_without_a_restart(stack, two_expor
     np.testing.assert_allclose(record.interests, UserTower.load(registry.path(second.model_version), prefer_gpu=False).interests([record.window])[0], atol=1e-4)
 
 
+def test_a_user_the_job_holds_no_state_for_continues_the_window_of_its_stored_record(stack):
+    # Records as an earlier job (or one whose state was lost) left them, for users this job never saw.
+    producer, store, job = stack["producer"], stack["store"], stack["job"]
+    tower = UserTower.load(stack["registry"].path(stack["first"].model_version), prefer_gpu=False)
+    old = {f"r{u}": tuple(f"i{(u + j) % 60}" for j in range(5)) for u in range(8)}
+    vectors = tower.interests(list(old.values()), [{}] * len(old))
+    store.put_many([InterestRecord(user, tower.version, v, window, 4_000_000, "") for (user, window), v in zip(old.items(), vectors)])
+    seeded_before = job.metric("mindstream_stream_window_seeds_total", 'result="seeded"')
+    events = [BehaviourEvent(user, f"i{(7 * u + t) % 60}", "click", 4_000_001 + t, event_id=f"r-{u}-{t}") for u, user in enumerate(old) for t in range(3)]
+    for e in events:
+        producer.send(e)
+    producer.flush()
+    expected = {user: window + tuple(e.item_id for e in events if e.user_id == user) for user, window in old.items()}
+    wait_for(lambda: all(r is not None and r.window == expected[r.user_id] for r in store.get_many(sorted(old))), timeout_s=30,
+             what="the new events appended to the stored windows")
+    assert job.metric("mindstream_stream_window_seeds_total", 'result="seeded"') - seeded_before == len(old)
+
+
 def test_kill_and_restore_from_a_checkpoint_loses_and_doubles_nothing(stack):
     producer, store, job = stack["producer"], stack["store"], stack["job"]
     rng = np.random.default_rng(3)
@@ -164,3 +182,28 @@ def test_kill_and_restore_from_a_checkpoint_loses_and_doubles_nothing(stack):
     wait_for(lambda: all(r is not None and r.window == expected[r.user_id] for r in store.get_many(users)), timeout_s=90, what="every window complete after the restore")
     for record in store.get_many(users):
         assert len(record.window) == len(expected[record.user_id])  # nothing twice
+
+
+def test_a_job_started_without_its_state_seeds_windows_from_the_store_and_doubles_nothing(stack):
+    # As after a state-layout change: no checkpoint to restore, the job reads on from the offsets
+    # committed at its last checkpoint, and every user's window is taken up from the stored record.
+    producer, store, job = stack["producer"], stack["store"], stack["job"]
+    rng = np.random.default_rng(4)
+    events = [BehaviourEvent(f"s{rng.integers(30)}", f"i{rng.integers(60)}", "click", 3_000_000 + 100 * t, event_id=f"s-{t}") for t in range(2000)]
+    for e in events[:1000]:
+        producer.send(e)
+    producer.flush()
+    written = expected_windows(events[:1000])
+    users = sorted(written)
+    wait_for(lambda: all(r is not None and r.window == written[r.user_id] for r in store.get_many(users)), timeout_s=60, what="the first half stored")
+    time.sleep(2.5)  # a checkpoint (every 1 s) commits the offsets read so far to Kafka
+    job.kill()
+    for e in events[1000:]:
+        producer.send(e)
+    producer.flush()
+    job.start(restore="")  # no state at all
+    expected = expected_windows(events)
+    wait_for(lambda: all(r is not None and r.window == expected[r.user_id] for r in store.get_many(users)), timeout_s=90,
+             what="every window whole after a start without state")
+    assert len(expected[users[0]]) == WINDOW  # full windows: an empty start would show
+    assert job.metric("mindstream_stream_window_seeds_total", 'result="seeded"') >= len(users)
