@@ -70,6 +70,18 @@ def expected_windows(events):
     return {u: w.item_ids() for u, w in windows.items()}
 
 
+def send(producer, events):
+    for e in events:
+        producer.send(e)
+    producer.flush()
+
+
+def kill_then_send(job, producer, events):
+    """SIGKILL to the job, then `events` accepted by the broker while the job is down."""
+    job.kill()
+    send(producer, events)
+
+
 def dead_letters(config, n, timeout_s=30.0):
     from kafka import KafkaConsumer
 
@@ -154,9 +166,7 @@ def test_a_user_the_job_holds_no_state_for_continues_the_window_of_its_stored_re
     store.put_many([InterestRecord(user, tower.version, v, window, 4_000_000, "") for (user, window), v in zip(old.items(), vectors)])
     seeded_before = job.metric("mindstream_stream_window_seeds_total", 'result="seeded"')
     events = [BehaviourEvent(user, f"i{(7 * u + t) % 60}", "click", 4_000_001 + t, event_id=f"r-{u}-{t}") for u, user in enumerate(old) for t in range(3)]
-    for e in events:
-        producer.send(e)
-    producer.flush()
+    send(producer, events)
     expected = {user: window + tuple(e.item_id for e in events if e.user_id == user) for user, window in old.items()}
     wait_for(lambda: all(r is not None and r.window == expected[r.user_id] for r in store.get_many(sorted(old))), timeout_s=30,
              what="the new events appended to the stored windows")
@@ -167,15 +177,10 @@ def test_kill_and_restore_from_a_checkpoint_loses_and_doubles_nothing(stack):
     producer, store, job = stack["producer"], stack["store"], stack["job"]
     rng = np.random.default_rng(3)
     events = [BehaviourEvent(f"k{rng.integers(40)}", f"i{rng.integers(60)}", "click", 2_000_000 + 100 * t, event_id=f"k-{t}") for t in range(3000)]
-    for e in events[:1500]:
-        producer.send(e)
-    producer.flush()
+    send(producer, events[:1500])
     wait_for(lambda: job.metric("mindstream_stream_events_applied_total") >= 1, what="progress")
     time.sleep(2.5)  # at least one checkpoint (every 1 s) covers part of the stream
-    job.kill()  # SIGKILL, mid-stream: some events are applied after the last checkpoint
-    for e in events[1500:]:
-        producer.send(e)  # accepted by the broker while the job is down
-    producer.flush()
+    kill_then_send(job, producer, events[1500:])  # SIGKILL, mid-stream: some events are applied after the last checkpoint
     job.start(restore="latest")
     expected = expected_windows(events)
     users = sorted(expected)
@@ -185,22 +190,18 @@ def test_kill_and_restore_from_a_checkpoint_loses_and_doubles_nothing(stack):
 
 
 def test_a_job_started_without_its_state_seeds_windows_from_the_store_and_doubles_nothing(stack):
-    # As after a state-layout change: no checkpoint to restore, the job reads on from the offsets
-    # committed at its last checkpoint, and every user's window is taken up from the stored record.
+    # As after a state-layout change: no checkpoint to restore; the job reads again from the
+    # group's committed offsets (from the earliest when there are none, as on this broker), and
+    # every user's window is taken up from the stored record, the records it reflects not twice.
     producer, store, job = stack["producer"], stack["store"], stack["job"]
     rng = np.random.default_rng(4)
     events = [BehaviourEvent(f"s{rng.integers(30)}", f"i{rng.integers(60)}", "click", 3_000_000 + 100 * t, event_id=f"s-{t}") for t in range(2000)]
-    for e in events[:1000]:
-        producer.send(e)
-    producer.flush()
+    send(producer, events[:1000])
     written = expected_windows(events[:1000])
     users = sorted(written)
     wait_for(lambda: all(r is not None and r.window == written[r.user_id] for r in store.get_many(users)), timeout_s=60, what="the first half stored")
-    time.sleep(2.5)  # a checkpoint (every 1 s) commits the offsets read so far to Kafka
-    job.kill()
-    for e in events[1000:]:
-        producer.send(e)
-    producer.flush()
+    time.sleep(2.5)  # checkpoints (every 1 s) after the first half
+    kill_then_send(job, producer, events[1000:])
     job.start(restore="")  # no state at all
     expected = expected_windows(events)
     wait_for(lambda: all(r is not None and r.window == expected[r.user_id] for r in store.get_many(users)), timeout_s=90,
