@@ -289,7 +289,9 @@ def test_the_client_deadline_bounds_the_work(stack):
             stub.Recall(recall_pb2.RecallRequest(user_id="user-new", n=5), timeout=0.2)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - started < 0.5
-        assert slow.timeouts and slow.timeouts[0] <= 0.2  # the search got the remaining budget, not its own cap
+        # The search got the remaining budget, not its own 0.5 s cap. (The server's time_remaining()
+        # can exceed the client's 0.2 s timeout slightly: 0.20009 s in a CI run.)
+        assert slow.timeouts and slow.timeouts[0] <= 0.21
     finally:
         server.stop()
 
