@@ -8,12 +8,12 @@ drained, every user's final stored window is checked against every event acked f
 (`EventLedger.final_check`): an acked event must be in it, so an event that was seen and then
 vanished (a store that lost writes) counts as lost too. A lost event is then looked for in the
 broker's log, and its acknowledged offset compared with the others': a broker that dropped
-records it had served gives their offsets out again, which a consumer past them never reads. A window holds the newest L behaviours
-by event time, so an absent event is not necessarily lost: when the window is full and the event
-is no newer than its oldest behaviour, newer events pushed it out. If such an event was never
-seen, it is `evicted`: the harness cannot tell whether it was ever applied, and reports how many
-there were (the fault command's stack keeps long windows so that there are none). Any other
-absent acked event is lost. The check needs each (user, item) pair at most once in the replay
+records it had served gives their offsets out again, which a consumer past them never reads.
+A window holds the newest L behaviours by event time, so an absent event is not necessarily
+lost: when the window is full and the event is no newer than its oldest behaviour, newer events
+pushed it out. If such an event was never seen, it is `evicted`: the harness cannot tell whether
+it was ever applied, and reports how many there were (the fault command's stack keeps long
+windows so that there are none). Any other absent acked event is lost. The check needs each (user, item) pair at most once in the replay
 (true of MovieLens-1M: a user rates a movie once).
 
 Fault rows. A fault owns the events acknowledged and the requests sent from `lead_s` before it

@@ -59,7 +59,7 @@ def cmd_run(args) -> int:
             stale = unrestorable_checkpoints(config.streaming.checkpoint_dir)
             if stale:
                 print(f"  {len(stale)} checkpoint(s) of an older state layout (e.g. {stale[0]}) cannot be restored by this version: "
-                      "users' windows restart from their next events; delete them once this job has checkpointed", file=sys.stderr)
+                      "users' windows continue from their stored records ([streaming].seed_windows_from_store); delete them once this job has checkpointed", file=sys.stderr)
     elif args.restore:
         restore = Path(args.restore)
     run_job(config, restore)
