@@ -297,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_peer)
 
     args = parser.parse_args(argv)
+    from model_export.heap import retain_freed_memory
+
+    retain_freed_memory()  # PyTorch on the CPU: steady step times (see heap.py)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

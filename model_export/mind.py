@@ -36,8 +36,20 @@ from model_export.spec import ModelSpec
 
 def squash(z: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
     """Capsule non-linearity: keeps the direction, maps the norm into [0, 1)."""
-    sq = (z * z).sum(-1, keepdim=True)
-    return sq / (1.0 + sq) * z / torch.sqrt(sq + eps)
+    sq = (z * z).sum(-1, keepdim=True)  # |z|^2, [..., 1]
+    return z * (sq / ((1.0 + sq) * torch.sqrt(sq + eps)))  # the scale is per capsule: one full-size multiply
+
+
+def interest_softmax(logits: torch.Tensor, weight_mask: torch.Tensor) -> torch.Tensor:
+    """w_ij = softmax_j(b_ij) over the interests (dim 1 of [B, K, L]), zeroed on padding (weight_mask [B, 1, L]).
+
+    Spelled out (max, exp, sum) rather than torch.softmax: ONNX Runtime runs a Softmax on a middle axis
+    through two transposes (~150 us each of the three at batch 256, window 50), and this form lets the
+    mask ride on the [B, 1, L] normaliser instead of a masked_fill of [B, K, L] per iteration. Eager
+    PyTorch and training run as fast either way.
+    """
+    e = torch.exp(logits - logits.amax(1, keepdim=True))  # inactive interests (-inf) give exactly 0
+    return e * (weight_mask / e.sum(1, keepdim=True))
 
 
 def dynamic_interest_count(lengths: torch.Tensor, max_interests: int) -> torch.Tensor:
@@ -66,19 +78,19 @@ def b2i_routing(
     (REMI's routing regularisation) then has something to act on; without it the penalty's gradient
     is zero.
     """
-    logits = initial_logits
+    # Inactive interests get logit -inf once: their weights are exactly 0 in every iteration, so their
+    # capsules are squash(0) = 0 with no further masking.
+    logits = initial_logits.masked_fill(~interest_mask[:, :, None], float("-inf"))  # [B, K, L]
     detached = behaviours.detach()
-    inactive = ~interest_mask[:, :, None]  # [B, K, 1]
     weight_mask = behaviour_mask[:, None, :].to(behaviours.dtype)  # [B, 1, L]
     for r in range(iterations):
         last = r == iterations - 1
-        w = torch.softmax(logits.masked_fill(inactive, float("-inf")), dim=1) * weight_mask  # w_ij, [B, K, L]
+        w = interest_softmax(logits, weight_mask)  # w_ij, [B, K, L]
         z = torch.bmm(w, behaviours if last else detached)  # z_j = sum_i w_ij S e_i, [B, K, D]
         capsules = squash(z)
         if not last:
             into_last = differentiable_weights and r == iterations - 2
             logits = logits + torch.bmm(capsules, (behaviours if into_last else detached).transpose(1, 2))  # b_ij += u_j^T S e_i
-    capsules = capsules * interest_mask[:, :, None].to(capsules.dtype)
     return capsules, w
 
 
@@ -141,13 +153,15 @@ class MIND(nn.Module):
             mapped = F.embedding(items, self.bilinear(self.items.all_items()))
         regularised = self.training and self.spec.routing_regularization > 0
         capsules, weights = b2i_routing(mapped, behaviour_mask, interest_mask, initial, self.spec.routing_iterations, regularised)
-        # v_j = W2 ReLU(W1 [u_j ; p] + b1), with W1 [u_j ; p] = W1_u u_j + W1_p p: the profile half is the
-        # same for every capsule of a user, so it is computed once per user, not once per capsule.
+        # v_j = W2 ReLU(W1 [u_j ; p] + b1), with W1 [u_j ; p] + b1 = W1_u u_j + (W1_p p + b1): the profile
+        # half and the bias are the same for every capsule of a user, so they are added once per user.
         first, _, second = self.mlp
         d = self.spec.dim
-        hidden = F.linear(capsules, first.weight[:, :d], first.bias)  # [B, K, H]
         if self.profile is not None:
-            hidden = hidden + F.linear(self.profile(profile), first.weight[:, d:])[:, None, :]  # + [B, 1, H]
+            per_user = F.linear(self.profile(profile), first.weight[:, d:], first.bias)  # [B, H]
+            hidden = torch.matmul(capsules, first.weight[:, :d].t()) + per_user[:, None, :]  # [B, K, H]
+        else:
+            hidden = F.linear(capsules, first.weight, first.bias)  # [B, K, H]
         vectors = second(F.relu(hidden)) * interest_mask[:, :, None].to(capsules.dtype)  # [B, K, D]
         return vectors, k_user, weights
 
