@@ -191,8 +191,10 @@ def test_kill_and_restore_from_a_checkpoint_loses_and_doubles_nothing(stack):
 
 def test_a_job_started_without_its_state_seeds_windows_from_the_store_and_doubles_nothing(stack):
     # As after a state-layout change: no checkpoint to restore; the job reads again from the
-    # group's committed offsets (from the earliest when there are none, as on this broker), and
-    # every user's window is taken up from the stored record, the records it reflects not twice.
+    # group's committed offsets (from the earliest when there are none: here the job is killed
+    # before its source's first commit, which a fresh consumer sent ~9-10 s after its data was
+    # stored in a probe of this stack, checkpoints every 1 s), and every user's window is taken up
+    # from the stored record, the records it reflects not twice.
     producer, store, job = stack["producer"], stack["store"], stack["job"]
     rng = np.random.default_rng(4)
     events = [BehaviourEvent(f"s{rng.integers(30)}", f"i{rng.integers(60)}", "click", 3_000_000 + 100 * t, event_id=f"s-{t}") for t in range(2000)]
