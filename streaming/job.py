@@ -21,6 +21,7 @@ JVM, so scale out with TaskManagers (see the README's scaling notes).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -60,7 +61,7 @@ def job_settings(config: Config) -> dict:
         "model_poll_s": s.model_poll_s,
         "metrics_host": s.metrics_host,
         "metrics_port": s.metrics_port,
-        "redis": {"uri": config.redis.uri, "password": config.redis.password, "ssl_cafile": config.redis.ssl_cafile},
+        "redis": dataclasses.asdict(config.redis),  # every field: a new one (e.g. cluster) reaches the job
     }
 
 

@@ -4,9 +4,10 @@ import dataclasses
 
 import numpy as np
 import pytest
+import redis
 
 from infra.config import RedisConfig
-from infra.redis_server import EmbeddedRedis
+from infra.redis_server import EmbeddedRedis, EmbeddedRedisCluster
 from streaming.feature_store import InMemoryFeatureStore, InterestRecord, RecordError, RedisFeatureStore, decode, encode, stored_fields
 
 
@@ -58,9 +59,11 @@ def test_in_memory_store_follows_the_contract():
     assert store.get_many(["a"]) == [None]
 
 
-def test_real_redis_round_trip_replace_ttl_and_auth(tmp_path):
-    with EmbeddedRedis(tmp_path / "redis", password="pw") as server:
-        store = RedisFeatureStore.from_config(RedisConfig(uri=server.uri, password="pw"), prefix="test", ttl_seconds=3600)
+@pytest.mark.parametrize("cluster", [False, True], ids=["standalone", "cluster"])
+def test_real_redis_round_trip_replace_ttl_and_auth(tmp_path, cluster):
+    server_class = EmbeddedRedisCluster if cluster else EmbeddedRedis
+    with server_class(tmp_path / "redis", password="pw") as server:
+        store = RedisFeatureStore.from_config(RedisConfig(uri=server.uri, password="pw", cluster=cluster), prefix="test", ttl_seconds=3600)
         records = [_record(f"user-{i}", k=1 + i % 4, seed=i) for i in range(200)]
         assert store.put_many(records) == 200
         back = store.get_many([r.user_id for r in records] + ["unknown"])
@@ -79,11 +82,14 @@ def test_real_redis_round_trip_replace_ttl_and_auth(tmp_path):
         assert store.replace_if_unchanged([moved, moved], [current.updated_ms, current.updated_ms]) == 1  # the 2nd saw a newer write
         assert _same(store.get_many(["user-5"])[0], moved) and 0 < store.client.ttl("test:user:user-5") <= 3600
         # without the password the server refuses
-        from redis.exceptions import AuthenticationError, ResponseError
+        from redis.exceptions import AuthenticationError, RedisClusterException, ResponseError
 
-        anonymous = RedisFeatureStore.from_config(RedisConfig(uri=server.uri), prefix="test")
-        with pytest.raises((AuthenticationError, ResponseError)):
+        anonymous = RedisFeatureStore.from_config(RedisConfig(uri=server.uri, cluster=cluster), prefix="test")  # connects on first use
+        with pytest.raises((AuthenticationError, ResponseError, RedisClusterException)):
             anonymous.get_many(["user-0"])
+        if cluster:  # the users' keys really are spread over the primaries
+            holding = [node for node in server.nodes if redis.Redis(node.host, node.port, password="pw").dbsize() > 0]
+            assert len(holding) == len(server.nodes)
 
 
 def test_redis_down_fails_fast(tmp_path):
@@ -94,3 +100,16 @@ def test_redis_down_fails_fast(tmp_path):
     store = RedisFeatureStore.from_config(RedisConfig(uri=f"redis://127.0.0.1:{free_port()}/0"), timeout_s=0.5)
     with pytest.raises(RedisConnectionError):
         store.get_many(["u1"])
+
+
+def test_a_cluster_that_is_down_fails_the_calls_not_the_start():
+    from infra.redis_server import free_port
+    from recall_service.backends import FeatureStoreReader
+    from recall_service.recaller import BackendUnavailable
+
+    config = RedisConfig(uri=f"redis://127.0.0.1:{free_port()}/0", cluster=True)
+    reader = FeatureStoreReader.redis(config, timeout_s=0.5)  # a service starts without the cluster
+    with pytest.raises(BackendUnavailable):  # and answers UNAVAILABLE for as long as it is down
+        reader.get_many(["u1"])
+    with pytest.raises(BackendUnavailable):
+        reader.ping()

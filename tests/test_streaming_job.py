@@ -4,6 +4,7 @@ One job is started for the module and restarted by the last two tests, which kil
 costs 10-25 s). Tests run in file order.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -16,7 +17,7 @@ import redis
 from infra.broker import EmbeddedBroker, ensure_topics
 from infra.config import load_config
 from infra.job_process import StreamingJobProcess
-from infra.redis_server import EmbeddedRedis, free_port
+from infra.redis_server import EmbeddedRedis, EmbeddedRedisCluster, free_port
 from model_export.artifact import UserTower
 from model_export.registry import ModelRegistry
 from streaming.events import BehaviourEvent
@@ -30,18 +31,19 @@ LATENESS_MS = 10_000
 WINDOW = 50
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, two_exports):
-    root = tmp_path_factory.mktemp("streaming")
+@contextlib.contextmanager
+def job_stack(root, exports, store_server, cluster=False):
+    """A broker and the streaming job writing to `store_server` (a Redis, or a Redis Cluster)."""
     registry = ModelRegistry(root / "models")
-    first = registry.install(two_exports[0])
+    first = registry.install(exports[0])
     registry.set_current(first.model_version)
     metrics_port = free_port()
-    with EmbeddedBroker(root / "broker") as broker, EmbeddedRedis(root / "redis") as store_server:
+    with EmbeddedBroker(root / "broker") as broker:
         env = {
             **os.environ,
             "MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
             "MINDSTREAM_REDIS__URI": store_server.uri,
+            "MINDSTREAM_REDIS__CLUSTER": str(cluster).lower(),
             "MINDSTREAM_PATHS__MODELS_DIR": str(registry.root),
             "MINDSTREAM_STREAMING__CHECKPOINT_DIR": str(root / "checkpoints"),
             "MINDSTREAM_STREAMING__CHECKPOINT_INTERVAL_MS": "1000",
@@ -54,12 +56,19 @@ def stack(tmp_path_factory, two_exports):
         ensure_topics(config.kafka, partitions=2, retention_ms=3_600_000)
         job = StreamingJobProcess(env, root / "job.log", f"http://127.0.0.1:{metrics_port}/metrics").start()
         producer = EventProducer(config.kafka)
-        store = RedisFeatureStore(redis.Redis.from_url(store_server.uri))
+        store = RedisFeatureStore.from_config(config.redis)
         try:
             yield {"job": job, "producer": producer, "store": store, "config": config, "registry": registry, "first": first}
         finally:
             producer.close()
             job.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, two_exports):
+    root = tmp_path_factory.mktemp("streaming")
+    with EmbeddedRedis(root / "redis") as store_server, job_stack(root, two_exports, store_server) as running:
+        yield running
 
 
 def expected_windows(events):
@@ -210,3 +219,16 @@ def test_a_job_started_without_its_state_seeds_windows_from_the_store_and_double
              what="every window whole after a start without state")
     assert len(expected[users[0]]) == WINDOW  # full windows: an empty start would show
     assert job.metric("mindstream_stream_window_seeds_total", 'result="seeded"') >= len(users)
+
+
+def test_the_job_writes_interests_to_a_redis_cluster(tmp_path, two_exports):
+    with EmbeddedRedisCluster(tmp_path / "redis") as cluster, job_stack(tmp_path, two_exports, cluster, cluster=True) as running:
+        rng = np.random.default_rng(5)
+        events = [BehaviourEvent(f"c{rng.integers(40)}", f"i{rng.integers(60)}", "click", 5_000_000 + 100 * t) for t in range(600)]
+        send(running["producer"], events)
+        expected = expected_windows(events)
+        users = sorted(expected)
+        store = running["store"]
+        wait_for(lambda: all(r is not None and r.window == expected[r.user_id] for r in store.get_many(users)), timeout_s=90,
+                 what="every window in the cluster")
+        assert all(redis.Redis(node.host, node.port).dbsize() > 0 for node in cluster.nodes)  # the users' keys are spread
