@@ -1,6 +1,7 @@
 """The glibc heap settings of PyTorch processes (model_export/heap.py), observed through mallinfo2."""
 
 import ctypes
+import os
 import platform
 import subprocess
 import sys
@@ -31,7 +32,8 @@ print(held.hblkhd - before.hblkhd, libc.mallinfo2().arena)
 
 
 def _probe(mode: str) -> tuple[int, int]:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], check=True, capture_output=True, text=True).stdout.split()
+    glibc_defaults = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # no tunables from the caller
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], check=True, capture_output=True, text=True, env=glibc_defaults).stdout.split()
     return int(out[0]), int(out[1])
 
 
