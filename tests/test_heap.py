@@ -32,7 +32,7 @@ print(held.hblkhd - before.hblkhd, libc.mallinfo2().arena)
 
 
 def _probe(mode: str) -> tuple[int, int]:
-    glibc_defaults = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # no tunables from the caller
+    glibc_defaults = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}  # no tunables from the caller
     out = subprocess.run([sys.executable, "-c", PROBE, mode], check=True, capture_output=True, text=True, env=glibc_defaults).stdout.split()
     return int(out[0]), int(out[1])
 
