@@ -20,6 +20,7 @@ Raw item ids (not model indices) keep the window valid across model versions.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol
@@ -123,11 +124,13 @@ class _ConnectOnFirstUse:
     (a standalone client connects lazily anyway). A failed connect is tried again by the next call."""
 
     def __init__(self, connect):
-        self._connect, self._client = connect, None
+        self._connect, self._client, self._lock = connect, None, threading.Lock()
 
     def __getattr__(self, name):
         if self._client is None:
-            self._client = self._connect()
+            with self._lock:  # the recall service's request threads: one client, not one each
+                if self._client is None:
+                    self._client = self._connect()
         return getattr(self._client, name)
 
 
