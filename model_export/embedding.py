@@ -55,14 +55,23 @@ class ItemEmbedding(nn.Module):
         return self.ids.weight + self.side_pooling @ self.side
 
 
-def per_distinct_item(items: torch.Tensor, embed) -> torch.Tensor:
-    """embed(items) computed once per distinct item and gathered back: a training batch of B x L
-    behaviours repeats popular items many times, and any per-item map (side pooling, MIND's S)
-    is then paid per distinct item instead of per behaviour. Same result as embed(items)."""
-    distinct, inverse = torch.unique(items, return_inverse=True)
+def embed_each_item_once(items: torch.Tensor, embed, n_items: int) -> torch.Tensor:
+    """embed(items) computed once per item and gathered back: a training batch of B x L behaviours
+    repeats popular items many times, and any per-item map (side pooling, MIND's S) is then paid per
+    item instead of per behaviour. Same result as embed(items).
+
+    When the batch holds at least as many behaviours as the catalog has items, every item is embedded
+    (no search for the distinct ones: the sort behind torch.unique costs more than embedding a small
+    catalog whole); otherwise only the batch's distinct items are."""
+    if items.numel() >= n_items:
+        ids = torch.arange(n_items + 1, device=items.device)  # row i = item i, padding (0) included
+        flat = items.reshape(-1)
+    else:
+        ids, flat = torch.unique(items, return_inverse=True)
+        flat = flat.reshape(-1)
     # index_select, not F.embedding or indexing: its backward (index_add) is ~3x faster on CPU than
     # embedding's dense backward, and indexing's backward (index_put) is slower still.
-    return embed(distinct).index_select(0, inverse.reshape(-1)).view(*items.shape, -1)
+    return embed(ids).index_select(0, flat).view(*items.shape, -1)
 
 
 class ProfileEmbedding(nn.Module):

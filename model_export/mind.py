@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_export.embedding import ItemEmbedding, ProfileEmbedding, per_distinct_item
+from model_export.embedding import ItemEmbedding, ProfileEmbedding, embed_each_item_once
 from model_export.sampled_softmax import NegativeSampler, sampled_softmax_loss
 from model_export.spec import ModelSpec
 
@@ -148,7 +148,7 @@ class MIND(nn.Module):
         else:
             initial = self.routing_init[:, :length].unsqueeze(0)  # [1, K, L]
         if self.training:
-            mapped = per_distinct_item(items, self.mapped_item)  # [B, L, D]
+            mapped = embed_each_item_once(items, self.mapped_item, self.spec.n_items)  # [B, L, D]
         else:  # S e_i of every item is a constant at inference: one table, folded into an initializer in ONNX
             mapped = F.embedding(items, self.bilinear(self.items.all_items()))
         regularised = self.training and self.spec.routing_regularization > 0

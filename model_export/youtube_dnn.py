@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model_export.embedding import ItemEmbedding, ProfileEmbedding, per_distinct_item
+from model_export.embedding import ItemEmbedding, ProfileEmbedding, embed_each_item_once
 from model_export.sampled_softmax import NegativeSampler, sampled_softmax_loss
 from model_export.spec import ModelSpec
 
@@ -28,7 +28,7 @@ class YouTubeDNN(nn.Module):
 
     def user_vector(self, items, lengths, profile=None) -> torch.Tensor:
         mask = (torch.arange(items.shape[1], device=items.device)[None, :] < lengths[:, None]).to(torch.float32)  # [B, L]
-        behaviours = per_distinct_item(items, self.items) if self.training else self.items(items)  # [B, L, D]
+        behaviours = embed_each_item_once(items, self.items, self.spec.n_items) if self.training else self.items(items)  # [B, L, D]
         pooled = (behaviours * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)  # [B, D]
         if self.profile is not None:
             pooled = torch.cat([pooled, self.profile(profile)], dim=-1)

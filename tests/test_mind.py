@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from model_export.embedding import ItemEmbedding, embed_each_item_once
 from model_export.mind import MIND, b2i_routing, dynamic_interest_count, label_aware_attention, routing_regularization, squash
 from model_export.spec import ModelSpec
 from model_export.youtube_dnn import YouTubeDNN
@@ -96,6 +97,19 @@ def test_one_bilinear_map_shared_by_all_behaviours():
     model = MIND(_spec(), _side())
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.in_features == m.out_features == 8]
     assert len(linear) == 1 and linear[0].bias is None
+
+
+@pytest.mark.parametrize("n_items", [30, 500])  # catalog smaller than the batch (embedded whole) / larger (distinct items only)
+def test_embed_each_item_once_equals_embedding_every_behaviour(n_items):
+    items, _, _ = _inputs(n_items=n_items)  # 60 behaviours
+    embed = ItemEmbedding(n_items, 8, _side(n_items), 3).train()
+    direct = embed(items)
+    shared = embed_each_item_once(items, embed, n_items)
+    assert torch.allclose(shared, direct, atol=1e-6)
+    grad = torch.randn_like(direct)
+    expected = torch.autograd.grad((direct * grad).sum(), embed.ids.weight)[0]
+    got = torch.autograd.grad((shared * grad).sum(), embed.ids.weight)[0]
+    assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_label_aware_attention_selects_the_matching_interest_with_large_power():
