@@ -140,28 +140,24 @@ def set_active(client, collections: Iterable[str], raw_item_ids: Iterable[str], 
     return changed
 
 
-def publish(export_dir: Path, client, prefix: str, index_type: str | None = None, progress=print,
-            inactive_items: Callable[[], frozenset[str]] = frozenset) -> Published:
-    """Create, fill, index and load the collection of this export's version, then point the alias at it.
-    `inactive_items` is read twice: for the rows, and again once they are all in, so an item
-    (de)activated meanwhile is marked before the alias moves (`items` marks only collections whose
-    rows it finds)."""
+def _holds_export(client, name: str, n_items: int, index_type: str) -> bool:
+    """Whether an existing collection is already complete: every item inserted, indexed as asked."""
+    client.load_collection(collection_name=name)  # Milvus Lite does not keep loads across processes
+    if client.describe_index(name, "vector").get("index_type") != index_type:
+        return False
+    return _row_count(client, name) == n_items
+
+
+def _row_count(client, name: str) -> int:
+    return int(client.query(collection_name=name, filter="item_id >= 0", output_fields=["count(*)"])[0]["count(*)"])
+
+
+def _fill(client, name: str, manifest: Manifest, vectors: np.ndarray, raw_ids: list[str], categories, index_type: str,
+          inactive_items: Callable[[], frozenset[str]], progress) -> int:
+    """Creates the collection, inserts every item, waits for its index and loads it; returns the row count."""
     from pymilvus import DataType, MilvusClient
 
-    started = time.perf_counter()
-    manifest = Manifest.load(export_dir)
-    vectors = np.load(manifest.file(export_dir, "item_vectors"), allow_pickle=False)
-    vocab = json.loads(manifest.file(export_dir, "vocab").read_text())
-    raw_ids = vocab["items"]
-    categories = [category_fields(tokens) for tokens in vocab["item_side"]]
     inactive = inactive_items()
-    if vectors.shape != (manifest.n_items, manifest.dim) or len(raw_ids) != manifest.n_items:
-        raise ValueError(f"{export_dir}: item vectors {vectors.shape} / vocabulary {len(raw_ids)} disagree with the manifest")
-    index_type = index_type or ("FLAT" if manifest.n_items < FLAT_BELOW_ITEMS else "HNSW")
-    name = collection_name(prefix, manifest.model_version)
-
-    if client.has_collection(name):
-        client.drop_collection(name)  # a half-written earlier attempt: the alias never pointed at it
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=f"mindstream item vectors {manifest.model_version}")
     schema.add_field("item_id", DataType.INT64, is_primary=True)
     schema.add_field("raw_id", DataType.VARCHAR, max_length=MAX_RAW_ID_BYTES)
@@ -197,13 +193,47 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
     client.flush(collection_name=name)
     client.load_collection(collection_name=name)
     wait_for_index(client, name, manifest.n_items, progress)
-    count = int(client.query(collection_name=name, filter="item_id >= 0", output_fields=["count(*)"])[0]["count(*)"])
+    count = _row_count(client, name)
     if count != manifest.n_items:
         raise RuntimeError(f"{name} holds {count} items, expected {manifest.n_items}; the alias was not moved")
     late = inactive ^ inactive_items()
     if late:
         set_active(client, [name], late & inactive, True)
         set_active(client, [name], late - inactive, False)
+    return count
+
+
+def publish(export_dir: Path, client, prefix: str, index_type: str | None = None, progress=print,
+            inactive_items: Callable[[], frozenset[str]] = frozenset) -> Published:
+    """Create, fill, index and load the collection of this export's version, then point the alias at it.
+    A version already published whole (same items, same index type) keeps its collection. `inactive_items` is read twice: for the rows, and again once they are all in, so an item
+    (de)activated meanwhile is marked before the alias moves (`items` marks only collections whose
+    rows it finds)."""
+    started = time.perf_counter()
+    manifest = Manifest.load(export_dir)
+    vectors = np.load(manifest.file(export_dir, "item_vectors"), allow_pickle=False)
+    vocab = json.loads(manifest.file(export_dir, "vocab").read_text())
+    raw_ids = vocab["items"]
+    categories = [category_fields(tokens) for tokens in vocab["item_side"]]
+    if vectors.shape != (manifest.n_items, manifest.dim) or len(raw_ids) != manifest.n_items:
+        raise ValueError(f"{export_dir}: item vectors {vectors.shape} / vocabulary {len(raw_ids)} disagree with the manifest")
+    index_type = index_type or ("FLAT" if manifest.n_items < FLAT_BELOW_ITEMS else "HNSW")
+    name = collection_name(prefix, manifest.model_version)
+
+    if client.has_collection(name) and _holds_export(client, name, manifest.n_items, index_type):
+        # A version's item vectors never change (the manifest's hashes), so publishing it again - the live
+        # version included - reuses its collection: dropping and refilling it would take recall offline.
+        progress(f"  {name} already holds the {manifest.n_items:,} item vectors of {manifest.model_version}")
+        count = manifest.n_items
+    else:
+        if alias_target(client, prefix) == name:
+            raise RuntimeError(
+                f"{name} is live (the alias {prefix!r} points at it) but is not this export with a {index_type} index; "
+                "rebuilding it would take recall offline: publish a new model version instead"
+            )
+        if client.has_collection(name):
+            client.drop_collection(name)  # a half-written earlier attempt, or another index type
+        count = _fill(client, name, manifest, vectors, raw_ids, categories, index_type, inactive_items, progress)
 
     current = alias_target(client, prefix)
     if current is None:

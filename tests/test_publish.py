@@ -47,10 +47,20 @@ def test_a_new_version_moves_the_alias_and_keeps_the_old_collection(two_exports,
     assert client.has_collection(old.collection)  # interests of the old version are still served
     hit = client.search(old.collection, data=[[0.1] * 64], limit=1, output_fields=["model_version"])[0][0]
     assert hit["entity"]["model_version"] == old.model_version
-    # publishing the same version again is idempotent
-    again = publish(two_exports[1], client, PREFIX, progress=lambda m: None)
+    # publishing the live version again is idempotent and never takes it offline
+    searches = []
+    live = lambda message: searches.append(len(client.search(PREFIX, data=[[0.1] * 64], limit=3)[0]))
+    again = publish(two_exports[1], client, PREFIX, progress=live)
     assert again.collection == new.collection and again.items == new.items
     assert alias_target(client, PREFIX) == new.collection
+    assert searches == [3]  # reported once: the collection already holds the version
+    # ... and it is not rebuilt under the alias with another index
+    with pytest.raises(RuntimeError, match="publish a new model version"):
+        publish(two_exports[1], client, PREFIX, index_type="HNSW", progress=live)
+    assert searches == [3] and len(client.search(PREFIX, data=[[0.1] * 64], limit=3)[0]) == 3
+    # a version that is not live is rebuilt with the index asked for
+    rebuilt = publish(two_exports[0], client, PREFIX, index_type="HNSW", progress=lambda m: None)
+    assert rebuilt.index_type == "HNSW" and client.describe_index(old.collection, "vector")["index_type"] == "HNSW"
 
 
 def test_publish_command_installs_publishes_and_makes_current(two_exports, tmp_path):
