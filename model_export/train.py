@@ -115,6 +115,31 @@ def check_dataset(model_dir: Path, data: SequenceDataset) -> None:
         )
 
 
+# What a resumed run may change; everything else must match the run it continues (the data by fingerprint).
+RESUMABLE_CHANGES = ("dataset", "epochs", "patience", "device")
+
+
+def check_resumable(out: Path, spec: ModelSpec, config: TrainConfig) -> None:
+    """Refuses to resume a run with another model or other training settings than it was started with:
+    the checkpoint's optimizer and weights would continue under settings that history.json does not show."""
+    saved_spec = dataclasses.asdict(ModelSpec.load(out / "spec.json"))
+    saved_config = json.loads((out / "train.json").read_text())
+    differs = [f"{k} {v!r} -> {getattr(spec, k)!r}" for k, v in saved_spec.items() if getattr(spec, k) != v]
+    differs += [f"{k} {v!r} -> {getattr(config, k)!r}" for k, v in saved_config.items() if k not in RESUMABLE_CHANGES and getattr(config, k) != v]
+    if differs:
+        raise ValueError(
+            f"{out} was started with other settings ({'; '.join(differs)}): resume it with the flags and data it was "
+            "started with (only --epochs, --patience and --device may change), or train into a new --out"
+        )
+
+
+def _save_atomically(state, path: Path) -> None:
+    """torch.save through a temporary file: a run killed mid-write keeps its previous checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
 def _rng_state(generator: np.random.Generator) -> dict:
     return generator.bit_generator.state
 
@@ -187,6 +212,7 @@ def train(config: TrainConfig, spec: ModelSpec, data: SequenceDataset, out: Path
     start_epoch = 1
 
     if resume and (out / "checkpoint.pt").is_file():
+        check_resumable(out, spec, config)
         state = torch.load(out / "checkpoint.pt", map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -222,8 +248,8 @@ def train(config: TrainConfig, spec: ModelSpec, data: SequenceDataset, out: Path
         if not workers.is_writer:
             continue
         if improved:
-            torch.save(model.state_dict(), out / "model.pt")
-        torch.save(
+            _save_atomically(model.state_dict(), out / "model.pt")
+        _save_atomically(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),

@@ -1,6 +1,7 @@
 """End to end through the real commands: train -> evaluate -> export -> load, on small data."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,10 @@ def test_train_evaluate_export_end_to_end(synthetic_csv, tmp_path):
     cli("train", "--dataset", str(synthetic_csv), "--model", "mind_remi", "--out", str(run), "--epochs", "3", "--patience", "5", "--resume", "--quiet")
     history = json.loads((run / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3]
+    # ... and only with the settings it was started with (its optimizer state and history are theirs)
+    changed = cli("train", "--dataset", str(synthetic_csv), "--model", "mind_remi", "--out", str(run), "--epochs", "4", "--lr", "0.01", "--resume", "--quiet", check=False)
+    assert changed.returncode == 2 and "lr 0.001 -> 0.01" in changed.stderr, changed.stderr
+    assert json.loads((run / "train.json").read_text())["lr"] == 0.001 and not list(run.glob("*.tmp"))
 
     report = json.loads(cli("evaluate", "--model-dir", str(run), "--dataset", str(synthetic_csv), "--json").stdout)
     assert set(report["metrics"]) == {f"{m}@{n}" for m in ("recall", "hitrate", "ndcg") for n in (20, 50)}
@@ -72,8 +77,9 @@ def test_train_evaluate_export_end_to_end(synthetic_csv, tmp_path):
     assert interests.shape == (2, 4, 64) and k.tolist() == [2, 1]
     assert np.all(interests[1, 1:] == 0)
 
-    # the bench command runs against the export and prints its figures
-    bench = cli("bench", "--export-dir", str(export_dir), "--seconds", "0.2", "--batch", "32")
+    # the bench command runs against an export wherever it lies (a registry copy has no run around it)
+    shutil.copytree(export_dir, tmp_path / "copied")
+    bench = cli("bench", "--export-dir", str(tmp_path / "copied"), "--seconds", "0.2", "--batch", "32")
     assert "users/s" in bench.stdout and "p99" in bench.stdout
 
     # a changed artifact is refused
