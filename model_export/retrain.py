@@ -41,10 +41,11 @@ import torch
 from model_export.data import EvalCases, SequenceDataset, ragged_arange, gather_histories, load_dataset
 from model_export.evaluate import evaluate_model
 from model_export.event_log import EventLog
+from model_export.export import export_model, exported_model
 from model_export.manifest import Manifest
 from model_export.sampled_softmax import NegativeSampler
 from model_export.spec import ModelSpec
-from model_export.train import SELECTION_METRIC, TrainConfig, build_model, model_from_weights, run_epoch
+from model_export.train import SELECTION_METRIC, TrainConfig, build_model, run_epoch
 
 NEW_ITEM_INIT_STD = 0.1  # a new item never preceded by a known item starts like a fresh embedding
 
@@ -98,7 +99,8 @@ class IncrementalData:
     new_samples: tuple[np.ndarray, np.ndarray]  # (users, positions) whose target is a new event before the cut
     old_samples: tuple[np.ndarray, np.ndarray]  # older targets: base training users and earlier log events
     holdout: EvalCases  # history before the cut, targets = held-out new events
-    holdout_parent: EvalCases  # the same, histories without the items the parent does not know
+    holdout_parent: EvalCases  # the same users and targets, histories without the items the parent does not know
+    training_counts: np.ndarray  # [n_items + 1] interactions per item outside the holdout: the negative sampler's popularity
     cut_ms: int  # holdout = new events at or after this event time
     log_events: int  # events of the log this data includes
 
@@ -152,6 +154,8 @@ def merge_with_log(base: SequenceDataset, log: EventLog, vocabulary: list[str], 
         first_held.setdefault(u, p)
         targets.setdefault(u, []).append(int(seq_items[offsets[u] + p]))
     holdout_users = np.array(sorted(first_held), dtype=np.int64)
+    in_holdout = np.zeros(len(seq_items), dtype=bool)
+    in_holdout[flat[held]] = True
 
     data = SequenceDataset(
         name=base.name, fingerprint=fingerprint,
@@ -162,11 +166,15 @@ def merge_with_log(base: SequenceDataset, log: EventLog, vocabulary: list[str], 
         user_profile=_profiles(base, user_ids, log.profiles), profile_fields=base.profile_fields,
         profile_cardinalities=base.profile_cardinalities, profile_vocab=base.profile_vocab,
     )
+    # The gate compares both models on the same users: those the parent can read some history of
+    # (every item the parent knows, the candidate knows too).
+    parent_cases = _holdout_cases(data, holdout_users, first_held, targets, max_item=parent_items)
     return IncrementalData(
         data=data, parent_items=parent_items, new_items=vocabulary[parent_items:],
         new_samples=(users[fresh], positions[fresh]), old_samples=(users[old], positions[old]),
-        holdout=_holdout_cases(data, holdout_users, first_held, targets, max_item=len(vocabulary)),
-        holdout_parent=_holdout_cases(data, holdout_users, first_held, targets, max_item=parent_items),
+        holdout=_holdout_cases(data, parent_cases.users, first_held, targets, max_item=len(vocabulary)),
+        holdout_parent=parent_cases,
+        training_counts=np.bincount(seq_items[~in_holdout], minlength=len(vocabulary) + 1),
         cut_ms=cut_ms, log_events=len(log),
     )
 
@@ -306,7 +314,7 @@ def fine_tune(parent_spec: ModelSpec, parent: torch.nn.Module, inc: IncrementalD
     config = TrainConfig(dataset=data.name, model=spec.kind, seed=seed, epochs=settings.epochs, batch_size=settings.batch_size,
                          lr=settings.lr, device=device, dataset_fingerprint=data.fingerprint)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    sampler = NegativeSampler(torch.as_tensor(data.item_counts(data.train_users)), config.sampler_alpha, device)
+    sampler = NegativeSampler(torch.as_tensor(inc.training_counts), config.sampler_alpha, device)  # the holdout stays unseen
     rng = np.random.default_rng(seed)
     new_users, new_positions = inc.new_samples
     old_users, old_positions = inc.old_samples
@@ -337,10 +345,7 @@ def load_parent(export_dir: Path, manifest: Manifest) -> tuple[ModelSpec, torch.
     if "weights" not in manifest.files:
         raise RetrainError(f"{export_dir} has no weights.pt (exported by an older version): re-export the run with "
                            f"`python -m model_export export` and publish it, then retrain")
-    spec = ModelSpec(**manifest.extra["spec"])
-    if not spec.is_multi_interest and spec.kind != "youtube_dnn":
-        raise RetrainError(f"{spec.kind} has no weights to fine-tune")
-    return spec, model_from_weights(spec, manifest.file(export_dir, "weights"))
+    return exported_model(export_dir, manifest)
 
 
 def dataset_fingerprint(base_fingerprint: str, log: EventLog, vocabulary_size: int) -> str:
@@ -401,7 +406,6 @@ def retrain_once(config, publish_model: bool = True, progress: bool = True) -> d
     "refused" (the gate said no; the reason is in it), "trained" (publish_model=False) or
     "skipped" (too few new events)."""
     from model_export.event_log import commit_offsets, read_new_events
-    from model_export.export import export_model
     from model_export.registry import ModelRegistry
 
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)

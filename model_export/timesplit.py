@@ -8,11 +8,13 @@
     last weeks     [--later-until, --test-until)     both models are evaluated here: each user with
                                                      events in these weeks and some history before
                                                      them; history = the newest maxlen items before
-                                                     --later-until (the same for both models: what the
-                                                     streaming job holds), targets = all of the user's
-                                                     items in the last weeks
+                                                     --later-until that the model has a vector for
+                                                     (what the streaming job holds, less what the
+                                                     earlier-weeks model cannot read), targets = all of
+                                                     the user's items in the last weeks
 
-Items a model has no vector for are misses for it, so both models face the same targets. Prints
+Both models face the same users and the same targets: items a model has no vector for are misses
+for it. Prints
 Recall@50 and HitRate@50 (and @20, NDCG) of both and their ratio; writes timesplit.json.
 """
 
@@ -50,29 +52,32 @@ def write_period(raw, start_ms: int, stop_ms: int, path: Path) -> int:
     return len(table)
 
 
-def last_weeks_cases(inc_data, raw, later_until_ms: int, test_until_ms: int, item_index: dict[str, int]) -> EvalCases:
-    """Users of inc_data (base + later weeks) with events in the last weeks; histories/targets as in the docstring."""
+def last_weeks(inc_data, raw, later_until_ms: int, test_until_ms: int) -> list[tuple[int, list[str], list[str]]]:
+    """(user row of inc_data, raw items before --later-until, raw items in the last weeks) of every user
+    of inc_data (base + later weeks) with events in the last weeks."""
     last = raw.frame[(raw.frame.ts >= later_until_ms) & (raw.frame.ts < test_until_ms)].sort_values("ts", kind="stable")
     row_of = {u: i for i, u in enumerate(inc_data.user_ids.tolist())}
-    users, histories, lengths, targets = [], [], [], []
+    out = []
     for user, group in last.groupby("user", sort=True):
-        if user not in row_of:
-            continue
-        u = row_of[user]
-        before = inc_data.seq_items[inc_data.seq_offsets[u] : inc_data.seq_offsets[u + 1]]
-        raw_before = inc_data.item_ids[before]
-        known = np.array([item_index[r] for r in raw_before.tolist() if r in item_index], dtype=np.int64)
-        if len(known) == 0:
-            continue
-        users.append(u)
-        histories.append(known)
-        lengths.append(len(known))
-        targets.append([item_index.get(r, -1) for r in group.item.tolist()])  # -1: no vector -> a miss
-    history = np.zeros((len(users), max(lengths, default=1)), dtype=np.int64)
+        if user in row_of:
+            u = row_of[user]
+            before = inc_data.seq_items[inc_data.seq_offsets[u] : inc_data.seq_offsets[u + 1]]
+            out.append((u, inc_data.item_ids[before].tolist(), group.item.tolist()))
+    return out
+
+
+def model_cases(weeks: list[tuple[int, list[str], list[str]]], item_index: dict[str, int]) -> EvalCases:
+    """One model's cases: histories keep the items it has a vector for; a target it has no vector for
+    is a miss, under an id no item has (one per raw item, so distinct unknown targets stay distinct)."""
+    unknown: dict[str, int] = {}
+    histories = [np.array([item_index[r] for r in before if r in item_index], dtype=np.int64) for _, before, _ in weeks]
+    targets = [[item_index[r] if r in item_index else -1 - unknown.setdefault(r, len(unknown)) for r in items] for _, _, items in weeks]
+    lengths = np.array([len(h) for h in histories], dtype=np.int64)
+    history = np.zeros((len(weeks), max(lengths, default=1)), dtype=np.int64)
     for row, h in enumerate(histories):
         history[row, : len(h)] = h
     n = np.array([len(t) for t in targets], dtype=np.int64)
-    return EvalCases(np.array(users, dtype=np.int64), history, np.array(lengths, dtype=np.int64),
+    return EvalCases(np.array([u for u, _, _ in weeks], dtype=np.int64), history, lengths,
                      np.concatenate([[0], np.cumsum(n)]).astype(np.int64), np.array([t for ts in targets for t in ts], dtype=np.int64))
 
 
@@ -112,12 +117,14 @@ def timesplit_benchmark(model_kind: str, train_until: str, later_until: str, tes
     grown_spec, incremental, epochs_run = fine_tune(spec, base_model, inc, settings)
     verdict = judge(evaluate_holdout(incremental, inc, spec.maxlen), evaluate_holdout(base_model, inc, spec.maxlen, parent=True), settings.tolerance)
 
-    # Both on the last weeks, same users, same histories, same targets.
+    # Both on the last weeks: the same users (those the base model can read some history of; every item it
+    # knows, the retrained model knows too) and the same targets.
     base_index = {r: i + 1 for i, r in enumerate(vocab["items"])}
     grown_index = {r: i + 1 for i, r in enumerate(inc.data.item_ids[1:].tolist())}
+    weeks = [w for w in last_weeks(inc.data, raw, t2, t3) if any(r in base_index for r in w[1])]
     results = {}
     for name, model, index in (("earlier_weeks_only", base_model, base_index), ("retrained_on_later_weeks", incremental, grown_index)):
-        cases = clip_history(last_weeks_cases(inc.data, raw, t2, t3, index), spec.maxlen)
+        cases = clip_history(model_cases(weeks, index), spec.maxlen)
         results[name] = evaluate_model(model, inc.data, cases)
     report = {
         "model": model_kind, "periods": {"train_until": train_until, "later_until": later_until, "test_until": test_until},

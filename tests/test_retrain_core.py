@@ -105,6 +105,39 @@ def test_merge_keeps_ids_stable_counts_replays_once_and_holds_out_the_newest(bas
     assert data.item_side[base.n_items + 1].tolist() == [0] * data.item_side.shape[1]
 
 
+def test_the_gate_compares_both_models_on_the_same_users_and_the_sampler_never_sees_the_holdout(base):
+    log = stream_for(base)
+    late = NOW + 2 * 10**9  # after every other event: held out
+    log.append([event("loner", "fresh", NOW + 10**9 + 5, "l1"), event("loner", "fresh", NOW + 10**9 + 6, "l2"),
+                event("loner", "i3", late, "l3")], {0: len(log) + 3})
+    inc = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, 0), SETTINGS)
+    data = inc.data
+    loner = data.user_ids.tolist().index("loner")
+    # the loner's history before its held-out event is only an item the parent has no row for
+    assert loner not in inc.holdout_parent.users and loner not in inc.holdout.users
+    assert inc.holdout.users.tolist() == inc.holdout_parent.users.tolist()
+    assert np.array_equal(inc.holdout.targets, inc.holdout_parent.targets)
+    assert data.seq_times.max() == late and base.seq_times.max() < inc.cut_ms
+    first = np.zeros(len(data.seq_items), dtype=bool)
+    first[data.seq_offsets[:-1][np.diff(data.seq_offsets) > 0]] = True  # a user's first event is nobody's target
+    held = np.bincount(data.seq_items[(data.seq_times >= inc.cut_ms) & ~first], minlength=data.n_items + 1)
+    assert np.array_equal(inc.training_counts + held, np.bincount(data.seq_items, minlength=data.n_items + 1))
+
+
+def test_timesplit_cases_keep_readable_history_and_count_each_unknown_target_as_its_own_miss():
+    from model_export.metrics import user_metrics
+    from model_export.timesplit import model_cases
+
+    weeks = [(0, ["a", "new1", "b"], ["new1", "new2", "a", "new1"])]
+    cases = model_cases(weeks, {"a": 1, "b": 2})
+    assert cases.history.tolist() == [[1, 2]] and cases.lengths.tolist() == [2]
+    targets = cases.targets_of(0)
+    assert targets[2] == 1 and (targets[[0, 1, 3]] < 0).all() and targets[0] == targets[3] != targets[1]
+    assert user_metrics(np.array([1, 2]), targets, 2)[0] == pytest.approx(1 / 3)  # "a" found, new1 and new2 missed
+    grown = model_cases(weeks, {"a": 1, "b": 2, "new1": 3, "new2": 4})
+    assert grown.history.tolist() == [[1, 3, 2]] and grown.targets.tolist() == [3, 4, 1, 3]
+
+
 def test_grown_tables_keep_old_rows_and_start_new_items_from_their_context():
     state = {"items.ids.weight": torch.arange(12.0).reshape(4, 3), "items.side_pooling": torch.ones(4, 2), "bilinear.weight": torch.eye(3)}
     grown = grow_weights(state, parent_items=3, new_rows=torch.full((2, 3), 7.0))
