@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from infra.config import load_config
-
-MODELS = ("mostpop", "youtube_dnn", "mind", "mind_remi")
+from model_export.spec import MODEL_KINDS
 
 
 def _dataset_arg(p: argparse.ArgumentParser) -> None:
@@ -198,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("train", help="train a model (progress bar, checkpoints, early stopping, --resume)")
     _dataset_arg(p)
-    p.add_argument("--model", choices=MODELS, required=True)
+    p.add_argument("--model", choices=MODEL_KINDS, required=True)
     p.add_argument("--out", required=True, help="run directory (checkpoints, best weights, history)")
     p.add_argument("--seed", type=int, default=2019)
     p.add_argument("--epochs", type=int, default=0, help="maximum epochs (default: per dataset)")
@@ -259,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("timesplit", help="ML-1M by time: the model retrained on later weeks vs the one trained on earlier weeks, on the last weeks")
-    p.add_argument("--model", choices=MODELS[1:], default="mind_remi")
+    p.add_argument("--model", choices=MODEL_KINDS[1:], default="mind_remi")
     p.add_argument("--train-until", default="2000-11-22", help="earlier weeks end (UTC date; ~70%% of ML-1M's interactions)")
     p.add_argument("--later-until", default="2000-12-10", help="later weeks end: the stream the model is retrained on")
     p.add_argument("--test-until", default="2000-12-31", help="last weeks end: where both models are evaluated")
@@ -282,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("quality", help="quality table: models x datasets x seeds, mean and spread, ratios")
     p.add_argument("--datasets", nargs="+", default=["ml-1m", "beauty"])
-    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--models", nargs="+", choices=MODEL_KINDS, default=list(MODEL_KINDS))
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--epochs", type=int, default=0, help="maximum epochs (default: per dataset)")
     p.add_argument("--max-steps-per-epoch", type=int, default=0)

@@ -16,7 +16,7 @@ import torch
 
 from model_export.manifest import Manifest
 from model_export.onnx_runtime import UserTowerSession
-from model_export.train import load_model
+from model_export.export import exported_model
 
 
 def _throughput(fn, users_per_call: int, seconds: float) -> float:
@@ -41,8 +41,7 @@ def _latencies_ms(fn, calls: int) -> np.ndarray:
 
 def bench_user_tower(export_dir: Path, batch: int = 256, seconds: float = 3.0, single_calls: int = 2000) -> dict:
     manifest = Manifest.load(export_dir)
-    model_dir = export_dir.parent
-    _, model = load_model(model_dir)
+    _, model = exported_model(export_dir, manifest)
     session = UserTowerSession(export_dir, manifest, prefer_gpu=False)
     rng = np.random.default_rng(0)
     n_fields = len(manifest.profile_fields)

@@ -1,6 +1,6 @@
 """Datasets: loading, the papers' preprocessing and split, training samples and evaluation cases.
 
-The protocol is the one of ComiRec / REMI (THUDM/ComiRec), as summarised in STACK.md:
+The protocol is the one of ComiRec / REMI (THUDM/ComiRec):
   * items with >= 5 interactions are kept, then users with >= 5 of the remaining interactions;
   * users are shuffled with a fixed seed and split 80/10/10 into train / valid / test;
   * training samples a target position in a training user's sequence and uses the previous
@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from infra.wheels import WheelError, extract_from_wheel
+from model_export.manifest import sha256_of
 
 PREPROCESS_VERSION = 1  # bump when the preprocessing changes, to invalidate caches
 MIN_ITEM_COUNT = 5
@@ -313,14 +314,6 @@ def preprocess(raw: RawInteractions, name: str, fingerprint: str, split_seed: in
     )
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_dataset(dataset: str, data_dir: Path, cache_dir: Path, shared_data_dir: Path, split_seed: int = 2019) -> SequenceDataset:
     """Load a dataset by name (ml-1m, beauty) or path, preprocessed and split, from cache if possible."""
     if dataset == "ml-1m":
@@ -334,7 +327,7 @@ def load_dataset(dataset: str, data_dir: Path, cache_dir: Path, shared_data_dir:
             raise DatasetError(f"{s} not found (dataset {dataset!r}; built-in names: {', '.join(BUILTIN_DATASETS)})")
     key = hashlib.sha256()
     for s in sources:
-        key.update(_file_digest(s).encode())
+        key.update(sha256_of(s).encode())
     key.update(f"v{PREPROCESS_VERSION}:{MIN_ITEM_COUNT}:{MIN_USER_COUNT}:{SPLIT_FRACTIONS}:{split_seed}".encode())
     fingerprint = key.hexdigest()[:16]
     name = dataset if dataset in BUILTIN_DATASETS else Path(dataset).stem

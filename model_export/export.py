@@ -20,7 +20,8 @@ from model_export.data import EvalCases, SequenceDataset, evaluation_cases
 from model_export.evaluate import evaluate_model
 from model_export.manifest import ArtifactFile, Manifest, sha256_of
 from model_export.onnx_runtime import UserTowerSession
-from model_export.train import check_dataset, load_model
+from model_export.spec import ModelSpec
+from model_export.train import check_dataset, load_model, model_from_weights
 
 ONNX_OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -140,6 +141,15 @@ def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = 
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     return out_dir, manifest
+
+
+def exported_model(export_dir: Path, manifest: Manifest) -> tuple[ModelSpec, torch.nn.Module]:
+    """The PyTorch model of an export (wherever it was copied: the registry's too), from the weights and
+    spec it carries, in eval mode."""
+    if "weights" not in manifest.files:
+        raise ValueError(f"{export_dir} has no weights.pt (exported by an older version): re-export the run with `python -m model_export export`")
+    spec = ModelSpec(**manifest.extra["spec"])
+    return spec, model_from_weights(spec, manifest.file(export_dir, "weights"))
 
 
 def check_parity(model: torch.nn.Module, export_dir: Path, manifest: Manifest, data: SequenceDataset) -> float:

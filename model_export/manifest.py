@@ -54,7 +54,7 @@ class Manifest:
     inputs: list[dict]  # ONNX inputs: name, dtype, shape
     outputs: list[dict]
     metrics: dict  # test metrics at export time
-    files: dict[str, ArtifactFile]  # role -> file: user_tower, item_vectors, vocab
+    files: dict[str, ArtifactFile]  # role -> file: user_tower, item_vectors, vocab, weights
     created_at: str
     onnx_opset: int
     schema: int = MANIFEST_SCHEMA
