@@ -474,7 +474,7 @@ def refresh(config, export_dir: Path, say, stages: "Stages") -> dict:
     from model_export.artifact import UserTower
     from model_export.publish import connect, publish_version, retire_unreferenced
     from model_export.registry import ModelRegistry
-    from streaming.backfill import backfill, stored_versions
+    from streaming.backfill import backfill, job_settle_s, stored_versions
     from streaming.feature_store import RedisFeatureStore
 
     registry = ModelRegistry(config.paths.models_dir)
@@ -487,7 +487,7 @@ def refresh(config, export_dir: Path, say, stages: "Stages") -> dict:
     tower = UserTower.load(registry.path(published.model_version), prefer_gpu=True)
     # Until the streaming job's next look at CURRENT it still writes with the old tower: keep
     # passing that long, or the old version stays referenced and cannot be retired.
-    filled = backfill(store, tower, batch=config.retrain.backfill_batch, settle_s=2 * config.streaming.model_poll_s + 2.0)
+    filled = backfill(store, tower, batch=config.retrain.backfill_batch, settle_s=job_settle_s(config.streaming.model_poll_s))
     stages.lap("backfill")
     versions = stored_versions(store)
     retired = retire_unreferenced(registry, client, config.milvus.collection_prefix, set(versions))

@@ -35,7 +35,7 @@ def cmd_produce(args) -> int:
     config = load_config()
     events = ReplayEvents.from_dataset(args.dataset, config.paths.data_dir, config.paths.shared_data_dir)
     stop = len(events) if args.limit is None else min(len(events), args.start + args.limit)
-    with EventProducer(config.kafka) as producer, tqdm(total=stop - args.start, unit="ev", desc=f"replaying {args.dataset}", disable=args.quiet) as bar:
+    with EventProducer(config.kafka, max_event_bytes=config.streaming.max_event_bytes) as producer, tqdm(total=stop - args.start, unit="ev", desc=f"replaying {args.dataset}", disable=args.quiet) as bar:
         last = [0]
 
         def progress(sent: int) -> None:
@@ -71,15 +71,16 @@ def cmd_backfill(args) -> int:
 
     from model_export.artifact import UserTower
     from model_export.registry import ModelRegistry
-    from streaming.backfill import backfill
+    from streaming.backfill import backfill, job_settle_s
     from streaming.feature_store import RedisFeatureStore
 
     config = load_config()
     registry = ModelRegistry(config.paths.models_dir)
     tower = UserTower.load(registry.path(args.model_version) if args.model_version else registry.current())
     store = RedisFeatureStore.from_config(config.redis, ttl_seconds=config.streaming.record_ttl_s, timeout_s=10.0)
+    settle_s = job_settle_s(config.streaming.model_poll_s) if args.settle_s is None else args.settle_s
     with tqdm(unit="user", desc=f"re-extracting interests with {tower.version}", disable=args.quiet) as bar:
-        report = backfill(store, tower, batch=args.batch, progress=bar.update)
+        report = backfill(store, tower, batch=args.batch, settle_s=settle_s, progress=bar.update)
     print(json.dumps(report.__dict__, indent=2))
     return 0
 
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("backfill", help="re-extract every stored user's interests with a model version (default: the current one)")
     p.add_argument("--model-version", default=None, help="an installed version of the model registry (default: CURRENT)")
     p.add_argument("--batch", type=int, default=512, help="users per user-tower call and per store round trip")
+    p.add_argument("--settle-s", type=float, default=None,
+                   help="keep passing this long after the start, while the job may still write with the old tower (default: 2 x [streaming].model_poll_s + 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_backfill)
 

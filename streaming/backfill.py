@@ -4,8 +4,8 @@ Run after a new model version is published so that users who send no event meanw
 with the new version too. The streaming job keeps writing while this runs, so each record is
 replaced only if it is unchanged since it was read (`replace_if_unchanged`): a newer window the
 job has just written is never overwritten with an older one. Passes repeat until one finds no
-record of another version left: the job may still write with the old tower for up to one model
-poll interval after the switch.
+record of another version left, and go on until a settle time has passed even then: the job may
+still write with the old tower for up to one model poll interval after the switch.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ class BackfillReport:
 
 def backfill(store: FeatureStore, tower: UserTower, batch: int = 512, max_passes: int = 3, settle_s: float = 0.0,
              pause_s: float = 0.5, progress: Callable[[int], None] = lambda n: None) -> BackfillReport:
-    """Passes over the store until one finds no record of another version left (records whose
-    window has no item the tower knows stay as they are): at least `max_passes` tries, and for
-    `settle_s` more (a pass every `pause_s`) while the streaming job may still be writing with the
-    old tower; set it to the job's model poll interval plus a batch."""
+    """Passes over the store, back to back until one finds no record of another version left
+    (records whose window has no item the tower knows stay as they are) or `max_passes` have run;
+    then one every `pause_s` until `settle_s` after the start, since the streaming job may still be
+    writing with the old tower meanwhile (see `job_settle_s`)."""
     started = time.perf_counter()
     report = None
     rewritten = passes = 0
@@ -43,13 +43,18 @@ def backfill(store: FeatureStore, tower: UserTower, batch: int = 512, max_passes
         seen, current, unknown, done = _one_pass(store, tower, batch, progress)
         report = report or (seen, current, unknown)
         rewritten, passes = rewritten + done, passes + 1
-        if seen - current - unknown == 0:
-            break
-        if passes >= max_passes:
+        if seen - current - unknown == 0 or passes >= max_passes:
+            # Even after a clean pass: until settle_s the job may still write with the old tower.
             if time.perf_counter() - started >= settle_s:
                 break
             time.sleep(pause_s)
     return BackfillReport(tower.version, report[0], rewritten, report[1], report[2], passes, time.perf_counter() - started)
+
+
+def job_settle_s(model_poll_s: float) -> float:
+    """How long after a switch of CURRENT the streaming job may still write with the old tower: until
+    its next look at the registry (up to `model_poll_s` later; twice that, for safety) plus a batch."""
+    return 2 * model_poll_s + 2.0
 
 
 def _one_pass(store: FeatureStore, tower: UserTower, batch: int, progress: Callable[[int], None]) -> tuple[int, int, int, int]:

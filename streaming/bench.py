@@ -101,6 +101,31 @@ def broker_baseline(kafka, topic: str, rate: float, seconds: float) -> dict:
 
 
 @dataclass
+class Drain:
+    """When the job has written the interests of the last of `events` queued events, from polls of
+    its metrics. The last event is read after the last poll that saw fewer read (`below_s`), so its
+    interests are in a write later than that poll; the job is done once such a write is followed by
+    `quiet_s` without another (the last micro-batch is out). The answer is that write's time, not
+    the poll's. (Waiting for a write later than the poll that saw all events read could wait
+    forever: the last write usually comes before that poll.)"""
+
+    events: int
+    quiet_s: float
+    below_s: float  # wall-clock time of the last poll that saw fewer events read; first, the job's start
+    read: float = 0.0
+
+    def poll(self, now_s: float, events_in: float, last_write_s: float) -> float | None:
+        """One poll: `now_s` taken before the job's metrics were read. Returns the drain time once known."""
+        if events_in < self.read:  # a failed scrape reads 0; the counter itself never goes back
+            return None
+        self.read = events_in
+        if events_in < self.events:
+            self.below_s = now_s
+            return None
+        return last_write_s if last_write_s > self.below_s and now_s - last_write_s >= self.quiet_s else None
+
+
+@dataclass
 class BenchStack:
     root: Path
     config: Config  # pointing at this stack's broker, Redis and registry
@@ -169,9 +194,10 @@ def run_bench(args) -> int:
         admin.close()
 
         # 1. throughput: a backlog of ML-1M events, then the job
-        with EventProducer(config.kafka, linger_ms=20) as producer, tqdm(total=n_throughput, unit="ev", desc="queueing ML-1M events") as bar:
+        with EventProducer(config.kafka, linger_ms=20, max_event_bytes=config.streaming.max_event_bytes) as producer, tqdm(total=n_throughput, unit="ev", desc="queueing ML-1M events") as bar:
             replay(events.events(0, n_throughput), producer, on_progress=lambda sent: bar.update(sent - bar.n))
         print("starting the PyFlink job (10-25 s) ...")
+        drain = Drain(n_throughput, quiet_s=1.0 + config.streaming.batch_max_delay_ms / 1000, below_s=time.time())
         job.start()
         try:
             first_seen = done_at = None
@@ -179,15 +205,14 @@ def run_bench(args) -> int:
             samples = []
             with tqdm(total=n_throughput, unit="ev", desc="job draining the backlog") as bar:
                 while done_at is None:
+                    now = time.time()  # wall clock, as the job's last-write gauge; before the metrics are read
                     seen = job.metric("mindstream_stream_events_in_total")
-                    now = time.perf_counter()
                     peak_rss = max(peak_rss, job.rss_bytes())
                     if seen > 0 and first_seen is None:
                         first_seen = now
                     samples.append((now, seen))
                     bar.update(int(seen) - bar.n)
-                    if seen >= n_throughput and job.metric("mindstream_stream_last_write_timestamp_seconds") > 0:
-                        done_at = now
+                    done_at = drain.poll(now, seen, job.metric("mindstream_stream_last_write_timestamp_seconds"))
                     time.sleep(0.25)
             times, counts = np.array([s[0] for s in samples]), np.array([s[1] for s in samples])
             mid = (counts >= 0.1 * n_throughput) & (counts <= 0.9 * n_throughput)
@@ -209,7 +234,7 @@ def run_bench(args) -> int:
             # 3. freshness at the same rate through the job
             before = freshness_buckets(job.metrics() or "")
             print(f"job freshness at {args.freshness_rate:.0f} events/s for {args.freshness_seconds:.0f} s ...")
-            with EventProducer(config.kafka) as producer:
+            with EventProducer(config.kafka, max_event_bytes=config.streaming.max_event_bytes) as producer:
                 replay(events.events(n_throughput, n_throughput + n_fresh), producer, rate=args.freshness_rate)
             wait_for_count(job, n_throughput + n_fresh)
             time.sleep(0.5)  # the last micro-batch
@@ -304,7 +329,7 @@ def run_poison(args) -> int:
         job.start()
         valid_sent, poison_futures, job_down_polls = [], [], 0
         valid_iter = events.events()
-        with EventProducer(config.kafka) as producer, tqdm(total=total, unit="rec", desc=f"{args.rate:.0f} rec/s, {args.poison:.0%} poison") as bar:
+        with EventProducer(config.kafka, max_event_bytes=config.streaming.max_event_bytes) as producer, tqdm(total=total, unit="rec", desc=f"{args.rate:.0f} rec/s, {args.poison:.0%} poison") as bar:
             started = time.perf_counter()
             for i in range(total):
                 wait = started + i / args.rate - time.perf_counter()

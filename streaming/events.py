@@ -69,10 +69,11 @@ class BehaviourEvent:
         return out
 
 
-def encode_event(event: BehaviourEvent) -> bytes:
+def encode_event(event: BehaviourEvent, max_bytes: int = MAX_EVENT_BYTES) -> bytes:
+    """The event's record value, or EventError for an event the job would dead-letter: it is checked
+    by the job's own parser, so producer and job cannot disagree on the contract."""
     raw = json.dumps(event.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
-    if len(raw) > MAX_EVENT_BYTES:
-        raise EventError(f"event of user {event.user_id!r} is {len(raw)} bytes, over the {MAX_EVENT_BYTES}-byte limit", "oversized")
+    parse_event(raw, max_bytes)
     return raw
 
 

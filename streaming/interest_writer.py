@@ -115,18 +115,20 @@ class InterestWriter:
         metrics.TOWER_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_USERS.observe(len(users))
         now_ms = int(self.clock() * 1000)
-        records = []
+        records, written = [], []
         for user, update, window, vectors in zip(users, updates, windows, interests):
             if vectors is None:
                 metrics.UNKNOWN_WINDOWS.inc()
                 continue
             records.append(InterestRecord(user, tower.version, vectors, window, update.window.newest_ms, update.window.last_offset, now_ms, update.window.profile))
-        self._write(records)
-        written_s = self.clock()
-        for update in updates:
-            for produced in update.produced_ms:
-                metrics.FRESHNESS_SECONDS.observe(max(0.0, written_s - produced / 1000.0))
-        metrics.LAST_WRITE.set(written_s)
+            written.append(update)
+        if records:  # freshness and the last write describe records written, not updates skipped
+            self._write(records)
+            written_s = self.clock()
+            for update in written:
+                for produced in update.produced_ms:
+                    metrics.FRESHNESS_SECONDS.observe(max(0.0, written_s - produced / 1000.0))
+            metrics.LAST_WRITE.set(written_s)
         self.pending.clear()
         return users
 

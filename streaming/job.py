@@ -78,7 +78,7 @@ def _user_windows_function(settings: dict):
     from streaming.events import EventError, parse_event
     from streaming.feature_store import RedisFeatureStore
     from streaming.interest_writer import InterestWriter, RegistryTowers, dead_letter
-    from streaming.window import Applied, UserWindow
+    from streaming.window import Applied, UserWindow, apply_to_state
 
     class UserWindows(KeyedProcessFunction):
         def open(self, runtime_context: RuntimeContext):
@@ -91,6 +91,7 @@ def _user_windows_function(settings: dict):
             towers = RegistryTowers(ModelRegistry(Path(settings["models_dir"])), settings["model_poll_s"])
             towers.current()  # fail at start, with the registry's message, when no model is published
             self.writer = InterestWriter(towers, store, settings["batch_max_users"])
+            self.seed = self.writer.stored_window if settings["seed_windows_from_store"] else None
             self.timed: set[str] = set()  # users with a flush timer registered by this process
             self.flushed: set[str] = set()  # written users whose timer has not fired yet
             self.applied = {outcome: metrics.EVENTS_APPLIED.labels(outcome.value) for outcome in Applied}  # resolved once: per-event cost
@@ -107,14 +108,10 @@ def _user_windows_function(settings: dict):
                 metrics.DEAD_LETTERS.labels(exc.kind).inc()
                 yield dead_letter(str(exc), exc.kind, value or b"", partition, offset, produced_ms, settings["events_topic"])
                 return
-            state = self.state.value()
+            window, outcome, state = apply_to_state(self.state.value(), event, settings["window_length"], settings["allowed_lateness_ms"],
+                                                    f"{partition}:{offset}", self.seed)
             if state is not None:
-                window = UserWindow.from_state(state)
-            elif settings["seed_windows_from_store"]:
-                window = self.writer.stored_window(key)
-            else:
-                window = UserWindow()
-            outcome = window.apply(event, settings["window_length"], settings["allowed_lateness_ms"], f"{partition}:{offset}")
+                self.state.update(state)
             self.applied[outcome].inc()
             if outcome is Applied.LATE:
                 metrics.DEAD_LETTERS.labels("late").inc()
@@ -128,7 +125,6 @@ def _user_windows_function(settings: dict):
                 self.timed.add(key)
                 timers = ctx.timer_service()
                 timers.register_processing_time_timer(timers.current_processing_time() + settings["batch_max_delay_ms"])
-            self.state.update(window.to_state())
             if self.writer.full:
                 self.flushed.update(self.writer.flush())
 

@@ -14,22 +14,25 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from streaming.events import BehaviourEvent, encode_event
+from streaming.events import MAX_EVENT_BYTES, BehaviourEvent, encode_event
 from streaming.kafka_clients import python_client_options
 
 
 class EventProducer:
-    def __init__(self, kafka, linger_ms: int = 5, **overrides):
+    def __init__(self, kafka, linger_ms: int = 5, max_event_bytes: int = MAX_EVENT_BYTES, **overrides):
+        """`max_event_bytes`: the job's record limit, [streaming].max_event_bytes."""
         from kafka import KafkaProducer
 
         options = {**python_client_options(kafka), "acks": "all", "linger_ms": linger_ms, "retries": 5, **overrides}
         self.producer = KafkaProducer(**options)
         self.topic = kafka.events_topic
+        self.max_event_bytes = max_event_bytes
         self.sent = 0
 
     def send(self, event: BehaviourEvent):
-        """Queues one event (validated and encoded here); returns kafka-python's future."""
-        future = self.producer.send(self.topic, key=event.user_id.encode(), value=encode_event(event))
+        """Queues one event (validated and encoded here; EventError if the job would refuse it);
+        returns kafka-python's future."""
+        future = self.producer.send(self.topic, key=event.user_id.encode(), value=encode_event(event, self.max_event_bytes))
         self.sent += 1
         return future
 

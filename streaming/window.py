@@ -17,10 +17,15 @@ A job that starts without its state (a state-layout change, a lost checkpoint, a
 seeds a user's window from the user's stored feature-store record (`from_record`) instead of
 starting it empty, so the next write does not replace a long stored window with a one-item one.
 The record keeps the raw item ids, the newest event time and the newest offset, not each
-behaviour's time or id: seeded behaviours all carry the record's newest event time, and the
+behaviour's time or id: the newest seeded behaviour carries the record's newest event time, the
+others `UNKNOWN_TIME_MS`, before any event the window can still accept, in their stored order. So
+a late but allowed event lands before the newest behaviour and is never evicted in favour of
+older ones; it lands after every other seeded behaviour, though, even one it is older than. The
 records the job reads again from its committed offsets, up to the stored offset, are recognised
 by that offset and not applied twice. (What such a start cannot know: the events of a write that was
 still queued when a checkpoint covered them and the job died before it, within `batch_max_delay_ms`.)
+The job writes a seeded window to its state whatever the first event did to it, so the store is
+read once per such user (`apply_to_state`).
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Callable
 
 import orjson
 
 from streaming.events import BehaviourEvent
 from streaming.feature_store import InterestRecord
+
+UNKNOWN_TIME_MS = 0  # a seeded behaviour's time when the record does not say: no valid event is older
 
 
 class Applied(Enum):
@@ -56,7 +64,8 @@ class UserWindow:
     @classmethod
     def from_record(cls, record: InterestRecord) -> "UserWindow":
         """The window a stored record reflects (see the module docstring)."""
-        return cls([(record.last_event_ms, item, "", "") for item in record.window], record.last_event_ms, dict(record.profile), record.last_offset)
+        times = [UNKNOWN_TIME_MS] * (len(record.window) - 1) + [record.last_event_ms]
+        return cls([(time_ms, item, "", "") for time_ms, item in zip(times, record.window)], record.last_event_ms, dict(record.profile), record.last_offset)
 
     def apply(self, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "") -> Applied:
         if offset and self.last_offset and event.event_time_ms <= self.newest_ms and _not_after(offset, self.last_offset):
@@ -96,6 +105,20 @@ class UserWindow:
             return cls()
         behaviours, newest_ms, profile, last_offset = orjson.loads(state)[:4]  # older checkpoints hold a 5th field, a "pending" flag no longer used
         return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset)
+
+
+def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "",
+                   seed: Callable[[str], UserWindow] | None = None) -> tuple[UserWindow, Applied, str | None]:
+    """Applies an event to the user's window kept as `state` (`to_state`; None: the job holds none,
+    and the window starts from `seed(user id)`, the stored record's, when given, else empty).
+    Returns the window, the outcome and the state to write back (None: leave it as it is). A window
+    new to the state is written back whatever the event did, so the seed is read once per user."""
+    if state is None:
+        window = seed(event.user_id) if seed else UserWindow()
+    else:
+        window = UserWindow.from_state(state)
+    outcome = window.apply(event, max_length, allowed_lateness_ms, offset)
+    return window, outcome, window.to_state() if state is None or outcome is Applied.ADDED else None
 
 
 def _not_after(offset: str, last_offset: str) -> bool:

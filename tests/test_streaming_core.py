@@ -53,6 +53,37 @@ def test_oversized_records_are_refused_before_parsing():
     assert caught.value.kind == "oversized"
 
 
+@pytest.mark.parametrize("bad", [
+    event(event_type="like"),
+    event(user=""),
+    event(item="x" * 257),
+    event(t=-1),
+    event(profile={"age": 25}),
+    event(side={"flag": True}),
+])
+def test_the_producer_side_refuses_what_the_job_would_dead_letter(bad):
+    with pytest.raises(EventError) as caught:
+        encode_event(bad)
+    assert caught.value.kind == "invalid"
+
+
+def test_the_producer_validates_against_the_configured_record_limit(monkeypatch):
+    import kafka
+
+    from infra.config import KafkaConfig
+    from streaming.producer import EventProducer
+
+    sent = []
+    monkeypatch.setattr(kafka, "KafkaProducer", lambda **options: type("Client", (), {"send": lambda self, topic, key, value: sent.append(value)})())
+    producer = EventProducer(KafkaConfig(), max_event_bytes=200)
+    producer.send(event())
+    with pytest.raises(EventError, match="oversized"):
+        producer.send(event(side={"note": "y" * 200}))  # well under the default 4 KB
+    with pytest.raises(EventError):
+        producer.send(event(event_type="like"))
+    assert len(sent) == 1 and parse_event(sent[0]) == event()
+
+
 def test_the_json_schema_is_generated_from_the_contract():
     schema = json_schema()
     assert set(schema["required"]) == {"schema", "user_id", "item_id", "event_type", "event_time_ms"}
@@ -170,6 +201,28 @@ def test_writer_batches_users_and_keeps_only_the_newest_window_per_user():
     assert store.get_many(["u2"]) == [None] and writer.flush() == []
 
 
+def test_freshness_and_the_last_write_count_only_the_users_written():
+    from prometheus_client import REGISTRY
+
+    from streaming import metrics
+
+    def freshness_count():
+        return REGISTRY.get_sample_value("mindstream_stream_freshness_seconds_count")
+
+    metrics.LAST_WRITE.set(0)
+    before = freshness_count()
+    writer = InterestWriter(FixedTower(FakeTower()), InMemoryFeatureStore(), clock=lambda: 100.0)
+    writer.add("nothing-known", UserWindow(), produced_ms=99_000)  # no known item: skipped, not written
+    writer.flush()
+    assert freshness_count() == before and REGISTRY.get_sample_value("mindstream_stream_last_write_timestamp_seconds") == 0
+    w = UserWindow()
+    w.apply(event("a", 1), 10, 0)
+    writer.add("u1", w, produced_ms=99_000)
+    writer.add("nothing-known", UserWindow(), produced_ms=99_500)
+    writer.flush()
+    assert freshness_count() == before + 1 and REGISTRY.get_sample_value("mindstream_stream_last_write_timestamp_seconds") == 100.0
+
+
 def test_writer_retries_a_failing_store_instead_of_dropping_the_update():
     slept = []
     store = FlakyStore(failures=3)
@@ -204,6 +257,44 @@ def test_a_window_seeded_from_its_stored_record_takes_up_a_replay_from_older_off
     assert writer.stored_window("nobody") == UserWindow()
 
 
+def stored_record(window, last_event_ms=10_000, last_offset="0:9"):
+    from streaming.feature_store import InterestRecord
+
+    return InterestRecord("u1", "v1", np.ones((1, 4), np.float32), window, last_event_ms, last_offset, 1)
+
+
+def test_a_late_but_allowed_event_lands_before_the_newest_seeded_behaviour():
+    full = UserWindow.from_record(stored_record(("a", "b", "c")))
+    assert full.apply(event("x", 9_000), 3, 5_000, offset="0:10") is Applied.ADDED  # not evicted: only "a" is known to be older
+    assert full.item_ids() == ("b", "x", "c")
+    roomy = UserWindow.from_record(stored_record(("a", "b", "c")))
+    assert roomy.apply(event("x", 9_000), 5, 5_000, offset="0:10") is Applied.ADDED
+    assert roomy.apply(event("y", 12_000), 5, 5_000, offset="0:11") is Applied.ADDED
+    assert roomy.item_ids() == ("a", "b", "x", "c", "y")  # the seeded order kept, x before the newest
+    assert UserWindow.from_record(stored_record(())) == UserWindow([], 10_000, {}, "0:9")
+
+
+def test_a_seeded_window_goes_to_state_whatever_the_event_did_so_the_store_is_read_once():
+    from streaming.window import apply_to_state
+
+    reads = []
+
+    def seed(user_id):
+        reads.append(user_id)
+        return UserWindow.from_record(stored_record(("a", "b")))
+
+    state = None
+    outcomes = []
+    for e, offset in [(event("b", 10_000), "0:9"), (event("x", 1_000), "0:12"), (event("c", 11_000), "0:13"), (event("c", 11_000), "0:13")]:
+        window, outcome, written = apply_to_state(state, e, 8, 5_000, offset, seed)
+        outcomes.append(outcome)
+        state = written or state
+    assert outcomes == [Applied.DUPLICATE, Applied.LATE, Applied.ADDED, Applied.DUPLICATE] and reads == ["u1"]
+    assert UserWindow.from_state(state).item_ids() == ("a", "b", "c") and written is None  # a duplicate leaves the state as it is
+    window, outcome, written = apply_to_state(None, event("a"), 8, 5_000)  # not seeding: starts empty
+    assert outcome is Applied.ADDED and UserWindow.from_state(written).item_ids() == ("a",)
+
+
 class UnreadableStore(InMemoryFeatureStore):
     def __init__(self, error: Exception, times: int):
         super().__init__()
@@ -231,6 +322,21 @@ def test_a_window_is_seeded_after_a_store_outage_and_starts_empty_from_a_corrupt
     assert InterestWriter(FixedTower(FakeTower()), corrupt, sleep=slept.append).stored_window("u1") == UserWindow()
 
 
+def test_the_throughput_run_ends_at_the_write_of_the_last_event_read():
+    from streaming.bench import Drain
+
+    drain = Drain(events=1000, quiet_s=1.0, below_s=0.0)
+    polls = [  # (poll time, events read, the job's last write)
+        (1.00, 100, 0.90),  # the last event is read after this poll
+        (1.25, 0, 0.0),  # a failed scrape: no news, not "fewer read"
+        (1.50, 1000, 0.95),  # all read, but the newest write is older than the last read
+        (1.75, 1000, 1.20),  # the last micro-batch, not yet known to be the last
+        (2.00, 0, 0.0),
+        (2.25, 1000, 1.20),  # quiet since: drained at 1.20
+    ]
+    assert [drain.poll(*poll) for poll in polls] == [None] * 5 + [1.20]
+
+
 # ----------------------------------------------------------------------------- backfill
 
 
@@ -240,31 +346,68 @@ class VersionedTower(FakeTower):
         self.version = version
 
 
-def test_backfill_keeps_passing_while_the_job_still_writes_with_the_old_tower():
-    from streaming.backfill import backfill
+class JobNotReloadedYet(InMemoryFeatureStore):
+    """After the scans numbered in `late_after`, the job writes one more record with the old version."""
+
+    def __init__(self, late_after: set[int]):
+        super().__init__()
+        self.late_after, self.scans = late_after, 0
+        self.put_many([old_record(f"u{i}") for i in range(3)])
+
+    def user_ids(self, batch=1000):
+        yield from super().user_ids(batch)
+        self.scans += 1
+        if self.scans in self.late_after:
+            self.put_many([old_record(f"late{self.scans}")])
+
+    def versions(self) -> set[str]:
+        return {r.model_version for r in self.get_many([f"u{i}" for i in range(3)] + [f"late{n}" for n in self.late_after]) if r is not None}
+
+
+def old_record(user: str):
     from streaming.feature_store import InterestRecord
 
-    class JobNotReloadedYet(InMemoryFeatureStore):
-        """After each of the first two scans, the job writes one more record with the old version."""
+    return InterestRecord(user, "v1", np.ones((1, 4), np.float32), ("a",), 0, "0:0", 1)
 
-        scans = 0
 
-        def user_ids(self, batch=1000):
-            yield from super().user_ids(batch)
-            self.scans += 1
-            if self.scans <= 2:
-                self.put_many([InterestRecord(f"late{self.scans}", "v1", np.ones((1, 4), np.float32), ("a",), 0, "0:0", 1)])
+def test_backfill_keeps_passing_while_the_job_still_writes_with_the_old_tower():
+    from streaming.backfill import backfill
 
-    def run(settle_s):
-        store = JobNotReloadedYet()
-        store.put_many([InterestRecord(f"u{i}", "v1", np.ones((1, 4), np.float32), ("a",), i, f"0:{i}", 1) for i in range(3)])
-        report = backfill(store, VersionedTower("v2"), batch=2, max_passes=1, settle_s=settle_s, pause_s=0.01)
-        return report, {r.model_version for r in store.get_many(["u0", "u1", "u2", "late1", "late2"]) if r is not None}
+    store = JobNotReloadedYet(late_after={1, 2})
+    report = backfill(store, VersionedTower("v2"), batch=2, max_passes=1, settle_s=0.3, pause_s=0.01)
+    assert store.versions() == {"v2"} and report.passes >= 4 and report.rewritten == 5 and report.seconds >= 0.3
+    store = JobNotReloadedYet(late_after={1, 2})
+    report = backfill(store, VersionedTower("v2"), batch=2, max_passes=1, settle_s=0.0, pause_s=0.01)
+    assert store.versions() == {"v1", "v2"} and report.passes == 1  # without settling, the late write keeps the old version referenced
 
-    report, versions = run(settle_s=5.0)
-    assert versions == {"v2"} and report.passes == 4 and report.rewritten == 5  # the fourth pass found nothing stale
-    report, versions = run(settle_s=0.0)
-    assert versions == {"v1", "v2"} and report.passes == 1  # without settling, the late write keeps the old version referenced
+
+def test_backfill_goes_on_passing_after_a_clean_pass_until_it_has_settled():
+    from streaming.backfill import backfill
+
+    store = JobNotReloadedYet(late_after={2})  # the second pass finds nothing stale; the job writes once more after it
+    report = backfill(store, VersionedTower("v2"), batch=2, settle_s=0.3, pause_s=0.01)
+    assert store.versions() == {"v2"} and report.rewritten == 4 and report.passes > 2 and report.seconds >= 0.3
+
+
+def test_the_backfill_command_settles_for_the_job_s_model_poll_interval(monkeypatch, capsys):
+    import streaming.backfill
+    from model_export import artifact, registry
+    from streaming import __main__ as cli
+    from streaming import feature_store
+
+    settles = []
+
+    def backfill(store, tower, **options):
+        settles.append(options["settle_s"])
+        return streaming.backfill.BackfillReport(tower.version, 0, 0, 0, 0, 1, 0.0)
+
+    monkeypatch.setenv("MINDSTREAM_STREAMING__MODEL_POLL_S", "3")
+    monkeypatch.setattr(registry, "ModelRegistry", lambda root: type("Registry", (), {"current": lambda self: root})())
+    monkeypatch.setattr(artifact.UserTower, "load", lambda path, **kw: VersionedTower("v2"))
+    monkeypatch.setattr(feature_store.RedisFeatureStore, "from_config", lambda *a, **kw: InMemoryFeatureStore())
+    monkeypatch.setattr(streaming.backfill, "backfill", backfill)
+    assert cli.main(["backfill", "--quiet"]) == 0 and cli.main(["backfill", "--quiet", "--settle-s", "1.5"]) == 0
+    assert settles == [8.0, 1.5]  # 2 x model_poll_s + 2 by default
 
 
 def test_backfill_moves_every_record_to_the_new_version_but_never_over_a_newer_write():
