@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import signal
 import sys
 import threading
@@ -12,16 +13,22 @@ from pathlib import Path
 
 from infra.config import ConfigError, load_config
 
-SECRET_FIELDS = ("password", "token", "sasl_password")
+SECRET_SUFFIXES = ("password", "token", "secret")  # password, sasl_password, token, auth_token, ...
+URI_CREDENTIALS = re.compile(r"(?<=://)[^/\s]+(?=@)")  # user:password in scheme://user:password@host (to the last @)
+
+
+def masked(config: dict[str, dict]) -> dict[str, dict]:
+    """The configuration as printable sections: secret fields and the credentials in URIs as ***."""
+    def mask(key: str, value):
+        if key.endswith(SECRET_SUFFIXES) and value:
+            return "***"
+        return URI_CREDENTIALS.sub("***", value) if isinstance(value, str) else value
+
+    return {name: {key: mask(key, value) for key, value in section.items()} for name, section in config.items()}
 
 
 def cmd_config(args) -> int:
-    config = dataclasses.asdict(load_config(args.file))
-    for section in config.values():
-        for key in section:
-            if key in SECRET_FIELDS and section[key]:
-                section[key] = "***"
-    print(json.dumps(config, indent=2, default=str))
+    print(json.dumps(masked(dataclasses.asdict(load_config(args.file))), indent=2, default=str))
     return 0
 
 

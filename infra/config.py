@@ -13,6 +13,7 @@ environment variables from its secret store and never writes them into the TOML 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 import typing
@@ -105,6 +106,7 @@ class RecallServiceConfig:
     metrics_port: int = 9464  # Prometheus /metrics; 0 = any free port
     tls_certfile: str = ""  # both set = TLS
     tls_keyfile: str = ""
+    tls_cafile: str = ""  # what this project's clients verify the server's certificate with; empty = tls_certfile (self-signed)
     auth_token: str = ""  # set = every RPC but health needs `authorization: Bearer <token>`
     # Request limits: beyond them INVALID_ARGUMENT (messages over 4 x max_request_bytes are refused
     # by gRPC itself with RESOURCE_EXHAUSTED).
@@ -178,16 +180,20 @@ def _coerce(value: object, target: type, where: str) -> object:
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{where}: expected a boolean, got {value!r}")
+    if isinstance(value, bool) and target in (int, float):  # int(True) == 1: a TOML `true` is no count
+        raise ConfigError(f"{where}: expected a number, got the boolean {value!r}; write a number")
     if target is float:
         try:
             return float(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if target is int:
+        if isinstance(value, float) and not value.is_integer():  # int(50051.9) == 50051: refuse, never truncate
+            raise ConfigError(f"{where}: expected an integer, got {value!r}; write a whole number")
         try:
             return int(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+            raise ConfigError(f"{where}: expected an integer, got {value!r}; write a whole number") from None
     if target is Path:
         return Path(str(value)).expanduser()
     if target is str:
@@ -195,6 +201,23 @@ def _coerce(value: object, target: type, where: str) -> object:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{where}: unsupported field type {target!r}")
+
+
+def _env_name(section_name: str, field_name: str) -> str:
+    return f"{ENV_PREFIX}{section_name.upper()}__{field_name.upper()}"
+
+
+def _check_variable_names(environ: dict) -> None:
+    """A MINDSTREAM_<SECTION>__<FIELD> variable that names no field is refused, as an unknown TOML key
+    is: a misspelled secret or address would otherwise leave the default in place without a word.
+    Variables without the double underscore (MINDSTREAM_CONFIG, MINDSTREAM_DISABLE_GPU) are not fields."""
+    known = {_env_name(section.name, f.name) for section in dataclasses.fields(Config)
+             for f in dataclasses.fields(typing.get_type_hints(Config)[section.name])}
+    unknown = sorted(name for name in environ if name.startswith(ENV_PREFIX) and "__" in name[len(ENV_PREFIX):] and name not in known)
+    if unknown:
+        named = [name + "".join(f" (did you mean {match}?)" for match in difflib.get_close_matches(name, known, n=1, cutoff=0.8)) for name in unknown]
+        raise ConfigError(f"unknown configuration variables: {', '.join(named)}; MINDSTREAM_<SECTION>__<FIELD> must name a field "
+                          "of infra/config.py (`python -m infra config` lists them): rename or unset them")
 
 
 def _section_overrides(section_name: str, section_cls: type, from_file: dict, environ: dict) -> dict:
@@ -205,7 +228,7 @@ def _section_overrides(section_name: str, section_cls: type, from_file: dict, en
         raise ConfigError(f"[{section_name}] has unknown keys {sorted(unknown)}; known: {sorted(known)}")
     values = {}
     for name in known:
-        env_name = f"{ENV_PREFIX}{section_name.upper()}__{name.upper()}"
+        env_name = _env_name(section_name, name)
         if env_name in environ:
             values[name] = _coerce(environ[env_name], hints[name], env_name)
         elif name in from_file:
@@ -216,6 +239,7 @@ def _section_overrides(section_name: str, section_cls: type, from_file: dict, en
 def load_config(path: str | os.PathLike | None = None, environ: dict | None = None) -> Config:
     """Load the configuration: defaults, then the TOML file, then MINDSTREAM_* variables."""
     environ = dict(os.environ if environ is None else environ)
+    _check_variable_names(environ)
     file_path = Path(path) if path else Path(environ.get(f"{ENV_PREFIX}CONFIG", "mindstream.toml"))
     from_file: dict = {}
     if file_path.is_file():

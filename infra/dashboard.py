@@ -62,7 +62,7 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
         PanelSpec("Fallback rate by reason", "Share of recalls not served from stored interests (unknown users are "
                   "expected; outage reasons are alerted above 1%).", "percentunit",
                   (Query("sum by (reason) (rate(mindstream_recall_fallbacks_total[$__rate_interval])) / scalar(sum("
-                         'rate(mindstream_recall_latency_seconds_count{stage="total"}[$__rate_interval])))', "{{reason}}"),)),
+                         'rate(mindstream_recall_latency_seconds_count{stage="total", code="OK"}[$__rate_interval])))', "{{reason}}"),)),
     )),
     ("Streaming job", (
         PanelSpec("Events per second", "Kafka records read by the job, and valid events by what they did to the user's window.", "ops",

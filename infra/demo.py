@@ -47,14 +47,11 @@ def wait_for_the_job(config: Config, timeout_s: float, say) -> bool:
 
 
 def recall(config: Config, user_id: str, n: int):
-    import grpc
-
+    from recall_service.channel import recall_channel
     from recall_service.stubs import recall_pb2, recall_pb2_grpc
 
-    with grpc.insecure_channel(f"{config.recall.host}:{config.recall.port}") as channel:
-        stub = recall_pb2_grpc.RecallServiceStub(channel)
-        metadata = [("authorization", f"Bearer {config.recall.auth_token}")] if config.recall.auth_token else []
-        response = stub.Recall(recall_pb2.RecallRequest(user_id=user_id, n=n), timeout=5.0, metadata=metadata)
+    with recall_channel(config.recall) as channel:
+        response = recall_pb2_grpc.RecallServiceStub(channel).Recall(recall_pb2.RecallRequest(user_id=user_id, n=n), timeout=5.0)
     return response, recall_pb2.RecallPath.Name(response.path), recall_pb2.FallbackReason.Name(response.fallback_reason)
 
 

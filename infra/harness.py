@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 
 import psutil
 
-from infra.config import REPO_ROOT, Config, MilvusConfig, MilvusServerKind, load_config
+from infra.config import REPO_ROOT, Config, MilvusConfig, MilvusServerKind, RecallServiceConfig, load_config
 from infra.fault_report import EventLedger, RecallSample, percentile, window_anomalies
 from infra.stack import Stack, render_toml
 from streaming.producer import EventProducer, ReplayEvents, replay
@@ -364,11 +364,10 @@ def reason_name(proto_name: str) -> str:
 class RecallLoad:
     """`qps` Recall calls per second in all, spread over `clients` channels, each call with a deadline."""
 
-    def __init__(self, target: str, qps: float, clients: int, deadline_s: float, pick_user: Callable[[random.Random], str], token: str = "",
+    def __init__(self, recall: RecallServiceConfig, qps: float, clients: int, deadline_s: float, pick_user: Callable[[random.Random], str],
                  n: int = 50, per_interest_n: int = 0):
-        self.target, self.qps, self.clients, self.deadline_s, self.pick_user = target, qps, max(1, clients), deadline_s, pick_user
+        self.recall, self.qps, self.clients, self.deadline_s, self.pick_user = recall, qps, max(1, clients), deadline_s, pick_user
         self.n, self.per_interest_n = n, per_interest_n
-        self.metadata = [("authorization", f"Bearer {token}")] if token else []
         self.samples: list[RecallSample] = []  # appended from gRPC's callback threads (list.append is atomic)
         self.on_answer: Callable | None = None  # (sent_at, request, response) of each OK answer, for checks of the contents
         self._stop = threading.Event()
@@ -380,13 +379,12 @@ class RecallLoad:
         return self
 
     def _client(self, index: int) -> None:
-        import grpc
-
+        from recall_service.channel import recall_channel
         from recall_service.stubs import recall_pb2, recall_pb2_grpc
 
         interval = self.clients / self.qps
         rng = random.Random(index)
-        with grpc.insecure_channel(self.target, options=RECONNECT_OPTIONS) as channel:
+        with recall_channel(self.recall, options=RECONNECT_OPTIONS) as channel:
             stub = recall_pb2_grpc.RecallServiceStub(channel)
             due = time.monotonic() + interval * index / self.clients  # the clients take turns
             outstanding = []
@@ -396,7 +394,7 @@ class RecallLoad:
                     self._stop.wait(wait)
                     continue
                 request = self.request(recall_pb2, rng)
-                future = stub.Recall.future(request, timeout=self.deadline_s, metadata=self.metadata)
+                future = stub.Recall.future(request, timeout=self.deadline_s)
                 future.add_done_callback(lambda f, sent_at=due, request=request: self._record(sent_at, f, recall_pb2, request))
                 outstanding.append(future)
                 if len(outstanding) > 1000:
@@ -546,8 +544,7 @@ def system_under_load(args, name: str, say: Callable[[str], None], start_load: b
 
         stream = EventStream(sut.config.kafka, events, args.start, args.rate, ledger, say)
         poller = StorePoller(sut.config, ledger, args.poll_s)
-        load = RecallLoad(f"{sut.config.recall.host}:{sut.config.recall.port}", args.qps, args.clients, args.deadline_ms / 1000, pick_user,
-                          sut.config.recall.auth_token, per_interest_n=args.per_interest_n)
+        load = RecallLoad(sut.config.recall, args.qps, args.clients, args.deadline_ms / 1000, pick_user, per_interest_n=args.per_interest_n)
         run = LoadRun(sut, ledger, stream, poller, load, time.monotonic(), say)
         say(f"load: {args.rate:,.0f} events/s from {args.dataset} (event {args.start:,} on; windows of {sut.config.streaming.window_length}), "
             f"{args.qps:,.0f} Recall calls/s from {args.clients} clients (deadline {args.deadline_ms:.0f} ms); "

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from infra.config import RecallServiceConfig
 from infra.process import PythonModuleProcess
 
 
-def health_status(target: str, timeout_s: float = 0.5) -> str | None:
+def health_status(recall: RecallServiceConfig, target: str, timeout_s: float = 0.5) -> str | None:
     """The service's overall health (SERVING, NOT_SERVING, ...), None when it does not answer."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    from recall_service.channel import recall_channel
+
+    with recall_channel(recall, target) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         except grpc.RpcError:
@@ -27,9 +30,9 @@ class RecallServiceProcess(PythonModuleProcess):
     module_args = ("recall_service", "serve")
     start_timeout_s = 90.0
 
-    def __init__(self, env: dict[str, str], target: str, log_path: Path):
+    def __init__(self, env: dict[str, str], recall: RecallServiceConfig, target: str, log_path: Path):
         super().__init__(log_path, env)
-        self.target = target
+        self.recall, self.target = recall, target
 
     def ready(self) -> bool:
-        return health_status(self.target) == "SERVING"
+        return health_status(self.recall, self.target) == "SERVING"

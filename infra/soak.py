@@ -48,20 +48,17 @@ def capacity_probe(running, seconds: float, clients: int, deadline_s: float) -> 
     """Closed loop: `clients` threads calling Recall back to back, as recall_service bench does;
     only normal answers count (a Milvus search over the service's timeout answers at once with
     popular items, which would make an overloaded stack look fast)."""
-    import grpc
-
     from infra.fault_report import OUTAGE_REASONS
     from infra.harness import reason_name
     from recall_service.bench import closed_loop
+    from recall_service.channel import recall_channel
     from recall_service.stubs import recall_pb2, recall_pb2_grpc
 
-    config = running.sut.config
-    metadata = [("authorization", f"Bearer {config.recall.auth_token}")] if config.recall.auth_token else []
-    with grpc.insecure_channel(f"{config.recall.host}:{config.recall.port}") as channel:
+    with recall_channel(running.sut.config.recall) as channel:
         stub = recall_pb2_grpc.RecallServiceStub(channel)
 
         def call(rng) -> None:
-            answer = stub.Recall(running.load.request(recall_pb2, rng), timeout=deadline_s, metadata=metadata)
+            answer = stub.Recall(running.load.request(recall_pb2, rng), timeout=deadline_s)
             if reason_name(recall_pb2.FallbackReason.Name(answer.fallback_reason)) in OUTAGE_REASONS:
                 raise DegradedAnswer
 

@@ -89,8 +89,8 @@ def stack_settings(layout: StackLayout, ports: dict[str, int], milvus_server: Mi
                       "checkpoint_dir": layout.data("streaming-job") / "checkpoints"},
         "redis": {"uri": f"redis://127.0.0.1:{ports['redis']}/0"},
         "milvus": {"uri": f"http://127.0.0.1:{ports['milvus']}", "embedded_server": milvus_server},
-        "recall": {"host": "127.0.0.1", "port": ports["recall"], "metrics_port": ports["recall_metrics"]},
-        "monitoring": {"prometheus_port": ports["prometheus"], "exporter_port": ports["exporter"]},
+        "recall": {"host": "127.0.0.1", "port": ports["recall"], "metrics_host": "127.0.0.1", "metrics_port": ports["recall_metrics"]},
+        "monitoring": {"prometheus_port": ports["prometheus"], "exporter_host": "127.0.0.1", "exporter_port": ports["exporter"]},
         "retrain": {"state_dir": layout.root / "retrain"},
     }
 
@@ -227,7 +227,7 @@ class Stack:
             # restores window state and offsets from the newest checkpoint of an earlier run, if any
             return StreamingJobProcess(self.env, layout.log(name), f"http://127.0.0.1:{ports['streaming_metrics']}/metrics", restore="latest")
         if name == "recall":
-            return RecallServiceProcess(self.env, f"127.0.0.1:{ports['recall']}", layout.log(name))
+            return RecallServiceProcess(self.env, config.recall, f"127.0.0.1:{ports['recall']}", layout.log(name))
         if name == "exporter":
             return ExporterProcess(self.env, ports["exporter"], layout.log(name))
         if name == "prometheus":

@@ -206,9 +206,8 @@ def _retrievable(config, version: str, raw_items: list[str], n: int = 1000) -> l
     """For each stream-only item, its rank (1 = first) in a Recall of n items (on-the-fly path, the
     new version) for a window of the items that preceded its first occurrence in the stream; None
     when it is not among the n. The old version cannot return these items at all."""
-    import grpc
-
     from model_export.event_log import EventLog
+    from recall_service.channel import recall_channel
     from recall_service.stubs import recall_pb2, recall_pb2_grpc
 
     log = EventLog.load(config.retrain.state_dir)
@@ -222,7 +221,7 @@ def _retrievable(config, version: str, raw_items: list[str], n: int = 1000) -> l
             if before:
                 contexts[item] = before
     ranks = []
-    with grpc.insecure_channel(f"{config.recall.host}:{config.recall.port}") as channel:
+    with recall_channel(config.recall) as channel:
         stub = recall_pb2_grpc.RecallServiceStub(channel)
         for item, context in list(contexts.items())[:200]:
             response = stub.Recall(recall_pb2.RecallRequest(user_id=f"probe-{item}", n=n, recent_item_ids=context), timeout=10)

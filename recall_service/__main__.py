@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -38,23 +39,18 @@ def cmd_serve(args) -> int:
 def cmd_recall(args) -> int:
     import grpc
 
+    from recall_service.channel import recall_channel
     from recall_service.stubs import recall_pb2, recall_pb2_grpc
 
-    config = load_config()
-    target = args.target or f"{config.recall.host}:{config.recall.port}"
-    if args.tls_ca:
-        with open(args.tls_ca, "rb") as fh:
-            channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(fh.read()))
-    else:
-        channel = grpc.insecure_channel(target)
-    token = args.token or config.recall.auth_token
-    metadata = [("authorization", f"Bearer {token}")] if token else []
+    recall = load_config().recall
+    recall = dataclasses.replace(recall, tls_cafile=args.tls_ca or recall.tls_cafile, auth_token=args.token or recall.auth_token)
+    channel = recall_channel(recall, args.target or None)
     request = recall_pb2.RecallRequest(
         user_id=args.user_id, n=args.n, exclude_item_ids=args.exclude, recent_item_ids=args.recent, filter=args.filter,
         per_interest_n=args.per_interest_n, merge_policy=recall_pb2.MergePolicy.Value(f"MERGE_POLICY_{args.policy.upper()}"),
     )
     try:
-        response = recall_pb2_grpc.RecallServiceStub(channel).Recall(request, timeout=args.timeout, metadata=metadata)
+        response = recall_pb2_grpc.RecallServiceStub(channel).Recall(request, timeout=args.timeout)
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -100,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", choices=("max_score", "quota"), default="max_score")
     p.add_argument("--target", default="", help="host:port (default: [recall].host:port)")
     p.add_argument("--token", default="", help="bearer token (default: [recall].auth_token)")
-    p.add_argument("--tls-ca", default="", help="CA certificate file: use TLS")
+    p.add_argument("--tls-ca", default="", help="CA certificate file: use TLS (default: [recall].tls_cafile, else tls_certfile; neither: no TLS)")
     p.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
     p.set_defaults(func=cmd_recall)
 

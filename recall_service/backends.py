@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -201,6 +201,7 @@ class LoadedModel:
         self.tower = UserTower.load(directory, prefer_gpu=prefer_gpu)
         artifact = self.tower.artifact
         self.version = artifact.version
+        self.dim = artifact.manifest.dim
         self.categories = [category_fields(tokens) for tokens in artifact.item_side]  # as published to Milvus
         self.raw_items = artifact.raw_items
         self.popularity = artifact.popularity.astype(np.float32)
@@ -209,8 +210,8 @@ class LoadedModel:
         self._filtered: OrderedDict[str, list[int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def interests(self, windows: Sequence[Sequence[str]]) -> list[np.ndarray | None]:
-        return self.tower.interests(windows)
+    def interests(self, windows: Sequence[Sequence[str]], profiles: Sequence[Mapping[str, str] | None]) -> list[np.ndarray | None]:
+        return self.tower.interests(windows, profiles)
 
     def _ranked(self, item_filter: ItemFilter | None, inactive: InactiveItems) -> list[int]:
         """Active item rows by popularity that pass the filter, cut at `popular_depth`; the last 64

@@ -38,11 +38,11 @@ class CoalescingSearch:
     def __init__(self, inner, max_vectors: int = 256):
         self.inner, self.max_vectors = inner, max_vectors
         self._lock = threading.Lock()
-        self._queues: dict[tuple[str, str], list[_Waiter]] = {}
-        self._in_flight: set[tuple[str, str]] = set()
+        self._queues: dict[tuple[str, str, int], list[_Waiter]] = {}
+        self._in_flight: set[tuple[str, str, int]] = set()
 
     def search(self, model_version: str, vectors: np.ndarray, limit: int, expr: str, timeout_s: float) -> SearchHits:
-        key = (model_version, expr)
+        key = (model_version, expr, vectors.shape[1])  # a width the collection refuses fails only its own batch
         me = _Waiter(vectors, limit, timeout_s)
         with self._lock:
             self._queues.setdefault(key, []).append(me)

@@ -1,9 +1,11 @@
 """Prometheus metrics of the recall service (prefix mindstream_recall_), on their own registry so
 several servers can live in one process (tests); `serve` exports it on [recall].metrics_host:metrics_port.
 
-    mindstream_recall_latency_seconds{path, stage}   stage: feature_store, user_tower, vector_search,
-                                                      merge, total (one observation per request)
-    mindstream_recall_requests_total{method, code}   gRPC status code names
+    mindstream_recall_latency_seconds{path, stage, code}   stage: feature_store, user_tower, vector_search,
+                                                      merge, total (one observation per recall answered OK, one
+                                                      per failed RPC with path "none" and its status code)
+    mindstream_recall_requests_total{method, code}   gRPC status code names; RESOURCE_EXHAUSTED counts the RPCs
+                                                      refused over [recall].max_concurrent_rpcs
     mindstream_recall_fallbacks_total{reason}        requests not served from stored interests
     mindstream_recall_result_items                   items per response
     mindstream_recall_unexpected_errors_total{method} exceptions no rule maps (returned as INTERNAL)
@@ -23,7 +25,7 @@ SIZE_BUCKETS = (0, 1, 5, 10, 20, 50, 100, 200, 500, 1000)
 class RecallMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
-        self.latency = Histogram("mindstream_recall_latency_seconds", "Recall latency by path and stage", ["path", "stage"],
+        self.latency = Histogram("mindstream_recall_latency_seconds", "Recall latency by path, stage and status code", ["path", "stage", "code"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.requests = Counter("mindstream_recall_requests_total", "RPCs by method and gRPC status code", ["method", "code"], registry=self.registry)
         self.fallbacks = Counter("mindstream_recall_fallbacks_total", "Requests not served from stored interests, by reason", ["reason"], registry=self.registry)

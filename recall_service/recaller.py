@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -74,8 +74,9 @@ class ItemSearch(Protocol):
 
 class ServingModel(Protocol):
     version: str
+    dim: int  # the width of its interest and item vectors
 
-    def interests(self, windows: Sequence[Sequence[str]]) -> list[np.ndarray | None]: ...
+    def interests(self, windows: Sequence[Sequence[str]], profiles: Sequence[Mapping[str, str] | None]) -> list[np.ndarray | None]: ...
     def popular(self, n: int, item_filter: ItemFilter | None, excluded: set[str], inactive: InactiveItems) -> list[tuple[str, float]]: ...
 
 
@@ -144,6 +145,7 @@ class _Pending:
     record: InterestRecord | None = None
     reason: FallbackReason = FallbackReason.NONE
     window: tuple[str, ...] = ()  # items to exclude beyond the request's own exclusions
+    profile: Mapping[str, str] | None = None  # the stored profile, read by the user tower with the stored window
     vectors: np.ndarray | None = None
 
 
@@ -156,6 +158,9 @@ class Recaller:
         self.clock = clock
         self.store_breaker = CircuitBreaker(cooldown_s, clock)
         self.search_breaker = CircuitBreaker(cooldown_s, clock)
+        # model version -> the width of its vectors, as its model declares or its collection accepted:
+        # a stored record of another width is corrupt (it would fail the search of its whole group)
+        self.dims: dict[str, int] = {}
 
     def recall_many(self, queries: Sequence[RecallQuery], deadline: Deadline) -> list[RecallResult]:
         pending = [_Pending(i, q, {}) for i, q in enumerate(queries)]
@@ -169,15 +174,15 @@ class Recaller:
         on_the_fly = [p for p in pending if p.record is None and p.query.recent_items]
         popular = [p for p in pending if p.record is None and not p.query.recent_items]
 
+        for p in stored:
+            p.vectors, p.window, p.profile = p.record.interests, p.record.window, p.record.profile
         for group in self._groups(stored, lambda p: p.record.model_version):
-            for p in group:
-                p.vectors, p.window = p.record.interests, p.record.window
             self._search_and_merge(group, group[0].record.model_version, RecallPath.STORED_INTERESTS, deadline, inactive, results, on_the_fly, popular)
 
         if on_the_fly:
             model = self._current_model()
             started = self.clock()
-            vectors = model.interests([p.window for p in on_the_fly])
+            vectors = model.interests([p.window for p in on_the_fly], [p.profile for p in on_the_fly])
             self._attribute(on_the_fly, "user_tower", self.clock() - started)
             computed = []
             for p, v in zip(on_the_fly, vectors):
@@ -225,6 +230,11 @@ class Recaller:
         self.store_breaker.succeeded()
         self._attribute(pending, "feature_store", self.clock() - started)
         for p, record in zip(pending, records):
+            if record is not None:
+                try:
+                    check_record(record, self.dims.get(record.model_version))
+                except RecordError:
+                    record, p.reason = None, FallbackReason.CORRUPT_RECORD
             p.record = record
             if record is None and p.reason is FallbackReason.NONE:
                 p.reason = FallbackReason.UNKNOWN_USER
@@ -249,7 +259,7 @@ class Recaller:
         except VersionRetired:
             if retired_to is None:  # the current model has no collection: nothing to search
                 return self._search_down(group, popular, f"the collection of the current model {version} is missing")
-            for p in group:  # recompute from the stored window with the current model
+            for p in group:  # recompute from the stored window and profile with the current model
                 p.reason, p.record = FallbackReason.STORED_VERSION_RETIRED, None
                 retired_to.append(p)
             return
@@ -266,6 +276,7 @@ class Recaller:
             self._attribute(group, "vector_search", self.clock() - started)
             return self._search_down(group, popular, str(exc))
         self.search_breaker.succeeded()
+        self.dims[version] = group[0].vectors.shape[1]
         self._attribute(group, "vector_search", self.clock() - started)
 
         row = 0
@@ -288,20 +299,30 @@ class Recaller:
         model = self.models.current()
         if model is None:
             raise BackendUnavailable("no model is published: run `python -m model_export publish --export-dir DIR`")
+        self.dims[model.version] = model.dim
         return model
 
     @staticmethod
     def _groups(pending: list[_Pending], version_of) -> list[list[_Pending]]:
-        """Requests that can share one search: same model version and same filter."""
+        """Requests that can share one search: same model version, vector width and filter. (A width
+        other than the version's is refused by the search: it must fail only its own requests.)"""
         groups: dict[tuple, list[_Pending]] = defaultdict(list)
         for p in pending:
-            groups[(version_of(p), p.query.item_filter.milvus_expr if p.query.item_filter else "")].append(p)
+            groups[(version_of(p), p.vectors.shape[1], p.query.item_filter.milvus_expr if p.query.item_filter else "")].append(p)
         return list(groups.values())
 
     @staticmethod
     def _attribute(pending: list[_Pending], stage: str, seconds: float) -> None:
         for p in pending:  # a shared stage counts fully for every request in it
             p.stages[stage] = p.stages.get(stage, 0.0) + seconds
+
+
+def check_record(record: InterestRecord, dim: int | None) -> None:
+    """What recall relies on in a stored record beyond what decoding it checks (the record's own
+    shape, window and profile): interest vectors of its model version's width, when known. Raises
+    RecordError: the user is answered as one with a corrupt record, nobody else is touched."""
+    if dim is not None and record.interests.shape[1] != dim:
+        raise RecordError(f"user {record.user_id}: interests of width {record.interests.shape[1]}, model version {record.model_version} has {dim}")
 
 
 def _merge_one(hits: SearchHits, row: int, k: int, limit: int, query: RecallQuery, window: tuple[str, ...],

@@ -38,6 +38,7 @@ from recall_service.stubs import SERVICE_NAME, recall_pb2, recall_pb2_grpc
 log = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"  # probes (load balancers, kubelet) carry no token
+NO_PATH = "none"  # the path label of a failed request's latency: it took no recall path
 
 
 def _status_of(exc: Exception) -> grpc.StatusCode | None:
@@ -74,22 +75,22 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         self.default_deadline_s, self.max_request_bytes = default_deadline_s, max_request_bytes
 
     def Recall(self, request, context):
-        if isinstance(request, UnreadableRequest):
-            return self._fail("Recall", context, request.error, recall_pb2.RecallResponse())
-        responses = self._serve("Recall", request, [request], context)
+        responses = self._serve("Recall", request, context)
         return responses[0] if responses else recall_pb2.RecallResponse()
 
     def BatchRecall(self, request, context):
-        if isinstance(request, UnreadableRequest):
-            return self._fail("BatchRecall", context, request.error, recall_pb2.BatchRecallResponse())
-        if len(request.requests) > self.limits.max_batch:
-            return self._fail("BatchRecall", context, InvalidRequest(f"requests: {len(request.requests)} in one batch, at most {self.limits.max_batch}"), recall_pb2.BatchRecallResponse())
-        responses = self._serve("BatchRecall", request, list(request.requests), context)
-        return recall_pb2.BatchRecallResponse(responses=responses or [])
+        return recall_pb2.BatchRecallResponse(responses=self._serve("BatchRecall", request, context) or [])
 
-    def _serve(self, method: str, message, requests: list, context) -> list | None:
+    def _serve(self, method: str, message, context) -> list | None:
+        """The responses, or None when the request failed (its status is set on `context`). Every
+        answer is timed (stage "total"), failures too: a deadline missed is the slowest answer of all."""
         started = time.perf_counter()
         try:
+            if isinstance(message, UnreadableRequest):
+                raise message.error
+            requests = list(message.requests) if method == "BatchRecall" else [message]
+            if len(requests) > self.limits.max_batch:
+                raise InvalidRequest(f"requests: {len(requests)} in one batch, at most {self.limits.max_batch}")
             if message.ByteSize() > self.max_request_bytes:
                 raise InvalidRequest(f"request: {message.ByteSize()} bytes, at most {self.max_request_bytes}; split it")
             queries = [self._query(r, i if method == "BatchRecall" else None) for i, r in enumerate(requests)]
@@ -98,14 +99,14 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
             results = self.recaller.recall_many(queries, Deadline(budget))
             responses = [self._response(r) for r in results]
         except Exception as exc:  # every exception ends as a status code here, never escapes to gRPC
-            self._fail(method, context, exc, None)
+            self._fail(method, context, exc, time.perf_counter() - started)
             return None
         total = time.perf_counter() - started
         for result in results:
             path = result.path.name.lower()
             for stage, seconds in result.stages.items():
-                self.metrics.latency.labels(path, stage).observe(seconds)
-            self.metrics.latency.labels(path, "total").observe(total)
+                self.metrics.latency.labels(path, stage, "OK").observe(seconds)
+            self.metrics.latency.labels(path, "total", "OK").observe(total)
             self.metrics.result_items.observe(len(result.items))
             if result.reason is not FallbackReason.NONE:
                 self.metrics.fallbacks.labels(result.reason.name.lower()).inc()
@@ -119,7 +120,7 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         except InvalidRequest as exc:
             raise InvalidRequest(f"requests[{index}].{exc}" if index is not None else str(exc)) from None
 
-    def _fail(self, method: str, context, exc: Exception, empty):
+    def _fail(self, method: str, context, exc: Exception, seconds: float) -> None:
         code = _status_of(exc)
         if code is None:
             log.exception("unexpected error in %s", method, exc_info=exc)
@@ -128,9 +129,9 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         else:
             message = str(exc)
         self.metrics.requests.labels(method, code.name).inc()
+        self.metrics.latency.labels(NO_PATH, "total", code.name).observe(seconds)
         context.set_code(code)
         context.set_details(message)
-        return empty
 
     def add_to_server(self, server: grpc.Server) -> None:
         """As recall_pb2_grpc.add_RecallServiceServicer_to_server, with `_lenient_parser` deserializers."""
@@ -154,6 +155,27 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         return response
 
 
+def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str, pool: futures.ThreadPoolExecutor | None = None):
+    """A handler of the same kind as `handler` that answers `code` and never calls the servicer; run
+    on `pool` when given (gRPC runs a behavior on its `experimental_thread_pool` instead of the server's)."""
+    def refuse(request_or_iterator, context):
+        context.abort(code, details)
+
+    if pool is not None:
+        refuse.experimental_thread_pool = pool
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def _method_name(details) -> str:
+    return details.method.rsplit("/", 1)[-1]
+
+
 class BearerTokenAuth(grpc.ServerInterceptor):
     """Every RPC but the health check must carry `authorization: Bearer <token>`."""
 
@@ -168,18 +190,52 @@ class BearerTokenAuth(grpc.ServerInterceptor):
         sent = dict(details.invocation_metadata).get("authorization", "")
         if hmac.compare_digest(sent.encode(), self.expected):
             return handler
-        self.metrics.requests.labels(details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
+        self.metrics.requests.labels(_method_name(details), "UNAUTHENTICATED").inc()
+        return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token: send metadata `authorization: Bearer <token>`")
 
-        def deny(request_or_iterator, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token: send metadata `authorization: Bearer <token>`")
 
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+class TaskCountingExecutor(futures.ThreadPoolExecutor):
+    """The server's thread pool, knowing how many of its tasks are queued or running: gRPC gives it
+    one task per RPC it accepts, done when the RPC ends (whether or not the servicer was reached)."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str):
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        self._count_lock = threading.Lock()
+        self.tasks = 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        with self._count_lock:
+            self.tasks += 1
+        try:
+            future = super().submit(fn, *args, **kwargs)
+        except BaseException:
+            self._task_done(None)
+            raise
+        future.add_done_callback(self._task_done)
+        return future
+
+    def _task_done(self, _future) -> None:
+        with self._count_lock:
+            self.tasks -= 1
+
+
+class ConcurrencyLimit(grpc.ServerInterceptor):
+    """At most `limit` RPCs queued or running; beyond, RESOURCE_EXHAUSTED at once, counted in
+    mindstream_recall_requests_total. (gRPC's own `maximum_concurrent_rpcs` refuses them before any
+    interceptor or servicer sees them, so no metric could count them.) Refusals run on a pool of their
+    own, so that they do not wait behind the queue they protect."""
+
+    def __init__(self, limit: int, executor: TaskCountingExecutor, metrics: RecallMetrics):
+        self.limit, self.executor, self.metrics = limit, executor, metrics
+        self.refusals = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="recall-refuse")
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or self.executor.tasks < self.limit:
+            return handler
+        self.metrics.requests.labels(_method_name(details), "RESOURCE_EXHAUSTED").inc()
+        return _refusing(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"the server has {self.limit} RPCs in flight ([recall].max_concurrent_rpcs): retry later, with backoff", self.refusals)
 
 
 class RecallServer:
@@ -206,6 +262,7 @@ class RecallServer:
         self.port = 0
         self.metrics_port = 0
         self._grpc: grpc.Server | None = None
+        self._limit: ConcurrencyLimit | None = None
         self._metrics_http = None
         self._stop = threading.Event()
         self._prober: threading.Thread | None = None
@@ -218,13 +275,11 @@ class RecallServer:
         if rc.auth_token and not rc.tls_certfile:
             log.warning("[recall].auth_token is set without TLS: the token crosses the network in clear text; "
                         "set [recall].tls_certfile and tls_keyfile")
-        interceptors = [BearerTokenAuth(rc.auth_token, self.metrics)] if rc.auth_token else []
-        self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=rc.workers, thread_name_prefix="recall"),
-            interceptors=interceptors,
-            maximum_concurrent_rpcs=rc.max_concurrent_rpcs,
-            options=[("grpc.max_receive_message_length", 4 * rc.max_request_bytes), ("grpc.so_reuseport", 0)],
-        )
+        executor = TaskCountingExecutor(rc.workers, "recall")
+        self._limit = ConcurrencyLimit(rc.max_concurrent_rpcs, executor, self.metrics)
+        interceptors = [self._limit, *([BearerTokenAuth(rc.auth_token, self.metrics)] if rc.auth_token else [])]
+        self._grpc = grpc.server(executor, interceptors=interceptors,
+                                 options=[("grpc.max_receive_message_length", 4 * rc.max_request_bytes), ("grpc.so_reuseport", 0)])
         RecallServicer(self.recaller, self.limits, self.metrics, rc.default_deadline_ms / 1e3, rc.max_request_bytes).add_to_server(self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
@@ -281,6 +336,8 @@ class RecallServer:
             self._metrics_http.server_close()
         if self._prober is not None:
             self._prober.join(timeout=5)
+        if self._limit is not None:
+            self._limit.refusals.shutdown(wait=False)
 
     def wait(self) -> None:
         self._grpc.wait_for_termination()

@@ -80,17 +80,22 @@ def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
             raise RecordError(f"user {user_id}: record schema {schema}, this code reads {RECORD_SCHEMA}")
         k, dim = int(fields[b"k"]), int(fields[b"dim"])
         raw = fields[b"interests"]
-        if len(raw) != k * dim * 4:
-            raise RecordError(f"user {user_id}: {len(raw)} interest bytes for k={k}, dim={dim}")
+        if k < 1 or dim < 1 or len(raw) != k * dim * 4:
+            raise RecordError(f"user {user_id}: {len(raw)} interest bytes for k={k}, dim={dim} (K_u >= 1 vectors)")
+        window, profile = json.loads(fields[b"window"]), json.loads(fields[b"profile"])
+        if not isinstance(window, list) or not all(isinstance(item, str) for item in window):
+            raise RecordError(f"user {user_id}: the window must be a list of item ids (strings)")
+        if not isinstance(profile, dict) or not all(isinstance(v, str) for v in profile.values()):
+            raise RecordError(f"user {user_id}: the profile must be an object of strings")
         return InterestRecord(
             user_id=user_id,
             model_version=fields[b"model_version"].decode(),
             interests=np.frombuffer(raw, dtype="<f4").reshape(k, dim).astype(np.float32),
-            window=tuple(json.loads(fields[b"window"])),
+            window=tuple(window),
             last_event_ms=int(fields[b"last_event_ms"]),
             last_offset=fields[b"last_offset"].decode(),
             updated_ms=int(fields[b"updated_ms"]),
-            profile=json.loads(fields[b"profile"]),
+            profile=profile,
         )
     except RecordError:
         raise

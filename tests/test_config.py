@@ -33,6 +33,9 @@ def test_file_then_environment_take_precedence(tmp_path):
         ("[kafka]\nbrokers = 'x'\n", "unknown keys"),
         ("[nosuch]\na = 1\n", "unknown sections"),
         ("[recall]\nport = 'abc'\n", "expected an integer"),
+        ("[recall]\nport = 50051.9\n", r"\[recall\].port: expected an integer, got 50051.9; write a whole number"),
+        ("[recall]\nmax_n = true\n", r"\[recall\].max_n: expected a number, got the boolean True"),
+        ("[streaming]\nmodel_poll_s = false\n", "got the boolean False"),
         ("[kafka\n", "not valid TOML"),
     ],
 )
@@ -41,6 +44,29 @@ def test_bad_configuration_is_named(tmp_path, text, message):
     f.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(f, environ={})
+
+
+def test_a_whole_float_is_an_integer(tmp_path):
+    f = tmp_path / "m.toml"
+    f.write_text("[recall]\nport = 6000.0\n")
+    assert load_config(f, environ={}).recall.port == 6000
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"MINDSTREAM_RECALL__AUTH_TOKN": "x"}, r"MINDSTREAM_RECALL__AUTH_TOKN \(did you mean MINDSTREAM_RECALL__AUTH_TOKEN\?\)"),
+    ({"MINDSTREAM_NOSUCH__PORT": "1"}, r"unknown configuration variables: MINDSTREAM_NOSUCH__PORT; .* rename or unset them"),
+    ({"MINDSTREAM_RECALL__PORT": "50051.9"}, "MINDSTREAM_RECALL__PORT: expected an integer"),
+    ({"MINDSTREAM_RECALL__MAX_N": "true"}, "MINDSTREAM_RECALL__MAX_N: expected an integer"),
+])
+def test_bad_environment_variables_are_named(tmp_path, environ, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(environ={"MINDSTREAM_CONFIG": str(tmp_path / "absent.toml"), **environ})
+
+
+def test_variables_that_are_not_fields_are_left_alone(tmp_path):
+    config = load_config(environ={"MINDSTREAM_CONFIG": str(tmp_path / "absent.toml"), "MINDSTREAM_DISABLE_GPU": "1",
+                                  "MINDSTREAM_RECALL__PORT": "7000"})
+    assert config.recall.port == 7000
 
 
 def test_missing_explicit_file_is_an_error(tmp_path):
@@ -56,10 +82,15 @@ def test_config_command_prints_effective_values_with_secrets_masked(tmp_path):
 
     from conftest import REPO
 
-    env = dict(os.environ, MINDSTREAM_REDIS__PASSWORD="s3cret", MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS="kafka-1:9093", MINDSTREAM_CONFIG=str(tmp_path / "none.toml"))
+    env = dict(os.environ, MINDSTREAM_REDIS__PASSWORD="s3cret", MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS="kafka-1:9093", MINDSTREAM_CONFIG=str(tmp_path / "none.toml"),
+               MINDSTREAM_RECALL__AUTH_TOKEN="t0ken", MINDSTREAM_KAFKA__SASL_PASSWORD="sasl-pw", MINDSTREAM_MILVUS__TOKEN="root:Milvus",
+               MINDSTREAM_REDIS__URI="rediss://default:uri-pw@redis:6380/0", MINDSTREAM_MILVUS__URI="http://root:uri@pw@milvus:19530")
     out = subprocess.run([sys.executable, "-m", "infra", "config"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
     printed = json.loads(out)
     assert printed["kafka"]["bootstrap_servers"] == "kafka-1:9093"
-    assert printed["redis"]["password"] == "***" and "s3cret" not in out
+    assert printed["redis"]["password"] == printed["recall"]["auth_token"] == printed["kafka"]["sasl_password"] == printed["milvus"]["token"] == "***"
+    assert printed["redis"]["uri"] == "rediss://***@redis:6380/0" and printed["milvus"]["uri"] == "http://***@milvus:19530"
+    for secret in ("s3cret", "t0ken", "sasl-pw", "Milvus", "uri-pw", "uri@pw"):
+        assert secret not in out, secret
     bad = subprocess.run([sys.executable, "-m", "infra", "config", "--file", str(tmp_path / "missing.toml")], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr

@@ -74,7 +74,8 @@ def feed_traffic(recall_metrics, stop: threading.Event) -> None:
         stream.BATCH_USERS.observe(rng.randint(1, 64))
         stream.LAST_WRITE.set(time.time())
         for stage in ("feature_store", "vector_search", "merge", "total"):
-            recall_metrics.latency.labels("stored_interests", stage).observe(rng.uniform(0.0005, 0.02))
+            recall_metrics.latency.labels("stored_interests", stage, "OK").observe(rng.uniform(0.0005, 0.02))
+        recall_metrics.latency.labels("none", "total", "DEADLINE_EXCEEDED").observe(0.2)
         recall_metrics.requests.labels("Recall", "OK").inc(10)
         recall_metrics.requests.labels("Recall", "INVALID_ARGUMENT").inc(1)
         recall_metrics.requests.labels("Recall", "UNAVAILABLE").inc(1)

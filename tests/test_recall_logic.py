@@ -164,9 +164,11 @@ class FakeSearch:
 
 class FakeModel:
     def __init__(self, version, catalog):
-        self.version, self.catalog = version, catalog
+        self.version, self.catalog, self.dim = version, catalog, catalog.shape[1]
+        self.profiles_seen = []
 
-    def interests(self, windows):
+    def interests(self, windows, profiles):
+        self.profiles_seen.extend(profiles)
         known = [[int(r[1:]) for r in w if r.startswith("i")] for w in windows]
         return [self.catalog[k][:2].copy() if k else None for k in known]
 
@@ -309,12 +311,15 @@ def test_a_batch_shares_one_store_read_and_one_search_per_version(world):
     np.testing.assert_allclose([s for _, s, _ in single.items], [s for _, s, _ in results[1].items], rtol=1e-5)
 
 
-def test_a_retired_version_is_recomputed_from_the_stored_window(world):
-    recaller, search, _, catalogs, _ = world
+def test_a_retired_version_is_recomputed_from_the_stored_window_and_profile(world):
+    recaller, search, store, catalogs, interests = world
+    store.put_many([InterestRecord("alice", "A", interests, ("i1", "i2"), 0, "0:0", profile={"gender": "F"})])
     del search.catalogs["A"]
-    [result] = recaller.recall_many([q("alice")], Deadline(1.0))
+    [result, stranger] = recaller.recall_many([q("alice"), q("stranger", recent_item_ids=["i4"])], Deadline(1.0))
     assert result.path is RecallPath.COMPUTED_ON_THE_FLY and result.reason is FallbackReason.STORED_VERSION_RETIRED
     assert result.model_version == "B" and not {"i1", "i2"} & {r for r, _, _ in result.items}
+    # as the streaming job and the backfill compute them: the user tower reads the profile too
+    assert recaller.models.model.profiles_seen == [None, {"gender": "F"}]
 
 
 def test_feature_store_down_falls_back_and_the_breaker_skips_it(world):
@@ -372,6 +377,57 @@ def test_a_corrupt_record_fails_only_its_user(world):
     alice, mallory = recaller.recall_many([q("alice"), q("mallory")], Deadline(1.0))
     assert alice.path is RecallPath.STORED_INTERESTS
     assert mallory.path is RecallPath.POPULAR_FALLBACK and mallory.reason is FallbackReason.CORRUPT_RECORD
+
+
+def _stored_as(store, user, **fields):
+    """`user` stored as alice is, with some of the hash's fields replaced (bytes, as Redis returns them)."""
+    store.rows[user] = {**store.rows["alice"], **{k.encode(): v for k, v in fields.items()}}
+
+
+@pytest.mark.parametrize("fields", [
+    {"k": b"0", "interests": b""},  # no interest: a search of 0 vectors, an answer of 0 items
+    {"k": b"1", "dim": b"5", "interests": b"\0" * 20},  # another width than version A's
+    {"window": b"[1, 2]"},
+    {"window": b"5"},
+    {"profile": b'["gender"]'},
+    {"profile": b'{"age": 25}'},
+], ids=["k=0", "width", "window of numbers", "window not a list", "profile not an object", "profile value not a string"])
+def test_a_record_that_decodes_but_is_malformed_is_corrupt_for_its_user_only(world, fields):
+    recaller, search, store, catalogs, interests = world
+    store.put_many([InterestRecord("erin", "A", interests[:1], (), 0, "0:1")])
+    _stored_as(store, "mallory", **fields)
+    recaller.recall_many([q("alice")], Deadline(1.0))  # the search of version A tells its width
+    alice, mallory, erin = recaller.recall_many([q("alice"), q("mallory", 3), q("erin")], Deadline(1.0))
+    assert alice.path is erin.path is RecallPath.STORED_INTERESTS and len(alice.items) == len(erin.items) == 5
+    assert mallory.path is RecallPath.POPULAR_FALLBACK and mallory.reason is FallbackReason.CORRUPT_RECORD and len(mallory.items) == 3
+    assert all(n_vectors > 0 for _, n_vectors, *_ in search.calls)
+
+
+def test_the_current_models_width_is_known_before_any_search(world):
+    recaller, search, store, catalogs, interests = world
+    store.put_many([InterestRecord("bella", "B", np.ones((2, DIM + 1), np.float32), ("i1",), 0, "0:1")])
+    recaller.recall_many([q("nobody")], Deadline(1.0))  # the popular path reads the current model (B)
+    [bella] = recaller.recall_many([q("bella")], Deadline(1.0))
+    assert bella.reason is FallbackReason.CORRUPT_RECORD and not search.calls
+
+
+def test_a_width_no_search_has_told_yet_fails_only_its_own_search(world):
+    """A rejected search (Milvus refuses vectors of another width) is confined to the requests of that width."""
+    from recall_service.recaller import SearchRejected
+
+    recaller, search, store, catalogs, interests = world
+    store.put_many([InterestRecord("mallory", "A", np.ones((1, DIM + 1), np.float32), (), 0, "0:1")])
+    real_search = search.search
+
+    def search_refusing_other_widths(version, vectors, limit, expr, timeout_s):
+        if vectors.shape[1] != DIM:
+            raise SearchRejected("vector dimension mismatch")
+        return real_search(version, vectors, limit, expr, timeout_s)
+
+    search.search = search_refusing_other_widths
+    alice, mallory = recaller.recall_many([q("alice"), q("mallory")], Deadline(1.0))
+    assert alice.path is RecallPath.STORED_INTERESTS and mallory.path is RecallPath.POPULAR_FALLBACK
+    assert recaller.recall_many([q("mallory")], Deadline(1.0))[0].reason is FallbackReason.CORRUPT_RECORD  # now the width is known
 
 
 def test_the_deadline_bounds_the_search_and_stops_late_work(world):
@@ -455,13 +511,43 @@ def test_a_coalesced_search_shares_errors_and_a_waiter_can_give_up(world):
     inner.failure = BackendUnavailable("Milvus down")
     late = threading.Thread(target=ask, args=("late", 5.0))
     late.start()
-    while not search._queues.get(("A", ACTIVE_ONLY)):
+    while not search._queues.get(("A", ACTIVE_ONLY, DIM)):
         time.sleep(0.001)
     inner.gate.set()
     first.join(5)
     late.join(5)
     assert outcomes == {"impatient": "DeadlineExceeded", "first": "BackendUnavailable", "late": "BackendUnavailable"}
     assert len(inner.calls) == 2 and not search._in_flight
+
+
+def test_a_search_of_another_width_is_never_batched_with_others(world):
+    from recall_service.coalesce import CoalescingSearch
+
+    _, _, _, catalogs, _ = world
+    inner = GatedSearch(catalogs)
+    search = CoalescingSearch(inner)
+    outcomes = {}
+
+    def ask(name, width):
+        try:
+            outcomes[name] = search.search("A", np.ones((1, width), np.float32), 3, ACTIVE_ONLY, 5.0).item_ids.shape
+        except ValueError:  # what FakeSearch raises for vectors of the wrong width
+            outcomes[name] = "refused"
+
+    first = threading.Thread(target=ask, args=("first", DIM))
+    first.start()
+    inner.entered.wait(5)  # in flight: what comes now waits for the next batch of its key
+    others = [threading.Thread(target=ask, args=("waiting", DIM)), threading.Thread(target=ask, args=("wide", DIM + 1))]
+    others[0].start()
+    while sum(map(len, search._queues.values())) < 1:
+        time.sleep(0.001)
+    others[1].start()
+    while len(search._in_flight) < 2 and sum(map(len, search._queues.values())) < 2:  # sent at once, or queued with "waiting"
+        time.sleep(0.001)
+    inner.gate.set()
+    for t in [first, *others]:
+        t.join(5)
+    assert outcomes == {"first": (1, 3), "waiting": (1, 3), "wide": "refused"}
 
 
 def test_stubs_are_regenerated_only_when_the_proto_or_the_generator_changes(tmp_path):

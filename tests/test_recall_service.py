@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import threading
 import time
 import urllib.request
 
@@ -200,8 +202,9 @@ def test_health_reflection_and_metrics(stack):
     with pytest.raises(grpc.RpcError):
         stack.recall(user_id="user-new", n=0)
     text = urllib.request.urlopen(f"http://127.0.0.1:{stack.server.metrics_port}/metrics", timeout=5).read().decode()
-    for needle in ('mindstream_recall_latency_seconds_bucket{le="0.003",path="stored_interests",stage="vector_search"}',
-                   'mindstream_recall_latency_seconds_count{path="stored_interests",stage="total"}',
+    for needle in ('mindstream_recall_latency_seconds_bucket{code="OK",le="0.003",path="stored_interests",stage="vector_search"}',
+                   'mindstream_recall_latency_seconds_count{code="OK",path="stored_interests",stage="total"}',
+                   'mindstream_recall_latency_seconds_count{code="INVALID_ARGUMENT",path="none",stage="total"}',
                    'mindstream_recall_requests_total{code="INVALID_ARGUMENT",method="Recall"}',
                    'mindstream_recall_requests_total{code="OK",method="Recall"}',
                    'mindstream_recall_result_items_bucket', f'mindstream_recall_model_info{{model_version="{stack.new}"}} 1.0'):
@@ -346,3 +349,116 @@ def test_recall_from_node_through_the_proto_file(stack):
     assert [i["interest_index"] for i in answer["items"]] == [i.interest_index for i in python.items]
     status, answer = node({"user_id": "user-old", "n": 0})
     assert status == 1 and answer["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "n: 0" in answer["details"]
+
+
+# -- the server's own accounting, on in-memory backends (no Redis, Milvus or exports) --------------
+
+
+class GatedSearch:
+    """FakeSearch behind a gate: a call waits until `gate` is set (then searches), or until its timeout (then, as
+    Milvus' client, raises DeadlineExceeded)."""
+
+    def __init__(self, catalogs):
+        from test_recall_logic import FakeSearch
+
+        self.inner, self.entered, self.gate = FakeSearch(catalogs), threading.Semaphore(0), threading.Event()
+
+    def search(self, version, vectors, limit, expr, timeout_s):
+        from recall_service.recaller import DeadlineExceeded
+
+        self.entered.release()
+        if not self.gate.wait(timeout_s):
+            raise DeadlineExceeded(f"no answer within {timeout_s * 1e3:.0f} ms")
+        return self.inner.search(version, vectors, limit, expr, timeout_s)
+
+    def ping(self):
+        pass
+
+
+@pytest.fixture
+def in_memory_server(tmp_path):
+    """A RecallServer on fakes (tests/test_recall_logic.py): alice stored in version A; search held by a gate."""
+    from recall_service.recaller import EveryItemActive
+    from streaming.feature_store import InMemoryFeatureStore, InterestRecord
+    from test_recall_logic import DIM, FakeModel, FakeModels
+
+    rng = np.random.default_rng(0)
+    catalogs = {v: rng.standard_normal((40, DIM)).astype(np.float32) for v in "AB"}
+    store = InMemoryFeatureStore()
+    store.put_many([InterestRecord("alice", "A", rng.standard_normal((2, DIM)).astype(np.float32), (), 0, "0:0")])
+    store.ping = lambda: None
+    search = GatedSearch(catalogs)
+    servers = []
+
+    def start(**recall):
+        config = service_config(tmp_path, "redis://127.0.0.1:1/0", str(tmp_path / "unused.db"), search_batch_vectors=0, **recall)
+        server = RecallServer(config, reader=store, search=search, models=FakeModels(FakeModel("B", catalogs["B"])),
+                              availability=EveryItemActive()).start()
+        servers.append(server)
+        return server, recall_pb2_grpc.RecallServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}")), search
+
+    yield start
+    for server in servers:
+        server.search.gate.set()
+        server.stop(grace_s=0)
+
+
+def latency_count(server, path, code):
+    return server.metrics.registry.get_sample_value("mindstream_recall_latency_seconds_count", {"path": path, "stage": "total", "code": code}) or 0
+
+
+def test_every_answer_is_timed_failures_too(in_memory_server):
+    server, stub, search = in_memory_server()
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Recall(recall_pb2.RecallRequest(user_id="alice", n=5), timeout=0.3)  # the search holds it past its deadline
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(grpc.RpcError):
+        stub.Recall(recall_pb2.RecallRequest(user_id="alice", n=0), timeout=5)
+    search.gate.set()
+    assert stub.Recall(recall_pb2.RecallRequest(user_id="alice", n=5), timeout=5).path == STORED
+    wait_for(lambda: latency_count(server, "none", "DEADLINE_EXCEEDED") == 1, 5, "the late answer's latency")
+    slowest = server.metrics.registry.get_sample_value("mindstream_recall_latency_seconds_sum",
+                                                       {"path": "none", "stage": "total", "code": "DEADLINE_EXCEEDED"})
+    assert slowest >= 0.25  # in the SLO's histogram: the slowest answers are no longer left out
+    assert latency_count(server, "none", "INVALID_ARGUMENT") == 1 and latency_count(server, "stored_interests", "OK") == 1
+
+
+def test_rpcs_over_the_concurrency_limit_are_refused_at_once_and_counted(in_memory_server):
+    server, stub, search = in_memory_server(workers=1, max_concurrent_rpcs=2)
+    request = recall_pb2.RecallRequest(user_id="alice", n=5)
+    running = stub.Recall.future(request, timeout=10)
+    assert search.entered.acquire(timeout=5)  # the one worker is held by the search
+    queued = stub.Recall.future(request, timeout=10)
+    time.sleep(0.3)  # for the second RPC to reach the server and queue for the worker
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Recall(request, timeout=5)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - started < 1.0  # not queued behind the work
+    assert server.metrics.requests.labels("Recall", "RESOURCE_EXHAUSTED")._value.get() == 1
+    assert "max_concurrent_rpcs" in error.value.details()
+    search.gate.set()
+    assert running.result().path == queued.result().path == STORED
+    assert stub.Recall(request, timeout=5).path == STORED  # capacity is back
+
+
+def test_the_projects_own_clients_follow_the_configured_tls_and_token(in_memory_server, tmp_path):
+    """recall_service/channel.py: the health check script, the stack's readiness probe and the demo reach a server
+    with TLS and a token as the configuration says, where a plaintext channel without the token is refused."""
+    from infra.demo import recall
+    from infra.recall_process import health_status
+
+    cert, key = self_signed_certificate(tmp_path)
+    server, _, search = in_memory_server(tls_certfile=str(cert), tls_keyfile=str(key), auth_token="s3cret")
+    search.gate.set()
+    config = dataclasses.replace(server.config, recall=dataclasses.replace(server.config.recall, port=server.port))
+    assert recall(config, "alice", 3)[1] == "RECALL_PATH_STORED_INTERESTS"
+    assert health_status(config.recall, f"localhost:{server.port}") == "SERVING"
+    env = {**os.environ, "MINDSTREAM_CONFIG": str(tmp_path / "absent.toml"), "MINDSTREAM_RECALL__TLS_CERTFILE": str(cert),
+           "MINDSTREAM_RECALL__TLS_KEYFILE": str(key)}
+    check = subprocess.run([sys.executable, str(REPO / "infra" / "deploy" / "grpc_health_check.py"), f"localhost:{server.port}"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and "SERVING" in check.stdout, check.stdout + check.stderr
+    plain = dataclasses.replace(config.recall, tls_certfile="", tls_keyfile="")
+    assert health_status(plain, f"localhost:{server.port}") is None  # what every client did before
+    token_only, _, _ = in_memory_server(auth_token="s3cret")  # the token without TLS: sent all the same
+    assert recall(dataclasses.replace(token_only.config, recall=dataclasses.replace(token_only.config.recall, port=token_only.port)), "alice", 3)[0].items

@@ -30,19 +30,23 @@ def infra(*args, env=None):
 def test_generated_config_is_read_back_by_the_typed_config(tmp_path):
     layout = StackLayout(tmp_path)
     ports = {key: 20000 + i for i, key in enumerate(PORTS)}
-    user = {"streaming": {"batch_max_users": 64}, "kafka": {"bootstrap_servers": "elsewhere:9092", "security_protocol": "PLAINTEXT"}}
+    user = {"streaming": {"batch_max_users": 64}, "kafka": {"bootstrap_servers": "elsewhere:9092", "security_protocol": "PLAINTEXT"},
+            # a container's settings in the user's file: the stack's own listeners stay on loopback all the same
+            "recall": {"host": "0.0.0.0", "metrics_host": "0.0.0.0"}, "monitoring": {"exporter_host": "0.0.0.0"}}
     layout.config_path.write_text(generated_config(user, layout, ports))
     config = load_config(layout.config_path, environ={})
     assert ports_of(config) == ports
+    assert {config.recall.host, config.recall.metrics_host, config.streaming.metrics_host, config.monitoring.exporter_host} == {"127.0.0.1"}
     assert config.streaming.batch_max_users == 64
     assert config.milvus.uri == f"http://127.0.0.1:{ports['milvus']}"
     assert config.paths.models_dir == layout.models_dir
 
 
 def test_services_ignore_variables_that_would_move_the_stacks_addresses(tmp_path):
-    env = service_environment({"MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS": "elsewhere:9092", "MINDSTREAM_STREAMING__BATCH_MAX_USERS": "64",
-                               "PATH": "/bin"}, tmp_path / "mindstream.toml")
-    assert "MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS" not in env
+    moving = ("MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS", "MINDSTREAM_RECALL__METRICS_HOST", "MINDSTREAM_MONITORING__EXPORTER_HOST")
+    env = service_environment({**dict.fromkeys(moving, "0.0.0.0"), "MINDSTREAM_STREAMING__BATCH_MAX_USERS": "64", "PATH": "/bin"},
+                              tmp_path / "mindstream.toml")
+    assert not set(moving) & set(env)
     assert env["MINDSTREAM_STREAMING__BATCH_MAX_USERS"] == "64"  # tuning passes through
     assert env["MINDSTREAM_CONFIG"] == str(tmp_path / "mindstream.toml")
 
