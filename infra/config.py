@@ -30,13 +30,20 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class PathsConfig:
-    # Everything the embedded stack writes lives under var/ (git-ignored).
+    # Everything the embedded stack writes lives under var/ (git-ignored). The paths below default
+    # under it but are set one by one: moving var_dir moves the job's logs and jars and the
+    # benchmarks' folders, not them.
     var_dir: Path = REPO_ROOT / "var"
     data_dir: Path = REPO_ROOT / "var" / "data"  # downloaded datasets (never committed)
     cache_dir: Path = REPO_ROOT / "var" / "cache"  # preprocessed, split datasets
     artifacts_dir: Path = REPO_ROOT / "var" / "artifacts"  # trained models and exports
     models_dir: Path = REPO_ROOT / "var" / "models"  # the registry of published versions (a shared volume in production)
     shared_data_dir: Path = REPO_ROOT.parent / "shared" / "data"  # amazon_beauty.txt
+
+    @property
+    def main_export_dir(self) -> Path:
+        """The export of the main command's model (infra/run.sh): what the benchmarks use by default."""
+        return self.artifacts_dir / "ml-1m-mind_remi" / "export"
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,6 @@ from infra.fault_report import EventLedger, RecallSample, percentile, window_ano
 from infra.stack import Stack, render_toml
 from streaming.producer import EventProducer, ReplayEvents, replay
 
-DEFAULT_EXPORT = REPO_ROOT / "var" / "artifacts" / "ml-1m-mind_remi" / "export"
 NOT_UNDER_TEST = ("exporter", "prometheus")  # they would only take CPU from the services under test
 # A replay at hundreds of events/s runs MovieLens' event time ~40,000x faster than it happened, so a
 # send retried a second later is hours of event time behind its user's newer events and the job
@@ -57,7 +56,7 @@ class HarnessError(RuntimeError):
 
 def add_load_arguments(p) -> None:
     """The flags of the load both commands put on the stack."""
-    p.add_argument("--export-dir", type=Path, default=DEFAULT_EXPORT, help="the trained export to publish into the stack")
+    p.add_argument("--export-dir", type=Path, default=None, help="the trained export to publish into the stack (default: the main command's, under [paths].artifacts_dir)")
     p.add_argument("--dataset", default="ml-1m", help="the events to replay: ml-1m, beauty or a file (as python -m streaming produce); each (user, item) once")
     p.add_argument("--start", type=int, default=0, help="index of the first replayed event")
     p.add_argument("--rate", type=float, default=500.0, help="events per second sent to the broker")
@@ -534,7 +533,8 @@ def system_under_load(args, name: str, say: Callable[[str], None], start_load: b
     events = ReplayEvents.from_dataset(args.dataset, config.paths.data_dir, config.paths.shared_data_dir)
     if args.start >= len(events):
         raise HarnessError(f"--start {args.start} is past the {len(events):,} events of {args.dataset}")
-    with SystemUnderTest(Path(args.work_dir) / name, args.export_dir, say, args.window_length, args.milvus) as sut:
+    export_dir = args.export_dir or config.paths.main_export_dir
+    with SystemUnderTest(Path(args.work_dir) / name, export_dir, say, args.window_length, args.milvus) as sut:
         ledger = EventLedger(sut.config.streaming.window_length)
         first_user = str(events.users[args.start])
 

@@ -15,10 +15,10 @@ fi
 infra/bootstrap.sh
 DATASET=${DATASET:-ml-1m}
 MODEL=${MODEL:-mind_remi}
-RUN=${RUN:-var/artifacts/$DATASET-$MODEL}
 EVENTS=${EVENTS:-20000}
 RATE=${RATE:-2000}
 PY=.venv/bin/python
+RUN=${RUN:-$($PY -c "from infra.config import load_config; print(load_config().paths.artifacts_dir)")/$DATASET-$MODEL}
 echo "==> training $MODEL on $DATASET into $RUN (resumes an existing run)" >&2
 $PY -m model_export train --dataset "$DATASET" --model "$MODEL" --out "$RUN" --resume
 echo "==> test metrics (held-out users, papers' protocol)" >&2

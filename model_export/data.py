@@ -377,6 +377,18 @@ class EvalCases:
     def targets_of(self, i: int) -> np.ndarray:
         return self.targets[self.target_offsets[i] : self.target_offsets[i + 1]]
 
+    @classmethod
+    def from_lists(cls, users: list[int], histories: list[np.ndarray], target_lists: list[list[int]]) -> "EvalCases":
+        """Cases from per-user item lists; histories right-padded to the longest (clip them to a
+        window with retrain.clip_history)."""
+        lengths = np.array([len(h) for h in histories], dtype=np.int64)
+        history = np.zeros((len(users), max(lengths, default=1)), dtype=np.int64)
+        for row, items in enumerate(histories):
+            history[row, : len(items)] = items
+        n_targets = np.array([len(t) for t in target_lists], dtype=np.int64)
+        return cls(np.array(users, dtype=np.int64), history, lengths, np.concatenate([[0], np.cumsum(n_targets)]).astype(np.int64),
+                   np.array([t for ts in target_lists for t in ts], dtype=np.int64))
+
 
 def evaluation_cases(data: SequenceDataset, users: np.ndarray, maxlen: int) -> EvalCases:
     lengths = data.seq_offsets[users + 1] - data.seq_offsets[users]

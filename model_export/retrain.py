@@ -182,26 +182,15 @@ def merge_with_log(base: SequenceDataset, log: EventLog, vocabulary: list[str], 
 def _holdout_cases(data: SequenceDataset, users: np.ndarray, first_held: dict[int, int], targets: dict[int, list[int]], max_item: int) -> EvalCases:
     """Histories use only items <= max_item (a model cannot read items it has no row for); users left
     with an empty history are not evaluated."""
-    maxlen_rows, lengths, kept, target_lists = [], [], [], []
+    kept, histories, target_lists = [], [], []
     for u in users.tolist():
         before = data.seq_items[data.seq_offsets[u] : data.seq_offsets[u] + first_held[u]]
         before = before[before <= max_item]
-        if len(before) == 0:
-            continue
-        kept.append(u)
-        maxlen_rows.append(before)
-        lengths.append(len(before))
-        target_lists.append(targets[u])
-    width = max(lengths, default=1)
-    history = np.zeros((len(kept), width), dtype=np.int64)
-    for row, items in enumerate(maxlen_rows):
-        history[row, : len(items)] = items
-    n_targets = np.array([len(t) for t in target_lists], dtype=np.int64)
-    return EvalCases(
-        users=np.array(kept, dtype=np.int64), history=history, lengths=np.array(lengths, dtype=np.int64),
-        target_offsets=np.concatenate([[0], np.cumsum(n_targets)]).astype(np.int64),
-        targets=np.array([t for ts in target_lists for t in ts], dtype=np.int64),
-    )
+        if len(before):
+            kept.append(u)
+            histories.append(before)
+            target_lists.append(targets[u])
+    return EvalCases.from_lists(kept, histories, target_lists)
 
 
 def clip_history(cases: EvalCases, maxlen: int) -> EvalCases:

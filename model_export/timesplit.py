@@ -72,13 +72,7 @@ def model_cases(weeks: list[tuple[int, list[str], list[str]]], item_index: dict[
     unknown: dict[str, int] = {}
     histories = [np.array([item_index[r] for r in before if r in item_index], dtype=np.int64) for _, before, _ in weeks]
     targets = [[item_index[r] if r in item_index else -1 - unknown.setdefault(r, len(unknown)) for r in items] for _, _, items in weeks]
-    lengths = np.array([len(h) for h in histories], dtype=np.int64)
-    history = np.zeros((len(weeks), max(lengths, default=1)), dtype=np.int64)
-    for row, h in enumerate(histories):
-        history[row, : len(h)] = h
-    n = np.array([len(t) for t in targets], dtype=np.int64)
-    return EvalCases(np.array([u for u, _, _ in weeks], dtype=np.int64), history, lengths,
-                     np.concatenate([[0], np.cumsum(n)]).astype(np.int64), np.array([t for ts in targets for t in ts], dtype=np.int64))
+    return EvalCases.from_lists([u for u, _, _ in weeks], histories, targets)
 
 
 def timesplit_benchmark(model_kind: str, train_until: str, later_until: str, test_until: str, out: Path, epochs: int = 0, settings=None) -> dict:

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_backfill)
 
     p = sub.add_parser("bench", help="throughput, memory, freshness vs the bare broker, and parity with offline ONNX (starts its own stack)")
-    p.add_argument("--export-dir", default=None, help="user tower to serve (default: the registry's current model, else var/artifacts/ml-1m-mind_remi/export)")
+    p.add_argument("--export-dir", default=None, help="user tower to serve (default: the registry's current model, else the main command's export under [paths].artifacts_dir)")
     p.add_argument("--events", type=int, default=200_000, help="ML-1M events for the throughput phase")
     p.add_argument("--freshness-rate", type=float, default=1000.0, help="events per second in the freshness phase")
     p.add_argument("--freshness-seconds", type=float, default=30.0)

@@ -40,7 +40,6 @@ from streaming.kafka_clients import python_client_options
 from streaming.producer import EventProducer, ReplayEvents, replay
 from streaming.window import UserWindow
 
-DEFAULT_EXPORT = Path("var/artifacts/ml-1m-mind_remi/export")
 
 
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
@@ -140,7 +139,7 @@ def resolve_export(config: Config, export_dir: str | None) -> Path:
         return Path(export_dir)
     registry = ModelRegistry(config.paths.models_dir)
     current = registry.current_version()
-    return registry.path(current) if current else DEFAULT_EXPORT
+    return registry.path(current) if current else config.paths.main_export_dir
 
 
 @contextmanager
