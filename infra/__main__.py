@@ -109,17 +109,29 @@ def cmd_exporter(args) -> int:
     return 0
 
 
+def _generated_file(path: Path, render, write, command: str, check: bool) -> int:
+    """Writes a generated file that is committed; with `check`, writes nothing and exits 1 when the
+    committed one is not what would be written."""
+    if check:
+        if not path.is_file() or path.read_text() != render():
+            print(f"{path} is not what `{command}` writes: run it and commit the file", file=sys.stderr)
+            return 1
+        print(f"{path} is up to date")
+        return 0
+    print(write())
+    return 0
+
+
 def cmd_dashboard(args) -> int:
     from infra.dashboard import DASHBOARD_PATH, render_dashboard, write_dashboard
 
-    if args.check:
-        if not DASHBOARD_PATH.is_file() or DASHBOARD_PATH.read_text() != render_dashboard():
-            print(f"{DASHBOARD_PATH} is not what infra/dashboard.py builds: run `python -m infra dashboard` and commit it", file=sys.stderr)
-            return 1
-        print(f"{DASHBOARD_PATH} is up to date")
-        return 0
-    print(write_dashboard())
-    return 0
+    return _generated_file(DASHBOARD_PATH, render_dashboard, write_dashboard, "python -m infra dashboard", args.check)
+
+
+def cmd_k8s_rules(args) -> int:
+    from infra.k8s_rules import K8S_RULES_PATH, render_rules, write_rules
+
+    return _generated_file(K8S_RULES_PATH, render_rules, write_rules, "python -m infra k8s-rules", args.check)
 
 
 def cmd_demo(args) -> int:
@@ -172,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
                                    "and pick the Prometheus data source (the stack's is printed by `python -m infra status`).")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the committed JSON differs from what would be written")
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("k8s-rules", help="write infra/prometheus/'s rules as a PrometheusRule to infra/deploy/k8s/prometheus-rules.yaml",
+                       description="Renders recording.yml and alerts.yml of infra/prometheus/ as one Prometheus Operator "
+                                   "PrometheusRule for the Kubernetes manifests (kubectl apply -k infra/deploy/k8s).")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the committed file differs from what would be written")
+    p.set_defaults(func=cmd_k8s_rules)
 
     p = sub.add_parser("demo", help="recall for the busiest users of a replay and print their movies with the interest that found each",
                        description="Waits until the streaming job has committed every event (consumer lag 0), then calls the "

@@ -3,7 +3,7 @@
 - docker-compose.yml against the compose-spec JSON schema vendored by check-jsonschema, plus the
   cross-references a schema cannot see (mounted files exist, services and volumes are declared);
 - Kubernetes core kinds against the Kubernetes OpenAPI schemas bundled by kubernetes-validate
-  (strict: unknown fields fail); the CRDs (FlinkDeployment, ServiceMonitor, PodMonitor) have no
+  (strict: unknown fields fail); the CRDs (FlinkDeployment, ServiceMonitor, PodMonitor, PrometheusRule) have no
   bundled schema, so their fields the deployment depends on are checked structurally;
 - the consistency between the job's configuration and its FlinkDeployment.
 """
@@ -23,7 +23,7 @@ from infra.config import load_config
 DEPLOY = Path(__file__).resolve().parent.parent / "infra" / "deploy"
 K8S = DEPLOY / "k8s"
 K8S_VERSION = "1.30.0"  # the oldest Kubernetes these manifests target (native gRPC probes are GA since 1.27)
-CRD_KINDS = {"FlinkDeployment", "ServiceMonitor", "PodMonitor"}
+CRD_KINDS = {"FlinkDeployment", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 
 def _compose() -> dict:
@@ -41,6 +41,11 @@ def _k8s_docs() -> list[tuple[str, dict]]:
 
 def _by_kind(kind: str) -> list[dict]:
     return [d for _, d in _k8s_docs() if d["kind"] == kind]
+
+
+def _named(kind: str, name: str) -> dict:
+    (doc,) = [d for d in _by_kind(kind) if d["metadata"]["name"] == name]
+    return doc
 
 
 def test_compose_matches_the_compose_spec_schema():
@@ -142,7 +147,7 @@ def test_kustomization_lists_every_manifest():
 
 
 def test_recall_probes_use_the_grpc_health_service():
-    (deploy,) = _by_kind("Deployment")
+    deploy = _named("Deployment", "recall")
     (container,) = deploy["spec"]["template"]["spec"]["containers"]
     assert container["readinessProbe"]["grpc"]["port"] == 50051
     assert container["startupProbe"]["grpc"]["port"] == 50051
@@ -161,12 +166,16 @@ def _toml() -> dict:
 def test_configmap_and_the_recall_pods_environment_are_a_valid_configuration(tmp_path):
     path = tmp_path / "mindstream.toml"
     path.write_text(_by_kind("ConfigMap")[0]["data"]["mindstream.toml"])
-    (deploy,) = _by_kind("Deployment")
-    (container,) = deploy["spec"]["template"]["spec"]["containers"]
-    env = {e["name"]: e.get("value", "from-a-secret") for e in container["env"] if e["name"] != "MINDSTREAM_CONFIG"}
-    config = _service_config(env, path)
+    recall, exporter = (_named("Deployment", name)["spec"]["template"]["spec"]["containers"][0] for name in ("recall", "exporter"))
+    configs = {}
+    for container in (recall, exporter):
+        env = {e["name"]: e.get("value", "from-a-secret") for e in container["env"] if e["name"] != "MINDSTREAM_CONFIG"}
+        configs[container["name"]] = _service_config(env, path)
+    config = configs["recall"]
     assert config.recall.host == config.recall.metrics_host == "0.0.0.0" and config.streaming.metrics_host == "0.0.0.0"
-    assert {"name": "metrics", "containerPort": config.recall.metrics_port} in container["ports"]
+    assert {"name": "metrics", "containerPort": config.recall.metrics_port} in recall["ports"]
+    monitoring = configs["exporter"].monitoring
+    assert monitoring.exporter_host == "0.0.0.0" and {"name": "metrics", "containerPort": monitoring.exporter_port} in exporter["ports"]
 
 
 def test_flink_deployment_structure():
@@ -198,13 +207,24 @@ def test_flink_deployment_structure():
 
 
 def test_monitors_point_at_declared_ports():
-    (sm,) = _by_kind("ServiceMonitor")
-    (svc,) = _by_kind("Service")
-    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
-    assert sm["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    for name in ("recall", "exporter"):
+        sm, svc = _named("ServiceMonitor", f"mindstream-{name}"), _named("Service", name)
+        assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        assert sm["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
+        assert sm["spec"]["endpoints"][0]["relabelings"][0]["replacement"] == f"mindstream-{name}"  # the job the rules expect
     (pm,) = _by_kind("PodMonitor")
     (fd,) = _by_kind("FlinkDeployment")
     assert pm["spec"]["selector"]["matchLabels"]["app"] == fd["metadata"]["name"]  # the operator's pod label
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "job-metrics"
-    for monitor in (sm, pm):
+    for monitor in (*_by_kind("ServiceMonitor"), pm):
         assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+
+
+def test_the_clusters_prometheus_rule_is_infra_prometheus_rules():
+    """prometheus-rules.yaml is generated from infra/prometheus/ (python -m infra k8s-rules)."""
+    from infra.k8s_rules import RULE_FILES, render_rules
+
+    (rule,) = _by_kind("PrometheusRule")
+    assert (K8S / "prometheus-rules.yaml").read_text() == render_rules(), "run `python -m infra k8s-rules` and commit the file"
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["spec"]["groups"] == [g for path in RULE_FILES for g in yaml.safe_load(path.read_text())["groups"]]
