@@ -224,6 +224,7 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
         # A version's item vectors never change (the manifest's hashes), so publishing it again - the live
         # version included - reuses its collection: dropping and refilling it would take recall offline.
         progress(f"  {name} already holds the {manifest.n_items:,} item vectors of {manifest.model_version}")
+        wait_for_index(client, name, manifest.n_items, progress)  # an earlier attempt may have stopped while it was built
         count = manifest.n_items
     else:
         if alias_target(client, prefix) == name:

@@ -2,8 +2,10 @@
 several servers can live in one process (tests); `serve` exports it on [recall].metrics_host:metrics_port.
 
     mindstream_recall_latency_seconds{path, stage, code}   stage: feature_store, user_tower, vector_search,
-                                                      merge, total (one observation per recall answered OK, one
-                                                      per failed RPC with path "none" and its status code)
+                                                      merge, total (one observation per recall answered OK, and
+                                                      per recall of an RPC the service failed, with path "none"
+                                                      and its status code; a client's INVALID_ARGUMENT and the
+                                                      interceptors' refusals are counted below, not timed)
     mindstream_recall_requests_total{method, code}   gRPC status code names; RESOURCE_EXHAUSTED counts the RPCs
                                                       refused over [recall].max_concurrent_rpcs
     mindstream_recall_fallbacks_total{reason}        requests not served from stored interests

@@ -83,8 +83,10 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
 
     def _serve(self, method: str, message, context) -> list | None:
         """The responses, or None when the request failed (its status is set on `context`). Every
-        answer is timed (stage "total"), failures too: a deadline missed is the slowest answer of all."""
+        recall is timed (stage "total"), failed ones too: a deadline missed is the slowest answer of
+        all. Not a request the client got wrong (INVALID_ARGUMENT): it says nothing of the service's speed."""
         started = time.perf_counter()
+        requests = [message]
         try:
             if isinstance(message, UnreadableRequest):
                 raise message.error
@@ -99,7 +101,7 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
             results = self.recaller.recall_many(queries, Deadline(budget))
             responses = [self._response(r) for r in results]
         except Exception as exc:  # every exception ends as a status code here, never escapes to gRPC
-            self._fail(method, context, exc, time.perf_counter() - started)
+            self._fail(method, context, exc, time.perf_counter() - started, max(len(requests), 1))
             return None
         total = time.perf_counter() - started
         for result in results:
@@ -120,7 +122,7 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         except InvalidRequest as exc:
             raise InvalidRequest(f"requests[{index}].{exc}" if index is not None else str(exc)) from None
 
-    def _fail(self, method: str, context, exc: Exception, seconds: float) -> None:
+    def _fail(self, method: str, context, exc: Exception, seconds: float, recalls: int) -> None:
         code = _status_of(exc)
         if code is None:
             log.exception("unexpected error in %s", method, exc_info=exc)
@@ -129,7 +131,10 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         else:
             message = str(exc)
         self.metrics.requests.labels(method, code.name).inc()
-        self.metrics.latency.labels(NO_PATH, "total", code.name).observe(seconds)
+        if code is not grpc.StatusCode.INVALID_ARGUMENT:
+            total = self.metrics.latency.labels(NO_PATH, "total", code.name)
+            for _ in range(recalls):  # as an answered batch: one observation per recall
+                total.observe(seconds)
         context.set_code(code)
         context.set_details(message)
 
@@ -161,6 +166,7 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: st
     def refuse(request_or_iterator, context):
         context.abort(code, details)
 
+    refuse.refusal = True  # see _is_refusal
     if pool is not None:
         refuse.experimental_thread_pool = pool
     if handler.request_streaming and handler.response_streaming:
@@ -170,6 +176,12 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: st
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(refuse)
     return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def _is_refusal(handler: grpc.RpcMethodHandler) -> bool:
+    """Whether an inner interceptor already refused this RPC (and counted it)."""
+    behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    return getattr(behaviour, "refusal", False)
 
 
 def _method_name(details) -> str:
@@ -220,18 +232,24 @@ class TaskCountingExecutor(futures.ThreadPoolExecutor):
 
 
 class ConcurrencyLimit(grpc.ServerInterceptor):
-    """At most `limit` RPCs queued or running; beyond, RESOURCE_EXHAUSTED at once, counted in
-    mindstream_recall_requests_total. (gRPC's own `maximum_concurrent_rpcs` refuses them before any
-    interceptor or servicer sees them, so no metric could count them.) Refusals run on a pool of their
-    own, so that they do not wait behind the queue they protect."""
+    """At most `limit` RPCs queued or running; beyond, RESOURCE_EXHAUSTED without running the
+    servicer, counted in mindstream_recall_requests_total. (gRPC's own `maximum_concurrent_rpcs`
+    refuses before any interceptor sees the RPC, so nothing could count those; the server keeps it
+    at REFUSAL_HEADROOM x the limit, as the bound of what waits to be refused.) Refusals run on a
+    small pool of their own, so that they do not wait behind the queue they protect; a refusal still
+    reads its request first (gRPC does, before the handler runs)."""
+
+    REFUSAL_HEADROOM = 4
+    REFUSAL_THREADS = 2
 
     def __init__(self, limit: int, executor: TaskCountingExecutor, metrics: RecallMetrics):
         self.limit, self.executor, self.metrics = limit, executor, metrics
-        self.refusals = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="recall-refuse")
+        self.refusals = futures.ThreadPoolExecutor(max_workers=self.REFUSAL_THREADS, thread_name_prefix="recall-refuse")
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        if handler is None or self.executor.tasks < self.limit:
+        # an RPC the token check refused is counted there, once, and answered UNAUTHENTICATED
+        if handler is None or self.executor.tasks < self.limit or _is_refusal(handler):
             return handler
         self.metrics.requests.labels(_method_name(details), "RESOURCE_EXHAUSTED").inc()
         return _refusing(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -278,7 +296,7 @@ class RecallServer:
         executor = TaskCountingExecutor(rc.workers, "recall")
         self._limit = ConcurrencyLimit(rc.max_concurrent_rpcs, executor, self.metrics)
         interceptors = [self._limit, *([BearerTokenAuth(rc.auth_token, self.metrics)] if rc.auth_token else [])]
-        self._grpc = grpc.server(executor, interceptors=interceptors,
+        self._grpc = grpc.server(executor, interceptors=interceptors, maximum_concurrent_rpcs=ConcurrencyLimit.REFUSAL_HEADROOM * rc.max_concurrent_rpcs,
                                  options=[("grpc.max_receive_message_length", 4 * rc.max_request_bytes), ("grpc.so_reuseport", 0)])
         RecallServicer(self.recaller, self.limits, self.metrics, rc.default_deadline_ms / 1e3, rc.max_request_bytes).add_to_server(self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)

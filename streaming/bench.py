@@ -112,6 +112,7 @@ class Drain:
     quiet_s: float
     below_s: float  # wall-clock time of the last poll that saw fewer events read; first, the job's start
     read: float = 0.0
+    give_up_s: float = 30.0  # all read and no write since for this long: the last events wrote nothing (duplicates, say)
 
     def poll(self, now_s: float, events_in: float, last_write_s: float) -> float | None:
         """One poll: `now_s` taken before the job's metrics were read. Returns the drain time once known."""
@@ -121,7 +122,9 @@ class Drain:
         if events_in < self.events:
             self.below_s = now_s
             return None
-        return last_write_s if last_write_s > self.below_s and now_s - last_write_s >= self.quiet_s else None
+        if last_write_s > self.below_s:
+            return last_write_s if now_s - last_write_s >= self.quiet_s else None
+        return last_write_s if now_s - self.below_s >= self.give_up_s else None
 
 
 @dataclass

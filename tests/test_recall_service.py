@@ -204,11 +204,11 @@ def test_health_reflection_and_metrics(stack):
     text = urllib.request.urlopen(f"http://127.0.0.1:{stack.server.metrics_port}/metrics", timeout=5).read().decode()
     for needle in ('mindstream_recall_latency_seconds_bucket{code="OK",le="0.003",path="stored_interests",stage="vector_search"}',
                    'mindstream_recall_latency_seconds_count{code="OK",path="stored_interests",stage="total"}',
-                   'mindstream_recall_latency_seconds_count{code="INVALID_ARGUMENT",path="none",stage="total"}',
                    'mindstream_recall_requests_total{code="INVALID_ARGUMENT",method="Recall"}',
                    'mindstream_recall_requests_total{code="OK",method="Recall"}',
                    'mindstream_recall_result_items_bucket', f'mindstream_recall_model_info{{model_version="{stack.new}"}} 1.0'):
         assert needle in text, needle
+    assert 'code="INVALID_ARGUMENT",path="none"' not in text  # a client's mistake is counted, not timed
 
 
 def test_redis_down_falls_back_fast_or_is_unavailable_when_configured(stack):
@@ -414,13 +414,18 @@ def test_every_answer_is_timed_failures_too(in_memory_server):
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     with pytest.raises(grpc.RpcError):
         stub.Recall(recall_pb2.RecallRequest(user_id="alice", n=0), timeout=5)
+    with pytest.raises(grpc.RpcError) as error:  # a failed batch weighs as many recalls as it holds, as an answered one
+        stub.BatchRecall(recall_pb2.BatchRecallRequest(requests=[recall_pb2.RecallRequest(user_id="alice", n=5)] * 3), timeout=0.3)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     search.gate.set()
     assert stub.Recall(recall_pb2.RecallRequest(user_id="alice", n=5), timeout=5).path == STORED
-    wait_for(lambda: latency_count(server, "none", "DEADLINE_EXCEEDED") == 1, 5, "the late answer's latency")
+    wait_for(lambda: latency_count(server, "none", "DEADLINE_EXCEEDED") == 1 + 3, 5, "the late answers' latency")
     slowest = server.metrics.registry.get_sample_value("mindstream_recall_latency_seconds_sum",
                                                        {"path": "none", "stage": "total", "code": "DEADLINE_EXCEEDED"})
     assert slowest >= 0.25  # in the SLO's histogram: the slowest answers are no longer left out
-    assert latency_count(server, "none", "INVALID_ARGUMENT") == 1 and latency_count(server, "stored_interests", "OK") == 1
+    # a request the client got wrong says nothing of the service's speed: counted, not timed
+    assert server.metrics.requests.labels("Recall", "INVALID_ARGUMENT")._value.get() == 1
+    assert latency_count(server, "none", "INVALID_ARGUMENT") == 0 and latency_count(server, "stored_interests", "OK") == 1
 
 
 def test_rpcs_over_the_concurrency_limit_are_refused_at_once_and_counted(in_memory_server):
@@ -439,6 +444,23 @@ def test_rpcs_over_the_concurrency_limit_are_refused_at_once_and_counted(in_memo
     search.gate.set()
     assert running.result().path == queued.result().path == STORED
     assert stub.Recall(request, timeout=5).path == STORED  # capacity is back
+
+
+def test_an_rpc_refused_for_its_token_is_counted_once_even_over_the_limit(in_memory_server):
+    from recall_service.channel import recall_channel
+
+    server, anonymous, search = in_memory_server(workers=1, max_concurrent_rpcs=1, auth_token="s3cret")
+    recall = dataclasses.replace(server.config.recall, host="127.0.0.1", port=server.port)
+    authorised = recall_pb2_grpc.RecallServiceStub(recall_channel(recall))
+    running = authorised.Recall.future(recall_pb2.RecallRequest(user_id="alice", n=5), timeout=10)
+    assert search.entered.acquire(timeout=5)  # the limit is reached
+    with pytest.raises(grpc.RpcError) as error:
+        anonymous.Recall(recall_pb2.RecallRequest(user_id="alice", n=5), timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert server.metrics.requests.labels("Recall", "UNAUTHENTICATED")._value.get() == 1
+    assert server.metrics.requests.labels("Recall", "RESOURCE_EXHAUSTED")._value.get() == 0
+    search.gate.set()
+    running.result()  # the authorised call in flight is answered
 
 
 def test_the_projects_own_clients_follow_the_configured_tls_and_token(in_memory_server, tmp_path):

@@ -335,6 +335,9 @@ def test_the_throughput_run_ends_at_the_write_of_the_last_event_read():
         (2.25, 1000, 1.20),  # quiet since: drained at 1.20
     ]
     assert [drain.poll(*poll) for poll in polls] == [None] * 5 + [1.20]
+    # events read last that write nothing (all duplicates): the run still ends, at the job's last write
+    stuck = Drain(events=1000, quiet_s=1.0, below_s=0.0, give_up_s=5.0)
+    assert [stuck.poll(*poll) for poll in [(1.0, 100, 0.9), (2.0, 1000, 0.9), (5.5, 1000, 0.9), (6.5, 1000, 0.9)]] == [None, None, None, 0.9]
 
 
 # ----------------------------------------------------------------------------- backfill
