@@ -173,7 +173,7 @@ def cmd_refresh_bench(args) -> int:
 def cmd_bench(args) -> int:
     from model_export.bench import bench_user_tower
 
-    bench_user_tower(Path(args.export_dir), batch=args.batch, seconds=args.seconds)
+    bench_user_tower(Path(args.export_dir), batch=args.batch, seconds=args.seconds, gpu=args.gpu)
     return 0
 
 
@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export-dir", required=True, help="an export directory (with manifest.json)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--seconds", type=float, default=3.0, help="time budget per measurement")
+    p.add_argument("--gpu", action="store_true", help="the CUDA session (I/O binding) vs PyTorch eager on the GPU, and its parity with the CPU session")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("quality", help="quality table: models x datasets x seeds, mean and spread, ratios")

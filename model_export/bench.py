@@ -1,8 +1,10 @@
-"""User-tower speed: ONNX Runtime (CPU) against PyTorch eager on the same weights, same inputs.
+"""User-tower speed: ONNX Runtime against PyTorch eager on the same weights, same inputs.
 
 Prints batch throughput (users/s) at a given batch size, single-user latency percentiles, and the
 ratios, all measured in the same run. Inputs are full windows of random items with the user
-profile set, i.e. the worst case the streaming job sends.
+profile set, i.e. the worst case the streaming job sends. On the CPU by default; with `gpu`, the
+session the job uses on a GPU (CUDA provider, I/O binding: inputs from and interests back to host
+memory, as served) against eager PyTorch on the same GPU, plus the session's parity with the CPU's.
 """
 
 from __future__ import annotations
@@ -39,10 +41,15 @@ def _latencies_ms(fn, calls: int) -> np.ndarray:
     return out
 
 
-def bench_user_tower(export_dir: Path, batch: int = 256, seconds: float = 3.0, single_calls: int = 2000) -> dict:
+def bench_user_tower(export_dir: Path, batch: int = 256, seconds: float = 3.0, single_calls: int = 2000, gpu: bool = False) -> dict:
     manifest = Manifest.load(export_dir)
     _, model = exported_model(export_dir, manifest)
-    session = UserTowerSession(export_dir, manifest, prefer_gpu=False)
+    session = UserTowerSession(export_dir, manifest, prefer_gpu=gpu)
+    if gpu and session.provider != "CUDAExecutionProvider":
+        raise RuntimeError("--gpu: no usable CUDA GPU for onnxruntime-gpu (driver, CUDA 13 and cuDNN 9 libraries); run without --gpu")
+    device = "cuda" if gpu else "cpu"
+    model = model.to(device)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)  # a CUDA call returns before its kernels end
     rng = np.random.default_rng(0)
     n_fields = len(manifest.profile_fields)
 
@@ -53,21 +60,23 @@ def bench_user_tower(export_dir: Path, batch: int = 256, seconds: float = 3.0, s
         return items, lengths, profile
 
     items, lengths, profile = inputs(batch)
-    t_items, t_lengths, t_profile = map(torch.as_tensor, (items, lengths, profile))
+    t_items, t_lengths, t_profile = (torch.as_tensor(a, device=device) for a in (items, lengths, profile))
 
     @torch.no_grad()
     def torch_batch():
         model(t_items, t_lengths, t_profile if n_fields else None)
+        sync()
 
     def onnx_batch():
         session.run(items, lengths, profile)
 
     one = inputs(1)
-    t_one = tuple(map(torch.as_tensor, one))
+    t_one = tuple(torch.as_tensor(a, device=device) for a in one)
 
     @torch.no_grad()
     def torch_single():
         model(t_one[0], t_one[1], t_one[2] if n_fields else None)
+        sync()
 
     def onnx_single():
         session.run(*one)
@@ -79,6 +88,7 @@ def bench_user_tower(export_dir: Path, batch: int = 256, seconds: float = 3.0, s
     report = {
         "model_version": manifest.model_version,
         "provider": session.provider,
+        "torch_device": device,
         "torch_threads": torch.get_num_threads(),
         "batch": batch,
         "throughput_users_per_s": {"onnxruntime": round(onnx_tput), "torch_eager": round(torch_tput), "ratio": round(onnx_tput / torch_tput, 2)},
@@ -87,8 +97,17 @@ def bench_user_tower(export_dir: Path, batch: int = 256, seconds: float = 3.0, s
             "torch_eager": {"p50": round(float(np.percentile(torch_lat, 50)), 3), "p99": round(float(np.percentile(torch_lat, 99)), 3)},
         },
     }
+    if gpu:  # the GPU session against the CPU's, on users of every window length
+        cpu = UserTowerSession(export_dir, manifest, prefer_gpu=False)
+        items, lengths, profile = inputs(1000)
+        lengths = rng.integers(1, manifest.maxlen + 1, size=len(lengths)).astype(np.int64)
+        items = np.where(np.arange(manifest.maxlen)[None, :] < lengths[:, None], items, 0)
+        report["gpu_vs_cpu_max_abs_diff"] = float(np.abs(session.run(items, lengths, profile)[0] - cpu.run(items, lengths, profile)[0]).max())
     print(f"user tower {manifest.model_version} ({manifest.model_kind}, K={manifest.n_interests}, D={manifest.dim}, window {manifest.maxlen}), ONNX on {session.provider}")
-    print(f"  batch {batch}: onnxruntime {onnx_tput:,.0f} users/s, torch eager {torch_tput:,.0f} users/s -> {onnx_tput / torch_tput:.2f}x  (target >= 3x)")
+    target = "" if gpu else "  (target >= 3x)"
+    print(f"  batch {batch}: onnxruntime {onnx_tput:,.0f} users/s, torch eager ({device}) {torch_tput:,.0f} users/s -> {onnx_tput / torch_tput:.2f}x{target}")
+    if gpu:
+        print(f"  interests on the GPU vs the CPU session: max abs diff {report['gpu_vs_cpu_max_abs_diff']:.2e} over 1,000 users (export tolerance 1e-4)")
     print(
         f"  single user: onnxruntime p50 {report['single_user_ms']['onnxruntime']['p50']} ms, p99 {report['single_user_ms']['onnxruntime']['p99']} ms (target p99 <= 2 ms); "
         f"torch eager p50 {report['single_user_ms']['torch_eager']['p50']} ms, p99 {report['single_user_ms']['torch_eager']['p99']} ms"

@@ -14,7 +14,7 @@ from infra.config import load_config
 from model_export.data import load_dataset
 from model_export.export import PARITY_TOLERANCE, export_model, parity_inputs
 from model_export.manifest import Manifest, ManifestError
-from model_export.onnx_runtime import UserTowerSession
+from model_export.onnx_runtime import UserTowerSession, gpu_available
 from model_export.train import TrainConfig, default_spec, load_model, train
 
 from conftest import REPO
@@ -81,6 +81,9 @@ def test_train_evaluate_export_end_to_end(synthetic_csv, tmp_path):
     shutil.copytree(export_dir, tmp_path / "copied")
     bench = cli("bench", "--export-dir", str(tmp_path / "copied"), "--seconds", "0.2", "--batch", "32")
     assert "users/s" in bench.stdout and "p99" in bench.stdout
+    if not gpu_available():  # --gpu where there is none says so instead of timing the CPU
+        on_gpu = cli("bench", "--export-dir", str(tmp_path / "copied"), "--seconds", "0.2", "--gpu", check=False)
+        assert on_gpu.returncode == 2 and "no usable CUDA GPU" in on_gpu.stderr
 
     # a changed artifact is refused
     np.save(manifest.file(export_dir, "item_vectors"), vectors + 1)
