@@ -187,7 +187,7 @@ def cmd_quality(args) -> int:
 def cmd_peer(args) -> int:
     from model_export.peer import compare_with_rechub
 
-    compare_with_rechub(args.dataset, Path(args.out), epochs=args.epochs, max_steps_per_epoch=args.max_steps_per_epoch)
+    compare_with_rechub(args.dataset, Path(args.out), epochs=args.epochs, max_steps_per_epoch=args.max_steps_per_epoch, device=args.device)
     return 0
 
 
@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap both models' steps per epoch (0 = full)")
     p.add_argument("--out", default="var/peer")
+    p.add_argument("--device", default="cpu", help="where both models train: cpu or cuda (both scored on the CPU)")
     p.set_defaults(func=cmd_peer)
 
     args = parser.parse_args(argv)

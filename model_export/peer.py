@@ -7,7 +7,7 @@ ML-1M MIND example does (list-wise softmax over the target and `neg_ratio` negat
 from popularity^0.75, its MatchTrainer, batch 256, Adam lr 1e-3, weight decay 1e-6); its user
 features are the profile fields where the dataset has them, else the user id. Time per epoch is
 the wall time of one pass over the samples, data loading included, preprocessing excluded, for
-both.
+both, on the same device (the CPU, or with `device="cuda"` both on the GPU; scored on the CPU).
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def _rechub_model(data: SequenceDataset, dim: int, n_interests: int, maxlen: int
     return model, names
 
 
-def train_rechub(data: SequenceDataset, dim: int, n_interests: int, maxlen: int, epochs: int, seed: int, max_steps_per_epoch: int = 0):
+def train_rechub(data: SequenceDataset, dim: int, n_interests: int, maxlen: int, epochs: int, seed: int, max_steps_per_epoch: int = 0,
+                 device: str = "cpu"):
     from torch.utils.data import DataLoader
     from torch_rechub.trainers import MatchTrainer
     from torch_rechub.utils.data import MatchDataGenerator
@@ -96,18 +97,20 @@ def train_rechub(data: SequenceDataset, dim: int, n_interests: int, maxlen: int,
         x[name] = data.user_profile[users, f] if name != "user_id" else np.zeros(len(users), dtype=np.int64)
     loader = DataLoader(MatchDataGenerator(x=x, y=np.zeros(len(users), dtype=np.int64)).dataset, batch_size=RECHUB_BATCH, shuffle=True, num_workers=0)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = MatchTrainer(model, mode=2, optimizer_params={"lr": RECHUB_LR, "weight_decay": RECHUB_WEIGHT_DECAY}, n_epoch=epochs, device="cpu", model_path=tmp + "/")
+        trainer = MatchTrainer(model, mode=2, optimizer_params={"lr": RECHUB_LR, "weight_decay": RECHUB_WEIGHT_DECAY}, n_epoch=epochs, device=device, model_path=tmp + "/")
         seconds = []
         for _ in range(epochs):
             started = time.perf_counter()
             model.train()
             trainer.train_one_epoch(loader)
+            if device != "cpu":
+                torch.cuda.synchronize()
             seconds.append(time.perf_counter() - started)
-    model.eval()
+    model.cpu().eval()
     return RechubAdapter(model, names, data.n_items), seconds, len(users)
 
 
-def compare_with_rechub(dataset: str, out: Path, epochs: int = 1, max_steps_per_epoch: int = 0, seed: int = 2019) -> dict:
+def compare_with_rechub(dataset: str, out: Path, epochs: int = 1, max_steps_per_epoch: int = 0, seed: int = 2019, device: str = "cpu") -> dict:
     paths = load_config().paths
     data = load_dataset(dataset, paths.data_dir, paths.cache_dir, paths.shared_data_dir)
     defaults = DATASET_DEFAULTS.get(data.name, FALLBACK_DEFAULTS)
@@ -116,13 +119,14 @@ def compare_with_rechub(dataset: str, out: Path, epochs: int = 1, max_steps_per_
     out.mkdir(parents=True, exist_ok=True)
 
     print(f"torch-rechub MIND on {data.name}: {epochs} epoch(s) ...", flush=True)
-    rechub, rechub_seconds, n_samples = train_rechub(data, spec.dim, spec.n_interests, spec.maxlen, epochs, seed, max_steps_per_epoch)
+    rechub, rechub_seconds, n_samples = train_rechub(data, spec.dim, spec.n_interests, spec.maxlen, epochs, seed, max_steps_per_epoch, device)
     torch.manual_seed(0)  # its routing starts from torch.randn even at inference
     rechub_metrics = evaluate_model(rechub, data, cases)
 
     print(f"mindstream MIND on {data.name}: {epochs} epoch(s) ...", flush=True)
     ours_steps = -(-n_samples // defaults["batch_size"]) if max_steps_per_epoch else 0
-    config = TrainConfig(dataset=dataset, model="mind", seed=seed, epochs=epochs, patience=epochs, batch_size=defaults["batch_size"], max_steps_per_epoch=ours_steps)
+    config = TrainConfig(dataset=dataset, model="mind", seed=seed, epochs=epochs, patience=epochs, batch_size=defaults["batch_size"],
+                         max_steps_per_epoch=ours_steps, device=device)
     run_dir = out / f"{data.name}-mind"
     history = train(config, spec, data, run_dir, progress=False)
     _, ours = load_model(run_dir)
@@ -132,13 +136,14 @@ def compare_with_rechub(dataset: str, out: Path, epochs: int = 1, max_steps_per_
     report = {
         "dataset": data.name,
         "epochs": epochs,
+        "device": device,
         "samples_per_epoch": n_samples,
         "torch_rechub": {"seconds_per_epoch": float(np.mean(rechub_seconds)), "test": rechub_metrics},
         "mindstream": {"seconds_per_epoch": float(np.mean(ours_seconds)), "test": ours_metrics},
     }
     report["epoch_time_ratio"] = report["mindstream"]["seconds_per_epoch"] / report["torch_rechub"]["seconds_per_epoch"]
     (out / f"peer-{data.name}.json").write_text(json.dumps(report, indent=2))
-    print(f"\n{data.name}, {n_samples:,} training samples per epoch, {epochs} epoch(s), same test users ({len(cases.users)}):")
+    print(f"\n{data.name}, {n_samples:,} training samples per epoch, {epochs} epoch(s) on {device}, same test users ({len(cases.users)}):")
     print("| model | s/epoch | recall@20 | recall@50 | hitrate@50 | ndcg@50 |\n|---|---|---|---|---|---|")
     for name, r in (("torch-rechub MIND 0.9.0", report["torch_rechub"]), ("mindstream MIND", report["mindstream"])):
         t = r["test"]

@@ -179,10 +179,10 @@ def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss.detach())
+        total = total + loss.detach()  # summed where it lives: reading it every step would make a GPU wait on each one
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{total / (step + 1):.4f}")
-    return total / max(steps, 1), steps
+            bar.set_postfix(loss=f"{float(total) / (step + 1):.4f}")
+    return float(total) / max(steps, 1), steps
 
 
 def train(config: TrainConfig, spec: ModelSpec, data: SequenceDataset, out: Path, resume: bool = False, progress: bool = True) -> dict:
