@@ -214,8 +214,8 @@ class EventStream:
     RESEND_AFTER_S = 0.5
     MAX_SENDS = 60  # then the event is abandoned and reported as never acked
 
-    def __init__(self, kafka, events: ReplayEvents, first: int, rate: float, ledger: EventLedger, say: Callable[[str], None]):
-        self.kafka, self.events, self.first, self.rate, self.ledger, self.say = kafka, events, first, rate, ledger, say
+    def __init__(self, config: Config, events: ReplayEvents, first: int, rate: float, ledger: EventLedger, say: Callable[[str], None]):
+        self.config, self.events, self.first, self.rate, self.ledger, self.say = config, events, first, rate, ledger, say
         self.resend: deque = deque()  # (due, event), due in order: every resend waits the same time
         self.last_error = ""
         self.error: BaseException | None = None
@@ -261,7 +261,7 @@ class EventStream:
         try:
             # max_block_ms: a send while no broker answers fails after 1 s (and is sent again)
             # instead of blocking the stream for kafka-python's default minute.
-            with TrackedProducer(self.kafka, self, max_block_ms=1000) as producer:
+            with TrackedProducer.for_config(self.config, stream=self, max_block_ms=1000) as producer:
                 replay(self._due_events(), producer, rate=self.rate)
         except BaseException as exc:  # reported by the commands; the run's figures would be wrong
             self.error = exc
@@ -542,7 +542,7 @@ def system_under_load(args, name: str, say: Callable[[str], None], start_load: b
             seen = ledger.seen_users
             return seen[rng.randrange(len(seen))] if seen else first_user
 
-        stream = EventStream(sut.config.kafka, events, args.start, args.rate, ledger, say)
+        stream = EventStream(sut.config, events, args.start, args.rate, ledger, say)
         poller = StorePoller(sut.config, ledger, args.poll_s)
         load = RecallLoad(sut.config.recall, args.qps, args.clients, args.deadline_ms / 1000, pick_user, per_interest_n=args.per_interest_n)
         run = LoadRun(sut, ledger, stream, poller, load, time.monotonic(), say)

@@ -35,7 +35,7 @@ def cmd_produce(args) -> int:
     config = load_config()
     events = ReplayEvents.from_dataset(args.dataset, config.paths.data_dir, config.paths.shared_data_dir)
     stop = len(events) if args.limit is None else min(len(events), args.start + args.limit)
-    with EventProducer(config.kafka, max_event_bytes=config.streaming.max_event_bytes) as producer, tqdm(total=stop - args.start, unit="ev", desc=f"replaying {args.dataset}", disable=args.quiet) as bar:
+    with EventProducer.for_config(config) as producer, tqdm(total=stop - args.start, unit="ev", desc=f"replaying {args.dataset}", disable=args.quiet) as bar:
         last = [0]
 
         def progress(sent: int) -> None:

@@ -196,7 +196,7 @@ def run_bench(args) -> int:
         admin.close()
 
         # 1. throughput: a backlog of ML-1M events, then the job
-        with EventProducer(config.kafka, linger_ms=20, max_event_bytes=config.streaming.max_event_bytes) as producer, tqdm(total=n_throughput, unit="ev", desc="queueing ML-1M events") as bar:
+        with EventProducer.for_config(config, linger_ms=20) as producer, tqdm(total=n_throughput, unit="ev", desc="queueing ML-1M events") as bar:
             replay(events.events(0, n_throughput), producer, on_progress=lambda sent: bar.update(sent - bar.n))
         print("starting the PyFlink job (10-25 s) ...")
         drain = Drain(n_throughput, quiet_s=1.0 + config.streaming.batch_max_delay_ms / 1000, below_s=time.time())
@@ -236,7 +236,7 @@ def run_bench(args) -> int:
             # 3. freshness at the same rate through the job
             before = freshness_buckets(job.metrics() or "")
             print(f"job freshness at {args.freshness_rate:.0f} events/s for {args.freshness_seconds:.0f} s ...")
-            with EventProducer(config.kafka, max_event_bytes=config.streaming.max_event_bytes) as producer:
+            with EventProducer.for_config(config) as producer:
                 replay(events.events(n_throughput, n_throughput + n_fresh), producer, rate=args.freshness_rate)
             wait_for_count(job, n_throughput + n_fresh)
             time.sleep(0.5)  # the last micro-batch
@@ -331,7 +331,7 @@ def run_poison(args) -> int:
         job.start()
         valid_sent, poison_futures, job_down_polls = [], [], 0
         valid_iter = events.events()
-        with EventProducer(config.kafka, max_event_bytes=config.streaming.max_event_bytes) as producer, tqdm(total=total, unit="rec", desc=f"{args.rate:.0f} rec/s, {args.poison:.0%} poison") as bar:
+        with EventProducer.for_config(config) as producer, tqdm(total=total, unit="rec", desc=f"{args.rate:.0f} rec/s, {args.poison:.0%} poison") as bar:
             started = time.perf_counter()
             for i in range(total):
                 wait = started + i / args.rate - time.perf_counter()

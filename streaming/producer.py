@@ -29,6 +29,11 @@ class EventProducer:
         self.max_event_bytes = max_event_bytes
         self.sent = 0
 
+    @classmethod
+    def for_config(cls, config, **overrides) -> "EventProducer":
+        """A producer to [kafka] that refuses what the job would: [streaming].max_event_bytes."""
+        return cls(config.kafka, max_event_bytes=config.streaming.max_event_bytes, **overrides)
+
     def send(self, event: BehaviourEvent):
         """Queues one event (validated and encoded here; EventError if the job would refuse it);
         returns kafka-python's future."""

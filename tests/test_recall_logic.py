@@ -458,6 +458,11 @@ class GatedSearch(FakeSearch):
         return super().search(version, vectors, limit, expr, timeout_s)
 
 
+def _waiting(search) -> int:
+    """Searches queued behind the one in flight, over every key of a CoalescingSearch."""
+    return sum(len(q) for q in search._queues.values())
+
+
 def test_concurrent_searches_go_out_as_one_call_and_get_their_own_rows(world):
     from recall_service.coalesce import CoalescingSearch
 
@@ -477,7 +482,7 @@ def test_concurrent_searches_go_out_as_one_call_and_get_their_own_rows(world):
     others = [threading.Thread(target=ask, args=(i,)) for i in (1, 2, 3)]
     for t in others:
         t.start()
-    while sum(len(q) for q in search._queues.values()) < 3:
+    while _waiting(search) < 3:
         time.sleep(0.001)
     inner.gate.set()
     for t in [first, *others]:
@@ -539,10 +544,10 @@ def test_a_search_of_another_width_is_never_batched_with_others(world):
     inner.entered.wait(5)  # in flight: what comes now waits for the next batch of its key
     others = [threading.Thread(target=ask, args=("waiting", DIM)), threading.Thread(target=ask, args=("wide", DIM + 1))]
     others[0].start()
-    while sum(map(len, search._queues.values())) < 1:
+    while _waiting(search) < 1:
         time.sleep(0.001)
     others[1].start()
-    while len(search._in_flight) < 2 and sum(map(len, search._queues.values())) < 2:  # sent at once, or queued with "waiting"
+    while len(search._in_flight) < 2 and _waiting(search) < 2:  # sent at once, or queued with "waiting"
         time.sleep(0.001)
     inner.gate.set()
     for t in [first, *others]:
