@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass
 
 from infra.fault_report import FaultRun, fault_table, fault_verdict, fault_windows, per_second, summarize_fault
-from infra.harness import HarnessError, LoadRun, Ticker, add_load_arguments, final_problems, system_under_load, write_report
+from infra.harness import HarnessError, LoadRun, Ticker, final_problems, system_under_load, write_report
+from infra.load_options import add_load_arguments
 from model_export.registry import ModelRegistry
 
 

@@ -20,7 +20,8 @@ import sys
 import time
 
 from infra.fault_report import memory_growth, memory_table, minute_header, minute_line, minute_row
-from infra.harness import HarnessError, Ticker, add_load_arguments, final_problems, system_under_load, write_report
+from infra.harness import HarnessError, Ticker, final_problems, system_under_load, write_report
+from infra.load_options import add_load_arguments
 
 
 def add_arguments(p) -> None:

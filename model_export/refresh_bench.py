@@ -38,7 +38,7 @@ SCORE_TOLERANCE = 1e-3  # float32 inner products computed by Milvus and by numpy
 
 
 def add_arguments(p) -> None:
-    from infra.harness import add_load_arguments
+    from infra.load_options import add_load_arguments
 
     p.add_argument("--part", choices=("load", "scale"), default="load")
     add_load_arguments(p)

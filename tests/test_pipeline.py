@@ -33,6 +33,16 @@ def test_every_command_has_help(command):
     assert "usage:" in result.stdout
 
 
+def test_the_model_commands_start_without_the_serving_stack():
+    """A training machine (a GPU box) has the model's packages only: building the CLI's parser must
+    not import the stack (its broker, Redis and Milvus launchers) nor the serving clients."""
+    probe = ("import sys\nfrom model_export.__main__ import main\n"
+             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('infra.stack', 'infra.harness', 'psutil', 'redis', 'pymilvus', 'grpc') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_unknown_dataset_fails_with_a_clear_message(tmp_path):
     result = cli("train", "--dataset", str(tmp_path / "missing.csv"), "--model", "mind", "--out", str(tmp_path / "run"), check=False)
     assert result.returncode == 2
