@@ -4,7 +4,7 @@
 # + manifest, benchmark the user tower; then start the whole stack (python -m infra up), publish
 # the model to it, replay ML-1M events through Kafka and the PyFlink job into Redis, and ask the
 # recall service for a few users' movies. The stack keeps running: python -m infra down stops it.
-#   DATASET=beauty MODEL=mind infra/run.sh     other dataset / model
+#   DATASET=beauty MODEL=mind infra/run.sh     other dataset / model (mind_remi, mind, youtube_dnn)
 #   EVENTS=20000 RATE=2000 infra/run.sh        events replayed per run (a rerun continues the replay), events/s
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,9 +12,14 @@ if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
   sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
-infra/bootstrap.sh
 DATASET=${DATASET:-ml-1m}
 MODEL=${MODEL:-mind_remi}
+case "$MODEL" in
+  mind_remi|mind|youtube_dnn) ;;
+  *) echo "MODEL=$MODEL cannot be served (no user tower to export): use mind_remi, mind or youtube_dnn;" \
+          "python -m model_export train --model mostpop trains the popularity baseline alone" >&2; exit 2 ;;
+esac
+infra/bootstrap.sh
 EVENTS=${EVENTS:-20000}
 RATE=${RATE:-2000}
 PY=.venv/bin/python

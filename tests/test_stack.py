@@ -183,3 +183,11 @@ def test_the_stack_runs_the_milvus_server_and_restarts_it_on_its_data(stack_dir,
     assert lite.returncode == 0, lite.stderr
     assert f"this Milvus (lite) starts empty while the stack's current model is {published.model_version}" in lite.stderr
     assert load_config(layout.config_path, environ={}).milvus.embedded_server == "lite"
+
+
+def test_the_main_command_refuses_a_model_it_cannot_serve_before_setting_anything_up():
+    """MostPop has no user tower: `MODEL=mostpop infra/run.sh` would set up and train, then fail at export."""
+    result = subprocess.run(["infra/run.sh"], cwd=REPO, capture_output=True, text=True, timeout=30, env={**os.environ, "MODEL": "mostpop"})
+    assert result.returncode == 2
+    assert "use mind_remi, mind or youtube_dnn" in result.stderr
+    assert "installing" not in result.stderr and "training" not in result.stderr
