@@ -4,12 +4,19 @@
 # + manifest, benchmark the user tower; then start the whole stack (python -m infra up), publish
 # the model to it, replay ML-1M events through Kafka and the PyFlink job into Redis, and ask the
 # recall service for a few users' movies. The stack keeps running: python -m infra down stops it.
-#   DATASET=beauty MODEL=mind infra/run.sh     other dataset / model (mind_remi, mind, youtube_dnn)
+#   DATASET=beauty MODEL=mind infra/run.sh     other dataset (beauty or a file, as --dataset PATH) / model
+#                                              (mind_remi, mind, youtube_dnn)
 #   EVENTS=20000 RATE=2000 infra/run.sh        events replayed per run (a rerun continues the replay), events/s
+#   RUN=DIR STACK_DIR=DIR infra/run.sh         the training run's folder, the stack's folder (default var/stack)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+SCRIPT=$(realpath "$0")
+# Paths given from the caller's folder, before moving to the repository's:
+if [ -n "${DATASET:-}" ] && [ -e "$DATASET" ]; then DATASET=$(realpath "$DATASET"); fi
+if [ -n "${RUN:-}" ]; then RUN=$(realpath -m "$RUN"); fi
+STACK_DIR=$(realpath -m "${STACK_DIR:-$(dirname "$SCRIPT")/../var/stack}")
+cd "$(dirname "$SCRIPT")/.."
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,10p' "$SCRIPT" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 DATASET=${DATASET:-ml-1m}
@@ -23,7 +30,8 @@ infra/bootstrap.sh
 EVENTS=${EVENTS:-20000}
 RATE=${RATE:-2000}
 PY=.venv/bin/python
-RUN=${RUN:-$($PY -c "from infra.config import load_config; print(load_config().paths.artifacts_dir)")/$DATASET-$MODEL}
+NAME=$(basename "$DATASET"); NAME=${NAME%.*}  # ml-1m, beauty, or a file's stem (as the model version names it)
+RUN=${RUN:-$($PY -c "from infra.config import load_config; print(load_config().paths.artifacts_dir)")/$NAME-$MODEL}
 echo "==> training $MODEL on $DATASET into $RUN (resumes an existing run)" >&2
 $PY -m model_export train --dataset "$DATASET" --model "$MODEL" --out "$RUN" --resume
 echo "==> test metrics (held-out users, papers' protocol)" >&2
@@ -34,15 +42,15 @@ echo "==> user-tower speed" >&2
 $PY -m model_export bench --export-dir "$RUN/export"
 
 echo "==> starting the stack: broker, Redis, Milvus Lite, recall service, exporter, Prometheus" >&2
-$PY -m infra up >/dev/null  # its progress goes to stderr; the status is printed at the end
-export MINDSTREAM_CONFIG=$PWD/var/stack/mindstream.toml
+$PY -m infra up --stack-dir "$STACK_DIR" >/dev/null  # its progress goes to stderr; the status is printed at the end
+export MINDSTREAM_CONFIG=$STACK_DIR/mindstream.toml
 echo "==> publishing the model to the stack (its registry and Milvus collection; the alias moves)" >&2
 $PY -m model_export publish --export-dir "$RUN/export"
 echo "==> starting the streaming job (it waits for a published model)" >&2
-$PY -m infra up >/dev/null
+$PY -m infra up --stack-dir "$STACK_DIR" >/dev/null
 # A rerun continues the replay where the last one stopped: replaying old events again would only
 # dead-letter them as late.
-next_file=var/stack/replay-$DATASET.next
+next_file=$STACK_DIR/replay-$NAME.next
 START=$(cat "$next_file" 2>/dev/null || echo 0)
 echo "==> replaying $DATASET events $START..$((START + EVENTS)) at $RATE events/s into Kafka" >&2
 $PY -m streaming produce --dataset "$DATASET" --start "$START" --limit "$EVENTS" --rate "$RATE" \
@@ -50,4 +58,4 @@ $PY -m streaming produce --dataset "$DATASET" --start "$START" --limit "$EVENTS"
 $PY -m infra demo --dataset "$DATASET" --start "$START" --limit "$EVENTS" --users 3 --n 10
 echo >&2
 echo "==> the stack keeps running:" >&2
-$PY -m infra status || true
+$PY -m infra status --stack-dir "$STACK_DIR" || true

@@ -1,0 +1,37 @@
+"""The README's main command, `infra/run.sh`, end to end on a user-brought CSV (small, so it takes
+about a minute): set-up, train, evaluate, export, bench, the whole embedded stack, publish, a replay
+through Kafka and the PyFlink job, and recalls from the stored interests. Run from another folder
+with relative paths, as a user would; its own run and stack folders; the stack is stopped after."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, synthetic_interactions
+
+
+@pytest.fixture
+def stack_dir(tmp_path):
+    stack = tmp_path / "stack"
+    yield stack
+    subprocess.run([sys.executable, "-m", "infra", "down", "--stack-dir", str(stack)], cwd=REPO, capture_output=True, timeout=180)
+
+
+def test_the_main_command_runs_end_to_end_on_a_user_brought_dataset(tmp_path, stack_dir):
+    synthetic_interactions().to_csv(tmp_path / "shop.csv", index=False)
+    env = {**os.environ, "DATASET": "shop.csv", "EVENTS": "1500", "RUN": "runs/shop", "STACK_DIR": "stack"}
+    env.pop("MINDSTREAM_CONFIG", None)
+    result = subprocess.run([str(REPO / "infra" / "run.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "runs" / "shop" / "export" / "manifest.json").is_file()
+    assert (stack_dir / "replay-shop.next").read_text().strip() == "1500"
+    # Recalls printed for the busiest users of the replay, from interests the job stored with the published model
+    version = re.search(r'"model_version": "(shop-mind_remi-[^"]+)"', result.stdout + result.stderr).group(1)
+    answers = re.findall(r"model (\S+), from stored interests", result.stdout)
+    assert answers and set(answers) == {version}
+    assert len(re.findall(r"^\s+\d+\. \S+\s+interest\s+\d+\s+score", result.stdout, flags=re.M)) >= 10
+    status = subprocess.run([sys.executable, "-m", "infra", "status", "--stack-dir", str(stack_dir), "--json"], cwd=REPO, capture_output=True, text=True)
+    assert status.returncode == 0, status.stderr
