@@ -15,7 +15,7 @@ from infra.config import REPO_ROOT, MilvusConfig, MilvusServerKind
 
 
 def add_load_arguments(p) -> None:
-    """The flags of the load both commands put on the stack."""
+    """Adds the load flags (the module docstring names the commands) to parser `p`."""
     p.add_argument("--export-dir", type=Path, default=None, help="the trained export to publish into the stack (default: the main command's, under [paths].artifacts_dir)")
     p.add_argument("--dataset", default="ml-1m", help="the events to replay: ml-1m, beauty or a file (as python -m streaming produce); each (user, item) once")
     p.add_argument("--start", type=int, default=0, help="index of the first replayed event")

@@ -324,7 +324,8 @@ def load_dataset(dataset: str, data_dir: Path, cache_dir: Path, shared_data_dir:
         sources = [Path(dataset)]
     for s in sources:
         if not s.is_file():
-            raise DatasetError(f"{s} not found (dataset {dataset!r}; built-in names: {', '.join(BUILTIN_DATASETS)})")
+            hint = " (Amazon Beauty is read from [paths].shared_data_dir: set it, or MINDSTREAM_PATHS__SHARED_DATA_DIR, to the folder that holds it)" if dataset == "beauty" else ""
+            raise DatasetError(f"{s} not found (dataset {dataset!r}; built-in names: {', '.join(BUILTIN_DATASETS)}){hint}")
     key = hashlib.sha256()
     for s in sources:
         key.update(sha256_of(s).encode())

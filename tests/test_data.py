@@ -112,3 +112,8 @@ def test_malformed_table_names_file_and_row(tmp_path):
 def test_unknown_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match="built-in names: ml-1m, beauty"):
         _load(tmp_path / "nothing-here", tmp_path)
+
+
+def test_a_missing_beauty_file_says_which_setting_points_at_it(tmp_path):
+    with pytest.raises(DatasetError, match="shared_data_dir.*MINDSTREAM_PATHS__SHARED_DATA_DIR"):
+        load_dataset("beauty", tmp_path / "data", tmp_path / "cache", tmp_path / "no-shared-data")
