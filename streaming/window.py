@@ -4,7 +4,10 @@ The job keeps one `UserWindow` per user in keyed state. Events may arrive out of
 to `allowed_lateness_ms` behind the newest event seen for that user; they are inserted in
 event-time order. Anything later than that is refused as late (dead-lettered with the reason,
 never silently lost). Redeliveries are recognised and ignored: by `event_id` when the producer
-sets one, else by (item, type, event time) among events without an id. Restoring state from a checkpoint and replaying
+sets one, else by (item, type, event time) among events without an id, among the behaviours in the
+window and those a full window evicted at the time of its oldest behaviour (a copy of one of them
+ties the oldest time and would otherwise look new; a copy of anything evicted earlier is older
+than the whole window and refused as such). Restoring state from a checkpoint and replaying
 Kafka from the checkpointed offsets therefore leaves every window exactly as if no failure had
 happened: nothing missing, nothing twice.
 
@@ -57,6 +60,8 @@ class UserWindow:
     newest_ms: int = -1
     profile: dict[str, str] = field(default_factory=dict)
     last_offset: str = ""  # "partition:offset" of the newest record applied
+    # behaviours evicted at the oldest kept behaviour's time, in the same tuple form
+    evicted_at_oldest: list[tuple[int, str, str, str]] = field(default_factory=list)
 
     def item_ids(self) -> tuple[str, ...]:
         return tuple(b[1] for b in self.behaviours)
@@ -72,19 +77,27 @@ class UserWindow:
             return Applied.DUPLICATE
         if self.newest_ms >= 0 and event.event_time_ms < self.newest_ms - allowed_lateness_ms:
             return Applied.LATE
-        # Redeliveries carry the same event time, so only that stretch of the window is searched.
-        lo = bisect.bisect_left(self.behaviours, (event.event_time_ms,))
-        for time_ms, item, event_type, event_id in self.behaviours[lo:]:
-            if time_ms != event.event_time_ms:
+        # Redeliveries carry the same event time, so only that stretch of the window is searched (and
+        # what a full window evicted at its oldest time, which a copy of it ties).
+        t = event.event_time_ms
+        for b in self.behaviours[bisect.bisect_left(self.behaviours, (t,)):]:
+            if b[0] != t:
                 break
-            if (event_id == event.event_id != "") or (not event.event_id and not event_id and item == event.item_id and event_type == event.event_type):
+            if _same_event(b, event):
                 return Applied.DUPLICATE
+        if self.evicted_at_oldest and any(b[0] == t and _same_event(b, event) for b in self.evicted_at_oldest):
+            return Applied.DUPLICATE
         if len(self.behaviours) >= max_length and event.event_time_ms < self.behaviours[0][0]:
             return Applied.EVICTED
         # After equal times, keep arrival order: insert behind every entry of the same time.
         position = bisect.bisect_left(self.behaviours, (event.event_time_ms + 1,))
         self.behaviours.insert(position, (event.event_time_ms, event.item_id, event.event_type, event.event_id))
-        del self.behaviours[:-max_length]
+        if len(self.behaviours) > max_length:
+            evicted = self.behaviours[:-max_length]
+            del self.behaviours[:-max_length]
+            oldest_ms = self.behaviours[0][0]
+            if self.evicted_at_oldest or evicted[-1][0] == oldest_ms:
+                self.evicted_at_oldest = [b for b in self.evicted_at_oldest + evicted if b[0] == oldest_ms]
         self.newest_ms = max(self.newest_ms, event.event_time_ms)
         if event.profile and event.profile != self.profile:
             self.profile = {**self.profile, **event.profile}
@@ -97,14 +110,16 @@ class UserWindow:
     # Beam already needs it) is faster than pickle here. (A Flink byte array would reach Python
     # as a tuple of ints.)
     def to_state(self) -> str:
-        return orjson.dumps([self.behaviours, self.newest_ms, self.profile, self.last_offset]).decode()
+        return orjson.dumps([self.behaviours, self.newest_ms, self.profile, self.last_offset, self.evicted_at_oldest]).decode()
 
     @classmethod
     def from_state(cls, state: str | None) -> "UserWindow":
         if state is None:
             return cls()
-        behaviours, newest_ms, profile, last_offset = orjson.loads(state)[:4]  # older checkpoints hold a 5th field, a "pending" flag no longer used
-        return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset)
+        behaviours, newest_ms, profile, last_offset, *rest = orjson.loads(state)
+        # Older checkpoints end at last_offset, or hold a "pending" flag (no longer used) in 5th place.
+        evicted = rest[0] if rest and isinstance(rest[0], list) else []
+        return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset, [tuple(b) for b in evicted])
 
 
 def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "",
@@ -119,6 +134,15 @@ def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, al
         window = UserWindow.from_state(state)
     outcome = window.apply(event, max_length, allowed_lateness_ms, offset)
     return window, outcome, window.to_state() if state is None or outcome is Applied.ADDED else None
+
+
+def _same_event(behaviour: tuple[int, str, str, str], event: BehaviourEvent) -> bool:
+    """Whether a behaviour of the event's own time is this event: the same event_id, or for events
+    without one the same item and type."""
+    _, item, event_type, event_id = behaviour
+    if event.event_id or event_id:
+        return event_id == event.event_id
+    return item == event.item_id and event_type == event.event_type
 
 
 def _not_after(offset: str, last_offset: str) -> bool:

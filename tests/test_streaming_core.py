@@ -132,6 +132,30 @@ def test_window_keeps_the_newest_l_and_survives_its_state_form():
     assert UserWindow.from_state(w.to_state()[:-1] + ",true]") == w  # a checkpoint's older form, with a pending flag
 
 
+@pytest.mark.parametrize("with_ids", [True, False])
+def test_a_copy_of_an_evicted_event_that_ties_the_oldest_time_is_a_duplicate(with_ids):
+    """A copy resent under a new offset after its original left a full window: its time ties the
+    oldest behaviour's (both came in the same millisecond), so only the evicted ones can tell."""
+    def ev(item, t):
+        return event(item, t, event_id=f"id-{item}" if with_ids else "")
+
+    w = UserWindow()
+    for offset, (item, t) in enumerate([("a", 1_000), ("b", 1_000), ("c", 1_000), ("d", 2_000)]):
+        assert w.apply(ev(item, t), 3, 10_000, offset=f"0:{offset}") is Applied.ADDED
+    assert w.item_ids() == ("b", "c", "d")  # "a" evicted, at the oldest kept time
+    restored = UserWindow.from_state(w.to_state())  # the evicted ones travel with the checkpointed state
+    for window in (w, restored):
+        assert window.apply(ev("a", 1_000), 3, 10_000, offset="0:9") is Applied.DUPLICATE
+        assert window.item_ids() == ("b", "c", "d")
+    # ... and once the oldest time moves on, an older copy is older than the whole window
+    assert w.apply(ev("e", 3_000), 3, 10_000, offset="0:10") is Applied.ADDED
+    assert w.apply(ev("f", 3_000), 3, 10_000, offset="0:11") is Applied.ADDED
+    assert w.item_ids() == ("d", "e", "f") and w.evicted_at_oldest == []
+    assert w.apply(ev("a", 1_000), 3, 10_000, offset="0:12") is Applied.EVICTED
+    # the same item watched again at another time is a new behaviour, not a copy
+    assert w.apply(event("d", 3_500), 3, 10_000, offset="0:13") is Applied.ADDED
+
+
 def test_replaying_after_a_restore_leaves_the_window_unchanged():
     events = [event(f"i{t % 4}", 1_000 * t, event_id=f"e{t}") for t in range(20)]
     once = UserWindow()
