@@ -11,7 +11,8 @@ import sys
 import threading
 from pathlib import Path
 
-from infra.config import ConfigError, load_config
+from infra.cli import run_command
+from infra.config import load_config
 
 SECRET_SUFFIXES = ("password", "token", "secret")  # password, sasl_password, token, auth_token, ...
 URI_CREDENTIALS = re.compile(r"(?<=://)[^/\s]+(?=@)")  # user:password in scheme://user:password@host (to the last @)
@@ -87,6 +88,8 @@ metrics:    Prometheus {prometheus} (alerts {prometheus}/alerts, targets {promet
 dashboard:  {DASHBOARD_PATH.relative_to(REPO_ROOT)} (import into Grafana with {prometheus} as its Prometheus data source)
 logs:       {stack.layout.root / 'logs'}/
 stop:       python -m infra down{where}""")
+    if any(s.state != "running" for s in states):
+        print(f"start:      python -m infra up{where}   (starts what is not running)")
 
 
 def cmd_exporter(args) -> int:
@@ -141,8 +144,7 @@ def cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from infra.harness import HarnessError
-    from infra.stack import DEFAULT_STACK_DIR, SERVICES, StackError
+    from infra.stack import DEFAULT_STACK_DIR, SERVICES
 
     parser = argparse.ArgumentParser(prog="python -m infra", description="mindstream infrastructure tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "with SIGTERM, then SIGKILL to the process group after a grace period.")
     p.set_defaults(func=cmd_down)
     p = sub.add_parser("status", parents=[stack_dir], help="each service's state, PID and address; where the metrics are",
-                       description="Exit status 0 when every service runs and answers its health check, 3 otherwise.")
+                       description="Exit status 0 when every service runs and answers its health check, 3 otherwise, "
+                                   "2 when no stack was started in --stack-dir.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("exporter", help="serve consumer lag and model age to Prometheus (the stack runs it)",
@@ -216,11 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(func=module.run)
 
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, StackError, HarnessError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

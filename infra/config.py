@@ -2,7 +2,8 @@
 
 Values come from, in increasing precedence:
   1. the defaults below (a local, loopback-only embedded stack under ./var),
-  2. a TOML file: $MINDSTREAM_CONFIG, else ./mindstream.toml if it exists,
+  2. a TOML file: $MINDSTREAM_CONFIG (it must exist; set it empty for none), else ./mindstream.toml
+     if it exists,
   3. environment variables MINDSTREAM_<SECTION>__<FIELD>, e.g.
      MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS=broker-1:9093 or MINDSTREAM_MILVUS__URI=http://milvus:19530.
 
@@ -243,20 +244,33 @@ def _section_overrides(section_name: str, section_cls: type, from_file: dict, en
     return values
 
 
+def config_file(environ: dict, path: str | os.PathLike | None = None) -> Path | None:
+    """The TOML file to read: `path`, else $MINDSTREAM_CONFIG (set but empty: none), else
+    ./mindstream.toml when it exists. A file someone named must exist: a mistyped path would
+    otherwise run every service on the defaults (127.0.0.1) without a word."""
+    named = str(path) if path else environ.get(f"{ENV_PREFIX}CONFIG")
+    if named == "":
+        return None
+    if named is None:
+        return Path("mindstream.toml") if Path("mindstream.toml").is_file() else None
+    if not Path(named).is_file():
+        raise ConfigError(f"configuration file {named}{'' if path else f' (${ENV_PREFIX}CONFIG)'} does not exist: fix the path, "
+                          f"or set {ENV_PREFIX}CONFIG= (empty) for the defaults and variables only")
+    return Path(named)
+
+
 def load_config(path: str | os.PathLike | None = None, environ: dict | None = None) -> Config:
     """Load the configuration: defaults, then the TOML file, then MINDSTREAM_* variables."""
     environ = dict(os.environ if environ is None else environ)
     _check_variable_names(environ)
-    file_path = Path(path) if path else Path(environ.get(f"{ENV_PREFIX}CONFIG", "mindstream.toml"))
+    file_path = config_file(environ, path)
     from_file: dict = {}
-    if file_path.is_file():
+    if file_path is not None:
         with open(file_path, "rb") as fh:
             try:
                 from_file = tomllib.load(fh)
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"{file_path}: not valid TOML ({exc})") from None
-    elif path:
-        raise ConfigError(f"configuration file {file_path} does not exist")
     sections = {f.name: f for f in dataclasses.fields(Config)}
     unknown = set(from_file) - set(sections)
     if unknown:

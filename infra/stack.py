@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 
 from infra.broker import EmbeddedBroker, ensure_topics
-from infra.config import ENV_PREFIX, REPO_ROOT, Config, MilvusConfig, MilvusServerKind, load_config
+from infra.config import ENV_PREFIX, REPO_ROOT, Config, MilvusConfig, MilvusServerKind, config_file, load_config
 from infra.job_process import StreamingJobProcess
 from infra.milvus_server import MilvusLiteServer, MilvusServer
 from infra.monitoring import ExporterProcess, PrometheusProcess, prometheus_tool, write_prometheus_config
@@ -126,8 +126,8 @@ def render_toml(sections: dict[str, dict], header: str) -> str:
 def user_settings(environ: dict[str, str]) -> dict[str, dict]:
     """The TOML file load_config would read ($MINDSTREAM_CONFIG, else ./mindstream.toml). When that is
     the generated file itself, it carries the user's settings of the `up` that wrote it."""
-    path = Path(environ.get(f"{ENV_PREFIX}CONFIG", "mindstream.toml"))
-    if not path.is_file():
+    path = config_file(environ)
+    if path is None:
         return {}
     with open(path, "rb") as fh:
         return tomllib.load(fh)

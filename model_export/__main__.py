@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from infra.cli import run_command
 from infra.config import load_config
 from model_export.spec import MODEL_KINDS
 
@@ -27,8 +28,11 @@ def cmd_train(args) -> int:
 
     from model_export.data import describe
     from model_export.distributed import world
-    from model_export.train import DATASET_DEFAULTS, FALLBACK_DEFAULTS, TrainConfig, default_spec, train
+    from model_export.train import DATASET_DEFAULTS, FALLBACK_DEFAULTS, RunDirError, TrainConfig, default_spec, train
 
+    if not args.resume and (Path(args.out) / "train.json").is_file():
+        raise RunDirError(f"{args.out} already holds a training run: continue it with --resume, or train into another --out "
+                          "(delete the folder to start it again)")
     data = _load(args.dataset)
     print(describe(data), file=sys.stderr)
     defaults = DATASET_DEFAULTS.get(data.name, FALLBACK_DEFAULTS)
@@ -301,11 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     from model_export.heap import retain_freed_memory
 
     retain_freed_memory()  # PyTorch on the CPU: steady step times (see heap.py)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args, also=(ValueError, FileNotFoundError, RuntimeError))
 
 
 if __name__ == "__main__":

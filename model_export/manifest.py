@@ -79,10 +79,14 @@ class Manifest:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ManifestError(f"{path}: not valid JSON ({exc})") from None
-        if raw.get("schema") != MANIFEST_SCHEMA:
-            raise ManifestError(f"{path}: manifest schema {raw.get('schema')!r}, this code reads {MANIFEST_SCHEMA}")
-        raw["files"] = {role: ArtifactFile(**f) for role, f in raw["files"].items()}
-        manifest = cls(**raw)
+        if not isinstance(raw, dict) or raw.get("schema") != MANIFEST_SCHEMA:
+            schema = raw.get("schema") if isinstance(raw, dict) else None
+            raise ManifestError(f"{path}: manifest schema {schema!r}, this code reads {MANIFEST_SCHEMA}: export the model again")
+        try:
+            raw["files"] = {role: ArtifactFile(**f) for role, f in raw["files"].items()}
+            manifest = cls(**raw)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ManifestError(f"{path}: not a complete manifest ({type(exc).__name__}: {exc}): export the model again") from None
         if verify:
             for role, f in manifest.files.items():
                 p = Path(directory) / f.path

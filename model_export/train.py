@@ -90,12 +90,38 @@ def default_spec(kind: str, data: SequenceDataset, **overrides) -> ModelSpec:
     return ModelSpec(**fields)
 
 
+class RunDirError(ValueError):
+    """A folder is not the training run a command needs; the message says what to do next."""
+
+
+def _run_file(model_dir: Path, name: str) -> Path:
+    path = Path(model_dir) / name
+    if not path.is_file():
+        what = "not a training run" if not (Path(model_dir) / "train.json").is_file() else "a training run that has not finished an epoch"
+        raise RunDirError(f"{model_dir} is {what} (no {name}): train it with `python -m model_export train --out {model_dir} ...` "
+                          "(--resume continues a stopped run)")
+    return path
+
+
+def run_settings(model_dir: Path) -> dict:
+    """The TrainConfig a run was started with (train.json), as saved."""
+    path = _run_file(model_dir, "train.json")
+    try:
+        saved = json.loads(path.read_text())
+        missing = [key for key in ("dataset", "dataset_fingerprint") if key not in saved]
+    except (ValueError, TypeError) as exc:
+        raise RunDirError(f"{path} is damaged ({exc}): train the run again") from None
+    if missing:
+        raise RunDirError(f"{path} lacks {', '.join(missing)}: train the run again")
+    return saved
+
+
 def load_model(model_dir: Path, device: str = "cpu") -> tuple[ModelSpec, torch.nn.Module | np.ndarray]:
     """The best model of a run: the module (or MostPop's popularity array) and its spec."""
-    spec = ModelSpec.load(model_dir / "spec.json")
+    spec = ModelSpec.load(_run_file(model_dir, "spec.json"))
     if spec.kind == "mostpop":
-        return spec, np.load(model_dir / "popularity.npy", allow_pickle=False)
-    return spec, model_from_weights(spec, model_dir / "model.pt", device)
+        return spec, np.load(_run_file(model_dir, "popularity.npy"), allow_pickle=False)
+    return spec, model_from_weights(spec, _run_file(model_dir, "model.pt"), device)
 
 
 def model_from_weights(spec: ModelSpec, weights: Path, device: str = "cpu") -> torch.nn.Module:
@@ -107,11 +133,11 @@ def model_from_weights(spec: ModelSpec, weights: Path, device: str = "cpu") -> t
 
 
 def check_dataset(model_dir: Path, data: SequenceDataset) -> None:
-    trained = json.loads((model_dir / "train.json").read_text())
+    trained = run_settings(model_dir)
     if trained["dataset_fingerprint"] != data.fingerprint:
         raise ValueError(
             f"{model_dir} was trained on dataset {trained['dataset']!r} (fingerprint {trained['dataset_fingerprint']}), "
-            f"not on {data.name!r} ({data.fingerprint}): evaluate it with the dataset it was trained on"
+            f"not on {data.name!r} ({data.fingerprint}): pass the dataset it was trained on (--dataset {trained['dataset']})"
         )
 
 
@@ -123,7 +149,7 @@ def check_resumable(out: Path, spec: ModelSpec, config: TrainConfig) -> None:
     """Refuses to resume a run with another model or other training settings than it was started with:
     the checkpoint's optimizer and weights would continue under settings that history.json does not show."""
     saved_spec = dataclasses.asdict(ModelSpec.load(out / "spec.json"))
-    saved_config = json.loads((out / "train.json").read_text())
+    saved_config = run_settings(out)
     differs = [f"{k} {v!r} -> {getattr(spec, k)!r}" for k, v in saved_spec.items() if getattr(spec, k) != v]
     differs += [f"{k} {v!r} -> {getattr(config, k)!r}" for k, v in saved_config.items() if k not in RESUMABLE_CHANGES and getattr(config, k) != v]
     if differs:

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 
+from infra.cli import run_command
 from infra.config import load_config
 
 
@@ -52,7 +53,10 @@ def cmd_recall(args) -> int:
     try:
         response = recall_pb2_grpc.RecallServiceStub(channel).Recall(request, timeout=args.timeout)
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        hint = ""
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            hint = f" (is the recall service running at {args.target or f'{recall.host}:{recall.port}'}? python -m infra status shows the stack's; --target picks another)"
+        print(f"error: {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
         return 1
     print(json.dumps({
         "model_version": response.model_version,
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

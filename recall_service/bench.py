@@ -326,7 +326,7 @@ def bench_backend(backend: str, catalog_dir: Path, users, interests, args, root:
         store = RedisFeatureStore.from_config(dataclasses.replace(load_config().redis, uri=redis_server.uri))
         for start in range(0, len(users), 1000):
             store.put_many(InterestRecord(u, version, v, tuple(w), 0, "0:0") for (u, w), v in zip(users[start:start + 1000], interests[start:start + 1000]))
-        env = {"MINDSTREAM_CONFIG": str(root / "no-config.toml"), "MINDSTREAM_REDIS__URI": redis_server.uri, "MINDSTREAM_MILVUS__URI": milvus.uri,
+        env = {"MINDSTREAM_CONFIG": "", "MINDSTREAM_REDIS__URI": redis_server.uri, "MINDSTREAM_MILVUS__URI": milvus.uri,
                "MINDSTREAM_MILVUS__COLLECTION_PREFIX": PREFIX, "MINDSTREAM_PATHS__MODELS_DIR": str(root / "no-models"),
                "MINDSTREAM_RECALL__PORT": str(free_port()), "MINDSTREAM_RECALL__METRICS_PORT": str(free_port()),
                "MINDSTREAM_RECALL__SEARCH_EF": str(search.ef), "MINDSTREAM_RECALL__VECTOR_SEARCH_TIMEOUT_MS": "5000",

@@ -41,6 +41,10 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"  # probes (load balancers, kubelet) ca
 NO_PATH = "none"  # the path label of a failed request's latency: it took no recall path
 
 
+class ServeError(RuntimeError):
+    """The server cannot start; the message says what to do next."""
+
+
 def _status_of(exc: Exception) -> grpc.StatusCode | None:
     if isinstance(exc, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT
@@ -302,19 +306,30 @@ class RecallServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         address = f"{rc.host}:{rc.port}"
-        if rc.tls_certfile:
-            with open(rc.tls_keyfile, "rb") as key, open(rc.tls_certfile, "rb") as cert:
-                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-            self.port = self._grpc.add_secure_port(address, credentials)
-        else:
-            self.port = self._grpc.add_insecure_port(address)
+        try:
+            if rc.tls_certfile:
+                with open(rc.tls_keyfile, "rb") as key, open(rc.tls_certfile, "rb") as cert:
+                    credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+                self.port = self._grpc.add_secure_port(address, credentials)
+            else:
+                self.port = self._grpc.add_insecure_port(address)
+        except OSError as exc:
+            raise ConfigError(f"[recall].tls_certfile / tls_keyfile: {exc}") from None
+        except RuntimeError:  # gRPC's "Failed to bind to address"
+            self.port = 0
         if not self.port:
-            raise RuntimeError(f"cannot bind {address}: is another server on it? set [recall].port / MINDSTREAM_RECALL__PORT")
+            raise ServeError(f"cannot listen on {address}: another process holds the port, or the address is not this host's; "
+                             "free it or set [recall].port / host (MINDSTREAM_RECALL__PORT / MINDSTREAM_RECALL__HOST)")
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.probe()  # connects the backends before the first request
         self._grpc.start()
-        self._metrics_http, _ = self.metrics.serve(rc.metrics_port, rc.metrics_host)
+        try:
+            self._metrics_http, _ = self.metrics.serve(rc.metrics_port, rc.metrics_host)
+        except OSError as exc:
+            self._grpc.stop(0)
+            raise ServeError(f"cannot serve metrics on {rc.metrics_host}:{rc.metrics_port} ({exc.strerror}): free the port or set "
+                             "[recall].metrics_host / metrics_port (MINDSTREAM_RECALL__METRICS_HOST / __METRICS_PORT)") from None
         self.metrics_port = self._metrics_http.server_port
         self._prober = threading.Thread(target=self._probe_loop, name="recall-health", daemon=True)
         self._prober.start()
@@ -327,7 +342,7 @@ class RecallServer:
             try:
                 backend.ping()
             except Exception as exc:  # a probe reports, it never raises
-                problems.append(f"{name}: {exc}")
+                problems.append(str(exc) if isinstance(exc, BackendUnavailable) else f"{name}: {exc}")  # ours name their backend
         status = health_pb2.HealthCheckResponse.NOT_SERVING if problems else health_pb2.HealthCheckResponse.SERVING
         for service in ("", SERVICE_NAME):
             self.health.set(service, status)

@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from infra.config import ConfigError, load_config
+from infra.cli import run_command
+from infra.config import load_config
 
 
 def cmd_schema(args) -> int:
@@ -148,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_poison)
 
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from infra.config import ConfigError, load_config
 
 
 def test_defaults_are_local_and_loopback(tmp_path):
-    config = load_config(environ={"MINDSTREAM_CONFIG": str(tmp_path / "absent.toml")})
+    config = load_config(environ={"MINDSTREAM_CONFIG": ""})
     assert config.kafka.bootstrap_servers.startswith("127.0.0.1:")
     assert config.redis.uri.startswith("redis://127.0.0.1")
     assert config.recall.host == config.recall.metrics_host == "127.0.0.1"
@@ -60,11 +60,11 @@ def test_a_whole_float_is_an_integer(tmp_path):
 ])
 def test_bad_environment_variables_are_named(tmp_path, environ, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(environ={"MINDSTREAM_CONFIG": str(tmp_path / "absent.toml"), **environ})
+        load_config(environ={"MINDSTREAM_CONFIG": "", **environ})
 
 
 def test_variables_that_are_not_fields_are_left_alone(tmp_path):
-    config = load_config(environ={"MINDSTREAM_CONFIG": str(tmp_path / "absent.toml"), "MINDSTREAM_DISABLE_GPU": "1",
+    config = load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_DISABLE_GPU": "1",
                                   "MINDSTREAM_RECALL__PORT": "7000"})
     assert config.recall.port == 7000
 
@@ -82,7 +82,7 @@ def test_config_command_prints_effective_values_with_secrets_masked(tmp_path):
 
     from conftest import REPO
 
-    env = dict(os.environ, MINDSTREAM_REDIS__PASSWORD="s3cret", MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS="kafka-1:9093", MINDSTREAM_CONFIG=str(tmp_path / "none.toml"),
+    env = dict(os.environ, MINDSTREAM_REDIS__PASSWORD="s3cret", MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS="kafka-1:9093", MINDSTREAM_CONFIG="",
                MINDSTREAM_RECALL__AUTH_TOKEN="t0ken", MINDSTREAM_KAFKA__SASL_PASSWORD="sasl-pw", MINDSTREAM_MILVUS__TOKEN="root:Milvus",
                MINDSTREAM_REDIS__URI="rediss://default:uri-pw@redis:6380/0", MINDSTREAM_MILVUS__URI="http://root:uri@pw@milvus:19530")
     out = subprocess.run([sys.executable, "-m", "infra", "config"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
@@ -94,3 +94,16 @@ def test_config_command_prints_effective_values_with_secrets_masked(tmp_path):
         assert secret not in out, secret
     bad = subprocess.run([sys.executable, "-m", "infra", "config", "--file", str(tmp_path / "missing.toml")], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_a_named_configuration_file_must_exist_and_an_empty_name_means_none(tmp_path, monkeypatch):
+    """A mistyped $MINDSTREAM_CONFIG would otherwise run a service on the loopback defaults without a word."""
+    with pytest.raises(ConfigError, match=r"absent.toml \(\$MINDSTREAM_CONFIG\) does not exist"):
+        load_config(environ={"MINDSTREAM_CONFIG": str(tmp_path / "absent.toml")})
+    with pytest.raises(ConfigError, match="absent.toml does not exist"):
+        load_config(path=tmp_path / "absent.toml", environ={})
+    monkeypatch.chdir(tmp_path)  # ./mindstream.toml is read when present, and optional
+    assert load_config(environ={}).redis.uri.startswith("redis://127.0.0.1")
+    (tmp_path / "mindstream.toml").write_text('[redis]\nuri = "redis://cache:6379/0"\n')
+    assert load_config(environ={}).redis.uri == "redis://cache:6379/0"
+    assert load_config(environ={"MINDSTREAM_CONFIG": ""}).redis.uri.startswith("redis://127.0.0.1")

@@ -92,7 +92,7 @@ def _config_fields() -> set[tuple[str, str]]:
     return {(s.name, f.name) for s in cfg.dataclasses.fields(cfg.Config) for f in cfg.dataclasses.fields(cfg.typing.get_type_hints(cfg.Config)[s.name])}
 
 
-def _service_config(env: dict[str, str], toml: Path | str = "/nonexistent"):
+def _service_config(env: dict[str, str], toml: Path | str = ""):
     """The configuration a process with these variables reads; every MINDSTREAM_* variable must
     name a real field (a typo would be ignored silently)."""
     fields = _config_fields()

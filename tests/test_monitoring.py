@@ -37,7 +37,7 @@ def tool(name: str) -> str:
 
 
 def test_generated_config_and_rules_pass_promtool(tmp_path):
-    config = load_config(environ={"MINDSTREAM_CONFIG": str(tmp_path / "absent.toml")})
+    config = load_config(environ={"MINDSTREAM_CONFIG": ""})
     path = write_prometheus_config(config, tmp_path / "prometheus.yml")
     checked = subprocess.run([tool("promtool"), "check", "config", str(path)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -111,7 +111,7 @@ def test_every_panel_query_and_recording_rule_returns_data_from_real_prometheus(
     with EmbeddedBroker(tmp_path / "broker") as broker:
         ports = {name: free_port() for name in ("stream", "recall", "exporter", "prometheus")}
         config = load_config(environ={
-            "MINDSTREAM_CONFIG": str(tmp_path / "absent.toml"),
+            "MINDSTREAM_CONFIG": "",
             "MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
             "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path / "models"),
             "MINDSTREAM_STREAMING__METRICS_PORT": str(ports["stream"]),

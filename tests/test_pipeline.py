@@ -43,6 +43,24 @@ def test_the_model_commands_start_without_the_serving_stack():
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.parametrize("content", [None, "{oops", "{}"])
+def test_a_folder_that_is_not_a_finished_run_fails_with_what_to_do(content, synthetic_csv, tmp_path):
+    run = tmp_path / "run"
+    if content is not None:
+        run.mkdir()
+        (run / "train.json").write_text(content)
+    result = cli("evaluate", "--model-dir", str(run), "--dataset", str(synthetic_csv), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert ("is not a training run" if content is None else "train.json") in result.stderr
+
+
+@pytest.mark.parametrize("manifest", ["[1, 2]", '{"schema": 1}', '{"schema": 1, "files": {"user_tower": {"path": "x"}}}'])
+def test_a_manifest_of_the_wrong_shape_is_a_manifest_error(manifest, tmp_path):
+    (tmp_path / "manifest.json").write_text(manifest)
+    with pytest.raises(ManifestError, match="export the model again"):
+        Manifest.load(tmp_path)
+
+
 def test_unknown_dataset_fails_with_a_clear_message(tmp_path):
     result = cli("train", "--dataset", str(tmp_path / "missing.csv"), "--model", "mind", "--out", str(tmp_path / "run"), check=False)
     assert result.returncode == 2
@@ -62,6 +80,10 @@ def test_train_evaluate_export_end_to_end(synthetic_csv, tmp_path):
     changed = cli("train", "--dataset", str(synthetic_csv), "--model", "mind_remi", "--out", str(run), "--epochs", "4", "--lr", "0.01", "--resume", "--quiet", check=False)
     assert changed.returncode == 2 and "lr 0.001 -> 0.01" in changed.stderr, changed.stderr
     assert json.loads((run / "train.json").read_text())["lr"] == 0.001 and not list(run.glob("*.tmp"))
+    # without --resume, a folder that holds a run is never trained over
+    over = cli("train", "--dataset", str(synthetic_csv), "--model", "mind_remi", "--out", str(run), "--epochs", "1", "--quiet", check=False)
+    assert over.returncode == 2 and "already holds a training run: continue it with --resume" in over.stderr, over.stderr
+    assert [e["epoch"] for e in json.loads((run / "history.json").read_text())["epochs"]] == [1, 2, 3]
 
     report = json.loads(cli("evaluate", "--model-dir", str(run), "--dataset", str(synthetic_csv), "--json").stdout)
     assert set(report["metrics"]) == {f"{m}@{n}" for m in ("recall", "hitrate", "ndcg") for n in (20, 50)}

@@ -475,7 +475,7 @@ def test_the_projects_own_clients_follow_the_configured_tls_and_token(in_memory_
     config = dataclasses.replace(server.config, recall=dataclasses.replace(server.config.recall, port=server.port))
     assert recall(config, "alice", 3)[1] == "RECALL_PATH_STORED_INTERESTS"
     assert health_status(config.recall, f"localhost:{server.port}") == "SERVING"
-    env = {**os.environ, "MINDSTREAM_CONFIG": str(tmp_path / "absent.toml"), "MINDSTREAM_RECALL__TLS_CERTFILE": str(cert),
+    env = {**os.environ, "MINDSTREAM_CONFIG": "", "MINDSTREAM_RECALL__TLS_CERTFILE": str(cert),
            "MINDSTREAM_RECALL__TLS_KEYFILE": str(key)}
     check = subprocess.run([sys.executable, str(REPO / "infra" / "deploy" / "grpc_health_check.py"), f"localhost:{server.port}"],
                            env=env, capture_output=True, text=True, timeout=60)

@@ -113,7 +113,7 @@ def test_no_project_code_unpickles():
 
 
 def test_default_configuration_points_every_address_at_loopback(tmp_path):
-    config = load_config(environ={"MINDSTREAM_CONFIG": str(tmp_path / "absent.toml")})
+    config = load_config(environ={"MINDSTREAM_CONFIG": ""})
     hosts = {f"[{section.name}].{f.name}": getattr(getattr(config, section.name), f.name)
              for section in dataclasses.fields(config) for f in dataclasses.fields(getattr(config, section.name)) if f.name.endswith("host")}
     assert set(hosts) == {"[streaming].metrics_host", "[recall].host", "[recall].metrics_host", "[monitoring].exporter_host"}
@@ -154,7 +154,7 @@ def _embedded_servers(tmp_path):
     from infra.process import free_port
     from infra.redis_server import EmbeddedRedis
 
-    config = load_config(environ={"MINDSTREAM_CONFIG": str(tmp_path / "absent.toml")})
+    config = load_config(environ={"MINDSTREAM_CONFIG": ""})
     return {
         "redis": lambda: EmbeddedRedis(tmp_path / "redis"),
         "broker": lambda: EmbeddedBroker(tmp_path / "broker"),
