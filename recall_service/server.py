@@ -288,6 +288,8 @@ class RecallServer:
         self._metrics_http = None
         self._stop = threading.Event()
         self._prober: threading.Thread | None = None
+        self._without_model = False
+        self._problems: list[str] = []
 
     def start(self) -> "RecallServer":
         rc = self.config.recall
@@ -346,10 +348,20 @@ class RecallServer:
         status = health_pb2.HealthCheckResponse.NOT_SERVING if problems else health_pb2.HealthCheckResponse.SERVING
         for service in ("", SERVICE_NAME):
             self.health.set(service, status)
-        if problems:
-            log.warning("not serving: %s", "; ".join(problems))
+        if problems != self._problems:  # a change is logged, not every probe of a lasting outage
+            if problems:
+                log.warning("not serving: %s", "; ".join(problems))
+            elif self._problems:
+                log.info("serving again: both stores reachable")
+            self._problems = problems
         try:
-            self.metrics.set_model_version(self.models.current_version())
+            version = self.models.current_version()
+            self.metrics.set_model_version(version)
+            if (version is None) != self._without_model:  # said once per change, not every probe
+                self._without_model = version is None
+                if version is None:
+                    log.warning("no model is published in %s: every Recall fails with UNAVAILABLE until "
+                                "`python -m model_export publish --export-dir DIR` installs one", self.config.paths.models_dir)
         except Exception as exc:
             log.warning("cannot read the current model version: %s", exc)
         self.metrics.inactive_items.set(len(self.availability.inactive().items))
