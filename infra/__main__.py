@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -81,7 +82,7 @@ def print_status(stack, states=None) -> None:
     for s in states:
         print(f"{s.name:<14} {s.state:<10} {str(s.pid or ''):>8}  {s.address}" + (f"\n{'':<34}{s.note}" if s.note else ""))
     prometheus = f"http://127.0.0.1:{config.monitoring.prometheus_port}"
-    where = "" if stack.layout.root == DEFAULT_STACK_DIR.resolve() else f" --stack-dir {stack.layout.root}"
+    where = "" if stack.layout.root == DEFAULT_STACK_DIR.resolve() else f" --stack-dir {shlex.quote(str(stack.layout.root))}"
     print(f"""
 use the stack from this shell:  export MINDSTREAM_CONFIG={stack.layout.config_path}
 metrics:    Prometheus {prometheus} (alerts {prometheus}/alerts, targets {prometheus}/targets)

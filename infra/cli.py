@@ -2,9 +2,9 @@
 setting, a missing file or model, a server that is not reachable) is one line on stderr that says
 what to do next, exit 2; anything else is a bug and keeps its traceback.
 
-The error types of the client libraries are matched only when their module is already loaded (an
-exception of a library never imported cannot occur), so a command that does not use Kafka, Redis or
-gRPC does not import them here.
+The project's own kinds derive from `UserError`. The client libraries' connection errors are
+matched only when their module is already loaded (an exception of a library never imported cannot
+occur), so a command that does not use Kafka, Redis or Milvus does not import them here.
 """
 
 from __future__ import annotations
@@ -12,6 +12,11 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+
+class UserError(Exception):
+    """A failure the user can act on; the message says what to do next. Each package's own kinds
+    (a bad setting, dataset, manifest, run folder or registry, a stack or server that cannot start)
+    derive from it, so every command reports them in one line."""
 
 
 def _loaded(module: str, *names: str) -> tuple[type, ...]:
@@ -21,17 +26,13 @@ def _loaded(module: str, *names: str) -> tuple[type, ...]:
 
 def user_error(exc: BaseException) -> str | None:
     """The one-line message for a failure the user can act on; None for anything else."""
-    from infra.config import ConfigError
-
-    known = (ConfigError, *_loaded("model_export.data", "DatasetError"), *_loaded("model_export.manifest", "ManifestError"),
-             *_loaded("model_export.registry", "RegistryError"), *_loaded("model_export.train", "RunDirError"),
-             *_loaded("infra.stack", "StackError"), *_loaded("infra.harness", "HarnessError"),
-             *_loaded("recall_service.server", "ServeError"))
-    if isinstance(exc, known):
+    if isinstance(exc, UserError):
         return str(exc)
+    if isinstance(exc, _loaded("redis.exceptions", "AuthenticationError", "AuthenticationWrongNumberOfArgsError")):
+        return f"Redis refused the credentials ({exc}): set [redis].password (MINDSTREAM_REDIS__PASSWORD) to the server's"
     if isinstance(exc, _loaded("kafka.errors", "KafkaTimeoutError", "NoBrokersAvailable")):
         return _unreachable("the Kafka brokers", exc, "[kafka].bootstrap_servers")
-    if isinstance(exc, _loaded("redis.exceptions", "ConnectionError", "TimeoutError", "AuthenticationError")):
+    if isinstance(exc, _loaded("redis.exceptions", "ConnectionError", "TimeoutError")):
         return _unreachable("Redis", exc, "[redis].uri")
     if isinstance(exc, _loaded("pymilvus.exceptions", "MilvusException")) and "connect" in str(exc).lower():
         return _unreachable("Milvus", exc, "[milvus].uri")
@@ -39,16 +40,16 @@ def user_error(exc: BaseException) -> str | None:
 
 
 def _unreachable(server: str, exc: BaseException, setting: str) -> str:
-    return (f"cannot reach {server} ({exc}): start the embedded stack (python -m infra up, and export the MINDSTREAM_CONFIG "
+    return (f"no answer from {server} ({exc}): start the embedded stack (python -m infra up, and export the MINDSTREAM_CONFIG "
             f"it prints), or set {setting} to yours (python -m infra config shows the settings in effect)")
 
 
-def run_command(func: Callable[..., int], args, also: tuple[type[BaseException], ...] = ()) -> int:
-    """Runs a subcommand; `also`: further exception types the package reports as one line."""
+def run_command(func: Callable[..., int], args) -> int:
+    """Runs a subcommand and returns its exit status."""
     try:
         return func(args)
     except Exception as exc:
-        message = user_error(exc) or (str(exc) if isinstance(exc, also) else None)
+        message = user_error(exc)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)

@@ -21,11 +21,13 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra.cli import UserError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "MINDSTREAM_"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 

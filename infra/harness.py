@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 
 import psutil
 
+from infra.cli import UserError
 from infra.config import REPO_ROOT, Config, MilvusConfig, MilvusServerKind, RecallServiceConfig, load_config
 from infra.fault_report import EventLedger, RecallSample, percentile, window_anomalies
 from infra.stack import Stack, render_toml
@@ -49,7 +50,7 @@ ANY_LATENESS_MS = 10 * 365 * 86_400_000
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
-class HarnessError(RuntimeError):
+class HarnessError(UserError, RuntimeError):
     """The harness cannot run; the message says what to do next."""
 
 

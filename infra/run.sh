@@ -11,9 +11,16 @@
 set -euo pipefail
 SCRIPT=$(realpath "$0")
 # Paths given from the caller's folder, before moving to the repository's:
-if [ -n "${DATASET:-}" ] && [ -e "$DATASET" ]; then DATASET=$(realpath "$DATASET"); fi
+case "${DATASET:-}" in
+  ""|ml-1m|beauty) ;;  # built-in names, whatever the caller's folder holds
+  *) if [ -e "$DATASET" ]; then DATASET=$(realpath "$DATASET"); fi ;;
+esac
 if [ -n "${RUN:-}" ]; then RUN=$(realpath -m "$RUN"); fi
-STACK_DIR=$(realpath -m "${STACK_DIR:-$(dirname "$SCRIPT")/../var/stack}")
+STACK_DIR=$(realpath -m "${STACK_DIR:-$(dirname "$SCRIPT")/../var/stack}")  # python -m infra up's default
+# A shell that still exports this stack's configuration from an earlier run: `up` writes it again below.
+if [ -n "${MINDSTREAM_CONFIG:-}" ] && [ ! -e "$MINDSTREAM_CONFIG" ] && [ "$(realpath -m "$MINDSTREAM_CONFIG")" = "$STACK_DIR/mindstream.toml" ]; then
+  unset MINDSTREAM_CONFIG
+fi
 cd "$(dirname "$SCRIPT")/.."
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
   sed -n '2,10p' "$SCRIPT" | sed 's/^# \{0,1\}//'
@@ -21,7 +28,7 @@ if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
 fi
 DATASET=${DATASET:-ml-1m}
 MODEL=${MODEL:-mind_remi}
-case "$MODEL" in
+case "$MODEL" in  # the models with a user tower (model_export.spec.MODEL_KINDS less mostpop); no venv yet to ask
   mind_remi|mind|youtube_dnn) ;;
   *) echo "MODEL=$MODEL cannot be served (no user tower to export): use mind_remi, mind or youtube_dnn;" \
           "python -m model_export train --model mostpop trains the popularity baseline alone" >&2; exit 2 ;;

@@ -32,6 +32,7 @@ from pathlib import Path
 import psutil
 
 from infra.broker import EmbeddedBroker, ensure_topics
+from infra.cli import UserError
 from infra.config import ENV_PREFIX, REPO_ROOT, Config, MilvusConfig, MilvusServerKind, config_file, load_config
 from infra.job_process import StreamingJobProcess
 from infra.milvus_server import MilvusLiteServer, MilvusServer
@@ -48,7 +49,7 @@ PORTS = ("broker", "redis", "milvus", "streaming_metrics", "recall", "recall_met
 PID_SLACK_S = 2.0  # process start times are known to about a second
 
 
-class StackError(RuntimeError):
+class StackError(UserError, RuntimeError):
     """The stack cannot do what was asked; the message says what to do next."""
 
 
@@ -170,6 +171,11 @@ class Stack:
     def __init__(self, root: Path = DEFAULT_STACK_DIR, environ: dict[str, str] | None = None, out=print):
         self.layout = StackLayout(Path(root).resolve())
         self.environ = dict(os.environ if environ is None else environ)
+        named = self.environ.get(f"{ENV_PREFIX}CONFIG")
+        if named and Path(named).resolve() == self.layout.config_path and not self.layout.config_path.is_file():
+            # The shell still exports this stack's file (as `status` suggests) but the stack folder is new or was
+            # removed: `up` is what writes that file, so there are no user settings to read from it yet.
+            del self.environ[f"{ENV_PREFIX}CONFIG"]
         self.env = service_environment(self.environ, self.layout.config_path)
         self.out = out
 

@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     from model_export.heap import retain_freed_memory
 
     retain_freed_memory()  # PyTorch on the CPU: steady step times (see heap.py)
-    return run_command(args.func, args, also=(ValueError, FileNotFoundError, RuntimeError))
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from infra.cli import UserError
 from model_export.manifest import Manifest
 from model_export.onnx_runtime import UserTowerSession
 from model_export.export import exported_model
@@ -46,7 +47,7 @@ def bench_user_tower(export_dir: Path, batch: int = 256, seconds: float = 3.0, s
     _, model = exported_model(export_dir, manifest)
     session = UserTowerSession(export_dir, manifest, prefer_gpu=gpu)
     if gpu and session.provider != "CUDAExecutionProvider":
-        raise RuntimeError("--gpu: no usable CUDA GPU for onnxruntime-gpu (driver, CUDA 13 and cuDNN 9 libraries); run without --gpu")
+        raise UserError("--gpu: no usable CUDA GPU for onnxruntime-gpu (driver, CUDA 13 and cuDNN 9 libraries); run without --gpu")
     device = "cuda" if gpu else "cpu"
     model = model.to(device)
     sync = torch.cuda.synchronize if gpu else (lambda: None)  # a CUDA call returns before its kernels end

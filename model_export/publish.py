@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from infra.cli import UserError
 from model_export.manifest import Manifest
 
 FLAT_BELOW_ITEMS = 20_000  # exact search is cheap below this many items
@@ -195,7 +196,7 @@ def _fill(client, name: str, manifest: Manifest, vectors: np.ndarray, raw_ids: l
     wait_for_index(client, name, manifest.n_items, progress)
     count = _row_count(client, name)
     if count != manifest.n_items:
-        raise RuntimeError(f"{name} holds {count} items, expected {manifest.n_items}; the alias was not moved")
+        raise UserError(f"{name} holds {count} items, expected {manifest.n_items}; the alias was not moved")
     late = inactive ^ inactive_items()
     if late:
         set_active(client, [name], late & inactive, True)
@@ -216,7 +217,7 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
     raw_ids = vocab["items"]
     categories = [category_fields(tokens) for tokens in vocab["item_side"]]
     if vectors.shape != (manifest.n_items, manifest.dim) or len(raw_ids) != manifest.n_items:
-        raise ValueError(f"{export_dir}: item vectors {vectors.shape} / vocabulary {len(raw_ids)} disagree with the manifest")
+        raise UserError(f"{export_dir}: item vectors {vectors.shape} / vocabulary {len(raw_ids)} disagree with the manifest")
     index_type = index_type or ("FLAT" if manifest.n_items < FLAT_BELOW_ITEMS else "HNSW")
     name = collection_name(prefix, manifest.model_version)
 
@@ -228,7 +229,7 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
         count = manifest.n_items
     else:
         if alias_target(client, prefix) == name:
-            raise RuntimeError(
+            raise UserError(
                 f"{name} is live (the alias {prefix!r} points at it) but is not this export with a {index_type} index; "
                 "rebuilding it would take recall offline: publish a new model version instead"
             )

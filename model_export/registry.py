@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.cli import UserError
 from model_export.manifest import Manifest
 
 CURRENT_FILE = "CURRENT.json"
@@ -44,7 +45,7 @@ class InactiveItems:
 NO_INACTIVE_ITEMS = InactiveItems(0, frozenset())
 
 
-class RegistryError(LookupError):
+class RegistryError(UserError, LookupError):
     """The registry has no current model, or not the version asked for."""
 
 

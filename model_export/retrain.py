@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from infra.cli import UserError
 from model_export.data import EvalCases, SequenceDataset, ragged_arange, gather_histories, load_dataset
 from model_export.evaluate import evaluate_model
 from model_export.event_log import EventLog
@@ -50,7 +51,7 @@ from model_export.train import SELECTION_METRIC, TrainConfig, build_model, run_e
 NEW_ITEM_INIT_STD = 0.1  # a new item never preceded by a known item starts like a fresh embedding
 
 
-class RetrainError(RuntimeError):
+class RetrainError(UserError, RuntimeError):
     """Retraining cannot start or continue; the message says what to do."""
 
 

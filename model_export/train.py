@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from infra.cli import UserError
 from model_export import distributed
 from model_export.data import SequenceDataset, evaluation_cases, gather_histories, training_positions
 from model_export.evaluate import evaluate_model, evaluate_popularity
@@ -90,7 +91,7 @@ def default_spec(kind: str, data: SequenceDataset, **overrides) -> ModelSpec:
     return ModelSpec(**fields)
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """A folder is not the training run a command needs; the message says what to do next."""
 
 
@@ -135,7 +136,7 @@ def model_from_weights(spec: ModelSpec, weights: Path, device: str = "cpu") -> t
 def check_dataset(model_dir: Path, data: SequenceDataset) -> None:
     trained = run_settings(model_dir)
     if trained["dataset_fingerprint"] != data.fingerprint:
-        raise ValueError(
+        raise RunDirError(
             f"{model_dir} was trained on dataset {trained['dataset']!r} (fingerprint {trained['dataset_fingerprint']}), "
             f"not on {data.name!r} ({data.fingerprint}): pass the dataset it was trained on (--dataset {trained['dataset']})"
         )
@@ -153,7 +154,7 @@ def check_resumable(out: Path, spec: ModelSpec, config: TrainConfig) -> None:
     differs = [f"{k} {v!r} -> {getattr(spec, k)!r}" for k, v in saved_spec.items() if getattr(spec, k) != v]
     differs += [f"{k} {v!r} -> {getattr(config, k)!r}" for k, v in saved_config.items() if k not in RESUMABLE_CHANGES and getattr(config, k) != v]
     if differs:
-        raise ValueError(
+        raise RunDirError(
             f"{out} was started with other settings ({'; '.join(differs)}): resume it with the flags and data it was "
             "started with (only --epochs, --patience and --device may change), or train into a new --out"
         )

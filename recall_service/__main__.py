@@ -19,6 +19,7 @@ def cmd_serve(args) -> int:
     from recall_service.server import RecallServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # Milvus Lite's import narrates each CPU build it tries
     config = load_config()
     server = RecallServer(config).start()
     # What is loaded by now (modules, clients, the model) lives as long as the process: frozen out of

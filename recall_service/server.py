@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from infra.cli import UserError
 from infra.config import Config, ConfigError
 from recall_service.coalesce import CoalescingSearch
 from recall_service.metrics import RecallMetrics
@@ -41,7 +42,7 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"  # probes (load balancers, kubelet) ca
 NO_PATH = "none"  # the path label of a failed request's latency: it took no recall path
 
 
-class ServeError(RuntimeError):
+class ServeError(UserError, RuntimeError):
     """The server cannot start; the message says what to do next."""
 
 
@@ -289,7 +290,7 @@ class RecallServer:
         self._stop = threading.Event()
         self._prober: threading.Thread | None = None
         self._without_model = False
-        self._problems: list[str] = []
+        self._failing: set[str] = set()
 
     def start(self) -> "RecallServer":
         rc = self.config.recall
@@ -317,11 +318,14 @@ class RecallServer:
                 self.port = self._grpc.add_insecure_port(address)
         except OSError as exc:
             raise ConfigError(f"[recall].tls_certfile / tls_keyfile: {exc}") from None
-        except RuntimeError:  # gRPC's "Failed to bind to address"
-            self.port = 0
+        except RuntimeError as exc:  # gRPC's "Failed to bind to address ...", for a bad certificate too
+            self.port, said = 0, f" ({exc})"
+        else:
+            said = ""
         if not self.port:
-            raise ServeError(f"cannot listen on {address}: another process holds the port, or the address is not this host's; "
-                             "free it or set [recall].port / host (MINDSTREAM_RECALL__PORT / MINDSTREAM_RECALL__HOST)")
+            tls = " or the TLS certificate and key ([recall].tls_certfile / tls_keyfile) are not a valid PEM pair;" if rc.tls_certfile else ""
+            raise ServeError(f"cannot listen on {address}{said}: another process holds the port, or the address is not this host's,{tls} "
+                             "free the port or set [recall].port / host (MINDSTREAM_RECALL__PORT / MINDSTREAM_RECALL__HOST)")
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.probe()  # connects the backends before the first request
@@ -339,21 +343,21 @@ class RecallServer:
 
     def probe(self) -> bool:
         """One health probe: both stores reachable -> SERVING."""
-        problems = []
+        problems = {}
         for name, backend in (("feature store", self.reader), ("vector search", self.search)):
             try:
                 backend.ping()
             except Exception as exc:  # a probe reports, it never raises
-                problems.append(str(exc) if isinstance(exc, BackendUnavailable) else f"{name}: {exc}")  # ours name their backend
+                problems[name] = str(exc) if isinstance(exc, BackendUnavailable) else f"{name}: {exc}"  # ours name their backend
         status = health_pb2.HealthCheckResponse.NOT_SERVING if problems else health_pb2.HealthCheckResponse.SERVING
         for service in ("", SERVICE_NAME):
             self.health.set(service, status)
-        if problems != self._problems:  # a change is logged, not every probe of a lasting outage
+        if problems.keys() != self._failing:  # which backends fail: logged when it changes, not every probe of an outage
             if problems:
-                log.warning("not serving: %s", "; ".join(problems))
-            elif self._problems:
+                log.warning("not serving: %s", "; ".join(problems.values()))
+            else:
                 log.info("serving again: both stores reachable")
-            self._problems = problems
+            self._failing = set(problems)
         try:
             version = self.models.current_version()
             self.metrics.set_model_version(version)

@@ -5,9 +5,9 @@ to `allowed_lateness_ms` behind the newest event seen for that user; they are in
 event-time order. Anything later than that is refused as late (dead-lettered with the reason,
 never silently lost). Redeliveries are recognised and ignored: by `event_id` when the producer
 sets one, else by (item, type, event time) among events without an id, among the behaviours in the
-window and those a full window evicted at the time of its oldest behaviour (a copy of one of them
-ties the oldest time and would otherwise look new; a copy of anything evicted earlier is older
-than the whole window and refused as such). Restoring state from a checkpoint and replaying
+window and the last `max_length` a full window evicted at the time of its oldest behaviour (a copy
+of one of them ties the oldest time and would otherwise look new; a copy of anything evicted
+earlier is older than the whole window and refused as such). Restoring state from a checkpoint and replaying
 Kafka from the checkpointed offsets therefore leaves every window exactly as if no failure had
 happened: nothing missing, nothing twice.
 
@@ -97,7 +97,8 @@ class UserWindow:
             del self.behaviours[:-max_length]
             oldest_ms = self.behaviours[0][0]
             if self.evicted_at_oldest or evicted[-1][0] == oldest_ms:
-                self.evicted_at_oldest = [b for b in self.evicted_at_oldest + evicted if b[0] == oldest_ms]
+                # The newest max_length of them: a state that cannot grow with a burst of events of one time.
+                self.evicted_at_oldest = [b for b in self.evicted_at_oldest + evicted if b[0] == oldest_ms][-max_length:]
         self.newest_ms = max(self.newest_ms, event.event_time_ms)
         if event.profile and event.profile != self.profile:
             self.profile = {**self.profile, **event.profile}

@@ -20,6 +20,7 @@ def stack_dir(tmp_path):
     subprocess.run([sys.executable, "-m", "infra", "down", "--stack-dir", str(stack)], cwd=REPO, capture_output=True, timeout=180)
 
 
+@pytest.mark.slow
 def test_the_main_command_runs_end_to_end_on_a_user_brought_dataset(tmp_path, stack_dir):
     synthetic_interactions().to_csv(tmp_path / "shop.csv", index=False)
     env = {**os.environ, "DATASET": "shop.csv", "EVENTS": "1500", "RUN": "runs/shop", "STACK_DIR": "stack"}
@@ -29,9 +30,10 @@ def test_the_main_command_runs_end_to_end_on_a_user_brought_dataset(tmp_path, st
     assert (tmp_path / "runs" / "shop" / "export" / "manifest.json").is_file()
     assert (stack_dir / "replay-shop.next").read_text().strip() == "1500"
     # Recalls printed for the busiest users of the replay, from interests the job stored with the published model
-    version = re.search(r'"model_version": "(shop-mind_remi-[^"]+)"', result.stdout + result.stderr).group(1)
+    exported = re.search(r'"model_version": "(shop-mind_remi-[^"]+)"', result.stdout + result.stderr)
+    assert exported, "no exported model version in the output"
     answers = re.findall(r"model (\S+), from stored interests", result.stdout)
-    assert answers and set(answers) == {version}
+    assert answers and set(answers) == {exported.group(1)}
     assert len(re.findall(r"^\s+\d+\. \S+\s+interest\s+\d+\s+score", result.stdout, flags=re.M)) >= 10
     status = subprocess.run([sys.executable, "-m", "infra", "status", "--stack-dir", str(stack_dir), "--json"], cwd=REPO, capture_output=True, text=True)
     assert status.returncode == 0, status.stderr

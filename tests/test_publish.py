@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from infra.cli import UserError
 from model_export.manifest import Manifest
 from model_export.publish import alias_target, collection_name, connect, publish
 
@@ -55,7 +56,7 @@ def test_a_new_version_moves_the_alias_and_keeps_the_old_collection(two_exports,
     assert alias_target(client, PREFIX) == new.collection
     assert searches == [3]  # reported once: the collection already holds the version
     # ... and it is not rebuilt under the alias with another index
-    with pytest.raises(RuntimeError, match="publish a new model version"):
+    with pytest.raises(UserError, match="publish a new model version"):
         publish(two_exports[1], client, PREFIX, index_type="HNSW", progress=live)
     assert searches == [3] and len(client.search(PREFIX, data=[[0.1] * 64], limit=3)[0]) == 3
     # a version that is not live is rebuilt with the index asked for

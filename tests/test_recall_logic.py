@@ -643,3 +643,35 @@ def test_the_bench_catalog_of_an_export_is_a_valid_export_of_its_own(two_exports
     assert vectors.shape == (source.n_items + 40, source.dim)
     assert np.array_equal(vectors[:source.n_items], np.load(source.file(two_exports[0], "item_vectors")))
     assert build_catalog(two_exports[0], source.n_items + 40, tmp_path) == catalog  # built once, then reused
+
+
+class Switchable:
+    """A backend whose ping fails while `down` is set."""
+
+    def __init__(self, name):
+        self.name, self.down = name, False
+
+    def ping(self):
+        if self.down:
+            raise BackendUnavailable(f"{self.name}: connection refused (attempt {time.monotonic()})")  # the text varies per probe
+
+
+def test_the_health_probe_logs_an_outage_when_it_starts_and_when_it_ends(caplog, tmp_path):
+    from infra.config import load_config
+    from recall_service.server import RecallServer
+
+    store, search = Switchable("feature store"), Switchable("Milvus")
+    config = load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path)})
+    server = RecallServer(config, reader=store, search=search, models=FakeModels(None), availability=SetAvailability())
+    caplog.set_level("INFO", logger="recall_service.server")
+    assert server.probe()
+    no_model = [r.getMessage() for r in caplog.records if "no model is published" in r.getMessage()]
+    store.down = True
+    assert not any([server.probe() for _ in range(3)])
+    search.down = True
+    assert not server.probe()  # a second backend down is news
+    store.down = search.down = False
+    assert server.probe() and server.probe()
+    said = [r.getMessage() for r in caplog.records if "serving" in r.getMessage()]
+    assert len(no_model) == 1 and len(said) == 3, said
+    assert said[0].startswith("not serving: feature store") and "Milvus" in said[1] and said[2].startswith("serving again")

@@ -191,3 +191,14 @@ def test_the_main_command_refuses_a_model_it_cannot_serve_before_setting_anythin
     assert result.returncode == 2
     assert "use mind_remi, mind or youtube_dnn" in result.stderr
     assert "installing" not in result.stderr and "training" not in result.stderr
+
+
+def test_up_starts_a_new_stack_while_the_shell_exports_its_not_yet_written_file(tmp_path):
+    """`status` tells users to export MINDSTREAM_CONFIG=<stack>/mindstream.toml; after the folder is
+    removed (or for a new --stack-dir), `up` must still write that file rather than refuse it as missing."""
+    stack_dir = tmp_path / "stack"
+    from infra.stack import Stack
+
+    stack = Stack(stack_dir, environ={**os.environ, "MINDSTREAM_CONFIG": str(stack_dir / "mindstream.toml")})
+    assert stack._choose_milvus_server(milvus_runs=False) == "lite"
+    assert stack._write_config({name: 0 for name in PORTS}, "lite").recall.host == "127.0.0.1"
