@@ -228,3 +228,31 @@ def test_the_clusters_prometheus_rule_is_infra_prometheus_rules():
     assert (K8S / "prometheus-rules.yaml").read_text() == render_rules(), "run `python -m infra k8s-rules` and commit the file"
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     assert rule["spec"]["groups"] == [g for path in RULE_FILES for g in yaml.safe_load(path.read_text())["groups"]]
+
+
+def _pod_specs():
+    """Every pod template of the manifests: Deployments' and the FlinkDeployment's pod template."""
+    for doc in _by_kind("Deployment"):
+        yield doc["metadata"]["name"], doc["spec"]["template"]["spec"]
+    for doc in _by_kind("FlinkDeployment"):
+        yield doc["metadata"]["name"], doc["spec"]["podTemplate"]["spec"]
+
+
+def test_every_pods_configuration_file_is_mounted_from_the_configmap():
+    """A MINDSTREAM_CONFIG that names a missing file stops every command (infra/config.py): each pod
+    that sets it must mount the ConfigMap that holds that file at its folder."""
+    configmaps = {cm["metadata"]["name"]: cm for cm in _by_kind("ConfigMap")}
+    checked = 0
+    for name, pod in _pod_specs():
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in pod["containers"]:
+            path = next((e["value"] for e in container.get("env", []) if e["name"] == "MINDSTREAM_CONFIG"), None)
+            if path is None:
+                continue
+            folder, file_name = path.rsplit("/", 1)
+            mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == folder]
+            assert mounts, f"{name}: MINDSTREAM_CONFIG={path} but nothing is mounted at {folder}"
+            source = volumes[mounts[0]["name"]].get("configMap", {}).get("name")
+            assert source in configmaps and file_name in configmaps[source]["data"], f"{name}: {path} is not in a ConfigMap"
+            checked += 1
+    assert checked >= 3  # recall, exporter, the Flink job
