@@ -85,20 +85,25 @@ class UserWindow:
                 break
             if _same_event(b, event):
                 return Applied.DUPLICATE
-        if self.evicted_at_oldest and any(b[0] == t and _same_event(b, event) for b in self.evicted_at_oldest):
+        evicted = self.evicted_at_oldest  # all of one time: the oldest kept behaviour's
+        if evicted and evicted[0][0] == t and any(_same_event(b, event) for b in evicted):
             return Applied.DUPLICATE
         if len(self.behaviours) >= max_length and event.event_time_ms < self.behaviours[0][0]:
             return Applied.EVICTED
         # After equal times, keep arrival order: insert behind every entry of the same time.
         position = bisect.bisect_left(self.behaviours, (event.event_time_ms + 1,))
         self.behaviours.insert(position, (event.event_time_ms, event.item_id, event.event_type, event.event_id))
-        if len(self.behaviours) > max_length:
-            evicted = self.behaviours[:-max_length]
-            del self.behaviours[:-max_length]
+        excess = len(self.behaviours) - max_length  # 1 once the window is full
+        if excess > 0:
+            evicted = self.behaviours[:excess]
+            del self.behaviours[:excess]
             oldest_ms = self.behaviours[0][0]
-            if self.evicted_at_oldest or evicted[-1][0] == oldest_ms:
+            if evicted[-1][0] == oldest_ms:  # the oldest time stays: remember who left at it
+                kept = self.evicted_at_oldest if self.evicted_at_oldest and self.evicted_at_oldest[0][0] == oldest_ms else []
                 # The newest max_length of them: a state that cannot grow with a burst of events of one time.
-                self.evicted_at_oldest = [b for b in self.evicted_at_oldest + evicted if b[0] == oldest_ms][-max_length:]
+                self.evicted_at_oldest = (kept + [b for b in evicted if b[0] == oldest_ms])[-max_length:]
+            elif self.evicted_at_oldest:  # the oldest time moved on: a copy of any of them is now older than the window
+                self.evicted_at_oldest = []
         self.newest_ms = max(self.newest_ms, event.event_time_ms)
         if event.profile and event.profile != self.profile:
             self.profile = {**self.profile, **event.profile}
@@ -119,8 +124,8 @@ class UserWindow:
             return cls()
         behaviours, newest_ms, profile, last_offset, *rest = orjson.loads(state)
         # Older checkpoints end at last_offset, or hold a "pending" flag (no longer used) in 5th place.
-        evicted = rest[0] if rest and isinstance(rest[0], list) else []
-        return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset, [tuple(b) for b in evicted])
+        evicted = [tuple(b) for b in rest[0]] if rest and isinstance(rest[0], list) else []
+        return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset, evicted)
 
 
 def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "",
