@@ -85,8 +85,8 @@ class UserWindow:
                 break
             if _same_event(b, event):
                 return Applied.DUPLICATE
-        evicted = self.evicted_at_oldest  # all of one time: the oldest kept behaviour's
-        if evicted and evicted[0][0] == t and any(_same_event(b, event) for b in evicted):
+        left_at_oldest = self.evicted_at_oldest  # all of one time: the oldest kept behaviour's
+        if left_at_oldest and left_at_oldest[0][0] == t and any(_same_event(b, event) for b in left_at_oldest):
             return Applied.DUPLICATE
         if len(self.behaviours) >= max_length and event.event_time_ms < self.behaviours[0][0]:
             return Applied.EVICTED
