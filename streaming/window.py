@@ -98,12 +98,10 @@ class UserWindow:
             evicted = self.behaviours[:excess]
             del self.behaviours[:excess]
             oldest_ms = self.behaviours[0][0]
-            if evicted[-1][0] == oldest_ms:  # the oldest time stays: remember who left at it
-                kept = self.evicted_at_oldest if self.evicted_at_oldest and self.evicted_at_oldest[0][0] == oldest_ms else []
-                # The newest max_length of them: a state that cannot grow with a burst of events of one time.
-                self.evicted_at_oldest = (kept + [b for b in evicted if b[0] == oldest_ms])[-max_length:]
-            elif self.evicted_at_oldest:  # the oldest time moved on: a copy of any of them is now older than the window
-                self.evicted_at_oldest = []
+            if self.evicted_at_oldest or evicted[-1][0] == oldest_ms:
+                # Only those left at the oldest kept time count (a copy of an older one is older than the window), and
+                # the newest max_length of them: a state that cannot grow with a burst of events of one time.
+                self.evicted_at_oldest = [b for b in self.evicted_at_oldest + evicted if b[0] == oldest_ms][-max_length:]
         self.newest_ms = max(self.newest_ms, event.event_time_ms)
         if event.profile and event.profile != self.profile:
             self.profile = {**self.profile, **event.profile}
