@@ -81,8 +81,8 @@ class Manifest:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ManifestError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(raw, dict) or raw.get("schema") != MANIFEST_SCHEMA:
-            schema = raw.get("schema") if isinstance(raw, dict) else None
+        schema = raw.get("schema") if isinstance(raw, dict) else None
+        if schema != MANIFEST_SCHEMA:
             raise ManifestError(f"{path}: manifest schema {schema!r}, this code reads {MANIFEST_SCHEMA}: export the model again")
         try:
             raw["files"] = {role: ArtifactFile(**f) for role, f in raw["files"].items()}
