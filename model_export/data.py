@@ -158,15 +158,24 @@ def load_movielens(data_dir: Path) -> RawInteractions:
 
 
 def load_sequence_file(path: Path) -> RawInteractions:
-    """One user per line: `user_id item_1 item_2 ... item_n`, items in time order."""
+    """One user per line: `user_id item_1 item_2 ... item_n`, items in time order; a user on one line only."""
     users, items, order = [], [], []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
+    first_line: dict[str, int] = {}
+    with open(path, "rb") as fh:
+        for line_no, raw_line in enumerate(fh, start=1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(f"{path}:{line_no}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
             tokens = line.split()
             if not tokens:
                 continue
             if len(tokens) < 2:
                 raise DatasetError(f"{path}:{line_no}: expected 'user_id item_1 ... item_n', got {line.strip()!r}")
+            # A user's items are ordered by their place on the line: a second line would interleave with the first.
+            seen_at = first_line.setdefault(tokens[0], line_no)
+            if seen_at != line_no:
+                raise DatasetError(f"{path}:{line_no}: user {tokens[0]!r} already has line {seen_at}; put all of a user's items, in time order, on one line")
             users.extend([tokens[0]] * (len(tokens) - 1))
             items.extend(tokens[1:])
             order.extend(range(len(tokens) - 1))
@@ -191,10 +200,17 @@ def load_table(path: Path) -> RawInteractions:
     try:
         if suffix == ".parquet":
             table = pd.read_parquet(path)
-        else:
-            table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+        else:  # blank lines kept as rows (dropped below), so a row's index gives its line
+            table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False, skip_blank_lines=False)
     except Exception as exc:  # pandas raises many types; name the file and what it said
         raise DatasetError(f"{path}: cannot be read as {suffix[1:]} ({exc})") from None
+    if suffix != ".parquet":
+        table = table[(table != "").any(axis=1)]
+
+    def where(row: int) -> str:  # the file and a row's place in it: its line (after the header) or Parquet row
+        position = int(table.index[row])
+        return f"{path}, row {position + 1}" if suffix == ".parquet" else f"{path}:{position + 2}"
+
     lower = {c.lower(): c for c in table.columns}
 
     def pick(candidates: tuple[str, ...], what: str) -> str:
@@ -204,15 +220,20 @@ def load_table(path: Path) -> RawInteractions:
         raise DatasetError(f"{path}: no {what} column (expected one of {', '.join(candidates)}); columns: {list(table.columns)}")
 
     ucol, icol, tcol = pick(_USER_COLUMNS, "user"), pick(_ITEM_COLUMNS, "item"), pick(_TIME_COLUMNS, "timestamp")
-    ts = pd.to_numeric(table[tcol], errors="coerce")
-    bad = np.flatnonzero(ts.isna().to_numpy())
-    if len(bad):
-        row = int(bad[0])
-        raise DatasetError(f"{path}:{row + 2}: timestamp {table[tcol].iloc[row]!r} is not a number")
     for col in (ucol, icol):
-        empty = np.flatnonzero((table[col].astype(str).str.strip() == "").to_numpy())
+        empty = np.flatnonzero((table[col].isna() | (table[col].astype(str).str.strip() == "")).to_numpy())
         if len(empty):
-            raise DatasetError(f"{path}:{int(empty[0]) + 2}: empty {col}")
+            raise DatasetError(f"{where(int(empty[0]))}: empty {col}")
+    ts = pd.to_numeric(table[tcol], errors="coerce")
+    if not pd.api.types.is_signed_integer_dtype(ts):
+        # Event times are whole numbers (e.g. Unix milliseconds): a fraction would be cut off and the
+        # order inside a unit lost, and a value beyond int64 would wrap around.
+        ts = ts.astype(np.float64)
+        bad = np.flatnonzero((~np.isfinite(ts) | (ts != np.floor(ts)) | (ts.abs() >= 2.0**63)).to_numpy())
+        if len(bad):
+            row = int(bad[0])
+            raise DatasetError(f"{where(row)}: timestamp {table[tcol].iloc[row]!r} is not a whole number "
+                               "(event times are integers, e.g. Unix milliseconds: scale fractional seconds by 1000)")
     frame = pd.DataFrame({"user": table[ucol].astype(str), "item": table[icol].astype(str), "ts": ts.astype(np.int64)})
     item_cols = [c for c in table.columns if c.lower().startswith("item_") and c != icol]
     user_cols = [c for c in table.columns if c.lower().startswith("user_") and c != ucol]

@@ -12,7 +12,7 @@ import torch
 
 from model_export.data import EvalCases, SequenceDataset
 from model_export.metrics import CUTOFFS, retrieval_metrics
-from recall_service.merge import merge_by_score
+from recall_service.merge import MISSING_ITEM, merge_by_score
 
 EVAL_BATCH = 512
 
@@ -38,7 +38,7 @@ def recommend(model: torch.nn.Module, data: SequenceDataset, cases: EvalCases, n
     for interests, k_user in user_towers(model, data, cases, device):
         scores = interests @ items.T  # [b, K, n_items + 1]
         scores[..., 0] = float("-inf")  # padding is not an item
-        top_scores, top_ids = scores.topk(n, dim=-1)  # [b, K, n]
+        top_scores, top_ids = scores.topk(min(n, items.shape[0] - 1), dim=-1)  # [b, K, n]; a smaller catalog is padded by the merge
         active = torch.arange(interests.shape[1], device=device)[None, :] < k_user[:, None]
         ids, _, _ = merge_by_score(top_ids.cpu().numpy(), top_scores.cpu().numpy(), n, active.cpu().numpy())
         out.append(ids)
@@ -60,7 +60,9 @@ def interest_diversity(model: torch.nn.Module, data: SequenceDataset, cases: Eva
 
 
 def most_popular(popularity: np.ndarray, n_users: int, n: int) -> np.ndarray:
-    top = np.argsort(-popularity[1:], kind="stable")[:n] + 1
+    top = np.full(n, MISSING_ITEM, dtype=np.int64)  # a catalog of fewer than n items ends with MISSING_ITEM
+    ranked = np.argsort(-popularity[1:], kind="stable")[:n] + 1
+    top[: len(ranked)] = ranked
     return np.broadcast_to(top, (n_users, n))
 
 

@@ -8,6 +8,7 @@ from model_export.data import (
     gather_histories,
     load_dataset,
     load_sequence_file,
+    load_table,
     preprocess,
     training_positions,
 )
@@ -107,6 +108,43 @@ def test_malformed_table_names_file_and_row(tmp_path):
     pd.DataFrame({"user": ["a"], "thing": ["x"], "timestamp": [1]}).to_csv(missing, index=False)
     with pytest.raises(DatasetError, match="no item column"):
         _load(missing, tmp_path)
+
+
+def test_sequence_file_refuses_a_user_on_two_lines_and_bytes_that_are_not_utf8(tmp_path):
+    # Items are ordered by their place on the line: a user's second line would interleave with the first.
+    twice = tmp_path / "twice.txt"
+    twice.write_text("A a b c\nB x y\nA d e f\n")
+    with pytest.raises(DatasetError, match=r"twice\.txt:3: user 'A' already has line 1"):
+        load_sequence_file(twice)
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"u1 a b\nu2 c \xff d\n")
+    with pytest.raises(DatasetError, match=r"binary\.txt:2: not UTF-8"):
+        load_sequence_file(binary)
+
+
+@pytest.mark.parametrize("value", ["1.9", "inf", "1e30", "-1e19"])
+def test_table_refuses_timestamps_that_are_not_whole_int64_numbers(tmp_path, value):
+    # Blank lines do not shift the line named (pandas skips them when it numbers rows).
+    path = tmp_path / "times.csv"
+    path.write_text(f"user,item,timestamp\n\nu1,i1,1\n\nu1,i2,{value}\n")
+    with pytest.raises(DatasetError, match=rf"times\.csv:5: timestamp '{value}' is not a whole number"):
+        load_table(path)
+
+
+def test_table_keeps_whole_timestamps_exactly(tmp_path):
+    nanoseconds = tmp_path / "ns.csv"  # integers beyond float64's 2**53 stay exact
+    nanoseconds.write_text("user,item,timestamp\nu1,i1,1700000000000000001\nu1,i2,1700000000000000000\n")
+    assert load_table(nanoseconds).frame["ts"].tolist() == [1700000000000000001, 1700000000000000000]
+    written_as_floats = tmp_path / "floats.csv"
+    written_as_floats.write_text("user,item,timestamp\nu1,i1,978300760.0\nu1,i2,978300761\n")
+    assert load_table(written_as_floats).frame["ts"].tolist() == [978300760, 978300761]
+
+
+def test_parquet_nulls_are_refused_by_row(tmp_path):
+    path = tmp_path / "nulls.parquet"
+    pd.DataFrame({"user": ["a", None], "item": ["x", "y"], "timestamp": [1, 2]}).to_parquet(path)
+    with pytest.raises(DatasetError, match=r"nulls\.parquet, row 2: empty user"):
+        load_table(path)
 
 
 def test_unknown_dataset_is_a_clear_error(tmp_path):

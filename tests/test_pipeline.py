@@ -17,7 +17,7 @@ from model_export.manifest import Manifest, ManifestError
 from model_export.onnx_runtime import UserTowerSession, gpu_available
 from model_export.train import TrainConfig, default_spec, load_model, train
 
-from conftest import REPO
+from conftest import REPO, synthetic_interactions
 
 
 def cli(*args, check=True):
@@ -132,6 +132,16 @@ def test_baselines_train_and_evaluate(kind, synthetic_csv, tmp_path):
     if kind == "mostpop":
         export = cli("export", "--model-dir", str(tmp_path / kind), "--dataset", str(synthetic_csv), check=False)
         assert export.returncode == 2 and "no user tower" in export.stderr
+
+
+@pytest.mark.parametrize("kind", ["mostpop", "mind"])
+def test_a_catalog_smaller_than_the_cutoffs_is_evaluated(kind, tmp_path):
+    # 12 items: a top-50 list cannot be filled, and is padded instead of failing in topk.
+    csv = tmp_path / "small.csv"
+    synthetic_interactions(n_items=12).to_csv(csv, index=False)
+    result = cli("train", "--dataset", str(csv), "--model", kind, "--out", str(tmp_path / kind), "--epochs", "1", "--quiet")
+    valid = json.loads(result.stdout)["best"]["valid"]
+    assert valid["hitrate@50"] == 1.0 and valid["recall@50"] == 1.0  # every item is recommended
 
 
 def test_evaluating_on_another_dataset_is_refused(synthetic_csv, tmp_path):
