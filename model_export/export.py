@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -63,6 +64,10 @@ def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = 
     spec, model = load_model(model_dir)
     if spec.kind == "mostpop":
         raise UserError("mostpop has no user tower or item vectors to export; export a youtube_dnn, mind or mind_remi run")
+    broken = [name for name, value in model.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise UserError(f"{model_dir}: weights {', '.join(broken)} hold NaN or inf (the training run diverged); export refused: "
+                        "train again, e.g. with a lower --lr")
     out_dir = out_dir or model_dir / "export"
     staging = out_dir.with_name(out_dir.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -113,7 +118,7 @@ def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = 
     }
     metrics_name, cases = metrics_cases or ("test", evaluation_cases(data, data.test_users, spec.maxlen))
     manifest = Manifest(
-        model_version=f"{data.name}-{spec.kind}-{created:%Y%m%dT%H%M%SZ}-{weights_digest[:8]}",
+        model_version=f"{version_prefix(data.name)}-{spec.kind}-{created:%Y%m%dT%H%M%SZ}-{weights_digest[:8]}",
         model_kind=spec.kind,
         dim=spec.dim,
         n_interests=spec.n_interests,
@@ -153,6 +158,11 @@ def exported_model(export_dir: Path, manifest: Manifest) -> tuple[ModelSpec, tor
     return spec, model_from_weights(spec, manifest.file(export_dir, "weights"))
 
 
+def version_prefix(dataset_name: str) -> str:
+    """The dataset's part of a model version (a user-brought file's stem may hold any character)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", dataset_name).lstrip("._-")[:64] or "data"
+
+
 def check_parity(model: torch.nn.Module, export_dir: Path, manifest: Manifest, data: SequenceDataset) -> float:
     """Max |ONNX - PyTorch| over the outputs for PARITY_USERS held-out users; raises above tolerance."""
     items, lengths, profile = parity_inputs(data, manifest.maxlen)
@@ -163,6 +173,6 @@ def check_parity(model: torch.nn.Module, export_dir: Path, manifest: Manifest, d
     if not np.array_equal(onnx_k, torch_k.numpy()):
         raise RuntimeError("ONNX and PyTorch disagree on the number of interests K_u")
     diff = float(np.abs(onnx_interests - torch_interests.numpy()).max())
-    if diff > PARITY_TOLERANCE:
+    if not diff <= PARITY_TOLERANCE:  # NaN included
         raise RuntimeError(f"ONNX user tower differs from PyTorch by {diff:.2e} > {PARITY_TOLERANCE:.0e}; export refused")
     return diff

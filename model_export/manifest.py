@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from infra.cli import UserError
 
 MANIFEST_SCHEMA = 1
 MANIFEST_FILE = "manifest.json"
+# A model version names a registry folder, a Milvus collection and a metric label: no path separators,
+# no leading dot (the registry's own files and staging folders start with one).
+MODEL_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class ManifestError(UserError, ValueError):
@@ -89,6 +93,9 @@ class Manifest:
             manifest = cls(**raw)
         except (KeyError, TypeError, AttributeError) as exc:
             raise ManifestError(f"{path}: not a complete manifest ({type(exc).__name__}: {exc}): export the model again") from None
+        if not isinstance(manifest.model_version, str) or not MODEL_VERSION.fullmatch(manifest.model_version):
+            raise ManifestError(f"{path}: model version {manifest.model_version!r} is not a plain name "
+                                f"({MODEL_VERSION.pattern}); export the model again")
         if verify:
             for role, f in manifest.files.items():
                 p = Path(directory) / f.path

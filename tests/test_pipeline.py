@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from infra.cli import UserError
 from infra.config import load_config
 from model_export.data import load_dataset
 from model_export.export import PARITY_TOLERANCE, export_model, parity_inputs
@@ -150,6 +151,19 @@ def test_evaluating_on_another_dataset_is_refused(synthetic_csv, tmp_path):
     other.write_text("\n".join(f"u{u} " + " ".join(str(i % 7 + 1) for i in range(u, u + 9)) for u in range(30)))
     result = cli("evaluate", "--model-dir", str(tmp_path / "pop"), "--dataset", str(other), check=False)
     assert result.returncode == 2 and "was trained on dataset" in result.stderr
+
+
+def test_a_diverged_run_is_not_exported(synthetic_csv, tmp_path):
+    # NaN weights give NaN interests on both sides, and NaN > tolerance is False: the parity check alone passed them.
+    data = load_dataset(str(synthetic_csv), tmp_path / "data", tmp_path / "cache", tmp_path / "shared")
+    run = tmp_path / "run"
+    train(TrainConfig(dataset=str(synthetic_csv), model="mind", epochs=1, max_steps_per_epoch=1), default_spec("mind", data), data, run, progress=False)
+    weights = torch.load(run / "model.pt", weights_only=True)
+    weights["mlp.2.bias"][0] = float("nan")
+    torch.save(weights, run / "model.pt")
+    with pytest.raises(UserError, match="mlp.2.bias hold NaN or inf"):
+        export_model(run, data)
+    assert not (run / "export").exists()
 
 
 def test_onnx_parity_on_1000_movielens_held_out_users(tmp_path):
