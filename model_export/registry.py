@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.cli import UserError
-from model_export.manifest import Manifest
+from model_export.manifest import MODEL_VERSION, Manifest
 
 CURRENT_FILE = "CURRENT.json"
 INACTIVE_FILE = "INACTIVE.json"
+_REPAIR_INACTIVE = "restore it from a backup, or delete it (every item active again) and run `python -m model_export items deactivate` again"
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class RegistryError(UserError, LookupError):
     """The registry has no current model, or not the version asked for."""
 
 
+class InactiveFileError(UserError, ValueError):
+    """INACTIVE.json is not the record `set_active` writes (edited by hand, written by another tool)."""
+
+
 class ModelRegistry:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -56,7 +61,7 @@ class ModelRegistry:
     def install(self, export_dir: Path) -> Manifest:
         """Copies an export in under its version (verified first); installing a version again is a no-op."""
         manifest = Manifest.load(export_dir)
-        target = self.root / manifest.model_version
+        target = self._folder(manifest.model_version)
         if not (target / "manifest.json").is_file():
             staging = self.root / f".{manifest.model_version}.staging"
             shutil.rmtree(staging, ignore_errors=True)
@@ -83,7 +88,7 @@ class ModelRegistry:
         return self.path(version)
 
     def path(self, model_version: str) -> Path:
-        path = self.root / model_version
+        path = self._folder(model_version)
         if not (path / "manifest.json").is_file():
             raise RegistryError(f"model version {model_version!r} is not installed in {self.root}")
         return path
@@ -98,11 +103,18 @@ class ModelRegistry:
         return self.root / INACTIVE_FILE
 
     def inactive_items(self) -> InactiveItems:
+        """The inactive set; InactiveFileError when the file is not JSON of the shape set_active writes
+        (a wrong shape would otherwise surface as a TypeError far from the file)."""
         try:
-            record = json.loads(self.inactive_path.read_text())
+            record = json.loads(self.inactive_path.read_bytes())
         except FileNotFoundError:
             return NO_INACTIVE_ITEMS
-        return InactiveItems(int(record["revision"]), frozenset(record["items"]))
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise InactiveFileError(f"{self.inactive_path} is not JSON ({exc}); {_REPAIR_INACTIVE}") from None
+        revision, items = (record.get("revision"), record.get("items")) if isinstance(record, dict) else (None, None)
+        if type(revision) is not int or not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise InactiveFileError(f"{self.inactive_path} is not {{\"revision\": integer, \"items\": [raw item id, ...]}}; {_REPAIR_INACTIVE}")
+        return InactiveItems(revision, frozenset(items))
 
     def set_active(self, raw_item_ids: Iterable[str], active: bool) -> InactiveItems:
         """Takes items out of recall (active=False) or puts them back; concurrent callers are serialised."""
@@ -127,4 +139,10 @@ class ModelRegistry:
     def remove(self, model_version: str) -> None:
         if model_version == self.current_version():
             raise RegistryError(f"{model_version} is the current model; publish another one first")
-        shutil.rmtree(self.root / model_version, ignore_errors=True)
+        shutil.rmtree(self._folder(model_version), ignore_errors=True)
+
+    def _folder(self, model_version: str) -> Path:
+        """The folder of a version; a name that could lead out of the registry (a path) is refused."""
+        if not MODEL_VERSION.fullmatch(model_version):
+            raise RegistryError(f"{model_version!r} is not a model version name")
+        return self.root / model_version

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from model_export.publish import category_fields, collection_name
-from model_export.registry import NO_INACTIVE_ITEMS, InactiveItems
+from model_export.registry import NO_INACTIVE_ITEMS, InactiveFileError, InactiveItems
 from recall_service.filters import ItemFilter
 from recall_service.merge import MISSING_ITEM
 from recall_service.query import InvalidRequest
@@ -248,8 +248,8 @@ class LoadedModel:
 
 class RegistryAvailability:
     """The registry's inactive items, looked at at most every `refresh_s` and re-read only when the
-    file changed. A file that cannot be read keeps the last good set (logged): a recall answer
-    never fails on it."""
+    file changed. A file that cannot be read, or is not the record the registry writes, keeps the
+    last good set (logged): a recall answer never fails on it."""
 
     def __init__(self, registry, refresh_s: float = 2.0, clock=time.monotonic):
         self.registry, self.refresh_s, self.clock = registry, refresh_s, clock
@@ -271,8 +271,8 @@ class RegistryAvailability:
                     try:
                         self._items, self._stamp = self.registry.inactive_items(), stamp
                         log.info("inactive items: %d (revision %d)", len(self._items.items), self._items.revision)
-                    except (OSError, ValueError, KeyError) as exc:
-                        log.warning("keeping %d inactive items: %s unreadable: %s", len(self._items.items), self.registry.inactive_path, exc)
+                    except (OSError, InactiveFileError) as exc:
+                        log.warning("keeping %d inactive items: the registry's inactive set is unreadable: %s", len(self._items.items), exc)
         return self._items
 
 

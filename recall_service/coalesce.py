@@ -8,14 +8,19 @@ the largest limit; each waiter gets its own rows, cut to its own limit (rows are
 cut equals a search with the smaller limit). Nothing waits when nothing is in flight: a lone
 request is sent at once, so batching costs no latency at low load.
 
-The thread whose request opens a batch sends it; when it returns, the first waiter of the next
-batch (if any) is woken to send that one. No thread sends more than one batch, so no request is
-delayed by others' searches beyond the one in flight.
+Every waiter waits at most its own timeout, as a lone call would: one still queued then leaves the
+queue, one whose batch has not answered gives up on it (DeadlineExceeded either way). So a batch is
+sent by its member with the latest deadline, with that member's time left as the call's timeout:
+the sender never waits past its own deadline, and the call serves every member that can still use
+it. When the call returns, the sender hands the next batch (if any) to that batch's own sender. No
+thread sends more than one batch, so no request is delayed by others' searches beyond the one in
+flight.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,9 +32,9 @@ from recall_service.recaller import DeadlineExceeded, SearchHits
 class _Waiter:
     vectors: np.ndarray
     limit: int
-    timeout_s: float
+    expires: float  # time.monotonic() when its timeout runs out
     woken: threading.Event = field(default_factory=threading.Event)
-    lead: bool = False  # woken to send the next batch rather than with a result
+    batch: list[_Waiter] | None = None  # set (and woken) when this waiter is to send this batch
     result: SearchHits | None = None
     error: BaseException | None = None
 
@@ -39,39 +44,51 @@ class CoalescingSearch:
         self.inner, self.max_vectors = inner, max_vectors
         self._lock = threading.Lock()
         self._queues: dict[tuple[str, str, int], list[_Waiter]] = {}
-        self._in_flight: set[tuple[str, str, int]] = set()
+        self._in_flight: set[tuple[str, str, int]] = set()  # keys with a batch handed to its sender
 
     def search(self, model_version: str, vectors: np.ndarray, limit: int, expr: str, timeout_s: float) -> SearchHits:
         key = (model_version, expr, vectors.shape[1])  # a width the collection refuses fails only its own batch
-        me = _Waiter(vectors, limit, timeout_s)
+        me = _Waiter(vectors, limit, time.monotonic() + timeout_s)
         with self._lock:
             self._queues.setdefault(key, []).append(me)
-            leader = key not in self._in_flight
-            if leader:
+            if key not in self._in_flight:  # nothing in flight: this request goes out at once, alone
                 self._in_flight.add(key)
-        if not leader:
-            if not me.woken.wait(timeout_s):
-                with self._lock:
-                    queue = self._queues.get(key, [])
-                    if me in queue and not me.lead:  # not sent yet: leave the queue
-                        queue.remove(me)
-                        raise DeadlineExceeded(f"vector search did not start within {timeout_s * 1e3:.0f} ms")
-                me.woken.wait()  # in the batch in flight (its call has a timeout), or chosen to send the next
-            if not me.lead:
+                self._hand_on(key)
+        me.woken.wait(timeout_s)
+        with self._lock:
+            if me.batch is None:
+                queue = self._queues.get(key, [])
+                if me in queue:  # never sent: leave the queue
+                    queue.remove(me)
+                    raise DeadlineExceeded(f"vector search did not start within {timeout_s * 1e3:.0f} ms")
+                if not me.woken.is_set():  # its batch is still in flight; the sender ignores who gave up
+                    raise DeadlineExceeded(f"vector search did not answer within {timeout_s * 1e3:.0f} ms")
                 return self._outcome(me)
-        self._send(key, model_version, expr)
+        self._send(key, model_version, expr, me)
         return self._outcome(me)
 
-    def _send(self, key, model_version: str, expr: str) -> None:
-        with self._lock:
-            queue = self._queues.get(key, [])
-            batch, taken = [], 0
-            while queue and (not batch or taken + len(queue[0].vectors) <= self.max_vectors):
-                taken += len(queue[0].vectors)
-                batch.append(queue.pop(0))
+    def _hand_on(self, key) -> None:
+        """Hands the queue's first batch to its sender, or ends the key's flight when nobody waits. Lock held."""
+        queue = self._queues.get(key)
+        if not queue:
+            self._queues.pop(key, None)
+            self._in_flight.discard(key)
+            return
+        batch, taken = [], 0
+        while queue and (not batch or taken + len(queue[0].vectors) <= self.max_vectors):
+            taken += len(queue[0].vectors)
+            batch.append(queue.pop(0))
+        sender = max(batch, key=lambda w: w.expires)
+        sender.batch = batch
+        sender.woken.set()
+
+    def _send(self, key, model_version: str, expr: str, sender: _Waiter) -> None:
+        batch = sender.batch
         try:
-            hits = self.inner.search(model_version, np.concatenate([w.vectors for w in batch]), max(w.limit for w in batch), expr,
-                                     max(w.timeout_s for w in batch))
+            left = sender.expires - time.monotonic()  # the batch's latest deadline
+            if left <= 0:
+                raise DeadlineExceeded("vector search: every request of the batch ran out of time before it was sent")
+            hits = self.inner.search(model_version, np.concatenate([w.vectors for w in batch]), max(w.limit for w in batch), expr, left)
             row = 0
             for w in batch:
                 k = len(w.vectors)
@@ -81,13 +98,7 @@ class CoalescingSearch:
             for w in batch:
                 w.error = exc
         with self._lock:
-            queue = self._queues.get(key, [])
-            if queue:
-                queue[0].lead = True
-                queue[0].woken.set()
-            else:
-                self._queues.pop(key, None)
-                self._in_flight.discard(key)
+            self._hand_on(key)
         for w in batch:
             w.woken.set()
 

@@ -10,7 +10,8 @@ several servers can live in one process (tests); `serve` exports it on [recall].
                                                       refused over [recall].max_concurrent_rpcs
     mindstream_recall_fallbacks_total{reason}        requests not served from stored interests
     mindstream_recall_result_items                   items per response
-    mindstream_recall_unexpected_errors_total{method} exceptions no rule maps (returned as INTERNAL)
+    mindstream_recall_unexpected_errors_total{method} exceptions no rule maps (returned as INTERNAL; method
+                                                      "health_probe": a probe that failed, probing goes on)
     mindstream_recall_model_info{model_version}      1 for the current model
     mindstream_recall_inactive_items                 items taken out of recall (`model_export items`)
 """

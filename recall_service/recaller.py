@@ -15,7 +15,8 @@ tower from the request's recent items, else the current model's popular items. O
 same fallbacks (documented per reason in recall.proto) unless `fallback_on_outage` is off, in
 which case they raise `BackendUnavailable` (UNAVAILABLE). A backend that failed is skipped for a
 cool-down (`CircuitBreaker`), so requests during an outage answer at once instead of each
-waiting for a timeout. Every backend call is bounded by the request's `Deadline`.
+waiting for a timeout. Every backend call is bounded by the request's `Deadline`, and an answer
+ready only after it is DeadlineExceeded (the client has stopped waiting: it is not counted OK).
 
 A batch is served with one store round trip and one search per (model version, filter) group.
 """
@@ -179,7 +180,10 @@ class Recaller:
         for group in self._groups(stored, lambda p: p.record.model_version):
             self._search_and_merge(group, group[0].record.model_version, RecallPath.STORED_INTERESTS, deadline, inactive, results, on_the_fly, popular)
 
+        # No backend call bounds the user tower or the popular items: the deadline is checked before
+        # each, and before answering (a search that returned, a store read, may have used it up).
         if on_the_fly:
+            deadline.check("the user tower")
             model = self._current_model()
             started = self.clock()
             vectors = model.interests([p.window for p in on_the_fly], [p.profile for p in on_the_fly])
@@ -196,12 +200,14 @@ class Recaller:
                 self._search_and_merge(group, model.version, RecallPath.COMPUTED_ON_THE_FLY, deadline, inactive, results, None, popular)
 
         if popular:
+            deadline.check("the popular items")
             model = self._current_model()
             for p in popular:
                 started = self.clock()
                 ranked = model.popular(p.query.n, p.query.item_filter, set(p.query.excluded).union(p.window), inactive)
                 p.stages["merge"] = p.stages.get("merge", 0.0) + self.clock() - started
                 results[p.index] = RecallResult([(raw, score, -1) for raw, score in ranked], model.version, RecallPath.POPULAR_FALLBACK, p.reason, p.stages)
+        deadline.check("answering")
         return results  # type: ignore[return-value]
 
     # -- stages ---------------------------------------------------------------------------------
@@ -319,10 +325,13 @@ class Recaller:
 
 def check_record(record: InterestRecord, dim: int | None) -> None:
     """What recall relies on in a stored record beyond what decoding it checks (the record's own
-    shape, window and profile): interest vectors of its model version's width, when known. Raises
-    RecordError: the user is answered as one with a corrupt record, nobody else is touched."""
+    shape, window and profile): finite interest vectors (a NaN scores nothing: an empty answer that
+    looks like a success) of its model version's width, when known. Raises RecordError: the user is
+    answered as one with a corrupt record, nobody else is touched."""
     if dim is not None and record.interests.shape[1] != dim:
         raise RecordError(f"user {record.user_id}: interests of width {record.interests.shape[1]}, model version {record.model_version} has {dim}")
+    if not np.isfinite(record.interests).all():
+        raise RecordError(f"user {record.user_id}: interests with NaN or infinite values")
 
 
 def _merge_one(hits: SearchHits, row: int, k: int, limit: int, query: RecallQuery, window: tuple[str, ...],

@@ -39,7 +39,9 @@ from recall_service.stubs import SERVICE_NAME, recall_pb2, recall_pb2_grpc
 log = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"  # probes (load balancers, kubelet) carry no token
+HEALTH_CHECK = HEALTH_PREFIX + "Check"
 NO_PATH = "none"  # the path label of a failed request's latency: it took no recall path
+HEALTH_PROBE = "health_probe"  # the method label of a failed health probe in the unexpected errors' count
 
 
 class ServeError(UserError, RuntimeError):
@@ -183,6 +185,16 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: st
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
+def _on_pool(handler: grpc.RpcMethodHandler, pool: futures.ThreadPoolExecutor) -> grpc.RpcMethodHandler:
+    """A unary-unary `handler` run on `pool` instead of the server's (queued) one."""
+    def behaviour(request, context):
+        return handler.unary_unary(request, context)
+
+    behaviour.experimental_thread_pool = pool
+    return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=handler.request_deserializer,
+                                               response_serializer=handler.response_serializer)
+
+
 def _is_refusal(handler: grpc.RpcMethodHandler) -> bool:
     """Whether an inner interceptor already refused this RPC (and counted it)."""
     behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
@@ -241,24 +253,29 @@ class ConcurrencyLimit(grpc.ServerInterceptor):
     servicer, counted in mindstream_recall_requests_total. (gRPC's own `maximum_concurrent_rpcs`
     refuses before any interceptor sees the RPC, so nothing could count those; the server keeps it
     at REFUSAL_HEADROOM x the limit, as the bound of what waits to be refused.) Refusals run on a
-    small pool of their own, so that they do not wait behind the queue they protect; a refusal still
-    reads its request first (gRPC does, before the handler runs)."""
+    small pool of their own (the fast lane), so that they do not wait behind the queue they protect;
+    a refusal still reads its request first (gRPC does, before the handler runs). Health checks are
+    never refused and run on the fast lane too: a busy replica is still healthy, and refusing its
+    readiness probe would take every replica of an overloaded fleet out of its load balancer at once.
+    (Health's Watch, a stream that holds its thread, stays in the queue and under the limit.)"""
 
     REFUSAL_HEADROOM = 4
-    REFUSAL_THREADS = 2
+    FAST_LANE_THREADS = 2
 
     def __init__(self, limit: int, executor: TaskCountingExecutor, metrics: RecallMetrics):
         self.limit, self.executor, self.metrics = limit, executor, metrics
-        self.refusals = futures.ThreadPoolExecutor(max_workers=self.REFUSAL_THREADS, thread_name_prefix="recall-refuse")
+        self.fast_lane = futures.ThreadPoolExecutor(max_workers=self.FAST_LANE_THREADS, thread_name_prefix="recall-fast")
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
+        if handler is not None and details.method == HEALTH_CHECK:
+            return _on_pool(handler, self.fast_lane)
         # an RPC the token check refused is counted there, once, and answered UNAUTHENTICATED
         if handler is None or self.executor.tasks < self.limit or _is_refusal(handler):
             return handler
         self.metrics.requests.labels(_method_name(details), "RESOURCE_EXHAUSTED").inc()
         return _refusing(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"the server has {self.limit} RPCs in flight ([recall].max_concurrent_rpcs): retry later, with backoff", self.refusals)
+                         f"the server has {self.limit} RPCs in flight ([recall].max_concurrent_rpcs): retry later, with backoff", self.fast_lane)
 
 
 class RecallServer:
@@ -373,7 +390,11 @@ class RecallServer:
 
     def _probe_loop(self) -> None:
         while not self._stop.wait(self.config.recall.health_interval_ms / 1e3):
-            self.probe()
+            try:
+                self.probe()
+            except Exception:  # a bug in one probe must not end the probing: health would freeze at its last status
+                log.exception("health probe failed; probing again in %d ms", self.config.recall.health_interval_ms)
+                self.metrics.unexpected.labels(HEALTH_PROBE).inc()
 
     def stop(self, grace_s: float = 2.0) -> None:
         self._stop.set()
@@ -386,7 +407,7 @@ class RecallServer:
         if self._prober is not None:
             self._prober.join(timeout=5)
         if self._limit is not None:
-            self._limit.refusals.shutdown(wait=False)
+            self._limit.fast_lane.shutdown(wait=False)
 
     def wait(self) -> None:
         self._grpc.wait_for_termination()

@@ -14,7 +14,7 @@ from recall_service.merge import MISSING_ITEM, merge_by_quota, merge_by_score
 from recall_service.query import FallbackReason, InvalidRequest, Limits, MergePolicy, RecallPath, validate
 from recall_service.recaller import (ACTIVE_ONLY, BackendUnavailable, CircuitBreaker, Deadline, DeadlineExceeded, Recaller,
                                      SearchHits, VersionRetired)
-from model_export.registry import InactiveItems
+from model_export.registry import InactiveFileError, InactiveItems
 from streaming.feature_store import InMemoryFeatureStore, InterestRecord
 
 # -- filters ------------------------------------------------------------------------------------
@@ -286,6 +286,12 @@ def test_registry_inactive_set_is_serialised_versioned_and_reread_only_when_chan
     registry.inactive_path.write_text("{not json")
     now[0] = 4.0
     assert "x" in availability.inactive().items  # an unreadable file keeps the last good set
+    for wrong_shape in ('{"revision": 7, "items": 5}', "[]", "null", '{"revision": "7", "items": []}', '{"revision": 7, "items": [1]}'):
+        registry.inactive_path.write_text(wrong_shape)  # JSON, but not the registry's record: the same
+        with pytest.raises(InactiveFileError, match="INACTIVE.json is not"):
+            registry.inactive_items()
+        now[0] += 2.0
+        assert "x" in availability.inactive().items
 
 
 def test_unknown_user_gets_interests_on_the_fly_then_popular(world):
@@ -387,11 +393,12 @@ def _stored_as(store, user, **fields):
 @pytest.mark.parametrize("fields", [
     {"k": b"0", "interests": b""},  # no interest: a search of 0 vectors, an answer of 0 items
     {"k": b"1", "dim": b"5", "interests": b"\0" * 20},  # another width than version A's
+    {"k": b"1", "interests": np.array([np.nan, np.inf] + [0] * (DIM - 2), "<f4").tobytes()},  # scores nothing: an empty "success"
     {"window": b"[1, 2]"},
     {"window": b"5"},
     {"profile": b'["gender"]'},
     {"profile": b'{"age": 25}'},
-], ids=["k=0", "width", "window of numbers", "window not a list", "profile not an object", "profile value not a string"])
+], ids=["k=0", "width", "not finite", "window of numbers", "window not a list", "profile not an object", "profile value not a string"])
 def test_a_record_that_decodes_but_is_malformed_is_corrupt_for_its_user_only(world, fields):
     recaller, search, store, catalogs, interests = world
     store.put_many([InterestRecord("erin", "A", interests[:1], (), 0, "0:1")])
@@ -440,6 +447,31 @@ def test_the_deadline_bounds_the_search_and_stops_late_work(world):
     clock[0] = 0.2
     with pytest.raises(DeadlineExceeded, match="feature store"):
         recaller.recall_many([q("alice")], late)
+
+
+@pytest.mark.parametrize("user, recent, slow, stage", [
+    ("nobody", [], "store", "the popular items"),
+    ("bob", ["i3"], "store", "the user tower"),
+    ("alice", [], "search", "answering"),
+])
+def test_no_path_answers_after_the_deadline(world, user, recent, slow, stage):
+    """The client has stopped waiting by then: the answer would be lost, yet counted OK."""
+    recaller, search, store, *_ = world
+    clock = [0.0]
+    deadline = Deadline(0.1, clock=lambda: clock[0])
+
+    def late(call):
+        def slow_call(*args):
+            clock[0] = 0.2
+            return call(*args)
+        return slow_call
+
+    if slow == "store":
+        store.get_many = late(store.get_many)
+    else:
+        search.search = late(search.search)
+    with pytest.raises(DeadlineExceeded, match=f"before {stage}"):
+        recaller.recall_many([q(user, recent_item_ids=recent)], deadline)
 
 
 # -- coalesced searches -------------------------------------------------------------------------
@@ -494,7 +526,10 @@ def test_concurrent_searches_go_out_as_one_call_and_get_their_own_rows(world):
     assert not search._in_flight and not search._queues
 
 
-def test_a_coalesced_search_shares_errors_and_a_waiter_can_give_up(world):
+@pytest.fixture
+def one_vector_asks(world):
+    """A CoalescingSearch over a GatedSearch, and `ask(name, timeout)`: one vector searched through
+    it, its hits' shape or its exception's name put in `outcomes[name]`."""
     from recall_service.coalesce import CoalescingSearch
 
     _, _, _, catalogs, _ = world
@@ -508,6 +543,11 @@ def test_a_coalesced_search_shares_errors_and_a_waiter_can_give_up(world):
         except Exception as exc:
             outcomes[name] = type(exc).__name__
 
+    return inner, search, outcomes, ask
+
+
+def test_a_coalesced_search_shares_errors_and_a_waiter_can_give_up(one_vector_asks):
+    inner, search, outcomes, ask = one_vector_asks
     first = threading.Thread(target=ask, args=("first", 5.0))
     first.start()
     inner.entered.wait(5)
@@ -523,6 +563,32 @@ def test_a_coalesced_search_shares_errors_and_a_waiter_can_give_up(world):
     late.join(5)
     assert outcomes == {"impatient": "DeadlineExceeded", "first": "BackendUnavailable", "late": "BackendUnavailable"}
     assert len(inner.calls) == 2 and not search._in_flight
+
+
+def test_a_coalesced_waiter_never_waits_past_its_own_timeout(one_vector_asks):
+    """The shared call is sent with the most patient member's time; the others give up at their own."""
+    inner, search, outcomes, ask = one_vector_asks
+    first_gate = inner.gate
+    first = threading.Thread(target=ask, args=("first", 5.0))
+    first.start()
+    inner.entered.wait(5)
+    impatient, patient = threading.Thread(target=ask, args=("impatient", 1.0)), threading.Thread(target=ask, args=("patient", 10.0))
+    impatient.start()
+    patient.start()
+    while _waiting(search) < 2:
+        time.sleep(0.001)
+    inner.entered.clear()
+    inner.gate = threading.Event()  # holds the second call
+    first_gate.set()
+    assert inner.entered.wait(5)  # the two waiters' batch is in flight
+    impatient.join(3)  # while the call it is in still runs
+    assert outcomes.get("impatient") == "DeadlineExceeded"
+    inner.gate.set()
+    for t in (first, patient):
+        t.join(5)
+    assert outcomes["first"] == outcomes["patient"] == (1, 3)
+    assert inner.calls[1][1] == 2 and inner.calls[1][4] > 5.0  # both vectors, the patient one's time
+    assert not search._in_flight and not search._queues
 
 
 def test_a_search_of_another_width_is_never_batched_with_others(world):
@@ -654,6 +720,36 @@ class Switchable:
     def ping(self):
         if self.down:
             raise BackendUnavailable(f"{self.name}: connection refused (attempt {time.monotonic()})")  # the text varies per probe
+
+
+def test_a_failing_health_probe_is_logged_and_counted_and_probing_goes_on(caplog, tmp_path):
+    from infra.config import load_config
+    from recall_service.server import RecallServer
+
+    class FailingOnce:
+        def __init__(self):
+            self.reads = 0
+
+        def inactive(self):
+            self.reads += 1
+            if self.reads == 1:
+                raise RuntimeError("a bug")
+            return InactiveItems(1, frozenset({"x"}))
+
+    config = load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path), "MINDSTREAM_RECALL__HEALTH_INTERVAL_MS": "10"})
+    server = RecallServer(config, reader=Switchable("feature store"), search=Switchable("Milvus"), models=FakeModels(None), availability=FailingOnce())
+    prober = threading.Thread(target=server._probe_loop)
+    prober.start()
+    try:
+        deadline = time.monotonic() + 5
+        while server.metrics.inactive_items._value.get() != 1:  # set by a probe after the failed one
+            assert time.monotonic() < deadline, "probing stopped at the failed probe"
+            time.sleep(0.01)
+    finally:
+        server._stop.set()
+        prober.join(5)
+    assert server.metrics.unexpected.labels("health_probe")._value.get() == 1
+    assert any("health probe failed" in r.getMessage() and r.exc_info for r in caplog.records)
 
 
 def test_the_health_probe_logs_an_outage_when_it_starts_and_when_it_ends(caplog, tmp_path):

@@ -446,6 +446,21 @@ def test_rpcs_over_the_concurrency_limit_are_refused_at_once_and_counted(in_memo
     assert stub.Recall(request, timeout=5).path == STORED  # capacity is back
 
 
+def test_health_checks_are_answered_at_once_over_the_concurrency_limit(in_memory_server):
+    """A busy replica is healthy: refusing (or queueing) its readiness probe would take a whole
+    overloaded fleet out of its load balancer at once."""
+    server, stub, search = in_memory_server(workers=1, max_concurrent_rpcs=1, vector_search_timeout_ms=10_000)
+    running = stub.Recall.future(recall_pb2.RecallRequest(user_id="alice", n=5), timeout=10)
+    assert search.entered.acquire(timeout=5)  # the limit is reached and the one worker is held
+    health_stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+    for service in ("", SERVICE_NAME):
+        assert health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status == health_pb2.HealthCheckResponse.SERVING
+    assert server.metrics.requests.labels("Check", "RESOURCE_EXHAUSTED")._value.get() == 0
+    assert not running.done()  # answered beside the work, not after it
+    search.gate.set()
+    assert running.result().path == STORED
+
+
 def test_an_rpc_refused_for_its_token_is_counted_once_even_over_the_limit(in_memory_server):
     from recall_service.channel import recall_channel
 

@@ -312,6 +312,34 @@ def test_one_changed_byte_is_refused_by_every_serving_loader(role, two_exports, 
         RegistryModels(registry, prefer_gpu=False).current()
 
 
+def test_a_model_version_cannot_name_a_folder_outside_the_registry(two_exports, tmp_path):
+    import json
+    import shutil
+
+    from model_export.manifest import ManifestError
+    from model_export.registry import ModelRegistry, RegistryError
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "data.txt").write_text("keep me")
+    export = tmp_path / "export"
+    shutil.copytree(two_exports[0], export)
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["model_version"] = "../victim"  # install would rmtree models/../victim and move the export there
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    registry = ModelRegistry(tmp_path / "models")
+    with pytest.raises(ManifestError, match="'../victim' is not a plain name"):
+        registry.install(export)
+    for call in (registry.path, registry.set_current, registry.remove):
+        with pytest.raises(RegistryError, match="not a model version name"):
+            call("../victim")
+    assert (victim / "data.txt").read_text() == "keep me"
+    # the exporter itself only makes plain names, whatever the dataset file is called
+    from model_export.export import version_prefix
+    from model_export.manifest import MODEL_VERSION
+    assert [version_prefix(n) for n in ("ml-1m", "../my data (v2)", "日本")] == ["ml-1m", "my_data__v2_", "data"]
+    assert all(MODEL_VERSION.fullmatch(f"{version_prefix(n)}-mind-20261123T000000Z-0123abcd") for n in ("..", "日本", "a" * 300))
+
 def test_a_quote_in_a_sasl_password_cannot_end_the_jaas_option_early():
     from infra.config import KafkaConfig
     from streaming.kafka_clients import java_client_properties
