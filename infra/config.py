@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 import typing
@@ -157,6 +158,21 @@ class RetrainConfig:
     every_minutes: float = 0.0  # scheduled mode (retrain --schedule): retrain after this long ...
     every_events: int = 0  # ... or once this many new events wait, whichever comes first
 
+    def __post_init__(self) -> None:
+        # Out of these ranges a value fails deep inside a retraining (numpy's quantile) or, worse,
+        # runs: a tolerance of 2 (meant as 2%) would publish a model with no recall at all.
+        _require_range("retrain", self, "min_new_events", 0)
+        _require_range("retrain", self, "min_new_item_events", 1)
+        _require_range("retrain", self, "holdout_fraction", 0.0, 1.0, open_ends=True)
+        _require_range("retrain", self, "tolerance", 0.0, 1.0)
+        _require_range("retrain", self, "epochs", 1)
+        _require_range("retrain", self, "replay_ratio", 0.0)
+        _require_range("retrain", self, "lr", 0.0, open_ends=True)
+        _require_range("retrain", self, "batch_size", 1)
+        _require_range("retrain", self, "backfill_batch", 1)
+        _require_range("retrain", self, "every_minutes", 0.0)
+        _require_range("retrain", self, "every_events", 0)
+
 
 @dataclass(frozen=True)
 class MonitoringConfig:
@@ -178,6 +194,15 @@ class Config:
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
 
+def _require_range(section: str, values: object, name: str, low: float, high: float | None = None, open_ends: bool = False) -> None:
+    """A field's value within [low, high] (open_ends: (low, high)), else a ConfigError naming it."""
+    value = getattr(values, name)
+    inside = (low < value if open_ends else low <= value) and (high is None or (value < high if open_ends else value <= high))
+    if not inside:
+        bounds = f"{'(' if open_ends else '['}{low}, {high if high is not None else 'inf'}{')' if open_ends or high is None else ']'}"
+        raise ConfigError(f"[{section}].{name} ({_env_name(section, name)}) = {value!r}: must be in {bounds}")
+
+
 def _coerce(value: object, target: type, where: str) -> object:
     """Turn a TOML or environment value into the field's declared type, or say what is wrong."""
     if typing.get_origin(target) is typing.Literal:
@@ -194,9 +219,12 @@ def _coerce(value: object, target: type, where: str) -> object:
         raise ConfigError(f"{where}: expected a number, got the boolean {value!r}; write a number")
     if target is float:
         try:
-            return float(value)  # type: ignore[arg-type]
+            number = float(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan compares false with everything: no limit or rate means anything with it
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if target is int:
         if isinstance(value, float) and not value.is_integer():  # int(50051.9) == 50051: refuse, never truncate
             raise ConfigError(f"{where}: expected an integer, got {value!r}; write a whole number")
@@ -205,6 +233,8 @@ def _coerce(value: object, target: type, where: str) -> object:
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected an integer, got {value!r}; write a whole number") from None
     if target is Path:
+        if str(value).strip() == "":  # Path("") is the current folder: never what an empty setting meant
+            raise ConfigError(f"{where}: expected a path, got an empty value")
         return Path(str(value)).expanduser()
     if target is str:
         if not isinstance(value, (str, int, float)):

@@ -139,7 +139,9 @@ def merge_with_log(base: SequenceDataset, log: EventLog, vocabulary: list[str], 
     users = np.repeat(np.arange(len(user_ids)), np.maximum(counts - 1, 0))
     positions = ragged_arange(np.maximum(counts - 1, 0)) + 1
     flat = offsets[users] + positions
-    is_new = log_index[flat] >= trained_log_events
+    # New: past the events the parent was trained on, or of an item the parent has no row for (its
+    # earlier events waited, below min_new_item_events, while the parent's runs moved past them).
+    is_new = (log_index[flat] >= trained_log_events) | ((log_index[flat] >= 0) & (seq_items[flat] > parent_items))
     new_times = seq_times[flat[is_new]]
     if len(new_times) == 0:
         raise RetrainError("no new interaction to learn from: every new event repeats one the model was trained on")
@@ -238,12 +240,11 @@ def grow_weights(state: dict[str, torch.Tensor], parent_items: int, new_rows: to
 
     new_rows [n_new, D]: the id-embedding rows of the new items; other per-item tables (side-token
     pooling) get zero rows: a new item has no side tokens."""
-    grown = {}
-    for key, tensor in state.items():
-        if key.startswith("items.") and tensor.dim() >= 1 and tensor.shape[0] == parent_items + 1:
-            extra = new_rows.to(tensor.dtype) if key == "items.ids.weight" else tensor.new_zeros((len(new_rows), *tensor.shape[1:]))
-            tensor = torch.cat([tensor, extra], dim=0)
-        grown[key] = tensor
+    grown = dict(state)
+    grown["items.ids.weight"] = torch.cat([state["items.ids.weight"], new_rows.to(state["items.ids.weight"].dtype)], dim=0)
+    if "items.side_pooling" in state:  # by name: the side-token table may have as many rows as there are items
+        pooling = state["items.side_pooling"]
+        grown["items.side_pooling"] = torch.cat([pooling, pooling.new_zeros((len(new_rows), pooling.shape[1]))], dim=0)
     return grown
 
 

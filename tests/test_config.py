@@ -57,6 +57,13 @@ def test_a_whole_float_is_an_integer(tmp_path):
     ({"MINDSTREAM_NOSUCH__PORT": "1"}, r"unknown configuration variables: MINDSTREAM_NOSUCH__PORT; .* rename or unset them"),
     ({"MINDSTREAM_RECALL__PORT": "50051.9"}, "MINDSTREAM_RECALL__PORT: expected an integer"),
     ({"MINDSTREAM_RECALL__MAX_N": "true"}, "MINDSTREAM_RECALL__MAX_N: expected an integer"),
+    # values of the right type that would fail deep inside a run, or run wrongly
+    ({"MINDSTREAM_RETRAIN__HOLDOUT_FRACTION": "10"}, r"\[retrain\].holdout_fraction \(MINDSTREAM_RETRAIN__HOLDOUT_FRACTION\) = 10.0: must be in \(0.0, 1.0\)"),
+    ({"MINDSTREAM_RETRAIN__TOLERANCE": "2"}, r"\[retrain\].tolerance .* = 2.0: must be in \[0.0, 1.0\]"),
+    ({"MINDSTREAM_RETRAIN__EPOCHS": "0"}, r"\[retrain\].epochs .* = 0: must be in \[1, inf\)"),
+    ({"MINDSTREAM_RETRAIN__TOLERANCE": "nan"}, "MINDSTREAM_RETRAIN__TOLERANCE: expected a finite number, got 'nan'"),
+    ({"MINDSTREAM_STREAMING__MODEL_POLL_S": "inf"}, "expected a finite number"),
+    ({"MINDSTREAM_RETRAIN__STATE_DIR": ""}, "MINDSTREAM_RETRAIN__STATE_DIR: expected a path, got an empty value"),
 ])
 def test_bad_environment_variables_are_named(tmp_path, environ, message):
     with pytest.raises(ConfigError, match=message):

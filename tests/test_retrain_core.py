@@ -105,6 +105,27 @@ def test_merge_keeps_ids_stable_counts_replays_once_and_holds_out_the_newest(bas
     assert data.item_side[base.n_items + 1].tolist() == [0] * data.item_side.shape[1]
 
 
+def test_events_of_an_item_that_waited_for_enough_events_count_as_new_when_it_gets_its_row(base):
+    # Run 1 sees one event of "fresh" (below min_new_item_events): no row yet, but the run's
+    # version records the whole log as trained. Run 2 sees the second: both are new samples of it.
+    users = base.user_ids.tolist()
+    log = stream_for(base)
+    log.append([event(users[0], "brand-new", NOW + 10**9 + 10, "f1")], {0: len(log) + 1})
+    first = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, 0), SETTINGS)
+    assert "brand-new" not in first.new_items
+    log.append([event(users[1], "brand-new", NOW + 10**9 + 20, "f2"), event(users[2], "i1", NOW + 10**9 + 30, "f3")], {0: len(log) + 2})
+    second = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, first.log_events), SETTINGS)
+    row = second.parent_items + second.new_items.index("brand-new") + 1
+    data = second.data
+
+    def targets(samples):
+        users_, positions = samples
+        return data.seq_items[data.seq_offsets[users_] + positions]
+
+    learned = int((targets(second.new_samples) == row).sum()) + int((second.holdout.targets == row).sum())
+    assert learned == 2 and int((targets(second.old_samples) == row).sum()) == 0
+
+
 def test_the_gate_compares_both_models_on_the_same_users_and_the_sampler_never_sees_the_holdout(base):
     log = stream_for(base)
     late = NOW + 2 * 10**9  # after every other event: held out
@@ -144,6 +165,9 @@ def test_grown_tables_keep_old_rows_and_start_new_items_from_their_context():
     assert grown["items.ids.weight"].shape == (6, 3) and torch.equal(grown["items.ids.weight"][:4], state["items.ids.weight"])
     assert torch.equal(grown["items.ids.weight"][4:], torch.full((2, 3), 7.0))
     assert torch.equal(grown["items.side_pooling"][4:], torch.zeros(2, 2)) and torch.equal(grown["bilinear.weight"], torch.eye(3))
+    # a side-token table with as many rows as there are items (one brand per item) is not an item table
+    same_rows = {**state, "items.side": torch.ones(4, 3)}
+    assert torch.equal(grow_weights(same_rows, parent_items=3, new_rows=torch.zeros(2, 3))["items.side"], torch.ones(4, 3))
 
     # item 4 (new) follows items 1 and 2 once, and item 1 once: its start = mean of those three vectors
     data = SimpleNamespace(seq_offsets=np.array([0, 3, 5]), seq_items=np.array([1, 2, 4, 1, 4]))
