@@ -27,7 +27,7 @@ import numpy as np
 
 from infra.cli import UserError
 from infra.config import ConfigError
-from streaming.events import BehaviourEvent, EventError, parse_event
+from streaming.events import MAX_EVENT_BYTES, BehaviourEvent, EventError, accept_record
 
 LOG_FILE = "event_log.npz"
 START_POLICIES = ("earliest", "latest", "committed")
@@ -97,24 +97,26 @@ class ReadReport:
     seconds: float
 
 
-def pending_events(kafka, topic: str, group: str, offsets: dict[int, int], start: str = "earliest") -> int:
-    """How many records wait on the topic after `offsets` (the scheduler's trigger)."""
+def pending_events(kafka, topic: str, group: str, offsets: dict[int, int], start: str = "earliest") -> tuple[int, dict[int, int]]:
+    """How many records wait on the topic after `offsets` (the scheduler's trigger), and the offset
+    each partition was counted from (partition -> offset; `start` decides for unrecorded ones)."""
     consumer = _consumer(kafka, group)
     try:
         partitions = _partitions(consumer, topic)
         starts = _start_offsets(consumer, partitions, offsets, start)
         ends = consumer.end_offsets(partitions)
-        return sum(max(0, ends[tp] - starts[tp]) for tp in partitions)
+        return sum(max(0, ends[tp] - starts[tp]) for tp in partitions), {tp.partition: starts[tp] for tp in partitions}
     finally:
         consumer.close()
 
 
 def read_new_events(kafka, topic: str, group: str, offsets: dict[int, int], start: str = "earliest",
-                    max_events: int = 0, timeout_s: float = 120.0, progress: bool = True) -> ReadReport:
+                    max_events: int = 0, timeout_s: float = 120.0, progress: bool = True, max_event_bytes: int = MAX_EVENT_BYTES) -> ReadReport:
     """Reads every record after `offsets` (partition -> next offset) up to the end offsets seen now.
 
     Partitions without a recorded offset start at `start`: earliest, latest, or the group's
-    committed offset. max_events > 0 stops early (the rest is read next time).
+    committed offset. max_events > 0 stops early (the rest is read next time). A record is taken
+    by the job's own rule (`accept_record`); `max_event_bytes` is the job's [streaming].max_event_bytes.
     """
     started = time.perf_counter()
     consumer = _consumer(kafka, group)
@@ -144,15 +146,11 @@ def read_new_events(kafka, topic: str, group: str, offsets: dict[int, int], star
                         continue
                     position[tp] = record.offset + 1
                     read += 1
+                    key = None if record.key is None else record.key.decode("utf-8", "replace")  # as the job's raw STRING key
                     try:
-                        event = parse_event(record.value)
+                        events.append(accept_record(key, record.value, max_event_bytes))
                     except EventError as exc:
                         rejected[exc.kind] += 1
-                        continue
-                    if record.key is not None and record.key.decode("utf-8", "replace") != event.user_id:
-                        rejected["key_mismatch"] += 1
-                        continue
-                    events.append(event)
             if progress and time.monotonic() - last_report > 2:
                 print(f"  read {read:,}/{total:,} new events", file=sys.stderr, flush=True)
                 last_report = time.monotonic()

@@ -68,14 +68,14 @@ def _one_pass(store: FeatureStore, tower: UserTower, batch: int, progress: Calla
             continue
         interests = tower.interests([r.window for r in stale], [r.profile for r in stale])
         now_ms = int(time.time() * 1000)
-        fresh, expected = [], []
+        fresh, read = [], []
         for record, vectors in zip(stale, interests):
             if vectors is None:
                 unknown += 1
                 continue
             fresh.append(InterestRecord(record.user_id, tower.version, vectors, record.window, record.last_event_ms, record.last_offset, now_ms, record.profile))
-            expected.append(record.updated_ms)
-        done = store.replace_if_unchanged(fresh, expected)
+            read.append(record)
+        done = store.replace_if_unchanged(fresh, read)
         rewritten += done
         progress(done)
     return seen, current, unknown, rewritten

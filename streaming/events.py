@@ -72,7 +72,10 @@ class BehaviourEvent:
 def encode_event(event: BehaviourEvent, max_bytes: int = MAX_EVENT_BYTES) -> bytes:
     """The event's record value, or EventError for an event the job would dead-letter: it is checked
     by the job's own parser, so producer and job cannot disagree on the contract."""
-    raw = json.dumps(event.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        raw = json.dumps(event.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+    except (TypeError, ValueError) as exc:  # a lone surrogate (UnicodeEncodeError), a value that is not JSON
+        raise EventError(f"not encodable as a JSON record: {exc!s:.160}") from None
     parse_event(raw, max_bytes)
     return raw
 
@@ -116,6 +119,8 @@ def parse_event(raw: bytes, max_bytes: int = MAX_EVENT_BYTES) -> BehaviourEvent:
     if obj["event_type"] not in EVENT_TYPES:
         raise EventError(f"event_type {obj['event_type']!r:.40} is not one of {EVENT_TYPES}")
     time_ms = obj["event_time_ms"]
+    if isinstance(time_ms, float) and time_ms.is_integer():  # 1000.0 is an integer to JSON Schema (json_schema()) too
+        time_ms = int(time_ms)
     if isinstance(time_ms, bool) or not isinstance(time_ms, int) or not 0 <= time_ms < MAX_TIME_MS:
         raise EventError(f"event_time_ms must be an integer number of ms since the epoch, got {time_ms!r:.40}")
     event_id = obj.get("event_id", "")
@@ -132,6 +137,16 @@ def parse_event(raw: bytes, max_bytes: int = MAX_EVENT_BYTES) -> BehaviourEvent:
     )
 
 
+def accept_record(key: str | None, value: bytes | None, max_bytes: int = MAX_EVENT_BYTES) -> BehaviourEvent:
+    """The job's acceptance rule for one Kafka record (key decoded as UTF-8): a valid event keyed by
+    its own user id, else EventError with the dead-letter reason. Whoever reads the events topic
+    besides the job (retraining) applies this, so both take the same events."""
+    event = parse_event(value or b"", max_bytes)
+    if event.user_id != key:
+        raise EventError(f"Kafka key {key!r:.80} differs from user_id {event.user_id!r:.80}; producers key events by user id")
+    return event
+
+
 def json_schema() -> dict:
     """FIELDS as a JSON Schema (draft 2020-12) document, for producers in other languages."""
     properties = {name: {"type": kind, "description": text} for name, (kind, _, text) in FIELDS.items()}
@@ -141,8 +156,9 @@ def json_schema() -> dict:
     for name in ("user_id", "item_id"):
         properties[name].update(minLength=1, maxLength=MAX_ID_CHARS)
     properties["event_id"]["maxLength"] = MAX_ID_CHARS
-    properties["profile"].update(maxProperties=MAX_MAP_ENTRIES, additionalProperties={"type": "string", "maxLength": MAX_ID_CHARS})
-    properties["side"].update(maxProperties=MAX_MAP_ENTRIES, additionalProperties={"type": ["string", "number"]})
+    for name, value_type in (("profile", "string"), ("side", ["string", "number"])):  # _string_map's rules
+        properties[name].update(maxProperties=MAX_MAP_ENTRIES, propertyNames={"maxLength": MAX_ID_CHARS},
+                                additionalProperties={"type": value_type, "maxLength": MAX_ID_CHARS})  # maxLength: strings only
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"https://mindstream.dev/schemas/behaviour-event-v{EVENT_SCHEMA}.json",

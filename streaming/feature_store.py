@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol
 
 import numpy as np
+from redis.exceptions import ResponseError
 
 RECORD_SCHEMA = 2  # 2: + profile
 
@@ -103,22 +104,42 @@ def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
         raise RecordError(f"user {user_id}: corrupt record ({exc!r})") from None
 
 
+def _record_of(user_id: str, reply) -> InterestRecord | None:
+    """The record of an HGETALL reply (None: no key). A key of another Redis type under the record's
+    name (WRONGTYPE) is a bad record, not an outage: RecordError, so a reader counts it as unreadable
+    instead of retrying it for ever, and the job's next write replaces it (put_many deletes first)."""
+    if isinstance(reply, Exception):
+        if str(reply).startswith("WRONGTYPE"):
+            raise RecordError(f"user {user_id}: the key holds another Redis type, not a record hash")
+        raise reply
+    return decode(user_id, reply) if reply else None
+
+
 class FeatureStore(Protocol):
     def put_many(self, records: Iterable[InterestRecord]) -> int: ...
     def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]: ...
     def delete(self, user_id: str) -> None: ...
     def user_ids(self, batch: int = 1000) -> Iterator[list[str]]: ...
-    def replace_if_unchanged(self, records: list[InterestRecord], expected_updated_ms: list[int]) -> int: ...
+    def replace_if_unchanged(self, records: list[InterestRecord], read: list[InterestRecord]) -> int: ...
 
 
-# Replaces a record only if nobody wrote it since it was read (its updated_ms is unchanged), so a
+def write_id(record: InterestRecord) -> tuple[str, str]:
+    """What tells one write of a user's record from the next: updated_ms alone does not (two writes
+    can fall in one millisecond), but the job writes a new window only with the Kafka offset of the
+    event that changed it, so (updated_ms, last_offset) changes with every new window; a rewrite with
+    both unchanged is of the same window."""
+    return str(record.updated_ms), record.last_offset
+
+
+# Replaces a record only if nobody wrote it since it was read (its write_id is unchanged), so a
 # backfill never overwrites a newer window the streaming job has just written.
-# KEYS[1] = record key; ARGV = expected updated_ms, ttl seconds (0 = none), field, value, ...
+# KEYS[1] = record key; ARGV = the write_id read (updated_ms, last_offset), ttl seconds (0 = none), field, value, ...
 REPLACE_IF_UNCHANGED = """
-if redis.call('HGET', KEYS[1], 'updated_ms') ~= ARGV[1] then return 0 end
+local stored = redis.call('HMGET', KEYS[1], 'updated_ms', 'last_offset')
+if stored[1] ~= ARGV[1] or stored[2] ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-if ARGV[2] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+if ARGV[3] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 return 1
 """
 
@@ -176,12 +197,15 @@ class RedisFeatureStore:
 
     def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]:
         if len(user_ids) == 1:  # the recall service's common case: a pipeline costs ~35 us more
-            fields = self.client.hgetall(self.key(user_ids[0]))
-            return [decode(user_ids[0], fields) if fields else None]
+            try:
+                reply = self.client.hgetall(self.key(user_ids[0]))
+            except ResponseError as exc:
+                reply = exc
+            return [_record_of(user_ids[0], reply)]
         pipe = self.client.pipeline(transaction=False)
         for user_id in user_ids:
             pipe.hgetall(self.key(user_id))
-        return [decode(u, fields) if fields else None for u, fields in zip(user_ids, pipe.execute())]
+        return [_record_of(u, reply) for u, reply in zip(user_ids, pipe.execute(raise_on_error=False))]
 
     def get_windows(self, user_ids: list[str]) -> list[tuple[str, ...] | None]:
         """Only the stored behaviour windows (None: no record), one round trip: what a checker of
@@ -206,14 +230,14 @@ class RedisFeatureStore:
         if chunk:
             yield chunk
 
-    def replace_if_unchanged(self, records: list[InterestRecord], expected_updated_ms: list[int]) -> int:
+    def replace_if_unchanged(self, records: list[InterestRecord], read: list[InterestRecord]) -> int:
         # A plain EVAL with the script's text (a few hundred bytes per record): redis-py's cluster
         # pipeline refuses EVALSHA (a node may lack the cached script) and has no eval() method, but
         # routes a queued EVAL by its key like any single-key command.
         pipe = self.client.pipeline(transaction=False)
-        for record, expected in zip(records, expected_updated_ms):
+        for record, before in zip(records, read):
             flat = [x for kv in encode(record).items() for x in kv]
-            pipe.execute_command("EVAL", REPLACE_IF_UNCHANGED, 1, self.key(record.user_id), str(expected), str(self.ttl_seconds), *flat)
+            pipe.execute_command("EVAL", REPLACE_IF_UNCHANGED, 1, self.key(record.user_id), *write_id(before), str(self.ttl_seconds), *flat)
         return sum(pipe.execute())
 
 
@@ -241,10 +265,10 @@ class InMemoryFeatureStore:
         for start in range(0, len(users), batch):
             yield users[start : start + batch]
 
-    def replace_if_unchanged(self, records: list[InterestRecord], expected_updated_ms: list[int]) -> int:
+    def replace_if_unchanged(self, records: list[InterestRecord], read: list[InterestRecord]) -> int:
         n = 0
-        for record, expected in zip(records, expected_updated_ms):
-            if record.user_id in self.rows and int(self.rows[record.user_id][b"updated_ms"]) == expected:
+        for record, before in zip(records, read):
+            if record.user_id in self.rows and write_id(decode(record.user_id, self.rows[record.user_id])) == write_id(before):
                 self.rows[record.user_id] = stored_fields(record)
                 n += 1
         return n

@@ -43,19 +43,24 @@ class RegistryTowers:
         now = self.clock()
         if self.tower is None or now - self.checked >= self.poll_s:
             self.checked = now
-            version = self.registry.current_version()
-            if self.tower is None or (version and version != self.tower.version):
-                self._load(version)
+            self._reload()
         return self.tower
 
-    def _load(self, version: str | None) -> None:
+    def _reload(self) -> None:
+        """Loads the registry's current tower unless it is the one in use. A registry that cannot be
+        read (e.g. a half-copied CURRENT.json on a shared volume) or a version that does not load is
+        a failed reload: counted, and the loaded tower kept."""
+        version = None
         try:
+            version = self.registry.current_version()
+            if self.tower is not None and (not version or version == self.tower.version):
+                return
             tower = UserTower.load(self.registry.path(version) if version else self.registry.current(), prefer_gpu=self.prefer_gpu, threads=1)
         except Exception:
             metrics.MODEL_RELOADS.labels("failed").inc()
             if self.tower is None:
                 raise  # nothing to serve with: the job cannot start without a model
-            log.exception("could not load user tower %s; keeping %s", version, self.tower.version)
+            log.exception("could not load the registry's current user tower (%s); keeping %s", version, self.tower.version)
             return
         if self.tower is not None:
             metrics.MODEL_INFO.remove(self.tower.version)
@@ -136,7 +141,7 @@ class InterestWriter:
         """The window of the user's stored record; empty when there is none or it is unreadable (counted)."""
         try:
             record = self._retrying(lambda: self.store.get_many([user_id])[0], f"feature-store read of user {user_id!r:.80}")
-        except RecordError as exc:  # another schema or corrupt: the job's next write replaces it
+        except RecordError as exc:  # another schema, corrupt, or a key of another type: the job's next write replaces it
             metrics.WINDOW_SEEDS.labels("unreadable").inc()
             log.warning("window of user %.80r not seeded: %s", user_id, exc)
             return UserWindow()
@@ -156,7 +161,8 @@ class InterestWriter:
                 return action()
             except RecordError:
                 raise  # the store answered: a bad record, not an outage
-            except Exception as exc:
+            except Exception as exc:  # server errors too: CLUSTERDOWN, TRYAGAIN, READONLY, OOM pass, and a
+                # read taken for unreadable would start the window empty, to be written over the stored one
                 metrics.STORE_ERRORS.inc()
                 log.warning("%s failed (%s); retrying in %.2fs", what, exc, delay)
                 self.sleep(delay)

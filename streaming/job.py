@@ -75,7 +75,7 @@ def _user_windows_function(settings: dict):
     from infra.config import RedisConfig
     from model_export.registry import ModelRegistry
     from streaming import metrics
-    from streaming.events import EventError, parse_event
+    from streaming.events import EventError, accept_record
     from streaming.feature_store import RedisFeatureStore
     from streaming.interest_writer import InterestWriter, RegistryTowers, dead_letter
     from streaming.window import Applied, UserWindow, apply_to_state
@@ -101,9 +101,7 @@ def _user_windows_function(settings: dict):
             key, value, partition, offset, produced_ms = row[0], row[1], row[2], row[3], row[4]
             metrics.EVENTS_IN.inc()
             try:
-                event = parse_event(value or b"", settings["max_event_bytes"])
-                if event.user_id != key:
-                    raise EventError(f"Kafka key {key!r:.80} differs from user_id {event.user_id!r:.80}; producers key events by user id")
+                event = accept_record(key, value, settings["max_event_bytes"])
             except EventError as exc:
                 metrics.DEAD_LETTERS.labels(exc.kind).inc()
                 yield dead_letter(str(exc), exc.kind, value or b"", partition, offset, produced_ms, settings["events_topic"])

@@ -25,8 +25,11 @@ others `UNKNOWN_TIME_MS`, before any event the window can still accept, in their
 a late but allowed event lands before the newest behaviour and is never evicted in favour of
 older ones; it lands after every other seeded behaviour, though, even one it is older than. The
 records the job reads again from its committed offsets, up to the stored offset, are recognised
-by that offset and not applied twice. (What such a start cannot know: the events of a write that was
-still queued when a checkpoint covered them and the job died before it, within `batch_max_delay_ms`.)
+by that offset and not applied twice; a copy resent under a new offset (a producer's retry) of the
+newest behaviour is recognised by item and time, a seeded behaviour having no type or id, while a
+copy of an older one is not (its time is unknown). (What such a start cannot know either: the events
+of a write that was still queued when a checkpoint covered them and the job died before it, within
+`batch_max_delay_ms`.)
 The job writes a seeded window to its state whatever the first event did to it, so the store is
 read once per such user (`apply_to_state`).
 """
@@ -142,8 +145,14 @@ def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, al
 
 def _same_event(behaviour: tuple[int, str, str, str], event: BehaviourEvent) -> bool:
     """Whether a behaviour of the event's own time is this event: the same event_id, or for events
-    without one the same item and type."""
+    without one the same item and type; for a behaviour seeded from a stored record (no type, no id)
+    the same item."""
     _, item, event_type, event_id = behaviour
+    if not event_type:
+        # Seeded (`from_record`): the record keeps neither type nor id, so a producer's retry of the
+        # newest event under a new offset would otherwise be applied twice. The price: another type
+        # of behaviour on the same item in the same millisecond as the seeded one is taken for a copy.
+        return item == event.item_id
     if event.event_id or event_id:
         return event_id == event.event_id
     return item == event.item_id and event_type == event.event_type

@@ -2,10 +2,11 @@
 
 import json
 
-from hypothesis import given, settings
+import pytest
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from streaming.events import EVENT_TYPES, MAX_ID_CHARS, BehaviourEvent, EventError, encode_event, parse_event
+from streaming.events import EVENT_TYPES, MAX_ID_CHARS, MAX_MAP_ENTRIES, MAX_TIME_MS, BehaviourEvent, EventError, encode_event, json_schema, parse_event
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -49,3 +50,33 @@ def test_every_valid_event_round_trips(user, item, event_type, time_ms, event_id
         assert exc.kind == "oversized"
         return
     assert parse_event(raw) == event
+
+
+# Values at and just past every limit of the contract, for the schema and the parser to agree on.
+edge_text = st.sampled_from([0, 1, MAX_ID_CHARS, MAX_ID_CHARS + 1]).flatmap(lambda n: st.text(min_size=n, max_size=n))
+edge_numbers = st.integers(-2, 2) | st.integers(MAX_TIME_MS - 2, MAX_TIME_MS + 1) | st.floats(allow_nan=False, allow_infinity=False) | st.booleans()
+edge_maps = st.dictionaries(edge_text, edge_text | edge_numbers | st.none(), max_size=MAX_MAP_ENTRIES + 1)
+edge_events = st.fixed_dictionaries(
+    {"schema": st.sampled_from([1, 1.0, 2, True, "1"]), "user_id": edge_text, "item_id": edge_text,
+     "event_type": st.sampled_from([*EVENT_TYPES, "like"]), "event_time_ms": edge_numbers | edge_text},
+    optional={"event_id": edge_text | edge_numbers, "profile": edge_maps, "side": edge_maps},
+)
+base = {"schema": 1, "user_id": "u", "item_id": "i", "event_type": "click", "event_time_ms": 1000}
+
+
+@settings(max_examples=300, deadline=None)
+@given(edge_events)
+@example({**base, "side": {"page": "x" * (MAX_ID_CHARS + 1)}})
+@example({**base, "profile": {"k" * (MAX_ID_CHARS + 1): "F"}})
+@example({**base, "event_time_ms": 1000.0})
+def test_the_json_schema_accepts_exactly_what_the_parser_accepts(obj):
+    """`python -m streaming schema` is what producers in other languages validate against: it must
+    refuse what the job dead-letters and accept what it takes (the record size aside: configured)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema_says = jsonschema.Draft202012Validator(json_schema()).is_valid(obj)
+    try:
+        parse_event(json.dumps(obj, allow_nan=False).encode(), max_bytes=2**31)
+        parser_says = True
+    except EventError:
+        parser_says = False
+    assert schema_says == parser_says

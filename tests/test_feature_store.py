@@ -1,5 +1,6 @@
 """The feature-store record contract, with an in-memory store and against a real Redis server."""
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -79,7 +80,7 @@ def test_real_redis_round_trip_replace_ttl_and_auth(tmp_path, cluster):
         assert sorted(u for chunk in store.user_ids(batch=64) for u in chunk) == sorted(r.user_id for r in records)
         current = store.get_many(["user-5"])[0]
         moved = dataclasses.replace(current, model_version="v3", updated_ms=current.updated_ms + 1)
-        assert store.replace_if_unchanged([moved, moved], [current.updated_ms, current.updated_ms]) == 1  # the 2nd saw a newer write
+        assert store.replace_if_unchanged([moved, moved], [current, current]) == 1  # the 2nd saw a newer write
         assert _same(store.get_many(["user-5"])[0], moved) and 0 < store.client.ttl("test:user:user-5") <= 3600
         # without the password the server refuses
         from redis.exceptions import AuthenticationError, RedisClusterException, ResponseError
@@ -90,6 +91,54 @@ def test_real_redis_round_trip_replace_ttl_and_auth(tmp_path, cluster):
         if cluster:  # the users' keys really are spread over the primaries
             holding = [node for node in server.nodes if redis.Redis(node.host, node.port, password="pw").dbsize() > 0]
             assert len(holding) == len(server.nodes)
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["standalone", "cluster"])
+def test_a_key_of_another_type_is_an_unreadable_record_not_an_outage(tmp_path, cluster):
+    """A stray key under a user's record name: the job counts the window as unreadable (it starts
+    empty) instead of retrying the read for ever, and its next write replaces the key."""
+    from prometheus_client import REGISTRY
+
+    from streaming.interest_writer import FixedTower, InterestWriter
+    from streaming.window import UserWindow
+
+    def unreadable() -> float:
+        return REGISTRY.get_sample_value("mindstream_stream_window_seeds_total", {"result": "unreadable"}) or 0.0
+
+    server_class = EmbeddedRedisCluster if cluster else EmbeddedRedis
+    with server_class(tmp_path / "redis") as server:
+        store = RedisFeatureStore.from_config(RedisConfig(uri=server.uri, cluster=cluster), prefix="test")
+        store.put_many([_record("u1")])
+        store.client.set("test:user:stray", "not a hash")
+        for users in (["stray"], ["u1", "stray"]):  # one read, and the pipelined one
+            with pytest.raises(RecordError, match="another Redis type"):
+                store.get_many(users)
+        slept, before = [], unreadable()
+        assert InterestWriter(FixedTower(None), store, sleep=slept.append).stored_window("stray") == UserWindow()
+        assert slept == [] and unreadable() == before + 1
+        store.put_many([_record("stray")])
+        assert _same(store.get_many(["stray"])[0], _record("stray"))
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_replace_never_overwrites_a_write_of_the_same_millisecond(tmp_path, backend):
+    """The backfill reads a record, the job writes a newer window within the same millisecond: the
+    backfill's replacement (built from the window it read) must not land."""
+    with contextlib.ExitStack() as stack:
+        if backend == "redis":
+            server = stack.enter_context(EmbeddedRedis(tmp_path / "redis"))
+            store = RedisFeatureStore.from_config(RedisConfig(uri=server.uri), prefix="test")
+        else:
+            store = InMemoryFeatureStore()
+        first = dataclasses.replace(_record("u1"), window=("a",), last_offset="0:1", updated_ms=1_700_000_000_000)
+        store.put_many([first])
+        read = store.get_many(["u1"])[0]
+        store.put_many([dataclasses.replace(first, window=("a", "b"), last_offset="0:2")])  # the job, same updated_ms
+        assert store.replace_if_unchanged([dataclasses.replace(read, model_version="v2", updated_ms=read.updated_ms + 9)], [read]) == 0
+        assert store.get_many(["u1"])[0].window == ("a", "b")
+        read = store.get_many(["u1"])[0]  # unchanged since this read: replaced
+        assert store.replace_if_unchanged([dataclasses.replace(read, model_version="v2", updated_ms=read.updated_ms + 9)], [read]) == 1
+        assert store.get_many(["u1"])[0].model_version == "v2"
 
 
 def test_redis_down_fails_fast(tmp_path):

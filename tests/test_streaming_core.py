@@ -61,6 +61,8 @@ def test_oversized_records_are_refused_before_parsing():
     event(t=-1),
     event(profile={"age": 25}),
     event(side={"flag": True}),
+    event(item="a\ud800b"),  # a lone surrogate: no UTF-8 encoding
+    event(side={"when": object()}),  # not a JSON value
 ])
 def test_the_producer_side_refuses_what_the_job_would_dead_letter(bad):
     with pytest.raises(EventError) as caught:
@@ -90,6 +92,34 @@ def test_the_json_schema_is_generated_from_the_contract():
     assert set(schema["required"]) == {"schema", "user_id", "item_id", "event_type", "event_time_ms"}
     assert schema["properties"]["event_type"]["enum"] == list(EVENT_TYPES)
     assert schema["additionalProperties"] is False
+
+
+def test_retraining_takes_exactly_the_records_the_job_accepts(monkeypatch):
+    """The event log reads the topic with the job's rule: its record limit, a key that is its user id."""
+    from types import SimpleNamespace
+
+    from model_export import event_log
+
+    big = event(user="42", side={f"k{i}": "x" * 200 for i in range(16)})  # over the default 4 KB
+    values = [encode_event(big, max_bytes=8192), encode_event(event(user="42"))]
+    records = [(b"42", values[0]), (None, values[1]), (b"7", values[1]), (b"42", None), (b"42", values[1])]
+
+    class Consumer:  # one partition holding `records`, all in the first poll
+        def partitions_for_topic(self, topic): return {0}
+        def beginning_offsets(self, partitions): return {tp: 0 for tp in partitions}
+        def end_offsets(self, partitions): return {tp: len(records) for tp in partitions}
+        def assign(self, partitions): self.unread = {partitions[0]: [SimpleNamespace(offset=i, key=k, value=v) for i, (k, v) in enumerate(records)]}
+        def seek(self, partition, offset): pass
+        def close(self): pass
+
+        def poll(self, timeout_ms, max_records):
+            batch, self.unread = self.unread, {}
+            return batch
+
+    monkeypatch.setattr(event_log, "_consumer", lambda kafka, group: Consumer())
+    read = event_log.read_new_events(None, "events", "group", {}, progress=False, max_event_bytes=8192)
+    assert read.events == [big, event(user="42")] and read.offsets == {0: 5}
+    assert read.rejected == {"invalid": 2, "malformed": 1}  # no key, another user's key (dead-lettered by the job), no value
 
 
 def test_dead_letters_keep_the_reason_and_the_original_value():
@@ -301,6 +331,15 @@ def test_a_late_but_allowed_event_lands_before_the_newest_seeded_behaviour():
     assert UserWindow.from_record(stored_record(())) == UserWindow([], 10_000, {}, "0:9")
 
 
+@pytest.mark.parametrize("event_id", ["e9", ""])
+def test_a_producer_retry_of_the_newest_seeded_behaviour_is_not_applied_twice(event_id):
+    """The retry comes under a new offset, and a seeded behaviour has no type or id: item and time tell."""
+    seeded = UserWindow.from_record(stored_record(("a", "b")))  # "b" is the newest, at 10_000
+    assert seeded.apply(event("b", 10_000, event_id=event_id), 8, 5_000, offset="0:10") is Applied.DUPLICATE
+    assert seeded.apply(event("c", 10_000, event_id=event_id), 8, 5_000, offset="0:11") is Applied.ADDED  # another item: new
+    assert seeded.item_ids() == ("a", "b", "c")
+
+
 def test_a_seeded_window_goes_to_state_whatever_the_event_did_so_the_store_is_read_once():
     from streaming.window import apply_to_state
 
@@ -347,6 +386,37 @@ def test_a_window_is_seeded_after_a_store_outage_and_starts_empty_from_a_corrupt
     assert writer.stored_window("u1").item_ids() == ("a",) and slept == [0.05, 0.1]  # waited, never guessed empty
     corrupt = UnreadableStore(RecordError("user u1: corrupt record"), times=1)
     assert InterestWriter(FixedTower(FakeTower()), corrupt, sleep=slept.append).stored_window("u1") == UserWindow()
+
+
+def test_an_unreadable_registry_is_a_failed_reload_and_the_tower_in_use_stays(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from model_export.artifact import UserTower
+    from model_export.registry import CURRENT_FILE, ModelRegistry
+    from streaming.interest_writer import RegistryTowers
+
+    def failed() -> float:
+        return REGISTRY.get_sample_value("mindstream_stream_model_reloads_total", {"result": "failed"}) or 0.0
+
+    monkeypatch.setattr(UserTower, "load", lambda path, **kw: SimpleNamespace(version=path.name, session=SimpleNamespace(provider="CPU")))
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "manifest.json").write_text("{}")
+    current = tmp_path / CURRENT_FILE
+    current.write_text('{"model_version": "v1"}')
+    clock = [0.0]
+    towers = RegistryTowers(ModelRegistry(tmp_path), poll_s=2.0, clock=lambda: clock[0])
+    assert towers.current().version == "v1"
+    before = failed()
+    for broken in ('{"model_version": "v2", "publ', '{"published_at": "x"}'):  # half copied; not the registry's shape
+        current.write_text(broken)
+        clock[0] += 2.0
+        assert towers.current().version == "v1"
+    assert failed() == before + 2
+    with pytest.raises(KeyError, match="model_version"):  # nothing loaded yet: the job cannot start
+        RegistryTowers(ModelRegistry(tmp_path)).current()
+    assert failed() == before + 3
 
 
 def test_the_throughput_run_ends_at_the_write_of_the_last_event_read():
@@ -458,7 +528,7 @@ def test_backfill_moves_every_record_to_the_new_version_but_never_over_a_newer_w
     stale = store.get_many(["u0"])[0]
     store.put_many([InterestRecord("u0", "v2", old, ("b",), 99, "0:99", stale.updated_ms + 5)])
     fresh = InterestRecord("u0", "v3", old, ("a",), 0, "0:0", 1)
-    assert store.replace_if_unchanged([fresh], [stale.updated_ms]) == 0
+    assert store.replace_if_unchanged([fresh], [stale]) == 0
     assert store.get_many(["u0"])[0].window == ("b",)
 
 
