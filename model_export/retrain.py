@@ -411,7 +411,8 @@ def retrain_once(config, publish_model: bool = True, progress: bool = True) -> d
         raise RetrainError(f"{parent.model_version} was trained on {lineage.log_events:,} logged events but {settings.state_dir} holds "
                            f"{len(log):,}: restore the retraining state folder ([retrain].state_dir) it was trained with")
     say(f"==> reading new events from {config.kafka.events_topic} (group {settings.consumer_group})")
-    read = read_new_events(config.kafka, config.kafka.events_topic, settings.consumer_group, log.offsets, settings.start_offsets, progress=progress)
+    read = read_new_events(config.kafka, config.kafka.events_topic, settings.consumer_group, log.offsets, settings.start_offsets,
+                           progress=progress, max_event_bytes=config.streaming.max_event_bytes)
     added = log.append(read.events, read.offsets)
     log.save(settings.state_dir)
     commit_offsets(config.kafka, config.kafka.events_topic, settings.consumer_group, log.offsets)
@@ -491,7 +492,8 @@ def refresh(config, export_dir: Path, say, stages: "Stages") -> dict:
 
 def retrain_due(settings, waiting: int, idle_s: float) -> str | None:
     """Why the scheduled mode should retrain now (None: not yet). `waiting` is the number of events
-    past the trained offsets, `idle_s` the time since the last retraining (or the scheduler's start)."""
+    the current version was not trained on (in the log, or still on the topic), `idle_s` the time
+    since the last retraining (or the scheduler's start)."""
     if settings.every_events > 0 and waiting >= settings.every_events:
         return f"{waiting:,} new events waiting (every_events = {settings.every_events:,})"
     if settings.every_minutes > 0 and idle_s >= settings.every_minutes * 60 and waiting >= settings.min_new_events:
@@ -504,8 +506,10 @@ def run_schedule(config, publish_model: bool = True, poll_s: float = 10.0, runs:
     topic or a failed retraining is reported and the schedule goes on (a scheduler that dies with
     the first broker hiccup refreshes nothing). runs > 0 stops after that many retrainings."""
     from model_export.event_log import pending_events
+    from model_export.registry import ModelRegistry
 
     settings = config.retrain
+    registry = ModelRegistry(config.paths.models_dir)
     if settings.every_events <= 0 and settings.every_minutes <= 0:
         raise RetrainError("scheduled mode needs [retrain].every_events or [retrain].every_minutes "
                            "(e.g. MINDSTREAM_RETRAIN__EVERY_MINUTES=30)")
@@ -514,7 +518,14 @@ def run_schedule(config, publish_model: bool = True, poll_s: float = 10.0, runs:
     while runs == 0 or done < runs:
         try:
             log = EventLog.load(settings.state_dir)
-            waiting = pending_events(config.kafka, config.kafka.events_topic, settings.consumer_group, log.offsets, settings.start_offsets)
+            on_topic, counted_from = pending_events(config.kafka, config.kafka.events_topic, settings.consumer_group, log.offsets, settings.start_offsets)
+            unrecorded = {p: o for p, o in counted_from.items() if p not in log.offsets}
+            if unrecorded:  # the first look fixes where the log starts: "latest" would move with the topic's end
+                log.append([], unrecorded)
+                log.save(settings.state_dir)
+            # Logged but untrained events count too: those of a run that was skipped, refused or failed.
+            trained = Lineage.of(Manifest.load(registry.current(), verify=False)).log_events
+            waiting = len(log) - trained + on_topic
         except Exception as exc:  # noqa: BLE001 - the broker may be restarting; look again next poll
             print(f"warning: could not count the new events ({type(exc).__name__}: {exc}); looking again in {poll_s:g} s", file=sys.stderr, flush=True)
             time.sleep(poll_s)

@@ -193,7 +193,19 @@ def test_schedule_is_due_by_event_count_or_by_time_with_enough_events():
     assert "31.0 min" in retrain_due(by_time, 100, 31 * 60)
 
 
-def test_the_schedule_outlives_a_broker_hiccup_and_a_failed_retraining(monkeypatch, tmp_path, capsys):
+def scheduler_config(tmp_path, export, start_offsets="earliest", **retrain):
+    """A schedule's configuration over a registry whose current version is `export` (trained on no logged event)."""
+    from model_export.registry import ModelRegistry
+
+    registry = ModelRegistry(tmp_path / "models")
+    registry.set_current(registry.install(export).model_version)
+    settings = {"every_events": 500, "every_minutes": 0.0, "min_new_events": 100, "state_dir": tmp_path / "retrain",
+                "consumer_group": "g", "start_offsets": start_offsets, **retrain}
+    return SimpleNamespace(kafka=SimpleNamespace(events_topic="events"), paths=SimpleNamespace(models_dir=registry.root),
+                           retrain=SimpleNamespace(**settings))
+
+
+def test_the_schedule_outlives_a_broker_hiccup_and_a_failed_retraining(monkeypatch, two_exports, tmp_path, capsys):
     import model_export.event_log
     import model_export.retrain
 
@@ -203,7 +215,7 @@ def test_the_schedule_outlives_a_broker_hiccup_and_a_failed_retraining(monkeypat
         look = next(looks)
         if isinstance(look, Exception):
             raise look
-        return look
+        return look, {0: 0}
 
     outcomes = iter([RuntimeError("Milvus unreachable"), {"status": "published", "model_version": "v2"}])
 
@@ -215,14 +227,53 @@ def test_the_schedule_outlives_a_broker_hiccup_and_a_failed_retraining(monkeypat
 
     monkeypatch.setattr(model_export.event_log, "pending_events", pending)
     monkeypatch.setattr(model_export.retrain, "retrain_once", retrain)
-    config = SimpleNamespace(kafka=SimpleNamespace(events_topic="events"),
-                             retrain=SimpleNamespace(every_events=500, every_minutes=0.0, min_new_events=100, state_dir=tmp_path,
-                                                     consumer_group="g", start_offsets="earliest"))
-    run_schedule(config, poll_s=0, runs=2)
+    run_schedule(scheduler_config(tmp_path, two_exports[0]), poll_s=0, runs=2)
     out = capsys.readouterr()
     assert [json.loads(line)["status"] for line in out.out.splitlines()] == ["failed", "published"]
     assert "broker restarting" in out.err and "Milvus unreachable" in out.err
     assert next(looks, None) is None  # 10 waiting was not due; 600 and 700 were
+
+
+class OnePartitionTopic:
+    """The consumer calls the schedule makes, on one partition whose end grows by `grow` records per look."""
+
+    def __init__(self, end, grow):
+        self.end, self.grow = end, grow
+
+    def partitions_for_topic(self, topic):
+        return {0}
+
+    def beginning_offsets(self, partitions):
+        return {tp: 0 for tp in partitions}
+
+    def end_offsets(self, partitions):
+        return {tp: self.end for tp in partitions}
+
+    def committed(self, tp):
+        return None
+
+    def close(self):
+        self.end += self.grow
+
+
+@pytest.mark.parametrize("start_offsets, logged, due_at_end", [
+    ("latest", 0, 5_000 + 540),  # counted from the first look's end: due once 500 have arrived since
+    ("earliest", 450, 450 + 60),  # 450 logged by a run that failed count: due 50 records later, not 500
+])
+def test_the_schedule_counts_every_event_the_current_version_was_not_trained_on(monkeypatch, two_exports, tmp_path, start_offsets, logged, due_at_end):
+    import model_export.event_log
+    import model_export.retrain
+
+    config = scheduler_config(tmp_path, two_exports[0], start_offsets)
+    log = EventLog()
+    log.append([event(f"u{i}", "a", i, f"e{i}") for i in range(logged)], {0: logged} if logged else {})
+    log.save(config.retrain.state_dir)
+    topic = OnePartitionTopic(end=5_000 if start_offsets == "latest" else logged, grow=60)
+    monkeypatch.setattr(model_export.event_log, "_consumer", lambda kafka, group: topic)
+    fired_at = []  # the topic's end as the look that found a retraining due saw it
+    monkeypatch.setattr(model_export.retrain, "retrain_once", lambda config, publish_model, progress: fired_at.append(topic.end - topic.grow) or {"status": "published"})
+    run_schedule(config, poll_s=0, runs=1, progress=False)
+    assert fired_at == [due_at_end]
 
 
 def test_clip_history_keeps_the_newest_items():
