@@ -78,7 +78,9 @@ class StreamingConfig:
     # the window of its stored record: one store read per such user. Off: such windows start empty.
     seed_windows_from_store: bool = True
     checkpoint_interval_ms: int = 5_000
-    checkpoint_dir: Path = REPO_ROOT / "var" / "flink" / "checkpoints"  # s3://... in production
+    # a folder, or a URI of a file system Flink writes to (s3://... in production): a string, since a
+    # Path would fold "s3://bucket" into the local folder "s3:/bucket"
+    checkpoint_dir: str = str(REPO_ROOT / "var" / "flink" / "checkpoints")
     parallelism: int = 1  # thread mode runs one Python interpreter per TaskManager JVM
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9465

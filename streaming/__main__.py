@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from infra.cli import run_command
+from infra.cli import UserError, run_command
 from infra.config import load_config
 
 
@@ -49,11 +49,15 @@ def cmd_produce(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from streaming.job import STATE_LAYOUT, latest_checkpoint, run_job, unrestorable_checkpoints
+    from streaming.job import STATE_LAYOUT, is_uri, latest_checkpoint, run_job, unrestorable_checkpoints
 
     config = load_config()
     restore = None
     if args.restore == "latest":
+        if is_uri(config.streaming.checkpoint_dir):
+            raise UserError(f"--restore latest looks in a local folder, and [streaming].checkpoint_dir is {config.streaming.checkpoint_dir}: "
+                            f"name the checkpoint, --restore {config.streaming.checkpoint_dir.rstrip('/')}/{STATE_LAYOUT}/<job id>/chk-<n> "
+                            "(on Kubernetes the Flink operator restores the last state itself)")
         restore = latest_checkpoint(config.streaming.checkpoint_dir)
         if restore is None:
             print(f"no checkpoint under {config.streaming.checkpoint_dir}/{STATE_LAYOUT}: starting from the committed Kafka offsets", file=sys.stderr)
@@ -62,7 +66,7 @@ def cmd_run(args) -> int:
                 print(f"  {len(stale)} checkpoint(s) of an older state layout (e.g. {stale[0]}) cannot be restored by this version: "
                       "users' windows continue from their stored records ([streaming].seed_windows_from_store); delete them once this job has checkpointed", file=sys.stderr)
     elif args.restore:
-        restore = Path(args.restore)
+        restore = args.restore if is_uri(args.restore) else Path(args.restore)
     run_job(config, restore)
     return 0
 

@@ -143,26 +143,35 @@ def _user_windows_function(settings: dict):
     return UserWindows()
 
 
+def is_uri(location: Path | str) -> bool:
+    """A location on a file system Flink reaches by scheme (s3://, hdfs://, file://), not a local path."""
+    return "://" in str(location)
+
+
+def storage_uri(location: Path | str) -> str:
+    """A location as Flink takes it: a URI as given, a local path made absolute."""
+    return str(location) if is_uri(location) else Path(location).expanduser().resolve().as_uri()
+
+
 def checkpoint_location(checkpoint_dir: Path | str) -> str:
     """Where this job's checkpoints go: [streaming].checkpoint_dir / STATE_LAYOUT, as a URI."""
-    root = str(checkpoint_dir) if "://" in str(checkpoint_dir) else Path(checkpoint_dir).resolve().as_uri()
-    return f"{root.rstrip('/')}/{STATE_LAYOUT}"
+    return f"{storage_uri(checkpoint_dir).rstrip('/')}/{STATE_LAYOUT}"
 
 
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+def latest_checkpoint(checkpoint_dir: Path | str) -> Path | None:
     """The newest complete checkpoint (a chk-N folder with _metadata) of any earlier run of this state layout."""
     done = [p.parent for p in (Path(checkpoint_dir) / STATE_LAYOUT).glob("*/chk-*/_metadata")]
     return max(done, key=lambda p: p.stat().st_mtime) if done else None
 
 
-def unrestorable_checkpoints(checkpoint_dir: Path) -> list[Path]:
+def unrestorable_checkpoints(checkpoint_dir: Path | str) -> list[Path]:
     """Complete checkpoints of other state layouts: this job cannot restore them."""
     root = Path(checkpoint_dir)
     return [p.parent for p in [*root.glob("*/chk-*/_metadata"), *root.glob("*/*/chk-*/_metadata")]
             if root / STATE_LAYOUT not in p.parents]
 
 
-def _environment(config: Config, restore_from: Path | None):
+def _environment(config: Config, restore_from: Path | str | None):
     from pyflink.common import Configuration
     from pyflink.datastream import StreamExecutionEnvironment
 
@@ -206,11 +215,11 @@ def _environment(config: Config, restore_from: Path | None):
     }.items():
         conf.set_string(key, value)
     if restore_from is not None:
-        conf.set_string("execution.state-recovery.path", Path(restore_from).resolve().as_uri())
+        conf.set_string("execution.state-recovery.path", storage_uri(restore_from))
     return StreamExecutionEnvironment.get_execution_environment(conf)
 
 
-def build_job(config: Config, restore_from: Path | None = None):
+def build_job(config: Config, restore_from: Path | str | None = None):
     """The job graph on a local (mini-cluster) environment; returns the environment to execute."""
     from pyflink.common import Types
     from pyflink.datastream.connectors.base import DeliveryGuarantee
@@ -268,7 +277,7 @@ def _sql_string(value: str) -> str:
     return str(value).replace("'", "''")
 
 
-def run_job(config: Config, restore_from: Path | None = None) -> None:
+def run_job(config: Config, restore_from: Path | str | None = None) -> None:
     """Runs the job until it is cancelled or killed (blocking)."""
     from infra.broker import ensure_topics
 

@@ -49,3 +49,11 @@ def test_the_recall_server_on_a_port_in_use_says_so(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "MINDSTREAM_RECALL__PORT" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_restoring_the_latest_checkpoint_of_a_remote_checkpoint_store_asks_for_the_checkpoint():
+    # `--restore latest` lists a local folder; s3:// (the Kubernetes configuration's) cannot be listed so
+    env = {"PATH": "/usr/bin:/bin", "MINDSTREAM_CONFIG": "", "MINDSTREAM_STREAMING__CHECKPOINT_DIR": "s3://bucket/checkpoints"}
+    result = subprocess.run([sys.executable, "-m", "streaming", "run", "--restore", "latest"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "name the checkpoint, --restore s3://bucket/checkpoints/state-" in result.stderr

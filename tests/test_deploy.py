@@ -178,7 +178,7 @@ def test_configmap_and_the_recall_pods_environment_are_a_valid_configuration(tmp
     assert monitoring.exporter_host == "0.0.0.0" and {"name": "metrics", "containerPort": monitoring.exporter_port} in exporter["ports"]
 
 
-def test_flink_deployment_structure():
+def test_flink_deployment_structure(tmp_path):
     """FlinkDeployment is a CRD without a bundled schema: check the fields this job relies on."""
     (fd,) = _by_kind("FlinkDeployment")
     assert fd["apiVersion"] == "flink.apache.org/v1beta1"
@@ -198,9 +198,13 @@ def test_flink_deployment_structure():
     streaming = _toml()["streaming"]
     assert job["parallelism"] == streaming["parallelism"]
     assert streaming["topic_partitions"] >= streaming["parallelism"]
-    from streaming.job import checkpoint_location
+    from streaming.job import STATE_LAYOUT, checkpoint_location
 
-    assert conf["execution.checkpointing.dir"] == checkpoint_location(streaming["checkpoint_dir"])
+    # through the loaded configuration, as the job reads it (a Path there once made s3:// a local "s3:/" folder)
+    path = tmp_path / "mindstream.toml"
+    path.write_text(_by_kind("ConfigMap")[0]["data"]["mindstream.toml"])
+    loaded = load_config(path, environ={}).streaming.checkpoint_dir
+    assert conf["execution.checkpointing.dir"] == checkpoint_location(loaded) == f"{streaming['checkpoint_dir']}/{STATE_LAYOUT}"
     (container,) = spec["podTemplate"]["spec"]["containers"]
     assert container["name"] == "flink-main-container"  # the operator merges by this name
     assert {"name": "job-metrics", "containerPort": streaming["metrics_port"]} in container["ports"]
