@@ -95,6 +95,7 @@ class ReadReport:
     offsets: dict[int, int]  # partition -> next offset after this read
     rejected: Counter  # EventError kind -> count (the job dead-letters these)
     seconds: float
+    gaps: list[str] = field(default_factory=list)  # records the log can no longer have (retention, a recreated topic)
 
 
 def pending_events(kafka, topic: str, group: str, offsets: dict[int, int], start: str = "earliest") -> tuple[int, dict[int, int]]:
@@ -103,7 +104,7 @@ def pending_events(kafka, topic: str, group: str, offsets: dict[int, int], start
     consumer = _consumer(kafka, group)
     try:
         partitions = _partitions(consumer, topic)
-        starts = _start_offsets(consumer, partitions, offsets, start)
+        starts, _ = _start_offsets(consumer, partitions, offsets, start)
         ends = consumer.end_offsets(partitions)
         return sum(max(0, ends[tp] - starts[tp]) for tp in partitions), {tp.partition: starts[tp] for tp in partitions}
     finally:
@@ -122,7 +123,7 @@ def read_new_events(kafka, topic: str, group: str, offsets: dict[int, int], star
     consumer = _consumer(kafka, group)
     try:
         partitions = _partitions(consumer, topic)
-        starts = _start_offsets(consumer, partitions, offsets, start)
+        starts, gaps = _start_offsets(consumer, partitions, offsets, start)
         ends = consumer.end_offsets(partitions)
         consumer.assign(partitions)
         for tp in partitions:
@@ -154,7 +155,7 @@ def read_new_events(kafka, topic: str, group: str, offsets: dict[int, int], star
             if progress and time.monotonic() - last_report > 2:
                 print(f"  read {read:,}/{total:,} new events", file=sys.stderr, flush=True)
                 last_report = time.monotonic()
-        return ReadReport(events, {tp.partition: position[tp] for tp in partitions}, rejected, time.perf_counter() - started)
+        return ReadReport(events, {tp.partition: position[tp] for tp in partitions}, rejected, time.perf_counter() - started, gaps)
     finally:
         consumer.close()
 
@@ -198,18 +199,27 @@ def _partitions(consumer, topic: str) -> list:
     return [TopicPartition(topic, p) for p in sorted(ids)]
 
 
-def _start_offsets(consumer, partitions: list, offsets: dict[int, int], start: str) -> dict:
+def _start_offsets(consumer, partitions: list, offsets: dict[int, int], start: str) -> tuple[dict, list[str]]:
+    """(partition -> offset to read from, what the log missed: one line per partition with a gap)."""
     if start not in START_POLICIES:
         raise ConfigError(f"[retrain].start_offsets {start!r}: use one of {', '.join(START_POLICIES)}")
     earliest = consumer.beginning_offsets(partitions)
     latest = consumer.end_offsets(partitions)
-    out = {}
+    out, gaps = {}, []
     for tp in partitions:
         if tp.partition in offsets:
-            out[tp] = max(offsets[tp.partition], earliest[tp])  # retention may have deleted older records
+            recorded = offsets[tp.partition]
+            out[tp] = max(recorded, earliest[tp])
+            if recorded < earliest[tp]:
+                gaps.append(f"partition {tp.partition}: records {recorded:,}-{earliest[tp] - 1:,} were deleted by retention before retraining "
+                            "read them (retrain more often than the topic's retention)")
+            elif recorded > latest[tp]:  # offsets start again on a recreated topic: reading from the old one's would wait for ever
+                out[tp] = earliest[tp]
+                gaps.append(f"partition {tp.partition}: the topic ends at {latest[tp]:,}, before the {recorded:,} already read: "
+                            "it was recreated; reading it from its start")
         elif start == "committed":
             committed = consumer.committed(tp)
             out[tp] = earliest[tp] if committed is None else committed
         else:
             out[tp] = earliest[tp] if start == "earliest" else latest[tp]
-    return out
+    return out, gaps

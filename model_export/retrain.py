@@ -418,7 +418,10 @@ def retrain_once(config, publish_model: bool = True, progress: bool = True) -> d
     commit_offsets(config.kafka, config.kafka.events_topic, settings.consumer_group, log.offsets)
     stages.lap("read")
     report = {"parent": parent.model_version, "events_read": len(read.events) + sum(read.rejected.values()), "events_added": added,
-              "rejected": dict(read.rejected), "log_events": len(log), "new_events": len(log) - lineage.log_events, "offsets": log.offsets}
+              "rejected": dict(read.rejected), "log_events": len(log), "new_events": len(log) - lineage.log_events, "offsets": log.offsets,
+              "gaps": read.gaps}
+    for gap in read.gaps:
+        print(f"warning: {config.kafka.events_topic} {gap}", file=sys.stderr, flush=True)
     say(f"    {added:,} events added ({report['new_events']:,} new since {parent.model_version}; {sum(read.rejected.values())} invalid skipped)")
     if report["new_events"] < settings.min_new_events:
         return {**report, "status": "skipped", "reason": f"{report['new_events']:,} new events, fewer than [retrain].min_new_events = {settings.min_new_events:,}", "seconds": stages.seconds}

@@ -34,7 +34,7 @@ from recall_service.filters import ItemFilter
 from recall_service.merge import MISSING_ITEM, merge_by_quota, merge_one_by_score
 from model_export.registry import NO_INACTIVE_ITEMS, InactiveItems
 from recall_service.query import FallbackReason, MergePolicy, RecallPath, RecallQuery
-from streaming.feature_store import InterestRecord, RecordError
+from streaming.feature_store import InterestRecord, RecordError, get_each
 
 ACTIVE_ONLY = "active == true"  # deactivated items are never recalled, whatever the request's filter
 
@@ -219,24 +219,18 @@ class Recaller:
         deadline.check("the feature store read")
         started = self.clock()
         try:
-            records = self.reader.get_many([p.query.user_id for p in pending])
+            records = get_each(self.reader, [p.query.user_id for p in pending])  # one corrupt record must not fail the others
         except BackendUnavailable as exc:
             self.store_breaker.failed()
             self._attribute(pending, "feature_store", self.clock() - started)
             self._store_down(pending, str(exc))
             return
-        except RecordError:  # one corrupt record must not fail the others
-            records = []
-            for p in pending:
-                try:
-                    records.extend(self.reader.get_many([p.query.user_id]))
-                except RecordError:
-                    records.append(None)
-                    p.reason = FallbackReason.CORRUPT_RECORD
         self.store_breaker.succeeded()
         self._attribute(pending, "feature_store", self.clock() - started)
         for p, record in zip(pending, records):
-            if record is not None:
+            if isinstance(record, RecordError):
+                record, p.reason = None, FallbackReason.CORRUPT_RECORD
+            elif record is not None:
                 try:
                     check_record(record, self.dims.get(record.model_version))
                 except RecordError:

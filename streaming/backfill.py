@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from model_export.artifact import UserTower
-from streaming.feature_store import FeatureStore, InterestRecord
+from streaming.feature_store import FeatureStore, InterestRecord, RecordError, get_each
 
 
 @dataclass
@@ -26,6 +26,7 @@ class BackfillReport:
     rewritten: int
     already_current: int
     skipped_unknown: int  # windows with no item the tower knows
+    skipped_unreadable: int  # corrupt records (another schema, another Redis type): the job's next write replaces them
     passes: int
     seconds: float
 
@@ -40,15 +41,15 @@ def backfill(store: FeatureStore, tower: UserTower, batch: int = 512, max_passes
     report = None
     rewritten = passes = 0
     while True:
-        seen, current, unknown, done = _one_pass(store, tower, batch, progress)
-        report = report or (seen, current, unknown)
+        seen, current, unknown, unreadable, done = _one_pass(store, tower, batch, progress)
+        report = report or (seen, current, unknown, unreadable)
         rewritten, passes = rewritten + done, passes + 1
-        if seen - current - unknown == 0 or passes >= max_passes:
+        if seen - current - unknown - unreadable == 0 or passes >= max_passes:
             # Even after a clean pass: until settle_s the job may still write with the old tower.
             if time.perf_counter() - started >= settle_s:
                 break
             time.sleep(pause_s)
-    return BackfillReport(tower.version, report[0], rewritten, report[1], report[2], passes, time.perf_counter() - started)
+    return BackfillReport(tower.version, report[0], rewritten, report[1], report[2], report[3], passes, time.perf_counter() - started)
 
 
 def job_settle_s(model_poll_s: float) -> float:
@@ -57,13 +58,14 @@ def job_settle_s(model_poll_s: float) -> float:
     return 2 * model_poll_s + 2.0
 
 
-def _one_pass(store: FeatureStore, tower: UserTower, batch: int, progress: Callable[[int], None]) -> tuple[int, int, int, int]:
-    """(records seen, already current, windows with no known item, rewritten) of one scan."""
-    seen = current = unknown = rewritten = 0
+def _one_pass(store: FeatureStore, tower: UserTower, batch: int, progress: Callable[[int], None]) -> tuple[int, int, int, int, int]:
+    """(records seen, already current, windows with no known item, unreadable, rewritten) of one scan."""
+    seen = current = unknown = unreadable = rewritten = 0
     for user_ids in store.user_ids(batch):
-        records = [r for r in store.get_many(user_ids) if r is not None]
+        read = [r for r in get_each(store, user_ids) if r is not None]
+        records = [r for r in read if not isinstance(r, RecordError)]
         stale = [r for r in records if r.model_version != tower.version]
-        seen, current = seen + len(records), current + len(records) - len(stale)
+        seen, current, unreadable = seen + len(read), current + len(records) - len(stale), unreadable + len(read) - len(records)
         if not stale:
             continue
         interests = tower.interests([r.window for r in stale], [r.profile for r in stale])
@@ -78,12 +80,13 @@ def _one_pass(store: FeatureStore, tower: UserTower, batch: int, progress: Calla
         done = store.replace_if_unchanged(fresh, read)
         rewritten += done
         progress(done)
-    return seen, current, unknown, rewritten
+    return seen, current, unknown, unreadable, rewritten
 
 
 def stored_versions(store: FeatureStore, batch: int = 1000) -> Counter:
-    """Model version -> how many stored records carry it (what may still be searched in Milvus)."""
+    """Model version -> how many stored records carry it (what may still be searched in Milvus);
+    unreadable records name none (the recall service answers them as corrupt, searching nothing)."""
     versions: Counter = Counter()
     for user_ids in store.user_ids(batch):
-        versions.update(r.model_version for r in store.get_many(user_ids) if r is not None)
+        versions.update(r.model_version for r in get_each(store, user_ids) if isinstance(r, InterestRecord))
     return versions

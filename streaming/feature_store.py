@@ -123,6 +123,21 @@ class FeatureStore(Protocol):
     def replace_if_unchanged(self, records: list[InterestRecord], read: list[InterestRecord]) -> int: ...
 
 
+def get_each(store, user_ids: list[str]) -> list[InterestRecord | RecordError | None]:
+    """`store.get_many`, where a corrupt record fails only its own place (its RecordError there) rather
+    than the whole read: one round trip while every record decodes, one per user after one does not."""
+    try:
+        return store.get_many(user_ids)
+    except RecordError:
+        out: list[InterestRecord | RecordError | None] = []
+        for user_id in user_ids:
+            try:
+                out.extend(store.get_many([user_id]))
+            except RecordError as exc:
+                out.append(exc)
+        return out
+
+
 def write_id(record: InterestRecord) -> tuple[str, str]:
     """What tells one write of a user's record from the next: updated_ms alone does not (two writes
     can fall in one millisecond), but the job writes a new window only with the Kafka offset of the

@@ -276,6 +276,25 @@ def test_the_schedule_counts_every_event_the_current_version_was_not_trained_on(
     assert fired_at == [due_at_end]
 
 
+def test_records_the_log_can_no_longer_read_are_named_and_a_recreated_topic_is_read_from_its_start():
+    from kafka import TopicPartition
+
+    from model_export.event_log import _start_offsets
+
+    class Topic:  # partition 0 lost 0-99 to retention; partition 1 was recreated and holds 300 records
+        def beginning_offsets(self, partitions):
+            return {tp: (100 if tp.partition == 0 else 0) for tp in partitions}
+
+        def end_offsets(self, partitions):
+            return {tp: (500 if tp.partition == 0 else 300) for tp in partitions}
+
+    partitions = [TopicPartition("events", 0), TopicPartition("events", 1)]
+    starts, gaps = _start_offsets(Topic(), partitions, {0: 40, 1: 5_000}, "earliest")
+    assert {tp.partition: o for tp, o in starts.items()} == {0: 100, 1: 0}
+    assert "partition 0: records 40-99 were deleted by retention" in gaps[0] and "partition 1: the topic ends at 300" in gaps[1]
+    assert _start_offsets(Topic(), partitions, {0: 120, 1: 300}, "earliest")[1] == []
+
+
 def test_clip_history_keeps_the_newest_items():
     cases = SimpleNamespace(users=np.array([0, 1]), history=np.array([[1, 2, 3, 4], [5, 6, 0, 0]]), lengths=np.array([4, 2]),
                             target_offsets=np.array([0, 1, 2]), targets=np.array([9, 9]))

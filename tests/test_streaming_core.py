@@ -499,7 +499,7 @@ def test_the_backfill_command_settles_for_the_job_s_model_poll_interval(monkeypa
 
     def backfill(store, tower, **options):
         settles.append(options["settle_s"])
-        return streaming.backfill.BackfillReport(tower.version, 0, 0, 0, 0, 1, 0.0)
+        return streaming.backfill.BackfillReport(tower.version, 0, 0, 0, 0, 0, 1, 0.0)
 
     monkeypatch.setenv("MINDSTREAM_STREAMING__MODEL_POLL_S", "3")
     monkeypatch.setattr(registry, "ModelRegistry", lambda root: type("Registry", (), {"current": lambda self: root})())
@@ -508,6 +508,19 @@ def test_the_backfill_command_settles_for_the_job_s_model_poll_interval(monkeypa
     monkeypatch.setattr(streaming.backfill, "backfill", backfill)
     assert cli.main(["backfill", "--quiet"]) == 0 and cli.main(["backfill", "--quiet", "--settle-s", "1.5"]) == 0
     assert settles == [8.0, 1.5]  # 2 x model_poll_s + 2 by default
+
+
+def test_a_corrupt_record_is_skipped_by_the_backfill_and_its_version_count_not_fatal():
+    from streaming.backfill import backfill, stored_versions
+    from streaming.feature_store import InterestRecord
+
+    store = InMemoryFeatureStore()
+    store.put_many([InterestRecord(f"u{i}", "v1", np.ones((1, 4), dtype=np.float32), ("a",), i, f"0:{i}", 1000 + i) for i in range(3)])
+    store.rows["broken"] = {b"schema": b"999"}  # written by another version of the job, or by hand
+    report = backfill(store, VersionedTower("v2"), batch=10)
+    # the second pass finds nothing left to do: the unreadable record does not keep the passes going
+    assert (report.rewritten, report.skipped_unreadable, report.users_seen, report.passes) == (3, 1, 4, 2)
+    assert stored_versions(store) == {"v2": 3}
 
 
 def test_backfill_moves_every_record_to_the_new_version_but_never_over_a_newer_write():
