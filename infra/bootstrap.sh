@@ -9,7 +9,9 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   echo "error: Python 3.11 is required (PyFlink 2.0 and the pinned set); set PYTHON=/path/to/python3.11" >&2
   exit 2
 fi
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# A venv whose creation was interrupted has a python but no pip: make it again (--clear) rather than
+# fail on every later run.
+.venv/bin/python -m pip --version >/dev/null 2>&1 || "$PYTHON" -m venv --clear .venv
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "==> installing packages into .venv (first run: a few minutes, ~2.5 GB)" >&2

@@ -70,7 +70,8 @@ class StackCollector(Collector):
         lag = {}
         for tp in partitions:
             done = committed.get(tp)
-            position = done.offset if done is not None and done.offset >= 0 else starts[tp]
+            # Records retention deleted are no longer waiting: the group's next read starts after them.
+            position = max(done.offset, starts[tp]) if done is not None and done.offset >= 0 else starts[tp]
             lag[(tp.topic, tp.partition)] = max(0, ends[tp] - position)
         return lag
 

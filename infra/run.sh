@@ -16,6 +16,7 @@ case "${DATASET:-}" in
   *) if [ -e "$DATASET" ]; then DATASET=$(realpath "$DATASET"); fi ;;
 esac
 if [ -n "${RUN:-}" ]; then RUN=$(realpath -m "$RUN"); fi
+if [ -n "${MINDSTREAM_CONFIG:-}" ]; then export MINDSTREAM_CONFIG=$(realpath -m "$MINDSTREAM_CONFIG"); fi
 STACK_DIR=$(realpath -m "${STACK_DIR:-$(dirname "$SCRIPT")/../var/stack}")  # python -m infra up's default
 # A shell that still exports this stack's configuration from an earlier run: `up` writes it again below.
 if [ -n "${MINDSTREAM_CONFIG:-}" ] && [ ! -e "$MINDSTREAM_CONFIG" ] && [ "$(realpath -m "$MINDSTREAM_CONFIG")" = "$STACK_DIR/mindstream.toml" ]; then
@@ -58,10 +59,12 @@ $PY -m infra up --stack-dir "$STACK_DIR" >/dev/null
 # A rerun continues the replay where the last one stopped: replaying old events again would only
 # dead-letter them as late.
 next_file=$STACK_DIR/replay-$NAME.next
-START=$(cat "$next_file" 2>/dev/null || echo 0)
+START=$(cat "$next_file" 2>/dev/null || true); START=${START:-0}
 echo "==> replaying $DATASET events $START..$((START + EVENTS)) at $RATE events/s into Kafka" >&2
+# The position moves only after a whole replay: a failed or interrupted one is sent again.
 $PY -m streaming produce --dataset "$DATASET" --start "$START" --limit "$EVENTS" --rate "$RATE" \
-  | $PY -c 'import json, sys; print(json.load(sys.stdin)["next_start"])' > "$next_file"
+  | $PY -c 'import json, sys; print(json.load(sys.stdin)["next_start"])' > "$next_file.tmp"
+mv "$next_file.tmp" "$next_file"
 $PY -m infra demo --dataset "$DATASET" --start "$START" --limit "$EVENTS" --users 3 --n 10
 echo >&2
 echo "==> the stack keeps running:" >&2

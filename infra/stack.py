@@ -37,7 +37,7 @@ from infra.config import ENV_PREFIX, REPO_ROOT, Config, MilvusConfig, MilvusServ
 from infra.job_process import StreamingJobProcess
 from infra.milvus_server import MilvusLiteServer, MilvusServer
 from infra.monitoring import ExporterProcess, PrometheusProcess, prometheus_tool, write_prometheus_config
-from infra.process import ManagedProcess, free_port, port_open
+from infra.process import ManagedProcess, free_port, listener_of, port_open
 from infra.recall_process import RecallServiceProcess
 from infra.redis_server import EmbeddedRedis
 from model_export.registry import ModelRegistry
@@ -46,6 +46,8 @@ DEFAULT_STACK_DIR = REPO_ROOT / "var" / "stack"
 SERVICES = ("broker", "redis", "milvus", "streaming-job", "recall", "exporter", "prometheus")
 # The ports chosen at `up`, by what uses them.
 PORTS = ("broker", "redis", "milvus", "streaming_metrics", "recall", "recall_metrics", "exporter", "prometheus")
+SERVICE_PORTS = {"broker": ("broker",), "redis": ("redis",), "milvus": ("milvus",), "streaming-job": ("streaming_metrics",),
+                 "recall": ("recall", "recall_metrics"), "exporter": ("exporter",), "prometheus": ("prometheus",)}
 PID_SLACK_S = 2.0  # process start times are known to about a second
 
 
@@ -284,6 +286,7 @@ class Stack:
         if "milvus" in wanted and not running["milvus"] and current and not (self.layout.data("milvus") / config.milvus.embedded_server).exists():
             self.out(f"note: this Milvus ({config.milvus.embedded_server}) starts empty while the stack's current model is {current}: "
                      f"publish a model again (`MINDSTREAM_CONFIG={self.layout.config_path} python -m model_export publish --export-dir DIR`)")
+        self._refuse_taken_ports([name for name in wanted if not running[name] and not self.skip_reason(name, config)], config)
         self.out(f"starting the embedded stack in {self.layout.root} (configuration: {self.layout.config_path})")
         # Two waves: the stores first (the job and the services connect to them at start), then
         # the slow starters together (the job's JVM takes 10-25 s; the others start meanwhile).
@@ -302,6 +305,16 @@ class Stack:
                 self._create_topics(config)
         self.out(f"up in {time.monotonic() - started_at:.1f} s")
         return 0
+
+    def _refuse_taken_ports(self, starting: list[str], config: Config) -> None:
+        """A service restarted beside running ones keeps its port; if another process took it meanwhile,
+        the port probe would take that process for the service (the service itself exits on bind)."""
+        ports = ports_of(config)
+        for name in starting:
+            for key in SERVICE_PORTS[name]:
+                if port_open("127.0.0.1", ports[key]):
+                    raise StackError(f"{name} is not running but its port 127.0.0.1:{ports[key]} is taken{listener_of(ports[key])}: stop that "
+                                     "process, or `python -m infra down` and `up` again (which picks free ports)")
 
     def _await_all(self, spawned: dict[str, tuple[ManagedProcess, float]], config: Config) -> None:
         """Waits for the health checks side by side, saying each service's start time as it becomes ready."""

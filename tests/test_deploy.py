@@ -260,3 +260,13 @@ def test_every_pods_configuration_file_is_mounted_from_the_configmap():
             assert source in configmaps and file_name in configmaps[source]["data"], f"{name}: {path} is not in a ConfigMap"
             checked += 1
     assert checked >= 3  # recall, exporter, the Flink job
+
+
+def test_the_image_generates_the_grpc_stubs_while_it_can_write_them():
+    # The stubs are git-ignored and generated on import when missing; the image's processes run as
+    # flink, who cannot write recall_service/: a build without this step gives a service that
+    # cannot start (PermissionError on recall_service/_generated.lock).
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert dockerfile.index("python -m recall_service stubs") < dockerfile.index("\nUSER flink")
+    ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    assert "recall_service/_generated" in ignored  # a checkout's stale copy never enters the image

@@ -23,8 +23,10 @@ def stack_dir(tmp_path):
 @pytest.mark.slow
 def test_the_main_command_runs_end_to_end_on_a_user_brought_dataset(tmp_path, stack_dir):
     synthetic_interactions().to_csv(tmp_path / "shop.csv", index=False)
-    env = {**os.environ, "DATASET": "shop.csv", "EVENTS": "1500", "RUN": "runs/shop", "STACK_DIR": "stack"}
-    env.pop("MINDSTREAM_CONFIG", None)
+    (tmp_path / "mine.toml").write_text("[retrain]\nepochs = 3\n")  # a user's own configuration, named relative to their folder
+    stack_dir.mkdir()
+    (stack_dir / "replay-shop.next").write_text("")  # left empty by an earlier replay that was interrupted
+    env = {**os.environ, "DATASET": "shop.csv", "EVENTS": "1500", "RUN": "runs/shop", "STACK_DIR": "stack", "MINDSTREAM_CONFIG": "mine.toml"}
     result = subprocess.run([str(REPO / "infra" / "run.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "runs" / "shop" / "export" / "manifest.json").is_file()

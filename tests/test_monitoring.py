@@ -46,6 +46,18 @@ def test_generated_config_and_rules_pass_promtool(tmp_path):
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_the_clusters_rule_groups_pass_promtool_as_one_file(tmp_path):
+    # The PrometheusRule puts both rule files' groups in one list: group names must be unique across them.
+    import yaml
+
+    from infra.k8s_rules import K8S_RULES_PATH
+
+    merged = tmp_path / "merged.yml"
+    merged.write_text(yaml.safe_dump({"groups": yaml.safe_load(K8S_RULES_PATH.read_text())["spec"]["groups"]}))
+    checked = subprocess.run([tool("promtool"), "check", "rules", str(merged)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_alert_rules_fire_as_their_unit_tests_say():
     tested = subprocess.run([tool("promtool"), "test", "rules", str(RULES_DIR / "rules_test.yml")], capture_output=True, text=True)
     assert tested.returncode == 0, tested.stdout + tested.stderr
@@ -159,3 +171,29 @@ def test_every_panel_query_and_recording_rule_returns_data_from_real_prometheus(
                 server.shutdown()
                 server.server_close()
             exporter_collector.close()
+
+
+def test_consumer_lag_leaves_out_records_retention_deleted():
+    from types import SimpleNamespace
+
+    from kafka import TopicPartition
+
+    from infra.exporter import StackCollector
+
+    class Broker:  # partition 0: records up to 100 deleted, end 130, group committed at 10 (before the deletion)
+        def partitions_for_topic(self, topic):
+            return {0, 1}
+
+        def end_offsets(self, partitions):
+            return {tp: 130 for tp in partitions}
+
+        def beginning_offsets(self, partitions):
+            return {tp: (100 if tp.partition == 0 else 0) for tp in partitions}
+
+        def list_group_offsets(self, wanted):
+            (group, partitions), = wanted.items()
+            return {group: {TopicPartition("events", 0): SimpleNamespace(offset=10), TopicPartition("events", 1): SimpleNamespace(offset=125)}}
+
+    collector = StackCollector(load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_KAFKA__EVENTS_TOPIC": "events"}))
+    collector._admin = collector._consumer = Broker()
+    assert collector.consumer_lag() == {("events", 0): 30, ("events", 1): 5}

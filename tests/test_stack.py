@@ -6,6 +6,7 @@ groups' shutdown."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -118,6 +119,15 @@ def test_up_status_down_with_real_processes(stack_dir):
     os.killpg(pids["redis"], signal.SIGKILL)
     time.sleep(0.3)
     assert {s["name"]: s["state"] for s in json.loads(infra("status", "--json", "--stack-dir", str(stack_dir)).stdout)["services"]}["redis"] == "exited"
+    # ... unless another process took its port meanwhile: the port probe would take it for Redis
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", ports_of(config)["redis"]))
+        squatter.listen()
+        refused = infra("up", "--stack-dir", str(stack_dir), "--skip", "streaming-job", env=env)
+    assert refused.returncode == 2, refused.stderr
+    assert f"redis is not running but its port 127.0.0.1:{ports_of(config)['redis']} is taken by " in refused.stderr
+    assert f"(pid {os.getpid()})" in refused.stderr
     restarted = infra("up", "--stack-dir", str(stack_dir), "--skip", "streaming-job", env=env)
     assert restarted.returncode == 0, restarted.stderr
     assert "redis          ready" in restarted.stderr and "broker         already running" in restarted.stderr
