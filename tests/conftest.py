@@ -1,4 +1,5 @@
 import ipaddress
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+
+def pytest_configure(config):
+    """The suite runs on the built-in defaults whatever the shell exports: the README's
+    `export MINDSTREAM_CONFIG=$PWD/var/stack/mindstream.toml` would otherwise point tests (and the
+    services they start with the environment) at a running stack's Redis, Milvus and broker."""
+    for name in [n for n in os.environ if n == "MINDSTREAM_CONFIG" or (n.startswith("MINDSTREAM_") and "__" in n)]:
+        del os.environ[name]  # configuration only: switches such as MINDSTREAM_DISABLE_GPU stay
 
 
 def synthetic_interactions(n_users: int = 120, n_items: int = 60, seed: int = 0) -> pd.DataFrame:

@@ -41,14 +41,32 @@ def test_split_is_disjoint_deterministic_and_80_10_10(synthetic_csv, tmp_path):
     assert not np.array_equal(other_seed.test_users, data.test_users)
 
 
-def test_no_held_out_user_leaks_into_training_samples(synthetic_csv, tmp_path):
+def test_no_held_out_user_leaks_into_training(synthetic_csv, tmp_path, monkeypatch):
+    """What a real training run reads: every sequence it trains on and every count it samples
+    negatives from belong to training users."""
+    import model_export.train as train_module
+
     data = _load(synthetic_csv, tmp_path)
-    users, positions = training_positions(data, data.train_users)
-    assert set(np.unique(users)) <= set(data.train_users)
-    assert not set(np.unique(users)) & (set(data.valid_users) | set(data.test_users))
-    # popularity used by MostPop and the sampler comes only from training users
-    counts = data.item_counts(data.train_users)
-    assert counts.sum() == sum(len(data.sequence(u)) for u in data.train_users)
+    held_out = set(data.valid_users.tolist()) | set(data.test_users.tolist())
+    trained_on, counted = set(), []
+    gather = train_module.gather_histories
+
+    def spy_gather(data_, users, ends, maxlen):
+        trained_on.update(users.tolist())
+        return gather(data_, users, ends, maxlen)
+
+    counts = type(data).item_counts
+
+    def spy_counts(self, users):
+        counted.append(set(users.tolist()))
+        return counts(self, users)
+
+    monkeypatch.setattr(train_module, "gather_histories", spy_gather)
+    monkeypatch.setattr(type(data), "item_counts", spy_counts)
+    config = train_module.TrainConfig(dataset=str(synthetic_csv), model="mind", epochs=1, batch_size=64)
+    train_module.train(config, train_module.default_spec("mind", data), data, tmp_path / "run", progress=False)
+    assert trained_on and trained_on <= set(data.train_users.tolist()) and not trained_on & held_out
+    assert counted and all(c == set(data.train_users.tolist()) for c in counted)  # MostPop's and the sampler's popularity
 
 
 def test_sequences_are_time_ordered_and_histories_precede_targets(synthetic_csv, tmp_path):
@@ -84,9 +102,16 @@ def test_side_features_and_profile_are_loaded_from_a_table(synthetic_csv, tmp_pa
     assert "item_genre=gx" in set(data.side_vocab)
 
 
-def test_cache_round_trip(synthetic_csv, tmp_path):
+def test_cache_round_trip(synthetic_csv, tmp_path, monkeypatch):
+    import model_export.data as data_module
+
     first = _load(synthetic_csv, tmp_path)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the second load preprocessed the file again instead of reading the cache")
+
+    monkeypatch.setattr(data_module, "preprocess", not_again)
     second = _load(synthetic_csv, tmp_path)
     for key, value in first.__dict__.items():
         assert np.array_equal(np.asarray(value), np.asarray(getattr(second, key))), key

@@ -198,17 +198,23 @@ def test_health_reflection_and_metrics(stack):
     assert SERVICE_NAME in reflected.get_services()
     assert reflected.FindFileContainingSymbol(SERVICE_NAME).name == "mindstream/recall/v1/recall.proto"
 
+    def scraped() -> dict[str, float]:  # the exposition the service serves, by sample
+        text = urllib.request.urlopen(f"http://127.0.0.1:{stack.server.metrics_port}/metrics", timeout=5).read().decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+    ok = 'mindstream_recall_requests_total{code="OK",method="Recall"}'
+    invalid = 'mindstream_recall_requests_total{code="INVALID_ARGUMENT",method="Recall"}'
+    timed = 'mindstream_recall_latency_seconds_count{code="OK",path="stored_interests",stage="total"}'
+    before = scraped()  # the module's earlier tests have counted requests on this server already
     stack.recall(user_id="user-new", n=3)
     with pytest.raises(grpc.RpcError):
         stack.recall(user_id="user-new", n=0)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{stack.server.metrics_port}/metrics", timeout=5).read().decode()
-    for needle in ('mindstream_recall_latency_seconds_bucket{code="OK",le="0.003",path="stored_interests",stage="vector_search"}',
-                   'mindstream_recall_latency_seconds_count{code="OK",path="stored_interests",stage="total"}',
-                   'mindstream_recall_requests_total{code="INVALID_ARGUMENT",method="Recall"}',
-                   'mindstream_recall_requests_total{code="OK",method="Recall"}',
-                   'mindstream_recall_result_items_bucket', f'mindstream_recall_model_info{{model_version="{stack.new}"}} 1.0'):
-        assert needle in text, needle
-    assert 'code="INVALID_ARGUMENT",path="none"' not in text  # a client's mistake is counted, not timed
+    after = scraped()
+    for sample, added in ((ok, 1), (invalid, 1), (timed, 1)):
+        assert after[sample] - before.get(sample, 0.0) == added, sample
+    assert f'mindstream_recall_model_info{{model_version="{stack.new}"}}' in after
+    assert any(name.startswith("mindstream_recall_result_items_bucket") for name in after)
+    assert not any('code="INVALID_ARGUMENT",path="none"' in name for name in after)  # a client's mistake is counted, not timed
 
 
 def test_redis_down_falls_back_fast_or_is_unavailable_when_configured(stack):
@@ -224,16 +230,16 @@ def test_redis_down_falls_back_fast_or_is_unavailable_when_configured(stack):
                 if fallback:
                     assert stub.Recall(request, timeout=5).path == STORED
                     redis_server.stop()
-                for _ in range(3):  # the first call meets the dead socket, the next ones the open breaker
-                    started = time.monotonic()
+                # the first call meets the dead socket, the next ones the open breaker; the deadline
+                # bounds each, so a call that waited on the store would fail DEADLINE_EXCEEDED
+                for _ in range(3):
                     if fallback:
-                        response = stub.Recall(request, timeout=5)
+                        response = stub.Recall(request, timeout=2)
                         assert response.path == ON_THE_FLY and response.fallback_reason == recall_pb2.FALLBACK_REASON_FEATURE_STORE_UNAVAILABLE
                     else:
                         with pytest.raises(grpc.RpcError) as error:
-                            stub.Recall(request, timeout=5)
+                            stub.Recall(request, timeout=2)
                         assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "feature store" in error.value.details()
-                    assert time.monotonic() - started < 0.5
                 assert not server.probe()  # health: NOT_SERVING
             finally:
                 server.stop()
@@ -248,9 +254,7 @@ def test_milvus_down_serves_popular_items_at_once(stack):
         channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        started = time.monotonic()
-        response = recall_pb2_grpc.RecallServiceStub(channel).Recall(recall_pb2.RecallRequest(user_id="user-new", n=4), timeout=5)
-        assert time.monotonic() - started < 0.5
+        response = recall_pb2_grpc.RecallServiceStub(channel).Recall(recall_pb2.RecallRequest(user_id="user-new", n=4), timeout=2)
         assert response.path == POPULAR and response.fallback_reason == recall_pb2.FALLBACK_REASON_VECTOR_SEARCH_UNAVAILABLE
         assert not set(WINDOW) & {i.item_id for i in response.items}
     finally:
@@ -287,11 +291,9 @@ def test_the_client_deadline_bounds_the_work(stack):
     server = RecallServer(stack.config, reader=stack.server.reader, search=slow, models=stack.server.models).start()
     try:
         stub = recall_pb2_grpc.RecallServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
-        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as error:
             stub.Recall(recall_pb2.RecallRequest(user_id="user-new", n=5), timeout=0.2)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert time.monotonic() - started < 0.5
         # The search got the remaining budget, not its own 0.5 s cap. (The server's time_remaining()
         # can exceed the client's 0.2 s timeout slightly: 0.20009 s in a CI run.)
         assert slow.timeouts and slow.timeouts[0] <= 0.21
@@ -434,11 +436,10 @@ def test_rpcs_over_the_concurrency_limit_are_refused_at_once_and_counted(in_memo
     running = stub.Recall.future(request, timeout=10)
     assert search.entered.acquire(timeout=5)  # the one worker is held by the search
     queued = stub.Recall.future(request, timeout=10)
-    time.sleep(0.3)  # for the second RPC to reach the server and queue for the worker
-    started = time.monotonic()
-    with pytest.raises(grpc.RpcError) as error:
+    wait_for(lambda: server._limit.executor.tasks == 2, 5, "the second RPC queued for the worker")
+    with pytest.raises(grpc.RpcError) as error:  # queued behind the held work instead, it would end DEADLINE_EXCEEDED
         stub.Recall(request, timeout=5)
-    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - started < 1.0  # not queued behind the work
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert server.metrics.requests.labels("Recall", "RESOURCE_EXHAUSTED")._value.get() == 1
     assert "max_concurrent_rpcs" in error.value.details()
     search.gate.set()

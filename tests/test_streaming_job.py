@@ -191,6 +191,9 @@ def test_kill_and_restore_from_a_checkpoint_loses_and_doubles_nothing(stack):
     time.sleep(2.5)  # at least one checkpoint (every 1 s) covers part of the stream
     kill_then_send(job, producer, events[1500:])  # SIGKILL, mid-stream: some events are applied after the last checkpoint
     job.start(restore="latest")
+    # from a checkpoint, not from the store: a start without state would rebuild the same windows
+    started = [json.loads(line) for line in job.log_path.read_text().splitlines() if line.startswith('{"job"')]
+    assert "/chk-" in (started[-1]["restore_from"] or ""), started[-1]
     expected = expected_windows(events)
     users = sorted(expected)
     wait_for(lambda: all(r is not None and r.window == expected[r.user_id] for r in store.get_many(users)), timeout_s=90, what="every window complete after the restore")
