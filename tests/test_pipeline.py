@@ -145,6 +145,15 @@ def test_a_catalog_smaller_than_the_cutoffs_is_evaluated(kind, tmp_path):
     assert valid["hitrate@50"] == 1.0 and valid["recall@50"] == 1.0  # every item is recommended
 
 
+def test_training_stops_after_patience_epochs_without_a_better_validation_recall(synthetic_csv, tmp_path):
+    # lr 0: the weights never change, so no epoch after the first is better
+    result = cli("train", "--dataset", str(synthetic_csv), "--model", "mind", "--out", str(tmp_path / "run"), "--epochs", "6",
+                 "--patience", "2", "--lr", "0", "--quiet")
+    history = json.loads(result.stdout)
+    assert history["best"]["epoch"] == 1
+    assert [e["epoch"] for e in json.loads((tmp_path / "run" / "history.json").read_text())["epochs"]] == [1, 2, 3]
+
+
 def test_evaluating_on_another_dataset_is_refused(synthetic_csv, tmp_path):
     cli("train", "--dataset", str(synthetic_csv), "--model", "mostpop", "--out", str(tmp_path / "pop"), "--quiet")
     other = tmp_path / "other.txt"

@@ -209,10 +209,15 @@ def test_recall_requests_are_answered_or_refused_with_a_message(stack):
         code, answer = assert_answered_or_refused(stack, "Recall", request.SerializeToString())
         if code is grpc.StatusCode.OK:
             assert_keeps_the_contract(stack, request, answer)
+            answered["filtered"] += bool(request.filter and answer.items)
+            answered["excluding"] += bool(request.exclude_item_ids and answer.items)
         else:
             assert code is grpc.StatusCode.INVALID_ARGUMENT, answer  # no RecallRequest built here is over 4 MiB
 
+    answered = {"filtered": 0, "excluding": 0}
     property_holds()
+    # a service that refused every filter or exclusion would keep the contract vacuously
+    assert answered["filtered"] > 0 and answered["excluding"] > 0, answered
     assert_still_serving(stack)
 
 

@@ -328,6 +328,19 @@ def test_bearer_token_and_tls(stack, tmp_path):
         with pytest.raises(grpc.RpcError) as error:
             recall_pb2_grpc.RecallServiceStub(impostor_trusting).Recall(request, timeout=2, metadata=[("authorization", "Bearer s3cret")])
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        # the command line client, with the flags a user passes to reach such a server
+        def command(*flags):
+            return subprocess.run([sys.executable, "-m", "recall_service", "recall", "--user-id", "user-new", "--n", "3",
+                                   "--target", f"localhost:{server.port}", "--tls-ca", str(cert), *flags],
+                                  cwd=REPO, env={**os.environ, "MINDSTREAM_CONFIG": ""}, capture_output=True, text=True, timeout=60)
+
+        answered = command("--token", "s3cret")
+        assert answered.returncode == 0, answered.stderr
+        printed = json.loads(answered.stdout)
+        assert printed["path"] == "RECALL_PATH_STORED_INTERESTS" and len(printed["items"]) == 3
+        refused = command()
+        assert refused.returncode == 1 and refused.stderr.startswith("error: UNAUTHENTICATED")
     finally:
         server.stop()
 
