@@ -42,6 +42,17 @@ def _latencies_ms(fn, calls: int) -> np.ndarray:
     return out
 
 
+def _alternating(measure, sides: dict, rounds: int = 6) -> dict:
+    """measure(fn, share) for each side in `rounds` alternating slices: load that comes and goes on a
+    small machine (another process, a noisy neighbour) then falls on both sides alike instead of
+    skewing their ratio. Returns each side's slices' results, in order."""
+    results = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, fn in sides.items():
+            results[name].append(measure(fn, 1 / rounds))
+    return results
+
+
 def bench_user_tower(export_dir: Path, batch: int = 256, seconds: float = 3.0, single_calls: int = 2000, gpu: bool = False) -> dict:
     manifest = Manifest.load(export_dir)
     _, model = exported_model(export_dir, manifest)
@@ -82,10 +93,11 @@ def bench_user_tower(export_dir: Path, batch: int = 256, seconds: float = 3.0, s
     def onnx_single():
         session.run(*one)
 
-    torch_tput = _throughput(torch_batch, batch, seconds)
-    onnx_tput = _throughput(onnx_batch, batch, seconds)
-    torch_lat = _latencies_ms(torch_single, single_calls)
-    onnx_lat = _latencies_ms(onnx_single, single_calls)
+    # median slice throughput; latencies of all slices together
+    tput = _alternating(lambda fn, share: _throughput(fn, batch, seconds * share), {"torch": torch_batch, "onnx": onnx_batch})
+    torch_tput, onnx_tput = (float(np.median(tput[side])) for side in ("torch", "onnx"))
+    lat = _alternating(lambda fn, share: _latencies_ms(fn, max(1, round(single_calls * share))), {"torch": torch_single, "onnx": onnx_single})
+    torch_lat, onnx_lat = (np.concatenate(lat[side]) for side in ("torch", "onnx"))
     report = {
         "model_version": manifest.model_version,
         "provider": session.provider,
