@@ -27,6 +27,7 @@ from infra.job_process import StreamingJobProcess
 from infra.milvus_server import MilvusLiteServer
 from infra.redis_server import EmbeddedRedis, free_port
 from model_export.artifact import ModelArtifact
+from model_export.manifest import Manifest
 from model_export.publish import connect, publish_version
 from model_export.registry import ModelRegistry
 from recall_service.server import RecallServer
@@ -181,3 +182,19 @@ def test_a_refresh_under_load_fails_nothing_mixes_no_versions_and_serves_the_new
     found = system["stub"].Recall(recall_pb2.RecallRequest(user_id="someone-new", n=50, recent_item_ids=CLUSTER0[:4]), timeout=10)
     assert found.model_version == second and "fresh" in [i.item_id for i in found.items]
 
+
+
+def test_retraining_without_publishing_exports_a_candidate_and_leaves_the_current_version(system):
+    current = system["registry"].current_version()
+    now = int(time.time() * 1000)
+    for t in range(250):  # past min_new_events (200)
+        system["producer"].send(BehaviourEvent(f"u{t % 60}", f"i{(7 * t) % 60}", "click", now + t))
+    system["producer"].flush()
+    retrain = subprocess.run([sys.executable, "-m", "model_export", "retrain", "--no-publish", "--quiet"], cwd=REPO, env=system["env"],
+                             capture_output=True, text=True, timeout=600)
+    assert retrain.returncode == 0, retrain.stderr[-3000:]
+    report = json.loads(retrain.stdout)
+    assert report["status"] == "trained" and report["parent"] == current and report["new_events"] >= 250
+    candidate = Manifest.load(report["export_dir"])
+    assert candidate.extra["retrain"]["parent"] == current  # judged and exported, with its lineage
+    assert system["registry"].current_version() == current and candidate.model_version not in system["registry"].versions()
