@@ -324,3 +324,15 @@ def test_fine_tuning_grows_the_model_and_learns_the_new_item(two_exports, synthe
     start = new_item_rows(parent.item_vectors(), inc.data, inc.new_samples, inc.parent_items, 1, spec.maxlen, seed=2019)[0]
     learned = model.items.ids.weight[fresh].detach()
     assert torch.isfinite(learned).all() and not torch.allclose(learned, start)  # started from its context, then trained
+
+
+def test_a_refused_candidate_exits_3_with_the_gates_reason(monkeypatch, capsys):
+    import model_export.retrain
+    from model_export.__main__ import main
+
+    refused = {"status": "refused", "parent": "v1", "reason": "holdout recall@50 0.1155 is below 0.1275: the current model scores 0.1302"}
+    monkeypatch.setattr(model_export.retrain, "retrain_once", lambda config, publish_model, progress: refused)
+    monkeypatch.setenv("MINDSTREAM_CONFIG", "")
+    assert main(["retrain", "--quiet"]) == 3  # operators' schedulers tell "the gate said no" from a failure (1, 2)
+    out = capsys.readouterr()
+    assert json.loads(out.out)["status"] == "refused" and "refused: holdout recall@50 0.1155 is below 0.1275" in out.err
