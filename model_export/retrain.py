@@ -235,11 +235,11 @@ def _profiles(base: SequenceDataset, user_ids: np.ndarray, log_profiles: dict[st
 # ----------------------------------------------------------------------------- warm start
 
 
-def grow_weights(state: dict[str, torch.Tensor], parent_items: int, new_rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Appends rows for new items to every per-item table of the item embedding.
+def grow_weights(state: dict[str, torch.Tensor], new_rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Appends rows for new items to the per-item tables of the item embedding.
 
-    new_rows [n_new, D]: the id-embedding rows of the new items; other per-item tables (side-token
-    pooling) get zero rows: a new item has no side tokens."""
+    new_rows [n_new, D]: the id-embedding rows of the new items; the side-token pooling table gets
+    zero rows: a new item has no side tokens."""
     grown = dict(state)
     grown["items.ids.weight"] = torch.cat([state["items.ids.weight"], new_rows.to(state["items.ids.weight"].dtype)], dim=0)
     if "items.side_pooling" in state:  # by name: the side-token table may have as many rows as there are items
@@ -301,7 +301,7 @@ def fine_tune(parent_spec: ModelSpec, parent: torch.nn.Module, inc: IncrementalD
     rows = new_item_rows(parent.item_vectors(), data, inc.new_samples, inc.parent_items, len(inc.new_items), spec.maxlen, seed)
     torch.manual_seed(seed)
     model = build_model(spec, torch.as_tensor(data.item_side)).to(device)
-    model.load_state_dict(grow_weights(parent.state_dict(), inc.parent_items, rows))
+    model.load_state_dict(grow_weights(parent.state_dict(), rows))
     config = TrainConfig(dataset=data.name, model=spec.kind, seed=seed, epochs=settings.epochs, batch_size=settings.batch_size,
                          lr=settings.lr, device=device, dataset_fingerprint=data.fingerprint)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
