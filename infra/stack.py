@@ -44,10 +44,10 @@ from model_export.registry import ModelRegistry
 
 DEFAULT_STACK_DIR = REPO_ROOT / "var" / "stack"
 SERVICES = ("broker", "redis", "milvus", "streaming-job", "recall", "exporter", "prometheus")
-# The ports chosen at `up`, by what uses them.
-PORTS = ("broker", "redis", "milvus", "streaming_metrics", "recall", "recall_metrics", "exporter", "prometheus")
+# The ports chosen at `up`, by the service that listens on them.
 SERVICE_PORTS = {"broker": ("broker",), "redis": ("redis",), "milvus": ("milvus",), "streaming-job": ("streaming_metrics",),
                  "recall": ("recall", "recall_metrics"), "exporter": ("exporter",), "prometheus": ("prometheus",)}
+PORTS = tuple(port for service in SERVICES for port in SERVICE_PORTS[service])
 PID_SLACK_S = 2.0  # process start times are known to about a second
 
 
@@ -286,14 +286,15 @@ class Stack:
         if "milvus" in wanted and not running["milvus"] and current and not (self.layout.data("milvus") / config.milvus.embedded_server).exists():
             self.out(f"note: this Milvus ({config.milvus.embedded_server}) starts empty while the stack's current model is {current}: "
                      f"publish a model again (`MINDSTREAM_CONFIG={self.layout.config_path} python -m model_export publish --export-dir DIR`)")
-        self._refuse_taken_ports([name for name in wanted if not running[name] and not self.skip_reason(name, config)], config)
+        starting = [name for name in wanted if not running[name] and not self.skip_reason(name, config)]
+        self._refuse_taken_ports(starting, config)
         self.out(f"starting the embedded stack in {self.layout.root} (configuration: {self.layout.config_path})")
         # Two waves: the stores first (the job and the services connect to them at start), then
         # the slow starters together (the job's JVM takes 10-25 s; the others start meanwhile).
         for wave in (("broker", "redis", "milvus"), ("streaming-job", "recall", "exporter", "prometheus")):
             spawned = {}
             for name in wave:
-                if name in wanted and not running[name] and not self.skip_reason(name, config):
+                if name in starting:
                     spawned[name] = (self.process(name, config).spawn(), time.monotonic())
                     self._write_pid(name, spawned[name][0].pid)
             for name in wave:

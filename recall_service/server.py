@@ -352,7 +352,7 @@ class RecallServer:
         except OSError as exc:
             self._grpc.stop(0)
             raise ServeError(f"cannot serve metrics on {rc.metrics_host}:{rc.metrics_port} ({exc.strerror}): free the port or set "
-                             "[recall].metrics_host / metrics_port (MINDSTREAM_RECALL__METRICS_HOST / __METRICS_PORT)") from None
+                             "[recall].metrics_host / metrics_port (MINDSTREAM_RECALL__METRICS_HOST / MINDSTREAM_RECALL__METRICS_PORT)") from None
         self.metrics_port = self._metrics_http.server_port
         self._prober = threading.Thread(target=self._probe_loop, name="recall-health", daemon=True)
         self._prober.start()

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from infra.cli import UserError, run_command
 from infra.config import load_config
@@ -66,7 +65,7 @@ def cmd_run(args) -> int:
                 print(f"  {len(stale)} checkpoint(s) of an older state layout (e.g. {stale[0]}) cannot be restored by this version: "
                       "users' windows continue from their stored records ([streaming].seed_windows_from_store); delete them once this job has checkpointed", file=sys.stderr)
     elif args.restore:
-        restore = args.restore if is_uri(args.restore) else Path(args.restore)
+        restore = args.restore  # a folder or a URI: the job makes it the URI Flink reads (storage_uri)
     run_job(config, restore)
     return 0
 
