@@ -1,4 +1,4 @@
-"""python -m infra: the configuration shared by all packages, and the embedded stack's supervisor."""
+"""python -m infra: the shared configuration, the embedded stack's supervisor, monitoring files, and the demo and load suites."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""python -m model_export: train -> evaluate -> export, plus the quality, peer and speed benchmarks."""
+"""python -m model_export: the model's life (train -> evaluate -> export -> publish, items, retrain) and its benchmarks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""python -m streaming: the event contract, the producer, the PyFlink job and its benchmark."""
+"""python -m streaming: the event contract, topics, the producer, the PyFlink job, the backfill and their benchmarks."""
 
 from __future__ import annotations
 
