@@ -44,7 +44,6 @@ class SentEvent:
     event_time_ms: int
     first_sent_at: float
     failures: int = 0  # sends refused or failed (each one sent again with the same event id)
-    abandoned: bool = False  # the harness gave up sending it (never acked)
     acked_at: float | None = None
     seen_at: float | None = None
     evicted: bool = False  # never seen, and older than a full window's oldest behaviour
@@ -113,10 +112,6 @@ class EventLedger:
             event = self.events[event_id]
             event.failures += 1
             return event.failures
-
-    def abandon(self, event_id: str) -> None:
-        with self.lock:
-            self.events[event_id].abandoned = True
 
     def users_to_check(self) -> list[str]:
         with self.lock:

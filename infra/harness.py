@@ -212,9 +212,7 @@ class EventStream:
 
     def failed(self, event, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"[:200]
-        if self.ledger.failed(event.event_id) >= self.MAX_SENDS:
-            self.ledger.abandon(event.event_id)
-        else:
+        if self.ledger.failed(event.event_id) < self.MAX_SENDS:  # else given up: it stays unacked in the ledger
             self.resend.append((time.monotonic() + self.RESEND_AFTER_S, event))
 
     def _due_events(self) -> Iterator:

@@ -108,7 +108,7 @@ def timesplit_benchmark(model_kind: str, train_until: str, later_until: str, tes
     vocab = {"items": base.item_ids[1:].tolist(), "item_side": [[str(t) for t in base.side_vocab[row] if t != "<pad>"] for row in base.item_side[1:]]}
     lineage = Lineage(str(early_csv), base.fingerprint, 0)
     inc = prepare(base, log, vocab, lineage, settings)
-    grown_spec, incremental, epochs_run = fine_tune(spec, base_model, inc, settings)
+    _, incremental, epochs_run = fine_tune(spec, base_model, inc, settings)
     verdict = judge(evaluate_holdout(incremental, inc, spec.maxlen), evaluate_holdout(base_model, inc, spec.maxlen, parent=True), settings.tolerance)
 
     # Both on the last weeks: the same users (those the base model can read some history of; every item it
