@@ -66,6 +66,10 @@ def summarise(results: list[dict]) -> dict:
             stats = {m: (float(np.mean([x["test"][m] for x in runs])), float(np.std([x["test"][m] for x in runs]))) for m in REPORTED}
             stats["seconds_per_epoch"] = (float(np.mean([x["seconds_per_epoch"] for x in runs])), 0.0)
             stats["seeds"] = len(runs)
+            # where early stopping chose each seed's weights, and the passes run: a best epoch at the
+            # cap says the budget, not the model, ended the run
+            stats["best_epochs"] = [x["best_epoch"] for x in runs]
+            stats["epochs_run"] = [x["epochs_run"] for x in runs]
             summary[dataset][model] = stats
     return summary
 
@@ -86,11 +90,12 @@ def ratios(summary: dict) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| dataset | model | seeds | " + " | ".join(REPORTED) + " | s/epoch |", "|---|---|---|" + "---|" * (len(REPORTED) + 1)]
+    lines = ["| dataset | model | seeds | " + " | ".join(REPORTED) + " | s/epoch | best epoch (of run) |", "|---|---|---|" + "---|" * (len(REPORTED) + 2)]
     for dataset, models in summary.items():
         for model, stats in models.items():
             cells = " | ".join(f"{stats[m][0]:.4f} ± {stats[m][1]:.4f}" for m in REPORTED)
-            lines.append(f"| {dataset} | {model} | {stats['seeds']} | {cells} | {stats['seconds_per_epoch'][0]:.1f} |")
+            best = ", ".join(f"{b} ({n})" for b, n in zip(stats["best_epochs"], stats["epochs_run"]))
+            lines.append(f"| {dataset} | {model} | {stats['seeds']} | {cells} | {stats['seconds_per_epoch'][0]:.1f} | {best} |")
     return "\n".join(lines)
 
 

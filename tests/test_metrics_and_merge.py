@@ -55,3 +55,23 @@ def test_merge_ignores_inactive_interests_and_pads_short_results():
     assert interest[1].tolist() == [1, 0, -1]
     wide_ids, _, _ = merge_by_score(ids, scores, n=10)
     assert wide_ids.shape == (2, 10)
+
+
+def test_quality_summary_means_spreads_ratios_and_best_epochs():
+    from model_export.quality import markdown, ratios, summarise
+
+    def run(model, seed, recall50, hitrate50, best, ran):
+        test = {"recall@20": recall50 / 2, "recall@50": recall50, "hitrate@20": hitrate50 / 2, "hitrate@50": hitrate50, "ndcg@50": recall50 / 4}
+        return {"dataset": "d", "model": model, "seed": seed, "test": test, "best_epoch": best, "epochs_run": ran, "seconds_per_epoch": 10.0 * seed}
+
+    summary = summarise([run("youtube_dnn", 1, 0.20, 0.80, 9, 10), run("youtube_dnn", 2, 0.22, 0.80, 10, 10),
+                         run("mind", 1, 0.24, 0.90, 4, 7), run("mind", 2, 0.20, 0.70, 6, 9), run("mostpop", 1, 0.10, 0.50, 0, 0)])
+    mind = summary["d"]["mind"]
+    assert mind["recall@50"] == pytest.approx((0.22, 0.02)) and mind["hitrate@50"] == pytest.approx((0.80, 0.10))  # population std
+    assert mind["seeds"] == 2 and mind["seconds_per_epoch"][0] == pytest.approx(15.0)
+    assert (mind["best_epochs"], mind["epochs_run"]) == ([4, 6], [7, 9])
+    r = ratios(summary)["d"]
+    assert r["mind/youtube_dnn recall@50"] == pytest.approx(0.22 / 0.21, abs=5e-4) and r["mind/mostpop hitrate@50"] == pytest.approx(1.6)
+    assert not any(k.startswith("mind_remi") for k in r)  # a model not run has no ratio
+    row = next(line for line in markdown(summary).splitlines() if line.startswith("| d | mind |"))
+    assert "0.2200 ± 0.0200" in row and row.endswith("| 15.0 | 4 (7), 6 (9) |")
