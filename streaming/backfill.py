@@ -70,14 +70,14 @@ def _one_pass(store: FeatureStore, tower: UserTower, batch: int, progress: Calla
             continue
         interests = tower.interests([r.window for r in stale], [r.profile for r in stale])
         now_ms = int(time.time() * 1000)
-        fresh, read = [], []
+        fresh, as_read = [], []  # each rewrite, and the record it replaces as it was read
         for record, vectors in zip(stale, interests):
             if vectors is None:
                 unknown += 1
                 continue
             fresh.append(InterestRecord(record.user_id, tower.version, vectors, record.window, record.last_event_ms, record.last_offset, now_ms, record.profile))
-            read.append(record)
-        done = store.replace_if_unchanged(fresh, read)
+            as_read.append(record)
+        done = store.replace_if_unchanged(fresh, as_read)
         rewritten += done
         progress(done)
     return seen, current, unknown, unreadable, rewritten
