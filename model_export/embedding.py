@@ -9,15 +9,22 @@ vectors the model was trained against. Side features are a lookup table baked in
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class ItemEmbedding(nn.Module):
-    # Side tokens are pooled through a dense [items, tokens] weight matrix: one small matmul instead of
-    # a [B, L, tokens-per-item, D] gather, and the ONNX exporter folds it into the item table.
-    MAX_SIDE_TOKENS = 4096
+    """e_i = ids[i] + mean of side[t] over item i's side tokens t (none: the id embedding alone).
+
+    The side tokens are stored sparsely, per item: `side_tokens` [n_items + 1, S] (0 = no token) and
+    `side_weights` [n_items + 1, S] (1 / the item's token count), S = the most tokens any item has.
+    Memory and work grow with items x S, never with the vocabulary, so a catalog of millions of items
+    with a large side vocabulary (brands, categories) fits."""
+
+    DENSE_POOLING_ELEMENTS = 1 << 22  # the largest [items, vocabulary] pooling block built (16 MB)
 
     def __init__(self, n_items: int, dim: int, item_side: torch.Tensor, n_side_tokens: int):
         super().__init__()
@@ -27,32 +34,79 @@ class ItemEmbedding(nn.Module):
             self.ids.weight[0].zero_()
         self.side = None
         if n_side_tokens > 0:
-            if n_side_tokens > self.MAX_SIDE_TOKENS:
-                raise ValueError(f"{n_side_tokens} item side tokens; at most {self.MAX_SIDE_TOKENS} are supported")
             self.side = nn.Parameter(torch.randn(n_side_tokens + 1, dim) * 0.1)
-            # pooling[i, t] = 1 / (number of tokens of item i) if item i has token t; token 0 = none
-            pooling = torch.zeros(n_items + 1, n_side_tokens + 1)
-            pooling.scatter_(1, item_side.long(), 1.0)
-            pooling[:, 0] = 0.0
-            pooling = pooling / pooling.sum(1, keepdim=True).clamp(min=1.0)
-            self.register_buffer("side_pooling", pooling, persistent=True)  # [n_items + 1, n_side + 1]
+            tokens = item_side.long()
+            present = (tokens > 0).to(torch.float32)
+            self.register_buffer("side_tokens", tokens, persistent=True)  # [n_items + 1, S]
+            self.register_buffer("side_weights", present / present.sum(1, keepdim=True).clamp(min=1.0), persistent=True)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """items [...] int64 -> [..., D]; padding (0) maps to the zero vector."""
         if not self.training and self.side is not None:
-            # At inference the item table is a constant: computed once per call here, and folded into
-            # a single initializer by the ONNX exporter, so the exported tower only gathers.
-            return F.embedding(items, self.all_items())
+            return F.embedding(items, inference_table(self, self.all_items))
         e = self.ids(items)
         if self.side is not None:
-            e = e + self.side_pooling[items] @ self.side  # mean of the item's side-token embeddings
+            flat = items.reshape(-1)
+            e = e + self._side_mean(self.side_tokens[flat], self.side_weights[flat]).view(*items.shape, -1)
         return e
 
     def all_items(self) -> torch.Tensor:
         """[n_items + 1, D]: every item's vector (row 0 = padding)."""
         if self.side is None:
             return self.ids.weight
-        return self.ids.weight + self.side_pooling @ self.side
+        return self.ids.weight + self._side_mean(self.side_tokens, self.side_weights)
+
+    def _side_mean(self, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_s weights[..., s] side[tokens[..., s]]: [N, S] -> [N, D].
+
+        A small vocabulary takes one matmul with the dense [N, vocabulary] pooling block of these items
+        (on ML-1M's 3,416 items x 19 genres ~10x faster forward and backward than gathers: embedding
+        backward sorts its indices); a large one gathers once per token slot, with no [N, S, D]
+        intermediate. Both are gathers, scatters, products and sums: the ONNX exporter folds them."""
+        vocabulary = self.side.shape[0]
+        if tokens.shape[0] * vocabulary <= self.DENSE_POOLING_ELEMENTS:
+            pooling = torch.zeros(tokens.shape[0], vocabulary, dtype=weights.dtype, device=weights.device)
+            return pooling.scatter_add(1, tokens, weights) @ self.side
+        mean = weights[:, 0, None] * F.embedding(tokens[:, 0], self.side)
+        for s in range(1, tokens.shape[1]):
+            mean = mean + weights[:, s, None] * F.embedding(tokens[:, s], self.side)
+        return mean
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        pooling = state_dict.pop(prefix + "side_pooling", None)
+        if pooling is not None:  # weights saved before the side tokens were stored sparsely: a dense [items, vocabulary] mean
+            state_dict[prefix + "side_tokens"], state_dict[prefix + "side_weights"] = sparse_side_pooling(pooling)
+        if self.side is not None and prefix + "side_tokens" in state_dict:
+            # S is the data's (the most tokens any item has): the loaded tables replace the ones built here
+            self.side_tokens = torch.empty_like(state_dict[prefix + "side_tokens"])
+            self.side_weights = torch.empty_like(state_dict[prefix + "side_weights"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def sparse_side_pooling(pooling: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense pooling matrix [items, vocabulary] (pooling[i, t] = weight of token t in item i's mean)
+    -> (tokens, weights) [items, S]: each row's non-zero columns, left-aligned, 0 / 0.0 after them."""
+    present = pooling != 0
+    width = max(int(present.sum(1).max()), 1)
+    order = torch.argsort(present.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]  # non-zero columns first
+    keep = torch.gather(present, 1, order)
+    return torch.where(keep, order, 0), torch.where(keep, torch.gather(pooling, 1, order), 0.0)
+
+
+def inference_table(module: nn.Module, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """compute() (a table derived from the weights, e.g. every item's vector) for inference, kept on
+    `module` until one of its parameters or buffers changes: each optimizer step and load bumps the
+    tensor's version counter, a move to another device its address.
+
+    Computed outside a trace, the table is a plain tensor to the ONNX exporter: the exported tower
+    holds it as one initializer and only gathers from it (export warms it first)."""
+    key = tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+    cached = module.__dict__.get("_inference_table")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, compute())
+        module.__dict__["_inference_table"] = cached  # not a buffer: never saved, never in a state dict
+    return cached[1]
 
 
 def embed_each_item_once(items: torch.Tensor, embed, n_items: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from model_export.metrics import CUTOFFS, retrieval_metrics
 from recall_service.merge import MISSING_ITEM, merge_by_score
 
 EVAL_BATCH = 512
+SCORE_BLOCK_ELEMENTS = 1 << 26  # the most user x interest x item scores held at once (256 MB)
 
 
 @torch.no_grad()
@@ -36,12 +37,15 @@ def recommend(model: torch.nn.Module, data: SequenceDataset, cases: EvalCases, n
     items = model.item_vectors()  # [n_items + 1, D]
     out = []
     for interests, k_user in user_towers(model, data, cases, device):
-        scores = interests @ items.T  # [b, K, n_items + 1]
-        scores[..., 0] = float("-inf")  # padding is not an item
-        top_scores, top_ids = scores.topk(min(n, items.shape[0] - 1), dim=-1)  # [b, K, n]; a smaller catalog is padded by the merge
         active = torch.arange(interests.shape[1], device=device)[None, :] < k_user[:, None]
-        ids, _, _ = merge_by_score(top_ids.cpu().numpy(), top_scores.cpu().numpy(), n, active.cpu().numpy())
-        out.append(ids)
+        # users per block of scores, so that a catalog of millions of items stays within SCORE_BLOCK_ELEMENTS
+        rows = max(1, SCORE_BLOCK_ELEMENTS // (interests.shape[1] * items.shape[0]))
+        for start in range(0, interests.shape[0], rows):
+            scores = interests[start : start + rows] @ items.T  # [b, K, n_items + 1]
+            scores[..., 0] = float("-inf")  # padding is not an item
+            top_scores, top_ids = scores.topk(min(n, items.shape[0] - 1), dim=-1)  # [b, K, n]; a smaller catalog is padded by the merge
+            ids, _, _ = merge_by_score(top_ids.cpu().numpy(), top_scores.cpu().numpy(), n, active[start : start + rows].cpu().numpy())
+            out.append(ids)
     return np.concatenate(out)
 
 

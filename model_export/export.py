@@ -84,6 +84,8 @@ def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = 
         input_names.append("profile")
         dynamic_axes["profile"] = {0: "batch"}
     onnx_path = staging / "user_tower.onnx"
+    with torch.no_grad():  # computes the item table outside the trace, so the graph holds it as one constant
+        signature(*example)
     torch.onnx.export(
         signature,
         example,

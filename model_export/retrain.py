@@ -46,7 +46,7 @@ from model_export.export import export_model, exported_model
 from model_export.manifest import Manifest
 from model_export.sampled_softmax import NegativeSampler
 from model_export.spec import ModelSpec
-from model_export.train import SELECTION_METRIC, TrainConfig, build_model, run_epoch
+from model_export.train import SELECTION_METRIC, TrainConfig, build_model, build_optimizer, run_epoch
 
 NEW_ITEM_INIT_STD = 0.1  # a new item never preceded by a known item starts like a fresh embedding
 
@@ -238,13 +238,14 @@ def _profiles(base: SequenceDataset, user_ids: np.ndarray, log_profiles: dict[st
 def grow_weights(state: dict[str, torch.Tensor], new_rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Appends rows for new items to the per-item tables of the item embedding.
 
-    new_rows [n_new, D]: the id-embedding rows of the new items; the side-token pooling table gets
-    zero rows: a new item has no side tokens."""
+    new_rows [n_new, D]: the id-embedding rows of the new items; the per-item side-token tables get
+    empty rows: a new item has no side tokens."""
     grown = dict(state)
     grown["items.ids.weight"] = torch.cat([state["items.ids.weight"], new_rows.to(state["items.ids.weight"].dtype)], dim=0)
-    if "items.side_pooling" in state:  # by name: the side-token table may have as many rows as there are items
-        pooling = state["items.side_pooling"]
-        grown["items.side_pooling"] = torch.cat([pooling, pooling.new_zeros((len(new_rows), pooling.shape[1]))], dim=0)
+    for name in ("items.side_tokens", "items.side_weights"):  # by name: the side-token table may have as many rows as there are items
+        if name in state:
+            table = state[name]
+            grown[name] = torch.cat([table, table.new_zeros((len(new_rows), table.shape[1]))], dim=0)
     return grown
 
 
@@ -304,7 +305,7 @@ def fine_tune(parent_spec: ModelSpec, parent: torch.nn.Module, inc: IncrementalD
     model.load_state_dict(grow_weights(parent.state_dict(), rows))
     config = TrainConfig(dataset=data.name, model=spec.kind, seed=seed, epochs=settings.epochs, batch_size=settings.batch_size,
                          lr=settings.lr, device=device, dataset_fingerprint=data.fingerprint)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = build_optimizer(model, config)
     sampler = NegativeSampler(torch.as_tensor(inc.training_counts), config.sampler_alpha, device)  # the holdout stays unseen
     rng = np.random.default_rng(seed)
     new_users, new_positions = inc.new_samples

@@ -6,6 +6,7 @@ import torch
 
 from model_export.embedding import ItemEmbedding, embed_each_item_once
 from model_export.mind import MIND, b2i_routing, dynamic_interest_count, label_aware_attention, routing_regularization, squash
+from model_export.sampled_softmax import NegativeSampler
 from model_export.spec import ModelSpec
 from model_export.youtube_dnn import YouTubeDNN
 
@@ -156,8 +157,6 @@ def test_routing_regularization_reaches_the_behaviour_embeddings_only_when_enabl
 @pytest.mark.parametrize("kind", ["mind", "mind_remi", "youtube_dnn"])
 def test_training_step_reduces_loss_on_a_fixed_batch(kind):
     torch.manual_seed(0)
-    from model_export.sampled_softmax import NegativeSampler
-
     spec = _spec(kind=kind, n_interests=1 if kind == "youtube_dnn" else 4, hard_negative_beta=1.0 if kind == "mind_remi" else 0.0, routing_regularization=1.0 if kind == "mind_remi" else 0.0)
     model = (YouTubeDNN if kind == "youtube_dnn" else MIND)(spec, _side())
     items, lengths, profile = _inputs()
@@ -174,3 +173,146 @@ def test_training_step_reduces_loss_on_a_fixed_batch(kind):
         loss.backward()
         opt.step()
     assert np.isfinite(loss.item()) and loss.item() < first * 0.7
+
+
+# ----------------------------------------------------------------------------- large catalogs
+
+
+def test_side_tokens_are_pooled_from_their_sparse_tables_whatever_the_vocabulary():
+    """e_i = ids[i] + mean of item i's side-token embeddings, the same through the dense pooling block
+    (small vocabulary) and the per-slot gathers (large one), for any vocabulary size: no dense
+    [items, vocabulary] table is kept."""
+    n_items, vocabulary = 40, 5000
+    side = torch.zeros(n_items + 1, 3, dtype=torch.long)
+    side[1:, 0] = torch.arange(n_items) * 100 + 1  # tokens spread over the whole vocabulary
+    side[1::2, 1] = 4999
+    torch.manual_seed(0)
+    embed = ItemEmbedding(n_items, 8, side, vocabulary)
+    assert embed.side_tokens.shape == (n_items + 1, 3)  # items x tokens per item, not items x vocabulary
+    expected = torch.stack([embed.ids.weight[i] + (embed.side[side[i][side[i] > 0]].mean(0) if (side[i] > 0).any() else 0)
+                            for i in range(n_items + 1)])
+    items = torch.arange(n_items + 1)
+    for block in (1 << 22, 0):  # dense pooling block / gathers per token slot
+        embed.DENSE_POOLING_ELEMENTS = block
+        assert torch.allclose(embed.train()(items), expected, atol=1e-6)
+        assert torch.allclose(embed.eval()(items), expected, atol=1e-6)
+    assert torch.equal(embed.all_items()[0], torch.zeros(8))  # padding
+
+
+def test_weights_saved_with_the_dense_side_pooling_table_load_unchanged():
+    """Runs and exports made before the side tokens were stored sparsely (a dense `side_pooling`
+    [items, vocabulary]) load into the current model with the same item vectors and interests."""
+    torch.manual_seed(0)
+    model = MIND(_spec(), _side()).eval()
+    old = {k: v for k, v in model.state_dict().items() if k not in ("items.side_tokens", "items.side_weights")}
+    pooling = torch.zeros(31, 4).scatter_(1, _side(), 1.0)
+    pooling[:, 0] = 0.0
+    old["items.side_pooling"] = pooling / pooling.sum(1, keepdim=True).clamp(min=1.0)
+    loaded = MIND(_spec(), torch.zeros(31, 1, dtype=torch.long))  # the placeholder model_from_weights builds
+    loaded.load_state_dict(old)
+    loaded.eval()
+    assert torch.allclose(loaded.item_vectors(), model.item_vectors(), atol=1e-6)
+    items, lengths, profile = _inputs()
+    assert torch.allclose(loaded(items, lengths, profile)[0], model(items, lengths, profile)[0], atol=1e-6)
+
+
+def test_the_inference_table_follows_every_change_of_the_weights():
+    """The item table kept for inference is recomputed after an optimizer step or a load, never stale."""
+    torch.manual_seed(0)
+    model = MIND(_spec(), _side())
+    items, lengths, profile = _inputs()
+    model.eval()
+    before = model(items, lengths, profile)[0].clone()
+    model.train()
+    loss = model.loss(items, lengths, profile, torch.tensor([3, 5, 7, 9, 11, 13]), NegativeSampler(torch.ones(31)), 10)
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    model.eval()
+    stepped = model(items, lengths, profile)[0]
+    assert not torch.allclose(stepped, before)
+    fresh = MIND(_spec(), _side())
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    assert torch.allclose(fresh(items, lengths, profile)[0], stepped, atol=1e-6)
+    model.load_state_dict(MIND(_spec(), _side()).state_dict())  # other weights loaded into the same module
+    assert not torch.allclose(model(items, lengths, profile)[0], stepped)
+
+
+def _lazy_vs_dense(n_items: int, steps: int):
+    from model_export.train import LazyItemAdam, TrainConfig, build_optimizer
+
+    runs = []
+    for sparse_rows in (0, 1):  # plain Adam / LazyItemAdam
+        torch.manual_seed(0)
+        model = MIND(_spec(n_items=n_items), _side(n_items)).train()
+        optimizer = build_optimizer(model, TrainConfig(dataset="x", model="mind", lr=0.01, sparse_item_rows=sparse_rows))
+        assert isinstance(optimizer, LazyItemAdam) == (sparse_rows == 1) == model.items.ids.sparse
+        for step in range(steps):
+            items, lengths, profile = _inputs(n_items=n_items, seed=step)
+            loss = model.loss(items, lengths, profile, items[:, 0], NegativeSampler(torch.ones(n_items + 1)), 8,
+                              torch.Generator().manual_seed(step))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        runs.append(model)
+    return runs
+
+
+def test_lazy_item_adam_is_adam_when_every_step_touches_every_item():
+    # 30 items, 60 behaviours a step: the whole catalog is embedded every step (embed_each_item_once)
+    dense, lazy = _lazy_vs_dense(n_items=30, steps=5)
+    torch.manual_seed(0)
+    start = MIND(_spec(), _side())
+    assert (dense.items.ids.weight - start.items.ids.weight).abs().max() > 0.02  # 5 steps at lr 0.01 moved it
+    # The same updates up to where SparseAdam puts Adam's epsilon (eps / sqrt(1 - beta2^t): 3e-7 on the first
+    # step), which only moves rows whose gradients are ~1e-7 (observed: 1e-3 at most, a tenth of one step).
+    for (name, a), b in zip(dense.state_dict().items(), lazy.state_dict().values()):
+        assert torch.allclose(a, b, atol=2e-3), name
+
+
+def test_lazy_item_adam_moves_only_the_item_rows_a_step_touched():
+    """500 items, 60 behaviours a step: only the batch's distinct items, targets and negatives get gradient
+    rows. Lazy Adam leaves every other row where it is; plain Adam's momentum keeps moving rows that an
+    earlier step touched."""
+    from model_export.train import TrainConfig, build_optimizer
+
+    for sparse_rows in (1, 0):
+        torch.manual_seed(0)
+        model = MIND(_spec(n_items=500), _side(500)).train()
+        optimizer = build_optimizer(model, TrainConfig(dataset="x", model="mind", lr=0.01, sparse_item_rows=sparse_rows))
+        table = model.items.ids.weight
+        for step in range(3):
+            items, lengths, profile = _inputs(n_items=500, seed=step)
+            loss = model.loss(items, lengths, profile, items[:, 0], NegativeSampler(torch.ones(501)), 8, torch.Generator().manual_seed(step))
+            optimizer.zero_grad()
+            loss.backward()
+            grad = table.grad.coalesce().indices()[0] if table.grad.is_sparse else table.grad.abs().sum(1).nonzero()[:, 0]
+            touched = torch.zeros(501, dtype=torch.bool)
+            touched[grad] = True
+            before, dense_before = table.detach().clone(), model.bilinear.weight.detach().clone()
+            optimizer.step()
+            moved = (table != before).any(1)
+            assert moved[touched].any() and 0 < int(touched.sum()) < 100
+            assert not torch.equal(model.bilinear.weight, dense_before)  # the other weights train with Adam
+        if sparse_rows:
+            assert not moved[~touched].any()  # lazy: nothing the last step did not touch
+        else:
+            assert moved[~touched].any()  # plain Adam: rows touched by the earlier steps move on
+
+
+def test_evaluation_scores_a_large_catalog_in_blocks_with_the_same_result(monkeypatch):
+    """recommend() holds at most SCORE_BLOCK_ELEMENTS scores at once (a million items x 512 users x K
+    would be 8 GB); blocks of one user give the same recommendations as one block for all."""
+    from types import SimpleNamespace
+
+    import model_export.evaluate as evaluate
+    from model_export.data import EvalCases
+
+    torch.manual_seed(0)
+    model = MIND(_spec(n_items=300), _side(300))
+    items, lengths, profile = _inputs(n_items=300)
+    cases = EvalCases.from_lists(list(range(6)), [row[:n].numpy() for row, n in zip(items, lengths)], [[1]] * 6)
+    data = SimpleNamespace(user_profile=profile.numpy())
+    whole = evaluate.recommend(model, data, cases, n=50)
+    monkeypatch.setattr(evaluate, "SCORE_BLOCK_ELEMENTS", 1)  # one user per block
+    assert np.array_equal(evaluate.recommend(model, data, cases, n=50), whole) and whole.shape == (6, 50)

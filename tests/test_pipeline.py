@@ -28,7 +28,7 @@ def cli(*args, check=True):
     return result
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["export"], ["bench"], ["quality"], ["peer"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["export"], ["bench"], ["catalog-bench"], ["quality"], ["peer"]])
 def test_every_command_has_help(command):
     result = cli(*command, "--help")
     assert "usage:" in result.stdout
@@ -124,6 +124,36 @@ def test_train_evaluate_export_end_to_end(synthetic_csv, tmp_path):
         Manifest.load(export_dir)
 
 
+def test_lazy_item_updates_train_resume_and_export(synthetic_csv, tmp_path):
+    """--sparse-item-rows 1 puts the synthetic catalog on LazyItemAdam (sparse item gradients): trained,
+    checkpointed, resumed and exported like any run. A checkpoint of plain Adam (a run of an earlier
+    version, whose train.json has no sparse_item_rows) is refused with what to do, not a traceback."""
+    run = tmp_path / "lazy"
+    args = ["--dataset", str(synthetic_csv), "--model", "mind", "--out", str(run), "--patience", "5", "--quiet"]
+    cli("train", *args, "--epochs", "2", "--sparse-item-rows", "1")
+    cli("train", *args, "--epochs", "3", "--sparse-item-rows", "1", "--resume")
+    assert [e["epoch"] for e in json.loads((run / "history.json").read_text())["epochs"]] == [1, 2, 3]
+    assert set(torch.load(run / "checkpoint.pt", weights_only=True)["optimizer"]) == {"item_table", "dense"}
+    assert json.loads(cli("export", "--model-dir", str(run), "--dataset", str(synthetic_csv)).stdout)["parity_max_abs_diff"] <= PARITY_TOLERANCE
+
+    old = tmp_path / "old"
+    cli("train", *args[:5], str(old), "--patience", "5", "--quiet", "--epochs", "1", "--sparse-item-rows", "0")
+    settings = json.loads((old / "train.json").read_text())
+    del settings["sparse_item_rows"]
+    (old / "train.json").write_text(json.dumps(settings))
+    refused = cli("train", *args[:5], str(old), "--quiet", "--epochs", "2", "--sparse-item-rows", "1", "--resume", check=False)
+    assert refused.returncode == 2 and "resume it with --sparse-item-rows 0" in refused.stderr, refused.stderr
+    cli("train", *args[:5], str(old), "--quiet", "--epochs", "2", "--sparse-item-rows", "0", "--resume")
+
+
+def test_catalog_bench_prints_both_optimizers_and_the_retrieval(tmp_path):
+    result = cli("catalog-bench", "--items", "3000", "--side-vocabulary", "50", "--steps", "3", "--users", "8")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report[0]["items"] == 3000 and report[0]["optimizer"] == "Adam"  # below the default sparse_item_rows
+    assert set(report[0]["ms_per_step"]) == {"adam_every_row", "train_default", "ratio"} and report[0]["top50_seconds"] >= 0
+    assert "ms/step vs Adam over every row" in result.stdout
+
+
 @pytest.mark.parametrize("kind", ["mostpop", "youtube_dnn"])
 def test_baselines_train_and_evaluate(kind, synthetic_csv, tmp_path):
     result = cli("train", "--dataset", str(synthetic_csv), "--model", kind, "--out", str(tmp_path / kind), "--epochs", "1", "--quiet")
@@ -196,11 +226,13 @@ def test_onnx_parity_on_1000_movielens_held_out_users(tmp_path):
     assert np.array_equal(onnx_k, torch_k.numpy())
 
 
-def test_torchrun_trains_on_two_data_parallel_workers(synthetic_csv, tmp_path):
+@pytest.mark.parametrize("sparse_item_rows", ["100000", "1"])  # plain Adam / LazyItemAdam: DDP reduces sparse gradients too
+def test_torchrun_trains_on_two_data_parallel_workers(synthetic_csv, tmp_path, sparse_item_rows):
     """torch DDP through torchrun (Gloo on CPU): both workers step through the same batches, rank 0 writes the run."""
     run = tmp_path / "ddp"
     done = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "model_export", "train",
-                           "--dataset", str(synthetic_csv), "--model", "mind", "--out", str(run), "--epochs", "1", "--quiet"],
+                           "--dataset", str(synthetic_csv), "--model", "mind", "--out", str(run), "--epochs", "1", "--quiet",
+                           "--sparse-item-rows", sparse_item_rows],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     history = json.loads((run / "history.json").read_text())

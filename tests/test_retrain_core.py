@@ -160,11 +160,13 @@ def test_timesplit_cases_keep_readable_history_and_count_each_unknown_target_as_
 
 
 def test_grown_tables_keep_old_rows_and_start_new_items_from_their_context():
-    state = {"items.ids.weight": torch.arange(12.0).reshape(4, 3), "items.side_pooling": torch.ones(4, 2), "bilinear.weight": torch.eye(3)}
+    state = {"items.ids.weight": torch.arange(12.0).reshape(4, 3), "items.side_tokens": torch.ones(4, 2, dtype=torch.int64),
+             "items.side_weights": torch.full((4, 2), 0.5), "bilinear.weight": torch.eye(3)}
     grown = grow_weights(state, new_rows=torch.full((2, 3), 7.0))
     assert grown["items.ids.weight"].shape == (6, 3) and torch.equal(grown["items.ids.weight"][:4], state["items.ids.weight"])
     assert torch.equal(grown["items.ids.weight"][4:], torch.full((2, 3), 7.0))
-    assert torch.equal(grown["items.side_pooling"][4:], torch.zeros(2, 2)) and torch.equal(grown["bilinear.weight"], torch.eye(3))
+    assert torch.equal(grown["items.side_tokens"][:4], state["items.side_tokens"]) and torch.equal(grown["bilinear.weight"], torch.eye(3))
+    assert grown["items.side_tokens"][4:].eq(0).all() and grown["items.side_weights"][4:].eq(0).all()  # no side tokens
     # a side-token table with as many rows as there are items (one brand per item) is not an item table
     same_rows = {**state, "items.side": torch.ones(4, 3)}
     assert torch.equal(grow_weights(same_rows, new_rows=torch.zeros(2, 3))["items.side"], torch.ones(4, 3))
