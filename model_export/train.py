@@ -85,7 +85,8 @@ class LazyItemAdam:
     a step at a million items on 2 CPU cores. Here the table takes sparse gradients and SparseAdam
     ("lazy Adam", as TF's LazyAdam) updates only the rows a step touched: the batch's items, its targets
     and its negatives; every other weight keeps plain Adam. A row touched on every step gets plain
-    Adam's update; a row left out keeps its value and moments until a step touches it again.
+    Adam's update (but for where SparseAdam adds epsilon); a row left out keeps its value and moments
+    until a step touches it again.
     """
 
     def __init__(self, model: torch.nn.Module, lr: float):
