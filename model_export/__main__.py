@@ -185,7 +185,8 @@ def cmd_bench(args) -> int:
 def cmd_catalog_bench(args) -> int:
     from model_export.catalog_bench import run
 
-    run(args.items, args.side_vocabulary, args.tokens_per_item, args.steps, args.users)
+    run(args.items, args.side_vocabulary, args.tokens_per_item, args.steps, args.users,
+        **({} if args.sparse_item_rows is None else {"sparse_item_rows": args.sparse_item_rows}))
     return 0
 
 
@@ -303,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens-per-item", type=int, default=2)
     p.add_argument("--steps", type=int, default=20, help="training steps per optimizer")
     p.add_argument("--users", type=int, default=1024, help="users whose top 50 are retrieved over the catalog")
+    p.add_argument("--sparse-item-rows", type=int, default=None, metavar="N", help="as train's (default 100,000)")
     p.set_defaults(func=cmd_catalog_bench)
 
     p = sub.add_parser("quality", help="quality table: models x datasets x seeds, mean and spread, ratios")

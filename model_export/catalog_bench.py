@@ -3,11 +3,12 @@
 For each catalog size, a MIND model with side features (`--tokens-per-item` tokens per item drawn
 from a `--side-vocabulary`) is trained on synthetic batches whose behaviours, targets and
 popularity follow a Zipf law, as real catalogs' do: batch 1,024, window 50, 1,280 sampled
-negatives, the training defaults. The same batches run through plain Adam over every row (the
-baseline: what the item table cost before LazyItemAdam) and through the optimizer `train` picks for
-that size, alternating, from the same weights. Then the top 50 of `--users` users are retrieved
-over the whole catalog, as validation does each epoch. Prints median ms per step, the ratio, the
-evaluation's seconds and the process's peak RSS.
+negatives (ML-1M's training settings; a user-brought dataset trains with batch 256, window 20).
+The same batches run through plain Adam over every row (the baseline: what the item table cost
+before LazyItemAdam) and through the optimizer `train` picks for that size with the given
+`--sparse-item-rows`, alternating, from the same weights. Then the top 50 of `--users` users are
+retrieved over the whole catalog, as validation does each epoch. Prints median ms per step, the
+ratio, the evaluation's seconds and the process's peak RSS so far (both models held at once).
 """
 
 from __future__ import annotations
@@ -55,14 +56,15 @@ def _step_ms(model, optimizer, sampler, batch, seed: int) -> float:
     return (time.perf_counter() - started) * 1e3
 
 
-def bench_catalog(n_items: int, side_vocabulary: int, tokens_per_item: int, steps: int, users: int, seed: int = 0) -> dict:
+def bench_catalog(n_items: int, side_vocabulary: int, tokens_per_item: int, steps: int, users: int, sparse_item_rows: int,
+                  seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     side = torch.as_tensor(rng.integers(1, side_vocabulary + 1, size=(n_items + 1, tokens_per_item)))
     side[0] = 0
     spec = ModelSpec(kind="mind", n_items=n_items, maxlen=WINDOW, n_side_tokens=side_vocabulary, profile_cardinalities=PROFILE)
     sampler = NegativeSampler(torch.as_tensor(np.r_[0.0, _zipf(n_items)] * 1e6))
     runs = {}
-    for name, sparse_rows in (("adam_every_row", 0), ("train_default", TrainConfig.sparse_item_rows)):
+    for name, sparse_rows in (("adam_every_row", 0), ("train_default", sparse_item_rows)):
         torch.manual_seed(seed)
         model = MIND(spec, side).train()
         runs[name] = (model, build_optimizer(model, TrainConfig(dataset="synthetic", model="mind", sparse_item_rows=sparse_rows)))
@@ -82,7 +84,7 @@ def bench_catalog(n_items: int, side_vocabulary: int, tokens_per_item: int, step
     started = time.perf_counter()
     recommend(model, profiles, cases, n=50)
     evaluation_s = time.perf_counter() - started
-    return {  # peak RSS: of the process so far
+    return {
         "items": n_items,
         "side_vocabulary": side_vocabulary,
         "optimizer": type(runs["train_default"][1]).__name__,
@@ -93,10 +95,11 @@ def bench_catalog(n_items: int, side_vocabulary: int, tokens_per_item: int, step
     }
 
 
-def run(sizes: list[int], side_vocabulary: int, tokens_per_item: int, steps: int, users: int) -> list[dict]:
+def run(sizes: list[int], side_vocabulary: int, tokens_per_item: int, steps: int, users: int,
+        sparse_item_rows: int = TrainConfig.sparse_item_rows) -> list[dict]:
     reports = []
     for n_items in sizes:
-        r = bench_catalog(n_items, side_vocabulary, tokens_per_item, steps, users)
+        r = bench_catalog(n_items, side_vocabulary, tokens_per_item, steps, users, sparse_item_rows)
         reports.append(r)
         ms = r["ms_per_step"]
         print(f"{n_items:>10,} items, {side_vocabulary:,} side tokens: {r['optimizer']} {ms['train_default']:.1f} ms/step vs Adam over "

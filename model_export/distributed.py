@@ -48,6 +48,12 @@ def init_from_env(device: str) -> World:
     return world()
 
 
+def reduces_sparse_gradients() -> bool:
+    """Whether the workers can average sparse gradients: Gloo can, NCCL has no sparse all-reduce
+    (a DDP step on a sparse gradient fails there)."""
+    return not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl")
+
+
 class _LossModule(nn.Module):
     """DDP synchronises gradients through forward(); the models' training entry point is loss()."""
 

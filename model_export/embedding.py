@@ -16,13 +16,39 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class ItemEmbedding(nn.Module):
+class InferenceTableModule(nn.Module):
+    """A module with one table derived from its weights (e.g. every item's vector) that inference gathers
+    from: computed once per set of weights, not on every call. The table is kept while no parameter or
+    buffer changes: a load or a plain optimizer step bumps a tensor's version counter, a move to another
+    device changes its address. Updates that bypass the counters (fused Adam, edits through `.data`)
+    happen in training, and entering or leaving training drops the table.
+
+    Computed before a trace, the table is a plain tensor to the ONNX exporter: the exported tower holds
+    it as one constant and only gathers from it (export warms it first)."""
+
+    def inference_table(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+        cached = self.__dict__.get("_inference_table")
+        if cached is None or cached[0] != key:
+            self.__dict__.pop("_inference_table", None)  # the old table goes before the new one is built
+            with torch.no_grad():
+                cached = (key, compute())
+            self.__dict__["_inference_table"] = cached  # not a buffer: never saved, never in a state dict
+        return cached[1]
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_inference_table", None)
+        return super().train(mode)
+
+
+class ItemEmbedding(InferenceTableModule):
     """e_i = ids[i] + mean of side[t] over item i's side tokens t (none: the id embedding alone).
 
     The side tokens are stored sparsely, per item: `side_tokens` [n_items + 1, S] (0 = no token) and
     `side_weights` [n_items + 1, S] (1 / the item's token count), S = the most tokens any item has.
-    Memory and work grow with items x S, never with the vocabulary, so a catalog of millions of items
-    with a large side vocabulary (brands, categories) fits."""
+    These per-item tables grow with items x S, never with the vocabulary, so a catalog of millions of
+    items with a large side vocabulary (brands, categories) fits; the side-token embeddings themselves
+    ([vocabulary, D]) still take dense gradients and plain Adam."""
 
     DENSE_POOLING_ELEMENTS = 1 << 22  # the largest [items, vocabulary] pooling block built (16 MB)
 
@@ -36,14 +62,17 @@ class ItemEmbedding(nn.Module):
         if n_side_tokens > 0:
             self.side = nn.Parameter(torch.randn(n_side_tokens + 1, dim) * 0.1)
             tokens = item_side.long()
-            present = (tokens > 0).to(torch.float32)
+            counted = tokens > 0  # a token an item lists twice counts once in its mean
+            for slot in range(1, tokens.shape[1]):
+                counted[:, slot] &= (tokens[:, slot, None] != tokens[:, :slot]).all(1)
+            weights = counted.to(torch.float32)
             self.register_buffer("side_tokens", tokens, persistent=True)  # [n_items + 1, S]
-            self.register_buffer("side_weights", present / present.sum(1, keepdim=True).clamp(min=1.0), persistent=True)
+            self.register_buffer("side_weights", weights / weights.sum(1, keepdim=True).clamp(min=1.0), persistent=True)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """items [...] int64 -> [..., D]; padding (0) maps to the zero vector."""
         if not self.training and self.side is not None:
-            return F.embedding(items, inference_table(self, self.all_items))
+            return F.embedding(items, self.inference_table(self.all_items))
         e = self.ids(items)
         if self.side is not None:
             flat = items.reshape(-1)
@@ -76,10 +105,12 @@ class ItemEmbedding(nn.Module):
         pooling = state_dict.pop(prefix + "side_pooling", None)
         if pooling is not None:  # weights saved before the side tokens were stored sparsely: a dense [items, vocabulary] mean
             state_dict[prefix + "side_tokens"], state_dict[prefix + "side_weights"] = sparse_side_pooling(pooling)
-        if self.side is not None and prefix + "side_tokens" in state_dict:
-            # S is the data's (the most tokens any item has): the loaded tables replace the ones built here
-            self.side_tokens = torch.empty_like(state_dict[prefix + "side_tokens"])
-            self.side_weights = torch.empty_like(state_dict[prefix + "side_weights"])
+        loaded = state_dict.get(prefix + "side_tokens")
+        if self.side is not None and loaded is not None and prefix + "side_weights" in state_dict and loaded.shape[0] == self.side_tokens.shape[0]:
+            # S, the most tokens any item has, is the data's: the tables built here take the loaded width (on
+            # their own device and dtype); any other mismatch is left to the load to report
+            self.side_tokens = self.side_tokens.new_zeros(loaded.shape)
+            self.side_weights = self.side_weights.new_zeros(loaded.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -91,22 +122,6 @@ def sparse_side_pooling(pooling: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     order = torch.argsort(present.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]  # non-zero columns first
     keep = torch.gather(present, 1, order)
     return torch.where(keep, order, 0), torch.where(keep, torch.gather(pooling, 1, order), 0.0)
-
-
-def inference_table(module: nn.Module, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """compute() (a table derived from the weights, e.g. every item's vector) for inference, kept on
-    `module` until one of its parameters or buffers changes: each optimizer step and load bumps the
-    tensor's version counter, a move to another device its address.
-
-    Computed outside a trace, the table is a plain tensor to the ONNX exporter: the exported tower
-    holds it as one initializer and only gathers from it (export warms it first)."""
-    key = tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
-    cached = module.__dict__.get("_inference_table")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, compute())
-        module.__dict__["_inference_table"] = cached  # not a buffer: never saved, never in a state dict
-    return cached[1]
 
 
 def embed_each_item_once(items: torch.Tensor, embed, n_items: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_export.embedding import ItemEmbedding, ProfileEmbedding, embed_each_item_once, inference_table
+from model_export.embedding import InferenceTableModule, ItemEmbedding, ProfileEmbedding, embed_each_item_once
 from model_export.sampled_softmax import NegativeSampler, sampled_softmax_loss
 from model_export.spec import ModelSpec
 
@@ -119,7 +119,7 @@ def routing_regularization(weights: torch.Tensor, behaviour_mask: torch.Tensor) 
     return (variance * variance).sum(-1).mean()
 
 
-class MIND(nn.Module):
+class MIND(InferenceTableModule):
     def __init__(self, spec: ModelSpec, item_side: torch.Tensor):
         super().__init__()
         self.spec = spec
@@ -149,8 +149,8 @@ class MIND(nn.Module):
             initial = self.routing_init[:, :length].unsqueeze(0)  # [1, K, L]
         if self.training:
             mapped = embed_each_item_once(items, self.mapped_item, self.spec.n_items)  # [B, L, D]
-        else:  # S e_i of every item is a constant at inference: one table (an initializer in ONNX)
-            mapped = F.embedding(items, inference_table(self, lambda: self.bilinear(self.items.all_items())))
+        else:  # S e_i of every item is a constant at inference: one table (a constant in ONNX)
+            mapped = F.embedding(items, self.inference_table(lambda: self.bilinear(self.items.all_items())))
         regularised = self.training and self.spec.routing_regularization > 0
         capsules, weights = b2i_routing(mapped, behaviour_mask, interest_mask, initial, self.spec.routing_iterations, regularised)
         # v_j = W2 ReLU(W1 [u_j ; p] + b1), with W1 [u_j ; p] + b1 = W1_u u_j + (W1_p p + b1): the profile

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,11 +114,16 @@ class LazyItemAdam:
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer | LazyItemAdam:
     """Adam, or LazyItemAdam for a catalog of at least `config.sparse_item_rows` items, whose item-id
     table it switches to sparse gradients. Call it before the model is wrapped for DDP, which reads
-    which of its tables take sparse gradients when it is built."""
+    which of its tables take sparse gradients when it is built. Workers joined over NCCL (GPUs) keep
+    plain Adam: NCCL has no sparse all-reduce."""
     table = model.items.ids
     if config.sparse_item_rows and table.num_embeddings - 1 >= config.sparse_item_rows:
-        table.sparse = True
-        return LazyItemAdam(model, config.lr)
+        if distributed.reduces_sparse_gradients():
+            table.sparse = True
+            return LazyItemAdam(model, config.lr)
+        if distributed.world().is_writer:
+            print(f"{table.num_embeddings - 1:,} items: plain Adam over every row, not LazyItemAdam: NCCL cannot average "
+                  "sparse gradients across the workers", file=sys.stderr, flush=True)
     return torch.optim.Adam(model.parameters(), lr=config.lr)
 
 

@@ -186,10 +186,11 @@ def test_side_tokens_are_pooled_from_their_sparse_tables_whatever_the_vocabulary
     side = torch.zeros(n_items + 1, 3, dtype=torch.long)
     side[1:, 0] = torch.arange(n_items) * 100 + 1  # tokens spread over the whole vocabulary
     side[1::2, 1] = 4999
+    side[2::4, 2] = side[2::4, 0]  # listed twice: counts once, as in a dense pooling matrix
     torch.manual_seed(0)
     embed = ItemEmbedding(n_items, 8, side, vocabulary)
     assert embed.side_tokens.shape == (n_items + 1, 3)  # items x tokens per item, not items x vocabulary
-    expected = torch.stack([embed.ids.weight[i] + (embed.side[side[i][side[i] > 0]].mean(0) if (side[i] > 0).any() else 0)
+    expected = torch.stack([embed.ids.weight[i] + (embed.side[side[i][side[i] > 0].unique()].mean(0) if (side[i] > 0).any() else 0)
                             for i in range(n_items + 1)])
     items = torch.arange(n_items + 1)
     for block in (1 << 22, 0):  # dense pooling block / gathers per token slot
@@ -202,15 +203,23 @@ def test_side_tokens_are_pooled_from_their_sparse_tables_whatever_the_vocabulary
 def test_weights_saved_with_the_dense_side_pooling_table_load_unchanged():
     """Runs and exports made before the side tokens were stored sparsely (a dense `side_pooling`
     [items, vocabulary]) load into the current model with the same item vectors and interests."""
+    side = torch.zeros(31, 3, dtype=torch.long)  # up to three tokens per item, in any order, some items none
+    side[1:, 0] = torch.arange(30) % 3 + 1
+    side[1::2, 2] = 3 - torch.arange(15) % 3
+    side[25:] = 0
     torch.manual_seed(0)
-    model = MIND(_spec(), _side()).eval()
+    model = MIND(_spec(), side).eval()
     old = {k: v for k, v in model.state_dict().items() if k not in ("items.side_tokens", "items.side_weights")}
-    pooling = torch.zeros(31, 4).scatter_(1, _side(), 1.0)
+    pooling = torch.zeros(31, 4).scatter_(1, side, 1.0)
     pooling[:, 0] = 0.0
     old["items.side_pooling"] = pooling / pooling.sum(1, keepdim=True).clamp(min=1.0)
     loaded = MIND(_spec(), torch.zeros(31, 1, dtype=torch.long))  # the placeholder model_from_weights builds
     loaded.load_state_dict(old)
     loaded.eval()
+    assert loaded.items.side_tokens.shape == (31, 2)  # the most distinct tokens an item has
+    doubled = MIND(_spec(), torch.zeros(31, 1, dtype=torch.long)).double()  # the loaded tables take the module's dtype
+    doubled.load_state_dict(old)
+    assert doubled.items.side_weights.dtype == torch.float64 and doubled.eval()(*_inputs())[0].dtype == torch.float64
     assert torch.allclose(loaded.item_vectors(), model.item_vectors(), atol=1e-6)
     items, lengths, profile = _inputs()
     assert torch.allclose(loaded(items, lengths, profile)[0], model(items, lengths, profile)[0], atol=1e-6)
@@ -236,6 +245,15 @@ def test_the_inference_table_follows_every_change_of_the_weights():
     assert torch.allclose(fresh(items, lengths, profile)[0], stepped, atol=1e-6)
     model.load_state_dict(MIND(_spec(), _side()).state_dict())  # other weights loaded into the same module
     assert not torch.allclose(model(items, lengths, profile)[0], stepped)
+    model.train()
+    fused = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)  # updates without bumping version counters
+    model.loss(items, lengths, profile, torch.tensor([3, 5, 7, 9, 11, 13]), NegativeSampler(torch.ones(31)), 10).backward()
+    fused.step()
+    model.eval()
+    fresh = MIND(_spec(), _side())
+    fresh.load_state_dict(model.state_dict())
+    assert torch.allclose(model(items, lengths, profile)[0], fresh.eval()(items, lengths, profile)[0], atol=1e-6)
+    assert model.double()(items, lengths, profile)[0].dtype == torch.float64  # moved weights: a new table
 
 
 def _lazy_vs_dense(n_items: int, steps: int):
@@ -300,9 +318,10 @@ def test_lazy_item_adam_moves_only_the_item_rows_a_step_touched():
             assert moved[~touched].any()  # plain Adam: rows touched by the earlier steps move on
 
 
-def test_evaluation_scores_a_large_catalog_in_blocks_with_the_same_result(monkeypatch):
+@pytest.mark.parametrize("block", [1, 4 * 4 * 301])  # one user per block / blocks of 4 users (4 + 2)
+def test_evaluation_scores_a_large_catalog_in_blocks_with_the_same_result(monkeypatch, block):
     """recommend() holds at most SCORE_BLOCK_ELEMENTS scores at once (a million items x 512 users x K
-    would be 8 GB); blocks of one user give the same recommendations as one block for all."""
+    would be 8 GB); smaller blocks give the same recommendations as one block for all."""
     from types import SimpleNamespace
 
     import model_export.evaluate as evaluate
@@ -314,5 +333,21 @@ def test_evaluation_scores_a_large_catalog_in_blocks_with_the_same_result(monkey
     cases = EvalCases.from_lists(list(range(6)), [row[:n].numpy() for row, n in zip(items, lengths)], [[1]] * 6)
     data = SimpleNamespace(user_profile=profile.numpy())
     whole = evaluate.recommend(model, data, cases, n=50)
-    monkeypatch.setattr(evaluate, "SCORE_BLOCK_ELEMENTS", 1)  # one user per block
+    monkeypatch.setattr(evaluate, "SCORE_BLOCK_ELEMENTS", block)
     assert np.array_equal(evaluate.recommend(model, data, cases, n=50), whole) and whole.shape == (6, 50)
+
+
+def test_workers_joined_over_nccl_keep_plain_adam(monkeypatch, capsys):
+    """NCCL has no sparse all-reduce: a large catalog trained on GPU workers keeps dense gradients."""
+    import model_export.distributed as distributed
+    from model_export.train import TrainConfig, build_optimizer
+
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(0, 2))
+    model = MIND(_spec(), _side())
+    optimizer = build_optimizer(model, TrainConfig(dataset="x", model="mind", sparse_item_rows=1))
+    assert isinstance(optimizer, torch.optim.Adam) and not model.items.ids.sparse
+    assert "NCCL cannot average sparse gradients" in capsys.readouterr().err
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "gloo")
+    assert type(build_optimizer(MIND(_spec(), _side()), TrainConfig(dataset="x", model="mind", sparse_item_rows=1))).__name__ == "LazyItemAdam"

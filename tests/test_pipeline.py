@@ -147,9 +147,9 @@ def test_lazy_item_updates_train_resume_and_export(synthetic_csv, tmp_path):
 
 
 def test_catalog_bench_prints_both_optimizers_and_the_retrieval(tmp_path):
-    result = cli("catalog-bench", "--items", "3000", "--side-vocabulary", "50", "--steps", "3", "--users", "8")
+    result = cli("catalog-bench", "--items", "3000", "--side-vocabulary", "50", "--steps", "3", "--users", "8", "--sparse-item-rows", "2000")
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report[0]["items"] == 3000 and report[0]["optimizer"] == "Adam"  # below the default sparse_item_rows
+    assert report[0]["items"] == 3000 and report[0]["optimizer"] == "LazyItemAdam"
     assert set(report[0]["ms_per_step"]) == {"adam_every_row", "train_default", "ratio"} and report[0]["top50_seconds"] >= 0
     assert "ms/step vs Adam over every row" in result.stdout
 
