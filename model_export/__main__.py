@@ -23,6 +23,11 @@ def _load(dataset: str):
     return load_dataset(dataset, paths.data_dir, paths.cache_dir, paths.shared_data_dir)
 
 
+def _given(**options) -> dict:
+    """The options a flag set (not None): the others keep the callee's defaults, which live with the code."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -48,7 +53,7 @@ def cmd_train(args) -> int:
         n_negatives=args.negatives,
         max_steps_per_epoch=args.max_steps_per_epoch,
         device=device,
-        **({} if args.sparse_item_rows is None else {"sparse_item_rows": args.sparse_item_rows}),
+        **_given(sparse_item_rows=args.sparse_item_rows),
     )
     spec = default_spec(
         args.model,
@@ -185,8 +190,7 @@ def cmd_bench(args) -> int:
 def cmd_catalog_bench(args) -> int:
     from model_export.catalog_bench import run
 
-    run(args.items, args.side_vocabulary, args.tokens_per_item, args.steps, args.users,
-        **({} if args.sparse_item_rows is None else {"sparse_item_rows": args.sparse_item_rows}))
+    run(args.items, args.side_vocabulary, args.tokens_per_item, args.steps, args.users, **_given(sparse_item_rows=args.sparse_item_rows))
     return 0
 
 

@@ -37,7 +37,8 @@ class InferenceTableModule(nn.Module):
         return cached[1]
 
     def train(self, mode: bool = True):
-        self.__dict__.pop("_inference_table", None)
+        if mode != self.training:  # not on a call that changes nothing (the ONNX exporter makes one)
+            self.__dict__.pop("_inference_table", None)
         return super().train(mode)
 
 

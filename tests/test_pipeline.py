@@ -215,6 +215,12 @@ def test_onnx_parity_on_1000_movielens_held_out_users(tmp_path):
     assert len(lengths) == 1000 and (lengths == 1).sum() >= 150 and (lengths == 2).sum() >= 150
     export_dir, manifest = export_model(tmp_path / "run", data)
     assert manifest.extra["onnx_parity_max_abs_diff"] <= PARITY_TOLERANCE
+    # the mapped item table (S e_i of every item, genres pooled) is one constant of the graph: none of the
+    # weights it is computed from is left in it, so no call recomputes it
+    import onnx
+
+    weights = {t.name for t in onnx.load(manifest.file(export_dir, "user_tower")).graph.initializer}
+    assert weights and not [name for name in weights if ".items." in name or "bilinear" in name], weights
     # and independently of the export's own check: same outputs from a fresh session
     _, model = load_model(tmp_path / "run")
     session = UserTowerSession(export_dir)
