@@ -26,6 +26,9 @@ from infra.cli import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "MINDSTREAM_"
+# A catalog of at least this many items trains its item-id table with sparse gradients and lazy Adam
+# (model_export.train.LazyItemAdam): the default of `train --sparse-item-rows` and [retrain].sparse_item_rows.
+SPARSE_ITEM_ROWS = 100_000
 
 
 class ConfigError(UserError, ValueError):
@@ -157,6 +160,7 @@ class RetrainConfig:
     lr: float = 5e-4
     batch_size: int = 512
     backfill_batch: int = 512
+    sparse_item_rows: int = SPARSE_ITEM_ROWS  # a grown catalog this large fine-tunes with lazy Adam (0 = never)
     every_minutes: float = 0.0  # scheduled mode (retrain --schedule): retrain after this long ...
     every_events: int = 0  # ... or once this many new events wait, whichever comes first
 
@@ -172,6 +176,7 @@ class RetrainConfig:
         _require_range("retrain", self, "lr", 0.0, open_ends=True)
         _require_range("retrain", self, "batch_size", 1)
         _require_range("retrain", self, "backfill_batch", 1)
+        _require_range("retrain", self, "sparse_item_rows", 0)
         _require_range("retrain", self, "every_minutes", 0.0)
         _require_range("retrain", self, "every_events", 0)
 

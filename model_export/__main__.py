@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from infra.cli import run_command
-from infra.config import load_config
+from infra.config import SPARSE_ITEM_ROWS, load_config
 from model_export.spec import MODEL_KINDS
 
 
@@ -21,11 +21,6 @@ def _load(dataset: str):
 
     paths = load_config().paths
     return load_dataset(dataset, paths.data_dir, paths.cache_dir, paths.shared_data_dir)
-
-
-def _given(**options) -> dict:
-    """The options a flag set (not None): the others keep the callee's defaults, which live with the code."""
-    return {name: value for name, value in options.items() if value is not None}
 
 
 def cmd_train(args) -> int:
@@ -53,7 +48,7 @@ def cmd_train(args) -> int:
         n_negatives=args.negatives,
         max_steps_per_epoch=args.max_steps_per_epoch,
         device=device,
-        **_given(sparse_item_rows=args.sparse_item_rows),
+        sparse_item_rows=args.sparse_item_rows,
     )
     spec = default_spec(
         args.model,
@@ -190,7 +185,7 @@ def cmd_bench(args) -> int:
 def cmd_catalog_bench(args) -> int:
     from model_export.catalog_bench import run
 
-    run(args.items, args.side_vocabulary, args.tokens_per_item, args.steps, args.users, **_given(sparse_item_rows=args.sparse_item_rows))
+    run(args.items, args.side_vocabulary, args.tokens_per_item, args.steps, args.users, args.sparse_item_rows)
     return 0
 
 
@@ -229,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beta", type=float, default=None, help="REMI hard-negative beta (mind_remi default: 1.0, on ml-1m 16.0)")
     p.add_argument("--rr-lambda", type=float, default=None, help="REMI routing-regularisation lambda (mind_remi default 1.0)")
     p.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap steps per epoch (0 = full pass); for smoke runs")
-    p.add_argument("--sparse-item-rows", type=int, default=None, metavar="N",
-                   help="a catalog of at least N items (default 100,000) updates only the item rows each step touches (lazy Adam; 0 = never)")
+    p.add_argument("--sparse-item-rows", type=int, default=SPARSE_ITEM_ROWS, metavar="N",
+                   help=f"a catalog of at least N items (default {SPARSE_ITEM_ROWS:,}) updates only the item rows each step touches (lazy Adam; 0 = never)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -308,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens-per-item", type=int, default=2)
     p.add_argument("--steps", type=int, default=20, help="training steps per optimizer")
     p.add_argument("--users", type=int, default=1024, help="users whose top 50 are retrieved over the catalog")
-    p.add_argument("--sparse-item-rows", type=int, default=None, metavar="N", help="as train's (default 100,000)")
+    p.add_argument("--sparse-item-rows", type=int, default=SPARSE_ITEM_ROWS, metavar="N", help=f"as train's (default {SPARSE_ITEM_ROWS:,})")
     p.set_defaults(func=cmd_catalog_bench)
 
     p = sub.add_parser("quality", help="quality table: models x datasets x seeds, mean and spread, ratios")

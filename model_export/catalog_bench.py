@@ -95,8 +95,7 @@ def bench_catalog(n_items: int, side_vocabulary: int, tokens_per_item: int, step
     }
 
 
-def run(sizes: list[int], side_vocabulary: int, tokens_per_item: int, steps: int, users: int,
-        sparse_item_rows: int = TrainConfig.sparse_item_rows) -> list[dict]:
+def run(sizes: list[int], side_vocabulary: int, tokens_per_item: int, steps: int, users: int, sparse_item_rows: int) -> list[dict]:
     reports = []
     for n_items in sizes:
         r = bench_catalog(n_items, side_vocabulary, tokens_per_item, steps, users, sparse_item_rows)

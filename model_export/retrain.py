@@ -296,7 +296,7 @@ def judge(candidate: dict[str, float], current: dict[str, float], tolerance: flo
 def fine_tune(parent_spec: ModelSpec, parent: torch.nn.Module, inc: IncrementalData, settings, seed: int = 2019,
               device: str = "cpu", progress: bool = True) -> tuple[ModelSpec, torch.nn.Module, list[dict]]:
     """parent: the current version's model (left unchanged). settings: the [retrain] configuration
-    (epochs, lr, batch_size, replay_ratio). Returns the grown spec, the fine-tuned model and per-epoch records."""
+    (epochs, lr, batch_size, replay_ratio, sparse_item_rows). Returns the grown spec, the fine-tuned model and per-epoch records."""
     data = inc.data
     spec = dataclasses.replace(parent_spec, n_items=data.n_items)
     rows = new_item_rows(parent.item_vectors(), data, inc.new_samples, inc.parent_items, len(inc.new_items), spec.maxlen, seed)
@@ -304,7 +304,7 @@ def fine_tune(parent_spec: ModelSpec, parent: torch.nn.Module, inc: IncrementalD
     model = build_model(spec, torch.as_tensor(data.item_side)).to(device)
     model.load_state_dict(grow_weights(parent.state_dict(), rows))
     config = TrainConfig(dataset=data.name, model=spec.kind, seed=seed, epochs=settings.epochs, batch_size=settings.batch_size,
-                         lr=settings.lr, device=device, dataset_fingerprint=data.fingerprint)
+                         lr=settings.lr, sparse_item_rows=settings.sparse_item_rows, device=device, dataset_fingerprint=data.fingerprint)
     optimizer = build_optimizer(model, config)
     sampler = NegativeSampler(torch.as_tensor(inc.training_counts), config.sampler_alpha, device)  # the holdout stays unseen
     rng = np.random.default_rng(seed)

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from infra.cli import UserError
+from infra.config import SPARSE_ITEM_ROWS
 from model_export import distributed
 from model_export.data import SequenceDataset, evaluation_cases, gather_histories, training_positions
 from model_export.evaluate import evaluate_model, evaluate_popularity
@@ -64,7 +65,7 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0 = a full pass over all training positions
     # Catalogs of at least this many items update the item-id table lazily (sparse gradients, only the rows a
     # step touched; see LazyItemAdam); 0 = never. Below ~100k items plain Adam over every row is faster.
-    sparse_item_rows: int = 100_000
+    sparse_item_rows: int = SPARSE_ITEM_ROWS
     device: str = "cpu"
     dataset_fingerprint: str = ""
 

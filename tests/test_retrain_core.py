@@ -26,7 +26,8 @@ from model_export.retrain import (
 )
 from streaming.events import BehaviourEvent
 
-SETTINGS = SimpleNamespace(min_new_item_events=2, holdout_fraction=0.2, epochs=1, lr=1e-3, batch_size=64, replay_ratio=1.0)
+SETTINGS = SimpleNamespace(min_new_item_events=2, holdout_fraction=0.2, epochs=1, lr=1e-3, batch_size=64, replay_ratio=1.0,
+                           sparse_item_rows=100_000)
 NOW = 1_700_000_000_000
 
 
@@ -309,7 +310,8 @@ def test_clip_history_keeps_the_newest_items():
     assert dataclasses.is_dataclass(clipped)
 
 
-def test_fine_tuning_grows_the_model_and_learns_the_new_item(two_exports, synthetic_csv, tmp_path):
+@pytest.mark.parametrize("sparse_item_rows", [100_000, 1])  # plain Adam / LazyItemAdam on the grown table
+def test_fine_tuning_grows_the_model_and_learns_the_new_item(two_exports, synthetic_csv, tmp_path, sparse_item_rows):
     """Warm start from a real export: the candidate has a trained vector for "fresh" and scores its holdout."""
     export = two_exports[0]
     manifest = Manifest.load(export)
@@ -318,7 +320,9 @@ def test_fine_tuning_grows_the_model_and_learns_the_new_item(two_exports, synthe
     spec, parent = load_parent(export, manifest)
     log = stream_for(base, n_per_user=6)
     inc = prepare(base, log, json.loads(manifest.file(export, "vocab").read_text()), Lineage.of(manifest), SETTINGS)
-    grown, model, epochs = fine_tune(spec, parent, inc, SimpleNamespace(**{**vars(SETTINGS), "epochs": 2}), progress=False)
+    grown, model, epochs = fine_tune(spec, parent, inc, SimpleNamespace(**{**vars(SETTINGS), "epochs": 2, "sparse_item_rows": sparse_item_rows}),
+                                     progress=False)
+    assert model.items.ids.sparse == (sparse_item_rows == 1)
     assert grown.n_items == base.n_items + 1 and model.item_vectors().shape[0] == base.n_items + 2 and len(epochs) == 2
     metrics = evaluate_holdout(model, inc, spec.maxlen)
     assert 0.0 <= metrics["recall@50"] <= 1.0
