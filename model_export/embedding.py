@@ -48,20 +48,24 @@ class ItemEmbedding(InferenceTableModule):
     The side tokens are stored sparsely, per item: `side_tokens` [n_items + 1, S] (0 = no token) and
     `side_weights` [n_items + 1, S] (1 / the item's token count), S = the most tokens any item has.
     These per-item tables grow with items x S, never with the vocabulary, so a catalog of millions of
-    items with a large side vocabulary (brands, categories) fits; the side-token embeddings themselves
-    ([vocabulary, D]) still take dense gradients and plain Adam."""
+    items with a large side vocabulary (brands, categories) fits. Both embedding tables, `ids` and
+    `side`, can take sparse gradients (`sparse = True`, set by train.build_optimizer for large ones)."""
 
     DENSE_POOLING_ELEMENTS = 1 << 22  # the largest [items, vocabulary] pooling block built (16 MB)
 
     def __init__(self, n_items: int, dim: int, item_side: torch.Tensor, n_side_tokens: int):
         super().__init__()
-        self.ids = nn.Embedding(n_items + 1, dim, padding_idx=0)  # index 0 = padding
-        nn.init.normal_(self.ids.weight, std=0.1)
+        ids = nn.Embedding(n_items + 1, dim, padding_idx=0)  # index 0 = padding
+        nn.init.normal_(ids.weight, std=0.1)
         with torch.no_grad():
-            self.ids.weight[0].zero_()
+            ids.weight[0].zero_()
         self.side = None
-        if n_side_tokens > 0:
-            self.side = nn.Parameter(torch.randn(n_side_tokens + 1, dim) * 0.1)
+        if n_side_tokens > 0:  # token 0 = none (its weight in every mean is 0)
+            # registered before `ids`: the parameter order, and so a checkpoint's optimizer state, stays
+            # that of the runs saved when `side` was a plain parameter of this module
+            self.side = nn.Embedding(n_side_tokens + 1, dim, _weight=torch.randn(n_side_tokens + 1, dim) * 0.1)
+        self.ids = ids
+        if self.side is not None:
             tokens = item_side.long()
             counted = tokens > 0  # a token an item lists twice counts once in its mean
             for slot in range(1, tokens.shape[1]):
@@ -91,18 +95,20 @@ class ItemEmbedding(InferenceTableModule):
 
         A small vocabulary takes one matmul with the dense [N, vocabulary] pooling block of these items
         (on ML-1M's 3,417 rows x 19 genres ~10x faster forward and backward than gathers: embedding
-        backward sorts its indices); a large one gathers once per token slot, with no [N, S, D]
-        intermediate."""
-        vocabulary = self.side.shape[0]
-        if tokens.shape[0] * vocabulary <= self.DENSE_POOLING_ELEMENTS:
-            pooling = torch.zeros(tokens.shape[0], vocabulary, dtype=weights.dtype, device=weights.device)
-            return pooling.scatter_add(1, tokens, weights) @ self.side
-        mean = weights[:, 0, None] * F.embedding(tokens[:, 0], self.side)
+        backward sorts its indices); a large one, or one taking sparse gradients, gathers once per
+        token slot, with no [N, S, D] intermediate."""
+        side = self.side
+        if not side.sparse and tokens.shape[0] * side.num_embeddings <= self.DENSE_POOLING_ELEMENTS:
+            pooling = torch.zeros(tokens.shape[0], side.num_embeddings, dtype=weights.dtype, device=weights.device)
+            return pooling.scatter_add(1, tokens, weights) @ side.weight
+        mean = weights[:, 0, None] * side(tokens[:, 0])
         for s in range(1, tokens.shape[1]):
-            mean = mean + weights[:, s, None] * F.embedding(tokens[:, s], self.side)
+            mean = mean + weights[:, s, None] * side(tokens[:, s])
         return mean
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "side" in state_dict:  # weights saved when `side` was a plain parameter
+            state_dict[prefix + "side.weight"] = state_dict.pop(prefix + "side")
         pooling = state_dict.pop(prefix + "side_pooling", None)
         if pooling is not None:  # weights saved before the side tokens were stored sparsely: a dense [items, vocabulary] mean
             state_dict[prefix + "side_tokens"], state_dict[prefix + "side_weights"] = sparse_side_pooling(pooling)

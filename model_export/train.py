@@ -63,8 +63,8 @@ class TrainConfig:
     sampler_alpha: float = 0.75  # negatives ∝ popularity^alpha
     min_history: int = 1  # a training target needs at least this many earlier items
     max_steps_per_epoch: int = 0  # 0 = a full pass over all training positions
-    # Catalogs of at least this many items update the item-id table lazily (sparse gradients, only the rows a
-    # step touched; see LazyItemAdam); 0 = never. Below ~100k items plain Adam over every row is faster.
+    # Item-id (or side-token) tables of at least this many rows are updated lazily (sparse gradients, only the
+    # rows a step touched; see LazyItemAdam); 0 = never. Below ~100k rows plain Adam over every row is faster.
     sparse_item_rows: int = SPARSE_ITEM_ROWS
     device: str = "cpu"
     dataset_fingerprint: str = ""
@@ -80,51 +80,53 @@ def build_model(spec: ModelSpec, item_side: torch.Tensor) -> torch.nn.Module:
 
 
 class LazyItemAdam:
-    """Adam for a model whose item-id table is too large to update whole on every step.
+    """Adam for a model whose item embedding tables are too large to update whole on every step.
 
-    Plain Adam moves every row of the table on every step (the moment estimates of rows the batch never
+    Plain Adam moves every row of a table on every step (the moment estimates of rows the batch never
     touched still decay and still move them): work and memory traffic that grow with the catalog, ~0.5 s
-    a step at a million items on 2 CPU cores. Here the table takes sparse gradients and SparseAdam
-    ("lazy Adam", as TF's LazyAdam) updates only the rows a step touched: the batch's items, its targets
-    and its negatives; every other weight keeps plain Adam. A row touched on every step gets plain
-    Adam's update (but for where SparseAdam adds epsilon); a row left out keeps its value and moments
-    until a step touches it again.
+    a step at a million items on 2 CPU cores. Here the large tables (the item ids, and the side tokens
+    when their vocabulary is as large) take sparse gradients and SparseAdam ("lazy Adam", as TF's
+    LazyAdam) updates only the rows a step touched: those of the batch's items, its targets and its
+    negatives; every other weight keeps plain Adam. A row touched on every step gets plain Adam's update
+    (but for where SparseAdam adds epsilon); a row left out keeps its value and moments until a step
+    touches it again.
     """
 
     def __init__(self, model: torch.nn.Module, lr: float):
-        table = model.items.ids.weight
-        self.item_table = torch.optim.SparseAdam([table], lr=lr)
-        self.dense = torch.optim.Adam([p for p in model.parameters() if p is not table], lr=lr)
+        tables = [table.weight for table in (model.items.ids, model.items.side) if table is not None and table.sparse]
+        self.item_tables = torch.optim.SparseAdam(tables, lr=lr)
+        self.dense = torch.optim.Adam([p for p in model.parameters() if not any(p is t for t in tables)], lr=lr)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.item_table.zero_grad(set_to_none)
+        self.item_tables.zero_grad(set_to_none)
         self.dense.zero_grad(set_to_none)
 
     def step(self) -> None:
-        self.item_table.step()
+        self.item_tables.step()
         self.dense.step()
 
     def state_dict(self) -> dict:
-        return {"item_table": self.item_table.state_dict(), "dense": self.dense.state_dict()}
+        return {"item_tables": self.item_tables.state_dict(), "dense": self.dense.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.item_table.load_state_dict(state["item_table"])
+        self.item_tables.load_state_dict(state["item_tables"])
         self.dense.load_state_dict(state["dense"])
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer | LazyItemAdam:
-    """Adam, or LazyItemAdam for a catalog of at least `config.sparse_item_rows` items, whose item-id
-    table it switches to sparse gradients. Call it before the model is wrapped for DDP, which reads
-    which of its tables take sparse gradients when it is built. Workers joined over NCCL (GPUs) keep
-    plain Adam: NCCL has no sparse all-reduce."""
-    table = model.items.ids
-    if config.sparse_item_rows and table.num_embeddings - 1 >= config.sparse_item_rows:
-        if distributed.reduces_sparse_gradients():
+    """Adam, or LazyItemAdam when the item-id table or the side-token table has at least
+    `config.sparse_item_rows` rows, switching those tables to sparse gradients. Call it before the
+    model is wrapped for DDP, which reads which of its tables take sparse gradients when it is built.
+    Workers joined over NCCL (GPUs) keep plain Adam: NCCL has no sparse all-reduce."""
+    large = [table for table in (model.items.ids, model.items.side)
+             if table is not None and config.sparse_item_rows and table.num_embeddings - 1 >= config.sparse_item_rows]
+    if large and distributed.reduces_sparse_gradients():
+        for table in large:
             table.sparse = True
-            return LazyItemAdam(model, config.lr)
-        if distributed.world().is_writer:
-            print(f"{table.num_embeddings - 1:,} items: plain Adam over every row, not LazyItemAdam: NCCL cannot average "
-                  "sparse gradients across the workers", file=sys.stderr, flush=True)
+        return LazyItemAdam(model, config.lr)
+    if large and distributed.world().is_writer:
+        print(f"tables of {', '.join(f'{t.num_embeddings - 1:,}' for t in large)} rows: plain Adam over every row, not LazyItemAdam: "
+              "NCCL cannot average sparse gradients across the workers", file=sys.stderr, flush=True)
     return torch.optim.Adam(model.parameters(), lr=config.lr)
 
 

@@ -190,7 +190,7 @@ def test_side_tokens_are_pooled_from_their_sparse_tables_whatever_the_vocabulary
     torch.manual_seed(0)
     embed = ItemEmbedding(n_items, 8, side, vocabulary)
     assert embed.side_tokens.shape == (n_items + 1, 3)  # items x tokens per item, not items x vocabulary
-    expected = torch.stack([embed.ids.weight[i] + (embed.side[side[i][side[i] > 0].unique()].mean(0) if (side[i] > 0).any() else 0)
+    expected = torch.stack([embed.ids.weight[i] + (embed.side.weight[side[i][side[i] > 0].unique()].mean(0) if (side[i] > 0).any() else 0)
                             for i in range(n_items + 1)])
     items = torch.arange(n_items + 1)
     for block in (1 << 22, 0):  # dense pooling block / gathers per token slot
@@ -202,7 +202,8 @@ def test_side_tokens_are_pooled_from_their_sparse_tables_whatever_the_vocabulary
 
 def test_weights_saved_with_the_dense_side_pooling_table_load_unchanged():
     """Runs and exports made before the side tokens were stored sparsely (a dense `side_pooling`
-    [items, vocabulary]) load into the current model with the same item vectors and interests."""
+    [items, vocabulary], the token embeddings a plain parameter `side`) load into the current model
+    with the same item vectors and interests."""
     side = torch.zeros(31, 3, dtype=torch.long)  # up to three tokens per item, in any order, some items none
     side[1:, 0] = torch.arange(30) % 3 + 1
     side[1::2, 2] = 3 - torch.arange(15) % 3
@@ -210,6 +211,7 @@ def test_weights_saved_with_the_dense_side_pooling_table_load_unchanged():
     torch.manual_seed(0)
     model = MIND(_spec(), side).eval()
     old = {k: v for k, v in model.state_dict().items() if k not in ("items.side_tokens", "items.side_weights")}
+    old["items.side"] = old.pop("items.side.weight")  # then a plain parameter
     pooling = torch.zeros(31, 4).scatter_(1, side, 1.0)
     pooling[:, 0] = 0.0
     old["items.side_pooling"] = pooling / pooling.sum(1, keepdim=True).clamp(min=1.0)
@@ -314,6 +316,7 @@ def test_lazy_item_adam_moves_only_the_item_rows_a_step_touched():
             assert not torch.equal(model.bilinear.weight, dense_before)  # the other weights train with Adam
         if sparse_rows:
             assert not moved[~touched].any()  # lazy: nothing the last step did not touch
+            assert model.items.side.sparse and model.items.side.weight.grad.is_sparse  # a table this large too
         else:
             assert moved[~touched].any()  # plain Adam: rows touched by the earlier steps move on
 

@@ -133,7 +133,7 @@ def test_lazy_item_updates_train_resume_and_export(synthetic_csv, tmp_path):
     cli("train", *args, "--epochs", "2", "--sparse-item-rows", "1")
     cli("train", *args, "--epochs", "3", "--sparse-item-rows", "1", "--resume")
     assert [e["epoch"] for e in json.loads((run / "history.json").read_text())["epochs"]] == [1, 2, 3]
-    assert set(torch.load(run / "checkpoint.pt", weights_only=True)["optimizer"]) == {"item_table", "dense"}
+    assert set(torch.load(run / "checkpoint.pt", weights_only=True)["optimizer"]) == {"item_tables", "dense"}
     assert json.loads(cli("export", "--model-dir", str(run), "--dataset", str(synthetic_csv)).stdout)["parity_max_abs_diff"] <= PARITY_TOLERANCE
 
     old = tmp_path / "old"

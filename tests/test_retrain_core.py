@@ -169,8 +169,8 @@ def test_grown_tables_keep_old_rows_and_start_new_items_from_their_context():
     assert torch.equal(grown["items.side_tokens"][:4], state["items.side_tokens"]) and torch.equal(grown["bilinear.weight"], torch.eye(3))
     assert grown["items.side_tokens"][4:].eq(0).all() and grown["items.side_weights"][4:].eq(0).all()  # no side tokens
     # a side-token table with as many rows as there are items (one brand per item) is not an item table
-    same_rows = {**state, "items.side": torch.ones(4, 3)}
-    assert torch.equal(grow_weights(same_rows, new_rows=torch.zeros(2, 3))["items.side"], torch.ones(4, 3))
+    same_rows = {**state, "items.side.weight": torch.ones(4, 3)}
+    assert torch.equal(grow_weights(same_rows, new_rows=torch.zeros(2, 3))["items.side.weight"], torch.ones(4, 3))
 
     # item 4 (new) follows items 1 and 2 once, and item 1 once: its start = mean of those three vectors
     data = SimpleNamespace(seq_offsets=np.array([0, 3, 5]), seq_items=np.array([1, 2, 4, 1, 4]))
