@@ -16,6 +16,19 @@ def _dataset_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="ml-1m, beauty, or a path: one-user-per-line .txt, or .csv/.tsv/.parquet with user, item, timestamp columns")
 
 
+def _at_least(low: float, kind=int):
+    """An argparse type: a number >= low, else the usual one-line usage error (exit 2) naming the flag."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not value >= low:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text} is below {low}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
+    return parse
+
+
 def _load(dataset: str):
     from model_export.data import load_dataset
 
@@ -212,19 +225,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=MODEL_KINDS, required=True)
     p.add_argument("--out", required=True, help="run directory (checkpoints, best weights, history)")
     p.add_argument("--seed", type=int, default=2019)
-    p.add_argument("--epochs", type=int, default=0, help="maximum epochs (default: per dataset)")
-    p.add_argument("--patience", type=int, default=3, help="epochs without a better validation Recall@50 before stopping")
-    p.add_argument("--batch-size", type=int, default=0, help="default: per dataset")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--negatives", type=int, default=1280, help="sampled negatives per batch")
-    p.add_argument("--dim", type=int, default=None)
-    p.add_argument("--interests", type=int, default=None, help="K, the most interests per user")
-    p.add_argument("--maxlen", type=int, default=None, help="behaviours read by the user tower (default: per dataset)")
+    p.add_argument("--epochs", type=_at_least(0), default=0, help="maximum epochs (default: per dataset)")
+    p.add_argument("--patience", type=_at_least(1), default=3, help="epochs without a better validation Recall@50 before stopping")
+    p.add_argument("--batch-size", type=_at_least(0), default=0, help="default: per dataset")
+    p.add_argument("--lr", type=_at_least(0.0, float), default=1e-3)
+    p.add_argument("--negatives", type=_at_least(1), default=1280, help="sampled negatives per batch")
+    p.add_argument("--dim", type=_at_least(1), default=None)
+    p.add_argument("--interests", type=_at_least(1), default=None, help="K, the most interests per user")
+    p.add_argument("--maxlen", type=_at_least(1), default=None, help="behaviours read by the user tower (default: per dataset)")
     p.add_argument("--power", type=float, default=None, help="p of the label-aware attention")
     p.add_argument("--beta", type=float, default=None, help="REMI hard-negative beta (mind_remi default: 1.0, on ml-1m 16.0)")
     p.add_argument("--rr-lambda", type=float, default=None, help="REMI routing-regularisation lambda (mind_remi default 1.0)")
-    p.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap steps per epoch (0 = full pass); for smoke runs")
-    p.add_argument("--sparse-item-rows", type=int, default=SPARSE_ITEM_ROWS, metavar="N",
+    p.add_argument("--max-steps-per-epoch", type=_at_least(0), default=0, help="cap steps per epoch (0 = full pass); for smoke runs")
+    p.add_argument("--sparse-item-rows", type=_at_least(0), default=SPARSE_ITEM_ROWS, metavar="N",
                    help=f"a catalog of at least N items (default {SPARSE_ITEM_ROWS:,}) updates only the item rows each step touches (lazy Adam; 0 = never)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -298,12 +311,12 @@ def main(argv: list[str] | None = None) -> int:
                        description="MIND on synthetic Zipf catalogs of millions of items with side features: ms per training step of the "
                                    "optimizer `train` picks vs plain Adam over every row (same batches, alternating), top-50 retrieval "
                                    "over the catalog, peak RSS (model_export/catalog_bench.py says more)")
-    p.add_argument("--items", nargs="+", type=int, default=[100_000, 1_000_000], help="catalog sizes")
-    p.add_argument("--side-vocabulary", type=int, default=10_000, help="distinct side tokens (e.g. brands)")
-    p.add_argument("--tokens-per-item", type=int, default=2)
-    p.add_argument("--steps", type=int, default=20, help="training steps per optimizer")
-    p.add_argument("--users", type=int, default=1024, help="users whose top 50 are retrieved over the catalog")
-    p.add_argument("--sparse-item-rows", type=int, default=SPARSE_ITEM_ROWS, metavar="N", help=f"as train's (default {SPARSE_ITEM_ROWS:,})")
+    p.add_argument("--items", nargs="+", type=_at_least(1), default=[100_000, 1_000_000], help="catalog sizes")
+    p.add_argument("--side-vocabulary", type=_at_least(1), default=10_000, help="distinct side tokens (e.g. brands)")
+    p.add_argument("--tokens-per-item", type=_at_least(1), default=2)
+    p.add_argument("--steps", type=_at_least(1), default=20, help="training steps per optimizer")
+    p.add_argument("--users", type=_at_least(1), default=1024, help="users whose top 50 are retrieved over the catalog")
+    p.add_argument("--sparse-item-rows", type=_at_least(0), default=SPARSE_ITEM_ROWS, metavar="N", help=f"as train's (default {SPARSE_ITEM_ROWS:,})")
     p.set_defaults(func=cmd_catalog_bench)
 
     p = sub.add_parser("quality", help="quality table: models x datasets x seeds, mean and spread, ratios")

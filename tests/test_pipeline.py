@@ -62,6 +62,15 @@ def test_a_manifest_of_the_wrong_shape_is_a_manifest_error(manifest, tmp_path):
         Manifest.load(tmp_path)
 
 
+@pytest.mark.parametrize("flag, value", [("--epochs", "-1"), ("--patience", "0"), ("--lr", "nan"), ("--negatives", "0"),
+                                         ("--sparse-item-rows", "-5"), ("--maxlen", "0")])
+def test_out_of_range_training_flags_are_refused_before_anything_runs(flag, value, tmp_path):
+    """--epochs -1 used to "train" zero epochs and report success; every numeric flag has its floor."""
+    result = cli("train", "--dataset", "ml-1m", "--model", "mind", "--out", str(tmp_path / "run"), flag, value, check=False)
+    assert result.returncode == 2 and f"argument {flag}: {value} is below" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_dataset_fails_with_a_clear_message(tmp_path):
     result = cli("train", "--dataset", str(tmp_path / "missing.csv"), "--model", "mind", "--out", str(tmp_path / "run"), check=False)
     assert result.returncode == 2
