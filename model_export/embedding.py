@@ -64,8 +64,6 @@ class ItemEmbedding(InferenceTableModule):
             # registered before `ids`: the parameter order, and so a checkpoint's optimizer state, stays
             # that of the runs saved when `side` was a plain parameter of this module
             self.side = nn.Embedding(n_side_tokens + 1, dim, _weight=torch.randn(n_side_tokens + 1, dim) * 0.1)
-        self.ids = ids
-        if self.side is not None:
             tokens = item_side.long()
             counted = tokens > 0  # a token an item lists twice counts once in its mean
             for slot in range(1, tokens.shape[1]):
@@ -73,6 +71,7 @@ class ItemEmbedding(InferenceTableModule):
             weights = counted.to(torch.float32)
             self.register_buffer("side_tokens", tokens, persistent=True)  # [n_items + 1, S]
             self.register_buffer("side_weights", weights / weights.sum(1, keepdim=True).clamp(min=1.0), persistent=True)
+        self.ids = ids
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """items [...] int64 -> [..., D]; padding (0) maps to the zero vector."""

@@ -37,14 +37,14 @@ def recommend(model: torch.nn.Module, data: SequenceDataset, cases: EvalCases, n
     items = model.item_vectors()  # [n_items + 1, D]
     out = []
     for interests, k_user in user_towers(model, data, cases, device):
-        active = torch.arange(interests.shape[1], device=device)[None, :] < k_user[:, None]
+        active = (torch.arange(interests.shape[1], device=device)[None, :] < k_user[:, None]).cpu().numpy()
         # users per block of scores, so that a catalog of millions of items stays within SCORE_BLOCK_ELEMENTS
         rows = max(1, SCORE_BLOCK_ELEMENTS // (interests.shape[1] * items.shape[0]))
         for start in range(0, interests.shape[0], rows):
             scores = interests[start : start + rows] @ items.T  # [b, K, n_items + 1]
             scores[..., 0] = float("-inf")  # padding is not an item
             top_scores, top_ids = scores.topk(min(n, items.shape[0] - 1), dim=-1)  # [b, K, n]; a smaller catalog is padded by the merge
-            ids, _, _ = merge_by_score(top_ids.cpu().numpy(), top_scores.cpu().numpy(), n, active[start : start + rows].cpu().numpy())
+            ids, _, _ = merge_by_score(top_ids.cpu().numpy(), top_scores.cpu().numpy(), n, active[start : start + rows])
             out.append(ids)
     return np.concatenate(out)
 

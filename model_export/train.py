@@ -92,8 +92,8 @@ class LazyItemAdam:
     touches it again.
     """
 
-    def __init__(self, model: torch.nn.Module, lr: float):
-        tables = [table.weight for table in (model.items.ids, model.items.side) if table is not None and table.sparse]
+    def __init__(self, model: torch.nn.Module, tables: list[torch.Tensor], lr: float):
+        """tables: the weights that take sparse gradients; every other parameter of `model` keeps Adam."""
         self.item_tables = torch.optim.SparseAdam(tables, lr=lr)
         self.dense = torch.optim.Adam([p for p in model.parameters() if not any(p is t for t in tables)], lr=lr)
 
@@ -123,7 +123,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     if large and distributed.reduces_sparse_gradients():
         for table in large:
             table.sparse = True
-        return LazyItemAdam(model, config.lr)
+        return LazyItemAdam(model, [table.weight for table in large], config.lr)
     if large and distributed.world().is_writer:
         print(f"tables of {', '.join(f'{t.num_embeddings - 1:,}' for t in large)} rows: plain Adam over every row, not LazyItemAdam: "
               "NCCL cannot average sparse gradients across the workers", file=sys.stderr, flush=True)
