@@ -185,7 +185,7 @@ class RetrainConfig:
 class MonitoringConfig:
     prometheus_port: int = 9090  # the embedded stack's Prometheus, on 127.0.0.1
     exporter_host: str = "127.0.0.1"  # python -m infra exporter's listener; 0.0.0.0 in a container (as [recall].metrics_host)
-    exporter_port: int = 9466  # python -m infra exporter: consumer lag and model age
+    exporter_port: int = 9466  # python -m infra exporter: consumer lag, model age and quality
     scrape_interval_s: int = 5
 
 

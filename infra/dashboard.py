@@ -85,6 +85,10 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                            Query("max by (model_version) (mindstream_recall_model_info)", "recall {{model_version}}")), kind="stat"),
         PanelSpec("Model version age", "Time since the current model was exported (alerted after a week).", "s",
                   (Query("time() - max by (model_version) (mindstream_model_created_timestamp_seconds)", "{{model_version}}"),), kind="stat"),
+        PanelSpec("Offline quality of the current model", "Recall@50 and HitRate@50 as the current model's export measured them: "
+                  "on the held-out test users (offline training) or on the recent holdout a retraining was judged on.", "percentunit",
+                  (Query('max by (model_version, split, metric) (mindstream_model_offline_metric{metric=~"recall@50|hitrate@50"})',
+                         "{{metric}} ({{split}})"),), kind="stat"),
         PanelSpec("Items taken out of recall", "Inactive items (`python -m model_export items deactivate`) as the recall service "
                   "last read them from the registry.", "short", (Query("max(mindstream_recall_inactive_items)", "inactive items"),), kind="stat"),
     )),

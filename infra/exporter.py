@@ -6,6 +6,9 @@ Read at every scrape:
     mindstream_kafka_up                                       1 when the broker answered this scrape
     mindstream_model_created_timestamp_seconds{model_version} the current model's export time
     mindstream_model_published_timestamp_seconds{model_version}  when it was made current
+    mindstream_model_offline_metric{model_version, split, metric} the current model's quality as its
+        export measured it (split "test": the held-out test users of an offline training run;
+        "holdout": the recent holdout a retraining was judged on), e.g. metric="recall@50"
 
 Flink commits the group's offsets when a checkpoint completes, so the lag is up to one checkpoint
 interval ([streaming].checkpoint_interval_ms) behind what the job has actually read. A partition
@@ -98,6 +101,9 @@ class StackCollector(Collector):
                                     labels=["model_version"])
         published = GaugeMetricFamily("mindstream_model_published_timestamp_seconds", "When the current model was made current",
                                       labels=["model_version"])
+        quality = GaugeMetricFamily("mindstream_model_offline_metric", "The current model's quality as its export measured it "
+                                    "(split: test users of offline training, or the holdout a retraining was judged on)",
+                                    labels=["model_version", "split", "metric"])
         models_dir = self.config.paths.models_dir
         try:
             current = json.loads((models_dir / CURRENT_FILE).read_text())
@@ -105,10 +111,14 @@ class StackCollector(Collector):
             manifest = json.loads((models_dir / version / "manifest.json").read_text())
             created.add_metric([version], _timestamp(manifest["created_at"]))
             published.add_metric([version], _timestamp(current["published_at"]))
+            for split, values in manifest.get("metrics", {}).items():
+                for name, value in values.items():
+                    quality.add_metric([version, split, name], float(value))
         except FileNotFoundError:
             pass  # nothing published yet: no series
         yield created
         yield published
+        yield quality
 
     def close(self) -> None:
         for client in (self._admin, self._consumer):

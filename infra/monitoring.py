@@ -83,7 +83,7 @@ class PrometheusProcess(ManagedProcess):
 
 
 class ExporterProcess(PythonModuleProcess):
-    """`python -m infra exporter`: consumer lag and model age (infra/exporter.py)."""
+    """`python -m infra exporter`: consumer lag, model age and quality (infra/exporter.py)."""
 
     name = "exporter"
     module_args = ("infra", "exporter")

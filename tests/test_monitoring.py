@@ -96,10 +96,11 @@ def feed_traffic(recall_metrics, stop: threading.Event) -> None:
 
 
 def write_registry(models_dir, version: str) -> None:
-    """A model registry's current-version record and manifest timestamps (the exporter reads nothing else)."""
+    """A model registry's current-version record and manifest timestamps and metrics (the exporter reads nothing else)."""
     (models_dir / version).mkdir(parents=True)
     now = dt.datetime.now(dt.timezone.utc)
-    (models_dir / version / "manifest.json").write_text(json.dumps({"created_at": (now - dt.timedelta(hours=3)).isoformat()}))
+    manifest = {"created_at": (now - dt.timedelta(hours=3)).isoformat(), "metrics": {"test": {"recall@50": 0.2550, "hitrate@50": 0.8825}}}
+    (models_dir / version / "manifest.json").write_text(json.dumps(manifest))
     (models_dir / "CURRENT.json").write_text(json.dumps({"model_version": version, "published_at": now.isoformat()}))
 
 
@@ -197,3 +198,16 @@ def test_consumer_lag_leaves_out_records_retention_deleted():
     collector = StackCollector(load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_KAFKA__EVENTS_TOPIC": "events"}))
     collector._admin = collector._consumer = Broker()
     assert collector.consumer_lag() == {("events", 0): 30, ("events", 1): 5}
+
+
+def test_the_current_models_offline_metrics_are_exported_with_its_version(tmp_path):
+    from infra.exporter import StackCollector
+
+    config = load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path)})
+    collector = StackCollector(config)
+    assert {s.name: s.samples for s in collector._model_metrics()}["mindstream_model_offline_metric"] == []  # nothing published yet
+    write_registry(tmp_path, "v1")
+    families = {family.name: family for family in collector._model_metrics()}
+    samples = {(s.labels["model_version"], s.labels["split"], s.labels["metric"]): s.value for s in families["mindstream_model_offline_metric"].samples}
+    assert samples == {("v1", "test", "recall@50"): 0.2550, ("v1", "test", "hitrate@50"): 0.8825}
+    assert [s.labels for s in families["mindstream_model_created_timestamp_seconds"].samples] == [{"model_version": "v1"}]
