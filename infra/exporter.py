@@ -1,5 +1,6 @@
 """A Prometheus exporter for what neither the broker nor the Flink job exports here: the streaming
-job's consumer lag and the age of the current model (`python -m infra exporter`, run by the stack).
+job's consumer lag and the age and measured quality of the current model (`python -m infra exporter`,
+run by the stack).
 
 Read at every scrape:
     mindstream_kafka_consumer_lag{group, topic, partition}   end offset - the group's committed offset
@@ -116,6 +117,8 @@ class StackCollector(Collector):
                     quality.add_metric([version, split, name], float(value))
         except FileNotFoundError:
             pass  # nothing published yet: no series
+        except Exception as exc:  # an unreadable registry record is logged, never a failed scrape (the lag series go on)
+            log.warning("current model record unreadable, its series left out: %r", exc)
         yield created
         yield published
         yield quality

@@ -211,3 +211,22 @@ def test_the_current_models_offline_metrics_are_exported_with_its_version(tmp_pa
     samples = {(s.labels["model_version"], s.labels["split"], s.labels["metric"]): s.value for s in families["mindstream_model_offline_metric"].samples}
     assert samples == {("v1", "test", "recall@50"): 0.2550, ("v1", "test", "hitrate@50"): 0.8825}
     assert [s.labels for s in families["mindstream_model_created_timestamp_seconds"].samples] == [{"model_version": "v1"}]
+
+
+@pytest.mark.parametrize("metrics", [None, {"test": None}, {"test": {"recall@50": "n/a"}}])
+def test_a_malformed_model_record_leaves_its_series_out_and_the_scrape_standing(tmp_path, metrics):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from infra.exporter import StackCollector
+
+    write_registry(tmp_path, "v1")
+    manifest_path = tmp_path / "v1" / "manifest.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "metrics": metrics}))
+    collector = StackCollector(load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path)}))
+    families = {family.name: family for family in collector._model_metrics()}
+    assert families["mindstream_model_offline_metric"].samples == []
+    assert [s.labels for s in families["mindstream_model_created_timestamp_seconds"].samples] == [{"model_version": "v1"}]
+    (tmp_path / "CURRENT.json").write_text("{not json")
+    registry = CollectorRegistry()
+    registry.register(type("ModelOnly", (), {"collect": collector._model_metrics})())
+    assert b"mindstream_model_created_timestamp_seconds" in generate_latest(registry)  # the scrape answers, without series

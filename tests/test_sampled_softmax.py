@@ -36,12 +36,13 @@ def test_log_q_correction_removes_the_sampling_bias():
     assert corrected.item() < base.item()
 
 
-def test_accidental_hits_are_removed():
+@pytest.mark.parametrize("beta", [0.0, 2.0])  # with REMI's weights too: a hit is neither a negative nor counted in their mean
+def test_accidental_hits_are_removed(beta):
     items, user, targets = _setup(b=1)
     negatives = torch.tensor([targets[0].item(), 2, 3])
     log_q = torch.full((10,), -math.log(9))
-    with_hit = sampled_softmax_loss(user, items[targets], targets, items[negatives], negatives, log_q)
-    without = sampled_softmax_loss(user, items[targets], targets, items[negatives[1:]], negatives[1:], log_q + math.log(3 / 2))
+    with_hit = sampled_softmax_loss(user, items[targets], targets, items[negatives], negatives, log_q, beta)
+    without = sampled_softmax_loss(user, items[targets], targets, items[negatives[1:]], negatives[1:], log_q + math.log(3 / 2), beta)
     assert with_hit.item() == pytest.approx(without.item(), rel=1e-5)
 
 
@@ -80,15 +81,16 @@ def test_remi_importance_weights_are_constants_of_the_step():
     negatives = torch.tensor([2, 3, 5, 6, 8])
     log_q = torch.full((10,), -math.log(9))  # uniform: log(N q) = log(5 / 9)
     beta = 2.0
-    u = user.clone().requires_grad_(True)
-    sampled_softmax_loss(u, items[targets], targets, items[negatives], negatives, log_q, beta).backward()
+    u, table = user.clone().requires_grad_(True), items.clone().requires_grad_(True)
+    sampled_softmax_loss(u, table[targets], targets, table[negatives], negatives, log_q, beta).backward()
 
-    reference_user = user.clone().requires_grad_(True)
+    reference_user, reference_table = user.clone().requires_grad_(True), items.clone().requires_grad_(True)
     shift = math.log(len(negatives)) + log_q[0]
-    pos = (reference_user * items[targets]).sum(-1) - shift
-    scores = reference_user @ items[negatives].T
+    pos = (reference_user * reference_table[targets]).sum(-1) - shift
+    scores = reference_user @ reference_table[negatives].T
     weights = len(negatives) * torch.softmax(beta * scores.detach(), dim=-1)
     weights = weights.masked_fill(negatives[None, :] == targets[:, None], 0.0)  # target 9 is not among them
     denominator = pos.exp() + (weights * (scores - shift).exp()).sum(-1)
     (denominator.log() - pos).mean().backward()
     torch.testing.assert_close(u.grad, reference_user.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(table.grad, reference_table.grad, rtol=1e-5, atol=1e-6)  # nor into the item vectors
