@@ -90,7 +90,7 @@ def cmd_evaluate(args) -> int:
     spec, model = load_model(model_dir)
     users = data.test_users if args.split == "test" else data.valid_users
     cases = evaluation_cases(data, users, spec.maxlen)
-    metrics = evaluate_popularity(model, cases) if spec.kind == "mostpop" else evaluate_model(model, data, cases)
+    metrics = evaluate_popularity(model, cases) if spec.kind == "mostpop" else evaluate_model(model, data, cases, progress=not args.quiet)
     report = {"model_dir": str(model_dir), "model": spec.kind, "dataset": data.name, "split": args.split, "users": len(users), "metrics": metrics}
     if spec.is_multi_interest:
         report["interest_cosine"] = interest_diversity(model, data, cases)
@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     _dataset_arg(p)
     p.add_argument("--split", choices=("test", "valid"), default="test")
     p.add_argument("--json", action="store_true", help="print the JSON report")
+    p.add_argument("--quiet", action="store_true", help="no progress output (a bar per batch of users, on stderr)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="ONNX user tower + item vectors + manifest, parity-checked")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from model_export.data import EvalCases, SequenceDataset
 from model_export.metrics import CUTOFFS, retrieval_metrics
@@ -31,12 +32,16 @@ def user_towers(model: torch.nn.Module, data: SequenceDataset, cases: EvalCases,
 
 
 @torch.no_grad()
-def recommend(model: torch.nn.Module, data: SequenceDataset, cases: EvalCases, n: int, device: str = "cpu") -> np.ndarray:
-    """[U, n] item indices recommended to each evaluation user, best first."""
+def recommend(model: torch.nn.Module, data: SequenceDataset, cases: EvalCases, n: int, device: str = "cpu",
+              progress: bool = False) -> np.ndarray:
+    """[U, n] item indices recommended to each evaluation user, best first (`progress`: a bar per user batch,
+    for catalogs where scoring every item takes minutes)."""
     model.eval()
     items = model.item_vectors()  # [n_items + 1, D]
     out = []
-    for interests, k_user in user_towers(model, data, cases, device):
+    batches = tqdm(user_towers(model, data, cases, device), total=-(-len(cases.users) // EVAL_BATCH), desc="evaluating",
+                   unit="batch", disable=not progress, leave=False, mininterval=2)
+    for interests, k_user in batches:
         active = (torch.arange(interests.shape[1], device=device)[None, :] < k_user[:, None]).cpu().numpy()
         # users per block of scores, so that a catalog of millions of items stays within SCORE_BLOCK_ELEMENTS
         rows = max(1, SCORE_BLOCK_ELEMENTS // (interests.shape[1] * items.shape[0]))
@@ -70,8 +75,8 @@ def most_popular(popularity: np.ndarray, n_users: int, n: int) -> np.ndarray:
     return np.broadcast_to(top, (n_users, n))
 
 
-def evaluate_model(model, data: SequenceDataset, cases: EvalCases, device: str = "cpu", cutoffs=CUTOFFS) -> dict[str, float]:
-    recommended = recommend(model, data, cases, max(cutoffs), device)
+def evaluate_model(model, data: SequenceDataset, cases: EvalCases, device: str = "cpu", cutoffs=CUTOFFS, progress: bool = False) -> dict[str, float]:
+    recommended = recommend(model, data, cases, max(cutoffs), device, progress)
     return retrieval_metrics(recommended, [cases.targets_of(i) for i in range(len(cases.users))], cutoffs)
 
 

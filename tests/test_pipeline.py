@@ -95,7 +95,10 @@ def test_train_evaluate_export_end_to_end(synthetic_csv, tmp_path):
     assert over.returncode == 2 and "already holds a training run: continue it with --resume" in over.stderr, over.stderr
     assert [e["epoch"] for e in json.loads((run / "history.json").read_text())["epochs"]] == [1, 2, 3]
 
-    report = json.loads(cli("evaluate", "--model-dir", str(run), "--dataset", str(synthetic_csv), "--json").stdout)
+    evaluated = cli("evaluate", "--model-dir", str(run), "--dataset", str(synthetic_csv), "--json")
+    report = json.loads(evaluated.stdout)  # the progress bar goes to stderr, the report alone to stdout
+    assert "evaluating" in evaluated.stderr
+    assert "evaluating" not in cli("evaluate", "--model-dir", str(run), "--dataset", str(synthetic_csv), "--quiet").stderr
     assert set(report["metrics"]) == {f"{m}@{n}" for m in ("recall", "hitrate", "ndcg") for n in (20, 50)}
     assert report["metrics"]["recall@50"] > 0.2  # clustered synthetic tastes are learnable
     assert -1.0 <= report["interest_cosine"] <= 1.0
