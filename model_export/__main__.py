@@ -106,7 +106,7 @@ def cmd_export(args) -> int:
     from model_export.export import export_model
 
     data = _load(args.dataset)
-    out, manifest = export_model(Path(args.model_dir), data, Path(args.out) if args.out else None, source=args.dataset)
+    out, manifest = export_model(Path(args.model_dir), data, Path(args.out) if args.out else None, source=args.dataset, progress=not args.quiet)
     print(json.dumps({"export_dir": str(out), "model_version": manifest.model_version, "parity_max_abs_diff": manifest.extra["onnx_parity_max_abs_diff"], "test": manifest.metrics["test"]}, indent=2))
     return 0
 
@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", required=True)
     _dataset_arg(p)
     p.add_argument("--out", default=None, help="export directory (default MODEL_DIR/export)")
+    p.add_argument("--quiet", action="store_true", help="no progress output while the test metrics are measured")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("publish", help="install an export in the model registry, fill its Milvus collection, swap the alias, make it current")

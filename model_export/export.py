@@ -56,10 +56,12 @@ def parity_inputs(data: SequenceDataset, maxlen: int, n_users: int = PARITY_USER
 
 
 def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = None, *, source: str | None = None,
-                 metrics_cases: tuple[str, EvalCases] | None = None, extra: dict | None = None) -> tuple[Path, Manifest]:
+                 metrics_cases: tuple[str, EvalCases] | None = None, extra: dict | None = None,
+                 progress: bool = False) -> tuple[Path, Manifest]:
     """source: how the dataset is named to `load_dataset` (default: its name), recorded so retraining can
     reload it. metrics_cases: (name, cases) to report instead of the test users (a retrained model is
-    scored on its recent holdout). extra: more manifest fields (retraining lineage and offsets)."""
+    scored on its recent holdout). extra: more manifest fields (retraining lineage and offsets).
+    progress: a bar while the manifest's metrics are measured."""
     check_dataset(model_dir, data)
     spec, model = load_model(model_dir)
     if spec.kind == "mostpop":
@@ -137,7 +139,7 @@ def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = 
             {"name": "interests", "dtype": "float32", "shape": ["batch", spec.n_interests, spec.dim], "note": "rows >= n_interests are zero"},
             {"name": "n_interests", "dtype": "int64", "shape": ["batch"]},
         ],
-        metrics={metrics_name: evaluate_model(model, data, cases)},
+        metrics={metrics_name: evaluate_model(model, data, cases, progress=progress)},
         files=files,
         created_at=created.isoformat(),
         onnx_opset=ONNX_OPSET,
