@@ -75,3 +75,5 @@ def test_quality_summary_means_spreads_ratios_and_best_epochs():
     assert not any(k.startswith("mind_remi") for k in r)  # a model not run has no ratio
     row = next(line for line in markdown(summary).splitlines() if line.startswith("| d | mind |"))
     assert "0.2200 ± 0.0200" in row and row.endswith("| 15.0 | 4 (7), 6 (9) |")
+    popularity = next(line for line in markdown(summary).splitlines() if line.startswith("| d | mostpop |"))
+    assert popularity.endswith("| - | - |")  # no epochs: no time per epoch, no best epoch
