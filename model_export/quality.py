@@ -121,5 +121,6 @@ def quality_benchmark(datasets: list[str], models: list[str], seeds: list[int], 
     (out / f"quality-{'+'.join(datasets)}.json").write_text(json.dumps(report, indent=2))
     print(markdown(summary))
     for dataset, rs in report["ratios"].items():
-        print(f"{dataset}: " + ", ".join(f"{k} = {v}" for k, v in rs.items()))
+        if rs:  # a run of one model has nothing to compare
+            print(f"{dataset}: " + ", ".join(f"{k} = {v}" for k, v in rs.items()))
     return report
