@@ -94,7 +94,7 @@ def markdown(summary: dict) -> str:
     for dataset, models in summary.items():
         for model, stats in models.items():
             cells = " | ".join(f"{stats[m][0]:.4f} ± {stats[m][1]:.4f}" for m in REPORTED)
-            trained = any(stats["epochs_run"])  # MostPop counts, it runs no epochs
+            trained = any(stats["epochs_run"])  # MostPop is counted, not trained: no epochs
             best = ", ".join(f"{b} ({n})" for b, n in zip(stats["best_epochs"], stats["epochs_run"])) if trained else "-"
             seconds = f"{stats['seconds_per_epoch'][0]:.1f}" if trained else "-"
             lines.append(f"| {dataset} | {model} | {stats['seeds']} | {cells} | {seconds} | {best} |")
