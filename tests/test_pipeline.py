@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from infra.cli import UserError
-from infra.config import load_config
+from infra.config import SPARSE_ITEM_ROWS, load_config
 from model_export.data import load_dataset
 from model_export.export import PARITY_TOLERANCE, export_model, parity_inputs
 from model_export.manifest import Manifest, ManifestError
@@ -246,7 +246,7 @@ def test_onnx_parity_on_1000_movielens_held_out_users(tmp_path):
     assert np.array_equal(onnx_k, torch_k.numpy())
 
 
-@pytest.mark.parametrize("sparse_item_rows", ["100000", "1"])  # plain Adam / LazyItemAdam: DDP reduces sparse gradients too
+@pytest.mark.parametrize("sparse_item_rows", [str(SPARSE_ITEM_ROWS), "1"])  # plain Adam / LazyItemAdam: DDP reduces sparse gradients too
 def test_torchrun_trains_on_two_data_parallel_workers(synthetic_csv, tmp_path, sparse_item_rows):
     """torch DDP through torchrun (Gloo on CPU): both workers step through the same batches, rank 0 writes the run."""
     run = tmp_path / "ddp"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from infra.config import SPARSE_ITEM_ROWS
 from model_export.data import load_dataset
 from model_export.event_log import EventLog
 from model_export.manifest import Manifest
@@ -27,7 +28,7 @@ from model_export.retrain import (
 from streaming.events import BehaviourEvent
 
 SETTINGS = SimpleNamespace(min_new_item_events=2, holdout_fraction=0.2, epochs=1, lr=1e-3, batch_size=64, replay_ratio=1.0,
-                           sparse_item_rows=100_000)
+                           sparse_item_rows=SPARSE_ITEM_ROWS)
 NOW = 1_700_000_000_000
 
 
@@ -310,7 +311,7 @@ def test_clip_history_keeps_the_newest_items():
     assert dataclasses.is_dataclass(clipped)
 
 
-@pytest.mark.parametrize("sparse_item_rows", [100_000, 1])  # plain Adam / LazyItemAdam on the grown table
+@pytest.mark.parametrize("sparse_item_rows", [SPARSE_ITEM_ROWS, 1])  # plain Adam / LazyItemAdam on the grown table
 def test_fine_tuning_grows_the_model_and_learns_the_new_item(two_exports, synthetic_csv, tmp_path, sparse_item_rows):
     """Warm start from a real export: the candidate has a trained vector for "fresh" and scores its holdout."""
     export = two_exports[0]
