@@ -175,11 +175,14 @@ def main(argv: list[str] | None = None) -> int:
                                    "2 when no stack was started in --stack-dir.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
-    p = sub.add_parser("exporter", help="serve consumer lag, model age and model quality to Prometheus (the stack runs it)",
+    p = sub.add_parser("exporter", help="serve consumer lag, model age, model quality and the online hit rate to Prometheus (the stack runs it)",
                        description="Serves mindstream_kafka_consumer_lag (the events topic's end offsets minus the "
                                    "streaming job's committed group offsets), mindstream_kafka_up, the current "
                                    "model's creation/publication times and the quality its export measured "
-                                   "(mindstream_model_offline_metric) on [monitoring].exporter_host:exporter_port (default "
+                                   "(mindstream_model_offline_metric), and the online hit rate: each event of the events topic "
+                                   "judged against the answer the recall service last served its user "
+                                   "(mindstream_online_recall_events_total; group [monitoring].online_quality_group, off when "
+                                   "[recall].served_log_ttl_s is 0) on [monitoring].exporter_host:exporter_port (default "
                                    "127.0.0.1:9466) until SIGINT / SIGTERM.")
     p.add_argument("--port", type=int, default=None, help="default: [monitoring].exporter_port")
     p.set_defaults(func=cmd_exporter)

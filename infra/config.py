@@ -144,6 +144,12 @@ class RecallServiceConfig:
     search_batch_vectors: int = 256  # concurrent searches share one Milvus call up to this many vectors; 0 = never
     workers: int = 32  # gRPC handler threads: more requests in flight = larger shared Milvus searches (32 beat 16 in the bench)
     max_concurrent_rpcs: int = 256  # beyond: RESOURCE_EXHAUSTED at once instead of an unbounded queue
+    # The last answer to each user is kept in Redis this long, so the user's next events can be judged
+    # against it: the online hit rate that `python -m infra exporter` counts. 0 = not kept, not judged.
+    served_log_ttl_s: int = 3600
+
+    def __post_init__(self) -> None:
+        _require_range("recall", self, "served_log_ttl_s", 0)
 
 
 @dataclass(frozen=True)
@@ -185,7 +191,8 @@ class RetrainConfig:
 class MonitoringConfig:
     prometheus_port: int = 9090  # the embedded stack's Prometheus, on 127.0.0.1
     exporter_host: str = "127.0.0.1"  # python -m infra exporter's listener; 0.0.0.0 in a container (as [recall].metrics_host)
-    exporter_port: int = 9466  # python -m infra exporter: consumer lag, model age and quality
+    exporter_port: int = 9466  # python -m infra exporter: consumer lag, model age and quality, online hit rate
+    online_quality_group: str = "mindstream-online-quality"  # the exporter's consumer group judging events against what was served
     scrape_interval_s: int = 5
 
 

@@ -1,6 +1,6 @@
 """A Prometheus exporter for what neither the broker nor the Flink job exports here: the streaming
-job's consumer lag and the age and measured quality of the current model (`python -m infra exporter`,
-run by the stack).
+job's consumer lag, the age and measured quality of the current model, and the online hit rate
+(`python -m infra exporter`, run by the stack).
 
 Read at every scrape:
     mindstream_kafka_consumer_lag{group, topic, partition}   end offset - the group's committed offset
@@ -10,6 +10,13 @@ Read at every scrape:
     mindstream_model_offline_metric{model_version, split, metric} the current model's quality as its
         export measured it (split "test": the held-out test users of an offline training run;
         "holdout": the recent holdout a retraining was judged on), e.g. metric="recall@50"
+
+Counted by a thread reading the events topic (recall_service/online_quality.py; when
+[recall].served_log_ttl_s > 0):
+    mindstream_online_recall_events_total{model_version, path, event_type, outcome}  events judged
+        against the answer the recall service last served their user: hit, miss or unjudged
+    mindstream_online_recall_errors_total{reason}   events and records left out (invalid_event,
+        unreadable_record) and failed reads of the broker or Redis (unavailable)
 
 Flink commits the group's offsets when a checkpoint completes, so the lag is up to one checkpoint
 interval ([streaming].checkpoint_interval_ms) behind what the job has actually read. A partition
@@ -40,6 +47,35 @@ class StackCollector(Collector):
         self.config, self.timeout_s = config, timeout_s
         self._admin = self._consumer = None
         self._lock = threading.Lock()  # the HTTP server scrapes from several threads
+        self._online_stop = threading.Event()
+        self._online: threading.Thread | None = None
+
+    def start_online_quality(self, registry) -> None:
+        """Runs the online-quality judge on a thread, its counters in `registry`; close() stops it."""
+        from prometheus_client import Counter
+
+        from recall_service.online_quality import OnlineQualityJudge
+        from recall_service.served_log import RedisServedLog
+        from streaming.feature_store import redis_client
+
+        events = Counter("mindstream_online_recall_events_total", "Events judged against the answer last served to their user",
+                         ["model_version", "path", "event_type", "outcome"], registry=registry)
+        errors = Counter("mindstream_online_recall_errors_total", "Events and served records left out of the online hit rate, "
+                         "and failed reads", ["reason"], registry=registry)
+        judge = OnlineQualityJudge(self._online_consumer, RedisServedLog(redis_client(self.config.redis), self.config.recall.served_log_ttl_s),
+                                   lambda labels, n: events.labels(*labels).inc(n), lambda reason: errors.labels(reason).inc(),
+                                   self.config.recall.served_log_ttl_s, self.config.streaming.max_event_bytes)
+        self._online = threading.Thread(target=judge.run, args=(self._online_stop,), name="online-quality", daemon=True)
+        self._online.start()
+
+    def _online_consumer(self):
+        from kafka import KafkaConsumer
+
+        from streaming.kafka_clients import python_client_options
+
+        # "latest": a new group judges what arrives from now on; older events were served long ago
+        return KafkaConsumer(self.config.kafka.events_topic, group_id=self.config.monitoring.online_quality_group,
+                             enable_auto_commit=False, auto_offset_reset="latest", **python_client_options(self.config.kafka))
 
     def collect(self):
         with self._lock:
@@ -90,7 +126,7 @@ class StackCollector(Collector):
             up.add_metric([], 1)
         except Exception as exc:  # an unreachable broker is a value (kafka_up 0), never a failed scrape
             log.warning("consumer lag unavailable: %s", exc)
-            self.close()
+            self._close_clients()
             up.add_metric([], 0)
         yield lag
         yield up
@@ -124,6 +160,13 @@ class StackCollector(Collector):
         yield quality
 
     def close(self) -> None:
+        if self._online is not None:
+            self._online_stop.set()
+            self._online.join(timeout=10)
+            self._online = None
+        self._close_clients()
+
+    def _close_clients(self) -> None:
         for client in (self._admin, self._consumer):
             if client is not None:
                 try:
@@ -136,8 +179,8 @@ class StackCollector(Collector):
 def serve(config: Config, port: int | None = None, host: str | None = None) -> tuple[object, StackCollector]:
     """Serves the collector on host:port, by default [monitoring].exporter_host:exporter_port (a
     registry of its own: no process metrics). Returns (HTTP server, collector): after
-    `server.shutdown()`, `collector.close()` stops its Kafka clients, whose I/O threads would
-    otherwise keep reconnecting for the life of the process."""
+    `server.shutdown()`, `collector.close()` stops the online-quality judge and its Kafka clients,
+    whose I/O threads would otherwise keep reconnecting for the life of the process."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     collector = StackCollector(config)
@@ -145,4 +188,6 @@ def serve(config: Config, port: int | None = None, host: str | None = None) -> t
     registry.register(collector)
     port = config.monitoring.exporter_port if port is None else port
     server, _ = start_http_server(port, addr=host or config.monitoring.exporter_host, registry=registry)
+    if config.recall.served_log_ttl_s:
+        collector.start_online_quality(registry)
     return server, collector

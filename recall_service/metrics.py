@@ -14,6 +14,8 @@ several servers can live in one process (tests); `serve` exports it on [recall].
                                                       "health_probe": a probe that failed, probing goes on)
     mindstream_recall_model_info{model_version}      1 for the current model
     mindstream_recall_inactive_items                 items taken out of recall (`model_export items`)
+    mindstream_recall_served_log_dropped_total{reason} answers not kept in the served log (queue_full,
+                                                      unavailable): their users' next events go unjudged
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class RecallMetrics:
         self.model_info = Gauge("mindstream_recall_model_info", "The current model version (value 1)", ["model_version"], registry=self.registry)
         self.inactive_items = Gauge("mindstream_recall_inactive_items", "Items taken out of recall, as this service last read them",
                                     registry=self.registry)
+        self.served_log_dropped = Counter("mindstream_recall_served_log_dropped_total", "Answers not kept in the served log, by reason",
+                                          ["reason"], registry=self.registry)
         self._model_version: str | None = None
 
     def set_model_version(self, version: str | None) -> None:

@@ -1,5 +1,6 @@
 """The gRPC recall server: RecallService (recall.proto), the standard health and reflection services,
-optional TLS and bearer-token auth, Prometheus metrics.
+optional TLS and bearer-token auth, Prometheus metrics, and the served log (each answer kept for
+[recall].served_log_ttl_s, recall_service/served_log.py: what the online hit rate is judged against).
 
 The servicer only translates: proto -> `validate` -> `Recaller` -> proto, and exceptions -> status
 codes by one table (`_status_of`): InvalidRequest -> INVALID_ARGUMENT, DeadlineExceeded ->
@@ -34,6 +35,7 @@ from recall_service.coalesce import CoalescingSearch
 from recall_service.metrics import RecallMetrics
 from recall_service.query import FallbackReason, InvalidRequest, Limits, validate
 from recall_service.recaller import BackendUnavailable, Deadline, DeadlineExceeded, Recaller, RecallResult
+from recall_service.served_log import ServedLog, ServedRecord
 from recall_service.stubs import SERVICE_NAME, recall_pb2, recall_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -77,9 +79,11 @@ def _lenient_parser(message_class):
 
 
 class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
-    def __init__(self, recaller: Recaller, limits: Limits, metrics: RecallMetrics, default_deadline_s: float, max_request_bytes: int):
+    def __init__(self, recaller: Recaller, limits: Limits, metrics: RecallMetrics, default_deadline_s: float, max_request_bytes: int,
+                 served_log: ServedLog | None = None):
         self.recaller, self.limits, self.metrics = recaller, limits, metrics
         self.default_deadline_s, self.max_request_bytes = default_deadline_s, max_request_bytes
+        self.served_log = served_log
 
     def Recall(self, request, context):
         responses = self._serve("Recall", request, context)
@@ -120,6 +124,10 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
             if result.reason is not FallbackReason.NONE:
                 self.metrics.fallbacks.labels(result.reason.name.lower()).inc()
         self.metrics.requests.labels(method, "OK").inc()
+        if self.served_log is not None:
+            served_ms = int(time.time() * 1000)
+            self.served_log.record([ServedRecord(query.user_id, result.model_version, result.path.name.lower(), served_ms,
+                                                 tuple(raw for raw, _, _ in result.items)) for query, result in zip(queries, results)])
         return responses
 
     def _query(self, request, index: int | None):
@@ -281,9 +289,12 @@ class ConcurrencyLimit(grpc.ServerInterceptor):
 class RecallServer:
     """The server and what it owns: adapters (from config unless given), health prober, metrics."""
 
-    def __init__(self, config: Config, *, reader=None, search=None, models=None, availability=None, metrics: RecallMetrics | None = None):
+    def __init__(self, config: Config, *, reader=None, search=None, models=None, availability=None, metrics: RecallMetrics | None = None,
+                 served_log: ServedLog | None = None):
         from model_export.registry import ModelRegistry
         from recall_service.backends import FeatureStoreReader, MilvusItemSearch, RegistryAvailability, RegistryModels
+        from recall_service.served_log import RedisServedLog
+        from streaming.feature_store import redis_client
 
         rc = config.recall
         self.config = config
@@ -294,6 +305,10 @@ class RecallServer:
         self.models = models or RegistryModels(registry, popular_depth=rc.max_n + rc.max_exclusions + rc.max_recent_items)
         self.availability = availability or RegistryAvailability(registry)
         self.metrics = metrics or RecallMetrics()
+        if served_log is None and rc.served_log_ttl_s:
+            served_log = RedisServedLog(redis_client(config.redis), rc.served_log_ttl_s,
+                                        dropped=lambda reason, n: self.metrics.served_log_dropped.labels(reason).inc(n))
+        self.served_log = served_log
         searcher = CoalescingSearch(self.search, rc.search_batch_vectors) if rc.search_batch_vectors else self.search
         self.recaller = Recaller(self.reader, searcher, self.models, availability=self.availability, search_timeout_s=rc.vector_search_timeout_ms / 1e3,
                                  max_per_interest_n=rc.max_per_interest_n, fallback_on_outage=rc.fallback_on_outage,
@@ -322,7 +337,8 @@ class RecallServer:
         interceptors = [self._limit, *([BearerTokenAuth(rc.auth_token, self.metrics)] if rc.auth_token else [])]
         self._grpc = grpc.server(executor, interceptors=interceptors, maximum_concurrent_rpcs=ConcurrencyLimit.REFUSAL_HEADROOM * rc.max_concurrent_rpcs,
                                  options=[("grpc.max_receive_message_length", 4 * rc.max_request_bytes), ("grpc.so_reuseport", 0)])
-        RecallServicer(self.recaller, self.limits, self.metrics, rc.default_deadline_ms / 1e3, rc.max_request_bytes).add_to_server(self._grpc)
+        RecallServicer(self.recaller, self.limits, self.metrics, rc.default_deadline_ms / 1e3, rc.max_request_bytes,
+                       self.served_log).add_to_server(self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         address = f"{rc.host}:{rc.port}"
@@ -408,6 +424,8 @@ class RecallServer:
             self._prober.join(timeout=5)
         if self._limit is not None:
             self._limit.fast_lane.shutdown(wait=False)
+        if self.served_log is not None:
+            self.served_log.flush(timeout_s=grace_s)  # the last answers' records too, unless Redis is gone
 
     def wait(self) -> None:
         self._grpc.wait_for_termination()

@@ -175,6 +175,21 @@ class _ConnectOnFirstUse:
         return getattr(self._client, name)
 
 
+def redis_client(redis_config, timeout_s: float = 1.0):
+    """A client for [redis] (URI, password, TLS CA, cluster): the feature store's, and that of
+    anything else keeping one key per user in the same Redis (recall_service/served_log.py)."""
+    import redis
+
+    options = {"password": redis_config.password or None, "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if redis_config.uri.startswith("rediss://") and redis_config.ssl_cafile:
+        options["ssl_ca_certs"] = redis_config.ssl_cafile
+    if not redis_config.cluster:
+        return redis.Redis.from_url(redis_config.uri, **options)
+    # One key per user and no command spans two users' keys, so a cluster client needs nothing
+    # else: its pipelines split by slot owner, and its SCAN visits every primary.
+    return _ConnectOnFirstUse(lambda: redis.RedisCluster.from_url(redis_config.uri, **options))
+
+
 class RedisFeatureStore:
     """Redis / Valkey (any RESP server); pipelined writes, one round trip per batch of reads."""
 
@@ -183,16 +198,7 @@ class RedisFeatureStore:
 
     @classmethod
     def from_config(cls, redis_config, prefix: str = "mindstream", ttl_seconds: int = 0, timeout_s: float = 1.0) -> "RedisFeatureStore":
-        import redis
-
-        options = {"password": redis_config.password or None, "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-        if redis_config.uri.startswith("rediss://") and redis_config.ssl_cafile:
-            options["ssl_ca_certs"] = redis_config.ssl_cafile
-        if not redis_config.cluster:
-            return cls(redis.Redis.from_url(redis_config.uri, **options), prefix, ttl_seconds)
-        # One key per user and no command spans two users' keys, so a cluster client needs nothing
-        # else: its pipelines split by slot owner, and its SCAN visits every primary.
-        return cls(_ConnectOnFirstUse(lambda: redis.RedisCluster.from_url(redis_config.uri, **options)), prefix, ttl_seconds)
+        return cls(redis_client(redis_config, timeout_s), prefix, ttl_seconds)
 
     def key(self, user_id: str) -> str:
         return f"{self.prefix}:user:{user_id}"

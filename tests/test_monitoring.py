@@ -5,7 +5,8 @@ query, and every recording rule, with data.
 
 The exporters run in this process with the services' own metric definitions (streaming.metrics,
 recall_service.metrics.RecallMetrics) fed by a traffic thread, and the stack's exporter reads a
-real broker: no Flink job or recall server has to start, so the test takes seconds.
+real broker and a real Redis (events of a user with a served answer feed its online judge): no
+Flink job or recall server has to start, so the test takes seconds.
 """
 
 import datetime as dt
@@ -27,6 +28,7 @@ from infra.dashboard import DASHBOARD_PATH, panel_queries, render_dashboard
 from infra.exporter import serve as serve_exporter
 from infra.monitoring import RULE_FILES, RULES_DIR, PrometheusProcess, prometheus_tool, write_prometheus_config
 from infra.process import free_port
+from infra.redis_server import EmbeddedRedis
 
 
 def tool(name: str) -> str:
@@ -65,6 +67,24 @@ def test_alert_rules_fire_as_their_unit_tests_say():
 
 def test_committed_dashboard_is_what_the_builder_writes():
     assert DASHBOARD_PATH.read_text() == render_dashboard(), "run `python -m infra dashboard` and commit infra/grafana/mindstream.json"
+
+
+def feed_events(config, stop: threading.Event) -> None:
+    """A served answer and events of its user, hits and misses, for the exporter's online judge."""
+    from kafka import KafkaProducer
+
+    from recall_service.served_log import RedisServedLog, ServedRecord
+    from streaming.events import BehaviourEvent, encode_event
+    from streaming.feature_store import redis_client
+
+    log = RedisServedLog(redis_client(config.redis), config.recall.served_log_ttl_s)
+    log.record([ServedRecord("fan", "v1", "stored_interests", int(time.time() * 1000), ("i1", "i2"))])
+    log.flush()
+    producer = KafkaProducer(bootstrap_servers=config.kafka.bootstrap_servers)
+    while not stop.wait(0.2):
+        for item in ("i1", "i3"):
+            producer.send(config.kafka.events_topic, key=b"fan", value=encode_event(BehaviourEvent("fan", item, "click", 1)))
+    producer.close()
 
 
 def feed_traffic(recall_metrics, stop: threading.Event) -> None:
@@ -121,11 +141,12 @@ def test_every_panel_query_and_recording_rule_returns_data_from_real_prometheus(
     from recall_service.metrics import RecallMetrics
 
     write_registry(tmp_path / "models", "v1")
-    with EmbeddedBroker(tmp_path / "broker") as broker:
+    with EmbeddedBroker(tmp_path / "broker") as broker, EmbeddedRedis(tmp_path / "redis") as redis_server:
         ports = {name: free_port() for name in ("stream", "recall", "exporter", "prometheus")}
         config = load_config(environ={
             "MINDSTREAM_CONFIG": "",
             "MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "MINDSTREAM_REDIS__URI": redis_server.uri,
             "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path / "models"),
             "MINDSTREAM_STREAMING__METRICS_PORT": str(ports["stream"]),
             "MINDSTREAM_RECALL__METRICS_PORT": str(ports["recall"]),
@@ -148,6 +169,8 @@ def test_every_panel_query_and_recording_rule_returns_data_from_real_prometheus(
         stop = threading.Event()
         traffic = threading.Thread(target=feed_traffic, args=(recall_metrics, stop), daemon=True)
         traffic.start()
+        events = threading.Thread(target=feed_events, args=(config, stop), daemon=True)
+        events.start()
         prometheus = PrometheusProcess(write_prometheus_config(config, tmp_path / "prometheus.yml"), tmp_path / "tsdb",
                                        ports["prometheus"], tmp_path / "prometheus.log")
         try:

@@ -60,6 +60,30 @@ def test_stored_path_equals_the_exact_merge_in_the_records_version(stack):
         assert_same(response, exact_merge(stack.artifacts[version], stored_interests(stack, user), 12, {"i5", "i20", *WINDOW}))
 
 
+def test_every_answer_is_kept_in_the_served_log_as_the_client_got_it(stack):
+    """What the online hit rate is judged against (recall_service/online_quality.py): per user the
+    latest answer, by any path, with its version, path, time and items in order."""
+    from recall_service.served_log import RedisServedLog
+
+    log = RedisServedLog(stack.store.client, stack.config.recall.served_log_ttl_s)
+    before = int(time.time() * 1000)
+    answers = {"user-new": stack.recall(user_id="user-new", n=7),
+               "walk-in": stack.recall(user_id="walk-in", n=5, recent_item_ids=["i1", "i2"]),
+               "nobody-known": stack.recall(user_id="nobody-known", n=4)}
+    batch = stack.stub.BatchRecall(recall_pb2.BatchRecallRequest(requests=[recall_pb2.RecallRequest(user_id="user-old", n=3)]), timeout=10)
+    answers["user-old"] = batch.responses[0]
+    after = int(time.time() * 1000)
+    assert [answers[u].path for u in ("user-new", "walk-in", "nobody-known", "user-old")] == [STORED, ON_THE_FLY, POPULAR, STORED]
+    assert stack.server.served_log.flush(timeout_s=10)
+    records = dict(zip(answers, log.get_many(list(answers))))
+    for user, response in answers.items():
+        record = records[user]
+        assert record.items == tuple(i.item_id for i in response.items) and record.model_version == response.model_version, user
+        assert record.path == recall_pb2.RecallPath.Name(response.path).removeprefix("RECALL_PATH_").lower(), user
+        assert before <= record.served_ms <= after
+    assert 0 < stack.store.client.ttl(log.key("user-new")) <= stack.config.recall.served_log_ttl_s
+
+
 def test_a_record_of_the_old_version_is_answered_from_its_own_collection(stack):
     """The alias and CURRENT point at the new version; the old record must not be searched there."""
     response = stack.recall(user_id="user-old", n=10)

@@ -1,0 +1,133 @@
+"""Online recall quality: how many of the behaviour events that arrive name an item the recall
+service had just served that user. It is the online counterpart of the offline HitRate
+(model_export/metrics.py), counted by model version and recall path, so that a new version's effect
+shows in production and not only on held-out users. `python -m infra exporter` runs the judge
+(a thread reading the events topic with its own consumer group, [monitoring].online_quality_group)
+and exports
+
+    mindstream_online_recall_events_total{model_version, path, event_type, outcome}
+
+Each event is judged against the user's served record (recall_service/served_log.py):
+
+    hit       a record was in force when the event entered Kafka, and lists the event's item
+    miss      a record was in force and does not list it
+    unjudged  no record in force (model_version and path ""): the user was not served in the
+              [recall].served_log_ttl_s before the event, or was served again after it (the log
+              keeps the latest answer only), or the record could not be read
+
+"In force" is decided on the Kafka record's timestamp, when the event entered the stream, not on
+its event_time_ms: that is the application's clock, hours or years behind in a replay. The
+service's and the producers' clocks are compared, so skew between hosts shifts the boundary.
+A hit rate per version and path is then hit / (hit + miss); dashboards and alerts compute it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from typing import Callable, Iterable, Protocol
+
+from recall_service.served_log import ServedRecord, ServedRecordError
+from streaming.events import BehaviourEvent, EventError, accept_record
+
+log = logging.getLogger(__name__)
+
+HIT, MISS, UNJUDGED = "hit", "miss", "unjudged"
+POLL_RECORDS = 2000  # events per poll: one Redis round trip and one offset commit each
+
+
+def in_force(served: ServedRecord, entered_ms: int, ttl_ms: int) -> bool:
+    """Whether `served` was the user's answer when an event entered Kafka at `entered_ms`."""
+    return served.served_ms <= entered_ms <= served.served_ms + ttl_ms
+
+
+def judge_events(events: Iterable[tuple[BehaviourEvent, int]], served: dict[str, ServedRecord | None], ttl_ms: int) -> Counter:
+    """(event, Kafka timestamp in ms) pairs and each user's served record -> event counts by
+    (model_version, path, event_type, outcome)."""
+    item_sets: dict[str, frozenset[str]] = {}  # a record's items as a set, built once per user and batch
+    counts: Counter = Counter()
+    for event, entered_ms in events:
+        record = served.get(event.user_id)
+        if record is None or not in_force(record, entered_ms, ttl_ms):
+            counts[("", "", event.event_type, UNJUDGED)] += 1
+            continue
+        items = item_sets.get(event.user_id)
+        if items is None:
+            items = item_sets[event.user_id] = frozenset(record.items)
+        counts[(record.model_version, record.path, event.event_type, HIT if event.item_id in items else MISS)] += 1
+    return counts
+
+
+class ServedReader(Protocol):
+    def get_many(self, user_ids: list[str]) -> list[ServedRecord | ServedRecordError | None]: ...
+
+
+class OnlineQualityJudge:
+    """Reads the events topic, judges each event, counts. `count(labels, n)` receives the
+    judge_events keys; `error(reason)` counts what is left out: "invalid_event" (a record the
+    streaming job dead-letters), "unreadable_record" (a served record that does not decode: its
+    user's events are unjudged) and "unavailable" (the broker or Redis failed: the batch is read
+    again from the last committed offset once they answer)."""
+
+    def __init__(self, make_consumer: Callable[[], object], served: ServedReader, count: Callable[[tuple, int], None],
+                 error: Callable[[str], None], ttl_s: int, max_event_bytes: int, retry_s: float = 2.0):
+        self.make_consumer, self.served, self.count, self.error = make_consumer, served, count, error
+        self.ttl_ms, self.max_event_bytes, self.retry_s = ttl_s * 1000, max_event_bytes, retry_s
+        self._consumer = None
+        self._failing = False
+
+    def step(self, timeout_ms: int = 1000) -> int:
+        """One poll: judge its events, count them, commit their offsets. Returns the events judged."""
+        if self._consumer is None:
+            self._consumer = self.make_consumer()
+        polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=POLL_RECORDS)
+        events = []
+        for records in polled.values():
+            for record in records:
+                key = None if record.key is None else record.key.decode("utf-8", "replace")  # as the job reads its raw STRING key
+                try:
+                    events.append((accept_record(key, record.value, self.max_event_bytes), record.timestamp))
+                except EventError:
+                    self.error("invalid_event")
+        if events:
+            users = sorted({event.user_id for event, _ in events})
+            served = {}
+            for user, record in zip(users, self.served.get_many(users)):
+                if isinstance(record, ServedRecordError):
+                    log.warning("%s; the user's events are counted unjudged", record)
+                    self.error("unreadable_record")
+                    record = None
+                served[user] = record
+            for labels, n in judge_events(events, served, self.ttl_ms).items():
+                self.count(labels, n)
+        if polled:
+            self._consumer.commit()
+        return len(events)
+
+    def run(self, stop: threading.Event) -> None:
+        """step() until `stop` is set; a failure is counted and logged (once per outage) and the
+        consumer made again after retry_s, so the judge outlives any outage."""
+        while not stop.is_set():
+            try:
+                self.step()
+            except Exception as exc:
+                self.error("unavailable")
+                if not self._failing:
+                    log.warning("online quality: cannot read events or served records (%s); retrying every %.0f s", exc, self.retry_s)
+                    self._failing = True
+                self.close()
+                stop.wait(self.retry_s)
+                continue
+            if self._failing:
+                log.info("online quality: judging events again")
+                self._failing = False
+        self.close()
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close()
+            except Exception:  # closing a broken consumer must not hide the original error
+                pass
+            self._consumer = None

@@ -1,0 +1,153 @@
+"""The served log: the last answer the recall service gave each user, kept for
+[recall].served_log_ttl_s so that the user's next events can be judged against it (the online hit
+rate, recall_service/online_quality.py). This module owns the record; the service writes it and
+the judge reads it, both only through this module. One Redis string per user:
+
+    <prefix>:served:<user id> -> JSON {"schema": 1, "model_version": "...", "path": "stored_interests",
+                                        "served_ms": 1763900000000, "items": ["raw item id", ...]}
+
+written with SET ... EX ttl: one key per user that the next answer replaces, so the log never grows
+with traffic and needs no clean-up. `items` are raw ids, best first, as the response listed them.
+
+A recall must never wait for, or fail by, its monitoring: `RedisServedLog.record` only queues, and
+a writer thread sends what has queued as one pipeline. When Redis cannot take it (down, slow, the
+queue of MAX_PENDING records full), records are dropped and counted by reason, never retried: a
+lost record only leaves that user's next events unjudged.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+SERVED_SCHEMA = 1
+MAX_PENDING = 10_000  # records queued for the writer; beyond, a recall's record is dropped (reason "queue_full")
+WRITE_BATCH = 256  # records per pipeline
+
+
+class ServedRecordError(ValueError):
+    """A stored served record that cannot be read (another schema, not JSON, fields of the wrong type)."""
+
+
+@dataclass(frozen=True)
+class ServedRecord:
+    user_id: str
+    model_version: str
+    path: str  # the recall path that answered: RecallPath name in lower case, as the service's metrics label it
+    served_ms: int  # the service's wall clock when it answered
+    items: tuple[str, ...]  # raw item ids, best first
+
+
+def encode_served(record: ServedRecord) -> bytes:
+    return orjson.dumps({"schema": SERVED_SCHEMA, "model_version": record.model_version, "path": record.path,
+                         "served_ms": record.served_ms, "items": record.items})
+
+
+def decode_served(user_id: str, raw: bytes) -> ServedRecord:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ServedRecordError(f"served record of user {user_id!r:.80}: not JSON ({exc})") from None
+    if not isinstance(obj, dict) or obj.get("schema") != SERVED_SCHEMA:
+        raise ServedRecordError(f"served record of user {user_id!r:.80}: not a schema-{SERVED_SCHEMA} record")
+    version, path, served_ms, items = (obj.get(name) for name in ("model_version", "path", "served_ms", "items"))
+    if not (isinstance(version, str) and isinstance(path, str) and isinstance(served_ms, int) and not isinstance(served_ms, bool)
+            and isinstance(items, list) and all(isinstance(item, str) for item in items)):
+        raise ServedRecordError(f"served record of user {user_id!r:.80}: model_version, path (strings), served_ms (integer) "
+                                "or items (list of strings) missing or of the wrong type")
+    return ServedRecord(user_id, version, path, served_ms, tuple(items))
+
+
+class ServedLog(Protocol):
+    def record(self, served: Iterable[ServedRecord]) -> None:
+        """Keep these answers; never blocks and never raises (what cannot be kept is dropped and counted)."""
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until what `record` was given is kept or dropped; False if that took longer."""
+
+
+class RedisServedLog:
+    """The served log in Redis: `record` queues for a writer thread, `get_many` reads in one round trip."""
+
+    def __init__(self, client, ttl_s: int, prefix: str = "mindstream", dropped: Callable[[str, int], None] = lambda reason, n: None,
+                 max_pending: int = MAX_PENDING):
+        self.client, self.ttl_s, self.prefix, self.dropped = client, ttl_s, prefix, dropped
+        self._queue: queue.Queue = queue.Queue(max_pending)
+        self._writer: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._failing = False  # logged when writes start and stop failing, not once per batch of an outage
+
+    def key(self, user_id: str) -> str:
+        return f"{self.prefix}:served:{user_id}"
+
+    def record(self, served: Iterable[ServedRecord]) -> None:
+        if self._writer is None:
+            self._start_writer()
+        for record in served:
+            try:
+                self._queue.put_nowait(record)
+            except queue.Full:
+                self.dropped("queue_full", 1)
+
+    def get_many(self, user_ids: list[str]) -> list[ServedRecord | ServedRecordError | None]:
+        """Each user's record, None where there is none, a ServedRecordError where it is unreadable;
+        Redis errors propagate (the caller retries the batch)."""
+        pipe = self.client.pipeline(transaction=False)
+        for user_id in user_ids:
+            pipe.get(self.key(user_id))
+        out: list[ServedRecord | ServedRecordError | None] = []
+        for user_id, raw in zip(user_ids, pipe.execute()):
+            try:
+                out.append(None if raw is None else decode_served(user_id, raw))
+            except ServedRecordError as exc:
+                out.append(exc)
+        return out
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every queued record has been sent (or dropped); False if that took longer."""
+        done = threading.Event()
+        threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True).start()
+        return done.wait(timeout_s)
+
+    def _start_writer(self) -> None:
+        with self._start_lock:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_forever, name="served-log", daemon=True)
+                self._writer.start()
+
+    def _write_forever(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < WRITE_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._write(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    def _write(self, batch: list[ServedRecord]) -> None:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for record in batch:
+                pipe.set(self.key(record.user_id), encode_served(record), ex=self.ttl_s)
+            pipe.execute()
+        except Exception as exc:  # the writer outlives any failure: an outage drops records, it never ends the log
+            self.dropped("unavailable", len(batch))
+            if not self._failing:
+                log.warning("served log: cannot write to Redis (%s); records are dropped, recalls go on", exc)
+                self._failing = True
+            return
+        if self._failing:
+            log.info("served log: writing to Redis again")
+            self._failing = False

@@ -1,0 +1,247 @@
+"""The online hit rate: the served-log record (recall_service/served_log.py), the judge's rule and
+loop on fakes (recall_service/online_quality.py), the writer on a real Redis, and the exporter's
+judge end to end on a real broker and Redis. The recall service's own writes are checked against
+its answers in tests/test_recall_service.py."""
+
+import threading
+import time
+import urllib.request
+from collections import Counter
+from types import SimpleNamespace
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from infra.broker import EmbeddedBroker, ensure_topics
+from infra.config import load_config
+from infra.process import free_port
+from infra.redis_server import EmbeddedRedis
+from recall_service.online_quality import HIT, MISS, UNJUDGED, OnlineQualityJudge, judge_events
+from recall_service.served_log import RedisServedLog, ServedRecord, ServedRecordError, decode_served, encode_served
+from streaming.events import BehaviourEvent, encode_event
+from streaming.feature_store import redis_client
+
+TTL_S = 600
+SERVED_MS = 1_000_000
+
+
+def served(user="u1", version="v2", path="stored_interests", items=("a", "b", "c"), served_ms=SERVED_MS) -> ServedRecord:
+    return ServedRecord(user, version, path, served_ms, tuple(items))
+
+
+def event(user="u1", item="a", event_type="click") -> BehaviourEvent:
+    return BehaviourEvent(user, item, event_type, 5)  # event_time_ms plays no part: Kafka's timestamp decides
+
+
+def test_served_record_round_trips_and_a_bad_one_says_what_is_wrong():
+    record = served(items=("Toy Story (1995)", "ü", ""))
+    assert decode_served("u1", encode_served(record)) == record
+    bad = [b"{not json", orjson.dumps([1]), orjson.dumps({"schema": 2}),
+           orjson.dumps({"schema": 1, "model_version": "v", "path": "p", "served_ms": "1", "items": []}),
+           orjson.dumps({"schema": 1, "model_version": "v", "path": "p", "served_ms": True, "items": []}),
+           orjson.dumps({"schema": 1, "model_version": "v", "path": "p", "served_ms": 1, "items": ["a", 2]})]
+    for raw in bad:
+        with pytest.raises(ServedRecordError, match="served record of user 'u1'"):
+            decode_served("u1", raw)
+
+
+def test_an_event_is_judged_against_the_answer_in_force_when_it_entered_kafka():
+    records = {"u1": served(), "u2": served("u2", version="v1", path="popular_fallback", items=("x",)), "u3": None}
+    events = [
+        (event("u1", "a"), SERVED_MS),  # at the moment of serving: in force
+        (event("u1", "c", "buy"), SERVED_MS + TTL_S * 1000),  # at the ttl's end: still in force
+        (event("u1", "z"), SERVED_MS + 1),  # not in the answer
+        (event("u1", "a"), SERVED_MS - 1),  # entered before the answer was served (it replaced the one in force)
+        (event("u1", "a"), SERVED_MS + TTL_S * 1000 + 1),  # after the answer expired
+        (event("u2", "x", "view"), SERVED_MS + 10),
+        (event("u3", "a"), SERVED_MS),  # never served
+        (event("u4", "a"), SERVED_MS),  # not looked up at all
+    ]
+    assert judge_events(events, records, TTL_S * 1000) == Counter({
+        ("v2", "stored_interests", "click", HIT): 1, ("v2", "stored_interests", "buy", HIT): 1,
+        ("v2", "stored_interests", "click", MISS): 1, ("", "", "click", UNJUDGED): 4,
+        ("v1", "popular_fallback", "view", HIT): 1,
+    })
+
+
+class FakeConsumer:
+    """poll() hands out the queued batches of (key, value, timestamp); commit() counts."""
+
+    def __init__(self, batches, fail_first_poll=False):
+        self.batches, self.fail_first_poll = list(batches), fail_first_poll
+        self.commits = 0
+        self.closed = False
+
+    def poll(self, timeout_ms, max_records):
+        if self.fail_first_poll:
+            self.fail_first_poll = False
+            raise ConnectionError("broker gone")
+        if not self.batches:
+            return {}
+        records = [SimpleNamespace(key=key, value=value, timestamp=ts) for key, value, ts in self.batches.pop(0)]
+        return {("events", 0): records}
+
+    def commit(self):
+        self.commits += 1
+
+    def close(self):
+        self.closed = True
+
+
+class FakeServed:
+    def __init__(self, records):
+        self.records = records
+        self.asked: list[list[str]] = []
+
+    def get_many(self, user_ids):
+        self.asked.append(user_ids)
+        return [self.records.get(u) for u in user_ids]
+
+
+def test_the_judge_counts_each_polled_event_and_commits_after_counting():
+    batch = [(b"u1", encode_event(event("u1", "b")), SERVED_MS + 5),
+             (b"u1", encode_event(event("u1", "q")), SERVED_MS + 6),
+             (b"u2", encode_event(event("u2", "a")), SERVED_MS + 7),  # its record does not decode: unjudged, counted
+             (b"u9", encode_event(event("u1", "a")), SERVED_MS + 8),  # keyed by another user: the job dead-letters it
+             (b"u1", b"{not an event", SERVED_MS + 9)]
+    consumer = FakeConsumer([batch])
+    reader = FakeServed({"u1": served(), "u2": ServedRecordError("served record of user 'u2': not JSON")})
+    counts, errors = Counter(), Counter()
+    judge = OnlineQualityJudge(lambda: consumer, reader, lambda labels, n: counts.update({labels: n}), lambda r: errors.update([r]),
+                               ttl_s=TTL_S, max_event_bytes=4096)
+    assert judge.step() == 3
+    assert counts == Counter({("v2", "stored_interests", "click", HIT): 1, ("v2", "stored_interests", "click", MISS): 1,
+                              ("", "", "click", UNJUDGED): 1})
+    assert errors == Counter({"invalid_event": 2, "unreadable_record": 1})
+    assert reader.asked == [["u1", "u2"]] and consumer.commits == 1  # one round trip for the batch's users
+    assert judge.step() == 0 and consumer.commits == 1  # nothing polled: nothing to commit
+
+
+def test_the_judge_outlives_a_broker_failure_and_reads_on_with_a_new_consumer():
+    consumers = [FakeConsumer([], fail_first_poll=True), FakeConsumer([[(b"u1", encode_event(event("u1", "a")), SERVED_MS)]])]
+    made = []
+
+    def make():
+        made.append(consumers[len(made)])
+        return made[-1]
+
+    counts, errors = Counter(), Counter()
+    stop = threading.Event()
+    judge = OnlineQualityJudge(make, FakeServed({"u1": served()}), lambda labels, n: counts.update({labels: n}),
+                               lambda r: errors.update([r]), ttl_s=TTL_S, max_event_bytes=4096, retry_s=0.01)
+    runner = threading.Thread(target=judge.run, args=(stop,))
+    runner.start()
+    deadline = time.monotonic() + 10
+    while not counts and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    runner.join(10)
+    assert not runner.is_alive()
+    assert counts == Counter({("v2", "stored_interests", "click", HIT): 1}) and errors == Counter({"unavailable": 1})
+    assert len(made) == 2 and all(c.closed for c in made)  # the broken consumer closed and replaced; the last closed at stop
+
+
+def test_the_writer_keeps_the_latest_answer_per_user_with_its_ttl_in_real_redis(tmp_path):
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        client = redis_client(SimpleNamespace(uri=server.uri, password="", ssl_cafile="", cluster=False))
+        dropped = Counter()
+        log = RedisServedLog(client, ttl_s=TTL_S, prefix="t", dropped=lambda reason, n: dropped.update({reason: n}))
+        log.record([served("u1", items=("a",)), served("u2", items=())])
+        log.record([served("u1", version="v3", items=("b", "c"), served_ms=SERVED_MS + 1)])
+        assert log.flush(timeout_s=10)
+        assert log.get_many(["u1", "u2", "nobody"]) == [served("u1", version="v3", items=("b", "c"), served_ms=SERVED_MS + 1),
+                                                        served("u2", items=()), None]
+        assert 0 < client.ttl("t:served:u1") <= TTL_S
+        client.set("t:served:u3", b"garbage")
+        assert isinstance(log.get_many(["u3"])[0], ServedRecordError)
+        assert not dropped
+    log.record([served("u1")])  # Redis is gone: dropped and counted, the caller not held up
+    assert log.flush(timeout_s=15) and dropped == Counter({"unavailable": 1})
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking_a_recall():
+    gate = threading.Event()
+
+    class SlowPipeline:
+        def set(self, *args, **kwargs):
+            pass
+
+        def execute(self):
+            gate.wait(10)
+
+    dropped = Counter()
+    log = RedisServedLog(SimpleNamespace(pipeline=lambda transaction: SlowPipeline()), ttl_s=60,
+                         dropped=lambda reason, n: dropped.update({reason: n}), max_pending=3)
+    log.record([served()])  # taken by the writer, which then waits on the gate
+    deadline = time.monotonic() + 5
+    while log._queue.qsize() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.perf_counter()
+    log.record([served(f"u{i}") for i in range(5)])
+    assert time.perf_counter() - started < 1.0
+    assert dropped == Counter({"queue_full": 2})
+    gate.set()
+    assert log.flush(timeout_s=10)
+
+
+def scrape(port: int) -> Counter:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    out = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("mindstream_online_recall_events_total", "mindstream_online_recall_errors_total"):
+                out[(sample.name.removeprefix("mindstream_online_recall_").removesuffix("_total"), *sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def test_the_exporter_judges_events_from_a_real_broker_against_a_real_redis(tmp_path):
+    from kafka import KafkaProducer
+
+    from infra.exporter import serve
+
+    with EmbeddedBroker(tmp_path / "broker") as broker, EmbeddedRedis(tmp_path / "redis") as redis_server:
+        port = free_port()
+        config = load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+                                      "MINDSTREAM_REDIS__URI": redis_server.uri, "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path / "models")})
+        ensure_topics(config.kafka, partitions=2, retention_ms=3_600_000)
+        log = RedisServedLog(redis_client(config.redis), config.recall.served_log_ttl_s)
+        log.record([served("alice", items=("i1", "i2"), served_ms=int(time.time() * 1000))])
+        assert log.flush(timeout_s=10)
+        server, collector = serve(config, port)
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+
+        def send(user, item, event_type="click"):
+            producer.send(config.kafka.events_topic, key=user.encode(), value=encode_event(BehaviourEvent(user, item, event_type, 1)))
+            producer.flush()
+
+        unjudged = ("events", ("event_type", "view"), ("model_version", ""), ("outcome", UNJUDGED), ("path", ""))
+        try:
+            # The group starts at the latest offsets once it has joined: send an unserved user's view until one is counted
+            deadline = time.monotonic() + 60
+            while not scrape(port)[unjudged] and time.monotonic() < deadline:
+                send("bob", "i1", "view")
+                time.sleep(0.5)
+            before = scrape(port)
+            assert before[unjudged] >= 1, before
+            send("alice", "i2", "buy")
+            send("alice", "i9")
+            producer.send(config.kafka.events_topic, key=b"alice", value=b"{broken")
+            producer.flush()
+            labels = [("model_version", "v2"), ("path", "stored_interests")]
+            expected = {("events", ("event_type", "buy"), *labels[:1], ("outcome", HIT), *labels[1:]): 1,
+                        ("events", ("event_type", "click"), *labels[:1], ("outcome", MISS), *labels[1:]): 1,
+                        ("errors", ("reason", "invalid_event")): 1}
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                now = scrape(port)
+                if all(now[key] - before[key] >= n for key, n in expected.items()):
+                    break
+                time.sleep(0.2)
+            assert {key: now[key] - before[key] for key in expected} == expected
+        finally:
+            producer.close()
+            server.shutdown()
+            server.server_close()
+            collector.close()
