@@ -144,6 +144,13 @@ def cmd_demo(args) -> int:
     return run_demo(load_config(), args.dataset, args.start, args.limit, args.users, args.n, args.wait)
 
 
+def cmd_online_replay(args) -> int:
+    from infra.demo import run_online_replay
+
+    print(json.dumps(run_online_replay(load_config(), args.dataset, args.start, args.limit, args.n, args.wait)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from infra.stack import DEFAULT_STACK_DIR, SERVICES
 
@@ -210,6 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=10, help="items to recall per user")
     p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the job to catch up")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("online-replay", help="serve every user of the next events once, replay those events, print the online hit rate",
+                       description="Waits for the streaming job (consumer lag 0), asks the recall service for --n items for "
+                                   "each user of the dataset's events --start .. --start + --limit, replays those events into "
+                                   "Kafka, and waits until the exporter has judged each against the answer served to its user "
+                                   "(mindstream_online_recall_events_total). Progress and the hit rate per recall path on "
+                                   "stderr; JSON on stdout, with next_start as `python -m streaming produce` prints it.")
+    p.add_argument("--dataset", default="ml-1m", help="the replayed dataset (as in python -m streaming produce)")
+    p.add_argument("--start", type=int, required=True, help="index of the slice's first event (the next one after the last replay)")
+    p.add_argument("--limit", type=int, default=2000, help="events in the slice")
+    p.add_argument("--n", type=int, default=50, help="items served per user")
+    p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the job, and then for the exporter's judge")
+    p.set_defaults(func=cmd_online_replay)
 
     from infra import faults, soak
 

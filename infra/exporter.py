@@ -94,8 +94,9 @@ class StackCollector(Collector):
             self._consumer = KafkaConsumer(**options, request_timeout_ms=timeout_ms + 1000, enable_auto_commit=False)
         return self._admin, self._consumer
 
-    def consumer_lag(self) -> dict[tuple[str, int], int]:
-        """(topic, partition) -> messages the group has not committed yet, for the events topic."""
+    def consumer_lag(self, group: str | None = None) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> messages `group` (default: the streaming job's) has not committed
+        yet, for the events topic."""
         from kafka import TopicPartition
 
         admin, consumer = self._clients()
@@ -103,7 +104,7 @@ class StackCollector(Collector):
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         if not partitions:
             return {}
-        group = self.config.streaming.consumer_group
+        group = group or self.config.streaming.consumer_group
         committed = admin.list_group_offsets({group: partitions}).get(group, {})
         ends = consumer.end_offsets(partitions)
         starts = consumer.beginning_offsets(partitions)

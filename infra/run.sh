@@ -2,11 +2,13 @@
 # The main job on the embedded default stack: set up, train MIND+REMI on MovieLens-1M (resuming if
 # a run exists), evaluate it on the held-out test users, export the ONNX user tower + item vectors
 # + manifest, benchmark the user tower; then start the whole stack (python -m infra up), publish
-# the model to it, replay ML-1M events through Kafka and the PyFlink job into Redis, and ask the
-# recall service for a few users' movies. The stack keeps running: python -m infra down stops it.
+# the model to it, replay ML-1M events through Kafka and the PyFlink job into Redis, ask the
+# recall service for a few users' movies, and measure the online hit rate on the next events (each
+# of their users served first). The stack keeps running: python -m infra down stops it.
 #   DATASET=beauty MODEL=mind infra/run.sh     other dataset (beauty or a file, as --dataset PATH) / model
 #                                              (mind_remi, mind, youtube_dnn)
 #   EVENTS=20000 RATE=2000 infra/run.sh        events replayed per run (a rerun continues the replay), events/s
+#   ONLINE_EVENTS=2000 infra/run.sh            events of the online hit rate's slice (0: skip that step)
 #   RUN=DIR STACK_DIR=DIR infra/run.sh         the training run's folder, the stack's folder (default var/stack)
 set -euo pipefail
 SCRIPT=$(realpath "$0")
@@ -24,7 +26,7 @@ if [ -n "${MINDSTREAM_CONFIG:-}" ] && [ ! -e "$MINDSTREAM_CONFIG" ] && [ "$(real
 fi
 cd "$(dirname "$SCRIPT")/.."
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,10p' "$SCRIPT" | sed 's/^# \{0,1\}//'
+  sed -n '2,12p' "$SCRIPT" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 DATASET=${DATASET:-ml-1m}
@@ -37,6 +39,7 @@ esac
 infra/bootstrap.sh
 EVENTS=${EVENTS:-20000}
 RATE=${RATE:-2000}
+ONLINE_EVENTS=${ONLINE_EVENTS:-2000}
 PY=.venv/bin/python
 NAME=$(basename "$DATASET"); NAME=${NAME%.*}  # ml-1m, beauty, or a file's stem (as the model version names it)
 RUN=${RUN:-$($PY -c "from infra.config import load_config; print(load_config().paths.artifacts_dir)")/$NAME-$MODEL}
@@ -66,6 +69,12 @@ $PY -m streaming produce --dataset "$DATASET" --start "$START" --limit "$EVENTS"
   | $PY -c 'import json, sys; print(json.load(sys.stdin)["next_start"])' > "$next_file.tmp"
 mv "$next_file.tmp" "$next_file"
 $PY -m infra demo --dataset "$DATASET" --start "$START" --limit "$EVENTS" --users 3 --n 10
+if [ "$ONLINE_EVENTS" -gt 0 ]; then
+  echo >&2
+  $PY -m infra online-replay --dataset "$DATASET" --start "$(cat "$next_file")" --limit "$ONLINE_EVENTS" --n 50 \
+    | $PY -c 'import json, sys; print(json.load(sys.stdin)["next_start"])' > "$next_file.tmp"
+  mv "$next_file.tmp" "$next_file"
+fi
 echo >&2
 echo "==> the stack keeps running:" >&2
 $PY -m infra status --stack-dir "$STACK_DIR" || true

@@ -10,7 +10,7 @@ written with SET ... EX ttl: one key per user that the next answer replaces, so 
 with traffic and needs no clean-up. `items` are raw ids, best first, as the response listed them.
 
 A recall must never wait for, or fail by, its monitoring: `RedisServedLog.record` only queues, and
-a writer thread sends what has queued as one pipeline. When Redis cannot take it (down, slow, the
+a writer thread sends what has queued every 50 ms as pipelines. When Redis cannot take it (down, slow, the
 queue of MAX_PENDING records full), records are dropped and counted by reason, never retried: a
 lost record only leaves that user's next events unjudged.
 """
@@ -18,8 +18,8 @@ lost record only leaves that user's next events unjudged.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SERVED_SCHEMA = 1
 MAX_PENDING = 10_000  # records queued for the writer; beyond, a recall's record is dropped (reason "queue_full")
+FLUSH_INTERVAL_S = 0.05  # how often the writer sends what has queued: records reach Redis within ~50 ms
 WRITE_BATCH = 256  # records per pipeline
 
 
@@ -74,12 +75,16 @@ class ServedLog(Protocol):
 
 
 class RedisServedLog:
-    """The served log in Redis: `record` queues for a writer thread, `get_many` reads in one round trip."""
+    """The served log in Redis: `record` appends to a queue that a writer thread sends every
+    FLUSH_INTERVAL_S as pipelines of WRITE_BATCH records; `get_many` reads in one round trip."""
 
     def __init__(self, client, ttl_s: int, prefix: str = "mindstream", dropped: Callable[[str, int], None] = lambda reason, n: None,
                  max_pending: int = MAX_PENDING):
-        self.client, self.ttl_s, self.prefix, self.dropped = client, ttl_s, prefix, dropped
-        self._queue: queue.Queue = queue.Queue(max_pending)
+        self.client, self.ttl_s, self.prefix, self.dropped, self.max_pending = client, ttl_s, prefix, dropped, max_pending
+        # A deque, not a queue.Queue: append and popleft are atomic without a lock, and the writer
+        # wakes on its interval rather than once per record (each wake-up costs every request thread the GIL).
+        self._pending: deque = deque()
+        self._wake = threading.Event()
         self._writer: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._failing = False  # logged when writes start and stop failing, not once per batch of an outage
@@ -91,10 +96,10 @@ class RedisServedLog:
         if self._writer is None:
             self._start_writer()
         for record in served:
-            try:
-                self._queue.put_nowait(record)
-            except queue.Full:
+            if len(self._pending) >= self.max_pending:
                 self.dropped("queue_full", 1)
+            else:
+                self._pending.append(record)
 
     def get_many(self, user_ids: list[str]) -> list[ServedRecord | ServedRecordError | None]:
         """Each user's record, None where there is none, a ServedRecordError where it is unreadable;
@@ -111,9 +116,12 @@ class RedisServedLog:
         return out
 
     def flush(self, timeout_s: float = 5.0) -> bool:
-        """Wait until every queued record has been sent (or dropped); False if that took longer."""
+        """Wait until every record given so far has been sent (or dropped); False if that took longer."""
+        if self._writer is None:
+            return True
         done = threading.Event()
-        threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True).start()
+        self._pending.append(done)  # the writer sets it once everything before it is written
+        self._wake.set()
         return done.wait(timeout_s)
 
     def _start_writer(self) -> None:
@@ -124,19 +132,25 @@ class RedisServedLog:
 
     def _write_forever(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < WRITE_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                self._write(batch)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+            self._wake.wait(FLUSH_INTERVAL_S)
+            self._wake.clear()
+            batch: list[ServedRecord] = []
+            while self._pending:
+                item = self._pending.popleft()
+                if isinstance(item, threading.Event):  # a flush() waiting for what came before it
+                    self._write(batch)
+                    batch = []
+                    item.set()
+                    continue
+                batch.append(item)
+                if len(batch) == WRITE_BATCH:
+                    self._write(batch)
+                    batch = []
+            self._write(batch)
 
     def _write(self, batch: list[ServedRecord]) -> None:
+        if not batch:
+            return
         try:
             pipe = self.client.pipeline(transaction=False)
             for record in batch:
