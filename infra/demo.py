@@ -20,6 +20,11 @@ from collections import Counter, defaultdict
 from infra.cli import UserError
 from infra.config import Config
 
+# Users per BatchRecall of the online replay: a batch is one Milvus search, and the embedded Milvus
+# Lite takes ~8 ms per user, so 64 (the service's max_batch) would outlast the search's 500 ms cap
+# ([recall].vector_search_timeout_ms) and fall back to popular items.
+SERVE_BATCH = 8
+
 
 def busiest_users(events, count: int) -> list[tuple[str, list[str]]]:
     """The `count` users with the most replayed events, each with the items they had, oldest first."""
@@ -139,10 +144,12 @@ def run_online_replay(config: Config, dataset: str, start: int, limit: int, n: i
     serving_ms = int(time.time() * 1000)
     with recall_channel(config.recall) as channel:
         stub = recall_pb2_grpc.RecallServiceStub(channel)
-        for first in range(0, len(users), config.recall.max_batch):
-            requests = [recall_pb2.RecallRequest(user_id=user, n=n) for user in users[first:first + config.recall.max_batch]]
+        for first in range(0, len(users), SERVE_BATCH):
+            requests = [recall_pb2.RecallRequest(user_id=user, n=n) for user in users[first:first + SERVE_BATCH]]
             for response in stub.BatchRecall(recall_pb2.BatchRecallRequest(requests=requests), timeout=60.0).responses:
-                served_by[recall_pb2.RecallPath.Name(response.path).removeprefix("RECALL_PATH_").lower()] += 1
+                path = recall_pb2.RecallPath.Name(response.path).removeprefix("RECALL_PATH_").lower()
+                reason = recall_pb2.FallbackReason.Name(response.fallback_reason).removeprefix("FALLBACK_REASON_").lower()
+                served_by[path if reason == "unspecified" else f"{path} ({reason})"] += 1
     say("  served: " + ", ".join(f"{count:,} by {path}" for path, count in served_by.most_common()))
     served_log = RedisServedLog(redis_client(config.redis), config.recall.served_log_ttl_s)
     deadline = time.monotonic() + 30
