@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", type=int, required=True, help="index of the slice's first event (the next one after the last replay)")
     p.add_argument("--limit", type=int, default=2000, help="events in the slice")
     p.add_argument("--n", type=int, default=50, help="items served per user")
-    p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the job, and then for the exporter's judge")
+    p.add_argument("--wait", type=float, default=120.0, help="seconds each wait may take: for the job, for the judge to catch up before serving, and for it to count the slice")
     p.set_defaults(func=cmd_online_replay)
 
     from infra import faults, soak

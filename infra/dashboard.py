@@ -89,6 +89,8 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                   "on the held-out test users (offline training) or on the recent holdout a retraining was judged on.", "percentunit",
                   (Query('max by (model_version, split, metric) (mindstream_model_offline_metric{metric=~"recall@50|hitrate@50"})',
                          "{{metric}} ({{split}})"),), kind="stat"),
+        PanelSpec("Items taken out of recall", "Inactive items (`python -m model_export items deactivate`) as the recall service "
+                  "last read them from the registry.", "short", (Query("max(mindstream_recall_inactive_items)", "inactive items"),), kind="stat"),
         PanelSpec("Online hit rate by model version and recall path", "Share of the judged events whose item was in the answer "
                   "last served to their user (recall_service/online_quality.py): the online HitRate, per version and path; and the "
                   "share of all events that could be judged (their user was served within [recall].served_log_ttl_s before).",
@@ -100,8 +102,6 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                          "{{model_version}} {{path}}"),
                    Query('sum(rate(mindstream_online_recall_events_total{outcome!="unjudged"}[$__rate_interval])) '
                          "/ sum(rate(mindstream_online_recall_events_total[$__rate_interval]))", "events judged"))),
-        PanelSpec("Items taken out of recall", "Inactive items (`python -m model_export items deactivate`) as the recall service "
-                  "last read them from the registry.", "short", (Query("max(mindstream_recall_inactive_items)", "inactive items"),), kind="stat"),
     )),
 )
 

@@ -11,7 +11,6 @@ the stack's exporter computes it), so the answers come from the interests of the
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import urllib.request
@@ -94,7 +93,7 @@ def run_demo(config: Config, dataset: str, start: int, limit: int, users: int, n
     return 0
 
 
-def judged_events(config: Config) -> Counter:
+def online_counts(config: Config) -> Counter:
     """The exporter's online-judge counters, (path, outcome) -> events, over versions and event types."""
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -127,13 +126,15 @@ def run_online_replay(config: Config, dataset: str, start: int, limit: int, n: i
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    nothing = {"sent": 0, "next_start": start, "users_served": 0, "served_by": {}, "judged": {}, "unjudged": 0}
     if not config.recall.served_log_ttl_s:
-        raise UserError("[recall].served_log_ttl_s is 0: answers are not kept, so no event can be judged; set it (default 3600)")
+        say("==> online hit rate: skipped, [recall].served_log_ttl_s is 0 (answers are not kept, so no event can be judged)")
+        return nothing
     replayed = ReplayEvents.from_dataset(dataset, config.paths.data_dir, config.paths.shared_data_dir)
     events = list(replayed.events(start, start + limit))
     if not events:
         say(f"==> online hit rate: {dataset} has {len(replayed):,} events, none left to replay from {start:,}")
-        return {"sent": 0, "next_start": start, "users_served": 0, "served_by_path": {}, "judged": {}, "unjudged": 0}
+        return nothing
     users = list(dict.fromkeys(event.user_id for event in events))
     say(f"==> online hit rate: serving the {len(users):,} users of {dataset} events {start:,}-{start + len(events):,} "
         f"({n} items each), then replaying those events")
@@ -159,16 +160,16 @@ def run_online_replay(config: Config, dataset: str, start: int, limit: int, n: i
             raise UserError("the recall service's answers did not reach the served log in Redis within 30 s: see its log "
                             "(mindstream_recall_served_log_dropped_total)")
         time.sleep(0.2)
-    before = judged_events(config)
+    before = online_counts(config)
     with EventProducer.for_config(config) as producer:
         sent = replay(iter(events), producer)
-    deadline, judged, delta = time.monotonic() + wait_s, 0, Counter()
-    while judged < sent and time.monotonic() < deadline:
+    deadline, seen, delta = time.monotonic() + wait_s, 0, Counter()
+    while seen < sent and time.monotonic() < deadline:
         time.sleep(0.5)
-        delta = judged_events(config) - before
-        judged = int(sum(delta.values()))
-    if judged < sent:
-        say(f"  the exporter judged {judged:,} of the {sent:,} events within {wait_s:.0f} s: the figures below cover those")
+        delta = online_counts(config) - before
+        seen = int(sum(delta.values()))  # hit, miss and unjudged
+    if seen < sent:
+        say(f"  the exporter counted {seen:,} of the {sent:,} events within {wait_s:.0f} s: the figures below cover those")
     by_path: dict = defaultdict(lambda: {"hit": 0, "miss": 0})
     for (path, outcome), count in delta.items():
         if outcome in ("hit", "miss"):
@@ -179,5 +180,5 @@ def run_online_replay(config: Config, dataset: str, start: int, limit: int, n: i
     unjudged = int(sum(count for (_, outcome), count in delta.items() if outcome == "unjudged"))
     if unjudged:
         say(f"  {unjudged:,} events unjudged (no answer in force when they entered Kafka)")
-    return {"sent": sent, "next_start": start + sent, "users_served": len(users), "served_by_path": dict(served_by),
+    return {"sent": sent, "next_start": start + sent, "users_served": len(users), "served_by": dict(served_by),
             "judged": dict(by_path), "unjudged": unjudged}

@@ -63,7 +63,7 @@ class StackCollector(Collector):
         errors = Counter("mindstream_online_recall_errors_total", "Events and served records left out of the online hit rate, "
                          "and failed reads", ["reason"], registry=registry)
         judge = OnlineQualityJudge(self._online_consumer, RedisServedLog(redis_client(self.config.redis), self.config.recall.served_log_ttl_s),
-                                   lambda labels, n: events.labels(*labels).inc(n), lambda reason: errors.labels(reason).inc(),
+                                   lambda labels, n: events.labels(*labels).inc(n), lambda reason, n: errors.labels(reason).inc(n),
                                    self.config.recall.served_log_ttl_s, self.config.streaming.max_event_bytes)
         self._online = threading.Thread(target=judge.run, args=(self._online_stop,), name="online-quality", daemon=True)
         self._online.start()
@@ -73,7 +73,8 @@ class StackCollector(Collector):
 
         from streaming.kafka_clients import python_client_options
 
-        # "latest": a new group judges what arrives from now on; older events were served long ago
+        # "latest": a new group judges what arrives from now on; older events were served long ago.
+        # (The Redis client is not needed to start: the judge counts a Redis outage and reads again.)
         return KafkaConsumer(self.config.kafka.events_topic, group_id=self.config.monitoring.online_quality_group,
                              enable_auto_commit=False, auto_offset_reset="latest", **python_client_options(self.config.kafka))
 
@@ -190,5 +191,10 @@ def serve(config: Config, port: int | None = None, host: str | None = None) -> t
     port = config.monitoring.exporter_port if port is None else port
     server, _ = start_http_server(port, addr=host or config.monitoring.exporter_host, registry=registry)
     if config.recall.served_log_ttl_s:
-        collector.start_online_quality(registry)
+        try:
+            collector.start_online_quality(registry)
+        except BaseException:
+            server.shutdown()
+            server.server_close()
+            raise
     return server, collector

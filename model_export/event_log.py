@@ -27,7 +27,7 @@ import numpy as np
 
 from infra.cli import UserError
 from infra.config import ConfigError
-from streaming.events import MAX_EVENT_BYTES, BehaviourEvent, EventError, accept_record
+from streaming.events import MAX_EVENT_BYTES, BehaviourEvent, EventError, accept_record, record_key
 
 LOG_FILE = "event_log.npz"
 START_POLICIES = ("earliest", "latest", "committed")
@@ -147,9 +147,8 @@ def read_new_events(kafka, topic: str, group: str, offsets: dict[int, int], star
                         continue
                     position[tp] = record.offset + 1
                     read += 1
-                    key = None if record.key is None else record.key.decode("utf-8", "replace")  # as the job's raw STRING key
                     try:
-                        events.append(accept_record(key, record.value, max_event_bytes))
+                        events.append(accept_record(record_key(record.key), record.value, max_event_bytes))
                     except EventError as exc:
                         rejected[exc.kind] += 1
             if progress and time.monotonic() - last_report > 2:

@@ -16,8 +16,10 @@ Each event is judged against the user's served record (recall_service/served_log
               keeps the latest answer only), or the record could not be read
 
 "In force" is decided on the Kafka record's timestamp, when the event entered the stream, not on
-its event_time_ms: that is the application's clock, hours or years behind in a replay. The
-service's and the producers' clocks are compared, so skew between hosts shifts the boundary.
+its event_time_ms: that is the application's clock, hours or years behind in a replay. Producers
+must leave that timestamp at the send time (CreateTime, Kafka's default) or the topic use
+LogAppendTime. The service's and the producers' clocks are compared, so skew between hosts shifts
+the boundary.
 A hit rate per version and path is then hit / (hit + miss); dashboards and alerts compute it.
 """
 
@@ -29,7 +31,7 @@ from collections import Counter
 from typing import Callable, Iterable, Protocol
 
 from recall_service.served_log import ServedRecord, ServedRecordError
-from streaming.events import BehaviourEvent, EventError, accept_record
+from streaming.events import BehaviourEvent, EventError, accept_record, record_key
 
 log = logging.getLogger(__name__)
 
@@ -63,60 +65,86 @@ class ServedReader(Protocol):
     def get_many(self, user_ids: list[str]) -> list[ServedRecord | ServedRecordError | None]: ...
 
 
+class ServedLogUnavailable(RuntimeError):
+    """Redis did not answer the served-log read of a polled batch; the consumer was moved back to it."""
+
+
 class OnlineQualityJudge:
     """Reads the events topic, judges each event, counts. `count(labels, n)` receives the
-    judge_events keys; `error(reason)` counts what is left out: "invalid_event" (a record the
-    streaming job dead-letters), "unreadable_record" (a served record that does not decode: its
-    user's events are unjudged) and "unavailable" (the broker or Redis failed: the batch is read
-    again from the last committed offset once they answer)."""
+    judge_events keys; `error(reason, n)` counts what is left out: "invalid_event" (per record the
+    streaming job dead-letters), "unreadable_record" (per served record that does not decode: its
+    user's events are unjudged) and "unavailable" (per failed attempt to read the broker or Redis).
+
+    A batch is counted only after its offsets are committed: a commit that fails (a rebalance) or a
+    served log that does not answer leaves the batch to be read again, and it is counted then, once.
+    When Redis fails the consumer seeks back to the batch and keeps its partitions; when the broker
+    fails it is made again."""
 
     def __init__(self, make_consumer: Callable[[], object], served: ServedReader, count: Callable[[tuple, int], None],
-                 error: Callable[[str], None], ttl_s: int, max_event_bytes: int, retry_s: float = 2.0):
+                 error: Callable[[str, int], None], ttl_s: int, max_event_bytes: int, retry_s: float = 2.0):
         self.make_consumer, self.served, self.count, self.error = make_consumer, served, count, error
         self.ttl_ms, self.max_event_bytes, self.retry_s = ttl_s * 1000, max_event_bytes, retry_s
         self._consumer = None
+        self._positions_committed = False
         self._failing = False
 
     def step(self, timeout_ms: int = 1000) -> int:
-        """One poll: judge its events, count them, commit their offsets. Returns the events judged."""
+        """One poll: judge its events, commit their offsets, count them. Returns the events judged."""
         if self._consumer is None:
-            self._consumer = self.make_consumer()
-        polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=POLL_RECORDS)
-        events = []
+            self._consumer, self._positions_committed = self.make_consumer(), False
+        consumer = self._consumer
+        polled = consumer.poll(timeout_ms=timeout_ms, max_records=POLL_RECORDS)
+        if not polled:
+            if not self._positions_committed and consumer.assignment():
+                # a new group starts at the latest offsets: commit them, so that its lag reads 0, not the whole topic
+                consumer.commit()
+                self._positions_committed = True
+            return 0
+        events, errors = [], Counter()
         for records in polled.values():
             for record in records:
-                key = None if record.key is None else record.key.decode("utf-8", "replace")  # as the job reads its raw STRING key
                 try:
-                    events.append((accept_record(key, record.value, self.max_event_bytes), record.timestamp))
+                    events.append((accept_record(record_key(record.key), record.value, self.max_event_bytes), record.timestamp))
                 except EventError:
-                    self.error("invalid_event")
+                    errors["invalid_event"] += 1
+        counts: Counter = Counter()
         if events:
             users = sorted({event.user_id for event, _ in events})
+            try:
+                stored = self.served.get_many(users)
+            except Exception as exc:
+                for partition, records in polled.items():
+                    consumer.seek(partition, records[0].offset)
+                raise ServedLogUnavailable(f"served log: {exc}") from exc
             served = {}
-            for user, record in zip(users, self.served.get_many(users)):
+            for user, record in zip(users, stored):
                 if isinstance(record, ServedRecordError):
                     log.warning("%s; the user's events are counted unjudged", record)
-                    self.error("unreadable_record")
+                    errors["unreadable_record"] += 1
                     record = None
                 served[user] = record
-            for labels, n in judge_events(events, served, self.ttl_ms).items():
-                self.count(labels, n)
-        if polled:
-            self._consumer.commit()
+            counts = judge_events(events, served, self.ttl_ms)
+        consumer.commit()
+        self._positions_committed = True
+        for labels, n in counts.items():
+            self.count(labels, n)
+        for reason, n in errors.items():
+            self.error(reason, n)
         return len(events)
 
     def run(self, stop: threading.Event) -> None:
         """step() until `stop` is set; a failure is counted and logged (once per outage) and the
-        consumer made again after retry_s, so the judge outlives any outage."""
+        batch read again after retry_s, so the judge outlives any outage."""
         while not stop.is_set():
             try:
                 self.step()
             except Exception as exc:
-                self.error("unavailable")
+                self.error("unavailable", 1)
                 if not self._failing:
                     log.warning("online quality: cannot read events or served records (%s); retrying every %.0f s", exc, self.retry_s)
                     self._failing = True
-                self.close()
+                if not isinstance(exc, ServedLogUnavailable):
+                    self.close()
                 stop.wait(self.retry_s)
                 continue
             if self._failing:

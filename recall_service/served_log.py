@@ -73,6 +73,9 @@ class ServedLog(Protocol):
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until what `record` was given is kept or dropped; False if that took longer."""
 
+    def close(self, timeout_s: float = 5.0) -> None:
+        """flush(), then stop writing; later records are dropped."""
+
 
 class RedisServedLog:
     """The served log in Redis: `record` appends to a queue that a writer thread sends every
@@ -88,15 +91,19 @@ class RedisServedLog:
         self._writer: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._failing = False  # logged when writes start and stop failing, not once per batch of an outage
+        self._closed = False
 
     def key(self, user_id: str) -> str:
         return f"{self.prefix}:served:{user_id}"
 
     def record(self, served: Iterable[ServedRecord]) -> None:
+        if self._closed:
+            self.dropped("closed", sum(1 for _ in served))
+            return
         if self._writer is None:
             self._start_writer()
         for record in served:
-            if len(self._pending) >= self.max_pending:
+            if len(self._pending) >= self.max_pending:  # checked, then appended: concurrent recalls may pass it by a few
                 self.dropped("queue_full", 1)
             else:
                 self._pending.append(record)
@@ -124,6 +131,14 @@ class RedisServedLog:
         self._wake.set()
         return done.wait(timeout_s)
 
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Sends what is queued (waiting up to timeout_s), then stops the writer thread."""
+        self.flush(timeout_s)
+        self._closed = True
+        self._wake.set()
+        if self._writer is not None:
+            self._writer.join(timeout_s)
+
     def _start_writer(self) -> None:
         with self._start_lock:
             if self._writer is None:
@@ -131,7 +146,7 @@ class RedisServedLog:
                 self._writer.start()
 
     def _write_forever(self) -> None:
-        while True:
+        while not self._closed:
             self._wake.wait(FLUSH_INTERVAL_S)
             self._wake.clear()
             batch: list[ServedRecord] = []

@@ -126,8 +126,12 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         self.metrics.requests.labels(method, "OK").inc()
         if self.served_log is not None:
             served_ms = int(time.time() * 1000)
-            self.served_log.record([ServedRecord(query.user_id, result.model_version, result.path.name.lower(), served_ms,
-                                                 tuple(raw for raw, _, _ in result.items)) for query, result in zip(queries, results)])
+            try:
+                self.served_log.record([ServedRecord(query.user_id, result.model_version, result.path.name.lower(), served_ms,
+                                                     tuple(raw for raw, _, _ in result.items)) for query, result in zip(queries, results)])
+            except Exception:  # the answer is computed and counted OK: its monitoring must not fail it
+                log.exception("served log: answers not recorded")
+                self.metrics.served_log_dropped.labels("error").inc(len(results))
         return responses
 
     def _query(self, request, index: int | None):
@@ -425,7 +429,7 @@ class RecallServer:
         if self._limit is not None:
             self._limit.fast_lane.shutdown(wait=False)
         if self.served_log is not None:
-            self.served_log.flush(timeout_s=grace_s)  # the last answers' records too, unless Redis is gone
+            self.served_log.close(timeout_s=grace_s)  # the last answers' records too, unless Redis is gone
 
     def wait(self) -> None:
         self._grpc.wait_for_termination()

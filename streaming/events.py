@@ -137,6 +137,11 @@ def parse_event(raw: bytes, max_bytes: int = MAX_EVENT_BYTES) -> BehaviourEvent:
     )
 
 
+def record_key(raw: bytes | None) -> str | None:
+    """A Kafka record's key as the job reads it (Flink's raw STRING key), for Python consumers."""
+    return None if raw is None else raw.decode("utf-8", "replace")
+
+
 def accept_record(key: str | None, value: bytes | None, max_bytes: int = MAX_EVENT_BYTES) -> BehaviourEvent:
     """The job's acceptance rule for one Kafka record (key decoded as UTF-8): a valid event keyed by
     its own user id, else EventError with the dead-letter reason. Whoever reads the events topic

@@ -66,70 +66,115 @@ def test_an_event_is_judged_against_the_answer_in_force_when_it_entered_kafka():
 
 
 class FakeConsumer:
-    """poll() hands out the queued batches of (key, value, timestamp); commit() counts."""
+    """One partition of (key, value, timestamp) records with a position: poll() hands out what lies
+    after it (up to `per_poll` records), seek() moves it, commit() records it as committed."""
 
-    def __init__(self, batches, fail_first_poll=False):
-        self.batches, self.fail_first_poll = list(batches), fail_first_poll
-        self.commits = 0
+    def __init__(self, records, per_poll=100, fail_first_poll=False, fail_first_commit=False):
+        self.records = [SimpleNamespace(key=key, value=value, timestamp=ts, offset=i) for i, (key, value, ts) in enumerate(records)]
+        self.per_poll, self.fail_first_poll, self.fail_first_commit = per_poll, fail_first_poll, fail_first_commit
+        self.position = 0
+        self.committed: list[int] = []
         self.closed = False
+
+    def assignment(self):
+        return {("events", 0)}
 
     def poll(self, timeout_ms, max_records):
         if self.fail_first_poll:
             self.fail_first_poll = False
             raise ConnectionError("broker gone")
-        if not self.batches:
-            return {}
-        records = [SimpleNamespace(key=key, value=value, timestamp=ts) for key, value, ts in self.batches.pop(0)]
-        return {("events", 0): records}
+        batch = self.records[self.position:self.position + self.per_poll]
+        self.position += len(batch)
+        return {("events", 0): batch} if batch else {}
+
+    def seek(self, partition, offset):
+        self.position = offset
 
     def commit(self):
-        self.commits += 1
+        if self.fail_first_commit:
+            self.fail_first_commit = False
+            self.position = self.committed[-1] if self.committed else 0  # a rebalance: read again from the committed offset
+            raise RuntimeError("CommitFailedError: the group rebalanced")
+        self.committed.append(self.position)
 
     def close(self):
         self.closed = True
 
 
 class FakeServed:
-    def __init__(self, records):
-        self.records = records
+    def __init__(self, records, failures=0):
+        self.records, self.failures = records, failures
         self.asked: list[list[str]] = []
 
     def get_many(self, user_ids):
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("Redis gone")
         self.asked.append(user_ids)
         return [self.records.get(u) for u in user_ids]
 
 
-def test_the_judge_counts_each_polled_event_and_commits_after_counting():
+def counting_judge(consumer_or_factory, served, **kwargs):
+    counts, errors = Counter(), Counter()
+    make = consumer_or_factory if callable(consumer_or_factory) else (lambda: consumer_or_factory)
+    judge = OnlineQualityJudge(make, served, lambda labels, n: counts.update({labels: n}), lambda reason, n: errors.update({reason: n}),
+                               ttl_s=TTL_S, max_event_bytes=4096, **kwargs)
+    return judge, counts, errors
+
+
+def test_the_judge_counts_each_polled_event_after_committing_it():
     batch = [(b"u1", encode_event(event("u1", "b")), SERVED_MS + 5),
              (b"u1", encode_event(event("u1", "q")), SERVED_MS + 6),
              (b"u2", encode_event(event("u2", "a")), SERVED_MS + 7),  # its record does not decode: unjudged, counted
              (b"u9", encode_event(event("u1", "a")), SERVED_MS + 8),  # keyed by another user: the job dead-letters it
              (b"u1", b"{not an event", SERVED_MS + 9)]
-    consumer = FakeConsumer([batch])
+    consumer = FakeConsumer(batch)
     reader = FakeServed({"u1": served(), "u2": ServedRecordError("served record of user 'u2': not JSON")})
-    counts, errors = Counter(), Counter()
-    judge = OnlineQualityJudge(lambda: consumer, reader, lambda labels, n: counts.update({labels: n}), lambda r: errors.update([r]),
-                               ttl_s=TTL_S, max_event_bytes=4096)
+    judge, counts, errors = counting_judge(consumer, reader)
     assert judge.step() == 3
     assert counts == Counter({("v2", "stored_interests", "click", HIT): 1, ("v2", "stored_interests", "click", MISS): 1,
                               ("", "", "click", UNJUDGED): 1})
     assert errors == Counter({"invalid_event": 2, "unreadable_record": 1})
-    assert reader.asked == [["u1", "u2"]] and consumer.commits == 1  # one round trip for the batch's users
-    assert judge.step() == 0 and consumer.commits == 1  # nothing polled: nothing to commit
+    assert reader.asked == [["u1", "u2"]] and consumer.committed == [5]  # one round trip for the batch's users
+    assert judge.step() == 0 and consumer.committed == [5]  # nothing new: the positions were committed already
+
+
+def test_a_new_group_commits_its_starting_positions_before_any_event():
+    consumer = FakeConsumer([])
+    judge, _, _ = counting_judge(consumer, FakeServed({}))
+    assert judge.step() == 0 and consumer.committed == [0]  # its lag reads 0 from the start, not the whole topic
+    judge.step()
+    assert consumer.committed == [0]
+
+
+@pytest.mark.parametrize("failure", ["redis", "commit"])
+def test_a_batch_whose_read_or_commit_failed_is_counted_once_when_read_again(failure):
+    records = [(b"u1", encode_event(event("u1", item)), SERVED_MS + i) for i, item in enumerate("abz")]
+    consumer = FakeConsumer(records, per_poll=2, fail_first_commit=failure == "commit")
+    judge, counts, errors = counting_judge(consumer, FakeServed({"u1": served()}, failures=int(failure == "redis")), retry_s=0.01)
+    stop = threading.Event()
+    runner = threading.Thread(target=judge.run, args=(stop,))
+    runner.start()
+    deadline = time.monotonic() + 10
+    while sum(counts.values()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # a double count would land here
+    stop.set()
+    runner.join(10)
+    assert counts == Counter({("v2", "stored_interests", "click", HIT): 2, ("v2", "stored_interests", "click", MISS): 1})
+    assert errors == Counter({"unavailable": 1}) and consumer.committed[-1] == 3
 
 
 def test_the_judge_outlives_a_broker_failure_and_reads_on_with_a_new_consumer():
-    consumers = [FakeConsumer([], fail_first_poll=True), FakeConsumer([[(b"u1", encode_event(event("u1", "a")), SERVED_MS)]])]
+    consumers = [FakeConsumer([], fail_first_poll=True), FakeConsumer([(b"u1", encode_event(event("u1", "a")), SERVED_MS)])]
     made = []
 
     def make():
         made.append(consumers[len(made)])
         return made[-1]
 
-    counts, errors = Counter(), Counter()
+    judge, counts, errors = counting_judge(make, FakeServed({"u1": served()}), retry_s=0.01)
     stop = threading.Event()
-    judge = OnlineQualityJudge(make, FakeServed({"u1": served()}), lambda labels, n: counts.update({labels: n}),
-                               lambda r: errors.update([r]), ttl_s=TTL_S, max_event_bytes=4096, retry_s=0.01)
     runner = threading.Thread(target=judge.run, args=(stop,))
     runner.start()
     deadline = time.monotonic() + 10
@@ -243,3 +288,19 @@ def test_the_exporter_judges_events_from_a_real_broker_against_a_real_redis(tmp_
             server.shutdown()
             server.server_close()
             collector.close()
+
+
+def test_with_the_served_log_off_neither_the_service_nor_the_exporter_keeps_or_judges_anything(tmp_path):
+    from infra.exporter import serve
+    from recall_service.server import RecallServer
+
+    config = load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_RECALL__SERVED_LOG_TTL_S": "0",
+                                  "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path / "models")})
+    assert RecallServer(config, reader=object(), search=object(), models=object(), availability=object()).served_log is None
+    server, collector = serve(config, free_port())
+    try:
+        assert collector._online is None
+    finally:
+        server.shutdown()
+        server.server_close()
+        collector.close()

@@ -429,10 +429,10 @@ def in_memory_server(tmp_path):
     search = GatedSearch(catalogs)
     servers = []
 
-    def start(**recall):
+    def start(served_log=None, **recall):
         config = service_config(tmp_path, "redis://127.0.0.1:1/0", str(tmp_path / "unused.db"), search_batch_vectors=0, **recall)
         server = RecallServer(config, reader=store, search=search, models=FakeModels(FakeModel("B", catalogs["B"])),
-                              availability=EveryItemActive()).start()
+                              availability=EveryItemActive(), served_log=served_log).start()
         servers.append(server)
         return server, recall_pb2_grpc.RecallServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}")), search
 
@@ -465,6 +465,26 @@ def test_every_answer_is_timed_failures_too(in_memory_server):
     # a request the client got wrong says nothing of the service's speed: counted, not timed
     assert server.metrics.requests.labels("Recall", "INVALID_ARGUMENT")._value.get() == 1
     assert latency_count(server, "none", "INVALID_ARGUMENT") == 0 and latency_count(server, "stored_interests", "OK") == 1
+
+
+def test_a_served_log_that_fails_never_fails_the_answer(in_memory_server):
+    class BrokenLog:
+        def record(self, served):
+            raise RuntimeError("a bug in the served log")
+
+        def flush(self, timeout_s=5.0):
+            return True
+
+        def close(self, timeout_s=5.0):
+            pass
+
+    server, stub, search = in_memory_server(served_log=BrokenLog())
+    search.gate.set()
+    assert stub.Recall(recall_pb2.RecallRequest(user_id="alice", n=5), timeout=5).path == STORED
+    batch = stub.BatchRecall(recall_pb2.BatchRecallRequest(requests=[recall_pb2.RecallRequest(user_id="alice", n=5)] * 2), timeout=5)
+    assert len(batch.responses) == 2
+    assert server.metrics.registry.get_sample_value("mindstream_recall_served_log_dropped_total", {"reason": "error"}) == 3
+    assert server.metrics.requests.labels("Recall", "OK")._value.get() == 1
 
 
 def test_rpcs_over_the_concurrency_limit_are_refused_at_once_and_counted(in_memory_server):
