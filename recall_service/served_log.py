@@ -6,13 +6,14 @@ the judge reads it, both only through this module. One Redis string per user:
     <prefix>:served:<user id> -> JSON {"schema": 1, "model_version": "...", "path": "stored_interests",
                                         "served_ms": 1763900000000, "items": ["raw item id", ...]}
 
-written with SET ... EX ttl: one key per user that the next answer replaces, so the log never grows
-with traffic and needs no clean-up. `items` are raw ids, best first, as the response listed them.
+written with SET ... EX ttl: one key per user that the next answer replaces, so the log grows with
+the users served within the ttl, not with the number of recalls, and needs no clean-up. `items`
+are raw ids, best first, as the response listed them.
 
 A recall must never wait for, or fail by, its monitoring: `RedisServedLog.record` only queues, and
-a writer thread sends what has queued every 50 ms as pipelines. When Redis cannot take it (down, slow, the
-queue of MAX_PENDING records full), records are dropped and counted by reason, never retried: a
-lost record only leaves that user's next events unjudged.
+a writer thread sends what has queued every 50 ms as pipelines. When Redis cannot take it (down,
+slow, the queue of about MAX_PENDING records full), records are dropped and counted by reason,
+never retried: a lost record only leaves that user's next events unjudged.
 """
 
 from __future__ import annotations
