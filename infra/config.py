@@ -77,6 +77,10 @@ class StreamingConfig:
     batch_max_delay_ms: int = 20  # ... and the longest an update waits for its batch
     state_ttl_hours: int = 720  # a user idle this long is dropped from the job's state
     record_ttl_s: int = 0  # feature-store record expiry (0 = never)
+    # The newest items each user interacted with, kept beside the record (the window's and older
+    # ones): the recall service never returns them. 128 keeps each set in Redis's compact encoding
+    # (~2.5 KB a user; above it ~90 bytes an item). 0 = none kept, only the window is left out.
+    seen_items: int = 128
     # A user the job holds no state for (new, idle past state_ttl_hours, or state lost) starts from
     # the window of its stored record: one store read per such user. Off: such windows start empty.
     seed_windows_from_store: bool = True
@@ -90,6 +94,9 @@ class StreamingConfig:
     model_poll_s: float = 2.0  # how often the job looks for a newly published user tower
     topic_partitions: int = 2  # used when the embedded stack creates the topics
     topic_retention_ms: int = 86_400_000
+
+    def __post_init__(self) -> None:
+        _require_range("streaming", self, "seen_items", 0)
 
 
 @dataclass(frozen=True)

@@ -37,12 +37,14 @@ class FeatureStoreReader:
         self.store, self.unavailable = store, unavailable
 
     @classmethod
-    def redis(cls, redis_config, timeout_s: float) -> "FeatureStoreReader":
+    def redis(cls, redis_config, timeout_s: float, seen_items: int = 0) -> "FeatureStoreReader":
+        """seen_items > 0: the records come with their users' seen sets (one round trip still)."""
         import redis
 
         from streaming.feature_store import RedisFeatureStore
 
-        return cls(RedisFeatureStore.from_config(redis_config, timeout_s=timeout_s), (redis.RedisError, redis.exceptions.RedisClusterException, OSError))
+        store = RedisFeatureStore.from_config(redis_config, timeout_s=timeout_s, seen_items=seen_items)
+        return cls(store, (redis.RedisError, redis.exceptions.RedisClusterException, OSError))
 
     def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]:
         try:
@@ -206,7 +208,7 @@ class LoadedModel:
         self.raw_items = artifact.raw_items
         self.popularity = artifact.popularity.astype(np.float32)
         self.by_popularity = np.argsort(-artifact.popularity, kind="stable")  # ties: lower index first
-        self.popular_depth = popular_depth  # n + exclusions at most: deeper is never needed
+        self.popular_depth = popular_depth  # n + items left out at most: deeper is never needed
         self._filtered: OrderedDict[str, list[int]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -235,7 +237,7 @@ class LoadedModel:
                 self._filtered.popitem(last=False)
         return rows
 
-    def popular(self, n: int, item_filter: ItemFilter | None, excluded: set[str], inactive: InactiveItems) -> list[tuple[str, float]]:
+    def popular(self, n: int, item_filter: ItemFilter | None, excluded: frozenset[str], inactive: InactiveItems) -> list[tuple[str, float]]:
         out = []
         for i in self._ranked(item_filter, inactive):
             raw = self.raw_items[i]

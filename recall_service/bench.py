@@ -8,7 +8,9 @@ What it builds (cached under var/bench/, keyed by the source export and the size
            0.5); a copy keeps its source's category. It is an export of its own model version,
            published with model_export.publish (HNSW M 16 / efConstruction 200, inner product).
   users    every ML-1M user's last `maxlen` behaviours (raw ids) through the export's ONNX user
-           tower: the interest records stored in Redis under the catalog's model version.
+           tower: the interest records stored in Redis under the catalog's model version, with
+           the user's seen set (the newest --seen-items of the whole history, as the streaming
+           job keeps it): the service leaves both out, so its searches fetch n + |window ∪ seen|.
 What it starts, on free loopback ports: embedded Redis, Milvus (the server of the PyPI package
 `milvus`, or Milvus Lite over gRPC), the recall server in a subprocess (`python -m recall_service
 serve`, default configuration otherwise).
@@ -57,7 +59,9 @@ def add_arguments(p) -> None:
     p.add_argument("--concurrency", default="1,8,32,50", help="comma-separated closed-loop concurrencies")
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per phase")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each phase")
-    p.add_argument("--n", type=int, default=50, help="items per Recall (the per-interest limit is n + window)")
+    p.add_argument("--n", type=int, default=50, help="items per Recall (the per-interest limit is n + |window ∪ seen set|)")
+    p.add_argument("--seen-items", type=int, default=None,
+                   help="seen set kept per user (default: [streaming].seen_items; 0 = none, only the window is left out)")
     p.add_argument("--work-dir", default="", help="where catalogs, Milvus and Redis data live (default: var/bench)")
     p.add_argument("--out", default="", help="write the figures as JSON here too")
 
@@ -115,6 +119,21 @@ def user_windows(maxlen: int) -> list[tuple[str, list[str]]]:
         items = data.seq_items[data.seq_offsets[u]:data.seq_offsets[u + 1]][-maxlen:]
         out.append((f"ml-{user}", data.item_ids[items].tolist()))
     return out
+
+
+def user_seen(seen_items: int) -> dict[str, list[tuple[int, str]]]:
+    """(event time ms, raw item id) of the newest `seen_items` behaviours of every ML-1M user: the
+    seen sets the streaming job would have written for them."""
+    from model_export.data import load_dataset
+
+    paths = load_config().paths
+    data = load_dataset("ml-1m", paths.data_dir, paths.cache_dir, paths.shared_data_dir)
+    out = {}
+    for u, user in enumerate(data.user_ids.tolist()):
+        start, end = data.seq_offsets[u], data.seq_offsets[u + 1]
+        start = max(start, end - seen_items)
+        out[f"ml-{user}"] = list(zip(data.seq_times[start:end].tolist(), data.item_ids[data.seq_items[start:end]].tolist()))
+    return out if seen_items else {}
 
 
 def ensure_published(client, catalog_dir: Path, log) -> str:
@@ -299,7 +318,8 @@ def bench_backend(backend: str, catalog_dir: Path, users, interests, args, root:
 
     manifest = Manifest.load(catalog_dir, verify=False)
     recall_config = load_config().recall
-    report: dict = {"backend": backend, "items": manifest.n_items, "users": len(users), "n": args.n}
+    seen_items = load_config().streaming.seen_items if args.seen_items is None else args.seen_items
+    report: dict = {"backend": backend, "items": manifest.n_items, "users": len(users), "n": args.n, "seen_items": seen_items}
     with contextlib.ExitStack() as stack:
         data_dir = root / f"milvus-{backend}-{manifest.n_items}"
         milvus = stack.enter_context(MilvusServer(data_dir) if backend == "server" else MilvusLiteServer(data_dir))
@@ -323,18 +343,22 @@ def bench_backend(backend: str, catalog_dir: Path, users, interests, args, root:
 
         shutil.rmtree(root / f"redis-{backend}", ignore_errors=True)  # records are rewritten: no old file to load
         redis_server = stack.enter_context(EmbeddedRedis(root / f"redis-{backend}"))
-        store = RedisFeatureStore.from_config(dataclasses.replace(load_config().redis, uri=redis_server.uri))
+        store = RedisFeatureStore.from_config(dataclasses.replace(load_config().redis, uri=redis_server.uri), seen_items=seen_items)
+        seen = user_seen(seen_items)
         for start in range(0, len(users), 1000):
-            store.put_many(InterestRecord(u, version, v, tuple(w), 0, "0:0") for (u, w), v in zip(users[start:start + 1000], interests[start:start + 1000]))
+            chunk = users[start:start + 1000]
+            store.put_many((InterestRecord(u, version, v, tuple(w), 0, "0:0") for (u, w), v in zip(chunk, interests[start:start + 1000])),
+                           seen={u: seen[u] for u, _ in chunk if u in seen})
         env = {"MINDSTREAM_CONFIG": "", "MINDSTREAM_REDIS__URI": redis_server.uri, "MINDSTREAM_MILVUS__URI": milvus.uri,
                "MINDSTREAM_MILVUS__COLLECTION_PREFIX": PREFIX, "MINDSTREAM_PATHS__MODELS_DIR": str(root / "no-models"),
                "MINDSTREAM_RECALL__PORT": str(free_port()), "MINDSTREAM_RECALL__METRICS_PORT": str(free_port()),
                "MINDSTREAM_RECALL__SEARCH_EF": str(search.ef), "MINDSTREAM_RECALL__VECTOR_SEARCH_TIMEOUT_MS": "5000",
-               "MINDSTREAM_RECALL__DEFAULT_DEADLINE_MS": "10000", "OMP_NUM_THREADS": "1"}
+               "MINDSTREAM_RECALL__DEFAULT_DEADLINE_MS": "10000", "MINDSTREAM_STREAMING__SEEN_ITEMS": str(seen_items), "OMP_NUM_THREADS": "1"}
         service = stack.enter_context(ServiceProcess(env, root / f"recall-{backend}.log"))
         channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
         stub = recall_pb2_grpc.RecallServiceStub(channel)
-        limits = [min(recall_config.max_per_interest_n, args.n + len(set(w))) for _, w in users]
+        limits = [min(recall_config.max_per_interest_n, args.n + len(set(w).union(item for _, item in seen.get(u, ())))) for u, w in users]
+        log(f"[{backend}] per-interest limit: mean {np.mean(limits):.0f}, max {max(limits)} (n {args.n} + window ∪ seen set of {seen_items})")
         import psutil
 
         processes = {"bench": psutil.Process(), "recall": psutil.Process(service.process.pid), "milvus": psutil.Process(milvus.process.pid),
@@ -350,7 +374,8 @@ def bench_backend(backend: str, catalog_dir: Path, users, interests, args, root:
                 raise RuntimeError(f"served by {recall_pb2.RecallPath.Name(response.path)}")
 
         report["levels"] = []
-        log(f"[{backend}] {manifest.n_items:,} items, {len(users):,} users, n={args.n}, ef={search.ef}, {args.seconds:.0f}s per phase; load average {os.getloadavg()[0]:.2f}")
+        log(f"[{backend}] {manifest.n_items:,} items, {len(users):,} users, n={args.n}, seen sets of {seen_items}, ef={search.ef}, "
+            f"{args.seconds:.0f}s per phase; load average {os.getloadavg()[0]:.2f}")
         log(f"{'backend':8} {'items':>9} {'conc':>4} | {'e2e QPS':>8} {'p50 ms':>7} {'p99 ms':>7} {'err':>4} | {'raw QPS':>8} {'p50 ms':>7} {'p99 ms':>7} | {'overhead p99 ms':>15} | e2e CPU ms per call")
         for c in [int(x) for x in args.concurrency.split(",")]:
             raw_phase = closed_loop(raw, c, args.seconds, args.warmup, processes)

@@ -9,6 +9,7 @@ input again.
 from __future__ import annotations
 
 import enum
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from infra.config import RecallServiceConfig
@@ -62,18 +63,19 @@ class Limits:
 class RecallQuery:
     user_id: str
     n: int
-    excluded: frozenset[str]  # the request's exclusions (the window is added per path)
+    excluded: frozenset[str]  # the request's exclusions (the window and seen set are added per path)
     recent_items: tuple[str, ...]  # oldest first
     item_filter: ItemFilter | None
     per_interest_n: int  # 0 = n + excluded items, capped (see per_interest_limit)
     merge_policy: MergePolicy
 
-    def per_interest_limit(self, window: tuple[str, ...], cap: int) -> int:
-        """Candidates to fetch per interest. By default n + |excluded|: an item of the exact top n
-        by best score ranks at most n + |excluded| in the list of the interest that scores it best."""
+    def per_interest_limit(self, left_out: AbstractSet[str], cap: int) -> int:
+        """Candidates to fetch per interest, given every item the answer leaves out (the request's
+        exclusions among them). By default n + |left_out|: an item of the exact top n by best score
+        ranks at most n + |left_out| in the list of the interest that scores it best."""
         if self.per_interest_n:
             return self.per_interest_n
-        return min(cap, self.n + len(self.excluded.union(window)))
+        return min(cap, self.n + len(left_out))
 
 
 def _check_ids(field: str, ids, limit: int) -> None:

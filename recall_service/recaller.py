@@ -6,8 +6,8 @@
     ItemAvailability the items taken out of recall (the model registry's inactive set)
 
 For each request: the stored record -> ONE search with all K_u vectors in the collection of the
-record's own model version -> drop the window's items and the exclusions -> merge (max score or
-quota) -> top n. Inactive items are excluded twice: by the search's `active == true` (so a
+record's own model version -> drop the exclusions, the window's items and the user's seen set ->
+merge (max score or quota) -> top n. Inactive items are excluded twice: by the search's `active == true` (so a
 search returns enough active items) and by the availability set after it (so an item is out of
 every answer as soon as the service has read the set, before Milvus shows the flag). A user the
 store does not know gets interests computed by the current user
@@ -78,7 +78,7 @@ class ServingModel(Protocol):
     dim: int  # the width of its interest and item vectors
 
     def interests(self, windows: Sequence[Sequence[str]], profiles: Sequence[Mapping[str, str] | None]) -> list[np.ndarray | None]: ...
-    def popular(self, n: int, item_filter: ItemFilter | None, excluded: set[str], inactive: InactiveItems) -> list[tuple[str, float]]: ...
+    def popular(self, n: int, item_filter: ItemFilter | None, excluded: frozenset[str], inactive: InactiveItems) -> list[tuple[str, float]]: ...
 
 
 class ModelSource(Protocol):
@@ -145,9 +145,14 @@ class _Pending:
     stages: dict[str, float]
     record: InterestRecord | None = None
     reason: FallbackReason = FallbackReason.NONE
-    window: tuple[str, ...] = ()  # items to exclude beyond the request's own exclusions
+    window: tuple[str, ...] = ()  # the stored window or the request's recent items: what the user tower reads
+    seen: frozenset[str] = frozenset()  # the stored seen set
     profile: Mapping[str, str] | None = None  # the stored profile, read by the user tower with the stored window
     vectors: np.ndarray | None = None
+
+    def left_out(self) -> frozenset[str]:
+        """What the answer must not hold: the request's exclusions, the window and the seen set."""
+        return self.query.excluded.union(self.window, self.seen)
 
 
 class Recaller:
@@ -176,7 +181,7 @@ class Recaller:
         popular = [p for p in pending if p.record is None and not p.query.recent_items]
 
         for p in stored:
-            p.vectors, p.window, p.profile = p.record.interests, p.record.window, p.record.profile
+            p.vectors, p.window, p.seen, p.profile = p.record.interests, p.record.window, p.record.seen, p.record.profile
         for group in self._groups(stored, lambda p: p.record.model_version):
             self._search_and_merge(group, group[0].record.model_version, RecallPath.STORED_INTERESTS, deadline, inactive, results, on_the_fly, popular)
 
@@ -204,7 +209,7 @@ class Recaller:
             model = self._current_model()
             for p in popular:
                 started = self.clock()
-                ranked = model.popular(p.query.n, p.query.item_filter, set(p.query.excluded).union(p.window), inactive)
+                ranked = model.popular(p.query.n, p.query.item_filter, p.left_out(), inactive)
                 p.stages["merge"] = p.stages.get("merge", 0.0) + self.clock() - started
                 results[p.index] = RecallResult([(raw, score, -1) for raw, score in ranked], model.version, RecallPath.POPULAR_FALLBACK, p.reason, p.stages)
         deadline.check("answering")
@@ -249,7 +254,8 @@ class Recaller:
                           results: list, retired_to: list | None, popular: list) -> None:
         """One search for the whole group (all K_u vectors of all its users), then a merge per user."""
         expr = ACTIVE_ONLY if group[0].query.item_filter is None else f"{ACTIVE_ONLY} and ({group[0].query.item_filter.milvus_expr})"
-        limits = [p.query.per_interest_limit(p.window, self.max_per_interest_n) for p in group]
+        left_out = [p.left_out() for p in group]
+        limits = [p.query.per_interest_limit(excluded, self.max_per_interest_n) for p, excluded in zip(group, left_out)]
         if not self.search_breaker.allow():
             return self._search_down(group, popular, "the vector search failed recently; retrying after the cool-down")
         timeout = min(self.search_timeout_s, deadline.check("the vector search"))
@@ -280,10 +286,10 @@ class Recaller:
         self._attribute(group, "vector_search", self.clock() - started)
 
         row = 0
-        for p, limit in zip(group, limits):
+        for p, limit, excluded in zip(group, limits, left_out):
             started = self.clock()
             k = len(p.vectors)
-            items = _merge_one(hits, row, k, limit, p.query, p.window, inactive.items)
+            items = _merge_one(hits, row, k, limit, p.query, excluded, inactive.items)
             row += k
             p.stages["merge"] = p.stages.get("merge", 0.0) + self.clock() - started
             results[p.index] = RecallResult(items, version, path, p.reason, p.stages)
@@ -328,12 +334,11 @@ def check_record(record: InterestRecord, dim: int | None) -> None:
         raise RecordError(f"user {record.user_id}: interests with NaN or infinite values")
 
 
-def _merge_one(hits: SearchHits, row: int, k: int, limit: int, query: RecallQuery, window: tuple[str, ...],
+def _merge_one(hits: SearchHits, row: int, k: int, limit: int, query: RecallQuery, excluded: frozenset[str],
                inactive: frozenset[str]) -> list[tuple[str, float, int]]:
-    """This user's rows of a group search -> window, exclusions and inactive items dropped -> merged top n.
+    """This user's rows of a group search -> excluded and inactive items dropped -> merged top n.
     Merged by raw id (one per item of a collection), so no id -> raw id map is built per call."""
     raw, scores = hits.raw_ids[row:row + k, :limit], hits.scores[row:row + k, :limit]
-    excluded = query.excluded.union(window) if window else query.excluded
     if query.merge_policy is MergePolicy.QUOTA:
         ids = hits.item_ids[row:row + k, :limit]
         skip = np.fromiter((r in excluded or r in inactive for r in raw.ravel().tolist()), dtype=bool, count=raw.size).reshape(raw.shape)

@@ -15,6 +15,15 @@ recall service reads them, both only through `FeatureStore`. A record is a Redis
     profile         JSON object of the user-profile fields the tower read (a backfill re-reads them)
 
 Raw item ids (not model indices) keep the window valid across model versions.
+
+Beside the record, the user's seen set: a sorted set at `<prefix>:seen:<user id>` of the raw ids of
+the newest `[streaming].seen_items` items the user interacted with (score: the newest event time
+of each), so the recall service leaves out what the user has already seen beyond the window. The
+job adds each behaviour it applies (`put_many(..., seen=...)`: ZADD GT, then trimmed to the newest
+`seen_items`, with the record's TTL); a store made with `seen_items` reads it into
+`InterestRecord.seen` in the same round trip as the record. A sorted set of at most 128 members
+stays in Redis's compact encoding (`zset-max-ziplist-entries`, listpack in Redis 7): ~2.5 KB per
+user at 128 items, ~44 KB at 500 (measured on Redis 6.2).
 """
 
 from __future__ import annotations
@@ -22,8 +31,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 from redis.exceptions import ResponseError
@@ -45,6 +54,9 @@ class InterestRecord:
     last_offset: str  # "partition:offset"
     updated_ms: int = 0
     profile: dict[str, str] = field(default_factory=dict)
+    # The user's seen set as read beside the record (never written with it: see put_many's `seen`);
+    # empty from a store that keeps none.
+    seen: frozenset[str] = frozenset()
 
     @property
     def k(self) -> int:
@@ -104,19 +116,28 @@ def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
         raise RecordError(f"user {user_id}: corrupt record ({exc!r})") from None
 
 
-def _record_of(user_id: str, reply) -> InterestRecord | None:
-    """The record of an HGETALL reply (None: no key). A key of another Redis type under the record's
-    name (WRONGTYPE) is a bad record, not an outage: RecordError, so a reader counts it as unreadable
-    instead of retrying it for ever, and the job's next write replaces it (put_many deletes first)."""
-    if isinstance(reply, Exception):
-        if str(reply).startswith("WRONGTYPE"):
-            raise RecordError(f"user {user_id}: the key holds another Redis type, not a record hash")
-        raise reply
-    return decode(user_id, reply) if reply else None
+def _record_of(user_id: str, reply, seen_reply=()) -> InterestRecord | None:
+    """The record of an HGETALL reply (None: no key), with the seen set of a ZRANGE reply. A key of
+    another Redis type under either name (WRONGTYPE) is a bad record, not an outage: RecordError, so
+    a reader counts it as unreadable instead of retrying it for ever, and the job's next write
+    replaces it (put_many deletes the record first; a seen key of another type fails the write, which
+    the job retries and counts: an operator's stray key, not a data problem of the stream)."""
+    for what, r in (("a record hash", reply), ("a seen set", seen_reply)):
+        if isinstance(r, Exception):
+            if str(r).startswith("WRONGTYPE"):
+                raise RecordError(f"user {user_id}: the key holds another Redis type, not {what}")
+            raise r
+    if not reply:
+        return None
+    record = decode(user_id, reply)
+    return replace(record, seen=frozenset(item.decode() for item in seen_reply)) if seen_reply else record
+
+
+Seen = Mapping[str, Sequence[tuple[int, str]]]  # user id -> (event time ms, raw item id) newly seen
 
 
 class FeatureStore(Protocol):
-    def put_many(self, records: Iterable[InterestRecord]) -> int: ...
+    def put_many(self, records: Iterable[InterestRecord], seen: Seen | None = None) -> int: ...
     def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]: ...
     def delete(self, user_id: str) -> None: ...
     def user_ids(self, batch: int = 1000) -> Iterator[list[str]]: ...
@@ -193,17 +214,21 @@ def redis_client(redis_config, timeout_s: float = 1.0):
 class RedisFeatureStore:
     """Redis / Valkey (any RESP server); pipelined writes, one round trip per batch of reads."""
 
-    def __init__(self, client, prefix: str = "mindstream", ttl_seconds: int = 0):
-        self.client, self.prefix, self.ttl_seconds = client, prefix, ttl_seconds
+    def __init__(self, client, prefix: str = "mindstream", ttl_seconds: int = 0, seen_items: int = 0):
+        self.client, self.prefix, self.ttl_seconds, self.seen_items = client, prefix, ttl_seconds, seen_items
 
     @classmethod
-    def from_config(cls, redis_config, prefix: str = "mindstream", ttl_seconds: int = 0, timeout_s: float = 1.0) -> "RedisFeatureStore":
-        return cls(redis_client(redis_config, timeout_s), prefix, ttl_seconds)
+    def from_config(cls, redis_config, prefix: str = "mindstream", ttl_seconds: int = 0, timeout_s: float = 1.0, seen_items: int = 0) -> "RedisFeatureStore":
+        return cls(redis_client(redis_config, timeout_s), prefix, ttl_seconds, seen_items)
 
     def key(self, user_id: str) -> str:
         return f"{self.prefix}:user:{user_id}"
 
-    def put_many(self, records: Iterable[InterestRecord]) -> int:
+    def seen_key(self, user_id: str) -> str:
+        return f"{self.prefix}:seen:{user_id}"
+
+    def put_many(self, records: Iterable[InterestRecord], seen: Seen | None = None) -> int:
+        """Writes the records and, when this store keeps seen sets, adds `seen` to them: one round trip."""
         pipe = self.client.pipeline(transaction=False)
         n = 0
         for record in records:
@@ -213,11 +238,22 @@ class RedisFeatureStore:
             if self.ttl_seconds:
                 pipe.expire(key, self.ttl_seconds)
             n += 1
+        for user_id, behaviours in (seen or {}).items() if self.seen_items else ():
+            if not behaviours:
+                continue
+            key = self.seen_key(user_id)
+            newest: dict[str, int] = {}
+            for time_ms, item in behaviours:
+                newest[item] = max(time_ms, newest.get(item, time_ms))
+            pipe.zadd(key, newest, gt=True)  # GT: a redelivered or seeded older time never moves an item back
+            pipe.zremrangebyrank(key, 0, -self.seen_items - 1)  # keep the newest seen_items
+            if self.ttl_seconds:
+                pipe.expire(key, self.ttl_seconds)
         pipe.execute()
         return n
 
     def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]:
-        if len(user_ids) == 1:  # the recall service's common case: a pipeline costs ~35 us more
+        if len(user_ids) == 1 and not self.seen_items:  # the recall service's common case: a pipeline costs ~35 us more
             try:
                 reply = self.client.hgetall(self.key(user_ids[0]))
             except ResponseError as exc:
@@ -226,7 +262,12 @@ class RedisFeatureStore:
         pipe = self.client.pipeline(transaction=False)
         for user_id in user_ids:
             pipe.hgetall(self.key(user_id))
-        return [_record_of(u, reply) for u, reply in zip(user_ids, pipe.execute(raise_on_error=False))]
+            if self.seen_items:
+                pipe.zrange(self.seen_key(user_id), 0, -1)
+        replies = pipe.execute(raise_on_error=False)
+        if not self.seen_items:
+            return [_record_of(u, reply) for u, reply in zip(user_ids, replies)]
+        return [_record_of(u, replies[2 * i], replies[2 * i + 1]) for i, u in enumerate(user_ids)]
 
     def get_windows(self, user_ids: list[str]) -> list[tuple[str, ...] | None]:
         """Only the stored behaviour windows (None: no record), one round trip: what a checker of
@@ -237,7 +278,11 @@ class RedisFeatureStore:
         return [tuple(json.loads(raw)) if raw is not None else None for raw in pipe.execute()]
 
     def delete(self, user_id: str) -> None:
-        self.client.delete(self.key(user_id))
+        """The user's record and seen set (whether or not this store reads seen sets)."""
+        pipe = self.client.pipeline(transaction=False)  # two keys of two cluster slots: one DEL each
+        pipe.delete(self.key(user_id))
+        pipe.delete(self.seen_key(user_id))
+        pipe.execute()
 
     def user_ids(self, batch: int = 1000) -> Iterator[list[str]]:
         """Every stored user, in batches (SCAN: never blocks the server like KEYS would)."""
@@ -265,21 +310,30 @@ class RedisFeatureStore:
 class InMemoryFeatureStore:
     """The same contract in a dict, for unit tests of code that reads or writes the store."""
 
-    def __init__(self) -> None:
+    def __init__(self, seen_items: int = 0) -> None:
         self.rows: dict[str, dict[bytes, bytes]] = {}
+        self.seen_items = seen_items
+        self.seen: dict[str, dict[str, int]] = {}  # user -> item -> newest event time
 
-    def put_many(self, records: Iterable[InterestRecord]) -> int:
+    def put_many(self, records: Iterable[InterestRecord], seen: Seen | None = None) -> int:
         n = 0
         for record in records:
             self.rows[record.user_id] = stored_fields(record)
             n += 1
+        for user_id, behaviours in (seen or {}).items() if self.seen_items else ():
+            times = self.seen.setdefault(user_id, {})
+            for time_ms, item in behaviours:
+                times[item] = max(time_ms, times.get(item, time_ms))
+            # Redis orders equal scores by member: so does this
+            self.seen[user_id] = dict(sorted(times.items(), key=lambda kv: (kv[1], kv[0]))[-self.seen_items:])
         return n
 
     def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]:
-        return [decode(u, self.rows[u]) if u in self.rows else None for u in user_ids]
+        return [replace(decode(u, self.rows[u]), seen=frozenset(self.seen.get(u, ()))) if u in self.rows else None for u in user_ids]
 
     def delete(self, user_id: str) -> None:
         self.rows.pop(user_id, None)
+        self.seen.pop(user_id, None)
 
     def user_ids(self, batch: int = 1000) -> Iterator[list[str]]:
         users = list(self.rows)

@@ -1,8 +1,9 @@
 """Micro-batching across users -> user tower -> feature store, with hot reload of the tower.
 
-The keyed function hands every changed window to `InterestWriter.add`; `flush` runs the user
-tower once for all pending users (one ONNX call instead of one per event) and writes their
-records in one pipelined round trip. The caller bounds a batch by size (`full`) and by time (a
+The keyed function hands every changed window to `InterestWriter.add`, with the behaviour that
+changed it; `flush` runs the user tower once for all pending users (one ONNX call instead of one
+per event) and writes their records, and the behaviours to their seen sets, in one pipelined
+round trip. The caller bounds a batch by size (`full`) and by time (a
 timer). A failing store write is retried with backoff until it succeeds: the job then applies
 back-pressure and Kafka keeps the events, instead of an update being dropped.
 
@@ -17,7 +18,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from model_export.artifact import UserTower
 from streaming import metrics
@@ -84,6 +85,9 @@ class FixedTower:
 class PendingUpdate:
     window: UserWindow  # the newest state; read at flush time (the job replaces, never mutates, it)
     produced_ms: list[int] = field(default_factory=list)  # Kafka timestamps of the events it reflects
+    # (event time ms, raw item id) of the behaviours applied since the last write: all of them, not
+    # only those still in the window (a burst of one user can pass through it within one batch)
+    seen: list[tuple[int, str]] = field(default_factory=list)
 
 
 class InterestWriter:
@@ -93,8 +97,9 @@ class InterestWriter:
         self.clock, self.sleep = clock, sleep
         self.pending: dict[str, PendingUpdate] = {}
 
-    def add(self, user_id: str, window: UserWindow, produced_ms: int | None = None) -> None:
-        """Queues the newest state of a user's window; a later add for the same user replaces it."""
+    def add(self, user_id: str, window: UserWindow, produced_ms: int | None = None, seen: Iterable[tuple[int, str]] = ()) -> None:
+        """Queues the newest state of a user's window (a later add for the same user replaces it) and
+        the behaviours that changed it, (event time ms, raw item id), for the user's seen set."""
         update = self.pending.get(user_id)
         if update is None:
             update = self.pending[user_id] = PendingUpdate(window)
@@ -102,6 +107,7 @@ class InterestWriter:
             update.window = window
         if produced_ms is not None:
             update.produced_ms.append(produced_ms)
+        update.seen.extend(seen)
 
     @property
     def full(self) -> bool:
@@ -127,8 +133,10 @@ class InterestWriter:
                 continue
             records.append(InterestRecord(user, tower.version, vectors, window, update.window.newest_ms, update.window.last_offset, now_ms, update.window.profile))
             written.append(update)
+        seen = {user: update.seen for user, update in zip(users, updates) if update.seen}  # also of users without a record: they did see it
+        if records or seen:
+            self._write(records, seen)
         if records:  # freshness and the last write describe records written, not updates skipped
-            self._write(records)
             written_s = self.clock()
             for update in written:
                 for produced in update.produced_ms:
@@ -148,9 +156,9 @@ class InterestWriter:
         metrics.WINDOW_SEEDS.labels("none" if record is None else "seeded").inc()
         return UserWindow() if record is None else UserWindow.from_record(record)
 
-    def _write(self, records: list[InterestRecord]) -> None:
+    def _write(self, records: list[InterestRecord], seen: dict[str, list[tuple[int, str]]]) -> None:
         started = time.perf_counter()
-        self._retrying(lambda: self.store.put_many(records), f"feature-store write of {len(records)} records")
+        self._retrying(lambda: self.store.put_many(records, seen), f"feature-store write of {len(records)} records")
         metrics.STORE_WRITE_SECONDS.observe(time.perf_counter() - started)
 
     def _retrying(self, action: Callable, what: str):

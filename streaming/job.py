@@ -56,6 +56,7 @@ def job_settings(config: Config) -> dict:
         "batch_max_delay_ms": s.batch_max_delay_ms,
         "state_ttl_hours": s.state_ttl_hours,
         "record_ttl_s": s.record_ttl_s,
+        "seen_items": s.seen_items,
         "seed_windows_from_store": s.seed_windows_from_store,
         "models_dir": str(config.paths.models_dir),
         "model_poll_s": s.model_poll_s,
@@ -87,7 +88,8 @@ def _user_windows_function(settings: dict):
                 StateTtlConfig.UpdateType.OnCreateAndWrite).set_state_visibility(StateTtlConfig.StateVisibility.NeverReturnExpired).build()
             descriptor.enable_time_to_live(ttl)
             self.state = runtime_context.get_state(descriptor)
-            store = RedisFeatureStore.from_config(RedisConfig(**settings["redis"]), ttl_seconds=settings["record_ttl_s"])
+            store = RedisFeatureStore.from_config(RedisConfig(**settings["redis"]), ttl_seconds=settings["record_ttl_s"],
+                                                  seen_items=settings["seen_items"])
             towers = RegistryTowers(ModelRegistry(Path(settings["models_dir"])), settings["model_poll_s"])
             towers.current()  # fail at start, with the registry's message, when no model is published
             self.writer = InterestWriter(towers, store, settings["batch_max_users"])
@@ -118,7 +120,7 @@ def _user_windows_function(settings: dict):
                 return
             if outcome is not Applied.ADDED:
                 return
-            self.writer.add(key, window, produced_ms)
+            self.writer.add(key, window, produced_ms, [(event.event_time_ms, event.item_id)])
             if key not in self.timed:
                 self.timed.add(key)
                 timers = ctx.timer_service()
@@ -132,10 +134,11 @@ def _user_windows_function(settings: dict):
             if user in self.writer.pending:
                 self.flushed.update(self.writer.flush())
             elif user not in self.flushed:
-                # A timer of a restored checkpoint, taken while this user's update was queued: redo it.
+                # A timer of a restored checkpoint, taken while this user's update was queued: redo it
+                # (the seen set gets the window's behaviours: those of the lost write are among them).
                 window = UserWindow.from_state(self.state.value())
                 if window.behaviours:
-                    self.writer.add(user, window)
+                    self.writer.add(user, window, seen=[(b[0], b[1]) for b in window.behaviours])
                     self.flushed.update(self.writer.flush())
             self.flushed.discard(user)
             return iter(())

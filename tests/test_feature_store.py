@@ -60,6 +60,45 @@ def test_in_memory_store_follows_the_contract():
     assert store.get_many(["a"]) == [None]
 
 
+def _seen_contract(store, ttl_checked) -> None:
+    """What a store keeping 3 seen items per user does (the same for Redis and the in-memory one)."""
+    store.put_many([_record("a"), _record("b")], seen={"a": [(10, "x"), (20, "y")], "nobody": [(1, "z")]})
+    a, b, nobody = store.get_many(["a", "b", "nobody"])
+    assert a.seen == {"x", "y"} and b.seen == frozenset() and nobody is None  # a seen set alone makes no record
+    store.put_many([], seen={"a": [(30, "w"), (5, "y"), (40, "v")]})  # y keeps its newer time (GT) ...
+    assert store.get_many(["a"])[0].seen == {"y", "w", "v"}  # ... so x, the oldest, is the one trimmed
+    store.put_many([], seen={"a": [(40, "u"), (25, "x")]})  # x comes back, older than what is kept
+    assert store.get_many(["a"])[0].seen == {"w", "v", "u"}
+    assert ttl_checked("a")
+    store.delete("a")
+    store.put_many([_record("a")])
+    assert store.get_many(["a"])[0].seen == frozenset()  # a deleted user's seen set went with the record
+
+
+def test_in_memory_store_keeps_seen_sets_like_redis():
+    _seen_contract(InMemoryFeatureStore(seen_items=3), lambda user: True)  # no expiry in memory
+    off = InMemoryFeatureStore()
+    off.put_many([_record("a")], seen={"a": [(1, "x")]})
+    assert off.get_many(["a"])[0].seen == frozenset()
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["standalone", "cluster"])
+def test_real_redis_keeps_trims_and_reads_seen_sets_in_one_round_trip(tmp_path, cluster):
+    server_class = EmbeddedRedisCluster if cluster else EmbeddedRedis
+    with server_class(tmp_path / "redis") as server:
+        store = RedisFeatureStore.from_config(RedisConfig(uri=server.uri, cluster=cluster), prefix="test", ttl_seconds=600, seen_items=3)
+        _seen_contract(store, lambda user: 0 < store.client.ttl(f"test:seen:{user}") <= 600)
+        # a store that keeps none neither writes nor reads them
+        plain = RedisFeatureStore.from_config(RedisConfig(uri=server.uri, cluster=cluster), prefix="test")
+        plain.put_many([], seen={"b": [(1, "x")]})
+        assert store.get_many(["b"])[0].seen == frozenset() and plain.get_many(["a"])[0].seen == frozenset()
+        store.client.set("test:seen:stray", "not a set")
+        store.put_many([_record("stray")])
+        for users in (["stray"], ["a", "stray"]):  # a stray key under the seen name: an unreadable record
+            with pytest.raises(RecordError, match="not a seen set"):
+                store.get_many(users)
+
+
 @pytest.mark.parametrize("cluster", [False, True], ids=["standalone", "cluster"])
 def test_real_redis_round_trip_replace_ttl_and_auth(tmp_path, cluster):
     server_class = EmbeddedRedisCluster if cluster else EmbeddedRedis

@@ -101,11 +101,11 @@ def test_invalid_requests_name_the_field(kwargs, message):
         validate(limits=LIMITS, **args)
 
 
-def test_default_per_interest_limit_covers_the_exclusions():
+def test_default_per_interest_limit_covers_what_is_left_out():
     q = validate("u1", 10, ["a", "b"], limits=LIMITS)
-    assert q.per_interest_limit(("b", "c"), cap=300) == 10 + 3  # a, b, c
-    assert q.per_interest_limit(tuple("defghijk"), cap=15) == 15
-    assert validate("u1", 10, per_interest_n=7, limits=LIMITS).per_interest_limit(("z",), cap=300) == 7
+    assert q.per_interest_limit(frozenset("abc"), cap=300) == 10 + 3
+    assert q.per_interest_limit(frozenset("abdefghijk"), cap=15) == 15
+    assert validate("u1", 10, per_interest_n=7, limits=LIMITS).per_interest_limit(frozenset("z"), cap=300) == 7
 
 
 # -- merges -------------------------------------------------------------------------------------
@@ -224,6 +224,23 @@ def test_stored_path_is_one_search_in_the_records_version_and_equals_the_exact_m
     ids, interest = exact(catalogs["A"], interests, 6, {"i1", "i2", "i7"})  # window + exclusion dropped
     assert [r for r, _, _ in result.items] == ids and [j for _, _, j in result.items] == interest
     assert set(result.stages) == {"feature_store", "vector_search", "merge"}
+
+
+def test_the_seen_set_is_left_out_of_every_path_of_a_stored_user(world):
+    """Items the user saw before the window (the job's seen set) are never returned: the search
+    fetches n + |exclusions, window, seen set| per interest, so the answer is still the exact top n
+    of the rest; a stored user whose search fails gets popular items without them either."""
+    recaller, search, store, catalogs, interests = world
+    store.seen_items = 100
+    top, _ = exact(catalogs["A"], interests, 4, {"i1", "i2"})
+    store.put_many([], seen={"alice": [(5, r) for r in top] + [(1, "i2")]})  # i2: also in the window, counted once
+    [result] = recaller.recall_many([q("alice", 6, exclude_item_ids=["i7"])], Deadline(1.0))
+    ids, _ = exact(catalogs["A"], interests, 6, {"i1", "i2", "i7", *top})
+    assert [r for r, _, _ in result.items] == ids and search.calls[-1][2] == 6 + len({"i1", "i2", "i7", *top})
+    search.failure = BackendUnavailable("milvus down")
+    [fallback] = recaller.recall_many([q("alice", 6)], Deadline(1.0))
+    assert fallback.path is RecallPath.POPULAR_FALLBACK and not {r for r, _, _ in fallback.items} & {"i1", "i2", *top}
+    assert [r for r, _, _ in fallback.items] == [f"i{i}" for i in range(40) if f"i{i}" not in {"i1", "i2", *top}][:6]
 
 
 def test_quota_policy_spreads_the_items_over_the_interests(world):

@@ -234,11 +234,11 @@ class FlakyStore(InMemoryFeatureStore):
         super().__init__()
         self.failures = failures
 
-    def put_many(self, records):
+    def put_many(self, records, seen=None):
         if self.failures:
             self.failures -= 1
             raise ConnectionError("redis is down")
-        return super().put_many(records)
+        return super().put_many(records, seen)
 
 
 def test_writer_batches_users_and_keeps_only_the_newest_window_per_user():
@@ -280,15 +280,33 @@ def test_freshness_and_the_last_write_count_only_the_users_written():
     assert freshness_count() == before + 1 and REGISTRY.get_sample_value("mindstream_stream_last_write_timestamp_seconds") == 100.0
 
 
+def test_the_seen_set_gets_every_behaviour_applied_even_one_a_burst_pushed_out_of_the_window():
+    store = InMemoryFeatureStore(seen_items=100)
+    writer = InterestWriter(FixedTower(FakeTower()), store)
+    w = UserWindow()
+    for t, item in enumerate("abcde", start=1):  # five behaviours through a window of 2 within one batch
+        w.apply(event(item, t), 2, 0)
+        writer.add("u1", w, produced_ms=t, seen=[(t, item)])
+    writer.add("u2", UserWindow(), seen=[(9, "z")])  # nothing the tower knows: no record, but seen all the same
+    writer.flush()
+    record = store.get_many(["u1"])[0]
+    assert record.window == ("d", "e") and record.seen == set("abcde") and store.seen["u2"] == {"z": 9}
+    w.apply(event("f", 6), 2, 0)
+    writer.add("u1", w, seen=[(6, "f")])
+    writer.flush()  # the next write adds only its own behaviours
+    assert store.get_many(["u1"])[0].seen == set("abcdef")
+
+
 def test_writer_retries_a_failing_store_instead_of_dropping_the_update():
     slept = []
     store = FlakyStore(failures=3)
+    store.seen_items = 10
     writer = InterestWriter(FixedTower(FakeTower()), store, sleep=slept.append)
     w = UserWindow()
     w.apply(event("a", 1), 10, 0)
-    writer.add("u1", w)
+    writer.add("u1", w, seen=[(1, "a")])
     writer.flush()
-    assert store.get_many(["u1"])[0].window == ("a",)
+    assert store.get_many(["u1"])[0].window == ("a",) and store.get_many(["u1"])[0].seen == {"a"}
     assert slept == [0.05, 0.1, 0.2]  # backed off, then written
 
 

@@ -123,6 +123,9 @@ def test_events_in_interests_out_equal_to_the_offline_user_tower(stack):
         np.testing.assert_allclose(record.interests, vectors, atol=1e-4)
     assert records[0].window.count("i5") == expected["a0"].count("i5")  # the redelivery was not added
     assert stack["job"].metric("mindstream_stream_events_applied_total", 'outcome="duplicate"') >= 1
+    # every behaviour also went to the user's seen set (read by the recall service with the record)
+    seen_store = RedisFeatureStore.from_config(stack["config"].redis, seen_items=stack["config"].streaming.seen_items)
+    assert [r.seen for r in seen_store.get_many(users)] == [frozenset(e.item_id for e in events if e.user_id == u) for u in users]
 
 
 def test_the_job_listens_on_loopback_only(stack):
