@@ -154,9 +154,13 @@ class RecallServiceConfig:
     # The last answer to each user is kept in Redis this long, so the user's next events can be judged
     # against it: the online hit rate that `python -m infra exporter` counts. 0 = not kept, not judged.
     served_log_ttl_s: int = 3600
+    # Answers kept per user (newest first): an event on an item of any of them within the ttl is a
+    # hit, so an application that shows several (a refreshed carousel, a second page) is judged fairly.
+    served_log_answers: int = 3
 
     def __post_init__(self) -> None:
         _require_range("recall", self, "served_log_ttl_s", 0)
+        _require_range("recall", self, "served_log_answers", 1)
 
 
 @dataclass(frozen=True)

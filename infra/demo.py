@@ -118,9 +118,8 @@ def run_online_replay(config: Config, dataset: str, start: int, limit: int, n: i
     until the exporter has judged them all and returns the hit rate per recall path: the share of
     the slice's events whose item was among the n items served to their user just before."""
     from recall_service.channel import recall_channel
-    from recall_service.served_log import RedisServedLog, ServedRecord
+    from recall_service.served_log import RedisServedLog
     from recall_service.stubs import recall_pb2, recall_pb2_grpc
-    from streaming.feature_store import redis_client
     from streaming.producer import EventProducer, ReplayEvents, replay
 
     def say(line: str) -> None:
@@ -152,10 +151,10 @@ def run_online_replay(config: Config, dataset: str, start: int, limit: int, n: i
                 reason = recall_pb2.FallbackReason.Name(response.fallback_reason).removeprefix("FALLBACK_REASON_").lower()
                 served_by[path if reason == "unspecified" else f"{path} ({reason})"] += 1
     say("  served: " + ", ".join(f"{count:,} by {path}" for path, count in served_by.most_common()))
-    served_log = RedisServedLog(redis_client(config.redis), config.recall.served_log_ttl_s)
+    served_log = RedisServedLog.for_config(config)
     deadline = time.monotonic() + 30
     # the service writes its records in the background; a user's record from an earlier run is not this answer
-    while not all(isinstance(record, ServedRecord) and record.served_ms >= serving_ms for record in served_log.get_many(users)):
+    while not all(isinstance(answers, tuple) and answers and answers[0].served_ms >= serving_ms for answers in served_log.get_many(users)):
         if time.monotonic() > deadline:
             raise UserError("the recall service's answers did not reach the served log in Redis within 30 s: see its log "
                             "(mindstream_recall_served_log_dropped_total)")

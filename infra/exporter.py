@@ -56,13 +56,12 @@ class StackCollector(Collector):
 
         from recall_service.online_quality import OnlineQualityJudge
         from recall_service.served_log import RedisServedLog
-        from streaming.feature_store import redis_client
 
-        events = Counter("mindstream_online_recall_events_total", "Events judged against the answer last served to their user",
+        events = Counter("mindstream_online_recall_events_total", "Events judged against the answers served to their user before them",
                          ["model_version", "path", "event_type", "outcome"], registry=registry)
         errors = Counter("mindstream_online_recall_errors_total", "Events and served records left out of the online hit rate, "
                          "and failed reads", ["reason"], registry=registry)
-        judge = OnlineQualityJudge(self._online_consumer, RedisServedLog(redis_client(self.config.redis), self.config.recall.served_log_ttl_s),
+        judge = OnlineQualityJudge(self._online_consumer, RedisServedLog.for_config(self.config),
                                    lambda labels, n: events.labels(*labels).inc(n), lambda reason, n: errors.labels(reason).inc(n),
                                    self.config.recall.served_log_ttl_s, self.config.streaming.max_event_bytes)
         self._online = threading.Thread(target=judge.run, args=(self._online_stop,), name="online-quality", daemon=True)

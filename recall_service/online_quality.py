@@ -7,13 +7,16 @@ and exports
 
     mindstream_online_recall_events_total{model_version, path, event_type, outcome}
 
-Each event is judged against the user's served record (recall_service/served_log.py):
+Each event is judged against the answers its user was served in the [recall].served_log_ttl_s
+before it entered Kafka, those "in force" (recall_service/served_log.py keeps the newest
+[recall].served_log_answers of them):
 
-    hit       a record was in force when the event entered Kafka, and lists the event's item
-    miss      a record was in force and does not list it
-    unjudged  no record in force (model_version and path ""): the user was not served in the
-              [recall].served_log_ttl_s before the event, or was served again after it (the log
-              keeps the latest answer only), or the record could not be read
+    hit       an answer in force lists the event's item (counted under the newest such answer's
+              model version and path)
+    miss      answers were in force and none lists it (counted under the newest of them)
+    unjudged  no answer in force (model_version and path ""): the user was not served in the ttl
+              before the event, or was served more than served_log_answers times since, or the
+              user's served records could not be read
 
 "In force" is decided on the Kafka record's timestamp, when the event entered the stream, not on
 its event_time_ms: that is the application's clock, hours or years behind in a replay. Producers
@@ -28,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 from recall_service.served_log import ServedRecord, ServedRecordError
 from streaming.events import BehaviourEvent, EventError, accept_record, record_key
@@ -40,29 +43,34 @@ POLL_RECORDS = 2000  # events per poll: one Redis round trip and one offset comm
 
 
 def in_force(served: ServedRecord, entered_ms: int, ttl_ms: int) -> bool:
-    """Whether `served` was the user's answer when an event entered Kafka at `entered_ms`."""
+    """Whether `served` had been shown, and not expired, when an event entered Kafka at `entered_ms`."""
     return served.served_ms <= entered_ms <= served.served_ms + ttl_ms
 
 
-def judge_events(events: Iterable[tuple[BehaviourEvent, int]], served: dict[str, ServedRecord | None], ttl_ms: int) -> Counter:
-    """(event, Kafka timestamp in ms) pairs and each user's served record -> event counts by
-    (model_version, path, event_type, outcome)."""
-    item_sets: dict[str, frozenset[str]] = {}  # a record's items as a set, built once per user and batch
+def judge_events(events: Iterable[tuple[BehaviourEvent, int]], served: dict[str, Sequence[ServedRecord]], ttl_ms: int) -> Counter:
+    """(event, Kafka timestamp in ms) pairs and each user's kept answers, newest first -> event
+    counts by (model_version, path, event_type, outcome)."""
+    item_sets: dict[int, frozenset[str]] = {}  # an answer's items as a set, built once per batch
     counts: Counter = Counter()
     for event, entered_ms in events:
-        record = served.get(event.user_id)
-        if record is None or not in_force(record, entered_ms, ttl_ms):
+        shown = [record for record in served.get(event.user_id, ()) if in_force(record, entered_ms, ttl_ms)]
+        if not shown:
             counts[("", "", event.event_type, UNJUDGED)] += 1
             continue
-        items = item_sets.get(event.user_id)
-        if items is None:
-            items = item_sets[event.user_id] = frozenset(record.items)
-        counts[(record.model_version, record.path, event.event_type, HIT if event.item_id in items else MISS)] += 1
+        for record in shown:
+            items = item_sets.get(id(record))
+            if items is None:
+                items = item_sets[id(record)] = frozenset(record.items)
+            if event.item_id in items:
+                counts[(record.model_version, record.path, event.event_type, HIT)] += 1
+                break
+        else:
+            counts[(shown[0].model_version, shown[0].path, event.event_type, MISS)] += 1
     return counts
 
 
 class ServedReader(Protocol):
-    def get_many(self, user_ids: list[str]) -> list[ServedRecord | ServedRecordError | None]: ...
+    def get_many(self, user_ids: list[str]) -> list[tuple[ServedRecord, ...] | ServedRecordError]: ...
 
 
 class ServedLogUnavailable(RuntimeError):
@@ -117,12 +125,12 @@ class OnlineQualityJudge:
                     consumer.seek(partition, records[0].offset)
                 raise ServedLogUnavailable(f"served log: {exc}") from exc
             served = {}
-            for user, record in zip(users, stored):
-                if isinstance(record, ServedRecordError):
-                    log.warning("%s; the user's events are counted unjudged", record)
+            for user, answers in zip(users, stored):
+                if isinstance(answers, ServedRecordError):
+                    log.warning("%s; the user's events are counted unjudged", answers)
                     errors["unreadable_record"] += 1
-                    record = None
-                served[user] = record
+                    answers = ()
+                served[user] = answers
             counts = judge_events(events, served, self.ttl_ms)
         consumer.commit()
         self._positions_committed = True

@@ -1,14 +1,16 @@
-"""The served log: the last answer the recall service gave each user, kept for
-[recall].served_log_ttl_s so that the user's next events can be judged against it (the online hit
-rate, recall_service/online_quality.py). This module owns the record; the service writes it and
-the judge reads it, both only through this module. One Redis string per user:
+"""The served log: the last answers the recall service gave each user, kept for
+[recall].served_log_ttl_s so that the user's next events can be judged against them (the online
+hit rate, recall_service/online_quality.py). This module owns the record; the service writes it
+and the judge reads it, both only through this module. One Redis list per user, newest first:
 
-    <prefix>:served:<user id> -> JSON {"schema": 1, "model_version": "...", "path": "stored_interests",
-                                        "served_ms": 1763900000000, "items": ["raw item id", ...]}
+    <prefix>:served:<user id> -> [JSON {"schema": 1, "model_version": "...", "path": "stored_interests",
+                                         "served_ms": 1763900000000, "items": ["raw item id", ...]}, ...]
 
-written with SET ... EX ttl: one key per user that the next answer replaces, so the log grows with
-the users served within the ttl, not with the number of recalls, and needs no clean-up. `items`
-are raw ids, best first, as the response listed them.
+written with LPUSH, LTRIM to the newest [recall].served_log_answers and EXPIRE ttl: the log grows
+with the users served within the ttl (times the answers kept), not with the number of recalls, and
+needs no clean-up. More than one answer is kept because an application shows several (a carousel
+refreshed, a second page): an event on an item of an earlier answer is still that answer's hit.
+`items` are raw ids, best first, as the response listed them.
 
 A recall must never wait for, or fail by, its monitoring: `RedisServedLog.record` only queues, and
 a writer thread sends what has queued every 50 ms as pipelines. When Redis cannot take it (down,
@@ -35,7 +37,8 @@ WRITE_BATCH = 256  # records per pipeline
 
 
 class ServedRecordError(ValueError):
-    """A stored served record that cannot be read (another schema, not JSON, fields of the wrong type)."""
+    """A stored served record that cannot be read (another schema, not JSON, fields of the wrong
+    type, or a key of another Redis type under the log's name)."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,9 @@ class RedisServedLog:
     FLUSH_INTERVAL_S as pipelines of WRITE_BATCH records; `get_many` reads in one round trip."""
 
     def __init__(self, client, ttl_s: int, prefix: str = "mindstream", dropped: Callable[[str, int], None] = lambda reason, n: None,
-                 max_pending: int = MAX_PENDING):
+                 max_pending: int = MAX_PENDING, answers: int = 1):
         self.client, self.ttl_s, self.prefix, self.dropped, self.max_pending = client, ttl_s, prefix, dropped, max_pending
+        self.answers = answers  # kept per user, newest first
         # A deque, not a queue.Queue: append and popleft are atomic without a lock, and the writer
         # wakes on its interval rather than once per record (each wake-up costs every request thread the GIL).
         self._pending: deque = deque()
@@ -93,6 +97,13 @@ class RedisServedLog:
         self._start_lock = threading.Lock()
         self._failing = False  # logged when writes start and stop failing, not once per batch of an outage
         self._closed = False
+
+    @classmethod
+    def for_config(cls, config, dropped: Callable[[str, int], None] = lambda reason, n: None) -> "RedisServedLog":
+        """The log of [redis] with [recall]'s ttl and answers kept: the service's, the judge's, the replay's."""
+        from streaming.feature_store import redis_client
+
+        return cls(redis_client(config.redis), config.recall.served_log_ttl_s, dropped=dropped, answers=config.recall.served_log_answers)
 
     def key(self, user_id: str) -> str:
         return f"{self.prefix}:served:{user_id}"
@@ -109,16 +120,21 @@ class RedisServedLog:
             else:
                 self._pending.append(record)
 
-    def get_many(self, user_ids: list[str]) -> list[ServedRecord | ServedRecordError | None]:
-        """Each user's record, None where there is none, a ServedRecordError where it is unreadable;
-        Redis errors propagate (the caller retries the batch)."""
+    def get_many(self, user_ids: list[str]) -> list[tuple[ServedRecord, ...] | ServedRecordError]:
+        """Each user's kept answers, newest first (empty: none), or a ServedRecordError where one is
+        unreadable; Redis errors propagate (the caller retries the batch)."""
         pipe = self.client.pipeline(transaction=False)
         for user_id in user_ids:
-            pipe.get(self.key(user_id))
-        out: list[ServedRecord | ServedRecordError | None] = []
-        for user_id, raw in zip(user_ids, pipe.execute()):
+            pipe.lrange(self.key(user_id), 0, -1)
+        out: list[tuple[ServedRecord, ...] | ServedRecordError] = []
+        for user_id, reply in zip(user_ids, pipe.execute(raise_on_error=False)):
+            if isinstance(reply, Exception):
+                if not str(reply).startswith("WRONGTYPE"):
+                    raise reply
+                out.append(ServedRecordError(f"served record of user {user_id!r:.80}: the key holds another Redis type, not a list"))
+                continue
             try:
-                out.append(None if raw is None else decode_served(user_id, raw))
+                out.append(tuple(sorted((decode_served(user_id, raw) for raw in reply), key=lambda r: -r.served_ms)))
             except ServedRecordError as exc:
                 out.append(exc)
         return out
@@ -170,7 +186,10 @@ class RedisServedLog:
         try:
             pipe = self.client.pipeline(transaction=False)
             for record in batch:
-                pipe.set(self.key(record.user_id), encode_served(record), ex=self.ttl_s)
+                key = self.key(record.user_id)
+                pipe.lpush(key, encode_served(record))
+                pipe.ltrim(key, 0, self.answers - 1)
+                pipe.expire(key, self.ttl_s)
             pipe.execute()
         except Exception as exc:  # the writer outlives any failure: an outage drops records, it never ends the log
             self.dropped("unavailable", len(batch))

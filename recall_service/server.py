@@ -298,7 +298,6 @@ class RecallServer:
         from model_export.registry import ModelRegistry
         from recall_service.backends import FeatureStoreReader, MilvusItemSearch, RegistryAvailability, RegistryModels
         from recall_service.served_log import RedisServedLog
-        from streaming.feature_store import redis_client
 
         rc = config.recall
         self.config = config
@@ -312,8 +311,7 @@ class RecallServer:
         self.availability = availability or RegistryAvailability(registry)
         self.metrics = metrics or RecallMetrics()
         if served_log is None and rc.served_log_ttl_s:
-            served_log = RedisServedLog(redis_client(config.redis), rc.served_log_ttl_s,
-                                        dropped=lambda reason, n: self.metrics.served_log_dropped.labels(reason).inc(n))
+            served_log = RedisServedLog.for_config(config, dropped=lambda reason, n: self.metrics.served_log_dropped.labels(reason).inc(n))
         self.served_log = served_log
         searcher = CoalescingSearch(self.search, rc.search_batch_vectors) if rc.search_batch_vectors else self.search
         self.recaller = Recaller(self.reader, searcher, self.models, availability=self.availability, search_timeout_s=rc.vector_search_timeout_ms / 1e3,

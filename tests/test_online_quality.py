@@ -47,12 +47,12 @@ def test_served_record_round_trips_and_a_bad_one_says_what_is_wrong():
 
 
 def test_an_event_is_judged_against_the_answer_in_force_when_it_entered_kafka():
-    records = {"u1": served(), "u2": served("u2", version="v1", path="popular_fallback", items=("x",)), "u3": None}
+    records = {"u1": (served(),), "u2": (served("u2", version="v1", path="popular_fallback", items=("x",)),), "u3": ()}
     events = [
         (event("u1", "a"), SERVED_MS),  # at the moment of serving: in force
         (event("u1", "c", "buy"), SERVED_MS + TTL_S * 1000),  # at the ttl's end: still in force
         (event("u1", "z"), SERVED_MS + 1),  # not in the answer
-        (event("u1", "a"), SERVED_MS - 1),  # entered before the answer was served (it replaced the one in force)
+        (event("u1", "a"), SERVED_MS - 1),  # entered before the answer was served
         (event("u1", "a"), SERVED_MS + TTL_S * 1000 + 1),  # after the answer expired
         (event("u2", "x", "view"), SERVED_MS + 10),
         (event("u3", "a"), SERVED_MS),  # never served
@@ -62,6 +62,24 @@ def test_an_event_is_judged_against_the_answer_in_force_when_it_entered_kafka():
         ("v2", "stored_interests", "click", HIT): 1, ("v2", "stored_interests", "buy", HIT): 1,
         ("v2", "stored_interests", "click", MISS): 1, ("", "", "click", UNJUDGED): 4,
         ("v1", "popular_fallback", "view", HIT): 1,
+    })
+
+
+def test_an_item_of_an_earlier_answer_still_shown_is_that_answers_hit():
+    """Two answers kept, newest first: an event is a hit for the newest answer in force that lists
+    its item, a miss for the newest in force; the later answer is not in force before it was served."""
+    later = served(version="v3", path="computed_on_the_fly", items=("b", "d"), served_ms=SERVED_MS + 100)
+    records = {"u1": (later, served())}  # the earlier: a, b, c at SERVED_MS
+    events = [
+        (event("u1", "a"), SERVED_MS + 200),  # only the earlier answer lists it: its hit
+        (event("u1", "b"), SERVED_MS + 200),  # both list it: the later answer's hit
+        (event("u1", "d"), SERVED_MS + 50),  # before the later answer was served: a miss of the earlier one
+        (event("u1", "z"), SERVED_MS + 200),  # neither: a miss of the later one
+        (event("u1", "a"), SERVED_MS + TTL_S * 1000 + 50),  # the earlier expired, the later is in force
+    ]
+    assert judge_events(events, records, TTL_S * 1000) == Counter({
+        ("v2", "stored_interests", "click", HIT): 1, ("v3", "computed_on_the_fly", "click", HIT): 1,
+        ("v2", "stored_interests", "click", MISS): 1, ("v3", "computed_on_the_fly", "click", MISS): 2,
     })
 
 
@@ -111,7 +129,7 @@ class FakeServed:
             self.failures -= 1
             raise ConnectionError("Redis gone")
         self.asked.append(user_ids)
-        return [self.records.get(u) for u in user_ids]
+        return [self.records.get(u, ()) for u in user_ids]
 
 
 def counting_judge(consumer_or_factory, served, **kwargs):
@@ -129,7 +147,7 @@ def test_the_judge_counts_each_polled_event_after_committing_it():
              (b"u9", encode_event(event("u1", "a")), SERVED_MS + 8),  # keyed by another user: the job dead-letters it
              (b"u1", b"{not an event", SERVED_MS + 9)]
     consumer = FakeConsumer(batch)
-    reader = FakeServed({"u1": served(), "u2": ServedRecordError("served record of user 'u2': not JSON")})
+    reader = FakeServed({"u1": (served(),), "u2": ServedRecordError("served record of user 'u2': not JSON")})
     judge, counts, errors = counting_judge(consumer, reader)
     assert judge.step() == 3
     assert counts == Counter({("v2", "stored_interests", "click", HIT): 1, ("v2", "stored_interests", "click", MISS): 1,
@@ -151,7 +169,7 @@ def test_a_new_group_commits_its_starting_positions_before_any_event():
 def test_a_batch_whose_read_or_commit_failed_is_counted_once_when_read_again(failure):
     records = [(b"u1", encode_event(event("u1", item)), SERVED_MS + i) for i, item in enumerate("abz")]
     consumer = FakeConsumer(records, per_poll=2, fail_first_commit=failure == "commit")
-    judge, counts, errors = counting_judge(consumer, FakeServed({"u1": served()}, failures=int(failure == "redis")), retry_s=0.01)
+    judge, counts, errors = counting_judge(consumer, FakeServed({"u1": (served(),)}, failures=int(failure == "redis")), retry_s=0.01)
     stop = threading.Event()
     runner = threading.Thread(target=judge.run, args=(stop,))
     runner.start()
@@ -173,7 +191,7 @@ def test_the_judge_outlives_a_broker_failure_and_reads_on_with_a_new_consumer():
         made.append(consumers[len(made)])
         return made[-1]
 
-    judge, counts, errors = counting_judge(make, FakeServed({"u1": served()}), retry_s=0.01)
+    judge, counts, errors = counting_judge(make, FakeServed({"u1": (served(),)}), retry_s=0.01)
     stop = threading.Event()
     runner = threading.Thread(target=judge.run, args=(stop,))
     runner.start()
@@ -187,19 +205,23 @@ def test_the_judge_outlives_a_broker_failure_and_reads_on_with_a_new_consumer():
     assert len(made) == 2 and all(c.closed for c in made)  # the broken consumer closed and replaced; the last closed at stop
 
 
-def test_the_writer_keeps_the_latest_answer_per_user_with_its_ttl_in_real_redis(tmp_path):
+def test_the_writer_keeps_the_newest_answers_per_user_with_their_ttl_in_real_redis(tmp_path):
     with EmbeddedRedis(tmp_path / "redis") as server:
         client = redis_client(SimpleNamespace(uri=server.uri, password="", ssl_cafile="", cluster=False))
         dropped = Counter()
-        log = RedisServedLog(client, ttl_s=TTL_S, prefix="t", dropped=lambda reason, n: dropped.update({reason: n}))
+        log = RedisServedLog(client, ttl_s=TTL_S, prefix="t", dropped=lambda reason, n: dropped.update({reason: n}), answers=2)
         log.record([served("u1", items=("a",)), served("u2", items=())])
         log.record([served("u1", version="v3", items=("b", "c"), served_ms=SERVED_MS + 1)])
+        log.record([served("u1", version="v4", items=("d",), served_ms=SERVED_MS + 2)])
         assert log.flush(timeout_s=10)
-        assert log.get_many(["u1", "u2", "nobody"]) == [served("u1", version="v3", items=("b", "c"), served_ms=SERVED_MS + 1),
-                                                        served("u2", items=()), None]
+        assert log.get_many(["u1", "u2", "nobody"]) == [
+            (served("u1", version="v4", items=("d",), served_ms=SERVED_MS + 2), served("u1", version="v3", items=("b", "c"), served_ms=SERVED_MS + 1)),
+            (served("u2", items=()),), ()]  # the newest 2 of u1's 3, newest first
         assert 0 < client.ttl("t:served:u1") <= TTL_S
-        client.set("t:served:u3", b"garbage")
-        assert isinstance(log.get_many(["u3"])[0], ServedRecordError)
+        client.rpush("t:served:u3", b"garbage")
+        client.set("t:served:u4", b"a string: another Redis type")
+        unreadable = log.get_many(["u3", "u4"])
+        assert all(isinstance(r, ServedRecordError) for r in unreadable) and "another Redis type" in str(unreadable[1])
         assert not dropped
     log.record([served("u1")])  # Redis is gone: dropped and counted, the caller not held up
     assert log.flush(timeout_s=15) and dropped == Counter({"unavailable": 1})
@@ -209,8 +231,14 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking_a_recall():
     taken, gate = threading.Event(), threading.Event()
 
     class SlowPipeline:
-        def set(self, *args, **kwargs):
+        def lpush(self, *args, **kwargs):
             taken.set()
+
+        def ltrim(self, *args, **kwargs):
+            pass
+
+        def expire(self, *args, **kwargs):
+            pass
 
         def execute(self):
             gate.wait(10)
@@ -249,7 +277,7 @@ def test_the_exporter_judges_events_from_a_real_broker_against_a_real_redis(tmp_
         config = load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
                                       "MINDSTREAM_REDIS__URI": redis_server.uri, "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path / "models")})
         ensure_topics(config.kafka, partitions=2, retention_ms=3_600_000)
-        log = RedisServedLog(redis_client(config.redis), config.recall.served_log_ttl_s)
+        log = RedisServedLog.for_config(config)
         log.record([served("alice", items=("i1", "i2"), served_ms=int(time.time() * 1000))])
         assert log.flush(timeout_s=10)
         server, collector = serve(config, port)
