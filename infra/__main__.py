@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "streaming job's committed group offsets), mindstream_kafka_up, the current "
                                    "model's creation/publication times and the quality its export measured "
                                    "(mindstream_model_offline_metric), and the online hit rate: each event of the events topic "
-                                   "judged against the answer the recall service last served its user "
+                                   "judged against the answers the recall service served its user before it "
                                    "(mindstream_online_recall_events_total; group [monitoring].online_quality_group, off when "
                                    "[recall].served_log_ttl_s is 0) on [monitoring].exporter_host:exporter_port (default "
                                    "127.0.0.1:9466) until SIGINT / SIGTERM.")

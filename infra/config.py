@@ -151,8 +151,8 @@ class RecallServiceConfig:
     search_batch_vectors: int = 256  # concurrent searches share one Milvus call up to this many vectors; 0 = never
     workers: int = 32  # gRPC handler threads: more requests in flight = larger shared Milvus searches (32 beat 16 in the bench)
     max_concurrent_rpcs: int = 256  # beyond: RESOURCE_EXHAUSTED at once instead of an unbounded queue
-    # The last answer to each user is kept in Redis this long, so the user's next events can be judged
-    # against it: the online hit rate that `python -m infra exporter` counts. 0 = not kept, not judged.
+    # The answers to each user are kept in Redis this long, so the user's next events can be judged
+    # against them: the online hit rate that `python -m infra exporter` counts. 0 = not kept, not judged.
     served_log_ttl_s: int = 3600
     # Answers kept per user (newest first): an event on an item of any of them within the ttl is a
     # hit, so an application that shows several (a refreshed carousel, a second page) is judged fairly.

@@ -91,8 +91,8 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                          "{{metric}} ({{split}})"),), kind="stat"),
         PanelSpec("Items taken out of recall", "Inactive items (`python -m model_export items deactivate`) as the recall service "
                   "last read them from the registry.", "short", (Query("max(mindstream_recall_inactive_items)", "inactive items"),), kind="stat"),
-        PanelSpec("Online hit rate by model version and recall path", "Share of the judged events whose item was in the answer "
-                  "last served to their user (recall_service/online_quality.py): the online HitRate, per version and path; and the "
+        PanelSpec("Online hit rate by model version and recall path", "Share of the judged events whose item was in an answer "
+                  "served to their user before them (recall_service/online_quality.py): the online HitRate, per version and path; and the "
                   "share of all events that could be judged (their user was served within [recall].served_log_ttl_s before).",
                   "percentunit",
                   # `or ... * 0`: a version with misses only has no hit series, and is a rate of 0, not "no data"

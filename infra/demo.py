@@ -116,7 +116,8 @@ def online_counts(config: Config) -> Counter:
 def run_online_replay(config: Config, dataset: str, start: int, limit: int, n: int, wait_s: float) -> dict:
     """Serves each user of events [start, start + limit) once (n items), replays those events, waits
     until the exporter has judged them all and returns the hit rate per recall path: the share of
-    the slice's events whose item was among the n items served to their user just before."""
+    the slice's events whose item was in an answer served to their user before them (this one, or one
+    of an earlier replay still kept in the served log within its ttl)."""
     from recall_service.channel import recall_channel
     from recall_service.served_log import RedisServedLog
     from recall_service.stubs import recall_pb2, recall_pb2_grpc

@@ -14,7 +14,7 @@ Read at every scrape:
 Counted by a thread reading the events topic (recall_service/online_quality.py; when
 [recall].served_log_ttl_s > 0):
     mindstream_online_recall_events_total{model_version, path, event_type, outcome}  events judged
-        against the answer the recall service last served their user: hit, miss or unjudged
+        against the answers the recall service served their user before them: hit, miss or unjudged
     mindstream_online_recall_errors_total{reason}   events and records left out (invalid_event,
         unreadable_record) and failed reads of the broker or Redis (unavailable)
 

@@ -38,7 +38,7 @@ class FeatureStoreReader:
 
     @classmethod
     def redis(cls, redis_config, timeout_s: float, seen_items: int = 0) -> "FeatureStoreReader":
-        """seen_items > 0: the records come with their users' seen sets (one round trip still)."""
+        """seen_items > 0: the records come with their users' seen sets (in the same pipeline)."""
         import redis
 
         from streaming.feature_store import RedisFeatureStore

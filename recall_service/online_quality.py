@@ -11,12 +11,17 @@ Each event is judged against the answers its user was served in the [recall].ser
 before it entered Kafka, those "in force" (recall_service/served_log.py keeps the newest
 [recall].served_log_answers of them):
 
-    hit       an answer in force lists the event's item (counted under the newest such answer's
-              model version and path)
-    miss      answers were in force and none lists it (counted under the newest of them)
+    hit       an answer in force lists the event's item
+    miss      answers were in force and none lists it
     unjudged  no answer in force (model_version and path ""): the user was not served in the ttl
-              before the event, or was served more than served_log_answers times since, or the
-              user's served records could not be read
+              before the event, or was served served_log_answers times since, or the user's
+              served records could not be read
+
+An event is counted under the model version and path of the newest answer in force, hit or miss,
+so each version's rate has its own events in both its numerator and denominator (counting a hit
+under the answer that listed the item and a miss under the newest would lend an old version the
+hits of the events a new one missed). An answer pushed out of the log by newer ones no longer
+counts: a click on its items then is a miss of the newer answers.
 
 "In force" is decided on the Kafka record's timestamp, when the event entered the stream, not on
 its event_time_ms: that is the application's clock, hours or years behind in a replay. Producers
@@ -50,22 +55,22 @@ def in_force(served: ServedRecord, entered_ms: int, ttl_ms: int) -> bool:
 def judge_events(events: Iterable[tuple[BehaviourEvent, int]], served: dict[str, Sequence[ServedRecord]], ttl_ms: int) -> Counter:
     """(event, Kafka timestamp in ms) pairs and each user's kept answers, newest first -> event
     counts by (model_version, path, event_type, outcome)."""
-    item_sets: dict[int, frozenset[str]] = {}  # an answer's items as a set, built once per batch
+    item_sets: dict[int, frozenset[str]] = {}  # an answer's items as a set, built once per batch (keyed by id: `served` holds them)
     counts: Counter = Counter()
     for event, entered_ms in events:
         shown = [record for record in served.get(event.user_id, ()) if in_force(record, entered_ms, ttl_ms)]
         if not shown:
             counts[("", "", event.event_type, UNJUDGED)] += 1
             continue
+        hit = False
         for record in shown:
             items = item_sets.get(id(record))
             if items is None:
                 items = item_sets[id(record)] = frozenset(record.items)
             if event.item_id in items:
-                counts[(record.model_version, record.path, event.event_type, HIT)] += 1
+                hit = True
                 break
-        else:
-            counts[(shown[0].model_version, shown[0].path, event.event_type, MISS)] += 1
+        counts[(shown[0].model_version, shown[0].path, event.event_type, HIT if hit else MISS)] += 1
     return counts
 
 
@@ -80,8 +85,8 @@ class ServedLogUnavailable(RuntimeError):
 class OnlineQualityJudge:
     """Reads the events topic, judges each event, counts. `count(labels, n)` receives the
     judge_events keys; `error(reason, n)` counts what is left out: "invalid_event" (per record the
-    streaming job dead-letters), "unreadable_record" (per served record that does not decode: its
-    user's events are unjudged) and "unavailable" (per failed attempt to read the broker or Redis).
+    streaming job dead-letters), "unreadable_record" (per user and batch whose served records do not
+    all decode: the user's events are unjudged) and "unavailable" (per failed attempt to read the broker or Redis).
 
     A batch is counted only after its offsets are committed: a commit that fails (a rebalance) or a
     served log that does not answer leaves the batch to be read again, and it is counted then, once.

@@ -9,7 +9,7 @@ input again.
 from __future__ import annotations
 
 import enum
-from collections.abc import Set as AbstractSet
+from collections.abc import Iterable, Set as AbstractSet
 from dataclasses import dataclass
 
 from infra.config import RecallServiceConfig
@@ -69,10 +69,14 @@ class RecallQuery:
     per_interest_n: int  # 0 = n + excluded items, capped (see per_interest_limit)
     merge_policy: MergePolicy
 
+    def left_out(self, *also: Iterable[str]) -> frozenset[str]:
+        """What the answer must not hold: the request's exclusions and `also` (a window, a seen set)."""
+        return self.excluded.union(*also)
+
     def per_interest_limit(self, left_out: AbstractSet[str], cap: int) -> int:
-        """Candidates to fetch per interest, given every item the answer leaves out (the request's
-        exclusions among them). By default n + |left_out|: an item of the exact top n by best score
-        ranks at most n + |left_out| in the list of the interest that scores it best."""
+        """Candidates to fetch per interest, given `left_out(...)`, every item the answer leaves out.
+        By default n + |left_out|: an item of the exact top n by best score ranks at most
+        n + |left_out| in the list of the interest that scores it best."""
         if self.per_interest_n:
             return self.per_interest_n
         return min(cap, self.n + len(left_out))

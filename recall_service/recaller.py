@@ -151,8 +151,7 @@ class _Pending:
     vectors: np.ndarray | None = None
 
     def left_out(self) -> frozenset[str]:
-        """What the answer must not hold: the request's exclusions, the window and the seen set."""
-        return self.query.excluded.union(self.window, self.seen)
+        return self.query.left_out(self.window, self.seen)
 
 
 class Recaller:

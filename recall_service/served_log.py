@@ -3,19 +3,22 @@
 hit rate, recall_service/online_quality.py). This module owns the record; the service writes it
 and the judge reads it, both only through this module. One Redis list per user, newest first:
 
-    <prefix>:served:<user id> -> [JSON {"schema": 1, "model_version": "...", "path": "stored_interests",
+    <prefix>:answers:<user id> -> [JSON {"schema": 1, "model_version": "...", "path": "stored_interests",
                                          "served_ms": 1763900000000, "items": ["raw item id", ...]}, ...]
 
 written with LPUSH, LTRIM to the newest [recall].served_log_answers and EXPIRE ttl: the log grows
 with the users served within the ttl (times the answers kept), not with the number of recalls, and
 needs no clean-up. More than one answer is kept because an application shows several (a carousel
-refreshed, a second page): an event on an item of an earlier answer is still that answer's hit.
-`items` are raw ids, best first, as the response listed them.
+refreshed, a second page): an event on an item of an earlier answer still counts as a hit.
+`items` are raw ids, best first, as the response listed them. (An earlier release kept
+one answer as a string at `<prefix>:served:<user id>`: a new key name, so that during an upgrade
+neither release trips over the other's keys; the old keys expire within the ttl.)
 
 A recall must never wait for, or fail by, its monitoring: `RedisServedLog.record` only queues, and
 a writer thread sends what has queued every 50 ms as pipelines. When Redis cannot take it (down,
 slow, the queue of about MAX_PENDING records full), records are dropped and counted by reason,
-never retried: a lost record only leaves that user's next events unjudged.
+never retried: a lost record only leaves that user's next events unjudged, or judged against the
+user's earlier answers.
 """
 
 from __future__ import annotations
@@ -86,9 +89,9 @@ class RedisServedLog:
     FLUSH_INTERVAL_S as pipelines of WRITE_BATCH records; `get_many` reads in one round trip."""
 
     def __init__(self, client, ttl_s: int, prefix: str = "mindstream", dropped: Callable[[str, int], None] = lambda reason, n: None,
-                 max_pending: int = MAX_PENDING, answers: int = 1):
+                 max_pending: int = MAX_PENDING, answers: int = 3):
         self.client, self.ttl_s, self.prefix, self.dropped, self.max_pending = client, ttl_s, prefix, dropped, max_pending
-        self.answers = answers  # kept per user, newest first
+        self.answers = answers  # kept per user, newest first ([recall].served_log_answers: see for_config)
         # A deque, not a queue.Queue: append and popleft are atomic without a lock, and the writer
         # wakes on its interval rather than once per record (each wake-up costs every request thread the GIL).
         self._pending: deque = deque()
@@ -106,7 +109,7 @@ class RedisServedLog:
         return cls(redis_client(config.redis), config.recall.served_log_ttl_s, dropped=dropped, answers=config.recall.served_log_answers)
 
     def key(self, user_id: str) -> str:
-        return f"{self.prefix}:served:{user_id}"
+        return f"{self.prefix}:answers:{user_id}"
 
     def record(self, served: Iterable[ServedRecord]) -> None:
         if self._closed:

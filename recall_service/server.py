@@ -306,7 +306,7 @@ class RecallServer:
         self.search = search or MilvusItemSearch(config.milvus.uri, config.milvus.token, config.milvus.collection_prefix, ef=rc.search_ef)
         registry = ModelRegistry(config.paths.models_dir)
         # as deep as an answer can reach: n past every item left out (exclusions, window or recent items, seen set)
-        left_out = rc.max_exclusions + max(rc.max_recent_items, config.streaming.window_length) + config.streaming.seen_items
+        left_out = rc.max_exclusions + max(rc.max_recent_items, config.streaming.window_length + config.streaming.seen_items)
         self.models = models or RegistryModels(registry, popular_depth=rc.max_n + left_out)
         self.availability = availability or RegistryAvailability(registry)
         self.metrics = metrics or RecallMetrics()

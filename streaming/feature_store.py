@@ -29,6 +29,7 @@ user at 128 items, ~44 KB at 500 (measured on Redis 6.2).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -38,6 +39,8 @@ import numpy as np
 from redis.exceptions import ResponseError
 
 RECORD_SCHEMA = 2  # 2: + profile
+
+log = logging.getLogger(__name__)
 
 
 class RecordError(ValueError):
@@ -117,16 +120,20 @@ def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
 
 
 def _record_of(user_id: str, reply, seen_reply=()) -> InterestRecord | None:
-    """The record of an HGETALL reply (None: no key), with the seen set of a ZRANGE reply. A key of
-    another Redis type under either name (WRONGTYPE) is a bad record, not an outage: RecordError, so
-    a reader counts it as unreadable instead of retrying it for ever, and the job's next write
-    replaces it (put_many deletes the record first; a seen key of another type fails the write, which
-    the job retries and counts: an operator's stray key, not a data problem of the stream)."""
-    for what, r in (("a record hash", reply), ("a seen set", seen_reply)):
-        if isinstance(r, Exception):
-            if str(r).startswith("WRONGTYPE"):
-                raise RecordError(f"user {user_id}: the key holds another Redis type, not {what}")
-            raise r
+    """The record of an HGETALL reply (None: no key), with the seen set of a ZRANGE reply. A record
+    key of another Redis type (WRONGTYPE) is a bad record, not an outage: RecordError, so a reader
+    counts it as unreadable instead of retrying it for ever, and the job's next write replaces it
+    (put_many deletes first). A seen key of another type only loses the seen set: the record is
+    served without it, and the job's next write of the set replaces the key."""
+    if isinstance(reply, Exception):
+        if str(reply).startswith("WRONGTYPE"):
+            raise RecordError(f"user {user_id}: the key holds another Redis type, not a record hash")
+        raise reply
+    if isinstance(seen_reply, Exception):
+        if not str(seen_reply).startswith("WRONGTYPE"):
+            raise seen_reply
+        log.warning("user %.80r: the seen-set key holds another Redis type; answered without it", user_id)
+        seen_reply = ()
     if not reply:
         return None
     record = decode(user_id, reply)
@@ -214,12 +221,14 @@ def redis_client(redis_config, timeout_s: float = 1.0):
 class RedisFeatureStore:
     """Redis / Valkey (any RESP server); pipelined writes, one round trip per batch of reads."""
 
-    def __init__(self, client, prefix: str = "mindstream", ttl_seconds: int = 0, seen_items: int = 0):
+    def __init__(self, client, prefix: str = "mindstream", ttl_seconds: int = 0, seen_items: int = 0, read_seen: bool = True):
         self.client, self.prefix, self.ttl_seconds, self.seen_items = client, prefix, ttl_seconds, seen_items
+        self.read_seen = read_seen and seen_items > 0  # the job writes seen sets but never needs them back
 
     @classmethod
-    def from_config(cls, redis_config, prefix: str = "mindstream", ttl_seconds: int = 0, timeout_s: float = 1.0, seen_items: int = 0) -> "RedisFeatureStore":
-        return cls(redis_client(redis_config, timeout_s), prefix, ttl_seconds, seen_items)
+    def from_config(cls, redis_config, prefix: str = "mindstream", ttl_seconds: int = 0, timeout_s: float = 1.0, seen_items: int = 0,
+                    read_seen: bool = True) -> "RedisFeatureStore":
+        return cls(redis_client(redis_config, timeout_s), prefix, ttl_seconds, seen_items, read_seen)
 
     def key(self, user_id: str) -> str:
         return f"{self.prefix}:user:{user_id}"
@@ -228,7 +237,9 @@ class RedisFeatureStore:
         return f"{self.prefix}:seen:{user_id}"
 
     def put_many(self, records: Iterable[InterestRecord], seen: Seen | None = None) -> int:
-        """Writes the records and, when this store keeps seen sets, adds `seen` to them: one round trip."""
+        """Writes the records and, when this store keeps seen sets, adds `seen` to them: one round
+        trip (per cluster node). A seen key of another Redis type (an operator's stray key) is
+        replaced rather than failing the write: the job would retry it for ever."""
         pipe = self.client.pipeline(transaction=False)
         n = 0
         for record in records:
@@ -238,22 +249,44 @@ class RedisFeatureStore:
             if self.ttl_seconds:
                 pipe.expire(key, self.ttl_seconds)
             n += 1
-        for user_id, behaviours in (seen or {}).items() if self.seen_items else ():
-            if not behaviours:
-                continue
-            key = self.seen_key(user_id)
-            newest: dict[str, int] = {}
-            for time_ms, item in behaviours:
-                newest[item] = max(time_ms, newest.get(item, time_ms))
-            pipe.zadd(key, newest, gt=True)  # GT: a redelivered or seeded older time never moves an item back
-            pipe.zremrangebyrank(key, 0, -self.seen_items - 1)  # keep the newest seen_items
-            if self.ttl_seconds:
-                pipe.expire(key, self.ttl_seconds)
-        pipe.execute()
+        seen_users = [(user_id, behaviours) for user_id, behaviours in (seen or {}).items() if behaviours] if self.seen_items else []
+        first_seen_reply = n * (3 if self.ttl_seconds else 2)  # the replies of the records' commands come first
+        for user_id, behaviours in seen_users:
+            self._add_seen(pipe, user_id, behaviours)
+        replies = pipe.execute(raise_on_error=False)
+        stray = set()
+        for position, reply in enumerate(replies):
+            if isinstance(reply, Exception):
+                if position >= first_seen_reply and str(reply).startswith("WRONGTYPE"):
+                    stray.add(seen_users[(position - first_seen_reply) // self._seen_commands][0])
+                else:
+                    raise reply
+        if stray:
+            log.warning("replacing %d seen-set key(s) of another Redis type, e.g. %s", len(stray), self.seen_key(next(iter(stray))))
+            pipe = self.client.pipeline(transaction=False)
+            for user_id, behaviours in seen_users:
+                if user_id in stray:
+                    pipe.delete(self.seen_key(user_id))
+                    self._add_seen(pipe, user_id, behaviours)
+            pipe.execute()
         return n
 
+    @property
+    def _seen_commands(self) -> int:
+        return 3 if self.ttl_seconds else 2  # what _add_seen queues per user
+
+    def _add_seen(self, pipe, user_id: str, behaviours: Sequence[tuple[int, str]]) -> None:
+        key = self.seen_key(user_id)
+        newest: dict[str, int] = {}
+        for time_ms, item in behaviours:
+            newest[item] = max(time_ms, newest.get(item, time_ms))
+        pipe.zadd(key, newest, gt=True)  # GT (Redis >= 6.2): a redelivered or seeded older time never moves an item back
+        pipe.zremrangebyrank(key, 0, -self.seen_items - 1)  # keep the newest seen_items
+        if self.ttl_seconds:
+            pipe.expire(key, self.ttl_seconds)
+
     def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]:
-        if len(user_ids) == 1 and not self.seen_items:  # the recall service's common case: a pipeline costs ~35 us more
+        if len(user_ids) == 1 and not self.read_seen:  # a single read without seen sets: a pipeline costs ~35 us more
             try:
                 reply = self.client.hgetall(self.key(user_ids[0]))
             except ResponseError as exc:
@@ -262,10 +295,10 @@ class RedisFeatureStore:
         pipe = self.client.pipeline(transaction=False)
         for user_id in user_ids:
             pipe.hgetall(self.key(user_id))
-            if self.seen_items:
-                pipe.zrange(self.seen_key(user_id), 0, -1)
+            if self.read_seen:  # the newest seen_items only: a set not trimmed since seen_items was lowered reads as trimmed
+                pipe.zrange(self.seen_key(user_id), -self.seen_items, -1)
         replies = pipe.execute(raise_on_error=False)
-        if not self.seen_items:
+        if not self.read_seen:
             return [_record_of(u, reply) for u, reply in zip(user_ids, replies)]
         return [_record_of(u, replies[2 * i], replies[2 * i + 1]) for i, u in enumerate(user_ids)]
 
@@ -321,6 +354,8 @@ class InMemoryFeatureStore:
             self.rows[record.user_id] = stored_fields(record)
             n += 1
         for user_id, behaviours in (seen or {}).items() if self.seen_items else ():
+            if not behaviours:
+                continue
             times = self.seen.setdefault(user_id, {})
             for time_ms, item in behaviours:
                 times[item] = max(time_ms, times.get(item, time_ms))
@@ -329,7 +364,8 @@ class InMemoryFeatureStore:
         return n
 
     def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]:
-        return [replace(decode(u, self.rows[u]), seen=frozenset(self.seen.get(u, ()))) if u in self.rows else None for u in user_ids]
+        return [replace(decode(u, self.rows[u]), seen=frozenset(self.seen.get(u, ()) if self.seen_items else ())) if u in self.rows else None
+                for u in user_ids]
 
     def delete(self, user_id: str) -> None:
         self.rows.pop(user_id, None)

@@ -83,7 +83,9 @@ class FixedTower:
 
 @dataclass
 class PendingUpdate:
-    window: UserWindow  # the newest state; read at flush time (the job replaces, never mutates, it)
+    # the newest state, read at flush time (the job replaces, never mutates, it); None: only behaviours
+    # for the seen set (valid ones older than a full window), no new record
+    window: UserWindow | None
     produced_ms: list[int] = field(default_factory=list)  # Kafka timestamps of the events it reflects
     # (event time ms, raw item id) of the behaviours applied since the last write: all of them, not
     # only those still in the window (a burst of one user can pass through it within one batch)
@@ -97,13 +99,13 @@ class InterestWriter:
         self.clock, self.sleep = clock, sleep
         self.pending: dict[str, PendingUpdate] = {}
 
-    def add(self, user_id: str, window: UserWindow, produced_ms: int | None = None, seen: Iterable[tuple[int, str]] = ()) -> None:
-        """Queues the newest state of a user's window (a later add for the same user replaces it) and
-        the behaviours that changed it, (event time ms, raw item id), for the user's seen set."""
+    def add(self, user_id: str, window: UserWindow | None, produced_ms: int | None = None, seen: Iterable[tuple[int, str]] = ()) -> None:
+        """Queues the newest state of a user's window (a later add for the same user replaces it;
+        None keeps it) and the behaviours applied, (event time ms, raw item id), for the user's seen set."""
         update = self.pending.get(user_id)
         if update is None:
             update = self.pending[user_id] = PendingUpdate(window)
-        else:
+        elif window is not None:
             update.window = window
         if produced_ms is not None:
             update.produced_ms.append(produced_ms)
@@ -117,23 +119,27 @@ class InterestWriter:
         """Extracts and stores the interests of every pending user; returns the users flushed."""
         if not self.pending:
             return []
-        users = list(self.pending)
+        users = [u for u, update in self.pending.items() if update.window is not None]
         updates = [self.pending[u] for u in users]
-        tower = self.towers.current()
-        started = time.perf_counter()
-        windows = [u.window.item_ids() for u in updates]
-        interests = tower.interests(windows, [u.window.profile for u in updates])
-        metrics.TOWER_SECONDS.observe(time.perf_counter() - started)
-        metrics.BATCH_USERS.observe(len(users))
-        now_ms = int(self.clock() * 1000)
         records, written = [], []
-        for user, update, window, vectors in zip(users, updates, windows, interests):
-            if vectors is None:
-                metrics.UNKNOWN_WINDOWS.inc()
-                continue
-            records.append(InterestRecord(user, tower.version, vectors, window, update.window.newest_ms, update.window.last_offset, now_ms, update.window.profile))
-            written.append(update)
-        seen = {user: update.seen for user, update in zip(users, updates) if update.seen}  # also of users without a record: they did see it
+        if users:
+            tower = self.towers.current()
+            started = time.perf_counter()
+            windows = [u.window.item_ids() for u in updates]
+            interests = tower.interests(windows, [u.window.profile for u in updates])
+            metrics.TOWER_SECONDS.observe(time.perf_counter() - started)
+            metrics.BATCH_USERS.observe(len(users))
+            now_ms = int(self.clock() * 1000)
+            for user, update, window, vectors in zip(users, updates, windows, interests):
+                if vectors is None:
+                    metrics.UNKNOWN_WINDOWS.inc()
+                    continue
+                records.append(InterestRecord(user, tower.version, vectors, window, update.window.newest_ms, update.window.last_offset, now_ms, update.window.profile))
+                written.append(update)
+        # The seen sets of users with a record (one written now or before): a window the model knows
+        # nothing of holds only items no search returns, and a set without a record would never expire.
+        recorded = {r.user_id for r in records}
+        seen = {user: update.seen for user, update in self.pending.items() if update.seen and (user in recorded or update.window is None)}
         if records or seen:
             self._write(records, seen)
         if records:  # freshness and the last write describe records written, not updates skipped
@@ -142,8 +148,9 @@ class InterestWriter:
                 for produced in update.produced_ms:
                     metrics.FRESHNESS_SECONDS.observe(max(0.0, written_s - produced / 1000.0))
             metrics.LAST_WRITE.set(written_s)
+        flushed = list(self.pending)
         self.pending.clear()
-        return users
+        return flushed
 
     def stored_window(self, user_id: str) -> UserWindow:
         """The window of the user's stored record; empty when there is none or it is unreadable (counted)."""
@@ -158,7 +165,7 @@ class InterestWriter:
 
     def _write(self, records: list[InterestRecord], seen: dict[str, list[tuple[int, str]]]) -> None:
         started = time.perf_counter()
-        self._retrying(lambda: self.store.put_many(records, seen), f"feature-store write of {len(records)} records")
+        self._retrying(lambda: self.store.put_many(records, seen), f"feature-store write of {len(records)} records and {len(seen)} seen sets")
         metrics.STORE_WRITE_SECONDS.observe(time.perf_counter() - started)
 
     def _retrying(self, action: Callable, what: str):

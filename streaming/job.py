@@ -89,7 +89,7 @@ def _user_windows_function(settings: dict):
             descriptor.enable_time_to_live(ttl)
             self.state = runtime_context.get_state(descriptor)
             store = RedisFeatureStore.from_config(RedisConfig(**settings["redis"]), ttl_seconds=settings["record_ttl_s"],
-                                                  seen_items=settings["seen_items"])
+                                                  seen_items=settings["seen_items"], read_seen=False)
             towers = RegistryTowers(ModelRegistry(Path(settings["models_dir"])), settings["model_poll_s"])
             towers.current()  # fail at start, with the registry's message, when no model is published
             self.writer = InterestWriter(towers, store, settings["batch_max_users"])
@@ -118,9 +118,12 @@ def _user_windows_function(settings: dict):
                 reason = f"late: event time {event.event_time_ms} is more than {settings['allowed_lateness_ms']} ms behind this user's newest {window.newest_ms}"
                 yield dead_letter(reason, "late", value, partition, offset, produced_ms, settings["events_topic"])
                 return
-            if outcome is not Applied.ADDED:
+            if outcome is Applied.DUPLICATE:
                 return
-            self.writer.add(key, window, produced_ms, [(event.event_time_ms, event.item_id)])
+            # ADDED: a new window and its behaviour for the seen set; EVICTED: valid but older than a
+            # full window, so the user's seen set only
+            added = outcome is Applied.ADDED
+            self.writer.add(key, window if added else None, produced_ms if added else None, [(event.event_time_ms, event.item_id)])
             if key not in self.timed:
                 self.timed.add(key)
                 timers = ctx.timer_service()
@@ -134,8 +137,9 @@ def _user_windows_function(settings: dict):
             if user in self.writer.pending:
                 self.flushed.update(self.writer.flush())
             elif user not in self.flushed:
-                # A timer of a restored checkpoint, taken while this user's update was queued: redo it
-                # (the seen set gets the window's behaviours: those of the lost write are among them).
+                # A timer of a restored checkpoint, taken while this user's update was queued: redo it.
+                # The seen set gets the window's behaviours: a burst that passed through the window
+                # before the lost write is not in the state any more, and not in the set either.
                 window = UserWindow.from_state(self.state.value())
                 if window.behaviours:
                     self.writer.add(user, window, seen=[(b[0], b[1]) for b in window.behaviours])

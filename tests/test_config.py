@@ -62,6 +62,8 @@ def test_a_whole_float_is_an_integer(tmp_path):
     ({"MINDSTREAM_RETRAIN__TOLERANCE": "2"}, r"\[retrain\].tolerance .* = 2.0: must be in \[0.0, 1.0\]"),
     ({"MINDSTREAM_RETRAIN__EPOCHS": "0"}, r"\[retrain\].epochs .* = 0: must be in \[1, inf\)"),
     ({"MINDSTREAM_RECALL__SERVED_LOG_TTL_S": "-1"}, r"\[recall\].served_log_ttl_s .* = -1: must be in \[0, inf\)"),
+    ({"MINDSTREAM_RECALL__SERVED_LOG_ANSWERS": "0"}, r"\[recall\].served_log_answers .* = 0: must be in \[1, inf\)"),
+    ({"MINDSTREAM_STREAMING__SEEN_ITEMS": "-1"}, r"\[streaming\].seen_items .* = -1: must be in \[0, inf\)"),
     ({"MINDSTREAM_RETRAIN__TOLERANCE": "nan"}, "MINDSTREAM_RETRAIN__TOLERANCE: expected a finite number, got 'nan'"),
     ({"MINDSTREAM_STREAMING__MODEL_POLL_S": "inf"}, "expected a finite number"),
     ({"MINDSTREAM_RETRAIN__STATE_DIR": ""}, "MINDSTREAM_RETRAIN__STATE_DIR: expected a path, got an empty value"),

@@ -83,20 +83,28 @@ def test_in_memory_store_keeps_seen_sets_like_redis():
 
 
 @pytest.mark.parametrize("cluster", [False, True], ids=["standalone", "cluster"])
-def test_real_redis_keeps_trims_and_reads_seen_sets_in_one_round_trip(tmp_path, cluster):
+def test_real_redis_keeps_trims_and_reads_seen_sets(tmp_path, cluster):
     server_class = EmbeddedRedisCluster if cluster else EmbeddedRedis
     with server_class(tmp_path / "redis") as server:
-        store = RedisFeatureStore.from_config(RedisConfig(uri=server.uri, cluster=cluster), prefix="test", ttl_seconds=600, seen_items=3)
+        config = RedisConfig(uri=server.uri, cluster=cluster)
+        store = RedisFeatureStore.from_config(config, prefix="test", ttl_seconds=600, seen_items=3)
         _seen_contract(store, lambda user: 0 < store.client.ttl(f"test:seen:{user}") <= 600)
-        # a store that keeps none neither writes nor reads them
-        plain = RedisFeatureStore.from_config(RedisConfig(uri=server.uri, cluster=cluster), prefix="test")
-        plain.put_many([], seen={"b": [(1, "x")]})
-        assert store.get_many(["b"])[0].seen == frozenset() and plain.get_many(["a"])[0].seen == frozenset()
+        # a store that keeps none neither writes nor reads them; the job's writes but does not read them
+        store.put_many([], seen={"b": [(1, "x")]})
+        plain = RedisFeatureStore.from_config(config, prefix="test")
+        plain.put_many([], seen={"b": [(2, "y")]})
+        job = RedisFeatureStore.from_config(config, prefix="test", seen_items=3, read_seen=False)
+        assert store.get_many(["b"])[0].seen == {"x"} and plain.get_many(["b"])[0].seen == frozenset() == job.get_many(["b"])[0].seen
+        # a store told to keep fewer reads the newest of a set not yet trimmed to its size
+        store.put_many([], seen={"b": [(3, "z"), (4, "w")]})
+        assert RedisFeatureStore.from_config(config, prefix="test", seen_items=2).get_many(["b"])[0].seen == {"z", "w"}
+        # a stray key under a seen name: the record is read without it, and the next write replaces it
         store.client.set("test:seen:stray", "not a set")
         store.put_many([_record("stray")])
-        for users in (["stray"], ["a", "stray"]):  # a stray key under the seen name: an unreadable record
-            with pytest.raises(RecordError, match="not a seen set"):
-                store.get_many(users)
+        for users in (["stray"], ["a", "stray"]):
+            assert store.get_many(users)[-1].seen == frozenset()
+        store.put_many([_record("stray")], seen={"stray": [(1, "x")], "b": [(5, "v")]})
+        assert store.get_many(["stray", "b"])[0].seen == {"x"} and store.get_many(["b"])[0].seen == {"z", "w", "v"}
 
 
 @pytest.mark.parametrize("cluster", [False, True], ids=["standalone", "cluster"])

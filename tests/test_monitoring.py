@@ -75,9 +75,8 @@ def feed_events(config, stop: threading.Event) -> None:
 
     from recall_service.served_log import RedisServedLog, ServedRecord
     from streaming.events import BehaviourEvent, encode_event
-    from streaming.feature_store import redis_client
 
-    log = RedisServedLog(redis_client(config.redis), config.recall.served_log_ttl_s)
+    log = RedisServedLog.for_config(config)
     log.record([ServedRecord("fan", "v1", "stored_interests", int(time.time() * 1000), ("i1", "i2"))])
     log.flush()
     producer = KafkaProducer(bootstrap_servers=config.kafka.bootstrap_servers)

@@ -65,21 +65,22 @@ def test_an_event_is_judged_against_the_answer_in_force_when_it_entered_kafka():
     })
 
 
-def test_an_item_of_an_earlier_answer_still_shown_is_that_answers_hit():
-    """Two answers kept, newest first: an event is a hit for the newest answer in force that lists
-    its item, a miss for the newest in force; the later answer is not in force before it was served."""
+def test_an_item_of_an_earlier_answer_in_force_is_a_hit_counted_under_the_newest_answer():
+    """Two answers kept, newest first: an event is a hit if any answer in force lists its item, and
+    counted, hit or miss, under the newest answer in force (so an old version never collects the
+    hits of events a newer one missed); an answer is not in force before it was served."""
     later = served(version="v3", path="computed_on_the_fly", items=("b", "d"), served_ms=SERVED_MS + 100)
-    records = {"u1": (later, served())}  # the earlier: a, b, c at SERVED_MS
+    records = {"u1": (later, served())}  # the earlier: v2, a, b, c at SERVED_MS
     events = [
-        (event("u1", "a"), SERVED_MS + 200),  # only the earlier answer lists it: its hit
-        (event("u1", "b"), SERVED_MS + 200),  # both list it: the later answer's hit
-        (event("u1", "d"), SERVED_MS + 50),  # before the later answer was served: a miss of the earlier one
-        (event("u1", "z"), SERVED_MS + 200),  # neither: a miss of the later one
-        (event("u1", "a"), SERVED_MS + TTL_S * 1000 + 50),  # the earlier expired, the later is in force
+        (event("u1", "a"), SERVED_MS + 200),  # only the earlier answer lists it: a hit, under the later
+        (event("u1", "b"), SERVED_MS + 200),  # both list it
+        (event("u1", "d"), SERVED_MS + 50),  # before the later answer was served: a miss of the earlier
+        (event("u1", "z"), SERVED_MS + 200),  # neither lists it
+        (event("u1", "a"), SERVED_MS + TTL_S * 1000 + 50),  # the earlier has expired: a miss of the later
     ]
     assert judge_events(events, records, TTL_S * 1000) == Counter({
-        ("v2", "stored_interests", "click", HIT): 1, ("v3", "computed_on_the_fly", "click", HIT): 1,
-        ("v2", "stored_interests", "click", MISS): 1, ("v3", "computed_on_the_fly", "click", MISS): 2,
+        ("v3", "computed_on_the_fly", "click", HIT): 2, ("v3", "computed_on_the_fly", "click", MISS): 2,
+        ("v2", "stored_interests", "click", MISS): 1,
     })
 
 
@@ -217,9 +218,9 @@ def test_the_writer_keeps_the_newest_answers_per_user_with_their_ttl_in_real_red
         assert log.get_many(["u1", "u2", "nobody"]) == [
             (served("u1", version="v4", items=("d",), served_ms=SERVED_MS + 2), served("u1", version="v3", items=("b", "c"), served_ms=SERVED_MS + 1)),
             (served("u2", items=()),), ()]  # the newest 2 of u1's 3, newest first
-        assert 0 < client.ttl("t:served:u1") <= TTL_S
-        client.rpush("t:served:u3", b"garbage")
-        client.set("t:served:u4", b"a string: another Redis type")
+        assert 0 < client.ttl("t:answers:u1") <= TTL_S
+        client.rpush("t:answers:u3", b"garbage")
+        client.set("t:answers:u4", b"a string: another Redis type")
         unreadable = log.get_many(["u3", "u4"])
         assert all(isinstance(r, ServedRecordError) for r in unreadable) and "another Redis type" in str(unreadable[1])
         assert not dropped

@@ -103,8 +103,9 @@ def test_invalid_requests_name_the_field(kwargs, message):
 
 def test_default_per_interest_limit_covers_what_is_left_out():
     q = validate("u1", 10, ["a", "b"], limits=LIMITS)
-    assert q.per_interest_limit(frozenset("abc"), cap=300) == 10 + 3
-    assert q.per_interest_limit(frozenset("abdefghijk"), cap=15) == 15
+    assert q.left_out(("b", "c"), {"c", "d"}) == frozenset("abcd")  # the exclusions, a window, a seen set
+    assert q.per_interest_limit(q.left_out(("b", "c")), cap=300) == 10 + 3
+    assert q.per_interest_limit(q.left_out("defghijk"), cap=15) == 15
     assert validate("u1", 10, per_interest_n=7, limits=LIMITS).per_interest_limit(frozenset("z"), cap=300) == 7
 
 

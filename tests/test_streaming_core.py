@@ -287,14 +287,19 @@ def test_the_seen_set_gets_every_behaviour_applied_even_one_a_burst_pushed_out_o
     for t, item in enumerate("abcde", start=1):  # five behaviours through a window of 2 within one batch
         w.apply(event(item, t), 2, 0)
         writer.add("u1", w, produced_ms=t, seen=[(t, item)])
-    writer.add("u2", UserWindow(), seen=[(9, "z")])  # nothing the tower knows: no record, but seen all the same
+    writer.add("u2", UserWindow(), seen=[(9, "z")])  # nothing the tower knows (no search returns it): no record, no seen set
     writer.flush()
     record = store.get_many(["u1"])[0]
-    assert record.window == ("d", "e") and record.seen == set("abcde") and store.seen["u2"] == {"z": 9}
+    assert record.window == ("d", "e") and record.seen == set("abcde") and "u2" not in store.seen
     w.apply(event("f", 6), 2, 0)
     writer.add("u1", w, seen=[(6, "f")])
     writer.flush()  # the next write adds only its own behaviours
     assert store.get_many(["u1"])[0].seen == set("abcdef")
+    # an event older than the full window (Applied.EVICTED): seen, with no new record and no tower call
+    tower_calls = len(writer.towers.current().calls)
+    writer.add("u1", None, seen=[(0, "old")])
+    assert writer.flush() == ["u1"] and len(writer.towers.current().calls) == tower_calls
+    assert store.get_many(["u1"])[0].seen == set("abcdef") | {"old"} and store.get_many(["u1"])[0].window == ("e", "f")
 
 
 def test_writer_retries_a_failing_store_instead_of_dropping_the_update():
