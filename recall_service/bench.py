@@ -315,6 +315,7 @@ def bench_backend(backend: str, catalog_dir: Path, users, interests, args, root:
     from infra.redis_server import EmbeddedRedis, free_port
     from model_export.manifest import Manifest
     from recall_service.backends import MilvusItemSearch
+    from recall_service.query import Limits, validate
     from recall_service.stubs import recall_pb2, recall_pb2_grpc
     from streaming.feature_store import InterestRecord, RedisFeatureStore
 
@@ -359,7 +360,10 @@ def bench_backend(backend: str, catalog_dir: Path, users, interests, args, root:
         service = stack.enter_context(ServiceProcess(env, root / f"recall-{backend}.log"))
         channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
         stub = recall_pb2_grpc.RecallServiceStub(channel)
-        limits = [min(recall_config.max_per_interest_n, args.n + len(set(w).union(item for _, item in seen.get(u, ())))) for u, w in users]
+        # the service's own rule: n + |window ∪ seen set|, capped
+        queries = [validate(u, args.n, limits=Limits.from_config(recall_config)) for u, _ in users]
+        limits = [q.per_interest_limit(q.left_out(w, (item for _, item in seen.get(q.user_id, ()))), recall_config.max_per_interest_n)
+                  for q, (_, w) in zip(queries, users)]
         log(f"[{backend}] per-interest limit: mean {np.mean(limits):.0f}, max {max(limits)} (n {args.n} + window ∪ seen set of {seen_items})")
         import psutil
 

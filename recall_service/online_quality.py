@@ -56,20 +56,20 @@ def judge_events(events: Iterable[tuple[BehaviourEvent, int]], served: dict[str,
     """(event, Kafka timestamp in ms) pairs and each user's kept answers, newest first -> event
     counts by (model_version, path, event_type, outcome)."""
     item_sets: dict[int, frozenset[str]] = {}  # an answer's items as a set, built once per batch (keyed by id: `served` holds them)
+
+    def items_of(record: ServedRecord) -> frozenset[str]:
+        items = item_sets.get(id(record))
+        if items is None:
+            items = item_sets[id(record)] = frozenset(record.items)
+        return items
+
     counts: Counter = Counter()
     for event, entered_ms in events:
         shown = [record for record in served.get(event.user_id, ()) if in_force(record, entered_ms, ttl_ms)]
         if not shown:
             counts[("", "", event.event_type, UNJUDGED)] += 1
             continue
-        hit = False
-        for record in shown:
-            items = item_sets.get(id(record))
-            if items is None:
-                items = item_sets[id(record)] = frozenset(record.items)
-            if event.item_id in items:
-                hit = True
-                break
+        hit = any(event.item_id in items_of(record) for record in shown)
         counts[(shown[0].model_version, shown[0].path, event.event_type, HIT if hit else MISS)] += 1
     return counts
 

@@ -249,31 +249,25 @@ class RedisFeatureStore:
             if self.ttl_seconds:
                 pipe.expire(key, self.ttl_seconds)
             n += 1
-        seen_users = [(user_id, behaviours) for user_id, behaviours in (seen or {}).items() if behaviours] if self.seen_items else []
-        first_seen_reply = n * (3 if self.ttl_seconds else 2)  # the replies of the records' commands come first
-        for user_id, behaviours in seen_users:
+        owners: list[str | None] = [None] * len(pipe)  # the user whose seen set each queued command writes
+        seen_users = {user_id: behaviours for user_id, behaviours in (seen or {}).items() if behaviours} if self.seen_items else {}
+        for user_id, behaviours in seen_users.items():
             self._add_seen(pipe, user_id, behaviours)
-        replies = pipe.execute(raise_on_error=False)
+            owners += [user_id] * (len(pipe) - len(owners))
         stray = set()
-        for position, reply in enumerate(replies):
+        for owner, reply in zip(owners, pipe.execute(raise_on_error=False)):
             if isinstance(reply, Exception):
-                if position >= first_seen_reply and str(reply).startswith("WRONGTYPE"):
-                    stray.add(seen_users[(position - first_seen_reply) // self._seen_commands][0])
-                else:
+                if owner is None or not str(reply).startswith("WRONGTYPE"):
                     raise reply
+                stray.add(owner)
         if stray:
             log.warning("replacing %d seen-set key(s) of another Redis type, e.g. %s", len(stray), self.seen_key(next(iter(stray))))
             pipe = self.client.pipeline(transaction=False)
-            for user_id, behaviours in seen_users:
-                if user_id in stray:
-                    pipe.delete(self.seen_key(user_id))
-                    self._add_seen(pipe, user_id, behaviours)
+            for user_id in stray:
+                pipe.delete(self.seen_key(user_id))
+                self._add_seen(pipe, user_id, seen_users[user_id])
             pipe.execute()
         return n
-
-    @property
-    def _seen_commands(self) -> int:
-        return 3 if self.ttl_seconds else 2  # what _add_seen queues per user
 
     def _add_seen(self, pipe, user_id: str, behaviours: Sequence[tuple[int, str]]) -> None:
         key = self.seen_key(user_id)
