@@ -13,7 +13,8 @@ What it builds (cached under var/bench/, keyed by the source export and the size
            job keeps it): the service leaves both out, so its searches fetch n + |window ∪ seen|.
 What it starts, on free loopback ports: embedded Redis, Milvus (the server of the PyPI package
 `milvus`, or Milvus Lite over gRPC), the recall server in a subprocess (`python -m recall_service
-serve`, default configuration otherwise).
+serve`, default configuration otherwise) on a model registry holding the catalog (var/bench/models:
+raw ids come from its vocabulary, as in production).
 What it measures at each concurrency c, each phase --seconds long after a warm-up:
   raw  c threads calling the search the service makes (MilvusItemSearch: same vectors, limit,
        filter and ef), straight to Milvus
@@ -314,7 +315,8 @@ def bench_backend(backend: str, catalog_dir: Path, users, interests, args, root:
     from infra.milvus_server import MilvusLiteServer, MilvusServer
     from infra.redis_server import EmbeddedRedis, free_port
     from model_export.manifest import Manifest
-    from recall_service.backends import MilvusItemSearch
+    from model_export.registry import ModelRegistry
+    from recall_service.backends import MilvusItemSearch, RegistryVocabularies
     from recall_service.query import Limits, validate
     from recall_service.stubs import recall_pb2, recall_pb2_grpc
     from streaming.feature_store import InterestRecord, RedisFeatureStore
@@ -330,8 +332,17 @@ def bench_backend(backend: str, catalog_dir: Path, users, interests, args, root:
         client = MilvusClient(uri=milvus.uri)
         version = ensure_published(client, catalog_dir, log)
 
-        search = MilvusItemSearch(milvus.uri, prefix=PREFIX, ef=args.ef or recall_config.search_ef, connect_timeout_s=30)
+        # the catalog installed in a registry of the bench's: the service (and the raw phase) read raw ids from its vocabulary
+        registry = ModelRegistry(root / "models")
+        registry.install(catalog_dir)
+        vocabularies = RegistryVocabularies(registry)
+        search = MilvusItemSearch(milvus.uri, prefix=PREFIX, ef=args.ef or recall_config.search_ef, connect_timeout_s=30, vocabularies=vocabularies)
         search.connect()
+        read_by = time.monotonic() + 60
+        while vocabularies.raw_ids(version) is None:
+            if time.monotonic() > read_by:
+                raise RuntimeError(f"the vocabulary of {version} in {registry.root} was not read within 60 s (see the log above)")
+            time.sleep(0.05)
         sample = random.Random(0).sample(range(len(interests)), 250)
         queries = np.concatenate([interests[i] for i in sample])
         vectors = np.load(catalog_dir / "item_vectors.npy", mmap_mode="r")
@@ -353,7 +364,7 @@ def bench_backend(backend: str, catalog_dir: Path, users, interests, args, root:
             store.put_many((InterestRecord(u, version, v, tuple(w), 0, "0:0") for (u, w), v in zip(chunk, interests[start:start + 1000])),
                            seen={u: seen[u] for u, _ in chunk if u in seen})
         env = {"MINDSTREAM_CONFIG": "", "MINDSTREAM_REDIS__URI": redis_server.uri, "MINDSTREAM_MILVUS__URI": milvus.uri,
-               "MINDSTREAM_MILVUS__COLLECTION_PREFIX": PREFIX, "MINDSTREAM_PATHS__MODELS_DIR": str(root / "no-models"),
+               "MINDSTREAM_MILVUS__COLLECTION_PREFIX": PREFIX, "MINDSTREAM_PATHS__MODELS_DIR": str(registry.root),
                "MINDSTREAM_RECALL__PORT": str(free_port()), "MINDSTREAM_RECALL__METRICS_PORT": str(free_port()),
                "MINDSTREAM_RECALL__SEARCH_EF": str(search.ef), "MINDSTREAM_RECALL__VECTOR_SEARCH_TIMEOUT_MS": "5000",
                "MINDSTREAM_RECALL__DEFAULT_DEADLINE_MS": "10000", "MINDSTREAM_STREAMING__SEEN_ITEMS": str(seen_items), "OMP_NUM_THREADS": "1"}

@@ -296,15 +296,16 @@ class RecallServer:
     def __init__(self, config: Config, *, reader=None, search=None, models=None, availability=None, metrics: RecallMetrics | None = None,
                  served_log: ServedLog | None = None):
         from model_export.registry import ModelRegistry
-        from recall_service.backends import FeatureStoreReader, MilvusItemSearch, RegistryAvailability, RegistryModels
+        from recall_service.backends import FeatureStoreReader, MilvusItemSearch, RegistryAvailability, RegistryModels, RegistryVocabularies
         from recall_service.served_log import RedisServedLog
 
         rc = config.recall
         self.config = config
         self.limits = Limits.from_config(rc)
         self.reader = reader or FeatureStoreReader.redis(config.redis, rc.feature_store_timeout_ms / 1e3, config.streaming.seen_items)
-        self.search = search or MilvusItemSearch(config.milvus.uri, config.milvus.token, config.milvus.collection_prefix, ef=rc.search_ef)
         registry = ModelRegistry(config.paths.models_dir)
+        self.search = search or MilvusItemSearch(config.milvus.uri, config.milvus.token, config.milvus.collection_prefix, ef=rc.search_ef,
+                                                 vocabularies=RegistryVocabularies(registry))
         # as deep as an answer can reach: n past every item left out (exclusions, window or recent items, seen set)
         left_out = rc.max_exclusions + max(rc.max_recent_items, config.streaming.window_length + config.streaming.seen_items)
         self.models = models or RegistryModels(registry, popular_depth=rc.max_n + left_out)

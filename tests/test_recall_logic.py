@@ -17,6 +17,8 @@ from recall_service.recaller import (ACTIVE_ONLY, BackendUnavailable, CircuitBre
 from model_export.registry import InactiveFileError, InactiveItems
 from streaming.feature_store import InMemoryFeatureStore, InterestRecord
 
+from conftest import wait_for
+
 # -- filters ------------------------------------------------------------------------------------
 
 
@@ -690,6 +692,43 @@ def test_milvus_results_become_rows_per_query_cut_to_the_limit_and_padded(topks,
         assert hits.item_ids[q].tolist() == [i for i, _ in kept] + [MISSING_ITEM] * (limit - len(kept))
         assert hits.raw_ids[q].tolist() == [f"r{i}" for i, _ in kept] + [""] * (limit - len(kept))
         assert np.allclose(hits.scores[q, :len(kept)], [s for _, s in kept]) and np.all(np.isneginf(hits.scores[q, len(kept):]))
+
+
+def test_raw_ids_come_from_the_vocabulary_by_item_id_when_one_is_given():
+    """Item id i + 1 is the vocabulary's item i (publish numbers rows so); padding and ids the
+    vocabulary lacks read "" (no item), whatever raw_id field the reply has."""
+    from pymilvus.grpc_gen import schema_pb2
+
+    from recall_service.backends import _hits
+
+    vocabulary = np.array(["", "a", "b", "c"], dtype=object)
+    results = schema_pb2.SearchResultData(num_queries=2, topks=[3, 1], scores=[0.9, 0.8, 0.7, 0.5])
+    results.ids.int_id.data.extend([3, 1, 9, 2])
+    hits = _hits(results, 2, 3, vocabulary)
+    assert hits.raw_ids.tolist() == [["c", "a", ""], ["b", "", ""]]
+    assert hits.item_ids.tolist() == [[3, 1, 9], [2, MISSING_ITEM, MISSING_ITEM]]
+
+
+def test_a_versions_vocabulary_is_read_in_the_background_and_a_missing_one_looked_for_again_later(two_exports, tmp_path):
+    from model_export.artifact import ModelArtifact
+    from model_export.registry import ModelRegistry
+    from recall_service.backends import RegistryVocabularies
+
+    registry = ModelRegistry(tmp_path / "models")
+    now = [0.0]
+    vocabularies = RegistryVocabularies(registry, keep=1, retry_s=30.0, clock=lambda: now[0])
+    version = ModelArtifact.load(two_exports[0]).version
+    assert vocabularies.raw_ids(version) is None  # not installed: Milvus' raw ids meanwhile
+    wait_for(lambda: not any(t.name == f"vocabulary-{version}" for t in threading.enumerate()), 10, "the failed read")
+    registry.install(two_exports[0])
+    assert vocabularies.raw_ids(version) is None  # not looked for again before retry_s
+    now[0] = 31.0
+    vocabularies.raw_ids(version)
+    wait_for(lambda: vocabularies.raw_ids(version) is not None, 10, "the vocabulary read")
+    assert vocabularies.raw_ids(version).tolist() == ["", *ModelArtifact.load(two_exports[0]).raw_items]
+    other = registry.install(two_exports[1]).model_version
+    wait_for(lambda: vocabularies.raw_ids(other) is not None, 10, "the second vocabulary")
+    assert list(vocabularies._read) == [other]  # keep=1
 
 
 def test_a_model_retired_since_the_last_look_at_current_is_replaced_by_the_new_current(two_exports, tmp_path):

@@ -60,6 +60,33 @@ def test_stored_path_equals_the_exact_merge_in_the_records_version(stack):
         assert_same(response, exact_merge(stack.artifacts[version], stored_interests(stack, user), 12, {"i5", "i20", *WINDOW}))
 
 
+def test_raw_ids_read_from_the_registrys_vocabulary_equal_those_milvus_stores(stack):
+    """The service asks Milvus for ids and scores only and reads raw ids from the version's
+    vocabulary: for both published versions that gives what the collection's raw_id field holds,
+    and the request it sends names no output field."""
+    from model_export.registry import ModelRegistry
+    from recall_service.backends import MilvusItemSearch, RegistryVocabularies
+
+    vocabularies = RegistryVocabularies(ModelRegistry(stack.config.paths.models_dir))
+    with_vocabulary = MilvusItemSearch(stack.config.milvus.uri, prefix=PREFIX, vocabularies=vocabularies)
+    from_milvus = MilvusItemSearch(stack.config.milvus.uri, prefix=PREFIX)
+    for version in (stack.old, stack.new):
+        vectors = stack.artifacts[version].item_vectors()[[0, 7, 20]]
+        for search in (with_vocabulary, from_milvus):
+            search.connect()
+        expected = from_milvus.search(version, vectors, 15, "", 10.0)
+        assert (expected.raw_ids != "").all()
+        assert with_vocabulary.search(version, vectors, 15, "", 10.0).raw_ids.tolist() == expected.raw_ids.tolist()  # before it is read: from Milvus
+        wait_for(lambda: vocabularies.raw_ids(version) is not None, 30, f"the vocabulary of {version}")
+        read = with_vocabulary.search(version, vectors, 15, "", 10.0)
+        assert read.raw_ids.tolist() == expected.raw_ids.tolist() and read.item_ids.tolist() == expected.item_ids.tolist()
+        assert not with_vocabulary._request(with_vocabulary.collection(version), vectors, 15, "", False).output_fields
+    # the service's own search reads them too once it has served a user of each version
+    for user in ("user-old", "user-new"):
+        stack.recall(user_id=user, n=3)
+    wait_for(lambda: all(stack.server.search.vocabularies.raw_ids(v) is not None for v in (stack.old, stack.new)), 30, "the service's vocabularies")
+
+
 def test_what_the_user_has_seen_beyond_the_window_is_left_out(stack):
     """The job's seen set (written here as the job writes it) in the real Redis: the service reads
     it with the record and answers the exact top n of the rest; a key of another Redis type under
