@@ -175,14 +175,18 @@ def write_id(record: InterestRecord) -> tuple[str, str]:
 
 
 # Replaces a record only if nobody wrote it since it was read (its write_id is unchanged), so a
-# backfill never overwrites a newer window the streaming job has just written.
+# backfill never overwrites a newer window the streaming job has just written. The record keeps the
+# time it had left to live: a backfill is no activity of the user's, and the user's seen set (another
+# key, on another cluster slot) expires with the record; a record without one gets the ttl.
 # KEYS[1] = record key; ARGV = the write_id read (updated_ms, last_offset), ttl seconds (0 = none), field, value, ...
 REPLACE_IF_UNCHANGED = """
 local stored = redis.call('HMGET', KEYS[1], 'updated_ms', 'last_offset')
 if stored[1] ~= ARGV[1] or stored[2] ~= ARGV[2] then return 0 end
+local left_ms = redis.call('PTTL', KEYS[1])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-if ARGV[3] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+if left_ms > 0 then redis.call('PEXPIRE', KEYS[1], left_ms)
+elseif ARGV[3] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 return 1
 """
 

@@ -129,6 +129,13 @@ def test_real_redis_round_trip_replace_ttl_and_auth(tmp_path, cluster):
         moved = dataclasses.replace(current, model_version="v3", updated_ms=current.updated_ms + 1)
         assert store.replace_if_unchanged([moved, moved], [current, current]) == 1  # the 2nd saw a newer write
         assert _same(store.get_many(["user-5"])[0], moved) and 0 < store.client.ttl("test:user:user-5") <= 3600
+        # a replaced record keeps the time it had left (its seen set expires with it); one without gets the ttl
+        store.client.expire("test:user:user-6", 50)
+        store.client.persist("test:user:user-7")
+        for user in ("user-6", "user-7"):
+            current = store.get_many([user])[0]
+            assert store.replace_if_unchanged([dataclasses.replace(current, model_version="v3", updated_ms=current.updated_ms + 1)], [current]) == 1
+        assert 0 < store.client.ttl("test:user:user-6") <= 50 and 50 < store.client.ttl("test:user:user-7") <= 3600
         # without the password the server refuses
         from redis.exceptions import AuthenticationError, RedisClusterException, ResponseError
 
