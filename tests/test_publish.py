@@ -89,6 +89,16 @@ def test_publish_command_installs_publishes_and_makes_current(two_exports, tmp_p
     np.testing.assert_allclose(batched[0], alone, atol=1e-5)
     assert batched[2] is None and alone.shape[1] == manifest.dim
 
+    # going back (what the OnlineHitRateDropped alert tells operators): a newer version, then the
+    # previous one published again from its registry folder: current again, its collection reused
+    publish_cli = lambda export: subprocess.run([sys.executable, "-m", "model_export", "publish", "--export-dir", str(export), "--milvus-uri", uri],
+                                            cwd=REPO, capture_output=True, text=True, check=True, env=env)
+    newer = json.loads(publish_cli(two_exports[1]).stdout)["model_version"]
+    assert registry.current_version() == newer != manifest.model_version
+    back = publish_cli(registry.path(manifest.model_version))
+    assert registry.current_version() == manifest.model_version and "item vectors inserted" not in back.stderr
+    assert alias_target(connect(uri), PREFIX) == collection_name(PREFIX, manifest.model_version)
+
 
 def test_a_tampered_export_is_not_published(two_exports, tmp_path):
     import shutil
