@@ -97,11 +97,16 @@ class Manifest:
             raise ManifestError(f"{path}: model version {manifest.model_version!r} is not a plain name "
                                 f"({MODEL_VERSION.pattern}); export the model again")
         if verify:
-            for role, f in manifest.files.items():
-                p = Path(directory) / f.path
-                if not p.is_file():
-                    raise ManifestError(f"{p} ({role}) is listed in the manifest but missing")
-                digest = sha256_of(p)
-                if digest != f.sha256:
-                    raise ManifestError(f"{p} ({role}) does not match the manifest's SHA-256; refusing to load it")
+            for role in manifest.files:
+                manifest.verified_file(directory, role)
         return manifest
+
+    def verified_file(self, directory: Path, role: str) -> Path:
+        """The file of `role`, checked against the manifest's SHA-256 (for a reader of one file of an
+        export, which need not hash the others)."""
+        p = self.file(Path(directory), role)
+        if not p.is_file():
+            raise ManifestError(f"{p} ({role}) is listed in the manifest but missing")
+        if sha256_of(p) != self.files[role].sha256:
+            raise ManifestError(f"{p} ({role}) does not match the manifest's SHA-256; refusing to load it")
+        return p

@@ -15,7 +15,6 @@ while Milvus is down; a collection found released is loaded in the background.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -210,17 +209,20 @@ def _hits(results, nq: int, limit: int, vocabulary: np.ndarray | None = None) ->
 class RegistryVocabularies:
     """Raw item id by Milvus item id of each model version installed in the registry: index i + 1
     holds the raw id of the vocabulary's item i, as publish numbers the rows; index 0 is "" (no
-    item). A version's vocabulary is read in the background on its first use (a 1M-item export's
-    takes seconds, with the hash check): None until then, and for a version not installed here (it
-    is looked for again after `retry_s`). The `keep` versions read last are kept."""
+    item). A version's vocabulary is read in the background on its first use (only its vocab file
+    is hashed, and parsed piecewise, so request threads do not stall: 1M ids take ~0.4 s): None
+    until then, and for a version not installed here (looked for again after `retry_s`). The
+    `keep` versions searched last are kept."""
 
-    def __init__(self, registry, keep: int = 4, retry_s: float = 30.0, clock=time.monotonic):
+    def __init__(self, registry, keep: int = 8, retry_s: float = 30.0, clock=time.monotonic):
         self.registry, self.keep, self.retry_s, self.clock = registry, keep, retry_s, clock
-        self._read: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._read: dict[str, np.ndarray] = {}
+        self._used: dict[str, float] = {}  # version -> when it was last asked for
         self._pending: dict[str, float] = {}  # version -> when its read started or last failed
         self._lock = threading.Lock()
 
     def raw_ids(self, model_version: str) -> np.ndarray | None:
+        self._used[model_version] = self.clock()
         vocabulary = self._read.get(model_version)
         if vocabulary is not None:
             return vocabulary
@@ -235,11 +237,12 @@ class RegistryVocabularies:
         return None
 
     def _load(self, model_version: str) -> None:
+        from model_export.artifact import read_vocab
         from model_export.manifest import Manifest
 
         try:
             directory = self.registry.path(model_version)
-            items = json.loads(Manifest.load(directory).file(directory, "vocab").read_text())["items"]
+            items = read_vocab(Manifest.load(directory, verify=False).verified_file(directory, "vocab"), only="items")["items"]
             vocabulary = np.array([""] + items, dtype=object)
         except Exception as exc:  # not installed here, or unreadable: raw ids come from Milvus meanwhile
             log.info("raw ids of %s come from Milvus: its vocabulary is not readable here (%s)", model_version, exc)
@@ -249,8 +252,11 @@ class RegistryVocabularies:
         with self._lock:
             self._read[model_version] = vocabulary
             self._pending.pop(model_version, None)
-            while len(self._read) > self.keep:
-                self._read.popitem(last=False)
+            while len(self._read) > self.keep:  # the one searched longest ago goes
+                oldest = min(self._read, key=lambda v: self._used.get(v, -float("inf")))
+                del self._read[oldest]
+            for version in [v for v in list(self._used) if v not in self._read and v not in self._pending]:
+                del self._used[version]  # only versions kept or being read are remembered
         log.info("raw ids of %s from its vocabulary (%d items)", model_version, len(vocabulary) - 1)
 
 
@@ -329,6 +335,9 @@ class RegistryAvailability:
                     stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
                 except FileNotFoundError:
                     stamp = None
+                except OSError as exc:  # a shared volume's hiccup (ESTALE, EACCES): looked at again after refresh_s
+                    log.warning("keeping %d inactive items: the registry's inactive set cannot be looked at: %s", len(self._items.items), exc)
+                    return self._items
                 if stamp != self._stamp:
                     try:
                         self._items, self._stamp = self.registry.inactive_items(), stamp
@@ -339,19 +348,29 @@ class RegistryAvailability:
 
 
 class RegistryModels:
-    """The registry's current model, re-read at most every `refresh_s`; loaded versions are kept
-    (two at most) so a publish swaps models without a pause."""
+    """The registry's current model, re-read at most every `refresh_s` (a registry that cannot be
+    read keeps the version read last, logged). A newly published version is loaded by `prepare`,
+    which the server's health prober calls, while requests go on with the version loaded before it:
+    a publish swaps models without a pause. Only a service with no version loaded yet waits for a
+    load on a request. A version that fails to load is tried again after `refresh_s`, not by every
+    request. Two loaded versions are kept."""
 
     def __init__(self, registry, prefer_gpu: bool = True, popular_depth: int = 6500, refresh_s: float = 2.0, clock=time.monotonic):
         self.registry, self.prefer_gpu, self.popular_depth, self.refresh_s, self.clock = registry, prefer_gpu, popular_depth, refresh_s, clock
         self._version: str | None = None
         self._checked = -float("inf")
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._serving: LoadedModel | None = None  # the version loaded last: it serves until the current one is loaded
+        self._failed: dict[str, tuple[float, str]] = {}  # version -> (when, why) its load failed
         self._lock = threading.Lock()
 
     def current_version(self) -> str | None:
         if self.clock() - self._checked >= self.refresh_s:
-            self._version, self._checked = self.registry.current_version(), self.clock()
+            try:
+                self._version = self.registry.current_version()
+            except (OSError, ValueError, KeyError, TypeError) as exc:  # a shared volume's hiccup, a half-edited file
+                log.warning("keeping model version %s: the registry's current version is unreadable: %s", self._version, exc)
+            self._checked = self.clock()
         return self._version
 
     def current(self) -> LoadedModel | None:
@@ -360,11 +379,24 @@ class RegistryModels:
             return None
         model = self._loaded.get(version)
         if model is None:
-            with self._lock:
+            model = self._serving  # prepare() is loading `version`
+        if model is None:
+            with self._lock:  # nothing loaded yet: this request waits for the load
                 model = self._loaded.get(version) or self._load(version)
         return model
 
+    def prepare(self) -> None:
+        """Loads the current version unless it is loaded (the health prober's thread calls this)."""
+        version = self.current_version()
+        if version is not None and version not in self._loaded:
+            with self._lock:
+                if version not in self._loaded:
+                    self._load(version)
+
     def _load(self, version: str) -> LoadedModel:
+        failed = self._failed.get(version)
+        if failed is not None and self.clock() - failed[0] < self.refresh_s:
+            raise BackendUnavailable(failed[1])
         try:
             model = LoadedModel(self.registry.path(version), self.prefer_gpu, self.popular_depth)
         except Exception as exc:  # missing, tampered with or unreadable
@@ -374,9 +406,12 @@ class RegistryModels:
             if newer is not None and newer != version:
                 self._version, self._checked = newer, self.clock()
                 return self._loaded.get(newer) or self._load(newer)
-            raise BackendUnavailable(f"current model {version} cannot be loaded: {exc}") from None
+            self._failed[version] = (self.clock(), f"current model {version} cannot be loaded: {exc}")
+            raise BackendUnavailable(self._failed[version][1]) from None
+        self._failed.pop(version, None)
         self._loaded[version] = model
         while len(self._loaded) > 2:
             self._loaded.popitem(last=False)
+        self._serving = model
         log.info("serving model %s (user tower on %s)", version, model.tower.session.provider)
         return model

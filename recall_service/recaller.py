@@ -84,6 +84,7 @@ class ServingModel(Protocol):
 class ModelSource(Protocol):
     def current(self) -> ServingModel | None: ...
     def current_version(self) -> str | None: ...
+    def prepare(self) -> None: ...  # loads the current version ahead of requests (the server's health prober calls it)
 
 
 class ItemAvailability(Protocol):

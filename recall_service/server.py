@@ -327,6 +327,7 @@ class RecallServer:
         self._stop = threading.Event()
         self._prober: threading.Thread | None = None
         self._without_model = False
+        self._model_problem = ""
         self._failing: set[str] = set()
 
     def start(self) -> "RecallServer":
@@ -396,6 +397,15 @@ class RecallServer:
             else:
                 log.info("serving again: both stores reachable")
             self._failing = set(problems)
+        try:
+            self.models.prepare()  # a newly published version is loaded here, not on a request
+            problem = ""
+        except Exception as exc:
+            problem = str(exc)
+        if problem != self._model_problem:  # said once per change, not every probe
+            if problem:
+                log.warning("%s; requests go on with the model loaded before, if any", problem)
+            self._model_problem = problem
         try:
             version = self.models.current_version()
             self.metrics.set_model_version(version)

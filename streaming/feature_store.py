@@ -137,7 +137,8 @@ def _record_of(user_id: str, reply, seen_reply=()) -> InterestRecord | None:
     if not reply:
         return None
     record = decode(user_id, reply)
-    return replace(record, seen=frozenset(item.decode() for item in seen_reply)) if seen_reply else record
+    # a member that is not UTF-8 was not written by the job (raw ids are text): read as no item rather than failing the batch
+    return replace(record, seen=frozenset(item.decode(errors="replace") for item in seen_reply)) if seen_reply else record
 
 
 Seen = Mapping[str, Sequence[tuple[int, str]]]  # user id -> (event time ms, raw item id) newly seen

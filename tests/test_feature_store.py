@@ -105,6 +105,9 @@ def test_real_redis_keeps_trims_and_reads_seen_sets(tmp_path, cluster):
             assert store.get_many(users)[-1].seen == frozenset()
         store.put_many([_record("stray")], seen={"stray": [(1, "x")], "b": [(5, "v")]})
         assert store.get_many(["stray", "b"])[0].seen == {"x"} and store.get_many(["b"])[0].seen == {"z", "w", "v"}
+        # a member that is not UTF-8 (not the job's write) neither fails the read nor names an item
+        store.client.zadd("test:seen:stray", {b"\xff\xfe": 9})
+        assert "x" in store.get_many(["a", "stray"])[-1].seen
 
 
 @pytest.mark.parametrize("cluster", [False, True], ids=["standalone", "cluster"])

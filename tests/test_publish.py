@@ -148,3 +148,25 @@ def test_items_changed_while_a_version_is_published_are_marked_before_the_alias_
     done = publish(two_exports[0], client, PREFIX, progress=lambda m: None, inactive_items=lambda: next(reads))
     rows = client.query(done.collection, filter='raw_id in ["i3", "i5", "i7"]', output_fields=["raw_id", "active"])
     assert {r["raw_id"]: r["active"] for r in rows} == {"i3": True, "i5": False, "i7": True}
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_the_piecewise_vocabulary_reader_equals_json_loads(tmp_path, indent):
+    """read_vocab parses values and array elements one at a time (no GIL stall for a large vocabulary): same result as json.loads."""
+    from model_export.artifact import read_vocab
+
+    documents = [{"items": ["a", 'b"c', "é\n", ""], "item_side": [["x"], [], ["y", "z"]], "profile": {"items": ["nested"]}, "popularity": [1, 2, 3]},
+                 {"profile": {"items": [1]}, "n": None, "items": []}, {}, {"items": [[1, [2]], {"a": [3]}, True, -1.5e3, None]}]
+    path = tmp_path / "vocab.json"
+    for document in documents:
+        path.write_text(json.dumps(document, indent=indent, ensure_ascii=indent is None))
+        assert read_vocab(path) == document
+        if "items" in document:
+            assert read_vocab(path, only="items") == {"items": document["items"]}  # the top-level key, not profile's
+    path.write_text(json.dumps({"profile": {"items": [1]}}))
+    with pytest.raises(KeyError, match="no 'items'"):
+        read_vocab(path, only="items")
+    for broken in ('{"items": [1, 2', '{"items" [1]}', "[1]", '{"items": [1,]}', ""):
+        path.write_text(broken)
+        with pytest.raises(ValueError, match=str(path)):
+            read_vocab(path)

@@ -190,6 +190,9 @@ class FakeModels:
     def current_version(self):
         return self.model.version if self.model else None
 
+    def prepare(self):  # the model is given, never loaded
+        pass
+
 
 class DownStore:
     def get_many(self, user_ids):
@@ -312,6 +315,14 @@ def test_registry_inactive_set_is_serialised_versioned_and_reread_only_when_chan
             registry.inactive_items()
         now[0] += 2.0
         assert "x" in availability.inactive().items
+    # a file that cannot even be looked at (ESTALE on a shared volume): the last good set, no error
+
+    class StaleRegistry:
+        inactive_path = type("StalePath", (), {"stat": lambda self: (_ for _ in ()).throw(OSError(116, "Stale file handle"))})()
+
+    availability.registry = StaleRegistry()
+    now[0] += 2.0
+    assert "x" in availability.inactive().items
 
 
 def test_unknown_user_gets_interests_on_the_fly_then_popular(world):
@@ -711,12 +722,13 @@ def test_raw_ids_come_from_the_vocabulary_by_item_id_when_one_is_given():
 
 def test_a_versions_vocabulary_is_read_in_the_background_and_a_missing_one_looked_for_again_later(two_exports, tmp_path):
     from model_export.artifact import ModelArtifact
+    from model_export.manifest import Manifest
     from model_export.registry import ModelRegistry
     from recall_service.backends import RegistryVocabularies
 
     registry = ModelRegistry(tmp_path / "models")
     now = [0.0]
-    vocabularies = RegistryVocabularies(registry, keep=1, retry_s=30.0, clock=lambda: now[0])
+    vocabularies = RegistryVocabularies(registry, keep=2, retry_s=30.0, clock=lambda: now[0])
     version = ModelArtifact.load(two_exports[0]).version
     assert vocabularies.raw_ids(version) is None  # not installed: Milvus' raw ids meanwhile
     wait_for(lambda: not any(t.name == f"vocabulary-{version}" for t in threading.enumerate()), 10, "the failed read")
@@ -726,9 +738,18 @@ def test_a_versions_vocabulary_is_read_in_the_background_and_a_missing_one_looke
     vocabularies.raw_ids(version)
     wait_for(lambda: vocabularies.raw_ids(version) is not None, 10, "the vocabulary read")
     assert vocabularies.raw_ids(version).tolist() == ["", *ModelArtifact.load(two_exports[0]).raw_items]
+    # the versions searched last are kept: `version` searched after `other`, so a third one evicts `other`
     other = registry.install(two_exports[1]).model_version
     wait_for(lambda: vocabularies.raw_ids(other) is not None, 10, "the second vocabulary")
-    assert list(vocabularies._read) == [other]  # keep=1
+    now[0] = 40.0
+    assert vocabularies.raw_ids(version) is not None
+    third = dataclasses.replace(Manifest.load(two_exports[1]), model_version="v-third")
+    shutil.copytree(two_exports[1], tmp_path / "third")
+    third.write(tmp_path / "third")
+    registry.install(tmp_path / "third")
+    now[0] = 50.0
+    wait_for(lambda: vocabularies.raw_ids("v-third") is not None, 10, "the third vocabulary")
+    assert sorted(vocabularies._read) == sorted([version, "v-third"])
 
 
 def test_a_model_retired_since_the_last_look_at_current_is_replaced_by_the_new_current(two_exports, tmp_path):
@@ -749,6 +770,55 @@ def test_a_model_retired_since_the_last_look_at_current_is_replaced_by_the_new_c
     models = RegistryModels(registry, prefer_gpu=False, refresh_s=3600)
     with pytest.raises(BackendUnavailable, match=f"current model {new} cannot be loaded"):
         models.current()
+
+
+def test_a_published_version_is_loaded_by_prepare_while_requests_go_on_with_the_loaded_one(two_exports, tmp_path):
+    """No request waits on a model load once one version is loaded; a version that fails to load is
+    not loaded again by every request; an unreadable CURRENT keeps the version read last."""
+    from model_export.manifest import Manifest
+    from model_export.registry import ModelRegistry
+    from recall_service.backends import RegistryModels
+
+    class CountingRegistry(ModelRegistry):
+        loads = 0
+
+        def path(self, version):
+            CountingRegistry.loads += 1
+            return super().path(version)
+
+    registry = CountingRegistry(tmp_path / "models")
+    old, new = (registry.install(export).model_version for export in two_exports)
+    registry.set_current(old)
+    now = [0.0]
+    models = RegistryModels(registry, prefer_gpu=False, refresh_s=1.0, clock=lambda: now[0])
+    assert models.current().version == old  # nothing loaded yet: the first request loads it
+    registry.set_current(new)
+    now[0] = 2.0
+    loads = CountingRegistry.loads
+    assert models.current_version() == new and models.current().version == old and CountingRegistry.loads == loads
+    models.prepare()
+    assert models.current().version == new and CountingRegistry.loads == loads + 1
+    # CURRENT unreadable (a shared volume's hiccup): the version read last stays
+    (registry.root / "CURRENT.json").write_text("{not json")
+    now[0] = 4.0
+    assert models.current_version() == new and models.current().version == new
+    # a version that cannot be loaded: prepare fails, requests keep the loaded one, and on a cold
+    # start one failed load answers every request until refresh_s has passed
+    shutil.copytree(two_exports[1], tmp_path / "broken")
+    dataclasses.replace(Manifest.load(two_exports[1]), model_version="v-broken").write(tmp_path / "broken")
+    registry.install(tmp_path / "broken")
+    (registry.path("v-broken") / "vocab.json").write_text("{}")  # tampered with after the install
+    registry.set_current("v-broken")
+    now[0] = 6.0
+    with pytest.raises(BackendUnavailable, match="current model v-broken cannot be loaded"):
+        models.prepare()
+    assert models.current().version == new
+    cold = RegistryModels(registry, prefer_gpu=False, refresh_s=1.0, clock=lambda: now[0])
+    loads = CountingRegistry.loads
+    for _ in range(3):
+        with pytest.raises(BackendUnavailable, match="current model v-broken cannot be loaded"):
+            cold.current()
+    assert CountingRegistry.loads == loads + 1  # one load for the three requests
 
 
 def test_the_bench_catalog_of_an_export_is_a_valid_export_of_its_own(two_exports, tmp_path):
