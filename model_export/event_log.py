@@ -148,7 +148,7 @@ def read_new_events(kafka, topic: str, group: str, offsets: dict[int, int], star
                     position[tp] = record.offset + 1
                     read += 1
                     try:
-                        events.append(accept_record(record_key(record.key), record.value, max_event_bytes))
+                        events.append(accept_record(record_key(record.key), record.value, max_event_bytes, record.timestamp))
                     except EventError as exc:
                         rejected[exc.kind] += 1
             if progress and time.monotonic() - last_report > 2:

@@ -117,7 +117,7 @@ class OnlineQualityJudge:
         for records in polled.values():
             for record in records:
                 try:
-                    events.append((accept_record(record_key(record.key), record.value, self.max_event_bytes), record.timestamp))
+                    events.append((accept_record(record_key(record.key), record.value, self.max_event_bytes, record.timestamp), record.timestamp))
                 except EventError:
                     errors["invalid_event"] += 1
         counts: Counter = Counter()

@@ -25,6 +25,7 @@ EVENT_TYPES = ("view", "click", "cart", "buy")
 MAX_EVENT_BYTES = 4096  # default record limit; [streaming].max_event_bytes overrides it
 MAX_ID_CHARS = 256
 MAX_MAP_ENTRIES = 16  # profile / side fields per event
+MAX_AHEAD_MS = 3_600_000  # an event time this far after the record's Kafka timestamp is refused (clock skew allowed)
 MAX_TIME_MS = 2**53  # JSON numbers are exact integers below this
 
 # name -> (JSON type, required, description)
@@ -33,7 +34,7 @@ FIELDS: dict[str, tuple[str, bool, str]] = {
     "user_id": ("string", True, f"raw user id, 1-{MAX_ID_CHARS} characters; also the Kafka key"),
     "item_id": ("string", True, f"raw item id, 1-{MAX_ID_CHARS} characters, as in the model's vocabulary"),
     "event_type": ("string", True, f"one of {', '.join(EVENT_TYPES)}"),
-    "event_time_ms": ("integer", True, "when the behaviour happened, ms since the Unix epoch"),
+    "event_time_ms": ("integer", True, "when the behaviour happened, ms since the Unix epoch; at most an hour after the record's Kafka timestamp"),
     "event_id": ("string", False, "unique id of this event; a redelivered event with the same id is ignored"),
     "profile": ("object", False, f"user profile fields (e.g. gender, age, occupation) -> string values, at most {MAX_MAP_ENTRIES}"),
     "side": ("object", False, f"other side fields -> string or number values, at most {MAX_MAP_ENTRIES}; carried, not modelled"),
@@ -45,7 +46,7 @@ class EventError(ValueError):
 
     def __init__(self, message: str, kind: str = "invalid"):
         super().__init__(message)
-        self.kind = kind  # oversized | malformed | unknown_field | missing_field | invalid
+        self.kind = kind  # oversized | malformed | unknown_field | missing_field | invalid | future
 
 
 @dataclass(frozen=True)
@@ -142,13 +143,19 @@ def record_key(raw: bytes | None) -> str | None:
     return None if raw is None else raw.decode("utf-8", "replace")
 
 
-def accept_record(key: str | None, value: bytes | None, max_bytes: int = MAX_EVENT_BYTES) -> BehaviourEvent:
-    """The job's acceptance rule for one Kafka record (key decoded as UTF-8): a valid event keyed by
-    its own user id, else EventError with the dead-letter reason. Whoever reads the events topic
-    besides the job (retraining) applies this, so both take the same events."""
+def accept_record(key: str | None, value: bytes | None, max_bytes: int = MAX_EVENT_BYTES, produced_ms: int | None = None) -> BehaviourEvent:
+    """The job's acceptance rule for one Kafka record (key decoded as UTF-8, `produced_ms` its Kafka
+    timestamp): a valid event keyed by its own user id and not dated more than MAX_AHEAD_MS after it
+    entered Kafka, else EventError with the dead-letter reason. Whoever reads the events topic
+    besides the job (retraining, the online judge) applies this, so all take the same events."""
     event = parse_event(value or b"", max_bytes)
     if event.user_id != key:
         raise EventError(f"Kafka key {key!r:.80} differs from user_id {event.user_id!r:.80}; producers key events by user id")
+    if produced_ms is not None and produced_ms > 0 and event.event_time_ms > produced_ms + MAX_AHEAD_MS:
+        # e.g. microseconds sent as milliseconds: applied, it would make every later real event of the
+        # user "late" (the window follows its newest event time) until its state and record expired
+        raise EventError(f"event_time_ms {event.event_time_ms} is more than {MAX_AHEAD_MS // 60_000} min after the record entered Kafka "
+                         f"({produced_ms}); event times are milliseconds since the epoch", kind="future")
     return event
 
 

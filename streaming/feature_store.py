@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -89,6 +90,9 @@ def stored_fields(record: InterestRecord) -> dict[bytes, bytes]:
     return {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in encode(record).items()}
 
 
+OFFSET = re.compile(r"(\d+:\d+)?")  # "partition:offset" of the event that made the window, "" for none
+
+
 def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
     try:
         schema = int(fields[b"schema"])
@@ -99,6 +103,9 @@ def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
         if k < 1 or dim < 1 or len(raw) != k * dim * 4:
             raise RecordError(f"user {user_id}: {len(raw)} interest bytes for k={k}, dim={dim} (K_u >= 1 vectors)")
         window, profile = json.loads(fields[b"window"]), json.loads(fields[b"profile"])
+        last_offset = fields[b"last_offset"].decode()
+        if not OFFSET.fullmatch(last_offset):
+            raise RecordError(f"user {user_id}: last_offset {last_offset!r:.40} is not partition:offset")
         if not isinstance(window, list) or not all(isinstance(item, str) for item in window):
             raise RecordError(f"user {user_id}: the window must be a list of item ids (strings)")
         if not isinstance(profile, dict) or not all(isinstance(v, str) for v in profile.values()):
@@ -109,14 +116,14 @@ def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
             interests=np.frombuffer(raw, dtype="<f4").reshape(k, dim).astype(np.float32),
             window=tuple(window),
             last_event_ms=int(fields[b"last_event_ms"]),
-            last_offset=fields[b"last_offset"].decode(),
+            last_offset=last_offset,
             updated_ms=int(fields[b"updated_ms"]),
             profile=profile,
         )
     except RecordError:
         raise
-    except (KeyError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
-        raise RecordError(f"user {user_id}: corrupt record ({exc!r})") from None
+    except (KeyError, ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors; RecursionError: nesting
+        raise RecordError(f"user {user_id}: corrupt record ({exc!r:.200})") from None
 
 
 def _record_of(user_id: str, reply, seen_reply=()) -> InterestRecord | None:
@@ -283,6 +290,8 @@ class RedisFeatureStore:
         pipe.zremrangebyrank(key, 0, -self.seen_items - 1)  # keep the newest seen_items
         if self.ttl_seconds:
             pipe.expire(key, self.ttl_seconds)
+        else:  # as the record's rewrite drops its TTL: a set written while record_ttl_s was on must not expire before it
+            pipe.persist(key)
 
     def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]:
         if len(user_ids) == 1 and not self.read_seen:  # a single read without seen sets: a pipeline costs ~35 us more

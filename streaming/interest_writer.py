@@ -136,8 +136,9 @@ class InterestWriter:
                     continue
                 records.append(InterestRecord(user, tower.version, vectors, window, update.window.newest_ms, update.window.last_offset, now_ms, update.window.profile))
                 written.append(update)
-        # The seen sets of users with a record (one written now or before): a window the model knows
-        # nothing of holds only items no search returns, and a set without a record would never expire.
+        # The seen sets of users with a record written now, and of users whose update only evicted
+        # (a seen-only update: the writer does not look whether they have a record; their set expires
+        # with record_ttl_s like any). A window the model knows nothing of holds only items no search returns.
         recorded = {r.user_id for r in records}
         seen = {user: update.seen for user, update in self.pending.items() if update.seen and (user in recorded or update.window is None)}
         if records or seen:

@@ -4,7 +4,7 @@
     key_by(Kafka key = user id) --> UserWindows: parse + validate, apply to the user's window,
         queue the window for the next micro-batch, flush by size or by a timer
         --> InterestWriter: one ONNX user-tower call per batch, one pipelined Redis write
-    dead letters (invalid, oversized, late records, with the reason) --KafkaSink--> dead-letter topic
+    dead letters (invalid, oversized, future, late records, with the reason) --KafkaSink--> dead-letter topic
 
 Exactly-once in the windows: the window lives in Flink keyed state and the source offsets in
 the same checkpoint, so a restore rewinds both together and the replay is deduplicated by the
@@ -103,7 +103,7 @@ def _user_windows_function(settings: dict):
             key, value, partition, offset, produced_ms = row[0], row[1], row[2], row[3], row[4]
             metrics.EVENTS_IN.inc()
             try:
-                event = accept_record(key, value, settings["max_event_bytes"])
+                event = accept_record(key, value, settings["max_event_bytes"], produced_ms)
             except EventError as exc:
                 metrics.DEAD_LETTERS.labels(exc.kind).inc()
                 yield dead_letter(str(exc), exc.kind, value or b"", partition, offset, produced_ms, settings["events_topic"])

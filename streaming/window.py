@@ -13,8 +13,10 @@ happened: nothing missing, nothing twice.
 
 A record at or before the newest applied offset of its partition (`last_offset`) and no newer than
 the newest event time is a redelivery too: Kafka delivers a partition in order, and a user's
-events share one partition. (The time bound keeps a recreated topic, whose offsets start again,
-from having its new events taken for old ones.)
+events share one partition. (The time bound keeps a recreated topic's newer events, whose offsets
+start again, from being taken for old ones; an event of such a topic no newer than the user's newest
+and at or below the stored offset is still taken for a redelivery and dropped: after recreating the
+events topic, start the job on a new topic name or without seeding.)
 
 A job that starts without its state (a state-layout change, a lost checkpoint, an expired state)
 seeds a user's window from the user's stored feature-store record (`from_record`) instead of
@@ -43,7 +45,7 @@ from typing import Callable
 
 import orjson
 
-from streaming.events import BehaviourEvent
+from streaming.events import MAX_MAP_ENTRIES, BehaviourEvent
 from streaming.feature_store import InterestRecord
 
 UNKNOWN_TIME_MS = 0  # a seeded behaviour's time when the record does not say: no valid event is older
@@ -107,7 +109,11 @@ class UserWindow:
                 self.evicted_at_oldest = [b for b in self.evicted_at_oldest + evicted if b[0] == oldest_ms][-max_length:]
         self.newest_ms = max(self.newest_ms, event.event_time_ms)
         if event.profile and event.profile != self.profile:
-            self.profile = {**self.profile, **event.profile}
+            # the newest value of each field, at most MAX_MAP_ENTRIES fields (the newest set): a producer
+            # sending new keys with every event must not grow the state and the record without bound
+            merged = {k: v for k, v in self.profile.items() if k not in event.profile}
+            merged.update(event.profile)
+            self.profile = dict(list(merged.items())[-MAX_MAP_ENTRIES:])
         if offset:
             self.last_offset = offset
         return Applied.ADDED

@@ -37,6 +37,9 @@ def test_round_trip_is_exact():
         (lambda f: f.update({b"schema": b"99"}), "record schema 99"),
         (lambda f: f.update({b"interests": f[b"interests"][:-4]}), "interest bytes"),
         (lambda f: f.pop(b"window"), "corrupt record"),
+        # a window the job would seed and then fail on (a restart loop), or one that json cannot even nest
+        (lambda f: f.update({b"last_offset": b"0:bench"}), "is not partition:offset"),
+        (lambda f: f.update({b"window": b"[" * 100_000 + b"]" * 100_000}), "corrupt record"),
     ],
 )
 def test_foreign_or_corrupt_records_are_refused(mutate, message):
@@ -105,6 +108,10 @@ def test_real_redis_keeps_trims_and_reads_seen_sets(tmp_path, cluster):
             assert store.get_many(users)[-1].seen == frozenset()
         store.put_many([_record("stray")], seen={"stray": [(1, "x")], "b": [(5, "v")]})
         assert store.get_many(["stray", "b"])[0].seen == {"x"} and store.get_many(["b"])[0].seen == {"z", "w", "v"}
+        # with record_ttl_s off, a write takes the TTL off a set written while it was on (as off the record)
+        plain_seen = RedisFeatureStore.from_config(config, prefix="test", seen_items=3)
+        plain_seen.put_many([_record("b")], seen={"b": [(6, "u")]})
+        assert store.client.ttl("test:seen:b") == -1 == store.client.ttl("test:user:b")
         # a member that is not UTF-8 (not the job's write) neither fails the read nor names an item
         store.client.zadd("test:seen:stray", {b"\xff\xfe": 9})
         assert "x" in store.get_many(["a", "stray"])[-1].seen

@@ -101,14 +101,16 @@ def test_retraining_takes_exactly_the_records_the_job_accepts(monkeypatch):
     from model_export import event_log
 
     big = event(user="42", side={f"k{i}": "x" * 200 for i in range(16)})  # over the default 4 KB
-    values = [encode_event(big, max_bytes=8192), encode_event(event(user="42"))]
-    records = [(b"42", values[0]), (None, values[1]), (b"7", values[1]), (b"42", None), (b"42", values[1])]
+    values = [encode_event(big, max_bytes=8192), encode_event(event(user="42")), encode_event(event(user="42", t=1_000 + 3_600_001))]
+    # (key, value, Kafka timestamp): the last one is dated over an hour after it entered Kafka
+    records = [(b"42", values[0], 1_000), (None, values[1], 1_000), (b"7", values[1], 1_000), (b"42", None, 1_000), (b"42", values[1], -1),
+               (b"42", values[2], 1_000)]
 
     class Consumer:  # one partition holding `records`, all in the first poll
         def partitions_for_topic(self, topic): return {0}
         def beginning_offsets(self, partitions): return {tp: 0 for tp in partitions}
         def end_offsets(self, partitions): return {tp: len(records) for tp in partitions}
-        def assign(self, partitions): self.unread = {partitions[0]: [SimpleNamespace(offset=i, key=k, value=v) for i, (k, v) in enumerate(records)]}
+        def assign(self, partitions): self.unread = {partitions[0]: [SimpleNamespace(offset=i, key=k, value=v, timestamp=ts) for i, (k, v, ts) in enumerate(records)]}
         def seek(self, partition, offset): pass
         def close(self): pass
 
@@ -118,8 +120,8 @@ def test_retraining_takes_exactly_the_records_the_job_accepts(monkeypatch):
 
     monkeypatch.setattr(event_log, "_consumer", lambda kafka, group: Consumer())
     read = event_log.read_new_events(None, "events", "group", {}, progress=False, max_event_bytes=8192)
-    assert read.events == [big, event(user="42")] and read.offsets == {0: 5}
-    assert read.rejected == {"invalid": 2, "malformed": 1}  # no key, another user's key (dead-lettered by the job), no value
+    assert read.events == [big, event(user="42")] and read.offsets == {0: 6}  # a record without a timestamp (-1) is not judged by it
+    assert read.rejected == {"invalid": 2, "malformed": 1, "future": 1}  # no key, another user's key (dead-lettered by the job), no value, future
 
 
 def test_dead_letters_keep_the_reason_and_the_original_value():
@@ -602,3 +604,28 @@ def test_the_evicted_behaviours_a_window_keeps_are_bounded_by_its_length():
         w.apply(event(f"i{i}", 1_000, event_id=f"e{i}"), 5, 10_000, offset=f"0:{i}")
     assert len(w.behaviours) == 5 and len(w.evicted_at_oldest) == 5
     assert w.apply(event("i494", 1_000, event_id="e494"), 5, 10_000, offset="0:900") is Applied.DUPLICATE  # among the kept ones
+
+
+def test_the_merged_profile_keeps_the_newest_value_of_at_most_max_map_entries_fields():
+    """A producer sending new profile keys with every event must not grow the window's state and the record without bound."""
+    from streaming.events import MAX_MAP_ENTRIES
+
+    window = UserWindow()
+    window.apply(event("i1", 1, profile={"gender": "F", "age": "25"}), 5, 10_000)
+    window.apply(event("i2", 2, profile={"gender": "M"}), 5, 10_000)
+    assert window.profile == {"age": "25", "gender": "M"}
+    for i in range(3, 40):
+        window.apply(event(f"i{i}", i, profile={f"tracking{i}-{j}": "x" for j in range(MAX_MAP_ENTRIES)}), 5, 10_000)
+    assert len(window.profile) == MAX_MAP_ENTRIES and all(key.startswith("tracking39-") for key in window.profile)
+    assert UserWindow.from_state(window.to_state()).profile == window.profile
+
+
+def test_an_event_dated_over_an_hour_after_it_entered_kafka_is_refused_as_future():
+    from streaming.events import MAX_AHEAD_MS, accept_record
+
+    value = encode_event(event(user="u1", t=10_000_000))
+    assert accept_record("u1", value, produced_ms=10_000_000 - MAX_AHEAD_MS).event_time_ms == 10_000_000  # an hour of skew is allowed
+    with pytest.raises(EventError, match="more than 60 min after the record entered Kafka") as refused:
+        accept_record("u1", value, produced_ms=10_000_000 - MAX_AHEAD_MS - 1)
+    assert refused.value.kind == "future"
+    assert accept_record("u1", value, produced_ms=-1).user_id == "u1"  # a record without a timestamp: not judged by it
