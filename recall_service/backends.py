@@ -270,18 +270,23 @@ class LoadedModel:
         artifact = self.tower.artifact
         self.version = artifact.version
         self.dim = artifact.manifest.dim
-        self.categories = [category_fields(tokens) for tokens in artifact.item_side]  # as published to Milvus
+        # Items share their category fields (as published to Milvus): a filter is evaluated once per
+        # distinct pair, `signature_of` maps every item row to its pair.
+        pairs: dict[tuple[str, tuple[str, ...]], int] = {}
+        self.signature_of = np.array([pairs.setdefault(category_fields(tokens), len(pairs)) for tokens in artifact.item_side], dtype=np.int32)
+        self.signatures = list(pairs)
+        self.item_index = artifact.item_index  # raw id -> row + 1, the user tower's own
         self.raw_items = artifact.raw_items
         self.popularity = artifact.popularity.astype(np.float32)
         self.by_popularity = np.argsort(-artifact.popularity, kind="stable")  # ties: lower index first
         self.popular_depth = popular_depth  # n + items left out at most: deeper is never needed
-        self._filtered: OrderedDict[str, list[int]] = OrderedDict()
+        self._filtered: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
     def interests(self, windows: Sequence[Sequence[str]], profiles: Sequence[Mapping[str, str] | None]) -> list[np.ndarray | None]:
         return self.tower.interests(windows, profiles)
 
-    def _ranked(self, item_filter: ItemFilter | None, inactive: InactiveItems) -> list[int]:
+    def _ranked(self, item_filter: ItemFilter | None, inactive: InactiveItems) -> np.ndarray:
         """Active item rows by popularity that pass the filter, cut at `popular_depth`; the last 64
         (filter, inactive revision) pairs are cached."""
         key = (item_filter.milvus_expr if item_filter else "", inactive.revision)
@@ -289,14 +294,13 @@ class LoadedModel:
             if key in self._filtered:
                 self._filtered.move_to_end(key)
                 return self._filtered[key]
-        rows = []
-        for i in self.by_popularity.tolist():
-            if self.raw_items[i] in inactive.items:
-                continue
-            if item_filter is None or item_filter.matches(*self.categories[i], True):
-                rows.append(i)
-                if len(rows) == self.popular_depth:
-                    break
+        if item_filter is None:
+            keep = np.ones(len(self.signature_of), dtype=bool)
+        else:
+            passing = np.array([item_filter.matches(category, categories, True) for category, categories in self.signatures], dtype=bool)
+            keep = passing[self.signature_of]
+        keep[[self.item_index[raw] - 1 for raw in inactive.items if raw in self.item_index]] = False
+        rows = self.by_popularity[keep[self.by_popularity]][: self.popular_depth]
         with self._lock:
             self._filtered[key] = rows
             while len(self._filtered) > 64:

@@ -14,7 +14,7 @@ from recall_service.merge import MISSING_ITEM, merge_by_quota, merge_by_score
 from recall_service.query import FallbackReason, InvalidRequest, Limits, MergePolicy, RecallPath, validate
 from recall_service.recaller import (ACTIVE_ONLY, BackendUnavailable, CircuitBreaker, Deadline, DeadlineExceeded, Recaller,
                                      SearchHits, VersionRetired)
-from model_export.registry import InactiveFileError, InactiveItems
+from model_export.registry import NO_INACTIVE_ITEMS as NO_INACTIVE, InactiveFileError, InactiveItems
 from streaming.feature_store import InMemoryFeatureStore, InterestRecord
 
 from conftest import wait_for
@@ -819,6 +819,31 @@ def test_a_published_version_is_loaded_by_prepare_while_requests_go_on_with_the_
         with pytest.raises(BackendUnavailable, match="current model v-broken cannot be loaded"):
             cold.current()
     assert CountingRegistry.loads == loads + 1  # one load for the three requests
+
+
+@pytest.mark.parametrize("text", [None, 'category like "item_genre=g2%"', 'category contains "item_genre=g1" or category == "item_genre=g3"',
+                                  'not category contains "item_genre=g0"', 'category == "no such category"'])
+def test_popular_items_are_the_most_popular_active_items_that_pass_the_filter(two_exports, text):
+    """The popular fallback evaluates a filter once per distinct category pair; it must answer as the
+    filter's predicate does item by item, in popularity order (ties: lower row first)."""
+    from model_export.artifact import ModelArtifact
+    from model_export.publish import category_fields
+    from recall_service.backends import LoadedModel
+
+    artifact = ModelArtifact.load(two_exports[0])
+    model = LoadedModel(two_exports[0], prefer_gpu=False, popular_depth=12)
+    item_filter = parse_filter(text) if text else None
+    order = np.argsort(-artifact.popularity, kind="stable")
+    inactive = InactiveItems(3, frozenset({artifact.raw_items[order[0]], artifact.raw_items[order[5]], "unknown-item"}))
+    excluded = frozenset({artifact.raw_items[order[2]]})
+    passing = [i for i in order if artifact.raw_items[i] not in inactive.items
+               and (item_filter is None or item_filter.matches(*category_fields(artifact.item_side[i]), True))]
+    expected = [(artifact.raw_items[i], float(artifact.popularity[i])) for i in passing[:12] if artifact.raw_items[i] not in excluded][:8]
+    assert model.popular(8, item_filter, excluded, inactive) == expected
+    assert model.popular(8, item_filter, excluded, inactive) == expected  # from the cache
+    # another inactive revision is another answer, not the cached one
+    unfiltered = [i for i in order if item_filter is None or item_filter.matches(*category_fields(artifact.item_side[i]), True)]
+    assert model.popular(8, item_filter, frozenset(), NO_INACTIVE) == [(artifact.raw_items[i], float(artifact.popularity[i])) for i in unfiltered[:8]]
 
 
 def test_the_bench_catalog_of_an_export_is_a_valid_export_of_its_own(two_exports, tmp_path):
