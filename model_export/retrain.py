@@ -470,7 +470,7 @@ def refresh(config, export_dir: Path, say, stages: "Stages") -> dict:
     from model_export.artifact import UserTower
     from model_export.publish import connect, publish_version, retire_unreferenced
     from model_export.registry import ModelRegistry
-    from streaming.backfill import backfill, job_settle_s, stored_versions
+    from streaming.backfill import backfill, current_moved_on, job_settle_s, stored_versions
     from streaming.feature_store import RedisFeatureStore
 
     registry = ModelRegistry(config.paths.models_dir)
@@ -483,11 +483,14 @@ def refresh(config, export_dir: Path, say, stages: "Stages") -> dict:
     tower = UserTower.load(registry.path(published.model_version), prefer_gpu=True)
     # Until the streaming job's next look at CURRENT it still writes with the old tower: keep
     # passing that long, or the old version stays referenced and cannot be retired.
-    filled = backfill(store, tower, batch=config.retrain.backfill_batch, settle_s=job_settle_s(config.streaming.model_poll_s))
+    filled = backfill(store, tower, batch=config.retrain.backfill_batch, settle_s=job_settle_s(config.streaming.model_poll_s),
+                      superseded=current_moved_on(registry, published.model_version))  # a later publish takes over
     stages.lap("backfill")
     versions = stored_versions(store)
     retired = retire_unreferenced(registry, client, config.milvus.collection_prefix, set(versions))
     stages.lap("retire")
+    if filled.superseded:
+        say("    backfill stopped: another version was published meanwhile; its own backfill re-extracts the users")
     say(f"    {filled.rewritten:,} users re-extracted; retired {retired or 'nothing'}; stored versions now {dict(versions)}")
     return {"collection": published.collection, "items": published.items, "index": published.index_type,
             "backfill": dataclasses.asdict(filled), "stored_versions": dict(versions), "retired": retired,

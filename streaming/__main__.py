@@ -75,17 +75,21 @@ def cmd_backfill(args) -> int:
 
     from model_export.artifact import UserTower
     from model_export.registry import ModelRegistry
-    from streaming.backfill import backfill, job_settle_s
+    from streaming.backfill import backfill, current_moved_on, job_settle_s
     from streaming.feature_store import RedisFeatureStore
 
     config = load_config()
     registry = ModelRegistry(config.paths.models_dir)
+    superseded = current_moved_on(registry)
     tower = UserTower.load(registry.path(args.model_version) if args.model_version else registry.current())
     store = RedisFeatureStore.from_config(config.redis, ttl_seconds=config.streaming.record_ttl_s, timeout_s=10.0)
     settle_s = job_settle_s(config.streaming.model_poll_s) if args.settle_s is None else args.settle_s
     with tqdm(unit="user", desc=f"re-extracting interests with {tower.version}", disable=args.quiet) as bar:
-        report = backfill(store, tower, batch=args.batch, settle_s=settle_s, progress=bar.update)
+        report = backfill(store, tower, batch=args.batch, settle_s=settle_s, progress=bar.update, superseded=superseded)
     print(json.dumps(report.__dict__, indent=2))
+    if report.superseded:
+        print(f"stopped: the registry's current version is no longer the one of when the backfill started; "
+              f"the newer version's backfill re-extracts the users (python -m streaming backfill)", file=sys.stderr)
     return 0
 
 

@@ -514,6 +514,33 @@ def test_backfill_goes_on_passing_after_a_clean_pass_until_it_has_settled():
     assert store.versions() == {"v2"} and report.rewritten == 4 and report.passes > 2 and report.seconds >= 0.3
 
 
+def test_backfill_stops_once_another_version_is_current():
+    """A publish during a backfill: the older version's backfill must stop, not rewrite the records
+    the newer version's job and backfill write back to its own version."""
+    from streaming.backfill import backfill, current_moved_on
+    from streaming.feature_store import InterestRecord
+
+    class Registry:
+        version = "v2"
+
+        def current_version(self):
+            if self.version is None:
+                raise OSError("stale file handle")
+            return self.version
+
+    store, registry = InMemoryFeatureStore(), Registry()
+    store.put_many([InterestRecord(f"u{i}", "v1", np.ones((1, 4), np.float32), ("a",), i, f"0:{i}", 1) for i in range(6)])
+    superseded = current_moved_on(registry)
+
+    def progress(done):  # after the first batch, v3 is published (and a CURRENT read fails once before)
+        registry.version = None if registry.version == "v2" else "v3"
+
+    report = backfill(store, VersionedTower("v2"), batch=2, settle_s=5.0, pause_s=0.01, progress=progress, superseded=superseded)
+    assert report.superseded and report.rewritten == 4 and report.passes == 1 and report.seconds < 5.0
+    assert sorted(r.model_version for r in store.get_many([f"u{i}" for i in range(6)])) == ["v1", "v1", "v2", "v2", "v2", "v2"]
+    assert current_moved_on(registry, "v3")() is False and current_moved_on(registry, "v2")() is True
+
+
 def test_the_backfill_command_settles_for_the_job_s_model_poll_interval(monkeypatch, capsys):
     import streaming.backfill
     from model_export import artifact, registry
@@ -527,7 +554,7 @@ def test_the_backfill_command_settles_for_the_job_s_model_poll_interval(monkeypa
         return streaming.backfill.BackfillReport(tower.version, 0, 0, 0, 0, 0, 1, 0.0)
 
     monkeypatch.setenv("MINDSTREAM_STREAMING__MODEL_POLL_S", "3")
-    monkeypatch.setattr(registry, "ModelRegistry", lambda root: type("Registry", (), {"current": lambda self: root})())
+    monkeypatch.setattr(registry, "ModelRegistry", lambda root: type("Registry", (), {"current": lambda self: root, "current_version": lambda self: "v2"})())
     monkeypatch.setattr(artifact.UserTower, "load", lambda path, **kw: VersionedTower("v2"))
     monkeypatch.setattr(feature_store.RedisFeatureStore, "from_config", lambda *a, **kw: InMemoryFeatureStore())
     monkeypatch.setattr(streaming.backfill, "backfill", backfill)
