@@ -1,7 +1,8 @@
 """Datasets: loading, the papers' preprocessing and split, training samples and evaluation cases.
 
 The protocol is the one of ComiRec / REMI (THUDM/ComiRec):
-  * items with >= 5 interactions are kept, then users with >= 5 of the remaining interactions;
+  * items with >= 5 interactions are kept, then users with >= 5 of the remaining interactions,
+    repeated until both hold (a 5-core: ComiRec filters once, which can leave items under 5);
   * users are shuffled with a fixed seed and split 80/10/10 into train / valid / test;
   * training samples a target position in a training user's sequence and uses the previous
     `maxlen` items as history;
@@ -15,6 +16,9 @@ as a plain .npz (no pickle) keyed by the source files' hashes and the preprocess
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
+import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +30,7 @@ from infra.cli import UserError
 from infra.wheels import WheelError, extract_from_wheel
 from model_export.manifest import sha256_of
 
-PREPROCESS_VERSION = 1  # bump when the preprocessing changes, to invalidate caches
+PREPROCESS_VERSION = 2  # bump when the preprocessing changes, to invalidate caches
 MIN_ITEM_COUNT = 5
 MIN_USER_COUNT = 5
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -46,7 +50,7 @@ class RawInteractions:
 
     frame: pd.DataFrame  # columns: user (str), item (str), ts (int64); file order kept for ties
     item_side: dict[str, list[str]]  # raw item id -> side-feature tokens (e.g. genres)
-    user_profile: pd.DataFrame  # index: raw user id; one categorical (str) column per profile field
+    user_profile: pd.DataFrame  # index: raw user id; one categorical (str) column per profile field, "" = missing
     sources: list[Path]
 
 
@@ -55,7 +59,7 @@ class SequenceDataset:
     """The preprocessed, split dataset. Arrays only, so it caches as a plain .npz."""
 
     name: str
-    fingerprint: str  # hash of sources + parameters: identifies exactly this preprocessing
+    fingerprint: str  # hash of the arrays below (content_fingerprint): identifies exactly this data
     item_ids: np.ndarray  # [n_items + 1] raw item ids (str); index 0 = "<pad>"
     user_ids: np.ndarray  # [n_users] raw user ids (str)
     seq_offsets: np.ndarray  # [n_users + 1] int64: user u's items are seq_items[off[u]:off[u+1]]
@@ -94,9 +98,16 @@ class SequenceDataset:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **{k: np.asarray(v) for k, v in self.__dict__.items()})
-        tmp.replace(path)
+        # Every torchrun rank preprocesses a cold cache at once: each writes its own temporary file
+        # and renames it into place atomically, so a reader sees no file or a whole one.
+        tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            with open(tmp, "xb") as fh:
+                np.savez(fh, **{k: np.asarray(v) for k, v in self.__dict__.items()})
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: Path) -> "SequenceDataset":
@@ -190,6 +201,15 @@ _ITEM_COLUMNS = ("item", "item_id", "itemid")
 _TIME_COLUMNS = ("timestamp", "ts", "time", "event_time")
 
 
+def _cell_text(value: object) -> str:
+    """A side-feature or profile cell as text, "" where it is missing: a Parquet None / NaN would
+    otherwise become the category "None" / "nan", and a blank CSV cell a category of its own."""
+    if pd.api.types.is_scalar(value) and pd.isna(value):
+        return ""
+    text = str(value)
+    return text if text.strip() else ""
+
+
 def load_table(path: Path) -> RawInteractions:
     """CSV / TSV / Parquet with user, item and timestamp columns.
 
@@ -220,10 +240,10 @@ def load_table(path: Path) -> RawInteractions:
         raise DatasetError(f"{path}: no {what} column (expected one of {', '.join(candidates)}); columns: {list(table.columns)}")
 
     ucol, icol, tcol = pick(_USER_COLUMNS, "user"), pick(_ITEM_COLUMNS, "item"), pick(_TIME_COLUMNS, "timestamp")
-    for col in (ucol, icol):
+    for col in (ucol, icol, tcol):
         empty = np.flatnonzero((table[col].isna() | (table[col].astype(str).str.strip() == "")).to_numpy())
         if len(empty):
-            raise DatasetError(f"{where(int(empty[0]))}: empty {col}")
+            raise DatasetError(f"{where(int(empty[0]))}: empty {col}: every row needs a user, an item and a timestamp; fill it in or drop the row")
     ts = pd.to_numeric(table[tcol], errors="coerce")
     if not pd.api.types.is_signed_integer_dtype(ts):
         # Event times are whole numbers (e.g. Unix milliseconds): a fraction would be cut off and the
@@ -243,9 +263,9 @@ def load_table(path: Path) -> RawInteractions:
         for row in firsts[[icol, *item_cols]].itertuples(index=False):
             tokens = []
             for col, value in zip(item_cols, row[1:]):
-                tokens += [f"{col}={t}" for t in str(value).replace("|", " ").split()]
+                tokens += [f"{col}={t}" for t in _cell_text(value).replace("|", " ").split()]
             item_side[str(row[0])] = tokens
-    profile = table.drop_duplicates(ucol).set_index(ucol)[user_cols].astype(str) if user_cols else pd.DataFrame(index=pd.Index([], name="user"))
+    profile = table.drop_duplicates(ucol).set_index(ucol)[user_cols].map(_cell_text) if user_cols else pd.DataFrame(index=pd.Index([], name="user"))
     return RawInteractions(frame, item_side, profile, [path])
 
 
@@ -269,12 +289,24 @@ def load_raw(dataset: str, data_dir: Path, shared_data_dir: Path) -> RawInteract
 
 
 def _k_core(frame: pd.DataFrame) -> pd.DataFrame:
-    """Items with >= 5 interactions, then users with >= 5 of the remaining (one pass, as the papers)."""
-    frame = frame[frame.groupby("item")["item"].transform("size") >= MIN_ITEM_COUNT]
-    return frame[frame.groupby("user")["user"].transform("size") >= MIN_USER_COUNT]
+    """Items with >= 5 interactions, then users with >= 5 of the remaining, until both hold: dropping
+    a user can leave one of its items under 5, so one pass (as the papers do) is not enough."""
+    while True:
+        kept = frame[frame.groupby("item")["item"].transform("size") >= MIN_ITEM_COUNT]
+        kept = kept[kept.groupby("user")["user"].transform("size") >= MIN_USER_COUNT]
+        if len(kept) == len(frame):
+            return kept
+        frame = kept
 
 
-def preprocess(raw: RawInteractions, name: str, fingerprint: str, split_seed: int) -> SequenceDataset:
+def _split_sizes(n_users: int) -> tuple[int, int, int]:
+    """(train, valid, test) user counts of the 80/10/10 split."""
+    n_train = int(round(SPLIT_FRACTIONS[0] * n_users))
+    n_valid = int(round(SPLIT_FRACTIONS[1] * n_users))
+    return n_train, n_valid, n_users - n_train - n_valid
+
+
+def preprocess(raw: RawInteractions, name: str, split_seed: int) -> SequenceDataset:
     frame = raw.frame.reset_index(drop=True)
     frame["order"] = np.arange(len(frame))
     frame = _k_core(frame)
@@ -289,10 +321,14 @@ def preprocess(raw: RawInteractions, name: str, fingerprint: str, split_seed: in
     counts = np.bincount(frame["user_idx"].to_numpy(), minlength=len(user_ids))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
+    n_train, n_valid, n_test = _split_sizes(len(user_ids))
+    if min(n_train, n_valid, n_test) == 0:  # training validates and evaluation tests on held-out users
+        fewest = next(n for n in itertools.count(1) if min(_split_sizes(n)) > 0)
+        raise DatasetError(f"{name}: {len(user_ids)} users are left after the {MIN_USER_COUNT}-core filter, split {n_train}/{n_valid}/{n_test} "
+                           f"into train/valid/test, but each split needs at least one user: bring more users "
+                           f"(at least {fewest} with {MIN_USER_COUNT}+ interactions on items seen {MIN_ITEM_COUNT}+ times)")
     rng = np.random.default_rng(split_seed)
     perm = rng.permutation(len(user_ids))
-    n_train = int(round(SPLIT_FRACTIONS[0] * len(perm)))
-    n_valid = int(round(SPLIT_FRACTIONS[1] * len(perm)))
     train, valid, test = perm[:n_train], perm[n_train : n_train + n_valid], perm[n_train + n_valid :]
 
     # Item side features (e.g. genres): a padded token matrix, 0 = none.
@@ -304,21 +340,21 @@ def preprocess(raw: RawInteractions, name: str, fingerprint: str, split_seed: in
         for j, t in enumerate(raw.item_side.get(item, [])):
             item_side[i, j] = side_index[t]
 
-    # User profile: one categorical field per column, 0 = unknown value.
+    # User profile: one categorical field per column, 0 = unknown value (a missing one, "", or a user without a profile row).
     fields = list(raw.user_profile.columns)
     profile = np.zeros((len(user_ids), len(fields)), dtype=np.int64)
     cardinalities, vocab = [], []
     for f, col in enumerate(fields):
-        values = raw.user_profile[col].reindex(user_ids)
-        cats = sorted(v for v in values.dropna().unique())
+        values = raw.user_profile[col].reindex(user_ids).fillna("")
+        cats = sorted(set(values) - {""})
         lookup = {v: i + 1 for i, v in enumerate(cats)}
-        profile[:, f] = [lookup.get(v, 0) if isinstance(v, str) else 0 for v in values]
+        profile[:, f] = [lookup.get(v, 0) for v in values]
         cardinalities.append(len(cats) + 1)
         vocab += [f"{col}=<unknown>", *(f"{col}={v}" for v in cats)]
 
-    return SequenceDataset(
+    data = SequenceDataset(
         name=name,
-        fingerprint=fingerprint,
+        fingerprint="",
         item_ids=item_ids,
         user_ids=user_ids,
         seq_offsets=offsets,
@@ -334,6 +370,22 @@ def preprocess(raw: RawInteractions, name: str, fingerprint: str, split_seed: in
         profile_cardinalities=np.array(cardinalities, dtype=np.int64),
         profile_vocab=np.array(vocab, dtype=str),
     )
+    data.fingerprint = content_fingerprint(data)
+    return data
+
+
+def content_fingerprint(data: SequenceDataset) -> str:
+    """A hash of the dataset's arrays. Trained runs and exports are tied to the data they were trained
+    on, not to how it was made: a change of the preprocessing that gives the same arrays (as
+    PREPROCESS_VERSION 2 did for ML-1M and Beauty) keeps them valid; one that moves an index does not."""
+    digest = hashlib.sha256()
+    for key, value in data.__dict__.items():
+        if key in ("name", "fingerprint"):
+            continue
+        array = np.ascontiguousarray(np.asarray(value))
+        digest.update(f"{key}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_dataset(dataset: str, data_dir: Path, cache_dir: Path, shared_data_dir: Path, split_seed: int = 2019) -> SequenceDataset:
@@ -348,16 +400,17 @@ def load_dataset(dataset: str, data_dir: Path, cache_dir: Path, shared_data_dir:
         if not s.is_file():
             hint = " (Amazon Beauty is read from [paths].shared_data_dir: set it, or MINDSTREAM_PATHS__SHARED_DATA_DIR, to the folder that holds it)" if dataset == "beauty" else ""
             raise DatasetError(f"{s} not found (dataset {dataset!r}; built-in names: {', '.join(BUILTIN_DATASETS)}){hint}")
+    # The suffix picks the loader (load_raw): the same bytes as .csv and as .txt are different datasets.
+    source_format = dataset if dataset in BUILTIN_DATASETS else Path(dataset).suffix.lower()
     key = hashlib.sha256()
     for s in sources:
         key.update(sha256_of(s).encode())
-    key.update(f"v{PREPROCESS_VERSION}:{MIN_ITEM_COUNT}:{MIN_USER_COUNT}:{SPLIT_FRACTIONS}:{split_seed}".encode())
-    fingerprint = key.hexdigest()[:16]
+    key.update(f"v{PREPROCESS_VERSION}:{source_format}:{MIN_ITEM_COUNT}:{MIN_USER_COUNT}:{SPLIT_FRACTIONS}:{split_seed}".encode())
     name = dataset if dataset in BUILTIN_DATASETS else Path(dataset).stem
-    cache = cache_dir / f"{name}-{fingerprint}.npz"
+    cache = cache_dir / f"{name}-{key.hexdigest()[:16]}.npz"
     if cache.is_file():
         return SequenceDataset.load(cache)
-    data = preprocess(load_raw(dataset, data_dir, shared_data_dir), name, fingerprint, split_seed)
+    data = preprocess(load_raw(dataset, data_dir, shared_data_dir), name, split_seed)
     data.save(cache)
     return data
 

@@ -18,15 +18,36 @@ def _load(path, tmp_path, seed=2019):
     return load_dataset(str(path), tmp_path / "data", tmp_path / "cache", tmp_path / "shared", split_seed=seed)
 
 
-def test_five_core_filter_items_then_users(tmp_path):
-    # i_rare appears 4 times and x once (both dropped); u_short then has 4 items left (dropped).
-    lines = ["u1 a b c d e i_rare", "u2 a b c d e i_rare", "u3 a b c d e i_rare", "u4 a b c d e i_rare", "u5 a b c d e", "u_short a b c d x"]
+def _sequence_data(tmp_path, lines):
     path = tmp_path / "seq.txt"
     path.write_text("\n".join(lines) + "\n")
-    data = preprocess(load_sequence_file(path), "t", "f", split_seed=1)
+    return preprocess(load_sequence_file(path), "t", split_seed=1)
+
+
+def test_five_core_filter_items_then_users(tmp_path):
+    # i_rare appears 4 times and x once (both dropped); u_short then has 4 items left (dropped).
+    lines = [*(f"u{u} a b c d e i_rare" for u in range(1, 5)), *(f"u{u} a b c d e" for u in range(5, 9)), "u_short a b c d x"]
+    data = _sequence_data(tmp_path, lines)
     assert "i_rare" not in set(data.item_ids)
-    assert set(data.user_ids) == {"u1", "u2", "u3", "u4", "u5"}
+    assert set(data.user_ids) == {f"u{u}" for u in range(1, 9)}
     assert data.n_items == 5 and data.item_ids[0] == "<pad>"
+
+
+def test_five_core_filter_repeats_until_items_and_users_both_have_five(tmp_path):
+    # One pass keeps f (5 interactions) and then drops u_f (1 item left once r1..r4 are gone): f is left
+    # with 4 interactions, so a second pass must drop it.
+    lines = [*(f"u{u} a b c d e f" for u in range(1, 5)), *(f"u{u} a b c d e" for u in range(5, 9)), "u_f f r1 r2 r3 r4"]
+    data = _sequence_data(tmp_path, lines)
+    assert "f" not in set(data.item_ids) and "u_f" not in set(data.user_ids)
+    assert data.item_counts(np.arange(data.n_users))[1:].min() >= 5
+    assert np.diff(data.seq_offsets).min() >= 5
+
+
+def test_too_few_users_for_every_split_is_a_clear_error(tmp_path):
+    # 6 users split 80/10/10 round to 5/1/0: no test user, and evaluation would fail much later.
+    with pytest.raises(DatasetError, match=r"t: 6 users are left after the 5-core filter, split 5/1/0 .*"
+                                           r"each split needs at least one user: bring more users \(at least 8 "):
+        _sequence_data(tmp_path, [f"u{u} a b c d e" for u in range(6)])
 
 
 def test_split_is_disjoint_deterministic_and_80_10_10(synthetic_csv, tmp_path):
@@ -102,6 +123,49 @@ def test_side_features_and_profile_are_loaded_from_a_table(synthetic_csv, tmp_pa
     assert "item_genre=gx" in set(data.side_vocab)
 
 
+def test_the_cache_tells_a_table_from_a_sequence_file_with_the_same_bytes(synthetic_csv, tmp_path):
+    as_text = tmp_path / synthetic_csv.with_suffix(".txt").name
+    as_text.write_bytes(synthetic_csv.read_bytes())
+    assert _load(synthetic_csv, tmp_path).n_users > 0
+    # Read as a sequence file (one user per line), the CSV's lines are malformed: not the CSV's cached dataset.
+    with pytest.raises(DatasetError, match=r"interactions\.txt:1: expected 'user_id item_1 \.\.\. item_n'"):
+        _load(as_text, tmp_path)
+
+
+def test_concurrent_cache_writers_do_not_collide(synthetic_csv, tmp_path, monkeypatch):
+    """Two torchrun ranks write the same cold cache entry at once: the second finishes while the first
+    is still writing, and the first must still find its own temporary file to rename."""
+    data = _load(synthetic_csv, tmp_path)
+    cache = tmp_path / "ranks" / "entry.npz"
+    real_savez = np.savez
+    other_rank = []
+
+    def savez_while_another_rank_writes(file, **arrays):
+        real_savez(file, **arrays)
+        if not other_rank:
+            other_rank.append(True)
+            data.save(cache)
+
+    monkeypatch.setattr(np, "savez", savez_while_another_rank_writes)
+    data.save(cache)
+    assert [p.name for p in cache.parent.iterdir()] == ["entry.npz"]
+    assert np.array_equal(type(data).load(cache).seq_items, data.seq_items)
+
+
+def test_a_failed_cache_write_leaves_no_temporary_file(synthetic_csv, tmp_path, monkeypatch):
+    data = _load(synthetic_csv, tmp_path)
+    real_savez = np.savez
+
+    def savez_then_disk_full(file, **arrays):
+        real_savez(file, **arrays)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "savez", savez_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        data.save(tmp_path / "failed" / "entry.npz")
+    assert list((tmp_path / "failed").iterdir()) == []
+
+
 def test_cache_round_trip(synthetic_csv, tmp_path, monkeypatch):
     import model_export.data as data_module
 
@@ -115,6 +179,21 @@ def test_cache_round_trip(synthetic_csv, tmp_path, monkeypatch):
     second = _load(synthetic_csv, tmp_path)
     for key, value in first.__dict__.items():
         assert np.array_equal(np.asarray(value), np.asarray(getattr(second, key))), key
+
+
+def test_the_fingerprint_names_the_data_not_the_way_it_was_made(synthetic_csv, tmp_path, monkeypatch):
+    """Trained runs are checked against the dataset's fingerprint: a new preprocessing version that
+    gives the same arrays (a new cache entry) must keep them valid; other data must not."""
+    import model_export.data as data_module
+
+    first = _load(synthetic_csv, tmp_path)
+    monkeypatch.setattr(data_module, "PREPROCESS_VERSION", data_module.PREPROCESS_VERSION + 1)
+    again = _load(synthetic_csv, tmp_path)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2 and again.fingerprint == first.fingerprint
+    assert _load(synthetic_csv, tmp_path, seed=2020).fingerprint != first.fingerprint  # another split
+    fewer = tmp_path / "fewer.csv"
+    fewer.write_text("".join(synthetic_csv.read_text().splitlines(keepends=True)[:-1]))  # one interaction less
+    assert _load(fewer, tmp_path).fingerprint != first.fingerprint
 
 
 def test_malformed_sequence_file_names_file_and_line(tmp_path):
@@ -170,6 +249,40 @@ def test_parquet_nulls_are_refused_by_row(tmp_path):
     pd.DataFrame({"user": ["a", None], "item": ["x", "y"], "timestamp": [1, 2]}).to_parquet(path)
     with pytest.raises(DatasetError, match=r"nulls\.parquet, row 2: empty user"):
         load_table(path)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+@pytest.mark.parametrize("column", ["user", "item", "timestamp"])
+def test_a_missing_required_value_is_refused_by_row(tmp_path, suffix, column):
+    path = tmp_path / f"gaps{suffix}"
+    table = pd.DataFrame({"user": ["a", "b", "c"], "item": ["x", "y", "z"], "timestamp": [1, 2, 3]})
+    table[column] = table[column].astype(object)
+    table.loc[1, column] = None
+    table.to_parquet(path) if suffix == ".parquet" else table.to_csv(path, index=False)
+    where = r"gaps\.parquet, row 2" if suffix == ".parquet" else r"gaps\.csv:3"
+    with pytest.raises(DatasetError, match=rf"{where}: empty {column}: every row needs a user, an item and a timestamp"):
+        load_table(path)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_missing_side_feature_and_profile_values_are_no_token_and_unknown(tmp_path, suffix):
+    # 8 users with the same 5 items; odd users and item e have their optional values missing
+    # (Parquet None / NaN, CSV empty or blank cells).
+    missing = [None, np.nan] if suffix == ".parquet" else ["", "  "]
+    rows = [{"user": f"u{u}", "item": item, "timestamp": t,
+             "item_genre": missing[t % 2] if item == "e" else f"g{item}",
+             "user_gender": missing[u % 4 // 2] if u % 2 else "FM"[u % 4 // 2],
+             "user_age": np.nan if u % 2 else 25.0}
+            for u in range(8) for t, item in enumerate("abcde")]
+    path = tmp_path / f"gaps{suffix}"
+    table = pd.DataFrame(rows)
+    table.to_parquet(path) if suffix == ".parquet" else table.to_csv(path, index=False)
+    data = _load(path, tmp_path)
+    assert data.profile_vocab.tolist() == ["user_gender=<unknown>", "user_gender=F", "user_gender=M", "user_age=<unknown>", "user_age=25.0"]
+    odd = np.array([int(u[1:]) % 2 == 1 for u in data.user_ids])
+    assert (data.user_profile[odd] == 0).all() and (data.user_profile[~odd] > 0).all()
+    assert data.side_vocab.tolist() == ["<pad>", "item_genre=ga", "item_genre=gb", "item_genre=gc", "item_genre=gd"]
+    assert (data.item_side[data.item_ids.tolist().index("e")] == 0).all()
 
 
 def test_unknown_dataset_is_a_clear_error(tmp_path):
