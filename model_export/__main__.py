@@ -23,6 +23,8 @@ def _at_least(low: float, kind=int):
         value = kind(text)
         if not value >= low:  # also refuses nan
             raise argparse.ArgumentTypeError(f"{text} is below {low}")
+        if value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
@@ -233,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=_at_least(1), default=None)
     p.add_argument("--interests", type=_at_least(1), default=None, help="K, the most interests per user")
     p.add_argument("--maxlen", type=_at_least(1), default=None, help="behaviours read by the user tower (default: per dataset)")
-    p.add_argument("--power", type=float, default=None, help="p of the label-aware attention")
-    p.add_argument("--beta", type=float, default=None, help="REMI hard-negative beta (mind_remi default: 1.0, on ml-1m 16.0)")
-    p.add_argument("--rr-lambda", type=float, default=None, help="REMI routing-regularisation lambda (mind_remi default 1.0)")
+    p.add_argument("--power", type=_at_least(0.0, float), default=None, help="p of the label-aware attention (default 2; 0: the plain average)")
+    p.add_argument("--beta", type=_at_least(0.0, float), default=None, help="REMI hard-negative beta (mind_remi only; default 1.0, on ml-1m 16.0)")
+    p.add_argument("--rr-lambda", type=_at_least(0.0, float), default=None, help="REMI routing-regularisation lambda (mind_remi only; default 1.0)")
     p.add_argument("--max-steps-per-epoch", type=_at_least(0), default=0, help="cap steps per epoch (0 = full pass); for smoke runs")
     p.add_argument("--sparse-item-rows", type=_at_least(0), default=SPARSE_ITEM_ROWS, metavar="N",
                    help=f"a catalog of at least N items (default {SPARSE_ITEM_ROWS:,}) updates only the item rows each step touches (lazy Adam; 0 = never)")

@@ -154,9 +154,14 @@ class ProfileEmbedding(nn.Module):
 
     def __init__(self, cardinalities: list[int], dim_per_field: int):
         super().__init__()
-        self.fields = nn.ModuleList(nn.Embedding(c, dim_per_field) for c in cardinalities)
+        # Id 0 (unknown: no value, or one training never saw) is a zero vector that is never trained:
+        # where training has no unknown values (ML-1M) a learned row 0 would stay at its random start
+        # and give every user served without a profile random features.
+        self.fields = nn.ModuleList(nn.Embedding(c, dim_per_field, padding_idx=0) for c in cardinalities)
         for field in self.fields:  # on the scale of the item embeddings, so neither dominates the ReLU layers
             nn.init.normal_(field.weight, std=0.1)
+            with torch.no_grad():
+                field.weight[0].zero_()
         self.out_dim = dim_per_field * len(cardinalities)
 
     def forward(self, profile: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,13 @@ ranked list R of N recommended items:
     HitRate@N = 1 if |R ∩ T| > 0 else 0
     NDCG@N    = DCG / IDCG,  DCG = sum over ranks r (0-based) with R[r] in T of 1 / log2(r + 2),
                 IDCG = sum_{r < min(|T|, N)} 1 / log2(r + 2)   (the standard ideal ranking)
+
+ComiRec's published evaluation code (THUDM/ComiRec, src/train.py, evaluate_full) computes two of
+these differently, so its tables are not comparable digit for digit: its recall divides the hits by
+the target list with repeated items counted again, and its NDCG discounts a hit by the target's
+position in the held-out list (not its rank among the recommendations) over the ideal DCG of the
+hits alone (a user whose one hit was its first target scores 1 however many were missed). Here
+both follow the usual definitions above, the same for every model.
 """
 
 from __future__ import annotations

@@ -98,12 +98,18 @@ def label_aware_attention(interests: torch.Tensor, target: torch.Tensor, interes
     """v_u = sum_j softmax_j(pow(v_j^T e_t, p)) v_j over the active interests. [B, K, D], [B, D] -> [B, D].
 
     pow keeps the sign of the score (sign(s)|s|^p): for a positive score it is the paper's pow, and an
-    interest that points away from the target is never up-weighted by an even power.
+    interest that points away from the target is never up-weighted by an even power. p = 0 is the
+    paper's plain average of the interests.
     """
-    # Broadcast products, not einsum: with K this small, batched matrix-vector products are ~2x slower on CPU.
-    scores = (interests * target[:, None, :]).sum(-1)  # v_j^T e_t, [B, K]
-    scores = torch.sign(scores) * scores.abs().pow(power)
-    attention = torch.softmax(scores.masked_fill(~interest_mask, float("-inf")), dim=-1)
+    if power == 0:
+        scores = torch.zeros(interest_mask.shape, dtype=torch.float64, device=interests.device)
+    else:
+        # Broadcast products, not einsum: with K this small, batched matrix-vector products are ~2x slower on CPU.
+        scores = (interests * target[:, None, :]).sum(-1).double()  # v_j^T e_t, [B, K]; float64: |s|^p overflows float32 at p ~ 32
+        # |s| kept off 0 (|s|^p has an infinite slope there for p < 1: an inactive interest's zero
+        # score would give NaN gradients) and |s|^p, and its slope, below overflow (a large p is hard attention).
+        scores = torch.sign(scores) * scores.abs().clamp(1e-12, 1e300 ** (1.0 / max(power, 1.0))).pow(power)
+    attention = torch.softmax(scores.masked_fill(~interest_mask, float("-inf")), dim=-1).to(interests.dtype)
     return (attention[:, :, None] * interests).sum(1)
 
 

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra.cli import UserError
+
 MODEL_KINDS = ("mostpop", "youtube_dnn", "mind", "mind_remi")
+
+
+class SpecError(UserError, ValueError):
+    """A model's settings contradict each other or the model kind; the message says which flag to change."""
 
 
 @dataclass
@@ -31,7 +38,16 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
-            raise ValueError(f"unknown model kind {self.kind!r}; choose one of {', '.join(MODEL_KINDS)}")
+            raise SpecError(f"unknown model kind {self.kind!r}; choose one of {', '.join(MODEL_KINDS)}")
+        if self.kind == "youtube_dnn" and self.n_interests != 1:
+            raise SpecError(f"youtube_dnn has one user vector, not {self.n_interests} interests: leave --interests out, or train mind / mind_remi")
+        for name in ("attention_power", "hard_negative_beta", "routing_regularization"):
+            value = getattr(self, name)
+            if not (0 <= value < math.inf):
+                raise SpecError(f"{name} must be a finite number >= 0, not {value}")
+        if self.kind != "mind_remi" and (self.hard_negative_beta or self.routing_regularization):
+            raise SpecError(f"REMI's hard negatives (--beta) and routing regularisation (--rr-lambda) are knobs of mind_remi, not of {self.kind}: "
+                            "train --model mind_remi, or leave them out")
 
     @property
     def is_multi_interest(self) -> bool:

@@ -131,6 +131,34 @@ def test_label_aware_attention_never_prefers_an_opposed_interest():
     assert out[0, 0] > 0  # an even power of -3 would have picked the opposed interest
 
 
+@pytest.mark.parametrize("power", [0.0, 0.5, 2.0, 64.0])
+def test_label_aware_attention_is_finite_with_its_gradients_for_any_power(power):
+    """p < 1 has an infinite slope at a zero score (an inactive interest's), a large p overflows."""
+    interests = torch.tensor([[[4.0, 1.0], [0.5, 4.0], [0.0, 0.0]], [[3.0, 3.0], [-2.0, 1.0], [1.0, 1.0]]], requires_grad=True)
+    target = torch.tensor([[4.0, 0.0], [3.0, 3.0]], requires_grad=True)
+    active = torch.tensor([[True, True, False], [True, True, True]])
+    out = label_aware_attention(interests, target, active, power)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(interests.grad).all()
+    assert (target.grad is None) == (power == 0.0) and (power == 0.0 or torch.isfinite(target.grad).all())
+    if power == 0.0:  # the paper's p = 0: the plain average of the active interests
+        assert torch.allclose(out[0], interests[0, :2].mean(0)) and torch.allclose(out[1], interests[1].mean(0))
+    if power == 64.0:  # hard attention: the interest nearest the target
+        assert torch.allclose(out, torch.stack([interests[0, 0], interests[1, 0]]))
+
+
+def test_an_unknown_profile_value_is_a_zero_vector_that_is_never_trained():
+    from model_export.embedding import ProfileEmbedding
+
+    profile = ProfileEmbedding([3, 5], dim_per_field=4)
+    ids = torch.tensor([[0, 2], [1, 0]])
+    out = profile(ids)
+    assert torch.equal(out[0, :4], torch.zeros(4)) and torch.equal(out[1, 4:], torch.zeros(4))
+    assert out[0, 4:].abs().sum() > 0 and out[1, :4].abs().sum() > 0
+    out.sum().backward()
+    assert all(torch.equal(field.weight.grad[0], torch.zeros(4)) for field in profile.fields)
+
+
 def test_routing_regularization_is_zero_for_even_routing_and_grows_with_collapse():
     mask = torch.ones(1, 6, dtype=torch.bool)
     even = torch.full((1, 4, 6), 0.25)
