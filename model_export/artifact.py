@@ -151,7 +151,7 @@ class UserTower:
         if len(known) == 0:
             return out
         profile = self.artifact.encode_profiles(profiles if profiles is not None else [None] * len(windows))
-        vectors, k_user = self.session.run(items[known], lengths[known], profile[known])
+        vectors, k_user = self.session.run_encoded(items[known], lengths[known], profile[known])  # valid by construction
         for row, user in enumerate(known):
             out[user] = np.ascontiguousarray(vectors[row, : int(k_user[row])], dtype=np.float32)
         return out

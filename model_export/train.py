@@ -3,9 +3,9 @@
 A model directory holds everything about one run:
     spec.json        the model (kind, dims, K, maxlen, knobs)
     train.json       the training configuration and the dataset fingerprint it was trained on
-    checkpoint.pt    the latest state (weights, optimizer, epoch, RNG) to resume from
+    checkpoint.pt    the latest state (weights, optimizer, epoch, RNG, history) to resume from
     model.pt         the best weights by validation Recall@50
-    history.json     per-epoch loss, validation metrics and seconds
+    history.json     per-epoch loss, validation metrics and seconds (a copy of the checkpoint's)
     popularity.npy   MostPop only: the training item counts
 Weights are loaded with torch.load(weights_only=True): no pickle from disk.
 """
@@ -223,8 +223,41 @@ def _save_atomically(state, path: Path) -> None:
     tmp.replace(path)
 
 
-def _rng_state(generator: np.random.Generator) -> dict:
-    return generator.bit_generator.state
+def _write_json_atomically(value, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
+
+
+def _rng_states(rng: np.random.Generator, device: str) -> dict:
+    states = {"numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        # The negatives and the training routing logits are drawn on the GPU. The state of the device this
+        # process trains on, not of every device: under torchrun each worker restores it onto its own GPU.
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _restore_rng_states(state: dict, rng: np.random.Generator, device: str) -> None:
+    rng.bit_generator.state = state["numpy_rng"]
+    torch.set_rng_state(state["torch_rng"])
+    if torch.device(device).type == "cuda" and "cuda_rng" in state:  # absent: a checkpoint of a CPU run or of an earlier version
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def _checkpoint_history(out: Path, state: dict) -> dict:
+    """The history up to the checkpoint's epoch. The checkpoint holds its own; one of an earlier version
+    does not, and takes history.json, written after it: only if that reached the same epoch."""
+    if "history_json" in state:
+        return json.loads(state["history_json"])
+    path = out / "history.json"
+    history = json.loads(path.read_text()) if path.is_file() else {"epochs": []}
+    recorded = history["epochs"][-1]["epoch"] if history["epochs"] else 0
+    if recorded != state["epoch"]:
+        raise RunDirError(f"{out}/checkpoint.pt is of epoch {state['epoch']} but history.json ends at epoch {recorded} "
+                          "(the run was stopped between the two writes, by an earlier version): the best epoch so far is "
+                          "unknown, so it cannot be resumed; train into a new --out")
+    return history
 
 
 def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer | LazyItemAdam, sampler: NegativeSampler, data: SequenceDataset,
@@ -296,17 +329,21 @@ def train(config: TrainConfig, spec: ModelSpec, data: SequenceDataset, out: Path
 
     if resume and (out / "checkpoint.pt").is_file():
         check_resumable(out, spec, config)
-        state = torch.load(out / "checkpoint.pt", map_location=device, weights_only=True)
+        # Loaded on the CPU: RNG states must stay CPU tensors; the optimizer moves its own to its parameters' device.
+        state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         try:
             optimizer.load_state_dict(state["optimizer"])
         except (KeyError, ValueError) as exc:  # a run of an earlier version, before a large catalog took LazyItemAdam
             raise RunDirError(f"{out}/checkpoint.pt holds the state of another optimizer ({type(exc).__name__}: {exc}): "
                               f"resume it with --sparse-item-rows 0 (plain Adam), or train into a new --out") from None
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        history = json.loads((out / "history.json").read_text())
+        _restore_rng_states(state, rng, device)
+        history = _checkpoint_history(out, state)
         start_epoch = state["epoch"] + 1
+        if workers.is_writer:  # the run may have stopped after checkpoint.pt, before the files written after it
+            if history["best"]["epoch"] == state["epoch"]:
+                _save_atomically(state["model"], out / "model.pt")
+            _write_json_atomically(history, out / "history.json")
         print(f"resuming {out} at epoch {start_epoch}", flush=True)
     if workers.is_writer:
         spec.save(out / "spec.json")
@@ -334,19 +371,21 @@ def train(config: TrainConfig, spec: ModelSpec, data: SequenceDataset, out: Path
             epochs_without_gain += 1
         if not workers.is_writer:
             continue
-        if improved:
-            _save_atomically(model.state_dict(), out / "model.pt")
+        # The checkpoint first, holding the history: a run stopped between these writes resumes from it alone
+        # (model.pt and history.json are mended from it), so its best-so-far is never that of an earlier epoch.
         _save_atomically(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch,
-                "numpy_rng": _rng_state(rng),
-                "torch_rng": torch.get_rng_state(),
+                "history_json": json.dumps(history),  # JSON text: weights_only loading takes no numpy scalars
+                **_rng_states(rng, device),
             },
             out / "checkpoint.pt",
         )
-        (out / "history.json").write_text(json.dumps(history, indent=2))
+        if improved:
+            _save_atomically(model.state_dict(), out / "model.pt")
+        _write_json_atomically(history, out / "history.json")
         if progress:
             print(
                 f"{spec.kind} epoch {epoch}: loss {record['loss']:.4f}, {seconds:.1f}s, valid recall@50 {valid['recall@50']:.4f} "

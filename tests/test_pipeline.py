@@ -1,5 +1,6 @@
 """End to end through the real commands: train -> evaluate -> export -> load, on small data."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -13,10 +14,10 @@ import torch
 from infra.cli import UserError
 from infra.config import SPARSE_ITEM_ROWS, load_config
 from model_export.data import load_dataset
-from model_export.export import PARITY_TOLERANCE, export_model, parity_inputs
+from model_export.export import PARITY_TOLERANCE, check_parity, export_model, parity_inputs
 from model_export.manifest import Manifest, ManifestError
 from model_export.onnx_runtime import UserTowerSession, gpu_available
-from model_export.train import TrainConfig, default_spec, load_model, train
+from model_export.train import RunDirError, TrainConfig, default_spec, load_model, train
 
 from conftest import REPO, synthetic_interactions
 
@@ -63,11 +64,26 @@ def test_a_manifest_of_the_wrong_shape_is_a_manifest_error(manifest, tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--epochs", "-1"), ("--patience", "0"), ("--lr", "nan"), ("--negatives", "0"),
-                                         ("--sparse-item-rows", "-5"), ("--maxlen", "0")])
+                                         ("--sparse-item-rows", "-5"), ("--maxlen", "0"), ("--power", "-1"), ("--beta", "-0.5"),
+                                         ("--rr-lambda", "nan")])
 def test_out_of_range_training_flags_are_refused_before_anything_runs(flag, value, tmp_path):
     """--epochs -1 used to "train" zero epochs and report success; every numeric flag has its floor."""
     result = cli("train", "--dataset", "ml-1m", "--model", "mind", "--out", str(tmp_path / "run"), flag, value, check=False)
     assert result.returncode == 2 and f"argument {flag}: {value} is below" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("model, flags, says", [
+    ("youtube_dnn", ["--interests", "4"], "youtube_dnn has one user vector, not 4 interests"),
+    ("mind", ["--beta", "1"], "knobs of mind_remi, not of mind"),
+    ("youtube_dnn", ["--rr-lambda", "0.5"], "knobs of mind_remi, not of youtube_dnn"),
+    ("mind", ["--power", "inf"], "argument --power: inf is not a finite number"),
+])
+def test_training_flags_the_model_does_not_take_are_refused(model, flags, says, synthetic_csv, tmp_path):
+    """--beta on plain MIND silently trained REMI; --interests 4 on YouTube-DNN exported a manifest
+    claiming 4 interests for a model with one."""
+    result = cli("train", "--dataset", str(synthetic_csv), "--model", model, "--out", str(tmp_path / "run"), *flags, check=False)
+    assert result.returncode == 2 and says in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -258,3 +274,146 @@ def test_torchrun_trains_on_two_data_parallel_workers(synthetic_csv, tmp_path, s
     history = json.loads((run / "history.json").read_text())
     assert len(history["epochs"]) == 1 and (run / "model.pt").is_file()
     assert json.loads(done.stdout[done.stdout.index("{"):])["best"]["epoch"] == 1  # only rank 0 printed the result
+
+
+# ----------------------------------------------------------------------------- resuming a stopped run
+
+
+def _short_run(csv: Path, tmp_path: Path, monkeypatch, recalls: list[float] | None = None, **config):
+    """A small in-process run (2 steps an epoch): (data, spec, config). `recalls`: the validation Recall@50
+    of each epoch trained, in order, so that which epoch is best is the test's choice."""
+    if recalls is not None:
+        import model_export.train as training
+
+        scripted = iter(recalls)
+        monkeypatch.setattr(training, "evaluate_model", lambda *args, **kw: {"recall@50": next(scripted)})
+    data = load_dataset(str(csv), tmp_path / "data", tmp_path / "cache", tmp_path / "shared")
+    settings = TrainConfig(**{"dataset": str(csv), "model": "mind", "epochs": 1, "patience": 5, "max_steps_per_epoch": 2, **config})
+    return data, default_spec("mind", data), settings
+
+
+def test_a_run_stopped_right_after_its_checkpoint_resumes_from_the_checkpoint(synthetic_csv, tmp_path, monkeypatch):
+    """Killed after checkpoint.pt of epoch 2 (the best) was written, before model.pt and history.json were:
+    the resumed run keeps epoch 2's record and best, so the worse epoch 3 does not take model.pt."""
+    data, spec, config = _short_run(synthetic_csv, tmp_path, monkeypatch, recalls=[0.1, 0.3, 0.2])
+    run = tmp_path / "run"
+    train(config, spec, data, run, progress=False)
+    epoch_1_files = {name: (run / name).read_bytes() for name in ("model.pt", "history.json")}
+    train(dataclasses.replace(config, epochs=2), spec, data, run, resume=True, progress=False)
+    epoch_2_weights = torch.load(run / "model.pt", weights_only=True)
+    for name, content in epoch_1_files.items():  # the kill: only checkpoint.pt reached epoch 2
+        (run / name).write_bytes(content)
+
+    def best_is_epoch_2():
+        best = torch.load(run / "model.pt", weights_only=True)
+        return best.keys() == epoch_2_weights.keys() and all(torch.equal(best[k], epoch_2_weights[k]) for k in best)
+
+    history = train(dataclasses.replace(config, epochs=2), spec, data, run, resume=True, progress=False)  # nothing left to train
+    assert json.loads((run / "history.json").read_text()) == history and history["best"]["epoch"] == 2 and best_is_epoch_2()
+    history = train(dataclasses.replace(config, epochs=3), spec, data, run, resume=True, progress=False)
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3] and history["best"]["epoch"] == 2
+    assert json.loads((run / "history.json").read_text()) == history and best_is_epoch_2()
+    assert not list(run.glob("*.tmp"))
+
+
+def test_a_checkpoint_without_its_history_resumes_only_if_history_json_reached_its_epoch(synthetic_csv, tmp_path, monkeypatch):
+    """A checkpoint of an earlier version holds no history: history.json is taken when it reached the
+    checkpoint's epoch, and a run stopped between the two writes is refused with what to do."""
+    data, spec, config = _short_run(synthetic_csv, tmp_path, monkeypatch, recalls=[0.1, 0.3, 0.2, 0.4])
+    run = tmp_path / "run"
+
+    def as_earlier_version():
+        state = torch.load(run / "checkpoint.pt", weights_only=True)
+        state.pop("history_json", None)
+        torch.save(state, run / "checkpoint.pt")
+
+    train(config, spec, data, run, progress=False)
+    epoch_1_history = (run / "history.json").read_text()
+    train(dataclasses.replace(config, epochs=2), spec, data, run, resume=True, progress=False)
+    as_earlier_version()
+    history = train(dataclasses.replace(config, epochs=3), spec, data, run, resume=True, progress=False)
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3] and history["best"]["epoch"] == 2
+
+    as_earlier_version()
+    (run / "history.json").write_text(epoch_1_history)
+    with pytest.raises(RunDirError, match="checkpoint.pt is of epoch 3 but history.json ends at epoch 1.*train into a new --out"):
+        train(dataclasses.replace(config, epochs=4), spec, data, run, resume=True, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_resumed_gpu_run_draws_what_an_uninterrupted_one_draws(synthetic_csv, tmp_path, monkeypatch):
+    """The negatives and the training routing logits come from the GPU's generator: a resumed run
+    continues its sequence (ends in the same state) instead of drawing epoch 1's again from the seed."""
+    data, spec, config = _short_run(synthetic_csv, tmp_path, monkeypatch, device="cuda", epochs=2)
+    train(config, spec, data, tmp_path / "whole", progress=False)
+    uninterrupted = torch.cuda.get_rng_state()
+    train(dataclasses.replace(config, epochs=1), spec, data, tmp_path / "resumed", progress=False)
+    train(config, spec, data, tmp_path / "resumed", resume=True, progress=False)
+    assert torch.equal(torch.cuda.get_rng_state(), uninterrupted)
+
+
+# ----------------------------------------------------------------------------- the exported user tower's inputs
+
+
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory):
+    """(export dir, manifest, dataset, PyTorch model) of a MIND trained for 2 steps on the synthetic CSV."""
+    root = tmp_path_factory.mktemp("small_export")
+    csv = root / "interactions.csv"
+    synthetic_interactions().to_csv(csv, index=False)
+    data = load_dataset(str(csv), root / "data", root / "cache", root / "shared")
+    train(TrainConfig(dataset=str(csv), model="mind", epochs=1, max_steps_per_epoch=2), default_spec("mind", data), data, root / "run", progress=False)
+    export_dir, manifest = export_model(root / "run", data)
+    return export_dir, manifest, data, load_model(root / "run")[1]
+
+
+MISREAD_INPUTS = {  # (items, lengths, profile), the manifest -> inputs the tower would misread; what the error says
+    "a 1-D window": (lambda i, n, p, m: (i[0], n, p), r"not integer \[batch, window\]"),
+    "float ids": (lambda i, n, p, m: (i.astype(np.float64), n, p), r"not integer \[batch, window\]"),
+    "wider than maxlen": (lambda i, n, p, m: (np.zeros((2, m.maxlen + 1), np.int64), n, p), "over this model's maxlen"),
+    "a negative id": (lambda i, n, p, m: (np.where(i == 4, -1, i), n, p), r"outside \[0, "),
+    "an id past the catalog": (lambda i, n, p, m: (np.where(i == 4, m.n_items + 1, i), n, p), r"outside \[0, "),
+    "lengths of another batch": (lambda i, n, p, m: (i, n[:1], p), r"lengths is int64 of shape \(1,\)"),
+    "a length past the window": (lambda i, n, p, m: (i, n + 2, p), r"outside \[0, 4\]"),
+    "a negative length": (lambda i, n, p, m: (i, n - 2, p), r"outside \[0, 4\]"),
+    "a profile of another batch": (lambda i, n, p, m: (i, n, p[:1]), r"profile is int64 of shape \(1, 1\)"),
+    "a negative profile id": (lambda i, n, p, m: (i, n, -p), "outside its fields' vocabularies"),
+    "a profile id past its field": (lambda i, n, p, m: (i, n, p + 10), "outside its fields' vocabularies"),
+}
+
+
+@pytest.mark.parametrize("case", MISREAD_INPUTS)
+def test_the_user_tower_refuses_inputs_it_would_misread(small_export, case):
+    """A negative id wrapped around to the last item, a length past the window inflated K_u, a window
+    over maxlen failed deep in ONNX Runtime: each is a ValueError saying what to pass."""
+    export_dir, manifest, _, _ = small_export
+    session = UserTowerSession(export_dir, manifest, prefer_gpu=False)
+    items, lengths, profile = np.array([[1, 2, 3, 4], [5, 0, 0, 0]]), np.array([4, 1]), np.array([[1], [2]])
+    session.run(items, lengths, profile)  # the valid batch runs
+    change, says = MISREAD_INPUTS[case]
+    with pytest.raises(ValueError, match=says):
+        session.run(*change(items, lengths, profile, manifest))
+
+
+class _DriftingTower(torch.nn.Module):
+    """The PyTorch tower, off by 1 on the rows `drifts(items, lengths)` picks: an export whose graph
+    handled those inputs wrongly would look like this to the parity check."""
+
+    def __init__(self, model, drifts):
+        super().__init__()
+        self.model, self.drifts = model, drifts
+
+    def forward(self, items, lengths, profile):
+        interests, k_user = self.model(items, lengths, profile)
+        return interests + self.drifts(items, lengths)[:, None, None].to(interests.dtype), k_user
+
+
+@pytest.mark.parametrize("drifts", [
+    lambda items, lengths: torch.full_like(lengths, items.shape[1] < 20, dtype=torch.bool),  # any window under maxlen (20)
+    lambda items, lengths: lengths == 0,  # an empty history
+], ids=["a shorter window", "an empty history"])
+def test_the_parity_check_covers_a_shorter_window_and_an_empty_history(small_export, drifts):
+    export_dir, manifest, data, model = small_export
+    assert manifest.maxlen == 20 and check_parity(model, export_dir, manifest, data) <= PARITY_TOLERANCE
+    with pytest.raises(RuntimeError, match=r"differs from PyTorch by 1.00e\+00 > 1e-04 at window 3; export refused"):
+        check_parity(_DriftingTower(model, drifts), export_dir, manifest, data)
