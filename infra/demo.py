@@ -23,6 +23,7 @@ from infra.config import Config
 # Lite takes ~8 ms per user, so 64 (the service's max_batch) would outlast the search's 500 ms cap
 # ([recall].vector_search_timeout_ms) and fall back to popular items.
 SERVE_BATCH = 8
+SERVE_ATTEMPTS = 3  # a batch that fell back for a failed vector search is served again, at most this often
 
 
 def busiest_users(events, count: int) -> list[tuple[str, list[str]]]:
@@ -142,16 +143,27 @@ def run_online_replay(config: Config, dataset: str, start: int, limit: int, n: i
     if not wait_for_group(config, config.monitoring.online_quality_group, wait_s):  # so that the counts below are the slice's alone
         say(f"  the exporter's judge ({config.monitoring.online_quality_group}) is behind; its counts may include earlier events")
     served_by: Counter = Counter()
+    served_again = 0
     serving_ms = int(time.time() * 1000)
     with recall_channel(config.recall) as channel:
         stub = recall_pb2_grpc.RecallServiceStub(channel)
         for first in range(0, len(users), SERVE_BATCH):
             requests = [recall_pb2.RecallRequest(user_id=user, n=n) for user in users[first:first + SERVE_BATCH]]
-            for response in stub.BatchRecall(recall_pb2.BatchRecallRequest(requests=requests), timeout=60.0).responses:
+            for attempt in range(SERVE_ATTEMPTS):
+                responses = stub.BatchRecall(recall_pb2.BatchRecallRequest(requests=requests), timeout=60.0).responses
+                # One slow search opens the service's circuit breaker for [recall].outage_cooldown_ms, and every
+                # batch sent meanwhile falls back: this step judges the model's answers, so such a batch is
+                # served again after the cool-down (its new answers replace the old in the served log).
+                if attempt + 1 == SERVE_ATTEMPTS or not any(r.fallback_reason == recall_pb2.FALLBACK_REASON_VECTOR_SEARCH_UNAVAILABLE for r in responses):
+                    break
+                served_again += len(requests)
+                time.sleep(config.recall.outage_cooldown_ms / 1000 + 0.2)
+            for response in responses:
                 path = recall_pb2.RecallPath.Name(response.path).removeprefix("RECALL_PATH_").lower()
                 reason = recall_pb2.FallbackReason.Name(response.fallback_reason).removeprefix("FALLBACK_REASON_").lower()
                 served_by[path if reason == "unspecified" else f"{path} ({reason})"] += 1
-    say("  served: " + ", ".join(f"{count:,} by {path}" for path, count in served_by.most_common()))
+    say("  served: " + ", ".join(f"{count:,} by {path}" for path, count in served_by.most_common())
+        + (f" ({served_again:,} served again after a failed vector search)" if served_again else ""))
     served_log = RedisServedLog.for_config(config)
     deadline = time.monotonic() + 30
     # the service writes its records in the background; a user's record from an earlier run is not this answer
