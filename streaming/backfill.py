@@ -52,14 +52,15 @@ def backfill(store: FeatureStore, tower: UserTower, batch: int = 512, max_passes
         seen, current, unknown, unreadable, done = _one_pass(store, tower, batch, progress, superseded)
         report = report or (seen, current, unknown, unreadable)
         rewritten, passes = rewritten + done, passes + 1
-        if superseded():
-            return BackfillReport(tower.version, report[0], rewritten, report[1], report[2], report[3], passes, time.perf_counter() - started, True)
+        stopped = superseded()
+        if stopped:
+            break
         if seen - current - unknown - unreadable == 0 or passes >= max_passes:
             # Even after a clean pass: until settle_s the job may still write with the old tower.
             if time.perf_counter() - started >= settle_s:
                 break
             time.sleep(pause_s)
-    return BackfillReport(tower.version, report[0], rewritten, report[1], report[2], report[3], passes, time.perf_counter() - started)
+    return BackfillReport(tower.version, report[0], rewritten, report[1], report[2], report[3], passes, time.perf_counter() - started, stopped)
 
 
 def job_settle_s(model_poll_s: float) -> float:
