@@ -13,6 +13,7 @@ also writes its PID to a file) or adopted from that PID by a later command (`pyt
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,7 +27,38 @@ import psutil
 from infra.config import REPO_ROOT
 
 
+# Ports for servers are drawn below the kernel's ephemeral range: a port the kernel hands out for
+# bind(0) is also what it hands to outgoing connections, and one of those (a Kafka client, a
+# Prometheus scrape) could take it between the pick and the server's bind ("Address already in use").
+LOWEST_SERVER_PORT = 10_000
+_port_picker = random.Random()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def free_port() -> int:
+    """A port nobody listens on, outside the ephemeral range when the host leaves room below it."""
+    low, _ = _ephemeral_range()
+    if low - LOWEST_SERVER_PORT >= 1_000:
+        for _ in range(100):
+            port = _port_picker.randrange(LOWEST_SERVER_PORT, low)
+            if _bindable(port):
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -17,6 +17,7 @@ import pytest
 from conftest import wait_for
 
 from infra.config import load_config
+from infra import process
 from infra.process import ManagedProcess
 from infra.stack import PORTS, SERVICES, StackLayout, ports_of, generated_config, service_environment
 
@@ -41,6 +42,20 @@ def test_generated_config_is_read_back_by_the_typed_config(tmp_path):
     assert config.streaming.batch_max_users == 64
     assert config.milvus.uri == f"http://127.0.0.1:{ports['milvus']}"
     assert config.paths.models_dir == layout.models_dir
+
+
+def test_free_ports_are_drawn_outside_the_ephemeral_range_and_skip_taken_ones(monkeypatch):
+    """An outgoing connection gets its local port from the ephemeral range: a server port drawn there
+    could be taken between the pick and the server's bind (a flaky "Address already in use")."""
+    low, _ = process._ephemeral_range()
+    ports = {process.free_port() for _ in range(20)}
+    assert all(process.LOWEST_SERVER_PORT <= port < low for port in ports), ports
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        draws = iter([taken.getsockname()[1], 12_345])
+        monkeypatch.setattr(process._port_picker, "randrange", lambda a, b: next(draws))
+        assert process.free_port() == 12_345
 
 
 def test_services_ignore_variables_that_would_move_the_stacks_addresses(tmp_path):
