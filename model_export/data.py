@@ -30,7 +30,7 @@ from infra.cli import UserError
 from infra.wheels import WheelError, extract_from_wheel
 from model_export.manifest import sha256_of
 
-PREPROCESS_VERSION = 2  # bump when the preprocessing changes, to invalidate caches
+PREPROCESS_VERSION = 3  # bump when the preprocessing changes, to invalidate caches
 MIN_ITEM_COUNT = 5
 MIN_USER_COUNT = 5
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -206,6 +206,9 @@ def _cell_text(value: object) -> str:
     otherwise become the category "None" / "nan", and a blank CSV cell a category of its own."""
     if pd.api.types.is_scalar(value) and pd.isna(value):
         return ""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        # an integer Parquet column with nulls reads as float64: age 25 stays the category "25", not "25.0"
+        return str(int(value))
     text = str(value)
     return text if text.strip() else ""
 
@@ -259,14 +262,20 @@ def load_table(path: Path) -> RawInteractions:
     user_cols = [c for c in table.columns if c.lower().startswith("user_") and c != ucol]
     item_side: dict[str, list[str]] = {}
     if item_cols:
-        firsts = table.drop_duplicates(icol)
-        for row in firsts[[icol, *item_cols]].itertuples(index=False):
-            tokens = []
-            for col, value in zip(item_cols, row[1:]):
-                tokens += [f"{col}={t}" for t in _cell_text(value).replace("|", " ").split()]
-            item_side[str(row[0])] = tokens
-    profile = table.drop_duplicates(ucol).set_index(ucol)[user_cols].map(_cell_text) if user_cols else pd.DataFrame(index=pd.Index([], name="user"))
+        firsts = _first_present(table, icol, item_cols)
+        for item, *values in firsts.itertuples(name=None):
+            item_side[str(item)] = [f"{col}={t}" for col, value in zip(item_cols, values) for t in value.replace("|", " ").split()]
+    profile = _first_present(table, ucol, user_cols) if user_cols else pd.DataFrame(index=pd.Index([], name="user"))
     return RawInteractions(frame, item_side, profile, [path])
+
+
+def _first_present(table: pd.DataFrame, key: str, columns: list[str]) -> pd.DataFrame:
+    """Per value of `key` (an item, a user) and per column, the first non-missing cell as text ("" where
+    every row lacks it): attributes repeat on every row of an event log, and a row that leaves one out
+    must not hide the value the later rows carry."""
+    cells = pd.DataFrame({c: table[c].where(~table[c].astype(str).str.strip().eq("")) if table[c].dtype == object else table[c]
+                          for c in columns})  # blank text -> missing, which first() skips (vectorised: logs are long)
+    return cells.groupby(table[key].astype(str).to_numpy(), sort=False).first().map(_cell_text)
 
 
 def load_raw(dataset: str, data_dir: Path, shared_data_dir: Path) -> RawInteractions:

@@ -278,11 +278,30 @@ def test_missing_side_feature_and_profile_values_are_no_token_and_unknown(tmp_pa
     table = pd.DataFrame(rows)
     table.to_parquet(path) if suffix == ".parquet" else table.to_csv(path, index=False)
     data = _load(path, tmp_path)
-    assert data.profile_vocab.tolist() == ["user_gender=<unknown>", "user_gender=F", "user_gender=M", "user_age=<unknown>", "user_age=25.0"]
+    # Parquet's float column (an integer column with nulls) gives "25", as events send it; a CSV's text stays as written.
+    age = "25" if suffix == ".parquet" else "25.0"
+    assert data.profile_vocab.tolist() == ["user_gender=<unknown>", "user_gender=F", "user_gender=M", "user_age=<unknown>", f"user_age={age}"]
     odd = np.array([int(u[1:]) % 2 == 1 for u in data.user_ids])
     assert (data.user_profile[odd] == 0).all() and (data.user_profile[~odd] > 0).all()
     assert data.side_vocab.tolist() == ["<pad>", "item_genre=ga", "item_genre=gb", "item_genre=gc", "item_genre=gd"]
     assert (data.item_side[data.item_ids.tolist().index("e")] == 0).all()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_row_that_leaves_an_attribute_out_does_not_hide_the_value_of_later_rows(tmp_path, suffix):
+    # Every user's first row lacks the profile, and the first user's rows (every item's first) lack the genre.
+    rows = [{"user": f"u{u}", "item": item, "timestamp": t,
+             "item_genre": None if u == 0 else f"g{item}",
+             "user_gender": None if t == 0 else "FM"[u % 2]}
+            for u in range(8) for t, item in enumerate("abcde")]
+    path = tmp_path / f"later{suffix}"
+    table = pd.DataFrame(rows)
+    table.to_parquet(path) if suffix == ".parquet" else table.to_csv(path, index=False)
+    data = _load(path, tmp_path)
+    assert data.side_vocab.tolist() == ["<pad>", *(f"item_genre=g{item}" for item in "abcde")]
+    assert (data.item_side[:, 0] == np.arange(6)).all()
+    assert data.profile_vocab.tolist() == ["user_gender=<unknown>", "user_gender=F", "user_gender=M"]
+    assert data.user_profile[:, 0].tolist() == [2 if int(u[1:]) % 2 else 1 for u in data.user_ids]
 
 
 def test_unknown_dataset_is_a_clear_error(tmp_path):
