@@ -34,6 +34,7 @@ import psutil
 from infra.broker import EmbeddedBroker, ensure_topics
 from infra.cli import UserError
 from infra.config import ENV_PREFIX, REPO_ROOT, Config, MilvusConfig, MilvusServerKind, config_file, load_config
+from infra.files import write_text_atomically
 from infra.job_process import StreamingJobProcess
 from infra.milvus_server import MilvusLiteServer, MilvusServer
 from infra.monitoring import ExporterProcess, PrometheusProcess, prometheus_tool, write_prometheus_config
@@ -190,10 +191,7 @@ class Stack:
         return load_config(self.layout.config_path, environ=self.env)
 
     def _write_config(self, ports: dict[str, int], milvus_server: MilvusServerKind) -> Config:
-        self.layout.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.layout.config_path.with_suffix(".tmp")
-        tmp.write_text(generated_config(user_settings(self.environ), self.layout, ports, milvus_server))
-        tmp.replace(self.layout.config_path)
+        write_text_atomically(self.layout.config_path, generated_config(user_settings(self.environ), self.layout, ports, milvus_server))
         return self.config()
 
     def _choose_milvus_server(self, milvus_runs: bool) -> MilvusServerKind:

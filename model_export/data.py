@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
-import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from infra.cli import UserError
+from infra.files import write_atomically
 from infra.wheels import WheelError, extract_from_wheel
 from model_export.manifest import sha256_of
 
@@ -97,17 +96,8 @@ class SequenceDataset:
         return self.profile_vocab[start : start + int(self.profile_cardinalities[field_index])]
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Every torchrun rank preprocesses a cold cache at once: each writes its own temporary file
-        # and renames it into place atomically, so a reader sees no file or a whole one.
-        tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-        try:
-            with open(tmp, "xb") as fh:
-                np.savez(fh, **{k: np.asarray(v) for k, v in self.__dict__.items()})
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        # Every torchrun rank preprocesses a cold cache at once: a reader sees no file or a whole one.
+        write_atomically(path, lambda fh: np.savez(fh, **{k: np.asarray(v) for k, v in self.__dict__.items()}))
 
     @classmethod
     def load(cls, path: Path) -> "SequenceDataset":

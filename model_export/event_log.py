@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from infra.cli import UserError
+from infra.files import write_atomically
 from infra.config import ConfigError
 from streaming.events import MAX_EVENT_BYTES, BehaviourEvent, EventError, accept_record, record_key
 
@@ -65,18 +66,13 @@ class EventLog:
         return len(fresh)
 
     def save(self, state_dir: Path) -> Path:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        path = state_dir / LOG_FILE
-        tmp = state_dir / f".{LOG_FILE}.tmp.npz"
         partitions = sorted(self.offsets)
-        np.savez(
-            tmp, users=self.users, items=self.items, times_ms=self.times_ms, event_ids=self.event_ids,
+        return write_atomically(state_dir / LOG_FILE, lambda fh: np.savez(
+            fh, users=self.users, items=self.items, times_ms=self.times_ms, event_ids=self.event_ids,
             profile_users=np.array(list(self.profiles), dtype=str),
             profile_json=np.array([json.dumps(p, sort_keys=True) for p in self.profiles.values()], dtype=str),
             partitions=np.array(partitions, dtype=np.int64), next_offsets=np.array([self.offsets[p] for p in partitions], dtype=np.int64),
-        )
-        tmp.replace(path)
-        return path
+        ))
 
     @classmethod
     def load(cls, state_dir: Path) -> "EventLog":

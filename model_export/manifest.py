@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from infra.cli import UserError
+from infra.files import write_text_atomically
 
 MANIFEST_SCHEMA = 1
 MANIFEST_FILE = "manifest.json"
@@ -67,11 +68,8 @@ class Manifest:
     extra: dict = field(default_factory=dict)
 
     def write(self, directory: Path) -> Path:
-        path = directory / MANIFEST_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
-        tmp.replace(path)  # the manifest appears last and atomically: its presence means "complete"
-        return path
+        # the manifest appears last and atomically: its presence means "complete"
+        return write_text_atomically(directory / MANIFEST_FILE, json.dumps(asdict(self), indent=2, sort_keys=True))
 
     def file(self, directory: Path, role: str) -> Path:
         return directory / self.files[role].path

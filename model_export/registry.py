@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.cli import UserError
+from infra.files import write_text_atomically
 from model_export.manifest import MODEL_VERSION, Manifest
 
 CURRENT_FILE = "CURRENT.json"
@@ -132,9 +133,7 @@ class ModelRegistry:
 
     def _replace(self, name: str, record: dict) -> None:
         """Writes a registry record whole: readers see the old file or the new one, never a part."""
-        tmp = self.root / f".{name}.tmp"
-        tmp.write_text(json.dumps(record))
-        tmp.replace(self.root / name)
+        write_text_atomically(self.root / name, json.dumps(record))
 
     def remove(self, model_version: str) -> None:
         if model_version == self.current_version():

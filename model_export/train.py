@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from infra.cli import UserError
+from infra.files import write_atomically, write_text_atomically
 from infra.config import SPARSE_ITEM_ROWS
 from model_export import distributed
 from model_export.data import SequenceDataset, evaluation_cases, gather_histories, training_positions
@@ -218,15 +219,11 @@ def check_resumable(out: Path, spec: ModelSpec, config: TrainConfig) -> None:
 
 def _save_atomically(state, path: Path) -> None:
     """torch.save through a temporary file: a run killed mid-write keeps its previous checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    write_atomically(path, lambda fh: torch.save(state, fh))
 
 
 def _write_json_atomically(value, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps(value, indent=2))
 
 
 def _rng_states(rng: np.random.Generator, device: str) -> dict:

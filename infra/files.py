@@ -1,0 +1,31 @@
+"""Files written whole or not at all: a reader (or a process restarted after a kill) sees the old
+file or the new one, never a part."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """`write(file)` fills a temporary file beside `path`, which then replaces `path` in one rename.
+
+    The temporary file has a name of its own per call, so writers that race for the same path (torchrun
+    ranks filling a cold cache, two retraining processes) never write into each other's; the last
+    rename wins whole. A failed write removes its temporary file and leaves `path` as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            write(fh)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    return write_atomically(path, lambda fh: fh.write(text.encode("utf-8")))
