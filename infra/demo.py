@@ -20,9 +20,11 @@ from infra.cli import UserError
 from infra.config import Config
 
 # Users per BatchRecall of the online replay: a batch is one Milvus search, and the embedded Milvus
-# Lite takes ~8 ms per user, so 64 (the service's max_batch) would outlast the search's 500 ms cap
-# ([recall].vector_search_timeout_ms) and fall back to popular items.
-SERVE_BATCH = 8
+# Lite (a pure-Python engine) materialises every hit's whole row, ~65 us each (measured on a 2-core
+# AMD EPYC). A user asks each of its 4 interests for n + the items it leaves out (its window and seen
+# set, up to 178 here), so a busy user costs up to ~60 ms: 8 per batch came within reach of the
+# search's 500 ms cap ([recall].vector_search_timeout_ms) and fell back to popular items under load.
+SERVE_BATCH = 2
 SERVE_ATTEMPTS = 3  # a batch that fell back for a failed vector search is served again, at most this often
 
 
