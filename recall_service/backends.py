@@ -20,7 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -209,19 +209,25 @@ def _hits(results, nq: int, limit: int, vocabulary: np.ndarray | None = None) ->
 class RegistryVocabularies:
     """Raw item id by Milvus item id of each model version installed in the registry: index i + 1
     holds the raw id of the vocabulary's item i, as publish numbers the rows; index 0 is "" (no
-    item). A version's vocabulary is read in the background on its first use (only its vocab file
-    is hashed, and parsed piecewise, so request threads do not stall: 1M ids take ~0.4 s): None
-    until then, and for a version not installed here (looked for again after `retry_s`). The
-    `keep` versions searched last are kept."""
+    item). A version whose model the service has loaded (`loaded`: RegistryModels.raw_ids) shares
+    that model's array, so the current vocabulary is held once. Any other version's vocabulary (the
+    one older interests were computed with) is read in the background on its first use (only its
+    vocab file is hashed, and parsed piecewise, so request threads do not stall: 1M ids take
+    ~0.4 s): None until then, and for a version not installed here (looked for again after
+    `retry_s`). The `keep` versions searched last are kept."""
 
-    def __init__(self, registry, keep: int = 8, retry_s: float = 30.0, clock=time.monotonic):
-        self.registry, self.keep, self.retry_s, self.clock = registry, keep, retry_s, clock
+    def __init__(self, registry, keep: int = 8, retry_s: float = 30.0, clock=time.monotonic,
+                 loaded: Callable[[str], np.ndarray | None] = lambda version: None):
+        self.registry, self.keep, self.retry_s, self.clock, self.loaded = registry, keep, retry_s, clock, loaded
         self._read: dict[str, np.ndarray] = {}
         self._used: dict[str, float] = {}  # version -> when it was last asked for
         self._pending: dict[str, float] = {}  # version -> when its read started or last failed
         self._lock = threading.Lock()
 
     def raw_ids(self, model_version: str) -> np.ndarray | None:
+        shared = self.loaded(model_version)
+        if shared is not None:
+            return shared
         self._used[model_version] = self.clock()
         vocabulary = self._read.get(model_version)
         if vocabulary is not None:
@@ -276,7 +282,7 @@ class LoadedModel:
         self.signature_of = np.array([pairs.setdefault(category_fields(tokens), len(pairs)) for tokens in artifact.item_side], dtype=np.int32)
         self.signatures = list(pairs)
         self.item_index = artifact.item_index  # raw id -> row + 1, the user tower's own
-        self.raw_items = artifact.raw_items
+        self.raw_ids = np.array(["", *artifact.raw_items], dtype=object)  # by Milvus item id (row + 1), as RegistryVocabularies
         self.popularity = artifact.popularity.astype(np.float32)
         self.by_popularity = np.argsort(-artifact.popularity, kind="stable")  # ties: lower index first
         self.popular_depth = popular_depth  # n + items left out at most: deeper is never needed
@@ -310,7 +316,7 @@ class LoadedModel:
     def popular(self, n: int, item_filter: ItemFilter | None, excluded: frozenset[str], inactive: InactiveItems) -> list[tuple[str, float]]:
         out = []
         for i in self._ranked(item_filter, inactive):
-            raw = self.raw_items[i]
+            raw = self.raw_ids[i + 1]
             if raw not in excluded:
                 out.append((raw, float(self.popularity[i])))
                 if len(out) == n:
@@ -367,6 +373,11 @@ class RegistryModels:
         self._serving: LoadedModel | None = None  # the version loaded last: it serves until the current one is loaded
         self._failed: dict[str, tuple[float, str]] = {}  # version -> (when, why) its load failed
         self._lock = threading.Lock()
+
+    def raw_ids(self, version: str) -> np.ndarray | None:
+        """The raw ids by Milvus item id of `version` while its model is loaded (RegistryVocabularies shares them)."""
+        model = self._loaded.get(version)
+        return model.raw_ids if model is not None else None
 
     def current_version(self) -> str | None:
         if self.clock() - self._checked >= self.refresh_s:

@@ -304,11 +304,12 @@ class RecallServer:
         self.limits = Limits.from_config(rc)
         self.reader = reader or FeatureStoreReader.redis(config.redis, rc.feature_store_timeout_ms / 1e3, config.streaming.seen_items)
         registry = ModelRegistry(config.paths.models_dir)
-        self.search = search or MilvusItemSearch(config.milvus.uri, config.milvus.token, config.milvus.collection_prefix, ef=rc.search_ef,
-                                                 vocabularies=RegistryVocabularies(registry))
         # as deep as an answer can reach: n past every item left out (exclusions, window or recent items, seen set)
         left_out = rc.max_exclusions + max(rc.max_recent_items, config.streaming.window_length + config.streaming.seen_items)
         self.models = models or RegistryModels(registry, popular_depth=rc.max_n + left_out)
+        loaded_vocabulary = self.models.raw_ids if isinstance(self.models, RegistryModels) else (lambda version: None)
+        self.search = search or MilvusItemSearch(config.milvus.uri, config.milvus.token, config.milvus.collection_prefix, ef=rc.search_ef,
+                                                 vocabularies=RegistryVocabularies(registry, loaded=loaded_vocabulary))
         self.availability = availability or RegistryAvailability(registry)
         self.metrics = metrics or RecallMetrics()
         if served_log is None and rc.served_log_ttl_s:

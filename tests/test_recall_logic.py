@@ -752,6 +752,26 @@ def test_a_versions_vocabulary_is_read_in_the_background_and_a_missing_one_looke
     assert sorted(vocabularies._read) == sorted([version, "v-third"])
 
 
+def test_the_loaded_models_vocabulary_is_shared_not_read_again(two_exports, tmp_path):
+    from model_export.artifact import ModelArtifact
+    from model_export.registry import ModelRegistry
+    from recall_service.backends import RegistryModels, RegistryVocabularies
+
+    registry = ModelRegistry(tmp_path / "models")
+    old, new = (registry.install(export).model_version for export in two_exports)
+    registry.set_current(new)
+    models = RegistryModels(registry, prefer_gpu=False)
+    vocabularies = RegistryVocabularies(registry, loaded=models.raw_ids)
+    assert models.raw_ids(new) is None  # not loaded yet
+    models.prepare()
+    shared = vocabularies.raw_ids(new)
+    assert shared is models.current().raw_ids and shared.tolist() == ["", *ModelArtifact.load(two_exports[1]).raw_items]
+    assert not any(t.name.startswith("vocabulary-") for t in threading.enumerate()) and not vocabularies._read
+    assert vocabularies.raw_ids(old) is None  # an older version's is read from its files, in the background
+    wait_for(lambda: vocabularies.raw_ids(old) is not None, 10, "the older vocabulary")
+    assert vocabularies.raw_ids(old).tolist() == ["", *ModelArtifact.load(two_exports[0]).raw_items]
+
+
 def test_a_model_retired_since_the_last_look_at_current_is_replaced_by_the_new_current(two_exports, tmp_path):
     """A refresh moves CURRENT, then retires the old version; a service that read CURRENT just
     before (it re-reads at most every refresh_s) must serve the new version, not fail."""
