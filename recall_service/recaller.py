@@ -23,6 +23,7 @@ A batch is served with one store round trip and one search per (model version, f
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -112,20 +113,40 @@ class Deadline:
 
 
 class CircuitBreaker:
-    """Open for `cooldown_s` after a failure: callers skip the backend and take the fallback."""
+    """Closed, every caller uses the backend. A failure opens it for `cooldown_s`: callers skip the
+    backend and take the fallback at once. Then half-open: the first caller is a trial (the others
+    keep falling back for another cool-down): its success closes the breaker, its failure opens it
+    again. So a backend that hangs rather than refusing costs one caller's timeout per cool-down,
+    not the timeout of every caller that arrives once the cool-down has passed. An answer to a call
+    started before the last failure (a slow success overtaken by another caller's timeout) does not
+    close it."""
 
     def __init__(self, cooldown_s: float, clock=time.monotonic):
         self.cooldown_s, self.clock = cooldown_s, clock
-        self.open_until = 0.0
+        self.open_until = 0.0  # 0 = closed
+        self.failed_at = -float("inf")
+        self._lock = threading.Lock()
 
     def allow(self) -> bool:
-        return self.clock() >= self.open_until
+        now = self.clock()
+        with self._lock:
+            if self.open_until == 0.0:
+                return True
+            if now < self.open_until:
+                return False
+            self.open_until = now + self.cooldown_s  # this caller is the trial; one that never reports is replaced after it
+            return True
 
     def failed(self) -> None:
-        self.open_until = self.clock() + self.cooldown_s
+        with self._lock:
+            self.failed_at = self.clock()
+            self.open_until = self.failed_at + self.cooldown_s
 
-    def succeeded(self) -> None:
-        self.open_until = 0.0
+    def succeeded(self, started: float) -> None:
+        """The backend answered a call made at `started` (the breaker's clock)."""
+        with self._lock:
+            if started >= self.failed_at:
+                self.open_until = 0.0
 
 
 @dataclass
@@ -230,7 +251,7 @@ class Recaller:
             self._attribute(pending, "feature_store", self.clock() - started)
             self._store_down(pending, str(exc))
             return
-        self.store_breaker.succeeded()
+        self.store_breaker.succeeded(started)
         self._attribute(pending, "feature_store", self.clock() - started)
         for p, record in zip(pending, records):
             if isinstance(record, RecordError):
@@ -263,6 +284,7 @@ class Recaller:
         try:
             hits = self.search.search(version, np.concatenate([p.vectors for p in group]), max(limits), expr, timeout)
         except VersionRetired:
+            self.search_breaker.succeeded(started)  # Milvus answered
             if retired_to is None:  # the current model has no collection: nothing to search
                 return self._search_down(group, popular, f"the collection of the current model {version} is missing")
             for p in group:  # recompute from the stored window and profile with the current model
@@ -277,11 +299,13 @@ class Recaller:
             self._attribute(group, "vector_search", self.clock() - started)
             return self._search_down(group, popular, f"no answer within {timeout * 1e3:.0f} ms")
         except BackendUnavailable as exc:
-            if not isinstance(exc, SearchRejected):
+            if isinstance(exc, SearchRejected):
+                self.search_breaker.succeeded(started)  # Milvus answered: one bad search says nothing about it
+            else:
                 self.search_breaker.failed()
             self._attribute(group, "vector_search", self.clock() - started)
             return self._search_down(group, popular, str(exc))
-        self.search_breaker.succeeded()
+        self.search_breaker.succeeded(started)
         self.dims[version] = group[0].vectors.shape[1]
         self._attribute(group, "vector_search", self.clock() - started)
 

@@ -373,6 +373,50 @@ def test_feature_store_down_falls_back_and_the_breaker_skips_it(world):
     assert recaller.recall_many([q("alice")], Deadline(1.0))[0].path is RecallPath.POPULAR_FALLBACK
 
 
+def test_after_the_cool_down_one_trial_caller_reaches_the_backend_and_its_answer_decides():
+    clock = [0.0]
+    breaker = CircuitBreaker(1.0, clock=lambda: clock[0])
+    assert breaker.allow() and breaker.allow()  # closed
+    breaker.failed()
+    assert not breaker.allow()
+    clock[0] = 1.5
+    assert breaker.allow()  # the trial
+    assert not breaker.allow() and not breaker.allow()  # the others keep falling back while it runs
+    breaker.failed()  # the trial timed out: open again
+    clock[0] = 2.0
+    assert not breaker.allow()
+    clock[0] = 2.6
+    assert breaker.allow()  # the next trial
+    breaker.succeeded(started=2.6)
+    assert breaker.allow() and breaker.allow()  # closed again
+    # a slow answer to a call made before another caller's failure does not close the breaker
+    breaker.failed()  # at 2.6
+    breaker.succeeded(started=2.0)
+    assert not breaker.allow()
+    # a trial that never reports is replaced after a cool-down
+    clock[0] = 3.7
+    assert breaker.allow() and not breaker.allow()
+    clock[0] = 4.8
+    assert breaker.allow()
+
+
+def test_a_hanging_search_costs_one_callers_timeout_per_cool_down(world):
+    recaller, search, *_ = world
+    clock = [0.0]
+    recaller.search_breaker = CircuitBreaker(1.0, clock=lambda: clock[0])
+    calls = []
+
+    def hangs(*args):
+        calls.append(args)
+        raise DeadlineExceeded("no answer within 500 ms")
+
+    search.search = hangs
+    for at in (0.0, 0.1, 1.2, 1.3, 1.4, 2.5):
+        clock[0] = at
+        assert recaller.recall_many([q("alice")], Deadline(5.0))[0].reason is FallbackReason.VECTOR_SEARCH_UNAVAILABLE
+    assert len(calls) == 3  # at 0.0, at 1.2 (the trial after the cool-down), at 2.5 (the next trial)
+
+
 def test_vector_search_down_falls_back_to_popular_or_raises_when_fallback_is_off(world):
     recaller, search, *_ = world
     search.failure = BackendUnavailable("Milvus down")
@@ -380,7 +424,7 @@ def test_vector_search_down_falls_back_to_popular_or_raises_when_fallback_is_off
     assert result.path is RecallPath.POPULAR_FALLBACK and result.reason is FallbackReason.VECTOR_SEARCH_UNAVAILABLE
     assert {"i1", "i2", "i3"}.isdisjoint(r for r, _, _ in result.items)  # window and exclusions still dropped
     recaller.fallback_on_outage = False
-    recaller.search_breaker.succeeded()
+    recaller.search_breaker.succeeded(recaller.clock())
     with pytest.raises(BackendUnavailable, match="vector search unavailable"):
         recaller.recall_many([q("alice")], Deadline(1.0))
     recaller.reader = DownStore()
