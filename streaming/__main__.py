@@ -80,8 +80,14 @@ def cmd_backfill(args) -> int:
 
     config = load_config()
     registry = ModelRegistry(config.paths.models_dir)
-    superseded = current_moved_on(registry)
+    current = registry.current_version()
+    if args.model_version and args.model_version != current:
+        # the job keeps writing the current version's interests: the two would overwrite each other's records
+        raise UserError(f"model version {args.model_version} is not the current one ({current}): the streaming job writes the "
+                        f"current version's interests, which a backfill of another would overwrite while it runs; make it current "
+                        f"first (python -m model_export publish --export-dir {registry.path(args.model_version)}), or leave out --model-version")
     tower = UserTower.load(registry.path(args.model_version) if args.model_version else registry.current())
+    superseded = current_moved_on(registry, tower.version)  # the version written, not CURRENT read before the tower loaded
     store = RedisFeatureStore.from_config(config.redis, ttl_seconds=config.streaming.record_ttl_s, timeout_s=10.0)
     settle_s = job_settle_s(config.streaming.model_poll_s) if args.settle_s is None else args.settle_s
     with tqdm(unit="user", desc=f"re-extracting interests with {tower.version}", disable=args.quiet) as bar:
@@ -131,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("backfill", help="re-extract every stored user's interests with a model version (default: the current one)")
-    p.add_argument("--model-version", default=None, help="an installed version of the model registry (default: CURRENT)")
+    p.add_argument("--model-version", default=None, help="the version to write, which must be CURRENT (the default): the job writes "
+                   "CURRENT's interests, so a backfill of another version is refused")
     p.add_argument("--batch", type=int, default=512, help="users per user-tower call and per store round trip")
     p.add_argument("--settle-s", type=float, default=None,
                    help="keep passing this long after the start, while the job may still write with the old tower (default: 2 x [streaming].model_poll_s + 2)")

@@ -182,6 +182,16 @@ def write_id(record: InterestRecord) -> tuple[str, str]:
     return str(record.updated_ms), record.last_offset
 
 
+# Replaces a record whole in one step: a reader between a DEL and an HSET sent apart would find no
+# record and fall back. DEL first, so no field of an older layout survives.
+# KEYS[1] = record key; ARGV = ttl seconds (0 = none), field, value, ...
+REPLACE = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if ARGV[1] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
+
 # Replaces a record only if nobody wrote it since it was read (its write_id is unchanged), so a
 # backfill never overwrites a newer window the streaming job has just written. The record keeps the
 # time it had left to live: a backfill is no activity of the user's, and the user's seen set (another
@@ -254,12 +264,9 @@ class RedisFeatureStore:
         replaced rather than failing the write: the job would retry it for ever."""
         pipe = self.client.pipeline(transaction=False)
         n = 0
-        for record in records:
-            key = self.key(record.user_id)
-            pipe.delete(key)  # a record is replaced whole: no field of an older layout survives
-            pipe.hset(key, mapping=encode(record))
-            if self.ttl_seconds:
-                pipe.expire(key, self.ttl_seconds)
+        for record in records:  # a plain EVAL, as replace_if_unchanged explains
+            flat = [x for kv in encode(record).items() for x in kv]
+            pipe.execute_command("EVAL", REPLACE, 1, self.key(record.user_id), str(self.ttl_seconds), *flat)
             n += 1
         owners: list[str | None] = [None] * len(pipe)  # the user whose seen set each queued command writes
         seen_users = {user_id: behaviours for user_id, behaviours in (seen or {}).items() if behaviours} if self.seen_items else {}

@@ -80,10 +80,10 @@ class UserWindow:
     def apply(self, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "") -> Applied:
         if offset and self.last_offset and event.event_time_ms <= self.newest_ms and _not_after(offset, self.last_offset):
             return Applied.DUPLICATE
-        if self.newest_ms >= 0 and event.event_time_ms < self.newest_ms - allowed_lateness_ms:
-            return Applied.LATE
         # Redeliveries carry the same event time, so only that stretch of the window is searched (and
-        # what a full window evicted at its oldest time, which a copy of it ties).
+        # what a full window evicted at its oldest time, which a copy of it ties). Before the lateness
+        # check: a producer's retry of an event still in the window is a duplicate, however far the
+        # user's newest event has moved on since.
         t = event.event_time_ms
         for b in self.behaviours[bisect.bisect_left(self.behaviours, (t,)):]:
             if b[0] != t:
@@ -93,6 +93,8 @@ class UserWindow:
         left_at_oldest = self.evicted_at_oldest  # all of one time: the oldest kept behaviour's
         if left_at_oldest and left_at_oldest[0][0] == t and any(_same_event(b, event) for b in left_at_oldest):
             return Applied.DUPLICATE
+        if self.newest_ms >= 0 and event.event_time_ms < self.newest_ms - allowed_lateness_ms:
+            return Applied.LATE
         if len(self.behaviours) >= max_length and event.event_time_ms < self.behaviours[0][0]:
             return Applied.EVICTED
         # After equal times, keep arrival order: insert behind every entry of the same time.
@@ -107,12 +109,15 @@ class UserWindow:
                 # Only those left at the oldest kept time count (a copy of an older one is older than the window), and
                 # the newest max_length of them: a state that cannot grow with a burst of events of one time.
                 self.evicted_at_oldest = [b for b in self.evicted_at_oldest + evicted if b[0] == oldest_ms][-max_length:]
+        newest_so_far = event.event_time_ms >= self.newest_ms
         self.newest_ms = max(self.newest_ms, event.event_time_ms)
         if event.profile and event.profile != self.profile:
-            # the newest value of each field, at most MAX_MAP_ENTRIES fields (the newest set): a producer
+            # the newest value of each field by event time (an event that arrives late fills in only
+            # fields no newer event set), at most MAX_MAP_ENTRIES fields (the newest set): a producer
             # sending new keys with every event must not grow the state and the record without bound
-            merged = {k: v for k, v in self.profile.items() if k not in event.profile}
-            merged.update(event.profile)
+            newer, older = (event.profile, self.profile) if newest_so_far else (self.profile, event.profile)
+            merged = {k: v for k, v in older.items() if k not in newer}
+            merged.update(newer)
             self.profile = dict(list(merged.items())[-MAX_MAP_ENTRIES:])
         if offset:
             self.last_offset = offset

@@ -117,6 +117,34 @@ def test_real_redis_keeps_trims_and_reads_seen_sets(tmp_path, cluster):
         assert "x" in store.get_many(["a", "stray"])[-1].seen
 
 
+def test_a_reader_never_finds_a_record_missing_while_it_is_replaced(tmp_path):
+    """A record is replaced in one step on the server: a DEL and an HSET sent apart left a gap in
+    which a recall read found no record and fell back."""
+    import threading
+
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        config = RedisConfig(uri=server.uri)
+        writer = RedisFeatureStore.from_config(config, prefix="test", ttl_seconds=600)
+        reader = RedisFeatureStore.from_config(config, prefix="test")
+        records = [_record(f"user-{i}", seed=i) for i in range(256)]  # a pipeline the server reads in several pieces
+        writer.put_many(records)
+        done, missing = threading.Event(), []
+
+        def read():
+            while not done.is_set():
+                missing.extend(r for r in reader.get_many([r.user_id for r in records]) if r is None)
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        try:
+            for _ in range(40):
+                writer.put_many(records)
+        finally:
+            done.set()
+            thread.join()
+        assert missing == []
+
+
 @pytest.mark.parametrize("cluster", [False, True], ids=["standalone", "cluster"])
 def test_real_redis_round_trip_replace_ttl_and_auth(tmp_path, cluster):
     server_class = EmbeddedRedisCluster if cluster else EmbeddedRedis

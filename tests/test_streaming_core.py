@@ -142,6 +142,24 @@ def test_window_orders_by_event_time_within_the_lateness_bound():
     assert w.item_ids() == ("b", "a", "c")
 
 
+def test_a_retry_of_an_event_still_in_the_window_is_a_duplicate_not_late():
+    w = UserWindow()
+    assert w.apply(event("a", 1_000, event_id="x"), 10, 2_500, offset="0:1") is Applied.ADDED
+    assert w.apply(event("b", 9_000), 10, 2_500, offset="0:2") is Applied.ADDED  # the newest moves 8 s on
+    # the producer's retry of "a" lands at a later offset: still in the window, so not dead-lettered as late
+    assert w.apply(event("a", 1_000, event_id="x"), 10, 2_500, offset="0:3") is Applied.DUPLICATE
+    assert w.apply(event("c", 1_000), 10, 2_500, offset="0:4") is Applied.LATE  # a new event that old is
+
+
+def test_a_late_events_profile_does_not_override_a_newer_events_values():
+    w = UserWindow()
+    w.apply(event("a", 2_000, profile={"age": "30"}), 10, 5_000)
+    w.apply(event("b", 1_000, profile={"age": "25", "gender": "F"}), 10, 5_000)  # older, arrived later
+    assert w.profile == {"gender": "F", "age": "30"}  # the field no newer event set is filled in
+    w.apply(event("c", 3_000, profile={"age": "31"}), 10, 5_000)
+    assert w.profile == {"gender": "F", "age": "31"}
+
+
 def test_window_ignores_redeliveries_but_keeps_repeated_behaviours():
     w = UserWindow()
     assert w.apply(event("a", 1_000), 10, 0) is Applied.ADDED
@@ -547,19 +565,30 @@ def test_the_backfill_command_settles_for_the_job_s_model_poll_interval(monkeypa
     from streaming import __main__ as cli
     from streaming import feature_store
 
-    settles = []
+    settles, superseded = [], []
+    current = ["v2"]
 
     def backfill(store, tower, **options):
         settles.append(options["settle_s"])
+        superseded.append(options["superseded"]())
         return streaming.backfill.BackfillReport(tower.version, 0, 0, 0, 0, 0, 1, 0.0)
 
+    def load(path, **kw):  # v3 is published while the tower loads: the backfill writes v3, the current version
+        current[0] = "v3"
+        return VersionedTower("v3")
+
     monkeypatch.setenv("MINDSTREAM_STREAMING__MODEL_POLL_S", "3")
-    monkeypatch.setattr(registry, "ModelRegistry", lambda root: type("Registry", (), {"current": lambda self: root, "current_version": lambda self: "v2"})())
-    monkeypatch.setattr(artifact.UserTower, "load", lambda path, **kw: VersionedTower("v2"))
+    monkeypatch.setattr(registry, "ModelRegistry", lambda root: type("Registry", (), {
+        "current": lambda self: root, "current_version": lambda self: current[0], "path": lambda self, version: root / version})())
+    monkeypatch.setattr(artifact.UserTower, "load", load)
     monkeypatch.setattr(feature_store.RedisFeatureStore, "from_config", lambda *a, **kw: InMemoryFeatureStore())
     monkeypatch.setattr(streaming.backfill, "backfill", backfill)
     assert cli.main(["backfill", "--quiet"]) == 0 and cli.main(["backfill", "--quiet", "--settle-s", "1.5"]) == 0
     assert settles == [8.0, 1.5]  # 2 x model_poll_s + 2 by default
+    assert superseded == [False, False]  # checked against the version written, not CURRENT as read before the load
+    # a version other than the current one would overwrite the job's records of the current one
+    assert cli.main(["backfill", "--quiet", "--model-version", "v1"]) == 2 and settles == [8.0, 1.5]
+    assert "model version v1 is not the current one (v3)" in capsys.readouterr().err
 
 
 def test_a_corrupt_record_is_skipped_by_the_backfill_and_its_version_count_not_fatal():
