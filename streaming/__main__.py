@@ -94,8 +94,8 @@ def cmd_backfill(args) -> int:
         report = backfill(store, tower, batch=args.batch, settle_s=settle_s, progress=bar.update, superseded=superseded)
     print(json.dumps(report.__dict__, indent=2))
     if report.superseded:
-        print(f"stopped: the registry's current version is no longer the one of when the backfill started; "
-              f"the newer version's backfill re-extracts the users (python -m streaming backfill)", file=sys.stderr)
+        print(f"stopped: {tower.version} is no longer the registry's current version; the newer version's "
+              "backfill re-extracts the users (python -m streaming backfill)", file=sys.stderr)
     return 0
 
 

@@ -37,7 +37,8 @@ class EventProducer:
     def send(self, event: BehaviourEvent):
         """Queues one event (validated and encoded here; EventError if the job would refuse it);
         returns kafka-python's future."""
-        future = self.producer.send(self.topic, key=event.user_id.encode(), value=encode_event(event, self.max_event_bytes))
+        value = encode_event(event, self.max_event_bytes)  # first: it refuses a user id that is no UTF-8 text as an EventError
+        future = self.producer.send(self.topic, key=event.user_id.encode(), value=value)
         self.sent += 1
         return future
 

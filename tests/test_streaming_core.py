@@ -1,5 +1,6 @@
 """The streaming core without servers: the event contract, the per-user window and the micro-batch writer."""
 
+import copy
 import dataclasses
 import json
 
@@ -84,6 +85,8 @@ def test_the_producer_validates_against_the_configured_record_limit(monkeypatch)
         producer.send(event(side={"note": "y" * 200}))  # well under the default 4 KB
     with pytest.raises(EventError):
         producer.send(event(event_type="like"))
+    with pytest.raises(EventError):  # the key too: a user id with no UTF-8 form
+        producer.send(event(user="u\ud800"))
     assert len(sent) == 1 and parse_event(sent[0]) == event()
 
 
@@ -266,9 +269,9 @@ def test_writer_batches_users_and_keeps_only_the_newest_window_per_user():
     writer = InterestWriter(FixedTower(tower), store, max_users=2)
     w = UserWindow()
     w.apply(event("a", 1), 10, 0, offset="0:1")
-    writer.add("u1", w, produced_ms=1)
+    writer.add("u1", copy.deepcopy(w), produced_ms=1)  # the job hands over a new window object per event
     w.apply(event("b", 2), 10, 0, offset="0:2")
-    writer.add("u1", w, produced_ms=2)
+    writer.add("u1", copy.deepcopy(w), produced_ms=2)
     assert not writer.full
     writer.add("u2", UserWindow(), produced_ms=3)  # no known item: nothing to store
     assert writer.full
@@ -417,7 +420,9 @@ class UnreadableStore(InMemoryFeatureStore):
 
 
 def test_a_window_is_seeded_after_a_store_outage_and_starts_empty_from_a_corrupt_record():
-    from streaming.feature_store import RecordError
+    from prometheus_client import REGISTRY
+
+    from streaming.feature_store import InterestRecord, RecordError
 
     slept = []
     w = UserWindow()
@@ -428,7 +433,10 @@ def test_a_window_is_seeded_after_a_store_outage_and_starts_empty_from_a_corrupt
     writer.flush()
     assert writer.stored_window("u1").item_ids() == ("a",) and slept == [0.05, 0.1]  # waited, never guessed empty
     corrupt = UnreadableStore(RecordError("user u1: corrupt record"), times=1)
+    corrupt.put_many([InterestRecord("u1", "v-test", np.ones((1, 4), dtype=np.float32), ("b",), 1, "0:1", 1)])  # read if the error were retried
+    unreadable = REGISTRY.get_sample_value("mindstream_stream_window_seeds_total", {"result": "unreadable"}) or 0.0
     assert InterestWriter(FixedTower(FakeTower()), corrupt, sleep=slept.append).stored_window("u1") == UserWindow()
+    assert slept == [0.05, 0.1] and REGISTRY.get_sample_value("mindstream_stream_window_seeds_total", {"result": "unreadable"}) == unreadable + 1
 
 
 def test_an_unreadable_registry_is_a_failed_reload_and_the_tower_in_use_stays(tmp_path, monkeypatch):
