@@ -189,7 +189,10 @@ def _hits(results, nq: int, limit: int, vocabulary: np.ndarray | None = None) ->
     ids = np.asarray(results.ids.int_id.data, dtype=np.int64)
     scores = np.asarray(results.scores, dtype=np.float32)
     if vocabulary is not None:
-        raw = vocabulary[np.where((ids > 0) & (ids < len(vocabulary)), ids, 0)]  # an id the vocabulary lacks reads ""
+        known = (ids > 0) & (ids < len(vocabulary))
+        raw = vocabulary[np.where(known, ids, 0)]
+        # an id the vocabulary lacks is no item: a padding hit (-inf), which the merges skip, never an answer ""
+        ids, scores = np.where(known, ids, MISSING_ITEM), np.where(known, scores, np.float32(-np.inf))
     else:
         raw = next((f.scalars.string_data.data for f in results.fields_data if f.field_name == "raw_id"), None)
         raw = np.array(raw, dtype=object) if raw is not None else np.full(len(ids), "", dtype=object)

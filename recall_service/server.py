@@ -263,10 +263,11 @@ class TaskCountingExecutor(futures.ThreadPoolExecutor):
 class ConcurrencyLimit(grpc.ServerInterceptor):
     """At most `limit` RPCs queued or running; beyond, RESOURCE_EXHAUSTED without running the
     servicer, counted in mindstream_recall_requests_total. (gRPC's own `maximum_concurrent_rpcs`
-    refuses before any interceptor sees the RPC, so nothing could count those; the server keeps it
-    at REFUSAL_HEADROOM x the limit, as the bound of what waits to be refused.) Refusals run on a
-    small pool of their own (the fast lane), so that they do not wait behind the queue they protect;
-    a refusal still reads its request first (gRPC does, before the handler runs). Health checks are
+    rejects an RPC beyond it after the interceptors have run, so such an RPC is already counted
+    here; the server keeps it at REFUSAL_HEADROOM x the limit, as the bound of what waits to be
+    refused.) Refusals, this limit's and the token check's, run on a small pool of their own (the
+    fast lane), so that they do not wait behind the queue they protect; a refusal still reads its
+    request first (gRPC does, before the handler runs). Health checks are
     never refused and run on the fast lane too: a busy replica is still healthy, and refusing its
     readiness probe would take every replica of an overloaded fleet out of its load balancer at once.
     (Health's Watch, a stream that holds its thread, stays in the queue and under the limit.)"""
@@ -282,8 +283,11 @@ class ConcurrencyLimit(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is not None and details.method == HEALTH_CHECK:
             return _on_pool(handler, self.fast_lane)
-        # an RPC the token check refused is counted there, once, and answered UNAUTHENTICATED
-        if handler is None or self.executor.tasks < self.limit or _is_refusal(handler):
+        if handler is not None and _is_refusal(handler):
+            # the token check refused it (and counted it, once): answered UNAUTHENTICATED on the fast lane,
+            # so a flood of calls without a token neither waits behind nor fills the queue of authorised work
+            return _on_pool(handler, self.fast_lane)
+        if handler is None or self.executor.tasks < self.limit:
             return handler
         self.metrics.requests.labels(_method_name(details), "RESOURCE_EXHAUSTED").inc()
         return _refusing(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -409,7 +413,6 @@ class RecallServer:
             self._model_problem = problem
         try:
             version = self.models.current_version()
-            self.metrics.set_model_version(version)
             if (version is None) != self._without_model:  # said once per change, not every probe
                 self._without_model = version is None
                 if version is None:
@@ -417,8 +420,19 @@ class RecallServer:
                                 "`python -m model_export publish --export-dir DIR` installs one", self.config.paths.models_dir)
         except Exception as exc:
             log.warning("cannot read the current model version: %s", exc)
+        self.metrics.set_model_version(self._serving_version())
         self.metrics.inactive_items.set(len(self.availability.inactive().items))
         return not problems
+
+    def _serving_version(self) -> str | None:
+        """The version that answers: CURRENT's once loaded, the one loaded before while CURRENT's is
+        not loaded yet or fails to load (not CURRENT itself: the dashboards would name a model that
+        answers nothing)."""
+        try:
+            model = self.models.current()
+        except Exception:  # nothing loaded and CURRENT's does not load: prepare's warning above says why
+            return None
+        return model.version if model is not None else None
 
     def _probe_loop(self) -> None:
         while not self._stop.wait(self.config.recall.health_interval_ms / 1e3):

@@ -751,17 +751,21 @@ def test_milvus_results_become_rows_per_query_cut_to_the_limit_and_padded(topks,
 
 def test_raw_ids_come_from_the_vocabulary_by_item_id_when_one_is_given():
     """Item id i + 1 is the vocabulary's item i (publish numbers rows so); padding and ids the
-    vocabulary lacks read "" (no item), whatever raw_id field the reply has."""
+    vocabulary lacks read "" (no item) with a padding score, whatever raw_id field the reply has,
+    so no merge answers them."""
     from pymilvus.grpc_gen import schema_pb2
 
     from recall_service.backends import _hits
+    from recall_service.merge import merge_one_by_score
 
     vocabulary = np.array(["", "a", "b", "c"], dtype=object)
     results = schema_pb2.SearchResultData(num_queries=2, topks=[3, 1], scores=[0.9, 0.8, 0.7, 0.5])
     results.ids.int_id.data.extend([3, 1, 9, 2])
     hits = _hits(results, 2, 3, vocabulary)
     assert hits.raw_ids.tolist() == [["c", "a", ""], ["b", "", ""]]
-    assert hits.item_ids.tolist() == [[3, 1, 9], [2, MISSING_ITEM, MISSING_ITEM]]
+    assert hits.item_ids.tolist() == [[3, 1, MISSING_ITEM], [2, MISSING_ITEM, MISSING_ITEM]]
+    assert np.allclose(hits.scores[:, :1], [[0.9], [0.5]]) and hits.scores[0, 1] == np.float32(0.8) and np.isneginf(hits.scores[0, 2])
+    assert [item for item, _, _ in merge_one_by_score(hits.raw_ids, hits.scores, 5)] == ["c", "a", "b"]  # never ""
 
 
 def test_a_versions_vocabulary_is_read_in_the_background_and_a_missing_one_looked_for_again_later(two_exports, tmp_path):

@@ -489,6 +489,20 @@ def in_memory_server(tmp_path):
         server.stop(grace_s=0)
 
 
+def test_the_model_version_metric_names_the_model_that_answers_not_current(in_memory_server):
+    """A published version that fails to load leaves the one loaded before answering: the metric names that one."""
+    server, stub, _ = in_memory_server()
+    info = lambda version: server.metrics.registry.get_sample_value("mindstream_recall_model_info", {"model_version": version})  # noqa: E731
+    server.probe()
+    assert info("B") == 1
+    server.models.current_version = lambda: "C"  # CURRENT moved on; C does not load, B goes on answering
+    server.probe()
+    assert info("B") == 1 and info("C") is None
+    server.models.current, server.models.current_version = lambda: None, lambda: None  # nothing published
+    server.probe()
+    assert info("B") is None
+
+
 def latency_count(server, path, code):
     return server.metrics.registry.get_sample_value("mindstream_recall_latency_seconds_count", {"path": path, "stage": "total", "code": code}) or 0
 
@@ -569,14 +583,15 @@ def test_health_checks_are_answered_at_once_over_the_concurrency_limit(in_memory
 def test_an_rpc_refused_for_its_token_is_counted_once_even_over_the_limit(in_memory_server):
     from recall_service.channel import recall_channel
 
-    server, anonymous, search = in_memory_server(workers=1, max_concurrent_rpcs=1, auth_token="s3cret")
+    server, anonymous, search = in_memory_server(workers=1, max_concurrent_rpcs=1, auth_token="s3cret", vector_search_timeout_ms=10_000)
     recall = dataclasses.replace(server.config.recall, host="127.0.0.1", port=server.port)
     authorised = recall_pb2_grpc.RecallServiceStub(recall_channel(recall))
     running = authorised.Recall.future(recall_pb2.RecallRequest(user_id="alice", n=5), timeout=10)
-    assert search.entered.acquire(timeout=5)  # the limit is reached
+    assert search.entered.acquire(timeout=5)  # the limit is reached and the one worker is held
     with pytest.raises(grpc.RpcError) as error:
         anonymous.Recall(recall_pb2.RecallRequest(user_id="alice", n=5), timeout=5)
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert not running.done()  # refused beside the work, not after it
     assert server.metrics.requests.labels("Recall", "UNAUTHENTICATED")._value.get() == 1
     assert server.metrics.requests.labels("Recall", "RESOURCE_EXHAUSTED")._value.get() == 0
     search.gate.set()
