@@ -340,7 +340,10 @@ def test_unknown_user_gets_interests_on_the_fly_then_popular(world):
 def test_a_batch_shares_one_store_read_and_one_search_per_version(world):
     recaller, search, store, catalogs, interests = world
     store.put_many([InterestRecord("erin", "A", interests[:1], (), 0, "0:1"), InterestRecord("finn", "B", interests[:2], (), 0, "0:2")])
+    reads, read = [], store.get_many
+    store.get_many = lambda user_ids: reads.append(list(user_ids)) or read(user_ids)
     results = recaller.recall_many([q("alice"), q("erin"), q("finn")], Deadline(1.0))
+    assert reads == [["alice", "erin", "finn"]]
     assert sorted((c[0], c[1]) for c in search.calls) == [("A", 4), ("B", 2)]
     assert [r.model_version for r in results] == ["A", "A", "B"]
     single = recaller.recall_many([q("erin")], Deadline(1.0))[0]
