@@ -122,6 +122,8 @@ class RedisServedLog:
                 self.dropped("queue_full", 1)
             else:
                 self._pending.append(record)
+        if self._closed:  # closed meanwhile: the writer may have made its last pass before these came
+            self._drop_unsent()
 
     def get_many(self, user_ids: list[str]) -> list[tuple[ServedRecord, ...] | ServedRecordError]:
         """Each user's kept answers, newest first (empty: none), or a ServedRecordError where one is
@@ -158,6 +160,25 @@ class RedisServedLog:
         self._wake.set()
         if self._writer is not None:
             self._writer.join(timeout_s)
+        self._drop_unsent()
+
+    def _drop_unsent(self) -> None:
+        """Counts what is still queued once the writer has stopped (a record that passed the closed
+        check just before close), so no answer is lost uncounted."""
+        if self._writer is not None and self._writer.is_alive():
+            return  # its last pass sends them
+        unsent = 0
+        while self._pending:
+            try:
+                item = self._pending.popleft()
+            except IndexError:  # another thread emptied it meanwhile
+                break
+            if isinstance(item, threading.Event):
+                item.set()
+            else:
+                unsent += 1
+        if unsent:
+            self.dropped("closed", unsent)
 
     def _start_writer(self) -> None:
         with self._start_lock:

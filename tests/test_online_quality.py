@@ -257,6 +257,34 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking_a_recall():
     assert log.flush(timeout_s=10)
 
 
+def test_an_answer_recorded_while_the_log_closes_is_sent_or_counted_never_lost():
+    sent = []
+
+    class Pipeline:
+        def lpush(self, key, *values):
+            sent.append(key)
+
+        def ltrim(self, *args, **kwargs):
+            pass
+
+        def expire(self, *args, **kwargs):
+            pass
+
+        def execute(self):
+            pass
+
+    dropped = Counter()
+    log = RedisServedLog(SimpleNamespace(pipeline=lambda transaction: Pipeline()), ttl_s=60, dropped=lambda reason, n: dropped.update({reason: n}))
+
+    def answers_while_the_service_stops():  # record() has passed its closed check when close() runs
+        yield served("u1")
+        log.close(timeout_s=5)
+        yield served("u2")
+
+    log.record(answers_while_the_service_stops())
+    assert [key.rsplit(":", 1)[-1] for key in sent] == ["u1"] and dropped == Counter({"closed": 1})
+
+
 def scrape(port: int) -> Counter:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
