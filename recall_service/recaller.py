@@ -311,6 +311,7 @@ class Recaller:
 
         row = 0
         for p, limit, excluded in zip(group, limits, left_out):
+            deadline.check("merging a user's candidates")  # a batch's merges (a quota merge of deep lists) can outlast it
             started = self.clock()
             k = len(p.vectors)
             items = _merge_one(hits, row, k, limit, p.query, excluded, inactive.items)

@@ -351,6 +351,22 @@ def test_a_batch_shares_one_store_read_and_one_search_per_version(world):
     np.testing.assert_allclose([s for _, s, _ in single.items], [s for _, s, _ in results[1].items], rtol=1e-5)
 
 
+def test_the_deadline_is_checked_between_the_merges_of_a_batch(world, monkeypatch):
+    import recall_service.recaller as recaller_module
+
+    recaller, search, store, catalogs, interests = world
+    store.put_many([InterestRecord(f"u{i}", "A", interests, (), 0, f"0:{i}") for i in range(3)])
+    now, merge = [0.0], recaller_module.merge_one_by_score
+
+    def merge_taking_500_ms(*args, **kwargs):
+        now[0] += 0.5
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(recaller_module, "merge_one_by_score", merge_taking_500_ms)
+    with pytest.raises(DeadlineExceeded, match="merging"):  # two merges use up the 1 s: the third is not started
+        recaller.recall_many([q(f"u{i}") for i in range(3)], Deadline(1.0, clock=lambda: now[0]))
+
+
 def test_a_retired_version_is_recomputed_from_the_stored_window_and_profile(world):
     recaller, search, store, catalogs, interests = world
     store.put_many([InterestRecord("alice", "A", interests, ("i1", "i2"), 0, "0:0", profile={"gender": "F"})])
@@ -530,7 +546,7 @@ def test_the_deadline_bounds_the_search_and_stops_late_work(world):
 @pytest.mark.parametrize("user, recent, slow, stage", [
     ("nobody", [], "store", "the popular items"),
     ("bob", ["i3"], "store", "the user tower"),
-    ("alice", [], "search", "answering"),
+    ("alice", [], "search", "merging"),
 ])
 def test_no_path_answers_after_the_deadline(world, user, recent, slow, stage):
     """The client has stopped waiting by then: the answer would be lost, yet counted OK."""
