@@ -58,8 +58,9 @@ class KafkaConfig:
     bootstrap_servers: str = "127.0.0.1:9092"
     events_topic: str = "mindstream.events.v1"
     dead_letter_topic: str = "mindstream.events.dlq.v1"
-    security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
-    sasl_mechanism: str = ""  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
+    # as Kafka spells them: the clients compare them as written ("ssl" would drop the CA and certificates)
+    security_protocol: typing.Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: typing.Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = ""
     sasl_username: str = ""
     sasl_password: str = ""
     ssl_cafile: str = ""
@@ -97,6 +98,10 @@ class StreamingConfig:
 
     def __post_init__(self) -> None:
         _require_range("streaming", self, "seen_items", 0)
+        _require_port("streaming", self, "metrics_port")
+        for name in ("window_length", "max_event_bytes", "batch_max_users", "checkpoint_interval_ms", "parallelism", "topic_partitions"):
+            _require_range("streaming", self, name, 1)
+        _require_range("streaming", self, "allowed_lateness_ms", 0)
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,12 @@ class RecallServiceConfig:
     def __post_init__(self) -> None:
         _require_range("recall", self, "served_log_ttl_s", 0)
         _require_range("recall", self, "served_log_answers", 1)
+        for name in ("port", "metrics_port"):
+            _require_port("recall", self, name)
+        # 0 would refuse every RPC, health checks included: a service that never becomes ready, with no word why
+        for name in ("workers", "max_concurrent_rpcs", "max_n", "max_batch", "max_request_bytes", "default_deadline_ms",
+                     "feature_store_timeout_ms", "vector_search_timeout_ms", "health_interval_ms"):
+            _require_range("recall", self, name, 1)
 
 
 @dataclass(frozen=True)
@@ -206,6 +217,11 @@ class MonitoringConfig:
     online_quality_group: str = "mindstream-online-quality"  # the exporter's consumer group judging events against what was served
     scrape_interval_s: int = 5
 
+    def __post_init__(self) -> None:
+        for name in ("prometheus_port", "exporter_port"):
+            _require_port("monitoring", self, name)
+        _require_range("monitoring", self, "scrape_interval_s", 1)
+
 
 @dataclass(frozen=True)
 class Config:
@@ -226,6 +242,10 @@ def _require_range(section: str, values: object, name: str, low: float, high: fl
     if not inside:
         bounds = f"{'(' if open_ends else '['}{low}, {high if high is not None else 'inf'}{')' if open_ends or high is None else ']'}"
         raise ConfigError(f"[{section}].{name} ({_env_name(section, name)}) = {value!r}: must be in {bounds}")
+
+
+def _require_port(section: str, values: object, name: str) -> None:
+    _require_range(section, values, name, 0, 65535)  # 0: any free port
 
 
 def _coerce(value: object, target: type, where: str) -> object:
@@ -274,13 +294,21 @@ def _env_name(section_name: str, field_name: str) -> str:
 
 def _check_variable_names(environ: dict) -> None:
     """A MINDSTREAM_<SECTION>__<FIELD> variable that names no field is refused, as an unknown TOML key
-    is: a misspelled secret or address would otherwise leave the default in place without a word.
-    Variables without the double underscore (MINDSTREAM_CONFIG, MINDSTREAM_DISABLE_GPU) are not fields."""
-    known = {_env_name(section.name, f.name) for section in dataclasses.fields(Config)
-             for f in dataclasses.fields(typing.get_type_hints(Config)[section.name])}
-    unknown = sorted(name for name in environ if name.startswith(ENV_PREFIX) and "__" in name[len(ENV_PREFIX):] and name not in known)
+    is: a misspelled secret or address would otherwise leave the default in place without a word, and
+    so is MINDSTREAM_<SECTION>_<FIELD> with one underscore. Other variables (MINDSTREAM_CONFIG,
+    MINDSTREAM_DISABLE_GPU) are not fields."""
+    sections = [section.name for section in dataclasses.fields(Config)]
+    known = {_env_name(section, f.name) for section in sections for f in dataclasses.fields(typing.get_type_hints(Config)[section])}
+    # MINDSTREAM_RECALL_AUTH_TOKEN (one underscore after a section) would leave the API without its token, silently
+    one_underscore = tuple(f"{ENV_PREFIX}{section.upper()}_" for section in sections)
+    unknown = sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known
+                     and ("__" in name[len(ENV_PREFIX):] or name.startswith(one_underscore)))
     if unknown:
-        named = [name + "".join(f" (did you mean {match}?)" for match in difflib.get_close_matches(name, known, n=1, cutoff=0.8)) for name in unknown]
+        def suggestion(name: str) -> list[str]:
+            doubled = next((prefix + "_" + name[len(prefix):] for prefix in one_underscore if name.startswith(prefix)), "")
+            return [doubled] if doubled in known else difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+
+        named = [name + "".join(f" (did you mean {match}?)" for match in suggestion(name)) for name in unknown]
         raise ConfigError(f"unknown configuration variables: {', '.join(named)}; MINDSTREAM_<SECTION>__<FIELD> must name a field "
                           "of infra/config.py (`python -m infra config` lists them): rename or unset them")
 

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 
-def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """`write(file)` fills a temporary file beside `path`, which then replaces `path` in one rename.
+def write_atomically(path: Path, write: Callable[[BinaryIO], object], mode: int | None = None) -> Path:
+    """`write(file)` fills a temporary file beside `path`, which then replaces `path` in one rename;
+    `mode`: its permissions, set before anything is written (0o600 for a file that may hold secrets).
 
     The temporary file has a name of its own per call, so writers that race for the same path (torchrun
     ranks filling a cold cache, two retraining processes) never write into each other's; the last
@@ -19,6 +20,8 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "xb") as fh:
+            if mode is not None:
+                os.chmod(tmp, mode)
             write(fh)
         tmp.replace(path)
     except BaseException:
@@ -27,5 +30,5 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     return path
 
 
-def write_text_atomically(path: Path, text: str) -> Path:
-    return write_atomically(path, lambda fh: fh.write(text.encode("utf-8")))
+def write_text_atomically(path: Path, text: str, mode: int | None = None) -> Path:
+    return write_atomically(path, lambda fh: fh.write(text.encode("utf-8")), mode)

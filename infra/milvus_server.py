@@ -24,6 +24,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from infra.files import write_text_atomically
 from infra.process import ManagedProcess, free_port, port_open
 
 GRACEFUL_STOP_S = 5  # Milvus' own forced-quit deadline after SIGINT
@@ -82,8 +83,7 @@ class MilvusServer(ManagedProcess):
             if not port or port == self.port or port in ports.values() or port_open("127.0.0.1", port):
                 port = free_port()
             ports[key] = port
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.ports_path.write_text(json.dumps(ports))
+        write_text_atomically(self.ports_path, json.dumps(ports))
         return ports
 
     def prepare(self) -> None:

@@ -148,11 +148,14 @@ class ManagedProcess:
         error names its log."""
         timeout_s = self.start_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
-        while not self.ready():
+        while True:
+            # alive first: a server that exited on its bind must not pass for ready because another process holds the port
             if not self.alive():
                 code = self.process.returncode if self.process is not None else "?"
                 self.stop()
                 raise RuntimeError(f"{self.name} exited with {code}; see {self.log_path}")
+            if self.ready():
+                break
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"{self.name} was not ready within {timeout_s:.0f} s; see {self.log_path}")

@@ -191,7 +191,8 @@ class Stack:
         return load_config(self.layout.config_path, environ=self.env)
 
     def _write_config(self, ports: dict[str, int], milvus_server: MilvusServerKind) -> Config:
-        write_text_atomically(self.layout.config_path, generated_config(user_settings(self.environ), self.layout, ports, milvus_server))
+        # 0600: it copies the user's settings, passwords and tokens included
+        write_text_atomically(self.layout.config_path, generated_config(user_settings(self.environ), self.layout, ports, milvus_server), mode=0o600)
         return self.config()
 
     def _choose_milvus_server(self, milvus_runs: bool) -> MilvusServerKind:
@@ -253,9 +254,7 @@ class Stack:
             return None
 
     def _write_pid(self, name: str, pid: int) -> None:
-        pid_file = self.layout.pid_file(name)
-        pid_file.parent.mkdir(parents=True, exist_ok=True)
-        pid_file.write_text(f"{pid}\n")
+        write_text_atomically(self.layout.pid_file(name), f"{pid}\n")  # a truncated PID file would lose track of the service
 
     def skip_reason(self, name: str, config: Config) -> str | None:
         """Why a service cannot start now (None: it can)."""

@@ -28,6 +28,7 @@ import numpy as np
 
 from infra.cli import UserError
 from model_export.manifest import Manifest
+from model_export.registry import CurrentMovedError
 
 FLAT_BELOW_ITEMS = 20_000  # exact search is cheap below this many items
 HNSW_PARAMS = {"M": 16, "efConstruction": 200}
@@ -245,29 +246,40 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
     return Published(name, prefix, manifest.model_version, count, index_type, time.perf_counter() - started)
 
 
-def publish_version(export_dir: Path, registry, client, prefix: str, index_type: str | None = None, progress=print) -> Published:
+def publish_version(export_dir: Path, registry, client, prefix: str, index_type: str | None = None, progress=print,
+                    expect_current: str | None = None) -> Published:
     """The whole publication: install in the registry, fill + index + load the collection, swap the
-    alias, and only then move the registry's CURRENT (the streaming job hot-reloads on that)."""
-    manifest = registry.install(export_dir)
-    done = publish(registry.path(manifest.model_version), client, prefix, index_type, progress, lambda: registry.inactive_items().items)
-    registry.set_current(manifest.model_version)
+    alias, and only then move the registry's CURRENT (the streaming job hot-reloads on that). One
+    publication or retirement at a time per registry (registry.publishing). With `expect_current`,
+    CurrentMovedError unless CURRENT still names that version (a retraining's parent)."""
+    with registry.publishing(progress):
+        current = registry.current_version()
+        if expect_current is not None and current != expect_current:
+            raise CurrentMovedError(f"the registry's current version is {current}, no longer {expect_current}, which this candidate "
+                                    "was judged against: not published (the next retraining starts from the current version)")
+        manifest = registry.install(export_dir)
+        done = publish(registry.path(manifest.model_version), client, prefix, index_type, progress, lambda: registry.inactive_items().items)
+        registry.set_current(manifest.model_version)
     return done
 
 
 def retire_unreferenced(registry, client, prefix: str, referenced: set[str]) -> list[str]:
     """Drops the collection and the registry copy of every version that is neither current nor
-    referenced by a stored interest; returns the retired versions."""
-    current = registry.current_version()
-    aliased = alias_target(client, prefix)
+    referenced by a stored interest; returns the retired versions. Under registry.publishing(): a
+    version another process is installing and filling is not current yet, and must not be taken for
+    an unreferenced one."""
     retired = []
-    for version in registry.versions():
-        if version == current or version in referenced:
-            continue
-        name = collection_name(prefix, version)
-        if name == aliased:
-            continue  # never drop what the alias points at (a CURRENT moved by hand, say)
-        if client.has_collection(name):
-            client.drop_collection(name)
-        registry.remove(version)
-        retired.append(version)
+    with registry.publishing():
+        current = registry.current_version()
+        aliased = alias_target(client, prefix)
+        for version in registry.versions():
+            if version == current or version in referenced:
+                continue
+            name = collection_name(prefix, version)
+            if name == aliased:
+                continue  # never drop what the alias points at (a CURRENT moved by hand, say)
+            if client.has_collection(name):
+                client.drop_collection(name)
+            registry.remove(version)
+            retired.append(version)
     return retired

@@ -19,6 +19,7 @@ re-reads it to filter its answers.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import json
@@ -51,6 +52,11 @@ class RegistryError(UserError, LookupError):
     """The registry has no current model, or not the version asked for."""
 
 
+class CurrentMovedError(RegistryError):
+    """CURRENT is no longer the version a publication was decided against (a retraining judged its
+    candidate against one version while an operator published or rolled back to another)."""
+
+
 class InactiveFileError(UserError, ValueError):
     """INACTIVE.json is not the record `set_active` writes (edited by hand, written by another tool)."""
 
@@ -72,7 +78,23 @@ class ModelRegistry:
             staging.rename(target)
         return manifest
 
+    @contextlib.contextmanager
+    def publishing(self, say=lambda message: None):
+        """Held by whatever moves CURRENT or deletes versions (publish, retire), across every process
+        that shares the registry: without it a retire could drop a version another process is still
+        filling, or a retraining move CURRENT over an operator's rollback. An exclusive flock on
+        `.publish.lock` (on a shared volume: NFSv4 or another filesystem with POSIX locks)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".publish.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                say(f"  waiting for another publication or retirement in {self.root} to finish")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def set_current(self, model_version: str) -> None:
+        """Moves CURRENT (call it within `publishing()`, as publish does)."""
         self.path(model_version)  # refuses a version that is not installed
         self._replace(CURRENT_FILE, {"model_version": model_version, "published_at": dt.datetime.now(dt.timezone.utc).isoformat()})
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import sys
@@ -395,10 +396,23 @@ def retrain_once(config, publish_model: bool = True, progress: bool = True) -> d
     """read -> grow -> merge -> tune -> judge -> export -> publish -> backfill -> retire.
 
     Returns the report printed by `python -m model_export retrain`: status is "published",
-    "refused" (the gate said no; the reason is in it), "trained" (publish_model=False) or
-    "skipped" (too few new events)."""
+    "refused" (the gate said no, or CURRENT moved away from the parent meanwhile; the reason is in
+    it), "trained" (publish_model=False) or "skipped" (too few new events). One retraining at a time
+    per state folder: two would append the same events to one log, and the last save would win."""
+    state_dir = config.retrain.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / ".retrain.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RetrainError(f"another retraining runs on {state_dir} (it holds {state_dir / '.retrain.lock'}): "
+                               "wait for it to finish, or give this one its own [retrain].state_dir") from None
+        return _retrain_once(config, publish_model, progress)
+
+
+def _retrain_once(config, publish_model: bool, progress: bool) -> dict:
     from model_export.event_log import commit_offsets, read_new_events
-    from model_export.registry import ModelRegistry
+    from model_export.registry import CurrentMovedError, ModelRegistry
 
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     settings, paths = config.retrain, config.paths
@@ -462,11 +476,15 @@ def retrain_once(config, publish_model: bool = True, progress: bool = True) -> d
     stages.lap("export")
     if not publish_model:
         return {**report, "status": "trained", "export_dir": str(export_dir), "seconds": stages.seconds}
-    return {**report, **refresh(config, export_dir, say, stages), "status": "published"}
+    try:
+        return {**report, **refresh(config, export_dir, say, stages, expect_current=parent.model_version), "status": "published"}
+    except CurrentMovedError as exc:  # an operator published or rolled back meanwhile: theirs stands
+        return {**report, "status": "refused", "reason": str(exc), "seconds": stages.seconds}
 
 
-def refresh(config, export_dir: Path, say, stages: "Stages") -> dict:
-    """Publish an export and bring the feature store over to it; old versions go once unreferenced."""
+def refresh(config, export_dir: Path, say, stages: "Stages", expect_current: str | None = None) -> dict:
+    """Publish an export and bring the feature store over to it; old versions go once unreferenced.
+    With `expect_current`, CurrentMovedError (nothing published) unless that version is still current."""
     from model_export.artifact import UserTower
     from model_export.publish import connect, publish_version, retire_unreferenced
     from model_export.registry import ModelRegistry
@@ -476,7 +494,7 @@ def refresh(config, export_dir: Path, say, stages: "Stages") -> dict:
     registry = ModelRegistry(config.paths.models_dir)
     client = connect(config.milvus.uri, config.milvus.token)
     say("==> publishing: new collection, alias swap, registry CURRENT (the streaming job hot-reloads)")
-    published = publish_version(export_dir, registry, client, config.milvus.collection_prefix, progress=say)
+    published = publish_version(export_dir, registry, client, config.milvus.collection_prefix, progress=say, expect_current=expect_current)
     stages.lap("publish")
     say("==> backfilling stored interests with the new user tower")
     store = RedisFeatureStore.from_config(config.redis, ttl_seconds=config.streaming.record_ttl_s, timeout_s=10.0)

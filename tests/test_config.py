@@ -67,6 +67,15 @@ def test_a_whole_float_is_an_integer(tmp_path):
     ({"MINDSTREAM_RETRAIN__TOLERANCE": "nan"}, "MINDSTREAM_RETRAIN__TOLERANCE: expected a finite number, got 'nan'"),
     ({"MINDSTREAM_STREAMING__MODEL_POLL_S": "inf"}, "expected a finite number"),
     ({"MINDSTREAM_RETRAIN__STATE_DIR": ""}, "MINDSTREAM_RETRAIN__STATE_DIR: expected a path, got an empty value"),
+    # one underscore after a section: the API would run without the token its operator set
+    ({"MINDSTREAM_RECALL_AUTH_TOKEN": "x"}, r"MINDSTREAM_RECALL_AUTH_TOKEN \(did you mean MINDSTREAM_RECALL__AUTH_TOKEN\?\)"),
+    ({"MINDSTREAM_REDIS_PASSWORD": "x"}, r"MINDSTREAM_REDIS_PASSWORD \(did you mean MINDSTREAM_REDIS__PASSWORD\?\)"),
+    # values that cannot work: no RPC ever served, a port that does not exist, TLS silently off
+    ({"MINDSTREAM_RECALL__MAX_CONCURRENT_RPCS": "0"}, r"\[recall\].max_concurrent_rpcs .* = 0: must be in \[1, inf\)"),
+    ({"MINDSTREAM_RECALL__PORT": "70000"}, r"\[recall\].port .* = 70000: must be in \[0, 65535\]"),
+    ({"MINDSTREAM_STREAMING__WINDOW_LENGTH": "-3"}, r"\[streaming\].window_length .* = -3: must be in \[1, inf\)"),
+    ({"MINDSTREAM_MONITORING__SCRAPE_INTERVAL_S": "0"}, r"\[monitoring\].scrape_interval_s .* = 0: must be in \[1, inf\)"),
+    ({"MINDSTREAM_KAFKA__SECURITY_PROTOCOL": "ssl"}, "MINDSTREAM_KAFKA__SECURITY_PROTOCOL: expected one of 'PLAINTEXT', 'SSL', 'SASL_PLAINTEXT', 'SASL_SSL', got 'ssl'"),
 ])
 def test_bad_environment_variables_are_named(tmp_path, environ, message):
     with pytest.raises(ConfigError, match=message):

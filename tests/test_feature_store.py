@@ -233,6 +233,28 @@ def test_a_replace_never_overwrites_a_write_of_the_same_millisecond(tmp_path, ba
         assert store.get_many(["u1"])[0].model_version == "v2"
 
 
+@pytest.mark.parametrize("password", ["", "pass word"])
+def test_redis_is_ready_when_it_answers_ping_not_when_it_listens(tmp_path, password):
+    """Redis listens before it has loaded its append-only file, and answers -LOADING until then."""
+    import socket
+    import threading
+
+    replies = [b"-LOADING Redis is loading the dataset in memory\r\n", b"+PONG\r\n"]
+
+    def serve(listener):
+        for reply in replies:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(1024)
+                connection.sendall((b"+OK\r\n" if password else b"") + reply)
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=serve, args=(listener,), daemon=True).start()
+        redis_process = EmbeddedRedis(tmp_path, port=listener.getsockname()[1], password=password)
+        assert not redis_process.ready()  # listening, still loading
+        assert redis_process.ready()
+
+
 def test_redis_down_fails_fast(tmp_path):
     from redis.exceptions import ConnectionError as RedisConnectionError
 

@@ -10,7 +10,8 @@ import pytest
 
 from infra.cli import UserError
 from model_export.manifest import Manifest
-from model_export.publish import alias_target, collection_name, connect, publish
+from model_export.publish import alias_target, collection_name, connect, publish, publish_version, retire_unreferenced
+from model_export.registry import CurrentMovedError, ModelRegistry
 
 from conftest import REPO
 
@@ -62,6 +63,38 @@ def test_a_new_version_moves_the_alias_and_keeps_the_old_collection(two_exports,
     # a version that is not live is rebuilt with the index asked for
     rebuilt = publish(two_exports[0], client, PREFIX, index_type="HNSW", progress=lambda m: None)
     assert rebuilt.index_type == "HNSW" and client.describe_index(old.collection, "vector")["index_type"] == "HNSW"
+
+
+def test_a_retire_waits_for_a_publication_in_progress_and_a_moved_current_is_not_overwritten(two_exports, tmp_path):
+    import threading
+    import time
+
+    registry, client, quiet = ModelRegistry(tmp_path / "models"), connect(str(tmp_path / "milvus.db")), lambda m: None
+    old = publish_version(two_exports[0], registry, client, PREFIX, progress=quiet).model_version
+    # a retraining judged its candidate against another version than CURRENT: nothing is installed or published
+    with pytest.raises(CurrentMovedError, match=f"current version is {old}, no longer v-parent"):
+        publish_version(two_exports[1], registry, client, PREFIX, progress=quiet, expect_current="v-parent")
+    assert registry.versions() == [old] and registry.current_version() == old and alias_target(client, PREFIX) == collection_name(PREFIX, old)
+    # another process's publication: installed and being filled, not current yet; a retire meanwhile waits for it
+    retired = []
+    with registry.publishing():
+        new = registry.install(two_exports[1]).model_version
+        retire = threading.Thread(target=lambda: retired.extend(retire_unreferenced(registry, client, PREFIX, set())))
+        retire.start()
+        time.sleep(0.5)
+        assert retire.is_alive() and new in registry.versions()
+        registry.set_current(new)
+    retire.join(30)
+    assert retired == [] and sorted(registry.versions()) == sorted([old, new])  # old: the alias still points at it
+    # a publication waits for another one, and says so
+    said = []
+    with registry.publishing():
+        second = threading.Thread(target=lambda: publish_version(two_exports[1], registry, client, PREFIX, progress=said.append))
+        second.start()
+        time.sleep(0.5)
+        assert second.is_alive() and any("waiting for another publication" in m for m in said)
+    second.join(60)
+    assert registry.current_version() == new and alias_target(client, PREFIX) == collection_name(PREFIX, new)
 
 
 def test_publish_command_installs_publishes_and_makes_current(two_exports, tmp_path):

@@ -333,6 +333,23 @@ def test_fine_tuning_grows_the_model_and_learns_the_new_item(two_exports, synthe
     assert torch.isfinite(learned).all() and not torch.allclose(learned, start)  # started from its context, then trained
 
 
+def test_one_retraining_at_a_time_per_state_folder(monkeypatch, two_exports, tmp_path):
+    import fcntl
+
+    import model_export.retrain
+    from model_export.retrain import RetrainError, retrain_once
+
+    config = scheduler_config(tmp_path, two_exports[0])
+    ran = []
+    monkeypatch.setattr(model_export.retrain, "_retrain_once", lambda *args: ran.append(args) or {"status": "skipped"})
+    config.retrain.state_dir.mkdir(parents=True)
+    with open(config.retrain.state_dir / ".retrain.lock", "w") as other:  # another retraining holds it
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(RetrainError, match="another retraining runs on"):
+            retrain_once(config)
+    assert ran == [] and retrain_once(config) == {"status": "skipped"} and len(ran) == 1
+
+
 def test_a_refused_candidate_exits_3_with_the_gates_reason(monkeypatch, capsys):
     import model_export.retrain
     from model_export.__main__ import main

@@ -58,6 +58,15 @@ def test_free_ports_are_drawn_outside_the_ephemeral_range_and_skip_taken_ones(mo
         assert process.free_port() == 12_345
 
 
+def test_the_generated_configuration_is_readable_by_its_owner_only(tmp_path):
+    """It copies the user's settings, passwords and tokens included."""
+    from infra.stack import Stack
+
+    stack = Stack(tmp_path, environ={"MINDSTREAM_REDIS__PASSWORD": "s3cret"})
+    stack._write_config({key: 20000 + i for i, key in enumerate(PORTS)}, "lite")
+    assert stack.layout.config_path.stat().st_mode & 0o777 == 0o600
+
+
 def test_services_ignore_variables_that_would_move_the_stacks_addresses(tmp_path):
     moving = ("MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS", "MINDSTREAM_RECALL__METRICS_HOST", "MINDSTREAM_MONITORING__EXPORTER_HOST")
     env = service_environment({**dict.fromkeys(moving, "0.0.0.0"), "MINDSTREAM_STREAMING__BATCH_MAX_USERS": "64", "PATH": "/bin"},
