@@ -363,5 +363,13 @@ def load_config(path: str | os.PathLike | None = None, environ: dict | None = No
     built = {}
     for name, f in sections.items():
         section_cls = typing.get_type_hints(Config)[name]
-        built[name] = section_cls(**_section_overrides(name, section_cls, from_file.get(name, {}), environ))
+        values = from_file.get(name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"{file_path}: `{name}` must be a table ([{name}] with key = value lines), not {values!r}")
+        try:
+            built[name] = section_cls(**_section_overrides(name, section_cls, values, environ))
+        except ConfigError as exc:
+            if file_path is None:
+                raise
+            raise ConfigError(f"{file_path}: {exc}") from None  # which file: the user's, or the stack's generated one
     return Config(**built)

@@ -277,6 +277,7 @@ class Stack:
             self.out(f"the stack is already running ({self.layout.root}); `python -m infra status` shows it")
             return 0
         keep_current = any(running.values())
+        load_config(environ=self.environ)  # the user's settings as they stand: a mistake stops here, before the stack's file is rewritten
         config = self._write_config(self._choose_ports(keep_current), self._choose_milvus_server(milvus_runs=bool(running["milvus"])))
         write_prometheus_config(config, self.layout.prometheus_config_path)
         current = ModelRegistry(config.paths.models_dir).current_version()

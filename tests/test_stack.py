@@ -67,6 +67,16 @@ def test_the_generated_configuration_is_readable_by_its_owner_only(tmp_path):
     assert stack.layout.config_path.stat().st_mode & 0o777 == 0o600
 
 
+def test_a_mistake_in_the_users_settings_stops_up_before_the_stacks_file_is_rewritten(tmp_path):
+    user = tmp_path / "mine.toml"
+    user.write_text("[streaming]\nbatch_max_user = 128\n")
+    stack_dir = tmp_path / "stack"
+    refused = infra("up", "--stack-dir", str(stack_dir), env={**os.environ, "MINDSTREAM_CONFIG": str(user)})
+    assert refused.returncode == 2, refused.stderr
+    assert f"{user}: [streaming] has unknown keys ['batch_max_user']" in refused.stderr
+    assert not StackLayout(stack_dir.resolve()).config_path.exists()  # status and down still read the last good one
+
+
 def test_services_ignore_variables_that_would_move_the_stacks_addresses(tmp_path):
     moving = ("MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS", "MINDSTREAM_RECALL__METRICS_HOST", "MINDSTREAM_MONITORING__EXPORTER_HOST")
     env = service_environment({**dict.fromkeys(moving, "0.0.0.0"), "MINDSTREAM_STREAMING__BATCH_MAX_USERS": "64", "PATH": "/bin"},
