@@ -83,6 +83,19 @@ def listener_of(port: int) -> str:
     return ""
 
 
+def start_stamp(pid: int) -> str | None:
+    """Which process `pid` is, independent of the wall clock: this boot's id and the process's start
+    time in clock ticks since boot (/proc/<pid>/stat field 22). psutil's create_time follows the wall
+    clock, so a clock step (NTP, a VM resumed) made every running service look like another process.
+    None where /proc is not there (not Linux)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # the name may hold spaces and ")"
+        return f"{boot}/{after_name[19]}"  # after the name: field 3 (state) is index 0, field 22 index 19
+    except (OSError, IndexError):
+        return None
+
+
 def http_ok(url: str, timeout_s: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:

@@ -38,7 +38,7 @@ from infra.files import write_text_atomically
 from infra.job_process import StreamingJobProcess
 from infra.milvus_server import MilvusLiteServer, MilvusServer
 from infra.monitoring import ExporterProcess, PrometheusProcess, prometheus_tool, write_prometheus_config
-from infra.process import ManagedProcess, free_port, listener_of, port_open
+from infra.process import ManagedProcess, free_port, listener_of, port_open, start_stamp
 from infra.recall_process import RecallServiceProcess
 from infra.redis_server import EmbeddedRedis
 from model_export.registry import ModelRegistry
@@ -242,19 +242,24 @@ class Stack:
         raise ValueError(f"unknown service {name!r}; the services are {', '.join(SERVICES)}")
 
     def running_pid(self, name: str) -> int | None:
-        """The PID in the service's PID file if that process still runs (and is not a later one with a recycled PID)."""
+        """The PID in the service's PID file if that process still runs (and is not a later one with a
+        recycled PID: told by its start stamp, or where there is none by its start time against the file's)."""
         pid_file = self.layout.pid_file(name)
         try:
-            pid = int(pid_file.read_text().split()[0])
+            pid, *stamp = pid_file.read_text().split()
+            pid = int(pid)
             process = psutil.Process(pid)
-            if process.status() == psutil.STATUS_ZOMBIE or process.create_time() > pid_file.stat().st_mtime + PID_SLACK_S:
+            if process.status() == psutil.STATUS_ZOMBIE:
                 return None
-            return pid
-        except (FileNotFoundError, ValueError, IndexError, psutil.NoSuchProcess):
+            if stamp:
+                return pid if start_stamp(pid) == stamp[0] else None
+            return None if process.create_time() > pid_file.stat().st_mtime + PID_SLACK_S else pid
+        except (FileNotFoundError, ValueError, psutil.NoSuchProcess):
             return None
 
     def _write_pid(self, name: str, pid: int) -> None:
-        write_text_atomically(self.layout.pid_file(name), f"{pid}\n")  # a truncated PID file would lose track of the service
+        # a truncated PID file would lose track of the service
+        write_text_atomically(self.layout.pid_file(name), f"{pid} {start_stamp(pid) or ''}".rstrip() + "\n")
 
     def skip_reason(self, name: str, config: Config) -> str | None:
         """Why a service cannot start now (None: it can)."""

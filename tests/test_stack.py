@@ -77,6 +77,22 @@ def test_a_mistake_in_the_users_settings_stops_up_before_the_stacks_file_is_rewr
     assert not StackLayout(stack_dir.resolve()).config_path.exists()  # status and down still read the last good one
 
 
+def test_a_running_service_is_told_by_its_start_stamp_not_the_wall_clock(tmp_path, monkeypatch):
+    """A clock step made psutil's create_time of every running service later than its PID file:
+    all of them looked dead, `down` orphaned them and `up` started a second stack on their data."""
+    from infra.stack import Stack
+
+    stack = Stack(tmp_path)
+    stack._write_pid("redis", os.getpid())
+    assert stack.running_pid("redis") == os.getpid()
+    monkeypatch.setattr(psutil.Process, "create_time", lambda self: time.time() + 3600)  # the wall clock stepped forward
+    assert stack.running_pid("redis") == os.getpid()
+    # another process under the same PID (recycled) has another start stamp
+    pid, stamp = stack.layout.pid_file("redis").read_text().split()
+    stack.layout.pid_file("redis").write_text(f"{pid} {stamp.rsplit('/', 1)[0]}/1\n")
+    assert stack.running_pid("redis") is None
+
+
 def test_services_ignore_variables_that_would_move_the_stacks_addresses(tmp_path):
     moving = ("MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS", "MINDSTREAM_RECALL__METRICS_HOST", "MINDSTREAM_MONITORING__EXPORTER_HOST")
     env = service_environment({**dict.fromkeys(moving, "0.0.0.0"), "MINDSTREAM_STREAMING__BATCH_MAX_USERS": "64", "PATH": "/bin"},
@@ -123,7 +139,7 @@ def test_up_status_down_with_real_processes(stack_dir):
     assert up.returncode == 0, up.stderr
     layout = StackLayout(stack_dir.resolve())
     config = load_config(layout.config_path, environ={})
-    pids = {name: int(layout.pid_file(name).read_text()) for name in STARTED}
+    pids = {name: int(layout.pid_file(name).read_text().split()[0]) for name in STARTED}
     for name, pid in pids.items():
         assert os.getpgid(pid) == pid, f"{name} is not in its own process group"
         assert layout.log(name).is_file()
@@ -194,7 +210,7 @@ def test_the_stack_runs_the_milvus_server_and_restarts_it_on_its_data(stack_dir,
     layout = StackLayout(stack_dir.resolve())
     config = load_config(layout.config_path, environ={})
     assert config.milvus.embedded_server == "server"
-    pid = int(layout.pid_file("milvus").read_text())
+    pid = int(layout.pid_file("milvus").read_text().split()[0])
     assert psutil.Process(pid).name() == "milvus"
 
     registry = ModelRegistry(layout.models_dir)
