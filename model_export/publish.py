@@ -30,6 +30,8 @@ from infra.cli import UserError
 from model_export.manifest import Manifest
 from model_export.registry import CurrentMovedError
 
+log = logging.getLogger(__name__)
+
 FLAT_BELOW_ITEMS = 20_000  # exact search is cheap below this many items
 HNSW_PARAMS = {"M": 16, "efConstruction": 200}
 INSERT_BATCH = 5_000
@@ -143,11 +145,18 @@ def set_active(client, collections: Iterable[str], raw_item_ids: Iterable[str], 
 
 
 def _holds_export(client, name: str, n_items: int, index_type: str) -> bool:
-    """Whether an existing collection is already complete: every item inserted, indexed as asked."""
-    client.load_collection(collection_name=name)  # Milvus Lite does not keep loads across processes
-    if client.describe_index(name, "vector").get("index_type") != index_type:
+    """Whether an existing collection is already complete: every item inserted, indexed as asked. One
+    a publish killed between creating it and indexing it has no index: incomplete (a Milvus server
+    refuses to load it, Milvus Lite describes no index), so it is dropped and filled again."""
+    from pymilvus.exceptions import MilvusException
+
+    try:
+        client.load_collection(collection_name=name)  # Milvus Lite does not keep loads across processes
+        index = client.describe_index(name, "vector") or {}
+    except MilvusException as exc:
+        log.warning("%s is incomplete (%s): it is filled again", name, exc)
         return False
-    return _row_count(client, name) == n_items
+    return index.get("index_type") == index_type and _row_count(client, name) == n_items
 
 
 def _row_count(client, name: str) -> int:

@@ -97,6 +97,20 @@ def test_a_retire_waits_for_a_publication_in_progress_and_a_moved_current_is_not
     assert registry.current_version() == new and alias_target(client, PREFIX) == collection_name(PREFIX, new)
 
 
+def test_a_collection_left_without_its_index_by_a_killed_publish_is_filled_again(two_exports, tmp_path):
+    from pymilvus import DataType, MilvusClient
+
+    client = connect(str(tmp_path / "milvus.db"))
+    name = collection_name(PREFIX, Manifest.load(two_exports[0]).model_version)
+    schema = MilvusClient.create_schema(auto_id=False)
+    schema.add_field("item_id", DataType.INT64, is_primary=True)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=64)
+    client.create_collection(collection_name=name, schema=schema)  # killed before create_index and the inserts
+    published = publish(two_exports[0], client, PREFIX, progress=lambda m: None)
+    assert published.collection == name and published.items == Manifest.load(two_exports[0]).n_items
+    assert client.describe_index(name, "vector")["index_type"] == published.index_type
+
+
 def test_publish_command_installs_publishes_and_makes_current(two_exports, tmp_path):
     import os
 
