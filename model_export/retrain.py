@@ -65,13 +65,17 @@ class Lineage:
 
     source: str  # load_dataset argument of the base dataset (ml-1m, beauty, a path)
     base_fingerprint: str
-    log_events: int  # the first `log_events` events of the log are in this version's training data
+    log_events: int  # the first `log_events` events of the log are in this version's training data ...
+    # ... but for its own holdout, which it was judged on, never trained on: (its first new event's log
+    # index, its cut in ms); a later run counts those events as new. None: a version not retrained.
+    held_out: tuple[int, int] | None = None
 
     @classmethod
     def of(cls, manifest: Manifest) -> "Lineage":
         retrained = manifest.extra.get("retrain")
         if retrained:
-            return cls(retrained["source"], retrained["base_fingerprint"], int(retrained["log_events"]))
+            held_out = (int(retrained.get("new_from_log_event", 0)), int(retrained["holdout_cut_ms"])) if "holdout_cut_ms" in retrained else None
+            return cls(retrained["source"], retrained["base_fingerprint"], int(retrained["log_events"]), held_out)
         return cls(manifest.dataset.get("source", manifest.dataset["name"]), manifest.dataset["fingerprint"], 0)
 
 
@@ -108,8 +112,10 @@ class IncrementalData:
 
 
 def merge_with_log(base: SequenceDataset, log: EventLog, vocabulary: list[str], item_side: list[list[str]], parent_items: int,
-                   trained_log_events: int, holdout_fraction: float, fingerprint: str) -> IncrementalData:
-    """vocabulary / item_side: the grown item list (raw ids, side tokens), the parent's `parent_items` first."""
+                   trained_log_events: int, holdout_fraction: float, fingerprint: str,
+                   parent_held_out: tuple[int, int] | None = None) -> IncrementalData:
+    """vocabulary / item_side: the grown item list (raw ids, side tokens), the parent's `parent_items` first;
+    parent_held_out: Lineage.held_out of the parent."""
     index = {raw: i + 1 for i, raw in enumerate(vocabulary)}
     base_to_vocab = np.array([0] + [index[raw] for raw in base.item_ids[1:].tolist()], dtype=np.int64)
     lengths = np.diff(base.seq_offsets)
@@ -143,6 +149,9 @@ def merge_with_log(base: SequenceDataset, log: EventLog, vocabulary: list[str], 
     # New: past the events the parent was trained on, or of an item the parent has no row for (its
     # earlier events waited, below min_new_item_events, while the parent's runs moved past them).
     is_new = (log_index[flat] >= trained_log_events) | ((log_index[flat] >= 0) & (seq_items[flat] > parent_items))
+    if parent_held_out is not None:  # the parent's holdout: judged on, never trained on
+        first, cut = parent_held_out
+        is_new |= (log_index[flat] >= first) & (log_index[flat] < trained_log_events) & (seq_times[flat] >= cut)
     new_times = seq_times[flat[is_new]]
     if len(new_times) == 0:
         raise RetrainError("no new interaction to learn from: every new event repeats one the model was trained on")
@@ -351,7 +360,7 @@ def prepare(base: SequenceDataset, log: EventLog, parent_vocab: dict, lineage: L
     vocabulary = [*parent_vocab["items"], *new_items]
     item_side = [*parent_vocab["item_side"], *([[]] * len(new_items))]
     return merge_with_log(base, log, vocabulary, item_side, len(parent_vocab["items"]), lineage.log_events,
-                          settings.holdout_fraction, dataset_fingerprint(lineage.base_fingerprint, log, len(vocabulary)))
+                          settings.holdout_fraction, dataset_fingerprint(lineage.base_fingerprint, log, len(vocabulary)), lineage.held_out)
 
 
 def run_dir_for(state_dir: Path) -> Path:
@@ -469,6 +478,7 @@ def _retrain_once(config, publish_model: bool, progress: bool) -> dict:
     lineage_record = {"parent": parent.model_version, "source": lineage.source, "base_fingerprint": lineage.base_fingerprint,
                       "log_events": len(log), "offsets": {str(p): o for p, o in log.offsets.items()}, "topic": config.kafka.events_topic,
                       "consumer_group": settings.consumer_group, "new_items": len(inc.new_items), "holdout_cut_ms": inc.cut_ms,
+                      "new_from_log_event": lineage.log_events,
                       "holdout": {"candidate": verdict.candidate, "current": verdict.current}}
     export_dir, manifest = export_model(run_dir, inc.data, run_dir / "export", source=lineage.source,
                                         metrics_cases=("holdout", clip_history(inc.holdout, spec.maxlen)), extra={"retrain": lineage_record})

@@ -107,6 +107,25 @@ def test_merge_keeps_ids_stable_counts_replays_once_and_holds_out_the_newest(bas
     assert data.item_side[base.n_items + 1].tolist() == [0] * data.item_side.shape[1]
 
 
+def test_the_parents_held_out_events_are_new_samples_of_the_next_run(base):
+    """A run is judged on its newest events and never trains on them; the next run must not take them for old."""
+    users = base.user_ids.tolist()
+    log = stream_for(base)
+    first = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, 0), SETTINGS)
+    held_by_first = int((log.times_ms >= first.cut_ms).sum())
+    log.append([event(users[0], "i1", NOW + 2 * 10**9, "later-1"), event(users[1], "i2", NOW + 2 * 10**9 + 1, "later-2")], {0: len(log) + 2})
+
+    def learned(held_out):
+        run = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, first.log_events, held_out), SETTINGS)
+        return len(run.new_samples[0]) + int(run.holdout.target_offsets[-1]), len(run.old_samples[0])
+
+    (without, old_without), (with_held, old_with) = learned(None), learned((0, first.cut_ms))
+    assert 0 < with_held - without <= held_by_first and old_without - old_with == with_held - without
+    # a retrained version's manifest names its holdout for the next run
+    record = {"source": "x", "base_fingerprint": "f", "log_events": 7, "holdout_cut_ms": first.cut_ms, "new_from_log_event": 3}
+    assert Lineage.of(SimpleNamespace(extra={"retrain": record})).held_out == (3, first.cut_ms)
+
+
 def test_events_of_an_item_that_waited_for_enough_events_count_as_new_when_it_gets_its_row(base):
     # Run 1 sees one event of "fresh" (below min_new_item_events): no row yet, but the run's
     # version records the whole log as trained. Run 2 sees the second: both are new samples of it.
