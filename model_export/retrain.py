@@ -30,6 +30,7 @@ import datetime as dt
 import fcntl
 import hashlib
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -363,8 +364,16 @@ def prepare(base: SequenceDataset, log: EventLog, parent_vocab: dict, lineage: L
                           settings.holdout_fraction, dataset_fingerprint(lineage.base_fingerprint, log, len(vocabulary)), lineage.held_out)
 
 
+KEPT_RUNS = 5  # run folders kept in [retrain].state_dir/runs (a published run's export is copied into the registry)
+
+
 def run_dir_for(state_dir: Path) -> Path:
-    return state_dir / "runs" / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    """A new run's folder; the oldest beyond the newest KEPT_RUNS - 1 go (each holds a model and its export)."""
+    runs = state_dir / "runs"
+    if runs.is_dir():
+        for old in sorted(p for p in runs.iterdir() if p.is_dir())[: -(KEPT_RUNS - 1) or None]:
+            shutil.rmtree(old, ignore_errors=True)
+    return runs / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
 
 
 def save_run(run_dir: Path, spec: ModelSpec, model: torch.nn.Module, inc: IncrementalData, source: str, report: dict) -> None:
@@ -525,12 +534,15 @@ def refresh(config, export_dir: Path, say, stages: "Stages", expect_current: str
             "seconds": {**stages.seconds, "total": round(sum(stages.seconds.values()), 2)}}
 
 
-def retrain_due(settings, waiting: int, idle_s: float) -> str | None:
+def retrain_due(settings, waiting: int, idle_s: float, since_attempt: int | None = None) -> str | None:
     """Why the scheduled mode should retrain now (None: not yet). `waiting` is the number of events
     the current version was not trained on (in the log, or still on the topic), `idle_s` the time
-    since the last retraining (or the scheduler's start)."""
-    if settings.every_events > 0 and waiting >= settings.every_events:
-        return f"{waiting:,} new events waiting (every_events = {settings.every_events:,})"
+    since the last retraining (or the scheduler's start), `since_attempt` how many of them came after
+    a last attempt that published nothing (refused, skipped, failed): the count trigger then waits
+    for `every_events` more, or it would retrain again at every poll with the same events."""
+    counted = waiting if since_attempt is None else since_attempt
+    if settings.every_events > 0 and counted >= settings.every_events:
+        return f"{counted:,} new events waiting (every_events = {settings.every_events:,})"
     if settings.every_minutes > 0 and idle_s >= settings.every_minutes * 60 and waiting >= settings.min_new_events:
         return f"{idle_s / 60:.1f} min since the last retraining, {waiting:,} new events waiting"
     return None
@@ -549,6 +561,7 @@ def run_schedule(config, publish_model: bool = True, poll_s: float = 10.0, runs:
         raise RetrainError("scheduled mode needs [retrain].every_events or [retrain].every_minutes "
                            "(e.g. MINDSTREAM_RETRAIN__EVERY_MINUTES=30)")
     last = time.monotonic()
+    unpublished_at: int | None = None  # the events waiting when the last attempt published nothing
     done = 0
     while runs == 0 or done < runs:
         try:
@@ -565,7 +578,7 @@ def run_schedule(config, publish_model: bool = True, poll_s: float = 10.0, runs:
             print(f"warning: could not count the new events ({type(exc).__name__}: {exc}); looking again in {poll_s:g} s", file=sys.stderr, flush=True)
             time.sleep(poll_s)
             continue
-        reason = retrain_due(settings, waiting, time.monotonic() - last)
+        reason = retrain_due(settings, waiting, time.monotonic() - last, None if unpublished_at is None else waiting - unpublished_at)
         if reason is None:
             time.sleep(poll_s)
             continue
@@ -576,5 +589,6 @@ def run_schedule(config, publish_model: bool = True, poll_s: float = 10.0, runs:
             report = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
             print(f"error: retraining failed ({report['reason']}); the schedule goes on", file=sys.stderr, flush=True)
         print(json.dumps(report, default=str), flush=True)
+        unpublished_at = None if report.get("status") == "published" else waiting
         last = time.monotonic()
         done += 1

@@ -210,6 +210,8 @@ def test_schedule_is_due_by_event_count_or_by_time_with_enough_events():
     by_events = SimpleNamespace(every_events=500, every_minutes=0.0, min_new_events=100)
     assert retrain_due(by_events, 499, 10_000) is None
     assert "500 new events" in retrain_due(by_events, 500, 0)
+    assert retrain_due(by_events, 900, 0, since_attempt=400) is None  # the last attempt published nothing: 500 more
+    assert "500 new events" in retrain_due(by_events, 1400, 0, since_attempt=500)
     by_time = SimpleNamespace(every_events=0, every_minutes=30.0, min_new_events=100)
     assert retrain_due(by_time, 10_000, 29 * 60) is None
     assert retrain_due(by_time, 99, 31 * 60) is None  # time is up but too little to learn from
@@ -232,7 +234,7 @@ def test_the_schedule_outlives_a_broker_hiccup_and_a_failed_retraining(monkeypat
     import model_export.event_log
     import model_export.retrain
 
-    looks = iter([ConnectionError("broker restarting"), 10, 600, 700])
+    looks = iter([ConnectionError("broker restarting"), 10, 600, 700, 1100])
 
     def pending(*args):
         look = next(looks)
@@ -254,7 +256,9 @@ def test_the_schedule_outlives_a_broker_hiccup_and_a_failed_retraining(monkeypat
     out = capsys.readouterr()
     assert [json.loads(line)["status"] for line in out.out.splitlines()] == ["failed", "published"]
     assert "broker restarting" in out.err and "Milvus unreachable" in out.err
-    assert next(looks, None) is None  # 10 waiting was not due; 600 and 700 were
+    # 10 waiting was not due; 600 was; after the failed attempt at 600, 700 was not (the same events
+    # again, at every poll), 1100 was (every_events = 500 more)
+    assert next(looks, None) is None
 
 
 class OnePartitionTopic:
@@ -350,6 +354,17 @@ def test_fine_tuning_grows_the_model_and_learns_the_new_item(two_exports, synthe
     start = new_item_rows(parent.item_vectors(), inc.data, inc.new_samples, inc.parent_items, 1, spec.maxlen, seed=2019)[0]
     learned = model.items.ids.weight[fresh].detach()
     assert torch.isfinite(learned).all() and not torch.allclose(learned, start)  # started from its context, then trained
+
+
+def test_old_run_folders_are_pruned(tmp_path):
+    from model_export.retrain import KEPT_RUNS, run_dir_for
+
+    names = [f"20261101T0000{i:02d}000000Z" for i in range(KEPT_RUNS + 3)]
+    for name in names:
+        (tmp_path / "runs" / name / "export").mkdir(parents=True)
+    new = run_dir_for(tmp_path)
+    new.mkdir()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [*names[-(KEPT_RUNS - 1):], new.name]
 
 
 def test_one_retraining_at_a_time_per_state_folder(monkeypatch, two_exports, tmp_path):
