@@ -66,16 +66,25 @@ class ModelRegistry:
         self.root = Path(root)
 
     def install(self, export_dir: Path) -> Manifest:
-        """Copies an export in under its version (verified first); installing a version again is a no-op."""
+        """Copies an export in under its version (verified first); installing a version again is a no-op
+        when its copy is intact, and repairs it when it is not (a copy a crash left incomplete)."""
         manifest = Manifest.load(export_dir)
         target = self._folder(manifest.model_version)
-        if not (target / "manifest.json").is_file():
-            staging = self.root / f".{manifest.model_version}.staging"
+        if (target / "manifest.json").is_file():
+            try:
+                Manifest.load(target)
+                return manifest
+            except UserError:  # files missing or changed: copied again below
+                pass
+        staging = self.root / f".{manifest.model_version}.staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(export_dir, staging)
+        copied = Manifest.load(staging)  # the copy is complete and intact ...
+        if copied.model_version != manifest.model_version:  # ... and of the version checked above
             shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(export_dir, staging)
-            Manifest.load(staging)  # the copy is complete and intact
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
+            raise RegistryError(f"{export_dir} changed while it was installed (now {copied.model_version}, was {manifest.model_version}): install it again")
+        self._discard(target)
+        staging.rename(target)
         return manifest
 
     @contextlib.contextmanager
@@ -160,7 +169,17 @@ class ModelRegistry:
     def remove(self, model_version: str) -> None:
         if model_version == self.current_version():
             raise RegistryError(f"{model_version} is the current model; publish another one first")
-        shutil.rmtree(self._folder(model_version), ignore_errors=True)
+        self._discard(self._folder(model_version))
+
+    def _discard(self, folder: Path) -> None:
+        """Removes a version's folder: renamed out of sight first, so a removal cut short leaves no
+        folder that looks installed (versions() skips dot names) with files missing."""
+        if not folder.exists():
+            return
+        doomed = folder.with_name(f".{folder.name}.removing")
+        shutil.rmtree(doomed, ignore_errors=True)
+        folder.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def _folder(self, model_version: str) -> Path:
         """The folder of a version; a name that could lead out of the registry (a path) is refused."""

@@ -111,6 +111,36 @@ def test_a_collection_left_without_its_index_by_a_killed_publish_is_filled_again
     assert client.describe_index(name, "vector")["index_type"] == published.index_type
 
 
+def test_a_damaged_installed_copy_is_repaired_and_an_export_changed_mid_copy_is_refused(two_exports, tmp_path, monkeypatch):
+    import shutil
+
+    from model_export.registry import RegistryError
+
+    registry = ModelRegistry(tmp_path / "models")
+    version = registry.install(two_exports[0]).model_version
+    vectors = Manifest.load(registry.path(version)).file(registry.path(version), "item_vectors")
+    vectors.unlink()  # a removal or a copy cut short
+    registry.install(two_exports[0])
+    Manifest.load(registry.path(version))  # whole again
+    # removing renames the folder out of sight first: one cut short leaves no installed-looking version
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda path, ignore_errors=False: None if ".removing" in str(path) else real_rmtree(path, ignore_errors))
+    registry.set_current(registry.install(two_exports[1]).model_version)
+    registry.remove(version)
+    assert registry.versions() == [Manifest.load(two_exports[1]).model_version]
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    # the export is exported again (another version) while it is copied: not installed under the old name
+    real_copytree = shutil.copytree
+
+    def copy_then_reexport(src, dst, **kwargs):
+        real_copytree(two_exports[1], dst, **kwargs)
+
+    monkeypatch.setattr(shutil, "copytree", copy_then_reexport)
+    with pytest.raises(RegistryError, match="changed while it was installed"):
+        registry.install(two_exports[0])
+    assert version not in registry.versions()
+
+
 def test_publish_command_installs_publishes_and_makes_current(two_exports, tmp_path):
     import os
 
