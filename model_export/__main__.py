@@ -173,6 +173,9 @@ def cmd_retrain(args) -> int:
     if report["status"] == "refused":
         print(f"refused: {report['reason']}", file=sys.stderr)
         return 3
+    if report.get("incomplete"):
+        print(f"warning: {report['incomplete']}", file=sys.stderr)
+        return 1
     return 0
 
 

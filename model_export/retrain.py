@@ -57,6 +57,14 @@ class RetrainError(UserError, RuntimeError):
     """Retraining cannot start or continue; the message says what to do."""
 
 
+class RefreshIncomplete(Exception):
+    """A refresh published its version (now current) but stopped before its backfill or retire ended."""
+
+    def __init__(self, message: str, model_version: str):
+        super().__init__(message)
+        self.model_version = model_version
+
+
 # ----------------------------------------------------------------------------- lineage
 
 
@@ -499,6 +507,8 @@ def _retrain_once(config, publish_model: bool, progress: bool) -> dict:
         return {**report, **refresh(config, export_dir, say, stages, expect_current=parent.model_version), "status": "published"}
     except CurrentMovedError as exc:  # an operator published or rolled back meanwhile: theirs stands
         return {**report, "status": "refused", "reason": str(exc), "seconds": stages.seconds}
+    except RefreshIncomplete as exc:  # not "failed": the new version serves
+        return {**report, "status": "published", "incomplete": str(exc), "model_version": exc.model_version, "seconds": stages.seconds}
 
 
 def refresh(config, export_dir: Path, say, stages: "Stages", expect_current: str | None = None) -> dict:
@@ -516,16 +526,22 @@ def refresh(config, export_dir: Path, say, stages: "Stages", expect_current: str
     published = publish_version(export_dir, registry, client, config.milvus.collection_prefix, progress=say, expect_current=expect_current)
     stages.lap("publish")
     say("==> backfilling stored interests with the new user tower")
-    store = RedisFeatureStore.from_config(config.redis, ttl_seconds=config.streaming.record_ttl_s, timeout_s=10.0)
-    tower = UserTower.load(registry.path(published.model_version), prefer_gpu=True)
-    # Until the streaming job's next look at CURRENT it still writes with the old tower: keep
-    # passing that long, or the old version stays referenced and cannot be retired.
-    filled = backfill(store, tower, batch=config.retrain.backfill_batch, settle_s=job_settle_s(config.streaming.model_poll_s),
-                      superseded=current_moved_on(registry, published.model_version))  # a later publish takes over
-    stages.lap("backfill")
-    versions = stored_versions(store)
-    retired = retire_unreferenced(registry, client, config.milvus.collection_prefix, set(versions))
-    stages.lap("retire")
+    try:
+        store = RedisFeatureStore.from_config(config.redis, ttl_seconds=config.streaming.record_ttl_s, timeout_s=10.0)
+        tower = UserTower.load(registry.path(published.model_version), prefer_gpu=True)
+        # Until the streaming job's next look at CURRENT it still writes with the old tower: keep
+        # passing that long, or the old version stays referenced and cannot be retired.
+        filled = backfill(store, tower, batch=config.retrain.backfill_batch, settle_s=job_settle_s(config.streaming.model_poll_s),
+                          superseded=current_moved_on(registry, published.model_version))  # a later publish takes over
+        stages.lap("backfill")
+        versions = stored_versions(store)
+        retired = retire_unreferenced(registry, client, config.milvus.collection_prefix, set(versions))
+        stages.lap("retire")
+    except Exception as exc:  # noqa: BLE001 - the new version is live: say so, and what finishes the refresh
+        stopped_at = "retire" if "backfill" in stages.seconds else "backfill"
+        raise RefreshIncomplete(f"{published.model_version} is published and current, but the refresh stopped at its {stopped_at} "
+                                f"({type(exc).__name__}: {exc}): `python -m streaming backfill` re-extracts the stored users, "
+                                "and the next refresh retires the old versions", published.model_version) from exc
     if filled.superseded:
         say("    backfill stopped: another version was published meanwhile; its own backfill re-extracts the users")
     say(f"    {filled.rewritten:,} users re-extracted; retired {retired or 'nothing'}; stored versions now {dict(versions)}")

@@ -442,6 +442,32 @@ def test_one_retraining_at_a_time_per_state_folder(monkeypatch, two_exports, tmp
     assert ran == [] and retrain_once(config) == {"status": "skipped"} and len(ran) == 1
 
 
+def test_a_refresh_that_stops_after_its_publish_says_the_version_is_live_and_how_to_finish(monkeypatch, tmp_path, capsys):
+    import model_export.publish
+    import model_export.retrain
+    from model_export.__main__ import main
+    from model_export.publish import Published
+    from model_export.retrain import RefreshIncomplete, Stages, refresh
+    from streaming.feature_store import RedisFeatureStore
+
+    monkeypatch.setattr(model_export.publish, "connect", lambda uri, token="": None)
+    monkeypatch.setattr(model_export.publish, "publish_version", lambda *a, **kw: Published("c", "a", "v2", 10, "FLAT", 1.0))
+
+    def redis_down(*args, **kwargs):
+        raise ConnectionError("redis is down")
+
+    monkeypatch.setattr(RedisFeatureStore, "from_config", redis_down)
+    config = SimpleNamespace(paths=SimpleNamespace(models_dir=tmp_path), milvus=SimpleNamespace(uri="", token="", collection_prefix="p"),
+                             redis=None, streaming=SimpleNamespace(record_ttl_s=0))
+    with pytest.raises(RefreshIncomplete, match="v2 is published and current, but the refresh stopped at its backfill .*redis is down"):
+        refresh(config, tmp_path, lambda m: None, Stages())
+    # the command: not a failure (the version serves), not a success either
+    incomplete = {"status": "published", "model_version": "v2", "incomplete": "v2 is published and current, but ..."}
+    monkeypatch.setattr(model_export.retrain, "retrain_once", lambda config, publish_model, progress: incomplete)
+    monkeypatch.setenv("MINDSTREAM_CONFIG", "")
+    assert main(["retrain", "--quiet"]) == 1 and "warning: v2 is published and current" in capsys.readouterr().err
+
+
 def test_a_refused_candidate_exits_3_with_the_gates_reason(monkeypatch, capsys):
     import model_export.retrain
     from model_export.__main__ import main
