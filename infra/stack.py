@@ -83,16 +83,19 @@ class StackLayout:
 
 
 def stack_settings(layout: StackLayout, ports: dict[str, int], milvus_server: MilvusServerKind = MilvusConfig.embedded_server) -> dict[str, dict]:
-    """What the stack decides: addresses, folders and which Milvus server it runs (chosen by the
-    first `up` from the user's configuration, kept while it runs). Everything else comes from the
-    user's configuration."""
+    """What the stack decides: addresses, folders, which Milvus server it runs (chosen by the first
+    `up` from the user's configuration, kept while it runs), and how its own stores are reached (no
+    TLS, SASL, password or token: production credentials in the shell must not point the stack's
+    services at its local servers with settings those do not speak). Everything else comes from
+    the user's configuration."""
     return {
         "paths": {"models_dir": layout.models_dir},
-        "kafka": {"bootstrap_servers": f"127.0.0.1:{ports['broker']}"},
+        "kafka": {"bootstrap_servers": f"127.0.0.1:{ports['broker']}", "security_protocol": "PLAINTEXT", "sasl_mechanism": "",
+                  "sasl_username": "", "sasl_password": "", "ssl_cafile": "", "ssl_certfile": "", "ssl_keyfile": ""},
         "streaming": {"metrics_host": "127.0.0.1", "metrics_port": ports["streaming_metrics"],
                       "checkpoint_dir": layout.data("streaming-job") / "checkpoints"},
-        "redis": {"uri": f"redis://127.0.0.1:{ports['redis']}/0"},
-        "milvus": {"uri": f"http://127.0.0.1:{ports['milvus']}", "embedded_server": milvus_server},
+        "redis": {"uri": f"redis://127.0.0.1:{ports['redis']}/0", "password": "", "ssl_cafile": "", "cluster": False},
+        "milvus": {"uri": f"http://127.0.0.1:{ports['milvus']}", "token": "", "embedded_server": milvus_server},
         "recall": {"host": "127.0.0.1", "port": ports["recall"], "metrics_host": "127.0.0.1", "metrics_port": ports["recall_metrics"]},
         "monitoring": {"prometheus_port": ports["prometheus"], "exporter_host": "127.0.0.1", "exporter_port": ports["exporter"]},
         "retrain": {"state_dir": layout.root / "retrain"},
