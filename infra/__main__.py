@@ -17,6 +17,8 @@ from infra.config import load_config
 
 SECRET_SUFFIXES = ("password", "token", "secret")  # password, sasl_password, token, auth_token, ...
 URI_CREDENTIALS = re.compile(r"(?<=://)[^/\s]+(?=@)")  # user:password in scheme://user:password@host (to the last @)
+# ?password=... in a query string (redis-py reads it): the value of a parameter named like a secret
+URI_SECRET_PARAMETERS = re.compile(r"(?<=[?&])([^=&#]*(?:password|token|secret)[^=&#]*=)[^&#]*", re.IGNORECASE)
 
 
 def masked(config: dict[str, dict]) -> dict[str, dict]:
@@ -24,7 +26,9 @@ def masked(config: dict[str, dict]) -> dict[str, dict]:
     def mask(key: str, value):
         if key.endswith(SECRET_SUFFIXES) and value:
             return "***"
-        return URI_CREDENTIALS.sub("***", value) if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        return URI_SECRET_PARAMETERS.sub(lambda m: m.group(1) + "***", URI_CREDENTIALS.sub("***", value))
 
     return {name: {key: mask(key, value) for key, value in section.items()} for name, section in config.items()}
 

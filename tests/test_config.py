@@ -103,13 +103,13 @@ def test_config_command_prints_effective_values_with_secrets_masked(tmp_path):
 
     env = dict(os.environ, MINDSTREAM_REDIS__PASSWORD="s3cret", MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS="kafka-1:9093", MINDSTREAM_CONFIG="",
                MINDSTREAM_RECALL__AUTH_TOKEN="t0ken", MINDSTREAM_KAFKA__SASL_PASSWORD="sasl-pw", MINDSTREAM_MILVUS__TOKEN="root:Milvus",
-               MINDSTREAM_REDIS__URI="rediss://default:uri-pw@redis:6380/0", MINDSTREAM_MILVUS__URI="http://root:uri@pw@milvus:19530")
+               MINDSTREAM_REDIS__URI="rediss://default:uri-pw@redis:6380/0?password=query-pw&db=0", MINDSTREAM_MILVUS__URI="http://root:uri@pw@milvus:19530")
     out = subprocess.run([sys.executable, "-m", "infra", "config"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
     printed = json.loads(out)
     assert printed["kafka"]["bootstrap_servers"] == "kafka-1:9093"
     assert printed["redis"]["password"] == printed["recall"]["auth_token"] == printed["kafka"]["sasl_password"] == printed["milvus"]["token"] == "***"
-    assert printed["redis"]["uri"] == "rediss://***@redis:6380/0" and printed["milvus"]["uri"] == "http://***@milvus:19530"
-    for secret in ("s3cret", "t0ken", "sasl-pw", "Milvus", "uri-pw", "uri@pw"):
+    assert printed["redis"]["uri"] == "rediss://***@redis:6380/0?password=***&db=0" and printed["milvus"]["uri"] == "http://***@milvus:19530"
+    for secret in ("s3cret", "t0ken", "sasl-pw", "Milvus", "uri-pw", "uri@pw", "query-pw"):
         assert secret not in out, secret
     bad = subprocess.run([sys.executable, "-m", "infra", "config", "--file", str(tmp_path / "missing.toml")], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
