@@ -120,7 +120,9 @@ def _toml_value(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    # A JSON string is a TOML basic string, but for two things: ASCII-only JSON writes a character beyond
+    # U+FFFF as a surrogate pair (TOML refuses those), and JSON leaves DEL (U+007F) raw (TOML refuses it).
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def render_toml(sections: dict[str, dict], header: str) -> str:

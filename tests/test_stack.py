@@ -93,6 +93,15 @@ def test_a_running_service_is_told_by_its_start_stamp_not_the_wall_clock(tmp_pat
     assert stack.running_pid("redis") is None
 
 
+@pytest.mark.parametrize("value", ["emoji \U0001F600 beyond U+FFFF", "DEL \x7f", 'quote " back\\slash', "control \x01\n\t", "é"])
+def test_any_string_of_the_users_settings_survives_the_generated_file(tmp_path, value):
+    import tomllib
+
+    from infra.stack import render_toml
+
+    assert tomllib.loads(render_toml({"recall": {"auth_token": value}}, "# header"))["recall"]["auth_token"] == value
+
+
 def test_services_ignore_variables_that_would_move_the_stacks_addresses(tmp_path):
     moving = ("MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS", "MINDSTREAM_RECALL__METRICS_HOST", "MINDSTREAM_MONITORING__EXPORTER_HOST",
               # production credentials in the shell: the stack's own servers speak none of them
