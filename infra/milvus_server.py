@@ -58,8 +58,10 @@ class MilvusServer(ManagedProcess):
     stop_grace_s = GRACEFUL_STOP_S + 10.0
     start_timeout_s = 180.0
 
-    def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1", log_path: Path | None = None):
-        self.data_dir, self.port, self.host = Path(data_dir).resolve(), port or free_port(), host
+    def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1", log_path: Path | None = None,
+                 reserved: frozenset[int] = frozenset()):
+        """reserved: ports other servers will bind later (the stack's, started after Milvus): never taken for Milvus' own."""
+        self.data_dir, self.port, self.host, self.reserved = Path(data_dir).resolve(), port or free_port(), host, reserved
         super().__init__(log_path or self.data_dir / "logs" / "milvus.log", cwd=self.data_dir)
 
     @property
@@ -80,7 +82,7 @@ class MilvusServer(ManagedProcess):
         ports: dict[str, int] = {}
         for key in [*keys, "etcd_peer_port", "metrics_port"]:
             port = kept.get(key)
-            if not port or port == self.port or port in ports.values() or port_open("127.0.0.1", port):
+            while not port or port == self.port or port in ports.values() or port in self.reserved or port_open("127.0.0.1", port):
                 port = free_port()
             ports[key] = port
         write_text_atomically(self.ports_path, json.dumps(ports))

@@ -233,8 +233,9 @@ class Stack:
             return EmbeddedRedis(layout.data(name), ports["redis"], log_path=layout.log(name))
         if name == "milvus":
             kind = config.milvus.embedded_server  # each kind keeps its own data folder
-            server = MilvusServer if kind == "server" else MilvusLiteServer
-            return server(layout.data(name) / kind, ports["milvus"], log_path=layout.log(name))
+            if kind == "server":  # its internal ports (etcd, components) must leave the stack's to the services started after it
+                return MilvusServer(layout.data(name) / kind, ports["milvus"], log_path=layout.log(name), reserved=frozenset(ports.values()))
+            return MilvusLiteServer(layout.data(name) / kind, ports["milvus"], log_path=layout.log(name))
         if name == "streaming-job":
             # restores window state and offsets from the newest checkpoint of an earlier run, if any
             return StreamingJobProcess(self.env, layout.log(name), f"http://127.0.0.1:{ports['streaming_metrics']}/metrics", restore="latest")

@@ -204,6 +204,21 @@ def test_up_status_down_with_real_processes(stack_dir):
     assert "not running" in infra("down", "--stack-dir", str(stack_dir)).stderr  # idempotent
 
 
+def test_the_milvus_servers_own_ports_leave_the_stacks_to_the_services_started_after_it(tmp_path):
+    """Milvus starts in the first wave; the recall service, exporter and Prometheus bind their ports in the second."""
+    import json
+
+    import milvus
+
+    from infra.milvus_server import MilvusServer
+
+    kept = MilvusServer(tmp_path, 12345)._internal_ports(milvus)  # as the last start on this data left them
+    reserved = frozenset(list(kept.values())[:3])  # since given to the stack's services
+    ports = MilvusServer(tmp_path, 12345, reserved=reserved)._internal_ports(milvus)
+    assert not reserved & set(ports.values()) and json.loads((tmp_path / "ports.json").read_text()) == ports
+    assert all(ports[key] == port for key, port in kept.items() if port not in reserved)  # the others kept
+
+
 def test_the_stack_runs_the_milvus_server_and_restarts_it_on_its_data(stack_dir, two_exports):
     """[milvus].embedded_server = "server": the standalone binary under the same supervisor; a model
     published into it is searchable, and after a crash `up` restarts it on its port with its data."""
