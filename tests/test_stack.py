@@ -216,7 +216,6 @@ def test_the_milvus_servers_own_ports_leave_the_stacks_to_the_services_started_a
     reserved = frozenset(list(kept.values())[:3])  # since given to the stack's services
     ports = MilvusServer(tmp_path, 12345, reserved=reserved)._internal_ports(milvus)
     assert not reserved & set(ports.values()) and json.loads((tmp_path / "ports.json").read_text()) == ports
-    assert all(ports[key] == port for key, port in kept.items() if port not in reserved)  # the others kept
 
 
 def test_the_stack_runs_the_milvus_server_and_restarts_it_on_its_data(stack_dir, two_exports):
