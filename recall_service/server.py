@@ -268,7 +268,7 @@ class ConcurrencyLimit(grpc.ServerInterceptor):
     refused.) Refusals, this limit's and the token check's, run on a small pool of their own (the
     fast lane), so that they do not wait behind the queue they protect; a refusal still reads its
     request first (gRPC does, before the handler runs). Health checks are
-    never refused and run on the fast lane too: a busy replica is still healthy, and refusing its
+    never refused and run on a lane of their own: a busy replica is still healthy, and refusing its
     readiness probe would take every replica of an overloaded fleet out of its load balancer at once.
     (Health's Watch, a stream that holds its thread, stays in the queue and under the limit.)"""
 
@@ -278,11 +278,13 @@ class ConcurrencyLimit(grpc.ServerInterceptor):
     def __init__(self, limit: int, executor: TaskCountingExecutor, metrics: RecallMetrics):
         self.limit, self.executor, self.metrics = limit, executor, metrics
         self.fast_lane = futures.ThreadPoolExecutor(max_workers=self.FAST_LANE_THREADS, thread_name_prefix="recall-fast")
+        # health checks apart from the refusals too: a retry storm's backlog of refusals must not delay a readiness probe
+        self.health_lane = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="recall-health-check")
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
         if handler is not None and details.method == HEALTH_CHECK:
-            return _on_pool(handler, self.fast_lane)
+            return _on_pool(handler, self.health_lane)
         if handler is not None and _is_refusal(handler):
             # the token check refused it (and counted it, once): answered UNAUTHENTICATED on the fast lane,
             # so a flood of calls without a token neither waits behind nor fills the queue of authorised work
@@ -454,6 +456,7 @@ class RecallServer:
             self._prober.join(timeout=5)
         if self._limit is not None:
             self._limit.fast_lane.shutdown(wait=False)
+            self._limit.health_lane.shutdown(wait=False)
         if self.served_log is not None:
             self.served_log.close(timeout_s=grace_s)  # the last answers' records too, unless Redis is gone
 
