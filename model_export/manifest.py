@@ -41,6 +41,9 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+REQUIRED_ROLES = ("user_tower", "item_vectors", "vocab")  # weights.pt: only exports since retraining began carry it
+
+
 @dataclass
 class ArtifactFile:
     path: str  # relative to the export directory
@@ -94,6 +97,14 @@ class Manifest:
         if not isinstance(manifest.model_version, str) or not MODEL_VERSION.fullmatch(manifest.model_version):
             raise ManifestError(f"{path}: model version {manifest.model_version!r} is not a plain name "
                                 f"({MODEL_VERSION.pattern}); export the model again")
+        missing = [role for role in REQUIRED_ROLES if role not in manifest.files]
+        if missing:
+            raise ManifestError(f"{path}: lists no {', '.join(missing)} file: export the model again")
+        for role, listed in manifest.files.items():
+            # a file of the export lives in it: a registry copy must not depend on files elsewhere
+            relative = Path(listed.path)
+            if not isinstance(listed.path, str) or relative.is_absolute() or ".." in relative.parts:
+                raise ManifestError(f"{path}: the {role} file {listed.path!r} is not inside the export: export the model again")
         if verify:
             for role in manifest.files:
                 manifest.verified_file(directory, role)

@@ -63,6 +63,22 @@ def test_a_manifest_of_the_wrong_shape_is_a_manifest_error(manifest, tmp_path):
         Manifest.load(tmp_path)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda files: files.pop("item_vectors"), "lists no item_vectors file"),
+    (lambda files: files["vocab"].update(path="../elsewhere/vocab.json"), "is not inside the export"),
+    (lambda files: files["vocab"].update(path="/etc/passwd"), "is not inside the export"),
+])
+def test_a_manifest_must_list_the_exports_files_inside_it(two_exports, tmp_path, edit, message):
+    import shutil
+
+    export = shutil.copytree(two_exports[0], tmp_path / "export")
+    raw = json.loads((export / "manifest.json").read_text())
+    edit(raw["files"])
+    (export / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=message):
+        Manifest.load(export, verify=False)
+
+
 @pytest.mark.parametrize("flag, value", [("--epochs", "-1"), ("--patience", "0"), ("--lr", "nan"), ("--negatives", "0"),
                                          ("--sparse-item-rows", "-5"), ("--maxlen", "0"), ("--power", "-1"), ("--beta", "-0.5"),
                                          ("--rr-lambda", "nan")])
