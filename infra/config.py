@@ -99,9 +99,12 @@ class StreamingConfig:
     def __post_init__(self) -> None:
         _require_range("streaming", self, "seen_items", 0)
         _require_port("streaming", self, "metrics_port")
-        for name in ("window_length", "max_event_bytes", "batch_max_users", "checkpoint_interval_ms", "parallelism", "topic_partitions"):
+        for name in ("window_length", "max_event_bytes", "batch_max_users", "checkpoint_interval_ms", "parallelism", "topic_partitions",
+                     "state_ttl_hours"):
             _require_range("streaming", self, name, 1)
-        _require_range("streaming", self, "allowed_lateness_ms", 0)
+        for name in ("allowed_lateness_ms", "batch_max_delay_ms"):
+            _require_range("streaming", self, name, 0)
+        _require_range("streaming", self, "model_poll_s", 0.0, open_ends=True)
 
 
 @dataclass(frozen=True)
@@ -170,8 +173,10 @@ class RecallServiceConfig:
             _require_port("recall", self, name)
         # 0 would refuse every RPC, health checks included: a service that never becomes ready, with no word why
         for name in ("workers", "max_concurrent_rpcs", "max_n", "max_batch", "max_request_bytes", "default_deadline_ms",
-                     "feature_store_timeout_ms", "vector_search_timeout_ms", "health_interval_ms"):
+                     "feature_store_timeout_ms", "vector_search_timeout_ms", "health_interval_ms", "search_ef", "max_per_interest_n"):
             _require_range("recall", self, name, 1)
+        for name in ("outage_cooldown_ms", "max_exclusions", "max_recent_items", "max_filter_chars", "search_batch_vectors"):
+            _require_range("recall", self, name, 0)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,9 @@ class FeatureStoreReader:
     def ping(self) -> None:
         self.get_many(["__health__"])
 
+    def close(self) -> None:
+        self.store.close()
+
 
 class MilvusItemSearch:
     """Searches the collection `<prefix>_<model version>` (never the alias: the version must be
@@ -172,6 +175,10 @@ class MilvusItemSearch:
                     self._loading.discard(name)
 
         threading.Thread(target=load, name=f"load-{name}", daemon=True).start()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
 
     def ping(self) -> None:
         client = self.connect()

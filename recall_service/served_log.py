@@ -161,6 +161,7 @@ class RedisServedLog:
         if self._writer is not None:
             self._writer.join(timeout_s)
         self._drop_unsent()
+        self.client.close()  # its connections (a later read would open new ones)
 
     def _drop_unsent(self) -> None:
         """Counts what is still queued once the writer has stopped (a record that passed the closed

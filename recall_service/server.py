@@ -309,6 +309,7 @@ class RecallServer:
         self.config = config
         self.limits = Limits.from_config(rc)
         self.reader = reader or FeatureStoreReader.redis(config.redis, rc.feature_store_timeout_ms / 1e3, config.streaming.seen_items)
+        self._owned = [] if reader else [self.reader]  # the clients made here, closed by stop()
         registry = ModelRegistry(config.paths.models_dir)
         # as deep as an answer can reach: n past every item left out (exclusions, window or recent items, seen set)
         left_out = rc.max_exclusions + max(rc.max_recent_items, config.streaming.window_length + config.streaming.seen_items)
@@ -316,6 +317,8 @@ class RecallServer:
         loaded_vocabulary = self.models.raw_ids if isinstance(self.models, RegistryModels) else (lambda version: None)
         self.search = search or MilvusItemSearch(config.milvus.uri, config.milvus.token, config.milvus.collection_prefix, ef=rc.search_ef,
                                                  vocabularies=RegistryVocabularies(registry, loaded=loaded_vocabulary))
+        if search is None:
+            self._owned.append(self.search)
         self.availability = availability or RegistryAvailability(registry)
         self.metrics = metrics or RecallMetrics()
         if served_log is None and rc.served_log_ttl_s:
@@ -459,6 +462,11 @@ class RecallServer:
             self._limit.health_lane.shutdown(wait=False)
         if self.served_log is not None:
             self.served_log.close(timeout_s=grace_s)  # the last answers' records too, unless Redis is gone
+        for client in self._owned:  # the connections to Redis and Milvus: a process may start many servers (tests, benches)
+            try:
+                client.close()
+            except Exception as exc:  # noqa: BLE001 - stopping goes on
+                log.warning("closing %s: %s", type(client).__name__, exc)
 
     def wait(self) -> None:
         self._grpc.wait_for_termination()

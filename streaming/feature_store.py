@@ -217,6 +217,11 @@ class _ConnectOnFirstUse:
     def __init__(self, connect):
         self._connect, self._client, self._lock = connect, None, threading.Lock()
 
+    def close(self) -> None:
+        """Closes the client if one was made (never connects to close)."""
+        if self._client is not None:
+            self._client.close()
+
     def __getattr__(self, name):
         if self._client is None:
             with self._lock:  # the recall service's request threads: one client, not one each
@@ -254,6 +259,9 @@ class RedisFeatureStore:
 
     def key(self, user_id: str) -> str:
         return f"{self.prefix}:user:{user_id}"
+
+    def close(self) -> None:
+        self.client.close()
 
     def seen_key(self, user_id: str) -> str:
         return f"{self.prefix}:seen:{user_id}"

@@ -274,7 +274,8 @@ def test_an_answer_recorded_while_the_log_closes_is_sent_or_counted_never_lost()
             pass
 
     dropped = Counter()
-    log = RedisServedLog(SimpleNamespace(pipeline=lambda transaction: Pipeline()), ttl_s=60, dropped=lambda reason, n: dropped.update({reason: n}))
+    log = RedisServedLog(SimpleNamespace(pipeline=lambda transaction: Pipeline(), close=lambda: None), ttl_s=60,
+                         dropped=lambda reason, n: dropped.update({reason: n}))
 
     def answers_while_the_service_stops():  # record() has passed its closed check when close() runs
         yield served("u1")

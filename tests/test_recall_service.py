@@ -292,6 +292,24 @@ def test_health_reflection_and_metrics(stack):
     assert not any('code="INVALID_ARGUMENT",path="none"' in name for name in after)  # a client's mistake is counted, not timed
 
 
+def test_a_stopped_server_closes_the_connections_it_opened(stack):
+    import redis
+
+    from recall_service.server import RecallServer
+
+    clients = redis.Redis.from_url(stack.config.redis.uri)
+    before = len(clients.client_list())
+    server = RecallServer(stack.config, search=stack.server.search).start()  # its own feature-store reader
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        recall_pb2_grpc.RecallServiceStub(channel).Recall(recall_pb2.RecallRequest(user_id="user-new", n=3), timeout=10)
+        assert len(clients.client_list()) > before
+    finally:
+        channel.close()
+        server.stop(grace_s=0)
+    wait_for(lambda: len(clients.client_list()) == before, 10, "the server's Redis connections closed")
+
+
 def test_redis_down_falls_back_fast_or_is_unavailable_when_configured(stack):
     with EmbeddedRedis(stack.root / "redis-down") as redis_server:
         store = RedisFeatureStore.from_config(RedisConfig(uri=redis_server.uri))
