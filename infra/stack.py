@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -33,7 +34,7 @@ import psutil
 
 from infra.broker import EmbeddedBroker, ensure_topics
 from infra.cli import UserError
-from infra.config import ENV_PREFIX, REPO_ROOT, Config, MilvusConfig, MilvusServerKind, config_file, load_config
+from infra.config import ENV_PREFIX, REPO_ROOT, Config, ConfigError, MilvusConfig, MilvusServerKind, config_file, load_config
 from infra.files import write_text_atomically
 from infra.job_process import StreamingJobProcess
 from infra.milvus_server import MilvusLiteServer, MilvusServer
@@ -353,7 +354,11 @@ class Stack:
             self.out(f"  {'topics':<14} created {', '.join(created)}")
 
     def down(self) -> int:
-        config = self.config() if self.layout.config_path.is_file() else Config()
+        try:
+            config = self.config() if self.layout.config_path.is_file() else self._settings_to_stop_with()
+        except ConfigError as exc:  # stopping needs the PIDs, not the settings: never leave a stack running for a bad file
+            self.out(f"note: {exc}; stopping the services with the default settings")
+            config = self._settings_to_stop_with()
         stopped = 0
         for name in reversed(SERVICES):
             pid = self.stop_service(name, config)
@@ -362,6 +367,14 @@ class Stack:
             self.layout.pid_file(name).unlink(missing_ok=True)
         self.out(f"stopped {stopped} service(s); data kept in {self.layout.root / 'data'}" if stopped else "the stack is not running")
         return 0
+
+    def _settings_to_stop_with(self) -> Config:
+        """The stack's own settings without its ports (their file is gone or does not parse): enough to
+        stop each service by the PID in its file."""
+        with tempfile.NamedTemporaryFile("w", suffix=".toml") as fh:
+            fh.write(generated_config({}, self.layout, dict.fromkeys(PORTS, 0)))
+            fh.flush()
+            return load_config(fh.name, environ={})
 
     def stop_service(self, name: str, config: Config | None = None, kill: bool = False) -> int | None:
         """Stops one service (its stop signal, SIGKILL after the grace period; `kill`: SIGKILL at once,

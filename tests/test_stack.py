@@ -102,6 +102,21 @@ def test_any_string_of_the_users_settings_survives_the_generated_file(tmp_path, 
     assert tomllib.loads(render_toml({"recall": {"auth_token": value}}, "# header"))["recall"]["auth_token"] == value
 
 
+def test_down_stops_the_services_even_when_the_stacks_file_no_longer_parses(tmp_path):
+    from infra.stack import Stack
+
+    said = []
+    stack = Stack(tmp_path, environ={}, out=said.append)
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)  # stands in for the stack's Redis
+    try:
+        stack._write_pid("redis", sleeper.pid)
+        stack.layout.config_path.write_text("[streaming]\nbatch_max_user = 1\n")  # edited by hand, say
+        assert stack.down() == 0
+        assert sleeper.wait(timeout=20) is not None and any("stopping the services with the default settings" in line for line in said)
+    finally:
+        sleeper.kill()
+
+
 def test_services_ignore_variables_that_would_move_the_stacks_addresses(tmp_path):
     moving = ("MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS", "MINDSTREAM_RECALL__METRICS_HOST", "MINDSTREAM_MONITORING__EXPORTER_HOST",
               # production credentials in the shell: the stack's own servers speak none of them
