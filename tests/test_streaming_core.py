@@ -114,11 +114,13 @@ def test_retraining_takes_exactly_the_records_the_job_accepts(monkeypatch):
         def beginning_offsets(self, partitions): return {tp: 0 for tp in partitions}
         def end_offsets(self, partitions): return {tp: len(records) for tp in partitions}
         def assign(self, partitions): self.unread = {partitions[0]: [SimpleNamespace(offset=i, key=k, value=v, timestamp=ts) for i, (k, v, ts) in enumerate(records)]}
-        def seek(self, partition, offset): pass
+        def seek(self, partition, offset): self.at = offset
+        def position(self, partition): return self.at
         def close(self): pass
 
         def poll(self, timeout_ms, max_records):
             batch, self.unread = self.unread, {}
+            self.at = len(records)
             return batch
 
     monkeypatch.setattr(event_log, "_consumer", lambda kafka, group: Consumer())
