@@ -218,11 +218,13 @@ def _method_name(details) -> str:
 
 
 class BearerTokenAuth(grpc.ServerInterceptor):
-    """Every RPC but the health check must carry `authorization: Bearer <token>`."""
+    """Every RPC but the health check must carry `authorization: Bearer <token>`. Refusals run on
+    `pool` (the concurrency limit's fast lane): a flood of calls without a token neither waits behind
+    nor fills the queue of authorised work."""
 
-    def __init__(self, token: str, metrics: RecallMetrics):
+    def __init__(self, token: str, metrics: RecallMetrics, pool: futures.ThreadPoolExecutor):
         self.expected = f"Bearer {token}".encode()
-        self.metrics = metrics
+        self.metrics, self.pool = metrics, pool
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -232,7 +234,8 @@ class BearerTokenAuth(grpc.ServerInterceptor):
         if hmac.compare_digest(sent.encode(), self.expected):
             return handler
         self.metrics.requests.labels(_method_name(details), "UNAUTHENTICATED").inc()
-        return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token: send metadata `authorization: Bearer <token>`")
+        return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token: send metadata `authorization: Bearer <token>`",
+                         self.pool)
 
 
 class TaskCountingExecutor(futures.ThreadPoolExecutor):
@@ -285,11 +288,8 @@ class ConcurrencyLimit(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is not None and details.method == HEALTH_CHECK:
             return _on_pool(handler, self.health_lane)
-        if handler is not None and _is_refusal(handler):
-            # the token check refused it (and counted it, once): answered UNAUTHENTICATED on the fast lane,
-            # so a flood of calls without a token neither waits behind nor fills the queue of authorised work
-            return _on_pool(handler, self.fast_lane)
-        if handler is None or self.executor.tasks < self.limit:
+        # an RPC the token check refused is counted there, once, and answered UNAUTHENTICATED on the fast lane
+        if handler is None or self.executor.tasks < self.limit or _is_refusal(handler):
             return handler
         self.metrics.requests.labels(_method_name(details), "RESOURCE_EXHAUSTED").inc()
         return _refusing(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -350,7 +350,7 @@ class RecallServer:
                         "set [recall].tls_certfile and tls_keyfile")
         executor = TaskCountingExecutor(rc.workers, "recall")
         self._limit = ConcurrencyLimit(rc.max_concurrent_rpcs, executor, self.metrics)
-        interceptors = [self._limit, *([BearerTokenAuth(rc.auth_token, self.metrics)] if rc.auth_token else [])]
+        interceptors = [self._limit, *([BearerTokenAuth(rc.auth_token, self.metrics, self._limit.fast_lane)] if rc.auth_token else [])]
         self._grpc = grpc.server(executor, interceptors=interceptors, maximum_concurrent_rpcs=ConcurrencyLimit.REFUSAL_HEADROOM * rc.max_concurrent_rpcs,
                                  options=[("grpc.max_receive_message_length", 4 * rc.max_request_bytes), ("grpc.so_reuseport", 0)])
         RecallServicer(self.recaller, self.limits, self.metrics, rc.default_deadline_ms / 1e3, rc.max_request_bytes,

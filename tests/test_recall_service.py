@@ -614,6 +614,13 @@ def test_an_rpc_refused_for_its_token_is_counted_once_even_over_the_limit(in_mem
         anonymous.Recall(recall_pb2.RecallRequest(user_id="alice", n=5), timeout=5)
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert not running.done()  # refused beside the work, not after it
+    # a streaming RPC (reflection) is refused the same way, not failed by a handler of the wrong kind
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    reflection = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+    with pytest.raises(grpc.RpcError) as error:
+        list(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED and not running.done()
     assert server.metrics.requests.labels("Recall", "UNAUTHENTICATED")._value.get() == 1
     assert server.metrics.requests.labels("Recall", "RESOURCE_EXHAUSTED")._value.get() == 0
     search.gate.set()
