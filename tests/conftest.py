@@ -48,6 +48,50 @@ def self_signed_certificate(directory: Path, name: str = "server") -> tuple[Path
     return cert, key
 
 
+class FakeTopicConsumer:
+    """A KafkaConsumer over one partition for model_export.event_log's reads: `records[offset]` is a
+    (key, value, Kafka timestamp) or None (an offset without a record: a transaction marker); each poll
+    hands out up to `per_poll` records and takes `poll_s`."""
+
+    def __init__(self, records, per_poll: int | None = None, poll_s: float = 0.0):
+        from kafka import TopicPartition
+
+        self.tp, self.records, self.per_poll, self.poll_s, self.at = TopicPartition("events", 0), records, per_poll, poll_s, 0
+
+    def partitions_for_topic(self, topic):
+        return {0}
+
+    def beginning_offsets(self, partitions):
+        return {self.tp: 0}
+
+    def end_offsets(self, partitions):
+        return {self.tp: len(self.records)}
+
+    def assign(self, partitions):
+        pass
+
+    def seek(self, tp, offset):
+        self.at = offset
+
+    def position(self, tp):
+        return self.at
+
+    def close(self):
+        pass
+
+    def poll(self, timeout_ms, max_records):
+        from types import SimpleNamespace
+
+        time.sleep(self.poll_s)
+        batch = []
+        while self.at < len(self.records) and len(batch) < (self.per_poll or len(self.records)):
+            if self.records[self.at] is not None:
+                key, value, timestamp = self.records[self.at]
+                batch.append(SimpleNamespace(offset=self.at, key=key, value=value, timestamp=timestamp))
+            self.at += 1
+        return {self.tp: batch} if batch else {}
+
+
 def wait_for(condition, timeout_s: float = 60.0, what: str = "condition"):
     """Polls `condition` until it returns something truthy (returned) or fails the test after timeout_s."""
     deadline = time.monotonic() + timeout_s

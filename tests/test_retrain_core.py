@@ -303,60 +303,22 @@ def test_the_schedule_counts_every_event_the_current_version_was_not_trained_on(
     assert fired_at == [due_at_end]
 
 
-class ScriptedConsumer:
-    """One partition of `n` offsets; offsets in `empty` hold no record (transaction markers); each poll
-    hands out up to `per_poll` records and takes `poll_s`."""
-
-    def __init__(self, n, empty=(), per_poll=3, poll_s=0.0):
-        from kafka import TopicPartition
-
-        self.tp, self.n, self.empty, self.per_poll, self.poll_s, self.at = TopicPartition("events", 0), n, set(empty), per_poll, poll_s, 0
-
-    def partitions_for_topic(self, topic):
-        return {0}
-
-    def beginning_offsets(self, partitions):
-        return {self.tp: 0}
-
-    def end_offsets(self, partitions):
-        return {self.tp: self.n}
-
-    def assign(self, partitions):
-        pass
-
-    def seek(self, tp, offset):
-        self.at = offset
-
-    def position(self, tp):
-        return self.at
-
-    def poll(self, timeout_ms, max_records):
-        import time
-
-        time.sleep(self.poll_s)
-        records = []
-        while self.at < self.n and len(records) < self.per_poll:
-            if self.at not in self.empty:
-                value = encode_event(event(f"u{self.at}", "i1", NOW + self.at))
-                records.append(SimpleNamespace(offset=self.at, key=f"u{self.at}".encode(), value=value, timestamp=NOW + self.at))
-            self.at += 1
-        return {self.tp: records} if records else {}
-
-    def close(self):
-        pass
-
-
 def test_offsets_without_records_end_the_read_and_a_slow_read_keeps_what_it_read(monkeypatch):
     import time
 
+    from conftest import FakeTopicConsumer
+
     import model_export.event_log as event_log
 
+    def records(n, empty=()):  # offsets in `empty` hold no record (transaction markers)
+        return [None if t in empty else (f"u{t}".encode(), encode_event(event(f"u{t}", "i1", NOW + t)), NOW + t) for t in range(n)]
+
     kafka = SimpleNamespace(bootstrap_servers="127.0.0.1:1")
-    monkeypatch.setattr(event_log, "_consumer", lambda kafka, group: ScriptedConsumer(10, empty={4, 9}))  # a marker at the end too
+    monkeypatch.setattr(event_log, "_consumer", lambda kafka, group: FakeTopicConsumer(records(10, empty={4, 9}), per_poll=3))  # a marker at the end too
     started = time.monotonic()
     read = event_log.read_new_events(kafka, "events", "g", {}, timeout_s=30, progress=False)
     assert len(read.events) == 8 and read.offsets == {0: 9} and time.monotonic() - started < 5  # not waiting for offset 9
-    monkeypatch.setattr(event_log, "_consumer", lambda kafka, group: ScriptedConsumer(100, per_poll=5, poll_s=0.05))
+    monkeypatch.setattr(event_log, "_consumer", lambda kafka, group: FakeTopicConsumer(records(100), per_poll=5, poll_s=0.05))
     partial = event_log.read_new_events(kafka, "events", "g", {}, timeout_s=0.3, progress=False)
     assert 0 < len(partial.events) < 100 and partial.offsets == {0: len(partial.events)}  # the next run reads on from there
 

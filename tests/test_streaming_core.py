@@ -99,7 +99,7 @@ def test_the_json_schema_is_generated_from_the_contract():
 
 def test_retraining_takes_exactly_the_records_the_job_accepts(monkeypatch):
     """The event log reads the topic with the job's rule: its record limit, a key that is its user id."""
-    from types import SimpleNamespace
+    from conftest import FakeTopicConsumer
 
     from model_export import event_log
 
@@ -108,22 +108,7 @@ def test_retraining_takes_exactly_the_records_the_job_accepts(monkeypatch):
     # (key, value, Kafka timestamp): the last one is dated over an hour after it entered Kafka
     records = [(b"42", values[0], 1_000), (None, values[1], 1_000), (b"7", values[1], 1_000), (b"42", None, 1_000), (b"42", values[1], -1),
                (b"42", values[2], 1_000)]
-
-    class Consumer:  # one partition holding `records`, all in the first poll
-        def partitions_for_topic(self, topic): return {0}
-        def beginning_offsets(self, partitions): return {tp: 0 for tp in partitions}
-        def end_offsets(self, partitions): return {tp: len(records) for tp in partitions}
-        def assign(self, partitions): self.unread = {partitions[0]: [SimpleNamespace(offset=i, key=k, value=v, timestamp=ts) for i, (k, v, ts) in enumerate(records)]}
-        def seek(self, partition, offset): self.at = offset
-        def position(self, partition): return self.at
-        def close(self): pass
-
-        def poll(self, timeout_ms, max_records):
-            batch, self.unread = self.unread, {}
-            self.at = len(records)
-            return batch
-
-    monkeypatch.setattr(event_log, "_consumer", lambda kafka, group: Consumer())
+    monkeypatch.setattr(event_log, "_consumer", lambda kafka, group: FakeTopicConsumer(records))  # all in the first poll
     read = event_log.read_new_events(None, "events", "group", {}, progress=False, max_event_bytes=8192)
     assert read.events == [big, event(user="42")] and read.offsets == {0: 6}  # a record without a timestamp (-1) is not judged by it
     assert read.rejected == {"invalid": 2, "malformed": 1, "future": 1}  # no key, another user's key (dead-lettered by the job), no value, future
