@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from infra.cli import UserError
-from infra.files import write_atomically
 from infra.config import ConfigError
+from infra.files import write_atomically
 from streaming.events import MAX_EVENT_BYTES, BehaviourEvent, EventError, accept_record, record_key
 
 LOG_FILE = "event_log.npz"

@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from infra.cli import UserError
-from infra.files import write_atomically, write_text_atomically
 from infra.config import SPARSE_ITEM_ROWS
+from infra.files import write_atomically, write_text_atomically
 from model_export import distributed
 from model_export.data import SequenceDataset, evaluation_cases, gather_histories, training_positions
 from model_export.evaluate import evaluate_model, evaluate_popularity
