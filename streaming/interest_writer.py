@@ -64,9 +64,8 @@ class RegistryTowers:
             log.exception("could not load the registry's current user tower (%s); keeping %s", version, self.tower.version)
             return
         if self.tower is not None:
-            metrics.MODEL_INFO.remove(self.tower.version)
             metrics.MODEL_RELOADS.labels("ok").inc()
-        metrics.MODEL_INFO.labels(tower.version).set(1)
+        metrics.tower_swapped(tower.version, self.tower.version if self.tower is not None else None)
         log.info("user tower %s loaded (%s)", tower.version, tower.session.provider)
         self.tower = tower
 

@@ -8,6 +8,8 @@ registering metrics in its functions.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import Counter as Tally
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -27,10 +29,25 @@ UNKNOWN_WINDOWS = Counter("mindstream_stream_unknown_windows_total", "Updates sk
 STORE_ERRORS = Counter("mindstream_stream_store_errors_total", "Failed feature-store writes and window reads (retried until they succeed)")
 WINDOW_SEEDS = Counter("mindstream_stream_window_seeds_total", "Users without job state, by what their stored record gave the window", ["result"])
 MODEL_RELOADS = Counter("mindstream_stream_model_reloads_total", "User-tower hot reloads, by result", ["result"])
-MODEL_INFO = Gauge("mindstream_stream_model_info", "The user tower in use (value 1)", ["model_version"])
+MODEL_INFO = Gauge("mindstream_stream_model_info", "A user tower in use by some task instance (value 1)", ["model_version"])
 LAST_WRITE = Gauge("mindstream_stream_last_write_timestamp_seconds", "Wall-clock time of the newest feature-store write")
 
 _served_on: tuple[str, int] | None = None
+# model version -> task instances of this interpreter using its tower: with parallelism > 1 each
+# instance reloads at its own poll, and a version leaves MODEL_INFO only when the last one drops it
+_towers_in_use: Tally[str] = Tally()
+_towers_lock = threading.Lock()
+
+
+def tower_swapped(loaded: str, dropped: str | None) -> None:
+    with _towers_lock:
+        _towers_in_use[loaded] += 1
+        MODEL_INFO.labels(loaded).set(1)
+        if dropped is not None:
+            _towers_in_use[dropped] -= 1
+            if _towers_in_use[dropped] <= 0:
+                del _towers_in_use[dropped]
+                MODEL_INFO.remove(dropped)
 
 
 def serve(host: str, port: int) -> None:

@@ -457,6 +457,35 @@ def test_an_unreadable_registry_is_a_failed_reload_and_the_tower_in_use_stays(tm
     assert failed() == before + 3
 
 
+def test_the_model_gauge_keeps_a_version_while_any_task_instance_uses_it(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from model_export.artifact import UserTower
+    from model_export.registry import CURRENT_FILE, ModelRegistry
+    from streaming.interest_writer import RegistryTowers
+
+    def shown(version: str) -> float | None:
+        return REGISTRY.get_sample_value("mindstream_stream_model_info", {"model_version": version})
+
+    monkeypatch.setattr(UserTower, "load", lambda path, **kw: SimpleNamespace(version=path.name, session=SimpleNamespace(provider="CPU")))
+    for version in ("g1", "g2"):
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "manifest.json").write_text("{}")
+    current = tmp_path / CURRENT_FILE
+    current.write_text('{"model_version": "g1"}')
+    clock = [0.0]
+    first, second = (RegistryTowers(ModelRegistry(tmp_path), poll_s=2.0, clock=lambda: clock[0]) for _ in range(2))  # parallelism 2
+    assert first.current().version == second.current().version == "g1"
+    current.write_text('{"model_version": "g2"}')
+    clock[0] += 2.0
+    assert first.current().version == "g2"  # the second instance polls later: it still extracts with g1
+    assert shown("g1") == 1 and shown("g2") == 1
+    assert second.current().version == "g2"
+    assert shown("g1") is None and shown("g2") == 1
+
+
 def test_the_throughput_run_ends_at_the_write_of_the_last_event_read():
     from streaming.bench import Drain
 
