@@ -135,11 +135,10 @@ class InterestWriter:
                     continue
                 records.append(InterestRecord(user, tower.version, vectors, window, update.window.newest_ms, update.window.last_offset, now_ms, update.window.profile))
                 written.append(update)
-        # The seen sets of users with a record written now, and of users whose update only evicted
-        # (a seen-only update: the writer does not look whether they have a record; their set expires
-        # with record_ttl_s like any). A window the model knows nothing of holds only items no search returns.
-        recorded = {r.user_id for r in records}
-        seen = {user: update.seen for user, update in self.pending.items() if update.seen and (user in recorded or update.window is None)}
+        # The seen set of every pending user, with a record written now or not: a window the model
+        # knows nothing of yet holds items the next published version knows, and its behaviours are
+        # accepted data (a user's sets expire with record_ttl_s, with or without a record).
+        seen = {user: update.seen for user, update in self.pending.items() if update.seen}
         if records or seen:
             self._write(records, seen)
         if records:  # freshness and the last write describe records written, not updates skipped
