@@ -535,7 +535,7 @@ def refresh(config, export_dir: Path, say, stages: "Stages", expect_current: str
                           superseded=current_moved_on(registry, published.model_version))  # a later publish takes over
         stages.lap("backfill")
         versions = stored_versions(store)
-        retired = retire_unreferenced(registry, client, config.milvus.collection_prefix, set(versions))
+        retired = retire_unreferenced(registry, client, config.milvus.collection_prefix, set(versions), config.retrain.keep_previous)
         stages.lap("retire")
     except Exception as exc:  # noqa: BLE001 - the new version is live: say so, and what finishes the refresh
         stopped_at = "retire" if "backfill" in stages.seconds else "backfill"

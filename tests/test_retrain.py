@@ -138,7 +138,7 @@ def test_a_refresh_under_load_fails_nothing_mixes_no_versions_and_serves_the_new
         time.sleep(2)
         # The scheduled mode, as an operator runs it, stopped after its first retraining.
         retrain = subprocess.run([sys.executable, "-m", "model_export", "retrain", "--schedule", "--runs", "1", "--poll", "0.5", "--quiet"],
-                                 cwd=REPO, env={**system["env"], "MINDSTREAM_RETRAIN__EVERY_EVENTS": "200"},
+                                 cwd=REPO, env={**system["env"], "MINDSTREAM_RETRAIN__EVERY_EVENTS": "200", "MINDSTREAM_RETRAIN__KEEP_PREVIOUS": "0"},
                                  capture_output=True, text=True, timeout=600)
         assert retrain.returncode == 0, retrain.stderr[-3000:]
         report = json.loads(retrain.stdout)
