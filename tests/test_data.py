@@ -117,7 +117,7 @@ def test_evaluation_uses_first_80_percent_as_history_and_all_the_rest_as_targets
 
 def test_side_features_and_profile_are_loaded_from_a_table(synthetic_csv, tmp_path):
     data = _load(synthetic_csv, tmp_path)
-    assert list(data.profile_fields) == ["user_gender"]
+    assert list(data.profile_fields) == ["gender"]
     assert data.profile_cardinalities.tolist() == [3]  # unknown + F + M
     assert (data.item_side > 0).sum(1)[1:].min() == 2  # every item has its cluster genre and gx
     assert "item_genre=gx" in set(data.side_vocab)
@@ -280,7 +280,7 @@ def test_missing_side_feature_and_profile_values_are_no_token_and_unknown(tmp_pa
     data = _load(path, tmp_path)
     # Parquet's float column (an integer column with nulls) gives "25", as events send it; a CSV's text stays as written.
     age = "25" if suffix == ".parquet" else "25.0"
-    assert data.profile_vocab.tolist() == ["user_gender=<unknown>", "user_gender=F", "user_gender=M", "user_age=<unknown>", f"user_age={age}"]
+    assert data.profile_vocab.tolist() == ["gender=<unknown>", "gender=F", "gender=M", "age=<unknown>", f"age={age}"]
     odd = np.array([int(u[1:]) % 2 == 1 for u in data.user_ids])
     assert (data.user_profile[odd] == 0).all() and (data.user_profile[~odd] > 0).all()
     assert data.side_vocab.tolist() == ["<pad>", "item_genre=ga", "item_genre=gb", "item_genre=gc", "item_genre=gd"]
@@ -300,7 +300,7 @@ def test_a_row_that_leaves_an_attribute_out_does_not_hide_the_value_of_later_row
     data = _load(path, tmp_path)
     assert data.side_vocab.tolist() == ["<pad>", *(f"item_genre=g{item}" for item in "abcde")]
     assert (data.item_side[:, 0] == np.arange(6)).all()
-    assert data.profile_vocab.tolist() == ["user_gender=<unknown>", "user_gender=F", "user_gender=M"]
+    assert data.profile_vocab.tolist() == ["gender=<unknown>", "gender=F", "gender=M"]
     assert data.user_profile[:, 0].tolist() == [2 if int(u[1:]) % 2 else 1 for u in data.user_ids]
 
 
@@ -312,3 +312,84 @@ def test_unknown_dataset_is_a_clear_error(tmp_path):
 def test_a_missing_beauty_file_says_which_setting_points_at_it(tmp_path):
     with pytest.raises(DatasetError, match="shared_data_dir.*MINDSTREAM_PATHS__SHARED_DATA_DIR"):
         load_dataset("beauty", tmp_path / "data", tmp_path / "cache", tmp_path / "no-shared-data")
+
+
+def _five_users_five_items(**columns) -> pd.DataFrame:
+    """8 users x the same 5 items (a 5-core that survives), plus the given per-row columns."""
+    rows = [{"user": f"u{u}", "item": item, "timestamp": 1_000 * t + u} for u in range(8) for t, item in enumerate("abcde")]
+    table = pd.DataFrame(rows)
+    for name, value in columns.items():
+        table[name] = [value(r) for r in rows]
+    return table
+
+
+def test_profile_fields_are_named_as_events_name_them(tmp_path):
+    path = tmp_path / "profiles.csv"
+    _five_users_five_items(user_gender=lambda r: "FM"[int(r["user"][1:]) % 2], User_Age=lambda r: "25").to_csv(path, index=False)
+    data = _load(path, tmp_path)
+    assert data.profile_fields.tolist() == ["gender", "Age"]  # an event's {"profile": {"gender": "F", "Age": "25"}}
+    clash = tmp_path / "clash.csv"
+    _five_users_five_items(user_gender=lambda r: "F", USER_gender=lambda r: "M").to_csv(clash, index=False)
+    with pytest.raises(DatasetError, match="each `user_<name>` needs a name of its own"):
+        load_table(clash)
+
+
+@pytest.mark.parametrize("zone", [None, "Europe/Paris"])
+def test_a_parquet_datetime_column_is_read_as_unix_milliseconds(tmp_path, zone):
+    path = tmp_path / "dates.parquet"
+    times = pd.to_datetime(["2020-01-01 00:00:00.000", "2020-01-01 00:00:01.500"]).tz_localize(zone)
+    pd.DataFrame({"user": ["u1", "u1"], "item": ["a", "b"], "timestamp": times}).to_parquet(path)
+    offset = 3_600_000 if zone else 0  # Paris is UTC+1 in January; a time without a zone is UTC
+    assert load_table(path).frame["ts"].tolist() == [1_577_836_800_000 - offset, 1_577_836_801_500 - offset]
+
+
+def test_a_stored_parquet_index_is_a_column_when_named_and_no_row_number_otherwise(tmp_path):
+    named = tmp_path / "named.parquet"
+    pd.DataFrame({"item": ["a", "b"], "timestamp": [1, 2]}, index=pd.Index(["u1", "u2"], name="user")).to_parquet(named)
+    assert load_table(named).frame["user"].tolist() == ["u1", "u2"]
+    filtered = tmp_path / "filtered.parquet"
+    table = pd.DataFrame({"user": ["u1", "u2", "u3"], "item": ["a", "b", "c"], "timestamp": ["1", "2", "x"]}, index=["r1", "r2", "r3"])
+    table.iloc[[0, 2]].to_parquet(filtered)  # a string index with a gap: the bad row is the file's second
+    with pytest.raises(DatasetError, match=r"filtered\.parquet, row 2: timestamp 'x'"):
+        load_table(filtered)
+
+
+def test_a_parquet_list_column_is_one_token_per_element(tmp_path):
+    path = tmp_path / "lists.parquet"
+    _five_users_five_items(item_genres=lambda r: ["Action", "Comedy"] if r["item"] == "a" else ["Drama"]).to_parquet(path)
+    raw = load_table(path)
+    assert raw.item_side["a"] == ["item_genres=Action", "item_genres=Comedy"] and raw.item_side["b"] == ["item_genres=Drama"]
+
+
+def test_ids_and_values_are_read_without_surrounding_spaces_or_float_tails(tmp_path):
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("user, item, timestamp, user_gender\nu1, a, 1, F\nu1,a ,2,F\n")
+    raw = load_table(spaced)
+    assert raw.frame["user"].tolist() == ["u1", "u1"] and raw.frame["item"].tolist() == ["a", "a"]
+    assert raw.user_profile.loc["u1", "gender"] == "F"
+    floats = tmp_path / "floats.parquet"
+    pd.DataFrame({"user": [1.0, 2.0], "item": [7.0, 8.0], "timestamp": [1, 2]}).to_parquet(floats)
+    raw = load_table(floats)
+    assert raw.frame["user"].tolist() == ["1", "2"] and raw.frame["item"].tolist() == ["7", "8"]  # as events send them
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffu1 a b\n".encode())
+    assert load_sequence_file(bom).frame["user"].tolist() == ["u1", "u1"]
+
+
+def test_a_csv_error_names_the_line_after_a_quoted_field_spanning_lines_and_a_non_utf8_line(tmp_path):
+    multiline = tmp_path / "multiline.csv"
+    multiline.write_text('user,item,timestamp,item_note\nu1,a,1,"two\nlines"\nu1,b,x,\n')
+    with pytest.raises(DatasetError, match=r"multiline\.csv:4: timestamp 'x'"):
+        load_table(multiline)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"user,item,timestamp\nu1,a,1\nu1,caf\xe9,2\n")
+    with pytest.raises(DatasetError, match=r"latin\.csv:3: not UTF-8 text"):
+        load_table(latin)
+
+
+def test_a_damaged_cache_is_made_again(synthetic_csv, tmp_path):
+    data = _load(synthetic_csv, tmp_path)
+    (cached,) = (tmp_path / "cache").glob("*.npz")
+    cached.write_bytes(b"")  # a zero-byte copy
+    assert _load(synthetic_csv, tmp_path).fingerprint == data.fingerprint
+    assert cached.stat().st_size > 0

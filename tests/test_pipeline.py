@@ -142,7 +142,7 @@ def test_train_evaluate_export_end_to_end(synthetic_csv, tmp_path):
     export_dir = run / "export"
     manifest = Manifest.load(export_dir)
     assert manifest.model_kind == "mind_remi" and manifest.n_interests == 4 and manifest.dim == 64
-    assert manifest.profile_fields == ["user_gender"]
+    assert manifest.profile_fields == ["gender"]
     assert manifest.metrics["test"] == report["metrics"]
     vectors = np.load(manifest.file(export_dir, "item_vectors"))
     vocab = json.loads(manifest.file(export_dir, "vocab").read_text())

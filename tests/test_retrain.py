@@ -94,7 +94,7 @@ def test_a_refresh_under_load_fails_nothing_mixes_no_versions_and_serves_the_new
     clock = iter(range(now, now + 10**9))
 
     def send(user, item):
-        system["producer"].send(BehaviourEvent(user, item, "click", next(clock), profile={"user_gender": gender[user]}))
+        system["producer"].send(BehaviourEvent(user, item, "click", next(clock), profile={"gender": gender[user]}))
 
     # Before the refresh: every user's history; active users who like cluster 0 also meet a new item.
     for user in users:

@@ -76,7 +76,7 @@ def stream_for(base, n_per_user=4, replays=20):
             else:
                 item = str(base.item_ids[seq[rng.integers(len(seq))]])
             events.append(event(user, item, t, f"n{u}-{j}"))
-    events += [event("newcomer", "i1", NOW + 10**9, "c1", {"user_gender": "F"}), event("newcomer", "i2", NOW + 10**9 + 1, "c2")]
+    events += [event("newcomer", "i1", NOW + 10**9, "c1", {"gender": "F"}), event("newcomer", "i2", NOW + 10**9 + 1, "c2")]
     for u in range(replays):  # the same interactions as in the base dataset
         s = base.seq_offsets[u]
         events.append(event(str(base.user_ids[u]), str(base.item_ids[base.seq_items[s]]), int(base.seq_times[s]), f"r{u}"))
@@ -101,7 +101,7 @@ def test_merge_keeps_ids_stable_counts_replays_once_and_holds_out_the_newest(bas
     held_times = [data.seq_times[data.seq_offsets[u]:data.seq_offsets[u + 1]].max() for u in inc.holdout.users]
     assert min(held_times) >= inc.cut_ms
     u_new = data.user_ids.tolist().index("newcomer")
-    assert data.user_profile[u_new].tolist() == [base.profile_vocab_for_field(0).tolist().index("user_gender=F")]
+    assert data.user_profile[u_new].tolist() == [base.profile_vocab_for_field(0).tolist().index("gender=F")]
     # the parent cannot read "fresh": its holdout histories leave it out, the candidate's keep it
     assert inc.holdout_parent.history.max() <= base.n_items
     assert data.item_side[base.n_items + 1].tolist() == [0] * data.item_side.shape[1]
