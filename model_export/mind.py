@@ -116,9 +116,15 @@ def label_aware_attention(interests: torch.Tensor, target: torch.Tensor, interes
 def routing_regularization(weights: torch.Tensor, behaviour_mask: torch.Tensor) -> torch.Tensor:
     """REMI's RR: mean over users of ||diag(C)||^2, C = the covariance of the routing matrix A [K, L]
     across the user's (unpadded) behaviours. A large diagonal means an interest draws its weight
-    from very few behaviours: the routing collapse REMI guards against."""
-    a = weights  # [B, K, L]
-    m = behaviour_mask[:, None, :].to(a.dtype)  # [B, 1, L]
+    from very few behaviours: the routing collapse REMI guards against.
+
+    REMI's A has rows that are distributions over the behaviours (self-attention's softmax over L);
+    B2I routing's w_ij sums to 1 over the interests instead, and its raw rows would score a clean
+    split of the behaviours between interests as the collapse and identical interests (every w_ij
+    = 1/K) as ideal. So A's row i is interest i's weights normalised over the behaviours,
+    a_ij = w_ij / sum_j w_ij (an inactive interest's row stays 0)."""
+    m = behaviour_mask[:, None, :].to(weights.dtype)  # [B, 1, L]
+    a = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)  # [B, K, L]
     n = m.sum(-1, keepdim=True).clamp(min=1.0)  # [B, 1, 1]
     centred = (a - (a * m).sum(-1, keepdim=True) / n) * m
     variance = (centred * centred).sum(-1) / n[..., 0]  # [B, K] = diag(C)

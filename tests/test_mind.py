@@ -160,12 +160,17 @@ def test_an_unknown_profile_value_is_a_zero_vector_that_is_never_trained():
 
 
 def test_routing_regularization_is_zero_for_even_routing_and_grows_with_collapse():
-    mask = torch.ones(1, 6, dtype=torch.bool)
-    even = torch.full((1, 4, 6), 0.25)
-    collapsed = torch.zeros(1, 4, 6)
-    collapsed[0, :, 0] = 1.0  # every interest draws all its weight from behaviour 0
+    """Routing weights sum to 1 over the interests for each behaviour (2 interests, 6 behaviours, the
+    last one padding): a clean split of the behaviours is healthy, an interest that holds one
+    behaviour is REMI's collapse."""
+    mask = torch.tensor([[True] * 5 + [False]])
+    even = torch.tensor([[[0.5] * 5 + [0.0]] * 2])
+    split = torch.tensor([[[1.0, 1.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 1.0, 0.0]]])
+    collapsed = torch.tensor([[[1.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0, 1.0, 0.0]]])
     assert routing_regularization(even, mask).item() == pytest.approx(0.0, abs=1e-12)
-    assert routing_regularization(collapsed, mask).item() > 1e-3
+    assert routing_regularization(collapsed, mask).item() > 5 * routing_regularization(split, mask).item() > 0
+    one_active = torch.tensor([[[1.0] * 5 + [0.0], [0.0] * 6]])  # K_u = 1: the inactive row adds nothing
+    assert routing_regularization(one_active, mask).item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_routing_regularization_reaches_the_behaviour_embeddings_only_when_enabled():
