@@ -67,13 +67,15 @@ def test_quality_summary_means_spreads_ratios_and_best_epochs():
     summary = summarise([run("youtube_dnn", 1, 0.20, 0.80, 9, 10), run("youtube_dnn", 2, 0.22, 0.80, 10, 10),
                          run("mind", 1, 0.24, 0.90, 4, 7), run("mind", 2, 0.20, 0.70, 6, 9), run("mostpop", 1, 0.10, 0.50, 0, 0)])
     mind = summary["d"]["mind"]
-    assert mind["recall@50"] == pytest.approx((0.22, 0.02)) and mind["hitrate@50"] == pytest.approx((0.80, 0.10))  # population std
+    # the sample standard deviation: sqrt(((0.24 - 0.22)^2 + (0.20 - 0.22)^2) / (2 - 1))
+    assert mind["recall@50"] == pytest.approx((0.22, 0.02 * 2**0.5)) and mind["hitrate@50"] == pytest.approx((0.80, 0.10 * 2**0.5))
+    assert summary["d"]["mostpop"]["recall@50"] == (0.10, 0.0)  # one run: no spread
     assert mind["seeds"] == 2 and mind["seconds_per_epoch"][0] == pytest.approx(15.0)
     assert (mind["best_epochs"], mind["epochs_run"]) == ([4, 6], [7, 9])
     r = ratios(summary)["d"]
     assert r["mind/youtube_dnn recall@50"] == pytest.approx(0.22 / 0.21, abs=5e-4) and r["mind/mostpop hitrate@50"] == pytest.approx(1.6)
     assert not any(k.startswith("mind_remi") for k in r)  # a model not run has no ratio
     row = next(line for line in markdown(summary).splitlines() if line.startswith("| d | mind |"))
-    assert "0.2200 ± 0.0200" in row and row.endswith("| 15.0 | 4 (7), 6 (9) |")
+    assert "0.2200 ± 0.0283" in row and row.endswith("| 15.0 | 4 (7), 6 (9) |")
     popularity = next(line for line in markdown(summary).splitlines() if line.startswith("| d | mostpop |"))
     assert popularity.endswith("| - | - |")  # no epochs: no time per epoch, no best epoch
