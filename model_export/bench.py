@@ -4,7 +4,8 @@ Prints batch throughput (users/s) at a given batch size, single-user latency per
 ratios, all measured in the same run. Inputs are full windows of random items with the user
 profile set, i.e. the worst case the streaming job sends. On the CPU by default; with `gpu`, the
 session the job uses on a GPU (CUDA provider, I/O binding: inputs from and interests back to host
-memory, as served) against eager PyTorch on the same GPU, plus the session's parity with the CPU's.
+memory, as served) against eager PyTorch on the same GPU, given and returning host arrays too,
+plus the session's parity with the CPU's.
 """
 
 from __future__ import annotations
@@ -61,7 +62,6 @@ def bench_user_tower(export_dir: Path, batch: int = 256, seconds: float = 3.0, s
         raise UserError("--gpu: no usable CUDA GPU for onnxruntime-gpu (driver, CUDA 13 and cuDNN 9 libraries); run without --gpu")
     device = "cuda" if gpu else "cpu"
     model = model.to(device)
-    sync = torch.cuda.synchronize if gpu else (lambda: None)  # a CUDA call returns before its kernels end
     rng = np.random.default_rng(0)
     n_fields = len(manifest.profile_fields)
 
@@ -71,24 +71,24 @@ def bench_user_tower(export_dir: Path, batch: int = 256, seconds: float = 3.0, s
         profile = np.ones((b, n_fields), dtype=np.int64)
         return items, lengths, profile
 
-    items, lengths, profile = inputs(batch)
-    t_items, t_lengths, t_profile = (torch.as_tensor(a, device=device) for a in (items, lengths, profile))
-
     @torch.no_grad()
+    def eager(items: np.ndarray, lengths: np.ndarray, profile: np.ndarray) -> None:
+        """Both sides as served: host arrays in, host arrays out (on a GPU the copies both ways, as
+        ONNX Runtime's I/O binding makes them; the copy back also waits for the kernels)."""
+        t_items, t_lengths, t_profile = (torch.as_tensor(a, device=device) for a in (items, lengths, profile))
+        for output in model(t_items, t_lengths, t_profile if n_fields else None):
+            output.cpu()
+
+    batch_inputs, one = inputs(batch), inputs(1)
+
     def torch_batch():
-        model(t_items, t_lengths, t_profile if n_fields else None)
-        sync()
+        eager(*batch_inputs)
 
     def onnx_batch():
-        session.run_encoded(items, lengths, profile)  # as serving calls it: inputs valid by construction
+        session.run_encoded(*batch_inputs)  # as serving calls it: inputs valid by construction
 
-    one = inputs(1)
-    t_one = tuple(torch.as_tensor(a, device=device) for a in one)
-
-    @torch.no_grad()
     def torch_single():
-        model(t_one[0], t_one[1], t_one[2] if n_fields else None)
-        sync()
+        eager(*one)
 
     def onnx_single():
         session.run_encoded(*one)

@@ -45,13 +45,15 @@ class _ServingSignature(torch.nn.Module):
 
 
 def parity_inputs(data: SequenceDataset, maxlen: int, n_users: int = PARITY_USERS, seed: int = 0):
-    """Held-out users' evaluation windows; a fifth of them cut to 1 item and a fifth to 2 items."""
+    """Held-out users' evaluation windows; a fifth of them cut to 1 item, a fifth to 2 items and a
+    fifth to 3..15 items, so that every K_u below 4 is checked (full windows of ML-1M's held-out
+    users are 16+ items: K_u = 4 only)."""
     users = np.concatenate([data.test_users, data.valid_users])[:n_users]
     cases = evaluation_cases(data, users, maxlen)
     items, lengths = cases.history.copy(), cases.lengths.copy()
     rng = np.random.default_rng(seed)
-    pick = rng.permutation(len(users))
-    for short, rows in ((1, pick[: len(users) // 5]), (2, pick[len(users) // 5 : 2 * len(users) // 5])):
+    fifths = np.array_split(rng.permutation(len(users)), 5)
+    for short, rows in ((1, fifths[0]), (2, fifths[1]), (3 + np.arange(len(fifths[2])) % 13, fifths[2])):
         lengths[rows] = np.minimum(lengths[rows], short)
         items[rows] = np.where(np.arange(maxlen)[None, :] < lengths[rows, None], items[rows], 0)
     return items, lengths, data.user_profile[users]
