@@ -69,6 +69,13 @@ class RegistryTowers:
         log.info("user tower %s loaded (%s)", tower.version, tower.session.provider)
         self.tower = tower
 
+    def close(self) -> None:
+        """The task instance is going (a restart, a failover): its version leaves the model gauge
+        unless another instance of this interpreter still uses it."""
+        if self.tower is not None:
+            metrics.tower_swapped(None, self.tower.version)
+            self.tower = None
+
 
 class FixedTower:
     """One tower, never reloaded (tests, benchmarks, backfills of a given version)."""

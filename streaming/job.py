@@ -90,14 +90,18 @@ def _user_windows_function(settings: dict):
             self.state = runtime_context.get_state(descriptor)
             store = RedisFeatureStore.from_config(RedisConfig(**settings["redis"]), ttl_seconds=settings["record_ttl_s"],
                                                   seen_items=settings["seen_items"], read_seen=False)
-            towers = RegistryTowers(ModelRegistry(Path(settings["models_dir"])), settings["model_poll_s"])
-            towers.current()  # fail at start, with the registry's message, when no model is published
-            self.writer = InterestWriter(towers, store, settings["batch_max_users"])
+            self.towers = RegistryTowers(ModelRegistry(Path(settings["models_dir"])), settings["model_poll_s"])
+            self.towers.current()  # fail at start, with the registry's message, when no model is published
+            self.writer = InterestWriter(self.towers, store, settings["batch_max_users"])
             self.seed = self.writer.stored_window if settings["seed_windows_from_store"] else None
             self.timed: set[str] = set()  # users with a flush timer registered by this process
             self.flushed: set[str] = set()  # written users whose timer has not fired yet
             self.applied = {outcome: metrics.EVENTS_APPLIED.labels(outcome.value) for outcome in Applied}  # resolved once: per-event cost
             metrics.serve(settings["metrics_host"], settings["metrics_port"])
+
+        def close(self):
+            if hasattr(self, "towers"):  # an open() that failed before it had them
+                self.towers.close()
 
         def process_element(self, row, ctx: KeyedProcessFunction.Context):
             key, value, partition, offset, produced_ms = row[0], row[1], row[2], row[3], row[4]

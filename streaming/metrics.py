@@ -39,10 +39,12 @@ _towers_in_use: Tally[str] = Tally()
 _towers_lock = threading.Lock()
 
 
-def tower_swapped(loaded: str, dropped: str | None) -> None:
+def tower_swapped(loaded: str | None, dropped: str | None) -> None:
+    """A task instance's tower changed: `loaded` (None: the instance closed) replaced `dropped` (None: its first)."""
     with _towers_lock:
-        _towers_in_use[loaded] += 1
-        MODEL_INFO.labels(loaded).set(1)
+        if loaded is not None:
+            _towers_in_use[loaded] += 1
+            MODEL_INFO.labels(loaded).set(1)
         if dropped is not None:
             _towers_in_use[dropped] -= 1
             if _towers_in_use[dropped] <= 0:

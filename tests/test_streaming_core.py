@@ -487,6 +487,14 @@ def test_the_model_gauge_keeps_a_version_while_any_task_instance_uses_it(tmp_pat
     assert shown("g1") == 1 and shown("g2") == 1
     assert second.current().version == "g2"
     assert shown("g1") is None and shown("g2") == 1
+    third = RegistryTowers(ModelRegistry(tmp_path), poll_s=2.0, clock=lambda: clock[0])  # an instance of a restarted task
+    current.write_text('{"model_version": "g1"}')
+    assert third.current().version == "g1" and shown("g1") == 1
+    third.close()  # the task goes again before any reload: g1 is used by nobody
+    assert shown("g1") is None and shown("g2") == 1
+    first.close()
+    second.close()
+    assert shown("g2") is None
 
 
 def test_the_throughput_run_ends_at_the_write_of_the_last_event_read():
