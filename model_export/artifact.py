@@ -117,14 +117,23 @@ class ModelArtifact:
             items[row, : len(e)] = e
         return items, lengths
 
+    @cached_property
+    def profile_keys(self) -> list[tuple[str, str]]:
+        """(field, the event's profile key that also gives it). Exports of a CSV / Parquet dataset
+        made before preprocessing version 4 name a field by its column, `user_gender`, where events
+        send `gender`: both are read."""
+        return [(f, f[len("user_"):] if f.startswith("user_") else f) for f in self.manifest.profile_fields]
+
     def encode_profiles(self, profiles: Sequence[Mapping[str, str] | None]) -> np.ndarray:
         """Profile field values (e.g. {"gender": "F"}) -> [B, n_fields] ids; absent or unseen values -> 0."""
-        fields = self.manifest.profile_fields
-        out = np.zeros((len(profiles), len(fields)), dtype=np.int64)
+        out = np.zeros((len(profiles), len(self.profile_keys)), dtype=np.int64)
         for row, profile in enumerate(profiles):
-            for col, f in enumerate(fields):
-                if profile and f in profile:
-                    out[row, col] = self.profile_index[f].get(str(profile[f]), 0)
+            if not profile:
+                continue
+            for col, (f, short) in enumerate(self.profile_keys):
+                value = profile.get(f, profile.get(short))
+                if value is not None:
+                    out[row, col] = self.profile_index[f].get(str(value), 0)
         return out
 
 

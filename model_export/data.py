@@ -260,9 +260,10 @@ def load_table(path: Path) -> RawInteractions:
     try:
         if suffix == ".parquet":
             table = pd.read_parquet(path)
-            # a stored pandas index: a named one (user ids saved as the index) is a column, any other
-            # is dropped, so that a row's index is its place in the file
-            table = table.reset_index(drop=all(name is None for name in table.index.names))
+            # a stored pandas index: a named level (user ids saved as the index) is a column unless one
+            # has its name already, any other is dropped, so that a row's index is its place in the file
+            named = [n for n in table.index.names if n is not None and n not in table.columns]
+            table = (table.reset_index(level=named) if named else table).reset_index(drop=True)
         else:  # blank lines kept as rows (dropped below), so a row's index gives its record
             table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8")
     except UnicodeDecodeError:
@@ -270,6 +271,9 @@ def load_table(path: Path) -> RawInteractions:
     except Exception as exc:  # pandas raises many types; name the file and what it said
         raise DatasetError(f"{path}: cannot be read as {suffix[1:]} ({exc})") from None
     table.columns = [str(c).strip() for c in table.columns]
+    repeated = sorted({c for c in table.columns if list(table.columns).count(c) > 1})
+    if repeated:
+        raise DatasetError(f"{path}: the columns {repeated} appear more than once (names without their surrounding spaces): keep one of each")
     if suffix != ".parquet":
         table = table[(table.apply(lambda column: column.str.strip()) != "").any(axis=1)]
 
@@ -303,8 +307,10 @@ def load_table(path: Path) -> RawInteractions:
                                "convert dates to Unix milliseconds, or store them as a Parquet timestamp column)")
     users, items = _id_texts(table[ucol]), _id_texts(table[icol])
     frame = pd.DataFrame({"user": users, "item": items, "ts": ts.astype(np.int64)})
-    item_cols = [c for c in table.columns if c.lower().startswith("item_") and c != icol]
-    user_cols = [c for c in table.columns if c.lower().startswith("user_") and c != ucol]
+    # side columns: any item_<name> / user_<name> but another spelling of an id column (a `user_id`
+    # beside `user` is not the profile field "id")
+    item_cols = [c for c in table.columns if c.lower().startswith("item_") and c.lower() not in _ITEM_COLUMNS]
+    user_cols = [c for c in table.columns if c.lower().startswith("user_") and c.lower() not in _USER_COLUMNS]
     item_side: dict[str, list[str]] = {}
     if item_cols:
         firsts = _first_present(table, items, item_cols)
@@ -326,8 +332,13 @@ def _first_present(table: pd.DataFrame, keys: pd.Series, columns: list[str]) -> 
     """Per key (an item's, a user's id text, one per row) and per column, the first non-missing cell
     as text ("" where every row lacks it): attributes repeat on every row of an event log, and a row
     that leaves one out must not hide the value the later rows carry."""
-    cells = pd.DataFrame({c: table[c].where(~table[c].astype(str).str.strip().eq("")) if table[c].dtype == object else table[c]
-                          for c in columns})  # blank text -> missing, which first() skips (vectorised: logs are long)
+    def present(column: pd.Series) -> pd.Series:  # text cells as their text, "" (blank, an empty list) -> missing, which first() skips
+        if column.dtype != object:
+            return column
+        text = column.map(_cell_text)
+        return text.where(text != "")
+
+    cells = pd.DataFrame({c: present(table[c]) for c in columns})
     return cells.groupby(keys.to_numpy(), sort=False).first().map(_cell_text)
 
 

@@ -2,6 +2,7 @@
 
     <models_dir>/<model version>/   a verified copy of an export (manifest.json, user_tower.onnx, ...)
     <models_dir>/CURRENT.json       {"model_version": ..., "published_at": ...}, replaced atomically
+    <models_dir>/PUBLISHED.json     {model version: when it last became current}, replaced atomically
     <models_dir>/INACTIVE.json      {"revision": n, "items": [raw item id, ...], "updated_at": ...}: items
                                     taken out of recall (withdrawn, out of stock) in every version
 
@@ -33,6 +34,7 @@ from infra.files import write_text_atomically
 from model_export.manifest import MODEL_VERSION, Manifest
 
 CURRENT_FILE = "CURRENT.json"
+PUBLISHED_FILE = "PUBLISHED.json"
 INACTIVE_FILE = "INACTIVE.json"
 _REPAIR_INACTIVE = "restore it from a backup, or delete it (every item active again) and run `python -m model_export items deactivate` again"
 
@@ -103,9 +105,22 @@ class ModelRegistry:
             yield
 
     def set_current(self, model_version: str) -> None:
-        """Moves CURRENT (call it within `publishing()`, as publish does)."""
+        """Moves CURRENT (call it within `publishing()`, as publish does), and notes when in PUBLISHED."""
         self.path(model_version)  # refuses a version that is not installed
-        self._replace(CURRENT_FILE, {"model_version": model_version, "published_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+        now = dt.datetime.now(dt.timezone.utc).isoformat()
+        self._replace(PUBLISHED_FILE, {**self.last_published(), model_version: now})
+        self._replace(CURRENT_FILE, {"model_version": model_version, "published_at": now})
+
+    def last_published(self) -> dict[str, str]:
+        """Installed version -> when it last became current (ISO 8601, UTC); a version never current,
+        or a registry older than this record, has no entry. An unreadable record reads as empty: it
+        only orders what a retirement keeps."""
+        try:
+            record = json.loads((self.root / PUBLISHED_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        installed = set(self.versions())
+        return {v: t for v, t in record.items() if v in installed and isinstance(t, str)} if isinstance(record, dict) else {}
 
     def current_version(self) -> str | None:
         try:

@@ -398,7 +398,8 @@ def base_dataset(lineage: Lineage, paths) -> SequenceDataset:
     base = load_dataset(lineage.source, paths.data_dir, paths.cache_dir, paths.shared_data_dir)
     if base.fingerprint != lineage.base_fingerprint:
         raise RetrainError(f"the base dataset {lineage.source!r} changed since the current model was trained "
-                           f"(fingerprint {base.fingerprint}, expected {lineage.base_fingerprint}): restore it, or train a new base model")
+                           f"(fingerprint {base.fingerprint}, expected {lineage.base_fingerprint}): restore it, or train a new base model "
+                           "(an unchanged file reads differently after a change of the preprocessing: PREPROCESS_VERSION in model_export/data.py)")
     return base
 
 

@@ -356,9 +356,41 @@ def test_a_stored_parquet_index_is_a_column_when_named_and_no_row_number_otherwi
 
 def test_a_parquet_list_column_is_one_token_per_element(tmp_path):
     path = tmp_path / "lists.parquet"
-    _five_users_five_items(item_genres=lambda r: ["Action", "Comedy"] if r["item"] == "a" else ["Drama"]).to_parquet(path)
+    # item c's first rows carry an empty list: no value, which must not hide the later rows' one
+    _five_users_five_items(item_genres=lambda r: ["Action", "Comedy"] if r["item"] == "a" else
+                           ([] if r["item"] == "c" and r["user"] < "u4" else ["Drama"])).to_parquet(path)
     raw = load_table(path)
     assert raw.item_side["a"] == ["item_genres=Action", "item_genres=Comedy"] and raw.item_side["b"] == ["item_genres=Drama"]
+    assert raw.item_side["c"] == ["item_genres=Drama"]
+
+
+def test_id_column_spellings_are_no_side_columns_and_repeated_names_are_refused(tmp_path):
+    both = tmp_path / "both.parquet"  # user ids saved as the index too, beside the user column and a user_id column
+    table = _five_users_five_items(user_id=lambda r: r["user"], item_id=lambda r: r["item"], user_gender=lambda r: "F")
+    table.set_index(pd.Index(table["user"], name="user")).to_parquet(both)
+    raw = load_table(both)
+    assert list(raw.user_profile.columns) == ["gender"] and raw.item_side == {}
+    repeated = tmp_path / "repeated.csv"
+    repeated.write_text("user,item,timestamp, user\nu1,a,1,u1\n")
+    with pytest.raises(DatasetError, match=r"the columns \['user'\] appear more than once"):
+        load_table(repeated)
+
+
+def test_a_file_that_changes_while_it_is_read_is_not_cached(synthetic_csv, tmp_path, monkeypatch):
+    import model_export.data as data_module
+
+    read = data_module.load_raw
+
+    def read_then_append(*args):
+        raw = read(*args)
+        with open(synthetic_csv, "a") as fh:  # another process still writing the file
+            fh.write("u0,i1,99999999\n")
+        return raw
+
+    monkeypatch.setattr(data_module, "load_raw", read_then_append)
+    with pytest.raises(DatasetError, match="changed while being read"):
+        _load(synthetic_csv, tmp_path)
+    assert not list((tmp_path / "cache").glob("*.npz"))
 
 
 def test_ids_and_values_are_read_without_surrounding_spaces_or_float_tails(tmp_path):

@@ -435,3 +435,18 @@ def test_the_parity_check_covers_a_shorter_window_and_an_empty_history(small_exp
     assert manifest.maxlen == 20 and check_parity(model, export_dir, manifest, data) <= PARITY_TOLERANCE
     with pytest.raises(RuntimeError, match=r"differs from PyTorch by 1.00e\+00 > 1e-04 at window 3; export refused"):
         check_parity(_DriftingTower(model, drifts), export_dir, manifest, data)
+
+
+def test_profiles_are_encoded_by_the_fields_events_name_and_by_an_older_exports_column_names():
+    from types import SimpleNamespace
+
+    from model_export.artifact import ModelArtifact
+
+    def artifact(fields):
+        tokens = {f: [f"{f}=<unknown>", f"{f}=F", f"{f}=M"] for f in fields}
+        return ModelArtifact(Path("."), SimpleNamespace(profile_fields=fields), [], [], np.zeros(0), tokens)
+
+    events = [{"gender": "M"}, {"gender": "X"}, {}, None, {"user_gender": "F"}]
+    assert artifact(["gender"]).encode_profiles(events).tolist() == [[2], [0], [0], [0], [0]]
+    # exported before preprocessing version 4: the column name, read from the event's key as well
+    assert artifact(["user_gender"]).encode_profiles(events).tolist() == [[2], [0], [0], [0], [1]]

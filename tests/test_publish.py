@@ -97,27 +97,34 @@ def test_a_retire_waits_for_a_publication_in_progress_and_a_moved_current_is_not
     assert registry.current_version() == new and alias_target(client, PREFIX) == collection_name(PREFIX, new)
 
 
-def test_a_retire_keeps_the_newest_previous_versions_asked_for(two_exports, tmp_path):
+def test_a_retire_keeps_the_versions_current_most_recently(two_exports, tmp_path):
     import shutil
 
     registry, client, quiet = ModelRegistry(tmp_path / "models"), connect(str(tmp_path / "milvus.db")), lambda m: None
-    previous = publish_version(two_exports[0], registry, client, PREFIX, progress=quiet).model_version
-    current = publish_version(two_exports[1], registry, client, PREFIX, progress=quiet).model_version
-    oldest = tmp_path / "oldest"  # a version exported before both, installed and never published
-    shutil.copytree(two_exports[0], oldest)
-    manifest = json.loads((oldest / "manifest.json").read_text())
-    manifest.update(model_version="v-oldest", created_at="2000-01-01T00:00:00+00:00")
-    (oldest / "manifest.json").write_text(json.dumps(manifest))
-    registry.install(oldest)
-    assert retire_unreferenced(registry, client, PREFIX, set(), keep_previous=1) == ["v-oldest"]
-    assert sorted(registry.versions()) == sorted([previous, current]) and client.has_collection(collection_name(PREFIX, previous))
+    good = publish_version(two_exports[0], registry, client, PREFIX, progress=quiet).model_version
+    bad = publish_version(two_exports[1], registry, client, PREFIX, progress=quiet).model_version  # exported after good
+    said = []  # the operator rolls back: the kept version is published from its registry folder, its collection as it is
+    publish_version(registry.path(good), registry, client, PREFIX, progress=said.append)
+    assert registry.current_version() == good and alias_target(client, PREFIX) == collection_name(PREFIX, good)
+    assert not any("inserted" in m for m in said), said
+    fixed = tmp_path / "fixed"  # the next version (a copy under another name, exported before both: order is by publication)
+    shutil.copytree(two_exports[0], fixed)
+    manifest = json.loads((fixed / "manifest.json").read_text())
+    manifest.update(model_version="v-fixed", created_at="2000-01-01T00:00:00+00:00")
+    (fixed / "manifest.json").write_text(json.dumps(manifest))
+    publish_version(fixed, registry, client, PREFIX, progress=quiet)
+    unpublished = tmp_path / "unpublished"
+    shutil.copytree(fixed, unpublished)
+    (unpublished / "manifest.json").write_text(json.dumps({**manifest, "model_version": "v-never", "created_at": "2030-01-01T00:00:00+00:00"}))
+    registry.install(unpublished)
+    (registry.path(bad) / "manifest.json").write_bytes(b"\xff not a manifest")  # an unreadable one orders, never fails
+    # good served until now (and is where a rollback goes): kept; bad, and a version never current, are retired
+    assert sorted(retire_unreferenced(registry, client, PREFIX, set(), keep_previous=1)) == sorted([bad, "v-never"])
+    assert sorted(registry.versions()) == sorted([good, "v-fixed"]) and client.has_collection(collection_name(PREFIX, good))
     assert retire_unreferenced(registry, client, PREFIX, set(), keep_previous=1) == []
-    said = []  # a rollback: the kept version published from its registry folder, its collection as it is
-    publish_version(registry.path(previous), registry, client, PREFIX, progress=said.append)
-    assert registry.current_version() == previous and alias_target(client, PREFIX) == collection_name(PREFIX, previous)
-    assert not any("insert" in m.lower() for m in said), said
-    assert retire_unreferenced(registry, client, PREFIX, set(), keep_previous=0) == [current]
-    assert registry.versions() == [previous] and not client.has_collection(collection_name(PREFIX, current))
+    assert retire_unreferenced(registry, client, PREFIX, {good}, keep_previous=0) == []  # a stored interest still names it
+    assert retire_unreferenced(registry, client, PREFIX, set(), keep_previous=0) == [good]
+    assert registry.versions() == ["v-fixed"] and not client.has_collection(collection_name(PREFIX, good))
 
 
 def test_a_collection_left_without_its_index_by_a_killed_publish_is_filled_again(two_exports, tmp_path):
