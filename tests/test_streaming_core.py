@@ -3,6 +3,8 @@
 import copy
 import dataclasses
 import json
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -430,8 +432,6 @@ def test_a_window_is_seeded_after_a_store_outage_and_starts_empty_from_a_corrupt
 
 
 def test_an_unreadable_registry_is_a_failed_reload_and_the_tower_in_use_stays(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
     from prometheus_client import REGISTRY
 
     from model_export.artifact import UserTower
@@ -461,8 +461,6 @@ def test_an_unreadable_registry_is_a_failed_reload_and_the_tower_in_use_stays(tm
 
 
 def test_the_model_gauge_keeps_a_version_while_any_task_instance_uses_it(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
     from prometheus_client import REGISTRY
 
     from model_export.artifact import UserTower
@@ -720,3 +718,60 @@ def test_an_event_dated_over_an_hour_after_it_entered_kafka_is_refused_as_future
         accept_record("u1", value, produced_ms=10_000_000 - MAX_AHEAD_MS - 1)
     assert refused.value.kind == "future"
     assert accept_record("u1", value, produced_ms=-1).user_id == "u1"  # a record without a timestamp: not judged by it
+
+
+def test_the_jobs_function_redoes_a_write_lost_with_a_crash_from_its_restored_timer(monkeypatch):
+    """The keyed function itself (PyFlink's class, no cluster): an update queued when a checkpoint was
+    taken and lost with the process is written by the restored timer from the restored window; a
+    timer that finds its user written by a size flush costs no tower call."""
+    import streaming.feature_store as feature_store
+    import streaming.interest_writer as interest_writer
+    from infra.config import load_config
+    from streaming.job import _user_windows_function, job_settings
+
+    store, tower = InMemoryFeatureStore(seen_items=100), FakeTower()
+    monkeypatch.setattr(feature_store.RedisFeatureStore, "from_config", classmethod(lambda cls, *args, **kw: store))
+    monkeypatch.setattr(interest_writer, "RegistryTowers", lambda *args, **kw: SimpleNamespace(current=lambda: tower, close=lambda: None))
+    settings = {**job_settings(load_config()), "metrics_port": 0, "batch_max_users": 2}
+
+    class KeyedState:  # Flink's ValueState of the current key
+        def __init__(self, values):
+            self.values, self.key = dict(values), None
+
+        def value(self):
+            return self.values.get(self.key)
+
+        def update(self, value):
+            self.values[self.key] = value
+
+    def started(values):
+        function, state = _user_windows_function(settings), KeyedState(values)
+        function.open(SimpleNamespace(get_state=lambda descriptor: state))
+        return function, state
+
+    timers = []
+
+    def context(state, user):
+        state.key = user
+        service = SimpleNamespace(current_processing_time=lambda: 0, register_processing_time_timer=lambda t: timers.append((user, t)))
+        return SimpleNamespace(timer_service=lambda: service, get_current_key=lambda: user)
+
+    now = int(time.time() * 1000)
+
+    def send(function, state, offset, user, item):
+        record = (user, encode_event(BehaviourEvent(user, item, "click", now + offset)), 0, offset, now + offset)
+        return list(function.process_element(record, context(state, user)))
+
+    job, state = started({})
+    send(job, state, 0, "u1", "a")
+    assert job.writer.pending and timers == [("u1", settings["batch_max_delay_ms"])]
+    checkpoint = dict(state.values)  # the window and the timer; the queued write is in no checkpoint
+    job, state = started(checkpoint)  # the process died; the job restores
+    list(job.on_timer(0, context(state, "u1")))
+    assert store.get_many(["u1"])[0].window == ("a",) and set(store.seen["u1"]) == {"a"} and tower.calls == [1]
+    send(job, state, 1, "u2", "b")
+    send(job, state, 2, "u3", "c")  # the batch is full: flushed now
+    assert tower.calls == [1, 2] and [r.window for r in store.get_many(["u2", "u3"])] == [("b",), ("c",)]
+    for user in ("u2", "u3"):
+        list(job.on_timer(0, context(state, user)))
+    assert tower.calls == [1, 2] and not job.flushed
