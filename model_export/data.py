@@ -158,28 +158,34 @@ def load_movielens(data_dir: Path) -> RawInteractions:
     return RawInteractions(frame, item_side, profile, [folder / "ml-1m.inter", folder / "ml-1m.item", folder / "ml-1m.user"])
 
 
+def _utf8_lines(path: Path):
+    """(line number, text) of each line; DatasetError naming the first that is not UTF-8. A BOM is
+    no part of the first line's text."""
+    with open(path, "rb") as fh:
+        for line_no, raw_line in enumerate(fh, start=1):
+            try:
+                yield line_no, raw_line.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(f"{path}:{line_no}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def load_sequence_file(path: Path) -> RawInteractions:
     """One user per line: `user_id item_1 item_2 ... item_n`, items in time order; a user on one line only."""
     users, items, order = [], [], []
     first_line: dict[str, int] = {}
-    with open(path, "rb") as fh:
-        for line_no, raw_line in enumerate(fh, start=1):
-            try:
-                line = raw_line.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a BOM is no part of the first user id
-            except UnicodeDecodeError as exc:
-                raise DatasetError(f"{path}:{line_no}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-            tokens = line.split()
-            if not tokens:
-                continue
-            if len(tokens) < 2:
-                raise DatasetError(f"{path}:{line_no}: expected 'user_id item_1 ... item_n', got {line.strip()!r}")
-            # A user's items are ordered by their place on the line: a second line would interleave with the first.
-            seen_at = first_line.setdefault(tokens[0], line_no)
-            if seen_at != line_no:
-                raise DatasetError(f"{path}:{line_no}: user {tokens[0]!r} already has line {seen_at}; put all of a user's items, in time order, on one line")
-            users.extend([tokens[0]] * (len(tokens) - 1))
-            items.extend(tokens[1:])
-            order.extend(range(len(tokens) - 1))
+    for line_no, line in _utf8_lines(path):
+        tokens = line.split()
+        if not tokens:
+            continue
+        if len(tokens) < 2:
+            raise DatasetError(f"{path}:{line_no}: expected 'user_id item_1 ... item_n', got {line.strip()!r}")
+        # A user's items are ordered by their place on the line: a second line would interleave with the first.
+        seen_at = first_line.setdefault(tokens[0], line_no)
+        if seen_at != line_no:
+            raise DatasetError(f"{path}:{line_no}: user {tokens[0]!r} already has line {seen_at}; put all of a user's items, in time order, on one line")
+        users.extend([tokens[0]] * (len(tokens) - 1))
+        items.extend(tokens[1:])
+        order.extend(range(len(tokens) - 1))
     if not users:
         raise DatasetError(f"{path}: no interactions found")
     frame = pd.DataFrame({"user": users, "item": items, "ts": np.asarray(order, dtype=np.int64)})
@@ -239,14 +245,6 @@ def _csv_line(path: Path, sep: str, record: int) -> int:
     return start
 
 
-def _first_undecodable_line(path: Path) -> str:
-    with open(path, "rb") as fh:
-        for line_no, raw_line in enumerate(fh, start=1):
-            try:
-                raw_line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                return f"{path}:{line_no}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line)"
-    return f"{path}: not UTF-8 text"
 
 
 def load_table(path: Path) -> RawInteractions:
@@ -267,7 +265,9 @@ def load_table(path: Path) -> RawInteractions:
         else:  # blank lines kept as rows (dropped below), so a row's index gives its record
             table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8")
     except UnicodeDecodeError:
-        raise DatasetError(_first_undecodable_line(path)) from None
+        for _ in _utf8_lines(path):  # raises with the first line that is not UTF-8
+            pass
+        raise DatasetError(f"{path}: not UTF-8 text") from None
     except Exception as exc:  # pandas raises many types; name the file and what it said
         raise DatasetError(f"{path}: cannot be read as {suffix[1:]} ({exc})") from None
     table.columns = [str(c).strip() for c in table.columns]
