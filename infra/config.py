@@ -196,8 +196,8 @@ class RetrainConfig:
     sparse_item_rows: int = SPARSE_ITEM_ROWS  # a grown catalog this large fine-tunes with lazy Adam (0 = never)
     every_minutes: float = 0.0  # scheduled mode (retrain --schedule): retrain after this long ...
     every_events: int = 0  # ... or once this many new events wait, whichever comes first
-    # versions kept beside the current one when a refresh retires the rest (newest exports first):
-    # a rollback without re-publishing; each holds a loaded collection in Milvus
+    # versions kept beside the current one when a refresh retires the rest (those current most
+    # recently): a rollback without re-publishing; each holds a loaded collection in Milvus
     keep_previous: int = 1
 
     def __post_init__(self) -> None:

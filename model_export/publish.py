@@ -275,19 +275,14 @@ def publish_version(export_dir: Path, registry, client, prefix: str, index_type:
 def retire_unreferenced(registry, client, prefix: str, referenced: set[str], keep_previous: int = 0) -> list[str]:
     """Drops the collection and the registry copy of every version that is neither current nor
     referenced by a stored interest, nor one of the `keep_previous` other versions current most
-    recently (a rollback target that needs no re-publication, and what a recall service that could
-    not load the current version still answers with; versions never current, newest export first,
-    after them); returns the retired versions. Under
-    registry.publishing(): a version another process is installing and filling is not current yet,
-    and must not be taken for an unreferenced one."""
+    recently (registry.previous_versions: a rollback target that needs no re-publication, and what
+    a recall service that could not load the current version still answers with); returns the
+    retired versions. Under registry.publishing(): a version another process is installing and
+    filling is not current yet, and must not be taken for an unreferenced one."""
     retired = []
     with registry.publishing():
-        current = registry.current_version()
         aliased = alias_target(client, prefix)
-        published = registry.last_published()
-        others = sorted((v for v in registry.versions() if v != current),
-                        key=lambda v: (published.get(v, ""), _exported_at(registry, v), v), reverse=True)
-        for version in others[keep_previous:]:
+        for version in registry.previous_versions()[keep_previous:]:
             if version in referenced:
                 continue
             name = collection_name(prefix, version)
@@ -298,12 +293,3 @@ def retire_unreferenced(registry, client, prefix: str, referenced: set[str], kee
             registry.remove(version)
             retired.append(version)
     return retired
-
-
-def _exported_at(registry, version: str) -> str:
-    """The manifest's creation time (ISO 8601, UTC: sorts as text); "" for an unreadable one, retired first."""
-    try:
-        created = Manifest.load(registry.path(version), verify=False).created_at
-    except Exception:  # noqa: BLE001 - not UTF-8, not JSON, no manifest: it only orders what is kept
-        return ""
-    return created if isinstance(created, str) else ""

@@ -122,6 +122,20 @@ class ModelRegistry:
         installed = set(self.versions())
         return {v: t for v, t in record.items() if v in installed and isinstance(t, str)} if isinstance(record, dict) else {}
 
+    def previous_versions(self) -> list[str]:
+        """The installed versions other than CURRENT, those current most recently first; then the
+        ones never current, newest export first (an unreadable manifest last)."""
+        published, current = self.last_published(), self.current_version()
+        return sorted((v for v in self.versions() if v != current), key=lambda v: (published.get(v, ""), self._exported_at(v), v), reverse=True)
+
+    def _exported_at(self, version: str) -> str:
+        """The manifest's creation time (ISO 8601, UTC: sorts as text); "" for an unreadable one."""
+        try:
+            created = Manifest.load(self._folder(version), verify=False).created_at
+        except Exception:  # noqa: BLE001 - not UTF-8, not JSON, no manifest: it only orders versions
+            return ""
+        return created if isinstance(created, str) else ""
+
     def current_version(self) -> str | None:
         try:
             return json.loads((self.root / CURRENT_FILE).read_text())["model_version"]
