@@ -30,7 +30,7 @@ from recall_service.filters import ItemFilter
 from recall_service.merge import MISSING_ITEM
 from recall_service.query import InvalidRequest
 from recall_service.recaller import BackendUnavailable, DeadlineExceeded, SearchHits, SearchRejected, VersionRetired
-from streaming.feature_store import InterestRecord
+from streaming.feature_store import InterestRecord, RecordError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,12 @@ class FeatureStoreReader:
             raise BackendUnavailable(f"feature store: {exc}") from None
 
     def ping(self) -> None:
-        self.get_many(["__health__"])
+        """Reachability: a read of one key. Any user id may name a real user, so a record stored
+        under it, corrupt or not, is an answer and the store is up."""
+        try:
+            self.get_many(["__health__"])
+        except RecordError:
+            pass
 
     def close(self) -> None:
         self.store.close()
@@ -237,6 +242,10 @@ class RegistryVocabularies:
     def raw_ids(self, model_version: str) -> np.ndarray | None:
         shared = self.loaded(model_version)
         if shared is not None:
+            if model_version in self._read:  # read here before its model was loaded: one copy is enough
+                with self._lock:
+                    self._read.pop(model_version, None)
+                    self._used.pop(model_version, None)
             return shared
         self._used[model_version] = self.clock()
         vocabulary = self._read.get(model_version)
@@ -304,8 +313,9 @@ class LoadedModel:
 
     def _ranked(self, item_filter: ItemFilter | None, inactive: InactiveItems) -> np.ndarray:
         """Active item rows by popularity that pass the filter, cut at `popular_depth`; the last 64
-        (filter, inactive revision) pairs are cached."""
-        key = (item_filter.milvus_expr if item_filter else "", inactive.revision)
+        (filter, inactive set) pairs are cached. Keyed by the set itself, not its revision: a revision
+        can repeat (INACTIVE.json deleted and written anew starts again at 1) with other items."""
+        key = (item_filter.milvus_expr if item_filter else "", inactive.items)
         with self._lock:
             if key in self._filtered:
                 self._filtered.move_to_end(key)
@@ -403,6 +413,12 @@ class RegistryModels:
         if version is None:
             return None
         model = self._loaded.get(version)
+        if model is not None and model is not self._serving:  # CURRENT moved back to a version still loaded (a rollback)
+            with self._lock:
+                if self._loaded.get(version) is model:
+                    self._loaded.move_to_end(version)  # the one serving is kept when the next version loads
+                    self._serving = model
+                    log.info("serving model %s again", version)
         if model is None:
             model = self._serving  # prepare() is loading `version`
         if model is None:

@@ -34,7 +34,7 @@ import numpy as np
 from recall_service.filters import ItemFilter
 from recall_service.merge import MISSING_ITEM, merge_by_quota, merge_one_by_score
 from model_export.registry import NO_INACTIVE_ITEMS, InactiveItems
-from recall_service.query import FallbackReason, MergePolicy, RecallPath, RecallQuery
+from recall_service.query import FallbackReason, InvalidRequest, MergePolicy, RecallPath, RecallQuery
 from streaming.feature_store import InterestRecord, RecordError, get_each
 
 ACTIVE_ONLY = "active == true"  # deactivated items are never recalled, whatever the request's filter
@@ -190,6 +190,8 @@ class Recaller:
         self.dims: dict[str, int] = {}
 
     def recall_many(self, queries: Sequence[RecallQuery], deadline: Deadline) -> list[RecallResult]:
+        if not queries:  # no store read: nothing to tell a circuit breaker's trial about the store
+            return []
         pending = [_Pending(i, q, {}) for i, q in enumerate(queries)]
         results: list[RecallResult | None] = [None] * len(queries)
         inactive = self.availability.inactive()
@@ -283,6 +285,9 @@ class Recaller:
         started = self.clock()
         try:
             hits = self.search.search(version, np.concatenate([p.vectors for p in group]), max(limits), expr, timeout)
+        except InvalidRequest:  # the vector store refused the request's filter: it answered
+            self.search_breaker.succeeded(started)
+            raise
         except VersionRetired:
             self.search_breaker.succeeded(started)  # Milvus answered
             if retired_to is None:  # the current model has no collection: nothing to search

@@ -332,6 +332,7 @@ class RecallServer:
         self.port = 0
         self.metrics_port = 0
         self._grpc: grpc.Server | None = None
+        self._executor: TaskCountingExecutor | None = None
         self._limit: ConcurrencyLimit | None = None
         self._metrics_http = None
         self._stop = threading.Event()
@@ -341,6 +342,13 @@ class RecallServer:
         self._failing: set[str] = set()
 
     def start(self) -> "RecallServer":
+        try:
+            return self._start()
+        except BaseException:  # a port taken, a bad certificate: what was made so far is let go
+            self.stop(0)
+            raise
+
+    def _start(self) -> "RecallServer":
         rc = self.config.recall
         if bool(rc.tls_certfile) != bool(rc.tls_keyfile):
             raise ConfigError("[recall].tls_certfile and tls_keyfile: set both for TLS, or neither "
@@ -348,10 +356,10 @@ class RecallServer:
         if rc.auth_token and not rc.tls_certfile:
             log.warning("[recall].auth_token is set without TLS: the token crosses the network in clear text; "
                         "set [recall].tls_certfile and tls_keyfile")
-        executor = TaskCountingExecutor(rc.workers, "recall")
-        self._limit = ConcurrencyLimit(rc.max_concurrent_rpcs, executor, self.metrics)
+        self._executor = TaskCountingExecutor(rc.workers, "recall")  # gRPC leaves its executor to its owner
+        self._limit = ConcurrencyLimit(rc.max_concurrent_rpcs, self._executor, self.metrics)
         interceptors = [self._limit, *([BearerTokenAuth(rc.auth_token, self.metrics, self._limit.fast_lane)] if rc.auth_token else [])]
-        self._grpc = grpc.server(executor, interceptors=interceptors, maximum_concurrent_rpcs=ConcurrencyLimit.REFUSAL_HEADROOM * rc.max_concurrent_rpcs,
+        self._grpc = grpc.server(self._executor, interceptors=interceptors, maximum_concurrent_rpcs=ConcurrencyLimit.REFUSAL_HEADROOM * rc.max_concurrent_rpcs,
                                  options=[("grpc.max_receive_message_length", 4 * rc.max_request_bytes), ("grpc.so_reuseport", 0)])
         RecallServicer(self.recaller, self.limits, self.metrics, rc.default_deadline_ms / 1e3, rc.max_request_bytes,
                        self.served_log).add_to_server(self._grpc)
@@ -382,7 +390,6 @@ class RecallServer:
         try:
             self._metrics_http, _ = self.metrics.serve(rc.metrics_port, rc.metrics_host)
         except OSError as exc:
-            self._grpc.stop(0)
             raise ServeError(f"cannot serve metrics on {rc.metrics_host}:{rc.metrics_port} ({exc.strerror}): free the port or set "
                              "[recall].metrics_host / metrics_port (MINDSTREAM_RECALL__METRICS_HOST / MINDSTREAM_RECALL__METRICS_PORT)") from None
         self.metrics_port = self._metrics_http.server_port
@@ -460,6 +467,8 @@ class RecallServer:
         if self._limit is not None:
             self._limit.fast_lane.shutdown(wait=False)
             self._limit.health_lane.shutdown(wait=False)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
         if self.served_log is not None:
             self.served_log.close(timeout_s=grace_s)  # the last answers' records too, unless Redis is gone
         for client in self._owned:  # the connections to Redis and Milvus: a process may start many servers (tests, benches)

@@ -113,7 +113,7 @@ def _user_windows_function(settings: dict):
                 yield dead_letter(str(exc), exc.kind, value or b"", partition, offset, produced_ms, settings["events_topic"])
                 return
             window, outcome, state = apply_to_state(self.state.value(), event, settings["window_length"], settings["allowed_lateness_ms"],
-                                                    f"{partition}:{offset}", self.seed)
+                                                    f"{partition}:{offset}", self.seed, produced_ms)
             if state is not None:
                 self.state.update(state)
             self.applied[outcome].inc()

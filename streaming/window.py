@@ -1,9 +1,10 @@
 """A user's behaviour window: the last L behaviours in event-time order (pure logic, no Flink).
 
 The job keeps one `UserWindow` per user in keyed state. Events may arrive out of order by up
-to `allowed_lateness_ms` behind the newest event seen for that user; they are inserted in
-event-time order. Anything later than that is refused as late (dead-lettered with the reason,
-never silently lost). Redeliveries are recognised and ignored: by `event_id` when the producer
+to `allowed_lateness_ms` behind the newest event seen for that user (its time counted at most up
+to its Kafka timestamp: see `apply`); they are inserted in event-time order. Anything later than
+that is refused as late (dead-lettered with the reason, never silently lost), unless a full
+window would not keep it anyway (evicted). Redeliveries are recognised and ignored: by `event_id` when the producer
 sets one, else by (item, type, event time) among events without an id, among the behaviours in the
 window and the last `max_length` a full window evicted at the time of its oldest behaviour (a copy
 of one of them ties the oldest time and would otherwise look new; a copy of anything evicted
@@ -67,6 +68,9 @@ class UserWindow:
     last_offset: str = ""  # "partition:offset" of the newest record applied
     # behaviours evicted at the oldest kept behaviour's time, in the same tuple form
     evicted_at_oldest: list[tuple[int, str, str, str]] = field(default_factory=list)
+    # profile field -> event time of its value; a field missing here (seeded from a record, or kept by
+    # an older checkpoint) counts as set at newest_ms, so no late event replaces it
+    profile_ms: dict[str, int] = field(default_factory=dict)
 
     def item_ids(self) -> tuple[str, ...]:
         return tuple(b[1] for b in self.behaviours)
@@ -77,7 +81,11 @@ class UserWindow:
         times = [UNKNOWN_TIME_MS] * (len(record.window) - 1) + [record.last_event_ms]
         return cls([(time_ms, item, "", "") for time_ms, item in zip(times, record.window)], record.last_event_ms, dict(record.profile), record.last_offset)
 
-    def apply(self, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "") -> Applied:
+    def apply(self, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "", produced_ms: int | None = None) -> Applied:
+        """`produced_ms`: the record's Kafka timestamp. The newest event time that later events are
+        judged late against moves at most to it: an event dated ahead of when it entered Kafka (a
+        device clock minutes fast; events.MAX_AHEAD_MS allows an hour) is kept in its place, but
+        must not make the user's next correctly dated events late for that long."""
         if offset and self.last_offset and event.event_time_ms <= self.newest_ms and _not_after(offset, self.last_offset):
             return Applied.DUPLICATE
         # Redeliveries carry the same event time, so only that stretch of the window is searched (and
@@ -93,10 +101,12 @@ class UserWindow:
         left_at_oldest = self.evicted_at_oldest  # all of one time: the oldest kept behaviour's
         if left_at_oldest and left_at_oldest[0][0] == t and any(_same_event(b, event) for b in left_at_oldest):
             return Applied.DUPLICATE
-        if self.newest_ms >= 0 and event.event_time_ms < self.newest_ms - allowed_lateness_ms:
-            return Applied.LATE
+        # Older than every behaviour of a full window first: such an event would not be kept however
+        # late it is, and a resent copy of an evicted event is no late data to alert on.
         if len(self.behaviours) >= max_length and event.event_time_ms < self.behaviours[0][0]:
             return Applied.EVICTED
+        if self.newest_ms >= 0 and event.event_time_ms < self.newest_ms - allowed_lateness_ms:
+            return Applied.LATE
         # After equal times, keep arrival order: insert behind every entry of the same time.
         position = bisect.bisect_left(self.behaviours, (event.event_time_ms + 1,))
         self.behaviours.insert(position, (event.event_time_ms, event.item_id, event.event_type, event.event_id))
@@ -109,39 +119,48 @@ class UserWindow:
                 # Only those left at the oldest kept time count (a copy of an older one is older than the window), and
                 # the newest max_length of them: a state that cannot grow with a burst of events of one time.
                 self.evicted_at_oldest = [b for b in self.evicted_at_oldest + evicted if b[0] == oldest_ms][-max_length:]
-        newest_so_far = event.event_time_ms >= self.newest_ms
-        self.newest_ms = max(self.newest_ms, event.event_time_ms)
-        if event.profile and event.profile != self.profile:
-            # the newest value of each field by event time (an event that arrives late fills in only
-            # fields no newer event set), at most MAX_MAP_ENTRIES fields (the newest set): a producer
-            # sending new keys with every event must not grow the state and the record without bound
-            newer, older = (event.profile, self.profile) if newest_so_far else (self.profile, event.profile)
-            merged = {k: v for k, v in older.items() if k not in newer}
-            merged.update(newer)
-            self.profile = dict(list(merged.items())[-MAX_MAP_ENTRIES:])
+        if event.profile:
+            self._merge_profile(event.profile, t)
+        vouched = t if produced_ms is None or produced_ms <= 0 else min(t, produced_ms)
+        self.newest_ms = max(self.newest_ms, vouched)
         if offset:
             self.last_offset = offset
         return Applied.ADDED
+
+    def _merge_profile(self, profile: dict[str, str], time_ms: int) -> None:
+        """The newest value of each field by event time (a late event sets only fields no newer event
+        set; equal times: the later arrival), at most MAX_MAP_ENTRIES fields, the most recently set:
+        a producer sending new keys with every event must not grow the state and the record without bound."""
+        times = {k: self.profile_ms.get(k, self.newest_ms) for k in self.profile}
+        values = dict(self.profile)
+        for k, v in profile.items():
+            if k not in values or time_ms >= times[k]:
+                values[k], times[k] = v, time_ms
+        kept = sorted(values, key=times.__getitem__)[-MAX_MAP_ENTRIES:]  # stable: ties keep their order
+        self.profile = {k: values[k] for k in kept}
+        self.profile_ms = {k: times[k] for k in kept}
 
     # Flink keeps the window as a JSON string (its own string serializer), never pickled:
     # restoring a checkpoint must not run whatever code a pickle in it would. orjson (PyFlink's
     # Beam already needs it) is faster than pickle here. (A Flink byte array would reach Python
     # as a tuple of ints.)
     def to_state(self) -> str:
-        return orjson.dumps([self.behaviours, self.newest_ms, self.profile, self.last_offset, self.evicted_at_oldest]).decode()
+        return orjson.dumps([self.behaviours, self.newest_ms, self.profile, self.last_offset, self.evicted_at_oldest, self.profile_ms]).decode()
 
     @classmethod
     def from_state(cls, state: str | None) -> "UserWindow":
         if state is None:
             return cls()
         behaviours, newest_ms, profile, last_offset, *rest = orjson.loads(state)
-        # Older checkpoints end at last_offset, or hold a "pending" flag (no longer used) in 5th place.
+        # Older checkpoints end at last_offset, or hold a "pending" flag (no longer used) in 5th place,
+        # or end before the profile's times.
         evicted = [tuple(b) for b in rest[0]] if rest and isinstance(rest[0], list) else []
-        return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset, evicted)
+        profile_ms = rest[1] if len(rest) > 1 and isinstance(rest[1], dict) else {}
+        return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset, evicted, profile_ms)
 
 
 def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "",
-                   seed: Callable[[str], UserWindow] | None = None) -> tuple[UserWindow, Applied, str | None]:
+                   seed: Callable[[str], UserWindow] | None = None, produced_ms: int | None = None) -> tuple[UserWindow, Applied, str | None]:
     """Applies an event to the user's window kept as `state` (`to_state`; None: the job holds none,
     and the window starts from `seed(user id)`, the stored record's, when given, else empty).
     Returns the window, the outcome and the state to write back (None: leave it as it is). A window
@@ -150,7 +169,7 @@ def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, al
         window = seed(event.user_id) if seed else UserWindow()
     else:
         window = UserWindow.from_state(state)
-    outcome = window.apply(event, max_length, allowed_lateness_ms, offset)
+    outcome = window.apply(event, max_length, allowed_lateness_ms, offset, produced_ms)
     return window, outcome, window.to_state() if state is None or outcome is Applied.ADDED else None
 
 

@@ -15,7 +15,7 @@ from recall_service.query import FallbackReason, InvalidRequest, Limits, MergePo
 from recall_service.recaller import (ACTIVE_ONLY, BackendUnavailable, CircuitBreaker, Deadline, DeadlineExceeded, Recaller,
                                      SearchHits, VersionRetired)
 from model_export.registry import NO_INACTIVE_ITEMS as NO_INACTIVE, InactiveFileError, InactiveItems
-from streaming.feature_store import InMemoryFeatureStore, InterestRecord
+from streaming.feature_store import InMemoryFeatureStore, InterestRecord, RecordError
 
 from conftest import wait_for
 
@@ -390,6 +390,44 @@ def test_feature_store_down_falls_back_and_the_breaker_skips_it(world):
     clock[0] = 2.0
     recaller.reader = DownStore()
     assert recaller.recall_many([q("alice")], Deadline(1.0))[0].path is RecallPath.POPULAR_FALLBACK
+
+
+def test_an_empty_batch_is_no_trial_of_a_down_feature_store(world):
+    """An empty BatchRecall reads nothing: taken as the half-open trial, it would close the breaker
+    and the next requests would each wait out the store's timeout."""
+    recaller, *_ = world
+    clock = [0.0]
+    recaller.reader = DownStore()
+    recaller.store_breaker = CircuitBreaker(1.0, clock=lambda: clock[0])
+    recaller.recall_many([q("alice")], Deadline(1.0))  # opens the breaker
+    clock[0] = 2.0
+    assert recaller.recall_many([], Deadline(1.0)) == []
+    assert recaller.store_breaker.allow() and not recaller.store_breaker.allow()  # the trial is still to come
+
+
+def test_a_filter_the_vector_store_refuses_is_an_answer_for_the_breaker(world):
+    recaller, search, *_ = world
+    clock = [0.0]
+    recaller.search_breaker = CircuitBreaker(1.0, clock=lambda: clock[0])
+    search.failure = BackendUnavailable("Milvus down")
+    recaller.recall_many([q("alice")], Deadline(1.0))  # opens the breaker
+    clock[0] = 2.0
+    search.failure = InvalidRequest("filter: the vector store rejected it")
+    with pytest.raises(InvalidRequest):
+        recaller.recall_many([q("alice")], Deadline(1.0))  # the trial
+    assert recaller.search_breaker.allow() and recaller.search_breaker.allow()  # Milvus answered: closed
+
+
+def test_a_corrupt_record_under_the_health_key_is_an_answer_of_the_store():
+    from recall_service.backends import FeatureStoreReader
+
+    class CorruptRecords:
+        def get_many(self, user_ids):
+            raise RecordError(f"user {user_ids[0]}: corrupt record")
+
+    FeatureStoreReader(CorruptRecords(), (ConnectionError,)).ping()
+    with pytest.raises(BackendUnavailable):
+        FeatureStoreReader(DownStore(), (BackendUnavailable,)).ping()
 
 
 def test_after_the_cool_down_one_trial_caller_reaches_the_backend_and_its_answer_decides():
@@ -837,6 +875,12 @@ def test_the_loaded_models_vocabulary_is_shared_not_read_again(two_exports, tmp_
     assert vocabularies.raw_ids(old) is None  # an older version's is read from its files, in the background
     wait_for(lambda: vocabularies.raw_ids(old) is not None, 10, "the older vocabulary")
     assert vocabularies.raw_ids(old).tolist() == ["", *ModelArtifact.load(two_exports[0]).raw_items]
+    # read before its model was loaded (records of a new version come before the prober loads it):
+    # once the model is loaded its copy is used and the one read here let go
+    registry.set_current(old)
+    models._checked = -float("inf")
+    models.prepare()
+    assert vocabularies.raw_ids(old) is models.current().raw_ids and old not in vocabularies._read and old not in vocabularies._used
 
 
 def test_a_model_retired_since_the_last_look_at_current_is_replaced_by_the_new_current(two_exports, tmp_path):
@@ -885,6 +929,18 @@ def test_a_published_version_is_loaded_by_prepare_while_requests_go_on_with_the_
     assert models.current_version() == new and models.current().version == old and CountingRegistry.loads == loads
     models.prepare()
     assert models.current().version == new and CountingRegistry.loads == loads + 1
+    # a rollback to the version still loaded serves it at once, and keeps serving it while the next
+    # version loads or fails to load (not the version rolled back from)
+    registry.set_current(old)
+    now[0] = 2.5
+    models._checked = -float("inf")
+    assert models.current().version == old and list(models._loaded) == [new, old]  # no load: still in memory
+    models._loaded.pop(new)  # as if a third version had been loaded since
+    registry.set_current(new)
+    models._checked = -float("inf")
+    assert models.current().version == old  # `new` loads in prepare, the rolled-back-to version answers meanwhile
+    models.prepare()
+    assert models.current().version == new
     # CURRENT unreadable (a shared volume's hiccup): the version read last stays
     (registry.root / "CURRENT.json").write_text("{not json")
     now[0] = 4.0
@@ -931,6 +987,10 @@ def test_popular_items_are_the_most_popular_active_items_that_pass_the_filter(tw
     # another inactive revision is another answer, not the cached one
     unfiltered = [i for i in order if item_filter is None or item_filter.matches(*category_fields(artifact.item_side[i]), True)]
     assert model.popular(8, item_filter, frozenset(), NO_INACTIVE) == [(artifact.raw_items[i], float(artifact.popularity[i])) for i in unfiltered[:8]]
+    # a revision can repeat with other items (INACTIVE.json deleted, then written anew from revision 1)
+    other = InactiveItems(3, frozenset({artifact.raw_items[order[1]]}))
+    assert artifact.raw_items[order[0]] in [raw for raw, _ in model.popular(8, item_filter, frozenset(), other)] or item_filter is not None
+    assert all(raw not in other.items for raw, _ in model.popular(8, item_filter, frozenset(), other))
 
 
 def test_the_bench_catalog_of_an_export_is_a_valid_export_of_its_own(two_exports, tmp_path):

@@ -648,3 +648,24 @@ def test_the_projects_own_clients_follow_the_configured_tls_and_token(in_memory_
     assert health_status(plain, f"localhost:{server.port}") is None  # what every client did before
     token_only, _, _ = in_memory_server(auth_token="s3cret")  # the token without TLS: sent all the same
     assert recall(dataclasses.replace(token_only.config, recall=dataclasses.replace(token_only.config.recall, port=token_only.port)), "alice", 3)[0].items
+
+
+def test_a_server_that_cannot_start_lets_go_of_what_it_made(in_memory_server):
+    """A port taken (or a bad certificate) fails start(); the threads and clients made so far are
+    released, not left behind in the process (tests and benches start many servers)."""
+    import socket
+
+    from recall_service.server import ServeError
+
+    server, _, _ = in_memory_server()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        config = dataclasses.replace(server.config, recall=dataclasses.replace(server.config.recall, port=held.getsockname()[1]))
+        blocked = RecallServer(config, reader=server.reader, search=server.search, models=server.models, availability=server.availability)
+        with pytest.raises(ServeError, match="cannot listen"):
+            blocked.start()
+    assert blocked._executor._shutdown and blocked._limit.fast_lane._shutdown and blocked._limit.health_lane._shutdown
+    assert server.port and not server._executor._shutdown  # the first server goes on
+    server.stop(grace_s=0)
+    assert server._executor._shutdown

@@ -152,6 +152,47 @@ def test_a_late_events_profile_does_not_override_a_newer_events_values():
     assert w.profile == {"gender": "F", "age": "31"}
 
 
+def test_a_late_event_sets_a_profile_field_only_an_older_event_set():
+    w = UserWindow()
+    w.apply(event("a", 100_000, profile={"age": "25"}), 10, 60_000)
+    w.apply(event("b", 200_000, profile={"gender": "F"}), 10, 60_000)
+    w.apply(event("c", 150_000, profile={"age": "30", "gender": "M"}), 10, 60_000)  # late: newer than age's, older than gender's
+    assert w.profile == {"age": "30", "gender": "F"}
+    restored = UserWindow.from_state(w.to_state())
+    restored.apply(event("d", 160_000, profile={"age": "31"}), 10, 60_000)  # the fields' times survive the state
+    restored.apply(event("e", 120_000, profile={"age": "29"}), 10, 60_000)
+    assert restored.profile == {"age": "31", "gender": "F"}
+    # a state of older code keeps no times: its fields count as set at its newest event, as before
+    older = UserWindow.from_state(json.dumps(json.loads(w.to_state())[:5]))
+    older.apply(event("f", 190_000, profile={"age": "40"}), 10, 60_000)
+    assert older.profile == {"age": "30", "gender": "F"}
+
+
+def test_an_event_dated_ahead_of_kafka_does_not_make_the_users_next_events_late():
+    """A device clock 5 minutes fast: its event is kept in event-time order, but the lateness bound
+    follows what Kafka's timestamps vouch for, so the user's correctly dated events still apply."""
+    now = 1_700_000_000_000
+    w = UserWindow()
+    assert w.apply(event("fast", now + 300_000), 10, 60_000, produced_ms=now) is Applied.ADDED
+    for i, t in enumerate((now + 1_000, now + 2_000, now + 3_000)):
+        assert w.apply(event(f"i{i}", t), 10, 60_000, produced_ms=t + 20) is Applied.ADDED
+    assert w.item_ids() == ("i0", "i1", "i2", "fast")
+    assert w.apply(event("old", now - 120_000), 10, 60_000, produced_ms=now + 4_000) is Applied.LATE  # still judged
+    unstamped = UserWindow()  # no Kafka timestamp (tests, the bench): the event time itself
+    unstamped.apply(event("fast", now + 300_000), 10, 60_000)
+    assert unstamped.apply(event("i0", now + 1_000), 10, 60_000) is Applied.LATE
+
+
+def test_an_event_older_than_a_full_window_is_evicted_whatever_its_lateness():
+    """A resent copy of an evicted event (or any event the full window would not keep) is no late
+    data: it goes to the seen set, not to the dead letters."""
+    w = UserWindow()
+    for i in range(5):
+        w.apply(event(f"i{i}", i * 100_000, event_id=f"e{i}"), 3, 60_000, offset=f"0:{i}")
+    assert w.apply(event("i0", 0, event_id="e0"), 3, 60_000, offset="0:9") is Applied.EVICTED
+    assert w.apply(event("new", 250_000), 3, 60_000) is Applied.LATE  # would be kept, but too late
+
+
 def test_window_ignores_redeliveries_but_keeps_repeated_behaviours():
     w = UserWindow()
     assert w.apply(event("a", 1_000), 10, 0) is Applied.ADDED
@@ -175,6 +216,7 @@ def test_window_keeps_the_newest_l_and_survives_its_state_form():
     older = json.loads(w.to_state())[:4]  # checkpoints of older code: 4 fields, or a 5th "pending" flag
     for form in (older, older + [True]):
         assert UserWindow.from_state(json.dumps(form)) == dataclasses.replace(w, evicted_at_oldest=[])
+    assert UserWindow.from_state(json.dumps(json.loads(w.to_state())[:5])) == w  # before the profile's times
 
 
 @pytest.mark.parametrize("with_ids", [True, False])
