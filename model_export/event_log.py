@@ -47,13 +47,14 @@ class EventLog:
         return len(self.users)
 
     def append(self, events: list[BehaviourEvent], offsets: dict[int, int]) -> int:
-        """Adds events not already in the log (by event id, where they have one); returns how many."""
-        seen = {e for e in self.event_ids.tolist() if e}
+        """Adds events not already in the log (by user and event id, where they have one: producers may
+        number events per user, as the job's per-user windows allow); returns how many."""
+        seen = {(u, e) for u, e in zip(self.users.tolist(), self.event_ids.tolist()) if e}
         fresh = []
         for e in events:
-            if e.event_id and e.event_id in seen:
+            if e.event_id and (e.user_id, e.event_id) in seen:
                 continue  # a producer retry or a replay of the same event
-            seen.add(e.event_id)
+            seen.add((e.user_id, e.event_id))
             fresh.append(e)
             if e.profile:
                 self.profiles[e.user_id] = dict(e.profile)

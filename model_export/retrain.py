@@ -25,6 +25,7 @@ evaluate.py): the merged data is a SequenceDataset like any other.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import fcntl
@@ -75,17 +76,41 @@ class Lineage:
     source: str  # load_dataset argument of the base dataset (ml-1m, beauty, a path)
     base_fingerprint: str
     log_events: int  # the first `log_events` events of the log are in this version's training data ...
-    # ... but for its own holdout, which it was judged on, never trained on: (its first new event's log
-    # index, its cut in ms); a later run counts those events as new. None: a version not retrained.
+    # ... but for its own holdout, which it was judged on, never trained on: (the lowest log index of a
+    # held-out event, its cut in ms): the events from that index on, dated at or after the cut; a later
+    # run counts those events as new. None: a version not retrained.
     held_out: tuple[int, int] | None = None
+    log_digest: str = ""  # of those first `log_events` events (log_digest()): "" for versions before it was kept
 
     @classmethod
     def of(cls, manifest: Manifest) -> "Lineage":
         retrained = manifest.extra.get("retrain")
         if retrained:
             held_out = (int(retrained.get("new_from_log_event", 0)), int(retrained["holdout_cut_ms"])) if "holdout_cut_ms" in retrained else None
-            return cls(retrained["source"], retrained["base_fingerprint"], int(retrained["log_events"]), held_out)
+            return cls(retrained["source"], retrained["base_fingerprint"], int(retrained["log_events"]), held_out, retrained.get("log_digest", ""))
         return cls(manifest.dataset.get("source", manifest.dataset["name"]), manifest.dataset["fingerprint"], 0)
+
+
+def log_digest(log: EventLog, n: int) -> str:
+    """What the first n events of the log are (user, item, time, in order): lineage counts events by
+    their place in the log, so a version's place must be read against the same log, not another
+    state folder's, whose events may interleave the partitions in another order."""
+    key = hashlib.sha256()
+    for column in (log.users[:n], log.items[:n], log.times_ms[:n]):
+        key.update(np.ascontiguousarray(column).tobytes())
+        key.update(b"|")
+    return key.hexdigest()[:16]
+
+
+def check_log(lineage: Lineage, log: EventLog, version: str, state_dir: Path) -> None:
+    """RetrainError unless `log` starts with the events `version` was trained on."""
+    if lineage.log_events > len(log):
+        raise RetrainError(f"{version} was trained on {lineage.log_events:,} logged events but {state_dir} holds "
+                           f"{len(log):,}: restore the retraining state folder ([retrain].state_dir) it was trained with")
+    if lineage.log_digest and log_digest(log, lineage.log_events) != lineage.log_digest:
+        raise RetrainError(f"the event log in {state_dir} does not start with the {lineage.log_events:,} events {version} was trained on "
+                           "(another state folder's log, or one rebuilt since): point [retrain].state_dir at the folder that "
+                           "version's retraining used, or publish a model trained offline and retrain from it")
 
 
 # ----------------------------------------------------------------------------- pure data preparation
@@ -117,6 +142,7 @@ class IncrementalData:
     holdout_parent: EvalCases  # the same users and targets, histories without the items the parent does not know
     training_counts: np.ndarray  # [n_items + 1] interactions per item outside the holdout: the negative sampler's popularity
     cut_ms: int  # holdout = new events at or after this event time
+    held_from_log_event: int  # the lowest log index of a held-out event (len(log): none)
     log_events: int  # events of the log this data includes
 
 
@@ -197,7 +223,7 @@ def merge_with_log(base: SequenceDataset, log: EventLog, vocabulary: list[str], 
         holdout=_holdout_cases(data, parent_cases.users, first_held, targets, max_item=len(vocabulary)),
         holdout_parent=parent_cases,
         training_counts=np.bincount(seq_items[~in_holdout], minlength=len(vocabulary) + 1),
-        cut_ms=cut_ms, log_events=len(log),
+        cut_ms=cut_ms, held_from_log_event=int(log_index[flat[held]].min()) if held.any() else len(log), log_events=len(log),
     )
 
 
@@ -365,11 +391,21 @@ def dataset_fingerprint(base_fingerprint: str, log: EventLog, vocabulary_size: i
 
 
 def prepare(base: SequenceDataset, log: EventLog, parent_vocab: dict, lineage: Lineage, settings) -> IncrementalData:
+    """The merged data over the parent's vocabulary grown by the log's new items. A new item none of
+    whose events is a training target (all held out, or first in their users' sequences) waits for
+    the next run: it would be published with its random initial vector."""
+    parent_items = len(parent_vocab["items"])
     new_items = grow_vocabulary(parent_vocab["items"], log.items, settings.min_new_item_events)
-    vocabulary = [*parent_vocab["items"], *new_items]
-    item_side = [*parent_vocab["item_side"], *([[]] * len(new_items))]
-    return merge_with_log(base, log, vocabulary, item_side, len(parent_vocab["items"]), lineage.log_events,
-                          settings.holdout_fraction, dataset_fingerprint(lineage.base_fingerprint, log, len(vocabulary)), lineage.held_out)
+    while True:
+        vocabulary = [*parent_vocab["items"], *new_items]
+        item_side = [*parent_vocab["item_side"], *([[]] * len(new_items))]
+        inc = merge_with_log(base, log, vocabulary, item_side, parent_items, lineage.log_events, settings.holdout_fraction,
+                             dataset_fingerprint(lineage.base_fingerprint, log, len(vocabulary)), lineage.held_out)
+        users, positions = inc.new_samples
+        learned = np.bincount(inc.data.seq_items[inc.data.seq_offsets[users] + positions], minlength=len(vocabulary) + 1)[parent_items + 1:]
+        if learned.all():
+            return inc
+        new_items = [item for item, n in zip(new_items, learned.tolist()) if n]  # another cut may leave another item unlearned
 
 
 KEPT_RUNS = 5  # run folders kept in [retrain].state_dir/runs (a published run's export is copied into the registry)
@@ -384,12 +420,14 @@ def run_dir_for(state_dir: Path) -> Path:
     return runs / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
 
 
-def save_run(run_dir: Path, spec: ModelSpec, model: torch.nn.Module, inc: IncrementalData, source: str, report: dict) -> None:
-    """A run directory like offline training's, so export_model reads it the same way."""
+def save_run(run_dir: Path, spec: ModelSpec, model: torch.nn.Module, inc: IncrementalData, source: str, report: dict, settings) -> None:
+    """A run directory like offline training's, so export_model reads it the same way; train.json
+    holds the fine-tuning's own settings ([retrain])."""
     run_dir.mkdir(parents=True, exist_ok=True)
     spec.save(run_dir / "spec.json")
     torch.save(model.state_dict(), run_dir / "model.pt")
-    config = TrainConfig(dataset=source, model=spec.kind, dataset_fingerprint=inc.data.fingerprint)
+    config = TrainConfig(dataset=source, model=spec.kind, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+                         sparse_item_rows=settings.sparse_item_rows, dataset_fingerprint=inc.data.fingerprint)
     (run_dir / "train.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     (run_dir / "history.json").write_text(json.dumps(report, indent=2, default=str))
 
@@ -427,14 +465,26 @@ def retrain_once(config, publish_model: bool = True, progress: bool = True) -> d
     it), "trained" (publish_model=False) or "skipped" (too few new events). One retraining at a time
     per state folder: two would append the same events to one log, and the last save would win."""
     state_dir = config.retrain.state_dir
+    with state_lock(state_dir) as held:
+        if not held:
+            raise RetrainError(f"another retraining runs on {state_dir} (it holds {state_dir / '.retrain.lock'}): wait for it to finish "
+                               "(a second state folder would keep a log of its own, which the versions of this one cannot be retrained from)")
+        return _retrain_once(config, publish_model, progress)
+
+
+@contextlib.contextmanager
+def state_lock(state_dir: Path):
+    """Holds the state folder's lock while the block runs; yields False (nothing held) when another
+    process holds it. Whatever writes the event log takes it: a write beside a retraining's would
+    replace the events that retraining appended."""
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir / ".retrain.lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RetrainError(f"another retraining runs on {state_dir} (it holds {state_dir / '.retrain.lock'}): "
-                               "wait for it to finish, or give this one its own [retrain].state_dir") from None
-        return _retrain_once(config, publish_model, progress)
+            yield False
+            return
+        yield True
 
 
 def _retrain_once(config, publish_model: bool, progress: bool) -> dict:
@@ -449,9 +499,7 @@ def _retrain_once(config, publish_model: bool, progress: bool) -> dict:
     parent = Manifest.load(parent_dir)
     lineage = Lineage.of(parent)
     log = EventLog.load(settings.state_dir)
-    if lineage.log_events > len(log):
-        raise RetrainError(f"{parent.model_version} was trained on {lineage.log_events:,} logged events but {settings.state_dir} holds "
-                           f"{len(log):,}: restore the retraining state folder ([retrain].state_dir) it was trained with")
+    check_log(lineage, log, parent.model_version, settings.state_dir)
     say(f"==> reading new events from {config.kafka.events_topic} (group {settings.consumer_group})")
     read = read_new_events(config.kafka, config.kafka.events_topic, settings.consumer_group, log.offsets, settings.start_offsets,
                            progress=progress, max_event_bytes=config.streaming.max_event_bytes)
@@ -487,16 +535,16 @@ def _retrain_once(config, publish_model: bool, progress: bool) -> dict:
     report.update(epochs=epochs, holdout={"candidate": verdict.candidate, "current": verdict.current}, verdict=verdict.reason)
     say(f"    {verdict.reason}")
     run_dir = run_dir_for(settings.state_dir)
-    save_run(run_dir, spec, model, inc, lineage.source, report)
+    save_run(run_dir, spec, model, inc, lineage.source, report, settings)
     report["run_dir"] = str(run_dir)
     if not verdict.accepted:
         return {**report, "status": "refused", "reason": verdict.reason, "seconds": stages.seconds}
 
     say("==> exporting the candidate")
     lineage_record = {"parent": parent.model_version, "source": lineage.source, "base_fingerprint": lineage.base_fingerprint,
-                      "log_events": len(log), "offsets": {str(p): o for p, o in log.offsets.items()}, "topic": config.kafka.events_topic,
-                      "consumer_group": settings.consumer_group, "new_items": len(inc.new_items), "holdout_cut_ms": inc.cut_ms,
-                      "new_from_log_event": lineage.log_events,
+                      "log_events": len(log), "log_digest": log_digest(log, len(log)), "offsets": {str(p): o for p, o in log.offsets.items()},
+                      "topic": config.kafka.events_topic, "consumer_group": settings.consumer_group, "new_items": len(inc.new_items),
+                      "holdout_cut_ms": inc.cut_ms, "new_from_log_event": inc.held_from_log_event,
                       "holdout": {"candidate": verdict.candidate, "current": verdict.current}}
     export_dir, manifest = export_model(run_dir, inc.data, run_dir / "export", source=lineage.source,
                                         metrics_cases=("holdout", clip_history(inc.holdout, spec.maxlen)), extra={"retrain": lineage_record})
@@ -517,14 +565,20 @@ def refresh(config, export_dir: Path, say, stages: "Stages", expect_current: str
     With `expect_current`, CurrentMovedError (nothing published) unless that version is still current."""
     from model_export.artifact import UserTower
     from model_export.publish import connect, publish_version, retire_unreferenced
-    from model_export.registry import ModelRegistry
+    from model_export.registry import CurrentMovedError, ModelRegistry
     from streaming.backfill import backfill, current_moved_on, job_settle_s, stored_versions
     from streaming.feature_store import RedisFeatureStore
 
     registry = ModelRegistry(config.paths.models_dir)
     client = connect(config.milvus.uri, config.milvus.token)
     say("==> publishing: new collection, alias swap, registry CURRENT (the streaming job hot-reloads)")
-    published = publish_version(export_dir, registry, client, config.milvus.collection_prefix, progress=say, expect_current=expect_current)
+    try:
+        published = publish_version(export_dir, registry, client, config.milvus.collection_prefix, progress=say, expect_current=expect_current)
+    except CurrentMovedError:
+        raise
+    except Exception as exc:  # Milvus down, a full disk: nothing is current yet, and the export is kept
+        raise RetrainError(f"publishing {export_dir} failed ({type(exc).__name__}: {exc}); the version before stays current: "
+                           f"`python -m model_export publish --export-dir {export_dir}` publishes this candidate once the cause is fixed") from exc
     stages.lap("publish")
     say("==> backfilling stored interests with the new user tower")
     try:
@@ -586,8 +640,11 @@ def run_schedule(config, publish_model: bool = True, poll_s: float = 10.0, runs:
             on_topic, counted_from = pending_events(config.kafka, config.kafka.events_topic, settings.consumer_group, log.offsets, settings.start_offsets)
             unrecorded = {p: o for p, o in counted_from.items() if p not in log.offsets}
             if unrecorded:  # the first look fixes where the log starts: "latest" would move with the topic's end
-                log.append([], unrecorded)
-                log.save(settings.state_dir)
+                with state_lock(settings.state_dir) as held:
+                    if held:  # else a retraining runs and records where it read from
+                        log = EventLog.load(settings.state_dir)
+                        log.append([], {p: o for p, o in unrecorded.items() if p not in log.offsets})
+                        log.save(settings.state_dir)
             # Logged but untrained events count too: those of a run that was skipped, refused or failed.
             trained = Lineage.of(Manifest.load(registry.current(), verify=False)).log_events
             waiting = len(log) - trained + on_topic

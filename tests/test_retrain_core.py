@@ -40,10 +40,11 @@ def test_event_log_round_trips_and_ignores_redelivered_events(tmp_path):
     log = EventLog()
     assert log.append([event("u1", "a", 1, "e1", {"gender": "F"}), event("u2", "b", 2, "e2")], {0: 2}) == 2
     assert log.append([event("u1", "a", 1, "e1"), event("u3", "c", 3)], {0: 3, 1: 5}) == 1  # e1 again: a retry
+    assert log.append([event("u3", "a", 4, "e1")], {0: 3, 1: 6}) == 1  # another user's e1: producers may number per user
     log.save(tmp_path)
     again = EventLog.load(tmp_path)
-    assert again.users.tolist() == ["u1", "u2", "u3"] and again.items.tolist() == ["a", "b", "c"]
-    assert again.times_ms.tolist() == [1, 2, 3] and again.offsets == {0: 3, 1: 5}
+    assert again.users.tolist() == ["u1", "u2", "u3", "u3"] and again.items.tolist() == ["a", "b", "c", "a"]
+    assert again.times_ms.tolist() == [1, 2, 3, 4] and again.offsets == {0: 3, 1: 6}
     assert again.profiles == {"u1": {"gender": "F"}}
     assert len(EventLog.load(tmp_path / "nothing")) == 0
 
@@ -126,15 +127,69 @@ def test_the_parents_held_out_events_are_new_samples_of_the_next_run(base):
     assert Lineage.of(SimpleNamespace(extra={"retrain": record})).held_out == (3, first.cut_ms)
 
 
+def test_events_held_out_again_are_new_to_the_run_after_next(base):
+    """A run's holdout can reach back past its parent's log (the parent's own held-out events, dated
+    after this run's cut): the version records the lowest held-out index, so the run after it takes
+    every one of them for new, not for trained."""
+    log = stream_for(base)
+    first = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, 0), SETTINGS)
+    users = base.user_ids.tolist()
+    # later-logged events dated before the first run's cut: the second run's cut falls among the first's holdout
+    log.append([event(users[i % len(users)], "i1", first.cut_ms - 10 - i, f"back-{i}") for i in range(200)], {0: len(log) + 200})
+    second = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, first.log_events, (first.held_from_log_event, first.cut_ms)), SETTINGS)
+    held_of_second = [i for i in range(first.log_events) if log.times_ms[i] >= second.cut_ms and log.times_ms[i] >= first.cut_ms]
+    assert held_of_second and second.held_from_log_event < first.log_events  # reaches back into the first run's log
+    third = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, second.log_events, (second.held_from_log_event, second.cut_ms)), SETTINGS)
+    users_, positions = third.old_samples
+    old_log_times = set(third.data.seq_times[third.data.seq_offsets[users_] + positions].tolist())
+    assert not {int(log.times_ms[i]) for i in held_of_second} & old_log_times  # none taken for trained
+
+
+def test_a_new_item_with_no_training_sample_waits_for_the_next_run(base):
+    """All of an item's events held out: no sample would move its row from the random initial vector,
+    which would be published; the item waits, its events stay new for the next run."""
+    log = stream_for(base)
+    users = base.user_ids.tolist()
+    late = max(log.times_ms.tolist()) + 1_000
+    log.append([event(users[i], "launched-today", late + i, f"l{i}") for i in range(3)], {0: len(log) + 3})
+    inc = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, 0), SETTINGS)
+    assert "fresh" in inc.new_items and "launched-today" not in inc.new_items
+    # logged later, dated before the holdout's cut: training samples of the next run
+    log.append([event(users[i], "launched-today", inc.cut_ms - 5_000 + i, f"m{i}") for i in range(3)], {0: len(log) + 3})
+    later = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, inc.log_events, (inc.held_from_log_event, inc.cut_ms)), SETTINGS)
+    assert "launched-today" in later.new_items
+
+
+def test_a_log_that_is_not_the_one_a_version_counted_is_refused(tmp_path):
+    """Lineage counts events by their place in the log; another state folder's log holds the same
+    events in another order (partitions interleave differently), so counting there would skip some
+    and train others twice."""
+    from model_export.retrain import RetrainError, check_log, log_digest
+
+    events = [event(f"u{i % 3}", f"i{i}", NOW + i, f"e{i}") for i in range(10)]
+    mine, other = EventLog(), EventLog()
+    mine.append(events, {0: 5, 1: 5})
+    other.append(events[5:] + events[:5], {0: 5, 1: 5})
+    lineage = Lineage("x", "f", 6, None, log_digest(mine, 6))
+    check_log(lineage, mine, "v2", tmp_path)
+    mine.append([event("u9", "i9", NOW + 99)], {0: 6})
+    check_log(lineage, mine, "v2", tmp_path)  # grown since: still the same first 6
+    with pytest.raises(RetrainError, match="does not start with the 6 events v2 was trained on"):
+        check_log(lineage, other, "v2", tmp_path)
+    with pytest.raises(RetrainError, match="restore the retraining state folder"):
+        check_log(lineage, EventLog(), "v2", tmp_path)
+    check_log(Lineage("x", "f", 6), other, "v2", tmp_path)  # a version from before the digest: only the count
+
+
 def test_events_of_an_item_that_waited_for_enough_events_count_as_new_when_it_gets_its_row(base):
     # Run 1 sees one event of "fresh" (below min_new_item_events): no row yet, but the run's
     # version records the whole log as trained. Run 2 sees the second: both are new samples of it.
     users = base.user_ids.tolist()
     log = stream_for(base)
-    log.append([event(users[0], "brand-new", NOW + 10**9 + 10, "f1")], {0: len(log) + 1})
+    log.append([event(users[0], "brand-new", NOW + 10, "f1")], {0: len(log) + 1})  # dated early: a training sample, not held out
     first = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, 0), SETTINGS)
     assert "brand-new" not in first.new_items
-    log.append([event(users[1], "brand-new", NOW + 10**9 + 20, "f2"), event(users[2], "i1", NOW + 10**9 + 30, "f3")], {0: len(log) + 2})
+    log.append([event(users[1], "brand-new", NOW + 20, "f2"), event(users[2], "i1", NOW + 10**9 + 30, "f3")], {0: len(log) + 2})
     second = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, first.log_events), SETTINGS)
     row = second.parent_items + second.new_items.index("brand-new") + 1
     data = second.data
@@ -303,6 +358,61 @@ def test_the_schedule_counts_every_event_the_current_version_was_not_trained_on(
     assert fired_at == [due_at_end]
 
 
+def test_the_schedule_leaves_the_log_to_a_retraining_that_holds_the_state_folder(monkeypatch, two_exports, tmp_path):
+    """The scheduler's first look records where the log starts; while a retraining holds the lock
+    (it appends events and saves the log) that write waits, or it would replace the retraining's log."""
+    import fcntl
+
+    import model_export.event_log
+    import model_export.retrain
+
+    config = scheduler_config(tmp_path, two_exports[0], "latest")
+    topic = OnePartitionTopic(end=5_000, grow=600)
+    monkeypatch.setattr(model_export.event_log, "_consumer", lambda kafka, group: topic)
+    monkeypatch.setattr(model_export.retrain, "retrain_once", lambda config, publish_model, progress: {"status": "published"})
+    config.retrain.state_dir.mkdir(parents=True)
+    other = open(config.retrain.state_dir / ".retrain.lock", "w")
+    fcntl.flock(other, fcntl.LOCK_EX)
+    logged_while_held = []
+
+    def poll_wait(seconds):  # the retraining holding the lock ends after the first poll
+        if not other.closed:
+            logged_while_held.append(EventLog.load(config.retrain.state_dir).offsets)
+            other.close()
+
+    monkeypatch.setattr(model_export.retrain.time, "sleep", poll_wait)
+    run_schedule(config, poll_s=0, runs=1, progress=False)
+    assert logged_while_held == [{}]  # not written beside the holder
+    assert EventLog.load(config.retrain.state_dir).offsets == {0: 5_600}  # recorded at the next look
+
+
+def test_a_publish_that_fails_keeps_the_current_version_and_says_how_to_publish_the_candidate(monkeypatch, tmp_path):
+    import model_export.publish
+    from model_export.retrain import RetrainError, Stages, refresh
+
+    def milvus_down(*args, **kwargs):
+        raise ConnectionError("Milvus at http://milvus:19530 refused the connection")
+
+    monkeypatch.setattr(model_export.publish, "connect", lambda uri, token="": None)
+    monkeypatch.setattr(model_export.publish, "publish_version", milvus_down)
+    config = SimpleNamespace(paths=SimpleNamespace(models_dir=tmp_path), milvus=SimpleNamespace(uri="", token="", collection_prefix="p"))
+    with pytest.raises(RetrainError, match=f"the version before stays current: `python -m model_export publish --export-dir {tmp_path / 'export'}`"):
+        refresh(config, tmp_path / "export", lambda m: None, Stages())
+
+
+def test_a_runs_train_json_holds_the_fine_tunings_settings(base, tmp_path):
+    from model_export.retrain import save_run
+    from model_export.spec import ModelSpec
+    from model_export.train import build_model
+
+    inc = prepare(base, stream_for(base), vocab_of(base), Lineage("x", base.fingerprint, 0), SETTINGS)
+    spec = ModelSpec(kind="mind", n_items=inc.data.n_items, n_side_tokens=len(base.side_vocab))
+    settings = SimpleNamespace(**{**vars(SETTINGS), "epochs": 3, "lr": 2.5e-4, "batch_size": 128})
+    save_run(tmp_path, spec, build_model(spec, torch.as_tensor(inc.data.item_side)), inc, "x", {}, settings)
+    saved = json.loads((tmp_path / "train.json").read_text())
+    assert (saved["epochs"], saved["lr"], saved["batch_size"]) == (3, 2.5e-4, 128)
+
+
 def test_offsets_without_records_end_the_read_and_a_slow_read_keeps_what_it_read(monkeypatch):
     import time
 
@@ -363,8 +473,9 @@ def test_fine_tuning_grows_the_model_and_learns_the_new_item(two_exports, synthe
     base = load_dataset(str(synthetic_csv), tmp_path / "data", tmp_path / "cache", tmp_path)
     assert manifest.dataset["fingerprint"] == base.fingerprint and manifest.dataset["source"].endswith("interactions.csv")
     spec, parent = load_parent(export, manifest)
-    log = stream_for(base, n_per_user=6)
-    inc = prepare(base, log, json.loads(manifest.file(export, "vocab").read_text()), Lineage.of(manifest), SETTINGS)
+    log = stream_for(base, n_per_user=6)  # "fresh" is each user's 6th event: the newest 1/6, so hold out less than that
+    inc = prepare(base, log, json.loads(manifest.file(export, "vocab").read_text()), Lineage.of(manifest),
+                  SimpleNamespace(**{**vars(SETTINGS), "holdout_fraction": 0.1}))
     grown, model, epochs = fine_tune(spec, parent, inc, SimpleNamespace(**{**vars(SETTINGS), "epochs": 2, "sparse_item_rows": sparse_item_rows}),
                                      progress=False)
     assert model.items.ids.sparse == (sparse_item_rows == 1)
