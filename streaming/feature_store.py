@@ -272,7 +272,9 @@ class RedisFeatureStore:
         replaced rather than failing the write: the job would retry it for ever."""
         pipe = self.client.pipeline(transaction=False)
         n = 0
+        written = set()
         for record in records:  # a plain EVAL, as replace_if_unchanged explains
+            written.add(record.user_id)
             flat = [x for kv in encode(record).items() for x in kv]
             pipe.execute_command("EVAL", REPLACE, 1, self.key(record.user_id), str(self.ttl_seconds), *flat)
             n += 1
@@ -280,6 +282,8 @@ class RedisFeatureStore:
         seen_users = {user_id: behaviours for user_id, behaviours in (seen or {}).items() if behaviours} if self.seen_items else {}
         for user_id, behaviours in seen_users.items():
             self._add_seen(pipe, user_id, behaviours)
+            if self.ttl_seconds and user_id not in written:  # a behaviour only the seen set took (evicted, no known item)
+                pipe.expire(self.key(user_id), self.ttl_seconds)  # is activity too: the record lives as long as its set
             owners += [user_id] * (len(pipe) - len(owners))
         stray = set()
         for owner, reply in zip(owners, pipe.execute(raise_on_error=False)):

@@ -93,6 +93,11 @@ def test_real_redis_keeps_trims_and_reads_seen_sets(tmp_path, cluster):
         config = RedisConfig(uri=server.uri, cluster=cluster)
         store = RedisFeatureStore.from_config(config, prefix="test", ttl_seconds=600, seen_items=3)
         _seen_contract(store, lambda user: 0 < store.client.ttl(f"test:seen:{user}") <= 600)
+        # a behaviour only the seen set took is activity: the record's time to live starts again with its set's
+        store.put_many([_record("c")])
+        store.client.expire("test:user:c", 5)
+        store.put_many([], seen={"c": [(1, "x")]})
+        assert 5 < store.client.ttl("test:user:c") <= 600 and store.client.ttl("test:seen:c") <= 600
         # a store that keeps none neither writes nor reads them; the job's writes but does not read them
         store.put_many([], seen={"b": [(1, "x")]})
         plain = RedisFeatureStore.from_config(config, prefix="test")
