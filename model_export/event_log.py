@@ -49,6 +49,9 @@ class EventLog:
     def append(self, events: list[BehaviourEvent], offsets: dict[int, int]) -> int:
         """Adds events not already in the log (by user and event id, where they have one: producers may
         number events per user, as the job's per-user windows allow); returns how many."""
+        if not events:
+            self.offsets.update(offsets)
+            return 0
         seen = {(u, e) for u, e in zip(self.users.tolist(), self.event_ids.tolist()) if e}
         fresh = []
         for e in events:

@@ -96,9 +96,10 @@ def log_digest(log: EventLog, n: int) -> str:
     their place in the log, so a version's place must be read against the same log, not another
     state folder's, whose events may interleave the partitions in another order."""
     key = hashlib.sha256()
-    for column in (log.users[:n], log.items[:n], log.times_ms[:n]):
-        key.update(np.ascontiguousarray(column).tobytes())
+    for column in (log.users[:n], log.items[:n]):  # each id, not the array's bytes: its width grows with the longest id logged
+        key.update("\0".join(column.tolist()).encode())
         key.update(b"|")
+    key.update(np.ascontiguousarray(log.times_ms[:n], dtype="<i8").tobytes())
     return key.hexdigest()[:16]
 
 
@@ -482,9 +483,10 @@ def state_lock(state_dir: Path):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
-            return
-        yield True
+            held = False
+        else:
+            held = True
+        yield held
 
 
 def _retrain_once(config, publish_model: bool, progress: bool) -> dict:

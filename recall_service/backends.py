@@ -313,9 +313,11 @@ class LoadedModel:
 
     def _ranked(self, item_filter: ItemFilter | None, inactive: InactiveItems) -> np.ndarray:
         """Active item rows by popularity that pass the filter, cut at `popular_depth`; the last 64
-        (filter, inactive set) pairs are cached. Keyed by the set itself, not its revision: a revision
-        can repeat (INACTIVE.json deleted and written anew starts again at 1) with other items."""
-        key = (item_filter.milvus_expr if item_filter else "", inactive.items)
+        (filter, inactive set) pairs are cached. Keyed by the set's contents (its hash, kept by the
+        frozenset once computed), not only its revision: a revision can repeat with other items
+        (INACTIVE.json deleted and written anew starts again at 1); and not by the set itself, which
+        the cache would keep alive, one per re-read."""
+        key = (item_filter.milvus_expr if item_filter else "", inactive.revision, len(inactive.items), hash(inactive.items))
         with self._lock:
             if key in self._filtered:
                 self._filtered.move_to_end(key)
@@ -392,7 +394,8 @@ class RegistryModels:
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._serving: LoadedModel | None = None  # the version loaded last: it serves until the current one is loaded
         self._failed: dict[str, tuple[float, str]] = {}  # version -> (when, why) its load failed
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while a version loads
+        self._switch_lock = threading.Lock()  # held while `_serving` and the order of `_loaded` change
 
     def raw_ids(self, version: str) -> np.ndarray | None:
         """The raw ids by Milvus item id of `version` while its model is loaded (RegistryVocabularies shares them)."""
@@ -414,8 +417,8 @@ class RegistryModels:
             return None
         model = self._loaded.get(version)
         if model is not None and model is not self._serving:  # CURRENT moved back to a version still loaded (a rollback)
-            with self._lock:
-                if self._loaded.get(version) is model:
+            with self._switch_lock:  # not the load lock: prepare() may hold that for seconds
+                if self._serving is not model and self._loaded.get(version) is model:
                     self._loaded.move_to_end(version)  # the one serving is kept when the next version loads
                     self._serving = model
                     log.info("serving model %s again", version)
@@ -450,9 +453,10 @@ class RegistryModels:
             self._failed[version] = (self.clock(), f"current model {version} cannot be loaded: {exc}")
             raise BackendUnavailable(self._failed[version][1]) from None
         self._failed.pop(version, None)
-        self._loaded[version] = model
-        while len(self._loaded) > 2:
-            self._loaded.popitem(last=False)
-        self._serving = model
+        with self._switch_lock:
+            self._loaded[version] = model
+            while len(self._loaded) > 2:
+                self._loaded.popitem(last=False)
+            self._serving = model
         log.info("serving model %s (user tower on %s)", version, model.tower.session.provider)
         return model

@@ -119,7 +119,7 @@ def _user_windows_function(settings: dict):
             self.applied[outcome].inc()
             if outcome is Applied.LATE:
                 metrics.DEAD_LETTERS.labels("late").inc()
-                reason = f"late: event time {event.event_time_ms} is more than {settings['allowed_lateness_ms']} ms behind this user's newest {window.newest_ms}"
+                reason = f"late: event time {event.event_time_ms} is more than {settings['allowed_lateness_ms']} ms behind this user's newest {window.vouched_ms}"
                 yield dead_letter(reason, "late", value, partition, offset, produced_ms, settings["events_topic"])
                 return
             if outcome is Applied.DUPLICATE:

@@ -2,7 +2,7 @@
 
 The job keeps one `UserWindow` per user in keyed state. Events may arrive out of order by up
 to `allowed_lateness_ms` behind the newest event seen for that user (its time counted at most up
-to its Kafka timestamp: see `apply`); they are inserted in event-time order. Anything later than
+to its record's Kafka timestamp: `vouched_ms`, see `apply`); they are inserted in event-time order. Anything later than
 that is refused as late (dead-lettered with the reason, never silently lost), unless a full
 window would not keep it anyway (evicted). Redeliveries are recognised and ignored: by `event_id` when the producer
 sets one, else by (item, type, event time) among events without an id, among the behaviours in the
@@ -68,9 +68,12 @@ class UserWindow:
     last_offset: str = ""  # "partition:offset" of the newest record applied
     # behaviours evicted at the oldest kept behaviour's time, in the same tuple form
     evicted_at_oldest: list[tuple[int, str, str, str]] = field(default_factory=list)
-    # profile field -> event time of its value; a field missing here (seeded from a record, or kept by
-    # an older checkpoint) counts as set at newest_ms, so no late event replaces it
+    # profile field -> (vouched, see below) event time of its value; a field missing here (seeded from a
+    # record, or kept by an older checkpoint) counts as set at vouched_ms, so no late event replaces it
     profile_ms: dict[str, int] = field(default_factory=dict)
+    # The newest event time as far as the records' Kafka timestamps vouch for it: each event counts
+    # with min(its time, its record's timestamp). Lateness is judged against it, not newest_ms.
+    vouched_ms: int = -1
 
     def item_ids(self) -> tuple[str, ...]:
         return tuple(b[1] for b in self.behaviours)
@@ -79,13 +82,15 @@ class UserWindow:
     def from_record(cls, record: InterestRecord) -> "UserWindow":
         """The window a stored record reflects (see the module docstring)."""
         times = [UNKNOWN_TIME_MS] * (len(record.window) - 1) + [record.last_event_ms]
-        return cls([(time_ms, item, "", "") for time_ms, item in zip(times, record.window)], record.last_event_ms, dict(record.profile), record.last_offset)
+        return cls([(time_ms, item, "", "") for time_ms, item in zip(times, record.window)], record.last_event_ms, dict(record.profile), record.last_offset,
+                   vouched_ms=record.last_event_ms)
 
     def apply(self, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "", produced_ms: int | None = None) -> Applied:
-        """`produced_ms`: the record's Kafka timestamp. The newest event time that later events are
-        judged late against moves at most to it: an event dated ahead of when it entered Kafka (a
-        device clock minutes fast; events.MAX_AHEAD_MS allows an hour) is kept in its place, but
-        must not make the user's next correctly dated events late for that long."""
+        """`produced_ms`: the record's Kafka timestamp. The time later events are judged late against
+        (vouched_ms) moves at most to it: an event dated ahead of when it entered Kafka (a device
+        clock minutes fast; events.MAX_AHEAD_MS allows an hour) is kept in its place, and newest_ms
+        (redeliveries, the stored record) keeps its time, but it must not make the user's next
+        correctly dated events late, or pin its profile values, for that long."""
         if offset and self.last_offset and event.event_time_ms <= self.newest_ms and _not_after(offset, self.last_offset):
             return Applied.DUPLICATE
         # Redeliveries carry the same event time, so only that stretch of the window is searched (and
@@ -105,7 +110,7 @@ class UserWindow:
         # late it is, and a resent copy of an evicted event is no late data to alert on.
         if len(self.behaviours) >= max_length and event.event_time_ms < self.behaviours[0][0]:
             return Applied.EVICTED
-        if self.newest_ms >= 0 and event.event_time_ms < self.newest_ms - allowed_lateness_ms:
+        if self.vouched_ms >= 0 and event.event_time_ms < self.vouched_ms - allowed_lateness_ms:
             return Applied.LATE
         # After equal times, keep arrival order: insert behind every entry of the same time.
         position = bisect.bisect_left(self.behaviours, (event.event_time_ms + 1,))
@@ -119,10 +124,11 @@ class UserWindow:
                 # Only those left at the oldest kept time count (a copy of an older one is older than the window), and
                 # the newest max_length of them: a state that cannot grow with a burst of events of one time.
                 self.evicted_at_oldest = [b for b in self.evicted_at_oldest + evicted if b[0] == oldest_ms][-max_length:]
-        if event.profile:
-            self._merge_profile(event.profile, t)
         vouched = t if produced_ms is None or produced_ms <= 0 else min(t, produced_ms)
-        self.newest_ms = max(self.newest_ms, vouched)
+        if event.profile:
+            self._merge_profile(event.profile, vouched)
+        self.newest_ms = max(self.newest_ms, t)
+        self.vouched_ms = max(self.vouched_ms, vouched)
         if offset:
             self.last_offset = offset
         return Applied.ADDED
@@ -131,7 +137,7 @@ class UserWindow:
         """The newest value of each field by event time (a late event sets only fields no newer event
         set; equal times: the later arrival), at most MAX_MAP_ENTRIES fields, the most recently set:
         a producer sending new keys with every event must not grow the state and the record without bound."""
-        times = {k: self.profile_ms.get(k, self.newest_ms) for k in self.profile}
+        times = {k: self.profile_ms.get(k, self.vouched_ms) for k in self.profile}
         values = dict(self.profile)
         for k, v in profile.items():
             if k not in values or time_ms >= times[k]:
@@ -145,7 +151,8 @@ class UserWindow:
     # Beam already needs it) is faster than pickle here. (A Flink byte array would reach Python
     # as a tuple of ints.)
     def to_state(self) -> str:
-        return orjson.dumps([self.behaviours, self.newest_ms, self.profile, self.last_offset, self.evicted_at_oldest, self.profile_ms]).decode()
+        return orjson.dumps([self.behaviours, self.newest_ms, self.profile, self.last_offset, self.evicted_at_oldest, self.profile_ms,
+                             self.vouched_ms]).decode()
 
     @classmethod
     def from_state(cls, state: str | None) -> "UserWindow":
@@ -153,10 +160,11 @@ class UserWindow:
             return cls()
         behaviours, newest_ms, profile, last_offset, *rest = orjson.loads(state)
         # Older checkpoints end at last_offset, or hold a "pending" flag (no longer used) in 5th place,
-        # or end before the profile's times.
+        # or end before the profile's times or the vouched time (then: the newest event time).
         evicted = [tuple(b) for b in rest[0]] if rest and isinstance(rest[0], list) else []
         profile_ms = rest[1] if len(rest) > 1 and isinstance(rest[1], dict) else {}
-        return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset, evicted, profile_ms)
+        vouched_ms = rest[2] if len(rest) > 2 and isinstance(rest[2], int) else newest_ms
+        return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset, evicted, profile_ms, vouched_ms)
 
 
 def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "",

@@ -172,8 +172,8 @@ def test_a_log_that_is_not_the_one_a_version_counted_is_refused(tmp_path):
     other.append(events[5:] + events[:5], {0: 5, 1: 5})
     lineage = Lineage("x", "f", 6, None, log_digest(mine, 6))
     check_log(lineage, mine, "v2", tmp_path)
-    mine.append([event("u9", "i9", NOW + 99)], {0: 6})
-    check_log(lineage, mine, "v2", tmp_path)  # grown since: still the same first 6
+    mine.append([event("a-much-longer-user-id", "an-item-id-longer-than-any", NOW + 99)], {0: 6})
+    check_log(lineage, mine, "v2", tmp_path)  # grown since, by longer ids too: still the same first 6
     with pytest.raises(RetrainError, match="does not start with the 6 events v2 was trained on"):
         check_log(lineage, other, "v2", tmp_path)
     with pytest.raises(RetrainError, match="restore the retraining state folder"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from streaming.events import EVENT_TYPES, BehaviourEvent, EventError, encode_event, json_schema, parse_event
-from streaming.feature_store import InMemoryFeatureStore
+from streaming.feature_store import InMemoryFeatureStore, InterestRecord
 from streaming.interest_writer import FixedTower, InterestWriter, dead_letter
 from streaming.window import Applied, UserWindow
 
@@ -178,6 +178,15 @@ def test_an_event_dated_ahead_of_kafka_does_not_make_the_users_next_events_late(
         assert w.apply(event(f"i{i}", t), 10, 60_000, produced_ms=t + 20) is Applied.ADDED
     assert w.item_ids() == ("i0", "i1", "i2", "fast")
     assert w.apply(event("old", now - 120_000), 10, 60_000, produced_ms=now + 4_000) is Applied.LATE  # still judged
+    # its profile values do not outrank the next correctly dated event's for that long either
+    w.apply(event("p1", now + 299_000, profile={"city": "X"}), 10, 60_000, produced_ms=now + 5_000)
+    w.apply(event("p2", now + 6_000, profile={"city": "Y"}), 10, 60_000, produced_ms=now + 6_000)
+    assert w.profile == {"city": "Y"}
+    # the stored record keeps the true newest time: a restart seeded from it still knows the event again
+    seeded = UserWindow.from_record(InterestRecord("u1", "v1", np.zeros((1, 4), np.float32), w.item_ids(), w.newest_ms, "0:9"))
+    assert w.newest_ms == now + 300_000
+    assert seeded.apply(event("fast", now + 300_000), 10, 60_000, offset="0:2", produced_ms=now) is Applied.DUPLICATE
+    assert UserWindow.from_state(w.to_state()) == w
     unstamped = UserWindow()  # no Kafka timestamp (tests, the bench): the event time itself
     unstamped.apply(event("fast", now + 300_000), 10, 60_000)
     assert unstamped.apply(event("i0", now + 1_000), 10, 60_000) is Applied.LATE
@@ -408,7 +417,7 @@ def test_a_late_but_allowed_event_lands_before_the_newest_seeded_behaviour():
     assert roomy.apply(event("x", 9_000), 5, 5_000, offset="0:10") is Applied.ADDED
     assert roomy.apply(event("y", 12_000), 5, 5_000, offset="0:11") is Applied.ADDED
     assert roomy.item_ids() == ("a", "b", "x", "c", "y")  # the seeded order kept, x before the newest
-    assert UserWindow.from_record(stored_record(())) == UserWindow([], 10_000, {}, "0:9")
+    assert UserWindow.from_record(stored_record(())) == UserWindow([], 10_000, {}, "0:9", vouched_ms=10_000)
 
 
 @pytest.mark.parametrize("event_id", ["e9", ""])
