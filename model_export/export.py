@@ -9,6 +9,7 @@ any output differs by more than PARITY_TOLERANCE.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import re
@@ -127,7 +128,9 @@ def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = 
         "popularity": data.item_counts(data.train_users)[1:].astype(int).tolist(),
     }
     (staging / "vocab.json").write_text(json.dumps(vocab))
-    shutil.copyfile(model_dir / "model.pt", staging / "weights.pt")  # the warm start of the next retraining
+    # The warm start of the next retraining: the weights loaded above, which the graph, the vectors and
+    # the parity check come from (a run still training may have written a newer model.pt since).
+    torch.save(model.state_dict(), staging / "weights.pt")
 
     weights_digest = sha256_of(staging / "weights.pt")
     created = dt.datetime.now(dt.timezone.utc)
@@ -158,7 +161,7 @@ def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = 
         files=files,
         created_at=created.isoformat(),
         onnx_opset=ONNX_OPSET,
-        extra={"weights_sha256": weights_digest, "spec": json.loads((model_dir / "spec.json").read_text()), **(extra or {})},
+        extra={"weights_sha256": weights_digest, "spec": dataclasses.asdict(spec), **(extra or {})},
     )
     manifest.extra["onnx_parity_max_abs_diff"] = check_parity(model, staging, manifest, data)
     manifest.write(staging)
@@ -191,10 +194,12 @@ def check_parity(model: torch.nn.Module, export_dir: Path, manifest: Manifest, d
         with torch.no_grad():
             torch_interests, torch_k = model(torch.as_tensor(items), torch.as_tensor(lengths), torch.as_tensor(profile))
         if not np.array_equal(onnx_k, torch_k.numpy()):
-            raise RuntimeError(f"ONNX and PyTorch disagree on the number of interests K_u at window {items.shape[1]}; export refused")
+            raise RuntimeError(f"ONNX and PyTorch disagree on the number of interests K_u at window {items.shape[1]}; export refused "
+                               f"(a bug or an onnxruntime / torch version mismatch: report it with `pip list | grep -e onnx -e torch`)")
         diff = float(np.abs(onnx_interests - torch_interests.numpy()).max())
         if not diff <= PARITY_TOLERANCE:  # NaN included
             raise RuntimeError(f"ONNX user tower differs from PyTorch by {diff:.2e} > {PARITY_TOLERANCE:.0e} at window "
-                               f"{items.shape[1]}; export refused")
+                               f"{items.shape[1]}; export refused (a bug or an onnxruntime / torch version mismatch: report it with "
+                               "`pip list | grep -e onnx -e torch`)")
         max_diff = max(max_diff, diff)
     return max_diff

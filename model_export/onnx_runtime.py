@@ -104,6 +104,11 @@ class UserTowerSession:
         if _as_unsigned(lengths).max(initial=0) > window:
             raise ValueError(f"lengths run from {lengths.min()} to {lengths.max()}, outside [0, {window}] (the window's width): "
                              "pass each row's number of real items, the padding not counted")
+        misplaced = (items != 0) != (np.arange(window) < lengths[:, None])  # padding read as behaviours changes K_u and the interests
+        if misplaced.any():
+            row = int(np.flatnonzero(misplaced.any(axis=1))[0])
+            raise ValueError(f"row {row} has length {lengths[row]} but items {items[row].tolist()}: pass each row's items first, "
+                             "right-padded with 0, and its number of real items (ModelArtifact.encode_windows makes both)")
         if profile is None:
             return
         fields = len(self.manifest.profile_fields)

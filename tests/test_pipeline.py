@@ -14,7 +14,7 @@ import torch
 from infra.cli import UserError
 from infra.config import SPARSE_ITEM_ROWS, load_config
 from model_export.data import load_dataset
-from model_export.export import PARITY_TOLERANCE, check_parity, export_model, parity_inputs
+from model_export.export import PARITY_TOLERANCE, check_parity, export_model, parity_batches, parity_inputs
 from model_export.manifest import Manifest, ManifestError
 from model_export.onnx_runtime import UserTowerSession, gpu_available
 from model_export.train import RunDirError, TrainConfig, default_spec, load_model, train
@@ -251,6 +251,33 @@ def test_a_diverged_run_is_not_exported(synthetic_csv, tmp_path):
     assert not (run / "export").exists()
 
 
+def test_an_exports_weights_are_the_model_it_exported_even_if_the_run_writes_a_newer_one(synthetic_csv, tmp_path, monkeypatch):
+    """A run still training rewrites model.pt at each better epoch; the export's weights.pt (the next
+    retraining's warm start) must be the model its graph, vectors and parity check came from."""
+    import model_export.export
+    from model_export.export import exported_model
+
+    data = load_dataset(str(synthetic_csv), tmp_path / "data", tmp_path / "cache", tmp_path / "shared")
+    run = tmp_path / "run"
+    train(TrainConfig(dataset=str(synthetic_csv), model="mind", epochs=1, max_steps_per_epoch=2), default_spec("mind", data), data, run, progress=False)
+    exported_onnx = model_export.export.torch.onnx.export
+
+    def a_better_epoch_lands(*args, **kwargs):
+        exported_onnx(*args, **kwargs)
+        newer = torch.load(run / "model.pt", weights_only=True)
+        newer["mlp.2.bias"] += 1.0
+        torch.save(newer, run / "model.pt")
+
+    monkeypatch.setattr(model_export.export.torch.onnx, "export", a_better_epoch_lands)
+    export_dir, manifest = export_model(run, data)
+    _, served = exported_model(export_dir, manifest)
+    session = UserTowerSession(export_dir)
+    items, lengths, profile = parity_batches(data, manifest.maxlen)[0]
+    with torch.no_grad():
+        expected, _ = served(torch.as_tensor(items), torch.as_tensor(lengths), torch.as_tensor(profile))
+    assert np.abs(session.run(items, lengths, profile)[0] - expected.numpy()).max() <= PARITY_TOLERANCE
+
+
 def test_onnx_parity_on_1000_movielens_held_out_users(tmp_path):
     """Real data: ML-1M (fetched from PyPI at set-up), a briefly trained MIND, 1,000 held-out users."""
     paths = load_config().paths
@@ -394,6 +421,8 @@ MISREAD_INPUTS = {  # (items, lengths, profile), the manifest -> inputs the towe
     "lengths of another batch": (lambda i, n, p, m: (i, n[:1], p), r"lengths is int64 of shape \(1,\)"),
     "a length past the window": (lambda i, n, p, m: (i, n + 2, p), r"outside \[0, 4\]"),
     "a negative length": (lambda i, n, p, m: (i, n - 2, p), r"outside \[0, 4\]"),
+    "padding counted in a length": (lambda i, n, p, m: (i, np.array([4, 4]), p), "row 1 has length 4 but items"),
+    "padding before the items": (lambda i, n, p, m: (np.array([[1, 2, 3, 4], [0, 5, 0, 0]]), n, p), "row 1 has length 1 but items"),
     "a profile of another batch": (lambda i, n, p, m: (i, n, p[:1]), r"profile is int64 of shape \(1, 1\)"),
     "a negative profile id": (lambda i, n, p, m: (i, n, -p), "outside its fields' vocabularies"),
     "a profile id past its field": (lambda i, n, p, m: (i, n, p + 10), "outside its fields' vocabularies"),
