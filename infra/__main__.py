@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import shlex
 import signal
 import sys
@@ -13,12 +12,9 @@ import threading
 from pathlib import Path
 
 from infra.cli import run_command
-from infra.config import load_config
+from infra.config import load_config, printable_uri
 
 SECRET_SUFFIXES = ("password", "token", "secret")  # password, sasl_password, token, auth_token, ...
-URI_CREDENTIALS = re.compile(r"(?<=://)[^/\s]+(?=@)")  # user:password in scheme://user:password@host (to the last @)
-# ?password=... in a query string (redis-py reads it): the value of a parameter named like a secret
-URI_SECRET_PARAMETERS = re.compile(r"(?<=[?&])([^=&#]*(?:password|token|secret)[^=&#]*=)[^&#]*", re.IGNORECASE)
 
 
 def masked(config: dict[str, dict]) -> dict[str, dict]:
@@ -26,9 +22,7 @@ def masked(config: dict[str, dict]) -> dict[str, dict]:
     def mask(key: str, value):
         if key.endswith(SECRET_SUFFIXES) and value:
             return "***"
-        if not isinstance(value, str):
-            return value
-        return URI_SECRET_PARAMETERS.sub(lambda m: m.group(1) + "***", URI_CREDENTIALS.sub("***", value))
+        return printable_uri(value) if isinstance(value, str) else value
 
     return {name: {key: mask(key, value) for key, value in section.items()} for name, section in config.items()}
 

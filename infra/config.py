@@ -17,8 +17,10 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import tomllib
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +69,20 @@ class KafkaConfig:
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
 
+    def __post_init__(self) -> None:
+        # Combinations a client would take without a word, and then send a password in clear or
+        # connect without its certificate: refused here, where the message can name the fields.
+        tls = self.security_protocol in ("SSL", "SASL_SSL")
+        if not tls and (self.ssl_cafile or self.ssl_certfile or self.ssl_keyfile):
+            raise ConfigError(f"[kafka].ssl_cafile / ssl_certfile / ssl_keyfile are set but security_protocol is {self.security_protocol}, "
+                              "which ignores them: set MINDSTREAM_KAFKA__SECURITY_PROTOCOL=SSL (or SASL_SSL), or drop the files")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ConfigError("[kafka].ssl_certfile and ssl_keyfile: a client certificate needs both (the job's Java client reads "
+                              "them apart), set both or neither (MINDSTREAM_KAFKA__SSL_CERTFILE / MINDSTREAM_KAFKA__SSL_KEYFILE)")
+        if self.security_protocol.startswith("SASL_") and not self.sasl_mechanism:
+            raise ConfigError(f"[kafka].security_protocol = {self.security_protocol} needs [kafka].sasl_mechanism "
+                              "(MINDSTREAM_KAFKA__SASL_MECHANISM: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")
+
 
 @dataclass(frozen=True)
 class StreamingConfig:
@@ -113,6 +129,15 @@ class RedisConfig:
     password: str = ""
     ssl_cafile: str = ""
     cluster: bool = False  # a Redis Cluster: uri names any one node (db 0), the client finds the others
+
+    def __post_init__(self) -> None:
+        if self.ssl_cafile and not self.uri.startswith("rediss://"):
+            raise ConfigError("[redis].ssl_cafile is set but [redis].uri is not rediss://, so the connection would be plain text "
+                              "(the password in clear): use a rediss:// URI (MINDSTREAM_REDIS__URI), or drop the CA file")
+        parts = urllib.parse.urlsplit(self.uri)
+        if self.password and (parts.password or "password" in urllib.parse.parse_qs(parts.query)):
+            raise ConfigError("[redis].password and a password in [redis].uri are both set, and the URI's would win: keep one "
+                              "(MINDSTREAM_REDIS__PASSWORD, or the URI's)")
 
 
 MilvusServerKind = typing.Literal["lite", "server"]  # what `python -m infra up` can start for [milvus]
@@ -242,6 +267,16 @@ class Config:
     recall: RecallServiceConfig = field(default_factory=RecallServiceConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+
+
+URI_CREDENTIALS = re.compile(r"(?<=://)[^/\s]+(?=@)")  # user:password in scheme://user:password@host (to the last @)
+# ?password=... in a query string (redis-py reads it): the value of a parameter named like a secret
+URI_SECRET_PARAMETERS = re.compile(r"(?<=[?&])([^=&#]*(?:password|token|secret)[^=&#]*=)[^&#]*", re.IGNORECASE)
+
+
+def printable_uri(uri: str) -> str:
+    """`uri` with its credentials (user:password@, ?password=...) as ***: for logs and messages."""
+    return URI_SECRET_PARAMETERS.sub(lambda m: m.group(1) + "***", URI_CREDENTIALS.sub("***", uri))
 
 
 def _require_range(section: str, values: object, name: str, low: float, high: float | None = None, open_ends: bool = False) -> None:

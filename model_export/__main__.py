@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from infra.cli import run_command
-from infra.config import SPARSE_ITEM_ROWS, load_config
+from infra.config import SPARSE_ITEM_ROWS, load_config, printable_uri
 from model_export.spec import MODEL_KINDS
 
 
@@ -122,7 +122,7 @@ def cmd_publish(args) -> int:
     registry = ModelRegistry(config.paths.models_dir)
     client = connect(uri, config.milvus.token)
     done = publish_version(Path(args.export_dir), registry, client, config.milvus.collection_prefix, args.index, progress=lambda m: print(m, file=sys.stderr))
-    print(json.dumps({"milvus": uri, "registry": str(registry.root), **done.__dict__}, indent=2))
+    print(json.dumps({"milvus": printable_uri(uri), "registry": str(registry.root), **done.__dict__}, indent=2))
     return 0
 
 
@@ -151,7 +151,7 @@ def cmd_items(args) -> int:
     except Exception as exc:  # noqa: BLE001 - any client or server failure: say what holds and how to finish
         print(json.dumps(report, indent=2))
         print(f"error: the registry is updated (the recall service drops these items within seconds), but the Milvus rows "
-              f"were not marked: {exc}. Run the same command again once Milvus ({config.milvus.uri}) answers.", file=sys.stderr)
+              f"were not marked: {exc}. Run the same command again once Milvus ({printable_uri(config.milvus.uri)}) answers.", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2))
     return 0

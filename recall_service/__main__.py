@@ -12,7 +12,7 @@ import sys
 import threading
 
 from infra.cli import run_command
-from infra.config import load_config
+from infra.config import load_config, printable_uri
 
 
 def cmd_serve(args) -> int:
@@ -29,7 +29,7 @@ def cmd_serve(args) -> int:
     gc.freeze()
     print(f"recall service on {config.recall.host}:{server.port} (TLS {'on' if config.recall.tls_certfile else 'off'}, "
           f"auth {'on' if config.recall.auth_token else 'off'}), metrics on {config.recall.metrics_host}:{server.metrics_port}/metrics, "
-          f"Redis {config.redis.uri}, Milvus {config.milvus.uri}, models {config.paths.models_dir}", file=sys.stderr)
+          f"Redis {printable_uri(config.redis.uri)}, Milvus {printable_uri(config.milvus.uri)}, models {config.paths.models_dir}", file=sys.stderr)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())

@@ -24,6 +24,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from infra.config import printable_uri
 from model_export.publish import category_fields, collection_name
 from model_export.registry import NO_INACTIVE_ITEMS, InactiveFileError, InactiveItems
 from recall_service.filters import ItemFilter
@@ -77,6 +78,7 @@ class MilvusItemSearch:
     def __init__(self, uri: str, token: str = "", prefix: str = "mindstream_items", ef: int = 128, connect_timeout_s: float = 2.0,
                  vocabularies: "RegistryVocabularies | None" = None):
         self.uri, self.token, self.prefix, self.ef, self.connect_timeout_s = uri, token, prefix, ef, connect_timeout_s
+        self.shown_uri = printable_uri(uri)  # in messages, which reach the logs
         self.vocabularies = vocabularies
         self._client = None
         self._lock = threading.Lock()
@@ -97,7 +99,7 @@ class MilvusItemSearch:
                     try:
                         self._client = MilvusClient(uri=self.uri, token=self.token, timeout=self.connect_timeout_s)
                     except Exception as exc:  # pymilvus raises MilvusException or its own connect errors
-                        raise BackendUnavailable(f"Milvus at {self.uri}: {exc}") from None
+                        raise BackendUnavailable(f"Milvus at {self.shown_uri}: {exc}") from None
                     # pymilvus imports scipy.sparse (~1 s) when it builds its first search request;
                     # building one here keeps that import off the first requests' latency.
                     self._request("warm_up", np.zeros((1, 1), np.float32), 1, "", True)
@@ -137,7 +139,7 @@ class MilvusItemSearch:
 
         client = self._client
         if client is None:
-            raise BackendUnavailable(f"not connected to Milvus at {self.uri} yet; the health probe reconnects")
+            raise BackendUnavailable(f"not connected to Milvus at {self.shown_uri} yet; the health probe reconnects")
         name = self.collection(model_version)
         vocabulary = self.vocabularies.raw_ids(model_version) if self.vocabularies is not None else None
         request = self._request(name, vectors, limit, expr, vocabulary is None)
@@ -147,7 +149,7 @@ class MilvusItemSearch:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise DeadlineExceeded(f"vector search did not answer within {timeout_s * 1e3:.0f} ms") from None
-            raise BackendUnavailable(f"Milvus at {self.uri}: {exc.code().name} {exc.details()}") from None
+            raise BackendUnavailable(f"Milvus at {self.shown_uri}: {exc.code().name} {exc.details()}") from None
         status = response.status
         if status.code != 0 or status.error_code != 0:
             reason = status.reason
@@ -190,7 +192,7 @@ class MilvusItemSearch:
         try:
             client.get_server_version(timeout=self.connect_timeout_s)
         except Exception as exc:  # pymilvus wraps transport errors in several exception types
-            raise BackendUnavailable(f"Milvus at {self.uri}: {exc}") from None
+            raise BackendUnavailable(f"Milvus at {self.shown_uri}: {exc}") from None
 
 
 def _hits(results, nq: int, limit: int, vocabulary: np.ndarray | None = None) -> SearchHits:

@@ -236,8 +236,11 @@ def redis_client(redis_config, timeout_s: float = 1.0):
     import redis
 
     options = {"password": redis_config.password or None, "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-    if redis_config.uri.startswith("rediss://") and redis_config.ssl_cafile:
-        options["ssl_ca_certs"] = redis_config.ssl_cafile
+    if redis_config.uri.startswith("rediss://"):
+        # redis-py checks no host name by default: any certificate the CAs trust would do, and hear the AUTH password
+        options.update(ssl_cert_reqs="required", ssl_check_hostname=True)
+        if redis_config.ssl_cafile:
+            options["ssl_ca_certs"] = redis_config.ssl_cafile
     if not redis_config.cluster:
         return redis.Redis.from_url(redis_config.uri, **options)
     # One key per user and no command spans two users' keys, so a cluster client needs nothing

@@ -37,14 +37,15 @@ def synthetic_interactions(n_users: int = 120, n_items: int = 60, seed: int = 0)
     return pd.DataFrame(rows)
 
 
-def self_signed_certificate(directory: Path, name: str = "server") -> tuple[Path, Path]:
-    """(certificate, key) PEM files of a self-signed certificate for localhost and 127.0.0.1,
+def self_signed_certificate(directory: Path, name: str = "server", host: str = "localhost") -> tuple[Path, Path]:
+    """(certificate, key) PEM files of a self-signed certificate for `host` (localhost: and 127.0.0.1),
     made with the openssl command (the test is skipped without it)."""
     if not shutil.which("openssl"):
         pytest.skip("openssl is not installed: cannot make a test certificate")
     cert, key = directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    names = "DNS:localhost,IP:127.0.0.1" if host == "localhost" else f"DNS:{host}"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={host}",
+                    "-addext", f"subjectAltName={names}", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     return cert, key
 
 

@@ -16,7 +16,7 @@ def test_defaults_are_local_and_loopback(tmp_path):
 
 def test_file_then_environment_take_precedence(tmp_path):
     f = tmp_path / "m.toml"
-    f.write_text('[kafka]\nbootstrap_servers = "k1:9093"\nsecurity_protocol = "SASL_SSL"\n[recall]\nport = 6000\n')
+    f.write_text('[kafka]\nbootstrap_servers = "k1:9093"\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "PLAIN"\n[recall]\nport = 6000\n')
     config = load_config(f, environ={"MINDSTREAM_RECALL__PORT": "7000", "MINDSTREAM_MILVUS__URI": "http://milvus:19530",
                                      "MINDSTREAM_RECALL__METRICS_HOST": "0.0.0.0", "MINDSTREAM_MONITORING__EXPORTER_HOST": "0.0.0.0"})
     assert config.kafka.bootstrap_servers == "k1:9093"
@@ -103,14 +103,23 @@ def test_config_command_prints_effective_values_with_secrets_masked(tmp_path):
 
     env = dict(os.environ, MINDSTREAM_REDIS__PASSWORD="s3cret", MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS="kafka-1:9093", MINDSTREAM_CONFIG="",
                MINDSTREAM_RECALL__AUTH_TOKEN="t0ken", MINDSTREAM_KAFKA__SASL_PASSWORD="sasl-pw", MINDSTREAM_MILVUS__TOKEN="root:Milvus",
-               MINDSTREAM_REDIS__URI="rediss://default:uri-pw@redis:6380/0?password=query-pw&db=0", MINDSTREAM_MILVUS__URI="http://root:uri@pw@milvus:19530")
+               MINDSTREAM_MILVUS__URI="http://root:uri@pw@milvus:19530")
     out = subprocess.run([sys.executable, "-m", "infra", "config"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
     printed = json.loads(out)
     assert printed["kafka"]["bootstrap_servers"] == "kafka-1:9093"
     assert printed["redis"]["password"] == printed["recall"]["auth_token"] == printed["kafka"]["sasl_password"] == printed["milvus"]["token"] == "***"
-    assert printed["redis"]["uri"] == "rediss://***@redis:6380/0?password=***&db=0" and printed["milvus"]["uri"] == "http://***@milvus:19530"
+    assert printed["milvus"]["uri"] == "http://***@milvus:19530"
+    # a password in the Redis URI instead of [redis].password: masked too
+    env.pop("MINDSTREAM_REDIS__PASSWORD")
+    env["MINDSTREAM_REDIS__URI"] = "rediss://default:uri-pw@redis:6380/0?password=query-pw&db=0"
+    in_uri = subprocess.run([sys.executable, "-m", "infra", "config"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+    assert json.loads(in_uri)["redis"]["uri"] == "rediss://***@redis:6380/0?password=***&db=0"
     for secret in ("s3cret", "t0ken", "sasl-pw", "Milvus", "uri-pw", "uri@pw", "query-pw"):
-        assert secret not in out, secret
+        assert secret not in out + in_uri, secret
+    # both: the URI's would win unseen (a rotation through the variable ignored), so neither is taken
+    both = subprocess.run([sys.executable, "-m", "infra", "config"], cwd=REPO, env=dict(env, MINDSTREAM_REDIS__PASSWORD="s3cret"),
+                          capture_output=True, text=True)
+    assert both.returncode == 2 and "password in [redis].uri are both set" in both.stderr and "s3cret" not in both.stderr + both.stdout
     bad = subprocess.run([sys.executable, "-m", "infra", "config", "--file", str(tmp_path / "missing.toml")], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 
@@ -126,3 +135,18 @@ def test_a_named_configuration_file_must_exist_and_an_empty_name_means_none(tmp_
     (tmp_path / "mindstream.toml").write_text('[redis]\nuri = "redis://cache:6379/0"\n')
     assert load_config(environ={}).redis.uri == "redis://cache:6379/0"
     assert load_config(environ={"MINDSTREAM_CONFIG": ""}).redis.uri.startswith("redis://127.0.0.1")
+
+
+def test_uris_are_printed_without_their_credentials():
+    from infra.config import printable_uri
+
+    assert printable_uri("rediss://default:pw@redis:6380/0?password=qp&db=1") == "rediss://***@redis:6380/0?password=***&db=1"
+    assert printable_uri("http://root:Milvus@milvus:19530") == "http://***@milvus:19530"
+    assert printable_uri("/var/milvus/lite.db") == "/var/milvus/lite.db"
+
+
+def test_the_milvus_clients_messages_name_the_server_without_its_credentials():
+    from recall_service.backends import MilvusItemSearch
+
+    search = MilvusItemSearch("http://root:s3cret@127.0.0.1:1", "", "p", connect_timeout_s=0.2)
+    assert "s3cret" not in search.shown_uri and search.shown_uri == "http://***@127.0.0.1:1"

@@ -207,9 +207,29 @@ def test_kafka_sasl_ssl_settings_reach_both_clients(tmp_path):
     assert props["sasl.jaas.config"] == 'org.apache.kafka.common.security.scram.ScramLoginModule required username="mindstream" password="pw";'
     assert props["ssl.truststore.type"] == "PEM" and props["ssl.truststore.location"] == str(cert)
     assert props["ssl.keystore.certificate.chain"] == cert.read_text() and props["ssl.keystore.key"] == key.read_text()
-    plaintext = KafkaConfig(sasl_password="pw", ssl_cafile=str(cert))  # credentials are only sent where the protocol asks for them
+    plaintext = KafkaConfig(sasl_password="pw")  # credentials are only sent where the protocol asks for them
     assert set(python_client_options(plaintext)) == {"bootstrap_servers", "security_protocol"}
     assert set(java_client_properties(plaintext)) == {"bootstrap.servers", "security.protocol"}
+
+
+@pytest.mark.parametrize("settings, says", [
+    ({"ssl_cafile": "ca.pem"}, "security_protocol is PLAINTEXT, which ignores them"),  # TLS asked for, plain text used
+    ({"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "ssl_cafile": "ca.pem"}, "which ignores them"),
+    ({"security_protocol": "SSL", "ssl_certfile": "client.pem"}, "a client certificate needs both"),  # the Java client would drop it
+    ({"security_protocol": "SASL_SSL"}, "needs \\[kafka\\].sasl_mechanism"),
+])
+def test_kafka_security_settings_a_client_would_ignore_are_refused(settings, says):
+    from infra.config import ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        KafkaConfig(**settings)
+
+
+def test_a_redis_ca_file_without_tls_is_refused():
+    from infra.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not rediss://"):
+        RedisConfig(uri="redis://redis:6379/0", ssl_cafile="ca.pem")
 
 
 class TlsTerminator:
@@ -267,10 +287,16 @@ def test_redis_auth_and_tls_from_the_configuration(tmp_path):
 
     cert, key = self_signed_certificate(tmp_path)
     impostor, _ = self_signed_certificate(tmp_path, "impostor")
+    elsewhere, elsewhere_key = self_signed_certificate(tmp_path, "elsewhere", host="redis.elsewhere.example")
     record = InterestRecord("u1", "v1", np.ones((2, 4), dtype=np.float32), ("i1",), 1, "0:1")
     with EmbeddedRedis(tmp_path / "redis", password="pw") as server:
         terminator = TlsTerminator(cert, key, server.port)
+        misnamed = TlsTerminator(elsewhere, elsewhere_key, server.port)
         try:
+            # a certificate the CA file trusts, but for another host: refused before AUTH sends the password
+            with pytest.raises(redis.ConnectionError, match="match|mismatch|hostname"):
+                RedisFeatureStore.from_config(RedisConfig(uri=f"rediss://localhost:{misnamed.port}/0", password="pw",
+                                                          ssl_cafile=str(elsewhere))).get_many(["u1"])
             uri = f"rediss://localhost:{terminator.port}/0"
             store = RedisFeatureStore.from_config(RedisConfig(uri=uri, password="pw", ssl_cafile=str(cert)), prefix="tls")
             store.put_many([record])
@@ -281,6 +307,7 @@ def test_redis_auth_and_tls_from_the_configuration(tmp_path):
                 RedisFeatureStore.from_config(RedisConfig(uri=uri, ssl_cafile=str(cert))).get_many(["u1"])
         finally:
             terminator.close()
+            misnamed.close()
 
 
 # --- model artifacts are checked against the manifest before they are served -----------------
