@@ -55,6 +55,12 @@ $PY -m model_export bench --export-dir "$RUN/export"
 echo "==> starting the stack: broker, Redis, Milvus Lite, recall service, exporter, Prometheus" >&2
 $PY -m infra up --stack-dir "$STACK_DIR" >/dev/null  # its progress goes to stderr; the status is printed at the end
 export MINDSTREAM_CONFIG=$STACK_DIR/mindstream.toml
+# The stack's file is the one truth for its addresses: variables this shell holds for another
+# deployment (a production broker, Redis, Milvus) must not send the steps below there.
+for name in $($PY -c 'import os; from infra.stack import pinned_variables; print(" ".join(sorted(pinned_variables() & set(os.environ))))'); do
+  echo "note: $name is set in this shell; the stack's own value is used instead" >&2
+  unset "$name"
+done
 echo "==> publishing the model to the stack (its registry and Milvus collection; the alias moves)" >&2
 $PY -m model_export publish --export-dir "$RUN/export"
 echo "==> starting the streaming job (it waits for a published model)" >&2

@@ -155,11 +155,17 @@ def generated_config(user: dict[str, dict], layout: StackLayout, ports: dict[str
     return render_toml(sections, header)
 
 
+def pinned_variables() -> set[str]:
+    """The MINDSTREAM_* variables that would override an address or folder the stack chose: a shell
+    that has them set for production must not send the stack's commands there (infra/run.sh unsets them)."""
+    stack_fields = stack_settings(StackLayout(Path(".")), dict.fromkeys(PORTS, 0))
+    return {f"{ENV_PREFIX}{section.upper()}__{key.upper()}" for section, values in stack_fields.items() for key in values}
+
+
 def service_environment(environ: dict[str, str], config_path: Path) -> dict[str, str]:
     """The services' environment: MINDSTREAM_CONFIG -> the generated file, and no MINDSTREAM_*
     variable that would override an address the stack chose (the file is the one truth for them)."""
-    stack_fields = stack_settings(StackLayout(config_path.parent), dict.fromkeys(PORTS, 0))
-    overriding = {f"{ENV_PREFIX}{section.upper()}__{key.upper()}" for section, values in stack_fields.items() for key in values}
+    overriding = pinned_variables()
     env = {k: v for k, v in environ.items() if k not in overriding}
     env[f"{ENV_PREFIX}CONFIG"] = str(config_path)
     env["PYTHONUNBUFFERED"] = "1"  # logs as they happen

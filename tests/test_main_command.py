@@ -27,9 +27,12 @@ def test_the_main_command_runs_end_to_end_on_a_user_brought_dataset(tmp_path, st
     (tmp_path / "mine.toml").write_text("[retrain]\nepochs = 3\n")  # a user's own configuration, named relative to their folder
     stack_dir.mkdir()
     (stack_dir / "replay-shop.next").write_text("")  # left empty by an earlier replay that was interrupted
-    env = {**os.environ, "DATASET": "shop.csv", "EVENTS": "1500", "ONLINE_EVENTS": "300", "RUN": "runs/shop", "STACK_DIR": "stack", "MINDSTREAM_CONFIG": "mine.toml"}
+    env = {**os.environ, "DATASET": "shop.csv", "EVENTS": "1500", "ONLINE_EVENTS": "300", "RUN": "runs/shop", "STACK_DIR": "stack", "MINDSTREAM_CONFIG": "mine.toml",
+           # a shell set up for another deployment: the stack's steps must not go there
+           "MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS": "production-kafka.invalid:9092", "MINDSTREAM_MILVUS__URI": "http://production-milvus.invalid:19530"}
     result = subprocess.run([str(REPO / "infra" / "run.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "note: MINDSTREAM_MILVUS__URI is set in this shell; the stack's own value is used instead" in result.stderr
     assert (tmp_path / "runs" / "shop" / "export" / "manifest.json").is_file()
     assert (stack_dir / "replay-shop.next").read_text().strip() == "1800"  # the replay, then the online slice
     # Recalls printed for the busiest users of the replay, from interests the job stored with the published model
