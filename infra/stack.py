@@ -215,7 +215,13 @@ class Stack:
 
     def _choose_ports(self, keep_current: bool) -> dict[str, int]:
         """The ports of the last `up` where still free (or when services still use them), new free ones otherwise."""
-        previous = ports_of(self.config()) if self.layout.config_path.is_file() else {}
+        try:
+            previous = ports_of(self.config()) if self.layout.config_path.is_file() else {}
+        except ConfigError as exc:  # written by an older version of this code (a key since dropped), or edited by hand
+            if keep_current:
+                raise StackError(f"{self.layout.config_path} no longer reads ({exc}) while services run: "
+                                 "run `python -m infra down`, then `up`") from None
+            previous = {}  # nothing runs: new ports, and the file is written anew
         if keep_current:
             if not previous:
                 raise StackError(f"services run but {self.layout.config_path} is gone: run `python -m infra down`, then `up`")

@@ -117,6 +117,18 @@ def test_down_stops_the_services_even_when_the_stacks_file_no_longer_parses(tmp_
         sleeper.kill()
 
 
+def test_a_stacks_file_that_no_longer_reads_is_written_anew_when_nothing_runs(tmp_path):
+    """A key an older version wrote and this one dropped must not block every later `up`."""
+    from infra.stack import Stack, StackError
+
+    stack = Stack(tmp_path, environ={})
+    stack.layout.config_path.write_text("[streaming]\nbatch_max_user = 1\n")
+    ports = stack._choose_ports(keep_current=False)
+    assert ports and all(ports.values())
+    with pytest.raises(StackError, match="run `python -m infra down`, then `up`"):
+        stack._choose_ports(keep_current=True)
+
+
 def test_services_ignore_variables_that_would_move_the_stacks_addresses(tmp_path):
     moving = ("MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS", "MINDSTREAM_RECALL__METRICS_HOST", "MINDSTREAM_MONITORING__EXPORTER_HOST",
               # production credentials in the shell: the stack's own servers speak none of them
