@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-interest-n", type=int, default=0)
     p.add_argument("--policy", choices=("max_score", "quota"), default="max_score")
     p.add_argument("--target", default="", help="host:port (default: [recall].host:port)")
-    p.add_argument("--token", default="", help="bearer token (default: [recall].auth_token)")
+    p.add_argument("--token", default="", help="bearer token (default: [recall].auth_token; prefer MINDSTREAM_RECALL__AUTH_TOKEN: "
+                                               "a command line is visible to every local user in ps)")
     p.add_argument("--tls-ca", default="", help="CA certificate file: use TLS (default: [recall].tls_cafile, else tls_certfile; neither: no TLS)")
     p.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
     p.set_defaults(func=cmd_recall)
