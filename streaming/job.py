@@ -182,6 +182,37 @@ def unrestorable_checkpoints(checkpoint_dir: Path | str) -> list[Path]:
             if root / STATE_LAYOUT not in p.parents]
 
 
+def forward_gateway_stderr() -> None:
+    """PyFlink starts its JVM with stderr=PIPE and reads the pipe only if the start fails
+    (pyflink.java_gateway.launch_gateway). In thread mode the job's own Python code writes there
+    too (warnings such as a feature-store retry's, tracebacks): after 64 KiB every write blocks, and
+    the task thread with it; the job stops without a word (measured: a thread-mode map writing 1 KB
+    per record to stderr stalled for good after ~98 records). Here the pipe is forwarded line by
+    line to this process's stderr, which the stack writes to the job's log. Call it before anything
+    starts the gateway (the first Configuration())."""
+    import threading
+
+    from pyflink import java_gateway
+
+    launch = java_gateway.launch_gateway_server_process
+    if getattr(launch, "forwards_stderr", False):
+        return
+
+    def launching(env, args):
+        process = launch(env, args)
+        threading.Thread(target=_copy_lines, args=(process.stderr, sys.stderr), name="flink-gateway-stderr", daemon=True).start()
+        return process
+
+    launching.forwards_stderr = True
+    java_gateway.launch_gateway_server_process = launching
+
+
+def _copy_lines(source, sink) -> None:
+    for line in iter(source.readline, b""):
+        sink.write(line.decode("utf-8", "replace"))
+        sink.flush()
+
+
 def _environment(config: Config, restore_from: Path | str | None):
     from pyflink.common import Configuration
     from pyflink.datastream import StreamExecutionEnvironment
@@ -198,6 +229,7 @@ def _environment(config: Config, restore_from: Path | str | None):
     # for process-mode Python workers. Thread mode never uses it; "process" here keeps it unstarted.
     os.environ["_python_worker_execution_mode"] = "process"
     jars = kafka_connector_jars(config.paths.var_dir / "jars")
+    forward_gateway_stderr()
     conf = Configuration()
     for key, value in {
         "python.execution-mode": "thread",

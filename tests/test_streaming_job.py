@@ -241,3 +241,45 @@ def test_the_job_writes_interests_to_a_redis_cluster(tmp_path, two_exports):
         wait_for(lambda: all(r is not None and r.window == expected[r.user_id] for r in store.get_many(users)), timeout_s=90,
                  what="every window in the cluster")
         assert all(redis.Redis(node.host, node.port).dbsize() > 0 for node in cluster.nodes)  # the users' keys are spread
+
+
+GATEWAY_STDERR_JOB = """
+import os, site, sys
+from pyflink.common import Configuration, Types
+from pyflink.datastream import StreamExecutionEnvironment
+from pyflink.datastream.functions import MapFunction
+from streaming.job import forward_gateway_stderr
+
+class Noisy(MapFunction):
+    def map(self, value):
+        sys.stderr.write(f"warning {value} " + "x" * 1000 + "\\n")  # as the job's retry warnings do, in the JVM's interpreter
+        sys.stderr.flush()
+        return value
+
+os.environ["_python_worker_execution_mode"] = "process"
+forward_gateway_stderr()
+config = Configuration()
+config.set_string("python.execution-mode", "thread")
+config.set_string("python.executable", sys.executable)
+config.set_string("python.pythonpath", os.pathsep.join([*site.getsitepackages(), sys.argv[1]]))
+env = StreamExecutionEnvironment.get_execution_environment(config)
+env.set_parallelism(1)
+env.from_collection(list(range(300)), type_info=Types.INT()).map(Noisy(), output_type=Types.INT()).print()
+env.execute("noisy")
+"""
+
+
+def test_the_jobs_python_writes_to_stderr_never_stall_it(tmp_path):
+    """PyFlink keeps its JVM's stderr as a pipe it never reads; the thread-mode Python code writes
+    there: without the forwarding, 300 KB stalled the job for good after ~64 KB."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = tmp_path / "noisy_job.py"
+    script.write_text(GATEWAY_STDERR_JOB)
+    done = subprocess.run([sys.executable, str(script), str(REPO)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sum(line.startswith("warning ") for line in done.stderr.splitlines()) == 300
