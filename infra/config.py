@@ -134,7 +134,10 @@ class RedisConfig:
         if self.ssl_cafile and not self.uri.startswith("rediss://"):
             raise ConfigError("[redis].ssl_cafile is set but [redis].uri is not rediss://, so the connection would be plain text "
                               "(the password in clear): use a rediss:// URI (MINDSTREAM_REDIS__URI), or drop the CA file")
-        parts = urllib.parse.urlsplit(self.uri)
+        try:
+            parts = urllib.parse.urlsplit(self.uri)
+        except ValueError as exc:
+            raise ConfigError(f"[redis].uri (MINDSTREAM_REDIS__URI) is not a URI ({exc}): e.g. redis://host:6379/0 or rediss://host:6380/0") from None
         if self.password and (parts.password or "password" in urllib.parse.parse_qs(parts.query)):
             raise ConfigError("[redis].password and a password in [redis].uri are both set, and the URI's would win: keep one "
                               "(MINDSTREAM_REDIS__PASSWORD, or the URI's)")

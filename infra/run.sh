@@ -57,7 +57,8 @@ $PY -m infra up --stack-dir "$STACK_DIR" >/dev/null  # its progress goes to stde
 export MINDSTREAM_CONFIG=$STACK_DIR/mindstream.toml
 # The stack's file is the one truth for its addresses: variables this shell holds for another
 # deployment (a production broker, Redis, Milvus) must not send the steps below there.
-for name in $($PY -c 'import os; from infra.stack import pinned_variables; print(" ".join(sorted(pinned_variables() & set(os.environ))))'); do
+pinned=$($PY -c 'import os; from infra.stack import pinned_variables; print(" ".join(sorted(pinned_variables() & set(os.environ))))')
+for name in $pinned; do
   echo "note: $name is set in this shell; the stack's own value is used instead" >&2
   unset "$name"
 done

@@ -301,7 +301,14 @@ class Stack:
             self.out(f"the stack is already running ({self.layout.root}); `python -m infra status` shows it")
             return 0
         keep_current = any(running.values())
-        load_config(environ=self.environ)  # the user's settings as they stand: a mistake stops here, before the stack's file is rewritten
+        try:
+            load_config(environ=self.environ)  # the user's settings as they stand: a mistake stops here, before the stack's file is rewritten
+        except ConfigError as exc:
+            named = config_file(self.environ)
+            if named is not None and named.resolve() == self.layout.config_path.resolve():  # the generated file, copied as the user's settings
+                raise StackError(f"{exc}\n{self.layout.config_path} is the stack's generated file, which this shell's MINDSTREAM_CONFIG names "
+                                 "(written by another version of mindstream, or edited): `python -m infra down`, delete it, then `up`") from None
+            raise
         config = self._write_config(self._choose_ports(keep_current), self._choose_milvus_server(milvus_runs=bool(running["milvus"])))
         write_prometheus_config(config, self.layout.prometheus_config_path)
         current = ModelRegistry(config.paths.models_dir).current_version()

@@ -28,11 +28,13 @@ user at 128 items, ~44 KB at 500 (measured on Redis 6.2).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator, Mapping, Protocol, Sequence
 
@@ -230,6 +232,19 @@ class _ConnectOnFirstUse:
         return getattr(self._client, name)
 
 
+@functools.cache
+def host_checked_ssl_connection() -> type:
+    """redis-py's TLS connection, checking that the certificate names the host it dialled (made on
+    first use: redis is imported only by what talks to Redis)."""
+    import redis
+
+    class HostCheckedSSLConnection(redis.connection.SSLConnection):
+        def __init__(self, **kwargs):
+            super().__init__(**{**kwargs, "ssl_check_hostname": True})
+
+    return HostCheckedSSLConnection
+
+
 def redis_client(redis_config, timeout_s: float = 1.0):
     """A client for [redis] (URI, password, TLS CA, cluster): the feature store's, and that of
     anything else keeping one key per user in the same Redis (recall_service/served_log.py)."""
@@ -237,8 +252,11 @@ def redis_client(redis_config, timeout_s: float = 1.0):
 
     options = {"password": redis_config.password or None, "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if redis_config.uri.startswith("rediss://"):
-        # redis-py checks no host name by default: any certificate the CAs trust would do, and hear the AUTH password
-        options.update(ssl_cert_reqs="required", ssl_check_hostname=True)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(redis_config.uri).query)
+        if not {"ssl_cert_reqs", "ssl_check_hostname"} & set(query):  # the URI's own TLS settings win, as redis-py lets them
+            # redis-py checks no host name by default: any certificate the CAs trust would do, and hear the AUTH
+            # password. A connection class, since RedisCluster drops an ssl_check_hostname option (redis-py 5).
+            options.update(ssl_cert_reqs="required", connection_class=host_checked_ssl_connection())
         if redis_config.ssl_cafile:
             options["ssl_ca_certs"] = redis_config.ssl_cafile
     if not redis_config.cluster:

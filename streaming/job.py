@@ -208,9 +208,14 @@ def forward_gateway_stderr() -> None:
 
 
 def _copy_lines(source, sink) -> None:
+    """Until the pipe closes; a line the sink cannot take (a full disk, a closed stream) is dropped,
+    never the draining: a stopped reader is the stall again."""
     for line in iter(source.readline, b""):
-        sink.write(line.decode("utf-8", "replace"))
-        sink.flush()
+        try:
+            sink.write(line.decode("utf-8", "replace"))
+            sink.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _environment(config: Config, restore_from: Path | str | None):

@@ -150,3 +150,10 @@ def test_the_milvus_clients_messages_name_the_server_without_its_credentials():
 
     search = MilvusItemSearch("http://root:s3cret@127.0.0.1:1", "", "p", connect_timeout_s=0.2)
     assert "s3cret" not in search.shown_uri and search.shown_uri == "http://***@127.0.0.1:1"
+
+
+def test_a_redis_uri_that_is_no_uri_is_a_config_error():
+    from infra.config import ConfigError, RedisConfig
+
+    with pytest.raises(ConfigError, match="is not a URI"):
+        RedisConfig(uri="redis://[::1:6379/0")

@@ -225,6 +225,25 @@ def test_kafka_security_settings_a_client_would_ignore_are_refused(settings, say
         KafkaConfig(**settings)
 
 
+def test_redis_tls_checks_the_host_name_for_a_cluster_too_unless_the_uri_says_otherwise(monkeypatch):
+    """RedisCluster drops an ssl_check_hostname option (redis-py 5): the check rides on the connection
+    class, which both clients take; a URI's own ssl_cert_reqs / ssl_check_hostname win, as redis-py lets them."""
+    import redis
+
+    from streaming.feature_store import host_checked_ssl_connection, redis_client
+
+    made = {}
+    monkeypatch.setattr(redis.RedisCluster, "from_url", classmethod(lambda cls, url, **kw: made.update(kw) or "a cluster client"))
+    assert redis_client(RedisConfig(uri="rediss://10.0.0.5:6379/0", cluster=True)).upper() == "A CLUSTER CLIENT"  # connects on first use
+    assert made["connection_class"] is host_checked_ssl_connection() and made["ssl_cert_reqs"] == "required"
+    assert host_checked_ssl_connection()(host="redis.example").check_hostname is True
+    standalone = redis_client(RedisConfig(uri="rediss://redis.example:6380/0"))
+    assert standalone.connection_pool.connection_class is host_checked_ssl_connection()
+    opted_out = redis_client(RedisConfig(uri="rediss://redis.example:6380/0?ssl_cert_reqs=none"))
+    assert opted_out.connection_pool.connection_class is not host_checked_ssl_connection()
+    assert redis_client(RedisConfig()).connection_pool.connection_class is redis.Connection  # no TLS, nothing to check
+
+
 def test_a_redis_ca_file_without_tls_is_refused():
     from infra.config import ConfigError
 

@@ -127,6 +127,10 @@ def test_a_stacks_file_that_no_longer_reads_is_written_anew_when_nothing_runs(tm
     assert ports and all(ports.values())
     with pytest.raises(StackError, match="run `python -m infra down`, then `up`"):
         stack._choose_ports(keep_current=True)
+    # a shell that exports MINDSTREAM_CONFIG naming that file: up says which file and what to do
+    named = Stack(tmp_path, environ={"MINDSTREAM_CONFIG": str(stack.layout.config_path)})
+    with pytest.raises(StackError, match="is the stack's generated file, which this shell's MINDSTREAM_CONFIG names"):
+        named.up()
 
 
 def test_services_ignore_variables_that_would_move_the_stacks_addresses(tmp_path):
