@@ -247,7 +247,8 @@ class Recaller:
         deadline.check("the feature store read")
         started = self.clock()
         try:
-            records = get_each(self.reader, [p.query.user_id for p in pending])  # one corrupt record must not fail the others
+            records = get_each(self.reader, [p.query.user_id for p in pending],  # one corrupt record must not fail the others
+                               lambda: deadline.check("the feature store read"))
         except BackendUnavailable as exc:
             self.store_breaker.failed()
             self._attribute(pending, "feature_store", self.clock() - started)

@@ -36,7 +36,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 from redis.exceptions import ResponseError
@@ -161,14 +161,16 @@ class FeatureStore(Protocol):
     def replace_if_unchanged(self, records: list[InterestRecord], read: list[InterestRecord]) -> int: ...
 
 
-def get_each(store, user_ids: list[str]) -> list[InterestRecord | RecordError | None]:
+def get_each(store, user_ids: list[str], before_each: Callable[[], object] = lambda: None) -> list[InterestRecord | RecordError | None]:
     """`store.get_many`, where a corrupt record fails only its own place (its RecordError there) rather
-    than the whole read: one round trip while every record decodes, one per user after one does not."""
+    than the whole read: one round trip while every record decodes, one per user after one does not,
+    each after `before_each()` (a request's deadline check: a batch of reads must not outlast it)."""
     try:
         return store.get_many(user_ids)
     except RecordError:
         out: list[InterestRecord | RecordError | None] = []
         for user_id in user_ids:
+            before_each()
             try:
                 out.extend(store.get_many([user_id]))
             except RecordError as exc:

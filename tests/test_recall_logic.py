@@ -517,6 +517,26 @@ def test_a_corrupt_record_fails_only_its_user(world):
     assert mallory.path is RecallPath.POPULAR_FALLBACK and mallory.reason is FallbackReason.CORRUPT_RECORD
 
 
+def test_the_per_user_reads_after_a_corrupt_record_stop_at_the_deadline(world):
+    """One corrupt record turns a batch read into a read per user; against a slow store those must
+    not outlast the request (64 users x a 200 ms timeout)."""
+    recaller, _, store, *_ = world
+    store.rows["mallory"] = {b"schema": b"1", b"k": b"2"}
+    now = [0.0]
+    reads = []
+    get_many = store.get_many
+
+    def slow(user_ids):
+        reads.append(list(user_ids))
+        now[0] += 0.3
+        return get_many(user_ids)
+
+    store.get_many = slow
+    with pytest.raises(DeadlineExceeded):
+        recaller.recall_many([q(user) for user in ["alice", "mallory", *[f"u{i}" for i in range(10)]]], Deadline(1.0, clock=lambda: now[0]))
+    assert len(reads) <= 4  # the batch read, then per-user reads until the second is gone
+
+
 def _stored_as(store, user, **fields):
     """`user` stored as alice is, with some of the hash's fields replaced (bytes, as Redis returns them)."""
     store.rows[user] = {**store.rows["alice"], **{k.encode(): v for k, v in fields.items()}}
