@@ -137,14 +137,19 @@ class UserWindow:
         """The newest value of each field by event time (a late event sets only fields no newer event
         set; equal times: the later arrival), at most MAX_MAP_ENTRIES fields, the most recently set:
         a producer sending new keys with every event must not grow the state and the record without bound."""
-        times = {k: self.profile_ms.get(k, self.vouched_ms) for k in self.profile}
-        values = dict(self.profile)
+        times = self.profile_ms  # in place: this runs for every event that carries a profile
+        if len(times) != len(self.profile):  # fields kept without a time (a seeded window, an older checkpoint)
+            for k in self.profile:
+                times.setdefault(k, self.vouched_ms)
         for k, v in profile.items():
-            if k not in values or time_ms >= times[k]:
-                values[k], times[k] = v, time_ms
-        kept = sorted(values, key=times.__getitem__)[-MAX_MAP_ENTRIES:]  # stable: ties keep their order
-        self.profile = {k: values[k] for k in kept}
-        self.profile_ms = {k: times[k] for k in kept}
+            if time_ms >= times.get(k, time_ms):  # a new field, or one no newer event set
+                self.profile[k], times[k] = v, time_ms
+        # Kept in order of their times (ties: as they came), so the cap keeps the last; usually already so
+        in_order = [times[k] for k in self.profile]
+        if len(in_order) > MAX_MAP_ENTRIES or in_order != sorted(in_order):
+            kept = sorted(self.profile, key=times.__getitem__)[-MAX_MAP_ENTRIES:]  # stable: ties keep their order
+            self.profile = {k: self.profile[k] for k in kept}
+            self.profile_ms = {k: times[k] for k in kept}
 
     # Flink keeps the window as a JSON string (its own string serializer), never pickled:
     # restoring a checkpoint must not run whatever code a pickle in it would. orjson (PyFlink's
