@@ -245,8 +245,6 @@ def _csv_line(path: Path, sep: str, record: int) -> int:
     return start
 
 
-
-
 def load_table(path: Path) -> RawInteractions:
     """CSV / TSV / Parquet with user, item and timestamp columns.
 
