@@ -59,6 +59,9 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                          "/ sum(rate(mindstream_recall_requests_total[$__rate_interval]))", "server errors"),
                    Query('(sum(rate(mindstream_recall_requests_total{code!="OK"}[$__rate_interval])) or vector(0)) '
                          "/ sum(rate(mindstream_recall_requests_total[$__rate_interval]))", "all non-OK"))),
+        PanelSpec("Replicas reaching each backend", "Recall replicas whose last health probe reached the feature store and "
+                  "the vector search; a replica that does not reach both reports NOT_SERVING (alerted when none reaches it).",
+                  "short", (Query("sum by (backend) (mindstream_recall_backend_up)", "{{backend}}"),), kind="stat"),
         PanelSpec("Fallback rate by reason", "Share of recalls not served from stored interests (unknown users are "
                   "expected; outage reasons are alerted above 1%).", "percentunit",
                   (Query("sum by (reason) (rate(mindstream_recall_fallbacks_total[$__rate_interval])) / scalar(sum("
@@ -70,7 +73,8 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                    Query("sum by (outcome) (rate(mindstream_stream_events_applied_total[$__rate_interval]))", "{{outcome}}"))),
         PanelSpec("Event freshness (p50, p99)", "Event produce time (Kafka timestamp) to feature-store write. SLO: 99% within 1 s.", "s",
                   _quantiles("mindstream_stream_freshness_seconds", "", "freshness")),
-        PanelSpec("Dead letters per second by reason", "Records sent to the dead-letter topic: invalid, oversized or late.", "ops",
+        PanelSpec("Dead letters per second by reason", "Records sent to the dead-letter topic: malformed JSON, unknown or missing fields, "
+                  "invalid values, oversized, dated too far ahead (future) or late.", "ops",
                   (Query("sum by (reason) (rate(mindstream_stream_dead_letters_total[$__rate_interval]))", "{{reason}}"),)),
         PanelSpec("Consumer lag", "Events of the events topic not committed yet by the job's consumer group (commits follow "
                   "checkpoints, so the lag is up to one checkpoint interval behind).", "short",

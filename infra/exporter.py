@@ -54,13 +54,15 @@ class StackCollector(Collector):
         """Runs the online-quality judge on a thread, its counters in `registry`; close() stops it."""
         from prometheus_client import Counter
 
-        from recall_service.online_quality import OnlineQualityJudge
+        from recall_service.online_quality import ONLINE_ERROR_REASONS, OnlineQualityJudge
         from recall_service.served_log import RedisServedLog
 
         events = Counter("mindstream_online_recall_events_total", "Events judged against the answers served to their user before them",
                          ["model_version", "path", "event_type", "outcome"], registry=registry)
         errors = Counter("mindstream_online_recall_errors_total", "Events and served records left out of the online hit rate, "
                          "and failed reads", ["reason"], registry=registry)
+        for reason in ONLINE_ERROR_REASONS:  # at 0 from the start: the first failure is an increase Prometheus sees
+            errors.labels(reason)
         judge = OnlineQualityJudge(self._online_consumer, RedisServedLog.for_config(self.config),
                                    lambda labels, n: events.labels(*labels).inc(n), lambda reason, n: errors.labels(reason).inc(n),
                                    self.config.recall.served_log_ttl_s, self.config.streaming.max_event_bytes)

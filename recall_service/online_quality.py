@@ -78,6 +78,9 @@ class ServedReader(Protocol):
     def get_many(self, user_ids: list[str]) -> list[tuple[ServedRecord, ...] | ServedRecordError]: ...
 
 
+ONLINE_ERROR_REASONS = ("invalid_event", "unreadable_record", "unavailable")  # what `error(reason, n)` is called with
+
+
 class ServedLogUnavailable(RuntimeError):
     """Redis did not answer the served-log read of a polled batch; the consumer was moved back to it."""
 

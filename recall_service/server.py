@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from infra.cli import UserError
 from infra.config import Config, ConfigError
 from recall_service.coalesce import CoalescingSearch
-from recall_service.metrics import RecallMetrics
+from recall_service.metrics import BACKENDS, RecallMetrics
 from recall_service.query import FallbackReason, InvalidRequest, Limits, validate
 from recall_service.recaller import BackendUnavailable, Deadline, DeadlineExceeded, Recaller, RecallResult
 from recall_service.served_log import ServedLog, ServedRecord
@@ -321,6 +321,7 @@ class RecallServer:
             self._owned.append(self.search)
         self.availability = availability or RegistryAvailability(registry)
         self.metrics = metrics or RecallMetrics()
+        self.metrics.unexpected.labels(HEALTH_PROBE)  # at 0 from the start: a first failed probe is an increase
         if served_log is None and rc.served_log_ttl_s:
             served_log = RedisServedLog.for_config(config, dropped=lambda reason, n: self.metrics.served_log_dropped.labels(reason).inc(n))
         self.served_log = served_log
@@ -400,11 +401,14 @@ class RecallServer:
     def probe(self) -> bool:
         """One health probe: both stores reachable -> SERVING."""
         problems = {}
-        for name, backend in (("feature store", self.reader), ("vector search", self.search)):
+        for label, backend in zip(BACKENDS, (self.reader, self.search)):
+            name = label.replace("_", " ")
             try:
                 backend.ping()
             except Exception as exc:  # a probe reports, it never raises
                 problems[name] = str(exc) if isinstance(exc, BackendUnavailable) else f"{name}: {exc}"  # ours name their backend
+            # exported: NOT_SERVING takes a replica out of rotation, where it answers (and alerts on) nothing
+            self.metrics.backend_up.labels(label).set(0 if name in problems else 1)
         status = health_pb2.HealthCheckResponse.NOT_SERVING if problems else health_pb2.HealthCheckResponse.SERVING
         for service in ("", SERVICE_NAME):
             self.health.set(service, status)

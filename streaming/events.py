@@ -41,12 +41,16 @@ FIELDS: dict[str, tuple[str, bool, str]] = {
 }
 
 
+# The classes of invalid records (the dead-letter reason label; the job adds "late" for valid events)
+EVENT_ERROR_KINDS = ("oversized", "malformed", "unknown_field", "missing_field", "invalid", "future")
+
+
 class EventError(ValueError):
     """A record that is not a valid event; the message is the dead-letter reason, `kind` its class."""
 
     def __init__(self, message: str, kind: str = "invalid"):
         super().__init__(message)
-        self.kind = kind  # oversized | malformed | unknown_field | missing_field | invalid | future
+        self.kind = kind  # one of EVENT_ERROR_KINDS
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,9 @@ from collections import Counter as Tally
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from streaming.events import EVENT_ERROR_KINDS
+from streaming.window import Applied
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -31,6 +34,16 @@ WINDOW_SEEDS = Counter("mindstream_stream_window_seeds_total", "Users without jo
 MODEL_RELOADS = Counter("mindstream_stream_model_reloads_total", "User-tower hot reloads, by result", ["result"])
 MODEL_INFO = Gauge("mindstream_stream_model_info", "A user tower in use by some task instance (value 1)", ["model_version"])
 LAST_WRITE = Gauge("mindstream_stream_last_write_timestamp_seconds", "Wall-clock time of the newest feature-store write")
+# Every known label value exported from the start at 0: a series born at 1 has no increase for
+# Prometheus, so a one-off failed reload or the first dead letter of a kind would alert on nothing.
+for _reason in (*EVENT_ERROR_KINDS, "late"):
+    DEAD_LETTERS.labels(_reason)
+for _outcome in Applied:
+    EVENTS_APPLIED.labels(_outcome.value)
+for _result in ("seeded", "none", "unreadable"):
+    WINDOW_SEEDS.labels(_result)
+for _result in ("ok", "failed"):
+    MODEL_RELOADS.labels(_result)
 
 _served_on: tuple[str, int] | None = None
 # model version -> task instances of this interpreter using its tower: with parallelism > 1 each

@@ -88,12 +88,15 @@ def feed_events(config, stop: threading.Event) -> None:
 
 def feed_traffic(recall_metrics, stop: threading.Event) -> None:
     """Observations of every series the dashboard reads, as a running stack would make them."""
+    from recall_service.metrics import BACKENDS
     from streaming import metrics as stream
 
     rng = random.Random(0)
     stream.MODEL_INFO.labels("v1").set(1)
     recall_metrics.set_model_version("v1")
     recall_metrics.inactive_items.set(2)
+    for backend in BACKENDS:
+        recall_metrics.backend_up.labels(backend).set(1)
     while not stop.wait(0.1):
         stream.EVENTS_IN.inc(20)
         stream.EVENTS_APPLIED.labels("added").inc(18)

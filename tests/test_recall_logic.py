@@ -1092,3 +1092,52 @@ def test_the_health_probe_logs_an_outage_when_it_starts_and_when_it_ends(caplog,
     said = [r.getMessage() for r in caplog.records if "serving" in r.getMessage()]
     assert len(no_model) == 1 and len(said) == 3, said
     assert said[0].startswith("not serving: feature store") and "Milvus" in said[1] and said[2].startswith("serving again")
+
+
+def test_the_health_probe_exports_which_backends_it_reaches(tmp_path):
+    """NOT_SERVING takes a replica out of rotation, where its ratio metrics see no traffic to alert
+    on: the gauge per backend is what says why (the RecallBackendDown alert)."""
+    from infra.config import load_config
+    from recall_service.server import RecallServer
+
+    store, search = Switchable("feature store"), Switchable("Milvus")
+    config = load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path)})
+    server = RecallServer(config, reader=store, search=search, models=FakeModels(None), availability=SetAvailability())
+
+    def up() -> dict:
+        return {backend: server.metrics.backend_up.labels(backend)._value.get() for backend in ("feature_store", "vector_search")}
+
+    assert server.probe() and up() == {"feature_store": 1, "vector_search": 1}
+    search.down = True
+    assert not server.probe() and up() == {"feature_store": 1, "vector_search": 0}
+    store.down, search.down = True, False
+    assert not server.probe() and up() == {"feature_store": 0, "vector_search": 1}
+    store.down = False
+    assert server.probe() and up() == {"feature_store": 1, "vector_search": 1}
+
+
+def test_the_counters_alerts_read_are_exported_at_zero_before_their_first_increment(tmp_path):
+    """A labelled series that appears at 1 has no increase for Prometheus: a one-off failure of a kind
+    would fire nothing (ModelReloadFailed, RecallHealthProbeFailing, the fallback ratios)."""
+    from prometheus_client import generate_latest
+
+    from infra.config import load_config
+    from recall_service.server import RecallServer
+
+    config = load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path)})
+    server = RecallServer(config, reader=Switchable("feature store"), search=Switchable("Milvus"), models=FakeModels(None), availability=SetAvailability())
+    exported = generate_latest(server.metrics.registry).decode()
+    for series in ('mindstream_recall_unexpected_errors_total{method="health_probe"} 0.0',
+                   'mindstream_recall_fallbacks_total{reason="feature_store_unavailable"} 0.0',
+                   'mindstream_recall_fallbacks_total{reason="unknown_user"} 0.0',
+                   'mindstream_recall_served_log_dropped_total{reason="unavailable"} 0.0'):
+        assert series in exported, series
+    assert "reason=\"none\"" not in exported  # served from stored interests is no fallback
+
+    from streaming import metrics as stream
+
+    exported = generate_latest().decode()
+    for series in ('mindstream_stream_model_reloads_total{result="failed"}', 'mindstream_stream_dead_letters_total{reason="late"}',
+                   'mindstream_stream_dead_letters_total{reason="malformed"}', 'mindstream_stream_window_seeds_total{result="unreadable"}'):
+        assert series in exported, series
+    assert stream.DEAD_LETTERS.labels("future")._value.get() >= 0
