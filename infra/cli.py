@@ -9,6 +9,7 @@ occur), so a command that does not use Kafka, Redis or Milvus does not import th
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -17,6 +18,22 @@ class UserError(Exception):
     """A failure the user can act on; the message says what to do next. Each package's own kinds
     (a bad setting, dataset, manifest, run folder or registry, a stack or server that cannot start)
     derive from it, so every command reports them in one line."""
+
+
+def at_least(minimum: float, convert: Callable[[str], float] = int) -> Callable[[str], float]:
+    """An argparse type: a number no smaller than `minimum` (a negative start or rate is refused
+    where it is parsed, not taken for another meaning later)."""
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if convert is int else ' number'}") from None
+        if not value >= minimum:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
+        return value
+
+    parse.__name__ = convert.__name__  # argparse names the type in its messages
+    return parse
 
 
 def _loaded(module: str, *names: str) -> tuple[type, ...]:

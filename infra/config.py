@@ -114,6 +114,8 @@ class StreamingConfig:
 
     def __post_init__(self) -> None:
         _require_range("streaming", self, "seen_items", 0)
+        # not -1 as "never" (topic_retention_ms's convention): Redis takes EXPIRE -1 as "delete now"
+        _require_range("streaming", self, "record_ttl_s", 0, REDIS_MAX_TTL_S)
         _require_port("streaming", self, "metrics_port")
         for name in ("window_length", "max_event_bytes", "batch_max_users", "checkpoint_interval_ms", "parallelism", "topic_partitions",
                      "state_ttl_hours"):
@@ -195,7 +197,7 @@ class RecallServiceConfig:
     served_log_answers: int = 3
 
     def __post_init__(self) -> None:
-        _require_range("recall", self, "served_log_ttl_s", 0)
+        _require_range("recall", self, "served_log_ttl_s", 0, REDIS_MAX_TTL_S)
         _require_range("recall", self, "served_log_answers", 1)
         for name in ("port", "metrics_port"):
             _require_port("recall", self, name)
@@ -280,6 +282,9 @@ URI_SECRET_PARAMETERS = re.compile(r"(?<=[?&])([^=&#]*(?:password|token|secret)[
 def printable_uri(uri: str) -> str:
     """`uri` with its credentials (user:password@, ?password=...) as ***: for logs and messages."""
     return URI_SECRET_PARAMETERS.sub(lambda m: m.group(1) + "***", URI_CREDENTIALS.sub("***", uri))
+
+
+REDIS_MAX_TTL_S = 2**31 - 1  # ~68 years; Redis refuses expiry times whose milliseconds overflow ("invalid expire time")
 
 
 def _require_range(section: str, values: object, name: str, low: float, high: float | None = None, open_ends: bool = False) -> None:

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from infra.cli import UserError, run_command
+from infra.cli import UserError, at_least, run_command
 from infra.config import load_config
 
 
@@ -30,11 +30,13 @@ def cmd_topics(args) -> int:
 def cmd_produce(args) -> int:
     from tqdm import tqdm
 
-    from streaming.producer import EventProducer, ReplayEvents, replay
+    from streaming.producer import EventProducer, ReplayError, ReplayEvents, replay
 
     config = load_config()
     events = ReplayEvents.from_dataset(args.dataset, config.paths.data_dir, config.paths.shared_data_dir)
     stop = len(events) if args.limit is None else min(len(events), args.start + args.limit)
+    if args.start > stop:
+        raise UserError(f"--start {args.start} is past the dataset's {len(events)} interactions")
     with EventProducer.for_config(config) as producer, tqdm(total=stop - args.start, unit="ev", desc=f"replaying {args.dataset}", disable=args.quiet) as bar:
         last = [0]
 
@@ -42,7 +44,14 @@ def cmd_produce(args) -> int:
             bar.update(sent - last[0])
             last[0] = sent
 
-        sent = replay(events.events(args.start, stop), producer, rate=args.rate, speedup=args.speedup, on_progress=progress)
+        try:
+            sent = replay(events.events(args.start, stop), producer, rate=args.rate, speedup=args.speedup, on_progress=progress)
+        except ReplayError as exc:
+            # what came before the first failure is in Kafka; from there on it is sent again (copies are dropped by event id)
+            next_start = args.start + exc.first_failed
+            print(json.dumps({"topic": config.kafka.events_topic, "sent": exc.sent, "not_acknowledged": exc.failed, "next_start": next_start}))
+            raise UserError(f"{exc}; resend from there: python -m streaming produce --dataset {args.dataset} --start {next_start}"
+                            f"{'' if args.limit is None else f' --limit {stop - next_start}'}") from None
     print(json.dumps({"topic": config.kafka.events_topic, "sent": sent, "next_start": args.start + sent}))
     return 0
 
@@ -96,6 +105,10 @@ def cmd_backfill(args) -> int:
     if report.superseded:
         print(f"stopped: {tower.version} is no longer the registry's current version; the newer version's "
               "backfill re-extracts the users (python -m streaming backfill)", file=sys.stderr)
+    elif report.stale_in_last_pass:
+        raise UserError(f"the last pass, {report.seconds:.0f} s after the start, still found {report.stale_in_last_pass} records of another "
+                        "model version: the streaming job goes on writing with its old user tower (a failed reload: its log and "
+                        f"mindstream_stream_model_reloads_total say why); run the backfill again once the job runs {tower.version}")
     return 0
 
 
@@ -125,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("produce", help="replay a dataset's interactions into Kafka in event-time order")
     p.add_argument("--dataset", default="ml-1m", help="ml-1m, beauty or a path (as in model_export train)")
-    p.add_argument("--rate", type=float, default=0.0, help="events per second (default: as fast as possible)")
-    p.add_argument("--speedup", type=float, default=0.0, help="alternatively, replay the real event-time gaps this many times faster")
-    p.add_argument("--start", type=int, default=0, help="index of the first interaction to send (resume a replay)")
-    p.add_argument("--limit", type=int, default=None, help="send at most this many events")
+    p.add_argument("--rate", type=at_least(0, float), default=0.0, help="events per second (default: as fast as possible)")
+    p.add_argument("--speedup", type=at_least(0, float), default=0.0, help="alternatively, replay the real event-time gaps this many times faster")
+    p.add_argument("--start", type=at_least(0), default=0, help="index of the first interaction to send (resume a replay: the next_start "
+                   "an earlier run printed)")
+    p.add_argument("--limit", type=at_least(0), default=None, help="send at most this many events")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_produce)
 
@@ -139,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("backfill", help="re-extract every stored user's interests with a model version (default: the current one)")
     p.add_argument("--model-version", default=None, help="the version to write, which must be CURRENT (the default): the job writes "
                    "CURRENT's interests, so a backfill of another version is refused")
-    p.add_argument("--batch", type=int, default=512, help="users per user-tower call and per store round trip")
+    p.add_argument("--batch", type=at_least(1), default=512, help="users per user-tower call and per store round trip")
     p.add_argument("--settle-s", type=float, default=None,
                    help="keep passing this long after the start, while the job may still write with the old tower (default: 2 x [streaming].model_poll_s + 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

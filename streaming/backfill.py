@@ -35,6 +35,10 @@ class BackfillReport:
     passes: int
     seconds: float
     superseded: bool = False  # stopped early: another version became current meanwhile
+    # Records of another version the last pass still found, after the settle time (it rewrote those
+    # unchanged since read): the job still writes with its old tower (a failed reload), and writes them
+    # again. The figures above but `rewritten` and `passes` are the first pass's.
+    stale_in_last_pass: int = 0
 
 
 def backfill(store: FeatureStore, tower: UserTower, batch: int = 512, max_passes: int = 3, settle_s: float = 0.0,
@@ -60,7 +64,8 @@ def backfill(store: FeatureStore, tower: UserTower, batch: int = 512, max_passes
             if time.perf_counter() - started >= settle_s:
                 break
             time.sleep(pause_s)
-    return BackfillReport(tower.version, report[0], rewritten, report[1], report[2], report[3], passes, time.perf_counter() - started, stopped)
+    return BackfillReport(tower.version, report[0], rewritten, report[1], report[2], report[3], passes, time.perf_counter() - started, stopped,
+                          stale_in_last_pass=seen - current - unknown - unreadable)
 
 
 def job_settle_s(model_poll_s: float) -> float:

@@ -74,14 +74,15 @@ class BehaviourEvent:
         return out
 
 
-def encode_event(event: BehaviourEvent, max_bytes: int = MAX_EVENT_BYTES) -> bytes:
+def encode_event(event: BehaviourEvent, max_bytes: int = MAX_EVENT_BYTES, produced_ms: int | None = None) -> bytes:
     """The event's record value, or EventError for an event the job would dead-letter: it is checked
-    by the job's own parser, so producer and job cannot disagree on the contract."""
+    by the job's own parser, so producer and job cannot disagree on the contract (with `produced_ms`,
+    the record's Kafka timestamp, also by its rule against events dated far ahead of it)."""
     try:
         raw = json.dumps(event.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
     except (TypeError, ValueError) as exc:  # a lone surrogate (UnicodeEncodeError), a value that is not JSON
         raise EventError(f"not encodable as a JSON record: {exc!s:.160}") from None
-    parse_event(raw, max_bytes)
+    _check_not_ahead(parse_event(raw, max_bytes), produced_ms)
     return raw
 
 
@@ -155,12 +156,16 @@ def accept_record(key: str | None, value: bytes | None, max_bytes: int = MAX_EVE
     event = parse_event(value or b"", max_bytes)
     if event.user_id != key:
         raise EventError(f"Kafka key {key!r:.80} differs from user_id {event.user_id!r:.80}; producers key events by user id")
+    _check_not_ahead(event, produced_ms)
+    return event
+
+
+def _check_not_ahead(event: BehaviourEvent, produced_ms: int | None) -> None:
     if produced_ms is not None and produced_ms > 0 and event.event_time_ms > produced_ms + MAX_AHEAD_MS:
         # e.g. microseconds sent as milliseconds: applied, it would make every later real event of the
         # user "late" (the window follows its newest event time) until its state and record expired
         raise EventError(f"event_time_ms {event.event_time_ms} is more than {MAX_AHEAD_MS // 60_000} min after the record entered Kafka "
                          f"({produced_ms}); event times are milliseconds since the epoch", kind="future")
-    return event
 
 
 def json_schema() -> dict:

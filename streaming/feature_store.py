@@ -371,13 +371,20 @@ class RedisFeatureStore:
         """Every stored user, in batches (SCAN: never blocks the server like KEYS would)."""
         prefix = f"{self.prefix}:user:"
         chunk: list[str] = []
+        foreign = 0
         for key in self.client.scan_iter(match=f"{prefix}*", count=batch):
-            chunk.append(key.decode()[len(prefix):])
+            try:
+                chunk.append(key.decode()[len(prefix):])
+            except UnicodeDecodeError:  # no key this store writes (user ids are text): one must not stop every backfill
+                foreign += 1
+                continue
             if len(chunk) >= batch:
                 yield chunk
                 chunk = []
         if chunk:
             yield chunk
+        if foreign:
+            log.warning("%d keys under %s* are not UTF-8 text, so no user record of this store: skipped", foreign, prefix)
 
     def replace_if_unchanged(self, records: list[InterestRecord], read: list[InterestRecord]) -> int:
         # A plain EVAL with the script's text (a few hundred bytes per record): redis-py's cluster
@@ -387,7 +394,14 @@ class RedisFeatureStore:
         for record, before in zip(records, read):
             flat = [x for kv in encode(record).items() for x in kv]
             pipe.execute_command("EVAL", REPLACE_IF_UNCHANGED, 1, self.key(record.user_id), *write_id(before), str(self.ttl_seconds), *flat)
-        return sum(pipe.execute())
+        replaced = 0
+        for record, reply in zip(records, pipe.execute(raise_on_error=False)):
+            if isinstance(reply, ResponseError) and "WRONGTYPE" in str(reply):  # from inside the script
+                continue  # the key changed type since it was read: not unchanged, so not replaced (as any changed record)
+            if isinstance(reply, Exception):  # raised without the pipeline's text, which holds the whole record
+                raise type(reply)(f"rewriting the record of user {record.user_id!r:.80}: {str(reply)[:200]}")
+            replaced += reply
+        return replaced
 
 
 class InMemoryFeatureStore:

@@ -127,27 +127,23 @@ class InterestWriter:
             return []
         users = [u for u, update in self.pending.items() if update.window is not None]
         updates = [self.pending[u] for u in users]
-        records, written = [], []
-        if users:
-            tower = self.towers.current()
-            started = time.perf_counter()
-            windows = [u.window.item_ids() for u in updates]
-            interests = tower.interests(windows, [u.window.profile for u in updates])
-            metrics.TOWER_SECONDS.observe(time.perf_counter() - started)
-            metrics.BATCH_USERS.observe(len(users))
-            now_ms = int(self.clock() * 1000)
-            for user, update, window, vectors in zip(users, updates, windows, interests):
-                if vectors is None:
-                    metrics.UNKNOWN_WINDOWS.inc()
-                    continue
-                records.append(InterestRecord(user, tower.version, vectors, window, update.window.newest_ms, update.window.last_offset, now_ms, update.window.profile))
-                written.append(update)
+        batch = self._extract(users, updates) if users else ([], [], None)
         # The seen set of every pending user, with a record written now or not: a window the model
         # knows nothing of yet holds items the next published version knows, and its behaviours are
         # accepted data (a user's sets expire with record_ttl_s, with or without a record).
         seen = {user: update.seen for user, update in self.pending.items() if update.seen}
-        if records or seen:
-            self._write(records, seen)
+
+        def with_the_current_tower() -> None:
+            # A version published while the store was failing: its backfill may already have rewritten
+            # these users, and records of the older version written after it would stay until the
+            # users' next events. So the batch is extracted again with the tower now current.
+            nonlocal batch
+            if users and self.towers.current().version != batch[2]:
+                batch = self._extract(users, updates)
+
+        if batch[0] or seen:
+            self._write(lambda: batch[0], seen, with_the_current_tower)
+        records, written, _ = batch
         if records:  # freshness and the last write describe records written, not updates skipped
             written_s = self.clock()
             for update in written:
@@ -169,13 +165,33 @@ class InterestWriter:
         metrics.WINDOW_SEEDS.labels("none" if record is None else "seeded").inc()
         return UserWindow() if record is None else UserWindow.from_record(record)
 
-    def _write(self, records: list[InterestRecord], seen: dict[str, list[tuple[int, str]]]) -> None:
+    def _extract(self, users: list[str], updates: list[PendingUpdate]) -> tuple[list[InterestRecord], list[PendingUpdate], str]:
+        """The users' records by the current tower, the updates they write, and the tower's version."""
+        tower = self.towers.current()
         started = time.perf_counter()
-        self._retrying(lambda: self.store.put_many(records, seen), f"feature-store write of {len(records)} records and {len(seen)} seen sets")
+        windows = [u.window.item_ids() for u in updates]
+        interests = tower.interests(windows, [u.window.profile for u in updates])
+        metrics.TOWER_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_USERS.observe(len(users))
+        now_ms = int(self.clock() * 1000)
+        records, written = [], []
+        for user, update, window, vectors in zip(users, updates, windows, interests):
+            if vectors is None:
+                metrics.UNKNOWN_WINDOWS.inc()
+                continue
+            records.append(InterestRecord(user, tower.version, vectors, window, update.window.newest_ms, update.window.last_offset, now_ms, update.window.profile))
+            written.append(update)
+        return records, written, tower.version
+
+    def _write(self, records: Callable[[], list[InterestRecord]], seen: dict[str, list[tuple[int, str]]], before_retry: Callable[[], None]) -> None:
+        started = time.perf_counter()
+        self._retrying(lambda: self.store.put_many(records(), seen), f"feature-store write of {len(records())} records and {len(seen)} seen sets",
+                       before_retry)
         metrics.STORE_WRITE_SECONDS.observe(time.perf_counter() - started)
 
-    def _retrying(self, action: Callable, what: str):
-        """action() until it does not raise: the store is down or unreachable, so wait, never drop."""
+    def _retrying(self, action: Callable, what: str, before_retry: Callable[[], None] = lambda: None):
+        """action() until it does not raise: the store is down or unreachable, so wait, never drop.
+        `before_retry` runs after each wait (outside the handler: its own errors are no store outage)."""
         delay = 0.05
         while True:
             try:
@@ -188,6 +204,7 @@ class InterestWriter:
                 log.warning("%s failed (%s); retrying in %.2fs", what, exc, delay)
                 self.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)
+            before_retry()
 
 
 def dead_letter(reason: str, kind: str, value: bytes, partition: int, offset: int, produced_ms: int, topic: str, max_bytes: int = 65_536) -> str:

@@ -2,19 +2,21 @@
 
 `EventProducer.send` validates an event against the contract before it leaves the process (an
 application learns about a bad event at once, not from the dead-letter topic), keys it by user
-id and sends it with acks=all. `replay` turns a dataset's interactions into events in event-time
-order at a chosen rate or speed-up of the real clock.
+id and sends it with acks=all (kafka-python's defaults otherwise: idempotent, retried until its
+120 s delivery timeout). `replay` turns a dataset's interactions into events in event-time
+order at a chosen rate or speed-up of the real clock, and says which were not acknowledged.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 
-from streaming.events import MAX_EVENT_BYTES, BehaviourEvent, encode_event
+from streaming.events import MAX_EVENT_BYTES, BehaviourEvent, EventError, encode_event
 from streaming.kafka_clients import python_client_options
 
 
@@ -23,7 +25,7 @@ class EventProducer:
         """`max_event_bytes`: the job's record limit, [streaming].max_event_bytes."""
         from kafka import KafkaProducer
 
-        options = {**python_client_options(kafka), "acks": "all", "linger_ms": linger_ms, "retries": 5, **overrides}
+        options = {**python_client_options(kafka), "acks": "all", "linger_ms": linger_ms, **overrides}
         self.producer = KafkaProducer(**options)
         self.topic = kafka.events_topic
         self.max_event_bytes = max_event_bytes
@@ -37,8 +39,11 @@ class EventProducer:
     def send(self, event: BehaviourEvent):
         """Queues one event (validated and encoded here; EventError if the job would refuse it);
         returns kafka-python's future."""
-        value = encode_event(event, self.max_event_bytes)  # first: it refuses a user id that is no UTF-8 text as an EventError
-        future = self.producer.send(self.topic, key=event.user_id.encode(), value=value)
+        # The record's timestamp is set here so the check against it is the job's (an event dated over
+        # an hour ahead of it, e.g. microseconds sent as milliseconds, is dead-lettered as "future").
+        produced_ms = int(time.time() * 1000)
+        value = encode_event(event, self.max_event_bytes, produced_ms)  # first: it refuses a user id that is no UTF-8 text as an EventError
+        future = self.producer.send(self.topic, key=event.user_id.encode(), value=value, timestamp_ms=produced_ms)
         self.sent += 1
         return future
 
@@ -86,6 +91,30 @@ class ReplayEvents:
             yield BehaviourEvent(user, str(self.items[i]), "click", int(self.times_ms[i]), event_id=f"replay-{i}", profile=self.profiles.get(user, {}))
 
 
+class ReplayError(RuntimeError):
+    """Events of a replay that Kafka did not acknowledge. `first_failed`: the position (0 = the first
+    event of the replay) of the first of them; resending from there loses nothing (the events
+    after it that did arrive come again with their event ids, and the job drops those copies)."""
+
+    def __init__(self, first_failed: int, failed: int, sent: int, error: BaseException):
+        super().__init__(f"{failed} of {sent} events were not acknowledged by Kafka (the first at position {first_failed}: {error!s:.200})")
+        self.first_failed, self.failed, self.sent, self.error = first_failed, failed, sent, error
+
+
+class _Failures:
+    """Positions of the sends that failed, as the producer's I/O thread reports them."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.count, self.first, self.error = 0, None, None
+
+    def add(self, position: int, error: BaseException) -> None:
+        with self.lock:
+            self.count += 1
+            if self.first is None or position < self.first:
+                self.first, self.error = position, error
+
+
 def replay(
     events: Iterator[BehaviourEvent],
     producer: EventProducer,
@@ -93,10 +122,13 @@ def replay(
     speedup: float = 0.0,  # alternatively: event-time gaps divided by this factor
     on_progress: Callable[[int], None] = lambda sent: None,
 ) -> int:
-    """Sends events paced by rate or by their own timestamps; returns how many were sent."""
+    """Sends events paced by rate or by their own timestamps and waits until Kafka has them all;
+    returns how many were sent. ReplayError when any was not acknowledged (flush waits, it does not
+    report): a count of queued events would pass lost ones for sent, and a resume skip them."""
     started = time.perf_counter()
     first_event_ms = None
     sent = 0
+    failures = _Failures()
     for event in events:
         if rate > 0:
             due = started + sent / rate
@@ -108,10 +140,19 @@ def replay(
         wait = due - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        producer.send(event)
+        try:
+            producer.send(event).add_errback(failures.add, sent)
+        except EventError:
+            raise  # the dataset's own event breaks the contract: nothing to resend
+        except Exception as exc:  # the producer refused to queue it (no metadata within max_block_ms, a closed producer)
+            failures.add(sent, exc)
+            sent += 1
+            break
         sent += 1
         if sent % 1000 == 0:
             on_progress(sent)
     producer.flush()
     on_progress(sent)
+    if failures.count:
+        raise ReplayError(failures.first, failures.count, sent, failures.error)
     return sent

@@ -61,7 +61,10 @@ def test_a_whole_float_is_an_integer(tmp_path):
     ({"MINDSTREAM_RETRAIN__HOLDOUT_FRACTION": "10"}, r"\[retrain\].holdout_fraction \(MINDSTREAM_RETRAIN__HOLDOUT_FRACTION\) = 10.0: must be in \(0.0, 1.0\)"),
     ({"MINDSTREAM_RETRAIN__TOLERANCE": "2"}, r"\[retrain\].tolerance .* = 2.0: must be in \[0.0, 1.0\]"),
     ({"MINDSTREAM_RETRAIN__EPOCHS": "0"}, r"\[retrain\].epochs .* = 0: must be in \[1, inf\)"),
-    ({"MINDSTREAM_RECALL__SERVED_LOG_TTL_S": "-1"}, r"\[recall\].served_log_ttl_s .* = -1: must be in \[0, inf\)"),
+    ({"MINDSTREAM_RECALL__SERVED_LOG_TTL_S": "-1"}, r"\[recall\].served_log_ttl_s .* = -1: must be in \[0, 2147483647\]"),
+    # Redis takes EXPIRE -1 as "delete now" (every record gone as it is written), and a huge value as an error retried forever
+    ({"MINDSTREAM_STREAMING__RECORD_TTL_S": "-1"}, r"\[streaming\].record_ttl_s .* = -1: must be in \[0, 2147483647\]"),
+    ({"MINDSTREAM_STREAMING__RECORD_TTL_S": "10000000000000000"}, r"\[streaming\].record_ttl_s .* must be in \[0, 2147483647\]"),
     ({"MINDSTREAM_RECALL__SERVED_LOG_ANSWERS": "0"}, r"\[recall\].served_log_answers .* = 0: must be in \[1, inf\)"),
     ({"MINDSTREAM_STREAMING__SEEN_ITEMS": "-1"}, r"\[streaming\].seen_items .* = -1: must be in \[0, inf\)"),
     ({"MINDSTREAM_RETRAIN__TOLERANCE": "nan"}, "MINDSTREAM_RETRAIN__TOLERANCE: expected a finite number, got 'nan'"),

@@ -293,3 +293,40 @@ def test_real_redis_restart_job_kill_and_broker_restart_lose_nothing_in_the_job_
     assert all(problem.startswith("broker restart:") for problem in report["problems"]), report["problems"]
     assert done.returncode == (1 if report["problems"] else 0), done.stdout + done.stderr[-3000:]
     assert "| Redis restart |" in done.stdout and "| Flink job killed |" in done.stdout
+
+
+def test_a_replay_into_a_stopped_broker_fails_and_resumes_from_its_first_unacknowledged_event(tmp_path):
+    """The real client against a real broker: what Kafka did not acknowledge is reported (not counted
+    as sent), and resending from the reported position leaves every event in the topic."""
+    from kafka import KafkaConsumer
+
+    from infra.broker import EmbeddedBroker, ensure_topics
+    from infra.config import KafkaConfig
+    from streaming.events import BehaviourEvent, parse_event
+    from streaming.producer import EventProducer, ReplayError, replay
+
+    def events(start: int, stop: int):
+        return (BehaviourEvent(f"u{i % 7}", f"item{i}", "click", 978_300_760_000 + i, event_id=f"replay-{i}") for i in range(start, stop))
+
+    broker = EmbeddedBroker(tmp_path / "broker").start()
+    kafka = KafkaConfig(bootstrap_servers=broker.bootstrap_servers)
+    try:
+        ensure_topics(kafka, partitions=2, retention_ms=3_600_000)
+        # a delivery timeout of seconds, not the default 2 minutes, only to keep the test short
+        with EventProducer(kafka, delivery_timeout_ms=3000, request_timeout_ms=1000) as producer:
+            assert replay(events(0, 50), producer) == 50
+            broker.stop()
+            with pytest.raises(ReplayError) as caught:
+                replay(events(50, 100), producer)
+        assert caught.value.first_failed == 0 and caught.value.failed == caught.value.sent == 50
+        broker.start()
+        next_start = 50 + caught.value.first_failed
+        with EventProducer(kafka) as producer:
+            assert replay(events(next_start, 100), producer) == 100 - next_start
+        consumer = KafkaConsumer(kafka.events_topic, bootstrap_servers=broker.bootstrap_servers, auto_offset_reset="earliest",
+                                 consumer_timeout_ms=3000)
+        ids = {parse_event(record.value).event_id for record in consumer}
+        consumer.close()
+        assert ids == {f"replay-{i}" for i in range(100)}
+    finally:
+        broker.stop()

@@ -241,6 +241,35 @@ def test_a_replace_never_overwrites_a_write_of_the_same_millisecond(tmp_path, ba
         assert store.get_many(["u1"])[0].model_version == "v2"
 
 
+def test_stray_keys_under_the_user_prefix_do_not_stop_a_backfill(tmp_path):
+    """A key that is no UTF-8 text, and a record replaced by another Redis type between the backfill's
+    read and its rewrite: skipped and left as they are, not an error of every pass (and not an error
+    message holding a whole record)."""
+    from streaming.backfill import backfill, stored_versions
+
+    class OneVector:
+        version = "v2"
+
+        def interests(self, windows, profiles=None):
+            return [np.ones((1, 8), np.float32) for _ in windows]
+
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        store = RedisFeatureStore.from_config(RedisConfig(uri=server.uri), prefix="test")
+        store.put_many([_record(f"u{i}") for i in range(3)])
+        store.client.set(b"test:user:\xff\xfe", b"junk")
+        assert sorted(u for chunk in store.user_ids() for u in chunk) == ["u0", "u1", "u2"]
+        assert stored_versions(store) == {"ml-1m-mind-v1": 3}
+        read = store.get_many(["u0", "u1"])
+        store.client.delete("test:user:u0")
+        store.client.set("test:user:u0", "not a hash any more")
+        fresh = [dataclasses.replace(r, model_version="v2") for r in read]
+        assert store.replace_if_unchanged(fresh, read) == 1
+        assert store.get_many(["u1"])[0].model_version == "v2" and store.client.get("test:user:u0") == b"not a hash any more"
+        report = backfill(store, OneVector(), batch=2)
+        assert (report.users_seen, report.skipped_unreadable, report.stale_in_last_pass) == (3, 1, 0)
+        assert stored_versions(store) == {"v2": 2}
+
+
 @pytest.mark.parametrize("password", ["", "pass word"])
 def test_redis_is_ready_when_it_answers_ping_not_when_it_listens(tmp_path, password):
     """Redis listens before it has loaded its append-only file, and answers -LOADING until then."""

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from streaming.events import EVENT_TYPES, BehaviourEvent, EventError, encode_event, json_schema, parse_event
+from streaming.events import EVENT_TYPES, BehaviourEvent, EventError, accept_record, encode_event, json_schema, parse_event
 from streaming.feature_store import InMemoryFeatureStore, InterestRecord
 from streaming.interest_writer import FixedTower, InterestWriter, dead_letter
 from streaming.window import Applied, UserWindow
@@ -80,7 +80,7 @@ def test_the_producer_validates_against_the_configured_record_limit(monkeypatch)
     from streaming.producer import EventProducer
 
     sent = []
-    monkeypatch.setattr(kafka, "KafkaProducer", lambda **options: type("Client", (), {"send": lambda self, topic, key, value: sent.append(value)})())
+    monkeypatch.setattr(kafka, "KafkaProducer", lambda **options: type("Client", (), {"send": lambda self, topic, key, value, timestamp_ms: sent.append(value)})())
     producer = EventProducer(KafkaConfig(), max_event_bytes=200)
     producer.send(event())
     with pytest.raises(EventError, match="oversized"):
@@ -90,6 +90,63 @@ def test_the_producer_validates_against_the_configured_record_limit(monkeypatch)
     with pytest.raises(EventError):  # the key too: a user id with no UTF-8 form
         producer.send(event(user="u\ud800"))
     assert len(sent) == 1 and parse_event(sent[0]) == event()
+
+
+def test_the_producer_refuses_an_event_dated_over_an_hour_after_it_is_sent(monkeypatch):
+    """The job dead-letters such an event as "future" (microseconds sent as milliseconds): the
+    producer stamps the record itself and applies the same rule before sending."""
+    import kafka
+
+    from infra.config import KafkaConfig
+    from streaming.events import MAX_AHEAD_MS
+    from streaming.producer import EventProducer
+
+    sent = []
+    monkeypatch.setattr(kafka, "KafkaProducer", lambda **options: type("Client", (), {
+        "send": lambda self, topic, key, value, timestamp_ms: sent.append((value, timestamp_ms))})())
+    producer = EventProducer(KafkaConfig())
+    now_ms = int(time.time() * 1000)
+    with pytest.raises(EventError) as caught:
+        producer.send(event(t=now_ms * 1000))
+    assert caught.value.kind == "future" and not sent
+    producer.send(event(t=now_ms + MAX_AHEAD_MS // 2))  # a fast clock within the hour is accepted, as by the job
+    value, stamped_ms = sent[0]
+    assert accept_record("u1", value, produced_ms=stamped_ms) == event(t=now_ms + MAX_AHEAD_MS // 2)
+
+
+class _FailingAfterFlush:
+    """An EventProducer whose sends the broker acknowledges except at the given positions."""
+
+    def __init__(self, failing: set[int]):
+        from kafka.future import Future
+
+        self.failing, self.futures, self.Future = failing, [], Future
+
+    def send(self, event):
+        self.futures.append(self.Future())
+        return self.futures[-1]
+
+    def flush(self):
+        from kafka.errors import KafkaTimeoutError
+
+        for position, future in enumerate(self.futures):  # out of order, as batches of partitions complete
+            if position not in self.failing:
+                future.success(None)
+        for position in sorted(self.failing, reverse=True):
+            self.futures[position].failure(KafkaTimeoutError(f"Expiring record {position}"))
+
+
+def test_a_replay_with_unacknowledged_events_fails_naming_the_first_of_them():
+    """flush() waits, it never raises: a replay counting queued events as sent passed lost ones
+    for delivered, and `produce` printed a next_start past them (exit 0)."""
+    from streaming.producer import ReplayError, replay
+
+    events = [event(t=i) for i in range(10)]
+    with pytest.raises(ReplayError) as caught:
+        replay(iter(events), _FailingAfterFlush({7, 3, 4}))
+    assert (caught.value.first_failed, caught.value.failed, caught.value.sent) == (3, 3, 10)
+    assert "Expiring record 3" in str(caught.value)
+    assert replay(iter(events), _FailingAfterFlush(set())) == 10
 
 
 def test_the_json_schema_is_generated_from_the_contract():
@@ -381,6 +438,28 @@ def test_writer_retries_a_failing_store_instead_of_dropping_the_update():
     assert slept == [0.05, 0.1, 0.2]  # backed off, then written
 
 
+def test_a_write_retried_across_a_publish_is_extracted_again_with_the_new_tower():
+    """The new version's backfill may rewrite the users while the store fails the job's write: the
+    retried write must not put the old version's interests back over them."""
+    class Published:  # the registry's current tower: v-new from the second store failure on
+        def __init__(self):
+            self.old, self.new = FakeTower(), FakeTower()
+            self.new.version = "v-new"
+            self.failures_seen = 0
+
+        def current(self):
+            return self.new if self.failures_seen >= 2 else self.old
+
+    towers, store = Published(), FlakyStore(failures=3)
+    writer = InterestWriter(towers, store, sleep=lambda s: setattr(towers, "failures_seen", towers.failures_seen + 1))
+    w = UserWindow()
+    w.apply(event("a", 1), 10, 0)
+    writer.add("u1", w)
+    writer.flush()
+    assert store.get_many(["u1"])[0].model_version == "v-new"
+    assert towers.old.calls == [1] and towers.new.calls == [1]  # extracted again once, not on every retry
+
+
 def test_a_window_seeded_from_its_stored_record_takes_up_a_replay_from_older_offsets():
     # The job wrote the user's record after event 11, then lost its state (e.g. a state-layout
     # change); it starts again from the offsets committed at its last checkpoint, after event 7.
@@ -603,9 +682,20 @@ def test_backfill_keeps_passing_while_the_job_still_writes_with_the_old_tower():
     store = JobNotReloadedYet(late_after={1, 2})
     report = backfill(store, VersionedTower("v2"), batch=2, max_passes=1, settle_s=0.3, pause_s=0.01)
     assert store.versions() == {"v2"} and report.passes >= 4 and report.rewritten == 5 and report.seconds >= 0.3
+    assert report.stale_in_last_pass == 0  # the job reloaded within the settle time
     store = JobNotReloadedYet(late_after={1, 2})
     report = backfill(store, VersionedTower("v2"), batch=2, max_passes=1, settle_s=0.0, pause_s=0.01)
     assert store.versions() == {"v1", "v2"} and report.passes == 1  # without settling, the late write keeps the old version referenced
+
+
+def test_backfill_reports_a_job_that_goes_on_writing_with_its_old_tower():
+    """A job whose reload keeps failing writes the old version after every pass: the report (and the
+    command's exit status) says so, instead of a rewrite count that reads as success."""
+    from streaming.backfill import backfill
+
+    store = JobNotReloadedYet(late_after=set(range(1, 1000)))
+    report = backfill(store, VersionedTower("v2"), batch=2, settle_s=0.1, pause_s=0.01)
+    assert report.stale_in_last_pass == 1 and store.versions() == {"v1", "v2"}
 
 
 def test_backfill_goes_on_passing_after_a_clean_pass_until_it_has_settled():
