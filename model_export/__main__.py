@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from infra.cli import run_command
+from infra.cli import UserError, run_command
 from infra.config import SPARSE_ITEM_ROWS, load_config, printable_uri
 from model_export.spec import MODEL_KINDS
 
@@ -38,20 +38,41 @@ def _load(dataset: str):
     return load_dataset(dataset, paths.data_dir, paths.cache_dir, paths.shared_data_dir)
 
 
-def cmd_train(args) -> int:
+def _training_device(requested: str | None) -> str:
+    """--device, or CUDA where there is a GPU. Checked before the data loads: torch refuses an unknown
+    device, or CUDA without a GPU, only when training starts, and with a traceback."""
     import torch
 
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {requested!r}: training runs on cpu or cuda (cuda:N: the GPU numbered N); use one of those")
+    if device.type == "cuda" and not (device.index or 0) < torch.cuda.device_count():
+        raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} usable CUDA GPU(s): "
+                        "use --device cpu, or leave --device out to train on a GPU when there is one")
+    return requested
+
+
+def cmd_train(args) -> int:
     from model_export.data import describe
     from model_export.distributed import world
-    from model_export.train import DATASET_DEFAULTS, FALLBACK_DEFAULTS, RunDirError, TrainConfig, default_spec, train
+    from model_export.train import RunDirError, TrainConfig, dataset_defaults, default_spec, train
 
-    if not args.resume and (Path(args.out) / "train.json").is_file():
+    out = Path(args.out)
+    if not args.resume and (out / "train.json").is_file():
         raise RunDirError(f"{args.out} already holds a training run: continue it with --resume, or train into another --out "
                           "(delete the folder to start it again)")
+    blocking = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not blocking.is_dir():
+        raise RunDirError(f"--out {args.out}: {blocking} is a file, not a folder: name a folder for the run")
+    device = _training_device(args.device)
     data = _load(args.dataset)
     print(describe(data), file=sys.stderr)
-    defaults = DATASET_DEFAULTS.get(data.name, FALLBACK_DEFAULTS)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    defaults = dataset_defaults(args.dataset)
     config = TrainConfig(
         dataset=args.dataset,
         model=args.model,
@@ -68,6 +89,7 @@ def cmd_train(args) -> int:
     spec = default_spec(
         args.model,
         data,
+        args.dataset,
         dim=args.dim,
         n_interests=args.interests,
         maxlen=args.maxlen,
@@ -75,7 +97,7 @@ def cmd_train(args) -> int:
         hard_negative_beta=args.beta,
         routing_regularization=args.rr_lambda,
     )
-    history = train(config, spec, data, Path(args.out), resume=args.resume, progress=not args.quiet)
+    history = train(config, spec, data, out, resume=args.resume, progress=not args.quiet)
     if world().is_writer:  # under torchrun, one report
         print(json.dumps({"model_dir": args.out, "best": history["best"]}, indent=2))
     return 0
@@ -217,7 +239,7 @@ def cmd_quality(args) -> int:
 def cmd_peer(args) -> int:
     from model_export.peer import compare_with_rechub
 
-    compare_with_rechub(args.dataset, Path(args.out), epochs=args.epochs, max_steps_per_epoch=args.max_steps_per_epoch, device=args.device)
+    compare_with_rechub(args.dataset, Path(args.out), epochs=args.epochs, max_steps_per_epoch=args.max_steps_per_epoch, device=_training_device(args.device))
     return 0
 
 

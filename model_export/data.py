@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,20 +231,56 @@ def _times_ms(column: pd.Series) -> pd.Series:
     return pd.to_numeric(column, errors="coerce")
 
 
-def _csv_line(path: Path, sep: str, record: int) -> int:
-    """The line on which data record `record` (0 = the first after the header) starts: a quoted
-    field can span lines, so a record's index alone does not give its line. Only on the error path."""
+def _csv_records(path: Path, sep: str):
+    """(line on which it starts, fields) of each record, the header first: a quoted field can span
+    lines, so a record's index alone does not give its line. Only on the error paths."""
     import csv
 
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
         reader = csv.reader(fh, delimiter=sep)
-        next(reader, None)  # the header
-        start = reader.line_num + 1
-        for index, _ in enumerate(reader):
-            if index == record:
-                return start
+        start = 1
+        for fields in reader:
+            yield start, fields
             start = reader.line_num + 1
-    return start
+
+
+def _csv_line(path: Path, sep: str, record: int) -> int:
+    """The line on which data record `record` (0 = the first after the header) starts."""
+    line = 1
+    for index, (line, _) in enumerate(_csv_records(path, sep)):
+        if index == record + 1:
+            break
+    return line
+
+
+def _too_many_fields(where: str, saw: int, expected: int, sep: str) -> DatasetError:
+    return DatasetError(f"{where}: {saw} fields, but the header names {expected} columns: remove the extra fields, quote a "
+                        f"value that holds the separator {sep!r}, or name every column in the header")
+
+
+def _parser_warning_error(path: Path, sep: str, warning: Warning) -> DatasetError:
+    """pandas' warning as an error that names the first record with more fields than the header: pandas
+    drops the extra fields of the first such records with only this warning. One empty extra field (a
+    delimiter ending the row) it drops silently: that loses nothing and is no error here."""
+    records = _csv_records(path, sep)
+    _, header = next(records)
+    for line, fields in records:
+        if len(fields) > len(header) and fields[len(header):] != [""]:
+            return _too_many_fields(f"{path}:{line}", len(fields), len(header), sep)
+    return DatasetError(f"{path}: cannot be read as csv ({' '.join(str(warning).split())})")
+
+
+def _parser_error(path: Path, sep: str, exc: Exception) -> DatasetError:
+    """pandas' message as `path:line: ...`. pandas counts records, not lines (a quoted field can span
+    lines), the header as record 1 of "line N" and as record 0 of "row N"."""
+    message = " ".join(str(exc).split())
+    if longer := re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", message):
+        expected, record, saw = map(int, longer.groups())
+        return _too_many_fields(f"{path}:{_csv_line(path, sep, record - 2)}", saw, expected, sep)
+    if unclosed := re.search(r"EOF inside string starting at row (\d+)", message):
+        return DatasetError(f"{path}:{_csv_line(path, sep, int(unclosed[1]) - 1)}: a quoted field runs to the end of the file: "
+                            'close its quote, or double a quote inside a quoted value ("")')
+    return DatasetError(f"{path}: cannot be read as csv ({message})")
 
 
 def load_table(path: Path) -> RawInteractions:
@@ -260,8 +298,16 @@ def load_table(path: Path) -> RawInteractions:
             # has its name already, any other is dropped, so that a row's index is its place in the file
             named = [n for n in table.index.names if n is not None and n not in table.columns]
             table = (table.reset_index(level=named) if named else table).reset_index(drop=True)
-        else:  # blank lines kept as rows (dropped below), so a row's index gives its record
-            table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8")
+        else:
+            # Blank lines kept as rows (dropped below), so a row's index gives its record. index_col=False: a
+            # delimiter ending every row is no unnamed index column that would shift the others by one.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", pd.errors.ParserWarning)  # pandas' only word that it dropped extra fields
+                table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8", index_col=False)
+    except pd.errors.ParserWarning as warning:
+        raise _parser_warning_error(path, sep, warning) from None
+    except pd.errors.ParserError as exc:
+        raise _parser_error(path, sep, exc) from None
     except UnicodeDecodeError:
         for _ in _utf8_lines(path):  # raises with the first line that is not UTF-8
             pass
@@ -276,7 +322,7 @@ def load_table(path: Path) -> RawInteractions:
         table = table[(table.apply(lambda column: column.str.strip()) != "").any(axis=1)]
 
     def where(row: int) -> str:  # the file and a row's place in it: its line or Parquet row
-        position = int(table.index[row])
+        position = table.index[row]  # a row number: the read kept no column of the file as the index
         return f"{path}, row {position + 1}" if suffix == ".parquet" else f"{path}:{_csv_line(path, sep, position)}"
 
     lower = {c.lower(): c for c in table.columns}

@@ -23,7 +23,7 @@ import torch
 from infra.config import load_config
 from model_export.data import SequenceDataset, evaluation_cases, gather_histories, load_dataset, training_positions
 from model_export.evaluate import evaluate_model
-from model_export.train import DATASET_DEFAULTS, FALLBACK_DEFAULTS, TrainConfig, default_spec, load_model, train
+from model_export.train import TrainConfig, dataset_defaults, default_spec, load_model, train
 
 RECHUB_BATCH = 256
 RECHUB_NEG_RATIO = 3
@@ -116,8 +116,8 @@ def train_rechub(data: SequenceDataset, dim: int, n_interests: int, maxlen: int,
 def compare_with_rechub(dataset: str, out: Path, epochs: int = 1, max_steps_per_epoch: int = 0, seed: int = 2019, device: str = "cpu") -> dict:
     paths = load_config().paths
     data = load_dataset(dataset, paths.data_dir, paths.cache_dir, paths.shared_data_dir)
-    defaults = DATASET_DEFAULTS.get(data.name, FALLBACK_DEFAULTS)
-    spec = default_spec("mind", data)
+    defaults = dataset_defaults(dataset)
+    spec = default_spec("mind", data, dataset)
     cases = evaluation_cases(data, data.test_users, spec.maxlen)
     out.mkdir(parents=True, exist_ok=True)
 

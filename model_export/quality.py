@@ -3,11 +3,15 @@
 Each (dataset, model, seed) is a full `train` with the defaults (the seed changes initialisation,
 sampling and routing noise; the user split stays the papers' fixed split), then a test
 evaluation. Prints a Markdown table and the target ratios, and writes OUT/quality-<datasets>.json.
-Runs already finished in OUT are reused, so an interrupted benchmark resumes.
+A run already finished in OUT with the same settings and data is reused, and one stopped on the way
+resumes from its checkpoint, so an interrupted benchmark resumes; a run of other settings (a smoke
+run's --max-steps-per-epoch) is refused, never reported as this one's nor deleted: another --out.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -15,26 +19,59 @@ from pathlib import Path
 import numpy as np
 
 from infra.config import load_config
-from model_export.data import evaluation_cases, load_dataset
+from infra.files import write_text_atomically
+from model_export.data import BUILTIN_DATASETS, evaluation_cases, load_dataset
 from model_export.evaluate import evaluate_model, evaluate_popularity
-from model_export.train import DATASET_DEFAULTS, FALLBACK_DEFAULTS, TrainConfig, default_spec, load_model, train
+from model_export.train import RunDirError, TrainConfig, dataset_defaults, default_spec, load_model, run_settings, run_spec, train
 
 REPORTED = ("recall@20", "recall@50", "hitrate@20", "hitrate@50", "ndcg@50")
 
 
+def dataset_label(dataset: str) -> str:
+    """A dataset's part of the run folders' and the report's names: a built-in's name, a file's stem and a
+    hash of its absolute path (two files of one name stay apart). Never the argument itself: its folders
+    would put the runs outside OUT."""
+    if dataset in BUILTIN_DATASETS:
+        return dataset
+    path = Path(dataset).resolve()
+    return f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def _settings(config: dict, spec: dict) -> dict:
+    """What a run's numbers depend on: every training setting, the data by its fingerprint (not by the
+    path it was read from), and the model."""
+    return {"train": {k: v for k, v in config.items() if k != "dataset"}, "model": spec}
+
+
+def _saved_settings(run_dir: Path) -> dict | None:
+    """The settings the run in run_dir was started with; None where it has none readable."""
+    try:
+        return _settings(run_settings(run_dir), dataclasses.asdict(run_spec(run_dir)))
+    except RunDirError:
+        return None
+
+
 def run_one(dataset: str, model: str, seed: int, run_dir: Path, epochs: int = 0, max_steps_per_epoch: int = 0) -> dict:
-    result_file = run_dir / "result.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
     paths = load_config().paths
     data = load_dataset(dataset, paths.data_dir, paths.cache_dir, paths.shared_data_dir)
-    defaults = DATASET_DEFAULTS.get(data.name, FALLBACK_DEFAULTS)
+    defaults = dataset_defaults(dataset)
     config = TrainConfig(
-        dataset=dataset, model=model, seed=seed, epochs=epochs or defaults["epochs"], batch_size=defaults["batch_size"], max_steps_per_epoch=max_steps_per_epoch
+        dataset=dataset, model=model, seed=seed, epochs=epochs or defaults["epochs"], batch_size=defaults["batch_size"],
+        max_steps_per_epoch=max_steps_per_epoch, dataset_fingerprint=data.fingerprint,
     )
-    spec = default_spec(model, data)
+    spec = default_spec(model, data, dataset)
+    settings = _settings(dataclasses.asdict(config), dataclasses.asdict(spec))
+    result_file = run_dir / "result.json"
+    saved = json.loads(result_file.read_text()).get("settings") if result_file.is_file() else _saved_settings(run_dir)
+    if saved is not None and saved != settings:
+        # hours of training, perhaps: neither reported for these settings nor deleted
+        raise RunDirError(f"{run_dir} holds a run of other settings (epochs, steps, data or model) than this benchmark's: "
+                          "give the benchmark another --out, or delete that folder to train it again")
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    resume = (run_dir / "checkpoint.pt").is_file() and saved == settings
     started = time.perf_counter()
-    history = train(config, spec, data, run_dir, progress=False)
+    history = train(config, spec, data, run_dir, resume=resume, progress=False)
     wall = time.perf_counter() - started
     _, trained = load_model(run_dir)
     cases = evaluation_cases(data, data.test_users, spec.maxlen)
@@ -49,8 +86,9 @@ def run_one(dataset: str, model: str, seed: int, run_dir: Path, epochs: int = 0,
         "epochs_run": len(epoch_seconds),
         "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else 0.0,
         "wall_seconds": wall,
+        "settings": settings,
     }
-    result_file.write_text(json.dumps(result, indent=2))
+    write_text_atomically(result_file, json.dumps(result, indent=2))
     return result
 
 
@@ -111,7 +149,7 @@ def quality_benchmark(datasets: list[str], models: list[str], seeds: list[int], 
         for model in models:
             for seed in seeds:
                 started = time.perf_counter()
-                r = run_one(dataset, model, seed, out / f"{dataset}-{model}-seed{seed}", epochs, max_steps_per_epoch)
+                r = run_one(dataset, model, seed, out / f"{dataset_label(dataset)}-{model}-seed{seed}", epochs, max_steps_per_epoch)
                 results.append(r)
                 print(
                     f"[{len(results)}/{total}] {dataset} {model} seed {seed}: test recall@50 {r['test']['recall@50']:.4f} "
@@ -120,7 +158,7 @@ def quality_benchmark(datasets: list[str], models: list[str], seeds: list[int], 
                 )
     summary = summarise(results)
     report = {"summary": summary, "ratios": ratios(summary), "runs": results}
-    (out / f"quality-{'+'.join(datasets)}.json").write_text(json.dumps(report, indent=2))
+    (out / f"quality-{'+'.join(map(dataset_label, datasets))}.json").write_text(json.dumps(report, indent=2))
     print(markdown(summary))
     for dataset, rs in report["ratios"].items():
         if rs:  # a run of one model has nothing to compare

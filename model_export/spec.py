@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.cli import UserError
+from infra.files import write_text_atomically
 
 MODEL_KINDS = ("mostpop", "youtube_dnn", "mind", "mind_remi")
 
@@ -54,7 +55,7 @@ class ModelSpec:
         return self.kind in ("mind", "mind_remi")
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        write_text_atomically(path, json.dumps(dataclasses.asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> "ModelSpec":

@@ -95,7 +95,7 @@ def timesplit_benchmark(model_kind: str, train_until: str, later_until: str, tes
     base = load_dataset(str(early_csv), paths.data_dir, paths.cache_dir, paths.shared_data_dir)
     base_dir = out / f"base-{model_kind}"
     defaults = DATASET_DEFAULTS["ml-1m"]
-    spec = default_spec(model_kind, base, maxlen=defaults["maxlen"])
+    spec = default_spec(model_kind, base, str(early_csv), maxlen=defaults["maxlen"])
     train(TrainConfig(dataset=str(early_csv), model=model_kind, epochs=epochs or defaults["epochs"], batch_size=defaults["batch_size"]),
           spec, base, base_dir, resume=True)
     spec, base_model = load_model(base_dir)

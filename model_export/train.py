@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import resource
 import sys
 import time
@@ -131,8 +130,16 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     return torch.optim.Adam(model.parameters(), lr=config.lr)
 
 
-def default_spec(kind: str, data: SequenceDataset, **overrides) -> ModelSpec:
-    base = DATASET_DEFAULTS.get(data.name, FALLBACK_DEFAULTS)
+def dataset_defaults(dataset: str) -> dict:
+    """maxlen, epochs and batch size for `dataset`, the name or path the data is loaded by: a built-in's by
+    its exact name, FALLBACK_DEFAULTS for any file (one named ml-1m.csv, whose dataset is named `ml-1m`
+    after it, is no MovieLens)."""
+    return DATASET_DEFAULTS.get(dataset, FALLBACK_DEFAULTS)
+
+
+def default_spec(kind: str, data: SequenceDataset, dataset: str, **overrides) -> ModelSpec:
+    """The model trained on `data` by default; `dataset`: the name or path it was loaded by (dataset_defaults)."""
+    base = dataset_defaults(dataset)
     fields = {
         "kind": kind,
         "n_items": data.n_items,
@@ -143,7 +150,7 @@ def default_spec(kind: str, data: SequenceDataset, **overrides) -> ModelSpec:
     }
     if kind == "mind_remi":
         fields.update(REMI_DEFAULTS)
-        fields.update(REMI_DATASET_DEFAULTS.get(data.name, {}))
+        fields.update(REMI_DATASET_DEFAULTS.get(dataset, {}))
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return ModelSpec(**fields)
 
@@ -174,9 +181,18 @@ def run_settings(model_dir: Path) -> dict:
     return saved
 
 
+def run_spec(model_dir: Path) -> ModelSpec:
+    """The model a run trains (spec.json), as saved."""
+    path = _run_file(model_dir, "spec.json")
+    try:
+        return ModelSpec.load(path)
+    except (ValueError, TypeError) as exc:  # not JSON, or not a spec (unknown or missing fields, contradicting settings)
+        raise RunDirError(f"{path} is damaged ({exc}): train the run again") from None
+
+
 def load_model(model_dir: Path, device: str = "cpu") -> tuple[ModelSpec, torch.nn.Module | np.ndarray]:
     """The best model of a run: the module (or MostPop's popularity array) and its spec."""
-    spec = ModelSpec.load(_run_file(model_dir, "spec.json"))
+    spec = run_spec(model_dir)
     if spec.kind == "mostpop":
         return spec, np.load(_run_file(model_dir, "popularity.npy"), allow_pickle=False)
     return spec, model_from_weights(spec, _run_file(model_dir, "model.pt"), device)
@@ -206,7 +222,7 @@ RESUMABLE_CHANGES = ("dataset", "epochs", "patience", "device")
 def check_resumable(out: Path, spec: ModelSpec, config: TrainConfig) -> None:
     """Refuses to resume a run with another model or other training settings than it was started with:
     the checkpoint's optimizer and weights would continue under settings that history.json does not show."""
-    saved_spec = dataclasses.asdict(ModelSpec.load(out / "spec.json"))
+    saved_spec = dataclasses.asdict(run_spec(out))
     saved_config = run_settings(out)
     differs = [f"{k} {v!r} -> {getattr(spec, k)!r}" for k, v in saved_spec.items() if getattr(spec, k) != v]
     differs += [f"{k} {v!r} -> {getattr(config, k)!r}" for k, v in saved_config.items() if k not in RESUMABLE_CHANGES and getattr(config, k) != v]
@@ -223,7 +239,11 @@ def _save_atomically(state, path: Path) -> None:
 
 
 def _write_json_atomically(value, path: Path) -> None:
-    write_text_atomically(path, json.dumps(value, indent=2))
+    """A reader, or a run killed mid-write, finds the previous file or this one whole. A file that holds
+    this JSON already is left alone: a resumed run rewrites only the settings it changed."""
+    text = json.dumps(value, indent=2)
+    if not (path.is_file() and path.read_bytes() == text.encode()):
+        write_text_atomically(path, text)
 
 
 def _rng_states(rng: np.random.Generator, device: str) -> dict:
@@ -257,27 +277,39 @@ def _checkpoint_history(out: Path, state: dict) -> dict:
     return history
 
 
+def worker_batches(order: np.ndarray, batch_size: int, max_steps: int, workers: distributed.World) -> list[np.ndarray]:
+    """This worker's samples for each step of a pass over `order`: its slice of each batch of `batch_size`
+    (all of it in a single process), at most `max_steps` steps (0 = no cap).
+
+    Under torchrun a last batch with fewer samples than workers is left out of the pass: a worker with
+    no sample of it would have nothing to compute a loss on, and DDP needs every worker at every step.
+    A single process keeps every batch, the last one however small.
+    """
+    full, rest = divmod(len(order), batch_size)
+    steps = full + (rest >= workers.size)  # the last, partial batch where every worker has a sample of it
+    if max_steps:
+        steps = min(steps, max_steps)
+    return [order[step * batch_size : (step + 1) * batch_size][workers.rank :: workers.size] for step in range(steps)]
+
+
 def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer | LazyItemAdam, sampler: NegativeSampler, data: SequenceDataset,
               users: np.ndarray, positions: np.ndarray, config: TrainConfig, rng: np.random.Generator, maxlen: int,
               loss_fn: Callable[..., torch.Tensor] | None = None, desc: str = "epoch", progress: bool = True) -> tuple[float, int]:
     """One shuffled pass over (user, target position) samples; returns (mean loss, steps).
 
     Each sample's history is the `maxlen` items before its target. Under torchrun (WORLD_SIZE > 1)
-    every worker draws the same permutation and takes its own slice of each batch; DDP averages
-    the gradients, so N workers step through the data N times faster with the same batch size.
+    every worker draws the same permutation and takes its own slice of each batch (worker_batches); DDP
+    averages the gradients, so N workers step through the data N times faster with the same batch size.
     """
     ddp = distributed.world()
     loss_fn = loss_fn or model.loss
     model.train()
     order = rng.permutation(len(users))
-    steps = math.ceil(len(users) / config.batch_size)
-    if config.max_steps_per_epoch:
-        steps = min(steps, config.max_steps_per_epoch)
+    batches = worker_batches(order, config.batch_size, config.max_steps_per_epoch, ddp)
     device = config.device
     total = 0.0
-    bar = tqdm(range(steps), desc=desc, disable=not progress or ddp.rank != 0, leave=False, mininterval=2)
-    for step in bar:
-        batch = order[step * config.batch_size : (step + 1) * config.batch_size][ddp.rank :: ddp.size]
+    bar = tqdm(batches, desc=desc, disable=not progress or ddp.rank != 0, leave=False, mininterval=2)
+    for step, batch in enumerate(bar):
         u, pos = users[batch], positions[batch]
         hist, lengths = gather_histories(data, u, pos, maxlen)
         targets = data.seq_items[data.seq_offsets[u] + pos]
@@ -295,7 +327,7 @@ def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer | LazyIte
         total = total + loss.detach()  # summed where it lives: reading it every step would make a GPU wait on each one
         if step % 50 == 0:
             bar.set_postfix(loss=f"{float(total) / (step + 1):.4f}")
-    return float(total) / max(steps, 1), steps
+    return float(total) / max(len(batches), 1), len(batches)
 
 
 def train(config: TrainConfig, spec: ModelSpec, data: SequenceDataset, out: Path, resume: bool = False, progress: bool = True) -> dict:
@@ -307,10 +339,10 @@ def train(config: TrainConfig, spec: ModelSpec, data: SequenceDataset, out: Path
 
     if spec.kind == "mostpop":
         np.save(out / "popularity.npy", popularity)
-        spec.save(out / "spec.json")
-        (out / "train.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        _write_json_atomically(dataclasses.asdict(spec), out / "spec.json")
+        _write_json_atomically(dataclasses.asdict(config), out / "train.json")
         history = {"epochs": [], "best": {"epoch": 0, "valid": evaluate_popularity(popularity, valid_cases)}}
-        (out / "history.json").write_text(json.dumps(history, indent=2))
+        _write_json_atomically(history, out / "history.json")
         return history
 
     device = config.device
@@ -342,9 +374,9 @@ def train(config: TrainConfig, spec: ModelSpec, data: SequenceDataset, out: Path
                 _save_atomically(state["model"], out / "model.pt")
             _write_json_atomically(history, out / "history.json")
         print(f"resuming {out} at epoch {start_epoch}", flush=True)
-    if workers.is_writer:
-        spec.save(out / "spec.json")
-        (out / "train.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    if workers.is_writer:  # a resume may change the epochs, the patience, the device and the data's path, never the spec
+        _write_json_atomically(dataclasses.asdict(spec), out / "spec.json")
+        _write_json_atomically(dataclasses.asdict(config), out / "train.json")
 
     users, positions = training_positions(data, data.train_users, config.min_history)
     epochs_without_gain = sum(1 for e in history["epochs"] if e["epoch"] > history["best"]["epoch"])

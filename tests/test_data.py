@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -85,7 +87,7 @@ def test_no_held_out_user_leaks_into_training(synthetic_csv, tmp_path, monkeypat
     monkeypatch.setattr(train_module, "gather_histories", spy_gather)
     monkeypatch.setattr(type(data), "item_counts", spy_counts)
     config = train_module.TrainConfig(dataset=str(synthetic_csv), model="mind", epochs=1, batch_size=64)
-    train_module.train(config, train_module.default_spec("mind", data), data, tmp_path / "run", progress=False)
+    train_module.train(config, train_module.default_spec("mind", data, str(synthetic_csv)), data, tmp_path / "run", progress=False)
     assert trained_on and trained_on <= set(data.train_users.tolist()) and not trained_on & held_out
     assert counted and all(c == set(data.train_users.tolist()) for c in counted)  # MostPop's and the sampler's popularity
 
@@ -425,3 +427,26 @@ def test_a_damaged_cache_is_made_again(synthetic_csv, tmp_path):
     cached.write_bytes(b"")  # a zero-byte copy
     assert _load(synthetic_csv, tmp_path).fingerprint == data.fingerprint
     assert cached.stat().st_size > 0
+
+
+def test_a_delimiter_ending_every_row_shifts_no_column_and_extra_fields_are_refused_by_line(tmp_path):
+    # pandas read the one field more than the header as the rows' index: every column moved one to the left
+    trailing = tmp_path / "trailing.csv"
+    trailing.write_text("user,item,timestamp\nu1,i1,1,\nu1,i2,2,\n")
+    raw = load_table(trailing)
+    assert raw.frame["user"].tolist() == ["u1", "u1"] and raw.frame["item"].tolist() == ["i1", "i2"] and raw.frame["ts"].tolist() == [1, 2]
+    for name, text, line in [("extra.csv", "user,item,timestamp\nu1,i1,1,5\nu1,i2,2,6\n", 2),  # a value pandas dropped with a warning
+                             ("later.csv", "user,item,timestamp\nu1,i1,1,\nu1,i2,2,x\n", 3)]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DatasetError, match=rf"{name}:{line}: 4 fields, but the header names 3 columns"):
+            load_table(tmp_path / name)
+
+
+@pytest.mark.parametrize("row, says", [("u1,i3,3,ok,extra\n", r":7: 5 fields, but the header names 4 columns"),
+                                       ('u1,i3,3,"ok\n', r":7: a quoted field runs to the end of the file")])
+def test_a_csv_parser_error_names_the_line_not_the_record(tmp_path, row, says):
+    """pandas numbers records, the header included: a quoted field spanning lines and a blank line put line 7 at record 5."""
+    path = tmp_path / "records.csv"
+    path.write_text('user,item,timestamp,item_note\nu1,i1,1,"two\nlines"\n\nu1,i2,2,"and\ntwo"\n' + row)
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(path))}{says}[^\n]*$"):
+        load_table(path)

@@ -387,3 +387,29 @@ def test_workers_joined_over_nccl_keep_plain_adam(monkeypatch, capsys):
     assert "NCCL cannot average sparse gradients" in capsys.readouterr().err
     monkeypatch.setattr(distributed.dist, "get_backend", lambda: "gloo")
     assert type(build_optimizer(MIND(_spec(), _side()), TrainConfig(dataset="x", model="mind", sparse_item_rows=1))).__name__ == "LazyItemAdam"
+
+
+def test_every_torchrun_worker_has_samples_at_every_step(monkeypatch):
+    """A last batch with fewer samples than workers gave a worker none, and training failed on it in
+    every epoch: under torchrun that batch is left out of the pass; a single process keeps it."""
+    from types import SimpleNamespace
+
+    import model_export.distributed as distributed
+    from model_export.train import TrainConfig, build_optimizer, run_epoch, worker_batches
+
+    order = np.random.default_rng(0).permutation(36)
+    for n, kept in ((35, 34), (36, 36)):  # batches of 17: a last one of 1 sample is left out, one of 2 is not
+        split = [worker_batches(order[:n], 17, 0, distributed.World(rank, 2)) for rank in (0, 1)]
+        assert all(len(batch) for batches in split for batch in batches)
+        assert sorted(np.concatenate(split[0] + split[1])) == sorted(order[:kept])
+    assert len(worker_batches(order[:35], 17, 0, distributed.World())) == 3
+
+    data = SimpleNamespace(seq_offsets=np.array([0, 10, 20]), seq_items=np.arange(20) + 1, user_profile=np.zeros((2, 2), dtype=np.int64))
+    users, positions = np.repeat([0, 1], 9), np.tile(np.arange(1, 10), 2)  # 18 samples: batches of 17 and 1
+    config = TrainConfig(dataset="x", model="mind", batch_size=17, n_negatives=8)
+    for workers, steps in ((distributed.World(0, 1), 2), (distributed.World(0, 2), 1), (distributed.World(1, 2), 1)):
+        monkeypatch.setattr(distributed, "world", lambda: workers)
+        model = MIND(_spec(), _side())
+        _, ran = run_epoch(model, build_optimizer(model, config), NegativeSampler(torch.ones(31)), data, users, positions, config,
+                           np.random.default_rng(0), maxlen=10, progress=False)
+        assert ran == steps

