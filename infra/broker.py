@@ -74,7 +74,13 @@ class EmbeddedBroker(ManagedProcess):
         return port_open(self.host, self.port)
 
 
-def ensure_topics(kafka, partitions: int, retention_ms: int, timeout_s: float = 30.0) -> list[str]:
+def ensure_configured_topics(config) -> list[str]:
+    """ensure_topics with the [streaming] settings for new topics."""
+    s = config.streaming
+    return ensure_topics(config.kafka, s.topic_partitions, s.topic_retention_ms, s.topic_replication_factor)
+
+
+def ensure_topics(kafka, partitions: int, retention_ms: int, replication_factor: int = 1, timeout_s: float = 30.0) -> list[str]:
     """Creates the events and dead-letter topics if missing (the Flink job fails on a missing topic)."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
@@ -89,7 +95,7 @@ def ensure_topics(kafka, partitions: int, retention_ms: int, timeout_s: float = 
         if wanted:
             try:
                 # noida rewrites its whole store every few seconds: bounded retention keeps that cheap
-                admin.create_topics([NewTopic(t, partitions, 1, topic_configs={"retention.ms": str(retention_ms)}) for t in wanted])
+                admin.create_topics([NewTopic(t, partitions, replication_factor, topic_configs={"retention.ms": str(retention_ms)}) for t in wanted])
             except TopicAlreadyExistsError:
                 pass  # created meanwhile by another starter
         return wanted

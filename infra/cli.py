@@ -20,19 +20,19 @@ class UserError(Exception):
     derive from it, so every command reports them in one line."""
 
 
-def at_least(minimum: float, convert: Callable[[str], float] = int) -> Callable[[str], float]:
-    """An argparse type: a number no smaller than `minimum` (a negative start or rate is refused
-    where it is parsed, not taken for another meaning later)."""
+def at_least(low: float, kind: Callable[[str], float] = int) -> Callable[[str], float]:
+    """An argparse type: a finite number >= low, else the usual one-line usage error (exit 2) naming the
+    flag (a negative start or rate is refused where it is parsed, not taken for another meaning later)."""
+
     def parse(text: str) -> float:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if convert is int else ' number'}") from None
-        if not value >= minimum:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
+        value = kind(text)  # a ValueError: argparse's "invalid int value"
+        if not value >= low:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text} is below {low}")
+        if value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         return value
 
-    parse.__name__ = convert.__name__  # argparse names the type in its messages
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
     return parse
 
 
@@ -49,7 +49,8 @@ def user_error(exc: BaseException) -> str | None:
         return f"Redis refused the credentials ({exc}): set [redis].password (MINDSTREAM_REDIS__PASSWORD) to the server's"
     if isinstance(exc, _loaded("kafka.errors", "KafkaTimeoutError", "NoBrokersAvailable")):
         return _unreachable("the Kafka brokers", exc, "[kafka].bootstrap_servers")
-    if isinstance(exc, _loaded("redis.exceptions", "ConnectionError", "TimeoutError")):
+    # RedisClusterException: no node of the cluster answered the start (redis-py raises it, not ConnectionError)
+    if isinstance(exc, _loaded("redis.exceptions", "ConnectionError", "TimeoutError", "RedisClusterException")):
         return _unreachable("Redis", exc, "[redis].uri")
     if isinstance(exc, _loaded("pymilvus.exceptions", "MilvusException")) and "connect" in str(exc).lower():
         return _unreachable("Milvus", exc, "[milvus].uri")

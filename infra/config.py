@@ -109,8 +109,11 @@ class StreamingConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9465
     model_poll_s: float = 2.0  # how often the job looks for a newly published user tower
-    topic_partitions: int = 2  # used when the embedded stack creates the topics
+    # Topics are created with these when missing (the stack, `streaming topics`, the job's start);
+    # production sets a replication factor its brokers' min.insync.replicas can meet (acks=all).
+    topic_partitions: int = 2
     topic_retention_ms: int = 86_400_000
+    topic_replication_factor: int = 1
 
     def __post_init__(self) -> None:
         _require_range("streaming", self, "seen_items", 0)
@@ -118,7 +121,7 @@ class StreamingConfig:
         _require_range("streaming", self, "record_ttl_s", 0, REDIS_MAX_TTL_S)
         _require_port("streaming", self, "metrics_port")
         for name in ("window_length", "max_event_bytes", "batch_max_users", "checkpoint_interval_ms", "parallelism", "topic_partitions",
-                     "state_ttl_hours"):
+                     "topic_replication_factor", "state_ttl_hours"):
             _require_range("streaming", self, name, 1)
         for name in ("allowed_lateness_ms", "batch_max_delay_ms"):
             _require_range("streaming", self, name, 0)
@@ -136,16 +139,22 @@ class RedisConfig:
         if self.ssl_cafile and not self.uri.startswith("rediss://"):
             raise ConfigError("[redis].ssl_cafile is set but [redis].uri is not rediss://, so the connection would be plain text "
                               "(the password in clear): use a rediss:// URI (MINDSTREAM_REDIS__URI), or drop the CA file")
+        example = "e.g. redis://host:6379/0, rediss://host:6380/0 or unix:///path/redis.sock"
         try:
             parts = urllib.parse.urlsplit(self.uri)
+            parts.port  # noqa: B018 - raises for a port that is no number
         except ValueError as exc:
-            raise ConfigError(f"[redis].uri (MINDSTREAM_REDIS__URI) is not a URI ({exc}): e.g. redis://host:6379/0 or rediss://host:6380/0") from None
+            raise ConfigError(f"[redis].uri (MINDSTREAM_REDIS__URI) = {printable_uri(self.uri)!r} is not a URI ({exc}): {example}") from None
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            raise ConfigError(f"[redis].uri (MINDSTREAM_REDIS__URI) = {printable_uri(self.uri)!r}: a redis://, rediss:// or unix:// URI with a "
+                              f"host (or a socket path), {example}")
         if self.password and (parts.password or "password" in urllib.parse.parse_qs(parts.query)):
             raise ConfigError("[redis].password and a password in [redis].uri are both set, and the URI's would win: keep one "
                               "(MINDSTREAM_REDIS__PASSWORD, or the URI's)")
 
 
-MilvusServerKind = typing.Literal["lite", "server"]  # what `python -m infra up` can start for [milvus]
+MilvusServerKind = typing.Literal["lite", "server"]
+StartOffsets = typing.Literal["earliest", "latest", "committed"]  # where a first retraining reads the topic from  # what `python -m infra up` can start for [milvus]
 
 
 @dataclass(frozen=True)
@@ -213,7 +222,7 @@ class RecallServiceConfig:
 class RetrainConfig:
     consumer_group: str = "mindstream-retrain"  # its own group: the job's offsets are never touched
     state_dir: Path = REPO_ROOT / "var" / "retrain"  # the event log since the base dataset, and the runs
-    start_offsets: str = "earliest"  # first retraining without recorded offsets: earliest | latest | committed
+    start_offsets: StartOffsets = "earliest"  # first retraining without recorded offsets
     min_new_events: int = 1000  # fewer new events than this: nothing to retrain on yet
     min_new_item_events: int = 2  # an item first seen in the stream gets a vector once it has this many events
     holdout_fraction: float = 0.1  # the newest part of the new events (by event time) judges the candidate

@@ -33,6 +33,7 @@ import threading
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from infra.cli import UserError
 from infra.config import Config
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class StackCollector(Collector):
             errors.labels(reason)
         judge = OnlineQualityJudge(self._online_consumer, RedisServedLog.for_config(self.config),
                                    lambda labels, n: events.labels(*labels).inc(n), lambda reason, n: errors.labels(reason).inc(n),
-                                   self.config.recall.served_log_ttl_s, self.config.streaming.max_event_bytes)
+                                   self.config.recall.served_log_ttl_s, self.config.streaming.max_event_bytes, self.config.recall.served_log_answers)
         self._online = threading.Thread(target=judge.run, args=(self._online_stop,), name="online-quality", daemon=True)
         self._online.start()
 
@@ -190,7 +191,13 @@ def serve(config: Config, port: int | None = None, host: str | None = None) -> t
     registry = CollectorRegistry()
     registry.register(collector)
     port = config.monitoring.exporter_port if port is None else port
-    server, _ = start_http_server(port, addr=host or config.monitoring.exporter_host, registry=registry)
+    host = host or config.monitoring.exporter_host
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        collector.close()
+        raise UserError(f"cannot serve the exporter's metrics on {host}:{port} ({exc.strerror}): free the port, or pass --port / set "
+                        "[monitoring].exporter_port and exporter_host (MINDSTREAM_MONITORING__EXPORTER_PORT / _HOST)") from None
     if config.recall.served_log_ttl_s:
         try:
             collector.start_online_quality(registry)

@@ -53,14 +53,13 @@ FAULTS = {f.key: f for f in (
 
 
 def add_arguments(p) -> None:
-    add_load_arguments(p)
     # Windows longer than any MovieLens-1M user's events in a run of this length (the most active
     # one has 1,344 in the first 500k events): every acked event stays checkable in the store.
     # The recall calls ask for the candidates a 50-behaviour window would (n 50 + 50).
     # 5 calls/s: the stack answered 9.2 normal (not degraded) calls/s closed loop with 4 clients
     # while the stream ran at 500 events/s (python -m infra soak's capacity probe, 2 busy cores);
     # above that, Milvus Lite searches pass the service's timeout and the answers degrade.
-    p.set_defaults(window_length=2000, per_interest_n=100, qps=5.0)
+    add_load_arguments(p, window_length=2000, per_interest_n=100, qps=5.0)
     p.add_argument("--faults", default=",".join(FAULTS), help=f"the faults to inject, comma-separated, in this order: any of {', '.join(FAULTS)}")
     p.add_argument("--warmup-s", type=float, default=30.0, help="load before the first fault (the baseline row)")
     p.add_argument("--down-s", type=float, default=5.0, help="how long each service stays down before it is started again")

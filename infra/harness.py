@@ -38,7 +38,7 @@ from infra.cli import UserError
 from infra.config import REPO_ROOT, Config, MilvusConfig, MilvusServerKind, RecallServiceConfig, load_config
 from infra.fault_report import EventLedger, RecallSample, percentile, window_anomalies
 from infra.stack import Stack, render_toml
-from streaming.producer import EventProducer, ReplayEvents, replay
+from streaming.producer import EventProducer, ReplayEvents, paced
 
 NOT_UNDER_TEST = ("exporter", "prometheus")  # they would only take CPU from the services under test
 # A replay at hundreds of events/s runs MovieLens' event time ~40,000x faster than it happened, so a
@@ -186,7 +186,7 @@ class TrackedProducer(EventProducer):
 
 
 class EventStream:
-    """The replay at a steady rate (streaming.producer.replay), plus the events to send again."""
+    """The replay at a steady rate (streaming.producer.paced), plus the events to send again."""
 
     RESEND_AFTER_S = 0.5
     MAX_SENDS = 60  # then the event is abandoned and reported as never acked
@@ -236,8 +236,12 @@ class EventStream:
         try:
             # max_block_ms: a send while no broker answers fails after 1 s (and is sent again)
             # instead of blocking the stream for kafka-python's default minute.
+            # Its own send loop, not `replay`: a failed send is sent again (`failed`), and the ledger,
+            # not the producer, says which events never got an acknowledgement.
             with TrackedProducer.for_config(self.config, stream=self, max_block_ms=1000) as producer:
-                replay(self._due_events(), producer, rate=self.rate)
+                for event in paced(self._due_events(), rate=self.rate):
+                    producer.send(event)
+                producer.flush()
         except BaseException as exc:  # reported by the commands; the run's figures would be wrong
             self.error = exc
             self.say(f"the event stream stopped: {type(exc).__name__}: {exc}")

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Installs Prometheus and promtool into var/prometheus/bin from Debian's `prometheus` package
 # (2.42 on bookworm), without installing the package: `apt-get download` + `dpkg -x`, so no root
-# and no system service. Idempotent: does nothing when var/prometheus/bin/prometheus runs.
+# and no system service. Idempotent: does nothing when var/prometheus/bin/prometheus runs, or when
+# prometheus and promtool are on PATH (the stack uses those then: infra/monitoring.py).
 #   PROMETHEUS_HOME=DIR infra/install_prometheus.sh     install elsewhere
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 HOME_DIR=${PROMETHEUS_HOME:-var/prometheus}
 if "$HOME_DIR/bin/prometheus" --version >/dev/null 2>&1 && "$HOME_DIR/bin/promtool" --version >/dev/null 2>&1; then
+  exit 0
+fi
+if prometheus --version >/dev/null 2>&1 && promtool --version >/dev/null 2>&1; then
   exit 0
 fi
 for tool in apt-get dpkg; do

@@ -14,24 +14,36 @@ from pathlib import Path
 from infra.config import REPO_ROOT, MilvusConfig, MilvusServerKind
 
 
-def add_load_arguments(p) -> None:
-    """Adds the load flags (the module docstring names the commands) to parser `p`."""
-    p.add_argument("--export-dir", type=Path, default=None, help="the trained export to publish into the stack (default: the main command's, under [paths].artifacts_dir)")
-    p.add_argument("--dataset", default="ml-1m", help="the events to replay: ml-1m, beauty or a file (as python -m streaming produce); each (user, item) once")
-    p.add_argument("--start", type=int, default=0, help="index of the first replayed event")
-    p.add_argument("--rate", type=float, default=500.0, help="events per second sent to the broker")
-    p.add_argument("--qps", type=float, default=50.0, help="Recall calls per second, all clients together (open loop)")
-    p.add_argument("--clients", type=int, default=4, help="gRPC clients, one channel each")
-    p.add_argument("--deadline-ms", type=float, default=1000.0, help="deadline of each Recall call")
-    p.add_argument("--window-length", type=int, default=None,
-                   help="behaviours kept per user by the stack's job (default: the configuration's); a window longer than any "
+def add_load_arguments(p, start_note: str = "", export_note: str = "the main command's, under [paths].artifacts_dir", **defaults) -> None:
+    """Adds the load flags (the module docstring names the commands) to parser `p`, with the command's
+    own defaults (`defaults`, by destination name) written into their help; `start_note` says what a
+    --start the command takes specially means, `export_note` which export a --export-dir left out is."""
+    value = {"export_dir": None, "start": 0, "rate": 500.0, "qps": 50.0, "clients": 4, "deadline_ms": 1000.0, "window_length": None,
+             "per_interest_n": 0, "poll_s": 0.25, "drain_timeout_s": 120.0, "work_dir": REPO_ROOT / "var" / "faults",
+             "milvus": MilvusConfig.embedded_server, **defaults}
+    # Each help states its default; "%(default).0s" (an empty string) keeps ArgumentDefaultsHelpFormatter
+    # from adding a "(default: None)" where the help says in words what None means
+    export = value["export_dir"] or export_note
+    window = value["window_length"] or "the configuration's [streaming].window_length"
+    p.add_argument("--export-dir", type=Path, default=value["export_dir"], help=f"the trained export to publish into the stack (default: {export}%(default).0s)")
+    p.add_argument("--dataset", default="ml-1m", help="the events to replay: ml-1m, beauty or a file (as python -m streaming produce); each "
+                   "(user, item) once (default: %(default)s)")
+    p.add_argument("--start", type=int, default=value["start"], help=f"index of the first replayed event (default: %(default)s{start_note})")
+    p.add_argument("--rate", type=float, default=value["rate"], help="events per second sent to the broker (default: %(default)s)")
+    p.add_argument("--qps", type=float, default=value["qps"], help="Recall calls per second, all clients together, open loop (default: %(default)s)")
+    p.add_argument("--clients", type=int, default=value["clients"], help="gRPC clients, one channel each (default: %(default)s)")
+    p.add_argument("--deadline-ms", type=float, default=value["deadline_ms"], help="deadline of each Recall call (default: %(default)s)")
+    p.add_argument("--window-length", type=int, default=value["window_length"],
+                   help=f"behaviours kept per user by the stack's job (default: {window}%(default).0s); a window longer than any "
                         "user's events in the run keeps every acked event checkable in the store")
-    p.add_argument("--per-interest-n", type=int, default=0,
+    p.add_argument("--per-interest-n", type=int, default=value["per_interest_n"],
                    help="candidates per interest asked for in each Recall (0: the service's default, n + the window's items): "
-                        "fixes the search cost whatever the window length")
-    p.add_argument("--poll-s", type=float, default=0.25, help="how often the stored windows of unseen events are read (the resolution of ack->store times)")
-    p.add_argument("--drain-timeout-s", type=float, default=120.0, help="at the end: how long to wait for every acked event to reach the store")
-    p.add_argument("--work-dir", type=Path, default=REPO_ROOT / "var" / "faults", help="the stack's folder (wiped at start) and the reports")
-    p.add_argument("--milvus", choices=typing.get_args(MilvusServerKind), default=MilvusConfig.embedded_server,
-                   help="the stack's Milvus: lite (the embedded default) or server (the standalone Milvus 2.3.5 binary: "
-                        "searches in parallel, for recall loads beyond Milvus Lite's ~10 calls/s)")
+                        "fixes the search cost whatever the window length (default: %(default)s)")
+    p.add_argument("--poll-s", type=float, default=value["poll_s"],
+                   help="how often the stored windows of unseen events are read, the resolution of ack->store times (default: %(default)s)")
+    p.add_argument("--drain-timeout-s", type=float, default=value["drain_timeout_s"],
+                   help="at the end: how long to wait for every acked event to reach the store (default: %(default)s)")
+    p.add_argument("--work-dir", type=Path, default=value["work_dir"], help="the stack's folder (wiped at start) and the reports (default: %(default)s)")
+    p.add_argument("--milvus", choices=typing.get_args(MilvusServerKind), default=value["milvus"],
+                   help="the stack's Milvus: lite (Milvus Lite) or server (the standalone Milvus 2.3.5 binary: searches in parallel, "
+                        "for recall loads beyond Milvus Lite's ~10 calls/s) (default: %(default)s)")

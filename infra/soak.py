@@ -25,11 +25,10 @@ from infra.load_options import add_load_arguments
 
 
 def add_arguments(p) -> None:
-    add_load_arguments(p)
     # The target load needs the Milvus server: beside a 500 events/s stream on 2 cores the stack
     # answered 248.6 normal calls/s closed loop with it, 9.2 with Milvus Lite (--milvus lite
     # --qps 8). The capacity probe prints this stack's figure before every soak.
-    p.set_defaults(qps=100.0, clients=8, milvus="server")
+    add_load_arguments(p, qps=100.0, clients=8, milvus="server")
     p.add_argument("--minutes", type=int, default=10, help="soak length, after the stream warm-up and the capacity probe")
     p.add_argument("--warmup-minutes", type=int, default=1, help="soak minutes before the RSS baseline of the memory-growth check")
     p.add_argument("--stream-warmup-s", type=float, default=20.0, help="events only, before the capacity probe (users get stored interests)")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import psutil
 
-from infra.broker import EmbeddedBroker, ensure_topics
+from infra.broker import EmbeddedBroker, ensure_configured_topics
 from infra.cli import UserError
 from infra.config import ENV_PREFIX, REPO_ROOT, Config, ConfigError, MilvusConfig, MilvusServerKind, config_file, load_config
 from infra.files import write_text_atomically
@@ -368,7 +368,7 @@ class Stack:
             raise StackError("\n".join(failures) + "\nfix it, then `python -m infra up` starts what is missing (`python -m infra down` stops the rest)")
 
     def _create_topics(self, config: Config) -> None:
-        created = ensure_topics(config.kafka, config.streaming.topic_partitions, config.streaming.topic_retention_ms)
+        created = ensure_configured_topics(config)
         if created:
             self.out(f"  {'topics':<14} created {', '.join(created)}")
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from infra.cli import UserError, run_command
+from infra.cli import UserError, at_least, run_command
 from infra.config import SPARSE_ITEM_ROWS, load_config, printable_uri
 from model_export.spec import MODEL_KINDS
 
@@ -16,19 +16,20 @@ def _dataset_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="ml-1m, beauty, or a path: one-user-per-line .txt, or .csv/.tsv/.parquet with user, item, timestamp columns")
 
 
-def _at_least(low: float, kind=int):
-    """An argparse type: a number >= low, else the usual one-line usage error (exit 2) naming the flag."""
+def _date(text: str) -> str:
+    """An argparse type: a date as YYYY-MM-DD (kept as the text the benchmark reads)."""
+    import datetime as dt
 
-    def parse(text: str):
-        value = kind(text)
-        if not value >= low:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"{text} is below {low}")
-        if value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-        return value
+    try:
+        dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date: write YYYY-MM-DD") from None
+    return text
 
-    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
-    return parse
+
+def _out(args, name: str) -> Path:
+    """A benchmark's --out, by default [paths].var_dir/<name> (not relative to where the command runs)."""
+    return Path(args.out) if args.out else load_config().paths.var_dir / name
 
 
 def _load(dataset: str):
@@ -136,12 +137,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_publish(args) -> int:
+    from model_export.manifest import Manifest
     from model_export.publish import connect, publish_version
     from model_export.registry import ModelRegistry
 
     config = load_config()
     uri = args.milvus_uri or config.milvus.uri
     registry = ModelRegistry(config.paths.models_dir)
+    Manifest.load(Path(args.export_dir), verify=False)  # a wrong folder is said before Milvus (Lite: a database file) is touched
     client = connect(uri, config.milvus.token)
     done = publish_version(Path(args.export_dir), registry, client, config.milvus.collection_prefix, args.index, progress=lambda m: print(m, file=sys.stderr))
     print(json.dumps({"milvus": printable_uri(uri), "registry": str(registry.root), **done.__dict__}, indent=2))
@@ -160,7 +163,10 @@ def cmd_items(args) -> int:
         return 0
     ids = list(args.ids)
     if args.file:
-        ids += [line.strip() for line in Path(args.file).read_text().splitlines() if line.strip()]
+        try:
+            ids += [line.strip() for line in Path(args.file).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"--file {args.file}: cannot read it ({exc}): name a text file of item ids, one per line") from None
     if not ids:
         print("error: name the items: python -m model_export items deactivate ID [ID ...] (or --file FILE)", file=sys.stderr)
         return 2
@@ -204,7 +210,10 @@ def cmd_retrain(args) -> int:
 def cmd_timesplit(args) -> int:
     from model_export.timesplit import timesplit_benchmark
 
-    timesplit_benchmark(args.model, args.train_until, args.later_until, args.test_until, Path(args.out), epochs=args.epochs)
+    if not args.train_until < args.later_until < args.test_until:  # ISO dates order as text
+        raise UserError(f"the weeks must follow each other: --train-until {args.train_until} < --later-until {args.later_until} "
+                        f"< --test-until {args.test_until}")
+    timesplit_benchmark(args.model, args.train_until, args.later_until, args.test_until, _out(args, "timesplit"), epochs=args.epochs)
     return 0
 
 
@@ -232,14 +241,14 @@ def cmd_catalog_bench(args) -> int:
 def cmd_quality(args) -> int:
     from model_export.quality import quality_benchmark
 
-    quality_benchmark(args.datasets, args.models, args.seeds, Path(args.out), max_steps_per_epoch=args.max_steps_per_epoch, epochs=args.epochs)
+    quality_benchmark(args.datasets, args.models, args.seeds, _out(args, "quality"), max_steps_per_epoch=args.max_steps_per_epoch, epochs=args.epochs)
     return 0
 
 
 def cmd_peer(args) -> int:
     from model_export.peer import compare_with_rechub
 
-    compare_with_rechub(args.dataset, Path(args.out), epochs=args.epochs, max_steps_per_epoch=args.max_steps_per_epoch, device=_training_device(args.device))
+    compare_with_rechub(args.dataset, _out(args, "peer"), epochs=args.epochs, max_steps_per_epoch=args.max_steps_per_epoch, device=_training_device(args.device))
     return 0
 
 
@@ -252,19 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=MODEL_KINDS, required=True)
     p.add_argument("--out", required=True, help="run directory (checkpoints, best weights, history)")
     p.add_argument("--seed", type=int, default=2019)
-    p.add_argument("--epochs", type=_at_least(0), default=0, help="maximum epochs (default: per dataset)")
-    p.add_argument("--patience", type=_at_least(1), default=3, help="epochs without a better validation Recall@50 before stopping")
-    p.add_argument("--batch-size", type=_at_least(0), default=0, help="default: per dataset")
-    p.add_argument("--lr", type=_at_least(0.0, float), default=1e-3)
-    p.add_argument("--negatives", type=_at_least(1), default=1280, help="sampled negatives per batch")
-    p.add_argument("--dim", type=_at_least(1), default=None)
-    p.add_argument("--interests", type=_at_least(1), default=None, help="K, the most interests per user")
-    p.add_argument("--maxlen", type=_at_least(1), default=None, help="behaviours read by the user tower (default: per dataset)")
-    p.add_argument("--power", type=_at_least(0.0, float), default=None, help="p of the label-aware attention (default 2; 0: the plain average)")
-    p.add_argument("--beta", type=_at_least(0.0, float), default=None, help="REMI hard-negative beta (mind_remi only; default 1.0, on ml-1m 16.0)")
-    p.add_argument("--rr-lambda", type=_at_least(0.0, float), default=None, help="REMI routing-regularisation lambda (mind_remi only; default 1.0)")
-    p.add_argument("--max-steps-per-epoch", type=_at_least(0), default=0, help="cap steps per epoch (0 = full pass); for smoke runs")
-    p.add_argument("--sparse-item-rows", type=_at_least(0), default=SPARSE_ITEM_ROWS, metavar="N",
+    p.add_argument("--epochs", type=at_least(0), default=0, help="maximum epochs (default, or 0: the dataset's)")
+    p.add_argument("--patience", type=at_least(1), default=3, help="epochs without a better validation Recall@50 before stopping")
+    p.add_argument("--batch-size", type=at_least(0), default=0, help="default: per dataset")
+    p.add_argument("--lr", type=at_least(0.0, float), default=1e-3)
+    p.add_argument("--negatives", type=at_least(1), default=1280, help="sampled negatives per batch")
+    p.add_argument("--dim", type=at_least(1), default=None)
+    p.add_argument("--interests", type=at_least(1), default=None, help="K, the most interests per user")
+    p.add_argument("--maxlen", type=at_least(1), default=None, help="behaviours read by the user tower (default: per dataset)")
+    p.add_argument("--power", type=at_least(0.0, float), default=None, help="p of the label-aware attention (default 2; 0: the plain average)")
+    p.add_argument("--beta", type=at_least(0.0, float), default=None, help="REMI hard-negative beta (mind_remi only; default 1.0, on ml-1m 16.0)")
+    p.add_argument("--rr-lambda", type=at_least(0.0, float), default=None, help="REMI routing-regularisation lambda (mind_remi only; default 1.0)")
+    p.add_argument("--max-steps-per-epoch", type=at_least(0), default=0, help="cap steps per epoch (0 = full pass); for smoke runs")
+    p.add_argument("--sparse-item-rows", type=at_least(0), default=SPARSE_ITEM_ROWS, metavar="N",
                    help=f"a catalog of at least N items (default {SPARSE_ITEM_ROWS:,}) updates only the item rows each step touches (lazy Adam; 0 = never)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -315,11 +324,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("timesplit", help="ML-1M by time: the model retrained on later weeks vs the one trained on earlier weeks, on the last weeks")
     p.add_argument("--model", choices=MODEL_KINDS[1:], default="mind_remi")
-    p.add_argument("--train-until", default="2000-11-22", help="earlier weeks end (UTC date; ~70%% of ML-1M's interactions)")
-    p.add_argument("--later-until", default="2000-12-10", help="later weeks end: the stream the model is retrained on")
-    p.add_argument("--test-until", default="2000-12-31", help="last weeks end: where both models are evaluated")
-    p.add_argument("--epochs", type=int, default=0, help="base model's maximum epochs (default: per dataset)")
-    p.add_argument("--out", default="var/timesplit")
+    p.add_argument("--train-until", type=_date, default="2000-11-22", help="earlier weeks end (UTC date; ~70%% of ML-1M's interactions)")
+    p.add_argument("--later-until", type=_date, default="2000-12-10", help="later weeks end: the stream the model is retrained on")
+    p.add_argument("--test-until", type=_date, default="2000-12-31", help="last weeks end: where both models are evaluated")
+    p.add_argument("--epochs", type=int, default=0, help="base model's maximum epochs (default, or 0: the dataset's)")
+    p.add_argument("--out", default=None, help="the runs and the report (default: [paths].var_dir/timesplit, where refresh-bench looks)")
     p.set_defaults(func=cmd_timesplit)
 
     from model_export.refresh_bench import __doc__ as refresh_doc, add_arguments as refresh_arguments
@@ -340,28 +349,28 @@ def main(argv: list[str] | None = None) -> int:
                        description="MIND on synthetic Zipf catalogs of millions of items with side features: ms per training step of the "
                                    "optimizer `train` picks vs plain Adam over every row (same batches, alternating), top-50 retrieval "
                                    "over the catalog, peak RSS (model_export/catalog_bench.py says more)")
-    p.add_argument("--items", nargs="+", type=_at_least(1), default=[100_000, 1_000_000], help="catalog sizes")
-    p.add_argument("--side-vocabulary", type=_at_least(1), default=10_000, help="distinct side tokens (e.g. brands)")
-    p.add_argument("--tokens-per-item", type=_at_least(1), default=2)
-    p.add_argument("--steps", type=_at_least(1), default=20, help="training steps per optimizer")
-    p.add_argument("--users", type=_at_least(1), default=1024, help="users whose top 50 are retrieved over the catalog")
-    p.add_argument("--sparse-item-rows", type=_at_least(0), default=SPARSE_ITEM_ROWS, metavar="N", help=f"as train's (default {SPARSE_ITEM_ROWS:,})")
+    p.add_argument("--items", nargs="+", type=at_least(1), default=[100_000, 1_000_000], help="catalog sizes")
+    p.add_argument("--side-vocabulary", type=at_least(1), default=10_000, help="distinct side tokens (e.g. brands)")
+    p.add_argument("--tokens-per-item", type=at_least(1), default=2)
+    p.add_argument("--steps", type=at_least(1), default=20, help="training steps per optimizer")
+    p.add_argument("--users", type=at_least(1), default=1024, help="users whose top 50 are retrieved over the catalog")
+    p.add_argument("--sparse-item-rows", type=at_least(0), default=SPARSE_ITEM_ROWS, metavar="N", help=f"as train's (default {SPARSE_ITEM_ROWS:,})")
     p.set_defaults(func=cmd_catalog_bench)
 
     p = sub.add_parser("quality", help="quality table: models x datasets x seeds, mean and spread, ratios")
     p.add_argument("--datasets", nargs="+", default=["ml-1m", "beauty"])
     p.add_argument("--models", nargs="+", choices=MODEL_KINDS, default=list(MODEL_KINDS))
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--epochs", type=int, default=0, help="maximum epochs (default: per dataset)")
+    p.add_argument("--epochs", type=int, default=0, help="maximum epochs (default, or 0: the dataset's)")
     p.add_argument("--max-steps-per-epoch", type=int, default=0)
-    p.add_argument("--out", default="var/quality", help="run directories and quality-<datasets>.json")
+    p.add_argument("--out", default=None, help="run directories and quality-<datasets>.json (default: [paths].var_dir/quality)")
     p.set_defaults(func=cmd_quality)
 
     p = sub.add_parser("peer", help="torch-rechub MIND vs ours on the same split: quality and time per epoch")
     _dataset_arg(p)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap both models' steps per epoch (0 = full)")
-    p.add_argument("--out", default="var/peer")
+    p.add_argument("--out", default=None, help="both runs (default: [paths].var_dir/peer)")
     p.add_argument("--device", default="cpu", help="where both models train: cpu or cuda (both scored on the CPU)")
     p.set_defaults(func=cmd_peer)
 

@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 import time
+import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from infra.cli import UserError
-from infra.config import ConfigError
+from infra.config import ConfigError, StartOffsets
 from infra.files import write_atomically
 from streaming.events import MAX_EVENT_BYTES, BehaviourEvent, EventError, accept_record, record_key
 
 LOG_FILE = "event_log.npz"
-START_POLICIES = ("earliest", "latest", "committed")
+START_POLICIES = typing.get_args(StartOffsets)
 
 
 @dataclass

@@ -32,8 +32,7 @@ import numpy as np
 
 from infra.config import REPO_ROOT, load_config
 
-TIMESPLIT_RUN = REPO_ROOT / "var" / "timesplit" / "base-mind_remi"
-FULL_EXPORT = REPO_ROOT / "var" / "artifacts" / "ml-1m-mind_remi" / "export"
+TIMESPLIT_BASE = Path("timesplit") / "base-mind_remi"  # under [paths].var_dir: `python -m model_export timesplit`'s base model
 SCORE_TOLERANCE = 1e-3  # float32 inner products computed by Milvus and by numpy
 
 
@@ -41,18 +40,24 @@ def add_arguments(p) -> None:
     from infra.load_options import add_load_arguments
 
     p.add_argument("--part", choices=("load", "scale"), default="load")
-    add_load_arguments(p)
-    # The targets are about the system, so the Milvus server by default (Lite: ~10 searches/s).
-    p.set_defaults(export_dir=TIMESPLIT_RUN / "export", start=-1, qps=30.0, rate=300.0, work_dir=REPO_ROOT / "var" / "refresh", milvus="server")
+    # The targets are about the system, so the Milvus server by default (Lite: ~10 searches/s). The
+    # exports are resolved from the configuration's paths when the command runs.
+    add_load_arguments(p, start_note="; -1: the first event on --stream-from's date",
+                       export_note=f"the timesplit base model's, [paths].var_dir/{TIMESPLIT_BASE}/export, exported from it if need be",
+                       start=-1, qps=30.0, rate=300.0, work_dir=REPO_ROOT / "var" / "refresh", milvus="server")
     p.add_argument("--stream-from", default="2000-11-22", help="--part load: replay ML-1M from this date (the base model's training data ends there)")
     p.add_argument("--warmup-s", type=float, default=20.0)
     p.add_argument("--baseline-s", type=float, default=30.0, help="load measured before the refresh")
     p.add_argument("--settle-s", type=float, default=15.0, help="load measured after the refresh")
     p.add_argument("--items", type=int, default=100_000, help="--part scale: catalog size")
-    p.add_argument("--scale-export", type=Path, default=FULL_EXPORT, help="--part scale: the export whose vectors seed the catalog")
+    p.add_argument("--scale-export", type=Path, default=None,
+                   help="--part scale: the export whose vectors seed the catalog (default: the main command's, under [paths].artifacts_dir)")
 
 
 def run(args) -> dict:
+    paths = load_config().paths
+    args.export_dir = args.export_dir or paths.var_dir / TIMESPLIT_BASE / "export"
+    args.scale_export = args.scale_export or paths.main_export_dir
     return run_load(args) if args.part == "load" else run_scale(args)
 
 

@@ -7,11 +7,13 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 
-from infra.cli import run_command
+from infra.cli import UserError, at_least, run_command
 from infra.config import load_config, printable_uri
 
 
@@ -45,19 +47,25 @@ def cmd_recall(args) -> int:
     from recall_service.stubs import recall_pb2, recall_pb2_grpc
 
     recall = load_config().recall
+    if args.tls_ca and not os.access(args.tls_ca, os.R_OK):
+        raise UserError(f"--tls-ca {args.tls_ca}: cannot read it: name the recall server's CA certificate (PEM)")
     recall = dataclasses.replace(recall, tls_cafile=args.tls_ca or recall.tls_cafile, auth_token=args.token or recall.auth_token)
-    channel = recall_channel(recall, args.target or None)
+    target = args.target or f"{recall.host}:{recall.port}"
+    channel = recall_channel(recall, target)
+    started = time.monotonic()
+    try:  # a service that cannot be reached is the user's to fix (exit 2), an error status is the service's answer (exit 1)
+        grpc.channel_ready_future(channel).result(timeout=args.timeout)
+    except grpc.FutureTimeoutError:
+        raise UserError(f"no connection to the recall service at {target} within {args.timeout:g} s: is it running? (python -m infra "
+                        "status shows the stack's; --target picks another; with TLS, does the certificate name that host?)") from None
     request = recall_pb2.RecallRequest(
         user_id=args.user_id, n=args.n, exclude_item_ids=args.exclude, recent_item_ids=args.recent, filter=args.filter,
         per_interest_n=args.per_interest_n, merge_policy=recall_pb2.MergePolicy.Value(f"MERGE_POLICY_{args.policy.upper()}"),
     )
     try:
-        response = recall_pb2_grpc.RecallServiceStub(channel).Recall(request, timeout=args.timeout)
+        response = recall_pb2_grpc.RecallServiceStub(channel).Recall(request, timeout=max(args.timeout - (time.monotonic() - started), 0.001))
     except grpc.RpcError as exc:
-        hint = ""
-        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            hint = f" (is the recall service running at {args.target or f'{recall.host}:{recall.port}'}? python -m infra status shows the stack's; --target picks another)"
-        print(f"error: {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     print(json.dumps({
         "model_version": response.model_version,
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token", default="", help="bearer token (default: [recall].auth_token; prefer MINDSTREAM_RECALL__AUTH_TOKEN: "
                                                "a command line is visible to every local user in ps)")
     p.add_argument("--tls-ca", default="", help="CA certificate file: use TLS (default: [recall].tls_cafile, else tls_certfile; neither: no TLS)")
-    p.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
+    p.add_argument("--timeout", type=at_least(0.001, float), default=2.0, help="deadline in seconds, connecting included")
     p.set_defaults(func=cmd_recall)
 
     p = sub.add_parser("stubs", help="generate the Python stubs of recall.proto (done on import when stale)")

@@ -8,8 +8,9 @@ and exports
     mindstream_online_recall_events_total{model_version, path, event_type, outcome}
 
 Each event is judged against the answers its user was served in the [recall].served_log_ttl_s
-before it entered Kafka, those "in force" (recall_service/served_log.py keeps the newest
-[recall].served_log_answers of them):
+before it happened, those "in force": the newest [recall].served_log_answers served before it and
+not expired (recall_service/served_log.py keeps a few more, so that answers served after the event,
+before a lagging judge reads the log, do not push out the ones in force):
 
     hit       an answer in force lists the event's item
     miss      answers were in force and none lists it
@@ -23,11 +24,16 @@ under the answer that listed the item and a miss under the newest would lend an 
 hits of the events a new one missed). An answer pushed out of the log by newer ones no longer
 counts: a click on its items then is a miss of the newer answers.
 
-"In force" is decided on the Kafka record's timestamp, when the event entered the stream, not on
-its event_time_ms: that is the application's clock, hours or years behind in a replay. Producers
+"Before it happened" is decided on the event's event_time_ms when it lies within the ttl before
+the Kafka record's timestamp (an application that refreshes its recommendations on a click, and
+sends the click a moment later, must not have the refreshed answer judge it), else on the record's
+timestamp: event_time_ms is the application's clock, hours or years behind in a replay. Producers
 must leave that timestamp at the send time (CreateTime, Kafka's default) or the topic use
 LogAppendTime. The service's and the producers' clocks are compared, so skew between hosts shifts
 the boundary.
+
+An event is judged only once it is RIPE_S old: the service's answers reach Redis through a queue
+(about 50 ms, seconds while Redis is slow), and a judgement is committed for good.
 A hit rate per version and path is then hit / (hit + miss); dashboards and alerts compute it.
 """
 
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from typing import Callable, Iterable, Protocol, Sequence
 
@@ -45,16 +52,25 @@ log = logging.getLogger(__name__)
 
 HIT, MISS, UNJUDGED = "hit", "miss", "unjudged"
 POLL_RECORDS = 2000  # events per poll: one Redis round trip and one offset commit each
+RIPE_S = 5.0  # an event is judged this long after it entered Kafka, when its user's earlier answers are surely in Redis
 
 
-def in_force(served: ServedRecord, entered_ms: int, ttl_ms: int) -> bool:
-    """Whether `served` had been shown, and not expired, when an event entered Kafka at `entered_ms`."""
-    return served.served_ms <= entered_ms <= served.served_ms + ttl_ms
+def happened_ms(event: BehaviourEvent, entered_ms: int, ttl_ms: int) -> int:
+    """When the event happened as far as the judge can tell: its own time if that lies within the ttl
+    before it entered Kafka (a delivery delay), else when it entered (another clock, a replay)."""
+    return event.event_time_ms if 0 <= entered_ms - event.event_time_ms <= ttl_ms else entered_ms
 
 
-def judge_events(events: Iterable[tuple[BehaviourEvent, int]], served: dict[str, Sequence[ServedRecord]], ttl_ms: int) -> Counter:
+def in_force(kept: Sequence[ServedRecord], at_ms: int, ttl_ms: int, answers: int) -> list[ServedRecord]:
+    """Of a user's kept answers (newest first), those in force at `at_ms`: the newest `answers`
+    served at or before it, less those expired by then."""
+    before = [record for record in kept if record.served_ms <= at_ms][:answers]
+    return [record for record in before if at_ms <= record.served_ms + ttl_ms]
+
+
+def judge_events(events: Iterable[tuple[BehaviourEvent, int]], served: dict[str, Sequence[ServedRecord]], ttl_ms: int, answers: int) -> Counter:
     """(event, Kafka timestamp in ms) pairs and each user's kept answers, newest first -> event
-    counts by (model_version, path, event_type, outcome)."""
+    counts by (model_version, path, event_type, outcome); `answers`: [recall].served_log_answers."""
     item_sets: dict[int, frozenset[str]] = {}  # an answer's items as a set, built once per batch (keyed by id: `served` holds them)
 
     def items_of(record: ServedRecord) -> frozenset[str]:
@@ -65,7 +81,7 @@ def judge_events(events: Iterable[tuple[BehaviourEvent, int]], served: dict[str,
 
     counts: Counter = Counter()
     for event, entered_ms in events:
-        shown = [record for record in served.get(event.user_id, ()) if in_force(record, entered_ms, ttl_ms)]
+        shown = in_force(served.get(event.user_id, ()), happened_ms(event, entered_ms, ttl_ms), ttl_ms, answers)
         if not shown:
             counts[("", "", event.event_type, UNJUDGED)] += 1
             continue
@@ -97,9 +113,11 @@ class OnlineQualityJudge:
     fails it is made again."""
 
     def __init__(self, make_consumer: Callable[[], object], served: ServedReader, count: Callable[[tuple, int], None],
-                 error: Callable[[str, int], None], ttl_s: int, max_event_bytes: int, retry_s: float = 2.0):
+                 error: Callable[[str, int], None], ttl_s: int, max_event_bytes: int, answers: int = 3, retry_s: float = 2.0,
+                 ripe_s: float = RIPE_S, clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
         self.make_consumer, self.served, self.count, self.error = make_consumer, served, count, error
-        self.ttl_ms, self.max_event_bytes, self.retry_s = ttl_s * 1000, max_event_bytes, retry_s
+        self.ttl_ms, self.max_event_bytes, self.answers, self.retry_s = ttl_s * 1000, max_event_bytes, answers, retry_s
+        self.ripe_ms, self.clock, self.sleep = int(ripe_s * 1000), clock, sleep
         self._consumer = None
         self._positions_committed = False
         self._failing = False
@@ -116,6 +134,15 @@ class OnlineQualityJudge:
                 consumer.commit()
                 self._positions_committed = True
             return 0
+        # Only what is RIPE_S old: each partition goes back to its first younger record, read again later
+        ripe_before = int(self.clock() * 1000) - self.ripe_ms
+        wait_ms = None
+        for partition, records in polled.items():
+            young = next((i for i, record in enumerate(records) if record.timestamp > ripe_before), None)
+            if young is not None:
+                consumer.seek(partition, records[young].offset)
+                wait_ms = min(wait_ms or self.ripe_ms, records[young].timestamp - ripe_before)
+                polled[partition] = records[:young]
         events, errors = [], Counter()
         for records in polled.values():
             for record in records:
@@ -130,7 +157,8 @@ class OnlineQualityJudge:
                 stored = self.served.get_many(users)
             except Exception as exc:
                 for partition, records in polled.items():
-                    consumer.seek(partition, records[0].offset)
+                    if records:  # an empty one went back to its young records above
+                        consumer.seek(partition, records[0].offset)
                 raise ServedLogUnavailable(f"served log: {exc}") from exc
             served = {}
             for user, answers in zip(users, stored):
@@ -139,13 +167,15 @@ class OnlineQualityJudge:
                     errors["unreadable_record"] += 1
                     answers = ()
                 served[user] = answers
-            counts = judge_events(events, served, self.ttl_ms)
+            counts = judge_events(events, served, self.ttl_ms, self.answers)
         consumer.commit()
         self._positions_committed = True
         for labels, n in counts.items():
             self.count(labels, n)
         for reason, n in errors.items():
             self.error(reason, n)
+        if wait_ms is not None and not any(polled.values()):  # all of it too young: wait for the oldest, not poll it again at once
+            self.sleep(min(wait_ms, 1000) / 1000)
         return len(events)
 
     def run(self, stop: threading.Event) -> None:

@@ -6,7 +6,9 @@ and the judge reads it, both only through this module. One Redis list per user, 
     <prefix>:answers:<user id> -> [JSON {"schema": 1, "model_version": "...", "path": "stored_interests",
                                          "served_ms": 1763900000000, "items": ["raw item id", ...]}, ...]
 
-written with LPUSH, LTRIM to the newest [recall].served_log_answers and EXPIRE ttl: the log grows
+written with LPUSH, LTRIM to the newest [recall].served_log_answers + LAG_ANSWERS and EXPIRE ttl +
+LAG_S (the judge reads the log after the events, seconds to minutes later, and must still find the
+answers in force when each happened, not only the newest): the log grows
 with the users served within the ttl (times the answers kept), not with the number of recalls, and
 needs no clean-up. More than one answer is kept because an application shows several (a carousel
 refreshed, a second page): an event on an item of an earlier answer still counts as a hit.
@@ -37,6 +39,8 @@ SERVED_SCHEMA = 1
 MAX_PENDING = 10_000  # records queued for the writer; beyond, a recall's record is dropped (reason "queue_full")
 FLUSH_INTERVAL_S = 0.05  # how often the writer sends what has queued: records reach Redis within ~50 ms
 WRITE_BATCH = 256  # records per pipeline
+LAG_ANSWERS = 5  # answers kept beyond [recall].served_log_answers: served after an event the judge has not read yet
+LAG_S = 900  # the log outlives its ttl by this: a judge this far behind still finds the answers in force
 
 
 class ServedRecordError(ValueError):
@@ -213,8 +217,8 @@ class RedisServedLog:
             for record in batch:
                 key = self.key(record.user_id)
                 pipe.lpush(key, encode_served(record))
-                pipe.ltrim(key, 0, self.answers - 1)
-                pipe.expire(key, self.ttl_s)
+                pipe.ltrim(key, 0, self.answers + LAG_ANSWERS - 1)
+                pipe.expire(key, self.ttl_s + LAG_S)
             pipe.execute()
         except Exception as exc:  # the writer outlives any failure: an outage drops records, it never ends the log
             self.dropped("unavailable", len(batch))

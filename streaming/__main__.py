@@ -19,10 +19,10 @@ def cmd_schema(args) -> int:
 
 
 def cmd_topics(args) -> int:
-    from infra.broker import ensure_topics
+    from infra.broker import ensure_configured_topics
 
     config = load_config()
-    created = ensure_topics(config.kafka, config.streaming.topic_partitions, config.streaming.topic_retention_ms)
+    created = ensure_configured_topics(config)
     print(json.dumps({"bootstrap_servers": config.kafka.bootstrap_servers, "created": created}))
     return 0
 
@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("produce", help="replay a dataset's interactions into Kafka in event-time order")
     p.add_argument("--dataset", default="ml-1m", help="ml-1m, beauty or a path (as in model_export train)")
-    p.add_argument("--rate", type=at_least(0, float), default=0.0, help="events per second (default: as fast as possible)")
-    p.add_argument("--speedup", type=at_least(0, float), default=0.0, help="alternatively, replay the real event-time gaps this many times faster")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=at_least(0, float), default=0.0, help="events per second (default: as fast as possible)")
+    pace.add_argument("--speedup", type=at_least(0, float), default=0.0, help="or: replay the real event-time gaps this many times faster")
     p.add_argument("--start", type=at_least(0), default=0, help="index of the first interaction to send (resume a replay: the next_start "
                    "an earlier run printed)")
     p.add_argument("--limit", type=at_least(0), default=None, help="send at most this many events")
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-version", default=None, help="the version to write, which must be CURRENT (the default): the job writes "
                    "CURRENT's interests, so a backfill of another version is refused")
     p.add_argument("--batch", type=at_least(1), default=512, help="users per user-tower call and per store round trip")
-    p.add_argument("--settle-s", type=float, default=None,
+    p.add_argument("--settle-s", type=at_least(0, float), default=None,
                    help="keep passing this long after the start, while the job may still write with the old tower (default: 2 x [streaming].model_poll_s + 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_backfill)

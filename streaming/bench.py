@@ -29,7 +29,7 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from infra.broker import EmbeddedBroker, ensure_topics
+from infra.broker import EmbeddedBroker, ensure_configured_topics
 from infra.config import Config, load_config
 from infra.job_process import StreamingJobProcess
 from infra.redis_server import EmbeddedRedis, free_port
@@ -166,7 +166,7 @@ def bench_stack(name: str, export_dir: Path, broker_kind: str = "noida") -> Iter
             "MINDSTREAM_STREAMING__CONSUMER_GROUP": f"mindstream-{name}",
         }
         config = load_config(environ=env)
-        ensure_topics(config.kafka, config.streaming.topic_partitions, config.streaming.topic_retention_ms)
+        ensure_configured_topics(config)
         job = StreamingJobProcess(env, root / "job.log", f"http://127.0.0.1:{metrics_port}/metrics")
         try:
             yield BenchStack(root, config, registry, manifest.model_version, job, redis_server.uri)

@@ -327,9 +327,9 @@ def _sql_string(value: str) -> str:
 
 def run_job(config: Config, restore_from: Path | str | None = None) -> None:
     """Runs the job until it is cancelled or killed (blocking)."""
-    from infra.broker import ensure_topics
+    from infra.broker import ensure_configured_topics
 
-    ensure_topics(config.kafka, config.streaming.topic_partitions, config.streaming.topic_retention_ms)
+    ensure_configured_topics(config)
     env = build_job(config, restore_from)
     log.info("starting %s%s", JOB_NAME, f" from {restore_from}" if restore_from else "")
     print(json.dumps({"job": JOB_NAME, "restore_from": str(restore_from) if restore_from else None, "metrics": f"http://{config.streaming.metrics_host}:{config.streaming.metrics_port}/metrics"}), flush=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -115,23 +115,14 @@ class _Failures:
                 self.first, self.error = position, error
 
 
-def replay(
-    events: Iterator[BehaviourEvent],
-    producer: EventProducer,
-    rate: float = 0.0,  # events per second; 0 = as fast as possible
-    speedup: float = 0.0,  # alternatively: event-time gaps divided by this factor
-    on_progress: Callable[[int], None] = lambda sent: None,
-) -> int:
-    """Sends events paced by rate or by their own timestamps and waits until Kafka has them all;
-    returns how many were sent. ReplayError when any was not acknowledged (flush waits, it does not
-    report): a count of queued events would pass lost ones for sent, and a resume skip them."""
+def paced(events: Iterable[BehaviourEvent], rate: float = 0.0, speedup: float = 0.0) -> Iterator[BehaviourEvent]:
+    """Each event when it is due: `rate` events per second, or the event-time gaps divided by
+    `speedup`, or at once (both 0)."""
     started = time.perf_counter()
     first_event_ms = None
-    sent = 0
-    failures = _Failures()
-    for event in events:
+    for n, event in enumerate(events):
         if rate > 0:
-            due = started + sent / rate
+            due = started + n / rate
         elif speedup > 0:
             first_event_ms = event.event_time_ms if first_event_ms is None else first_event_ms
             due = started + (event.event_time_ms - first_event_ms) / 1000.0 / speedup
@@ -140,6 +131,22 @@ def replay(
         wait = due - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
+        yield event
+
+
+def replay(
+    events: Iterable[BehaviourEvent],
+    producer: EventProducer,
+    rate: float = 0.0,  # events per second; 0 = as fast as possible
+    speedup: float = 0.0,  # alternatively: event-time gaps divided by this factor
+    on_progress: Callable[[int], None] = lambda sent: None,
+) -> int:
+    """Sends events paced by rate or by their own timestamps and waits until Kafka has them all;
+    returns how many were sent. ReplayError when any was not acknowledged (flush waits, it does not
+    report): a count of queued events would pass lost ones for sent, and a resume skip them."""
+    sent = 0
+    failures = _Failures()
+    for event in paced(events, rate, speedup):
         try:
             producer.send(event).add_errback(failures.add, sent)
         except EventError:

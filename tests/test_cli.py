@@ -57,3 +57,46 @@ def test_restoring_the_latest_checkpoint_of_a_remote_checkpoint_store_asks_for_t
     result = subprocess.run([sys.executable, "-m", "streaming", "run", "--restore", "latest"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "name the checkpoint, --restore s3://bucket/checkpoints/state-" in result.stderr
+
+
+def _command(*argv, tmp_path, **variables):
+    env = {"PATH": "/usr/bin:/bin", "MINDSTREAM_CONFIG": "", "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path / "models"),
+           "MINDSTREAM_MILVUS__URI": str(tmp_path / "milvus" / "m.db"), **variables}
+    return subprocess.run([sys.executable, "-m", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv, variables, says", [
+    # settings every Redis user read with a traceback, or a Kafka answer later
+    (["infra", "config"], {"MINDSTREAM_REDIS__URI": "nonsense"}, "a redis://, rediss:// or unix:// URI"),
+    (["infra", "config"], {"MINDSTREAM_REDIS__URI": "redis://127.0.0.1:notaport/0"}, "Port could not be cast"),
+    (["infra", "config"], {"MINDSTREAM_RETRAIN__START_OFFSETS": "bogus"}, "expected one of 'earliest', 'latest', 'committed'"),
+    # user input the commands met with a traceback
+    (["model_export", "timesplit", "--train-until", "notadate"], {}, "'notadate' is not a date"),
+    (["model_export", "timesplit", "--train-until", "2000-12-20"], {}, "the weeks must follow each other"),
+    (["model_export", "items", "deactivate", "--file", "/nonexistent"], {}, "--file /nonexistent: cannot read it"),
+    (["streaming", "produce", "--rate", "5", "--speedup", "2"], {}, "not allowed with argument"),
+    (["streaming", "backfill", "--settle-s", "-5"], {}, "-5 is below 0"),
+    (["recall_service", "recall", "--user-id", "u", "--timeout", "-1"], {}, "-1 is below"),
+    (["recall_service", "recall", "--user-id", "u", "--tls-ca", "/nonexistent.pem"], {}, "--tls-ca /nonexistent.pem: cannot read it"),
+    (["recall_service", "recall", "--user-id", "u", "--target", "127.0.0.1:1", "--timeout", "1"], {}, "no connection to the recall service at 127.0.0.1:1"),
+])
+def test_bad_settings_and_arguments_are_one_line_and_exit_2(argv, variables, says, tmp_path):
+    result = _command(*argv, tmp_path=tmp_path, **variables)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert says in result.stderr
+
+
+def test_publish_checks_the_export_before_it_touches_milvus(tmp_path):
+    result = _command("model_export", "publish", "--export-dir", str(tmp_path / "nothing"), tmp_path=tmp_path)
+    assert result.returncode == 2 and "manifest.json not found" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "milvus").exists()  # Milvus Lite would have made its database file
+
+
+def test_the_exporter_on_a_port_in_use_says_so(tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = _command("infra", "exporter", "--port", str(port), tmp_path=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"cannot serve the exporter's metrics on 127.0.0.1:{port}" in result.stderr

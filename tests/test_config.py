@@ -52,6 +52,34 @@ def test_a_whole_float_is_an_integer(tmp_path):
     assert load_config(f, environ={}).recall.port == 6000
 
 
+def test_missing_topics_are_created_with_the_configured_partitions_retention_and_replication(monkeypatch):
+    import kafka
+
+    from infra.broker import ensure_configured_topics
+
+    created = []
+
+    class Admin:
+        def __init__(self, **options):
+            pass
+
+        def list_topics(self):
+            return []
+
+        def create_topics(self, topics):
+            created.extend(topics)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(kafka, "KafkaAdminClient", Admin)
+    config = load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_STREAMING__TOPIC_REPLICATION_FACTOR": "3",
+                                  "MINDSTREAM_STREAMING__TOPIC_PARTITIONS": "8"})
+    ensure_configured_topics(config)
+    assert [(t.name, t.num_partitions, t.replication_factor, t.topic_configs) for t in created] == [
+        (name, 8, 3, {"retention.ms": "86400000"}) for name in (config.kafka.events_topic, config.kafka.dead_letter_topic)]
+
+
 @pytest.mark.parametrize("environ, message", [
     ({"MINDSTREAM_RECALL__AUTH_TOKN": "x"}, r"MINDSTREAM_RECALL__AUTH_TOKN \(did you mean MINDSTREAM_RECALL__AUTH_TOKEN\?\)"),
     ({"MINDSTREAM_NOSUCH__PORT": "1"}, r"unknown configuration variables: MINDSTREAM_NOSUCH__PORT; .* rename or unset them"),

@@ -198,6 +198,7 @@ def test_flink_deployment_structure(tmp_path):
     streaming = _toml()["streaming"]
     assert job["parallelism"] == streaming["parallelism"]
     assert streaming["topic_partitions"] >= streaming["parallelism"]
+    assert streaming["topic_replication_factor"] >= 3  # the job creates missing topics: replicated, as acks=all expects
     from streaming.job import STATE_LAYOUT, checkpoint_location
 
     # through the loaded configuration, as the job reads it (a Path there once made s3:// a local "s3:/" folder)

@@ -18,7 +18,7 @@ from infra.config import load_config
 from infra.process import free_port
 from infra.redis_server import EmbeddedRedis
 from recall_service.online_quality import HIT, MISS, UNJUDGED, OnlineQualityJudge, judge_events
-from recall_service.served_log import RedisServedLog, ServedRecord, ServedRecordError, decode_served, encode_served
+from recall_service.served_log import LAG_ANSWERS, LAG_S, RedisServedLog, ServedRecord, ServedRecordError, decode_served, encode_served
 from streaming.events import BehaviourEvent, encode_event
 from streaming.feature_store import redis_client
 
@@ -58,7 +58,7 @@ def test_an_event_is_judged_against_the_answer_in_force_when_it_entered_kafka():
         (event("u3", "a"), SERVED_MS),  # never served
         (event("u4", "a"), SERVED_MS),  # not looked up at all
     ]
-    assert judge_events(events, records, TTL_S * 1000) == Counter({
+    assert judge_events(events, records, TTL_S * 1000, answers=3) == Counter({
         ("v2", "stored_interests", "click", HIT): 1, ("v2", "stored_interests", "buy", HIT): 1,
         ("v2", "stored_interests", "click", MISS): 1, ("", "", "click", UNJUDGED): 4,
         ("v1", "popular_fallback", "view", HIT): 1,
@@ -78,10 +78,38 @@ def test_an_item_of_an_earlier_answer_in_force_is_a_hit_counted_under_the_newest
         (event("u1", "z"), SERVED_MS + 200),  # neither lists it
         (event("u1", "a"), SERVED_MS + TTL_S * 1000 + 50),  # the earlier has expired: a miss of the later
     ]
-    assert judge_events(events, records, TTL_S * 1000) == Counter({
+    assert judge_events(events, records, TTL_S * 1000, answers=3) == Counter({
         ("v3", "computed_on_the_fly", "click", HIT): 2, ("v3", "computed_on_the_fly", "click", MISS): 2,
         ("v2", "stored_interests", "click", MISS): 1,
     })
+
+
+def test_answers_served_after_an_event_do_not_push_out_those_in_force_for_it():
+    """A judge that reads the log late (after an outage, a restart) finds newer answers on top: the
+    event is judged against the newest `answers` served before it, not the newest kept."""
+    a1 = served(version="v1", items=("x",), served_ms=SERVED_MS)
+    later = [served(version="v9", items=(f"n{i}",), served_ms=SERVED_MS + 100 * i) for i in range(4, 0, -1)]
+    records = {"u1": (*later, a1)}  # newest first: four answers after the event, then the one in force
+    events = [(event("u1", "x"), SERVED_MS + 50)]
+    assert judge_events(events, records, TTL_S * 1000, answers=3) == Counter({("v1", "stored_interests", "click", HIT): 1})
+    # and only the newest `answers` served before an event count: a fourth-newest is no longer in force
+    before = [served(version="v2", items=(f"o{i}",), served_ms=SERVED_MS + 10 * i) for i in range(3, 0, -1)]
+    records = {"u1": (*before, a1)}
+    assert judge_events([(event("u1", "x"), SERVED_MS + 40)], records, TTL_S * 1000, answers=3) == Counter(
+        {("v2", "stored_interests", "click", MISS): 1})
+
+
+def test_an_event_delivered_late_is_judged_at_its_own_time():
+    """Click x, the application refreshes (an answer without x, served before the click reached
+    Kafka): the click is judged against what was shown when it happened, not the refresh."""
+    shown = served(version="v1", items=("x", "y"), served_ms=SERVED_MS)
+    refreshed = served(version="v1", items=("y", "z"), served_ms=SERVED_MS + 100)
+    click = BehaviourEvent("u1", "x", "click", SERVED_MS + 50)
+    assert judge_events([(click, SERVED_MS + 300)], {"u1": (refreshed, shown)}, TTL_S * 1000, answers=1) == Counter(
+        {("v1", "stored_interests", "click", HIT): 1})
+    replayed = BehaviourEvent("u1", "x", "click", 5)  # years before it entered Kafka (a replay): the Kafka time decides
+    assert judge_events([(replayed, SERVED_MS + 300)], {"u1": (refreshed, shown)}, TTL_S * 1000, answers=1) == Counter(
+        {("v1", "stored_interests", "click", MISS): 1})
 
 
 class FakeConsumer:
@@ -158,6 +186,23 @@ def test_the_judge_counts_each_polled_event_after_committing_it():
     assert judge.step() == 0 and consumer.committed == [5]  # nothing new: the positions were committed already
 
 
+def test_an_event_is_judged_only_once_its_users_earlier_answers_are_surely_in_redis():
+    """The service queues its answers for Redis (~50 ms, seconds when Redis is slow) and a judgement
+    is committed for good: an event younger than RIPE_S waits, with the records after it."""
+    now_ms = SERVED_MS + 60_000
+    batch = [(b"u1", encode_event(event("u1", "a")), now_ms - 6_000),  # ripe
+             (b"u1", encode_event(event("u1", "b")), now_ms - 1_000),  # too young: it and what follows wait
+             (b"u1", encode_event(event("u1", "c")), now_ms - 7_000)]
+    consumer = FakeConsumer(batch)
+    clock = [now_ms / 1000]
+    slept = []
+    judge, counts, _ = counting_judge(consumer, FakeServed({"u1": (served(),)}), clock=lambda: clock[0], sleep=slept.append)
+    assert judge.step() == 1 and consumer.committed == [1] and sum(counts.values()) == 1
+    assert judge.step() == 0 and consumer.committed == [1, 1] and slept == [1.0]  # waits (up to 1 s at a time) rather than polling again at once
+    clock[0] += 4
+    assert judge.step() == 2 and consumer.committed[-1] == 3 and sum(counts.values()) == 3
+
+
 def test_a_new_group_commits_its_starting_positions_before_any_event():
     consumer = FakeConsumer([])
     judge, _, _ = counting_judge(consumer, FakeServed({}))
@@ -214,11 +259,13 @@ def test_the_writer_keeps_the_newest_answers_per_user_with_their_ttl_in_real_red
         log.record([served("u1", items=("a",)), served("u2", items=())])
         log.record([served("u1", version="v3", items=("b", "c"), served_ms=SERVED_MS + 1)])
         log.record([served("u1", version="v4", items=("d",), served_ms=SERVED_MS + 2)])
+        later = [served("u1", version=f"later{i}", items=(), served_ms=SERVED_MS + 3 + i) for i in range(LAG_ANSWERS)]
+        log.record(later)
         assert log.flush(timeout_s=10)
-        assert log.get_many(["u1", "u2", "nobody"]) == [
-            (served("u1", version="v4", items=("d",), served_ms=SERVED_MS + 2), served("u1", version="v3", items=("b", "c"), served_ms=SERVED_MS + 1)),
-            (served("u2", items=()),), ()]  # the newest 2 of u1's 3, newest first
-        assert 0 < client.ttl("t:answers:u1") <= TTL_S
+        # the newest 2 + LAG_ANSWERS of u1's, newest first: a judge reading late still finds the 2 served before an event
+        v4, v3 = served("u1", version="v4", items=("d",), served_ms=SERVED_MS + 2), served("u1", version="v3", items=("b", "c"), served_ms=SERVED_MS + 1)
+        assert log.get_many(["u1", "u2", "nobody"]) == [(*reversed(later), v4, v3), (served("u2", items=()),), ()]
+        assert TTL_S < client.ttl("t:answers:u1") <= TTL_S + LAG_S
         client.rpush("t:answers:u3", b"garbage")
         client.set("t:answers:u4", b"a string: another Redis type")
         unreadable = log.get_many(["u3", "u4"])

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from infra.config import RedisConfig
 from infra.redis_server import EmbeddedRedis, free_port
 from model_export.artifact import ModelArtifact, UserTower
+from recall_service.served_log import LAG_S
 from recall_service.server import RecallServer
 from recall_service.stubs import PROTO_ROOT, SERVICE_NAME, recall_pb2, recall_pb2_grpc
 from streaming.feature_store import RedisFeatureStore
@@ -132,7 +133,7 @@ def test_every_answer_is_kept_in_the_served_log_as_the_client_got_it(stack):
         assert record.items == tuple(i.item_id for i in response.items) and record.model_version == response.model_version, user
         assert record.path == recall_pb2.RecallPath.Name(response.path).removeprefix("RECALL_PATH_").lower(), user
         assert before <= record.served_ms <= after
-    assert 0 < stack.store.client.ttl(log.key("user-new")) <= stack.config.recall.served_log_ttl_s
+    assert stack.config.recall.served_log_ttl_s < stack.store.client.ttl(log.key("user-new")) <= stack.config.recall.served_log_ttl_s + LAG_S
 
 
 def test_a_record_of_the_old_version_is_answered_from_its_own_collection(stack):
@@ -434,6 +435,19 @@ def test_bearer_token_and_tls(stack, tmp_path):
         assert printed["path"] == "RECALL_PATH_STORED_INTERESTS" and len(printed["items"]) == 3
         refused = command()
         assert refused.returncode == 1 and refused.stderr.startswith("error: UNAUTHENTICATED")
+
+        if shutil.which("node") and shutil.which("npm"):  # the Node client, with the same settings by their variables
+            subprocess.run([str(REPO / "recall_service" / "clients" / "node" / "install.sh")], check=True, capture_output=True, timeout=300)
+
+            def node(**variables) -> subprocess.CompletedProcess:
+                return subprocess.run(["node", str(REPO / "recall_service" / "clients" / "node" / "recall.js"), f"localhost:{server.port}",
+                                       str(PROTO_ROOT), json.dumps({"user_id": "user-new", "n": 3})],
+                                      env={**os.environ, "MINDSTREAM_RECALL__TLS_CAFILE": str(cert), **variables}, capture_output=True, text=True, timeout=60)
+
+            answered = node(MINDSTREAM_RECALL__AUTH_TOKEN="s3cret")
+            assert answered.returncode == 0 and len(json.loads(answered.stdout)["items"]) == 3, answered.stderr
+            refused = node()
+            assert refused.returncode == 1 and json.loads(refused.stdout)["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
     finally:
         server.stop()
 
@@ -443,7 +457,7 @@ def test_recall_from_node_through_the_proto_file(stack):
         pytest.skip("node and npm are not installed: the Node client test needs them")
     client_dir = REPO / "recall_service" / "clients" / "node"
     subprocess.run([str(client_dir / "install.sh")], check=True, capture_output=True, timeout=300)
-    env = {**os.environ, "NODE_PATH": str(REPO / "var" / "node" / "node_modules")}
+    env = {k: v for k, v in os.environ.items() if k != "NODE_PATH"}  # the client finds install.sh's packages itself
 
     def node(request: dict) -> tuple[int, dict]:
         done = subprocess.run(["node", str(client_dir / "recall.js"), f"127.0.0.1:{stack.server.port}", str(PROTO_ROOT), json.dumps(request)],

@@ -20,7 +20,7 @@ from infra.job_process import StreamingJobProcess
 from infra.redis_server import EmbeddedRedis, EmbeddedRedisCluster, free_port
 from model_export.artifact import UserTower
 from model_export.registry import ModelRegistry
-from streaming.events import BehaviourEvent
+from streaming.events import BehaviourEvent, encode_event
 from streaming.feature_store import InterestRecord, RedisFeatureStore
 from streaming.producer import EventProducer
 from streaming.window import UserWindow
@@ -149,8 +149,8 @@ def test_dead_letters_are_counted_and_do_not_stop_the_job(stack):
     producer.send(BehaviourEvent("p1", "i2", "click", 50_000))
     producer.send(BehaviourEvent("p1", "i3", "click", 50_000 - LATENESS_MS - 1))  # late: dead-lettered
     # dated two hours after it enters Kafka (microseconds sent as milliseconds, say): dead-lettered, so
-    # it cannot make the user's later real events late
-    producer.send(BehaviourEvent("p1", "i4", "click", int(time.time() * 1000) + 7_200_000))
+    # it cannot make the user's later real events late (EventProducer refuses it: another producer's)
+    producer.send_raw("p1", encode_event(BehaviourEvent("p1", "i4", "click", int(time.time() * 1000) + 7_200_000)))
     producer.flush()
     wait_for(lambda: (r := store.get_many(["p1"])[0]) is not None and r.window == ("i2",), what="the valid event after the poison")
     letters = dead_letters(stack["config"], 6)

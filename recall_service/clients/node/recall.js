@@ -1,21 +1,45 @@
 // Calls mindstream.recall.v1.RecallService/Recall from Node through recall.proto alone (no
 // generated code) and prints the response, or the error's code and details, as one JSON line.
-//   node recall.js HOST:PORT PROTO_ROOT '{"user_id": "u1", "n": 10}'
+//   recall_service/clients/node/install.sh        # once: the pinned packages into var/node
+//   node recall_service/clients/node/recall.js HOST:PORT recall_service/proto '{"user_id": "u1", "n": 10}'
+// TLS and the bearer token come from the variables the project's configuration reads:
+// MINDSTREAM_RECALL__TLS_CAFILE (the server's CA certificate, PEM: TLS on) and
+// MINDSTREAM_RECALL__AUTH_TOKEN (sent as `authorization: Bearer <token>`).
 // Exit status: 0 on OK, 1 on a gRPC error, 2 on bad usage.
-const grpc = require('@grpc/grpc-js');
-const protoLoader = require('@grpc/proto-loader');
+const fs = require('fs');
+const path = require('path');
+const { createRequire } = require('module');
+
+// The packages install.sh put into var/node, unless NODE_PATH (or a global install) provides them.
+const fromVar = createRequire(path.join(__dirname, '..', '..', '..', 'var', 'node', 'package.json'));
+function load(name) {
+  try {
+    return require(name);
+  } catch (error) {
+    if (error.code !== 'MODULE_NOT_FOUND') throw error;
+    return fromVar(name);
+  }
+}
+const grpc = load('@grpc/grpc-js');
+const protoLoader = load('@grpc/proto-loader');
 
 const [target, protoRoot, requestJson] = process.argv.slice(2);
 if (!requestJson) {
-  console.error('usage: node recall.js HOST:PORT PROTO_ROOT REQUEST_JSON');
+  console.error('usage: node recall.js HOST:PORT PROTO_ROOT REQUEST_JSON  (run install.sh once first)');
   process.exit(2);
 }
 const definition = protoLoader.loadSync('mindstream/recall/v1/recall.proto', {
   includeDirs: [protoRoot], keepCase: true, enums: String, longs: Number, defaults: true,
 });
 const v1 = grpc.loadPackageDefinition(definition).mindstream.recall.v1;
-const client = new v1.RecallService(target, grpc.credentials.createInsecure());
-client.Recall(JSON.parse(requestJson), { deadline: Date.now() + 10000 }, (error, response) => {
+const caFile = process.env.MINDSTREAM_RECALL__TLS_CAFILE;
+const credentials = caFile ? grpc.credentials.createSsl(fs.readFileSync(caFile)) : grpc.credentials.createInsecure();
+const metadata = new grpc.Metadata();
+if (process.env.MINDSTREAM_RECALL__AUTH_TOKEN) {
+  metadata.add('authorization', `Bearer ${process.env.MINDSTREAM_RECALL__AUTH_TOKEN}`);
+}
+const client = new v1.RecallService(target, credentials);
+client.Recall(JSON.parse(requestJson), metadata, { deadline: Date.now() + 10000 }, (error, response) => {
   client.close();
   if (error) {
     console.log(JSON.stringify({ code: error.code, details: error.details }));
