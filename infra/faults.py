@@ -15,9 +15,13 @@ the harness waits until every acked event is in the store (or --drain-timeout-s)
 acked events lost, how long until interests were fresh again, recall errors by status code,
 degraded answers and time to recover. The table goes to stdout, progress to stderr, the table
 and the raw numbers to <work-dir>/faults-<time>.{md,json}. Exit status 1 when an acked event was
-lost, a recall call failed with a code other than UNAVAILABLE / DEADLINE_EXCEEDED (or CANCELLED
-while the recall service itself stops: calls gRPC received but never ran) or never succeeded
-again after a fault, or a stored window holds a behaviour twice or one never sent.
+lost or pushed out of its window before it was seen (unverified), an event was never acknowledged
+or a row has none acknowledged, a row has no recall call, a recall call failed with a code other
+than UNAVAILABLE / DEADLINE_EXCEEDED (or CANCELLED while the recall service itself stops: calls
+gRPC received but never ran) or never succeeded again after a fault, a read of the store failed
+outside the Redis fault, the drain gave up, the event stream failed or did not stop, or a stored
+window holds a behaviour twice or one never sent (infra/fault_report.fault_verdict,
+infra/harness.final_problems).
 """
 
 from __future__ import annotations
@@ -123,12 +127,13 @@ def run(args) -> int:
         config = running.sut.config
         model_version = ModelRegistry(config.paths.models_dir).current_version()
     started_at, events, samples = running.started_at, dict(running.ledger.events), list(running.load.samples)
+    read_errors = list(running.poller.read_error_times)
 
     windows = fault_windows(started_at, ended_at, [at for _, at, _, _ in injected], args.lead_s)
     runs = [FaultRun("no fault (warm-up)", "", "", *[windows[0][0]] * 4, windows[0][1])]
     runs += [FaultRun(fault.title, fault.service, fault.how, at, stopped, restarted, *window)
              for (fault, at, stopped, restarted), window in zip(injected, windows[1:])]
-    summaries = [summarize_fault(r, events, samples) for r in runs]
+    summaries = [summarize_fault(r, events, samples, read_errors) for r in runs]
     table = fault_table(summaries)
     problems = fault_verdict(summaries) + final_problems(final)
 

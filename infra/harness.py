@@ -124,8 +124,10 @@ class SystemUnderTest:
         self.stop()
 
 
-def event_ids_in_topic(kafka, timeout_s: float = 120.0) -> set[str]:
-    """The event ids of every record in the events topic, read from the beginning to the end offsets."""
+def event_ids_in_topic(kafka, timeout_s: float = 120.0) -> tuple[set[str], bool]:
+    """The event ids of the records in the events topic, read from the beginning to the end offsets,
+    and whether the read reached them (False: the deadline passed first, or the broker named no
+    partition of the topic: the ids are only some of the log's)."""
     import json
 
     from kafka import KafkaConsumer, TopicPartition
@@ -140,14 +142,14 @@ def event_ids_in_topic(kafka, timeout_s: float = 120.0) -> set[str]:
         ends = consumer.end_offsets(partitions)
         ids: set[str] = set()
         deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < ends[tp] for tp in partitions) and time.monotonic() < deadline:
+        while (behind := any(consumer.position(tp) < ends[tp] for tp in partitions)) and time.monotonic() < deadline:
             for records in consumer.poll(timeout_ms=500, max_records=5000).values():
                 for record in records:
                     try:
                         ids.add(json.loads(record.value).get("event_id", ""))
                     except (ValueError, AttributeError):
                         continue  # not an event of ours
-        return ids
+        return ids, bool(partitions) and not behind
     finally:
         consumer.close()
 
@@ -246,12 +248,14 @@ class EventStream:
             self.error = exc
             self.say(f"the event stream stopped: {type(exc).__name__}: {exc}")
 
-    def stop(self, resend_timeout_s: float = 30.0) -> None:
-        """No new events; failed sends are still sent again for up to resend_timeout_s."""
+    def stop(self, resend_timeout_s: float = 30.0) -> bool:
+        """No new events; failed sends are still sent again for up to resend_timeout_s. Returns whether
+        the stream has ended: one still sending gets acknowledgements after the final check, unjudged."""
         self._stop_deadline = time.monotonic() + resend_timeout_s
         self._stopping.set()
         if self._thread.ident is not None:  # started
             self._thread.join(resend_timeout_s + 60)  # + the producer's flush
+        return not self._thread.is_alive()
 
 
 class StorePoller:
@@ -262,7 +266,7 @@ class StorePoller:
 
         self.store = RedisFeatureStore.from_config(config.redis, timeout_s=1.0)
         self.ledger, self.poll_s, self.chunk = ledger, poll_s, chunk
-        self.read_errors = 0  # polls that failed (Redis down): those events are seen later
+        self.read_error_times: list[float] = []  # when polls failed (Redis down): those events are seen later
         self._said_at = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="store-poller", daemon=True)
@@ -280,7 +284,7 @@ class StorePoller:
             try:
                 windows = self.store.get_windows(chunk)
             except redis.RedisError:
-                self.read_errors += 1
+                self.read_error_times.append(time.monotonic())
                 return
             now = time.monotonic()
             for user, window in zip(chunk, windows):
@@ -433,7 +437,7 @@ class LoadRun:
         to reflect every acked event, then checks the stored windows for doubled or phantom behaviours."""
         self.load.stop()
         self.say("stopping the event stream; waiting for every acked event to reach the store")
-        self.stream.stop()
+        stream_stopped = self.stream.stop()
         job = self.sut.job()
         drained = self.poller.drain(drain_timeout_s, lambda: job.metric("mindstream_stream_events_in_total"), self.say)
         self.poller.stop()
@@ -442,21 +446,29 @@ class LoadRun:
         lost = [e for e in self.ledger.snapshot() if e.lost]
         if lost:  # where were they lost: is the record still in the broker's log?
             self.say(f"  {len(lost):,} acked events are not in their windows: looking for them in the broker's log")
-            in_log = event_ids_in_topic(self.sut.config.kafka)
-            with self.ledger.lock:
-                for event_id, event in self.ledger.events.items():
-                    if event.lost:
-                        event.in_broker = event_id in in_log
-        return {"drained": drained, "doubled_behaviours": doubled, "phantom_behaviours": phantom,
+            in_log, complete = event_ids_in_topic(self.sut.config.kafka)
+            if complete:
+                with self.ledger.lock:
+                    for event_id, event in self.ledger.events.items():
+                        if event.lost:
+                            event.in_broker = event_id in in_log
+            else:  # absent from a partial read proves nothing: in_broker stays unknown, no loss is the broker's
+                self.say("  the broker's log could not be read to its end: where they were lost is not known")
+        return {"drained": drained, "stream_stopped": stream_stopped, "doubled_behaviours": doubled, "phantom_behaviours": phantom,
                 "events_lost": len(lost), "events_lost_not_in_broker": sum(1 for e in lost if e.in_broker is False),
                 "events_lost_at_reused_offset": sum(1 for e in lost if e.offset_reused),
-                "store_read_errors": self.poller.read_errors, "stream_error": repr(self.stream.error) if self.stream.error else None,
+                "store_read_errors": len(self.poller.read_error_times), "stream_error": repr(self.stream.error) if self.stream.error else None,
                 "last_send_error": self.stream.last_error}
 
 
 def final_problems(final: dict) -> list[str]:
-    """What `LoadRun.finish` found wrong beyond lost events (reported per fault or minute)."""
+    """What `LoadRun.finish` found wrong in the run as a whole. Lost events and failed store reads are
+    judged per fault row (a Redis fault explains failed reads) or by the soak's verdict."""
     problems = []
+    if not final["drained"]:
+        problems.append("acked events were still missing from the store when the drain gave up (--drain-timeout-s, or the job read nothing more)")
+    if not final["stream_stopped"]:
+        problems.append("the event stream was still sending after its stop: what it got acknowledged after the final check was never checked")
     if final["doubled_behaviours"] or final["phantom_behaviours"]:
         problems.append(f"stored windows hold {final['doubled_behaviours']} behaviours twice and {final['phantom_behaviours']} never sent")
     if final["stream_error"]:

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from infra.cli import UserError, at_least, run_command
 from infra.config import load_config
@@ -74,6 +75,9 @@ def cmd_run(args) -> int:
                 print(f"  {len(stale)} checkpoint(s) of an older state layout (e.g. {stale[0]}) cannot be restored by this version: "
                       "users' windows continue from their stored records ([streaming].seed_windows_from_store); delete them once this job has checkpointed", file=sys.stderr)
     elif args.restore:
+        if not is_uri(args.restore) and not (Path(args.restore) / "_metadata").is_file():
+            raise UserError(f"--restore {args.restore}: no checkpoint there (a chk-N folder holds _metadata): name one, or "
+                            "--restore latest for this job's newest")
         restore = args.restore  # a folder or a URI: the job makes it the URI Flink reads (storage_uri)
     run_job(config, restore)
     return 0

@@ -76,6 +76,7 @@ def _command(*argv, tmp_path, **variables):
     (["model_export", "items", "deactivate", "--file", "/nonexistent"], {}, "--file /nonexistent: cannot read it"),
     (["streaming", "produce", "--rate", "5", "--speedup", "2"], {}, "not allowed with argument"),
     (["streaming", "backfill", "--settle-s", "-5"], {}, "-5 is below 0"),
+    (["streaming", "run", "--restore", "/nonexistent/chk-3"], {}, "--restore /nonexistent/chk-3: no checkpoint there"),
     (["recall_service", "recall", "--user-id", "u", "--timeout", "-1"], {}, "-1 is below"),
     (["recall_service", "recall", "--user-id", "u", "--tls-ca", "/nonexistent.pem"], {}, "--tls-ca /nonexistent.pem: cannot read it"),
     (["recall_service", "recall", "--user-id", "u", "--target", "127.0.0.1:1", "--timeout", "1"], {}, "no connection to the recall service at 127.0.0.1:1"),

@@ -9,10 +9,12 @@ whatever the timing (nothing lost, recall answering again, only UNAVAILABLE / DE
 never how fast.
 """
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -27,13 +29,15 @@ from infra.fault_report import (
     fault_verdict,
     fault_windows,
     memory_growth,
+    memory_table,
     minute_row,
     percentile,
+    soak_verdict,
     summarize_fault,
     window_anomalies,
 )
 from infra.faults import parse_faults
-from infra.harness import HarnessError, reason_name
+from infra.harness import HarnessError, event_ids_in_topic, final_problems, reason_name
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -201,9 +205,108 @@ def test_the_verdict_names_losses_unexpected_codes_and_missing_recoveries():
     assert "no normal recall answer after the restart" in problems[2]
     # CANCELLED: only from the recall service's own shutdown (calls it received but never ran)
     samples = [RecallSample(11.0, 11.1, "CANCELLED"), RecallSample(15.0, 15.1, "OK")]
-    own = summarize_fault(FaultRun("recall service restart", "recall", "SIGTERM", 10.0, 10.5, 14.0, 5.0, 50.0), {}, samples)
+    acked = {"e": event(12.0, seen_at=16.0)}
+    own = summarize_fault(FaultRun("recall service restart", "recall", "SIGTERM", 10.0, 10.5, 14.0, 5.0, 50.0), acked, samples)
     assert fault_verdict([own]) == []
-    assert "CANCELLED 1" in fault_verdict([summarize_fault(run, {}, samples)])[0]
+    assert "CANCELLED 1" in fault_verdict([summarize_fault(run, acked, samples)])[0]
+
+
+def test_the_verdict_names_events_never_acked_rows_without_acks_and_unverified_events():
+    run = FaultRun("broker restart", "broker", "SIGINT", 10.0, 10.5, 14.0, 5.0, 50.0)
+    recalled = [RecallSample(20.0, 20.1, "OK")]
+    # a broker that never acknowledges again: every send of the row given up on, none acked
+    never_acked = {f"e{i}": event(None, failures=60, first_sent_at=12.0) for i in range(5000)}
+    problems = fault_verdict([summarize_fault(run, never_acked, recalled)])
+    assert problems == ["broker restart: no event was acknowledged in this row: the stream or the broker stopped, nothing was checked",
+                        "broker restart: 5000 events sent were never acknowledged (the harness gave up resending them): unchecked"]
+    # pushed out of full windows before a poll saw them: never verified
+    evicted = {"ok": event(12.0, seen_at=12.5), **{f"e{i}": event(12.1, evicted=True) for i in range(800)}}
+    problems = fault_verdict([summarize_fault(run, evicted, recalled)])
+    assert len(problems) == 1 and problems[0].startswith("broker restart: 800 acked events were pushed out of their window before any poll saw them")
+
+
+def test_failed_store_reads_are_a_problem_except_in_the_redis_fault():
+    acked, recalled = {"e": event(12.0, seen_at=16.0)}, [RecallSample(15.0, 15.1, "OK")]
+    read_errors = [11.0, 11.5, 60.0]  # the last one in another row
+    redis = summarize_fault(FaultRun("Redis restart", "redis", "SIGTERM", 10.0, 10.5, 14.0, 5.0, 50.0), acked, recalled, read_errors)
+    broker = summarize_fault(FaultRun("broker restart", "broker", "SIGINT", 10.0, 10.5, 14.0, 5.0, 50.0), acked, recalled, read_errors)
+    assert redis.store_read_errors == broker.store_read_errors == 2
+    assert fault_verdict([redis]) == []
+    assert fault_verdict([broker]) == ["broker restart: 2 reads of the stored windows failed, and Redis was not the fault"]
+
+
+def test_a_row_without_recall_requests_is_a_problem():
+    # the recall clients died: no request in the row, so no recovery was ever checked either
+    acked = {"e": event(12.0, seen_at=16.0)}
+    for run in (FaultRun("Milvus restart", "milvus", "SIGINT", 10.0, 10.5, 14.0, 5.0, 50.0), FaultRun("no fault", "", "", 0.0, 0.0, 0.0, 0.0, 50.0)):
+        assert fault_verdict([summarize_fault(run, acked, [])]) == [f"{run.name}: no recall request was sent in this row: the recall clients stopped"]
+
+
+def final(**changes):
+    """`LoadRun.finish`'s result for a run where all went well, with `changes`."""
+    return {"drained": True, "stream_stopped": True, "doubled_behaviours": 0, "phantom_behaviours": 0, "events_lost": 0,
+            "events_lost_not_in_broker": 0, "events_lost_at_reused_offset": 0, "store_read_errors": 0, "stream_error": None,
+            "last_send_error": "", **changes}
+
+
+def test_final_problems_name_a_drain_that_gave_up_and_a_stream_still_sending():
+    assert final_problems(final()) == []
+    problems = final_problems(final(drained=False, stream_stopped=False))
+    assert len(problems) == 2
+    assert problems[0].startswith("acked events were still missing from the store when the drain gave up")
+    assert problems[1].startswith("the event stream was still sending after its stop")
+
+
+class FakeConsumer:
+    """kafka-python's KafkaConsumer over a topic of 2 partitions of 2 records each; it delivers the
+    records of the partitions in `delivered` only (the others' leader does not answer)."""
+
+    partitions: set[int] | None = {0, 1}  # None: the broker has no metadata for the topic
+    delivered = (0, 1)
+
+    def __init__(self, **options):
+        self.read = {}
+
+    def partitions_for_topic(self, topic):
+        return self.partitions
+
+    def assign(self, partitions):
+        self.read = {tp: 0 for tp in partitions}
+
+    def seek_to_beginning(self, *partitions):
+        pass
+
+    def end_offsets(self, partitions):
+        return {tp: 2 for tp in partitions}
+
+    def position(self, tp):
+        return self.read[tp]
+
+    def poll(self, timeout_ms, max_records):
+        batch = {}
+        for tp in self.read:
+            if tp.partition in self.delivered and self.read[tp] < 2:
+                batch[tp] = [SimpleNamespace(value=json.dumps({"event_id": f"p{tp.partition}-{o}"}).encode()) for o in (0, 1)]
+                self.read[tp] = 2
+        return batch
+
+    def close(self):
+        pass
+
+
+def test_reading_the_broker_log_says_whether_it_read_every_record(monkeypatch):
+    import kafka
+
+    from infra.config import KafkaConfig
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", FakeConsumer)
+    config = KafkaConfig(bootstrap_servers="127.0.0.1:9")
+    assert event_ids_in_topic(config, timeout_s=5.0) == ({"p0-0", "p0-1", "p1-0", "p1-1"}, True)
+    # the deadline passed with partition 1 unread: its events are not known to be missing from the log
+    monkeypatch.setattr(FakeConsumer, "delivered", (0,))
+    assert event_ids_in_topic(config, timeout_s=0.05) == ({"p0-0", "p0-1"}, False)
+    monkeypatch.setattr(FakeConsumer, "partitions", None)  # nothing read at all
+    assert event_ids_in_topic(config, timeout_s=0.05) == (set(), False)
 
 
 def test_parse_faults_keeps_the_order_and_refuses_unknown_names():
@@ -243,9 +346,55 @@ def test_a_minute_row_reports_errors_latency_events_and_memory():
 def test_memory_growth_uses_the_larger_of_the_relative_and_the_absolute_bound():
     mb = 2**20
     rows = {r.process: r for r in memory_growth({"job": 1000 * mb, "redis": 10 * mb, "gone": mb}, {"job": 1150 * mb, "redis": 40 * mb}, 10.0, 50.0)}
-    assert set(rows) == {"job", "redis"}  # a process missing at the end is not compared
     assert rows["job"].growth_mb == pytest.approx(150) and rows["job"].bound_mb == pytest.approx(100) and not rows["job"].within_bound
     assert rows["redis"].growth_pct == pytest.approx(300) and rows["redis"].bound_mb == pytest.approx(50) and rows["redis"].within_bound
+    # a process missing at the end (it died, or was killed for memory) is reported, not within bound
+    assert rows["gone"].end_mb is None and rows["gone"].growth_mb is None and not rows["gone"].within_bound
+    assert "| gone | 1 | – | – | – | 50 | NO: gone |" in memory_table(list(rows.values()))
+
+
+def soak_minutes(errors=None, requests=100, acked=100):
+    samples = [RecallSample(float(i), i + 0.01, "OK") for i in range(requests)]
+    samples += [RecallSample(0.0, 1.0, code) for code, n in (errors or {}).items() for _ in range(n)]
+    return [minute_row(m, samples, [event(float(t), seen_at=t + 0.5) for t in range(acked)], 60.0, {}) for m in (1, 2)]
+
+
+def test_the_soak_verdict_counts_every_recall_error():
+    events = [event(1.0, seen_at=1.5)]
+    assert soak_verdict(soak_minutes(), events, [], 0) == []
+    # no fault is injected in a soak: even the codes a restart explains are problems
+    assert soak_verdict(soak_minutes({"DEADLINE_EXCEEDED": 3, "INTERNAL": 1}), events, [], 0) == [
+        "soak: recall answered DEADLINE_EXCEEDED 6, INTERNAL 2; no error is expected"]
+    assert soak_verdict(soak_minutes(requests=0), events, [], 0) == [
+        f"minute {m}: no recall request was sent: the recall clients stopped" for m in (1, 2)]
+
+
+def test_the_soak_verdict_names_memory_over_its_bound_and_processes_gone_but_exempts_the_broker():
+    mb = 2**20
+    growth = memory_growth({"broker": 46 * mb, "recall": 150 * mb, "redis": 6 * mb, "milvus": 290 * mb},
+                           {"broker": 425 * mb, "recall": 400 * mb, "redis": 13 * mb}, 10.0, 50.0)
+    problems = soak_verdict(soak_minutes(), [event(1.0, seen_at=1.5)], growth, 0)
+    assert problems == ["milvus was not running at the end of the soak (it died or was killed)",
+                        "recall grew +250 MB after the warm-up, over its bound of 50 MB"]  # the broker's +379 MB: exempt
+    assert "| broker | 46 | 425 | +379 | +823.9% | 50 | NO (exempt: noida keeps the topic's records in memory until retention) |" in memory_table(growth)
+
+
+def test_the_soak_verdict_names_lost_unacked_and_unverified_events_and_failed_store_reads():
+    events = [event(1.0, seen_at=1.5), event(1.0, lost=True), event(None, failures=60, first_sent_at=1.0), event(1.0, evicted=True)]
+    assert soak_verdict(soak_minutes(), events, [], store_read_errors=4) == [
+        "1 acked events never reached their window",
+        "1 events sent were never acknowledged (the harness gave up resending them): unchecked",
+        "1 acked events were pushed out of their window before any poll saw them: unverified (run with windows longer than any user's events)",
+        "4 reads of the stored windows failed"]
+
+
+def test_the_soak_keeps_every_event_checkable_with_a_fixed_search_cost():
+    from infra.soak import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.window_length, args.per_interest_n) == (2000, 100)  # as python -m infra faults has them
 
 
 # -- the real command, short ------------------------------------------------------------------------
@@ -290,7 +439,9 @@ def test_real_redis_restart_job_kill_and_broker_restart_lose_nothing_in_the_job_
             assert row["fresh_again_s"] is not None, f"no event acked after the {service} restart reached the store"
     final = report["final"]
     assert final["doubled_behaviours"] == 0 and final["phantom_behaviours"] == 0
-    assert all(problem.startswith("broker restart:") for problem in report["problems"]), report["problems"]
+    # the records noida dropped never reach the store: the drain waits for them until it gives up
+    tolerated = ("broker restart:", "acked events were still missing from the store") if final["events_lost"] else ("broker restart:",)
+    assert all(problem.startswith(tolerated) for problem in report["problems"]), report["problems"]
     assert done.returncode == (1 if report["problems"] else 0), done.stdout + done.stderr[-3000:]
     assert "| Redis restart |" in done.stdout and "| Flink job killed |" in done.stdout
 
