@@ -153,8 +153,8 @@ class RedisConfig:
                               "(MINDSTREAM_REDIS__PASSWORD, or the URI's)")
 
 
-MilvusServerKind = typing.Literal["lite", "server"]
-StartOffsets = typing.Literal["earliest", "latest", "committed"]  # where a first retraining reads the topic from  # what `python -m infra up` can start for [milvus]
+MilvusServerKind = typing.Literal["lite", "server"]  # what `python -m infra up` can start for [milvus]
+StartOffsets = typing.Literal["earliest", "latest", "committed"]  # where a first retraining reads the topic from
 
 
 @dataclass(frozen=True)

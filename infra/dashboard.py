@@ -59,13 +59,13 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                          "/ sum(rate(mindstream_recall_requests_total[$__rate_interval]))", "server errors"),
                    Query('(sum(rate(mindstream_recall_requests_total{code!="OK"}[$__rate_interval])) or vector(0)) '
                          "/ sum(rate(mindstream_recall_requests_total[$__rate_interval]))", "all non-OK"))),
-        PanelSpec("Replicas reaching each backend", "Recall replicas whose last health probe reached the feature store and "
-                  "the vector search; a replica that does not reach both reports NOT_SERVING (alerted when none reaches it).",
-                  "short", (Query("sum by (backend) (mindstream_recall_backend_up)", "{{backend}}"),), kind="stat"),
         PanelSpec("Fallback rate by reason", "Share of recalls not served from stored interests (unknown users are "
                   "expected; outage reasons are alerted above 1%).", "percentunit",
                   (Query("sum by (reason) (rate(mindstream_recall_fallbacks_total[$__rate_interval])) / scalar(sum("
                          'rate(mindstream_recall_latency_seconds_count{stage="total", code="OK"}[$__rate_interval])))', "{{reason}}"),)),
+        PanelSpec("Replicas reaching each backend", "Recall replicas whose last health probe reached the feature store and "
+                  "the vector search; a replica that does not reach both reports NOT_SERVING (alerted when none reaches it).",
+                  "short", (Query("sum by (backend) (mindstream_recall_backend_up)", "{{backend}}"),), kind="stat"),
     )),
     ("Streaming job", (
         PanelSpec("Events per second", "Kafka records read by the job, and valid events by what they did to the user's window.", "ops",

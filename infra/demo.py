@@ -124,7 +124,7 @@ def run_online_replay(config: Config, dataset: str, start: int, limit: int, n: i
     from recall_service.channel import recall_channel
     from recall_service.served_log import RedisServedLog
     from recall_service.stubs import recall_pb2, recall_pb2_grpc
-    from streaming.producer import EventProducer, ReplayEvents, replay
+    from streaming.producer import EventProducer, ReplayError, ReplayEvents, replay
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -176,7 +176,10 @@ def run_online_replay(config: Config, dataset: str, start: int, limit: int, n: i
         time.sleep(0.2)
     before = online_counts(config)
     with EventProducer.for_config(config) as producer:
-        sent = replay(iter(events), producer)
+        try:
+            sent = replay(iter(events), producer)
+        except ReplayError as exc:
+            raise UserError(f"{exc}: the online replay's slice is not all in Kafka; run it again once the broker answers") from None
     deadline, seen, delta = time.monotonic() + wait_s, 0, Counter()
     while seen < sent and time.monotonic() < deadline:
         time.sleep(0.5)

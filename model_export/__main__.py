@@ -17,14 +17,13 @@ def _dataset_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _date(text: str) -> str:
-    """An argparse type: a date as YYYY-MM-DD (kept as the text the benchmark reads)."""
+    """An argparse type: a date, as the YYYY-MM-DD text the benchmark reads."""
     import datetime as dt
 
     try:
-        dt.date.fromisoformat(text)
+        return dt.date.fromisoformat(text).isoformat()  # as YYYY-MM-DD, so that the dates compare as text
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date: write YYYY-MM-DD") from None
-    return text
 
 
 def _out(args, name: str) -> Path:

@@ -62,8 +62,9 @@ def run_one(dataset: str, model: str, seed: int, run_dir: Path, epochs: int = 0,
     spec = default_spec(model, data, dataset)
     settings = _settings(dataclasses.asdict(config), dataclasses.asdict(spec))
     result_file = run_dir / "result.json"
-    saved = json.loads(result_file.read_text()).get("settings") if result_file.is_file() else _saved_settings(run_dir)
-    if saved is not None and saved != settings:
+    # a result written before results held their settings is judged by its run's saved settings
+    saved = (json.loads(result_file.read_text()).get("settings") if result_file.is_file() else None) or _saved_settings(run_dir)
+    if (saved is not None or result_file.is_file()) and saved != settings:
         # hours of training, perhaps: neither reported for these settings nor deleted
         raise RunDirError(f"{run_dir} holds a run of other settings (epochs, steps, data or model) than this benchmark's: "
                           "give the benchmark another --out, or delete that folder to train it again")

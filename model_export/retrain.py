@@ -601,7 +601,8 @@ def refresh(config, export_dir: Path, say, stages: "Stages", expect_current: str
                                 "and the next refresh retires the old versions", published.model_version) from exc
     if filled.superseded:
         say("    backfill stopped: another version was published meanwhile; its own backfill re-extracts the users")
-    left = f" (the last pass still found {filled.stale_in_last_pass:,} of another version: is the job's reload failing?)" if filled.stale_in_last_pass else ""
+    left = (f" (the last pass still found {filled.stale_in_last_pass:,} of another version: is the job's reload failing?)"
+            if filled.stale_in_last_pass and not filled.superseded else "")
     say(f"    {filled.rewritten:,} records re-extracted{left}; retired {retired or 'nothing'}; stored versions now {dict(versions)}")
     return {"collection": published.collection, "items": published.items, "index": published.index_type,
             "backfill": dataclasses.asdict(filled), "stored_versions": dict(versions), "retired": retired,

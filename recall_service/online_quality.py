@@ -8,8 +8,8 @@ and exports
     mindstream_online_recall_events_total{model_version, path, event_type, outcome}
 
 Each event is judged against the answers its user was served in the [recall].served_log_ttl_s
-before it happened, those "in force": the newest [recall].served_log_answers served before it and
-not expired (recall_service/served_log.py keeps a few more, so that answers served after the event,
+before it, those "in force": the newest [recall].served_log_answers served before it and not
+expired (recall_service/served_log.py keeps a few more, so that answers served after the event,
 before a lagging judge reads the log, do not push out the ones in force):
 
     hit       an answer in force lists the event's item
@@ -24,13 +24,15 @@ under the answer that listed the item and a miss under the newest would lend an 
 hits of the events a new one missed). An answer pushed out of the log by newer ones no longer
 counts: a click on its items then is a miss of the newer answers.
 
-"Before it happened" is decided on the event's event_time_ms when it lies within the ttl before
-the Kafka record's timestamp (an application that refreshes its recommendations on a click, and
-sends the click a moment later, must not have the refreshed answer judge it), else on the record's
-timestamp: event_time_ms is the application's clock, hours or years behind in a replay. Producers
-must leave that timestamp at the send time (CreateTime, Kafka's default) or the topic use
-LogAppendTime. The service's and the producers' clocks are compared, so skew between hosts shifts
-the boundary.
+"Before it" is decided on the Kafka record's timestamp, when the event entered the stream; its
+event_time_ms is the application's clock (a phone's, skewed; hours or years behind in a replay).
+Producers must leave that timestamp at the send time (CreateTime, Kafka's default) or the topic use
+LogAppendTime; the service's and the producers' clocks are compared, so skew between servers shifts
+the boundary. An item listed by an answer in force at the event's own time also makes a hit, when
+that time lies within the ttl before the record's: an application that refreshes its
+recommendations on a click and sends the click a moment later must not have the refreshed answer,
+which no longer lists the item, turn the click into a miss. Misses and the labels go by the
+record's timestamp only, so a skewed device clock cannot move an event to another answer.
 
 An event is judged only once it is RIPE_S old: the service's answers reach Redis through a queue
 (about 50 ms, seconds while Redis is slow), and a judgement is committed for good.
@@ -55,12 +57,6 @@ POLL_RECORDS = 2000  # events per poll: one Redis round trip and one offset comm
 RIPE_S = 5.0  # an event is judged this long after it entered Kafka, when its user's earlier answers are surely in Redis
 
 
-def happened_ms(event: BehaviourEvent, entered_ms: int, ttl_ms: int) -> int:
-    """When the event happened as far as the judge can tell: its own time if that lies within the ttl
-    before it entered Kafka (a delivery delay), else when it entered (another clock, a replay)."""
-    return event.event_time_ms if 0 <= entered_ms - event.event_time_ms <= ttl_ms else entered_ms
-
-
 def in_force(kept: Sequence[ServedRecord], at_ms: int, ttl_ms: int, answers: int) -> list[ServedRecord]:
     """Of a user's kept answers (newest first), those in force at `at_ms`: the newest `answers`
     served at or before it, less those expired by then."""
@@ -81,11 +77,14 @@ def judge_events(events: Iterable[tuple[BehaviourEvent, int]], served: dict[str,
 
     counts: Counter = Counter()
     for event, entered_ms in events:
-        shown = in_force(served.get(event.user_id, ()), happened_ms(event, entered_ms, ttl_ms), ttl_ms, answers)
+        kept = served.get(event.user_id, ())
+        shown = in_force(kept, entered_ms, ttl_ms, answers)
         if not shown:
             counts[("", "", event.event_type, UNJUDGED)] += 1
             continue
-        hit = any(event.item_id in items_of(record) for record in shown)
+        delivered_late = 0 < entered_ms - event.event_time_ms <= ttl_ms
+        shown_then = in_force(kept, event.event_time_ms, ttl_ms, answers) if delivered_late else []
+        hit = any(event.item_id in items_of(record) for record in (*shown, *shown_then))
         counts[(shown[0].model_version, shown[0].path, event.event_type, HIT if hit else MISS)] += 1
     return counts
 
@@ -135,10 +134,13 @@ class OnlineQualityJudge:
                 self._positions_committed = True
             return 0
         # Only what is RIPE_S old: each partition goes back to its first younger record, read again later
-        ripe_before = int(self.clock() * 1000) - self.ripe_ms
+        now_ms = int(self.clock() * 1000)
+        ripe_before = now_ms - self.ripe_ms
         wait_ms = None
         for partition, records in polled.items():
-            young = next((i for i, record in enumerate(records) if record.timestamp > ripe_before), None)
+            # young: entered in the last RIPE_S; a time further ahead is another clock's, judged at once
+            # (waiting for it would hold its partition for good)
+            young = next((i for i, record in enumerate(records) if ripe_before < record.timestamp <= now_ms + self.ripe_ms), None)
             if young is not None:
                 consumer.seek(partition, records[young].offset)
                 wait_ms = min(wait_ms or self.ripe_ms, records[young].timestamp - ripe_before)

@@ -99,9 +99,10 @@ def test_answers_served_after_an_event_do_not_push_out_those_in_force_for_it():
         {("v2", "stored_interests", "click", MISS): 1})
 
 
-def test_an_event_delivered_late_is_judged_at_its_own_time():
+def test_an_item_shown_when_a_late_delivered_event_happened_is_a_hit():
     """Click x, the application refreshes (an answer without x, served before the click reached
-    Kafka): the click is judged against what was shown when it happened, not the refresh."""
+    Kafka): the click is a hit of what was shown when it happened, not a miss of the refresh. A
+    skewed device clock, though, never turns a hit at the Kafka time into a miss."""
     shown = served(version="v1", items=("x", "y"), served_ms=SERVED_MS)
     refreshed = served(version="v1", items=("y", "z"), served_ms=SERVED_MS + 100)
     click = BehaviourEvent("u1", "x", "click", SERVED_MS + 50)
@@ -110,6 +111,11 @@ def test_an_event_delivered_late_is_judged_at_its_own_time():
     replayed = BehaviourEvent("u1", "x", "click", 5)  # years before it entered Kafka (a replay): the Kafka time decides
     assert judge_events([(replayed, SERVED_MS + 300)], {"u1": (refreshed, shown)}, TTL_S * 1000, answers=1) == Counter(
         {("v1", "stored_interests", "click", MISS): 1})
+    # a phone 5 s slow: x clicked 2 s after it was shown, dated 3 s before; it entered Kafka 1 s later
+    older = served(version="v0", items=("q",), served_ms=SERVED_MS - 60_000)
+    skewed = BehaviourEvent("u1", "x", "click", SERVED_MS - 3_000)
+    assert judge_events([(skewed, SERVED_MS + 3_000)], {"u1": (shown, older)}, TTL_S * 1000, answers=3) == Counter(
+        {("v1", "stored_interests", "click", HIT): 1})
 
 
 class FakeConsumer:
@@ -201,6 +207,16 @@ def test_an_event_is_judged_only_once_its_users_earlier_answers_are_surely_in_re
     assert judge.step() == 0 and consumer.committed == [1, 1] and slept == [1.0]  # waits (up to 1 s at a time) rather than polling again at once
     clock[0] += 4
     assert judge.step() == 2 and consumer.committed[-1] == 3 and sum(counts.values()) == 3
+
+
+def test_a_record_stamped_far_ahead_is_judged_at_once_not_waited_for():
+    """A producer's clock an hour fast: waiting for its record to ripen would hold its partition, and
+    every record behind it, for that hour."""
+    now_ms = SERVED_MS + 60_000
+    batch = [(b"u1", encode_event(event("u1", "a")), now_ms + 3_600_000), (b"u1", encode_event(event("u1", "b")), now_ms - 7_000)]
+    consumer = FakeConsumer(batch)
+    judge, counts, _ = counting_judge(consumer, FakeServed({"u1": (served(),)}), clock=lambda: now_ms / 1000, sleep=lambda s: None)
+    assert judge.step() == 2 and consumer.committed == [2]
 
 
 def test_a_new_group_commits_its_starting_positions_before_any_event():

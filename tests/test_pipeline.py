@@ -527,6 +527,12 @@ def test_quality_reuses_a_run_only_with_its_settings_and_resumes_a_stopped_one(s
     with pytest.raises(RunDirError, match="holds a run of other settings"):  # neither reported as the new settings' nor deleted
         run_one(str(synthetic_csv), "mind", 1, run, epochs=1, max_steps_per_epoch=2)
     assert len(epochs_trained) == 1 and json.loads((run / "result.json").read_text()) == smoke
+    legacy = tmp_path / "legacy"  # a result written before results held their settings: judged by its run's
+    shutil.copytree(run, legacy)
+    (legacy / "result.json").write_text(json.dumps({k: v for k, v in smoke.items() if k != "settings"}))
+    with pytest.raises(RunDirError, match="holds a run of other settings"):
+        run_one(str(synthetic_csv), "mind", 1, legacy, epochs=1, max_steps_per_epoch=2)
+    assert run_one(str(synthetic_csv), "mind", 1, legacy, epochs=1, max_steps_per_epoch=1)["test"] == smoke["test"]
     run = tmp_path / "run2"
 
     def killed_in_epoch_2(*args, **kwargs):  # a benchmark stopped after epoch 1's checkpoint
