@@ -340,6 +340,14 @@ def recall_error_problems(name: str, errors: dict[str, int], expected: frozenset
     return [f"{name}: recall answered {_counts(unexpected)}; {allowed}"]
 
 
+def _unacked_problem(n: int) -> str:
+    return f"{n} events sent were never acknowledged (the harness gave up resending them): unchecked"
+
+
+def _unverified_problem(n: int) -> str:
+    return f"{n} acked events were pushed out of their window before any poll saw them: unverified (run with windows longer than any user's events)"
+
+
 def fault_verdict(summaries: list[FaultSummary]) -> list[str]:
     """What must hold whatever the timing: in every row, events acked and none lost, none unacked
     (the harness gave up: unchecked), none pushed out of its window unverified, recall called and
@@ -351,7 +359,7 @@ def fault_verdict(summaries: list[FaultSummary]) -> list[str]:
         if not s.events_acked:
             problems.append(f"{s.name}: no event was acknowledged in this row: the stream or the broker stopped, nothing was checked")
         if s.events_unacked:
-            problems.append(f"{s.name}: {s.events_unacked} events sent were never acknowledged (the harness gave up resending them): unchecked")
+            problems.append(f"{s.name}: {_unacked_problem(s.events_unacked)}")
         if s.events_lost:
             broker_lost = s.events_lost_not_in_broker + s.events_lost_at_reused_offset
             causes = [f"{s.events_lost_not_in_broker} not in the broker's log any more"] if s.events_lost_not_in_broker else []
@@ -362,8 +370,7 @@ def fault_verdict(summaries: list[FaultSummary]) -> list[str]:
                 cause += " (all of them the broker's: it dropped records it had acknowledged)"
             problems.append(f"{s.name}: {s.events_lost} acked events never reached their window{cause} (first ids: {', '.join(s.lost_event_ids[:5])})")
         if s.events_evicted_unverified:
-            problems.append(f"{s.name}: {s.events_evicted_unverified} acked events were pushed out of their window before any poll saw them: "
-                            "unverified (run with windows longer than any user's events)")
+            problems.append(f"{s.name}: {_unverified_problem(s.events_evicted_unverified)}")
         if s.store_read_errors and s.service != "redis":  # Redis down: the poll fails, and sees the events later
             problems.append(f"{s.name}: {s.store_read_errors} reads of the stored windows failed, and Redis was not the fault")
         expected = EXPECTED_ERROR_CODES | (EXPECTED_IN_OWN_SHUTDOWN if s.service == "recall" else frozenset())
@@ -485,9 +492,8 @@ def soak_verdict(rows: list[MinuteRow], events: list[SentEvent], growth: list[Me
     unacked = sum(1 for e in events if e.acked_at is None)
     evicted = sum(1 for e in events if e.evicted)
     problems += [f"{lost} acked events never reached their window"] if lost else []
-    problems += [f"{unacked} events sent were never acknowledged (the harness gave up resending them): unchecked"] if unacked else []
-    problems += [f"{evicted} acked events were pushed out of their window before any poll saw them: unverified "
-                 "(run with windows longer than any user's events)"] if evicted else []
+    problems += [_unacked_problem(unacked)] if unacked else []
+    problems += [_unverified_problem(evicted)] if evicted else []
     errors = Counter()
     for r in rows:
         errors.update(r.errors)

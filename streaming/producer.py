@@ -147,15 +147,14 @@ def replay(
     sent = 0
     failures = _Failures()
     for event in paced(events, rate, speedup):
+        position, sent = sent, sent + 1
         try:
-            producer.send(event).add_errback(failures.add, sent)
+            producer.send(event).add_errback(failures.add, position)
         except EventError:
             raise  # the dataset's own event breaks the contract: nothing to resend
         except Exception as exc:  # the producer refused to queue it (no metadata within max_block_ms, a closed producer)
-            failures.add(sent, exc)
-            sent += 1
+            failures.add(position, exc)
             break
-        sent += 1
         if sent % 1000 == 0:
             on_progress(sent)
     producer.flush()
