@@ -159,10 +159,10 @@ class InterestWriter:
         try:
             record = self._retrying(lambda: self.store.get_many([user_id])[0], f"feature-store read of user {user_id!r:.80}")
         except RecordError as exc:  # another schema, corrupt, or a key of another type: the job's next write replaces it
-            metrics.WINDOW_SEEDS.labels("unreadable").inc()
+            metrics.WINDOW_SEEDS.labels(metrics.UNREADABLE).inc()
             log.warning("window of user %.80r not seeded: %s", user_id, exc)
             return UserWindow()
-        metrics.WINDOW_SEEDS.labels("none" if record is None else "seeded").inc()
+        metrics.WINDOW_SEEDS.labels(metrics.NO_RECORD if record is None else metrics.SEEDED).inc()
         return UserWindow() if record is None else UserWindow.from_record(record)
 
     def _extract(self, users: list[str], updates: list[PendingUpdate]) -> tuple[list[InterestRecord], list[PendingUpdate], str]:

@@ -31,6 +31,7 @@ FRESHNESS_SECONDS = Histogram("mindstream_stream_freshness_seconds", "Event prod
 UNKNOWN_WINDOWS = Counter("mindstream_stream_unknown_windows_total", "Updates skipped: no item in the window is known to the model yet")
 STORE_ERRORS = Counter("mindstream_stream_store_errors_total", "Failed feature-store writes and window reads (retried until they succeed)")
 WINDOW_SEEDS = Counter("mindstream_stream_window_seeds_total", "Users without job state, by what their stored record gave the window", ["result"])
+SEEDED, NO_RECORD, UNREADABLE = "seeded", "none", "unreadable"  # WINDOW_SEEDS' results
 MODEL_RELOADS = Counter("mindstream_stream_model_reloads_total", "User-tower hot reloads, by result", ["result"])
 MODEL_INFO = Gauge("mindstream_stream_model_info", "A user tower in use by some task instance (value 1)", ["model_version"])
 LAST_WRITE = Gauge("mindstream_stream_last_write_timestamp_seconds", "Wall-clock time of the newest feature-store write")
@@ -40,7 +41,7 @@ for _reason in (*EVENT_ERROR_KINDS, "late"):
     DEAD_LETTERS.labels(_reason)
 for _outcome in Applied:
     EVENTS_APPLIED.labels(_outcome.value)
-for _result in ("seeded", "none", "unreadable"):
+for _result in (SEEDED, NO_RECORD, UNREADABLE):
     WINDOW_SEEDS.labels(_result)
 for _result in ("ok", "failed"):
     MODEL_RELOADS.labels(_result)
