@@ -294,10 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress output while the test metrics are measured")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("publish", help="install an export in the model registry, fill its Milvus collection, swap the alias, make it current")
-    p.add_argument("--export-dir", required=True, help="an export directory (with manifest.json)")
+    p = sub.add_parser("publish", help="install an export in the model registry, fill its Milvus collection, swap the alias, make it current",
+                       description="Installs the export in the model registry ([paths].models_dir), creates and fills the Milvus collection "
+                                   "of its version (kept when it already holds the version whole), moves the alias, and only then the "
+                                   "registry's CURRENT, which the streaming job hot-reloads. A rollback is a publish of a kept version: "
+                                   "--export-dir <models_dir>/<version> (its collection and index are reused). Stored interests of other "
+                                   "versions go on being answered from their own collections until they are re-extracted.")
+    p.add_argument("--export-dir", required=True, help="an export directory (with manifest.json), or a version's folder in the registry")
     p.add_argument("--milvus-uri", default=None, help="default: [milvus].uri of the configuration (a file = Milvus Lite)")
-    p.add_argument("--index", choices=("FLAT", "HNSW"), default=None, help="default: FLAT below 20,000 items, else HNSW")
+    p.add_argument("--index", choices=("FLAT", "HNSW"), default=None,
+                   help="default: the index of the version's existing collection; for a new one FLAT below 20,000 items, else HNSW. "
+                        "Another index than the existing one rebuilds that collection (refused for the live version)")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("items", help="take items out of recall (withdrawn, out of stock) or put them back, in every model version",
@@ -313,10 +320,13 @@ def main(argv: list[str] | None = None) -> int:
                        description="Reads the events topic from the offsets the current model was trained to (own consumer group), grows "
                                    "the item vocabulary, fine-tunes from the current weights, compares holdout Recall@50 with the current "
                                    "model ([retrain].tolerance), then publishes, backfills the feature store and retires unreferenced "
-                                   "versions. Settings: the [retrain] section (MINDSTREAM_RETRAIN__*). Exit 3 = refused by the gate.")
+                                   "versions. Settings: the [retrain] section (MINDSTREAM_RETRAIN__*). Prints a JSON report whose status "
+                                   "is published, refused, trained (--no-publish) or skipped (too few new events: exit 0). Exit 1 = "
+                                   "published, but the backfill or retirement stopped (the report says how to finish); 2 = an error, "
+                                   "nothing published; 3 = refused by the gate or CURRENT moved meanwhile.")
     p.add_argument("--schedule", action="store_true", help="keep running: retrain every [retrain].every_minutes / every_events")
-    p.add_argument("--poll", type=float, default=10.0, help="scheduled mode: seconds between looks at the topic")
-    p.add_argument("--runs", type=int, default=0, help="scheduled mode: stop after this many retrainings (0 = never)")
+    p.add_argument("--poll", type=at_least(0.1, float), default=10.0, help="scheduled mode: seconds between looks at the topic")
+    p.add_argument("--runs", type=at_least(0), default=0, help="scheduled mode: stop after this many retrainings (0 = never)")
     p.add_argument("--no-publish", action="store_true", help="train, judge and export only")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_retrain)

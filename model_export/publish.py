@@ -4,7 +4,9 @@
                                side tokens joined by '|'), categories (the same tokens, ARRAY<VARCHAR>),
                                active (BOOL: false for the registry's inactive items), model_version,
                                vector (FLOAT_VECTOR, IP)
-    <prefix>                   the alias readers search; it moves to a new version only once that
+    <prefix>                   an alias of the current version's collection, for readers of "the
+                               current items" (the recall service searches each stored interest's
+                               own version by name); it moves to a new version only once that
                                collection is complete, indexed and loaded
 
 Older collections stay: the interests already in the feature store carry their model version and
@@ -28,7 +30,7 @@ import numpy as np
 
 from infra.cli import UserError
 from model_export.manifest import Manifest
-from model_export.registry import CurrentMovedError
+from model_export.registry import CurrentMovedError, CurrentUnreadableError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ MAX_RAW_ID_BYTES = 1024
 MAX_CATEGORY_BYTES = 2048  # the joined string
 MAX_CATEGORIES, MAX_TOKEN_BYTES = 64, 256  # the array
 IDS_PER_QUERY = 1_000
+INDEX_BUILD_TIMEOUT_S = 6 * 3600.0  # far beyond an HNSW build of 10M x 64 floats on one index node
 
 
 @dataclass
@@ -91,23 +94,43 @@ def alias_target(client, alias: str) -> str | None:
     quiet.setLevel(logging.CRITICAL)  # pymilvus logs a missing alias as an ERROR before raising
     try:
         return client.describe_alias(alias=alias)["collection_name"]
-    except MilvusException:
-        return None
+    except MilvusException as exc:
+        if _missing(exc):
+            return None
+        raise  # Milvus unreachable or overloaded: "no alias" would lift the guards that read it
     finally:
         quiet.setLevel(level)
 
 
-def wait_for_index(client, name: str, rows: int, progress=print, poll_s: float = 1.0) -> None:
+def _missing(exc) -> bool:
+    """Whether a Milvus error says the thing asked for does not exist (Milvus Lite: "alias 'x' does
+    not exist"; Milvus 2.3: "alias not found[...]"), as opposed to a server that did not answer."""
+    message = str(getattr(exc, "message", exc)).lower()
+    return "not exist" in message or "not found" in message
+
+
+def wait_for_index(client, name: str, rows: int, progress=print, poll_s: float = 1.0, timeout_s: float = INDEX_BUILD_TIMEOUT_S) -> None:
     """A Milvus server builds the index of sealed segments after the load returns; until it is done,
     searches scan raw segments (slow, and exact where HNSW is approximate). The alias moves only
     once every row is indexed; the collection is then reloaded with its index. (Milvus Lite
-    indexes synchronously and reports no pending rows.)"""
+    indexes synchronously and reports no pending rows.) A build Milvus reports failed, or one
+    still unfinished after `timeout_s`, stops the publication: it holds the registry's lock."""
     started = time.perf_counter()
-    waited = False
+    waited, said = False, started
     while True:
         info = client.describe_index(name, "vector")
         if "pending_index_rows" not in info or (info.get("indexed_rows", 0) >= rows and info["pending_index_rows"] == 0):
             break
+        if str(info.get("state", "")).lower() == "failed":
+            raise UserError(f"Milvus failed to build the index of {name} ({info.get('index_state_fail_reason') or 'no reason given'}); "
+                            "the alias was not moved: fix the cause in Milvus' log, then publish again")
+        now = time.perf_counter()
+        if now - started > timeout_s:
+            raise UserError(f"the index of {name} is still being built after {timeout_s:.0f}s ({info.get('indexed_rows', 0):,} of {rows:,} "
+                            "rows); the alias was not moved: publish again to go on waiting (the collection is kept)")
+        if now - said >= 60:
+            progress(f"  {info.get('indexed_rows', 0):,} of {rows:,} rows of {name} indexed")
+            said = now
         waited = True
         time.sleep(poll_s)
     if waited:
@@ -144,19 +167,18 @@ def set_active(client, collections: Iterable[str], raw_item_ids: Iterable[str], 
     return changed
 
 
-def _holds_export(client, name: str, n_items: int, index_type: str) -> bool:
-    """Whether an existing collection is already complete: every item inserted, indexed as asked. One
-    a publish killed between creating it and indexing it has no index: incomplete (a Milvus server
-    refuses to load it, Milvus Lite describes no index), so it is dropped and filled again."""
-    from pymilvus.exceptions import MilvusException
-
-    try:
-        client.load_collection(collection_name=name)  # Milvus Lite does not keep loads across processes
-        index = client.describe_index(name, "vector") or {}
-    except MilvusException as exc:
-        log.warning("%s is incomplete (%s): it is filled again", name, exc)
+def _holds_export(client, name: str, n_items: int, index_type: str | None) -> bool:
+    """Whether an existing collection is already complete: every item inserted, indexed as asked (any
+    index when none is asked: a rollback keeps the index its version was published with). One a
+    publish killed between creating and indexing it has no index (a Milvus server would refuse to
+    load it): incomplete. Any other Milvus error is raised, never read as "incomplete": the caller
+    would drop a collection that may be serving."""
+    if "vector" not in client.list_indexes(collection_name=name):
+        log.warning("%s has no index (a publication stopped before it was built): it is filled again", name)
         return False
-    return index.get("index_type") == index_type and _row_count(client, name) == n_items
+    client.load_collection(collection_name=name)  # Milvus Lite does not keep loads across processes
+    index = client.describe_index(name, "vector") or {}
+    return (index_type is None or index.get("index_type") == index_type) and _row_count(client, name) == n_items
 
 
 def _row_count(client, name: str) -> int:
@@ -215,11 +237,13 @@ def _fill(client, name: str, manifest: Manifest, vectors: np.ndarray, raw_ids: l
 
 
 def publish(export_dir: Path, client, prefix: str, index_type: str | None = None, progress=print,
-            inactive_items: Callable[[], frozenset[str]] = frozenset) -> Published:
+            inactive_items: Callable[[], frozenset[str]] = frozenset, live_version: str | None = None) -> Published:
     """Create, fill, index and load the collection of this export's version, then point the alias at it.
-    A version already published whole (same items, same index type) keeps its collection. `inactive_items` is read twice: for the rows, and again once they are all in, so an item
+    A version already published whole (same items; the index asked for, or any when none is) keeps
+    its collection. `inactive_items` is read twice: for the rows, and again once they are all in, so an item
     (de)activated meanwhile is marked before the alias moves (`items` marks only collections whose
-    rows it finds)."""
+    rows it finds). `live_version`: the version recall answers with (the registry's CURRENT),
+    whose collection is never dropped to be filled again, as is the one the alias points at."""
     started = time.perf_counter()
     manifest = Manifest.load(export_dir)
     vectors = np.load(manifest.file(export_dir, "item_vectors"), allow_pickle=False)
@@ -228,7 +252,6 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
     categories = [category_fields(tokens) for tokens in vocab["item_side"]]
     if vectors.shape != (manifest.n_items, manifest.dim) or len(raw_ids) != manifest.n_items:
         raise UserError(f"{export_dir}: item vectors {vectors.shape} / vocabulary {len(raw_ids)} disagree with the manifest")
-    index_type = index_type or ("FLAT" if manifest.n_items < FLAT_BELOW_ITEMS else "HNSW")
     name = collection_name(prefix, manifest.model_version)
 
     if client.has_collection(name) and _holds_export(client, name, manifest.n_items, index_type):
@@ -237,14 +260,16 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
         progress(f"  {name} already holds the {manifest.n_items:,} item vectors of {manifest.model_version}")
         wait_for_index(client, name, manifest.n_items, progress)  # an earlier attempt may have stopped while it was built
         count = manifest.n_items
+        index_type = (client.describe_index(name, "vector") or {}).get("index_type", index_type)
     else:
-        if alias_target(client, prefix) == name:
-            raise UserError(
-                f"{name} is live (the alias {prefix!r} points at it) but is not this export with a {index_type} index; "
-                "rebuilding it would take recall offline: publish a new model version instead"
-            )
-        if client.has_collection(name):
-            client.drop_collection(name)  # a half-written earlier attempt, or another index type
+        index_type = index_type or ("FLAT" if manifest.n_items < FLAT_BELOW_ITEMS else "HNSW")
+        if client.has_collection(name):  # a half-written earlier attempt, or another index type asked for
+            if name in {alias_target(client, prefix), live_version and collection_name(prefix, live_version)}:
+                raise UserError(
+                    f"{name} is live (recall answers with {manifest.model_version}) but is not this export with a {index_type} index; "
+                    "rebuilding it would take recall offline: publish a new model version instead"
+                )
+            client.drop_collection(name)
         count = _fill(client, name, manifest, vectors, raw_ids, categories, index_type, inactive_items, progress)
 
     current = alias_target(client, prefix)
@@ -262,12 +287,19 @@ def publish_version(export_dir: Path, registry, client, prefix: str, index_type:
     publication or retirement at a time per registry (registry.publishing). With `expect_current`,
     CurrentMovedError unless CURRENT still names that version (a retraining's parent)."""
     with registry.publishing(progress):
-        current = registry.current_version()
+        try:
+            current = registry.current_version()
+        except CurrentUnreadableError as exc:
+            if expect_current is not None:  # a retraining cannot tell whether its parent is still current
+                raise CurrentMovedError(f"{exc}; this candidate was not published") from None
+            progress(f"  {exc}: this publication rewrites it")  # an operator's publish repairs it
+            current = None
         if expect_current is not None and current != expect_current:
             raise CurrentMovedError(f"the registry's current version is {current}, no longer {expect_current}, which this candidate "
                                     "was judged against: not published (the next retraining starts from the current version)")
         manifest = registry.install(export_dir)
-        done = publish(registry.path(manifest.model_version), client, prefix, index_type, progress, lambda: registry.inactive_items().items)
+        done = publish(registry.path(manifest.model_version), client, prefix, index_type, progress, lambda: registry.inactive_items().items,
+                       live_version=current)
         registry.set_current(manifest.model_version)
     return done
 

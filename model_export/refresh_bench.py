@@ -106,8 +106,11 @@ def snapshot(config) -> dict:
 
     store = RedisFeatureStore.from_config(config.redis, timeout_s=10.0)
     records = {}
-    for ids in store.user_ids(2000):
-        records.update({r.user_id: r for r in store.get_many(ids) if r is not None})
+    try:
+        for ids in store.user_ids(2000):
+            records.update({r.user_id: r for r in store.get_many(ids) if r is not None})
+    finally:
+        store.close()
     return records
 
 
@@ -166,9 +169,12 @@ def run_load(args) -> dict:
         done = subprocess.run([sys.executable, "-m", "model_export", "retrain"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                               preexec_fn=lambda: os.nice(19))
         t_refreshed = time.monotonic()
-        if done.returncode != 0:
+        if done.returncode not in (0, 1):  # 1: published, the backfill or retirement stopped (measured all the same)
             raise SystemExit(f"retrain failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         report = json.loads(done.stdout)
+        if report["status"] != "published":
+            raise SystemExit(f"retrain published no version ({report['status']}: {report.get('reason', '')}), so there was no refresh "
+                             "to measure: replay more events (an earlier --stream-from, a longer --warmup-s / --baseline-s)")
         time.sleep(args.settle_s)
         after = snapshot(sut.config)
         load.stop()

@@ -59,6 +59,10 @@ class CurrentMovedError(RegistryError):
     candidate against one version while an operator published or rolled back to another)."""
 
 
+class CurrentUnreadableError(RegistryError, ValueError):
+    """CURRENT.json is not the record set_current writes (cut short by a full disk, edited by hand)."""
+
+
 class InactiveFileError(UserError, ValueError):
     """INACTIVE.json is not the record `set_active` writes (edited by hand, written by another tool)."""
 
@@ -137,10 +141,25 @@ class ModelRegistry:
         return created if isinstance(created, str) else ""
 
     def current_version(self) -> str | None:
+        """The current version; None before the first publication, CurrentUnreadableError when the
+        record is damaged (publishing any installed version rewrites it)."""
+        path = self.root / CURRENT_FILE
         try:
-            return json.loads((self.root / CURRENT_FILE).read_text())["model_version"]
+            record = json.loads(path.read_bytes())
         except FileNotFoundError:
             return None
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise CurrentUnreadableError(f"{path} is not JSON ({exc}); {self._repair_current()}") from None
+        version = record.get("model_version") if isinstance(record, dict) else None
+        if not isinstance(version, str) or not MODEL_VERSION.fullmatch(version):
+            raise CurrentUnreadableError(f"{path} names no model version; {self._repair_current()}")
+        return version
+
+    def _repair_current(self) -> str:
+        installed = self.versions()
+        listed = ", ".join(installed[-5:]) if installed else "none"
+        return (f"publish the version that should be current again (`python -m model_export publish --export-dir {self.root}/<version>`; "
+                f"installed: {listed}), which rewrites it")
 
     def current(self) -> Path:
         version = self.current_version()

@@ -77,16 +77,17 @@ class Lineage:
     base_fingerprint: str
     log_events: int  # the first `log_events` events of the log are in this version's training data ...
     # ... but for its own holdout, which it was judged on, never trained on: (the lowest log index of a
-    # held-out event, its cut in ms): the events from that index on, dated at or after the cut; a later
-    # run counts those events as new. None: a version not retrained.
-    held_out: tuple[int, int] | None = None
+    # held-out event, its cut: event time in ms, log index): the events from that index on, at or
+    # after the cut (held_out_at); a later run counts those events as new. None: a version not retrained.
+    held_out: tuple[int, int, int] | None = None
     log_digest: str = ""  # of those first `log_events` events (log_digest()): "" for versions before it was kept
 
     @classmethod
     def of(cls, manifest: Manifest) -> "Lineage":
         retrained = manifest.extra.get("retrain")
         if retrained:
-            held_out = (int(retrained.get("new_from_log_event", 0)), int(retrained["holdout_cut_ms"])) if "holdout_cut_ms" in retrained else None
+            held_out = ((int(retrained.get("new_from_log_event", 0)), int(retrained["holdout_cut_ms"]), int(retrained.get("holdout_cut_log_event", 0)))
+                        if "holdout_cut_ms" in retrained else None)  # cut log event 0: every tie at the cut time held, as before it was kept
             return cls(retrained["source"], retrained["base_fingerprint"], int(retrained["log_events"]), held_out, retrained.get("log_digest", ""))
         return cls(manifest.dataset.get("source", manifest.dataset["name"]), manifest.dataset["fingerprint"], 0)
 
@@ -142,14 +143,20 @@ class IncrementalData:
     holdout: EvalCases  # history before the cut, targets = held-out new events
     holdout_parent: EvalCases  # the same users and targets, histories without the items the parent does not know
     training_counts: np.ndarray  # [n_items + 1] interactions per item outside the holdout: the negative sampler's popularity
-    cut_ms: int  # holdout = new events at or after this event time
+    cut_ms: int  # holdout = new events at or after (cut_ms, cut_log_event) in (event time, log index) order
+    cut_log_event: int
     held_from_log_event: int  # the lowest log index of a held-out event (len(log): none)
     log_events: int  # events of the log this data includes
 
 
+def held_out_at(times: np.ndarray, log_index: np.ndarray, cut_ms: int, cut_log_event: int) -> np.ndarray:
+    """Which events lie at or after the cut in (event time, log index) order."""
+    return (times > cut_ms) | ((times == cut_ms) & (log_index >= cut_log_event))
+
+
 def merge_with_log(base: SequenceDataset, log: EventLog, vocabulary: list[str], item_side: list[list[str]], parent_items: int,
                    trained_log_events: int, holdout_fraction: float, fingerprint: str,
-                   parent_held_out: tuple[int, int] | None = None) -> IncrementalData:
+                   parent_held_out: tuple[int, int, int] | None = None) -> IncrementalData:
     """vocabulary / item_side: the grown item list (raw ids, side tokens), the parent's `parent_items` first;
     parent_held_out: Lineage.held_out of the parent."""
     index = {raw: i + 1 for i, raw in enumerate(vocabulary)}
@@ -186,13 +193,17 @@ def merge_with_log(base: SequenceDataset, log: EventLog, vocabulary: list[str], 
     # earlier events waited, below min_new_item_events, while the parent's runs moved past them).
     is_new = (log_index[flat] >= trained_log_events) | ((log_index[flat] >= 0) & (seq_items[flat] > parent_items))
     if parent_held_out is not None:  # the parent's holdout: judged on, never trained on
-        first, cut = parent_held_out
-        is_new |= (log_index[flat] >= first) & (log_index[flat] < trained_log_events) & (seq_times[flat] >= cut)
-    new_times = seq_times[flat[is_new]]
-    if len(new_times) == 0:
+        first, cut_ms, cut_log_event = parent_held_out
+        is_new |= (log_index[flat] >= first) & (log_index[flat] < trained_log_events) & held_out_at(seq_times[flat], log_index[flat], cut_ms, cut_log_event)
+    new_flat = flat[is_new]
+    if len(new_flat) == 0:
         raise RetrainError("no new interaction to learn from: every new event repeats one the model was trained on")
-    cut_ms = int(np.quantile(new_times, 1.0 - holdout_fraction, method="higher"))
-    held = is_new & (seq_times[flat] >= cut_ms)
+    # The cut is the (1 - holdout_fraction) quantile in (event time, log index) order: by time alone,
+    # events sharing a time (a bulk import, clocks in whole seconds) could all fall in the holdout.
+    by_time = new_flat[np.lexsort((log_index[new_flat], seq_times[new_flat]))]
+    cut_at = by_time[int(np.ceil((len(by_time) - 1) * (1.0 - holdout_fraction)))]
+    cut_ms, cut_log_event = int(seq_times[cut_at]), int(log_index[cut_at])
+    held = is_new & held_out_at(seq_times[flat], log_index[flat], cut_ms, cut_log_event)
     fresh = is_new & ~held
     old = ~is_new & ((log_index[flat] >= 0) | base_train[flat])
 
@@ -224,7 +235,7 @@ def merge_with_log(base: SequenceDataset, log: EventLog, vocabulary: list[str], 
         holdout=_holdout_cases(data, parent_cases.users, first_held, targets, max_item=len(vocabulary)),
         holdout_parent=parent_cases,
         training_counts=np.bincount(seq_items[~in_holdout], minlength=len(vocabulary) + 1),
-        cut_ms=cut_ms, held_from_log_event=int(log_index[flat[held]].min()) if held.any() else len(log), log_events=len(log),
+        cut_ms=cut_ms, cut_log_event=cut_log_event, held_from_log_event=int(log_index[flat[held]].min()) if held.any() else len(log), log_events=len(log),
     )
 
 
@@ -507,11 +518,17 @@ def _retrain_once(config, publish_model: bool, progress: bool) -> dict:
                            progress=progress, max_event_bytes=config.streaming.max_event_bytes)
     added = log.append(read.events, read.offsets)
     log.save(settings.state_dir)
-    commit_offsets(config.kafka, config.kafka.events_topic, settings.consumer_group, log.offsets)
+    try:  # the log, saved, is what the next read starts from; the group's offsets only show the lag
+        commit_offsets(config.kafka, config.kafka.events_topic, settings.consumer_group, log.offsets)
+        mirrored = True
+    except Exception as exc:  # noqa: BLE001 - a coordinator moving, a broker restarting: the run goes on
+        print(f"warning: the consumer group {settings.consumer_group} was not moved to the log's offsets ({type(exc).__name__}: {exc}); "
+              "lag dashboards lag until the next retraining", file=sys.stderr, flush=True)
+        mirrored = False
     stages.lap("read")
     report = {"parent": parent.model_version, "events_read": len(read.events) + sum(read.rejected.values()), "events_added": added,
               "rejected": dict(read.rejected), "log_events": len(log), "new_events": len(log) - lineage.log_events, "offsets": log.offsets,
-              "gaps": read.gaps}
+              "offsets_mirrored": mirrored, "gaps": read.gaps}
     for gap in read.gaps:
         print(f"warning: {config.kafka.events_topic} {gap}", file=sys.stderr, flush=True)
     say(f"    {added:,} events added ({report['new_events']:,} new since {parent.model_version}; {sum(read.rejected.values())} invalid skipped)")
@@ -524,6 +541,8 @@ def _retrain_once(config, publish_model: bool, progress: bool) -> dict:
     inc = prepare(base, log, parent_vocab, lineage, settings)
     if len(inc.holdout.users) == 0:
         return {**report, "status": "skipped", "reason": "no user has a held-out new event after some history: wait for more events", "seconds": stages.seconds}
+    if len(inc.new_samples[0]) == 0:  # a candidate would be the parent's weights under a new version
+        return {**report, "status": "skipped", "reason": "no new event to train on outside the holdout: wait for more events", "seconds": stages.seconds}
     report.update(new_items=len(inc.new_items), new_samples=len(inc.new_samples[0]), holdout_users=len(inc.holdout.users),
                   holdout_cut=dt.datetime.fromtimestamp(inc.cut_ms / 1000, dt.timezone.utc).isoformat())
     say(f"    {len(inc.new_samples[0]):,} new samples, {len(inc.new_items):,} new items, holdout: {len(inc.holdout.users):,} users from {report['holdout_cut']}")
@@ -546,7 +565,7 @@ def _retrain_once(config, publish_model: bool, progress: bool) -> dict:
     lineage_record = {"parent": parent.model_version, "source": lineage.source, "base_fingerprint": lineage.base_fingerprint,
                       "log_events": len(log), "log_digest": log_digest(log, len(log)), "offsets": {str(p): o for p, o in log.offsets.items()},
                       "topic": config.kafka.events_topic, "consumer_group": settings.consumer_group, "new_items": len(inc.new_items),
-                      "holdout_cut_ms": inc.cut_ms, "new_from_log_event": inc.held_from_log_event,
+                      "holdout_cut_ms": inc.cut_ms, "holdout_cut_log_event": inc.cut_log_event, "new_from_log_event": inc.held_from_log_event,
                       "holdout": {"candidate": verdict.candidate, "current": verdict.current}}
     export_dir, manifest = export_model(run_dir, inc.data, run_dir / "export", source=lineage.source,
                                         metrics_cases=("holdout", clip_history(inc.holdout, spec.maxlen)), extra={"retrain": lineage_record})
@@ -580,7 +599,8 @@ def refresh(config, export_dir: Path, say, stages: "Stages", expect_current: str
         raise
     except Exception as exc:  # Milvus down, a full disk: nothing is current yet, and the export is kept
         raise RetrainError(f"publishing {export_dir} failed ({type(exc).__name__}: {exc}); the version before stays current: "
-                           f"`python -m model_export publish --export-dir {export_dir}` publishes this candidate once the cause is fixed") from exc
+                           f"`python -m model_export publish --export-dir {export_dir}` publishes this candidate once the cause is fixed "
+                           f"(the folder is deleted after {KEPT_RUNS - 1} more retrainings: [retrain].state_dir keeps {KEPT_RUNS} runs)") from exc
     stages.lap("publish")
     say("==> backfilling stored interests with the new user tower")
     try:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from model_export.artifact import UserTower
+from model_export.registry import CurrentUnreadableError
 from streaming.feature_store import FeatureStore, InterestRecord, RecordError, get_each
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def current_moved_on(registry, version: str | None = None) -> Callable[[], bool]
     def superseded() -> bool:
         try:
             return registry.current_version() != started_with
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, CurrentUnreadableError) as exc:
             log.warning("the registry's current version is unreadable (%s): backfill goes on", exc)
             return False
 

@@ -141,6 +141,88 @@ def test_a_collection_left_without_its_index_by_a_killed_publish_is_filled_again
     assert client.describe_index(name, "vector")["index_type"] == published.index_type
 
 
+class Flaky:
+    """A Milvus client whose named calls fail once each with a transient error (a server restarting)."""
+
+    def __init__(self, client, *failing: str):
+        self.client, self.failing = client, set(failing)
+
+    def __getattr__(self, name):
+        from pymilvus.exceptions import MilvusException
+
+        call = getattr(self.client, name)
+        if name not in self.failing:
+            return call
+
+        def fail_once(*args, **kwargs):
+            self.failing.discard(name)
+            raise MilvusException(2, "fail connecting to server on 127.0.0.1:19530, illegal connection params or server unavailable")
+
+        return fail_once
+
+
+def test_a_transient_milvus_error_never_drops_a_published_collection(two_exports, tmp_path):
+    """A failed load or alias lookup read as "incomplete" / "no alias": the live version's collection
+    was dropped and filled again under the readers (they search it by name)."""
+    registry, client, quiet = ModelRegistry(tmp_path / "models"), connect(str(tmp_path / "milvus.db")), lambda m: None
+    live = publish_version(two_exports[0], registry, client, PREFIX, progress=quiet)
+    said = []
+    for failing in ("load_collection", "describe_alias"):
+        flaky = Flaky(client, failing, "describe_alias")
+        with pytest.raises(Exception, match="server unavailable"):
+            publish_version(registry.path(live.model_version), registry, flaky, PREFIX, progress=said.append)
+        assert not any("inserted" in m for m in said)
+    again = publish_version(registry.path(live.model_version), registry, client, PREFIX, progress=said.append)
+    assert again.collection == live.collection and not any("inserted" in m for m in said)
+    # a collection the alias no longer points at, but recall answers with (CURRENT), is not rebuilt either
+    client.drop_alias(alias=PREFIX)
+    with pytest.raises(UserError, match="is live"):
+        publish_version(registry.path(live.model_version), registry, client, PREFIX, index_type="HNSW", progress=quiet)
+
+
+def test_a_rollback_keeps_the_index_its_version_was_published_with(two_exports, tmp_path):
+    registry, client, quiet = ModelRegistry(tmp_path / "models"), connect(str(tmp_path / "milvus.db")), lambda m: None
+    old = publish_version(two_exports[0], registry, client, PREFIX, index_type="HNSW", progress=quiet)
+    publish_version(two_exports[1], registry, client, PREFIX, progress=quiet)
+    said = []
+    back = publish_version(registry.path(old.model_version), registry, client, PREFIX, progress=said.append)  # no --index
+    assert back.index_type == "HNSW" and not any("inserted" in m for m in said)
+    assert registry.current_version() == old.model_version
+
+
+def test_a_damaged_current_record_names_the_repair_and_an_operators_publish_rewrites_it(two_exports, tmp_path):
+    from model_export.registry import CurrentUnreadableError
+
+    registry, client, quiet = ModelRegistry(tmp_path / "models"), connect(str(tmp_path / "milvus.db")), lambda m: None
+    version = publish_version(two_exports[0], registry, client, PREFIX, progress=quiet).model_version
+    for damaged in ('{"model_version": "v', "{}", "[]", '{"model_version": "../etc"}'):
+        (registry.root / "CURRENT.json").write_text(damaged)
+        with pytest.raises(CurrentUnreadableError, match=f"model_export publish --export-dir .*installed: {version}"):
+            registry.current_version()
+    # a retraining cannot tell whether its parent is still current: not published
+    with pytest.raises(CurrentMovedError):
+        publish_version(two_exports[1], registry, client, PREFIX, progress=quiet, expect_current=version)
+    said = []
+    publish_version(registry.path(version), registry, client, PREFIX, progress=said.append)
+    assert registry.current_version() == version and any("rewrites it" in m for m in said)
+
+
+def test_an_index_build_milvus_reports_failed_stops_the_publication():
+    from model_export.publish import wait_for_index
+
+    class Building:
+        def __init__(self, state):
+            self.state = state
+
+        def describe_index(self, name, field):
+            return {"indexed_rows": 10, "pending_index_rows": 90, "state": self.state, "index_state_fail_reason": "disk full"}
+
+    with pytest.raises(UserError, match="failed to build the index of c .disk full"):
+        wait_for_index(Building("Failed"), "c", 100, progress=lambda m: None, poll_s=0.0)
+    with pytest.raises(UserError, match="still being built after 0s .10 of 100 rows"):
+        wait_for_index(Building("InProgress"), "c", 100, progress=lambda m: None, poll_s=0.0, timeout_s=0.0)
+
+
 def test_a_damaged_installed_copy_is_repaired_and_an_export_changed_mid_copy_is_refused(two_exports, tmp_path, monkeypatch):
     import shutil
 

@@ -120,11 +120,31 @@ def test_the_parents_held_out_events_are_new_samples_of_the_next_run(base):
         run = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, first.log_events, held_out), SETTINGS)
         return len(run.new_samples[0]) + int(run.holdout.target_offsets[-1]), len(run.old_samples[0])
 
-    (without, old_without), (with_held, old_with) = learned(None), learned((0, first.cut_ms))
+    (without, old_without), (with_held, old_with) = learned(None), learned((0, first.cut_ms, first.cut_log_event))
     assert 0 < with_held - without <= held_by_first and old_without - old_with == with_held - without
     # a retrained version's manifest names its holdout for the next run
-    record = {"source": "x", "base_fingerprint": "f", "log_events": 7, "holdout_cut_ms": first.cut_ms, "new_from_log_event": 3}
-    assert Lineage.of(SimpleNamespace(extra={"retrain": record})).held_out == (3, first.cut_ms)
+    record = {"source": "x", "base_fingerprint": "f", "log_events": 7, "holdout_cut_ms": first.cut_ms, "holdout_cut_log_event": 5, "new_from_log_event": 3}
+    assert Lineage.of(SimpleNamespace(extra={"retrain": record})).held_out == (3, first.cut_ms, 5)
+    del record["holdout_cut_log_event"]  # a version from before the tie-breaker: every event at the cut time was held out
+    assert Lineage.of(SimpleNamespace(extra={"retrain": record})).held_out == (3, first.cut_ms, 0)
+
+
+def test_events_sharing_one_time_are_split_by_the_cut(base):
+    """A bulk import stamped with one time: cut by time alone, every new event was held out, the
+    candidate trained on nothing and was published as a new version with its parent's weights."""
+    users = base.user_ids.tolist()
+    log = EventLog()
+    bulk = [event(users[i % len(users)], f"i{1 + i % 7}", NOW, f"bulk-{i}") for i in range(600)]
+    log.append(bulk, {0: len(bulk)})
+    inc = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, 0), SETTINGS)
+    held = int(inc.holdout.target_offsets[-1])
+    new = len(inc.new_samples[0]) + int(held)
+    assert inc.cut_ms == NOW and 0 < held <= 0.2 * new + len(users)  # the holdout's share, not every event
+    assert len(inc.new_samples[0]) >= 0.75 * new
+    # the next run rebuilds this holdout exactly: the same events held, the rest trained
+    log.append([event(users[0], "i1", NOW + 10**6, "later")], {0: len(log) + 1})
+    again = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, inc.log_events, (inc.held_from_log_event, inc.cut_ms, inc.cut_log_event)), SETTINGS)
+    assert len(again.old_samples[0]) - len(inc.old_samples[0]) == len(inc.new_samples[0])
 
 
 def test_events_held_out_again_are_new_to_the_run_after_next(base):
@@ -136,10 +156,10 @@ def test_events_held_out_again_are_new_to_the_run_after_next(base):
     users = base.user_ids.tolist()
     # later-logged events dated before the first run's cut: the second run's cut falls among the first's holdout
     log.append([event(users[i % len(users)], "i1", first.cut_ms - 10 - i, f"back-{i}") for i in range(200)], {0: len(log) + 200})
-    second = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, first.log_events, (first.held_from_log_event, first.cut_ms)), SETTINGS)
+    second = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, first.log_events, (first.held_from_log_event, first.cut_ms, first.cut_log_event)), SETTINGS)
     held_of_second = [i for i in range(first.log_events) if log.times_ms[i] >= second.cut_ms and log.times_ms[i] >= first.cut_ms]
     assert held_of_second and second.held_from_log_event < first.log_events  # reaches back into the first run's log
-    third = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, second.log_events, (second.held_from_log_event, second.cut_ms)), SETTINGS)
+    third = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, second.log_events, (second.held_from_log_event, second.cut_ms, second.cut_log_event)), SETTINGS)
     users_, positions = third.old_samples
     old_log_times = set(third.data.seq_times[third.data.seq_offsets[users_] + positions].tolist())
     assert not {int(log.times_ms[i]) for i in held_of_second} & old_log_times  # none taken for trained
@@ -156,7 +176,7 @@ def test_a_new_item_with_no_training_sample_waits_for_the_next_run(base):
     assert "fresh" in inc.new_items and "launched-today" not in inc.new_items
     # logged later, dated before the holdout's cut: training samples of the next run
     log.append([event(users[i], "launched-today", inc.cut_ms - 5_000 + i, f"m{i}") for i in range(3)], {0: len(log) + 3})
-    later = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, inc.log_events, (inc.held_from_log_event, inc.cut_ms)), SETTINGS)
+    later = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, inc.log_events, (inc.held_from_log_event, inc.cut_ms, inc.cut_log_event)), SETTINGS)
     assert "launched-today" in later.new_items
 
 
@@ -553,3 +573,42 @@ def test_a_refused_candidate_exits_3_with_the_gates_reason(monkeypatch, capsys):
     assert main(["retrain", "--quiet"]) == 3  # operators' schedulers tell "the gate said no" from a failure (1, 2)
     out = capsys.readouterr()
     assert json.loads(out.out)["status"] == "refused" and "refused: holdout recall@50 0.1155 is below 0.1275" in out.err
+
+
+
+@pytest.mark.parametrize("candidate_recall, status", [(0.1, "refused"), (0.5, "trained")])
+def test_a_retraining_is_gated_end_to_end_and_an_unmirrored_offset_does_not_stop_it(monkeypatch, two_exports, synthetic_csv, tmp_path,
+                                                                                    candidate_recall, status):
+    """_retrain_once as the command runs it (only the topic faked): the gate's verdict, on the candidate's
+    and the current model's holdout scores in that order, decides whether anything is exported or
+    published; a consumer group that cannot be moved (a coordinator moving) leaves only the lag unmirrored."""
+    from collections import Counter
+    from pathlib import Path
+
+    import model_export.event_log
+    import model_export.retrain
+    from model_export.event_log import ReadReport
+    from model_export.registry import ModelRegistry
+
+    config = scheduler_config(tmp_path, two_exports[0], tolerance=0.0, holdout_fraction=0.1, min_new_item_events=2, epochs=1, lr=1e-3,
+                              batch_size=64, replay_ratio=1.0, sparse_item_rows=SPARSE_ITEM_ROWS, min_new_events=10)
+    config.paths = SimpleNamespace(models_dir=config.paths.models_dir, data_dir=tmp_path / "data", cache_dir=tmp_path / "cache", shared_data_dir=tmp_path)
+    config.streaming = SimpleNamespace(max_event_bytes=65536)
+    log = stream_for(load_dataset(str(synthetic_csv), tmp_path / "data", tmp_path / "cache", tmp_path), n_per_user=6, replays=0)
+    batch = [event(u, i, int(t), e) for u, i, t, e in zip(log.users, log.items, log.times_ms, log.event_ids)]
+    monkeypatch.setattr(model_export.event_log, "read_new_events", lambda *a, **kw: ReadReport(batch, {0: len(batch)}, Counter(), 0.1))
+
+    def fails(*args, **kwargs):
+        raise ConnectionError("NotCoordinatorForGroup")
+
+    monkeypatch.setattr(model_export.event_log, "commit_offsets", fails)
+    monkeypatch.setattr(model_export.retrain, "refresh", fails)  # a refused candidate never reaches the publication
+    scores = lambda model, inc, maxlen, parent=False: {"recall@50": 0.5 if parent else candidate_recall, "hitrate@50": 0.5}
+    monkeypatch.setattr(model_export.retrain, "evaluate_holdout", scores)
+    registry = ModelRegistry(config.paths.models_dir)
+    current = registry.current_version()
+    report = model_export.retrain._retrain_once(config, publish_model=status == "refused", progress=False)
+    assert report["status"] == status and report["offsets_mirrored"] is False and report["events_added"] == len(batch)
+    assert report["holdout"] == {"candidate": scores(None, None, 0), "current": scores(None, None, 0, parent=True)}
+    assert (Path(report["run_dir"]) / "export" / "manifest.json").is_file() == (status == "trained")
+    assert registry.current_version() == current and registry.versions() == [current]
