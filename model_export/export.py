@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from infra.cli import UserError
+from infra.files import sha256_of
 from model_export.data import EvalCases, SequenceDataset, evaluation_cases
 from model_export.evaluate import evaluate_model
-from model_export.manifest import ArtifactFile, Manifest, sha256_of
+from model_export.manifest import ArtifactFile, Manifest
 from model_export.onnx_runtime import UserTowerSession
 from model_export.spec import ModelSpec
 from model_export.train import check_dataset, load_model, model_from_weights

@@ -13,14 +13,13 @@ Downstream code (streaming job, recall service, publisher) opens an export only 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from infra.cli import UserError
-from infra.files import write_text_atomically
+from infra.files import sha256_of, write_text_atomically
 
 MANIFEST_SCHEMA = 1
 MANIFEST_FILE = "manifest.json"
@@ -31,14 +30,6 @@ MODEL_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 class ManifestError(UserError, ValueError):
     """The export is incomplete, tampered with, or of an unknown schema."""
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 REQUIRED_ROLES = ("user_tower", "item_vectors", "vocab")  # weights.pt: only exports since retraining began carry it

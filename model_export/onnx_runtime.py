@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from infra.config import gpu_disabled
 from model_export.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class UserTowerSession:
         if threads:
             options.intra_op_num_threads = threads
         providers: list = ["CPUExecutionProvider"]
-        if prefer_gpu and os.environ.get("MINDSTREAM_DISABLE_GPU") != "1" and gpu_available():
+        if prefer_gpu and not gpu_disabled() and gpu_available():
             # Full fp32, not the provider's default TF32 matmuls: with TF32 the interests were 1.7e-4 from
             # the CPU's on an H100, outside the export's parity tolerance (1e-4) that stored interests keep.
             providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))

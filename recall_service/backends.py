@@ -8,7 +8,8 @@ It asks Milvus for ids and scores only and reads the raw ids from the version's 
 model registry (RegistryVocabularies): fetching the `raw_id` field cost Milvus ~12% more CPU per
 search (3.52 vs 3.14 ms at limit 136 on the 100k bench catalog). Until a version's vocabulary is
 read (in the background, on its first search), or for a version not installed here, the search
-asks for `raw_id` as well.
+asks for `raw_id` as well. Which versions are installed, and the shape of each (width, K: what a
+stored record must fit), is InstalledVersions' listing of the registry.
 The client is created by the first health probe, so the service starts and answers (fallback)
 while Milvus is down; a collection found released is loaded in the background.
 """
@@ -29,8 +30,8 @@ from model_export.publish import category_fields, collection_name
 from model_export.registry import NO_INACTIVE_ITEMS, InactiveFileError, InactiveItems
 from recall_service.filters import ItemFilter
 from recall_service.merge import MISSING_ITEM
-from recall_service.query import InvalidRequest
-from recall_service.recaller import BackendUnavailable, DeadlineExceeded, SearchHits, SearchRejected, VersionRetired
+from recall_service.recaller import (BackendUnavailable, DeadlineExceeded, ExpressionRejected, SearchHits, SearchRejected, VersionRetired,
+                                     VersionShape)
 from streaming.feature_store import InterestRecord, RecordError
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,6 @@ class MilvusItemSearch:
         self.vocabularies = vocabularies
         self._client = None
         self._lock = threading.Lock()
-        self._collections: dict[str, str] = {}  # model version -> collection name
         self._templates: dict[tuple, object] = {}  # (collection, limit, ef, filter, with raw_id) -> SearchRequest
         self._loading: set[str] = set()  # collections being loaded in the background
 
@@ -106,10 +106,7 @@ class MilvusItemSearch:
         return self._client
 
     def collection(self, model_version: str) -> str:
-        name = self._collections.get(model_version)
-        if name is None:
-            name = self._collections[model_version] = collection_name(self.prefix, model_version)
-        return name
+        return collection_name(self.prefix, model_version)
 
     def _request(self, name: str, vectors: np.ndarray, limit: int, expr: str, with_raw_ids: bool):
         """The SearchRequest pymilvus would send. Its fixed part is built by pymilvus once per
@@ -159,8 +156,8 @@ class MilvusItemSearch:
             if "not loaded" in lowered or "call load()" in lowered:  # e.g. Milvus Lite after a restart
                 self._load_in_background(client, name)
                 raise SearchRejected(f"{name} is not loaded; loading it now (requests fall back meanwhile)")
-            if "expression" in lowered or "query plan" in lowered or "unknown field" in lowered:
-                raise InvalidRequest(f"filter: the vector store rejected it: {reason}")
+            if "expression" in lowered or "query plan" in lowered or "unknown field" in lowered:  # Recaller knows whether the client sent a filter
+                raise ExpressionRejected(f"Milvus refused the search's expression in {name}: {reason}")
             raise SearchRejected(f"Milvus search in {name} failed after {time.monotonic() - started:.3f}s: {reason}")
         return _hits(response.results, len(vectors), limit, vocabulary)
 
@@ -223,22 +220,89 @@ def _hits(results, nq: int, limit: int, vocabulary: np.ndarray | None = None) ->
     return SearchHits(out_ids, out_scores, out_raw)
 
 
+class _Every:
+    """When something kept from the registry is due a fresh read: at the first call, then at most
+    once every `period_s`, for one caller (the others go on with what was read before)."""
+
+    def __init__(self, period_s: float, clock):
+        self.period_s, self.clock = period_s, clock
+        self._last = -float("inf")
+        self._lock = threading.Lock()
+
+    def due(self) -> bool:
+        if self.clock() - self._last < self.period_s:  # the common case, without the lock
+            return False
+        with self._lock:
+            now = self.clock()
+            if now - self._last < self.period_s:
+                return False
+            self._last = now
+            return True
+
+
+class InstalledVersions:
+    """The versions installed in the registry and the shape of each (its manifest's width and K),
+    listed again at most every `refresh_s`; each manifest is read once, when its version appears.
+    A version not installed here is unknown at the cost of a lookup: a stored record may name any
+    version (a corrupt one, on every request), and none of them reads a file or starts a thread."""
+
+    def __init__(self, registry, refresh_s: float = 2.0, clock=time.monotonic):
+        self.registry = registry
+        self._relist = _Every(refresh_s, clock)
+        self._shapes: dict[str, VersionShape] = {}
+        self._unreadable: set[str] = set()  # installed versions whose manifest could not be read (said once each)
+
+    def shape(self, version: str) -> VersionShape | None:
+        if self._relist.due():
+            self._list()
+        return self._shapes.get(version)
+
+    def __contains__(self, version: str) -> bool:
+        return self.shape(version) is not None
+
+    def _list(self) -> None:
+        from model_export.manifest import Manifest
+
+        try:
+            versions = self.registry.versions()
+        except OSError as exc:  # a shared volume's hiccup: looked at again after refresh_s
+            log.warning("keeping %d installed model versions: the registry cannot be listed: %s", len(self._shapes), exc)
+            return
+        shapes = {}
+        for version in versions:
+            shape = self._shapes.get(version)
+            if shape is None:
+                try:
+                    manifest = Manifest.load(self.registry.path(version), verify=False)
+                    shape = VersionShape(manifest.dim, manifest.n_interests)
+                except Exception as exc:  # noqa: BLE001 - tampered with or half removed: treated as not installed
+                    if version not in self._unreadable:
+                        log.warning("model version %s: its manifest is unreadable (%s); served as a version not installed here", version, exc)
+                    self._unreadable.add(version)
+                    continue
+            shapes[version] = shape
+        self._shapes = shapes
+        self._unreadable &= set(versions)
+
+
 class RegistryVocabularies:
     """Raw item id by Milvus item id of each model version installed in the registry: index i + 1
     holds the raw id of the vocabulary's item i, as publish numbers the rows; index 0 is "" (no
     item). A version whose model the service has loaded (`loaded`: RegistryModels.raw_ids) shares
-    that model's array, so the current vocabulary is held once. Any other version's vocabulary (the
-    one older interests were computed with) is read in the background on its first use (only its
-    vocab file is hashed, and parsed piecewise, so request threads do not stall: 1M ids take
-    ~0.4 s): None until then, and for a version not installed here (looked for again after
-    `retry_s`). The `keep` versions searched last are kept."""
+    that model's array, so the current vocabulary is held once. Any other installed version's
+    vocabulary (the one older interests were computed with) is read in the background on its first
+    use (only its vocab file is hashed, and parsed piecewise, so request threads do not stall: 1M
+    ids take ~0.4 s): None until then, and None for a version not installed here, with nothing
+    remembered of it. A read that failed is tried again after `retry_s`. The `keep` versions
+    searched last are kept; what else is remembered is of installed versions only."""
 
     def __init__(self, registry, keep: int = 8, retry_s: float = 30.0, clock=time.monotonic,
-                 loaded: Callable[[str], np.ndarray | None] = lambda version: None):
+                 loaded: Callable[[str], np.ndarray | None] = lambda version: None, installed: InstalledVersions | None = None):
         self.registry, self.keep, self.retry_s, self.clock, self.loaded = registry, keep, retry_s, clock, loaded
+        self.installed = installed or InstalledVersions(registry, clock=clock)
         self._read: dict[str, np.ndarray] = {}
         self._used: dict[str, float] = {}  # version -> when it was last asked for
-        self._pending: dict[str, float] = {}  # version -> when its read started or last failed
+        self._pending: dict[str, float] = {}  # version -> when its read started or last failed, within retry_s
         self._lock = threading.Lock()
 
     def raw_ids(self, model_version: str) -> np.ndarray | None:
@@ -249,17 +313,20 @@ class RegistryVocabularies:
                     self._read.pop(model_version, None)
                     self._used.pop(model_version, None)
             return shared
-        self._used[model_version] = self.clock()
+        if model_version not in self.installed:
+            return None
+        now = self.clock()
+        self._used[model_version] = now
         vocabulary = self._read.get(model_version)
         if vocabulary is not None:
             return vocabulary
         with self._lock:
             if model_version in self._read:
                 return self._read[model_version]
-            since = self._pending.get(model_version)
-            if since is not None and self.clock() - since < self.retry_s:
+            self._pending = {version: since for version, since in self._pending.items() if now - since < self.retry_s}  # the rest are due again
+            if model_version in self._pending:
                 return None
-            self._pending[model_version] = self.clock()
+            self._pending[model_version] = now
         threading.Thread(target=self._load, args=(model_version,), name=f"vocabulary-{model_version}", daemon=True).start()
         return None
 
@@ -271,7 +338,7 @@ class RegistryVocabularies:
             directory = self.registry.path(model_version)
             items = read_vocab(Manifest.load(directory, verify=False).verified_file(directory, "vocab"), only="items")["items"]
             vocabulary = np.array([""] + items, dtype=object)
-        except Exception as exc:  # not installed here, or unreadable: raw ids come from Milvus meanwhile
+        except Exception as exc:  # removed since, or unreadable: raw ids come from Milvus meanwhile
             log.info("raw ids of %s come from Milvus: its vocabulary is not readable here (%s)", model_version, exc)
             with self._lock:
                 self._pending[model_version] = self.clock()
@@ -296,7 +363,7 @@ class LoadedModel:
         self.tower = UserTower.load(directory, prefer_gpu=prefer_gpu)
         artifact = self.tower.artifact
         self.version = artifact.version
-        self.dim = artifact.manifest.dim
+        self.shape = VersionShape(artifact.manifest.dim, artifact.manifest.n_interests)
         # Items share their category fields (as published to Milvus): a filter is evaluated once per
         # distinct pair, `signature_of` maps every item row to its pair.
         pairs: dict[tuple[str, tuple[str, ...]], int] = {}
@@ -354,31 +421,30 @@ class RegistryAvailability:
     last good set (logged): a recall answer never fails on it."""
 
     def __init__(self, registry, refresh_s: float = 2.0, clock=time.monotonic):
-        self.registry, self.refresh_s, self.clock = registry, refresh_s, clock
-        self._items, self._stamp, self._checked = NO_INACTIVE_ITEMS, None, -float("inf")
-        self._lock = threading.Lock()
+        self.registry = registry
+        self._items, self._stamp = NO_INACTIVE_ITEMS, None
+        self._look = _Every(refresh_s, clock)
 
     def inactive(self) -> InactiveItems:
-        if self.clock() - self._checked < self.refresh_s:
-            return self._items
-        with self._lock:
-            if self.clock() - self._checked >= self.refresh_s:
-                self._checked = self.clock()
-                try:
-                    stat = self.registry.inactive_path.stat()
-                    stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-                except FileNotFoundError:
-                    stamp = None
-                except OSError as exc:  # a shared volume's hiccup (ESTALE, EACCES): looked at again after refresh_s
-                    log.warning("keeping %d inactive items: the registry's inactive set cannot be looked at: %s", len(self._items.items), exc)
-                    return self._items
-                if stamp != self._stamp:
-                    try:
-                        self._items, self._stamp = self.registry.inactive_items(), stamp
-                        log.info("inactive items: %d (revision %d)", len(self._items.items), self._items.revision)
-                    except (OSError, InactiveFileError) as exc:
-                        log.warning("keeping %d inactive items: the registry's inactive set is unreadable: %s", len(self._items.items), exc)
+        if self._look.due():
+            self._read_if_changed()
         return self._items
+
+    def _read_if_changed(self) -> None:
+        try:
+            stat = self.registry.inactive_path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        except OSError as exc:  # a shared volume's hiccup (ESTALE, EACCES): looked at again after refresh_s
+            log.warning("keeping %d inactive items: the registry's inactive set cannot be looked at: %s", len(self._items.items), exc)
+            return
+        if stamp != self._stamp:
+            try:
+                self._items, self._stamp = self.registry.inactive_items(), stamp
+                log.info("inactive items: %d (revision %d)", len(self._items.items), self._items.revision)
+            except (OSError, InactiveFileError) as exc:
+                log.warning("keeping %d inactive items: the registry's inactive set is unreadable: %s", len(self._items.items), exc)
 
 
 class RegistryModels:
@@ -387,12 +453,15 @@ class RegistryModels:
     which the server's health prober calls, while requests go on with the version loaded before it:
     a publish swaps models without a pause. Only a service with no version loaded yet waits for a
     load on a request. A version that fails to load is tried again after `refresh_s`, not by every
-    request. Two loaded versions are kept."""
+    request. Two loaded versions are kept. The shape of every installed version comes from
+    `installed` (InstalledVersions, listed again every `refresh_s` unless given)."""
 
-    def __init__(self, registry, prefer_gpu: bool = True, popular_depth: int = 6500, refresh_s: float = 2.0, clock=time.monotonic):
+    def __init__(self, registry, prefer_gpu: bool = True, popular_depth: int = 6500, refresh_s: float = 2.0, clock=time.monotonic,
+                 installed: InstalledVersions | None = None):
         self.registry, self.prefer_gpu, self.popular_depth, self.refresh_s, self.clock = registry, prefer_gpu, popular_depth, refresh_s, clock
+        self.installed = installed or InstalledVersions(registry, refresh_s, clock)
         self._version: str | None = None
-        self._checked = -float("inf")
+        self._look = _Every(refresh_s, clock)  # at CURRENT
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._serving: LoadedModel | None = None  # the version loaded last: it serves until the current one is loaded
         self._failed: dict[str, tuple[float, str]] = {}  # version -> (when, why) its load failed
@@ -404,13 +473,16 @@ class RegistryModels:
         model = self._loaded.get(version)
         return model.raw_ids if model is not None else None
 
+    def shape(self, version: str) -> VersionShape | None:
+        model = self._loaded.get(version)
+        return model.shape if model is not None else self.installed.shape(version)
+
     def current_version(self) -> str | None:
-        if self.clock() - self._checked >= self.refresh_s:
+        if self._look.due():
             try:
                 self._version = self.registry.current_version()
             except (OSError, ValueError, KeyError, TypeError) as exc:  # a shared volume's hiccup, a half-edited file
                 log.warning("keeping model version %s: the registry's current version is unreadable: %s", self._version, exc)
-            self._checked = self.clock()
         return self._version
 
     def current(self) -> LoadedModel | None:
@@ -450,7 +522,7 @@ class RegistryModels:
             # move of CURRENT, so look again before failing the request.
             newer = self.registry.current_version()
             if newer is not None and newer != version:
-                self._version, self._checked = newer, self.clock()
+                self._version = newer
                 return self._loaded.get(newer) or self._load(newer)
             self._failed[version] = (self.clock(), f"current model {version} cannot be loaded: {exc}")
             raise BackendUnavailable(self._failed[version][1]) from None

@@ -73,7 +73,8 @@ def add_arguments(p) -> None:
 def build_catalog(export_dir: Path, n_items: int, out_root: Path, seed: int = 0) -> Path:
     """An export whose item vectors are the real ones plus kernel-density copies (see the module
     docstring); the user tower is the source's. Built once, then reused."""
-    from model_export.manifest import ArtifactFile, Manifest, sha256_of
+    from infra.files import sha256_of
+    from model_export.manifest import ArtifactFile, Manifest
 
     source = Manifest.load(export_dir)
     version = f"bench-{n_items}-s{seed}-{source.model_version[-8:]}"

@@ -5,8 +5,10 @@ vector in calls of 32+ vectors (measured on the bench catalog, Milvus 2.3.5), an
 costs the service ~0.6 ms of Python. So under load, searches that arrive while one is in flight
 wait for it to finish and then go out together as one call, with every vector of every waiter and
 the largest limit; each waiter gets its own rows, cut to its own limit (rows are best first, so a
-cut equals a search with the smaller limit). Nothing waits when nothing is in flight: a lone
-request is sent at once, so batching costs no latency at low load.
+cut equals a search with the smaller limit). A call holds at most `max_vectors` vectors and
+MAX_HITS_PER_SEARCH hits (vectors x limit, recaller.py: a larger call would only time out; one
+waiter alone is within it, as Recaller sends its searches). Nothing waits when nothing is in
+flight: a lone request is sent at once, so batching costs no latency at low load.
 
 Every waiter waits at most its own timeout, as a lone call would: one still queued then leaves the
 queue, one whose batch has not answered gives up on it (DeadlineExceeded either way). So a batch is
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from recall_service.recaller import DeadlineExceeded, SearchHits
+from recall_service.recaller import MAX_HITS_PER_SEARCH, DeadlineExceeded, SearchHits
 
 
 @dataclass(eq=False)
@@ -74,13 +76,16 @@ class CoalescingSearch:
             self._queues.pop(key, None)
             self._in_flight.discard(key)
             return
-        batch, taken = [], 0
-        while queue and (not batch or taken + len(queue[0].vectors) <= self.max_vectors):
-            taken += len(queue[0].vectors)
+        batch, taken, limit = [], 0, 0
+        while queue and (not batch or self._fits(taken + len(queue[0].vectors), max(limit, queue[0].limit))):
+            taken, limit = taken + len(queue[0].vectors), max(limit, queue[0].limit)
             batch.append(queue.pop(0))
         sender = max(batch, key=lambda w: w.expires)
         sender.batch = batch
         sender.woken.set()
+
+    def _fits(self, vectors: int, limit: int) -> bool:
+        return vectors <= self.max_vectors and vectors * limit <= MAX_HITS_PER_SEARCH
 
     def _send(self, key, model_version: str, expr: str, sender: _Waiter) -> None:
         batch = sender.batch

@@ -58,7 +58,6 @@ class FilterError(ValueError):
 
 @dataclass(frozen=True)
 class ItemFilter:
-    text: str  # as the client sent it
     milvus_expr: str  # canonical Milvus boolean expression
     matches: Callable[[str, tuple[str, ...], bool], bool]  # (category, categories, active) -> keep?
 
@@ -208,4 +207,4 @@ def parse_filter(text: str, max_chars: int = 1024) -> ItemFilter | None:
     if parser.peek() is not None:
         kind, value, pos = parser.peek()
         raise FilterError(f"filter: unexpected {value!r} at position {pos}")
-    return ItemFilter(text, expr, predicate)
+    return ItemFilter(expr, predicate)

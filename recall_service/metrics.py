@@ -7,7 +7,9 @@ several servers can live in one process (tests); `serve` exports it on [recall].
                                                       and its status code; a client's INVALID_ARGUMENT and the
                                                       interceptors' refusals are counted below, not timed)
     mindstream_recall_requests_total{method, code}   gRPC status code names; RESOURCE_EXHAUSTED counts the RPCs
-                                                      refused over [recall].max_concurrent_rpcs
+                                                      refused over [recall].max_concurrent_rpcs, UNAUTHENTICATED
+                                                      those refused for their token (each RPC once, under the
+                                                      code its client got)
     mindstream_recall_fallbacks_total{reason}        requests not served from stored interests
     mindstream_recall_result_items                   items per response
     mindstream_recall_unexpected_errors_total{method} exceptions no rule maps (returned as INTERNAL; method
@@ -18,10 +20,14 @@ several servers can live in one process (tests); `serve` exports it on [recall].
                                                       unavailable, closed: left queued at stop, error: a bug
                                                       in keeping them): their users' next events go unjudged
     mindstream_recall_backend_up{backend}            1 when the last health probe reached it (feature_store,
-                                                      vector_search); a replica reports NOT_SERVING while one is 0
+                                                      vector_search; model: a model answers, the current one
+                                                      or the one loaded before); a replica's RecallService
+                                                      reports NOT_SERVING while one is 0
 
 The labelled counters start with every known label value at 0, so the first failure of a kind is an
-increase Prometheus sees (a series born at 1 has no increase to alert on).
+increase Prometheus sees (a series born at 1 has no increase to alert on): the fallback reasons and
+served-log drop reasons here; the RPCs' codes, their unexpected errors and the failed recalls'
+latency (path "none") where the server knows them (RecallServer._export_at_zero).
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from recall_service.query import FallbackReason
 # and with 5-10 ms wide ones a true p99 of 24 ms read as 30 (and a stage's difference as noise).
 LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.0225, 0.025, 0.0275, 0.03,
                    0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
-BACKENDS = ("feature_store", "vector_search")  # the backend label, in the order the health probe reaches them
+STORES = ("feature_store", "vector_search")  # the backends the health probe pings, in that order
+BACKENDS = (*STORES, "model")  # the backend label: the stores, and a model to answer with
 SERVED_LOG_DROP_REASONS = ("queue_full", "unavailable", "closed", "error")
 SIZE_BUCKETS = (0, 1, 5, 10, 20, 50, 100, 200, 500, 1000)
 

@@ -2,10 +2,11 @@
 
     InterestReader   user ids -> stored interest records (the feature store)
     ItemSearch       (model version, vectors, limit, filter) -> per-vector top items (Milvus)
-    ModelSource      the current model: user tower (interests on the fly) and popular items
+    ModelSource      the current model: user tower (interests on the fly) and popular items; the
+                     shape (width, K) of each installed version, which a stored record must fit
     ItemAvailability the items taken out of recall (the model registry's inactive set)
 
-For each request: the stored record -> ONE search with all K_u vectors in the collection of the
+For each request: the stored record -> one search with all K_u vectors in the collection of the
 record's own model version -> drop the exclusions, the window's items and the user's seen set ->
 merge (max score or quota) -> top n. Inactive items are excluded twice: by the search's `active == true` (so a
 search returns enough active items) and by the availability set after it (so an item is out of
@@ -13,12 +14,18 @@ every answer as soon as the service has read the set, before Milvus shows the fl
 store does not know gets interests computed by the current user
 tower from the request's recent items, else the current model's popular items. Outages take the
 same fallbacks (documented per reason in recall.proto) unless `fallback_on_outage` is off, in
-which case they raise `BackendUnavailable` (UNAVAILABLE). A backend that failed is skipped for a
-cool-down (`CircuitBreaker`), so requests during an outage answer at once instead of each
-waiting for a timeout. Every backend call is bounded by the request's `Deadline`, and an answer
-ready only after it is DeadlineExceeded (the client has stopped waiting: it is not counted OK).
+which case they raise `BackendUnavailable` (UNAVAILABLE). A backend that failed FAILURES_TO_OPEN
+times in a row is skipped for a cool-down (`CircuitBreaker`), so requests during an outage answer
+at once instead of each waiting for a timeout, while one slow call cannot switch a backend off
+for every client. Each vector search is bounded by the request's `Deadline`; the
+feature-store read by its own socket timeout ([recall].feature_store_timeout_ms: redis-py has no
+per-call timeout), started only while the deadline has time left, as is each per-user re-read
+after a corrupt record. An answer ready only after the deadline is DeadlineExceeded (the client
+has stopped waiting: it is not counted OK).
 
-A batch is served with one store round trip and one search per (model version, filter) group.
+A batch is served with one store round trip and one search per (model version, filter) group, sent
+to Milvus in calls of at most MAX_HITS_PER_SEARCH hits (vectors x limit), so that the size of one
+valid request never decides whether a call answers within vector_search_timeout_ms.
 """
 
 from __future__ import annotations
@@ -38,6 +45,13 @@ from recall_service.query import FallbackReason, InvalidRequest, MergePolicy, Re
 from streaming.feature_store import InterestRecord, RecordError, get_each
 
 ACTIVE_ONLY = "active == true"  # deactivated items are never recalled, whatever the request's filter
+# Hits (vectors x limit) one Milvus call asks for at most: Milvus' own cap on one query's top k (and
+# on the queries of one call), 16,384. A larger group (a batch of users x K_u x per_interest_n) is
+# sent in several calls, each within vector_search_timeout_ms, instead of one that only times out.
+MAX_HITS_PER_SEARCH = 16_384
+# Failed calls in a row (no success between them) that open a backend's circuit breaker: one call
+# that failed says little (a slow search, a blip), a run of them is an outage.
+FAILURES_TO_OPEN = 3
 
 
 class BackendUnavailable(RuntimeError):
@@ -47,6 +61,11 @@ class BackendUnavailable(RuntimeError):
 class SearchRejected(BackendUnavailable):
     """The vector store answered but refused this one search (a data problem, not an outage):
     the requests fall back, the circuit breaker stays closed."""
+
+
+class ExpressionRejected(SearchRejected):
+    """The vector store refused the search's boolean expression: the client's fault (INVALID_ARGUMENT)
+    only when the request carried a filter; otherwise the service's own `active == true` was refused."""
 
 
 class DeadlineExceeded(RuntimeError):
@@ -74,9 +93,16 @@ class ItemSearch(Protocol):
     def search(self, model_version: str, vectors: np.ndarray, limit: int, expr: str, timeout_s: float) -> SearchHits: ...
 
 
+@dataclass(frozen=True)
+class VersionShape:
+    """What a model version's manifest says of the interests it computes: a stored record must fit it."""
+
+    dim: int  # the width of its interest and item vectors
+    n_interests: int  # K: a user has at most K interest vectors
+
+
 class ServingModel(Protocol):
     version: str
-    dim: int  # the width of its interest and item vectors
 
     def interests(self, windows: Sequence[Sequence[str]], profiles: Sequence[Mapping[str, str] | None]) -> list[np.ndarray | None]: ...
     def popular(self, n: int, item_filter: ItemFilter | None, excluded: frozenset[str], inactive: InactiveItems) -> list[tuple[str, float]]: ...
@@ -86,6 +112,7 @@ class ModelSource(Protocol):
     def current(self) -> ServingModel | None: ...
     def current_version(self) -> str | None: ...
     def prepare(self) -> None: ...  # loads the current version ahead of requests (the server's health prober calls it)
+    def shape(self, version: str) -> VersionShape | None: ...  # None: the version is not installed here
 
 
 class ItemAvailability(Protocol):
@@ -113,18 +140,19 @@ class Deadline:
 
 
 class CircuitBreaker:
-    """Closed, every caller uses the backend. A failure opens it for `cooldown_s`: callers skip the
-    backend and take the fallback at once. Then half-open: the first caller is a trial (the others
-    keep falling back for another cool-down): its success closes the breaker, its failure opens it
-    again. So a backend that hangs rather than refusing costs one caller's timeout per cool-down,
-    not the timeout of every caller that arrives once the cool-down has passed. An answer to a call
-    started before the last failure (a slow success overtaken by another caller's timeout) does not
-    close it."""
+    """Closed, every caller uses the backend. `failures_to_open` failures in a row (no success
+    between them) open it for `cooldown_s`: callers skip the backend and take the fallback at once.
+    Then half-open: the first caller is a trial (the others keep falling back for another
+    cool-down): its success closes the breaker, its failure opens it again. So a backend that hangs
+    rather than refusing costs one caller's timeout per cool-down, not the timeout of every caller
+    that arrives once the cool-down has passed. An answer to a call started before the last failure
+    (a slow success overtaken by another caller's timeout) neither closes it nor ends the run."""
 
-    def __init__(self, cooldown_s: float, clock=time.monotonic):
-        self.cooldown_s, self.clock = cooldown_s, clock
+    def __init__(self, cooldown_s: float, clock=time.monotonic, failures_to_open: int = FAILURES_TO_OPEN):
+        self.cooldown_s, self.clock, self.failures_to_open = cooldown_s, clock, failures_to_open
         self.open_until = 0.0  # 0 = closed
         self.failed_at = -float("inf")
+        self.failures = 0  # failures since the last success
         self._lock = threading.Lock()
 
     def allow(self) -> bool:
@@ -140,13 +168,16 @@ class CircuitBreaker:
     def failed(self) -> None:
         with self._lock:
             self.failed_at = self.clock()
-            self.open_until = self.failed_at + self.cooldown_s
+            self.failures += 1
+            if self.failures >= self.failures_to_open:  # a failed trial too: the run has not ended since it opened
+                self.open_until = self.failed_at + self.cooldown_s
 
     def succeeded(self, started: float) -> None:
         """The backend answered a call made at `started` (the breaker's clock)."""
         with self._lock:
             if started >= self.failed_at:
                 self.open_until = 0.0
+                self.failures = 0
 
 
 @dataclass
@@ -185,9 +216,10 @@ class Recaller:
         self.clock = clock
         self.store_breaker = CircuitBreaker(cooldown_s, clock)
         self.search_breaker = CircuitBreaker(cooldown_s, clock)
-        # model version -> the width of its vectors, as its model declares or its collection accepted:
-        # a stored record of another width is corrupt (it would fail the search of its whole group)
-        self.dims: dict[str, int] = {}
+        # model version -> the width of its vectors as its collection accepted them, for a version not
+        # installed here (an installed one's shape comes from its manifest): a stored record of another
+        # width is corrupt (it would fail the search of its whole group). One entry per version searched.
+        self.searched_dims: dict[str, int] = {}
 
     def recall_many(self, queries: Sequence[RecallQuery], deadline: Deadline) -> list[RecallResult]:
         if not queries:  # no store read: nothing to tell a circuit breaker's trial about the store
@@ -242,7 +274,7 @@ class Recaller:
 
     def _read_interests(self, pending: list[_Pending], deadline: Deadline) -> None:
         if not self.store_breaker.allow():
-            self._store_down(pending, "the feature store failed recently; retrying after the cool-down")
+            self._fall_back(pending, FallbackReason.FEATURE_STORE_UNAVAILABLE, "the feature store failed recently; retrying after the cool-down")
             return
         deadline.check("the feature store read")
         started = self.clock()
@@ -252,7 +284,7 @@ class Recaller:
         except BackendUnavailable as exc:
             self.store_breaker.failed()
             self._attribute(pending, "feature_store", self.clock() - started)
-            self._store_down(pending, str(exc))
+            self._fall_back(pending, FallbackReason.FEATURE_STORE_UNAVAILABLE, str(exc))
             return
         self.store_breaker.succeeded(started)
         self._attribute(pending, "feature_store", self.clock() - started)
@@ -260,59 +292,60 @@ class Recaller:
             if isinstance(record, RecordError):
                 record, p.reason = None, FallbackReason.CORRUPT_RECORD
             elif record is not None:
+                shape = self.models.shape(record.model_version)
                 try:
-                    check_record(record, self.dims.get(record.model_version))
+                    check_record(record, shape.dim if shape else self.searched_dims.get(record.model_version), shape.n_interests if shape else None)
                 except RecordError:
-                    record, p.reason = None, FallbackReason.CORRUPT_RECORD
+                    # the seen set came with the record: what the user saw stays out of the fallback's answer
+                    record, p.reason, p.seen = None, FallbackReason.CORRUPT_RECORD, record.seen
             p.record = record
             if record is None and p.reason is FallbackReason.NONE:
                 p.reason = FallbackReason.UNKNOWN_USER
 
-    def _store_down(self, pending: list[_Pending], detail: str) -> None:
+    def _fall_back(self, pending: list[_Pending], reason: FallbackReason, detail: str, then: list | None = None) -> None:
+        """An outage of a backend: `pending` take the fallback path with `reason` (appended to `then`),
+        or the request fails UNAVAILABLE when fallback_on_outage is off."""
         if not self.fallback_on_outage:
-            raise BackendUnavailable(f"feature store unavailable: {detail}")
+            raise BackendUnavailable(f"{reason.name.lower().replace('_', ' ')}: {detail}")
         for p in pending:
-            p.reason = FallbackReason.FEATURE_STORE_UNAVAILABLE
+            p.reason = reason
+        if then is not None:
+            then.extend(pending)
 
     def _search_and_merge(self, group: list[_Pending], version: str, path: RecallPath, deadline: Deadline, inactive: InactiveItems,
                           results: list, retired_to: list | None, popular: list) -> None:
-        """One search for the whole group (all K_u vectors of all its users), then a merge per user."""
-        expr = ACTIVE_ONLY if group[0].query.item_filter is None else f"{ACTIVE_ONLY} and ({group[0].query.item_filter.milvus_expr})"
+        """One search for the whole group (all K_u vectors of all its users, in calls of at most
+        MAX_HITS_PER_SEARCH hits), then a merge per user."""
+        item_filter = group[0].query.item_filter
+        expr = ACTIVE_ONLY if item_filter is None else f"{ACTIVE_ONLY} and ({item_filter.milvus_expr})"
         left_out = [p.left_out() for p in group]
         limits = [p.query.per_interest_limit(excluded, self.max_per_interest_n) for p, excluded in zip(group, left_out)]
         if not self.search_breaker.allow():
-            return self._search_down(group, popular, "the vector search failed recently; retrying after the cool-down")
-        timeout = min(self.search_timeout_s, deadline.check("the vector search"))
+            return self._fall_back(group, FallbackReason.VECTOR_SEARCH_UNAVAILABLE,
+                                   "the vector search failed recently; retrying after the cool-down", popular)
         started = self.clock()
         try:
-            hits = self.search.search(version, np.concatenate([p.vectors for p in group]), max(limits), expr, timeout)
-        except InvalidRequest:  # the vector store refused the request's filter: it answered
-            self.search_breaker.succeeded(started)
-            raise
+            hits = self._search_in_calls(version, np.concatenate([p.vectors for p in group]), max(limits), expr, deadline)
         except VersionRetired:
             self.search_breaker.succeeded(started)  # Milvus answered
             if retired_to is None:  # the current model has no collection: nothing to search
-                return self._search_down(group, popular, f"the collection of the current model {version} is missing")
+                return self._fall_back(group, FallbackReason.VECTOR_SEARCH_UNAVAILABLE,
+                                       f"the collection of the current model {version} is missing", popular)
             for p in group:  # recompute from the stored window and profile with the current model
                 p.reason, p.record = FallbackReason.STORED_VERSION_RETIRED, None
                 retired_to.append(p)
             return
-        except DeadlineExceeded:
-            if deadline.remaining() <= 0:
-                raise
-            # the search's own cap, not the request's deadline, ran out: Milvus is too slow now
-            self.search_breaker.failed()
-            self._attribute(group, "vector_search", self.clock() - started)
-            return self._search_down(group, popular, f"no answer within {timeout * 1e3:.0f} ms")
         except BackendUnavailable as exc:
             if isinstance(exc, SearchRejected):
                 self.search_breaker.succeeded(started)  # Milvus answered: one bad search says nothing about it
+                if isinstance(exc, ExpressionRejected) and item_filter is not None:
+                    raise InvalidRequest(f"filter: the vector store rejected it: {exc}") from None
             else:
                 self.search_breaker.failed()
             self._attribute(group, "vector_search", self.clock() - started)
-            return self._search_down(group, popular, str(exc))
+            return self._fall_back(group, FallbackReason.VECTOR_SEARCH_UNAVAILABLE, str(exc), popular)
         self.search_breaker.succeeded(started)
-        self.dims[version] = group[0].vectors.shape[1]
+        self.searched_dims[version] = group[0].vectors.shape[1]
         self._attribute(group, "vector_search", self.clock() - started)
 
         row = 0
@@ -325,18 +358,29 @@ class Recaller:
             p.stages["merge"] = p.stages.get("merge", 0.0) + self.clock() - started
             results[p.index] = RecallResult(items, version, path, p.reason, p.stages)
 
-    def _search_down(self, group: list[_Pending], popular: list, detail: str) -> None:
-        if not self.fallback_on_outage:
-            raise BackendUnavailable(f"vector search unavailable: {detail}")
-        for p in group:
-            p.reason = FallbackReason.VECTOR_SEARCH_UNAVAILABLE
-            popular.append(p)
+    def _search_in_calls(self, version: str, vectors: np.ndarray, limit: int, expr: str, deadline: Deadline) -> SearchHits:
+        """The search of `vectors` as calls of at most MAX_HITS_PER_SEARCH hits, one after another, each
+        capped at search_timeout_s and at the request's time left; the first failure ends it. A call
+        that runs out of its cap is BackendUnavailable (Milvus is too slow now); one that runs out of
+        the request's time left is the request's DeadlineExceeded, which says nothing of Milvus."""
+        rows = max(1, MAX_HITS_PER_SEARCH // limit)
+        calls = []
+        for first in range(0, len(vectors), rows):
+            timeout = min(self.search_timeout_s, deadline.check("the vector search"))
+            try:
+                calls.append(self.search.search(version, vectors[first:first + rows], limit, expr, timeout))
+            except DeadlineExceeded as exc:
+                if timeout < self.search_timeout_s or deadline.remaining() <= 0:
+                    raise
+                raise BackendUnavailable(f"{exc} ([recall].vector_search_timeout_ms)") from None
+        if len(calls) == 1:
+            return calls[0]
+        return SearchHits(*(np.concatenate([getattr(hits, name) for hits in calls]) for name in ("item_ids", "scores", "raw_ids")))
 
     def _current_model(self) -> ServingModel:
         model = self.models.current()
         if model is None:
             raise BackendUnavailable("no model is published: run `python -m model_export publish --export-dir DIR`")
-        self.dims[model.version] = model.dim
         return model
 
     @staticmethod
@@ -354,13 +398,18 @@ class Recaller:
             p.stages[stage] = p.stages.get(stage, 0.0) + seconds
 
 
-def check_record(record: InterestRecord, dim: int | None) -> None:
+def check_record(record: InterestRecord, dim: int | None, n_interests: int | None) -> None:
     """What recall relies on in a stored record beyond what decoding it checks (the record's own
     shape, window and profile): finite interest vectors (a NaN scores nothing: an empty answer that
-    looks like a success) of its model version's width, when known. Raises RecordError: the user is
-    answered as one with a corrupt record, nobody else is touched."""
+    looks like a success), of its model version's width and at most its K of them, when known (K_u
+    vectors go to Milvus: a record of 20,000 would be a search of 20,000 queries). Raises
+    RecordError: the user is answered as one with a corrupt record, nobody else is touched. (The
+    window is not held to the tower's maxlen: the job keeps [streaming].window_length behaviours,
+    50 by default, and the tower reads the newest maxlen of them.)"""
     if dim is not None and record.interests.shape[1] != dim:
         raise RecordError(f"user {record.user_id}: interests of width {record.interests.shape[1]}, model version {record.model_version} has {dim}")
+    if n_interests is not None and record.k > n_interests:
+        raise RecordError(f"user {record.user_id}: {record.k} interests, model version {record.model_version} has K = {n_interests}")
     if not np.isfinite(record.interests).all():
         raise RecordError(f"user {record.user_id}: interests with NaN or infinite values")
 

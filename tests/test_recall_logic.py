@@ -12,9 +12,9 @@ import pytest
 from recall_service.filters import FilterError, parse_filter
 from recall_service.merge import MISSING_ITEM, merge_by_quota, merge_by_score
 from recall_service.query import FallbackReason, InvalidRequest, Limits, MergePolicy, RecallPath, validate
-from recall_service.recaller import (ACTIVE_ONLY, BackendUnavailable, CircuitBreaker, Deadline, DeadlineExceeded, Recaller,
-                                     SearchHits, VersionRetired)
-from model_export.registry import NO_INACTIVE_ITEMS as NO_INACTIVE, InactiveFileError, InactiveItems
+from recall_service.recaller import (ACTIVE_ONLY, FAILURES_TO_OPEN, MAX_HITS_PER_SEARCH, BackendUnavailable, CircuitBreaker, Deadline,
+                                     DeadlineExceeded, ExpressionRejected, Recaller, SearchHits, SearchRejected, VersionRetired, VersionShape)
+from model_export.registry import NO_INACTIVE_ITEMS as NO_INACTIVE, InactiveFileError, InactiveItems, ModelRegistry
 from streaming.feature_store import InMemoryFeatureStore, InterestRecord, RecordError
 
 from conftest import wait_for
@@ -166,8 +166,8 @@ class FakeSearch:
 
 
 class FakeModel:
-    def __init__(self, version, catalog):
-        self.version, self.catalog, self.dim = version, catalog, catalog.shape[1]
+    def __init__(self, version, catalog, n_interests=4):
+        self.version, self.catalog, self.shape = version, catalog, VersionShape(catalog.shape[1], n_interests)
         self.profiles_seen = []
 
     def interests(self, windows, profiles):
@@ -192,6 +192,9 @@ class FakeModels:
 
     def prepare(self):  # the model is given, never loaded
         pass
+
+    def shape(self, version):  # only the given model's version is installed
+        return self.model.shape if self.model and version == self.model.version else None
 
 
 class DownStore:
@@ -383,8 +386,9 @@ def test_feature_store_down_falls_back_and_the_breaker_skips_it(world):
     clock = [0.0]
     recaller.reader = DownStore()
     recaller.store_breaker = CircuitBreaker(1.0, clock=lambda: clock[0])
-    [result] = recaller.recall_many([q("alice", recent_item_ids=["i4"])], Deadline(1.0))
-    assert result.path is RecallPath.COMPUTED_ON_THE_FLY and result.reason is FallbackReason.FEATURE_STORE_UNAVAILABLE
+    for _ in range(FAILURES_TO_OPEN):
+        [result] = recaller.recall_many([q("alice", recent_item_ids=["i4"])], Deadline(1.0))
+        assert result.path is RecallPath.COMPUTED_ON_THE_FLY and result.reason is FallbackReason.FEATURE_STORE_UNAVAILABLE
     recaller.reader = None  # the breaker is open: the store is not even called
     assert recaller.recall_many([q("alice")], Deadline(1.0))[0].reason is FallbackReason.FEATURE_STORE_UNAVAILABLE
     clock[0] = 2.0
@@ -398,7 +402,7 @@ def test_an_empty_batch_is_no_trial_of_a_down_feature_store(world):
     recaller, *_ = world
     clock = [0.0]
     recaller.reader = DownStore()
-    recaller.store_breaker = CircuitBreaker(1.0, clock=lambda: clock[0])
+    recaller.store_breaker = CircuitBreaker(1.0, clock=lambda: clock[0], failures_to_open=1)
     recaller.recall_many([q("alice")], Deadline(1.0))  # opens the breaker
     clock[0] = 2.0
     assert recaller.recall_many([], Deadline(1.0)) == []
@@ -408,14 +412,47 @@ def test_an_empty_batch_is_no_trial_of_a_down_feature_store(world):
 def test_a_filter_the_vector_store_refuses_is_an_answer_for_the_breaker(world):
     recaller, search, *_ = world
     clock = [0.0]
-    recaller.search_breaker = CircuitBreaker(1.0, clock=lambda: clock[0])
+    recaller.search_breaker = CircuitBreaker(1.0, clock=lambda: clock[0], failures_to_open=1)
     search.failure = BackendUnavailable("Milvus down")
     recaller.recall_many([q("alice")], Deadline(1.0))  # opens the breaker
     clock[0] = 2.0
-    search.failure = InvalidRequest("filter: the vector store rejected it")
-    with pytest.raises(InvalidRequest):
-        recaller.recall_many([q("alice")], Deadline(1.0))  # the trial
+    search.failure = ExpressionRejected("unknown field 'categories'")
+    with pytest.raises(InvalidRequest, match="filter: the vector store rejected it"):
+        recaller.recall_many([q("alice", filter_text='category contains "x"')], Deadline(1.0))  # the trial
     assert recaller.search_breaker.allow() and recaller.search_breaker.allow()  # Milvus answered: closed
+
+
+def test_an_expression_milvus_refuses_is_invalid_argument_only_for_a_filter_the_client_sent(world):
+    """Milvus' reason text is all that tells a refused expression; only a request that carried a
+    filter is answered INVALID_ARGUMENT for it. Without one the refused expression is the service's
+    own `active == true` (a collection of another schema): the vector search is unavailable."""
+    from pymilvus.grpc_gen import common_pb2, milvus_pb2
+
+    from recall_service.backends import MilvusItemSearch
+
+    class RefusingMilvus:
+        """What MilvusItemSearch calls of pymilvus' client: its gRPC stub's Search."""
+
+        def __init__(self, reason):
+            self.reason, self._stub = reason, self
+
+        def _get_connection(self):
+            return self
+
+        def Search(self, request, timeout):
+            return milvus_pb2.SearchResults(status=common_pb2.Status(code=1100, error_code=5, reason=self.reason))
+
+    recaller, *_ = world
+    recaller.search = MilvusItemSearch("unused.db")
+    recaller.search._client = RefusingMilvus("failed to create query plan: cannot parse expression: active == true, unknown field 'active'")
+    [result] = recaller.recall_many([q("alice")], Deadline(1.0))
+    assert result.path is RecallPath.POPULAR_FALLBACK and result.reason is FallbackReason.VECTOR_SEARCH_UNAVAILABLE
+    with pytest.raises(InvalidRequest, match="filter: the vector store rejected it"):
+        recaller.recall_many([q("alice", filter_text='category contains "x"')], Deadline(1.0))
+    recaller.fallback_on_outage = False
+    with pytest.raises(BackendUnavailable, match="vector search unavailable"):
+        recaller.recall_many([q("alice")], Deadline(1.0))
+    assert recaller.search_breaker.allow() and recaller.search_breaker.allow()  # Milvus answered every time
 
 
 def test_a_corrupt_record_under_the_health_key_is_an_answer_of_the_store():
@@ -432,7 +469,7 @@ def test_a_corrupt_record_under_the_health_key_is_an_answer_of_the_store():
 
 def test_after_the_cool_down_one_trial_caller_reaches_the_backend_and_its_answer_decides():
     clock = [0.0]
-    breaker = CircuitBreaker(1.0, clock=lambda: clock[0])
+    breaker = CircuitBreaker(1.0, clock=lambda: clock[0], failures_to_open=1)
     assert breaker.allow() and breaker.allow()  # closed
     breaker.failed()
     assert not breaker.allow()
@@ -457,10 +494,10 @@ def test_after_the_cool_down_one_trial_caller_reaches_the_backend_and_its_answer
     assert breaker.allow()
 
 
-def test_a_hanging_search_costs_one_callers_timeout_per_cool_down(world):
+def test_a_hanging_search_costs_a_run_of_timeouts_then_one_callers_per_cool_down(world):
     recaller, search, *_ = world
     clock = [0.0]
-    recaller.search_breaker = CircuitBreaker(1.0, clock=lambda: clock[0])
+    recaller.search_breaker = CircuitBreaker(1.0, clock=lambda: clock[0], failures_to_open=2)
     calls = []
 
     def hangs(*args):
@@ -468,10 +505,86 @@ def test_a_hanging_search_costs_one_callers_timeout_per_cool_down(world):
         raise DeadlineExceeded("no answer within 500 ms")
 
     search.search = hangs
-    for at in (0.0, 0.1, 1.2, 1.3, 1.4, 2.5):
+    for at in (0.0, 0.1, 0.2, 1.0, 1.2, 1.3, 1.4, 2.5):
         clock[0] = at
         assert recaller.recall_many([q("alice")], Deadline(5.0))[0].reason is FallbackReason.VECTOR_SEARCH_UNAVAILABLE
-    assert len(calls) == 3  # at 0.0, at 1.2 (the trial after the cool-down), at 2.5 (the next trial)
+    assert len(calls) == 4  # at 0.0 and 0.1 (the run that opens it), at 1.2 (the trial after the cool-down), at 2.5 (the next trial)
+
+
+def test_the_breaker_opens_on_a_run_of_failures_not_on_one():
+    clock = [0.0]
+    breaker = CircuitBreaker(1.0, clock=lambda: clock[0])
+    assert FAILURES_TO_OPEN > 1  # one failed call is no outage
+    for _ in range(FAILURES_TO_OPEN - 1):
+        breaker.failed()
+    assert breaker.allow()  # one call short of a run: still closed
+    breaker.succeeded(started=clock[0])
+    for _ in range(FAILURES_TO_OPEN - 2):
+        breaker.failed()
+    assert breaker.allow()  # the success ended the run: counted from 0 again
+    clock[0] = 0.5
+    breaker.failed()
+    breaker.succeeded(started=0.2)  # an answer to a call made before the last failure ends no run
+    breaker.failed()
+    assert not breaker.allow()  # the run is complete: open, callers fall back at once
+    clock[0] = 1.6
+    assert breaker.allow() and not breaker.allow()  # the trial
+    breaker.failed()
+    assert not breaker.allow()  # a failed trial opens it again at once
+
+
+def test_one_search_that_times_out_does_not_switch_vector_search_off_for_everyone(world):
+    """A large but valid request whose search ran out of its cap (vector_search_timeout_ms) falls
+    back alone; the next client's search goes to Milvus. Only a run of them is an outage."""
+    recaller, search, store, catalogs, interests = world
+    store.put_many([InterestRecord("bob", "A", interests[:1], (), 0, "0:1")])
+    real_search = search.search
+
+    def slow_for_alice(version, vectors, limit, expr, timeout_s):
+        if len(vectors) == len(interests):  # alice's 3 vectors: her search does not answer within its cap
+            search.calls.append((version, len(vectors), limit, expr, timeout_s))
+            raise DeadlineExceeded("vector search did not answer within 500 ms")
+        return real_search(version, vectors, limit, expr, timeout_s)
+
+    search.search = slow_for_alice
+    assert recaller.recall_many([q("alice")], Deadline(5.0))[0].reason is FallbackReason.VECTOR_SEARCH_UNAVAILABLE
+    assert recaller.recall_many([q("bob")], Deadline(5.0))[0].path is RecallPath.STORED_INTERESTS  # another client: served
+    for _ in range(FAILURES_TO_OPEN):  # a run of them is an outage: the breaker opens ...
+        recaller.recall_many([q("alice")], Deadline(5.0))
+    calls = len(search.calls)
+    assert recaller.recall_many([q("bob")], Deadline(5.0))[0].reason is FallbackReason.VECTOR_SEARCH_UNAVAILABLE
+    assert len(search.calls) == calls  # ... and requests fall back at once, without a search
+
+
+def test_a_group_over_the_hits_of_one_call_is_searched_in_calls_that_keep_the_deadline(world, monkeypatch):
+    """A batch's group (users x K_u vectors x per-interest limit) goes to Milvus in calls of at most
+    MAX_HITS_PER_SEARCH hits, with the same answers as one call, each call capped by the time left."""
+    import recall_service.recaller as recaller_module
+
+    recaller, search, store, catalogs, interests = world
+    monkeypatch.setattr(recaller_module, "MAX_HITS_PER_SEARCH", 40)
+    users = [f"u{i}" for i in range(6)]
+    store.put_many([InterestRecord(user, "A", interests, (), 0, f"0:{i}") for i, user in enumerate(users)])
+    batch = recaller.recall_many([q(user, 5) for user in users[:5]], Deadline(5.0))  # 15 vectors at limit 5 + 0: 75 hits
+    assert [(c[1], c[2]) for c in search.calls] == [(8, 5), (7, 5)]  # 8 x 5 = 40 hits at most per call
+    alone = recaller.recall_many([q("u0", 5)], Deadline(5.0))[0]
+    for result in batch:
+        assert result.path is RecallPath.STORED_INTERESTS and [(r, j) for r, _, j in result.items] == [(r, j) for r, _, j in alone.items]
+        np.testing.assert_allclose([s for _, s, _ in result.items], [s for _, s, _ in alone.items], rtol=1e-5)
+    # every call has at most the request's time left, and none is sent once it is gone
+    clock = [0.0]
+    real_search = search.search
+
+    def taking_400_ms(version, vectors, limit, expr, timeout_s):
+        clock[0] += 0.4
+        return real_search(version, vectors, limit, expr, timeout_s)
+
+    search.search, search.calls = taking_400_ms, []
+    recaller.search_timeout_s = 10.0
+    with pytest.raises(DeadlineExceeded, match="before the vector search"):
+        recaller.recall_many([q(user, 5) for user in users], Deadline(0.7, clock=lambda: clock[0]))
+    assert [round(c[4], 3) for c in search.calls] == [0.7, 0.3]  # 18 vectors: the second call had what the first left; no third
+    assert recaller.search_breaker.allow()  # the request's own deadline says nothing about Milvus
 
 
 def test_vector_search_down_falls_back_to_popular_or_raises_when_fallback_is_off(world):
@@ -489,15 +602,15 @@ def test_vector_search_down_falls_back_to_popular_or_raises_when_fallback_is_off
         recaller.recall_many([q("alice")], Deadline(1.0))
 
 
-def test_a_rejected_search_falls_back_without_opening_the_breaker_and_a_slow_one_opens_it(world):
-    from recall_service.recaller import SearchRejected
-
+def test_a_rejected_search_falls_back_without_opening_the_breaker_and_slow_ones_open_it(world):
     recaller, search, *_ = world
-    search.failure = SearchRejected("dimension mismatch")
-    assert recaller.recall_many([q("alice")], Deadline(1.0))[0].reason is FallbackReason.VECTOR_SEARCH_UNAVAILABLE
-    assert recaller.search_breaker.allow()  # one bad search says nothing about Milvus
+    for _ in range(FAILURES_TO_OPEN):
+        search.failure = SearchRejected("dimension mismatch")
+        assert recaller.recall_many([q("alice")], Deadline(1.0))[0].reason is FallbackReason.VECTOR_SEARCH_UNAVAILABLE
+    assert recaller.search_breaker.allow()  # a bad search says nothing about Milvus
     search.failure = DeadlineExceeded("no answer within 500 ms")  # the search's own cap, the request has time left
-    assert recaller.recall_many([q("alice")], Deadline(5.0))[0].reason is FallbackReason.VECTOR_SEARCH_UNAVAILABLE
+    for _ in range(FAILURES_TO_OPEN):
+        assert recaller.recall_many([q("alice")], Deadline(5.0))[0].reason is FallbackReason.VECTOR_SEARCH_UNAVAILABLE
     assert not recaller.search_breaker.allow()
 
 
@@ -562,6 +675,31 @@ def test_a_record_that_decodes_but_is_malformed_is_corrupt_for_its_user_only(wor
     assert all(n_vectors > 0 for _, n_vectors, *_ in search.calls)
 
 
+def test_a_record_with_more_interests_than_its_versions_k_is_corrupt_for_its_user_only(world):
+    """K_u vectors go to Milvus: a record of more than its version's K (the manifest's n_interests)
+    is corrupt, answered CORRUPT_RECORD for its user alone, without the search."""
+    recaller, search, store, catalogs, interests = world
+    rng = np.random.default_rng(7)
+    store.put_many([InterestRecord("bella", "B", rng.standard_normal((4, DIM)).astype(np.float32), ("i1",), 0, "0:1"),
+                    InterestRecord("mallory", "B", rng.standard_normal((5, DIM)).astype(np.float32), ("i1",), 0, "0:2")])
+    bella, mallory, alice = recaller.recall_many([q("bella"), q("mallory"), q("alice")], Deadline(1.0))
+    assert bella.path is alice.path is RecallPath.STORED_INTERESTS  # K = 4 of version B; alice's A is not installed: K unknown
+    assert mallory.path is RecallPath.POPULAR_FALLBACK and mallory.reason is FallbackReason.CORRUPT_RECORD
+    assert sorted(n_vectors for _, n_vectors, *_ in search.calls) == [3, 4]
+
+
+def test_what_a_user_with_a_corrupt_record_has_seen_is_left_out_of_the_fallback(world):
+    """The seen set comes in the same read as the record: a record found corrupt after decoding
+    (here: another width than its version's) still has it, and the popular answer leaves it out."""
+    recaller, search, store, catalogs, interests = world
+    store.seen_items = 10
+    store.put_many([InterestRecord("mallory", "B", np.ones((2, DIM + 1), np.float32), ("i1",), 0, "0:2")], seen={"mallory": [(1, "i0"), (2, "i3")]})
+    recaller.recall_many([q("nobody")], Deadline(1.0))  # the current model (B) read: its width is known
+    [mallory] = recaller.recall_many([q("mallory", 4)], Deadline(1.0))
+    assert mallory.path is RecallPath.POPULAR_FALLBACK and mallory.reason is FallbackReason.CORRUPT_RECORD
+    assert [r for r, _, _ in mallory.items] == ["i1", "i2", "i4", "i5"]  # by popularity, without i0 and i3
+
+
 def test_the_current_models_width_is_known_before_any_search(world):
     recaller, search, store, catalogs, interests = world
     store.put_many([InterestRecord("bella", "B", np.ones((2, DIM + 1), np.float32), ("i1",), 0, "0:1")])
@@ -572,8 +710,6 @@ def test_the_current_models_width_is_known_before_any_search(world):
 
 def test_a_width_no_search_has_told_yet_fails_only_its_own_search(world):
     """A rejected search (Milvus refuses vectors of another width) is confined to the requests of that width."""
-    from recall_service.recaller import SearchRejected
-
     recaller, search, store, catalogs, interests = world
     store.put_many([InterestRecord("mallory", "A", np.ones((1, DIM + 1), np.float32), (), 0, "0:1")])
     real_search = search.search
@@ -599,6 +735,19 @@ def test_the_deadline_bounds_the_search_and_stops_late_work(world):
     clock[0] = 0.2
     with pytest.raises(DeadlineExceeded, match="feature store"):
         recaller.recall_many([q("alice")], late)
+
+
+def test_a_search_given_the_requests_time_left_that_runs_out_is_the_requests_deadline_not_milvus(world):
+    """Milvus' client and the request's clock may disagree by a hair: a call whose timeout was the
+    request's time left (under vector_search_timeout_ms) is the request's DEADLINE_EXCEEDED, never a
+    failure of Milvus in the breaker's count."""
+    recaller, search, *_ = world
+    search.failure = DeadlineExceeded("vector search did not answer within 200 ms")
+    frozen = Deadline(0.2, clock=lambda: 0.0)  # its time never runs out on its own clock
+    for _ in range(FAILURES_TO_OPEN):
+        with pytest.raises(DeadlineExceeded):
+            recaller.recall_many([q("alice")], frozen)
+    assert recaller.search_breaker.failures == 0 and recaller.search_breaker.allow()
 
 
 @pytest.mark.parametrize("user, recent, slow, stage", [
@@ -773,6 +922,33 @@ def test_a_search_of_another_width_is_never_batched_with_others(world):
     assert outcomes == {"first": (1, 3), "waiting": (1, 3), "wide": "refused"}
 
 
+def test_a_coalesced_call_never_asks_for_more_hits_than_one_call_may(world):
+    from recall_service.coalesce import CoalescingSearch
+
+    _, _, _, catalogs, _ = world
+    inner = GatedSearch(catalogs)
+    search = CoalescingSearch(inner, max_vectors=256)
+    limit = MAX_HITS_PER_SEARCH // 4  # two vectors of each waiter: half the hits of a call
+    results = {}
+
+    def ask(name, k):
+        results[name] = search.search("A", np.ones((k, DIM), np.float32), limit, ACTIVE_ONLY, 5.0).item_ids.shape
+
+    threads = [threading.Thread(target=ask, args=("first", 1))]
+    threads[0].start()
+    inner.entered.wait(5)
+    for name in ("a", "b", "c"):
+        threads.append(threading.Thread(target=ask, args=(name, 2)))
+        threads[-1].start()
+    while _waiting(search) < 3:
+        time.sleep(0.001)
+    inner.gate.set()
+    for t in threads:
+        t.join(5)
+    assert sorted(c[1] for c in inner.calls) == [1, 2, 4]  # a and b together (2 x 2 vectors x limit = the cap), c alone
+    assert all(n * call_limit <= MAX_HITS_PER_SEARCH for _, n, call_limit, *_ in inner.calls) and len(results) == 4
+
+
 def test_stubs_are_regenerated_only_when_the_proto_or_the_generator_changes(tmp_path):
     from recall_service import stubs
 
@@ -856,15 +1032,15 @@ def test_a_versions_vocabulary_is_read_in_the_background_and_a_missing_one_looke
     vocabularies = RegistryVocabularies(registry, keep=2, retry_s=30.0, clock=lambda: now[0])
     version = ModelArtifact.load(two_exports[0]).version
     assert vocabularies.raw_ids(version) is None  # not installed: Milvus' raw ids meanwhile
-    wait_for(lambda: not any(t.name == f"vocabulary-{version}" for t in threading.enumerate()), 10, "the failed read")
     registry.install(two_exports[0])
-    assert vocabularies.raw_ids(version) is None  # not looked for again before retry_s
+    assert vocabularies.raw_ids(version) is None  # not looked for again before the registry is listed again (2 s)
     now[0] = 31.0
     vocabularies.raw_ids(version)
     wait_for(lambda: vocabularies.raw_ids(version) is not None, 10, "the vocabulary read")
     assert vocabularies.raw_ids(version).tolist() == ["", *ModelArtifact.load(two_exports[0]).raw_items]
     # the versions searched last are kept: `version` searched after `other`, so a third one evicts `other`
     other = registry.install(two_exports[1]).model_version
+    now[0] = 33.0
     wait_for(lambda: vocabularies.raw_ids(other) is not None, 10, "the second vocabulary")
     now[0] = 40.0
     assert vocabularies.raw_ids(version) is not None
@@ -885,7 +1061,8 @@ def test_the_loaded_models_vocabulary_is_shared_not_read_again(two_exports, tmp_
     registry = ModelRegistry(tmp_path / "models")
     old, new = (registry.install(export).model_version for export in two_exports)
     registry.set_current(new)
-    models = RegistryModels(registry, prefer_gpu=False)
+    now = [0.0]
+    models = RegistryModels(registry, prefer_gpu=False, clock=lambda: now[0])
     vocabularies = RegistryVocabularies(registry, loaded=models.raw_ids)
     assert models.raw_ids(new) is None  # not loaded yet
     models.prepare()
@@ -898,9 +1075,45 @@ def test_the_loaded_models_vocabulary_is_shared_not_read_again(two_exports, tmp_
     # read before its model was loaded (records of a new version come before the prober loads it):
     # once the model is loaded its copy is used and the one read here let go
     registry.set_current(old)
-    models._checked = -float("inf")
+    now[0] += 2.0  # CURRENT is looked at again
     models.prepare()
     assert vocabularies.raw_ids(old) is models.current().raw_ids and old not in vocabularies._read and old not in vocabularies._used
+
+
+class PathCountingRegistry(ModelRegistry):
+    """Counts the lookups of a version's folder: every read of a version's files starts with one."""
+
+    paths = 0
+
+    def path(self, model_version):
+        self.paths += 1
+        return super().path(model_version)
+
+
+def test_a_version_not_installed_starts_no_vocabulary_read_and_is_not_remembered(two_exports, tmp_path):
+    """A corrupt record may name any model version, on every request: for one the registry does not
+    have, the raw ids are Milvus' raw_id field at once, with no read started and nothing kept."""
+    from recall_service.backends import RegistryVocabularies
+
+    registry = PathCountingRegistry(tmp_path / "models")
+    registry.install(two_exports[0])
+    vocabularies = RegistryVocabularies(registry)
+    for i in range(50):
+        assert vocabularies.raw_ids(f"bogus-{i}") is None
+    assert not vocabularies._pending and not vocabularies._used and registry.paths <= 1  # at most the installed version's manifest
+    assert not any(t.name.startswith("vocabulary-bogus") for t in threading.enumerate())
+
+
+def test_an_installed_versions_shape_is_its_manifests_and_another_costs_no_file_read(two_exports, tmp_path):
+    from model_export.manifest import Manifest
+    from recall_service.backends import InstalledVersions, RegistryModels
+
+    registry = PathCountingRegistry(tmp_path / "models")
+    version = registry.install(two_exports[0]).model_version
+    manifest = Manifest.load(two_exports[0])
+    models = RegistryModels(registry, prefer_gpu=False, installed=InstalledVersions(registry))
+    assert models.shape(version) == VersionShape(manifest.dim, manifest.n_interests)
+    assert all(models.shape(f"bogus-{i}") is None for i in range(50)) and registry.paths == 1  # the one manifest read
 
 
 def test_a_model_retired_since_the_last_look_at_current_is_replaced_by_the_new_current(two_exports, tmp_path):
@@ -952,18 +1165,17 @@ def test_a_published_version_is_loaded_by_prepare_while_requests_go_on_with_the_
     # a rollback to the version still loaded serves it at once, and keeps serving it while the next
     # version loads or fails to load (not the version rolled back from)
     registry.set_current(old)
-    now[0] = 2.5
-    models._checked = -float("inf")
+    now[0] = 3.0
     assert models.current().version == old and list(models._loaded) == [new, old]  # no load: still in memory
     models._loaded.pop(new)  # as if a third version had been loaded since
     registry.set_current(new)
-    models._checked = -float("inf")
+    now[0] = 4.0
     assert models.current().version == old  # `new` loads in prepare, the rolled-back-to version answers meanwhile
     models.prepare()
     assert models.current().version == new
     # CURRENT unreadable (a shared volume's hiccup): the version read last stays
     (registry.root / "CURRENT.json").write_text("{not json")
-    now[0] = 4.0
+    now[0] = 5.0
     assert models.current_version() == new and models.current().version == new
     # a version that cannot be loaded: prepare fails, requests keep the loaded one, and on a cold
     # start one failed load answers every request until refresh_s has passed
@@ -1077,12 +1289,13 @@ def test_the_health_probe_logs_an_outage_when_it_starts_and_when_it_ends(caplog,
     from infra.config import load_config
     from recall_service.server import RecallServer
 
-    store, search = Switchable("feature store"), Switchable("Milvus")
+    store, search, models = Switchable("feature store"), Switchable("Milvus"), FakeModels(None)
     config = load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path)})
-    server = RecallServer(config, reader=store, search=search, models=FakeModels(None), availability=SetAvailability())
+    server = RecallServer(config, reader=store, search=search, models=models, availability=SetAvailability())
     caplog.set_level("INFO", logger="recall_service.server")
+    assert not any([server.probe() for _ in range(2)])  # nothing published yet
+    models.model = FakeModel("B", np.zeros((3, DIM), np.float32))
     assert server.probe()
-    no_model = [r.getMessage() for r in caplog.records if "no model is published" in r.getMessage()]
     store.down = True
     assert not any([server.probe() for _ in range(3)])
     search.down = True
@@ -1090,8 +1303,10 @@ def test_the_health_probe_logs_an_outage_when_it_starts_and_when_it_ends(caplog,
     store.down = search.down = False
     assert server.probe() and server.probe()
     said = [r.getMessage() for r in caplog.records if "serving" in r.getMessage()]
-    assert len(no_model) == 1 and len(said) == 3, said
-    assert said[0].startswith("not serving: feature store") and "Milvus" in said[1] and said[2].startswith("serving again")
+    assert len(said) == 5, said
+    assert said[0].startswith("not serving: no model is published") and "stored users are still answered" in said[0], said[0]
+    assert said[1].startswith("serving again") and said[4].startswith("serving again")
+    assert said[2].startswith("not serving: feature store") and "Milvus" in said[3]
 
 
 def test_the_health_probe_exports_which_backends_it_reaches(tmp_path):
@@ -1100,20 +1315,23 @@ def test_the_health_probe_exports_which_backends_it_reaches(tmp_path):
     from infra.config import load_config
     from recall_service.server import RecallServer
 
-    store, search = Switchable("feature store"), Switchable("Milvus")
+    store, search, models = Switchable("feature store"), Switchable("Milvus"), FakeModels(FakeModel("B", np.zeros((3, DIM), np.float32)))
     config = load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path)})
-    server = RecallServer(config, reader=store, search=search, models=FakeModels(None), availability=SetAvailability())
+    server = RecallServer(config, reader=store, search=search, models=models, availability=SetAvailability())
 
     def up() -> dict:
-        return {backend: server.metrics.backend_up.labels(backend)._value.get() for backend in ("feature_store", "vector_search")}
+        return {backend: server.metrics.backend_up.labels(backend)._value.get() for backend in ("feature_store", "vector_search", "model")}
 
-    assert server.probe() and up() == {"feature_store": 1, "vector_search": 1}
+    assert server.probe() and up() == {"feature_store": 1, "vector_search": 1, "model": 1}
     search.down = True
-    assert not server.probe() and up() == {"feature_store": 1, "vector_search": 0}
+    assert not server.probe() and up() == {"feature_store": 1, "vector_search": 0, "model": 1}
     store.down, search.down = True, False
-    assert not server.probe() and up() == {"feature_store": 0, "vector_search": 1}
-    store.down = False
-    assert server.probe() and up() == {"feature_store": 1, "vector_search": 1}
+    assert not server.probe() and up() == {"feature_store": 0, "vector_search": 1, "model": 1}
+    store.down, model = False, models.model
+    models.model = None  # nothing published (or nothing loadable, nothing loaded)
+    assert not server.probe() and up() == {"feature_store": 1, "vector_search": 1, "model": 0}
+    models.model = model
+    assert server.probe() and up() == {"feature_store": 1, "vector_search": 1, "model": 1}
 
 
 def test_the_counters_alerts_read_are_exported_at_zero_before_their_first_increment(tmp_path):
@@ -1130,8 +1348,14 @@ def test_the_counters_alerts_read_are_exported_at_zero_before_their_first_increm
     for series in ('mindstream_recall_unexpected_errors_total{method="health_probe"} 0.0',
                    'mindstream_recall_fallbacks_total{reason="feature_store_unavailable"} 0.0',
                    'mindstream_recall_fallbacks_total{reason="unknown_user"} 0.0',
-                   'mindstream_recall_served_log_dropped_total{reason="unavailable"} 0.0'):
+                   'mindstream_recall_served_log_dropped_total{reason="unavailable"} 0.0',
+                   *(f'mindstream_recall_unexpected_errors_total{{method="{method}"}} 0.0' for method in ("Recall", "BatchRecall")),
+                   *(f'mindstream_recall_requests_total{{code="{code}",method="{method}"}} 0.0' for method in ("Recall", "BatchRecall")
+                     for code in ("OK", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "UNAVAILABLE", "INTERNAL", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED")),
+                   *(f'mindstream_recall_latency_seconds_count{{code="{code}",path="none",stage="total"}} 0.0'
+                     for code in ("DEADLINE_EXCEEDED", "UNAVAILABLE", "INTERNAL"))):
         assert series in exported, series
+    assert 'code="INVALID_ARGUMENT",path="none"' not in exported  # a client's mistake is counted, never timed
     assert "reason=\"none\"" not in exported  # served from stored interests is no fallback
 
     from streaming import metrics as stream

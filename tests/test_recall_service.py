@@ -641,6 +641,77 @@ def test_an_rpc_refused_for_its_token_is_counted_once_even_over_the_limit(in_mem
     running.result()  # the authorised call in flight is answered
 
 
+def test_a_flood_of_refused_calls_refuses_no_health_check_nor_authorised_call(in_memory_server):
+    """The server's own limit is its only one, and refusals are answered in place (no thread, no
+    queue): during a flood of calls without a token every health check and authorised call is
+    answered, and every refused call is counted once, under the code its client got."""
+    import collections
+
+    from recall_service.channel import recall_channel
+
+    server, _, search = in_memory_server(max_concurrent_rpcs=4, auth_token="s3cret")
+    search.gate.set()
+    target = f"127.0.0.1:{server.port}"
+    request = recall_pb2.RecallRequest(user_id="alice", n=5)
+    got = [collections.Counter() for _ in range(4)]  # per flooding thread: the codes its calls ended with
+    stop = threading.Event()
+
+    def flood(codes: collections.Counter) -> None:
+        stub = recall_pb2_grpc.RecallServiceStub(grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]))
+        while not stop.is_set():
+            for call in [stub.Recall.future(request, timeout=10) for _ in range(200)]:
+                codes[call.code().name] += 1
+
+    threads = [threading.Thread(target=flood, args=(codes,), daemon=True) for codes in got]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: sum(sum(codes.values()) for codes in got) > 400, 30, "the flood")
+    authorised = recall_pb2_grpc.RecallServiceStub(recall_channel(dataclasses.replace(server.config.recall, host="127.0.0.1", port=server.port)))
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+    answered = collections.Counter()
+    for _ in range(50):
+        for name, call in (("health", lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5)),
+                           ("recall", lambda: authorised.Recall(request, timeout=5))):
+            try:
+                call()
+                answered[f"{name} OK"] += 1
+            except grpc.RpcError as error:
+                answered[f"{name} {error.code().name}"] += 1
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    refused = sum(got, collections.Counter())
+    assert answered == {"health OK": 50, "recall OK": 50}
+    assert set(refused) == {"UNAUTHENTICATED"}, refused
+    assert server.metrics.requests.labels("Recall", "UNAUTHENTICATED")._value.get() == refused["UNAUTHENTICATED"]
+    assert server.metrics.requests.labels("Recall", "RESOURCE_EXHAUSTED")._value.get() == 0
+
+
+def test_without_a_model_the_recall_service_is_not_serving_while_the_server_is(in_memory_server):
+    """With no model to answer with (none published, or none loadable and none loaded) every user
+    without stored interests gets UNAVAILABLE: readiness (the RecallService's status) says
+    NOT_SERVING. The overall status, which the stack waits for at start (it starts the service
+    before the first publish), says whether the stores answer. Stored users are still answered."""
+    server, stub, search = in_memory_server()
+    search.gate.set()
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+
+    def status(service: str) -> str:
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status)
+
+    model, server.models.model = server.models.model, None
+    server.probe()
+    assert status("") == "SERVING" and status(SERVICE_NAME) == "NOT_SERVING"
+    assert server.metrics.backend_up.labels("model")._value.get() == 0  # RecallBackendDown says why, when no replica has one
+    assert stub.Recall(recall_pb2.RecallRequest(user_id="alice", n=5), timeout=5).path == STORED
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Recall(recall_pb2.RecallRequest(user_id="newcomer", n=5), timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "publish" in error.value.details()
+    server.models.model = model  # published
+    server.probe()
+    assert status("") == status(SERVICE_NAME) == "SERVING" and server.metrics.backend_up.labels("model")._value.get() == 1
+
+
 def test_the_projects_own_clients_follow_the_configured_tls_and_token(in_memory_server, tmp_path):
     """recall_service/channel.py: the health check script, the stack's readiness probe and the demo reach a server
     with TLS and a token as the configuration says, where a plaintext channel without the token is refused."""
@@ -664,6 +735,31 @@ def test_the_projects_own_clients_follow_the_configured_tls_and_token(in_memory_
     assert recall(dataclasses.replace(token_only.config, recall=dataclasses.replace(token_only.config.recall, port=token_only.port)), "alice", 3)[0].items
 
 
+def test_the_node_client_trusts_the_servers_certificate_and_says_what_is_wrong_in_one_line(in_memory_server, tmp_path):
+    """As the Python clients (recall_service/channel.py): without a CA file, the configured
+    tls_certfile is what the server's certificate is verified with; a request that is not JSON or
+    a CA file that cannot be read is a one-line error and exit status 2, not a stack trace."""
+    if not (shutil.which("node") and shutil.which("npm")):
+        pytest.skip("node and npm are not installed: the Node client test needs them")
+    client_dir = REPO / "recall_service" / "clients" / "node"
+    subprocess.run([str(client_dir / "install.sh")], check=True, capture_output=True, timeout=300)
+    cert, key = self_signed_certificate(tmp_path)
+    server, _, search = in_memory_server(tls_certfile=str(cert), tls_keyfile=str(key), auth_token="s3cret")
+    search.gate.set()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINDSTREAM_")}
+
+    def node(request: str, **variables) -> subprocess.CompletedProcess:
+        return subprocess.run(["node", str(client_dir / "recall.js"), f"localhost:{server.port}", str(PROTO_ROOT), request],
+                              env={**env, "MINDSTREAM_RECALL__AUTH_TOKEN": "s3cret", **variables}, capture_output=True, text=True, timeout=60)
+
+    answered = node('{"user_id": "alice", "n": 3}', MINDSTREAM_RECALL__TLS_CERTFILE=str(cert))
+    assert answered.returncode == 0 and len(json.loads(answered.stdout)["items"]) == 3, answered.stderr
+    for request, variables, says in (('{"user_id": "alice", "n": 3', {"MINDSTREAM_RECALL__TLS_CERTFILE": str(cert)}, "not JSON"),
+                                     ('{"user_id": "alice", "n": 3}', {"MINDSTREAM_RECALL__TLS_CAFILE": str(tmp_path / "missing.pem")}, "missing.pem")):
+        failed = node(request, **variables)
+        assert failed.returncode == 2 and says in failed.stderr and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+
+
 def test_a_server_that_cannot_start_lets_go_of_what_it_made(in_memory_server):
     """A port taken (or a bad certificate) fails start(); the threads and clients made so far are
     released, not left behind in the process (tests and benches start many servers)."""
@@ -679,7 +775,7 @@ def test_a_server_that_cannot_start_lets_go_of_what_it_made(in_memory_server):
         blocked = RecallServer(config, reader=server.reader, search=server.search, models=server.models, availability=server.availability)
         with pytest.raises(ServeError, match="cannot listen"):
             blocked.start()
-    assert blocked._executor._shutdown and blocked._limit.fast_lane._shutdown and blocked._limit.health_lane._shutdown
+    assert blocked._executor._shutdown and blocked._limit.health_lane._shutdown
     assert server.port and not server._executor._shutdown  # the first server goes on
     server.stop(grace_s=0)
     assert server._executor._shutdown

@@ -207,7 +207,7 @@ def test_kafka_sasl_ssl_settings_reach_both_clients(tmp_path):
     assert props["sasl.jaas.config"] == 'org.apache.kafka.common.security.scram.ScramLoginModule required username="mindstream" password="pw";'
     assert props["ssl.truststore.type"] == "PEM" and props["ssl.truststore.location"] == str(cert)
     assert props["ssl.keystore.certificate.chain"] == cert.read_text() and props["ssl.keystore.key"] == key.read_text()
-    plaintext = KafkaConfig(sasl_password="pw")  # credentials are only sent where the protocol asks for them
+    plaintext = KafkaConfig()  # credentials under a protocol without SASL are refused at load (below)
     assert set(python_client_options(plaintext)) == {"bootstrap_servers", "security_protocol"}
     assert set(java_client_properties(plaintext)) == {"bootstrap.servers", "security.protocol"}
 
@@ -217,6 +217,8 @@ def test_kafka_sasl_ssl_settings_reach_both_clients(tmp_path):
     ({"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "ssl_cafile": "ca.pem"}, "which ignores them"),
     ({"security_protocol": "SSL", "ssl_certfile": "client.pem"}, "a client certificate needs both"),  # the Java client would drop it
     ({"security_protocol": "SASL_SSL"}, "needs \\[kafka\\].sasl_mechanism"),
+    ({"sasl_password": "pw"}, "security_protocol is PLAINTEXT, which sends no credentials"),  # the broker would get none
+    ({"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN"}, "needs \\[kafka\\].sasl_username"),
 ])
 def test_kafka_security_settings_a_client_would_ignore_are_refused(settings, says):
     from infra.config import ConfigError

@@ -5,6 +5,7 @@ groups' shutdown."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -319,3 +320,168 @@ def test_up_starts_a_new_stack_while_the_shell_exports_its_not_yet_written_file(
     stack = Stack(stack_dir, environ={**os.environ, "MINDSTREAM_CONFIG": str(stack_dir / "mindstream.toml")})
     assert stack._choose_milvus_server(milvus_runs=False) == "lite"
     assert stack._write_config({name: 0 for name in PORTS}, "lite").recall.host == "127.0.0.1"
+
+
+def test_a_production_replication_factor_in_the_users_file_still_starts_the_embedded_broker(stack_dir, tmp_path):
+    """The Kubernetes ConfigMap sets 3 for a real cluster; the stack's one broker can keep one copy only."""
+    user = tmp_path / "mine.toml"
+    user.write_text("[streaming]\ntopic_replication_factor = 3\n")
+    only_the_broker = [arg for name in SERVICES if name != "broker" for arg in ("--skip", name)]
+    up = infra("up", "--stack-dir", str(stack_dir), *only_the_broker, env={**os.environ, "MINDSTREAM_CONFIG": str(user)})
+    assert up.returncode == 0, up.stderr
+    assert "topics         created" in up.stderr
+    assert load_config(StackLayout(stack_dir.resolve()).config_path, environ={}).streaming.topic_replication_factor == 1
+
+
+def test_a_broker_that_refuses_the_topics_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
+    from kafka.errors import InvalidReplicationFactorError
+
+    from infra import stack as stack_module
+
+    def refuse(config):
+        raise InvalidReplicationFactorError("Replication factor must be larger than 0 and not larger than the number of brokers")
+
+    monkeypatch.setattr(stack_module, "ensure_configured_topics", refuse)
+    stack = stack_module.Stack(tmp_path, environ={})
+    config = stack._write_config({key: 20000 + i for i, key in enumerate(PORTS)}, "lite")
+    with pytest.raises(stack_module.StackError, match=r"did not create the topics .*InvalidReplicationFactorError.*`python -m infra down` stops what runs"):
+        stack._create_topics(config)
+
+
+class NeverReady(ManagedProcess):
+    name = "never-ready"
+    start_timeout_s = 20.0
+
+    def command(self):
+        return ["sleep", "120"]
+
+    def ready(self):
+        return False
+
+
+def test_ctrl_c_while_up_waits_returns_at_once_and_leaves_the_services_starting(tmp_path, monkeypatch):
+    """The waits ran in a pool whose exit joined them: Ctrl-C took up to the slowest start timeout (180 s)."""
+    from infra import stack as stack_module
+
+    def interrupted(futures):
+        raise KeyboardInterrupt  # as Ctrl-C does while `up` waits for the health checks
+
+    monkeypatch.setattr(stack_module, "as_completed", interrupted)
+    stack = stack_module.Stack(tmp_path, environ={})
+    starting = NeverReady(tmp_path / "never-ready.log").spawn()
+    try:
+        began = time.monotonic()
+        with pytest.raises(BaseException) as raised:
+            stack._await_all({"recall": (starting, began)}, None)
+        assert time.monotonic() - began < 5
+        assert raised.type is stack_module.StackError, raised.value
+        assert "still starting in the background: recall." in str(raised.value) and f"`python -m infra down --stack-dir {stack.layout.root}` stops" in str(raised.value)
+        assert starting.alive()
+    finally:
+        starting.stop()
+
+
+def test_up_and_down_wait_for_one_another_in_a_stack_folder(tmp_path):
+    import fcntl
+    import threading
+
+    from infra.stack import Stack
+
+    said = []
+    stack = Stack(tmp_path, environ={}, out=said.append)
+    finished = threading.Event()
+    with open(tmp_path / "lock", "a") as held:  # another `up` in this folder
+        fcntl.flock(held, fcntl.LOCK_EX)
+        worker = threading.Thread(target=lambda: (stack.down(), finished.set()))
+        worker.start()
+        wait_for(lambda: any(f"another `python -m infra up` or `down` is running in {stack.layout.root}: waiting" in line for line in said),
+                 10, "the note that down waits")
+        assert not finished.wait(0.5)
+    worker.join(10)
+    assert finished.is_set() and said[-1] == "the stack is not running"
+
+
+def test_the_port_probe_tells_a_taken_port_and_binds_as_milvus_does_when_asked():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert process.bind_loopback(port) is None and process.bind_loopback(port, reuse_address=True) is None
+        assert not process.port_free(port)
+    probe = process.bind_loopback(port, reuse_address=True)
+    assert probe is not None and probe.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+    probe.close()
+    assert process.port_free(port)
+
+
+def test_prometheus_is_looked_for_where_the_configuration_says_it_is_installed(tmp_path, monkeypatch):
+    """[monitoring].prometheus_home is where infra/install_prometheus.sh puts it, and where the stack looks."""
+    from infra.monitoring import prometheus_tool
+
+    home = tmp_path / "prometheus"
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "prometheus").write_text("#!/bin/sh\n")
+    monkeypatch.setenv("MINDSTREAM_MONITORING__PROMETHEUS_HOME", str(home))
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert prometheus_tool("prometheus") == home / "bin" / "prometheus"
+    assert prometheus_tool("promtool") is None
+
+
+def _path_of(folder, *tools, java_version=None):
+    """A PATH folder holding only these tools (links to the real ones) and, given a version line, a fake java."""
+    folder.mkdir(exist_ok=True)
+    for tool in tools:
+        (folder / tool).symlink_to(shutil.which(tool))
+    if java_version is not None:
+        (folder / "java").write_text(f"#!/bin/sh\necho '{java_version}' >&2\n")  # java -version writes to stderr
+        (folder / "java").chmod(0o755)
+    return str(folder)
+
+
+def test_the_prometheus_install_is_best_effort_where_apt_get_is_missing(tmp_path):
+    """The stack runs without Prometheus: the set-up (bootstrap.sh, under set -e) must not stop there."""
+    env = {"PATH": _path_of(tmp_path / "bin", "dirname"), "MINDSTREAM_CONFIG": "", "MINDSTREAM_MONITORING__PROMETHEUS_HOME": str(tmp_path / "prometheus")}
+    result = subprocess.run([shutil.which("bash"), "infra/install_prometheus.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "warning: Prometheus not installed: apt-get not found" in result.stderr and "The stack runs without it" in result.stderr
+    assert not (tmp_path / "prometheus").exists()
+
+
+@pytest.mark.parametrize("java_version, says", [
+    ('openjdk version "11.0.22" 2024-01-16', 'found: openjdk version "11.0.22" 2024-01-16.'),
+    ('java version "1.8.0_392"', 'found: java version "1.8.0_392".'),
+    (None, "found: no java."),
+])
+def test_the_set_up_refuses_a_java_older_than_17_before_it_installs_anything(tmp_path, java_version, says):
+    """PyFlink's JVM: without this check the main command trained for minutes, then failed at the job's start."""
+    env = {"PATH": _path_of(tmp_path / "bin", "dirname", java_version=java_version)}
+    result = subprocess.run([shutil.which("bash"), "infra/bootstrap.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "error: Java 17 or newer is required" in result.stderr and says in result.stderr
+    assert "Python 3.11 is required" not in result.stderr  # checked before anything else
+
+
+@pytest.mark.parametrize("java_version", ['openjdk version "17.0.15" 2025-04-15', 'openjdk version "21" 2023-09-19'])
+def test_the_set_up_takes_java_17_and_newer(tmp_path, java_version):
+    env = {"PATH": _path_of(tmp_path / "bin", "dirname", java_version=java_version), "PYTHON": str(tmp_path / "no-python")}
+    result = subprocess.run([shutil.which("bash"), "infra/bootstrap.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert "Java 17" not in result.stderr and "Python 3.11 is required" in result.stderr  # it went on, to the next check
+
+
+def test_the_set_up_makes_a_venv_of_another_python_again(tmp_path):
+    """A .venv of another Python (an older checkout's) has a working pip: it was kept, and the pinned set failed in it."""
+    checkout = tmp_path / "checkout"
+    (checkout / "infra").mkdir(parents=True)
+    shutil.copy(os.path.join(REPO, "infra", "bootstrap.sh"), checkout / "infra")
+    (checkout / ".venv" / "bin").mkdir(parents=True)
+    (checkout / ".venv" / "bin" / "python").write_text(
+        '#!/bin/sh\ncase "$1" in\n  --version) echo "Python 3.10.12" ;;\n  -c) exit 1 ;;  # not 3.11\n  *) exit 0 ;;  # pip and the rest work\nesac\n')
+    (checkout / ".venv" / "bin" / "python").chmod(0o755)
+    python = tmp_path / "python3.11"  # the real one, but for `-m venv`, which it records
+    python.write_text(f'#!/bin/sh\nif [ "$1 $2" = "-m venv" ]; then echo "$@" > {tmp_path}/venv-args; exit 3; fi\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    env = {"PATH": _path_of(tmp_path / "bin", "dirname", java_version='openjdk version "17.0.15"'), "PYTHON": str(python)}
+    result = subprocess.run([shutil.which("bash"), str(checkout / "infra" / "bootstrap.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert "note: .venv is no working Python 3.11 environment (Python 3.10.12): making it again" in result.stderr
+    assert (tmp_path / "venv-args").read_text().split() == ["-m", "venv", "--clear", ".venv"]

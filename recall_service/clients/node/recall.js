@@ -2,10 +2,12 @@
 // generated code) and prints the response, or the error's code and details, as one JSON line.
 //   recall_service/clients/node/install.sh        # once: the pinned packages into var/node
 //   node recall_service/clients/node/recall.js HOST:PORT recall_service/proto '{"user_id": "u1", "n": 10}'
-// TLS and the bearer token come from the variables the project's configuration reads:
-// MINDSTREAM_RECALL__TLS_CAFILE (the server's CA certificate, PEM: TLS on) and
-// MINDSTREAM_RECALL__AUTH_TOKEN (sent as `authorization: Bearer <token>`).
-// Exit status: 0 on OK, 1 on a gRPC error, 2 on bad usage.
+// TLS and the bearer token come from the variables the project's configuration reads, as the
+// Python clients read them (recall_service/channel.py): MINDSTREAM_RECALL__TLS_CAFILE (the CA
+// certificate the server's is verified with, PEM), else MINDSTREAM_RECALL__TLS_CERTFILE (the
+// server's own certificate: right for a self-signed one); either turns TLS on.
+// MINDSTREAM_RECALL__AUTH_TOKEN is sent as `authorization: Bearer <token>`.
+// Exit status: 0 on OK, 1 on a gRPC error, 2 on bad usage (said in one line on stderr).
 const fs = require('fs');
 const path = require('path');
 const { createRequire } = require('module');
@@ -23,23 +25,46 @@ function load(name) {
 const grpc = load('@grpc/grpc-js');
 const protoLoader = load('@grpc/proto-loader');
 
+function usageError(message) {
+  console.error(`error: ${message}`);
+  process.exit(2);
+}
+
 const [target, protoRoot, requestJson] = process.argv.slice(2);
 if (!requestJson) {
   console.error('usage: node recall.js HOST:PORT PROTO_ROOT REQUEST_JSON  (run install.sh once first)');
   process.exit(2);
 }
+let request;
+try {
+  request = JSON.parse(requestJson);
+} catch (error) {
+  usageError(`REQUEST_JSON is not JSON (${error.message}): e.g. '{"user_id": "u1", "n": 10}'`);
+}
+if (typeof request !== 'object' || request === null || Array.isArray(request)) {
+  usageError(`REQUEST_JSON must be a JSON object of RecallRequest fields, e.g. '{"user_id": "u1", "n": 10}'`);
+}
 const definition = protoLoader.loadSync('mindstream/recall/v1/recall.proto', {
   includeDirs: [protoRoot], keepCase: true, enums: String, longs: Number, defaults: true,
 });
 const v1 = grpc.loadPackageDefinition(definition).mindstream.recall.v1;
-const caFile = process.env.MINDSTREAM_RECALL__TLS_CAFILE;
-const credentials = caFile ? grpc.credentials.createSsl(fs.readFileSync(caFile)) : grpc.credentials.createInsecure();
+const trusted = process.env.MINDSTREAM_RECALL__TLS_CAFILE || process.env.MINDSTREAM_RECALL__TLS_CERTFILE;
+let credentials = grpc.credentials.createInsecure();
+if (trusted) {
+  let roots;
+  try {
+    roots = fs.readFileSync(trusted);
+  } catch (error) {
+    usageError(`cannot read ${trusted} (${error.code || error.message}): set MINDSTREAM_RECALL__TLS_CAFILE to the CA certificate (PEM) of the recall server`);
+  }
+  credentials = grpc.credentials.createSsl(roots);
+}
 const metadata = new grpc.Metadata();
 if (process.env.MINDSTREAM_RECALL__AUTH_TOKEN) {
   metadata.add('authorization', `Bearer ${process.env.MINDSTREAM_RECALL__AUTH_TOKEN}`);
 }
 const client = new v1.RecallService(target, credentials);
-client.Recall(JSON.parse(requestJson), metadata, { deadline: Date.now() + 10000 }, (error, response) => {
+client.Recall(request, metadata, { deadline: Date.now() + 10000 }, (error, response) => {
   client.close();
   if (error) {
     console.log(JSON.stringify({ code: error.code, details: error.details }));
