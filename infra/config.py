@@ -238,7 +238,7 @@ class RecallServiceConfig:
     default_deadline_ms: int = 1000
     feature_store_timeout_ms: int = 200
     vector_search_timeout_ms: int = 500
-    outage_cooldown_ms: int = 1000  # a failed backend is skipped this long (fallback at once)
+    outage_cooldown_ms: int = 1000  # a backend that failed 3 requests in a row is skipped this long (fallback at once)
     health_interval_ms: int = 2000
     fallback_on_outage: bool = True  # False: store / Milvus down -> UNAVAILABLE instead of a fallback path
     search_ef: int = 128  # HNSW ef (raised to the per-interest limit when smaller)
@@ -254,6 +254,11 @@ class RecallServiceConfig:
 
     def __post_init__(self) -> None:
         _require_text("recall", self, "host", "metrics_host")
+        # one process listens on both (servers of other processes may share a port number in their own
+        # network namespaces, as pods do, so only this pair is checked)
+        if self.port and self.port == self.metrics_port and self.host == self.metrics_host:
+            raise ConfigError(f"[recall].port and [recall].metrics_port are both {self.port}: the service listens on both; "
+                              "give one another (MINDSTREAM_RECALL__METRICS_PORT)")
         _require_range("recall", self, "served_log_ttl_s", 0, REDIS_MAX_TTL_S)
         _require_range("recall", self, "served_log_answers", 1)
         for name in ("port", "metrics_port"):
@@ -334,19 +339,6 @@ class Config:
     recall: RecallServiceConfig = field(default_factory=RecallServiceConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
-
-    def __post_init__(self) -> None:
-        # The servers one host runs in the local set-up (the embedded stack's services): two on one
-        # port would leave the second failing at its bind. 0 = any free port.
-        listeners = [("recall", "port"), ("recall", "metrics_port"), ("streaming", "metrics_port"), ("monitoring", "exporter_port"),
-                     ("monitoring", "prometheus_port")]
-        taken: dict[int, str] = {}
-        for section, name in listeners:
-            port = getattr(getattr(self, section), name)
-            if port and port in taken:
-                raise ConfigError(f"{taken[port]} and [{section}].{name} are both {port}: two servers cannot listen on one port; "
-                                  f"give one of them another ({_env_name(section, name)})")
-            taken[port] = f"[{section}].{name}"
 
 
 URI_CREDENTIALS = re.compile(r"(?<=://)[^/\s]+(?=@)")  # user:password in scheme://user:password@host (to the last @)
@@ -552,10 +544,7 @@ def load_config(path: str | os.PathLike | None = None, environ: dict | None = No
             if file_path is None:
                 raise
             raise ConfigError(f"{file_path}: {exc}") from None  # which file: the user's, or the stack's generated one
-    try:
-        config = Config(**built)
-    except ConfigError as exc:
-        raise ConfigError(f"{file_path}: {exc}" if file_path else str(exc)) from None
+    config = Config(**built)
     for problem in plain_text_credentials(config):
         _warn_once(problem)
     return config

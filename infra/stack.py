@@ -420,6 +420,8 @@ class Stack:
 
     def down(self) -> int:
         """Stops every service, in reverse order."""
+        if not self.layout.root.is_dir():  # nothing was ever started here: no folder (nor lock) to make
+            return self._down()
         with self._exclusive():
             return self._down()
 

@@ -122,8 +122,9 @@ def wait_for_index(client, name: str, rows: int, progress=print, poll_s: float =
         if "pending_index_rows" not in info or (info.get("indexed_rows", 0) >= rows and info["pending_index_rows"] == 0):
             break
         if str(info.get("state", "")).lower() == "failed":
-            raise UserError(f"Milvus failed to build the index of {name} ({info.get('index_state_fail_reason') or 'no reason given'}); "
-                            "the alias was not moved: fix the cause in Milvus' log, then publish again")
+            reason = info.get("index_state_fail_reason") or "its reason is in Milvus' log"
+            raise UserError(f"Milvus failed to build the index of {name} ({reason}); the alias was not moved: fix the cause, "
+                            "then publish again (a collection whose index failed is filled again)")
         now = time.perf_counter()
         if now - started > timeout_s:
             raise UserError(f"the index of {name} is still being built after {timeout_s:.0f}s ({info.get('indexed_rows', 0):,} of {rows:,} "
@@ -176,8 +177,11 @@ def _holds_export(client, name: str, n_items: int, index_type: str | None) -> bo
     if "vector" not in client.list_indexes(collection_name=name):
         log.warning("%s has no index (a publication stopped before it was built): it is filled again", name)
         return False
-    client.load_collection(collection_name=name)  # Milvus Lite does not keep loads across processes
     index = client.describe_index(name, "vector") or {}
+    if str(index.get("state", "")).lower() == "failed":  # waiting on it again would fail again
+        log.warning("the index of %s failed to build: it is filled again", name)
+        return False
+    client.load_collection(collection_name=name)  # Milvus Lite does not keep loads across processes
     return (index_type is None or index.get("index_type") == index_type) and _row_count(client, name) == n_items
 
 

@@ -207,6 +207,13 @@ class _Pending:
         return self.query.left_out(self.window, self.seen)
 
 
+@dataclass
+class _SearchOutage:
+    """What one request's failed vector search said ("" while none failed)."""
+
+    detail: str = ""
+
+
 class Recaller:
     def __init__(self, reader: InterestReader, search: ItemSearch, models: ModelSource, *, availability: ItemAvailability = EveryItemActive(),
                  search_timeout_s: float = 0.5, max_per_interest_n: int = 2000, fallback_on_outage: bool = True, cooldown_s: float = 1.0,
@@ -227,6 +234,7 @@ class Recaller:
         pending = [_Pending(i, q, {}) for i, q in enumerate(queries)]
         results: list[RecallResult | None] = [None] * len(queries)
         inactive = self.availability.inactive()
+        outage = _SearchOutage()
         self._read_interests(pending, deadline)
         stored = [p for p in pending if p.record is not None]
         for p in pending:
@@ -238,7 +246,8 @@ class Recaller:
         for p in stored:
             p.vectors, p.window, p.seen, p.profile = p.record.interests, p.record.window, p.record.seen, p.record.profile
         for group in self._groups(stored, lambda p: p.record.model_version):
-            self._search_and_merge(group, group[0].record.model_version, RecallPath.STORED_INTERESTS, deadline, inactive, results, on_the_fly, popular)
+            self._search_and_merge(group, group[0].record.model_version, RecallPath.STORED_INTERESTS, deadline, inactive, results, on_the_fly,
+                                   popular, outage)
 
         # No backend call bounds the user tower or the popular items: the deadline is checked before
         # each, and before answering (a search that returned, a store read, may have used it up).
@@ -257,7 +266,7 @@ class Recaller:
                     p.vectors = v
                     computed.append(p)
             for group in self._groups(computed, lambda p: model.version):
-                self._search_and_merge(group, model.version, RecallPath.COMPUTED_ON_THE_FLY, deadline, inactive, results, None, popular)
+                self._search_and_merge(group, model.version, RecallPath.COMPUTED_ON_THE_FLY, deadline, inactive, results, None, popular, outage)
 
         if popular:
             deadline.check("the popular items")
@@ -313,13 +322,17 @@ class Recaller:
             then.extend(pending)
 
     def _search_and_merge(self, group: list[_Pending], version: str, path: RecallPath, deadline: Deadline, inactive: InactiveItems,
-                          results: list, retired_to: list | None, popular: list) -> None:
+                          results: list, retired_to: list | None, popular: list, outage: "_SearchOutage") -> None:
         """One search for the whole group (all K_u vectors of all its users, in calls of at most
-        MAX_HITS_PER_SEARCH hits), then a merge per user."""
+        MAX_HITS_PER_SEARCH hits), then a merge per user. After a failed search the request's other
+        groups fall back without one (`outage`): a batch of many groups (filters, model versions)
+        counts one failure against the breaker, as one request, and does not wait out a timeout per group."""
         item_filter = group[0].query.item_filter
         expr = ACTIVE_ONLY if item_filter is None else f"{ACTIVE_ONLY} and ({item_filter.milvus_expr})"
         left_out = [p.left_out() for p in group]
         limits = [p.query.per_interest_limit(excluded, self.max_per_interest_n) for p, excluded in zip(group, left_out)]
+        if outage.detail:
+            return self._fall_back(group, FallbackReason.VECTOR_SEARCH_UNAVAILABLE, outage.detail, popular)
         if not self.search_breaker.allow():
             return self._fall_back(group, FallbackReason.VECTOR_SEARCH_UNAVAILABLE,
                                    "the vector search failed recently; retrying after the cool-down", popular)
@@ -342,6 +355,7 @@ class Recaller:
                     raise InvalidRequest(f"filter: the vector store rejected it: {exc}") from None
             else:
                 self.search_breaker.failed()
+                outage.detail = str(exc)
             self._attribute(group, "vector_search", self.clock() - started)
             return self._fall_back(group, FallbackReason.VECTOR_SEARCH_UNAVAILABLE, str(exc), popular)
         self.search_breaker.succeeded(started)

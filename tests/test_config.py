@@ -212,9 +212,7 @@ def test_a_redis_uri_that_is_no_uri_is_a_config_error():
     ({"MINDSTREAM_MILVUS__COLLECTION_PREFIX": " "}, r"\[milvus\].collection_prefix .* is empty"),
     ({"MINDSTREAM_STREAMING__CHECKPOINT_DIR": ""}, r"\[streaming\].checkpoint_dir .* is empty"),
     ({"MINDSTREAM_KAFKA__EVENTS_TOPIC": "t", "MINDSTREAM_KAFKA__DEAD_LETTER_TOPIC": "t"}, "events_topic and dead_letter_topic are both 't'"),
-    # two servers on one port: the second would die at its bind
-    ({"MINDSTREAM_MONITORING__PROMETHEUS_PORT": "9466"},
-     r"\[monitoring\].exporter_port and \[monitoring\].prometheus_port are both 9466: .* \(MINDSTREAM_MONITORING__PROMETHEUS_PORT\)"),
+    # the recall service's two listeners on one port: the second would die at its bind
     ({"MINDSTREAM_RECALL__METRICS_PORT": "50051"}, r"\[recall\].port and \[recall\].metrics_port are both 50051"),
     # the other MINDSTREAM_* names: misspelled ones are refused too, and the GPU switch is a boolean
     ({"MINDSTREAM_CONFG": "/etc/mindstream.toml"}, r"MINDSTREAM_CONFG \(did you mean MINDSTREAM_CONFIG\?\)"),

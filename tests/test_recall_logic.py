@@ -556,6 +556,29 @@ def test_one_search_that_times_out_does_not_switch_vector_search_off_for_everyon
     assert len(search.calls) == calls  # ... and requests fall back at once, without a search
 
 
+def test_a_batch_of_many_groups_counts_one_failed_search_and_waits_out_one_timeout(world):
+    """A batch whose users fall in several groups (filters, model versions) is one request: after its
+    first search fails the other groups fall back without a search, so a batch with three filters
+    neither opens the breaker for every client nor waits out three timeouts."""
+    recaller, search, store, catalogs, interests = world
+    store.put_many([InterestRecord(user, "A", interests, (), 0, f"0:{i}") for i, user in enumerate(("u0", "u1", "u2", "bob"))])
+    real_search = search.search
+
+    def slow_with_a_filter(version, vectors, limit, expr, timeout_s):
+        search.calls.append((version, len(vectors), limit, expr, timeout_s))
+        if expr != ACTIVE_ONLY:
+            raise DeadlineExceeded("vector search did not answer within 500 ms")
+        search.calls.pop()
+        return real_search(version, vectors, limit, expr, timeout_s)
+
+    search.search = slow_with_a_filter
+    batch = [q(user, filter_text=f'category == "c{i}"') for i, user in enumerate(("u0", "u1", "u2"))]
+    for _ in range(FAILURES_TO_OPEN - 1):  # one short of a run: a batch is one failure, not three
+        assert {r.reason for r in recaller.recall_many(batch, Deadline(5.0))} == {FallbackReason.VECTOR_SEARCH_UNAVAILABLE}
+    assert len(search.calls) == FAILURES_TO_OPEN - 1  # one search tried per batch
+    assert recaller.recall_many([q("bob")], Deadline(5.0))[0].path is RecallPath.STORED_INTERESTS  # the breaker is closed
+
+
 def test_a_group_over_the_hits_of_one_call_is_searched_in_calls_that_keep_the_deadline(world, monkeypatch):
     """A batch's group (users x K_u vectors x per-interest limit) goes to Milvus in calls of at most
     MAX_HITS_PER_SEARCH hits, with the same answers as one call, each call capped by the time left."""

@@ -399,6 +399,9 @@ def test_up_and_down_wait_for_one_another_in_a_stack_folder(tmp_path):
         assert not finished.wait(0.5)
     worker.join(10)
     assert finished.is_set() and said[-1] == "the stack is not running"
+    # a `down` where nothing was ever started leaves no folder (nor lock) behind
+    nowhere = tmp_path / "never-started"
+    assert Stack(nowhere, environ={}, out=said.append).down() == 0 and not nowhere.exists()
 
 
 def test_the_port_probe_tells_a_taken_port_and_binds_as_milvus_does_when_asked():

@@ -7,6 +7,7 @@ with the image's venv, where this project is installed.
 Usage: python grpc_health_check.py [HOST:PORT] [SERVICE]   (default localhost:50051, overall "")
 """
 
+import logging
 import sys
 
 from infra.config import load_config
@@ -16,6 +17,7 @@ from infra.recall_process import health_status
 def main(argv: list[str]) -> int:
     address = argv[1] if len(argv) > 1 else "localhost:50051"
     service = argv[2] if len(argv) > 2 else ""
+    logging.getLogger("infra.config").setLevel(logging.ERROR)  # a probe every 10 s: the service itself warns once
     status = health_status(load_config().recall, address, timeout_s=3, service=service)
     if status is None:
         print(f"{address}: no answer (not listening, another TLS or token setting, or slower than 3 s)", file=sys.stderr)
