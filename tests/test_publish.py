@@ -13,7 +13,7 @@ from model_export.manifest import Manifest
 from model_export.publish import alias_target, collection_name, connect, publish, publish_version, retire_unreferenced
 from model_export.registry import CurrentMovedError, ModelRegistry
 
-from conftest import REPO
+from conftest import REPO, wait_for
 
 PREFIX = "mindstream_items"
 
@@ -66,8 +66,8 @@ def test_a_new_version_moves_the_alias_and_keeps_the_old_collection(two_exports,
 
 
 def test_a_retire_waits_for_a_publication_in_progress_and_a_moved_current_is_not_overwritten(two_exports, tmp_path):
+    import functools
     import threading
-    import time
 
     registry, client, quiet = ModelRegistry(tmp_path / "models"), connect(str(tmp_path / "milvus.db")), lambda m: None
     old = publish_version(two_exports[0], registry, client, PREFIX, progress=quiet).model_version
@@ -76,12 +76,14 @@ def test_a_retire_waits_for_a_publication_in_progress_and_a_moved_current_is_not
         publish_version(two_exports[1], registry, client, PREFIX, progress=quiet, expect_current="v-parent")
     assert registry.versions() == [old] and registry.current_version() == old and alias_target(client, PREFIX) == collection_name(PREFIX, old)
     # another process's publication: installed and being filled, not current yet; a retire meanwhile waits for it
-    retired = []
+    retired, retire_said = [], []
+    retiring = ModelRegistry(registry.root)  # the same registry, whose lock says when the retire waits for it
+    retiring.publishing = functools.partial(ModelRegistry.publishing, retiring, say=retire_said.append)
     with registry.publishing():
         new = registry.install(two_exports[1]).model_version
-        retire = threading.Thread(target=lambda: retired.extend(retire_unreferenced(registry, client, PREFIX, set())))
+        retire = threading.Thread(target=lambda: retired.extend(retire_unreferenced(retiring, client, PREFIX, set())))
         retire.start()
-        time.sleep(0.5)
+        wait_for(lambda: retire_said, 30, "the retire to wait for the publication")
         assert retire.is_alive() and new in registry.versions()
         registry.set_current(new)
     retire.join(30)
@@ -91,8 +93,8 @@ def test_a_retire_waits_for_a_publication_in_progress_and_a_moved_current_is_not
     with registry.publishing():
         second = threading.Thread(target=lambda: publish_version(two_exports[1], registry, client, PREFIX, progress=said.append))
         second.start()
-        time.sleep(0.5)
-        assert second.is_alive() and any("waiting for another publication" in m for m in said)
+        wait_for(lambda: any("waiting for another publication" in m for m in said), 30, "the second publication to wait")
+        assert second.is_alive()
     second.join(60)
     assert registry.current_version() == new and alias_target(client, PREFIX) == collection_name(PREFIX, new)
 

@@ -177,10 +177,15 @@ def test_a_refresh_under_load_fails_nothing_mixes_no_versions_and_serves_the_new
         checked += 1
     assert checked > 20
 
-    # The item first seen in the stream is in the new version's catalog and comes back from a search.
+    # The item first seen in the stream is in the new version's catalog and is recalled like the cluster-0
+    # items it was met with: for a cluster-0 history, above every item of the other clusters. (Measured:
+    # 12th of 57, after the 11 cluster-0 items not in the history; with a fine-tuning at lr 0, items of other
+    # clusters come before it, 16th, and with a random vector too, 45th.)
     assert "fresh" in index[second]
-    found = system["stub"].Recall(recall_pb2.RecallRequest(user_id="someone-new", n=50, recent_item_ids=CLUSTER0[:4]), timeout=10)
-    assert found.model_version == second and "fresh" in [i.item_id for i in found.items]
+    found = system["stub"].Recall(recall_pb2.RecallRequest(user_id="someone-new", n=15, recent_item_ids=CLUSTER0[:4]), timeout=10)
+    ranked = [i.item_id for i in found.items]
+    assert found.model_version == second and "fresh" in ranked, ranked
+    assert set(ranked[:ranked.index("fresh")]) <= set(CLUSTER0), ranked
 
 
 

@@ -434,8 +434,6 @@ def test_a_runs_train_json_holds_the_fine_tunings_settings(base, tmp_path):
 
 
 def test_offsets_without_records_end_the_read_and_a_slow_read_keeps_what_it_read(monkeypatch):
-    import time
-
     from conftest import FakeTopicConsumer
 
     import model_export.event_log as event_log
@@ -443,11 +441,19 @@ def test_offsets_without_records_end_the_read_and_a_slow_read_keeps_what_it_read
     def records(n, empty=()):  # offsets in `empty` hold no record (transaction markers)
         return [None if t in empty else (f"u{t}".encode(), encode_event(event(f"u{t}", "i1", NOW + t)), NOW + t) for t in range(n)]
 
+    class CountingConsumer(FakeTopicConsumer):
+        polls = 0
+
+        def poll(self, timeout_ms, max_records):
+            self.polls += 1
+            return super().poll(timeout_ms, max_records)
+
     kafka = SimpleNamespace(bootstrap_servers="127.0.0.1:1")
-    monkeypatch.setattr(event_log, "_consumer", lambda kafka, group: FakeTopicConsumer(records(10, empty={4, 9}), per_poll=3))  # a marker at the end too
-    started = time.monotonic()
+    markers = CountingConsumer(records(10, empty={4, 9}), per_poll=3)  # a marker at the end too
+    monkeypatch.setattr(event_log, "_consumer", lambda kafka, group: markers)
     read = event_log.read_new_events(kafka, "events", "g", {}, timeout_s=30, progress=False)
-    assert len(read.events) == 8 and read.offsets == {0: 9} and time.monotonic() - started < 5  # not waiting for offset 9
+    assert len(read.events) == 8 and read.offsets == {0: 9}
+    assert markers.polls == 3  # the polls that hand out the 8 records (offsets 0-2, 3-6, 7-9): none waiting for offset 9
     monkeypatch.setattr(event_log, "_consumer", lambda kafka, group: FakeTopicConsumer(records(100), per_poll=5, poll_s=0.05))
     partial = event_log.read_new_events(kafka, "events", "g", {}, timeout_s=0.3, progress=False)
     assert 0 < len(partial.events) < 100 and partial.offsets == {0: len(partial.events)}  # the next run reads on from there

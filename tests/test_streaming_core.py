@@ -225,6 +225,13 @@ def test_a_late_event_sets_a_profile_field_only_an_older_event_set():
     assert older.profile == {"age": "30", "gender": "F"}
 
 
+def test_a_profile_field_set_by_two_events_of_the_same_time_keeps_the_later_arrival():
+    w = UserWindow()
+    w.apply(event("a", 1_000, profile={"age": "25"}), 10, 5_000)
+    w.apply(event("b", 1_000, profile={"age": "26"}), 10, 5_000)
+    assert w.profile == {"age": "26"}
+
+
 def test_an_event_dated_ahead_of_kafka_does_not_make_the_users_next_events_late():
     """A device clock 5 minutes fast: its event is kept in event-time order, but the lateness bound
     follows what Kafka's timestamps vouch for, so the user's correctly dated events still apply."""
@@ -488,6 +495,20 @@ def stored_record(window, last_event_ms=10_000, last_offset="0:9"):
     return InterestRecord("u1", "v1", np.ones((1, 4), np.float32), window, last_event_ms, last_offset, 1)
 
 
+def test_a_replay_up_to_and_including_the_stored_offset_is_not_applied_again():
+    """The record at exactly the stored offset is known by that offset alone when it is a late but allowed
+    event: seeded, it has an unknown time, so neither its time nor its item can tell it from a new one."""
+    played = [event("a", 8_000), event("b", 9_500), event("c", 10_000), event("x", 9_000)]  # x: late but allowed
+    window = UserWindow()
+    for offset, e in enumerate(played, start=6):
+        window.apply(e, 50, 5_000, offset=f"0:{offset}")
+    assert window.item_ids() == ("a", "x", "b", "c") and window.last_offset == "0:9"
+    seeded = UserWindow.from_record(stored_record(window.item_ids(), window.newest_ms, window.last_offset))
+    # restarted without its state, the job reads again from its committed offset 0:6
+    assert [seeded.apply(e, 50, 5_000, offset=f"0:{offset}") for offset, e in enumerate(played, start=6)] == [Applied.DUPLICATE] * 4
+    assert seeded.item_ids() == ("a", "x", "b", "c")
+
+
 def test_a_late_but_allowed_event_lands_before_the_newest_seeded_behaviour():
     full = UserWindow.from_record(stored_record(("a", "b", "c")))
     assert full.apply(event("x", 9_000), 3, 5_000, offset="0:10") is Applied.ADDED  # not evicted: only "a" is known to be older
@@ -565,7 +586,7 @@ def test_an_unreadable_registry_is_a_failed_reload_and_the_tower_in_use_stays(tm
     from prometheus_client import REGISTRY
 
     from model_export.artifact import UserTower
-    from model_export.registry import CURRENT_FILE, ModelRegistry
+    from model_export.registry import CURRENT_FILE, CurrentUnreadableError, ModelRegistry
     from streaming.interest_writer import RegistryTowers
 
     def failed() -> float:
@@ -585,7 +606,7 @@ def test_an_unreadable_registry_is_a_failed_reload_and_the_tower_in_use_stays(tm
         clock[0] += 2.0
         assert towers.current().version == "v1"
     assert failed() == before + 2
-    with pytest.raises(KeyError, match="model_version"):  # nothing loaded yet: the job cannot start
+    with pytest.raises(CurrentUnreadableError, match="names no model version; publish"):  # nothing loaded yet: the job cannot start
         RegistryTowers(ModelRegistry(tmp_path)).current()
     assert failed() == before + 3
 

@@ -196,8 +196,14 @@ def test_kill_and_restore_from_a_checkpoint_loses_and_doubles_nothing(stack):
     wait_for(lambda: job.metric("mindstream_stream_events_applied_total") >= 1, what="progress")
     time.sleep(2.5)  # at least one checkpoint (every 1 s) covers part of the stream
     kill_then_send(job, producer, events[1500:])  # SIGKILL, mid-stream: some events are applied after the last checkpoint
-    job.start(restore="latest")
-    # from a checkpoint, not from the store: a start without state would rebuild the same windows
+    # Without seeding from the store, which would rebuild the same windows from the stored records:
+    # only the restored state can make them whole.
+    seeding = job.env
+    job.env = {**seeding, "MINDSTREAM_STREAMING__SEED_WINDOWS_FROM_STORE": "false"}
+    try:
+        job.start(restore="latest")
+    finally:
+        job.env = seeding  # the next start (the next test's) seeds again
     started = [json.loads(line) for line in job.log_path.read_text().splitlines() if line.startswith('{"job"')]
     assert "/chk-" in (started[-1]["restore_from"] or ""), started[-1]
     expected = expected_windows(events)
@@ -205,6 +211,7 @@ def test_kill_and_restore_from_a_checkpoint_loses_and_doubles_nothing(stack):
     wait_for(lambda: all(r is not None and r.window == expected[r.user_id] for r in store.get_many(users)), timeout_s=90, what="every window complete after the restore")
     for record in store.get_many(users):
         assert len(record.window) == len(expected[record.user_id])  # nothing twice
+    assert job.metric("mindstream_stream_window_seeds_total") == 0  # the restarted job read no stored record: seeding was off
 
 
 def test_a_job_started_without_its_state_seeds_windows_from_the_store_and_doubles_nothing(stack):
