@@ -168,21 +168,22 @@ def set_active(client, collections: Iterable[str], raw_item_ids: Iterable[str], 
     return changed
 
 
-def _holds_export(client, name: str, n_items: int, index_type: str | None) -> bool:
-    """Whether an existing collection is already complete: every item inserted, indexed as asked (any
-    index when none is asked: a rollback keeps the index its version was published with). One a
-    publish killed between creating and indexing it has no index (a Milvus server would refuse to
-    load it): incomplete. Any other Milvus error is raised, never read as "incomplete": the caller
-    would drop a collection that may be serving."""
+def _complete_index(client, name: str, n_items: int, index_type: str | None) -> str | None:
+    """The index type of an existing collection that is already complete (every item inserted, indexed
+    as asked; any index when none is asked: a rollback keeps the index its version was published
+    with), None when it is not. One a publish killed between creating and indexing it has no index
+    (a Milvus server would refuse to load it): incomplete. Any other Milvus error is raised, never
+    read as "incomplete": the caller would drop a collection that may be serving."""
     if "vector" not in client.list_indexes(collection_name=name):
         log.warning("%s has no index (a publication stopped before it was built): it is filled again", name)
-        return False
+        return None
     index = client.describe_index(name, "vector") or {}
     if str(index.get("state", "")).lower() == "failed":  # waiting on it again would fail again
         log.warning("the index of %s failed to build: it is filled again", name)
-        return False
+        return None
     client.load_collection(collection_name=name)  # Milvus Lite does not keep loads across processes
-    return (index_type is None or index.get("index_type") == index_type) and _row_count(client, name) == n_items
+    found = index.get("index_type")
+    return found if (index_type is None or found == index_type) and _row_count(client, name) == n_items else None
 
 
 def _row_count(client, name: str) -> int:
@@ -258,13 +259,13 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
         raise UserError(f"{export_dir}: item vectors {vectors.shape} / vocabulary {len(raw_ids)} disagree with the manifest")
     name = collection_name(prefix, manifest.model_version)
 
-    if client.has_collection(name) and _holds_export(client, name, manifest.n_items, index_type):
+    kept_index = _complete_index(client, name, manifest.n_items, index_type) if client.has_collection(name) else None
+    if kept_index:
         # A version's item vectors never change (the manifest's hashes), so publishing it again - the live
         # version included - reuses its collection: dropping and refilling it would take recall offline.
         progress(f"  {name} already holds the {manifest.n_items:,} item vectors of {manifest.model_version}")
         wait_for_index(client, name, manifest.n_items, progress)  # an earlier attempt may have stopped while it was built
-        count = manifest.n_items
-        index_type = (client.describe_index(name, "vector") or {}).get("index_type", index_type)
+        count, index_type = manifest.n_items, kept_index
     else:
         index_type = index_type or ("FLAT" if manifest.n_items < FLAT_BELOW_ITEMS else "HNSW")
         if client.has_collection(name):  # a half-written earlier attempt, or another index type asked for

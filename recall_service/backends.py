@@ -27,7 +27,7 @@ import numpy as np
 
 from infra.config import printable_uri
 from model_export.publish import category_fields, collection_name
-from model_export.registry import NO_INACTIVE_ITEMS, InactiveFileError, InactiveItems
+from model_export.registry import NO_INACTIVE_ITEMS, CurrentUnreadableError, InactiveFileError, InactiveItems
 from recall_service.filters import ItemFilter
 from recall_service.merge import MISSING_ITEM
 from recall_service.recaller import (BackendUnavailable, DeadlineExceeded, ExpressionRejected, SearchHits, SearchRejected, VersionRetired,
@@ -481,7 +481,7 @@ class RegistryModels:
         if self._look.due():
             try:
                 self._version = self.registry.current_version()
-            except (OSError, ValueError, KeyError, TypeError) as exc:  # a shared volume's hiccup, a half-edited file
+            except (OSError, CurrentUnreadableError) as exc:  # a shared volume's hiccup, a half-edited file
                 log.warning("keeping model version %s: the registry's current version is unreadable: %s", self._version, exc)
         return self._version
 

@@ -222,11 +222,11 @@ def test_an_index_build_milvus_reports_failed_stops_the_publication():
     with pytest.raises(UserError, match="failed to build the index of c .disk full"):
         wait_for_index(Building("Failed"), "c", 100, progress=lambda m: None, poll_s=0.0)
     # and the next publish does not wait on it again: the collection counts as incomplete (filled again)
-    from model_export.publish import _holds_export
+    from model_export.publish import _complete_index
 
     failed = Building("Failed")
     failed.list_indexes = lambda collection_name: ["vector"]
-    assert not _holds_export(failed, "c", 100, None)
+    assert not _complete_index(failed, "c", 100, None)
     with pytest.raises(UserError, match="still being built after 0s .10 of 100 rows"):
         wait_for_index(Building("InProgress"), "c", 100, progress=lambda m: None, poll_s=0.0, timeout_s=0.0)
 
