@@ -55,6 +55,12 @@ log = logging.getLogger(__name__)
 HIT, MISS, UNJUDGED = "hit", "miss", "unjudged"
 POLL_RECORDS = 2000  # events per poll: one Redis round trip and one offset commit each
 RIPE_S = 5.0  # an event is judged this long after it entered Kafka, when its user's earlier answers are surely in Redis
+# Polls do not block in the broker: the embedded broker (noida) answers an empty fetch at once instead of
+# holding it for fetch.max.wait.ms, so a poll with a timeout sends ~200 fetches a second and takes a core.
+# Once the group has its partitions the judge polls without waiting and sleeps IDLE_S after an empty one;
+# joining the group needs polls that wait (JOIN_POLL_MS). Events are judged RIPE_S late anyway.
+IDLE_S = 0.5
+JOIN_POLL_MS = 200
 
 
 def in_force(kept: Sequence[ServedRecord], at_ms: int, ttl_ms: int, answers: int) -> list[ServedRecord]:
@@ -121,17 +127,20 @@ class OnlineQualityJudge:
         self._positions_committed = False
         self._failing = False
 
-    def step(self, timeout_ms: int = 1000) -> int:
+    def step(self) -> int:
         """One poll: judge its events, commit their offsets, count them. Returns the events judged."""
         if self._consumer is None:
             self._consumer, self._positions_committed = self.make_consumer(), False
         consumer = self._consumer
-        polled = consumer.poll(timeout_ms=timeout_ms, max_records=POLL_RECORDS)
+        assigned = bool(consumer.assignment())
+        polled = consumer.poll(timeout_ms=0 if assigned else JOIN_POLL_MS, max_records=POLL_RECORDS)
         if not polled:
-            if not self._positions_committed and consumer.assignment():
+            if not self._positions_committed and assigned:
                 # a new group starts at the latest offsets: commit them, so that its lag reads 0, not the whole topic
                 consumer.commit()
                 self._positions_committed = True
+            if assigned:
+                self.sleep(IDLE_S)
             return 0
         # Only what is RIPE_S old: each partition goes back to its first younger record, read again later
         now_ms = int(self.clock() * 1000)

@@ -17,7 +17,7 @@ from infra.broker import EmbeddedBroker, ensure_topics
 from infra.config import load_config
 from infra.process import free_port
 from infra.redis_server import EmbeddedRedis
-from recall_service.online_quality import HIT, MISS, UNJUDGED, OnlineQualityJudge, judge_events
+from recall_service.online_quality import HIT, IDLE_S, JOIN_POLL_MS, MISS, UNJUDGED, OnlineQualityJudge, judge_events
 from recall_service.served_log import LAG_ANSWERS, LAG_S, RedisServedLog, ServedRecord, ServedRecordError, decode_served, encode_served
 from streaming.events import BehaviourEvent, encode_event
 from streaming.feature_store import redis_client
@@ -123,18 +123,24 @@ class FakeConsumer:
     after it (up to `per_poll` records), seek() moves it, commit() records it as committed.
     `on_empty`: called by a poll that finds nothing after the position (e.g. to stop a judge's run)."""
 
-    def __init__(self, records, per_poll=100, fail_first_poll=False, fail_first_commit=False, on_empty=lambda: None):
+    def __init__(self, records, per_poll=100, fail_first_poll=False, fail_first_commit=False, on_empty=lambda: None, joins_after=0):
         self.records = [SimpleNamespace(key=key, value=value, timestamp=ts, offset=i) for i, (key, value, ts) in enumerate(records)]
         self.per_poll, self.fail_first_poll, self.fail_first_commit = per_poll, fail_first_poll, fail_first_commit
         self.on_empty = on_empty
+        self.joins_after = joins_after  # polls before the group hands out the partition
         self.position = 0
         self.committed: list[int] = []
+        self.poll_timeouts: list[int] = []
         self.closed = False
 
     def assignment(self):
-        return {("events", 0)}
+        return {("events", 0)} if len(self.poll_timeouts) >= self.joins_after else set()
 
     def poll(self, timeout_ms, max_records):
+        joined = bool(self.assignment())
+        self.poll_timeouts.append(timeout_ms)
+        if not joined:
+            return {}
         if self.fail_first_poll:
             self.fail_first_poll = False
             raise ConnectionError("broker gone")
@@ -224,11 +230,23 @@ def test_a_record_stamped_far_ahead_is_judged_at_once_not_waited_for():
 
 
 def test_a_new_group_commits_its_starting_positions_before_any_event():
-    consumer = FakeConsumer([])
-    judge, _, _ = counting_judge(consumer, FakeServed({}))
+    consumer = FakeConsumer([], joins_after=1)
+    judge, _, _ = counting_judge(consumer, FakeServed({}), sleep=lambda s: None)
+    assert judge.step() == 0 and consumer.committed == []  # still joining: no positions yet
     assert judge.step() == 0 and consumer.committed == [0]  # its lag reads 0 from the start, not the whole topic
     judge.step()
     assert consumer.committed == [0]
+
+
+def test_an_idle_judge_sleeps_between_polls_that_do_not_wait():
+    """The embedded broker answers an empty fetch at once: a poll with a timeout would send fetches
+    back to back for all of it (a core while the topic is idle). Joining needs a poll that waits."""
+    consumer = FakeConsumer([(b"u1", encode_event(event("u1", "a")), SERVED_MS)], joins_after=2)
+    slept = []
+    judge, counts, _ = counting_judge(consumer, FakeServed({"u1": (served(),)}), clock=lambda: SERVED_MS / 1000 + 60, sleep=slept.append)
+    assert [judge.step() for _ in range(5)] == [0, 0, 1, 0, 0]
+    assert consumer.poll_timeouts == [JOIN_POLL_MS, JOIN_POLL_MS, 0, 0, 0]
+    assert slept == [IDLE_S, IDLE_S] and sum(counts.values()) == 1  # only the empty polls of a joined group sleep
 
 
 @pytest.mark.parametrize("failure", ["redis", "commit"])
