@@ -190,6 +190,11 @@ StartOffsets = typing.Literal["earliest", "latest", "committed"]  # where a firs
 class MilvusConfig:
     uri: str = str(REPO_ROOT / "var" / "milvus" / "mindstream.db")  # a file = Milvus Lite
     token: str = ""  # "user:password" or an API key for a Milvus server
+    # TLS to a server (https:// URIs): the CA certificate (or the server's own, self-signed) its
+    # certificate is verified with, empty = the system's trusted roots; and the name its
+    # certificate carries when that is not the URI's host (e.g. a service reached by its IP).
+    tls_cafile: str = ""
+    tls_server_name: str = ""
     collection_prefix: str = "mindstream_items"
     # The server `python -m infra up` starts for the stack: "lite" (Milvus Lite over gRPC, the
     # embedded default) or "server" (the standalone Milvus 2.3.5 binary of the PyPI package
@@ -200,6 +205,9 @@ class MilvusConfig:
         _require_text("milvus", self, "uri", "collection_prefix")
         example = "a Milvus Lite file (a path ending in .db) or a server, e.g. http://milvus:19530 (https:// for TLS)"
         shown = printable_uri(self.uri)
+        if (self.tls_cafile or self.tls_server_name) and not self.uri.startswith("https://"):
+            raise ConfigError(f"[milvus].tls_cafile / tls_server_name (MINDSTREAM_MILVUS__TLS_CAFILE / __TLS_SERVER_NAME) are set but "
+                              f"[milvus].uri = {shown!r} is no https:// server URI: use https://HOST:PORT for TLS, or unset them")
         if "://" not in self.uri:  # what model_export.publish.connect and the recall service take for a Milvus Lite file
             if not self.uri.endswith(".db"):  # pymilvus refuses any other local path
                 server = f" (a server? http://{shown})" if re.fullmatch(r"[\w.-]+:\d+", self.uri) else ""

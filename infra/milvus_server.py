@@ -45,14 +45,16 @@ class MilvusServer(ManagedProcess):
     start_timeout_s = 180.0
 
     def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1", log_path: Path | None = None,
-                 reserved: frozenset[int] = frozenset()):
-        """reserved: ports other servers will bind later (the stack's, started after Milvus): never taken for Milvus' own."""
+                 reserved: frozenset[int] = frozenset(), tls: tuple[Path, Path] | None = None):
+        """reserved: ports other servers will bind later (the stack's, started after Milvus): never taken for Milvus' own.
+        tls: (certificate, key) PEM files: clients reach the proxy over TLS only (Milvus' one-way TLS)."""
         self.data_dir, self.port, self.host, self.reserved = Path(data_dir).resolve(), port or free_port(), host, reserved
+        self.tls = tuple(Path(p).resolve() for p in tls) if tls else None
         super().__init__(log_path or self.data_dir / "logs" / "milvus.log", cwd=self.data_dir)
 
     @property
     def uri(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     @property
     def ports_path(self) -> Path:
@@ -85,6 +87,10 @@ class MilvusServer(ManagedProcess):
                                            **{k: v for k, v in ports.items() if k not in ("etcd_peer_port", "metrics_port")})
         for component in COMPONENTS:
             config.set(f"{component}.ip", self.host)
+        if self.tls:
+            config.set("common.security.tlsMode", 1)
+            config.set("tls.serverPemPath", str(self.tls[0]))
+            config.set("tls.serverKeyPath", str(self.tls[1]))
         # The wrapper's check that a port is free, with SO_REUSEADDR as Milvus (Go) binds: without it the
         # check fails on the ports of a server stopped a moment ago (connections in TIME_WAIT).
         config.try_bind_port = functools.partial(bind_loopback, reuse_address=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -137,21 +138,21 @@ def cmd_export(args) -> int:
 
 def cmd_publish(args) -> int:
     from model_export.manifest import Manifest
-    from model_export.publish import connect, publish_version
+    from model_export.publish import client_options, connect, publish_version
     from model_export.registry import ModelRegistry
 
     config = load_config()
-    uri = args.milvus_uri or config.milvus.uri
+    milvus = dataclasses.replace(config.milvus, uri=args.milvus_uri) if args.milvus_uri else config.milvus
     registry = ModelRegistry(config.paths.models_dir)
     Manifest.load(Path(args.export_dir), verify=False)  # a wrong folder is said before Milvus (Lite: a database file) is touched
-    client = connect(uri, config.milvus.token)
+    client = connect(milvus.uri, **client_options(milvus))
     done = publish_version(Path(args.export_dir), registry, client, config.milvus.collection_prefix, args.index, progress=lambda m: print(m, file=sys.stderr))
-    print(json.dumps({"milvus": printable_uri(uri), "registry": str(registry.root), **done.__dict__}, indent=2))
+    print(json.dumps({"milvus": printable_uri(milvus.uri), "registry": str(registry.root), **done.__dict__}, indent=2))
     return 0
 
 
 def cmd_items(args) -> int:
-    from model_export.publish import connect, published_collections, set_active
+    from model_export.publish import client_options, connect, published_collections, set_active
     from model_export.registry import ModelRegistry
 
     config = load_config()
@@ -173,7 +174,7 @@ def cmd_items(args) -> int:
     inactive = registry.set_active(ids, active)
     report = {"action": args.action, "items": len(set(ids)), "revision": inactive.revision, "inactive": len(inactive.items)}
     try:  # the registry is the source of truth: the recall service filters on it within seconds
-        client = connect(config.milvus.uri, config.milvus.token)
+        client = connect(config.milvus.uri, **client_options(config.milvus))
         report["rows_changed"] = set_active(client, published_collections(client, config.milvus.collection_prefix, registry.versions()), ids, active)
     except Exception as exc:  # noqa: BLE001 - any client or server failure: say what holds and how to finish
         print(json.dumps(report, indent=2))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from infra.cli import UserError
+from infra.config import ConfigError
 from model_export.manifest import Manifest
 from model_export.registry import CurrentMovedError, CurrentUnreadableError
 
@@ -77,12 +79,27 @@ def category_fields(side_tokens) -> tuple[str, tuple[str, ...]]:
     return fit("|".join(side_tokens), MAX_CATEGORY_BYTES), tuple(fit(t, MAX_TOKEN_BYTES) for t in side_tokens[:MAX_CATEGORIES])
 
 
-def connect(uri: str, token: str = ""):
+def client_options(milvus) -> dict:
+    """pymilvus keyword arguments from [milvus] (an infra.config.MilvusConfig) besides the URI: the
+    token, and the CA and server name of TLS to a server whose certificate no system root signs."""
+    options: dict = {"token": milvus.token} if milvus.token else {}
+    if milvus.tls_cafile:
+        if not os.access(milvus.tls_cafile, os.R_OK):  # pymilvus would fail later with "illegal connection params"
+            raise ConfigError(f"[milvus].tls_cafile (MINDSTREAM_MILVUS__TLS_CAFILE) = {milvus.tls_cafile!r} cannot be read: "
+                              "point it at the PEM of the CA that signed the Milvus server's certificate")
+        options["server_pem_path"] = milvus.tls_cafile
+    if milvus.tls_server_name:
+        options["server_name"] = milvus.tls_server_name
+    return options
+
+
+def connect(uri: str, **options):
+    """A pymilvus client of `uri` (a Milvus Lite file or a server); `options`: client_options(...)."""
     from pymilvus import MilvusClient
 
     if "://" not in uri:  # a Milvus Lite file: its folder must exist
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
-    return MilvusClient(uri=uri, token=token) if token else MilvusClient(uri=uri)
+    return MilvusClient(uri=uri, **options)
 
 
 def alias_target(client, alias: str) -> str | None:

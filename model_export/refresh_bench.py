@@ -276,7 +276,7 @@ def run_scale(args) -> dict:
     from infra.milvus_server import MilvusLiteServer, MilvusServer
     from infra.redis_server import EmbeddedRedis
     from model_export.artifact import UserTower
-    from model_export.publish import connect, publish_version
+    from model_export.publish import client_options, connect, publish_version
     from model_export.registry import ModelRegistry
     from model_export.retrain import Stages, refresh
     from recall_service.bench import build_catalog, user_windows
@@ -292,7 +292,7 @@ def run_scale(args) -> dict:
         env = {**os.environ, "MINDSTREAM_REDIS__URI": redis_server.uri, "MINDSTREAM_MILVUS__URI": milvus.uri, "MINDSTREAM_PATHS__MODELS_DIR": str(root / "models")}
         config = load_config(environ=env)
         registry = ModelRegistry(config.paths.models_dir)
-        client = connect(config.milvus.uri)
+        client = connect(config.milvus.uri, **client_options(config.milvus))
         say(f"publishing the old version ({args.items:,} items)")
         began = time.perf_counter()
         old = publish_version(catalogs[0], registry, client, config.milvus.collection_prefix, progress=lambda m: None)

@@ -585,13 +585,13 @@ def refresh(config, export_dir: Path, say, stages: "Stages", expect_current: str
     """Publish an export and bring the feature store over to it; old versions go once unreferenced.
     With `expect_current`, CurrentMovedError (nothing published) unless that version is still current."""
     from model_export.artifact import UserTower
-    from model_export.publish import connect, publish_version, retire_unreferenced
+    from model_export.publish import client_options, connect, publish_version, retire_unreferenced
     from model_export.registry import CurrentMovedError, ModelRegistry
     from streaming.backfill import backfill, current_moved_on, job_settle_s, stored_versions
     from streaming.feature_store import RedisFeatureStore
 
     registry = ModelRegistry(config.paths.models_dir)
-    client = connect(config.milvus.uri, config.milvus.token)
+    client = connect(config.milvus.uri, **client_options(config.milvus))
     say("==> publishing: new collection, alias swap, registry CURRENT (the streaming job hot-reloads)")
     try:
         published = publish_version(export_dir, registry, client, config.milvus.collection_prefix, progress=say, expect_current=expect_current)

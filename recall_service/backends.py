@@ -26,7 +26,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from infra.config import printable_uri
-from model_export.publish import category_fields, collection_name
+from model_export.publish import category_fields, collection_name, connect
 from model_export.registry import NO_INACTIVE_ITEMS, CurrentUnreadableError, InactiveFileError, InactiveItems
 from recall_service.filters import ItemFilter
 from recall_service.merge import MISSING_ITEM
@@ -76,9 +76,10 @@ class MilvusItemSearch:
     the one that produced the interests) with inner product and HNSW `ef` (raised to the limit,
     which HNSW requires)."""
 
-    def __init__(self, uri: str, token: str = "", prefix: str = "mindstream_items", ef: int = 128, connect_timeout_s: float = 2.0,
-                 vocabularies: "RegistryVocabularies | None" = None):
-        self.uri, self.token, self.prefix, self.ef, self.connect_timeout_s = uri, token, prefix, ef, connect_timeout_s
+    def __init__(self, uri: str, client_options: Mapping[str, object] | None = None, prefix: str = "mindstream_items", ef: int = 128,
+                 connect_timeout_s: float = 2.0, vocabularies: "RegistryVocabularies | None" = None):
+        """client_options: the token and TLS settings, model_export.publish.client_options([milvus])."""
+        self.uri, self.client_options, self.prefix, self.ef, self.connect_timeout_s = uri, dict(client_options or {}), prefix, ef, connect_timeout_s
         self.shown_uri = printable_uri(uri)  # in messages, which reach the logs
         self.vocabularies = vocabularies
         self._client = None
@@ -92,12 +93,8 @@ class MilvusItemSearch:
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    from pymilvus import MilvusClient
-
-                    if "://" not in self.uri:  # a Milvus Lite file: its folder must exist
-                        Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
                     try:
-                        self._client = MilvusClient(uri=self.uri, token=self.token, timeout=self.connect_timeout_s)
+                        self._client = connect(self.uri, **self.client_options, timeout=self.connect_timeout_s)
                     except Exception as exc:  # pymilvus raises MilvusException or its own connect errors
                         raise BackendUnavailable(f"Milvus at {self.shown_uri}: {exc}") from None
                     # pymilvus imports scipy.sparse (~1 s) when it builds its first search request;

@@ -323,6 +323,7 @@ class RecallServer:
 
     def __init__(self, config: Config, *, reader=None, search=None, models=None, availability=None, metrics: RecallMetrics | None = None,
                  served_log: ServedLog | None = None):
+        from model_export.publish import client_options
         from model_export.registry import ModelRegistry
         from recall_service.backends import (FeatureStoreReader, InstalledVersions, MilvusItemSearch, RegistryAvailability, RegistryModels,
                                              RegistryVocabularies)
@@ -339,7 +340,7 @@ class RecallServer:
         left_out = rc.max_exclusions + max(rc.max_recent_items, config.streaming.window_length + config.streaming.seen_items)
         self.models = models or RegistryModels(registry, popular_depth=rc.max_n + left_out, installed=installed)
         loaded_vocabulary = self.models.raw_ids if isinstance(self.models, RegistryModels) else (lambda version: None)
-        self.search = search or MilvusItemSearch(config.milvus.uri, config.milvus.token, config.milvus.collection_prefix, ef=rc.search_ef,
+        self.search = search or MilvusItemSearch(config.milvus.uri, client_options(config.milvus), config.milvus.collection_prefix, ef=rc.search_ef,
                                                  vocabularies=RegistryVocabularies(registry, loaded=loaded_vocabulary, installed=installed))
         if search is None:
             self._owned.append(self.search)

@@ -180,7 +180,7 @@ def test_uris_are_printed_without_their_credentials():
 def test_the_milvus_clients_messages_name_the_server_without_its_credentials():
     from recall_service.backends import MilvusItemSearch
 
-    search = MilvusItemSearch("http://root:s3cret@127.0.0.1:1", "", "p", connect_timeout_s=0.2)
+    search = MilvusItemSearch("http://root:s3cret@127.0.0.1:1", {}, "p", connect_timeout_s=0.2)
     assert "s3cret" not in search.shown_uri and search.shown_uri == "http://***@127.0.0.1:1"
 
 

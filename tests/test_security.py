@@ -395,3 +395,47 @@ def test_a_quote_in_a_sasl_password_cannot_end_the_jaas_option_early():
     kafka = KafkaConfig(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="app", sasl_password='p"; evil=1 \\')
     jaas = java_client_properties(kafka)["sasl.jaas.config"]
     assert jaas.endswith('password="p\\"; evil=1 \\\\";')
+
+
+def test_milvus_over_tls_with_a_private_ca(two_exports, tmp_path):
+    """[milvus].tls_cafile / tls_server_name: a publish and the recall service's search reach a
+    Milvus server (the standalone binary with TLS on) whose certificate only our CA signs and names
+    another host than the URI's; without the CA, or without the name, the handshake is refused, so
+    the calls did go over TLS and were verified."""
+    from pymilvus.exceptions import MilvusException
+
+    from infra.milvus_server import MilvusServer
+    from model_export.manifest import Manifest
+    from model_export.publish import client_options, connect, publish
+    from model_export.registry import ModelRegistry
+    from recall_service.backends import MilvusItemSearch
+
+    cert, key = self_signed_certificate(tmp_path, host="milvus.internal")
+    with MilvusServer(tmp_path / "milvus", tls=(cert, key)) as server:
+        assert server.uri.startswith("https://127.0.0.1:")
+        milvus = MilvusConfig(uri=server.uri, tls_cafile=str(cert), tls_server_name="milvus.internal")
+        registry = ModelRegistry(tmp_path / "models")
+        version = registry.install(two_exports[0]).model_version
+        publisher = connect(milvus.uri, **client_options(milvus))
+        publish(registry.path(version), publisher, "tls_items", progress=lambda m: None)
+        publisher.close()  # pymilvus shares one connection per URI and token in a process: the search must make its own
+        search = MilvusItemSearch(milvus.uri, client_options(milvus), "tls_items")
+        search.connect()
+        hits = search.search(version, np.ones((2, Manifest.load(registry.path(version)).dim), np.float32), 5, "", timeout_s=10)
+        assert hits.raw_ids.shape == (2, 5) and all(hits.raw_ids.ravel())
+        search.close()
+        for refused in ({}, {"server_pem_path": str(cert)}):  # the system's roots; our CA but the URI's host name
+            with pytest.raises(MilvusException):
+                connect(milvus.uri, **refused, timeout=5)
+
+
+def test_milvus_tls_settings_need_an_https_server_and_a_readable_ca(tmp_path):
+    from model_export.publish import client_options
+
+    for uri in ("http://milvus:19530", str(tmp_path / "lite.db")):
+        with pytest.raises(ConfigError, match="no https:// server URI"):
+            MilvusConfig(uri=uri, tls_cafile="ca.pem")
+    with pytest.raises(ConfigError, match="tls_cafile .* cannot be read"):
+        client_options(MilvusConfig(uri="https://milvus:19530", tls_cafile=str(tmp_path / "missing.pem")))
+    assert client_options(MilvusConfig(uri="https://milvus:19530", token="root:x", tls_server_name="milvus.internal")) == {
+        "token": "root:x", "server_name": "milvus.internal"}
