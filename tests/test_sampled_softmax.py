@@ -61,6 +61,30 @@ def test_remi_hard_negative_weighting():
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
 
 
+def test_remi_weighting_estimates_the_hard_negative_mass_under_a_popularity_sampler():
+    """With negatives drawn from q, not uniformly, the weighted negatives must still estimate
+    M * E_p[exp(s)] with p(i) ∝ exp(beta s_i) over the catalogue (the plain corrected sum at beta 0).
+    Popular items score low here: leaving 1/q out of the weights' normaliser made it 8x too large."""
+    g = torch.Generator().manual_seed(0)
+    n_items, d, beta = 50, 4, 2.0
+    items = torch.randn(n_items + 1, d, generator=g)
+    user = torch.randn(1, d, generator=g)
+    scores = (user @ items[1:].T)[0]
+    counts = torch.zeros(n_items + 1)
+    counts[1:] = torch.exp(-2 * scores)  # popularity against the score: the user's hard negatives are rarely drawn
+    sampler = NegativeSampler(counts, alpha=1.0)
+    target = torch.tensor([int(scores.argmin()) + 1])  # the lowest-scoring item, so it is hardly a hard negative itself
+    negatives = sampler.sample(200_000, g)
+    loss = sampled_softmax_loss(user, items[target], target, items[negatives], negatives, sampler.log_q, beta)
+    pos_logit = (user[0] @ items[target[0]]) - math.log(len(negatives)) - sampler.log_q[target[0]]
+    negative_mass = torch.exp(pos_logit) * torch.expm1(loss)  # loss = log(1 + Z_neg / exp(pos_logit))
+    others = torch.ones(n_items, dtype=torch.bool)
+    others[target[0] - 1] = False  # the target is an accidental hit wherever drawn
+    p = torch.softmax(beta * scores[others], 0)
+    expected = n_items * (p * torch.exp(scores[others])).sum()
+    assert negative_mass.item() == pytest.approx(expected.item(), rel=0.03)
+
+
 def test_sampler_follows_popularity_power_and_never_draws_padding():
     counts = torch.tensor([100.0, 1.0, 9.0, 99.0])
     sampler = NegativeSampler(counts, alpha=1.0)
