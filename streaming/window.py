@@ -16,8 +16,10 @@ A record at or before the newest applied offset of its partition (`last_offset`)
 the newest event time is a redelivery too: Kafka delivers a partition in order, and a user's
 events share one partition. (The time bound keeps a recreated topic's newer events, whose offsets
 start again, from being taken for old ones; an event of such a topic no newer than the user's newest
-and at or below the stored offset is still taken for a redelivery and dropped: after recreating the
-events topic, start the job on a new topic name or without seeding.)
+and at or below the stored offset is still taken for a redelivery and dropped, uncounted as late.
+Offsets carry no topic, so a new topic name does not help: after recreating the events topic or
+moving the job to another, start it without its state (no `--restore`) and with
+[streaming].seed_windows_from_store = false; each user's window then starts again from their next event.)
 
 A job that starts without its state (a state-layout change, a lost checkpoint, an expired state)
 seeds a user's window from the user's stored feature-store record (`from_record`) instead of
@@ -82,8 +84,12 @@ class UserWindow:
     def from_record(cls, record: InterestRecord) -> "UserWindow":
         """The window a stored record reflects (see the module docstring)."""
         times = [UNKNOWN_TIME_MS] * (len(record.window) - 1) + [record.last_event_ms]
+        # The record keeps the true newest time, not what Kafka vouched for; the time it was written is
+        # no earlier than the Kafka timestamps of the events it reflects, so it bounds it (a device
+        # clock an hour fast must not make the user's next events late after a restart either).
+        vouched = min(record.last_event_ms, record.updated_ms) if record.updated_ms > 0 else record.last_event_ms
         return cls([(time_ms, item, "", "") for time_ms, item in zip(times, record.window)], record.last_event_ms, dict(record.profile), record.last_offset,
-                   vouched_ms=record.last_event_ms)
+                   vouched_ms=vouched)
 
     def apply(self, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "", produced_ms: int | None = None) -> Applied:
         """`produced_ms`: the record's Kafka timestamp. The time later events are judged late against

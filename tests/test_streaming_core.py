@@ -251,6 +251,12 @@ def test_an_event_dated_ahead_of_kafka_does_not_make_the_users_next_events_late(
     assert w.newest_ms == now + 300_000
     assert seeded.apply(event("fast", now + 300_000), 10, 60_000, offset="0:2", produced_ms=now) is Applied.DUPLICATE
     assert UserWindow.from_state(w.to_state()) == w
+    # nor, seeded from that record after a restart without state, are the user's next events late or
+    # its profile pinned: the record's write time bounds what Kafka vouched for
+    written = InterestRecord("u1", "v1", np.zeros((1, 4), np.float32), w.item_ids(), w.newest_ms, "0:9", now + 6_050, {"city": "X"})
+    restarted = UserWindow.from_record(written)
+    assert restarted.apply(event("next", now + 60_000, profile={"city": "Z"}), 10, 60_000, offset="0:10", produced_ms=now + 60_000) is Applied.ADDED
+    assert restarted.profile == {"city": "Z"}
     unstamped = UserWindow()  # no Kafka timestamp (tests, the bench): the event time itself
     unstamped.apply(event("fast", now + 300_000), 10, 60_000)
     assert unstamped.apply(event("i0", now + 1_000), 10, 60_000) is Applied.LATE
@@ -492,7 +498,7 @@ def test_a_window_seeded_from_its_stored_record_takes_up_a_replay_from_older_off
 def stored_record(window, last_event_ms=10_000, last_offset="0:9"):
     from streaming.feature_store import InterestRecord
 
-    return InterestRecord("u1", "v1", np.ones((1, 4), np.float32), window, last_event_ms, last_offset, 1)
+    return InterestRecord("u1", "v1", np.ones((1, 4), np.float32), window, last_event_ms, last_offset, last_event_ms + 50)  # written 50 ms after
 
 
 def test_a_replay_up_to_and_including_the_stored_offset_is_not_applied_again():
