@@ -14,6 +14,7 @@ because the store did not answer.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -208,15 +209,22 @@ class InterestWriter:
 
 
 def dead_letter(reason: str, kind: str, value: bytes, partition: int, offset: int, produced_ms: int, topic: str, max_bytes: int = 65_536) -> str:
-    """The dead-letter record: why, where it came from, and the original value (truncated if huge)."""
-    return json.dumps({
+    """The dead-letter record: why, where it came from, and the original value (truncated if huge):
+    as text, and when it is no valid UTF-8 also as base64 (`value_base64`), so the bytes can be replayed."""
+    kept = value[:max_bytes]
+    record = {
         "reason": reason,
         "kind": kind,
         "topic": topic,
         "partition": partition,
         "offset": offset,
         "produced_ms": produced_ms,
-        "value": value[:max_bytes].decode("utf-8", errors="replace"),
+        "value": kept.decode("utf-8", errors="replace"),
         "value_bytes": len(value),
         "truncated": len(value) > max_bytes,
-    })
+    }
+    try:
+        kept.decode("utf-8")
+    except UnicodeDecodeError:  # (a cut through a multi-byte character at max_bytes counts too: base64 keeps it exact)
+        record["value_base64"] = base64.b64encode(kept).decode("ascii")
+    return json.dumps(record)

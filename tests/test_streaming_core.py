@@ -1,5 +1,6 @@
 """The streaming core without servers: the event contract, the per-user window and the micro-batch writer."""
 
+import base64
 import copy
 import dataclasses
 import json
@@ -176,6 +177,11 @@ def test_retraining_takes_exactly_the_records_the_job_accepts(monkeypatch):
 def test_dead_letters_keep_the_reason_and_the_original_value():
     record = json.loads(dead_letter("malformed JSON", "malformed", b"{oops", 1, 42, 123, "events"))
     assert record == {**record, "reason": "malformed JSON", "kind": "malformed", "partition": 1, "offset": 42, "value": "{oops", "truncated": False}
+    assert "value_base64" not in record
+    # bytes that are no UTF-8 read alike as text; base64 keeps each exactly, to be replayed
+    one, other = (json.loads(dead_letter("not UTF-8", "malformed", raw, 0, 1, 2, "events")) for raw in (b"\xff\xfe{}", b"\xfe\xff{}"))
+    assert one["value"] == other["value"]
+    assert [base64.b64decode(r["value_base64"]) for r in (one, other)] == [b"\xff\xfe{}", b"\xfe\xff{}"]
 
 
 # ----------------------------------------------------------------------------- window
