@@ -86,6 +86,8 @@ def cmd_train(args) -> int:
         max_steps_per_epoch=args.max_steps_per_epoch,
         device=device,
         sparse_item_rows=args.sparse_item_rows,
+        min_history=args.min_history,
+        sample_by=args.sample_by,
     )
     spec = default_spec(
         args.model,
@@ -273,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beta", type=at_least(0.0, float), default=None, help="REMI hard-negative beta (mind_remi only; default 1.0, on ml-1m 16.0)")
     p.add_argument("--rr-lambda", type=at_least(0.0, float), default=None, help="REMI routing-regularisation lambda (mind_remi only; default 1.0)")
     p.add_argument("--max-steps-per-epoch", type=at_least(0), default=0, help="cap steps per epoch (0 = full pass); for smoke runs")
+    p.add_argument("--sample-by", choices=("position", "user"), default="position",
+                   help="position: every (user, target position) pair once an epoch (a user weighs by their length); "
+                        "user: ComiRec's draw, a user uniformly then one of their positions (every user weighs alike)")
+    p.add_argument("--min-history", type=at_least(1), default=1, help="earlier items a training target needs (ComiRec: 4)")
     p.add_argument("--sparse-item-rows", type=at_least(0), default=SPARSE_ITEM_ROWS, metavar="N",
                    help=f"a catalog of at least N items (default {SPARSE_ITEM_ROWS:,}) updates only the item rows each step touches (lazy Adam; 0 = never)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -5,7 +5,10 @@ The protocol is the one of ComiRec / REMI (THUDM/ComiRec):
     repeated until both hold (a 5-core: ComiRec filters once, which can leave items under 5);
   * users are shuffled with a fixed seed and split 80/10/10 into train / valid / test;
   * training samples a target position in a training user's sequence and uses the previous
-    `maxlen` items as history;
+    `maxlen` items as history. ComiRec draws a user uniformly, then a position from the 5th on;
+    here an epoch visits every (user, position) pair with at least one earlier item, so a user
+    weighs in proportion to their sequence length (ML-1M: the longest 10% of training users give
+    38% of the samples) while evaluation averages over users;
   * a held-out user is evaluated with the first 80% of the sequence as history (its last
     `maxlen` items) and ALL of the remaining 20% as targets.
 

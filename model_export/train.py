@@ -62,6 +62,10 @@ class TrainConfig:
     n_negatives: int = 1280
     sampler_alpha: float = 0.75  # negatives ∝ popularity^alpha
     min_history: int = 1  # a training target needs at least this many earlier items
+    # "position": an epoch visits every (user, target position) pair once, so a user weighs by their
+    # sequence's length; "user": ComiRec's draw, a training user uniformly, then one of their positions
+    # (as many draws as there are pairs), so every user weighs alike, as in the evaluation.
+    sample_by: str = "position"
     max_steps_per_epoch: int = 0  # 0 = a full pass over all training positions
     # Item-id (or side-token) tables of at least this many rows are updated lazily (sparse gradients, only the
     # rows a step touched; see LazyItemAdam); 0 = never. Below ~100k rows plain Adam over every row is faster.
@@ -277,6 +281,19 @@ def _checkpoint_history(out: Path, state: dict) -> dict:
     return history
 
 
+def epoch_order(users: np.ndarray, sample_by: str, rng: np.random.Generator) -> np.ndarray:
+    """Indices into the (user, position) pairs for one epoch, as many as there are pairs: a shuffle
+    ("position"), or draws of a user uniformly then one of their pairs ("user": P(pair) = 1 / (users x
+    that user's pairs)). A user's pairs are contiguous in `users` (training_positions)."""
+    if sample_by == "position":
+        return rng.permutation(len(users))
+    if sample_by != "user":
+        raise ValueError(f"sample_by {sample_by!r}: use 'position' or 'user'")
+    _, first, pairs = np.unique(users, return_index=True, return_counts=True)
+    drawn = rng.integers(len(first), size=len(users))
+    return first[drawn] + (rng.random(len(users)) * pairs[drawn]).astype(np.int64)
+
+
 def worker_batches(order: np.ndarray, batch_size: int, max_steps: int, workers: distributed.World) -> list[np.ndarray]:
     """This worker's samples for each step of a pass over `order`: its slice of each batch of `batch_size`
     (all of it in a single process), at most `max_steps` steps (0 = no cap).
@@ -295,7 +312,8 @@ def worker_batches(order: np.ndarray, batch_size: int, max_steps: int, workers: 
 def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer | LazyItemAdam, sampler: NegativeSampler, data: SequenceDataset,
               users: np.ndarray, positions: np.ndarray, config: TrainConfig, rng: np.random.Generator, maxlen: int,
               loss_fn: Callable[..., torch.Tensor] | None = None, desc: str = "epoch", progress: bool = True) -> tuple[float, int]:
-    """One shuffled pass over (user, target position) samples; returns (mean loss, steps).
+    """One shuffled pass over (user, target position) samples (or as many draws of them, user first:
+    config.sample_by); returns (mean loss, steps).
 
     Each sample's history is the `maxlen` items before its target. Under torchrun (WORLD_SIZE > 1)
     every worker draws the same permutation and takes its own slice of each batch (worker_batches); DDP
@@ -304,8 +322,7 @@ def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer | LazyIte
     ddp = distributed.world()
     loss_fn = loss_fn or model.loss
     model.train()
-    order = rng.permutation(len(users))
-    batches = worker_batches(order, config.batch_size, config.max_steps_per_epoch, ddp)
+    batches = worker_batches(epoch_order(users, config.sample_by, rng), config.batch_size, config.max_steps_per_epoch, ddp)
     device = config.device
     total = 0.0
     bar = tqdm(batches, desc=desc, disable=not progress or ddp.rank != 0, leave=False, mininterval=2)

@@ -413,3 +413,19 @@ def test_every_torchrun_worker_has_samples_at_every_step(monkeypatch):
         _, ran = run_epoch(model, build_optimizer(model, config), NegativeSampler(torch.ones(31)), data, users, positions, config,
                            np.random.default_rng(0), maxlen=10, progress=False)
         assert ran == steps
+
+
+def test_sampling_by_user_weighs_every_user_alike_and_stays_within_their_pairs():
+    """ComiRec's draw (--sample-by user): a user uniformly, then one of their target positions; the
+    default visits every pair once, so a user with 90 pairs weighs 90 times one with a single pair."""
+    from model_export.train import epoch_order
+
+    users = np.repeat(np.array([7, 3, 5]), [90, 1, 9])  # as training_positions lays them out: each user's pairs contiguous
+    rng = np.random.default_rng(0)
+    shuffled = epoch_order(users, "position", rng)
+    assert sorted(shuffled) == list(range(100))
+    draws = np.concatenate([epoch_order(users, "user", rng) for _ in range(300)])
+    assert draws.min() >= 0 and draws.max() < 100
+    share = {u: np.mean(users[draws] == u) for u in (7, 3, 5)}
+    assert all(abs(v - 1 / 3) < 0.01 for v in share.values()), share
+    assert set(np.unique(draws[users[draws] == 5])) == set(range(91, 100))  # every pair of a user is drawn, evenly
