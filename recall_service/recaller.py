@@ -298,8 +298,8 @@ class Recaller:
         self.store_breaker.succeeded(started)
         self._attribute(pending, "feature_store", self.clock() - started)
         for p, record in zip(pending, records):
-            if isinstance(record, RecordError):
-                record, p.reason = None, FallbackReason.CORRUPT_RECORD
+            if isinstance(record, RecordError):  # its seen set, read beside it, still keeps what the user saw out
+                record, p.reason, p.seen = None, FallbackReason.CORRUPT_RECORD, record.seen
             elif record is not None:
                 shape = self.models.shape(record.model_version)
                 try:

@@ -47,7 +47,10 @@ log = logging.getLogger(__name__)
 
 
 class RecordError(ValueError):
-    """A stored record is of another schema or is corrupt."""
+    """A stored record is of another schema or is corrupt. `seen`: the user's seen set when it was
+    read beside the record (a reader leaves what the user saw out of the fallback's answer)."""
+
+    seen: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -134,20 +137,25 @@ def _record_of(user_id: str, reply, seen_reply=()) -> InterestRecord | None:
     counts it as unreadable instead of retrying it for ever, and the job's next write replaces it
     (put_many deletes first). A seen key of another type only loses the seen set: the record is
     served without it, and the job's next write of the set replaces the key."""
-    if isinstance(reply, Exception):
-        if str(reply).startswith("WRONGTYPE"):
-            raise RecordError(f"user {user_id}: the key holds another Redis type, not a record hash")
-        raise reply
     if isinstance(seen_reply, Exception):
         if not str(seen_reply).startswith("WRONGTYPE"):
             raise seen_reply
         log.warning("user %.80r: the seen-set key holds another Redis type; answered without it", user_id)
         seen_reply = ()
-    if not reply:
-        return None
-    record = decode(user_id, reply)
     # a member that is not UTF-8 was not written by the job (raw ids are text): read as no item rather than failing the batch
-    return replace(record, seen=frozenset(item.decode(errors="replace") for item in seen_reply)) if seen_reply else record
+    seen = frozenset(item.decode(errors="replace") for item in seen_reply)
+    try:
+        if isinstance(reply, Exception):
+            if str(reply).startswith("WRONGTYPE"):
+                raise RecordError(f"user {user_id}: the key holds another Redis type, not a record hash")
+            raise reply
+        if not reply:
+            return None
+        record = decode(user_id, reply)
+    except RecordError as exc:
+        exc.seen = seen
+        raise
+    return replace(record, seen=seen) if seen else record
 
 
 Seen = Mapping[str, Sequence[tuple[int, str]]]  # user id -> (event time ms, raw item id) newly seen
@@ -428,7 +436,8 @@ class InMemoryFeatureStore:
         return n
 
     def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]:
-        return [replace(decode(u, self.rows[u]), seen=frozenset(self.seen.get(u, ()) if self.seen_items else ())) if u in self.rows else None
+        # as Redis answers: the record's hash ({} when none) and the seen set's members
+        return [_record_of(u, self.rows.get(u, {}), [item.encode() for item in self.seen.get(u, ())] if self.seen_items else ())
                 for u in user_ids]
 
     def delete(self, user_id: str) -> None:

@@ -1388,3 +1388,18 @@ def test_the_counters_alerts_read_are_exported_at_zero_before_their_first_increm
                    'mindstream_stream_dead_letters_total{reason="malformed"}', 'mindstream_stream_window_seeds_total{result="unreadable"}'):
         assert series in exported, series
     assert stream.DEAD_LETTERS.labels("future")._value.get() >= 0
+
+
+def test_what_a_user_whose_record_does_not_decode_has_seen_is_left_out_of_the_fallback(world):
+    """The seen set is read beside the record: a record that fails to decode (another schema) still
+    hands it over, with its RecordError, so the popular answer leaves it out."""
+    recaller, search, store, catalogs, interests = world
+    store.seen_items = 10
+    store.put_many([InterestRecord("mallory", "B", np.ones((2, DIM), np.float32), ("i1",), 0, "0:2")], seen={"mallory": [(1, "i0"), (2, "i3")]})
+    store.rows["mallory"][b"schema"] = b"999"
+    with pytest.raises(RecordError) as failed:
+        store.get_many(["mallory"])
+    assert failed.value.seen == {"i0", "i3"}
+    [mallory] = recaller.recall_many([q("mallory", 4)], Deadline(1.0))
+    assert mallory.path is RecallPath.POPULAR_FALLBACK and mallory.reason is FallbackReason.CORRUPT_RECORD
+    assert [r for r, _, _ in mallory.items] == ["i1", "i2", "i4", "i5"]  # by popularity, without i0 and i3

@@ -415,7 +415,7 @@ def test_a_publish_that_fails_keeps_the_current_version_and_says_how_to_publish_
 
     monkeypatch.setattr(model_export.publish, "connect", lambda uri, token="": None)
     monkeypatch.setattr(model_export.publish, "publish_version", milvus_down)
-    config = SimpleNamespace(paths=SimpleNamespace(models_dir=tmp_path), milvus=SimpleNamespace(uri="", token="", collection_prefix="p"))
+    config = SimpleNamespace(paths=SimpleNamespace(models_dir=tmp_path), milvus=SimpleNamespace(uri="", token="", tls_cafile="", tls_server_name="", collection_prefix="p"))
     with pytest.raises(RetrainError, match=f"the version before stays current: `python -m model_export publish --export-dir {tmp_path / 'export'}`"):
         refresh(config, tmp_path / "export", lambda m: None, Stages())
 
@@ -558,7 +558,7 @@ def test_a_refresh_that_stops_after_its_publish_says_the_version_is_live_and_how
         raise ConnectionError("redis is down")
 
     monkeypatch.setattr(RedisFeatureStore, "from_config", redis_down)
-    config = SimpleNamespace(paths=SimpleNamespace(models_dir=tmp_path), milvus=SimpleNamespace(uri="", token="", collection_prefix="p"),
+    config = SimpleNamespace(paths=SimpleNamespace(models_dir=tmp_path), milvus=SimpleNamespace(uri="", token="", tls_cafile="", tls_server_name="", collection_prefix="p"),
                              redis=None, streaming=SimpleNamespace(record_ttl_s=0))
     with pytest.raises(RefreshIncomplete, match="v2 is published and current, but the refresh stopped at its backfill .*redis is down"):
         refresh(config, tmp_path, lambda m: None, Stages())
