@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from infra.cli import UserError, at_least, run_command
-from infra.config import SPARSE_ITEM_ROWS, load_config, printable_uri
+from infra.config import SPARSE_ITEM_ROWS, ConfigError, load_config, printable_uri
 from model_export.spec import MODEL_KINDS
 
 
@@ -144,7 +144,13 @@ def cmd_publish(args) -> int:
     from model_export.registry import ModelRegistry
 
     config = load_config()
-    milvus = dataclasses.replace(config.milvus, uri=args.milvus_uri) if args.milvus_uri else config.milvus
+    milvus = config.milvus
+    if args.milvus_uri:  # another Milvus: the configured server's TLS CA and name are not its own (an https:// one keeps the CA)
+        tls = {"tls_server_name": ""} if args.milvus_uri.startswith("https://") else {"tls_cafile": "", "tls_server_name": ""}
+        try:
+            milvus = dataclasses.replace(config.milvus, uri=args.milvus_uri, **tls)
+        except ConfigError as exc:
+            raise ConfigError(f"--milvus-uri {printable_uri(args.milvus_uri)!r}: {exc}") from None
     registry = ModelRegistry(config.paths.models_dir)
     Manifest.load(Path(args.export_dir), verify=False)  # a wrong folder is said before Milvus (Lite: a database file) is touched
     client = connect(milvus.uri, **client_options(milvus))
@@ -308,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "--export-dir <models_dir>/<version> (its collection and index are reused). Stored interests of other "
                                    "versions go on being answered from their own collections until they are re-extracted.")
     p.add_argument("--export-dir", required=True, help="an export directory (with manifest.json), or a version's folder in the registry")
-    p.add_argument("--milvus-uri", default=None, help="default: [milvus].uri of the configuration (a file = Milvus Lite)")
+    p.add_argument("--milvus-uri", default=None, help="default: [milvus].uri of the configuration (a file = Milvus Lite); "
+                   "another server keeps [milvus].token, and tls_cafile only when it is https://")
     p.add_argument("--index", choices=("FLAT", "HNSW"), default=None,
                    help="default: the index of the version's existing collection; for a new one FLAT below 20,000 items, else HNSW. "
                         "Another index than the existing one rebuilds that collection (refused for the live version)")

@@ -22,7 +22,8 @@ from infra.config import load_config
 from infra.files import write_text_atomically
 from model_export.data import BUILTIN_DATASETS, evaluation_cases, load_dataset
 from model_export.evaluate import evaluate_model, evaluate_popularity
-from model_export.train import RunDirError, TrainConfig, dataset_defaults, default_spec, load_model, run_settings, run_spec, train
+from model_export.train import (RunDirError, TrainConfig, dataset_defaults, default_spec, load_model, run_settings, run_spec, train,
+                                 with_default_settings)
 
 REPORTED = ("recall@20", "recall@50", "hitrate@20", "hitrate@50", "ndcg@50")
 
@@ -64,6 +65,8 @@ def run_one(dataset: str, model: str, seed: int, run_dir: Path, epochs: int = 0,
     result_file = run_dir / "result.json"
     # a result written before results held their settings is judged by its run's saved settings
     saved = (json.loads(result_file.read_text()).get("settings") if result_file.is_file() else None) or _saved_settings(run_dir)
+    if saved is not None:  # settings added since the run was made count at their defaults, which it used
+        saved = {**saved, "train": {k: v for k, v in with_default_settings(saved["train"]).items() if k != "dataset"}}
     if (saved is not None or result_file.is_file()) and saved != settings:
         # hours of training, perhaps: neither reported for these settings nor deleted
         raise RunDirError(f"{run_dir} holds a run of other settings (epochs, steps, data or model) than this benchmark's: "

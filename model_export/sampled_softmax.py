@@ -60,6 +60,8 @@ def sampled_softmax_loss(
         n_items = log_q.shape[0] - 1  # M: index 0 is padding
         log_r = (hard_negative_beta * neg_score.detach() - log_q[negatives][None, :]).masked_fill(accidental, float("-inf"))  # [B, N]
         # logit_j = s_j + log M + log w_j, log w_j = log r_j - logsumexp_k(log r_k)
-        neg_logit = neg_score + math.log(n_items) + log_r - torch.logsumexp(log_r, dim=-1, keepdim=True)
+        # a row whose every negative is its target has no negatives (-inf), not NaN from -inf - -inf
+        log_total = torch.logsumexp(log_r, dim=-1, keepdim=True).clamp(min=torch.finfo(log_r.dtype).min)
+        neg_logit = neg_score + math.log(n_items) + log_r - log_total
     logits = torch.cat([pos_logit[:, None], neg_logit], dim=1)  # [B, 1 + N]; the target is class 0
     return F.cross_entropy(logits, torch.zeros_like(targets))

@@ -172,8 +172,19 @@ def _run_file(model_dir: Path, name: str) -> Path:
     return path
 
 
+# Settings added since runs were first saved, with the value every run saved before them used.
+# (Not sparse_item_rows: runs before it trained with plain Adam, which its default no longer means.)
+SETTINGS_ADDED = {"sample_by": "position"}
+
+
+def with_default_settings(saved: dict) -> dict:
+    """A saved TrainConfig (train.json, a quality result's settings) with the settings added since
+    it was written at the value that run used."""
+    return {**SETTINGS_ADDED, **saved}
+
+
 def run_settings(model_dir: Path) -> dict:
-    """The TrainConfig a run was started with (train.json), as saved."""
+    """The TrainConfig a run was started with (train.json), as saved (later fields at their defaults)."""
     path = _run_file(model_dir, "train.json")
     try:
         saved = json.loads(path.read_text())
@@ -182,7 +193,7 @@ def run_settings(model_dir: Path) -> dict:
         raise RunDirError(f"{path} is damaged ({exc}): train the run again") from None
     if missing:
         raise RunDirError(f"{path} lacks {', '.join(missing)}: train the run again")
-    return saved
+    return with_default_settings(saved)
 
 
 def run_spec(model_dir: Path) -> ModelSpec:

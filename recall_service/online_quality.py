@@ -133,13 +133,15 @@ class OnlineQualityJudge:
             self._consumer, self._positions_committed = self.make_consumer(), False
         consumer = self._consumer
         assigned = bool(consumer.assignment())
-        polled = consumer.poll(timeout_ms=0 if assigned else JOIN_POLL_MS, max_records=POLL_RECORDS)
+        # Until its starting positions are committed the consumer polls with a wait: a poll only starts
+        # the offset lookups that set a new group's positions, and a commit before they end commits nothing.
+        polled = consumer.poll(timeout_ms=0 if assigned and self._positions_committed else JOIN_POLL_MS, max_records=POLL_RECORDS)
         if not polled:
             if not self._positions_committed and assigned:
                 # a new group starts at the latest offsets: commit them, so that its lag reads 0, not the whole topic
                 consumer.commit()
-                self._positions_committed = True
-            if assigned:
+                self._positions_committed = all(consumer.committed(partition) is not None for partition in consumer.assignment())
+            elif assigned:
                 self.sleep(IDLE_S)
             return 0
         # Only what is RIPE_S old: each partition goes back to its first younger record, read again later

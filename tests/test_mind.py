@@ -429,3 +429,11 @@ def test_sampling_by_user_weighs_every_user_alike_and_stays_within_their_pairs()
     share = {u: np.mean(users[draws] == u) for u in (7, 3, 5)}
     assert all(abs(v - 1 / 3) < 0.01 for v in share.values()), share
     assert set(np.unique(draws[users[draws] == 5])) == set(range(91, 100))  # every pair of a user is drawn, evenly
+
+
+def test_a_run_saved_before_sample_by_existed_reads_as_the_every_pair_draw_it_used():
+    """So its quality result is reused and its resume with --sample-by user is refused (it trained by position)."""
+    from model_export.train import with_default_settings
+
+    assert with_default_settings({"dataset": "ml-1m", "seed": 1})["sample_by"] == "position"
+    assert with_default_settings({"dataset": "ml-1m", "sample_by": "user"})["sample_by"] == "user"

@@ -128,8 +128,9 @@ class FakeConsumer:
         self.per_poll, self.fail_first_poll, self.fail_first_commit = per_poll, fail_first_poll, fail_first_commit
         self.on_empty = on_empty
         self.joins_after = joins_after  # polls before the group hands out the partition
+        self.position_known = True  # False: the lookup of the starting position has not answered yet
         self.position = 0
-        self.committed: list[int] = []
+        self.commits: list[int] = []
         self.poll_timeouts: list[int] = []
         self.closed = False
 
@@ -156,9 +157,13 @@ class FakeConsumer:
     def commit(self):
         if self.fail_first_commit:
             self.fail_first_commit = False
-            self.position = self.committed[-1] if self.committed else 0  # a rebalance: read again from the committed offset
+            self.position = self.commits[-1] if self.commits else 0  # a rebalance: read again from the committed offset
             raise RuntimeError("CommitFailedError: the group rebalanced")
-        self.committed.append(self.position)
+        if self.position_known:  # a consumer commits only the positions its offset lookups have set
+            self.commits.append(self.position)
+
+    def committed(self, partition):
+        return self.commits[-1] if self.commits else None
 
     def close(self):
         self.closed = True
@@ -198,8 +203,8 @@ def test_the_judge_counts_each_polled_event_after_committing_it():
     assert counts == Counter({("v2", "stored_interests", "click", HIT): 1, ("v2", "stored_interests", "click", MISS): 1,
                               ("", "", "click", UNJUDGED): 1})
     assert errors == Counter({"invalid_event": 2, "unreadable_record": 1})
-    assert reader.asked == [["u1", "u2"]] and consumer.committed == [5]  # one round trip for the batch's users
-    assert judge.step() == 0 and consumer.committed == [5]  # nothing new: the positions were committed already
+    assert reader.asked == [["u1", "u2"]] and consumer.commits == [5]  # one round trip for the batch's users
+    assert judge.step() == 0 and consumer.commits == [5]  # nothing new: the positions were committed already
 
 
 def test_an_event_is_judged_only_once_its_users_earlier_answers_are_surely_in_redis():
@@ -213,10 +218,10 @@ def test_an_event_is_judged_only_once_its_users_earlier_answers_are_surely_in_re
     clock = [now_ms / 1000]
     slept = []
     judge, counts, _ = counting_judge(consumer, FakeServed({"u1": (served(),)}), clock=lambda: clock[0], sleep=slept.append)
-    assert judge.step() == 1 and consumer.committed == [1] and sum(counts.values()) == 1
-    assert judge.step() == 0 and consumer.committed == [1, 1] and slept == [1.0]  # waits (up to 1 s at a time) rather than polling again at once
+    assert judge.step() == 1 and consumer.commits == [1] and sum(counts.values()) == 1
+    assert judge.step() == 0 and consumer.commits == [1, 1] and slept == [1.0]  # waits (up to 1 s at a time) rather than polling again at once
     clock[0] += 4
-    assert judge.step() == 2 and consumer.committed[-1] == 3 and sum(counts.values()) == 3
+    assert judge.step() == 2 and consumer.commits[-1] == 3 and sum(counts.values()) == 3
 
 
 def test_a_record_stamped_far_ahead_is_judged_at_once_not_waited_for():
@@ -226,16 +231,29 @@ def test_a_record_stamped_far_ahead_is_judged_at_once_not_waited_for():
     batch = [(b"u1", encode_event(event("u1", "a")), now_ms + 3_600_000), (b"u1", encode_event(event("u1", "b")), now_ms - 7_000)]
     consumer = FakeConsumer(batch)
     judge, counts, _ = counting_judge(consumer, FakeServed({"u1": (served(),)}), clock=lambda: now_ms / 1000, sleep=lambda s: None)
-    assert judge.step() == 2 and consumer.committed == [2]
+    assert judge.step() == 2 and consumer.commits == [2]
 
 
 def test_a_new_group_commits_its_starting_positions_before_any_event():
     consumer = FakeConsumer([], joins_after=1)
     judge, _, _ = counting_judge(consumer, FakeServed({}), sleep=lambda s: None)
-    assert judge.step() == 0 and consumer.committed == []  # still joining: no positions yet
-    assert judge.step() == 0 and consumer.committed == [0]  # its lag reads 0 from the start, not the whole topic
+    assert judge.step() == 0 and consumer.commits == []  # still joining: no positions yet
+    assert judge.step() == 0 and consumer.commits == [0]  # its lag reads 0 from the start, not the whole topic
     judge.step()
-    assert consumer.committed == [0]
+    assert consumer.commits == [0]
+
+
+def test_a_new_group_retries_the_commit_of_its_positions_until_their_lookups_have_answered():
+    """A poll only starts the offset lookups that set a new group's positions; a commit before they
+    answer commits nothing, so the judge keeps polling with a wait and commits again."""
+    consumer = FakeConsumer([])
+    consumer.position_known = False
+    judge, _, _ = counting_judge(consumer, FakeServed({}), sleep=lambda s: None)
+    assert judge.step() == 0 and consumer.commits == []
+    consumer.position_known = True
+    assert judge.step() == 0 and consumer.commits == [0]
+    judge.step()
+    assert consumer.poll_timeouts == [JOIN_POLL_MS, JOIN_POLL_MS, 0]
 
 
 def test_an_idle_judge_sleeps_between_polls_that_do_not_wait():
@@ -245,7 +263,7 @@ def test_an_idle_judge_sleeps_between_polls_that_do_not_wait():
     slept = []
     judge, counts, _ = counting_judge(consumer, FakeServed({"u1": (served(),)}), clock=lambda: SERVED_MS / 1000 + 60, sleep=slept.append)
     assert [judge.step() for _ in range(5)] == [0, 0, 1, 0, 0]
-    assert consumer.poll_timeouts == [JOIN_POLL_MS, JOIN_POLL_MS, 0, 0, 0]
+    assert consumer.poll_timeouts == [JOIN_POLL_MS, JOIN_POLL_MS, JOIN_POLL_MS, 0, 0]  # waits until its positions are committed
     assert slept == [IDLE_S, IDLE_S] and sum(counts.values()) == 1  # only the empty polls of a joined group sleep
 
 
@@ -258,7 +276,7 @@ def test_a_batch_whose_read_or_commit_failed_is_counted_once_when_read_again(fai
     judge, counts, errors = counting_judge(consumer, FakeServed({"u1": (served(),)}, failures=int(failure == "redis")), retry_s=0.01)
     judge.run(stop)  # in this thread: it returns with every count it will ever make
     assert counts == Counter({("v2", "stored_interests", "click", HIT): 2, ("v2", "stored_interests", "click", MISS): 1})
-    assert errors == Counter({"unavailable": 1}) and consumer.committed[-1] == 3
+    assert errors == Counter({"unavailable": 1}) and consumer.commits[-1] == 3
 
 
 def test_the_judge_outlives_a_broker_failure_and_reads_on_with_a_new_consumer():

@@ -85,6 +85,14 @@ def test_remi_weighting_estimates_the_hard_negative_mass_under_a_popularity_samp
     assert negative_mass.item() == pytest.approx(expected.item(), rel=0.03)
 
 
+@pytest.mark.parametrize("beta", [0.0, 2.0])
+def test_a_row_whose_every_negative_is_its_target_has_a_finite_loss(beta):
+    items, user, targets = _setup(b=2)
+    negatives = torch.tensor([targets[0].item()] * 3)  # row 0: only accidental hits
+    loss = sampled_softmax_loss(user, items[targets], targets, items[negatives], negatives, torch.full((10,), -math.log(9)), beta)
+    assert torch.isfinite(loss)
+
+
 def test_sampler_follows_popularity_power_and_never_draws_padding():
     counts = torch.tensor([100.0, 1.0, 9.0, 99.0])
     sampler = NegativeSampler(counts, alpha=1.0)

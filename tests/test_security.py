@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import select
 import socket
 import ssl
@@ -439,3 +440,19 @@ def test_milvus_tls_settings_need_an_https_server_and_a_readable_ca(tmp_path):
         client_options(MilvusConfig(uri="https://milvus:19530", tls_cafile=str(tmp_path / "missing.pem")))
     assert client_options(MilvusConfig(uri="https://milvus:19530", token="root:x", tls_server_name="milvus.internal")) == {
         "token": "root:x", "server_name": "milvus.internal"}
+
+
+def test_publish_to_another_milvus_drops_the_configured_servers_tls(two_exports, tmp_path):
+    """`publish --milvus-uri FILE` where [milvus] names a TLS server: the Lite file gets no CA and no
+    server name (they are the configured server's), so the override works instead of being refused."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MINDSTREAM_CONFIG": "", "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path / "models"),
+           "MINDSTREAM_MILVUS__URI": "https://milvus.internal:19530", "MINDSTREAM_MILVUS__TLS_CAFILE": str(tmp_path / "ca.pem"),
+           "MINDSTREAM_MILVUS__TLS_SERVER_NAME": "milvus.internal"}
+    done = subprocess.run([sys.executable, "-m", "model_export", "publish", "--export-dir", str(two_exports[0]), "--milvus-uri",
+                           str(tmp_path / "lite.db")], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["milvus"] == str(tmp_path / "lite.db")
