@@ -65,8 +65,8 @@ def run_one(dataset: str, model: str, seed: int, run_dir: Path, epochs: int = 0,
     result_file = run_dir / "result.json"
     # a result written before results held their settings is judged by its run's saved settings
     saved = (json.loads(result_file.read_text()).get("settings") if result_file.is_file() else None) or _saved_settings(run_dir)
-    if saved is not None:  # settings added since the run was made count at their defaults, which it used
-        saved = {**saved, "train": {k: v for k, v in with_default_settings(saved["train"]).items() if k != "dataset"}}
+    if saved is not None:  # settings added since the run was made count at the value it used
+        saved = {**saved, "train": with_default_settings(saved["train"])}
     if (saved is not None or result_file.is_file()) and saved != settings:
         # hours of training, perhaps: neither reported for these settings nor deleted
         raise RunDirError(f"{run_dir} holds a run of other settings (epochs, steps, data or model) than this benchmark's: "
