@@ -21,6 +21,7 @@ from typing import Callable
 from model_export.artifact import UserTower
 from model_export.registry import CurrentUnreadableError
 from streaming.feature_store import FeatureStore, InterestRecord, RecordError, get_each
+from streaming.window import vouched_time
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ def _one_pass(store: FeatureStore, tower: UserTower, batch: int, progress: Calla
             if vectors is None:
                 unknown += 1
                 continue
-            fresh.append(InterestRecord(record.user_id, tower.version, vectors, record.window, record.last_event_ms, record.last_offset, now_ms, record.profile))
+            fresh.append(InterestRecord(record.user_id, tower.version, vectors, record.window, record.last_event_ms, record.last_offset, now_ms, record.profile,
+                                        vouched_time(record)))  # the bound of a record without one, not its rewrite's time
             as_read.append(record)
         done = store.replace_if_unchanged(fresh, as_read)
         rewritten += done

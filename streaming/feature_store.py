@@ -13,6 +13,8 @@ recall service reads them, both only through `FeatureStore`. A record is a Redis
     last_offset     "partition:offset" of the Kafka record that triggered the update
     updated_ms      wall-clock time of the write
     profile         JSON object of the user-profile fields the tower read (a backfill re-reads them)
+    vouched_ms      the window's newest event time as far as Kafka's timestamps vouch for it
+                    (streaming/window.py); optional: records written before it was kept lack it
 
 Raw item ids (not model indices) keep the window valid across model versions.
 
@@ -63,6 +65,9 @@ class InterestRecord:
     last_offset: str  # "partition:offset"
     updated_ms: int = 0
     profile: dict[str, str] = field(default_factory=dict)
+    # UserWindow.vouched_ms of the window, so a window seeded from the record judges lateness and profile
+    # times as the job's state did; -1: not stored (a record written before the field existed)
+    vouched_ms: int = -1
     # The user's seen set as read beside the record (never written with it: see put_many's `seen`);
     # empty from a store that keeps none.
     seen: frozenset[str] = frozenset()
@@ -87,6 +92,8 @@ def encode(record: InterestRecord) -> dict[str, bytes | str | int]:
         "last_offset": record.last_offset,
         "updated_ms": int(record.updated_ms or time.time() * 1000),
         "profile": json.dumps(record.profile),
+        # An optional field, not a new schema: a reader of schema 2 that does not know it ignores it.
+        **({"vouched_ms": int(record.vouched_ms)} if record.vouched_ms >= 0 else {}),
     }
 
 
@@ -124,6 +131,7 @@ def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
             last_offset=last_offset,
             updated_ms=int(fields[b"updated_ms"]),
             profile=profile,
+            vouched_ms=int(fields.get(b"vouched_ms", -1)),
         )
     except RecordError:
         raise

@@ -180,7 +180,8 @@ class InterestWriter:
             if vectors is None:
                 metrics.UNKNOWN_WINDOWS.inc()
                 continue
-            records.append(InterestRecord(user, tower.version, vectors, window, update.window.newest_ms, update.window.last_offset, now_ms, update.window.profile))
+            w = update.window
+            records.append(InterestRecord(user, tower.version, vectors, window, w.newest_ms, w.last_offset, now_ms, w.profile, w.vouched_ms))
             written.append(update)
         return records, written, tower.version
 

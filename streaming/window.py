@@ -24,7 +24,8 @@ moving the job to another, start it without its state (no `--restore`) and with
 A job that starts without its state (a state-layout change, a lost checkpoint, an expired state)
 seeds a user's window from the user's stored feature-store record (`from_record`) instead of
 starting it empty, so the next write does not replace a long stored window with a one-item one.
-The record keeps the raw item ids, the newest event time and the newest offset, not each
+The record keeps the raw item ids, the newest event time, the vouched time (so lateness and the
+profile's times are judged as the lost state judged them) and the newest offset, not each
 behaviour's time or id: the newest seeded behaviour carries the record's newest event time, the
 others `UNKNOWN_TIME_MS`, before any event the window can still accept, in their stored order. So
 a late but allowed event lands before the newest behaviour and is never evicted in favour of
@@ -84,12 +85,8 @@ class UserWindow:
     def from_record(cls, record: InterestRecord) -> "UserWindow":
         """The window a stored record reflects (see the module docstring)."""
         times = [UNKNOWN_TIME_MS] * (len(record.window) - 1) + [record.last_event_ms]
-        # The record keeps the true newest time, not what Kafka vouched for; the time it was written is
-        # no earlier than the Kafka timestamps of the events it reflects, so it bounds it (a device
-        # clock an hour fast must not make the user's next events late after a restart either).
-        vouched = min(record.last_event_ms, record.updated_ms) if record.updated_ms > 0 else record.last_event_ms
         return cls([(time_ms, item, "", "") for time_ms, item in zip(times, record.window)], record.last_event_ms, dict(record.profile), record.last_offset,
-                   vouched_ms=vouched)
+                   vouched_ms=vouched_time(record))
 
     def apply(self, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "", produced_ms: int | None = None) -> Applied:
         """`produced_ms`: the record's Kafka timestamp. The time later events are judged late against
@@ -176,6 +173,17 @@ class UserWindow:
         profile_ms = rest[1] if len(rest) > 1 and isinstance(rest[1], dict) else {}
         vouched_ms = rest[2] if len(rest) > 2 and isinstance(rest[2], int) else newest_ms
         return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset, evicted, profile_ms, vouched_ms)
+
+
+def vouched_time(record: InterestRecord) -> int:
+    """The vouched time of the window a record reflects: the one stored with it; for a record written
+    before it was stored, a bound: the time the record was written is no earlier than the Kafka
+    timestamps of the events it reflects (loose when it was written long after them: a backlog, a
+    backfill of such a record), and a device clock an hour fast must not make the user's next events
+    late after a restart either."""
+    if record.vouched_ms >= 0:
+        return record.vouched_ms
+    return min(record.last_event_ms, record.updated_ms) if record.updated_ms > 0 else record.last_event_ms
 
 
 def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "",

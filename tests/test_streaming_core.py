@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from streaming.events import EVENT_TYPES, BehaviourEvent, EventError, accept_record, encode_event, json_schema, parse_event
-from streaming.feature_store import InMemoryFeatureStore, InterestRecord
+from streaming.feature_store import InMemoryFeatureStore, InterestRecord, decode, stored_fields
 from streaming.interest_writer import FixedTower, InterestWriter, dead_letter
 from streaming.window import Applied, UserWindow
 
@@ -501,6 +501,34 @@ def test_a_window_seeded_from_its_stored_record_takes_up_a_replay_from_older_off
     assert writer.stored_window("nobody") == UserWindow()
 
 
+def test_a_window_seeded_from_its_record_judges_lateness_and_profile_times_as_its_lost_state_did():
+    """The job's host clock 10 minutes behind the producers: the record's write time bounds nothing
+    then; the vouched time stored with the record does. (Before it was stored, a late but allowed
+    event replaced the newer seeded profile value, and a backfill of a record lost even that bound.)"""
+    now = 1_700_000_000_000
+    kept = UserWindow()
+    kept.apply(event("a", now - 50_000, profile={"city": "OLD"}), 8, 60_000, offset="0:1", produced_ms=now - 50_000)
+    kept.apply(event("b", now, profile={"city": "NEW"}), 8, 60_000, offset="0:2", produced_ms=now + 10)
+    store = InMemoryFeatureStore()
+    writer = InterestWriter(FixedTower(FakeTower()), store, clock=lambda: (now - 600_000) / 1000)
+    writer.add("u1", kept)
+    writer.flush()
+    assert store.get_many(["u1"])[0].vouched_ms == now
+    late = event("x", now - 30_000, profile={"city": "OLD"})
+    seeded = writer.stored_window("u1")
+    assert seeded.vouched_ms == kept.vouched_ms
+    for window in (kept, seeded):
+        assert window.apply(late, 8, 60_000, offset="0:3", produced_ms=now + 20) is Applied.ADDED
+        assert window.profile == {"city": "NEW"}
+        assert window.apply(event("y", now - 61_000), 8, 60_000, offset="0:4", produced_ms=now + 30) is Applied.LATE
+    # a record of the older layout (no vouched time) keeps the bound of its write time through a backfill
+    from streaming.window import vouched_time
+
+    old = InterestRecord("u2", "v1", np.ones((1, 4), np.float32), ("a",), now, "0:9", now + 5)
+    assert old.vouched_ms == -1 and vouched_time(old) == now
+    assert vouched_time(decode("u2", stored_fields(old))) == now and "vouched_ms".encode() not in stored_fields(old)
+
+
 def stored_record(window, last_event_ms=10_000, last_offset="0:9"):
     from streaming.feature_store import InterestRecord
 
@@ -817,7 +845,8 @@ def test_backfill_moves_every_record_to_the_new_version_but_never_over_a_newer_w
 
     store = InMemoryFeatureStore()
     old = np.ones((1, 4), dtype=np.float32)
-    store.put_many([InterestRecord(f"u{i}", "v1", old, ("a",) * (i + 1), i, f"0:{i}", 1000 + i, {"gender": "F"}) for i in range(5)])
+    # records of the older layout, without a vouched time: its bound is the write time, 1000 + i
+    store.put_many([InterestRecord(f"u{i}", "v1", old, ("a",) * (i + 1), 2000 + i, f"0:{i}", 1000 + i, {"gender": "F"}) for i in range(5)])
     store.put_many([InterestRecord("empty", "v1", old, ("unknown",)[:0], 0, "0:9", 7)])
     tower = VersionedTower("v2")
     report = backfill(store, tower, batch=2)
@@ -825,6 +854,7 @@ def test_backfill_moves_every_record_to_the_new_version_but_never_over_a_newer_w
     for i, record in enumerate(store.get_many([f"u{i}" for i in range(5)])):
         assert record.model_version == "v2" and record.window == ("a",) * (i + 1) and record.profile == {"gender": "F"}
         assert record.interests[0, 0] == i + 1  # the new tower's output on the stored window
+        assert record.vouched_ms == 1000 + i  # the bound of the record it replaced, not the rewrite's time
     # a record written after it was read is left alone
     stale = store.get_many(["u0"])[0]
     store.put_many([InterestRecord("u0", "v2", old, ("b",), 99, "0:99", stale.updated_ms + 5)])
