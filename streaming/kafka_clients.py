@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from infra.config import ConfigError
+
 JAAS_MODULES = {
     "PLAIN": "org.apache.kafka.common.security.plain.PlainLoginModule",
     "SCRAM-SHA-256": "org.apache.kafka.common.security.scram.ScramLoginModule",
@@ -16,9 +18,18 @@ JAAS_MODULES = {
 }
 
 
+def _check_sasl_password(kafka) -> None:
+    """The configuration loads without the Kafka secret (a process that uses no Kafka gets none), so
+    a client is where its absence is caught: the broker would only answer a failed login."""
+    if kafka.security_protocol.startswith("SASL") and not kafka.sasl_password:
+        raise ConfigError(f"[kafka].security_protocol = {kafka.security_protocol} and this process talks to Kafka, but "
+                          f"[kafka].sasl_password is empty: set MINDSTREAM_KAFKA__SASL_PASSWORD (user {kafka.sasl_username!r})")
+
+
 def python_client_options(kafka) -> dict:
     """Keyword arguments for kafka-python's KafkaProducer / KafkaConsumer / KafkaAdminClient."""
     options: dict = {"bootstrap_servers": kafka.bootstrap_servers.split(","), "security_protocol": kafka.security_protocol}
+    _check_sasl_password(kafka)
     if kafka.security_protocol.startswith("SASL"):
         options.update(sasl_mechanism=kafka.sasl_mechanism, sasl_plain_username=kafka.sasl_username, sasl_plain_password=kafka.sasl_password)
     if kafka.security_protocol in ("SSL", "SASL_SSL"):
@@ -29,6 +40,7 @@ def python_client_options(kafka) -> dict:
 def java_client_properties(kafka) -> dict[str, str]:
     """Properties for Flink's Kafka connector (the Java client); PEM files are passed inline."""
     props = {"bootstrap.servers": kafka.bootstrap_servers, "security.protocol": kafka.security_protocol}
+    _check_sasl_password(kafka)
     if kafka.security_protocol.startswith("SASL"):
         if kafka.sasl_mechanism not in JAAS_MODULES:
             raise ValueError(f"[kafka].sasl_mechanism {kafka.sasl_mechanism!r}: use one of {sorted(JAAS_MODULES)}")

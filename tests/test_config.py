@@ -235,6 +235,12 @@ def test_sasl_without_its_password_loads_for_the_processes_that_use_no_kafka():
     kafka = load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
                                  "MINDSTREAM_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512", "MINDSTREAM_KAFKA__SASL_USERNAME": "svc"}).kafka
     assert kafka.sasl_username == "svc" and kafka.sasl_password == ""
+    # ... while a process that talks to Kafka is refused its clients, with the variable to set
+    from streaming.kafka_clients import java_client_properties, python_client_options
+
+    for client_settings in (python_client_options, java_client_properties):
+        with pytest.raises(ConfigError, match="MINDSTREAM_KAFKA__SASL_PASSWORD"):
+            client_settings(kafka)
 
 
 @pytest.mark.parametrize("value, disabled", [("", False), ("1", True), ("true", True), ("YES", True), ("on", True), ("0", False), ("false", False)])
