@@ -32,7 +32,7 @@ from recall_service.filters import ItemFilter
 from recall_service.merge import MISSING_ITEM
 from recall_service.recaller import (BackendUnavailable, DeadlineExceeded, ExpressionRejected, SearchHits, SearchRejected, VersionRetired,
                                      VersionShape)
-from streaming.feature_store import InterestRecord, RecordError
+from streaming.feature_store import InterestRecord, RecordError, SeenOnly
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class FeatureStoreReader:
         store = RedisFeatureStore.from_config(redis_config, timeout_s=timeout_s, seen_items=seen_items)
         return cls(store, (redis.RedisError, redis.exceptions.RedisClusterException, OSError))
 
-    def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]:
+    def get_many(self, user_ids: list[str]) -> list[InterestRecord | SeenOnly | None]:
         try:
             return self.store.get_many(user_ids)
         except self.unavailable as exc:

@@ -42,7 +42,7 @@ from recall_service.filters import ItemFilter
 from recall_service.merge import MISSING_ITEM, merge_by_quota, merge_one_by_score
 from model_export.registry import NO_INACTIVE_ITEMS, InactiveItems
 from recall_service.query import FallbackReason, InvalidRequest, MergePolicy, RecallPath, RecallQuery
-from streaming.feature_store import InterestRecord, RecordError, get_each
+from streaming.feature_store import InterestRecord, RecordError, SeenOnly, get_each
 
 ACTIVE_ONLY = "active == true"  # deactivated items are never recalled, whatever the request's filter
 # Hits (vectors x limit) one Milvus call asks for at most: Milvus' own cap on one query's top k (and
@@ -86,7 +86,7 @@ class SearchHits:
 
 
 class InterestReader(Protocol):
-    def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]: ...
+    def get_many(self, user_ids: list[str]) -> list[InterestRecord | SeenOnly | None]: ...
 
 
 class ItemSearch(Protocol):
@@ -300,6 +300,8 @@ class Recaller:
         for p, record in zip(pending, records):
             if isinstance(record, RecordError):  # its seen set, read beside it, still keeps what the user saw out
                 record, p.reason, p.seen = None, FallbackReason.CORRUPT_RECORD, record.seen
+            elif isinstance(record, SeenOnly):  # an unknown user who saw items all the same: those stay out
+                record, p.seen = None, record.seen
             elif record is not None:
                 shape = self.models.shape(record.model_version)
                 try:

@@ -23,7 +23,8 @@ the newest `[streaming].seen_items` items the user interacted with (score: the n
 of each), so the recall service leaves out what the user has already seen beyond the window. The
 job adds each behaviour it applies (`put_many(..., seen=...)`: ZADD GT, then trimmed to the newest
 `seen_items`, with the record's TTL); a store made with `seen_items` reads it into
-`InterestRecord.seen` in the same round trip as the record. A sorted set of at most 128 members
+`InterestRecord.seen` in the same round trip as the record (a user with a seen set and no record,
+whose window held only items the model does not know, reads as `SeenOnly`). A sorted set of at most 128 members
 stays in Redis's compact encoding (`zset-max-ziplist-entries`, listpack in Redis 7): ~2.5 KB per
 user at 128 items, ~44 KB at 500 (measured on Redis 6.2).
 """
@@ -75,6 +76,16 @@ class InterestRecord:
     @property
     def k(self) -> int:
         return int(self.interests.shape[0])
+
+
+@dataclass(frozen=True)
+class SeenOnly:
+    """A user with a seen set and no record (every item of the window was unknown to the model, or the
+    record expired first): what a store that reads seen sets answers instead of None, so a reader
+    still leaves what the user saw out of its answer."""
+
+    user_id: str
+    seen: frozenset[str]
 
 
 def encode(record: InterestRecord) -> dict[str, bytes | str | int]:
@@ -139,8 +150,9 @@ def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
         raise RecordError(f"user {user_id}: corrupt record ({exc!r:.200})") from None
 
 
-def _record_of(user_id: str, reply, seen_reply=()) -> InterestRecord | None:
-    """The record of an HGETALL reply (None: no key), with the seen set of a ZRANGE reply. A record
+def _record_of(user_id: str, reply, seen_reply=()) -> InterestRecord | SeenOnly | None:
+    """The record of an HGETALL reply with the seen set of a ZRANGE reply (no key: SeenOnly when the
+    seen set is not empty, else None). A record
     key of another Redis type (WRONGTYPE) is a bad record, not an outage: RecordError, so a reader
     counts it as unreadable instead of retrying it for ever, and the job's next write replaces it
     (put_many deletes first). A seen key of another type only loses the seen set: the record is
@@ -158,7 +170,7 @@ def _record_of(user_id: str, reply, seen_reply=()) -> InterestRecord | None:
                 raise RecordError(f"user {user_id}: the key holds another Redis type, not a record hash")
             raise reply
         if not reply:
-            return None
+            return SeenOnly(user_id, seen) if seen else None
         record = decode(user_id, reply)
     except RecordError as exc:
         exc.seen = seen
@@ -171,20 +183,20 @@ Seen = Mapping[str, Sequence[tuple[int, str]]]  # user id -> (event time ms, raw
 
 class FeatureStore(Protocol):
     def put_many(self, records: Iterable[InterestRecord], seen: Seen | None = None) -> int: ...
-    def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]: ...
+    def get_many(self, user_ids: list[str]) -> list[InterestRecord | SeenOnly | None]: ...  # SeenOnly: only where seen sets are read
     def delete(self, user_id: str) -> None: ...
     def user_ids(self, batch: int = 1000) -> Iterator[list[str]]: ...
     def replace_if_unchanged(self, records: list[InterestRecord], read: list[InterestRecord]) -> int: ...
 
 
-def get_each(store, user_ids: list[str], before_each: Callable[[], object] = lambda: None) -> list[InterestRecord | RecordError | None]:
+def get_each(store, user_ids: list[str], before_each: Callable[[], object] = lambda: None) -> list[InterestRecord | SeenOnly | RecordError | None]:
     """`store.get_many`, where a corrupt record fails only its own place (its RecordError there) rather
     than the whole read: one round trip while every record decodes, one per user after one does not,
     each after `before_each()` (a request's deadline check: a batch of reads must not outlast it)."""
     try:
         return store.get_many(user_ids)
     except RecordError:
-        out: list[InterestRecord | RecordError | None] = []
+        out: list[InterestRecord | SeenOnly | RecordError | None] = []
         for user_id in user_ids:
             before_each()
             try:
@@ -351,7 +363,7 @@ class RedisFeatureStore:
         else:  # as the record's rewrite drops its TTL: a set written while record_ttl_s was on must not expire before it
             pipe.persist(key)
 
-    def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]:
+    def get_many(self, user_ids: list[str]) -> list[InterestRecord | SeenOnly | None]:
         if len(user_ids) == 1 and not self.read_seen:  # a single read without seen sets: a pipeline costs ~35 us more
             try:
                 reply = self.client.hgetall(self.key(user_ids[0]))
@@ -443,7 +455,7 @@ class InMemoryFeatureStore:
             self.seen[user_id] = dict(sorted(times.items(), key=lambda kv: (kv[1], kv[0]))[-self.seen_items:])
         return n
 
-    def get_many(self, user_ids: list[str]) -> list[InterestRecord | None]:
+    def get_many(self, user_ids: list[str]) -> list[InterestRecord | SeenOnly | None]:
         # as Redis answers: the record's hash ({} when none) and the seen set's members
         return [_record_of(u, self.rows.get(u, {}), [item.encode() for item in self.seen.get(u, ())] if self.seen_items else ())
                 for u in user_ids]

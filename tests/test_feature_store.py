@@ -10,7 +10,7 @@ import redis
 
 from infra.config import RedisConfig
 from infra.redis_server import EmbeddedRedis, EmbeddedRedisCluster
-from streaming.feature_store import InMemoryFeatureStore, InterestRecord, RecordError, RedisFeatureStore, decode, encode, stored_fields
+from streaming.feature_store import InMemoryFeatureStore, InterestRecord, RecordError, RedisFeatureStore, SeenOnly, decode, encode, stored_fields
 
 
 def _record(user="u1", k=3, dim=8, seed=0):
@@ -68,7 +68,8 @@ def _seen_contract(store, ttl_checked) -> None:
     """What a store keeping 3 seen items per user does (the same for Redis and the in-memory one)."""
     store.put_many([_record("a"), _record("b")], seen={"a": [(10, "x"), (20, "y")], "nobody": [(1, "z")]})
     a, b, nobody = store.get_many(["a", "b", "nobody"])
-    assert a.seen == {"x", "y"} and b.seen == frozenset() and nobody is None  # a seen set alone makes no record
+    assert a.seen == {"x", "y"} and b.seen == frozenset()
+    assert nobody == SeenOnly("nobody", frozenset({"z"}))  # a seen set alone makes no record, but is read
     store.put_many([], seen={"a": [(30, "w"), (5, "y"), (40, "v")]})  # y keeps its newer time (GT) ...
     assert store.get_many(["a"])[0].seen == {"y", "w", "v"}  # ... so x, the oldest, is the one trimmed
     store.put_many([], seen={"a": [(40, "u"), (25, "x")]})  # x comes back, older than what is kept
@@ -104,6 +105,7 @@ def test_real_redis_keeps_trims_and_reads_seen_sets(tmp_path, cluster):
         plain.put_many([], seen={"b": [(2, "y")]})
         job = RedisFeatureStore.from_config(config, prefix="test", seen_items=3, read_seen=False)
         assert store.get_many(["b"])[0].seen == {"x"} and plain.get_many(["b"])[0].seen == frozenset() == job.get_many(["b"])[0].seen
+        assert job.get_many(["nobody"]) == [None] == plain.get_many(["nobody"])  # no record, and no seen set read
         # a store told to keep fewer reads the newest of a set not yet trimmed to its size
         store.put_many([], seen={"b": [(3, "z"), (4, "w")]})
         assert RedisFeatureStore.from_config(config, prefix="test", seen_items=2).get_many(["b"])[0].seen == {"z", "w"}

@@ -1403,3 +1403,21 @@ def test_what_a_user_whose_record_does_not_decode_has_seen_is_left_out_of_the_fa
     [mallory] = recaller.recall_many([q("mallory", 4)], Deadline(1.0))
     assert mallory.path is RecallPath.POPULAR_FALLBACK and mallory.reason is FallbackReason.CORRUPT_RECORD
     assert [r for r, _, _ in mallory.items] == ["i1", "i2", "i4", "i5"]  # by popularity, without i0 and i3
+
+
+def test_what_a_user_without_a_record_has_seen_is_left_out_of_every_fallback(world):
+    """A window of items the model did not know writes a seen set and no record: the user is unknown
+    to the recall service, and what they saw stays out of the popular answer and of the answer from
+    the request's recent items (the next published model knows those items)."""
+    from streaming.feature_store import SeenOnly
+
+    recaller, search, store, catalogs, interests = world
+    store.seen_items = 10
+    store.put_many([], seen={"newcomer": [(1, "i0"), (2, "i3")]})
+    assert store.get_many(["newcomer", "nobody"]) == [SeenOnly("newcomer", frozenset({"i0", "i3"})), None]
+    [popular] = recaller.recall_many([q("newcomer", 4)], Deadline(1.0))
+    assert popular.path is RecallPath.POPULAR_FALLBACK and popular.reason is FallbackReason.UNKNOWN_USER
+    assert [r for r, _, _ in popular.items] == ["i1", "i2", "i4", "i5"]  # by popularity, without i0 and i3
+    [computed] = recaller.recall_many([q("newcomer", 30, recent_item_ids=["i7"])], Deadline(1.0))
+    assert computed.path is RecallPath.COMPUTED_ON_THE_FLY and computed.reason is FallbackReason.UNKNOWN_USER
+    assert not {"i0", "i3", "i7"} & {r for r, _, _ in computed.items} and len(computed.items) == 30

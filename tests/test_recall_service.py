@@ -110,6 +110,14 @@ def test_what_the_user_has_seen_beyond_the_window_is_left_out(stack):
     finally:
         seen_store.client.delete(seen_store.seen_key("user-new"))
     assert [i.item_id for i in stack.recall(user_id="user-new", n=12).items] == before
+    # a user with a seen set and no record (a window of items no model knew): left out of the fallback too
+    popular = [i.item_id for i in stack.recall(user_id="seen-only", n=8).items]
+    seen_store.put_many([], seen={"seen-only": [(1_000, popular[0]), (1_001, popular[3])]})
+    try:
+        response = stack.recall(user_id="seen-only", n=8)
+        assert response.path == POPULAR and [i.item_id for i in response.items][:6] == [popular[1], popular[2], *popular[4:8]]
+    finally:
+        seen_store.client.delete(seen_store.seen_key("seen-only"))
 
 
 def test_every_answer_is_kept_in_the_served_log_as_the_client_got_it(stack):
