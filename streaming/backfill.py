@@ -100,7 +100,7 @@ def _one_pass(store: FeatureStore, tower: UserTower, batch: int, progress: Calla
     for user_ids in store.user_ids(batch):
         if superseded():
             break
-        read = [r for r in get_each(store, user_ids) if r is not None]
+        read = [r for r in get_each(store, user_ids) if isinstance(r, (InterestRecord, RecordError))]  # not gone since the scan
         records = [r for r in read if not isinstance(r, RecordError)]
         stale = [r for r in records if r.model_version != tower.version]
         seen, current, unreadable = seen + len(read), current + len(records) - len(stale), unreadable + len(read) - len(records)
@@ -114,7 +114,7 @@ def _one_pass(store: FeatureStore, tower: UserTower, batch: int, progress: Calla
                 unknown += 1
                 continue
             fresh.append(InterestRecord(record.user_id, tower.version, vectors, record.window, record.last_event_ms, record.last_offset, now_ms, record.profile,
-                                        vouched_time(record)))  # the bound of a record without one, not its rewrite's time
+                                        vouched_time(record), record.profile_ms))  # the bound of a record without one, not its rewrite's time
             as_read.append(record)
         done = store.replace_if_unchanged(fresh, as_read)
         rewritten += done

@@ -15,6 +15,8 @@ recall service reads them, both only through `FeatureStore`. A record is a Redis
     profile         JSON object of the user-profile fields the tower read (a backfill re-reads them)
     vouched_ms      the window's newest event time as far as Kafka's timestamps vouch for it
                     (streaming/window.py); optional: records written before it was kept lack it
+    profile_ms      JSON object: the (vouched) event time of each profile field's value; optional
+                    as vouched_ms (a field missing there counts as set at vouched_ms)
 
 Raw item ids (not model indices) keep the window valid across model versions.
 
@@ -69,6 +71,7 @@ class InterestRecord:
     # UserWindow.vouched_ms of the window, so a window seeded from the record judges lateness and profile
     # times as the job's state did; -1: not stored (a record written before the field existed)
     vouched_ms: int = -1
+    profile_ms: dict[str, int] = field(default_factory=dict)  # UserWindow.profile_ms: when each profile value was set
     # The user's seen set as read beside the record (never written with it: see put_many's `seen`);
     # empty from a store that keeps none.
     seen: frozenset[str] = frozenset()
@@ -105,6 +108,7 @@ def encode(record: InterestRecord) -> dict[str, bytes | str | int]:
         "profile": json.dumps(record.profile),
         # An optional field, not a new schema: a reader of schema 2 that does not know it ignores it.
         **({"vouched_ms": int(record.vouched_ms)} if record.vouched_ms >= 0 else {}),
+        **({"profile_ms": json.dumps(record.profile_ms)} if record.profile_ms else {}),
     }
 
 
@@ -126,6 +130,7 @@ def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
         if k < 1 or dim < 1 or len(raw) != k * dim * 4:
             raise RecordError(f"user {user_id}: {len(raw)} interest bytes for k={k}, dim={dim} (K_u >= 1 vectors)")
         window, profile = json.loads(fields[b"window"]), json.loads(fields[b"profile"])
+        profile_ms = json.loads(fields.get(b"profile_ms", b"{}"))
         last_offset = fields[b"last_offset"].decode()
         if not OFFSET.fullmatch(last_offset):
             raise RecordError(f"user {user_id}: last_offset {last_offset!r:.40} is not partition:offset")
@@ -133,6 +138,8 @@ def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
             raise RecordError(f"user {user_id}: the window must be a list of item ids (strings)")
         if not isinstance(profile, dict) or not all(isinstance(v, str) for v in profile.values()):
             raise RecordError(f"user {user_id}: the profile must be an object of strings")
+        if not isinstance(profile_ms, dict) or not all(type(v) is int for v in profile_ms.values()):
+            raise RecordError(f"user {user_id}: profile_ms must be an object of event times (integers)")
         return InterestRecord(
             user_id=user_id,
             model_version=fields[b"model_version"].decode(),
@@ -143,6 +150,7 @@ def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
             updated_ms=int(fields[b"updated_ms"]),
             profile=profile,
             vouched_ms=int(fields.get(b"vouched_ms", -1)),
+            profile_ms=profile_ms,
         )
     except RecordError:
         raise

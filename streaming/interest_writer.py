@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Protocol
 
 from model_export.artifact import UserTower
 from streaming import metrics
-from streaming.feature_store import FeatureStore, InterestRecord, RecordError
+from streaming.feature_store import FeatureStore, InterestRecord, RecordError, SeenOnly
 from streaming.window import UserWindow
 
 log = logging.getLogger(__name__)
@@ -163,8 +163,11 @@ class InterestWriter:
             metrics.WINDOW_SEEDS.labels(metrics.UNREADABLE).inc()
             log.warning("window of user %.80r not seeded: %s", user_id, exc)
             return UserWindow()
-        metrics.WINDOW_SEEDS.labels(metrics.NO_RECORD if record is None else metrics.SEEDED).inc()
-        return UserWindow() if record is None else UserWindow.from_record(record)
+        if record is None or isinstance(record, SeenOnly):  # (a store that reads seen sets: a seen set alone is no window)
+            metrics.WINDOW_SEEDS.labels(metrics.NO_RECORD).inc()
+            return UserWindow()
+        metrics.WINDOW_SEEDS.labels(metrics.SEEDED).inc()
+        return UserWindow.from_record(record)
 
     def _extract(self, users: list[str], updates: list[PendingUpdate]) -> tuple[list[InterestRecord], list[PendingUpdate], str]:
         """The users' records by the current tower, the updates they write, and the tower's version."""
@@ -181,7 +184,8 @@ class InterestWriter:
                 metrics.UNKNOWN_WINDOWS.inc()
                 continue
             w = update.window
-            records.append(InterestRecord(user, tower.version, vectors, window, w.newest_ms, w.last_offset, now_ms, w.profile, w.vouched_ms))
+            records.append(InterestRecord(user, tower.version, vectors, window, w.newest_ms, w.last_offset, now_ms, w.profile, w.vouched_ms,
+                                          w.profile_ms))
             written.append(update)
         return records, written, tower.version
 

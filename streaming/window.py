@@ -24,8 +24,10 @@ moving the job to another, start it without its state (no `--restore`) and with
 A job that starts without its state (a state-layout change, a lost checkpoint, an expired state)
 seeds a user's window from the user's stored feature-store record (`from_record`) instead of
 starting it empty, so the next write does not replace a long stored window with a one-item one.
-The record keeps the raw item ids, the newest event time, the vouched time (so lateness and the
-profile's times are judged as the lost state judged them) and the newest offset, not each
+The record keeps the raw item ids, the newest event time, the vouched time and the time of each
+profile value (so lateness and the profile are judged as the lost state judged them; a record
+written before those two were kept bounds the first by its write time and counts every profile
+value as set then) and the newest offset, not each
 behaviour's time or id: the newest seeded behaviour carries the record's newest event time, the
 others `UNKNOWN_TIME_MS`, before any event the window can still accept, in their stored order. So
 a late but allowed event lands before the newest behaviour and is never evicted in favour of
@@ -86,7 +88,7 @@ class UserWindow:
         """The window a stored record reflects (see the module docstring)."""
         times = [UNKNOWN_TIME_MS] * (len(record.window) - 1) + [record.last_event_ms]
         return cls([(time_ms, item, "", "") for time_ms, item in zip(times, record.window)], record.last_event_ms, dict(record.profile), record.last_offset,
-                   vouched_ms=vouched_time(record))
+                   profile_ms={k: t for k, t in record.profile_ms.items() if k in record.profile}, vouched_ms=vouched_time(record))
 
     def apply(self, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "", produced_ms: int | None = None) -> Applied:
         """`produced_ms`: the record's Kafka timestamp. The time later events are judged late against

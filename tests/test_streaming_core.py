@@ -503,8 +503,9 @@ def test_a_window_seeded_from_its_stored_record_takes_up_a_replay_from_older_off
 
 def test_a_window_seeded_from_its_record_judges_lateness_and_profile_times_as_its_lost_state_did():
     """The job's host clock 10 minutes behind the producers: the record's write time bounds nothing
-    then; the vouched time stored with the record does. (Before it was stored, a late but allowed
-    event replaced the newer seeded profile value, and a backfill of a record lost even that bound.)"""
+    then; the vouched time stored with the record does, and the profile values' own times. (Before
+    they were stored, a late but allowed event replaced the newer seeded profile value, a late event
+    newer than a seeded value could not replace it, and a backfill of a record lost even the bound.)"""
     now = 1_700_000_000_000
     kept = UserWindow()
     kept.apply(event("a", now - 50_000, profile={"city": "OLD"}), 8, 60_000, offset="0:1", produced_ms=now - 50_000)
@@ -521,6 +522,16 @@ def test_a_window_seeded_from_its_record_judges_lateness_and_profile_times_as_it
         assert window.apply(late, 8, 60_000, offset="0:3", produced_ms=now + 20) is Applied.ADDED
         assert window.profile == {"city": "NEW"}
         assert window.apply(event("y", now - 61_000), 8, 60_000, offset="0:4", produced_ms=now + 30) is Applied.LATE
+    # a profile value older than the newest event: a late event newer than the value replaces it, seeded or not
+    kept = UserWindow()
+    kept.apply(event("a", now - 50_000, profile={"city": "OLD"}), 8, 60_000, offset="0:1", produced_ms=now - 50_000)
+    kept.apply(event("b", now), 8, 60_000, offset="0:2", produced_ms=now + 10)
+    writer.add("u3", kept)
+    writer.flush()
+    seeded = writer.stored_window("u3")
+    for window in (kept, seeded):
+        assert window.apply(event("x", now - 30_000, profile={"city": "NEW"}), 8, 60_000, offset="0:3", produced_ms=now + 20) is Applied.ADDED
+        assert window.profile == {"city": "NEW"}
     # a record of the older layout (no vouched time) keeps the bound of its write time through a backfill
     from streaming.window import vouched_time
 
@@ -824,6 +835,19 @@ def test_the_backfill_command_settles_for_the_job_s_model_poll_interval(monkeypa
     # a version other than the current one would overwrite the job's records of the current one
     assert cli.main(["backfill", "--quiet", "--model-version", "v1"]) == 2 and settles == [8.0, 1.5]
     assert "model version v1 is not the current one (v3)" in capsys.readouterr().err
+
+
+def test_a_user_with_a_seen_set_and_no_record_has_no_window_to_seed_or_record_to_backfill():
+    """A store that reads seen sets answers SeenOnly for such a user (a record expired since the scan,
+    or a window of items no model knew): no window to start from, nothing to rewrite."""
+    from streaming.backfill import backfill
+
+    store = InMemoryFeatureStore(seen_items=5)
+    store.put_many([InterestRecord("u0", "v1", np.ones((1, 4), np.float32), ("a",), 1, "0:1", 2)], seen={"gone": [(1, "a")]})
+    assert InterestWriter(FixedTower(FakeTower()), store).stored_window("gone") == UserWindow()
+    store.user_ids = lambda batch=1000: iter([["u0", "gone"]])  # as a scan that found the record before it expired
+    report = backfill(store, VersionedTower("v2"), batch=10)
+    assert report.rewritten == 1 and report.skipped_unreadable == 0 and store.get_many(["u0"])[0].model_version == "v2"
 
 
 def test_a_corrupt_record_is_skipped_by_the_backfill_and_its_version_count_not_fatal():
