@@ -11,7 +11,8 @@ the same checkpoint, so a restore rewinds both together and the replay is dedupl
 window. A window change that was queued but not yet written when a checkpoint was taken has its
 flush timer in that checkpoint: after a restore the timer fires for a user this process never
 queued nor wrote, and that user is re-extracted from the restored window, so no accepted event is
-missing from the store. Which users have a timer is kept in memory, not in state, so a timer
+missing from the store; the seen set gets the window and what the state kept of the behaviours that
+had left it (window.apply_to_state), and so does the first event of a restored user's state. Which users have a timer is kept in memory, not in state, so a timer
 that finds its user already written costs no state access.
 
 Thread execution mode (the Python functions run in the TaskManager's JVM through pemja) is
@@ -27,6 +28,7 @@ import logging
 import os
 import site
 import sys
+import uuid
 from pathlib import Path
 
 from infra.config import REPO_ROOT, Config
@@ -94,6 +96,7 @@ def _user_windows_function(settings: dict):
             self.towers.current()  # fail at start, with the registry's message, when no model is published
             self.writer = InterestWriter(self.towers, store, settings["batch_max_users"])
             self.seed = self.writer.stored_window if settings["seed_windows_from_store"] else None
+            self.process_id = uuid.uuid4().hex  # tells this process's departed behaviours from a restored state's (apply_to_state)
             self.timed: set[str] = set()  # users with a flush timer registered by this process
             self.flushed: set[str] = set()  # written users whose timer has not fired yet
             self.applied = {outcome: metrics.EVENTS_APPLIED.labels(outcome.value) for outcome in Applied}  # resolved once: per-event cost
@@ -112,22 +115,25 @@ def _user_windows_function(settings: dict):
                 metrics.DEAD_LETTERS.labels(exc.kind).inc()
                 yield dead_letter(str(exc), exc.kind, value or b"", partition, offset, produced_ms, settings["events_topic"])
                 return
-            window, outcome, state = apply_to_state(self.state.value(), event, settings["window_length"], settings["allowed_lateness_ms"],
-                                                    f"{partition}:{offset}", self.seed, produced_ms)
-            if state is not None:
-                self.state.update(state)
+            update = apply_to_state(self.state.value(), event, settings["window_length"], settings["allowed_lateness_ms"],
+                                    f"{partition}:{offset}", self.seed, produced_ms, self.process_id, key in self.writer.pending)
+            if update.state is not None:
+                self.state.update(update.state)
+            outcome = update.outcome
             self.applied[outcome].inc()
             if outcome is Applied.LATE:
                 metrics.DEAD_LETTERS.labels("late").inc()
-                reason = f"late: event time {event.event_time_ms} is more than {settings['allowed_lateness_ms']} ms behind this user's newest {window.vouched_ms}"
+                reason = f"late: event time {event.event_time_ms} is more than {settings['allowed_lateness_ms']} ms behind this user's newest {update.window.vouched_ms}"
                 yield dead_letter(reason, "late", value, partition, offset, produced_ms, settings["events_topic"])
-                return
-            if outcome is Applied.DUPLICATE:
-                return
             # ADDED: a new window and its behaviour for the seen set; EVICTED: valid but older than a
-            # full window, so the user's seen set only
+            # full window, so the user's seen set only; and what left the window under a process that died
             added = outcome is Applied.ADDED
-            self.writer.add(key, window if added else None, produced_ms if added else None, [(event.event_time_ms, event.item_id)])
+            seen = [(event.event_time_ms, event.item_id)] if added or outcome is Applied.EVICTED else []
+            if seen or update.requeued:
+                self._queue(key, update.window if added else None, produced_ms if added else None, seen + update.requeued, ctx)
+
+        def _queue(self, key, window, produced_ms, seen, ctx) -> None:
+            self.writer.add(key, window, produced_ms, seen)
             if key not in self.timed:
                 self.timed.add(key)
                 timers = ctx.timer_service()
@@ -142,11 +148,11 @@ def _user_windows_function(settings: dict):
                 self.flushed.update(self.writer.flush())
             elif user not in self.flushed:
                 # A timer of a restored checkpoint, taken while this user's update was queued: redo it.
-                # The seen set gets the window's behaviours: a burst that passed through the window
-                # before the lost write is not in the state any more, and not in the set either.
+                # The seen set gets the window's behaviours and those that left it (a burst that
+                # passed through the window, an evicted event) before the lost write.
                 window = UserWindow.from_state(self.state.value())
                 if window.behaviours:
-                    self.writer.add(user, window, seen=[(b[0], b[1]) for b in window.behaviours])
+                    self.writer.add(user, window, seen=[(b[0], b[1]) for b in window.behaviours] + window.departed)
                     self.flushed.update(self.writer.flush())
             self.flushed.discard(user)
             return iter(())

@@ -79,6 +79,11 @@ class UserWindow:
     # The newest event time as far as the records' Kafka timestamps vouch for it: each event counts
     # with min(its time, its record's timestamp). Lateness is judged against it, not newest_ms.
     vouched_ms: int = -1
+    # (event_time_ms, item_id) of behaviours that left the window (pushed out by newer ones, or refused
+    # as evicted) that the job may not have written to the user's seen set yet, the last max_length; and
+    # the job process that last queued a write of the user: see apply_to_state
+    departed: list[tuple[int, str]] = field(default_factory=list)
+    queued_by: str = ""
 
     def item_ids(self) -> tuple[str, ...]:
         return tuple(b[1] for b in self.behaviours)
@@ -114,6 +119,7 @@ class UserWindow:
         # Older than every behaviour of a full window first: such an event would not be kept however
         # late it is, and a resent copy of an evicted event is no late data to alert on.
         if len(self.behaviours) >= max_length and event.event_time_ms < self.behaviours[0][0]:
+            self._depart([(t, event.item_id)], max_length)
             return Applied.EVICTED
         if self.vouched_ms >= 0 and event.event_time_ms < self.vouched_ms - allowed_lateness_ms:
             return Applied.LATE
@@ -124,6 +130,7 @@ class UserWindow:
         if excess > 0:
             evicted = self.behaviours[:excess]
             del self.behaviours[:excess]
+            self._depart([(b[0], b[1]) for b in evicted], max_length)
             oldest_ms = self.behaviours[0][0]
             if self.evicted_at_oldest or evicted[-1][0] == oldest_ms:
                 # Only those left at the oldest kept time count (a copy of an older one is older than the window), and
@@ -137,6 +144,9 @@ class UserWindow:
         if offset:
             self.last_offset = offset
         return Applied.ADDED
+
+    def _depart(self, behaviours: list[tuple[int, str]], max_length: int) -> None:
+        self.departed = (self.departed + behaviours)[-max_length:]
 
     def _merge_profile(self, profile: dict[str, str], time_ms: int) -> None:
         """The newest value of each field by event time (a late event sets only fields no newer event
@@ -162,7 +172,7 @@ class UserWindow:
     # as a tuple of ints.)
     def to_state(self) -> str:
         return orjson.dumps([self.behaviours, self.newest_ms, self.profile, self.last_offset, self.evicted_at_oldest, self.profile_ms,
-                             self.vouched_ms]).decode()
+                             self.vouched_ms, self.departed, self.queued_by]).decode()
 
     @classmethod
     def from_state(cls, state: str | None) -> "UserWindow":
@@ -170,11 +180,12 @@ class UserWindow:
             return cls()
         behaviours, newest_ms, profile, last_offset, *rest = orjson.loads(state)
         # Older checkpoints end at last_offset, or hold a "pending" flag (no longer used) in 5th place,
-        # or end before the profile's times or the vouched time (then: the newest event time).
+        # or end before the profile's times, the vouched time (then: the newest event time) or the departed.
         evicted = [tuple(b) for b in rest[0]] if rest and isinstance(rest[0], list) else []
         profile_ms = rest[1] if len(rest) > 1 and isinstance(rest[1], dict) else {}
         vouched_ms = rest[2] if len(rest) > 2 and isinstance(rest[2], int) else newest_ms
-        return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset, evicted, profile_ms, vouched_ms)
+        departed, queued_by = ([tuple(b) for b in rest[3]], rest[4]) if len(rest) > 4 else ([], "")
+        return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset, evicted, profile_ms, vouched_ms, departed, queued_by)
 
 
 def vouched_time(record: InterestRecord) -> int:
@@ -188,18 +199,45 @@ def vouched_time(record: InterestRecord) -> int:
     return min(record.last_event_ms, record.updated_ms) if record.updated_ms > 0 else record.last_event_ms
 
 
+@dataclass
+class StateUpdate:
+    window: UserWindow
+    outcome: Applied
+    state: str | None  # the state to write back; None: leave it as it is
+    requeued: list[tuple[int, str]]  # (event time ms, raw item id) to queue again for the user's seen set
+
+
 def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "",
-                   seed: Callable[[str], UserWindow] | None = None, produced_ms: int | None = None) -> tuple[UserWindow, Applied, str | None]:
+                   seed: Callable[[str], UserWindow] | None = None, produced_ms: int | None = None, process_id: str = "",
+                   queued: bool = False) -> StateUpdate:
     """Applies an event to the user's window kept as `state` (`to_state`; None: the job holds none,
-    and the window starts from `seed(user id)`, the stored record's, when given, else empty).
-    Returns the window, the outcome and the state to write back (None: leave it as it is). A window
-    new to the state is written back whatever the event did, so the seed is read once per user."""
+    and the window starts from `seed(user id)`, the stored record's, when given, else empty). A window
+    new to the state is written back whatever the event did, so the seed is read once per user.
+
+    The seen set is written with the job's next batch, after the state that checkpoints take, so a
+    restored state may reflect behaviours whose write died with the process: those still in the
+    window and those that had left it (a burst through it, an event older than the full window). So
+    the state keeps what left the window (`departed`) and which job process last queued a write of
+    the user (`queued_by`; `process_id` is new with every start of the job's function). The first
+    event of a state another process queued returns its window and departed behaviours in `requeued`,
+    for the caller to queue again (the restored flush timer writes the same: job.py); a later event
+    of this process lets the departed go once the user's batch is written (not `queued` any more)."""
+    requeued: list[tuple[int, str]] = []
     if state is None:
         window = seed(event.user_id) if seed else UserWindow()
+        window.queued_by = process_id  # a seed is what the store holds: nothing to queue again
     else:
         window = UserWindow.from_state(state)
+        if window.queued_by != process_id:
+            requeued = [(b[0], b[1]) for b in window.behaviours] + window.departed
+        elif window.departed and not queued:
+            window.departed = []  # written with this process's last batch of the user
+    before = (list(window.departed), window.queued_by)
     outcome = window.apply(event, max_length, allowed_lateness_ms, offset, produced_ms)
-    return window, outcome, window.to_state() if state is None or outcome is Applied.ADDED else None
+    if requeued or outcome in (Applied.ADDED, Applied.EVICTED):
+        window.queued_by = process_id
+    changed = state is None or outcome is Applied.ADDED or (window.departed, window.queued_by) != before
+    return StateUpdate(window, outcome, window.to_state() if changed else None, requeued)
 
 
 def _same_event(behaviour: tuple[int, str, str, str], event: BehaviourEvent) -> bool:

@@ -299,9 +299,10 @@ def test_window_keeps_the_newest_l_and_survives_its_state_form():
     assert restored == w and restored.last_offset == "0:7"
     assert UserWindow.from_state(None) == UserWindow()
     older = json.loads(w.to_state())[:4]  # checkpoints of older code: 4 fields, or a 5th "pending" flag
+    assert w.departed == [(0, "i0"), (1000, "i1"), (2000, "i2"), (2500, "old")]  # what left it, for the seen set
     for form in (older, older + [True]):
-        assert UserWindow.from_state(json.dumps(form)) == dataclasses.replace(w, evicted_at_oldest=[])
-    assert UserWindow.from_state(json.dumps(json.loads(w.to_state())[:5])) == w  # before the profile's times
+        assert UserWindow.from_state(json.dumps(form)) == dataclasses.replace(w, evicted_at_oldest=[], departed=[])
+    assert UserWindow.from_state(json.dumps(json.loads(w.to_state())[:5])) == dataclasses.replace(w, departed=[])  # before the profile's times
 
 
 @pytest.mark.parametrize("with_ids", [True, False])
@@ -592,13 +593,13 @@ def test_a_seeded_window_goes_to_state_whatever_the_event_did_so_the_store_is_re
     state = None
     outcomes = []
     for e, offset in [(event("b", 10_000), "0:9"), (event("x", 1_000), "0:12"), (event("c", 11_000), "0:13"), (event("c", 11_000), "0:13")]:
-        window, outcome, written = apply_to_state(state, e, 8, 5_000, offset, seed)
-        outcomes.append(outcome)
-        state = written or state
+        update = apply_to_state(state, e, 8, 5_000, offset, seed)
+        outcomes.append(update.outcome)
+        state, written = update.state or state, update.state
     assert outcomes == [Applied.DUPLICATE, Applied.LATE, Applied.ADDED, Applied.DUPLICATE] and reads == ["u1"]
     assert UserWindow.from_state(state).item_ids() == ("a", "b", "c") and written is None  # a duplicate leaves the state as it is
-    window, outcome, written = apply_to_state(None, event("a"), 8, 5_000)  # not seeding: starts empty
-    assert outcome is Applied.ADDED and UserWindow.from_state(written).item_ids() == ("a",)
+    update = apply_to_state(None, event("a"), 8, 5_000)  # not seeding: starts empty
+    assert update.outcome is Applied.ADDED and UserWindow.from_state(update.state).item_ids() == ("a",)
 
 
 class UnreadableStore(InMemoryFeatureStore):
@@ -948,10 +949,10 @@ def test_an_event_dated_over_an_hour_after_it_entered_kafka_is_refused_as_future
     assert accept_record("u1", value, produced_ms=-1).user_id == "u1"  # a record without a timestamp: not judged by it
 
 
-def test_the_jobs_function_redoes_a_write_lost_with_a_crash_from_its_restored_timer(monkeypatch):
-    """The keyed function itself (PyFlink's class, no cluster): an update queued when a checkpoint was
-    taken and lost with the process is written by the restored timer from the restored window; a
-    timer that finds its user written by a size flush costs no tower call."""
+def _keyed_function(monkeypatch, **overrides):
+    """The job's keyed function itself (PyFlink's class, no cluster) with an in-memory store and state:
+    (started(state values) -> (function, state), send(function, state, offset, user, item, at_ms=offset),
+    context(state, user), store, tower, timers registered)."""
     import streaming.feature_store as feature_store
     import streaming.interest_writer as interest_writer
     from infra.config import load_config
@@ -960,7 +961,7 @@ def test_the_jobs_function_redoes_a_write_lost_with_a_crash_from_its_restored_ti
     store, tower = InMemoryFeatureStore(seen_items=100), FakeTower()
     monkeypatch.setattr(feature_store.RedisFeatureStore, "from_config", classmethod(lambda cls, *args, **kw: store))
     monkeypatch.setattr(interest_writer, "RegistryTowers", lambda *args, **kw: SimpleNamespace(current=lambda: tower, close=lambda: None))
-    settings = {**job_settings(load_config()), "metrics_port": 0, "batch_max_users": 2}
+    settings = {**job_settings(load_config()), "metrics_port": 0, **overrides}
 
     class KeyedState:  # Flink's ValueState of the current key
         def __init__(self, values):
@@ -986,9 +987,46 @@ def test_the_jobs_function_redoes_a_write_lost_with_a_crash_from_its_restored_ti
 
     now = int(time.time() * 1000)
 
-    def send(function, state, offset, user, item):
-        record = (user, encode_event(BehaviourEvent(user, item, "click", now + offset)), 0, offset, now + offset)
+    def send(function, state, offset, user, item, at_ms=None):
+        at = now + (offset if at_ms is None else at_ms)
+        record = (user, encode_event(BehaviourEvent(user, item, "click", at)), 0, offset, at)
         return list(function.process_element(record, context(state, user)))
+
+    return started, send, context, store, tower, timers, settings
+
+
+def test_what_left_the_window_before_a_lost_write_reaches_the_seen_set_after_a_restore(monkeypatch):
+    """A burst through a window of 3 and an event older than the full window, queued when the process
+    died: neither is in the restored window, but both are in the user's seen set once the restored
+    job has written, whether the restored timer or the user's next event comes first."""
+    started, send, context, store, tower, timers, settings = _keyed_function(monkeypatch, window_length=3, batch_max_users=10)
+    job, state = started({})
+    for user in ("u1", "u2"):
+        for offset, item in enumerate("abcde"):
+            send(job, state, offset, user, item)
+        send(job, state, 5, user, "z", at_ms=-1_000)  # older than the full window: evicted, for the seen set only
+    assert not store.seen and UserWindow.from_state(state.values["u1"]).item_ids() == ("c", "d", "e")
+    checkpoint = dict(state.values)  # the queued write is in no checkpoint
+    everything = set("abcdez")
+
+    job, state = started(checkpoint)  # restored: u1's timer first
+    list(job.on_timer(0, context(state, "u1")))
+    assert set(store.seen["u1"]) == everything and store.get_many(["u1"])[0].window == ("c", "d", "e")
+    job, state = started(checkpoint)  # restored again: u2's next event first
+    send(job, state, 6, "u2", "f")
+    list(job.on_timer(0, context(state, "u2")))
+    assert set(store.seen["u2"]) == everything | {"f"}
+    # once written, the next event finds them so and lets them go: only what left since is kept
+    send(job, state, 7, "u2", "g")
+    kept = UserWindow.from_state(state.values["u2"])
+    assert kept.departed == [(kept.newest_ms - 4, "d")] and kept.queued_by == job.process_id
+
+
+def test_the_jobs_function_redoes_a_write_lost_with_a_crash_from_its_restored_timer(monkeypatch):
+    """An update queued when a checkpoint was taken and lost with the process is written by the
+    restored timer from the restored window; a timer that finds its user written by a size flush
+    costs no tower call."""
+    started, send, context, store, tower, timers, settings = _keyed_function(monkeypatch, batch_max_users=2)
 
     job, state = started({})
     send(job, state, 0, "u1", "a")

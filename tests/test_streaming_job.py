@@ -212,6 +212,11 @@ def test_kill_and_restore_from_a_checkpoint_loses_and_doubles_nothing(stack):
     for record in store.get_many(users):
         assert len(record.window) == len(expected[record.user_id])  # nothing twice
     assert job.metric("mindstream_stream_window_seeds_total") == 0  # the restarted job read no stored record: seeding was off
+    # and every behaviour reached its user's seen set, also those that left the window before a write the kill lost
+    seen_store = RedisFeatureStore.from_config(stack["config"].redis, seen_items=stack["config"].streaming.seen_items)
+    every_item = [frozenset(e.item_id for e in events if e.user_id == u) for u in users]
+    assert max(map(len, every_item)) <= stack["config"].streaming.seen_items
+    wait_for(lambda: [r.seen for r in seen_store.get_many(users)] == every_item, timeout_s=30, what="every behaviour in its user's seen set")
 
 
 def test_a_job_started_without_its_state_seeds_windows_from_the_store_and_doubles_nothing(stack):
