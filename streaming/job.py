@@ -96,7 +96,8 @@ def _user_windows_function(settings: dict):
             self.towers.current()  # fail at start, with the registry's message, when no model is published
             self.writer = InterestWriter(self.towers, store, settings["batch_max_users"])
             self.seed = self.writer.stored_window if settings["seed_windows_from_store"] else None
-            self.process_id = uuid.uuid4().hex  # tells this process's departed behaviours from a restored state's (apply_to_state)
+            # tells this process's queued writes from a restored state's (apply_to_state); in every state, so short
+            self.process_id = uuid.uuid4().hex[:12]
             self.timed: set[str] = set()  # users with a flush timer registered by this process
             self.flushed: set[str] = set()  # written users whose timer has not fired yet
             self.applied = {outcome: metrics.EVENTS_APPLIED.labels(outcome.value) for outcome in Applied}  # resolved once: per-event cost
