@@ -205,6 +205,9 @@ class StateUpdate:
     outcome: Applied
     state: str | None  # the state to write back; None: leave it as it is
     requeued: list[tuple[int, str]]  # (event time ms, raw item id) to queue again for the user's seen set
+    # departed behaviours the state could not keep (more than max_length unwritten): the caller must
+    # write its queue before the next checkpoint, which would otherwise hold them nowhere
+    dropped: bool = False
 
 
 def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "",
@@ -221,7 +224,9 @@ def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, al
     the user (`queued_by`; `process_id` is new with every start of the job's function). The first
     event of a state another process queued returns its window and departed behaviours in `requeued`,
     for the caller to queue again (the restored flush timer writes the same: job.py); a later event
-    of this process lets the departed go once the user's batch is written (not `queued` any more)."""
+    of this process lets the departed go once the user's batch is written (not `queued` any more).
+    The state keeps the last max_length; more unwritten than that (a burst through the window within
+    one batch) is `dropped`: the caller writes its queue at once."""
     requeued: list[tuple[int, str]] = []
     if state is None:
         window = seed(event.user_id) if seed else UserWindow()
@@ -233,11 +238,13 @@ def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, al
         elif window.departed and not queued:
             window.departed = []  # written with this process's last batch of the user
     before = (list(window.departed), window.queued_by)
+    length = len(window.behaviours)
     outcome = window.apply(event, max_length, allowed_lateness_ms, offset, produced_ms)
+    left = 1 if outcome is Applied.EVICTED else max(0, length + 1 - max_length) if outcome is Applied.ADDED else 0
     if requeued or outcome in (Applied.ADDED, Applied.EVICTED):
         window.queued_by = process_id
     changed = state is None or outcome is Applied.ADDED or (window.departed, window.queued_by) != before
-    return StateUpdate(window, outcome, window.to_state() if changed else None, requeued)
+    return StateUpdate(window, outcome, window.to_state() if changed else None, requeued, len(before[0]) + left > max_length)
 
 
 def _same_event(behaviour: tuple[int, str, str, str], event: BehaviourEvent) -> bool:

@@ -1020,6 +1020,29 @@ def test_what_left_the_window_before_a_lost_write_reaches_the_seen_set_after_a_r
     send(job, state, 7, "u2", "g")
     kept = UserWindow.from_state(state.values["u2"])
     assert kept.departed == [(kept.newest_ms - 4, "d")] and kept.queued_by == job.process_id
+    # more unwritten departures than the state keeps (a burst of 8 through a window of 3): written at once
+    job, state = started({})
+    for offset, item in enumerate("abcdefgh"):
+        send(job, state, offset, "u3", item)
+    job, state = started(dict(state.values))
+    list(job.on_timer(0, context(state, "u3")))
+    assert set(store.seen["u3"]) == set("abcdefgh")
+
+
+@pytest.mark.parametrize("first", ["a retry of the lost event", "a late event"])
+def test_a_restored_users_first_event_redoes_its_lost_record_whatever_its_outcome(monkeypatch, first):
+    """The record's write of b died with the process; the restored user's first event is no new
+    behaviour (a producer's retry of b: a duplicate; or late), and the restored timer comes after it:
+    the record is written from the restored window all the same, not left at (a,) until the next one."""
+    started, send, context, store, tower, timers, settings = _keyed_function(monkeypatch, window_length=3, batch_max_users=10)
+    job, state = started({})
+    send(job, state, 0, "u1", "a")
+    list(job.on_timer(0, context(state, "u1")))
+    send(job, state, 1, "u1", "b")
+    job, state = started(dict(state.values))  # killed before b's write
+    send(job, state, 2, "u1", "b", at_ms=1) if first.startswith("a retry") else send(job, state, 2, "u1", "old", at_ms=-3_600_000)
+    list(job.on_timer(0, context(state, "u1")))
+    assert store.get_many(["u1"])[0].window == ("a", "b") and set(store.seen["u1"]) == {"a", "b"}
 
 
 def test_the_jobs_function_redoes_a_write_lost_with_a_crash_from_its_restored_timer(monkeypatch):
