@@ -155,6 +155,11 @@ class InterestWriter:
         self.pending.clear()
         return flushed
 
+    def write_seen(self, user_id: str, behaviours: list[tuple[int, str]]) -> None:
+        """Adds (event time ms, raw item id) behaviours to the user's seen set now, outside any batch
+        (with the same retry: never dropped)."""
+        self._retrying(lambda: self.store.put_many([], {user_id: behaviours}), f"seen-set write of user {user_id!r:.80}")
+
     def stored_window(self, user_id: str) -> UserWindow:
         """The window of the user's stored record; empty when there is none or it is unreadable (counted)."""
         try:

@@ -132,8 +132,8 @@ def _user_windows_function(settings: dict):
             seen = [(event.event_time_ms, event.item_id)] if added or outcome is Applied.EVICTED else []
             if seen or update.requeued:  # (a restored state's window: its record's write may have died with the process too)
                 self._queue(key, update.window if added or update.requeued else None, produced_ms if added else None, seen + update.requeued, ctx)
-            if update.dropped and key in self.writer.pending:  # written before a checkpoint can hold the state without them
-                self.flushed.update(self.writer.flush())
+            if update.spill:  # written now: the next checkpoint holds the state without them
+                self.writer.write_seen(key, update.spill)
 
         def _queue(self, key, window, produced_ms, seen, ctx) -> None:
             self.writer.add(key, window, produced_ms, seen)

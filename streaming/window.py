@@ -146,7 +146,8 @@ class UserWindow:
         return Applied.ADDED
 
     def _depart(self, behaviours: list[tuple[int, str]], max_length: int) -> None:
-        self.departed = (self.departed + behaviours)[-max_length:]
+        # apply_to_state spills them above max_length; bounded for a caller of apply alone too
+        self.departed = (self.departed + behaviours)[-2 * max_length:]
 
     def _merge_profile(self, profile: dict[str, str], time_ms: int) -> None:
         """The newest value of each field by event time (a late event sets only fields no newer event
@@ -205,9 +206,9 @@ class StateUpdate:
     outcome: Applied
     state: str | None  # the state to write back; None: leave it as it is
     requeued: list[tuple[int, str]]  # (event time ms, raw item id) to queue again for the user's seen set
-    # departed behaviours the state could not keep (more than max_length unwritten): the caller must
-    # write its queue before the next checkpoint, which would otherwise hold them nowhere
-    dropped: bool = False
+    # departed behaviours the state no longer keeps (more than max_length): for the caller to write to
+    # the seen set at once, before a checkpoint can hold the state without them
+    spill: list[tuple[int, str]] = field(default_factory=list)
 
 
 def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "",
@@ -225,8 +226,10 @@ def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, al
     event of a state another process queued returns its window and departed behaviours in `requeued`,
     for the caller to queue again (the restored flush timer writes the same: job.py); a later event
     of this process lets the departed go once the user's batch is written (not `queued` any more).
-    The state keeps the last max_length; more unwritten than that (a burst through the window within
-    one batch) is `dropped`: the caller writes its queue at once."""
+    The state keeps at most max_length of them; more (a burst through the window within one batch)
+    are handed over as `spill`, for the caller to write at once (one seen-set write per max_length
+    departures of such a burst; writing the whole queue instead made the job ~20% slower on the ML-1M
+    replay, whose users rate in bursts)."""
     requeued: list[tuple[int, str]] = []
     if state is None:
         window = seed(event.user_id) if seed else UserWindow()
@@ -238,13 +241,14 @@ def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, al
         elif window.departed and not queued:
             window.departed = []  # written with this process's last batch of the user
     before = (list(window.departed), window.queued_by)
-    length = len(window.behaviours)
     outcome = window.apply(event, max_length, allowed_lateness_ms, offset, produced_ms)
-    left = 1 if outcome is Applied.EVICTED else max(0, length + 1 - max_length) if outcome is Applied.ADDED else 0
+    spill: list[tuple[int, str]] = []
+    if len(window.departed) > max_length:
+        spill, window.departed = window.departed, []
     if requeued or outcome in (Applied.ADDED, Applied.EVICTED):
         window.queued_by = process_id
     changed = state is None or outcome is Applied.ADDED or (window.departed, window.queued_by) != before
-    return StateUpdate(window, outcome, window.to_state() if changed else None, requeued, len(before[0]) + left > max_length)
+    return StateUpdate(window, outcome, window.to_state() if changed else None, requeued, spill)
 
 
 def _same_event(behaviour: tuple[int, str, str, str], event: BehaviourEvent) -> bool:
