@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
@@ -97,6 +98,9 @@ class PendingUpdate:
     # (event time ms, raw item id) of the behaviours applied since the last write: all of them, not
     # only those still in the window (a burst of one user can pass through it within one batch)
     seen: list[tuple[int, str]] = field(default_factory=list)
+    # the oldest event time in `seen`: a behaviour older than it is not in this write, so it was written
+    # before (the job keeps no record of it for a restore: window.apply_to_state)
+    oldest_seen_ms: int = sys.maxsize
 
 
 class InterestWriter:
@@ -116,7 +120,10 @@ class InterestWriter:
             update.window = window
         if produced_ms is not None:
             update.produced_ms.append(produced_ms)
-        update.seen.extend(seen)
+        for behaviour in seen:
+            update.seen.append(behaviour)
+            if behaviour[0] < update.oldest_seen_ms:
+                update.oldest_seen_ms = behaviour[0]
 
     @property
     def full(self) -> bool:

@@ -117,7 +117,8 @@ def _user_windows_function(settings: dict):
                 yield dead_letter(str(exc), exc.kind, value or b"", partition, offset, produced_ms, settings["events_topic"])
                 return
             update = apply_to_state(self.state.value(), event, settings["window_length"], settings["allowed_lateness_ms"],
-                                    f"{partition}:{offset}", self.seed, produced_ms, self.process_id, key in self.writer.pending)
+                                    f"{partition}:{offset}", self.seed, produced_ms, self.process_id,
+                                    pending.oldest_seen_ms if (pending := self.writer.pending.get(key)) else None)
             if update.state is not None:
                 self.state.update(update.state)
             outcome = update.outcome
@@ -131,18 +132,15 @@ def _user_windows_function(settings: dict):
             added = outcome is Applied.ADDED
             seen = [(event.event_time_ms, event.item_id)] if added or outcome is Applied.EVICTED else []
             if seen or update.requeued:  # (a restored state's window: its record's write may have died with the process too)
-                self._queue(key, update.window if added or update.requeued else None, produced_ms if added else None, seen + update.requeued, ctx)
+                self.writer.add(key, update.window if added or update.requeued else None, produced_ms if added else None, seen + update.requeued)
+                if key not in self.timed:
+                    self.timed.add(key)
+                    timers = ctx.timer_service()
+                    timers.register_processing_time_timer(timers.current_processing_time() + settings["batch_max_delay_ms"])
+                if self.writer.full:
+                    self.flushed.update(self.writer.flush())
             if update.spill:  # written now: the next checkpoint holds the state without them
                 self.writer.write_seen(key, update.spill)
-
-        def _queue(self, key, window, produced_ms, seen, ctx) -> None:
-            self.writer.add(key, window, produced_ms, seen)
-            if key not in self.timed:
-                self.timed.add(key)
-                timers = ctx.timer_service()
-                timers.register_processing_time_timer(timers.current_processing_time() + settings["batch_max_delay_ms"])
-            if self.writer.full:
-                self.flushed.update(self.writer.flush())
 
         def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
             user = ctx.get_current_key()

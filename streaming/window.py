@@ -45,6 +45,7 @@ read once per such user (`apply_to_state`).
 from __future__ import annotations
 
 import bisect
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
@@ -79,10 +80,11 @@ class UserWindow:
     # The newest event time as far as the records' Kafka timestamps vouch for it: each event counts
     # with min(its time, its record's timestamp). Lateness is judged against it, not newest_ms.
     vouched_ms: int = -1
-    # (event_time_ms, item_id) of behaviours that left the window (pushed out by newer ones, or refused
-    # as evicted) that the job may not have written to the user's seen set yet, the last max_length; and
-    # the job process that last queued a write of the user: see apply_to_state
-    departed: list[tuple[int, str]] = field(default_factory=list)
+    # [event_time_ms, item_id] of behaviours that left the window (pushed out by newer ones, or refused
+    # as evicted) that the job may not have written to the user's seen set yet (lists, as the state's
+    # JSON gives them back: no conversion on every event); and the job process that last queued a
+    # write of the user: see apply_to_state
+    departed: list[list] = field(default_factory=list)
     queued_by: str = ""
 
     def item_ids(self) -> tuple[str, ...]:
@@ -95,8 +97,11 @@ class UserWindow:
         return cls([(time_ms, item, "", "") for time_ms, item in zip(times, record.window)], record.last_event_ms, dict(record.profile), record.last_offset,
                    profile_ms={k: t for k, t in record.profile_ms.items() if k in record.profile}, vouched_ms=vouched_time(record))
 
-    def apply(self, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "", produced_ms: int | None = None) -> Applied:
-        """`produced_ms`: the record's Kafka timestamp. The time later events are judged late against
+    def apply(self, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "", produced_ms: int | None = None,
+              written_before_ms: int | None = None) -> Applied:
+        """Behaviours this event pushes out of the window are kept in `departed` unless they are older
+        than `written_before_ms` (None: none is known to be in the user's seen set yet); an evicted
+        event's own behaviour always is (it is queued now). `produced_ms`: the record's Kafka timestamp. The time later events are judged late against
         (vouched_ms) moves at most to it: an event dated ahead of when it entered Kafka (a device
         clock minutes fast; events.MAX_AHEAD_MS allows an hour) is kept in its place, and newest_ms
         (redeliveries, the stored record) keeps its time, but it must not make the user's next
@@ -119,7 +124,7 @@ class UserWindow:
         # Older than every behaviour of a full window first: such an event would not be kept however
         # late it is, and a resent copy of an evicted event is no late data to alert on.
         if len(self.behaviours) >= max_length and event.event_time_ms < self.behaviours[0][0]:
-            self._depart([(t, event.item_id)], max_length)
+            self._depart([[t, event.item_id]], max_length)
             return Applied.EVICTED
         if self.vouched_ms >= 0 and event.event_time_ms < self.vouched_ms - allowed_lateness_ms:
             return Applied.LATE
@@ -130,7 +135,9 @@ class UserWindow:
         if excess > 0:
             evicted = self.behaviours[:excess]
             del self.behaviours[:excess]
-            self._depart([(b[0], b[1]) for b in evicted], max_length)
+            unwritten = [[b[0], b[1]] for b in evicted if written_before_ms is None or b[0] >= written_before_ms]
+            if unwritten:
+                self._depart(unwritten, max_length)
             oldest_ms = self.behaviours[0][0]
             if self.evicted_at_oldest or evicted[-1][0] == oldest_ms:
                 # Only those left at the oldest kept time count (a copy of an older one is older than the window), and
@@ -145,9 +152,11 @@ class UserWindow:
             self.last_offset = offset
         return Applied.ADDED
 
-    def _depart(self, behaviours: list[tuple[int, str]], max_length: int) -> None:
+    def _depart(self, behaviours: list[list], max_length: int) -> None:
         # apply_to_state spills them above max_length; bounded for a caller of apply alone too
-        self.departed = (self.departed + behaviours)[-2 * max_length:]
+        self.departed.extend(behaviours)
+        if len(self.departed) > 2 * max_length:
+            del self.departed[:-2 * max_length]
 
     def _merge_profile(self, profile: dict[str, str], time_ms: int) -> None:
         """The newest value of each field by event time (a late event sets only fields no newer event
@@ -185,7 +194,7 @@ class UserWindow:
         evicted = [tuple(b) for b in rest[0]] if rest and isinstance(rest[0], list) else []
         profile_ms = rest[1] if len(rest) > 1 and isinstance(rest[1], dict) else {}
         vouched_ms = rest[2] if len(rest) > 2 and isinstance(rest[2], int) else newest_ms
-        departed, queued_by = ([tuple(b) for b in rest[3]], rest[4]) if len(rest) > 4 else ([], "")
+        departed, queued_by = (rest[3], rest[4]) if len(rest) > 4 else ([], "")
         return cls([tuple(b) for b in behaviours], newest_ms, profile, last_offset, evicted, profile_ms, vouched_ms, departed, queued_by)
 
 
@@ -200,20 +209,20 @@ def vouched_time(record: InterestRecord) -> int:
     return min(record.last_event_ms, record.updated_ms) if record.updated_ms > 0 else record.last_event_ms
 
 
-@dataclass
+@dataclass(slots=True)
 class StateUpdate:
     window: UserWindow
     outcome: Applied
     state: str | None  # the state to write back; None: leave it as it is
-    requeued: list[tuple[int, str]]  # (event time ms, raw item id) to queue again for the user's seen set
+    requeued: list  # (event time ms, raw item id) pairs to queue again for the user's seen set
     # departed behaviours the state no longer keeps (more than max_length): for the caller to write to
     # the seen set at once, before a checkpoint can hold the state without them
-    spill: list[tuple[int, str]] = field(default_factory=list)
+    spill: list = field(default_factory=list)
 
 
 def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, allowed_lateness_ms: int, offset: str = "",
                    seed: Callable[[str], UserWindow] | None = None, produced_ms: int | None = None, process_id: str = "",
-                   queued: bool = False) -> StateUpdate:
+                   queued_since_ms: int | None = None) -> StateUpdate:
     """Applies an event to the user's window kept as `state` (`to_state`; None: the job holds none,
     and the window starts from `seed(user id)`, the stored record's, when given, else empty). A window
     new to the state is written back whatever the event did, so the seed is read once per user.
@@ -225,12 +234,18 @@ def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, al
     the user (`queued_by`; `process_id` is new with every start of the job's function). The first
     event of a state another process queued returns its window and departed behaviours in `requeued`,
     for the caller to queue again (the restored flush timer writes the same: job.py); a later event
-    of this process lets the departed go once the user's batch is written (not `queued` any more).
+    of this process lets the departed go once the user's batch is written (nothing queued any more).
+    What an event pushes out is kept only when the user's queued write may hold it: not older than
+    the oldest behaviour queued (`queued_since_ms`; None: nothing queued), as in a burst through the
+    window within one batch; what left earlier was written with an earlier batch. So departed stay
+    empty unless a user sends more than the window within one of the job's batches.
     The state keeps at most max_length of them; more (a burst through the window within one batch)
     are handed over as `spill`, for the caller to write at once (one seen-set write per max_length
     departures of such a burst; writing the whole queue instead made the job ~20% slower on the ML-1M
     replay, whose users rate in bursts)."""
-    requeued: list[tuple[int, str]] = []
+    requeued: list = []
+    written_before_ms = sys.maxsize if queued_since_ms is None else queued_since_ms
+    cleared = False
     if state is None:
         window = seed(event.user_id) if seed else UserWindow()
         window.queued_by = process_id  # a seed is what the store holds: nothing to queue again
@@ -238,16 +253,19 @@ def apply_to_state(state: str | None, event: BehaviourEvent, max_length: int, al
         window = UserWindow.from_state(state)
         if window.queued_by != process_id:
             requeued = [(b[0], b[1]) for b in window.behaviours] + window.departed
-        elif window.departed and not queued:
-            window.departed = []  # written with this process's last batch of the user
-    before = (list(window.departed), window.queued_by)
-    outcome = window.apply(event, max_length, allowed_lateness_ms, offset, produced_ms)
-    spill: list[tuple[int, str]] = []
+            written_before_ms = None  # queued again now, none of them written by this process
+        elif window.departed and queued_since_ms is None:
+            window.departed, cleared = [], True  # written with this process's last batch of the user
+    queued_by, n_departed = window.queued_by, len(window.departed)
+    outcome = window.apply(event, max_length, allowed_lateness_ms, offset, produced_ms, written_before_ms)
+    spill: list = []
     if len(window.departed) > max_length:
         spill, window.departed = window.departed, []
-    if requeued or outcome in (Applied.ADDED, Applied.EVICTED):
+    if requeued or outcome is Applied.ADDED or outcome is Applied.EVICTED:
         window.queued_by = process_id
-    changed = state is None or outcome is Applied.ADDED or (window.departed, window.queued_by) != before
+    # (apply only appends to departed, a few at a time: its length tells whether it changed)
+    changed = (state is None or outcome is Applied.ADDED or cleared or spill or len(window.departed) != n_departed
+               or window.queued_by != queued_by)
     return StateUpdate(window, outcome, window.to_state() if changed else None, requeued, spill)
 
 

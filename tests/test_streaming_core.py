@@ -299,7 +299,7 @@ def test_window_keeps_the_newest_l_and_survives_its_state_form():
     assert restored == w and restored.last_offset == "0:7"
     assert UserWindow.from_state(None) == UserWindow()
     older = json.loads(w.to_state())[:4]  # checkpoints of older code: 4 fields, or a 5th "pending" flag
-    assert w.departed == [(0, "i0"), (1000, "i1"), (2000, "i2"), (2500, "old")]  # what left it, for the seen set
+    assert w.departed == [[0, "i0"], [1000, "i1"], [2000, "i2"], [2500, "old"]]  # what left it, for the seen set
     for form in (older, older + [True]):
         assert UserWindow.from_state(json.dumps(form)) == dataclasses.replace(w, evicted_at_oldest=[], departed=[])
     assert UserWindow.from_state(json.dumps(json.loads(w.to_state())[:5])) == dataclasses.replace(w, departed=[])  # before the profile's times
@@ -1016,10 +1016,16 @@ def test_what_left_the_window_before_a_lost_write_reaches_the_seen_set_after_a_r
     send(job, state, 6, "u2", "f")
     list(job.on_timer(0, context(state, "u2")))
     assert set(store.seen["u2"]) == everything | {"f"}
-    # once written, the next event finds them so and lets them go: only what left since is kept
+    # once written, the next event finds them so and lets them go, and keeps none of what it pushes
+    # out (d, written too); while its write waits, what later events push out is kept only if queued
+    # with it: e and f were written before, g was not
     send(job, state, 7, "u2", "g")
     kept = UserWindow.from_state(state.values["u2"])
-    assert kept.departed == [(kept.newest_ms - 4, "d")] and kept.queued_by == job.process_id
+    assert kept.departed == [] and kept.queued_by == job.process_id
+    for offset, item in zip((8, 9, 10), "hij"):
+        send(job, state, offset, "u2", item)
+    kept = UserWindow.from_state(state.values["u2"])
+    assert kept.departed == [[kept.newest_ms - 3, "g"]] and kept.queued_by == job.process_id
     # more unwritten departures than the state keeps (a burst of 8 through a window of 3): written at once
     job, state = started({})
     for offset, item in enumerate("abcdefgh"):
