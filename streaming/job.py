@@ -231,7 +231,6 @@ def _environment(config: Config, restore_from: Path | str | None):
 
     from infra.flink_jars import kafka_connector_jars
 
-    s = config.streaming
     log_dir = config.paths.var_dir / "flink" / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FLINK_LOG_DIR", str(log_dir))
@@ -243,7 +242,17 @@ def _environment(config: Config, restore_from: Path | str | None):
     jars = kafka_connector_jars(config.paths.var_dir / "jars")
     forward_gateway_stderr()
     conf = Configuration()
-    for key, value in {
+    for key, value in job_configuration(config, jars, restore_from, submitted="PYFLINK_GATEWAY_PORT" in os.environ).items():
+        conf.set_string(key, value)
+    return StreamExecutionEnvironment.get_execution_environment(conf)
+
+
+def job_configuration(config: Config, jars: list[Path], restore_from: Path | str | None, submitted: bool) -> dict[str, str]:
+    """The Flink settings of the job. `submitted`: Flink's CLI (`flink run`, the operator's
+    PythonDriver) started this program for a cluster of its own, whose addresses it was given; the
+    program's settings go over them, so the local cluster's loopback addresses must not."""
+    s = config.streaming
+    settings = {
         "python.execution-mode": "thread",
         "python.executable": sys.executable,
         # the interpreter embedded in the JVM starts from the base Python: give it the venv and the repo
@@ -259,19 +268,21 @@ def _environment(config: Config, restore_from: Path | str | None):
         "restart-strategy.fixed-delay.attempts": "1000000",
         "restart-strategy.fixed-delay.delay": "2 s",
         "parallelism.default": str(s.parallelism),
+    }
+    if not submitted:
         # The local cluster's endpoints stay on loopback, and its REST API takes no job uploads
         # (an uploaded jar runs arbitrary code).
-        "rest.address": "127.0.0.1",
-        "rest.bind-address": "127.0.0.1",
-        "web.submit.enable": "false",
-        "jobmanager.bind-host": "127.0.0.1",
-        "taskmanager.bind-host": "127.0.0.1",
-        "taskmanager.host": "127.0.0.1",
-    }.items():
-        conf.set_string(key, value)
+        settings.update({
+            "rest.address": "127.0.0.1",
+            "rest.bind-address": "127.0.0.1",
+            "web.submit.enable": "false",
+            "jobmanager.bind-host": "127.0.0.1",
+            "taskmanager.bind-host": "127.0.0.1",
+            "taskmanager.host": "127.0.0.1",
+        })
     if restore_from is not None:
-        conf.set_string("execution.state-recovery.path", storage_uri(restore_from))
-    return StreamExecutionEnvironment.get_execution_environment(conf)
+        settings["execution.state-recovery.path"] = storage_uri(restore_from)
+    return settings
 
 
 def build_job(config: Config, restore_from: Path | str | None = None):

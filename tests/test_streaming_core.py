@@ -1070,3 +1070,20 @@ def test_the_jobs_function_redoes_a_write_lost_with_a_crash_from_its_restored_ti
     for user in ("u2", "u3"):
         list(job.on_timer(0, context(state, user)))
     assert tower.calls == [1, 2] and not job.flushed
+
+
+def test_a_job_that_flinks_cli_submits_keeps_the_addresses_it_was_given(tmp_path):
+    """`flink run --jobmanager host:port` (compose) and the operator's PythonDriver start the program
+    for their cluster, and the program's settings go over theirs: the local cluster's loopback
+    addresses would send the submission to the submitting container itself."""
+    from infra.config import load_config
+    from streaming.job import job_configuration
+
+    config = load_config()
+    local = job_configuration(config, [], None, submitted=False)
+    submitted = job_configuration(config, [], tmp_path / "chk-1", submitted=True)
+    assert local["rest.address"] == local["taskmanager.host"] == "127.0.0.1" and local["web.submit.enable"] == "false"
+    assert not any(key.startswith(("rest.", "jobmanager.", "taskmanager.", "web.")) for key in submitted)
+    assert submitted["execution.state-recovery.path"] == (tmp_path / "chk-1").as_uri()
+    assert {k: v for k, v in submitted.items() if k != "execution.state-recovery.path"} == {
+        k: v for k, v in local.items() if not k.startswith(("rest.", "jobmanager.", "taskmanager.", "web."))}
