@@ -88,6 +88,10 @@ class ServedLog(Protocol):
         """flush(), then stop writing; later records are dropped."""
 
 
+def _wrong_type(reply) -> bool:
+    return isinstance(reply, Exception) and str(reply).startswith("WRONGTYPE")
+
+
 class RedisServedLog:
     """The served log in Redis: `record` appends to a queue that a writer thread sends every
     FLUSH_INTERVAL_S as pipelines of WRITE_BATCH records; `get_many` reads in one round trip."""
@@ -209,23 +213,45 @@ class RedisServedLog:
                     batch = []
             self._write(batch)
 
+    def _send(self, batch: list[ServedRecord], replace: bool = False) -> list[list]:
+        """One pipeline for the batch, errors answered per command; per record, the replies of its LPUSH,
+        LTRIM and EXPIRE (`replace`: a DEL of the key first)."""
+        pipe = self.client.pipeline(transaction=False)
+        for record in batch:
+            key = self.key(record.user_id)
+            if replace:
+                pipe.delete(key)
+            pipe.lpush(key, encode_served(record))
+            pipe.ltrim(key, 0, self.answers + LAG_ANSWERS - 1)
+            pipe.expire(key, self.ttl_s + LAG_S)
+        replies, n = pipe.execute(raise_on_error=False), 4 if replace else 3
+        return [replies[i * n + n - 3:(i + 1) * n] for i in range(len(batch))]
+
     def _write(self, batch: list[ServedRecord]) -> None:
         if not batch:
             return
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for record in batch:
-                key = self.key(record.user_id)
-                pipe.lpush(key, encode_served(record))
-                pipe.ltrim(key, 0, self.answers + LAG_ANSWERS - 1)
-                pipe.expire(key, self.ttl_s + LAG_S)
-            pipe.execute()
+            replies = self._send(batch)
+            # A key of another Redis type under a user's name (not this log's: a stray write) fails that
+            # user's commands only: replaced, as the feature store replaces its stray keys, rather than
+            # keeping that user unjudged or counting the whole batch lost
+            stray = [record for record, answered in zip(batch, replies) if _wrong_type(answered[0])]
+            if stray:
+                log.warning("served log: %d user key(s) held another Redis type, e.g. %.80r; replaced", len(stray), self.key(stray[0].user_id))
+                replies = [answered for answered in replies if not _wrong_type(answered[0])] + self._send(stray, replace=True)
         except Exception as exc:  # the writer outlives any failure: an outage drops records, it never ends the log
-            self.dropped("unavailable", len(batch))
-            if not self._failing:
-                log.warning("served log: cannot write to Redis (%s); records are dropped, recalls go on", exc)
-                self._failing = True
+            self._lost(len(batch), exc)
+            return
+        refused = [next(r for r in answered if isinstance(r, Exception)) for answered in replies if any(isinstance(r, Exception) for r in answered)]
+        if refused:  # errors Redis answered per command (out of memory, say): those records only
+            self._lost(len(refused), refused[0])
             return
         if self._failing:
             log.info("served log: writing to Redis again")
             self._failing = False
+
+    def _lost(self, n: int, why: Exception) -> None:
+        self.dropped("unavailable", n)
+        if not self._failing:
+            log.warning("served log: cannot write to Redis (%s); records are dropped, recalls go on", why)
+            self._failing = True

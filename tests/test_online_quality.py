@@ -320,6 +320,10 @@ def test_the_writer_keeps_the_newest_answers_per_user_with_their_ttl_in_real_red
         client.set("t:answers:u4", b"a string: another Redis type")
         unreadable = log.get_many(["u3", "u4"])
         assert all(isinstance(r, ServedRecordError) for r in unreadable) and "another Redis type" in str(unreadable[1])
+        # the stray key fails its own user's commands only, and the log's next write replaces it
+        log.record([served("u4"), served("u5")])
+        assert log.flush(timeout_s=10)
+        assert log.get_many(["u4", "u5"]) == [(served("u4"),), (served("u5"),)] and TTL_S < client.ttl("t:answers:u4") <= TTL_S + LAG_S
         assert not dropped
     log.record([served("u1")])  # Redis is gone: dropped and counted, the caller not held up
     assert log.flush(timeout_s=15) and dropped == Counter({"unavailable": 1})
@@ -340,9 +344,10 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking_a_recall():
         def expire(self, *args, **kwargs):
             pass
 
-        def execute(self):
+        def execute(self, raise_on_error=True):
             gate.wait(60)
             released.set()
+            return [1, True, True]
 
     dropped = Counter()
     log = RedisServedLog(SimpleNamespace(pipeline=lambda transaction: SlowPipeline()), ttl_s=60,
@@ -371,8 +376,8 @@ def test_an_answer_recorded_while_the_log_closes_is_sent_or_counted_never_lost()
         def expire(self, *args, **kwargs):
             pass
 
-        def execute(self):
-            pass
+        def execute(self, raise_on_error=True):
+            return [1, True, True] * len(sent)  # as Redis answers: LPUSH's length, LTRIM's and EXPIRE's
 
     dropped = Counter()
     log = RedisServedLog(SimpleNamespace(pipeline=lambda transaction: Pipeline(), close=lambda: None), ttl_s=60,
