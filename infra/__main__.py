@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from infra.cli import run_command
-from infra.config import load_config, printable_uri
+from infra.config import ConfigError, load_config, printable_uri
 
 SECRET_SUFFIXES = ("password", "token", "secret")  # password, sasl_password, token, auth_token, ...
 
@@ -99,7 +99,12 @@ def cmd_exporter(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)  # an unreachable broker is reported as mindstream_kafka_up 0
     config = load_config()
-    server, collector = serve(config, args.port)
+    if args.port is not None:  # checked as the setting it stands for: 70000 is a one-line error, not an OverflowError
+        try:
+            config = dataclasses.replace(config, monitoring=dataclasses.replace(config.monitoring, exporter_port=args.port))
+        except ConfigError as exc:
+            raise ConfigError(f"--port {args.port}: {exc}") from None
+    server, collector = serve(config)
     print(f"exporter on http://{config.monitoring.exporter_host}:{server.server_port}/metrics (group {config.streaming.consumer_group}, "
           f"topic {config.kafka.events_topic}, models {config.paths.models_dir})", file=sys.stderr, flush=True)
     stopping = threading.Event()

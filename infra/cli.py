@@ -20,14 +20,17 @@ class UserError(Exception):
     derive from it, so every command reports them in one line."""
 
 
-def at_least(low: float, kind: Callable[[str], float] = int) -> Callable[[str], float]:
-    """An argparse type: a finite number >= low, else the usual one-line usage error (exit 2) naming the
-    flag (a negative start or rate is refused where it is parsed, not taken for another meaning later)."""
+def at_least(low: float, kind: Callable[[str], float] = int, at_most: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite number >= low (and <= at_most, e.g. the range of the protobuf field it
+    goes to), else the usual one-line usage error (exit 2) naming the flag (a negative start or rate is
+    refused where it is parsed, not taken for another meaning later)."""
 
     def parse(text: str) -> float:
         value = kind(text)  # a ValueError: argparse's "invalid int value"
         if not value >= low:  # also refuses nan
             raise argparse.ArgumentTypeError(f"{text} is below {low}")
+        if at_most is not None and value > at_most:
+            raise argparse.ArgumentTypeError(f"{text} is above {at_most}")
         if value == float("inf"):
             raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         return value

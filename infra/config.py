@@ -96,6 +96,8 @@ class KafkaConfig:
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ConfigError("[kafka].ssl_certfile and ssl_keyfile: a client certificate needs both (the job's Java client reads "
                               "them apart), set both or neither (MINDSTREAM_KAFKA__SSL_CERTFILE / MINDSTREAM_KAFKA__SSL_KEYFILE)")
+        if self.ssl_keyfile:
+            _require_pkcs8_key(self.ssl_keyfile)
         sasl = self.security_protocol.startswith("SASL_")
         if not sasl and (self.sasl_mechanism or self.sasl_username or self.sasl_password):
             raise ConfigError(f"[kafka].sasl_mechanism / sasl_username / sasl_password are set but security_protocol is {self.security_protocol}, "
@@ -380,6 +382,27 @@ def _require_text(section: str, values: object, *names: str) -> None:
             raise ConfigError(f"[{section}].{name} ({_env_name(section, name)}) is empty: set it, or leave it out for the default {defaults[name]!r}")
 
 
+# The label of a PEM private key: "PRIVATE KEY" (PKCS#8), "ENCRYPTED PRIVATE KEY", "RSA PRIVATE KEY" (PKCS#1), "EC PRIVATE KEY"
+PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN ([A-Z0-9 ]*PRIVATE KEY)-----")
+
+
+def _require_pkcs8_key(path: str) -> None:
+    """[kafka].ssl_keyfile an unencrypted PKCS#8 key, else a ConfigError: kafka-python takes PKCS#1 too,
+    but the Flink job's Java client only PKCS#8, and an encrypted key needs a password [kafka] has not.
+    A file this process cannot read is left to the clients: one that uses no Kafka (the recall
+    service) is given the settings without the key."""
+    try:
+        pem = Path(path).read_bytes()
+    except OSError:
+        return
+    found = PEM_PRIVATE_KEY.search(pem)
+    if found and found.group(1) != b"PRIVATE KEY":
+        label = found.group(1).decode()
+        raise ConfigError(f"[kafka].ssl_keyfile (MINDSTREAM_KAFKA__SSL_KEYFILE) = {path} holds a PEM key labelled {label!r}, which the Flink job's "
+                          "Java Kafka client does not read (it takes an unencrypted PKCS#8 key, 'BEGIN PRIVATE KEY'): convert it with "
+                          f"`openssl pkcs8 -topk8 -nocrypt -in {path} -out {path}.pk8` and name the .pk8 file")
+
+
 def _require_port(section: str, values: object, name: str) -> None:
     _require_range(section, values, name, 0, 65535)  # 0: any free port
 
@@ -467,10 +490,20 @@ def _is_loopback(host: str) -> bool:
 
 
 def plain_text_credentials(config: Config) -> list[str]:
-    """The secrets this configuration sends to another host without TLS: a Redis password over
-    redis:// and a Milvus token (or user:password) over http:// (tcp://, grpc://), each as a sentence
-    saying what to do. Loopback, unix sockets and Milvus Lite files cross no network."""
+    """The secrets this configuration sends to another host without TLS: a Kafka SASL PLAIN password
+    over SASL_PLAINTEXT, a Redis password over redis:// and a Milvus token (or user:password) over
+    http:// (tcp://, grpc://), each as a sentence saying what to do. Loopback, unix sockets and Milvus
+    Lite files cross no network."""
     problems = []
+    kafka = config.kafka
+    # SCRAM sends a proof of the password, never the password: PLAIN alone sends it as it is
+    if kafka.security_protocol == "SASL_PLAINTEXT" and kafka.sasl_mechanism == "PLAIN" and kafka.sasl_password:
+        brokers = [urllib.parse.urlsplit("//" + server.strip()).hostname or "" for server in kafka.bootstrap_servers.split(",")]
+        elsewhere = [host for host in brokers if host and not _is_loopback(host)]
+        if elsewhere:
+            problems.append(f"the Kafka password goes to {', '.join(elsewhere)} in clear text ([kafka].security_protocol is SASL_PLAINTEXT "
+                            "with sasl_mechanism PLAIN): use SASL_SSL (MINDSTREAM_KAFKA__SECURITY_PROTOCOL, with [kafka].ssl_cafile), "
+                            "or keep Kafka on a network only this system reaches")
     redis = urllib.parse.urlsplit(config.redis.uri)
     redis_secret = config.redis.password or redis.password or "password" in urllib.parse.parse_qs(redis.query)
     if redis_secret and redis.scheme == "redis" and redis.hostname and not _is_loopback(redis.hostname):
@@ -490,6 +523,13 @@ def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         log.warning(message)
+
+
+def warn_plain_text_credentials(config: Config) -> None:
+    """Logs each of plain_text_credentials(config) as a warning, once per process: load_config does,
+    and so does a command that replaces an address of the loaded configuration."""
+    for problem in plain_text_credentials(config):
+        _warn_once(problem)
 
 
 def _section_overrides(section_name: str, section_cls: type, from_file: dict, environ: dict) -> dict:
@@ -553,6 +593,5 @@ def load_config(path: str | os.PathLike | None = None, environ: dict | None = No
                 raise
             raise ConfigError(f"{file_path}: {exc}") from None  # which file: the user's, or the stack's generated one
     config = Config(**built)
-    for problem in plain_text_credentials(config):
-        _warn_once(problem)
+    warn_plain_text_credentials(config)
     return config

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from infra.cli import UserError, at_least, run_command
-from infra.config import SPARSE_ITEM_ROWS, ConfigError, load_config, printable_uri
+from infra.config import SPARSE_ITEM_ROWS, ConfigError, load_config, printable_uri, warn_plain_text_credentials
 from model_export.spec import MODEL_KINDS
 
 
@@ -151,6 +151,7 @@ def cmd_publish(args) -> int:
             milvus = dataclasses.replace(config.milvus, uri=args.milvus_uri, **tls)
         except ConfigError as exc:
             raise ConfigError(f"--milvus-uri {printable_uri(args.milvus_uri)!r}: {exc}") from None
+        warn_plain_text_credentials(dataclasses.replace(config, milvus=milvus))
     registry = ModelRegistry(config.paths.models_dir)
     Manifest.load(Path(args.export_dir), verify=False)  # a wrong folder is said before Milvus (Lite: a database file) is touched
     client = connect(milvus.uri, **client_options(milvus))

@@ -25,6 +25,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,7 @@ import pandas as pd
 from infra.cli import UserError
 from infra.files import sha256_of, write_atomically
 from infra.wheels import WheelError, extract_from_wheel
+from streaming.events import ID_CONTROL_CHARACTERS
 
 PREPROCESS_VERSION = 4  # bump when the preprocessing changes, to invalidate caches
 MIN_ITEM_COUNT = 5
@@ -173,6 +175,25 @@ def _utf8_lines(path: Path):
                 raise DatasetError(f"{path}:{line_no}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+def _first_nul_line(path: Path) -> int | None:
+    """The line of the file's first NUL character, None without one (a 0 byte is U+0000 in UTF-8 and
+    part of no other character)."""
+    line = 1
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            at = block.find(b"\0")
+            if at >= 0:
+                return line + block.count(b"\n", 0, at)
+            line += block.count(b"\n")
+    return None
+
+
+def _control_character_error(where: str, what: str, value: str) -> DatasetError:
+    # numpy's strings drop a trailing NUL and pandas' hashing stops at one: "x\0a" and "x\0b" would be one
+    # user in training, and two to the events, whose contract refuses such ids (streaming/events.py)
+    return DatasetError(f"{where}: {what} {value!r:.80} holds a control character (U+0000-U+001F, U+007F), which no id may hold: remove it")
+
+
 def load_sequence_file(path: Path) -> RawInteractions:
     """One user per line: `user_id item_1 item_2 ... item_n`, items in time order; a user on one line only."""
     users, items, order = [], [], []
@@ -183,6 +204,9 @@ def load_sequence_file(path: Path) -> RawInteractions:
             continue
         if len(tokens) < 2:
             raise DatasetError(f"{path}:{line_no}: expected 'user_id item_1 ... item_n', got {line.strip()!r}")
+        for token in tokens:
+            if re.search(ID_CONTROL_CHARACTERS, token):
+                raise _control_character_error(f"{path}:{line_no}", "id", token)
         # A user's items are ordered by their place on the line: a second line would interleave with the first.
         seen_at = first_line.setdefault(tokens[0], line_no)
         if seen_at != line_no:
@@ -216,12 +240,38 @@ def _cell_text(value: object) -> str:
     return str(value).strip()
 
 
-def _id_texts(column: pd.Series) -> pd.Series:
+def _as_text(column: pd.Series, where: Callable[[int], str]) -> pd.Series:
+    """column.astype(str), or DatasetError naming the first row (`where`) of bytes (a Parquet binary
+    column) that are not UTF-8, the encoding pandas decodes them with."""
+    try:
+        return column.astype(str)
+    except UnicodeDecodeError:
+        for row, value in enumerate(column):
+            if isinstance(value, bytes):
+                try:
+                    value.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DatasetError(f"{where(row)}: {column.name} {value!r:.80} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise
+
+
+def _id_texts(column: pd.Series, where: Callable[[int], str]) -> pd.Series:
     """User or item ids as the text events carry: an id column of whole-number floats (a Parquet
-    integer column with nulls, dropped) is "7", not "7.0"; surrounding spaces are no part of an id."""
-    if pd.api.types.is_float_dtype(column) and bool(np.all(np.mod(column.to_numpy(), 1) == 0)):
+    integer column with nulls, dropped) is "7", not "7.0"; surrounding spaces are no part of an id.
+    DatasetError naming the row (`where`) of a float that is no int64 (a fraction is no id an event
+    sends, and a float from 2**63 on wraps around) and of an id with a control character."""
+    if pd.api.types.is_float_dtype(column):
+        values = column.to_numpy()
+        bad = np.flatnonzero((values != np.floor(values)) | (np.abs(values) >= 2.0**63))
+        if len(bad):
+            raise DatasetError(f"{where(int(bad[0]))}: {column.name} {float(values[bad[0]])!r} is not a whole number within int64: "
+                               "store ids as text or integers")
         return column.astype(np.int64).astype(str)
-    return column.astype(str).str.strip()
+    texts = column.astype(str).str.strip()
+    control = np.flatnonzero(texts.str.contains(ID_CONTROL_CHARACTERS).to_numpy())
+    if len(control):
+        raise _control_character_error(where(int(control[0])), column.name, texts.iloc[int(control[0])])
+    return texts
 
 
 def _times_ms(column: pd.Series) -> pd.Series:
@@ -238,6 +288,9 @@ def _csv_records(path: Path, sep: str):
     lines, so a record's index alone does not give its line. Only on the error paths."""
     import csv
 
+    # pandas reads a field of any size: this reader, which only finds its line, must read it too (the
+    # limit is the process's; the default, 128 KiB, would fail a long attribute value)
+    csv.field_size_limit(2**31 - 1)
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
         reader = csv.reader(fh, delimiter=sep)
         start = 1
@@ -321,6 +374,9 @@ def load_table(path: Path) -> RawInteractions:
     if repeated:
         raise DatasetError(f"{path}: the columns {repeated} appear more than once (names without their surrounding spaces): keep one of each")
     if suffix != ".parquet":
+        if nul_line := _first_nul_line(path):  # pandas' reader ends a value at a NUL and drops the rest of it, silently
+            raise DatasetError(f"{path}:{nul_line}: a NUL character (U+0000), which the csv reader would cut a value at "
+                               "(and no id may hold a control character): remove it")
         table = table[(table.apply(lambda column: column.str.strip()) != "").any(axis=1)]
 
     def where(row: int) -> str:  # the file and a row's place in it: its line or Parquet row
@@ -337,7 +393,7 @@ def load_table(path: Path) -> RawInteractions:
 
     ucol, icol, tcol = pick(_USER_COLUMNS, "user"), pick(_ITEM_COLUMNS, "item"), pick(_TIME_COLUMNS, "timestamp")
     for col in (ucol, icol, tcol):
-        empty = np.flatnonzero((table[col].isna() | (table[col].astype(str).str.strip() == "")).to_numpy())
+        empty = np.flatnonzero((table[col].isna() | (_as_text(table[col], where).str.strip() == "")).to_numpy())
         if len(empty):
             raise DatasetError(f"{where(int(empty[0]))}: empty {col}: every row needs a user, an item and a timestamp; fill it in or drop the row")
     ts = _times_ms(table[tcol])
@@ -351,7 +407,7 @@ def load_table(path: Path) -> RawInteractions:
             raise DatasetError(f"{where(row)}: timestamp {table[tcol].iloc[row]!r} is not a whole number "
                                "(event times are integers, e.g. Unix milliseconds: scale fractional seconds by 1000, "
                                "convert dates to Unix milliseconds, or store them as a Parquet timestamp column)")
-    users, items = _id_texts(table[ucol]), _id_texts(table[icol])
+    users, items = _id_texts(table[ucol], where), _id_texts(table[icol], where)
     frame = pd.DataFrame({"user": users, "item": items, "ts": ts.astype(np.int64)})
     # side columns: any item_<name> / user_<name> but another spelling of an id column (a `user_id`
     # beside `user` is not the profile field "id")
@@ -368,6 +424,11 @@ def load_table(path: Path) -> RawInteractions:
         clashing = sorted({f for f in fields if fields.count(f) > 1 or not f})
         if clashing:
             raise DatasetError(f"{path}: profile columns {user_cols} give the fields {fields}: each `user_<name>` needs a name of its own")
+        # the model keeps a profile value as the token "<name>=<value>", which serving splits at the first "="
+        with_separator = [c for c in user_cols if "=" in c]
+        if with_separator:
+            raise DatasetError(f"{path}: profile column {with_separator[0]!r}: a profile field's name cannot hold '=' "
+                               "(the model stores a value as the token 'name=value'): rename the column")
         profile = _first_present(table, users, user_cols).set_axis(fields, axis=1)
     else:
         profile = pd.DataFrame(index=pd.Index([], name="user"))

@@ -74,8 +74,8 @@ class Manifest:
         if not path.is_file():
             raise ManifestError(f"{path} not found: run `python -m model_export export --model-dir DIR` first")
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # JSON is UTF-8 text, as `write` writes it
             raise ManifestError(f"{path}: not valid JSON ({exc})") from None
         schema = raw.get("schema") if isinstance(raw, dict) else None
         if schema != MANIFEST_SCHEMA:
@@ -93,8 +93,7 @@ class Manifest:
             raise ManifestError(f"{path}: lists no {', '.join(missing)} file: export the model again")
         for role, listed in manifest.files.items():
             # a file of the export lives in it: a registry copy must not depend on files elsewhere
-            relative = Path(listed.path)
-            if not isinstance(listed.path, str) or relative.is_absolute() or ".." in relative.parts:
+            if not isinstance(listed.path, str) or Path(listed.path).is_absolute() or ".." in Path(listed.path).parts:
                 raise ManifestError(f"{path}: the {role} file {listed.path!r} is not inside the export: export the model again")
         if verify:
             for role in manifest.files:

@@ -16,6 +16,8 @@ import time
 from infra.cli import UserError, at_least, run_command
 from infra.config import load_config, printable_uri
 
+INT32_MAX = 2**31 - 1  # RecallRequest.n and per_interest_n are int32: protobuf refuses more with a traceback
+
 
 def cmd_serve(args) -> int:
     from recall_service.server import RecallServer
@@ -43,14 +45,14 @@ def cmd_serve(args) -> int:
 def cmd_recall(args) -> int:
     import grpc
 
-    from recall_service.channel import recall_channel
+    from recall_service.channel import grpc_address, recall_channel
     from recall_service.stubs import recall_pb2, recall_pb2_grpc
 
     recall = load_config().recall
     if args.tls_ca and not os.access(args.tls_ca, os.R_OK):
         raise UserError(f"--tls-ca {args.tls_ca}: cannot read it: name the recall server's CA certificate (PEM)")
     recall = dataclasses.replace(recall, tls_cafile=args.tls_ca or recall.tls_cafile, auth_token=args.token or recall.auth_token)
-    target = args.target or f"{recall.host}:{recall.port}"
+    target = args.target or grpc_address(recall.host, recall.port)
     channel = recall_channel(recall, target)
     started = time.monotonic()
     try:  # a service that cannot be reached is the user's to fix (exit 2), an error status is the service's answer (exit 1)
@@ -101,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("recall", help="call Recall once and print the answer as JSON")
     p.add_argument("--user-id", required=True)
-    p.add_argument("--n", type=int, default=20)
+    p.add_argument("--n", type=at_least(1, at_most=INT32_MAX), default=20)
     p.add_argument("--recent", nargs="*", default=[], help="recent raw item ids, oldest first (for users the store does not know)")
     p.add_argument("--exclude", nargs="*", default=[], help="raw item ids not to return")
     p.add_argument("--filter", default="", help='e.g. \'category like "Comedy%%" and active == true\'')
-    p.add_argument("--per-interest-n", type=int, default=0)
+    p.add_argument("--per-interest-n", type=at_least(0, at_most=INT32_MAX), default=0)
     p.add_argument("--policy", choices=("max_score", "quota"), default="max_score")
     p.add_argument("--target", default="", help="host:port (default: [recall].host:port)")
     p.add_argument("--token", default="", help="bearer token (default: [recall].auth_token; prefer MINDSTREAM_RECALL__AUTH_TOKEN: "

@@ -49,9 +49,14 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         return continuation(self._with_token(details), request_iterator)
 
 
+def grpc_address(host: str, port: int) -> str:
+    """host:port as gRPC takes it, to bind a server or dial one: an IPv6 host ("::1") in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def recall_channel(recall: RecallServiceConfig, target: str | None = None, options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
     """A channel to `target` (default [recall].host:port) as the configuration says to reach it."""
-    target = target or f"{recall.host}:{recall.port}"
+    target = target or grpc_address(recall.host, recall.port)
     trusted = recall.tls_cafile or recall.tls_certfile
     if trusted:
         try:

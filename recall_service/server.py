@@ -38,6 +38,7 @@ from grpc_reflection.v1alpha import reflection
 
 from infra.cli import UserError
 from infra.config import Config, ConfigError
+from recall_service.channel import grpc_address
 from recall_service.coalesce import CoalescingSearch
 from recall_service.metrics import BACKENDS, STORES, RecallMetrics
 from recall_service.query import FallbackReason, InvalidRequest, Limits, validate
@@ -390,7 +391,7 @@ class RecallServer:
                        self.served_log).add_to_server(self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
-        address = f"{rc.host}:{rc.port}"
+        address = grpc_address(rc.host, rc.port)
         try:
             if rc.tls_certfile:
                 with open(rc.tls_keyfile, "rb") as key, open(rc.tls_certfile, "rb") as cert:

@@ -16,6 +16,8 @@ records go to the dead-letter topic; they are never silently dropped.
 from __future__ import annotations
 
 import json
+import re
+import time
 from dataclasses import dataclass, field
 
 import orjson
@@ -27,15 +29,19 @@ MAX_ID_CHARS = 256
 MAX_MAP_ENTRIES = 16  # profile / side fields per event
 MAX_AHEAD_MS = 3_600_000  # an event time this far after the record's Kafka timestamp is refused (clock skew allowed)
 MAX_TIME_MS = 2**53  # JSON numbers are exact integers below this
+# No id holds a C0 control character or DEL: retraining's numpy and pandas string handling stops at or
+# drops a NUL, so "x\0a" and "x\0b" would be two users to the job and one (or a crash) to retraining.
+ID_CONTROL_CHARACTERS = r"[\u0000-\u001f\u007f]"
+_ID_CONTROL = re.compile(ID_CONTROL_CHARACTERS)
 
 # name -> (JSON type, required, description)
 FIELDS: dict[str, tuple[str, bool, str]] = {
     "schema": ("integer", True, f"contract version; this code reads {EVENT_SCHEMA}"),
-    "user_id": ("string", True, f"raw user id, 1-{MAX_ID_CHARS} characters; also the Kafka key"),
-    "item_id": ("string", True, f"raw item id, 1-{MAX_ID_CHARS} characters, as in the model's vocabulary"),
+    "user_id": ("string", True, f"raw user id, 1-{MAX_ID_CHARS} characters, no control characters; also the Kafka key"),
+    "item_id": ("string", True, f"raw item id, 1-{MAX_ID_CHARS} characters, no control characters, as in the model's vocabulary"),
     "event_type": ("string", True, f"one of {', '.join(EVENT_TYPES)}"),
     "event_time_ms": ("integer", True, "when the behaviour happened, ms since the Unix epoch; at most an hour after the record's Kafka timestamp"),
-    "event_id": ("string", False, "unique id of this event; a redelivered event with the same id is ignored"),
+    "event_id": ("string", False, f"unique id of this event, at most {MAX_ID_CHARS} characters, no control characters; a redelivered event with the same id is ignored"),
     "profile": ("object", False, f"user profile fields (e.g. gender, age, occupation) -> string values, at most {MAX_MAP_ENTRIES}"),
     "side": ("object", False, f"other side fields -> string or number values, at most {MAX_MAP_ENTRIES}; carried, not modelled"),
 }
@@ -88,8 +94,8 @@ def encode_event(event: BehaviourEvent, max_bytes: int = MAX_EVENT_BYTES, produc
 
 def _string_id(obj: dict, name: str) -> str:
     value = obj[name]
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
-        raise EventError(f"{name} must be a string of 1-{MAX_ID_CHARS} characters, got {value!r:.80}")
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS or _ID_CONTROL.search(value):
+        raise EventError(f"{name} must be a string of 1-{MAX_ID_CHARS} characters without control characters (U+0000-U+001F, U+007F), got {value!r:.80}")
     return value
 
 
@@ -130,8 +136,8 @@ def parse_event(raw: bytes, max_bytes: int = MAX_EVENT_BYTES) -> BehaviourEvent:
     if isinstance(time_ms, bool) or not isinstance(time_ms, int) or not 0 <= time_ms < MAX_TIME_MS:
         raise EventError(f"event_time_ms must be an integer number of ms since the epoch, got {time_ms!r:.40}")
     event_id = obj.get("event_id", "")
-    if not isinstance(event_id, str) or len(event_id) > MAX_ID_CHARS:
-        raise EventError(f"event_id must be a string of at most {MAX_ID_CHARS} characters")
+    if not isinstance(event_id, str) or len(event_id) > MAX_ID_CHARS or _ID_CONTROL.search(event_id):
+        raise EventError(f"event_id must be a string of at most {MAX_ID_CHARS} characters without control characters (U+0000-U+001F, U+007F)")
     return BehaviourEvent(
         user_id=_string_id(obj, "user_id"),
         item_id=_string_id(obj, "item_id"),
@@ -148,19 +154,30 @@ def record_key(raw: bytes | None) -> str | None:
     return None if raw is None else raw.decode("utf-8", "replace")
 
 
-def accept_record(key: str | None, value: bytes | None, max_bytes: int = MAX_EVENT_BYTES, produced_ms: int | None = None) -> BehaviourEvent:
+def accept_record(key: str | None, value: bytes | None, max_bytes: int = MAX_EVENT_BYTES, produced_ms: int | None = None,
+                  now_ms: int | None = None) -> BehaviourEvent:
     """The job's acceptance rule for one Kafka record (key decoded as UTF-8, `produced_ms` its Kafka
-    timestamp): a valid event keyed by its own user id and not dated more than MAX_AHEAD_MS after it
-    entered Kafka, else EventError with the dead-letter reason. Whoever reads the events topic
-    besides the job (retraining, the online judge) applies this, so all take the same events."""
+    timestamp): a valid event keyed by its own user id, not dated more than MAX_AHEAD_MS after it
+    entered Kafka, which was not more than MAX_AHEAD_MS after the reader's clock (`now_ms`, default
+    now), else EventError with the dead-letter reason. Whoever reads the events topic besides the
+    job (retraining, the online judge) applies this, so all take the same events (a record stamped
+    between one hour and the reader's delay ahead excepted: refused by the job, taken by later readers)."""
     event = parse_event(value or b"", max_bytes)
     if event.user_id != key:
         raise EventError(f"Kafka key {key!r:.80} differs from user_id {event.user_id!r:.80}; producers key events by user id")
-    _check_not_ahead(event, produced_ms)
+    _check_not_ahead(event, produced_ms, now_ms)
     return event
 
 
-def _check_not_ahead(event: BehaviourEvent, produced_ms: int | None) -> None:
+def _check_not_ahead(event: BehaviourEvent, produced_ms: int | None, now_ms: int | None = None) -> None:
+    if now_ms is None:
+        now_ms = int(time.time() * 1000)
+    if produced_ms is not None and produced_ms > now_ms + MAX_AHEAD_MS:
+        # a producer stamping its records (CreateTime) in microseconds, or with a clock far ahead: the
+        # window's lateness follows min(event time, record time), so it would make the user's later
+        # events late as an event dated ahead would (below)
+        raise EventError(f"the record's Kafka timestamp {produced_ms} is more than {MAX_AHEAD_MS // 60_000} min after this reader's clock "
+                         f"({now_ms}); producers stamp records with their send time in milliseconds since the epoch", kind="future")
     if produced_ms is not None and produced_ms > 0 and event.event_time_ms > produced_ms + MAX_AHEAD_MS:
         # e.g. microseconds sent as milliseconds: applied, it would make every later real event of the
         # user "late" (the window follows its newest event time) until its state and record expired
@@ -177,6 +194,9 @@ def json_schema() -> dict:
     for name in ("user_id", "item_id"):
         properties[name].update(minLength=1, maxLength=MAX_ID_CHARS)
     properties["event_id"]["maxLength"] = MAX_ID_CHARS
+    # not a match anywhere: "^[^...]*$" would pass "a\n" to validators whose "$" matches before a final newline (Python's)
+    for name in ("user_id", "item_id", "event_id"):
+        properties[name]["not"] = {"pattern": ID_CONTROL_CHARACTERS}
     for name, value_type in (("profile", "string"), ("side", ["string", "number"])):  # _string_map's rules
         properties[name].update(maxProperties=MAX_MAP_ENTRIES, propertyNames={"maxLength": MAX_ID_CHARS},
                                 additionalProperties={"type": value_type, "maxLength": MAX_ID_CHARS})  # maxLength: strings only

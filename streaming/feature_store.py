@@ -117,7 +117,10 @@ def stored_fields(record: InterestRecord) -> dict[bytes, bytes]:
     return {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in encode(record).items()}
 
 
-OFFSET = re.compile(r"(\d+:\d+)?")  # "partition:offset" of the event that made the window, "" for none
+# "partition:offset" of the event that made the window, "" for none: a Kafka partition is an int32,
+# an offset an int64 (a longer run of digits would fail the job's int() or its state's orjson)
+OFFSET = re.compile(r"([0-9]{1,10}:[0-9]{1,19})?")
+INT64 = range(-(2**63), 2**63)  # the times: the job's window state (orjson) and Flink's timers take no more
 
 
 def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
@@ -138,19 +141,22 @@ def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
             raise RecordError(f"user {user_id}: the window must be a list of item ids (strings)")
         if not isinstance(profile, dict) or not all(isinstance(v, str) for v in profile.values()):
             raise RecordError(f"user {user_id}: the profile must be an object of strings")
-        if not isinstance(profile_ms, dict) or not all(type(v) is int for v in profile_ms.values()):
-            raise RecordError(f"user {user_id}: profile_ms must be an object of event times (integers)")
+        if not isinstance(profile_ms, dict) or not all(type(v) is int and v in INT64 for v in profile_ms.values()):
+            raise RecordError(f"user {user_id}: profile_ms must be an object of event times (64-bit integers)")
+        times = {name: int(fields[name.encode()]) for name in ("last_event_ms", "updated_ms")}
+        times["vouched_ms"] = int(fields.get(b"vouched_ms", -1))
+        for name, value in times.items():
+            if value not in INT64:
+                raise RecordError(f"user {user_id}: {name} {str(value):.40} is no 64-bit time in ms")
         return InterestRecord(
             user_id=user_id,
             model_version=fields[b"model_version"].decode(),
             interests=np.frombuffer(raw, dtype="<f4").reshape(k, dim).astype(np.float32),
             window=tuple(window),
-            last_event_ms=int(fields[b"last_event_ms"]),
             last_offset=last_offset,
-            updated_ms=int(fields[b"updated_ms"]),
             profile=profile,
-            vouched_ms=int(fields.get(b"vouched_ms", -1)),
             profile_ms=profile_ms,
+            **times,
         )
     except RecordError:
         raise
@@ -299,9 +305,16 @@ def redis_client(redis_config, timeout_s: float = 1.0):
             options["ssl_ca_certs"] = redis_config.ssl_cafile
     if not redis_config.cluster:
         return redis.Redis.from_url(redis_config.uri, **options)
+    # RedisCluster lets a rediss:// URL's scheme replace connection_class with plain SSLConnection (no
+    # host-name check), and its nodes take a connection class only when it is built from a URL: so the URL
+    # goes as redis:// and the connection class alone makes it TLS (the URI's query parameters still apply).
+    url = redis_config.uri
+    if url.startswith("rediss://"):
+        url = "redis://" + url.removeprefix("rediss://")
+        options.setdefault("connection_class", redis.SSLConnection)
     # One key per user and no command spans two users' keys, so a cluster client needs nothing
     # else: its pipelines split by slot owner, and its SCAN visits every primary.
-    return _ConnectOnFirstUse(lambda: redis.RedisCluster.from_url(redis_config.uri, **options))
+    return _ConnectOnFirstUse(lambda: redis.RedisCluster.from_url(url, **options))
 
 
 class RedisFeatureStore:

@@ -81,8 +81,11 @@ def _command(*argv, tmp_path, **variables):
     (["streaming", "backfill", "--settle-s", "-5"], {}, "-5 is below 0"),
     (["streaming", "run", "--restore", "/nonexistent/chk-3"], {}, "--restore /nonexistent/chk-3: no checkpoint there"),
     (["recall_service", "recall", "--user-id", "u", "--timeout", "-1"], {}, "-1 is below"),
+    (["recall_service", "recall", "--user-id", "u", "--n", "3000000000"], {}, "--n: 3000000000 is above 2147483647"),  # protobuf's int32
+    (["recall_service", "recall", "--user-id", "u", "--per-interest-n", "-3000000000"], {}, "--per-interest-n: -3000000000 is below 0"),
     (["recall_service", "recall", "--user-id", "u", "--tls-ca", "/nonexistent.pem"], {}, "--tls-ca /nonexistent.pem: cannot read it"),
     (["recall_service", "recall", "--user-id", "u", "--target", "127.0.0.1:1", "--timeout", "1"], {}, "no connection to the recall service at 127.0.0.1:1"),
+    (["infra", "exporter", "--port", "70000"], {}, "--port 70000: [monitoring].exporter_port (MINDSTREAM_MONITORING__EXPORTER_PORT) = 70000: must be in [0, 65535]"),
 ])
 def test_bad_settings_and_arguments_are_one_line_and_exit_2(argv, variables, says, tmp_path):
     result = _command(*argv, tmp_path=tmp_path, **variables)

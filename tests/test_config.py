@@ -243,6 +243,35 @@ def test_sasl_without_its_password_loads_for_the_processes_that_use_no_kafka():
             client_settings(kafka)
 
 
+def test_a_kafka_client_key_the_java_client_cannot_read_is_refused_with_the_command_that_converts_it(tmp_path):
+    """kafka-python takes a PKCS#1 key (BEGIN RSA PRIVATE KEY), the Flink job's Java client only
+    PKCS#8; an encrypted one would need a key password, which [kafka] has not."""
+    import shlex
+    import shutil
+    import subprocess
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed: cannot make a test key")
+    pkcs1, encrypted = tmp_path / "client-key.pem", tmp_path / "encrypted-key.pem"
+    subprocess.run(["openssl", "genrsa", "-traditional", "-out", str(pkcs1), "2048"], check=True, capture_output=True)
+    subprocess.run(["openssl", "pkcs8", "-topk8", "-in", str(pkcs1), "-out", str(encrypted), "-passout", "pass:secret"], check=True, capture_output=True)
+    assert b"BEGIN RSA PRIVATE KEY" in pkcs1.read_bytes() and b"BEGIN ENCRYPTED PRIVATE KEY" in encrypted.read_bytes()
+
+    def load(keyfile):
+        return load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_KAFKA__SECURITY_PROTOCOL": "SSL",
+                                    "MINDSTREAM_KAFKA__SSL_CERTFILE": str(tmp_path / "client-cert.pem"), "MINDSTREAM_KAFKA__SSL_KEYFILE": str(keyfile)})
+
+    with pytest.raises(ConfigError, match=r"MINDSTREAM_KAFKA__SSL_KEYFILE\) = .* holds a PEM key labelled 'ENCRYPTED PRIVATE KEY'"):
+        load(encrypted)
+    with pytest.raises(ConfigError, match=r"MINDSTREAM_KAFKA__SSL_KEYFILE\) = .* holds a PEM key labelled 'RSA PRIVATE KEY'") as refused:
+        load(pkcs1)
+    convert = str(refused.value).split("`")[1]
+    assert convert == f"openssl pkcs8 -topk8 -nocrypt -in {pkcs1} -out {pkcs1}.pk8"
+    subprocess.run(shlex.split(convert), check=True, capture_output=True)
+    assert b"BEGIN PRIVATE KEY" in Path(f"{pkcs1}.pk8").read_bytes() and load(f"{pkcs1}.pk8").kafka.ssl_keyfile == f"{pkcs1}.pk8"
+    assert load(tmp_path / "elsewhere.pem")  # not here: the recall service reads the settings without the Kafka key
+
+
 @pytest.mark.parametrize("value, disabled", [("", False), ("1", True), ("true", True), ("YES", True), ("on", True), ("0", False), ("false", False)])
 def test_the_gpu_switch_is_a_boolean(value, disabled):
     from infra.config import gpu_disabled
@@ -252,11 +281,17 @@ def test_the_gpu_switch_is_a_boolean(value, disabled):
     load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_DISABLE_GPU": value})  # a valid value passes the load
 
 
+SASL_PLAINTEXT = {"MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS": "broker-1.prod:9092", "MINDSTREAM_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                  "MINDSTREAM_KAFKA__SASL_MECHANISM": "PLAIN", "MINDSTREAM_KAFKA__SASL_USERNAME": "svc", "MINDSTREAM_KAFKA__SASL_PASSWORD": "pw"}
+
+
 @pytest.mark.parametrize("environ, warned", [
     ({"MINDSTREAM_REDIS__URI": "redis://redis.example.com:6379/0", "MINDSTREAM_REDIS__PASSWORD": "pw"}, "the Redis password goes to redis.example.com in clear text"),
     ({"MINDSTREAM_REDIS__URI": "redis://:pw@10.1.2.3:6379/0"}, "the Redis password goes to 10.1.2.3 in clear text"),
     ({"MINDSTREAM_MILVUS__URI": "http://milvus.example.com:19530", "MINDSTREAM_MILVUS__TOKEN": "root:Milvus"}, "the Milvus token goes to milvus.example.com in clear text"),
     ({"MINDSTREAM_MILVUS__URI": "http://root:Milvus@milvus:19530"}, "the Milvus token goes to milvus in clear text"),
+    ({**SASL_PLAINTEXT, "MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:9092,broker-1.prod:9092"},
+     "the Kafka password goes to broker-1.prod in clear text"),
     # TLS, loopback, a socket or a file: nothing crosses a network in clear
     ({"MINDSTREAM_REDIS__URI": "rediss://redis.example.com:6380/0", "MINDSTREAM_REDIS__PASSWORD": "pw"}, None),
     ({"MINDSTREAM_REDIS__URI": "redis://127.0.0.1:6379/0", "MINDSTREAM_REDIS__PASSWORD": "pw"}, None),
@@ -265,6 +300,9 @@ def test_the_gpu_switch_is_a_boolean(value, disabled):
     ({"MINDSTREAM_MILVUS__URI": "https://milvus.example.com", "MINDSTREAM_MILVUS__TOKEN": "root:Milvus"}, None),
     ({"MINDSTREAM_MILVUS__URI": "http://localhost:19530", "MINDSTREAM_MILVUS__TOKEN": "root:Milvus"}, None),
     ({"MINDSTREAM_MILVUS__TOKEN": "root:Milvus"}, None),  # Milvus Lite file
+    ({**SASL_PLAINTEXT, "MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS": "localhost:9092,[::1]:9093"}, None),
+    ({**SASL_PLAINTEXT, "MINDSTREAM_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512"}, None),  # a proof of the password, not the password
+    ({**SASL_PLAINTEXT, "MINDSTREAM_KAFKA__SASL_PASSWORD": ""}, None),  # a process that reaches no Kafka has no password to send
 ])
 def test_credentials_sent_in_clear_text_to_another_host_are_warned_about_once(environ, warned, caplog, monkeypatch):
     from infra import config as config_module

@@ -41,6 +41,13 @@ def test_round_trip_is_exact():
         # a window the job would seed and then fail on (a restart loop), or one that json cannot even nest
         (lambda f: f.update({b"last_offset": b"0:bench"}), "is not partition:offset"),
         (lambda f: f.update({b"window": b"[" * 100_000 + b"]" * 100_000}), "corrupt record"),
+        # numbers the job's state (orjson: 64 bits) or int() (4,300 digits) cannot take: a restart loop too
+        (lambda f: f.update({b"last_offset": b"0:" + b"9" * 5_000}), "is not partition:offset"),
+        (lambda f: f.update({b"last_offset": "0:\u0661".encode()}), "is not partition:offset"),  # a digit, to int(), but no Kafka offset
+        (lambda f: f.update({b"last_event_ms": str(2**70).encode()}), "last_event_ms .* is no 64-bit time"),
+        (lambda f: f.update({b"vouched_ms": str(2**63).encode()}), "vouched_ms .* is no 64-bit time"),
+        (lambda f: f.update({b"updated_ms": str(-(2**64)).encode()}), "updated_ms .* is no 64-bit time"),
+        (lambda f: f.update({b"profile_ms": b'{"age": 1180591620717411303424}'}), "profile_ms must be"),
     ],
 )
 def test_foreign_or_corrupt_records_are_refused(mutate, message):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from infra.cli import UserError
-from model_export.manifest import Manifest
+from model_export.manifest import Manifest, ManifestError
 from model_export.publish import alias_target, collection_name, connect, publish, publish_version, retire_unreferenced
 from model_export.registry import CurrentMovedError, ModelRegistry
 
@@ -308,6 +308,20 @@ def test_a_tampered_export_is_not_published(two_exports, tmp_path):
     with pytest.raises(Exception, match="does not match the manifest"):
         publish(broken, client, PREFIX, progress=lambda m: None)
     assert alias_target(client, PREFIX) is None
+
+
+@pytest.mark.parametrize("content, says", [
+    pytest.param(b"\xff\xfe{}", "manifest.json: not valid JSON", id="not UTF-8"),  # was a UnicodeDecodeError
+    pytest.param(json.dumps({
+        "schema": 1, "model_version": "v1", "model_kind": "mind", "dim": 4, "n_interests": 2, "maxlen": 5, "n_items": 3, "dataset": {},
+        "profile_fields": [], "inputs": [], "outputs": [], "metrics": {}, "created_at": "", "onnx_opset": 17,
+        "files": {role: {"path": 5 if role == "user_tower" else role, "sha256": "x", "bytes": 1} for role in ("user_tower", "item_vectors", "vocab")},
+    }).encode(), "the user_tower file 5 is not inside the export", id="a file path that is no string"),  # was a TypeError
+])
+def test_a_manifest_that_is_no_utf8_or_lists_a_path_that_is_no_string_is_the_manifests_own_error(tmp_path, content, says):
+    (tmp_path / "manifest.json").write_bytes(content)
+    with pytest.raises(ManifestError, match=says):
+        Manifest.load(tmp_path)
 
 
 def test_items_command_deactivates_in_every_version_and_later_publishes_keep_it(two_exports, tmp_path):

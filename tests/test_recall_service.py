@@ -533,6 +533,37 @@ def in_memory_server(tmp_path):
         server.stop(grace_s=0)
 
 
+def test_an_ipv6_host_is_bracketed_in_the_address_grpc_binds_and_dials():
+    from recall_service.channel import grpc_address
+
+    assert grpc_address("::1", 50051) == "[::1]:50051" and grpc_address("::", 0) == "[::]:0"
+    assert grpc_address("127.0.0.1", 50051) == "127.0.0.1:50051" and grpc_address("recall.internal", 443) == "recall.internal:443"
+
+
+def _has_ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1) to bind")
+def test_a_server_on_an_ipv6_host_answers_the_projects_client(in_memory_server):
+    from recall_service.channel import recall_channel
+
+    server, _, search = in_memory_server(host="::1", metrics_host="::1")
+    search.gate.set()
+    recall = dataclasses.replace(server.config.recall, port=server.port)
+    health = health_pb2_grpc.HealthStub(recall_channel(recall)).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert recall_pb2_grpc.RecallServiceStub(recall_channel(recall)).Recall(recall_pb2.RecallRequest(user_id="alice", n=5), timeout=5).items
+    assert urllib.request.urlopen(f"http://[::1]:{server.metrics_port}/metrics", timeout=5).status == 200
+
+
 def test_the_model_version_metric_names_the_model_that_answers_not_current(in_memory_server):
     """A published version that fails to load leaves the one loaded before answering: the metric names that one."""
     server, stub, _ = in_memory_server()

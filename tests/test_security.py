@@ -228,17 +228,41 @@ def test_kafka_security_settings_a_client_would_ignore_are_refused(settings, say
         KafkaConfig(**settings)
 
 
+def _cluster_node_connection(monkeypatch, uri: str):
+    """The connection a real RedisCluster of redis_client would open to one of its nodes: its node
+    manager (which would connect) is stopped when it is handed the nodes' connection settings."""
+    import redis.cluster
+
+    from streaming.feature_store import redis_client
+
+    handed = {}
+
+    class Stop(Exception):
+        pass
+
+    def stop(self, startup_nodes, **kwargs):
+        handed.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(redis.cluster.NodesManager, "__init__", stop)
+    with pytest.raises(Stop):
+        redis_client(RedisConfig(uri=uri, ssl_cafile="/etc/ca.pem", cluster=True)).ping()  # connects on first use
+    settings = {name: value for name, value in handed.items() if name.startswith("ssl_")}
+    return handed["connection_class"](host="redis-0.example", port=6380, **settings)
+
+
 def test_redis_tls_checks_the_host_name_for_a_cluster_too_unless_the_uri_says_otherwise(monkeypatch):
-    """RedisCluster drops an ssl_check_hostname option (redis-py 5): the check rides on the connection
-    class, which both clients take; a URI's own ssl_cert_reqs / ssl_check_hostname win, as redis-py lets them."""
+    """RedisCluster drops an ssl_check_hostname option and lets a rediss:// URL's scheme replace the
+    connection class (redis-py 5): the check must reach the nodes' connections all the same; a URI's own
+    ssl_cert_reqs / ssl_check_hostname win, as redis-py lets them."""
     import redis
 
     from streaming.feature_store import host_checked_ssl_connection, redis_client
 
-    made = {}
-    monkeypatch.setattr(redis.RedisCluster, "from_url", classmethod(lambda cls, url, **kw: made.update(kw) or "a cluster client"))
-    assert redis_client(RedisConfig(uri="rediss://10.0.0.5:6379/0", cluster=True)).upper() == "A CLUSTER CLIENT"  # connects on first use
-    assert made["connection_class"] is host_checked_ssl_connection() and made["ssl_cert_reqs"] == "required"
+    node = _cluster_node_connection(monkeypatch, "rediss://redis-0.example:6380/0")
+    assert isinstance(node, redis.SSLConnection) and node.check_hostname is True and node.ca_certs == "/etc/ca.pem"
+    node = _cluster_node_connection(monkeypatch, "rediss://redis-0.example:6380/0?ssl_cert_reqs=none")
+    assert isinstance(node, redis.SSLConnection) and node.cert_reqs == ssl.CERT_NONE  # still TLS, as the URI says
     assert host_checked_ssl_connection()(host="redis.example").check_hostname is True
     standalone = redis_client(RedisConfig(uri="rediss://redis.example:6380/0"))
     assert standalone.connection_pool.connection_class is host_checked_ssl_connection()
@@ -316,9 +340,15 @@ def test_redis_auth_and_tls_from_the_configuration(tmp_path):
         misnamed = TlsTerminator(elsewhere, elsewhere_key, server.port)
         try:
             # a certificate the CA file trusts, but for another host: refused before AUTH sends the password
+            admin = redis.Redis(port=server.port, password="pw")
+            auths = admin.info("commandstats")["cmdstat_auth"]["calls"]  # its own, once: it keeps its connection
             with pytest.raises(redis.ConnectionError, match="match|mismatch|hostname"):
                 RedisFeatureStore.from_config(RedisConfig(uri=f"rediss://localhost:{misnamed.port}/0", password="pw",
                                                           ssl_cafile=str(elsewhere))).get_many(["u1"])
+            with pytest.raises(redis.exceptions.RedisClusterException, match="mismatch"):  # a cluster client of the same settings
+                RedisFeatureStore.from_config(RedisConfig(uri=f"rediss://localhost:{misnamed.port}/0", password="pw",
+                                                          ssl_cafile=str(elsewhere), cluster=True)).get_many(["u1"])
+            assert admin.info("commandstats")["cmdstat_auth"]["calls"] == auths  # neither client sent AUTH (the password) to it
             uri = f"rediss://localhost:{terminator.port}/0"
             store = RedisFeatureStore.from_config(RedisConfig(uri=uri, password="pw", ssl_cafile=str(cert)), prefix="tls")
             store.put_many([record])
@@ -440,6 +470,22 @@ def test_milvus_tls_settings_need_an_https_server_and_a_readable_ca(tmp_path):
         client_options(MilvusConfig(uri="https://milvus:19530", tls_cafile=str(tmp_path / "missing.pem")))
     assert client_options(MilvusConfig(uri="https://milvus:19530", token="root:x", tls_server_name="milvus.internal")) == {
         "token": "root:x", "server_name": "milvus.internal"}
+
+
+def test_publish_to_another_milvus_warns_when_the_token_would_go_in_clear_text(tmp_path, monkeypatch, caplog):
+    """The configured https:// Milvus is replaced by --milvus-uri http://...: the warning load_config
+    gives such a configuration is given for the replaced one too (before the export is even read)."""
+    from infra import config as config_module
+    from model_export.__main__ import main
+
+    monkeypatch.setattr(config_module, "_warned", set())
+    for name, value in {"MINDSTREAM_CONFIG": "", "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path / "models"),
+                        "MINDSTREAM_MILVUS__URI": "https://milvus.prod:19530", "MINDSTREAM_MILVUS__TOKEN": "root:S3cret"}.items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level("WARNING", logger="infra.config"):
+        assert main(["publish", "--export-dir", str(tmp_path / "no-export"), "--milvus-uri", "http://10.0.0.9:19530"]) == 2
+    said = [r.getMessage() for r in caplog.records if r.name == "infra.config"]
+    assert len(said) == 1 and said[0].startswith("the Milvus token goes to 10.0.0.9 in clear text"), said
 
 
 def test_publish_to_another_milvus_drops_the_configured_servers_tls(two_exports, tmp_path):

@@ -35,7 +35,9 @@ def test_generated_config_is_read_back_by_the_typed_config(tmp_path):
     ports = {key: 20000 + i for i, key in enumerate(PORTS)}
     user = {"streaming": {"batch_max_users": 64}, "kafka": {"bootstrap_servers": "elsewhere:9092", "security_protocol": "PLAINTEXT"},
             # a container's settings in the user's file: the stack's own listeners stay on loopback all the same
-            "recall": {"host": "0.0.0.0", "metrics_host": "0.0.0.0"}, "monitoring": {"exporter_host": "0.0.0.0"}}
+            "recall": {"host": "0.0.0.0", "metrics_host": "0.0.0.0"}, "monitoring": {"exporter_host": "0.0.0.0"},
+            # production's Milvus over TLS: the stack's own server speaks plain http://
+            "milvus": {"uri": "https://milvus.prod:19530", "tls_cafile": str(tmp_path / "ca.pem"), "tls_server_name": "milvus.prod"}}
     layout.config_path.write_text(generated_config(user, layout, ports))
     config = load_config(layout.config_path, environ={})
     assert ports_of(config) == ports
@@ -138,7 +140,7 @@ def test_services_ignore_variables_that_would_move_the_stacks_addresses(tmp_path
     moving = ("MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS", "MINDSTREAM_RECALL__METRICS_HOST", "MINDSTREAM_MONITORING__EXPORTER_HOST",
               # production credentials in the shell: the stack's own servers speak none of them
               "MINDSTREAM_KAFKA__SECURITY_PROTOCOL", "MINDSTREAM_KAFKA__SASL_PASSWORD", "MINDSTREAM_REDIS__PASSWORD",
-              "MINDSTREAM_REDIS__CLUSTER", "MINDSTREAM_MILVUS__TOKEN")
+              "MINDSTREAM_REDIS__CLUSTER", "MINDSTREAM_MILVUS__TOKEN", "MINDSTREAM_MILVUS__TLS_CAFILE", "MINDSTREAM_MILVUS__TLS_SERVER_NAME")
     env = service_environment({**dict.fromkeys(moving, "0.0.0.0"), "MINDSTREAM_STREAMING__BATCH_MAX_USERS": "64", "PATH": "/bin"},
                               tmp_path / "mindstream.toml")
     assert not set(moving) & set(env)

@@ -51,6 +51,20 @@ def test_invalid_records_are_refused_with_a_reason(raw, kind):
     assert caught.value.kind == kind and str(caught.value)
 
 
+@pytest.mark.parametrize("field", ["user_id", "item_id", "event_id"])
+@pytest.mark.parametrize("control", ["\x00", "\t", "\x1f", "\x7f"])
+def test_an_id_with_a_control_character_is_refused_by_the_parser_and_the_schema(field, control):
+    """Retraining's numpy strings drop a trailing NUL and its pandas hashing stops at one: the users
+    "x\\0a" and "x\\0b" were two to the job, one to retraining, whose merge then failed for good."""
+    obj = {"schema": 1, "user_id": "u", "item_id": "i", "event_type": "click", "event_time_ms": 1, field: f"x{control}a"}
+    with pytest.raises(EventError, match="without control characters") as caught:
+        parse_event(json.dumps(obj).encode())
+    assert caught.value.kind == "invalid"
+    jsonschema = pytest.importorskip("jsonschema")
+    assert not jsonschema.Draft202012Validator(json_schema()).is_valid(obj)
+    assert parse_event(json.dumps({**obj, field: "x\u0080a"}).encode())  # C1 characters are no part of the rule
+
+
 def test_oversized_records_are_refused_before_parsing():
     raw = encode_event(event()) + b" " * 5000
     with pytest.raises(EventError, match="oversized") as caught:
@@ -949,6 +963,22 @@ def test_an_event_dated_over_an_hour_after_it_entered_kafka_is_refused_as_future
     assert accept_record("u1", value, produced_ms=-1).user_id == "u1"  # a record without a timestamp: not judged by it
 
 
+def test_a_record_stamped_over_an_hour_after_the_readers_clock_is_refused_as_future(monkeypatch):
+    """A producer stamping records and events alike in microseconds: the event is not ahead of its
+    record, but the vouched time (min of both) would make every later event of the user late."""
+    from streaming.events import MAX_AHEAD_MS, accept_record
+
+    now_ms = 1_700_000_000_000
+    value = encode_event(event(user="u1", t=now_ms * 1000))
+    with pytest.raises(EventError, match="Kafka timestamp .* more than 60 min after this reader's clock") as refused:
+        accept_record("u1", value, produced_ms=now_ms * 1000, now_ms=now_ms)
+    assert refused.value.kind == "future"
+    ahead = encode_event(event(user="u1", t=now_ms + MAX_AHEAD_MS))
+    assert accept_record("u1", ahead, produced_ms=now_ms + MAX_AHEAD_MS, now_ms=now_ms).event_time_ms == now_ms + MAX_AHEAD_MS
+    with pytest.raises(EventError, match="this reader's clock"):  # the reader's clock by default
+        accept_record("u1", value, produced_ms=int(time.time() * 1000) + MAX_AHEAD_MS + 60_000)
+
+
 def _keyed_function(monkeypatch, **overrides):
     """The job's keyed function itself (PyFlink's class, no cluster) with an in-memory store and state:
     (started(state values) -> (function, state), send(function, state, offset, user, item, at_ms=offset),
@@ -1033,6 +1063,24 @@ def test_what_left_the_window_before_a_lost_write_reaches_the_seen_set_after_a_r
     job, state = started(dict(state.values))
     list(job.on_timer(0, context(state, "u3")))
     assert set(store.seen["u3"]) == set("abcdefgh")
+
+
+def test_a_stored_record_with_numbers_the_state_cannot_hold_seeds_no_window_and_stops_no_job(monkeypatch):
+    """A record whose vouched time (or offset) is beyond 64 bits decoded, seeded the window, and failed
+    the job's state encoding on every replay of the user's event: a restart loop stalling every user."""
+    from prometheus_client import REGISTRY
+
+    started, send, context, store, tower, timers, settings = _keyed_function(monkeypatch)
+    job, state = started({})
+    send(job, state, 0, "u1", "a")
+    list(job.on_timer(0, context(state, "u1")))
+    store.rows["u1"][b"vouched_ms"] = str(2**70).encode()
+    unreadable = REGISTRY.get_sample_value("mindstream_stream_window_seeds_total", {"result": "unreadable"}) or 0.0
+    job, state = started({})  # no state: seeded from the store
+    send(job, state, 1, "u1", "b")
+    list(job.on_timer(0, context(state, "u1")))
+    assert UserWindow.from_state(state.values["u1"]).item_ids() == ("b",) and store.get_many(["u1"])[0].window == ("b",)
+    assert REGISTRY.get_sample_value("mindstream_stream_window_seeds_total", {"result": "unreadable"}) == unreadable + 1
 
 
 @pytest.mark.parametrize("first", ["a retry of the lost event", "a late event"])
