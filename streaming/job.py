@@ -22,6 +22,7 @@ JVM, so scale out with TaskManagers (see the README's scaling notes).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -311,6 +312,22 @@ def build_job(config: Config, restore_from: Path | str | None = None):
         **{f"properties.{k}": v for k, v in kafka_props.items()},
     }
     with_clause = ", ".join(f"'{k}' = '{_sql_string(v)}'" for k, v in options.items())
+    with kafka_secrets_hidden(kafka_props):  # a failure to create the source prints every table option
+        records = _event_records(t_env, with_clause)
+    dead_letters = records.key_by(lambda row: row[0] or "", key_type=Types.STRING()).process(
+        _user_windows_function(job_settings(config)), output_type=Types.STRING()).name("user-windows")
+    sink = KafkaSink.builder().set_bootstrap_servers(config.kafka.bootstrap_servers).set_record_serializer(
+        KafkaRecordSerializationSchema.builder().set_topic(config.kafka.dead_letter_topic).set_value_serialization_schema(SimpleStringSchema()).build()
+    ).set_delivery_guarantee(DeliveryGuarantee.AT_LEAST_ONCE)
+    for k, v in kafka_props.items():
+        if k != "bootstrap.servers":
+            sink = sink.set_property(k, v)
+    dead_letters.sink_to(sink.build()).name("dead-letters")
+    return env
+
+
+def _event_records(t_env, with_clause: str):
+    """The events topic as a stream of (user key, value, partition, offset, produced ms) rows."""
     t_env.execute_sql(f"""
         CREATE TABLE events (
             `user_key` STRING,
@@ -322,21 +339,32 @@ def build_job(config: Config, restore_from: Path | str | None = None):
     """)
     # Produce time and position are computed in SQL (Java): cheaper than per-record calls from Python.
     t_env.get_config().set("table.local-time-zone", "UTC")  # exact epoch ms through the string round trip
-    records = t_env.to_data_stream(t_env.sql_query("""
+    return t_env.to_data_stream(t_env.sql_query("""
         SELECT `user_key`, `value`, `partition`, `offset`,
                UNIX_TIMESTAMP(CAST(`produced` AS STRING)) * 1000 + EXTRACT(MILLISECOND FROM CAST(`produced` AS TIMESTAMP(3))) AS produced_ms
         FROM events
     """))
-    dead_letters = records.key_by(lambda row: row[0] or "", key_type=Types.STRING()).process(
-        _user_windows_function(job_settings(config)), output_type=Types.STRING()).name("user-windows")
-    sink = KafkaSink.builder().set_bootstrap_servers(config.kafka.bootstrap_servers).set_record_serializer(
-        KafkaRecordSerializationSchema.builder().set_topic(config.kafka.dead_letter_topic).set_value_serialization_schema(SimpleStringSchema()).build()
-    ).set_delivery_guarantee(DeliveryGuarantee.AT_LEAST_ONCE)
-    for k, v in kafka_props.items():
-        if k != "bootstrap.servers":
-            sink = sink.set_property(k, v)
-    dead_letters.sink_to(sink.build()).name("dead-letters")
-    return env
+
+
+# Java client properties whose values are secrets. Flink hides an option whose name says password,
+# secret, token or jaas.config in the table options it prints, but not the client's private key.
+SECRET_PROPERTIES = ("ssl.keystore.key", "sasl.jaas.config")
+
+
+@contextlib.contextmanager
+def kafka_secrets_hidden(kafka_props: dict[str, str]):
+    """Re-raises a failure inside as a RuntimeError whose message has the secret Kafka properties'
+    values (as given and as SQL-quoted) replaced, without the original attached (its message and
+    Java stack trace hold them)."""
+    try:
+        yield
+    except Exception as exc:
+        message = str(exc)
+        for name in SECRET_PROPERTIES:
+            if kafka_props.get(name):
+                for form in (kafka_props[name], _sql_string(kafka_props[name])):
+                    message = message.replace(form, f"[{name} hidden]")
+        raise RuntimeError(message) from None
 
 
 def _sql_string(value: str) -> str:

@@ -1135,3 +1135,21 @@ def test_a_job_that_flinks_cli_submits_keeps_the_addresses_it_was_given(tmp_path
     assert submitted["execution.state-recovery.path"] == (tmp_path / "chk-1").as_uri()
     assert {k: v for k, v in submitted.items() if k != "execution.state-recovery.path"} == {
         k: v for k, v in local.items() if not k.startswith(("rest.", "jobmanager.", "taskmanager.", "web."))}
+
+
+def test_a_failure_building_the_kafka_source_names_no_secret_of_its_options():
+    """Flink prints every table option when it cannot create a source, hiding passwords and JAAS
+    settings but not the client's private key, which the job passes inline."""
+    from streaming.job import _sql_string, kafka_secrets_hidden
+
+    key = "-----BEGIN PRIVATE KEY-----\nMIIE'secret\n-----END PRIVATE KEY-----\n"
+    jaas = 'org.apache.kafka.common.security.scram.ScramLoginModule required username="u" password="pw";'
+    props = {"ssl.keystore.key": key, "sasl.jaas.config": jaas, "ssl.keystore.certificate.chain": "CERT"}
+    with pytest.raises(RuntimeError) as failed:
+        with kafka_secrets_hidden(props):
+            raise ValueError(f"Unable to create a source. Table options are: 'properties.ssl.keystore.key'='{_sql_string(key)}' "
+                             f"'properties.sasl.jaas.config'='{_sql_string(jaas)}' 'properties.ssl.keystore.certificate.chain'='CERT' / {key}")
+    message = str(failed.value)
+    assert "BEGIN PRIVATE KEY" not in message and "secret" not in message and 'password="pw"' not in message
+    assert "Unable to create a source" in message and "[ssl.keystore.key hidden]" in message and "CERT" in message
+    assert failed.value.__cause__ is None and failed.value.__suppress_context__  # the original, key and all, is not attached
