@@ -47,8 +47,12 @@ FIELDS: dict[str, tuple[str, bool, str]] = {
 }
 
 
-# The classes of invalid records (the dead-letter reason label; the job adds "late" for valid events)
+# The classes of invalid records (the dead-letter reason label)
 EVENT_ERROR_KINDS = ("oversized", "malformed", "unknown_field", "missing_field", "invalid", "future")
+# The job's reasons for valid events it does not apply: too late for the user's window, or its
+# application failed (a bug or an unreadable state: logged with the traceback)
+LATE, INTERNAL = "late", "internal"
+DEAD_LETTER_REASONS = (*EVENT_ERROR_KINDS, LATE, INTERNAL)
 
 
 class EventError(ValueError):

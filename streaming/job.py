@@ -4,7 +4,8 @@
     key_by(Kafka key = user id) --> UserWindows: parse + validate, apply to the user's window,
         queue the window for the next micro-batch, flush by size or by a timer
         --> InterestWriter: one ONNX user-tower call per batch, one pipelined Redis write
-    dead letters (invalid, oversized, future, late records, with the reason) --KafkaSink--> dead-letter topic
+    dead letters (invalid, oversized, future, late records, with the reason; events whose application
+        failed, as `internal`) --KafkaSink--> dead-letter topic
 
 Exactly-once in the windows: the window lives in Flink keyed state and the source offsets in
 the same checkpoint, so a restore rewinds both together and the replay is deduplicated by the
@@ -79,7 +80,7 @@ def _user_windows_function(settings: dict):
     from infra.config import RedisConfig
     from model_export.registry import ModelRegistry
     from streaming import metrics
-    from streaming.events import EventError, accept_record
+    from streaming.events import INTERNAL, LATE, EventError, accept_record
     from streaming.feature_store import RedisFeatureStore
     from streaming.interest_writer import InterestWriter, RegistryTowers, dead_letter
     from streaming.window import Applied, UserWindow, apply_to_state
@@ -117,17 +118,27 @@ def _user_windows_function(settings: dict):
                 metrics.DEAD_LETTERS.labels(exc.kind).inc()
                 yield dead_letter(str(exc), exc.kind, value or b"", partition, offset, produced_ms, settings["events_topic"])
                 return
-            update = apply_to_state(self.state.value(), event, settings["window_length"], settings["allowed_lateness_ms"],
-                                    f"{partition}:{offset}", self.seed, produced_ms, self.process_id,
-                                    pending.oldest_seen_ms if (pending := self.writer.pending.get(key)) else None)
+            try:
+                update = apply_to_state(self.state.value(), event, settings["window_length"], settings["allowed_lateness_ms"],
+                                        f"{partition}:{offset}", self.seed, produced_ms, self.process_id,
+                                        pending.oldest_seen_ms if (pending := self.writer.pending.get(key)) else None)
+            except Exception as exc:  # noqa: BLE001 - a bug or an unreadable state, not the store (seeding retries it)
+                # Failing the job would replay this record after the restart and fail again, stalling
+                # every user (a poison pill): the record is set aside with the error, as a dead letter
+                # that can be replayed once the cause is fixed, and the user's state is left as it was.
+                log.exception("event at %s:%s of user %.80r not applied", partition, offset, key)
+                metrics.DEAD_LETTERS.labels(INTERNAL).inc()
+                reason = f"internal: {type(exc).__name__}: {exc}"[:1000]
+                yield dead_letter(reason, INTERNAL, value, partition, offset, produced_ms, settings["events_topic"])
+                return
             if update.state is not None:
                 self.state.update(update.state)
             outcome = update.outcome
             self.applied[outcome].inc()
             if outcome is Applied.LATE:
-                metrics.DEAD_LETTERS.labels("late").inc()
+                metrics.DEAD_LETTERS.labels(LATE).inc()
                 reason = f"late: event time {event.event_time_ms} is more than {settings['allowed_lateness_ms']} ms behind this user's newest {update.window.vouched_ms}"
-                yield dead_letter(reason, "late", value, partition, offset, produced_ms, settings["events_topic"])
+                yield dead_letter(reason, LATE, value, partition, offset, produced_ms, settings["events_topic"])
             # ADDED: a new window and its behaviour for the seen set; EVICTED: valid but older than a
             # full window, so the user's seen set only; and what left the window under a process that died
             added = outcome is Applied.ADDED

@@ -13,7 +13,7 @@ from collections import Counter as Tally
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from streaming.events import EVENT_ERROR_KINDS
+from streaming.events import DEAD_LETTER_REASONS
 from streaming.window import Applied
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ MODEL_INFO = Gauge("mindstream_stream_model_info", "A user tower in use by some 
 LAST_WRITE = Gauge("mindstream_stream_last_write_timestamp_seconds", "Wall-clock time of the newest feature-store write")
 # Every known label value exported from the start at 0: a series born at 1 has no increase for
 # Prometheus, so a one-off failed reload or the first dead letter of a kind would alert on nothing.
-for _reason in (*EVENT_ERROR_KINDS, "late"):
+for _reason in DEAD_LETTER_REASONS:
     DEAD_LETTERS.labels(_reason)
 for _outcome in Applied:
     EVENTS_APPLIED.labels(_outcome.value)

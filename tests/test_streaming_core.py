@@ -1083,6 +1083,27 @@ def test_a_stored_record_with_numbers_the_state_cannot_hold_seeds_no_window_and_
     assert REGISTRY.get_sample_value("mindstream_stream_window_seeds_total", {"result": "unreadable"}) == unreadable + 1
 
 
+def test_an_event_whose_application_fails_is_dead_lettered_and_stops_no_job(monkeypatch):
+    """An unreadable window state (or a bug applying the event) failed the job, and the restart
+    replayed the same record into the same failure: every user stalled. The record goes to the
+    dead-letter topic as `internal`, counted, with the error; the user's state is left as it was and
+    other users' events go on."""
+    from prometheus_client import REGISTRY
+
+    started, send, context, store, tower, timers, settings = _keyed_function(monkeypatch)
+    job, state = started({"u1": "{not a window"})
+    internal = REGISTRY.get_sample_value("mindstream_stream_dead_letters_total", {"reason": "internal"})
+    letters = send(job, state, 0, "u1", "a")
+    assert len(letters) == 1 and state.values["u1"] == "{not a window"
+    letter = json.loads(letters[0])
+    assert letter["kind"] == "internal" and letter["reason"].startswith("internal: JSONDecodeError") and letter["offset"] == 0
+    assert parse_event(letter["value"].encode()).item_id == "a"  # the event itself, to replay once fixed
+    assert REGISTRY.get_sample_value("mindstream_stream_dead_letters_total", {"reason": "internal"}) == internal + 1
+    assert send(job, state, 1, "u2", "b") == []
+    list(job.on_timer(0, context(state, "u2")))
+    assert store.get_many(["u2"])[0].window == ("b",)
+
+
 @pytest.mark.parametrize("first", ["a retry of the lost event", "a late event"])
 def test_a_restored_users_first_event_redoes_its_lost_record_whatever_its_outcome(monkeypatch, first):
     """The record's write of b died with the process; the restored user's first event is no new
