@@ -16,7 +16,6 @@ Records the job would dead-letter (malformed, unknown fields, ...) are counted a
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 import typing
@@ -26,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from infra.cli import UserError
 from infra.config import ConfigError, StartOffsets
 from infra.files import write_atomically
 from streaming.events import MAX_EVENT_BYTES, BehaviourEvent, EventError, accept_record, record_key
+from streaming.kafka_clients import group_consumer, records_before, topic_partitions, unread
 
 LOG_FILE = "event_log.npz"
 START_POLICIES = typing.get_args(StartOffsets)
@@ -102,9 +101,9 @@ class ReadReport:
 def pending_events(kafka, topic: str, group: str, offsets: dict[int, int], start: str = "earliest") -> tuple[int, dict[int, int]]:
     """How many records wait on the topic after `offsets` (the scheduler's trigger), and the offset
     each partition was counted from (partition -> offset; `start` decides for unrecorded ones)."""
-    consumer = _consumer(kafka, group)
+    consumer = group_consumer(kafka, group)
     try:
-        partitions = _partitions(consumer, topic)
+        partitions = topic_partitions(consumer, topic)
         starts, _ = _start_offsets(consumer, partitions, offsets, start)
         ends = consumer.end_offsets(partitions)
         return sum(max(0, ends[tp] - starts[tp]) for tp in partitions), {tp.partition: starts[tp] for tp in partitions}
@@ -123,9 +122,9 @@ def read_new_events(kafka, topic: str, group: str, offsets: dict[int, int], star
     `max_event_bytes` is the job's [streaming].max_event_bytes.
     """
     started = time.perf_counter()
-    consumer = _consumer(kafka, group)
+    consumer = group_consumer(kafka, group)
     try:
-        partitions = _partitions(consumer, topic)
+        partitions = topic_partitions(consumer, topic)
         starts, gaps = _start_offsets(consumer, partitions, offsets, start)
         ends = consumer.end_offsets(partitions)
         consumer.assign(partitions)
@@ -139,27 +138,21 @@ def read_new_events(kafka, topic: str, group: str, offsets: dict[int, int], star
         rejected: Counter = Counter()
         read = 0
         last_report = time.monotonic()
-        deadline = time.monotonic() + timeout_s
-        # the consumer's own position, not the last record's: it also moves past offsets that hold no
-        # record (transaction markers, compacted records), which would otherwise keep the loop waiting
-        while read < total and any(consumer.position(tp) < ends[tp] for tp in partitions):
-            if time.monotonic() > deadline:
-                print(f"warning: read {read:,} of {total:,} records of {topic} in {timeout_s:.0f} s (is the broker at "
-                      f"{kafka.bootstrap_servers} slow?): the rest is read by the next retraining", file=sys.stderr, flush=True)
+        for tp, record in records_before(consumer, ends, timeout_s):
+            position[tp] = record.offset + 1
+            read += 1
+            try:
+                events.append(accept_record(record_key(record.key), record.value, max_event_bytes, record.timestamp))
+            except EventError as exc:
+                rejected[exc.kind] += 1
+            if read >= total:
                 break
-            for tp, records in consumer.poll(timeout_ms=500, max_records=5000).items():
-                for record in records:
-                    if record.offset >= ends[tp] or read >= total:
-                        continue
-                    position[tp] = record.offset + 1
-                    read += 1
-                    try:
-                        events.append(accept_record(record_key(record.key), record.value, max_event_bytes, record.timestamp))
-                    except EventError as exc:
-                        rejected[exc.kind] += 1
             if progress and time.monotonic() - last_report > 2:
                 print(f"  read {read:,}/{total:,} new events", file=sys.stderr, flush=True)
                 last_report = time.monotonic()
+        if read < total and unread(consumer, ends):
+            print(f"warning: read {read:,} of {total:,} records of {topic} in {timeout_s:.0f} s (is the broker at "
+                  f"{kafka.bootstrap_servers} slow?): the rest is read by the next retraining", file=sys.stderr, flush=True)
         return ReadReport(events, {tp.partition: position[tp] for tp in partitions}, rejected, time.perf_counter() - started, gaps)
     finally:
         consumer.close()
@@ -170,7 +163,7 @@ def commit_offsets(kafka, topic: str, group: str, offsets: dict[int, int]) -> No
     from kafka import TopicPartition
     from kafka.structs import OffsetAndMetadata
 
-    consumer = _consumer(kafka, group)
+    consumer = group_consumer(kafka, group)
     try:
         try:
             consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
@@ -178,30 +171,6 @@ def commit_offsets(kafka, topic: str, group: str, offsets: dict[int, int]) -> No
             consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "") for p, o in offsets.items()})
     finally:
         consumer.close()
-
-
-def _consumer(kafka, group: str):
-    from kafka import KafkaConsumer
-
-    from streaming.kafka_clients import python_client_options
-
-    logging.getLogger("kafka").setLevel(logging.WARNING)
-    return KafkaConsumer(group_id=group, enable_auto_commit=False, auto_offset_reset="earliest", consumer_timeout_ms=1000,
-                         **python_client_options(kafka))
-
-
-def _partitions(consumer, topic: str) -> list:
-    from kafka import TopicPartition
-
-    ids = None
-    deadline = time.monotonic() + 10
-    while not ids and time.monotonic() < deadline:
-        ids = consumer.partitions_for_topic(topic)
-        if not ids:
-            time.sleep(0.2)
-    if not ids:
-        raise UserError(f"topic {topic!r} not found: create it with `python -m streaming topics` (or start the stack)")
-    return [TopicPartition(topic, p) for p in sorted(ids)]
 
 
 def _start_offsets(consumer, partitions: list, offsets: dict[int, int], start: str) -> tuple[dict, list[str]]:

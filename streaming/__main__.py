@@ -10,6 +10,8 @@ from pathlib import Path
 
 from infra.cli import UserError, at_least, run_command
 from infra.config import load_config
+from streaming.events import DEAD_LETTER_REASONS, INTERNAL
+from streaming.redrive import DEFAULT_GROUP, redrive
 
 
 def cmd_schema(args) -> int:
@@ -127,6 +129,15 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_redrive(args) -> int:
+    config = load_config()
+    report = redrive(config, set(args.reason or [INTERNAL]), args.group, args.dry_run, args.timeout_s, progress=not args.quiet)
+    print(json.dumps({"dry_run": args.dry_run, "group": args.group, **report.summary()}, indent=2))
+    if not report.complete:
+        print(f"warning: the dead-letter topic was not read to its end in {args.timeout_s:.0f} s: run redrive again for the rest", file=sys.stderr)
+    return 0
+
+
 def cmd_poison(args) -> int:
     from streaming.bench import run_poison
 
@@ -168,6 +179,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep passing this long after the start, while the job may still write with the old tower (default: 2 x [streaming].model_poll_s + 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_backfill)
+
+    p = sub.add_parser("redrive", help="send dead letters of chosen reasons (default: internal) back to the events topic once their cause is fixed",
+                       description="Reads [kafka].dead_letter_topic from the group's committed offsets up to its end offsets seen at the "
+                       "start, and sends the original value of each letter of the chosen reasons to [kafka].events_topic again, keyed by its "
+                       "user id, if the job's rule takes it now (counted as still_invalid otherwise); then commits the group's offsets.")
+    p.add_argument("--reason", action="append", choices=DEAD_LETTER_REASONS, default=None,
+                   help="a dead-letter reason to send again; repeat for more (default: internal, the events the job failed to apply)")
+    p.add_argument("--group", default=DEFAULT_GROUP, help=f"consumer group that keeps the redrive's progress (default: {DEFAULT_GROUP})")
+    p.add_argument("--dry-run", action="store_true", help="count what would be sent; send and commit nothing")
+    p.add_argument("--timeout-s", type=at_least(1, float), default=600.0, help="stop reading after this long (the next run goes on)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_redrive)
 
     p = sub.add_parser("bench", help="throughput, memory, freshness vs the bare broker, and parity with offline ONNX (starts its own stack)")
     p.add_argument("--export-dir", default=None, help="user tower to serve (default: the registry's current model, else the main command's export under [paths].artifacts_dir)")

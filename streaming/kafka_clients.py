@@ -62,3 +62,60 @@ def java_client_properties(kafka) -> dict[str, str]:
 def _jaas_quoted(value: str) -> str:
     """A JAAS option value inside double quotes: a quote or backslash in a password must not end it early."""
     return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+# ----------------------------------------------------------------------------- bounded reads of a topic
+
+
+def group_consumer(kafka, group: str):
+    """A kafka-python consumer of `group` that commits only when told: for reads that end (retraining's
+    event log, the dead-letter redrive), which assign their partitions and seek themselves."""
+    import logging
+
+    from kafka import KafkaConsumer
+
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    return KafkaConsumer(group_id=group, enable_auto_commit=False, auto_offset_reset="earliest", consumer_timeout_ms=1000,
+                         **python_client_options(kafka))
+
+
+def topic_partitions(consumer, topic: str) -> list:
+    """The topic's partitions (TopicPartition), waiting up to 10 s for its metadata; a missing topic
+    is a UserError that says how to create it."""
+    import time
+
+    from kafka import TopicPartition
+
+    from infra.cli import UserError
+
+    ids = None
+    deadline = time.monotonic() + 10
+    while not ids and time.monotonic() < deadline:
+        ids = consumer.partitions_for_topic(topic)
+        if not ids:
+            time.sleep(0.2)
+    if not ids:
+        raise UserError(f"topic {topic!r} not found: create it with `python -m streaming topics` (or start the stack)")
+    return [TopicPartition(topic, p) for p in sorted(ids)]
+
+
+def records_before(consumer, ends: dict, timeout_s: float):
+    """Yields (TopicPartition, record) for the assigned partitions' records below `ends` (partition ->
+    offset: the end offsets seen when the read began, so a read always ends), then returns, or
+    returns after `timeout_s` (the caller tells by the positions: `unread(consumer, ends)`). The end
+    is judged by the consumer's own position, not the last record's offset: a position also moves
+    past offsets that hold no record (transaction markers, compacted records), which would
+    otherwise keep the read waiting."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while unread(consumer, ends) and time.monotonic() < deadline:
+        for tp, records in consumer.poll(timeout_ms=500, max_records=5000).items():
+            for record in records:
+                if record.offset < ends[tp]:
+                    yield tp, record
+
+
+def unread(consumer, ends: dict) -> bool:
+    """Whether some assigned partition's position is still below its end."""
+    return any(consumer.position(tp) < end for tp, end in ends.items())

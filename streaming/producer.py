@@ -43,7 +43,12 @@ class EventProducer:
         # an hour ahead of it, e.g. microseconds sent as milliseconds, is dead-lettered as "future").
         produced_ms = int(time.time() * 1000)
         value = encode_event(event, self.max_event_bytes, produced_ms)  # first: it refuses a user id that is no UTF-8 text as an EventError
-        future = self.producer.send(self.topic, key=event.user_id.encode(), value=value, timestamp_ms=produced_ms)
+        return self.send_encoded(event.user_id, value, produced_ms)
+
+    def send_encoded(self, user_id: str, value: bytes, produced_ms: int):
+        """Queues an encoded event of `user_id` that the job's rule (`accept_record`) takes from a
+        record stamped `produced_ms` (a dead letter's original value: streaming/redrive.py)."""
+        future = self.producer.send(self.topic, key=user_id.encode(), value=value, timestamp_ms=produced_ms)
         self.sent += 1
         return future
 

@@ -371,7 +371,7 @@ def test_the_schedule_counts_every_event_the_current_version_was_not_trained_on(
     log.append([event(f"u{i}", "a", i, f"e{i}") for i in range(logged)], {0: logged} if logged else {})
     log.save(config.retrain.state_dir)
     topic = OnePartitionTopic(end=5_000 if start_offsets == "latest" else logged, grow=60)
-    monkeypatch.setattr(model_export.event_log, "_consumer", lambda kafka, group: topic)
+    monkeypatch.setattr(model_export.event_log, "group_consumer", lambda kafka, group: topic)
     fired_at = []  # the topic's end as the look that found a retraining due saw it
     monkeypatch.setattr(model_export.retrain, "retrain_once", lambda config, publish_model, progress: fired_at.append(topic.end - topic.grow) or {"status": "published"})
     run_schedule(config, poll_s=0, runs=1, progress=False)
@@ -388,7 +388,7 @@ def test_the_schedule_leaves_the_log_to_a_retraining_that_holds_the_state_folder
 
     config = scheduler_config(tmp_path, two_exports[0], "latest")
     topic = OnePartitionTopic(end=5_000, grow=600)
-    monkeypatch.setattr(model_export.event_log, "_consumer", lambda kafka, group: topic)
+    monkeypatch.setattr(model_export.event_log, "group_consumer", lambda kafka, group: topic)
     monkeypatch.setattr(model_export.retrain, "retrain_once", lambda config, publish_model, progress: {"status": "published"})
     config.retrain.state_dir.mkdir(parents=True)
     other = open(config.retrain.state_dir / ".retrain.lock", "w")
@@ -450,11 +450,11 @@ def test_offsets_without_records_end_the_read_and_a_slow_read_keeps_what_it_read
 
     kafka = SimpleNamespace(bootstrap_servers="127.0.0.1:1")
     markers = CountingConsumer(records(10, empty={4, 9}), per_poll=3)  # a marker at the end too
-    monkeypatch.setattr(event_log, "_consumer", lambda kafka, group: markers)
+    monkeypatch.setattr(event_log, "group_consumer", lambda kafka, group: markers)
     read = event_log.read_new_events(kafka, "events", "g", {}, timeout_s=30, progress=False)
     assert len(read.events) == 8 and read.offsets == {0: 9}
     assert markers.polls == 3  # the polls that hand out the 8 records (offsets 0-2, 3-6, 7-9): none waiting for offset 9
-    monkeypatch.setattr(event_log, "_consumer", lambda kafka, group: FakeTopicConsumer(records(100), per_poll=5, poll_s=0.05))
+    monkeypatch.setattr(event_log, "group_consumer", lambda kafka, group: FakeTopicConsumer(records(100), per_poll=5, poll_s=0.05))
     partial = event_log.read_new_events(kafka, "events", "g", {}, timeout_s=0.3, progress=False)
     assert 0 < len(partial.events) < 100 and partial.offsets == {0: len(partial.events)}  # the next run reads on from there
 

@@ -182,7 +182,7 @@ def test_retraining_takes_exactly_the_records_the_job_accepts(monkeypatch):
     # (key, value, Kafka timestamp): the last one is dated over an hour after it entered Kafka
     records = [(b"42", values[0], 1_000), (None, values[1], 1_000), (b"7", values[1], 1_000), (b"42", None, 1_000), (b"42", values[1], -1),
                (b"42", values[2], 1_000)]
-    monkeypatch.setattr(event_log, "_consumer", lambda kafka, group: FakeTopicConsumer(records))  # all in the first poll
+    monkeypatch.setattr(event_log, "group_consumer", lambda kafka, group: FakeTopicConsumer(records))  # all in the first poll
     read = event_log.read_new_events(None, "events", "group", {}, progress=False, max_event_bytes=8192)
     assert read.events == [big, event(user="42")] and read.offsets == {0: 6}  # a record without a timestamp (-1) is not judged by it
     assert read.rejected == {"invalid": 2, "malformed": 1, "future": 1}  # no key, another user's key (dead-lettered by the job), no value, future
