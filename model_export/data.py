@@ -35,7 +35,7 @@ from infra.files import sha256_of, write_atomically
 from infra.wheels import WheelError, extract_from_wheel
 from streaming.events import ID_CONTROL_CHARACTERS
 
-PREPROCESS_VERSION = 4  # bump when the preprocessing changes, to invalidate caches
+PREPROCESS_VERSION = 5  # bump when the preprocessing changes, to invalidate caches (5: ids with control characters refused)
 MIN_ITEM_COUNT = 5
 MIN_USER_COUNT = 5
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
