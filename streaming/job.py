@@ -30,6 +30,7 @@ import logging
 import os
 import site
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -46,6 +47,7 @@ JOB_NAME = "mindstream-interests"
 #   2  window as a JSON string (UserWindow.to_state)
 STATE_LAYOUT = "state-v2"
 JVM_HEAP = "-Xmx640m"  # with the embedded Python the whole job stays well under 1.5 GB
+INTERNAL_LOG_S = 10.0  # at most one traceback this often for events or timers the job fails to handle
 
 
 def job_settings(config: Config) -> dict:
@@ -102,8 +104,20 @@ def _user_windows_function(settings: dict):
             self.process_id = uuid.uuid4().hex[:12]
             self.timed: set[str] = set()  # users with a flush timer registered by this process
             self.flushed: set[str] = set()  # written users whose timer has not fired yet
+            self.failure_logged_at, self.unlogged_failures = -INTERNAL_LOG_S, 0
             self.applied = {outcome: metrics.EVENTS_APPLIED.labels(outcome.value) for outcome in Applied}  # resolved once: per-event cost
             metrics.serve(settings["metrics_host"], settings["metrics_port"])
+
+        def failed(self, stage: str, what: str) -> None:
+            """An event or a timer the job could not handle, from within its except clause: counted, and
+            logged with the traceback at most every INTERNAL_LOG_S (a bug that fails every event would
+            otherwise write a traceback per event)."""
+            metrics.INTERNAL_ERRORS.labels(stage).inc()
+            self.unlogged_failures += 1
+            now = time.monotonic()
+            if now - self.failure_logged_at >= INTERNAL_LOG_S:
+                log.exception("%s (%d such failures since the last one logged)", what, self.unlogged_failures)
+                self.failure_logged_at, self.unlogged_failures = now, 0
 
         def close(self):
             if hasattr(self, "towers"):  # an open() that failed before it had them
@@ -118,15 +132,18 @@ def _user_windows_function(settings: dict):
                 metrics.DEAD_LETTERS.labels(exc.kind).inc()
                 yield dead_letter(str(exc), exc.kind, value or b"", partition, offset, produced_ms, settings["events_topic"])
                 return
+            state = self.state.value()  # (outside the guard: a failing state backend fails the job, as it must)
             try:
-                update = apply_to_state(self.state.value(), event, settings["window_length"], settings["allowed_lateness_ms"],
+                update = apply_to_state(state, event, settings["window_length"], settings["allowed_lateness_ms"],
                                         f"{partition}:{offset}", self.seed, produced_ms, self.process_id,
                                         pending.oldest_seen_ms if (pending := self.writer.pending.get(key)) else None)
+            except MemoryError:
+                raise  # the process is in trouble, not this event
             except Exception as exc:  # noqa: BLE001 - a bug or an unreadable state, not the store (seeding retries it)
                 # Failing the job would replay this record after the restart and fail again, stalling
                 # every user (a poison pill): the record is set aside with the error, as a dead letter
-                # that can be replayed once the cause is fixed, and the user's state is left as it was.
-                log.exception("event at %s:%s of user %.80r not applied", partition, offset, key)
+                # that can be redriven once the cause is fixed, and the user's state is left as it was.
+                self.failed("event", f"event at {partition}:{offset} of user {key!r:.80} not applied")
                 metrics.DEAD_LETTERS.labels(INTERNAL).inc()
                 reason = f"internal: {type(exc).__name__}: {exc}"[:1000]
                 yield dead_letter(reason, INTERNAL, value, partition, offset, produced_ms, settings["events_topic"])
@@ -163,7 +180,14 @@ def _user_windows_function(settings: dict):
                 # A timer of a restored checkpoint, taken while this user's update was queued: redo it.
                 # The seen set gets the window's behaviours and those that left it (a burst that
                 # passed through the window, an evicted event) before the lost write.
-                window = UserWindow.from_state(self.state.value())
+                state = self.state.value()
+                try:
+                    window = UserWindow.from_state(state)
+                except MemoryError:
+                    raise
+                except Exception:  # noqa: BLE001 - an unreadable state: failing would replay this timer at every restore
+                    self.failed("timer", f"the lost write of user {user!r:.80} not redone")
+                    window = UserWindow()
                 if window.behaviours:
                     self.writer.add(user, window, seen=[(b[0], b[1]) for b in window.behaviours] + window.departed)
                     self.flushed.update(self.writer.flush())

@@ -24,6 +24,8 @@ FRESHNESS_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.125, 0.1
 EVENTS_IN = Counter("mindstream_stream_events_in_total", "Kafka records read by the job")
 EVENTS_APPLIED = Counter("mindstream_stream_events_applied_total", "Valid events by what they did to the user's window", ["outcome"])
 DEAD_LETTERS = Counter("mindstream_stream_dead_letters_total", "Records sent to the dead-letter topic, by reason", ["reason"])
+INTERNAL_ERRORS = Counter("mindstream_stream_internal_errors_total", "Events and restored timers the job failed to handle (a bug, an "
+                          "unreadable window state), by stage; such events are dead-lettered as internal", ["stage"])
 BATCH_USERS = Histogram("mindstream_stream_batch_users", "Users per user-tower micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
 TOWER_SECONDS = Histogram("mindstream_stream_tower_seconds", "ONNX user-tower latency per micro-batch", buckets=LATENCY_BUCKETS)
 STORE_WRITE_SECONDS = Histogram("mindstream_stream_store_write_seconds", "Feature-store write latency per micro-batch", buckets=LATENCY_BUCKETS)
@@ -39,6 +41,8 @@ LAST_WRITE = Gauge("mindstream_stream_last_write_timestamp_seconds", "Wall-clock
 # Prometheus, so a one-off failed reload or the first dead letter of a kind would alert on nothing.
 for _reason in DEAD_LETTER_REASONS:
     DEAD_LETTERS.labels(_reason)
+for _stage in ("event", "timer"):
+    INTERNAL_ERRORS.labels(_stage)
 for _outcome in Applied:
     EVENTS_APPLIED.labels(_outcome.value)
 for _result in (SEEDED, NO_RECORD, UNREADABLE):

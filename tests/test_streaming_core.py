@@ -1104,6 +1104,26 @@ def test_an_event_whose_application_fails_is_dead_lettered_and_stops_no_job(monk
     assert store.get_many(["u2"])[0].window == ("b",)
 
 
+def test_a_restored_timer_that_finds_an_unreadable_state_stops_no_job(monkeypatch, caplog):
+    """The restored flush timer of a user whose state does not decode failed the job, and every
+    restore replayed the timer into the same failure. It is counted and logged; and a burst of
+    failures writes one traceback, not one each."""
+    from prometheus_client import REGISTRY
+
+    started, send, context, store, tower, timers, settings = _keyed_function(monkeypatch)
+    job, state = started({"u1": "{not a window", "u2": "{nor this"})
+    failed = REGISTRY.get_sample_value("mindstream_stream_internal_errors_total", {"stage": "timer"})
+    with caplog.at_level("ERROR", logger="streaming.job"):
+        for user in ("u1", "u2"):
+            assert list(job.on_timer(0, context(state, user))) == []
+        for offset in range(3):
+            send(job, state, offset, "u1", "a")
+    assert REGISTRY.get_sample_value("mindstream_stream_internal_errors_total", {"stage": "timer"}) == failed + 2
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "the lost write of user 'u1' not redone" in tracebacks[0].getMessage()
+    assert store.get_many(["u1", "u2"]) == [None, None] and state.values["u1"] == "{not a window"
+
+
 @pytest.mark.parametrize("first", ["a retry of the lost event", "a late event"])
 def test_a_restored_users_first_event_redoes_its_lost_record_whatever_its_outcome(monkeypatch, first):
     """The record's write of b died with the process; the restored user's first event is no new
