@@ -28,7 +28,7 @@ import numpy as np
 from infra.config import ConfigError, StartOffsets
 from infra.files import write_atomically
 from streaming.events import MAX_EVENT_BYTES, BehaviourEvent, EventError, accept_record, record_key
-from streaming.kafka_clients import group_consumer, records_before, topic_partitions, unread
+from streaming.kafka_clients import group_consumer, records_before, resumed_offsets, topic_partitions, unread
 
 LOG_FILE = "event_log.npz"
 START_POLICIES = typing.get_args(StartOffsets)
@@ -179,18 +179,11 @@ def _start_offsets(consumer, partitions: list, offsets: dict[int, int], start: s
         raise ConfigError(f"[retrain].start_offsets {start!r}: use one of {', '.join(START_POLICIES)}")
     earliest = consumer.beginning_offsets(partitions)
     latest = consumer.end_offsets(partitions)
-    out, gaps = {}, []
+    resumed, gaps = resumed_offsets(partitions, offsets, earliest, latest, "retraining", "retrain more often than the topic's retention")
+    out = {}
     for tp in partitions:
-        if tp.partition in offsets:
-            recorded = offsets[tp.partition]
-            out[tp] = max(recorded, earliest[tp])
-            if recorded < earliest[tp]:
-                gaps.append(f"partition {tp.partition}: records {recorded:,}-{earliest[tp] - 1:,} were deleted by retention before retraining "
-                            "read them (retrain more often than the topic's retention)")
-            elif recorded > latest[tp]:  # offsets start again on a recreated topic: reading from the old one's would wait for ever
-                out[tp] = earliest[tp]
-                gaps.append(f"partition {tp.partition}: the topic ends at {latest[tp]:,}, before the {recorded:,} already read: "
-                            "it was recreated; reading it from its start")
+        if tp in resumed:
+            out[tp] = resumed[tp]
         elif start == "committed":
             committed = consumer.committed(tp)
             out[tp] = earliest[tp] if committed is None else committed

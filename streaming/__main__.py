@@ -11,7 +11,7 @@ from pathlib import Path
 from infra.cli import UserError, at_least, run_command
 from infra.config import load_config
 from streaming.events import DEAD_LETTER_REASONS, INTERNAL
-from streaming.redrive import DEFAULT_GROUP, redrive
+from streaming.redrive import DEFAULT_GROUP, RedriveError, redrive
 
 
 def cmd_schema(args) -> int:
@@ -131,10 +131,16 @@ def cmd_bench(args) -> int:
 
 def cmd_redrive(args) -> int:
     config = load_config()
-    report = redrive(config, set(args.reason or [INTERNAL]), args.group, args.dry_run, args.timeout_s, progress=not args.quiet)
-    print(json.dumps({"dry_run": args.dry_run, "group": args.group, **report.summary()}, indent=2))
+    failure = None
+    try:
+        report = redrive(config, set(args.reason or [INTERNAL]), args.group, args.dry_run, args.timeout_s, progress=not args.quiet)
+    except RedriveError as exc:  # what the run did is printed all the same: most letters may have gone through
+        report, failure = exc.report, exc
+    print(json.dumps({"dry_run": args.dry_run, **report.summary()}, indent=2))
     if not report.complete:
         print(f"warning: the dead-letter topic was not read to its end in {args.timeout_s:.0f} s: run redrive again for the rest", file=sys.stderr)
+    if failure is not None:
+        raise failure
     return 0
 
 
@@ -181,12 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_backfill)
 
     p = sub.add_parser("redrive", help="send dead letters of chosen reasons (default: internal) back to the events topic once their cause is fixed",
-                       description="Reads [kafka].dead_letter_topic from the group's committed offsets up to its end offsets seen at the "
-                       "start, and sends the original value of each letter of the chosen reasons to [kafka].events_topic again, keyed by its "
-                       "user id, if the job's rule takes it now (counted as still_invalid otherwise); then commits the group's offsets.")
+                       description="Reads [kafka].dead_letter_topic up to its end offsets seen at the start, from the committed offsets "
+                       "of the chosen reasons' consumer groups (one per reason: <group>.<reason>), and sends the original value of each "
+                       "letter of a chosen reason after its group's offset to [kafka].events_topic again, keyed by its user id, if the job's "
+                       "rule takes it now (counted as still_invalid otherwise); then commits each group's offsets. One run at a time per "
+                       "group: two would both send the same letters.")
     p.add_argument("--reason", action="append", choices=DEAD_LETTER_REASONS, default=None,
                    help="a dead-letter reason to send again; repeat for more (default: internal, the events the job failed to apply)")
-    p.add_argument("--group", default=DEFAULT_GROUP, help=f"consumer group that keeps the redrive's progress (default: {DEFAULT_GROUP})")
+    p.add_argument("--group", default=DEFAULT_GROUP, help="prefix of the consumer groups that keep the redrive's progress, one per reason: "
+                   f"<group>.<reason> (default: {DEFAULT_GROUP}, so {DEFAULT_GROUP}.{INTERNAL})")
     p.add_argument("--dry-run", action="store_true", help="count what would be sent; send and commit nothing")
     p.add_argument("--timeout-s", type=at_least(1, float), default=600.0, help="stop reading after this long (the next run goes on)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -119,3 +119,28 @@ def records_before(consumer, ends: dict, timeout_s: float):
 def unread(consumer, ends: dict) -> bool:
     """Whether some assigned partition's position is still below its end."""
     return any(consumer.position(tp) < end for tp, end in ends.items())
+
+
+def resumed_offsets(partitions: list, recorded: dict[int, int], beginnings: dict, ends: dict, reader: str,
+                    retention_advice: str) -> tuple[dict, list[str]]:
+    """Where a bounded reader goes on from a topic's partitions whose next offset it recorded (`recorded`:
+    partition id -> offset; `beginnings` and `ends`: TopicPartition -> the topic's offsets now): (TopicPartition
+    -> offset to read from, for the recorded partitions only, and one line per partition that cannot go on
+    where it stopped). A recorded offset below the beginning means records were deleted by retention before
+    `reader` read them (the line ends with `retention_advice`); one above the end means the topic was
+    recreated (its offsets start again): going on from the old one's would never read the new records, so it
+    is read from its start."""
+    starts, gaps = {}, []
+    for tp in partitions:
+        if tp.partition not in recorded:
+            continue
+        offset, beginning, end = recorded[tp.partition], beginnings[tp], ends[tp]
+        starts[tp] = max(offset, beginning)
+        if offset < beginning:
+            gaps.append(f"partition {tp.partition}: records {offset:,}-{beginning - 1:,} were deleted by retention before {reader} "
+                        f"read them ({retention_advice})")
+        elif offset > end:
+            starts[tp] = beginning
+            gaps.append(f"partition {tp.partition}: the topic ends at {end:,}, before the {offset:,} already read: "
+                        "it was recreated; reading it from its start")
+    return starts, gaps
