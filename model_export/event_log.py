@@ -28,7 +28,7 @@ import numpy as np
 from infra.config import ConfigError, StartOffsets
 from infra.files import write_atomically
 from streaming.events import MAX_EVENT_BYTES, BehaviourEvent, EventError, accept_record, record_key
-from streaming.kafka_clients import group_consumer, records_before, resumed_offsets, topic_partitions, unread
+from streaming.kafka_clients import group_consumer, offset_and_metadata, records_before, resumed_offsets, topic_partitions, unread
 
 LOG_FILE = "event_log.npz"
 START_POLICIES = typing.get_args(StartOffsets)
@@ -161,14 +161,10 @@ def read_new_events(kafka, topic: str, group: str, offsets: dict[int, int], star
 def commit_offsets(kafka, topic: str, group: str, offsets: dict[int, int]) -> None:
     """Mirrors the log's offsets into the consumer group, so lag dashboards see the retraining too."""
     from kafka import TopicPartition
-    from kafka.structs import OffsetAndMetadata
 
     consumer = group_consumer(kafka, group)
     try:
-        try:
-            consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
-        except TypeError:  # kafka-python < 2.1 takes (offset, metadata)
-            consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "") for p, o in offsets.items()})
+        consumer.commit({TopicPartition(topic, p): offset_and_metadata(o) for p, o in offsets.items()})
     finally:
         consumer.close()
 

@@ -7,6 +7,8 @@ configuration change only.
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 from infra.config import ConfigError
@@ -70,8 +72,6 @@ def _jaas_quoted(value: str) -> str:
 def group_consumer(kafka, group: str):
     """A kafka-python consumer of `group` that commits only when told: for reads that end (retraining's
     event log, the dead-letter redrive), which assign their partitions and seek themselves."""
-    import logging
-
     from kafka import KafkaConsumer
 
     logging.getLogger("kafka").setLevel(logging.WARNING)
@@ -82,8 +82,6 @@ def group_consumer(kafka, group: str):
 def topic_partitions(consumer, topic: str) -> list:
     """The topic's partitions (TopicPartition), waiting up to 10 s for its metadata; a missing topic
     is a UserError that says how to create it."""
-    import time
-
     from kafka import TopicPartition
 
     from infra.cli import UserError
@@ -106,14 +104,22 @@ def records_before(consumer, ends: dict, timeout_s: float):
     is judged by the consumer's own position, not the last record's offset: a position also moves
     past offsets that hold no record (transaction markers, compacted records), which would
     otherwise keep the read waiting."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     while unread(consumer, ends) and time.monotonic() < deadline:
         for tp, records in consumer.poll(timeout_ms=500, max_records=5000).items():
             for record in records:
                 if record.offset < ends[tp]:
                     yield tp, record
+
+
+def offset_and_metadata(offset: int):
+    """A group offset to commit (the next record to read), for any kafka-python version."""
+    from kafka.structs import OffsetAndMetadata
+
+    try:
+        return OffsetAndMetadata(offset, "", -1)
+    except TypeError:  # kafka-python < 2.1 takes (offset, metadata)
+        return OffsetAndMetadata(offset, "")
 
 
 def unread(consumer, ends: dict) -> bool:

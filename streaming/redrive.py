@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from infra.cli import UserError
 from streaming.events import EventError, accept_record, parse_event
-from streaming.kafka_clients import group_consumer, records_before, resumed_offsets, topic_partitions, unread
+from streaming.kafka_clients import group_consumer, offset_and_metadata, records_before, resumed_offsets, topic_partitions, unread
 
 log = logging.getLogger(__name__)
 
@@ -220,14 +220,6 @@ def _commit_acknowledged(producer, sends: list, consumers: dict, starts: dict, h
         for failed_reason, tp, offset, _ in failed:
             if failed_reason == reason:
                 commit[tp] = min(commit[tp], offset)
-        consumer.commit({tp: _offset_and_metadata(offset) for tp, offset in commit.items()})
+        consumer.commit({tp: offset_and_metadata(offset) for tp, offset in commit.items()})
     return [(offset, error) for _, _, offset, error in failed]
 
-
-def _offset_and_metadata(offset: int):
-    from kafka.structs import OffsetAndMetadata
-
-    try:
-        return OffsetAndMetadata(offset, "", -1)
-    except TypeError:  # kafka-python < 2.1 takes (offset, metadata)
-        return OffsetAndMetadata(offset, "")
