@@ -9,7 +9,7 @@ stay in one partition, in order):
 
 `FIELDS` below is the source of truth; `json_schema()` renders it as a JSON Schema document
 (`python -m streaming schema`). The parser rejects, with a reason, anything else: bad JSON,
-missing or unknown fields, wrong types, an unknown event type, oversized records. Rejected
+missing, unknown or repeated fields, wrong types, an unknown event type, oversized records. Rejected
 records go to the dead-letter topic; they are never silently dropped.
 """
 
@@ -114,6 +114,27 @@ def _string_map(obj: dict, name: str, numbers_allowed: bool) -> dict:
     return value
 
 
+def _check_keys_unique(raw: bytes, keys: int) -> None:
+    """EventError for a key repeated in one object: JSON leaves such a record's meaning open (RFC 8259:
+    names SHOULD be unique; parsers keep the last value, the first, or refuse it), so a consumer in
+    another language could read another user or item than the job did. `keys`: the distinct keys parsed."""
+    # Every key is followed by one ":" outside strings, so a record with no more colons than distinct
+    # keys (the common case; UTF-8 holds no other 0x3A byte) repeats none. Otherwise, a colon in a
+    # string or a repeated key: parse again keeping every pair (~8 us against the ~0.3 us count).
+    if raw.count(b":") <= keys:
+        return
+
+    def refuse_repeats(pairs: list) -> dict:
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise EventError(f"key {key!r:.80} appears twice in one object; JSON parsers differ on which value that means", "malformed")
+            seen.add(key)
+        return dict(pairs)
+
+    json.loads(raw, object_pairs_hook=refuse_repeats)
+
+
 def parse_event(raw: bytes, max_bytes: int = MAX_EVENT_BYTES) -> BehaviourEvent:
     """One Kafka record value -> a validated event, or EventError saying what is wrong."""
     if len(raw) > max_bytes:
@@ -142,7 +163,7 @@ def parse_event(raw: bytes, max_bytes: int = MAX_EVENT_BYTES) -> BehaviourEvent:
     event_id = obj.get("event_id", "")
     if not isinstance(event_id, str) or len(event_id) > MAX_ID_CHARS or _ID_CONTROL.search(event_id):
         raise EventError(f"event_id must be a string of at most {MAX_ID_CHARS} characters without control characters (U+0000-U+001F, U+007F)")
-    return BehaviourEvent(
+    event = BehaviourEvent(
         user_id=_string_id(obj, "user_id"),
         item_id=_string_id(obj, "item_id"),
         event_type=obj["event_type"],
@@ -151,6 +172,9 @@ def parse_event(raw: bytes, max_bytes: int = MAX_EVENT_BYTES) -> BehaviourEvent:
         profile=_string_map(obj, "profile", numbers_allowed=False),
         side=_string_map(obj, "side", numbers_allowed=True),
     )
+    # last: the fields are scalars or the two flat maps of scalars by now
+    _check_keys_unique(raw, len(obj) + len(event.profile) + len(event.side))
+    return event
 
 
 def record_key(raw: bytes | None) -> str | None:
@@ -208,7 +232,8 @@ def json_schema() -> dict:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"https://mindstream.dev/schemas/behaviour-event-v{EVENT_SCHEMA}.json",
         "title": f"mindstream behaviour event v{EVENT_SCHEMA}",
-        "description": f"One JSON object per Kafka record, key = user_id, at most {MAX_EVENT_BYTES} bytes by default.",
+        "description": f"One JSON object per Kafka record, key = user_id, at most {MAX_EVENT_BYTES} bytes by default; "
+                       "no key may appear twice in one object (JSON Schema cannot say so; the job refuses it).",
         "type": "object",
         "properties": properties,
         "required": [name for name, (_, required, _) in FIELDS.items() if required],

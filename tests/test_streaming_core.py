@@ -65,6 +65,33 @@ def test_an_id_with_a_control_character_is_refused_by_the_parser_and_the_schema(
     assert parse_event(json.dumps({**obj, field: "x\u0080a"}).encode())  # C1 characters are no part of the rule
 
 
+BASE_RECORD = '"schema": 1, "event_type": "click", "event_time_ms": 1'
+
+
+@pytest.mark.parametrize("record", [
+    '{"user_id": "a", "item_id": "i", "user_id": "b", %s}',
+    '{"user_id": "a", "item_id": "Star Wars: Episode IV", "user_id": "b", %s}',  # a colon in a string besides
+    '{"user_id": "a", "item_id": "i", "\\u0075ser_id": "b", %s}',  # the same key, escaped
+    '{"user_id": "a", "item_id": "i", "profile": {"age": "25", "age": "56"}, %s}',
+    '{"user_id": "a", "item_id": "i", "side": {"page": "a:b", "page": "c"}, %s}',
+])
+def test_a_key_repeated_in_one_object_is_refused(record):
+    """orjson keeps the last value of a repeated key, other parsers the first: a consumer in another
+    language would have read user "a" where the job read "b"."""
+    with pytest.raises(EventError, match="appears twice") as caught:
+        parse_event((record % BASE_RECORD).encode())
+    assert caught.value.kind == "malformed"
+
+
+@pytest.mark.parametrize("record", [
+    '{"user_id": "a", "item_id": "Star Wars: Episode IV", %s}',
+    '{"user_id": "a:b", "item_id": "i", "event_id": "x:y", "side": {"url": "https://e.com/p?q=1:2"}, %s}',
+    '{"user_id": "a", "item_id": "i", "profile": {"age": "25"}, "side": {"age": "25"}, %s}',  # one key, two objects
+])
+def test_colons_in_strings_and_keys_shared_by_two_objects_are_no_repeat(record):
+    assert parse_event((record % BASE_RECORD).encode()).user_id in ("a", "a:b")
+
+
 def test_oversized_records_are_refused_before_parsing():
     raw = encode_event(event()) + b" " * 5000
     with pytest.raises(EventError, match="oversized") as caught:
