@@ -70,24 +70,56 @@ class RefreshIncomplete(Exception):
 
 
 @dataclass(frozen=True)
+class HeldOut:
+    """A version's holdout: the events of the log it was judged on and never trained on, which the
+    next run counts as new. Kept exactly, as runs of log indices. Versions retrained before that kept
+    only a cut (the lowest held-out index, the cut's event time in ms and log index: the events from
+    that index on, at or after the cut), which also takes for held out the events an earlier version
+    trained on once a run's cut moved back before them (late-dated events): read as before."""
+
+    runs: tuple[tuple[int, int], ...] | None = None  # [start, stop) log indices, ascending, disjoint
+    cut: tuple[int, int, int] | None = None
+
+    @classmethod
+    def of_indices(cls, log_indices: np.ndarray) -> "HeldOut":
+        """The runs of a set of log indices (a holdout is mostly the log's newest stretch: a few runs)."""
+        indices = np.unique(log_indices)
+        if len(indices) == 0:
+            return cls(runs=())
+        breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+        starts, stops = indices[np.r_[0, breaks]], indices[np.r_[breaks - 1, len(indices) - 1]] + 1
+        return cls(runs=tuple(zip(starts.tolist(), stops.tolist())))
+
+    def covers(self, log_index: np.ndarray, times: np.ndarray, trained_log_events: int) -> np.ndarray:
+        """Which of these events (log index, event time; -1: a base dataset event) the holdout holds."""
+        if self.runs is not None:
+            runs = np.asarray(self.runs, dtype=np.int64).reshape(-1, 2)
+            at = np.searchsorted(runs[:, 0], log_index, side="right") - 1
+            return (at >= 0) & (log_index < runs[np.maximum(at, 0), 1])  # a base event (-1) precedes every run
+        first, cut_ms, cut_log_event = self.cut
+        return (log_index >= first) & (log_index < trained_log_events) & held_out_at(times, log_index, cut_ms, cut_log_event)
+
+
+@dataclass(frozen=True)
 class Lineage:
     """What a version was trained on: the base dataset and how much of the event log."""
 
     source: str  # load_dataset argument of the base dataset (ml-1m, beauty, a path)
     base_fingerprint: str
     log_events: int  # the first `log_events` events of the log are in this version's training data ...
-    # ... but for its own holdout, which it was judged on, never trained on: (the lowest log index of a
-    # held-out event, its cut: event time in ms, log index): the events from that index on, at or
-    # after the cut (held_out_at); a later run counts those events as new. None: a version not retrained.
-    held_out: tuple[int, int, int] | None = None
+    held_out: HeldOut | None = None  # ... but for its holdout. None: a version not retrained
     log_digest: str = ""  # of those first `log_events` events (log_digest()): "" for versions before it was kept
 
     @classmethod
     def of(cls, manifest: Manifest) -> "Lineage":
         retrained = manifest.extra.get("retrain")
         if retrained:
-            held_out = ((int(retrained.get("new_from_log_event", 0)), int(retrained["holdout_cut_ms"]), int(retrained.get("holdout_cut_log_event", 0)))
-                        if "holdout_cut_ms" in retrained else None)  # cut log event 0: every tie at the cut time held, as before it was kept
+            held_out = None
+            if "held_out_log_runs" in retrained:
+                held_out = HeldOut(runs=tuple((int(start), int(stop)) for start, stop in retrained["held_out_log_runs"]))
+            elif "holdout_cut_ms" in retrained:  # cut log event 0: every tie at the cut time held, as before it was kept
+                held_out = HeldOut(cut=(int(retrained.get("new_from_log_event", 0)), int(retrained["holdout_cut_ms"]),
+                                        int(retrained.get("holdout_cut_log_event", 0))))
             return cls(retrained["source"], retrained["base_fingerprint"], int(retrained["log_events"]), held_out, retrained.get("log_digest", ""))
         return cls(manifest.dataset.get("source", manifest.dataset["name"]), manifest.dataset["fingerprint"], 0)
 
@@ -145,7 +177,7 @@ class IncrementalData:
     training_counts: np.ndarray  # [n_items + 1] interactions per item outside the holdout: the negative sampler's popularity
     cut_ms: int  # holdout = new events at or after (cut_ms, cut_log_event) in (event time, log index) order
     cut_log_event: int
-    held_from_log_event: int  # the lowest log index of a held-out event (len(log): none)
+    held_out: HeldOut  # the holdout's log events, exactly: the next run's Lineage.held_out
     log_events: int  # events of the log this data includes
 
 
@@ -156,7 +188,7 @@ def held_out_at(times: np.ndarray, log_index: np.ndarray, cut_ms: int, cut_log_e
 
 def merge_with_log(base: SequenceDataset, log: EventLog, vocabulary: list[str], item_side: list[list[str]], parent_items: int,
                    trained_log_events: int, holdout_fraction: float, fingerprint: str,
-                   parent_held_out: tuple[int, int, int] | None = None) -> IncrementalData:
+                   parent_held_out: HeldOut | None = None) -> IncrementalData:
     """vocabulary / item_side: the grown item list (raw ids, side tokens), the parent's `parent_items` first;
     parent_held_out: Lineage.held_out of the parent."""
     index = {raw: i + 1 for i, raw in enumerate(vocabulary)}
@@ -193,8 +225,7 @@ def merge_with_log(base: SequenceDataset, log: EventLog, vocabulary: list[str], 
     # earlier events waited, below min_new_item_events, while the parent's runs moved past them).
     is_new = (log_index[flat] >= trained_log_events) | ((log_index[flat] >= 0) & (seq_items[flat] > parent_items))
     if parent_held_out is not None:  # the parent's holdout: judged on, never trained on
-        first, cut_ms, cut_log_event = parent_held_out
-        is_new |= (log_index[flat] >= first) & (log_index[flat] < trained_log_events) & held_out_at(seq_times[flat], log_index[flat], cut_ms, cut_log_event)
+        is_new |= parent_held_out.covers(log_index[flat], seq_times[flat], trained_log_events)
     new_flat = flat[is_new]
     if len(new_flat) == 0:
         raise RetrainError("no new interaction to learn from: every new event repeats one the model was trained on")
@@ -235,7 +266,7 @@ def merge_with_log(base: SequenceDataset, log: EventLog, vocabulary: list[str], 
         holdout=_holdout_cases(data, parent_cases.users, first_held, targets, max_item=len(vocabulary)),
         holdout_parent=parent_cases,
         training_counts=np.bincount(seq_items[~in_holdout], minlength=len(vocabulary) + 1),
-        cut_ms=cut_ms, cut_log_event=cut_log_event, held_from_log_event=int(log_index[flat[held]].min()) if held.any() else len(log), log_events=len(log),
+        cut_ms=cut_ms, cut_log_event=cut_log_event, held_out=HeldOut.of_indices(log_index[flat[held]]), log_events=len(log),
     )
 
 
@@ -565,7 +596,7 @@ def _retrain_once(config, publish_model: bool, progress: bool) -> dict:
     lineage_record = {"parent": parent.model_version, "source": lineage.source, "base_fingerprint": lineage.base_fingerprint,
                       "log_events": len(log), "log_digest": log_digest(log, len(log)), "offsets": {str(p): o for p, o in log.offsets.items()},
                       "topic": config.kafka.events_topic, "consumer_group": settings.consumer_group, "new_items": len(inc.new_items),
-                      "holdout_cut_ms": inc.cut_ms, "holdout_cut_log_event": inc.cut_log_event, "new_from_log_event": inc.held_from_log_event,
+                      "holdout_cut_ms": inc.cut_ms, "holdout_cut_log_event": inc.cut_log_event, "held_out_log_runs": inc.held_out.runs,
                       "holdout": {"candidate": verdict.candidate, "current": verdict.current}}
     export_dir, manifest = export_model(run_dir, inc.data, run_dir / "export", source=lineage.source,
                                         metrics_cases=("holdout", clip_history(inc.holdout, spec.maxlen)), extra={"retrain": lineage_record})

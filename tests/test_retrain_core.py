@@ -12,6 +12,7 @@ from model_export.data import load_dataset
 from model_export.event_log import EventLog
 from model_export.manifest import Manifest
 from model_export.retrain import (
+    HeldOut,
     Lineage,
     clip_history,
     evaluate_holdout,
@@ -120,13 +121,26 @@ def test_the_parents_held_out_events_are_new_samples_of_the_next_run(base):
         run = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, first.log_events, held_out), SETTINGS)
         return len(run.new_samples[0]) + int(run.holdout.target_offsets[-1]), len(run.old_samples[0])
 
-    (without, old_without), (with_held, old_with) = learned(None), learned((0, first.cut_ms, first.cut_log_event))
-    assert 0 < with_held - without <= held_by_first and old_without - old_with == with_held - without
+    without, old_without = learned(None)
+    for held_out in (first.held_out, HeldOut(cut=(0, first.cut_ms, first.cut_log_event))):  # exact, and as versions before it kept it
+        with_held, old_with = learned(held_out)
+        assert 0 < with_held - without <= held_by_first and old_without - old_with == with_held - without
     # a retrained version's manifest names its holdout for the next run
-    record = {"source": "x", "base_fingerprint": "f", "log_events": 7, "holdout_cut_ms": first.cut_ms, "holdout_cut_log_event": 5, "new_from_log_event": 3}
-    assert Lineage.of(SimpleNamespace(extra={"retrain": record})).held_out == (3, first.cut_ms, 5)
+    record = {"source": "x", "base_fingerprint": "f", "log_events": 7, "holdout_cut_ms": first.cut_ms, "holdout_cut_log_event": 5,
+              "held_out_log_runs": [[3, 5], [6, 7]]}
+    assert Lineage.of(SimpleNamespace(extra={"retrain": record})).held_out == HeldOut(runs=((3, 5), (6, 7)))
+    del record["held_out_log_runs"]  # a version from before the exact holdout was kept: its cut
+    record["new_from_log_event"] = 3
+    assert Lineage.of(SimpleNamespace(extra={"retrain": record})).held_out == HeldOut(cut=(3, first.cut_ms, 5))
     del record["holdout_cut_log_event"]  # a version from before the tie-breaker: every event at the cut time was held out
-    assert Lineage.of(SimpleNamespace(extra={"retrain": record})).held_out == (3, first.cut_ms, 0)
+    assert Lineage.of(SimpleNamespace(extra={"retrain": record})).held_out == HeldOut(cut=(3, first.cut_ms, 0))
+
+
+def test_a_holdout_is_kept_as_runs_of_log_indices():
+    held = HeldOut.of_indices(np.array([9, 3, 4, 5, 9, 12, 13]))
+    assert held.runs == ((3, 6), (9, 10), (12, 14)) and HeldOut.of_indices(np.array([], dtype=np.int64)).runs == ()
+    log_index = np.arange(-1, 16)
+    assert log_index[held.covers(log_index, np.zeros_like(log_index), 16)].tolist() == [3, 4, 5, 9, 12, 13]
 
 
 def test_events_sharing_one_time_are_split_by_the_cut(base):
@@ -143,7 +157,7 @@ def test_events_sharing_one_time_are_split_by_the_cut(base):
     assert len(inc.new_samples[0]) >= 0.75 * new
     # the next run rebuilds this holdout exactly: the same events held, the rest trained
     log.append([event(users[0], "i1", NOW + 10**6, "later")], {0: len(log) + 1})
-    again = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, inc.log_events, (inc.held_from_log_event, inc.cut_ms, inc.cut_log_event)), SETTINGS)
+    again = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, inc.log_events, inc.held_out), SETTINGS)
     assert len(again.old_samples[0]) - len(inc.old_samples[0]) == len(inc.new_samples[0])
 
 
@@ -156,13 +170,42 @@ def test_events_held_out_again_are_new_to_the_run_after_next(base):
     users = base.user_ids.tolist()
     # later-logged events dated before the first run's cut: the second run's cut falls among the first's holdout
     log.append([event(users[i % len(users)], "i1", first.cut_ms - 10 - i, f"back-{i}") for i in range(200)], {0: len(log) + 200})
-    second = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, first.log_events, (first.held_from_log_event, first.cut_ms, first.cut_log_event)), SETTINGS)
+    second = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, first.log_events, first.held_out), SETTINGS)
     held_of_second = [i for i in range(first.log_events) if log.times_ms[i] >= second.cut_ms and log.times_ms[i] >= first.cut_ms]
-    assert held_of_second and second.held_from_log_event < first.log_events  # reaches back into the first run's log
-    third = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, second.log_events, (second.held_from_log_event, second.cut_ms, second.cut_log_event)), SETTINGS)
+    assert held_of_second and second.held_out.runs[0][0] < first.log_events  # reaches back into the first run's log
+    third = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, second.log_events, second.held_out), SETTINGS)
     users_, positions = third.old_samples
     old_log_times = set(third.data.seq_times[third.data.seq_offsets[users_] + positions].tolist())
     assert not {int(log.times_ms[i]) for i in held_of_second} & old_log_times  # none taken for trained
+
+
+def test_events_a_version_trained_on_stay_old_two_runs_later(base):
+    """Late-dated events can move a run's cut back before events its parent trained on; the run after
+    it must still take those for trained. (Kept as a cut, the holdout covered every event from its
+    lowest index on dated after the cut: those too, so they were fine-tuned on a second time and
+    could be judged on.)"""
+    users = base.user_ids.tolist()
+    log = EventLog()
+    # the first run's log: its first 20 events dated newest (its holdout), the 80 after them older (trained on)
+    log.append([event(users[k % len(users)], f"i{k % 60}", NOW + 1_000 + k, f"a{k}") for k in range(20)]
+               + [event(users[k % len(users)], f"i{(k * 7) % 60}", NOW + k, f"b{k}") for k in range(20, 100)], {0: 100})
+    first = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, 0), SETTINGS)
+    trained_by_first = sample_keys(first, first.new_samples)
+    # the second run's events are dated before all of the first's: its cut falls before the first's training events
+    log.append([event(users[k % len(users)], f"i{(k * 3) % 60}", NOW - 1_000 + k, f"c{k}") for k in range(100)], {0: 200})
+    second = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, first.log_events, first.held_out), SETTINGS)
+    assert second.cut_ms < NOW and trained_by_first and not trained_by_first & sample_keys(second, second.new_samples)
+    log.append([event(users[k % len(users)], f"i{(k * 5) % 60}", NOW + 5_000 + k, f"d{k}") for k in range(10)], {0: 210})
+    third = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, second.log_events, second.held_out), SETTINGS)
+    assert not trained_by_first & sample_keys(third, third.new_samples)
+    held_by_third = {(str(log.users[i]), int(log.times_ms[i])) for start, stop in third.held_out.runs for i in range(start, stop)}
+    assert held_by_third and not trained_by_first & held_by_third  # nor judged on
+
+
+def sample_keys(inc, samples) -> set[tuple[str, int]]:
+    """(user, event time) of each sample's target."""
+    users, positions = samples
+    return {(str(inc.data.user_ids[u]), int(inc.data.seq_times[inc.data.seq_offsets[u] + p])) for u, p in zip(users.tolist(), positions.tolist())}
 
 
 def test_a_new_item_with_no_training_sample_waits_for_the_next_run(base):
@@ -176,7 +219,7 @@ def test_a_new_item_with_no_training_sample_waits_for_the_next_run(base):
     assert "fresh" in inc.new_items and "launched-today" not in inc.new_items
     # logged later, dated before the holdout's cut: training samples of the next run
     log.append([event(users[i], "launched-today", inc.cut_ms - 5_000 + i, f"m{i}") for i in range(3)], {0: len(log) + 3})
-    later = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, inc.log_events, (inc.held_from_log_event, inc.cut_ms, inc.cut_log_event)), SETTINGS)
+    later = prepare(base, log, vocab_of(base), Lineage("x", base.fingerprint, inc.log_events, inc.held_out), SETTINGS)
     assert "launched-today" in later.new_items
 
 
