@@ -19,7 +19,13 @@ MAX_ID_CHARS = 256  # user and item ids; longer ones are not ids
 
 
 class InvalidRequest(ValueError):
-    """The request breaks the API contract; the message says which field and how."""
+    """The request breaks the API contract; the message says which field and how. `requests`: the
+    positions in the call of the requests it concerns, when found past validation (a filter the
+    vector store refused), for a BatchRecall's message to name them."""
+
+    def __init__(self, message: str, requests: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.requests = requests
 
 
 class MergePolicy(enum.Enum):

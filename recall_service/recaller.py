@@ -146,7 +146,11 @@ class CircuitBreaker:
     cool-down): its success closes the breaker, its failure opens it again. So a backend that hangs
     rather than refusing costs one caller's timeout per cool-down, not the timeout of every caller
     that arrives once the cool-down has passed. An answer to a call started before the last failure
-    (a slow success overtaken by another caller's timeout) neither closes it nor ends the run."""
+    (a slow success overtaken by another caller's timeout) neither closes it nor ends the run, and
+    the failure of such a call is part of that failure, not another of the run: requests whose
+    searches shared one Milvus call (coalesce.py) all fail with it, and one slow call must not open
+    the breaker for every client. So concurrent callers of a hanging backend open it after
+    `failures_to_open` rounds of timeouts, each round the calls started after the last one failed."""
 
     def __init__(self, cooldown_s: float, clock=time.monotonic, failures_to_open: int = FAILURES_TO_OPEN):
         self.cooldown_s, self.clock, self.failures_to_open = cooldown_s, clock, failures_to_open
@@ -165,8 +169,11 @@ class CircuitBreaker:
             self.open_until = now + self.cooldown_s  # this caller is the trial; one that never reports is replaced after it
             return True
 
-    def failed(self) -> None:
+    def failed(self, started: float) -> None:
+        """A call made at `started` (the breaker's clock) failed."""
         with self._lock:
+            if started < self.failed_at:  # under way when the last failure was counted: the same incident
+                return
             self.failed_at = self.clock()
             self.failures += 1
             if self.failures >= self.failures_to_open:  # a failed trial too: the run has not ended since it opened
@@ -291,7 +298,7 @@ class Recaller:
             records = get_each(self.reader, [p.query.user_id for p in pending],  # one corrupt record must not fail the others
                                lambda: deadline.check("the feature store read"))
         except BackendUnavailable as exc:
-            self.store_breaker.failed()
+            self.store_breaker.failed(started)
             self._attribute(pending, "feature_store", self.clock() - started)
             self._fall_back(pending, FallbackReason.FEATURE_STORE_UNAVAILABLE, str(exc))
             return
@@ -307,8 +314,8 @@ class Recaller:
                 try:
                     check_record(record, shape.dim if shape else self.searched_dims.get(record.model_version), shape.n_interests if shape else None)
                 except RecordError:
-                    # the seen set came with the record: what the user saw stays out of the fallback's answer
-                    record, p.reason, p.seen = None, FallbackReason.CORRUPT_RECORD, record.seen
+                    # its window and seen set are readable: what the user saw stays out of the fallback's answer
+                    record, p.reason, p.seen = None, FallbackReason.CORRUPT_RECORD, record.seen.union(record.window)
             p.record = record
             if record is None and p.reason is FallbackReason.NONE:
                 p.reason = FallbackReason.UNKNOWN_USER
@@ -354,9 +361,9 @@ class Recaller:
             if isinstance(exc, SearchRejected):
                 self.search_breaker.succeeded(started)  # Milvus answered: one bad search says nothing about it
                 if isinstance(exc, ExpressionRejected) and item_filter is not None:
-                    raise InvalidRequest(f"filter: the vector store rejected it: {exc}") from None
+                    raise InvalidRequest(f"filter: the vector store rejected it: {exc}", tuple(p.index for p in group)) from None
             else:
-                self.search_breaker.failed()
+                self.search_breaker.failed(started)
                 outage.detail = str(exc)
             self._attribute(group, "vector_search", self.clock() - started)
             return self._fall_back(group, FallbackReason.VECTOR_SEARCH_UNAVAILABLE, str(exc), popular)

@@ -126,7 +126,12 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
             queries = [self._query(r, i if method == "BatchRecall" else None) for i, r in enumerate(requests)]
             remaining = context.time_remaining()
             budget = remaining if remaining is not None and remaining < 1e6 else self.default_deadline_s
-            results = self.recaller.recall_many(queries, Deadline(budget))
+            try:
+                results = self.recaller.recall_many(queries, Deadline(budget))
+            except InvalidRequest as exc:
+                if method == "BatchRecall" and exc.requests:  # as validation names a request: by its index
+                    raise InvalidRequest(f"{', '.join(f'requests[{i}]' for i in exc.requests)}.{exc}") from None
+                raise
             responses = [self._response(r) for r in results]
         except Exception as exc:  # every exception ends as a status code here, never escapes to gRPC
             self._fail(method, context, exc, time.perf_counter() - started, max(len(requests), 1))

@@ -422,6 +422,48 @@ def test_a_filter_the_vector_store_refuses_is_an_answer_for_the_breaker(world):
     assert recaller.search_breaker.allow() and recaller.search_breaker.allow()  # Milvus answered: closed
 
 
+def test_a_batch_whose_filter_the_vector_store_refuses_names_the_request(world):
+    """The contract: a request of a batch that fails validation fails the call, naming its index; a
+    filter refused by Milvus, found past validation, is named the same way."""
+    import grpc
+
+    from recall_service.metrics import RecallMetrics
+    from recall_service.server import RecallServicer
+    from recall_service.stubs import recall_pb2
+
+    recaller, search, *_ = world
+    searches = search.search
+
+    def refusing_filters(version, vectors, limit, expr, timeout_s):
+        if expr != ACTIVE_ONLY:
+            raise ExpressionRejected("cannot parse expression")
+        return searches(version, vectors, limit, expr, timeout_s)
+
+    search.search = refusing_filters
+
+    class Context:
+        code = details = None
+
+        def time_remaining(self):
+            return 5.0
+
+        def set_code(self, code):
+            self.code = code
+
+        def set_details(self, details):
+            self.details = details
+
+    servicer = RecallServicer(recaller, Limits.from_config(), RecallMetrics(), 1.0, 1 << 20)
+    batch = [recall_pb2.RecallRequest(user_id="alice", n=3, filter=text) for text in ("", 'category == "x"', "", 'category == "x"')]
+    context = Context()
+    servicer.BatchRecall(recall_pb2.BatchRecallRequest(requests=batch), context)
+    assert context.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert context.details.startswith("requests[1], requests[3].filter: the vector store rejected it")
+    context = Context()
+    servicer.Recall(batch[1], context)  # one request: the field alone, as validation names it
+    assert context.code is grpc.StatusCode.INVALID_ARGUMENT and context.details.startswith("filter: the vector store rejected it")
+
+
 def test_an_expression_milvus_refuses_is_invalid_argument_only_for_a_filter_the_client_sent(world):
     """Milvus' reason text is all that tells a refused expression; only a request that carried a
     filter is answered INVALID_ARGUMENT for it. Without one the refused expression is the service's
@@ -471,12 +513,12 @@ def test_after_the_cool_down_one_trial_caller_reaches_the_backend_and_its_answer
     clock = [0.0]
     breaker = CircuitBreaker(1.0, clock=lambda: clock[0], failures_to_open=1)
     assert breaker.allow() and breaker.allow()  # closed
-    breaker.failed()
+    breaker.failed(started=clock[0])
     assert not breaker.allow()
     clock[0] = 1.5
     assert breaker.allow()  # the trial
     assert not breaker.allow() and not breaker.allow()  # the others keep falling back while it runs
-    breaker.failed()  # the trial timed out: open again
+    breaker.failed(started=clock[0])  # the trial timed out: open again
     clock[0] = 2.0
     assert not breaker.allow()
     clock[0] = 2.6
@@ -484,7 +526,7 @@ def test_after_the_cool_down_one_trial_caller_reaches_the_backend_and_its_answer
     breaker.succeeded(started=2.6)
     assert breaker.allow() and breaker.allow()  # closed again
     # a slow answer to a call made before another caller's failure does not close the breaker
-    breaker.failed()  # at 2.6
+    breaker.failed(started=clock[0])  # at 2.6
     breaker.succeeded(started=2.0)
     assert not breaker.allow()
     # a trial that never reports is replaced after a cool-down
@@ -516,20 +558,20 @@ def test_the_breaker_opens_on_a_run_of_failures_not_on_one():
     breaker = CircuitBreaker(1.0, clock=lambda: clock[0])
     assert FAILURES_TO_OPEN > 1  # one failed call is no outage
     for _ in range(FAILURES_TO_OPEN - 1):
-        breaker.failed()
+        breaker.failed(started=clock[0])
     assert breaker.allow()  # one call short of a run: still closed
     breaker.succeeded(started=clock[0])
     for _ in range(FAILURES_TO_OPEN - 2):
-        breaker.failed()
+        breaker.failed(started=clock[0])
     assert breaker.allow()  # the success ended the run: counted from 0 again
     clock[0] = 0.5
-    breaker.failed()
+    breaker.failed(started=clock[0])
     breaker.succeeded(started=0.2)  # an answer to a call made before the last failure ends no run
-    breaker.failed()
+    breaker.failed(started=clock[0])
     assert not breaker.allow()  # the run is complete: open, callers fall back at once
     clock[0] = 1.6
     assert breaker.allow() and not breaker.allow()  # the trial
-    breaker.failed()
+    breaker.failed(started=clock[0])
     assert not breaker.allow()  # a failed trial opens it again at once
 
 
@@ -713,14 +755,15 @@ def test_a_record_with_more_interests_than_its_versions_k_is_corrupt_for_its_use
 
 def test_what_a_user_with_a_corrupt_record_has_seen_is_left_out_of_the_fallback(world):
     """The seen set comes in the same read as the record: a record found corrupt after decoding
-    (here: another width than its version's) still has it, and the popular answer leaves it out."""
+    (here: another width than its version's) still has it and its window, and the popular answer
+    leaves both out (the window's items were returned before)."""
     recaller, search, store, catalogs, interests = world
     store.seen_items = 10
     store.put_many([InterestRecord("mallory", "B", np.ones((2, DIM + 1), np.float32), ("i1",), 0, "0:2")], seen={"mallory": [(1, "i0"), (2, "i3")]})
     recaller.recall_many([q("nobody")], Deadline(1.0))  # the current model (B) read: its width is known
     [mallory] = recaller.recall_many([q("mallory", 4)], Deadline(1.0))
     assert mallory.path is RecallPath.POPULAR_FALLBACK and mallory.reason is FallbackReason.CORRUPT_RECORD
-    assert [r for r, _, _ in mallory.items] == ["i1", "i2", "i4", "i5"]  # by popularity, without i0 and i3
+    assert [r for r, _, _ in mallory.items] == ["i2", "i4", "i5", "i6"]  # by popularity, without i0, i3 (seen) and i1 (window)
 
 
 def test_the_current_models_width_is_known_before_any_search(world):
@@ -887,6 +930,42 @@ def test_a_coalesced_search_shares_errors_and_a_waiter_can_give_up(one_vector_as
     late.join(5)
     assert outcomes == {"impatient": "DeadlineExceeded", "first": "BackendUnavailable", "late": "BackendUnavailable"}
     assert len(inner.calls) == 2 and not search._in_flight
+
+
+def test_one_failed_call_shared_by_coalesced_searches_does_not_open_the_breaker(world):
+    """Three requests whose searches went out as one Milvus call all fail with it: one failure, not a
+    run of FAILURES_TO_OPEN, so the next client's search still goes to Milvus."""
+    from recall_service.coalesce import CoalescingSearch
+
+    recaller, _, store, catalogs, interests = world
+    store.put_many([InterestRecord(f"u{i}", "A", interests[:1], (), 0, f"0:{i}") for i in range(4)])
+
+    class FailsItsSecondCall(GatedSearch):
+        def search(self, version, vectors, limit, expr, timeout_s):
+            self.failure = BackendUnavailable("Milvus: one slow moment") if len(self.calls) == 1 else None
+            return super().search(version, vectors, limit, expr, timeout_s)
+
+    inner = FailsItsSecondCall(catalogs)
+    recaller.search = CoalescingSearch(inner)
+    results = {}
+
+    def ask(user):
+        results[user] = recaller.recall_many([q(user)], Deadline(5.0))[0]
+
+    first = threading.Thread(target=ask, args=("u0",))
+    first.start()
+    inner.entered.wait(5)
+    queued = [threading.Thread(target=ask, args=(f"u{i}",)) for i in (1, 2, 3)]
+    for t in queued:
+        t.start()
+    while _waiting(recaller.search) < 3:
+        time.sleep(0.001)
+    inner.gate.set()
+    for t in [first, *queued]:
+        t.join(5)
+    assert FAILURES_TO_OPEN <= 3 and [call[1] for call in inner.calls] == [1, 3]  # vectors per call: the three shared the second
+    assert {results[f"u{i}"].reason for i in (1, 2, 3)} == {FallbackReason.VECTOR_SEARCH_UNAVAILABLE}
+    assert recaller.recall_many([q("u0")], Deadline(5.0))[0].path is RecallPath.STORED_INTERESTS and len(inner.calls) == 3
 
 
 def test_a_coalesced_waiter_never_waits_past_its_own_timeout(one_vector_asks):
@@ -1402,7 +1481,7 @@ def test_what_a_user_whose_record_does_not_decode_has_seen_is_left_out_of_the_fa
     assert failed.value.seen == {"i0", "i3"}
     [mallory] = recaller.recall_many([q("mallory", 4)], Deadline(1.0))
     assert mallory.path is RecallPath.POPULAR_FALLBACK and mallory.reason is FallbackReason.CORRUPT_RECORD
-    assert [r for r, _, _ in mallory.items] == ["i1", "i2", "i4", "i5"]  # by popularity, without i0 and i3
+    assert [r for r, _, _ in mallory.items] == ["i1", "i2", "i4", "i5"]  # by popularity, without i0 and i3 (its window is unreadable)
 
 
 def test_what_a_user_without_a_record_has_seen_is_left_out_of_every_fallback(world):
