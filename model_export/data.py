@@ -35,7 +35,7 @@ from infra.files import sha256_of, write_atomically
 from infra.wheels import WheelError, extract_from_wheel
 from streaming.events import ID_CONTROL_CHARACTERS
 
-PREPROCESS_VERSION = 5  # bump when the preprocessing changes, to invalidate caches (5: ids with control characters refused)
+PREPROCESS_VERSION = 6  # bump when the preprocessing changes, to invalidate caches (6: profile values of training users only)
 MIN_ITEM_COUNT = 5
 MIN_USER_COUNT = 5
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -520,13 +520,15 @@ def preprocess(raw: RawInteractions, name: str, split_seed: int) -> SequenceData
         for j, t in enumerate(raw.item_side.get(item, [])):
             item_side[i, j] = side_index[t]
 
-    # User profile: one categorical field per column, 0 = unknown value (a missing one, "", or a user without a profile row).
+    # User profile: one categorical field per column, 0 = unknown value (a missing one, "", a user without
+    # a profile row, or a value no training user has: its row would never be trained, and a held-out
+    # user or one served later would get its random initial features instead of the unknown's zeros).
     fields = list(raw.user_profile.columns)
     profile = np.zeros((len(user_ids), len(fields)), dtype=np.int64)
     cardinalities, vocab = [], []
     for f, col in enumerate(fields):
         values = raw.user_profile[col].reindex(user_ids).fillna("")
-        cats = sorted(set(values) - {""})
+        cats = sorted(set(values.iloc[train]) - {""})
         lookup = {v: i + 1 for i, v in enumerate(cats)}
         profile[:, f] = [lookup.get(v, 0) for v in values]
         cardinalities.append(len(cats) + 1)

@@ -325,6 +325,19 @@ def _five_users_five_items(**columns) -> pd.DataFrame:
     return table
 
 
+def test_a_profile_value_no_training_user_has_is_unknown(tmp_path):
+    """Its row would never be trained: a held-out user (and one served later) would get that row's
+    random initial features instead of the unknown value's zeros, and the held-out users' values
+    would leak into the training vocabulary."""
+    path = tmp_path / "zips.csv"
+    _five_users_five_items(user_zip=lambda r: f"z{r['user']}").to_csv(path, index=False)  # one value per user
+    data = _load(path, tmp_path)
+    held_out = np.concatenate([data.valid_users, data.test_users])
+    assert len(held_out) and (data.user_profile[held_out, 0] == 0).all() and (data.user_profile[data.train_users, 0] > 0).all()
+    assert data.profile_vocab.tolist() == ["zip=<unknown>", *sorted(f"zip=z{u}" for u in data.user_ids[data.train_users])]
+    assert data.profile_cardinalities.tolist() == [len(data.train_users) + 1]
+
+
 def test_profile_fields_are_named_as_events_name_them(tmp_path):
     path = tmp_path / "profiles.csv"
     _five_users_five_items(user_gender=lambda r: "FM"[int(r["user"][1:]) % 2], User_Age=lambda r: "25").to_csv(path, index=False)
