@@ -71,14 +71,35 @@ class StackCollector(Collector):
         self._online.start()
 
     def _online_consumer(self):
-        from kafka import KafkaConsumer
+        from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 
+        from recall_service.online_quality import is_new_group
         from streaming.kafka_clients import python_client_options
 
-        # "latest": a new group judges what arrives from now on; older events were served long ago.
+        class StartAtTheEnd(ConsumerRebalanceListener):
+            """A new group's first assignment starts at the end of its partitions, before the first fetch
+            (a listener may only seek here: kafka-python runs it on its I/O thread, which must not block)."""
+
+            armed = True
+
+            def on_partitions_revoked(self, revoked):
+                pass
+
+            def on_partitions_assigned(self, assigned):
+                if self.armed and assigned:
+                    consumer.seek_to_end(*assigned)
+                    self.armed = False
+
+        # "earliest" for a partition without a usable committed offset in a group that has others (added to
+        # the topic, or its offset deleted by retention): "latest" would skip its waiting events unjudged.
         # (The Redis client is not needed to start: the judge counts a Redis outage and reads again.)
-        return KafkaConsumer(self.config.kafka.events_topic, group_id=self.config.monitoring.online_quality_group,
-                             enable_auto_commit=False, auto_offset_reset="latest", **python_client_options(self.config.kafka))
+        topic = self.config.kafka.events_topic
+        consumer = KafkaConsumer(group_id=self.config.monitoring.online_quality_group, enable_auto_commit=False,
+                                 auto_offset_reset="earliest", **python_client_options(self.config.kafka))
+        partitions = consumer.partitions_for_topic(topic) or ()
+        new_group = is_new_group({p: consumer.committed(TopicPartition(topic, p)) for p in partitions})
+        consumer.subscribe([topic], listener=StartAtTheEnd() if new_group else None)
+        return consumer
 
     def collect(self):
         with self._lock:

@@ -45,7 +45,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 from recall_service.served_log import ServedRecord, ServedRecordError
 from streaming.events import BehaviourEvent, EventError, accept_record, record_key
@@ -61,6 +61,19 @@ RIPE_S = 5.0  # an event is judged this long after it entered Kafka, when its us
 # joining the group needs polls that wait (JOIN_POLL_MS). Events are judged RIPE_S late anyway.
 IDLE_S = 0.5
 JOIN_POLL_MS = 200
+# kafka-python's poll() does not fail while the broker is down (it reconnects in the background and returns
+# nothing), so an idle judge asks the broker for its partitions' end offsets this often: a broker outage is
+# then a failed read, counted "unavailable", not a quiet topic.
+LIVENESS_S = 10.0
+LIVENESS_TIMEOUT_MS = 5_000
+
+
+def is_new_group(committed: Mapping[object, int | None]) -> bool:
+    """Whether a group assigned these partitions (-> committed offset, None: none) is new: one that has
+    committed none of them judges what arrives from now on (older events were served long ago). A
+    partition without a committed offset in a group that has others (one added to the topic while the
+    exporter was down) is read from its beginning instead: its waiting events are judged, not skipped."""
+    return all(offset is None for offset in committed.values())
 
 
 def in_force(kept: Sequence[ServedRecord], at_ms: int, ttl_ms: int, answers: int) -> list[ServedRecord]:
@@ -126,11 +139,12 @@ class OnlineQualityJudge:
         self._consumer = None
         self._positions_committed = False
         self._failing = False
+        self._heard_s = 0.0  # self.clock() when the broker last answered
 
     def step(self) -> int:
         """One poll: judge its events, commit their offsets, count them. Returns the events judged."""
         if self._consumer is None:
-            self._consumer, self._positions_committed = self.make_consumer(), False
+            self._consumer, self._positions_committed, self._heard_s = self.make_consumer(), False, self.clock()
         consumer = self._consumer
         assigned = bool(consumer.assignment())
         # Until its starting positions are committed the consumer polls with a wait: a poll only starts
@@ -142,8 +156,12 @@ class OnlineQualityJudge:
                 consumer.commit()
                 self._positions_committed = all(consumer.committed(partition) is not None for partition in consumer.assignment())
             elif assigned:
+                if self.clock() - self._heard_s >= LIVENESS_S:  # raises while the broker does not answer
+                    consumer.end_offsets(list(consumer.assignment()), timeout_ms=LIVENESS_TIMEOUT_MS)
+                    self._heard_s = self.clock()
                 self.sleep(IDLE_S)
             return 0
+        self._heard_s = self.clock()
         # Only what is RIPE_S old: each partition goes back to its first younger record, read again later
         now_ms = int(self.clock() * 1000)
         ripe_before = now_ms - self.ripe_ms

@@ -17,10 +17,12 @@ from infra.broker import EmbeddedBroker, ensure_topics
 from infra.config import load_config
 from infra.process import free_port
 from infra.redis_server import EmbeddedRedis
-from recall_service.online_quality import HIT, IDLE_S, JOIN_POLL_MS, MISS, UNJUDGED, OnlineQualityJudge, judge_events
+from recall_service.online_quality import HIT, IDLE_S, JOIN_POLL_MS, LIVENESS_S, MISS, UNJUDGED, OnlineQualityJudge, judge_events
 from recall_service.served_log import LAG_ANSWERS, LAG_S, RedisServedLog, ServedRecord, ServedRecordError, decode_served, encode_served
 from streaming.events import BehaviourEvent, encode_event
 from streaming.feature_store import redis_client
+
+from conftest import wait_for
 
 TTL_S = 600
 SERVED_MS = 1_000_000
@@ -133,6 +135,8 @@ class FakeConsumer:
         self.commits: list[int] = []
         self.poll_timeouts: list[int] = []
         self.closed = False
+        self.broker_down = False  # poll() returns nothing, as kafka-python's does; end_offsets() times out
+        self.end_offset_reads = 0
 
     def assignment(self):
         return {("events", 0)} if len(self.poll_timeouts) >= self.joins_after else set()
@@ -140,7 +144,7 @@ class FakeConsumer:
     def poll(self, timeout_ms, max_records):
         joined = bool(self.assignment())
         self.poll_timeouts.append(timeout_ms)
-        if not joined:
+        if not joined or self.broker_down:
             return {}
         if self.fail_first_poll:
             self.fail_first_poll = False
@@ -153,6 +157,12 @@ class FakeConsumer:
 
     def seek(self, partition, offset):
         self.position = offset
+
+    def end_offsets(self, partitions, timeout_ms):
+        self.end_offset_reads += 1
+        if self.broker_down:
+            raise TimeoutError(f"Failed to get offsets by timestamps in {timeout_ms} ms")
+        return {partition: len(self.records) for partition in partitions}
 
     def commit(self):
         if self.fail_first_commit:
@@ -265,6 +275,38 @@ def test_an_idle_judge_sleeps_between_polls_that_do_not_wait():
     assert [judge.step() for _ in range(5)] == [0, 0, 1, 0, 0]
     assert consumer.poll_timeouts == [JOIN_POLL_MS, JOIN_POLL_MS, JOIN_POLL_MS, 0, 0]  # waits until its positions are committed
     assert slept == [IDLE_S, IDLE_S] and sum(counts.values()) == 1  # only the empty polls of a joined group sleep
+
+
+def test_an_idle_judge_checks_the_broker_so_that_an_outage_is_counted():
+    """kafka-python's poll() returns nothing while the broker is down, as for a quiet topic: an idle
+    judge reads its partitions' end offsets every LIVENESS_S, and a read that fails is counted
+    "unavailable" (OnlineHitRateNotJudged), the consumer made again."""
+    clock = [SERVED_MS / 1000 + 60]
+    consumers = []
+
+    def make():
+        consumers.append(FakeConsumer([] if consumers else [(b"u1", encode_event(event("u1", "a")), SERVED_MS)]))
+        return consumers[-1]
+
+    def sleep(seconds):
+        clock[0] += seconds
+
+    judge, counts, errors = counting_judge(make, FakeServed({"u1": (served(),)}), clock=lambda: clock[0], sleep=sleep, retry_s=0.01)
+    assert [judge.step() for _ in range(3)] == [1, 0, 0]  # judged, idle
+    steps = int(LIVENESS_S / IDLE_S)
+    for _ in range(steps):
+        judge.step()
+    assert consumers[0].end_offset_reads == 1  # one read per LIVENESS_S of idling, not one per poll
+    consumers[0].broker_down = True
+    stop = threading.Event()
+    runner = threading.Thread(target=judge.run, args=(stop,))
+    runner.start()
+    deadline = time.monotonic() + 10
+    while len(consumers) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    runner.join(10)
+    assert errors["unavailable"] >= 1 and consumers[0].closed and len(consumers) >= 2 and sum(counts.values()) == 1
 
 
 @pytest.mark.parametrize("failure", ["redis", "commit"])
@@ -452,6 +494,66 @@ def test_the_exporter_judges_events_from_a_real_broker_against_a_real_redis(tmp_
             server.shutdown()
             server.server_close()
             collector.close()
+
+
+def test_the_exporters_judge_starts_where_it_should_and_counts_a_broker_outage(tmp_path, monkeypatch):
+    """On a real broker, with the exporter's own consumer: a new group skips the events sent before it
+    (served long ago); a group that restarts judges what waited, also in a partition added meanwhile
+    (one without a committed offset: "latest" there skipped them, uncounted); a broker that stops
+    under an idle judge is counted "unavailable" (kafka-python's poll() just returns nothing)."""
+    from kafka import KafkaAdminClient, KafkaProducer
+    from kafka.admin import NewPartitions
+
+    import recall_service.online_quality as online_quality
+    from infra.exporter import StackCollector
+
+    monkeypatch.setattr(online_quality, "LIVENESS_S", 1.0)
+    broker = EmbeddedBroker(tmp_path / "broker").start()
+    config = load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+                                  "MINDSTREAM_PATHS__MODELS_DIR": str(tmp_path / "models")})
+    topic = config.kafka.events_topic
+    ensure_topics(config.kafka, partitions=1, retention_ms=3_600_000)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, metadata_max_age_ms=500)
+    reader = FakeServed({"u1": (served(served_ms=int(time.time() * 1000)),)})
+
+    def send(event_type, n, partition=0):
+        for _ in range(n):
+            producer.send(topic, key=b"u1", value=encode_event(event("u1", "a", event_type)), partition=partition)
+        producer.flush()
+
+    def judging():
+        judge, counts, errors = counting_judge(StackCollector(config)._online_consumer, reader, retry_s=0.2, ripe_s=0.0)
+        stop = threading.Event()
+        runner = threading.Thread(target=judge.run, args=(stop,), daemon=True)
+        runner.start()
+        return counts, errors, lambda: (stop.set(), runner.join(60))
+
+    def judged(counts, event_type):
+        return sum(n for labels, n in counts.items() if labels[2] == event_type)
+
+    try:
+        send("cart", 20)  # before the group exists
+        counts, errors, stop = judging()
+        deadline = time.monotonic() + 60
+        while not judged(counts, "view") and time.monotonic() < deadline:
+            send("view", 1)
+            time.sleep(0.5)
+        assert judged(counts, "view") and not judged(counts, "cart")
+        stop()
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+        admin.create_partitions({topic: NewPartitions(total_count=2)})
+        admin.close()
+        wait_for(lambda: len(producer.partitions_for(topic) or ()) == 2, 30, "the producer to see the new partition")
+        send("buy", 5, partition=0)
+        send("buy", 20, partition=1)
+        counts, errors, stop = judging()
+        wait_for(lambda: judged(counts, "buy") == 25, 60, "the events that waited to be judged")
+        broker.stop()
+        wait_for(lambda: errors["unavailable"] >= 1, 30, "the broker outage to be counted")
+        stop()
+    finally:
+        producer.close()
+        broker.stop()
 
 
 def test_with_the_served_log_off_neither_the_service_nor_the_exporter_keeps_or_judges_anything(tmp_path):
