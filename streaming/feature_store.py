@@ -44,6 +44,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
+import orjson
 from redis.exceptions import ResponseError
 
 RECORD_SCHEMA = 2  # 2: + profile
@@ -132,8 +133,10 @@ def decode(user_id: str, fields: dict[bytes, bytes]) -> InterestRecord:
         raw = fields[b"interests"]
         if k < 1 or dim < 1 or len(raw) != k * dim * 4:
             raise RecordError(f"user {user_id}: {len(raw)} interest bytes for k={k}, dim={dim} (K_u >= 1 vectors)")
-        window, profile = json.loads(fields[b"window"]), json.loads(fields[b"profile"])
-        profile_ms = json.loads(fields.get(b"profile_ms", b"{}"))
+        # orjson, the parser of the job's window state that a record seeds: json also takes a lone surrogate
+        # ("\ud800"), which the state cannot encode, so every event of the user would fail (an internal letter)
+        window, profile = orjson.loads(fields[b"window"]), orjson.loads(fields[b"profile"])
+        profile_ms = orjson.loads(fields.get(b"profile_ms", b"{}"))
         last_offset = fields[b"last_offset"].decode()
         if not OFFSET.fullmatch(last_offset):
             raise RecordError(f"user {user_id}: last_offset {last_offset!r:.40} is not partition:offset")
@@ -354,9 +357,11 @@ class RedisFeatureStore:
         seen_users = {user_id: behaviours for user_id, behaviours in (seen or {}).items() if behaviours} if self.seen_items else {}
         for user_id, behaviours in seen_users.items():
             self._add_seen(pipe, user_id, behaviours)
-            if self.ttl_seconds and user_id not in written:  # a behaviour only the seen set took (evicted, no known item)
-                pipe.expire(self.key(user_id), self.ttl_seconds)  # is activity too: the record lives as long as its set
             owners += [user_id] * (len(pipe) - len(owners))
+        if self.ttl_seconds:  # a behaviour that wrote no record (evicted, no known item) is activity too, seen sets kept or not:
+            for user_id in {user_id for user_id, behaviours in (seen or {}).items() if behaviours} - written:
+                pipe.expire(self.key(user_id), self.ttl_seconds)  # the record lives ttl_seconds after the user's last behaviour
+            owners += [None] * (len(pipe) - len(owners))
         stray = set()
         for owner, reply in zip(owners, pipe.execute(raise_on_error=False)):
             if isinstance(reply, Exception):

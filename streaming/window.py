@@ -59,7 +59,7 @@ UNKNOWN_TIME_MS = 0  # a seeded behaviour's time when the record does not say: n
 
 
 class Applied(Enum):
-    ADDED = "added"  # the window changed: the user's interests must be re-extracted
+    ADDED = "added"  # the window changed (a behaviour, or an evicted event's profile): the user's interests must be re-extracted
     DUPLICATE = "duplicate"  # already in the window (a redelivery)
     LATE = "late"  # older than allowed behind this user's newest event: dead-lettered
     EVICTED = "evicted"  # valid, but older than every behaviour of a full window
@@ -123,10 +123,18 @@ class UserWindow:
             return Applied.DUPLICATE
         # Older than every behaviour of a full window first: such an event would not be kept however
         # late it is, and a resent copy of an evicted event is no late data to alert on.
-        if len(self.behaviours) >= max_length and event.event_time_ms < self.behaviours[0][0]:
+        late = self.vouched_ms >= 0 and t < self.vouched_ms - allowed_lateness_ms
+        vouched = t if produced_ms is None or produced_ms <= 0 else min(t, produced_ms)
+        if len(self.behaviours) >= max_length and t < self.behaviours[0][0]:
             self._depart([[t, event.item_id]], max_length)
+            # Its profile counts as an in-time event's does (fields no newer event set), or a value no
+            # other event carries would be lost without a trace; a changed profile is a new tower input.
+            if event.profile and not late and self._merge_profile(event.profile, vouched):
+                if offset:
+                    self.last_offset = offset
+                return Applied.ADDED
             return Applied.EVICTED
-        if self.vouched_ms >= 0 and event.event_time_ms < self.vouched_ms - allowed_lateness_ms:
+        if late:
             return Applied.LATE
         # After equal times, keep arrival order: insert behind every entry of the same time.
         position = bisect.bisect_left(self.behaviours, (event.event_time_ms + 1,))
@@ -143,7 +151,6 @@ class UserWindow:
                 # Only those left at the oldest kept time count (a copy of an older one is older than the window), and
                 # the newest max_length of them: a state that cannot grow with a burst of events of one time.
                 self.evicted_at_oldest = [b for b in self.evicted_at_oldest + evicted if b[0] == oldest_ms][-max_length:]
-        vouched = t if produced_ms is None or produced_ms <= 0 else min(t, produced_ms)
         if event.profile:
             self._merge_profile(event.profile, vouched)
         self.newest_ms = max(self.newest_ms, t)
@@ -158,16 +165,19 @@ class UserWindow:
         if len(self.departed) > 2 * max_length:
             del self.departed[:-2 * max_length]
 
-    def _merge_profile(self, profile: dict[str, str], time_ms: int) -> None:
+    def _merge_profile(self, profile: dict[str, str], time_ms: int) -> bool:
         """The newest value of each field by event time (a late event sets only fields no newer event
         set; equal times: the later arrival), at most MAX_MAP_ENTRIES fields, the most recently set:
-        a producer sending new keys with every event must not grow the state and the record without bound."""
+        a producer sending new keys with every event must not grow the state and the record without bound.
+        Returns whether a field's value changed."""
         times = self.profile_ms  # in place: this runs for every event that carries a profile
         if len(times) != len(self.profile):  # fields kept without a time (a seeded window, an older checkpoint)
             for k in self.profile:
                 times.setdefault(k, self.vouched_ms)
+        changed = False
         for k, v in profile.items():
             if time_ms >= times.get(k, time_ms):  # a new field, or one no newer event set
+                changed = changed or self.profile.get(k) != v
                 self.profile[k], times[k] = v, time_ms
         # Kept in order of their times (ties: as they came), so the cap keeps the last; usually already so
         in_order = [times[k] for k in self.profile]
@@ -175,6 +185,7 @@ class UserWindow:
             kept = sorted(self.profile, key=times.__getitem__)[-MAX_MAP_ENTRIES:]  # stable: ties keep their order
             self.profile = {k: self.profile[k] for k in kept}
             self.profile_ms = {k: times[k] for k in kept}
+        return changed
 
     # Flink keeps the window as a JSON string (its own string serializer), never pickled:
     # restoring a checkpoint must not run whatever code a pickle in it would. orjson (PyFlink's

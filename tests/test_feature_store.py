@@ -48,6 +48,9 @@ def test_round_trip_is_exact():
         (lambda f: f.update({b"vouched_ms": str(2**63).encode()}), "vouched_ms .* is no 64-bit time"),
         (lambda f: f.update({b"updated_ms": str(-(2**64)).encode()}), "updated_ms .* is no 64-bit time"),
         (lambda f: f.update({b"profile_ms": b'{"age": 1180591620717411303424}'}), "profile_ms must be"),
+        # a lone surrogate: json decodes it, the window state (orjson) cannot encode it: every event of the user failed
+        (lambda f: f.update({b"window": b'["a", "\\ud800"]'}), "corrupt record"),
+        (lambda f: f.update({b"profile": b'{"gender": "\\udc00"}'}), "corrupt record"),
     ],
 )
 def test_foreign_or_corrupt_records_are_refused(mutate, message):
@@ -106,6 +109,12 @@ def test_real_redis_keeps_trims_and_reads_seen_sets(tmp_path, cluster):
         store.client.expire("test:user:c", 5)
         store.put_many([], seen={"c": [(1, "x")]})
         assert 5 < store.client.ttl("test:user:c") <= 600 and store.client.ttl("test:seen:c") <= 600
+        # also in a store that keeps no seen sets ([streaming].seen_items = 0): the record expired under an active user
+        no_sets = RedisFeatureStore.from_config(config, prefix="test", ttl_seconds=600)
+        no_sets.put_many([_record("d")])
+        no_sets.client.expire("test:user:d", 5)
+        no_sets.put_many([], seen={"d": [(1, "x")]})
+        assert 5 < no_sets.client.ttl("test:user:d") <= 600 and not no_sets.client.exists("test:seen:d")
         # a store that keeps none neither writes nor reads them; the job's writes but does not read them
         store.put_many([], seen={"b": [(1, "x")]})
         plain = RedisFeatureStore.from_config(config, prefix="test")

@@ -272,6 +272,20 @@ def test_a_late_event_sets_a_profile_field_only_an_older_event_set():
     assert older.profile == {"age": "30", "gender": "F"}
 
 
+def test_an_event_older_than_a_full_window_still_brings_its_profile_fields():
+    """It is not kept in the window (EVICTED), but a field only it carries was lost without a trace
+    (no dead letter to redrive): it sets the fields no newer event set, and a change is a new window
+    (ADDED: the record is rewritten with the profile the tower reads)."""
+    w = UserWindow()
+    for i, t in enumerate((10_000, 10_001, 10_002)):
+        w.apply(event(f"i{i}", t, profile={"age": "25"}), 3, 60_000)
+    assert w.apply(event("old", 9_995, profile={"gender": "F", "age": "18"}), 3, 60_000, offset="0:7") is Applied.ADDED
+    assert w.profile == {"age": "25", "gender": "F"} and w.item_ids() == ("i0", "i1", "i2") and w.last_offset == "0:7"
+    assert w.apply(event("old2", 9_996, profile={"gender": "F"}), 3, 60_000) is Applied.EVICTED  # nothing new: no rewrite
+    assert w.apply(event("older", 1_000, profile={"city": "x"}), 3, 5_000) is Applied.EVICTED  # and too late: not applied
+    assert "city" not in w.profile
+
+
 def test_a_profile_field_set_by_two_events_of_the_same_time_keeps_the_later_arrival():
     w = UserWindow()
     w.apply(event("a", 1_000, profile={"age": "25"}), 10, 5_000)
