@@ -155,6 +155,7 @@ class StreamingConfig:
         for name in ("allowed_lateness_ms", "batch_max_delay_ms"):
             _require_range("streaming", self, name, 0)
         _require_range("streaming", self, "model_poll_s", 0.0, open_ends=True)
+        _require_range("streaming", self, "topic_retention_ms", -1)  # -1: keep for ever (Kafka's convention)
 
 
 @dataclass(frozen=True)
@@ -173,13 +174,22 @@ class RedisConfig:
             parts = urllib.parse.urlsplit(self.uri)
             parts.port  # noqa: B018 - raises for a port that is no number
         except ValueError as exc:
-            raise ConfigError(f"[redis].uri (MINDSTREAM_REDIS__URI) = {printable_uri(self.uri)!r} is not a URI ({exc}): {example}") from None
+            raise ConfigError(f"[redis].uri (MINDSTREAM_REDIS__URI) = {printable_uri(self.uri)!r} is not a URI ({uri_problem(self.uri, exc)}): {example}") from None
         if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
             raise ConfigError(f"[redis].uri (MINDSTREAM_REDIS__URI) = {printable_uri(self.uri)!r}: a redis://, rediss:// or unix:// URI with a "
                               f"host (or a socket path), {example}")
+        if self.cluster and (parts.scheme == "unix" or _redis_db(parts) != 0):
+            raise ConfigError(f"[redis].cluster is on but [redis].uri = {printable_uri(self.uri)!r} is a socket path or names a db other "
+                              "than 0: a Redis Cluster is reached over TCP and has db 0 only (e.g. redis://node:6379/0)")
         if self.password and (parts.password or "password" in urllib.parse.parse_qs(parts.query)):
             raise ConfigError("[redis].password and a password in [redis].uri are both set, and the URI's would win: keep one "
                               "(MINDSTREAM_REDIS__PASSWORD, or the URI's)")
+
+
+def _redis_db(parts: urllib.parse.SplitResult) -> int | str:
+    """The db a redis:// URI names (its path, or a ?db= parameter, as redis-py reads it): 0 when none."""
+    db = urllib.parse.parse_qs(parts.query).get("db", [parts.path.strip("/") or "0"])[0]
+    return int(db) if db.isdigit() else db
 
 
 MilvusServerKind = typing.Literal["lite", "server"]  # what `python -m infra up` can start for [milvus]
@@ -219,7 +229,7 @@ class MilvusConfig:
             parts = urllib.parse.urlsplit(self.uri)
             parts.port  # noqa: B018 - raises for a port that is no number
         except ValueError as exc:
-            raise ConfigError(f"[milvus].uri (MINDSTREAM_MILVUS__URI) = {shown!r} is not a URI ({exc}): {example}") from None
+            raise ConfigError(f"[milvus].uri (MINDSTREAM_MILVUS__URI) = {shown!r} is not a URI ({uri_problem(self.uri, exc)}): {example}") from None
         if parts.scheme not in MILVUS_SERVER_SCHEMES or not parts.hostname:
             raise ConfigError(f"[milvus].uri (MINDSTREAM_MILVUS__URI) = {shown!r}: a server URI starts with "
                               f"{', '.join(scheme + '://' for scheme in MILVUS_SERVER_SCHEMES)} and names a host; {example}")
@@ -274,9 +284,11 @@ class RecallServiceConfig:
         for name in ("port", "metrics_port"):
             _require_port("recall", self, name)
         # 0 would refuse every RPC, health checks included: a service that never becomes ready, with no word why
-        for name in ("workers", "max_concurrent_rpcs", "max_n", "max_batch", "max_request_bytes", "default_deadline_ms",
+        for name in ("workers", "max_concurrent_rpcs", "max_n", "max_batch", "default_deadline_ms",
                      "feature_store_timeout_ms", "vector_search_timeout_ms", "health_interval_ms", "search_ef", "max_per_interest_n"):
             _require_range("recall", self, name, 1)
+        # gRPC takes its receive limit, 4x this (framing, a batch's worth), as a C int
+        _require_range("recall", self, "max_request_bytes", 1, (2**31 - 1) // 4)
         for name in ("outage_cooldown_ms", "max_exclusions", "max_recent_items", "max_filter_chars", "search_batch_vectors"):
             _require_range("recall", self, name, 0)
 
@@ -351,7 +363,9 @@ class Config:
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
 
-URI_CREDENTIALS = re.compile(r"(?<=://)[^/\s]+(?=@)")  # user:password in scheme://user:password@host (to the last @)
+# user:password in scheme://user:password@host, to the last @ (a password may hold "/", spaces or "@": masking
+# a path's "@" as well errs on the safe side)
+URI_CREDENTIALS = re.compile(r"(?<=://).*(?=@)")
 # ?password=... in a query string (redis-py reads it): the value of a parameter named like a secret
 URI_SECRET_PARAMETERS = re.compile(r"(?<=[?&])([^=&#]*(?:password|token|secret)[^=&#]*=)[^&#]*", re.IGNORECASE)
 
@@ -359,6 +373,14 @@ URI_SECRET_PARAMETERS = re.compile(r"(?<=[?&])([^=&#]*(?:password|token|secret)[
 def printable_uri(uri: str) -> str:
     """`uri` with its credentials (user:password@, ?password=...) as ***: for logs and messages."""
     return URI_SECRET_PARAMETERS.sub(lambda m: m.group(1) + "***", URI_CREDENTIALS.sub("***", uri))
+
+
+def uri_problem(uri: str, error: ValueError) -> str:
+    """What urllib found wrong with `uri`, unless the URI holds credentials: a "/" in a password ends the
+    host part for urllib, which then quotes a piece of the password as the port."""
+    if URI_CREDENTIALS.search(uri):
+        return "a /, @, : or space in a user name or password must be percent-encoded, e.g. / as %2F"
+    return str(error)
 
 
 REDIS_MAX_TTL_S = 2**31 - 1  # ~68 years; Redis refuses expiry times whose milliseconds overflow ("invalid expire time")

@@ -175,6 +175,14 @@ def test_uris_are_printed_without_their_credentials():
     assert printable_uri("rediss://default:pw@redis:6380/0?password=qp&db=1") == "rediss://***@redis:6380/0?password=***&db=1"
     assert printable_uri("http://root:Milvus@milvus:19530") == "http://***@milvus:19530"
     assert printable_uri("/var/milvus/lite.db") == "/var/milvus/lite.db"
+    # a password holding "/" (base64) or a space, which the URI's own rules let through to the client
+    assert printable_uri("redis://:Zm9v/YmFy+cw==@redis.prod:6379/0") == "redis://***@redis.prod:6379/0"
+    assert printable_uri("rediss://:pa ss@redis.prod:6380/0") == "rediss://***@redis.prod:6380/0"
+    for uri in ("redis://:Zm9v/YmFy+cw==@redis.prod:bad/0", "https://root:S3cr/et@milvus.prod:notaport"):
+        key = "REDIS" if uri.startswith("redis") else "MILVUS"
+        with pytest.raises(ConfigError) as refused:
+            load_config(environ={"MINDSTREAM_CONFIG": "", f"MINDSTREAM_{key}__URI": uri})
+        assert "YmFy" not in str(refused.value) and "S3cr" not in str(refused.value)
 
 
 def test_the_milvus_clients_messages_name_the_server_without_its_credentials():
@@ -218,6 +226,13 @@ def test_a_redis_uri_that_is_no_uri_is_a_config_error():
     ({"MINDSTREAM_CONFG": "/etc/mindstream.toml"}, r"MINDSTREAM_CONFG \(did you mean MINDSTREAM_CONFIG\?\)"),
     ({"MINDSTREAM_DISABLEGPU": "1"}, r"MINDSTREAM_DISABLEGPU \(did you mean MINDSTREAM_DISABLE_GPU\?\)"),
     ({"MINDSTREAM_DISABLE_GPU": "please"}, "MINDSTREAM_DISABLE_GPU: expected a boolean, got 'please'"),
+    # values taken, then failing far from them: gRPC's C int (a traceback at the service's start), the
+    # broker's topic creation (after it started), Redis Cluster's client (advice to start the local stack)
+    ({"MINDSTREAM_RECALL__MAX_REQUEST_BYTES": "600000000"}, r"\[recall\].max_request_bytes"),
+    ({"MINDSTREAM_STREAMING__TOPIC_RETENTION_MS": "-5"}, r"\[streaming\].topic_retention_ms"),
+    ({"MINDSTREAM_REDIS__CLUSTER": "true", "MINDSTREAM_REDIS__URI": "redis://127.0.0.1:6379/3"}, "names a db other than 0"),
+    ({"MINDSTREAM_REDIS__CLUSTER": "true", "MINDSTREAM_REDIS__URI": "redis://127.0.0.1:6379/0?db=2"}, "names a db other than 0"),
+    ({"MINDSTREAM_REDIS__CLUSTER": "true", "MINDSTREAM_REDIS__URI": "unix:///tmp/redis.sock"}, "is a socket path"),
 ])
 def test_settings_that_would_be_dropped_or_fail_later_are_refused_at_load(environ, message):
     with pytest.raises(ConfigError, match=message):
