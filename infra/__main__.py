@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import signal
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from infra.cli import run_command
 from infra.config import ConfigError, load_config, printable_uri
+from infra.process import loopback_unproxied
 
 SECRET_SUFFIXES = ("password", "token", "secret")  # password, sasl_password, token, auth_token, ...
 
@@ -246,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(func=module.run)
 
     args = parser.parse_args(argv)
+    # every command here talks to the embedded stack on loopback (demo, soak, faults: gRPC and HTTP clients),
+    # which an exported http_proxy would otherwise receive
+    os.environ.update(loopback_unproxied(dict(os.environ)))
     return run_command(args.func, args)
 
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import sys
 import time
-import urllib.request
 from collections import Counter, defaultdict
 
 from infra.cli import UserError
 from infra.config import Config
+from infra.process import open_direct
 
 # Users per BatchRecall of the online replay: a batch is one Milvus search, and the embedded Milvus
 # Lite (a pure-Python engine) materialises every hit's whole row, ~65 us each (measured on a 2-core
@@ -104,7 +104,7 @@ def online_counts(config: Config) -> Counter:
     host = "127.0.0.1" if monitoring.exporter_host in ("0.0.0.0", "::") else monitoring.exporter_host
     url = f"http://{host}:{monitoring.exporter_port}/metrics"
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with open_direct(url, 5) as response:
             text = response.read().decode()
     except OSError as exc:
         raise UserError(f"the exporter does not answer at {url} ({exc}): start the stack (`python -m infra up`)") from None

@@ -6,10 +6,9 @@ cluster, with the job's Python embedded): stopping or killing the group reaches 
 
 from __future__ import annotations
 
-import urllib.request
 from pathlib import Path
 
-from infra.process import PythonModuleProcess
+from infra.process import PythonModuleProcess, open_direct
 
 
 class StreamingJobProcess(PythonModuleProcess):
@@ -38,7 +37,7 @@ class StreamingJobProcess(PythonModuleProcess):
 
     def metrics(self) -> str | None:
         try:
-            with urllib.request.urlopen(self.metrics_url, timeout=1) as response:
+            with open_direct(self.metrics_url, 1) as response:
                 return response.read().decode()
         except OSError:
             return None

@@ -21,11 +21,10 @@ import os
 import shutil
 import signal
 import sys
-import urllib.request
 from pathlib import Path
 
 from infra.files import write_text_atomically
-from infra.process import ManagedProcess, bind_loopback, free_port, port_open
+from infra.process import ManagedProcess, bind_loopback, free_port, open_direct, port_open
 
 GRACEFUL_STOP_S = 5  # Milvus' own forced-quit deadline after SIGINT
 # Components whose advertised address must be loopback (the `ip:` key of each section).
@@ -130,7 +129,7 @@ class MilvusServer(ManagedProcess):
         """Milvus' own health endpoint (on its metrics port) says OK and the proxy accepts."""
         try:
             metrics_port = json.loads(self.ports_path.read_text())["metrics_port"]
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=1) as response:
+            with open_direct(f"http://127.0.0.1:{metrics_port}/healthz", 1) as response:
                 return b"OK" in response.read() and port_open(self.host, self.port)
         except (OSError, ValueError, KeyError):
             return False

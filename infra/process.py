@@ -113,12 +113,35 @@ def start_stamp(pid: int) -> str | None:
         return None
 
 
+# The stack's probes and readers of its own services ask loopback addresses, never through a proxy:
+# urllib (and gRPC) send 127.0.0.1 to an exported http_proxy unless no_proxy names it.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "grpc_proxy", "all_proxy")
+
+
+def open_direct(url: str, timeout_s: float):
+    """urllib's urlopen without any proxy."""
+    return _DIRECT.open(url, timeout=timeout_s)
+
+
 def http_ok(url: str, timeout_s: float = 1.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with open_direct(url, timeout_s) as response:
             return response.status == 200
     except OSError:
         return False
+
+
+def loopback_unproxied(environ: dict[str, str]) -> dict[str, str]:
+    """`environ` for a service of the stack: where a proxy is set, no_proxy (both spellings, which
+    urllib, requests and gRPC read) also names the loopback hosts, so the services reach each other
+    directly."""
+    if not any(environ.get(name) or environ.get(name.upper()) for name in PROXY_VARIABLES):
+        return dict(environ)
+    listed = [host for name in ("no_proxy", "NO_PROXY") for host in environ.get(name, "").split(",") if host.strip()]
+    no_proxy = ",".join(dict.fromkeys([*listed, *LOOPBACK_HOSTS]))
+    return {**environ, "no_proxy": no_proxy, "NO_PROXY": no_proxy}
 
 
 def _group_alive(pgid: int) -> bool:

@@ -19,7 +19,7 @@ def health_status(recall: RecallServiceConfig, target: str, timeout_s: float = 0
 
     from recall_service.channel import recall_channel
 
-    with recall_channel(recall, target) as channel:
+    with recall_channel(recall, target, options=[("grpc.enable_http_proxy", 0)]) as channel:  # a loopback probe: never via a proxy
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         except grpc.RpcError:

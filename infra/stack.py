@@ -44,7 +44,7 @@ from infra.files import write_text_atomically
 from infra.job_process import StreamingJobProcess
 from infra.milvus_server import MilvusLiteServer, MilvusServer
 from infra.monitoring import ExporterProcess, PrometheusProcess, prometheus_tool, write_prometheus_config
-from infra.process import ManagedProcess, free_port, listener_of, port_open, start_stamp
+from infra.process import ManagedProcess, free_port, listener_of, loopback_unproxied, port_open, start_stamp
 from infra.recall_process import RecallServiceProcess
 from infra.redis_server import EmbeddedRedis
 from model_export.registry import ModelRegistry
@@ -180,7 +180,7 @@ def service_environment(environ: dict[str, str], config_path: Path) -> dict[str,
     env = {k: v for k, v in environ.items() if k not in overriding}
     env[f"{ENV_PREFIX}CONFIG"] = str(config_path)
     env["PYTHONUNBUFFERED"] = "1"  # logs as they happen
-    return env
+    return loopback_unproxied(env)  # the services reach each other on loopback: not through an exported proxy
 
 
 @dataclasses.dataclass
@@ -332,13 +332,17 @@ class Stack:
             return 0
         keep_current = any(running.values())
         try:
-            load_config(environ=self.environ)  # the user's settings as they stand: a mistake stops here, before the stack's file is rewritten
+            user_config = load_config(environ=self.environ)  # the user's settings as they stand: a mistake stops here, before the stack's file is rewritten
         except ConfigError as exc:
             named = config_file(self.environ)
             if named is not None and named.resolve() == self.layout.config_path.resolve():  # the generated file, copied as the user's settings
                 raise StackError(f"{exc}\n{self.layout.config_path} is the stack's generated file, which this shell's MINDSTREAM_CONFIG names "
                                  "(written by another version of mindstream, or edited): `python -m infra down`, delete it, then `up`") from None
             raise
+        if user_config.recall.tls_cafile and not user_config.recall.tls_certfile:  # the recall section is the user's, not pinned
+            raise StackError("[recall].tls_cafile is set (MINDSTREAM_RECALL__TLS_CAFILE or the configuration file) but [recall].tls_certfile "
+                             "is not: the stack's recall service would serve plain text while its clients, the readiness probe included, "
+                             "speak TLS to it. Unset tls_cafile for the embedded stack, or give the service a certificate (tls_certfile, tls_keyfile)")
         config = self._write_config(self._choose_ports(keep_current), self._choose_milvus_server(milvus_runs=bool(running["milvus"])))
         write_prometheus_config(config, self.layout.prometheus_config_path)
         current = ModelRegistry(config.paths.models_dir).current_version()

@@ -148,6 +148,50 @@ def test_services_ignore_variables_that_would_move_the_stacks_addresses(tmp_path
     assert env["MINDSTREAM_CONFIG"] == str(tmp_path / "mindstream.toml")
 
 
+def test_the_stack_reaches_its_services_directly_whatever_proxy_the_shell_exports(tmp_path, monkeypatch):
+    """urllib and gRPC send 127.0.0.1 to an exported http_proxy unless no_proxy names it: every
+    readiness probe failed (`up` waited out its timeout) and the services' own loopback calls too."""
+    import http.server
+    import threading
+
+    from infra.process import http_ok
+
+    env = service_environment({"http_proxy": "http://proxy.corp:3128", "no_proxy": "intranet.corp", "PATH": "/bin"}, tmp_path / "m.toml")
+    assert env["no_proxy"] == env["NO_PROXY"] == "intranet.corp,127.0.0.1,localhost,::1"
+    assert "no_proxy" not in service_environment({"PATH": "/bin"}, tmp_path / "m.toml")  # no proxy: left as it was
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{process.free_port()}")  # nothing listens there
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        assert http_ok(f"http://127.0.0.1:{server.server_port}/")
+    finally:
+        server.shutdown()
+
+
+def test_up_refuses_a_recall_ca_file_without_a_certificate_before_starting_anything(tmp_path):
+    """The clients speak TLS when [recall].tls_cafile is set, the service only with a certificate: with
+    a production client's CA file in the shell `up` waited 90 s for a probe that could never answer."""
+    from infra.stack import Stack, StackError
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    stack = Stack(tmp_path / "stack", environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_RECALL__TLS_CAFILE": str(ca)})
+    with pytest.raises(StackError, match=r"\[recall\].tls_cafile is set .* but \[recall\].tls_certfile is not"):
+        stack.up()
+    assert not stack.layout.config_path.exists()
+
+
 class Stubborn(ManagedProcess):
     """A shell that ignores SIGTERM and has a child: stop must escalate to SIGKILL for the whole group."""
 
