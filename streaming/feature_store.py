@@ -354,12 +354,13 @@ class RedisFeatureStore:
             pipe.execute_command("EVAL", REPLACE, 1, self.key(record.user_id), str(self.ttl_seconds), *flat)
             n += 1
         owners: list[str | None] = [None] * len(pipe)  # the user whose seen set each queued command writes
-        seen_users = {user_id: behaviours for user_id, behaviours in (seen or {}).items() if behaviours} if self.seen_items else {}
+        active = {user_id: behaviours for user_id, behaviours in (seen or {}).items() if behaviours}
+        seen_users = active if self.seen_items else {}
         for user_id, behaviours in seen_users.items():
             self._add_seen(pipe, user_id, behaviours)
             owners += [user_id] * (len(pipe) - len(owners))
         if self.ttl_seconds:  # a behaviour that wrote no record (evicted, no known item) is activity too, seen sets kept or not:
-            for user_id in {user_id for user_id, behaviours in (seen or {}).items() if behaviours} - written:
+            for user_id in active.keys() - written:
                 pipe.expire(self.key(user_id), self.ttl_seconds)  # the record lives ttl_seconds after the user's last behaviour
             owners += [None] * (len(pipe) - len(owners))
         stray = set()
