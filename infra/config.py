@@ -274,6 +274,10 @@ class RecallServiceConfig:
 
     def __post_init__(self) -> None:
         _require_text("recall", self, "host", "metrics_host")
+        if any(not "!" <= ch <= "~" for ch in self.auth_token):  # the value is a secret: never quoted
+            raise ConfigError("[recall].auth_token holds a character an HTTP/2 header cannot carry (a space, a line end, a non-ASCII "
+                              "letter): no client could send it, so every call would be refused. A token read from a file often "
+                              "ends with a newline: strip it (visible ASCII only, as bearer tokens are)")
         # one process listens on both (servers of other processes may share a port number in their own
         # network namespaces, as pods do, so only this pair is checked)
         if self.port and self.port == self.metrics_port and self.host == self.metrics_host:

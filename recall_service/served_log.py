@@ -172,10 +172,10 @@ class RedisServedLog:
         self.client.close()  # its connections (a later read would open new ones)
 
     def _drop_unsent(self) -> None:
-        """Counts what is still queued once the writer has stopped (a record that passed the closed
-        check just before close), so no answer is lost uncounted."""
-        if self._writer is not None and self._writer.is_alive():
-            return  # its last pass sends them
+        """Counts what is still queued after close (a record that passed the closed check just before
+        it, or one the writer had no time to send), so no answer is lost uncounted. The writer may
+        still be in its last pass, a write outlasting close's wait: each record is taken from the
+        queue once, so it is either sent by that pass or counted here, never both, never neither."""
         unsent = 0
         while self._pending:
             try:

@@ -384,6 +384,9 @@ class RecallServer:
         if bool(rc.tls_certfile) != bool(rc.tls_keyfile):
             raise ConfigError("[recall].tls_certfile and tls_keyfile: set both for TLS, or neither "
                               "(MINDSTREAM_RECALL__TLS_CERTFILE / MINDSTREAM_RECALL__TLS_KEYFILE)")
+        if rc.tls_cafile and not rc.tls_certfile:  # fine behind a proxy that ends TLS; else its clients fail (infra up refuses it)
+            log.warning("[recall].tls_cafile is set but tls_certfile is not: the service serves plain text while clients of this "
+                        "configuration speak TLS to it; set [recall].tls_certfile and tls_keyfile, or unset tls_cafile")
         if rc.auth_token and not rc.tls_certfile:
             log.warning("[recall].auth_token is set without TLS: the token crosses the network in clear text; "
                         "set [recall].tls_certfile and tls_keyfile")

@@ -434,6 +434,43 @@ def test_an_answer_recorded_while_the_log_closes_is_sent_or_counted_never_lost()
     assert [key.rsplit(":", 1)[-1] for key in sent] == ["u1"] and dropped == Counter({"closed": 1})
 
 
+def test_answers_queued_behind_a_write_that_outlasts_close_are_counted():
+    """close() gives up waiting for a slow write (a stop with a short grace): what is queued behind
+    that write is counted `closed`, not left in the queue when the writer's last pass ends."""
+    sending, release, sent = threading.Event(), threading.Event(), []
+
+    class Pipeline:
+        def __init__(self):
+            self.keys = []
+
+        def lpush(self, key, *values):
+            self.keys.append(key)
+
+        def ltrim(self, *args, **kwargs):
+            pass
+
+        def expire(self, *args, **kwargs):
+            pass
+
+        def execute(self, raise_on_error=True):
+            sending.set()
+            release.wait(30)
+            sent.extend(self.keys)
+            return [1, True, True] * len(self.keys)
+
+    dropped = Counter()
+    log = RedisServedLog(SimpleNamespace(pipeline=lambda transaction: Pipeline(), close=lambda: None), ttl_s=60,
+                         dropped=lambda reason, n: dropped.update({reason: n}))
+    log.record([served("u0")])
+    assert sending.wait(30)  # the writer is held in u0's write
+    log.record([served(f"u{i}") for i in range(1, 10)])
+    log.close(timeout_s=0.1)
+    release.set()
+    log._writer.join(30)
+    assert not log._writer.is_alive()
+    assert len(sent) + sum(dropped.values()) == 10 and dropped == Counter({"closed": 9}) and not log._pending
+
+
 def scrape(port: int) -> Counter:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()

@@ -185,6 +185,26 @@ def test_half_configured_tls_is_refused_before_binding(tmp_path):
         RecallServer(config).start()
 
 
+@pytest.mark.parametrize("token", ["s3cret-token\n", "s3cret token", "s\u00e9cret-token"])
+def test_a_token_no_client_could_send_is_refused_without_quoting_it(token):
+    """gRPC clients refuse such a header value (with a traceback that quotes it): every call refused."""
+    with pytest.raises(ConfigError, match="auth_token holds a character an HTTP/2 header cannot carry") as refused:
+        load_config(environ={"MINDSTREAM_CONFIG": "", "MINDSTREAM_RECALL__AUTH_TOKEN": token})
+    assert "cret" not in str(refused.value)
+
+
+def test_a_server_with_a_ca_file_but_no_certificate_says_it_serves_plain_text(tmp_path, caplog):
+    from recall_service.server import RecallServer
+
+    cert, _ = self_signed_certificate(tmp_path)
+    config = Config(paths=PathsConfig(models_dir=tmp_path / "models"), recall=RecallServiceConfig(port=0, metrics_port=0, tls_cafile=str(cert)))
+    server = RecallServer(config).start()
+    try:
+        assert any("tls_cafile is set but tls_certfile is not: the service serves plain text" in r.getMessage() for r in caplog.records)
+    finally:
+        server.stop()
+
+
 # --- Kafka and Redis: SASL, AUTH and TLS from the configuration ------------------------------
 
 
