@@ -39,6 +39,23 @@ def at_least(low: float, kind: Callable[[str], float] = int, at_most: float | No
     return parse
 
 
+def comma_list(item: Callable[[str], object] = str, choices: tuple[str, ...] = ()) -> Callable[[str], list]:
+    """An argparse type: "a,b,c" -> [item(a), item(b), item(c)], at least one, each of `choices` when
+    given (a typo is refused where it is parsed, not run as something else and labelled with it)."""
+
+    def parse(text: str) -> list:
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"{text!r} names nothing: give a comma-separated list")
+        wrong = [part for part in parts if choices and part not in choices]
+        if wrong:
+            raise argparse.ArgumentTypeError(f"{', '.join(wrong)}: expected any of {', '.join(choices)}")
+        return [item(part) for part in parts]  # item's ArgumentTypeError / ValueError: argparse's usage error
+
+    parse.__name__ = "comma-separated list"
+    return parse
+
+
 def _loaded(module: str, *names: str) -> tuple[type, ...]:
     loaded = sys.modules.get(module)
     return tuple(getattr(loaded, name) for name in names if hasattr(loaded, name)) if loaded else ()

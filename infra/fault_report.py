@@ -352,7 +352,8 @@ def fault_verdict(summaries: list[FaultSummary]) -> list[str]:
     """What must hold whatever the timing: in every row, events acked and none lost, none unacked
     (the harness gave up: unchecked), none pushed out of its window unverified, recall called and
     answering again after each fault, no status other than UNAVAILABLE / DEADLINE_EXCEEDED (and
-    CANCELLED while the recall service itself stops), no failed read of the store outside a Redis
+    CANCELLED while the recall service itself stops; in the row without a fault, no error and no
+    degraded answer at all), no failed read of the store outside a Redis
     fault. Empty when all holds."""
     problems = []
     for s in summaries:
@@ -373,8 +374,11 @@ def fault_verdict(summaries: list[FaultSummary]) -> list[str]:
             problems.append(f"{s.name}: {_unverified_problem(s.events_evicted_unverified)}")
         if s.store_read_errors and s.service != "redis":  # Redis down: the poll fails, and sees the events later
             problems.append(f"{s.name}: {s.store_read_errors} reads of the stored windows failed, and Redis was not the fault")
-        expected = EXPECTED_ERROR_CODES | (EXPECTED_IN_OWN_SHUTDOWN if s.service == "recall" else frozenset())
+        # the row without a fault is the baseline: an error or a degraded answer there is no fault's
+        expected = (EXPECTED_ERROR_CODES | (EXPECTED_IN_OWN_SHUTDOWN if s.service == "recall" else frozenset())) if s.service else frozenset()
         problems += recall_error_problems(s.name, s.recall_errors, expected)
+        if not s.service and s.recall_degraded:
+            problems.append(f"{s.name}: {_counts(s.recall_degraded)} degraded answers while no backend was stopped")
         if not s.recall_requests:  # the recall clients stopped: no recovery to judge either
             problems.append(f"{s.name}: no recall request was sent in this row: the recall clients stopped")
         elif s.service and s.recall_recovered_s is None:
@@ -484,7 +488,7 @@ def memory_table(rows: list[MemoryGrowth]) -> str:
 def soak_verdict(rows: list[MinuteRow], events: list[SentEvent], growth: list[MemoryGrowth], store_read_errors: int) -> list[str]:
     """What must hold in a soak beyond `LoadRun.finish`'s checks (infra.harness.final_problems): every
     minute with events acked and calls sent; every event acked, none lost, none unverified; no recall
-    error (no fault is injected: none is expected); no failed read of the store; no process gone, and
+    error and no degraded answer (no fault is injected: none is expected); no failed read of the store; no process gone, and
     none grown past its bound but those of GROWTH_EXEMPT."""
     problems = [f"minute {r.minute}: no event was acknowledged" for r in rows if not r.events_per_s]
     problems += [f"minute {r.minute}: no recall request was sent: the recall clients stopped" for r in rows if not r.requests]
@@ -498,6 +502,8 @@ def soak_verdict(rows: list[MinuteRow], events: list[SentEvent], growth: list[Me
     for r in rows:
         errors.update(r.errors)
     problems += recall_error_problems("soak", dict(errors), frozenset())
+    degraded = sum(r.degraded for r in rows)
+    problems += [f"{degraded} answers were degraded (popular items: a backend was counted down while no fault was injected)"] if degraded else []
     problems += [f"{store_read_errors} reads of the stored windows failed"] if store_read_errors else []
     for g in growth:
         if g.end_mb is None:

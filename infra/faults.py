@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from infra.cli import at_least
 from infra.fault_report import FaultRun, fault_table, fault_verdict, fault_windows, per_second, summarize_fault
 from infra.harness import HarnessError, LoadRun, Ticker, final_problems, system_under_load, write_report
 from infra.load_options import add_load_arguments
@@ -65,13 +66,13 @@ def add_arguments(p) -> None:
     # above that, Milvus Lite searches pass the service's timeout and the answers degrade.
     add_load_arguments(p, window_length=2000, per_interest_n=100, qps=5.0)
     p.add_argument("--faults", default=",".join(FAULTS), help=f"the faults to inject, comma-separated, in this order: any of {', '.join(FAULTS)}")
-    p.add_argument("--warmup-s", type=float, default=30.0, help="load before the first fault (the baseline row)")
-    p.add_argument("--down-s", type=float, default=5.0, help="how long each service stays down before it is started again")
-    p.add_argument("--observe-s", type=float, default=35.0, help="load after each restart before the next fault")
-    p.add_argument("--lead-s", type=float, default=5.0, help="a fault's row starts this long before its injection (events acked just before it)")
-    p.add_argument("--caught-up-s", type=float, default=5.0,
+    p.add_argument("--warmup-s", type=at_least(0, float), default=30.0, help="load before the first fault (the baseline row)")
+    p.add_argument("--down-s", type=at_least(0, float), default=5.0, help="how long each service stays down before it is started again")
+    p.add_argument("--observe-s", type=at_least(0, float), default=35.0, help="load after each restart before the next fault")
+    p.add_argument("--lead-s", type=at_least(0, float), default=5.0, help="a fault's row starts this long before its injection (events acked just before it)")
+    p.add_argument("--caught-up-s", type=at_least(0, float), default=5.0,
                    help="before each fault, wait until no acked event has waited longer than this for the store (each fault starts from a steady state)")
-    p.add_argument("--settle-timeout-s", type=float, default=120.0, help="... but at most this long")
+    p.add_argument("--settle-timeout-s", type=at_least(0, float), default=120.0, help="... but at most this long")
 
 
 def parse_faults(text: str) -> list[Fault]:

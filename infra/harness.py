@@ -37,6 +37,7 @@ import psutil
 from infra.cli import UserError
 from infra.config import REPO_ROOT, Config, MilvusConfig, MilvusServerKind, RecallServiceConfig, load_config
 from infra.fault_report import EventLedger, RecallSample, percentile, window_anomalies
+from infra.process import SigtermAsInterrupt
 from infra.stack import Stack, render_toml
 from streaming.producer import EventProducer, ReplayEvents, paced
 
@@ -114,14 +115,18 @@ class SystemUnderTest:
         _reap_children()
 
     def __enter__(self) -> "SystemUnderTest":
+        self._interrupt_on_sigterm = SigtermAsInterrupt().__enter__()  # the stack's services run detached
         try:
             return self.start()
         except BaseException:
-            self.stop()
+            self.__exit__()
             raise
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            self._interrupt_on_sigterm.__exit__()
 
 
 def event_ids_in_topic(kafka, timeout_s: float = 120.0) -> tuple[set[str], bool]:

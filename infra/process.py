@@ -144,6 +144,34 @@ def loopback_unproxied(environ: dict[str, str]) -> dict[str, str]:
     return {**environ, "no_proxy": no_proxy, "NO_PROXY": no_proxy}
 
 
+class SigtermAsInterrupt:
+    """While held, SIGTERM (what `timeout`, `kill` and a cancelled CI job send) raises
+    KeyboardInterrupt in the main thread, as Ctrl-C does: a command holding detached servers (their
+    own sessions outlive it) then stops them on its way out instead of dying with them running.
+    Nested holds share one handler; the last release restores the one before. Elsewhere than in the
+    main thread (no signal handler can be set there) it does nothing."""
+
+    _depth = 0
+    _previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            if SigtermAsInterrupt._depth == 0:
+                SigtermAsInterrupt._previous = signal.signal(signal.SIGTERM, _interrupt)
+            SigtermAsInterrupt._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if threading.current_thread() is threading.main_thread():
+            SigtermAsInterrupt._depth -= 1
+            if SigtermAsInterrupt._depth == 0:
+                signal.signal(signal.SIGTERM, SigtermAsInterrupt._previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
 def _group_alive(pgid: int) -> bool:
     """Whether any process of the group still runs (zombies do not count: in a container nobody
     may reap an orphaned leader)."""
@@ -280,10 +308,18 @@ class ManagedProcess:
             time.sleep(0.05)
 
     def __enter__(self):
-        return self.start()
+        self._interrupt_on_sigterm = SigtermAsInterrupt().__enter__()
+        try:
+            return self.start()
+        except BaseException:
+            self._interrupt_on_sigterm.__exit__()
+            raise
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            self._interrupt_on_sigterm.__exit__()
 
 
 class PythonModuleProcess(ManagedProcess):

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 
+from infra.cli import at_least
 from infra.fault_report import memory_growth, memory_table, minute_header, minute_line, minute_row, soak_verdict
 from infra.harness import HarnessError, Ticker, final_problems, system_under_load, write_report
 from infra.load_options import add_load_arguments
@@ -36,15 +37,15 @@ def add_arguments(p) -> None:
     # add_arguments): with the configuration's 50 behaviours, an estimated 18% of a 10-minute soak's
     # ML-1M events are pushed out of their window by newer ones before a poll sees them: unverified.
     add_load_arguments(p, window_length=2000, per_interest_n=100, qps=100.0, clients=8, milvus="server")
-    p.add_argument("--minutes", type=int, default=10, help="soak length, after the stream warm-up and the capacity probe")
-    p.add_argument("--warmup-minutes", type=int, default=1, help="soak minutes before the RSS baseline of the memory-growth check")
-    p.add_argument("--stream-warmup-s", type=float, default=20.0, help="events only, before the capacity probe (users get stored interests)")
-    p.add_argument("--capacity-s", type=float, default=15.0, help="closed-loop capacity probe length (0: skip)")
-    p.add_argument("--capacity-clients", type=int, default=4,
+    p.add_argument("--minutes", type=at_least(1), default=10, help="soak length, after the stream warm-up and the capacity probe")
+    p.add_argument("--warmup-minutes", type=at_least(0), default=1, help="soak minutes before the RSS baseline of the memory-growth check")
+    p.add_argument("--stream-warmup-s", type=at_least(0, float), default=20.0, help="events only, before the capacity probe (users get stored interests)")
+    p.add_argument("--capacity-s", type=at_least(0, float), default=15.0, help="closed-loop capacity probe length (0: skip)")
+    p.add_argument("--capacity-clients", type=at_least(1), default=4,
                    help="closed-loop clients of the capacity probe (with Milvus Lite, more only add fast degraded answers once it is saturated)")
-    p.add_argument("--rss-every-s", type=float, default=10.0, help="resident-memory sampling interval")
-    p.add_argument("--rss-bound-pct", type=float, default=10.0, help="memory check: growth after warm-up within this %% of the RSS ...")
-    p.add_argument("--rss-bound-mb", type=float, default=50.0, help="... or within this many MB, whichever is larger")
+    p.add_argument("--rss-every-s", type=at_least(0.5, float), default=10.0, help="resident-memory sampling interval")
+    p.add_argument("--rss-bound-pct", type=at_least(0, float), default=10.0, help="memory check: growth after warm-up within this %% of the RSS ...")
+    p.add_argument("--rss-bound-mb", type=at_least(0, float), default=50.0, help="... or within this many MB, whichever is larger")
 
 
 class DegradedAnswer(RuntimeError):

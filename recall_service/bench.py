@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from infra.cli import at_least, comma_list
 from infra.config import REPO_ROOT, load_config
 
 BANDWIDTH = 0.5  # of the kernel-density copies, in units of the real vectors' covariance
@@ -51,17 +52,17 @@ PREFIX = "bench_items"  # the bench's collections and alias, apart from the serv
 def add_arguments(p) -> None:
     p.add_argument("--export-dir", default=str(REPO_ROOT / "var" / "artifacts" / "ml-1m-mind_remi" / "export"),
                    help="the trained ML-1M export whose item vectors and user tower the bench uses")
-    p.add_argument("--milvus", default="server,lite", help="comma-separated backends: server (Milvus 2.3.5 of `pip install milvus`), lite (Milvus Lite)")
-    p.add_argument("--items", type=int, default=100_000, help="catalog size")
+    p.add_argument("--milvus", type=comma_list(choices=("server", "lite")), default="server,lite", help="comma-separated backends: server (Milvus 2.3.5 of `pip install milvus`), lite (Milvus Lite)")
+    p.add_argument("--items", type=at_least(1), default=100_000, help="catalog size")
     p.add_argument("--scale", action="store_true", help="1M items on the Milvus server, HNSW ef tuned for --target-recall first")
-    p.add_argument("--efs", default="200,256,384,512,768,1024", help="--scale: HNSW ef values to try (an ef below the limit, 200, is raised to it)")
-    p.add_argument("--target-recall", type=float, default=0.95, help="--scale: ANN recall@200 the chosen ef must reach")
-    p.add_argument("--ef", type=int, default=0, help="HNSW ef of the service (default: [recall].search_ef; --scale: tuned)")
-    p.add_argument("--concurrency", default="1,8,32,50", help="comma-separated closed-loop concurrencies")
-    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per phase")
-    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each phase")
-    p.add_argument("--n", type=int, default=50, help="items per Recall (the per-interest limit is n + |window ∪ seen set|)")
-    p.add_argument("--seen-items", type=int, default=None,
+    p.add_argument("--efs", type=comma_list(at_least(1)), default="200,256,384,512,768,1024", help="--scale: HNSW ef values to try (an ef below the limit, 200, is raised to it)")
+    p.add_argument("--target-recall", type=at_least(0, float, at_most=1), default=0.95, help="--scale: ANN recall@200 the chosen ef must reach")
+    p.add_argument("--ef", type=at_least(0), default=0, help="HNSW ef of the service (default: [recall].search_ef; --scale: tuned)")
+    p.add_argument("--concurrency", type=comma_list(at_least(1)), default="1,8,32,50", help="comma-separated closed-loop concurrencies")
+    p.add_argument("--seconds", type=at_least(0.1, float), default=10.0, help="measured seconds per phase")
+    p.add_argument("--warmup", type=at_least(0, float), default=2.0, help="unmeasured seconds before each phase")
+    p.add_argument("--n", type=at_least(1), default=50, help="items per Recall (the per-interest limit is n + |window ∪ seen set|)")
+    p.add_argument("--seen-items", type=at_least(0), default=None,
                    help="seen set kept per user (default: [streaming].seen_items; 0 = none, only the window is left out)")
     p.add_argument("--work-dir", default="", help="where catalogs, Milvus and Redis data live (default: var/bench)")
     p.add_argument("--out", default="", help="write the figures as JSON here too")
@@ -349,7 +350,7 @@ def bench_backend(backend: str, catalog_dir: Path, users, interests, args, root:
         vectors = np.load(catalog_dir / "item_vectors.npy", mmap_mode="r")
         if args.scale:
             log(f"[{backend}] tuning HNSW ef for ANN recall@200 >= {args.target_recall}")
-            search.ef, report["ef_tuning"] = tune_ef(search, version, vectors, queries, [int(e) for e in args.efs.split(",")], args.target_recall, log)
+            search.ef, report["ef_tuning"] = tune_ef(search, version, vectors, queries, args.efs, args.target_recall, log)
         else:  # the quality of what is served: recall@n+window (100 by default) at the service's ef
             k = min(recall_config.max_per_interest_n, args.n + source_maxlen(catalog_dir))
             log(f"[{backend}] ANN recall@{k} at the service's ef against exact search")
@@ -395,7 +396,7 @@ def bench_backend(backend: str, catalog_dir: Path, users, interests, args, root:
         log(f"[{backend}] {manifest.n_items:,} items, {len(users):,} users, n={args.n}, seen sets of {seen_items}, ef={search.ef}, "
             f"{args.seconds:.0f}s per phase; load average {os.getloadavg()[0]:.2f}")
         log(f"{'backend':8} {'items':>9} {'conc':>4} | {'e2e QPS':>8} {'p50 ms':>7} {'p99 ms':>7} {'err':>4} | {'raw QPS':>8} {'p50 ms':>7} {'p99 ms':>7} | {'overhead p99 ms':>15} | e2e CPU ms per call")
-        for c in [int(x) for x in args.concurrency.split(",")]:
+        for c in args.concurrency:
             raw_phase = closed_loop(raw, c, args.seconds, args.warmup, processes)
             e2e_phase = closed_loop(e2e, c, args.seconds, args.warmup, processes)
             overhead = e2e_phase.p99_ms - raw_phase.p99_ms
@@ -420,7 +421,7 @@ def run_bench(args) -> int:
     if not (export_dir / "manifest.json").is_file():
         raise SystemExit(f"{export_dir} is not an export: run infra/run.sh (or model_export train + export) first, or pass --export-dir")
     n_items = 1_000_000 if args.scale else args.items
-    backends = ["server"] if args.scale else [b.strip() for b in args.milvus.split(",") if b.strip()]
+    backends = ["server"] if args.scale else args.milvus
     source = ModelArtifact.load(export_dir)
     users = user_windows(source.manifest.maxlen)
     started = time.perf_counter()

@@ -85,6 +85,14 @@ def _command(*argv, tmp_path, **variables):
     (["recall_service", "recall", "--user-id", "u", "--per-interest-n", "-3000000000"], {}, "--per-interest-n: -3000000000 is below 0"),
     (["recall_service", "recall", "--user-id", "u", "--tls-ca", "/nonexistent.pem"], {}, "--tls-ca /nonexistent.pem: cannot read it"),
     (["recall_service", "recall", "--user-id", "u", "--target", "127.0.0.1:1", "--timeout", "1"], {}, "no connection to the recall service at 127.0.0.1:1"),
+    # load and bench options whose zero or negative value divided by zero, flooded, or slept a negative
+    # time once the stack had started; a typo in a list ran another backend under the typo's name
+    (["infra", "faults", "--qps", "0"], {}, "--qps: 0 is below 0.001"),
+    (["infra", "faults", "--warmup-s", "-1"], {}, "--warmup-s: -1 is below 0"),
+    (["infra", "soak", "--rate", "-5"], {}, "--rate: -5 is below 0.001"),
+    (["model_export", "refresh-bench", "--start", "-2"], {}, "--start: -2 is below -1"),
+    (["recall_service", "bench", "--milvus", "serevr"], {}, "--milvus: serevr: expected any of server, lite"),
+    (["recall_service", "bench", "--concurrency", "8,0"], {}, "--concurrency: 0 is below 1"),
     (["infra", "exporter", "--port", "70000"], {}, "--port 70000: [monitoring].exporter_port (MINDSTREAM_MONITORING__EXPORTER_PORT) = 70000: must be in [0, 65535]"),
 ])
 def test_bad_settings_and_arguments_are_one_line_and_exit_2(argv, variables, says, tmp_path):

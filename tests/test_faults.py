@@ -369,6 +369,23 @@ def test_the_soak_verdict_counts_every_recall_error():
         f"minute {m}: no recall request was sent: the recall clients stopped" for m in (1, 2)]
 
 
+def test_degraded_answers_are_a_problem_where_no_backend_was_stopped():
+    events = [event(1.0, seen_at=1.5)]
+    degraded = [RecallSample(float(i), i + 0.01, "OK", "VECTOR_SEARCH_UNAVAILABLE") for i in range(5)]
+    rows = [minute_row(1, degraded, [event(1.0, seen_at=1.5)], 60.0, {})]
+    assert soak_verdict(rows, events, [], 0) == [
+        "5 answers were degraded (popular items: a backend was counted down while no fault was injected)"]
+    # the faults' baseline row: neither the errors nor the fallbacks of an outage are expected there
+    acked = {"e": event(1.0, seen_at=1.5)}
+    baseline = FaultRun("no fault (warm-up)", "", "", 0.0, 0.0, 0.0, 0.0, 10.0)
+    samples = [RecallSample(1.0, 1.1, "DEADLINE_EXCEEDED"), *degraded, RecallSample(5.0, 5.1, "OK")]
+    assert fault_verdict([summarize_fault(baseline, acked, samples)]) == [
+        "no fault (warm-up): recall answered DEADLINE_EXCEEDED 1; no error is expected",
+        "no fault (warm-up): VECTOR_SEARCH_UNAVAILABLE 5 degraded answers while no backend was stopped"]
+    milvus = FaultRun("Milvus restart", "milvus", "SIGTERM", 1.0, 1.5, 4.0, 0.0, 10.0)
+    assert fault_verdict([summarize_fault(milvus, acked, samples)]) == []
+
+
 def test_the_soak_verdict_names_memory_over_its_bound_and_processes_gone_but_exempts_the_broker():
     mb = 2**20
     growth = memory_growth({"broker": 46 * mb, "recall": 150 * mb, "redis": 6 * mb, "milvus": 290 * mb},
@@ -481,3 +498,14 @@ def test_a_replay_into_a_stopped_broker_fails_and_resumes_from_its_first_unackno
         assert ids == {f"replay-{i}" for i in range(100)}
     finally:
         broker.stop()
+
+
+def test_the_refresh_benchs_latency_counts_a_failed_call_as_the_deadline():
+    from model_export.refresh_bench import window_latency
+
+    answered = [RecallSample(float(i), i + 0.060, "OK") for i in range(90)]
+    timed_out = [RecallSample(float(i), i + 0.2, "DEADLINE_EXCEEDED") for i in range(10)]
+    w = window_latency(answered + timed_out, deadline_s=1.0)
+    assert w["requests"] == 100 and w["failed"] == 10 and w["p50_ms"] == 60.0 and w["p99_ms"] == 1000.0
+    assert window_latency(timed_out, 1.0)["p99_ms"] == 1000.0  # every call failed: the deadline, not "no figure"
+    assert window_latency([], 1.0) == {"requests": 0, "failed": 0, "p50_ms": None, "p99_ms": None}

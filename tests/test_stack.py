@@ -534,3 +534,36 @@ def test_the_set_up_makes_a_venv_of_another_python_again(tmp_path):
     assert result.returncode == 3, result.stderr
     assert "note: .venv is no working Python 3.11 environment (Python 3.10.12): making it again" in result.stderr
     assert (tmp_path / "venv-args").read_text().split() == ["-m", "venv", "--clear", ".venv"]
+
+
+def test_a_command_holding_a_server_stops_it_when_terminated(tmp_path):
+    """SIGTERM (timeout, kill, a cancelled CI job) stops the servers a command started, as Ctrl-C
+    does: they run in their own sessions and would otherwise outlive it."""
+    script = (f"import sys, time; sys.path.insert(0, {REPO!r})\n"
+              "from infra.redis_server import EmbeddedRedis\n"
+              f"with EmbeddedRedis({str(tmp_path / 'redis')!r}) as server:\n"
+              "    print(server.pid, flush=True)\n"
+              "    time.sleep(120)\n")
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err:
+        command = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        line = command.stdout.readline()
+        assert line.strip().isdigit(), stderr.read_text()[-2000:]
+        redis_pid = int(line)
+        command.send_signal(signal.SIGTERM)
+        assert command.wait(60) != 0
+        assert "KeyboardInterrupt: signal SIGTERM" in stderr.read_text()
+
+        def redis_gone() -> bool:
+            try:
+                return psutil.Process(redis_pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        wait_for(redis_gone, 30, "the terminated command's Redis to stop")
+    finally:
+        command.kill()
+        for proc in psutil.process_iter(["cmdline"]):
+            if str(tmp_path) in " ".join(proc.info["cmdline"] or ()):
+                proc.kill()
