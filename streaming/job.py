@@ -45,7 +45,11 @@ JOB_NAME = "mindstream-interests"
 # looks only in this one. Bump it whenever a state descriptor's type changes.
 #   1  window as a pickled Python value (before the JSON window state), in the root folder
 #   2  window as a JSON string (UserWindow.to_state)
-STATE_LAYOUT = "state-v2"
+#   3  operators with fixed uids and a fixed max parallelism (MAX_PARALLELISM)
+STATE_LAYOUT = "state-v3"
+# Key groups: the most subtasks the keyed state can ever be spread over. Flink derives it from the
+# first run's parallelism otherwise (128 for small ones) and a checkpoint keeps it for good.
+MAX_PARALLELISM = 1024
 JVM_HEAP = "-Xmx640m"  # with the embedded Python the whole job stays well under 1.5 GB
 INTERNAL_LOG_S = 10.0  # at most one traceback this often for events or timers the job fails to handle
 
@@ -304,6 +308,11 @@ def job_configuration(config: Config, jars: list[Path], restore_from: Path | str
         "restart-strategy.fixed-delay.attempts": "1000000",
         "restart-strategy.fixed-delay.delay": "2 s",
         "parallelism.default": str(s.parallelism),
+        "pipeline.max-parallelism": str(MAX_PARALLELISM),
+        # Checkpointed state is matched to operators by uid: the SQL source's are generated from its
+        # plan, the job's own operators name theirs (build_job), so a change elsewhere in the graph
+        # (an operator added, another chaining) does not orphan the state on a restore.
+        "table.exec.uid.generation": "ALWAYS",
     }
     if not submitted:
         # The local cluster's endpoints stay on loopback, and its REST API takes no job uploads
@@ -350,14 +359,14 @@ def build_job(config: Config, restore_from: Path | str | None = None):
     with kafka_secrets_hidden(kafka_props):  # a failure to create the source prints every table option
         records = _event_records(t_env, with_clause)
     dead_letters = records.key_by(lambda row: row[0] or "", key_type=Types.STRING()).process(
-        _user_windows_function(job_settings(config)), output_type=Types.STRING()).name("user-windows")
+        _user_windows_function(job_settings(config)), output_type=Types.STRING()).name("user-windows").uid("user-windows")
     sink = KafkaSink.builder().set_bootstrap_servers(config.kafka.bootstrap_servers).set_record_serializer(
         KafkaRecordSerializationSchema.builder().set_topic(config.kafka.dead_letter_topic).set_value_serialization_schema(SimpleStringSchema()).build()
     ).set_delivery_guarantee(DeliveryGuarantee.AT_LEAST_ONCE)
     for k, v in kafka_props.items():
         if k != "bootstrap.servers":
             sink = sink.set_property(k, v)
-    dead_letters.sink_to(sink.build()).name("dead-letters")
+    dead_letters.sink_to(sink.build()).name("dead-letters").uid("dead-letters")
     return env
 
 
@@ -373,10 +382,12 @@ def _event_records(t_env, with_clause: str):
         ) WITH ({with_clause})
     """)
     # Produce time and position are computed in SQL (Java): cheaper than per-record calls from Python.
-    t_env.get_config().set("table.local-time-zone", "UTC")  # exact epoch ms through the string round trip
+    # Epoch seconds by EXTRACT, not through a string (a 4-digit year: a stamp in microseconds or
+    # nanoseconds came out as another date, or 0, and was taken where every other reader refuses it).
+    t_env.get_config().set("table.local-time-zone", "UTC")
     return t_env.to_data_stream(t_env.sql_query("""
         SELECT `user_key`, `value`, `partition`, `offset`,
-               UNIX_TIMESTAMP(CAST(`produced` AS STRING)) * 1000 + EXTRACT(MILLISECOND FROM CAST(`produced` AS TIMESTAMP(3))) AS produced_ms
+               EXTRACT(EPOCH FROM `produced`) * 1000 + EXTRACT(MILLISECOND FROM `produced`) AS produced_ms
         FROM events
     """))
 

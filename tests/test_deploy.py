@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -28,6 +29,13 @@ CRD_KINDS = {"FlinkDeployment", "ServiceMonitor", "PodMonitor", "PrometheusRule"
 
 def _compose() -> dict:
     return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+def _as_compose_fills(value) -> str:
+    """A compose value with its ${NAME:?...} filled from secrets.env.example, as
+    `docker compose --env-file` fills it (the secret's placeholder, not the error text, is the value)."""
+    example = dict(line.split("=", 1) for line in (DEPLOY / "secrets.env.example").read_text().splitlines() if line and not line.startswith("#"))
+    return re.sub(r"\$\{(\w+)(?::?[?-][^}]*)?\}", lambda m: example[m.group(1)], str(value))
 
 
 def _k8s_docs() -> list[tuple[str, dict]]:
@@ -107,7 +115,7 @@ def test_compose_environment_is_valid_configuration_and_listens_beyond_loopback(
     """The defaults bind loopback; in a container the API and every /metrics Prometheus scrapes
     from its own container must listen on all interfaces."""
     services = _compose()["services"]
-    configs = {name: _service_config({k: str(v) for k, v in (services[name].get("environment") or {}).items() if k.startswith("MINDSTREAM_")})
+    configs = {name: _service_config({k: _as_compose_fills(v) for k, v in (services[name].get("environment") or {}).items() if k.startswith("MINDSTREAM_")})
                for name in ("jobmanager", "taskmanager", "job-submit", "recall", "exporter", "publish")}
     assert configs["recall"].kafka.bootstrap_servers == "kafka:9092"
     assert configs["recall"].recall.host == configs["recall"].recall.metrics_host == "0.0.0.0"

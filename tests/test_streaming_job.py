@@ -151,13 +151,19 @@ def test_dead_letters_are_counted_and_do_not_stop_the_job(stack):
     # dated two hours after it enters Kafka (microseconds sent as milliseconds, say): dead-lettered, so
     # it cannot make the user's later real events late (EventProducer refuses it: another producer's)
     producer.send_raw("p1", encode_event(BehaviourEvent("p1", "i4", "click", int(time.time() * 1000) + 7_200_000)))
+    # records stamped (Kafka CreateTime) in microseconds, in nanoseconds, or 10,000 years ahead: the job
+    # refuses them as every other reader does (its SQL read such stamps as another date, or as 0)
+    now_ms = int(time.time() * 1000)
+    for stamp in (now_ms * 1000, now_ms * 1_000_000, now_ms + 315_569_520_000_000):
+        producer.producer.send(stack["config"].kafka.events_topic, key=b"p1", timestamp_ms=stamp,
+                               value=encode_event(BehaviourEvent("p1", "i5", "click", now_ms)))
     producer.flush()
     wait_for(lambda: (r := store.get_many(["p1"])[0]) is not None and r.window == ("i2",), what="the valid event after the poison")
-    letters = dead_letters(stack["config"], 6)
-    assert sorted(letter["kind"] for letter in letters) == ["future", "invalid", "late", "malformed", "oversized", "unknown_field"]
+    letters = dead_letters(stack["config"], 9)
+    assert sorted(letter["kind"] for letter in letters) == ["future"] * 4 + ["invalid", "late", "malformed", "oversized", "unknown_field"]
     assert all(letter["reason"] and letter["topic"] == stack["config"].kafka.events_topic for letter in letters)
     assert next(x for x in letters if x["kind"] == "malformed")["value"] == "{not json"
-    wait_for(lambda: job.metric("mindstream_stream_dead_letters_total") - before == 6, what="dead letters counted")
+    wait_for(lambda: job.metric("mindstream_stream_dead_letters_total") - before == 9, what="dead letters counted")
 
 
 def test_a_newly_published_user_tower_is_used_without_a_restart(stack, two_exports):
