@@ -88,6 +88,10 @@ class Manifest:
         if not isinstance(manifest.model_version, str) or not MODEL_VERSION.fullmatch(manifest.model_version):
             raise ManifestError(f"{path}: model version {manifest.model_version!r} is not a plain name "
                                 f"({MODEL_VERSION.pattern}); export the model again")
+        for name in ("dim", "n_interests", "maxlen", "n_items"):  # sizes every reader allocates by: 50.0 or true fail far from here
+            value = getattr(manifest, name)
+            if type(value) is not int or value < 1:
+                raise ManifestError(f"{path}: {name} is {value!r}, not a positive whole number: export the model again")
         missing = [role for role in REQUIRED_ROLES if role not in manifest.files]
         if missing:
             raise ManifestError(f"{path}: lists no {', '.join(missing)} file: export the model again")

@@ -185,12 +185,14 @@ def set_active(client, collections: Iterable[str], raw_item_ids: Iterable[str], 
     return changed
 
 
-def _complete_index(client, name: str, n_items: int, index_type: str | None) -> str | None:
-    """The index type of an existing collection that is already complete (every item inserted, indexed
-    as asked; any index when none is asked: a rollback keeps the index its version was published
-    with), None when it is not. One a publish killed between creating and indexing it has no index
-    (a Milvus server would refuse to load it): incomplete. Any other Milvus error is raised, never
-    read as "incomplete": the caller would drop a collection that may be serving."""
+def _complete_index(client, name: str, manifest: Manifest, index_type: str | None) -> str | None:
+    """The index type of an existing collection that is already complete (every item of this version
+    inserted, indexed as asked; any index when none is asked: a rollback keeps the index its version
+    was published with), None when it is not. One a publish killed between creating and indexing it
+    has no index (a Milvus server would refuse to load it): incomplete. One holding another version's
+    rows (collection names fold '.' and '-' into '_': "v-1.0" and "v_1_0" share one) is refused, as
+    is any other Milvus error, never read as "incomplete": the caller would drop a collection that
+    may be serving."""
     if "vector" not in client.list_indexes(collection_name=name):
         log.warning("%s has no index (a publication stopped before it was built): it is filled again", name)
         return None
@@ -199,8 +201,12 @@ def _complete_index(client, name: str, n_items: int, index_type: str | None) -> 
         log.warning("the index of %s failed to build: it is filled again", name)
         return None
     client.load_collection(collection_name=name)  # Milvus Lite does not keep loads across processes
+    held = client.query(collection_name=name, filter="item_id >= 0", output_fields=["model_version"], limit=1)
+    if held and held[0]["model_version"] != manifest.model_version:
+        raise UserError(f"{name} holds the item vectors of model version {held[0]['model_version']}, not {manifest.model_version}: both "
+                        "names map to this collection name; publish this model under another version (export it again)")
     found = index.get("index_type")
-    return found if (index_type is None or found == index_type) and _row_count(client, name) == n_items else None
+    return found if (index_type is None or found == index_type) and _row_count(client, name) == manifest.n_items else None
 
 
 def _row_count(client, name: str) -> int:
@@ -251,32 +257,40 @@ def _fill(client, name: str, manifest: Manifest, vectors: np.ndarray, raw_ids: l
     count = _row_count(client, name)
     if count != manifest.n_items:
         raise UserError(f"{name} holds {count} items, expected {manifest.n_items}; the alias was not moved")
-    late = inactive ^ inactive_items()
-    if late:
-        set_active(client, [name], late & inactive, True)
-        set_active(client, [name], late - inactive, False)
     return count
+
+
+def _match_active(client, name: str, inactive: frozenset[str]) -> None:
+    """Makes the collection's active flags the registry's: an item (de)activated while the rows went
+    in (`items` marks only collections whose rows it finds), or while a kept collection was not
+    being published (a publish stopped after its rows, a registry restored or replaced over the same
+    Milvus), is marked before the alias moves."""
+    flagged = {row["raw_id"] for row in client.query(collection_name=name, filter="active == false", output_fields=["raw_id"])}
+    set_active(client, [name], flagged - inactive, True)
+    set_active(client, [name], inactive - flagged, False)
 
 
 def publish(export_dir: Path, client, prefix: str, index_type: str | None = None, progress=print,
             inactive_items: Callable[[], frozenset[str]] = frozenset, live_version: str | None = None) -> Published:
     """Create, fill, index and load the collection of this export's version, then point the alias at it.
     A version already published whole (same items; the index asked for, or any when none is) keeps
-    its collection. `inactive_items` is read twice: for the rows, and again once they are all in, so an item
-    (de)activated meanwhile is marked before the alias moves (`items` marks only collections whose
-    rows it finds). `live_version`: the version recall answers with (the registry's CURRENT),
+    its collection. `inactive_items` is read twice: for the rows, and again once they are all in (or
+    the collection is kept), so the flags are the registry's when the alias moves (_match_active). `live_version`: the version recall answers with (the registry's CURRENT),
     whose collection is never dropped to be filled again, as is the one the alias points at."""
     started = time.perf_counter()
     manifest = Manifest.load(export_dir)
     vectors = np.load(manifest.file(export_dir, "item_vectors"), allow_pickle=False)
     vocab = json.loads(manifest.file(export_dir, "vocab").read_text())
-    raw_ids = vocab["items"]
-    categories = [category_fields(tokens) for tokens in vocab["item_side"]]
-    if vectors.shape != (manifest.n_items, manifest.dim) or len(raw_ids) != manifest.n_items:
-        raise UserError(f"{export_dir}: item vectors {vectors.shape} / vocabulary {len(raw_ids)} disagree with the manifest")
+    raw_ids, item_side = vocab["items"], vocab["item_side"]
+    if vectors.shape != (manifest.n_items, manifest.dim) or len(raw_ids) != manifest.n_items or len(item_side) != manifest.n_items:
+        raise UserError(f"{export_dir}: item vectors {vectors.shape} / vocabulary {len(raw_ids)} items, {len(item_side)} side lists "
+                        f"disagree with the manifest ({manifest.n_items} items of dim {manifest.dim}): export the model again")
+    if vectors.dtype.kind != "f" or not np.isfinite(vectors).all():  # Milvus Lite would store NaN; a server refuses it mid-insert
+        raise UserError(f"{export_dir}: the item vectors are not all finite floats ({vectors.dtype}): the model diverged; train it again")
+    categories = [category_fields(tokens) for tokens in item_side]
     name = collection_name(prefix, manifest.model_version)
 
-    kept_index = _complete_index(client, name, manifest.n_items, index_type) if client.has_collection(name) else None
+    kept_index = _complete_index(client, name, manifest, index_type) if client.has_collection(name) else None
     if kept_index:
         # A version's item vectors never change (the manifest's hashes), so publishing it again - the live
         # version included - reuses its collection: dropping and refilling it would take recall offline.
@@ -293,6 +307,7 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
                 )
             client.drop_collection(name)
         count = _fill(client, name, manifest, vectors, raw_ids, categories, index_type, inactive_items, progress)
+    _match_active(client, name, inactive_items())
 
     current = alias_target(client, prefix)
     if current is None:

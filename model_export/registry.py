@@ -78,10 +78,14 @@ class ModelRegistry:
         target = self._folder(manifest.model_version)
         if (target / "manifest.json").is_file():
             try:
-                Manifest.load(target)
-                return manifest
+                installed = Manifest.load(target)
             except UserError:  # files missing or changed: copied again below
-                pass
+                installed = None
+            if installed is not None:
+                if installed.files != manifest.files:  # a version names one export: what serves it must be what was published
+                    raise RegistryError(f"version {manifest.model_version} is installed in {self.root} with other files than {export_dir}: "
+                                        "a model version names one export; export the model again (a new version)")
+                return manifest
         staging = self.root / f".{manifest.model_version}.staging"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(export_dir, staging)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -317,6 +318,11 @@ def test_a_tampered_export_is_not_published(two_exports, tmp_path):
         "profile_fields": [], "inputs": [], "outputs": [], "metrics": {}, "created_at": "", "onnx_opset": 17,
         "files": {role: {"path": 5 if role == "user_tower" else role, "sha256": "x", "bytes": 1} for role in ("user_tower", "item_vectors", "vocab")},
     }).encode(), "the user_tower file 5 is not inside the export", id="a file path that is no string"),  # was a TypeError
+    pytest.param(json.dumps({
+        "schema": 1, "model_version": "v1", "model_kind": "mind", "dim": 4, "n_interests": 2, "maxlen": 5, "n_items": 3.0, "dataset": {},
+        "profile_fields": [], "inputs": [], "outputs": [], "metrics": {}, "created_at": "", "onnx_opset": 17,
+        "files": {role: {"path": role, "sha256": "x", "bytes": 1} for role in ("user_tower", "item_vectors", "vocab")},
+    }).encode(), "n_items is 3.0, not a positive whole number", id="a size that is no int"),  # was a TypeError after the collection was made
 ])
 def test_a_manifest_that_is_no_utf8_or_lists_a_path_that_is_no_string_is_the_manifests_own_error(tmp_path, content, says):
     (tmp_path / "manifest.json").write_bytes(content)
@@ -381,3 +387,76 @@ def test_the_piecewise_vocabulary_reader_equals_json_loads(tmp_path, indent):
         path.write_text(broken)
         with pytest.raises(ValueError, match=str(path)):
             read_vocab(path)
+
+
+def _edited_export(source: Path, to: Path, version: str | None = None, vectors: np.ndarray | None = None, vocab=None) -> Path:
+    """A copy of an export with another version name, item vectors or vocabulary, its manifest's hashes
+    made to match (an export as a buggy or hand-edited exporter could write it)."""
+    import shutil
+
+    from infra.files import sha256_of
+
+    shutil.copytree(source, to)
+    manifest = json.loads((to / "manifest.json").read_text())
+    if version is not None:
+        manifest["model_version"] = version
+    for role, content in (("item_vectors", vectors), ("vocab", vocab)):
+        if content is None:
+            continue
+        path = to / manifest["files"][role]["path"]
+        np.save(path, content) if role == "item_vectors" else path.write_text(json.dumps(content))
+        manifest["files"][role].update(sha256=sha256_of(path), bytes=path.stat().st_size)
+    (to / "manifest.json").write_text(json.dumps(manifest))
+    return to
+
+
+def test_a_kept_collection_takes_the_registrys_active_flags(two_exports, tmp_path):
+    """Flags a publish stopped before it could correct them, or a registry restored over the same
+    Milvus, are made the registry's when the version is published again (its collection kept)."""
+    client = connect(str(tmp_path / "milvus.db"))
+    publish(two_exports[0], client, PREFIX, progress=lambda m: None, inactive_items=lambda: frozenset({"i3"}))
+    done = publish(two_exports[0], client, PREFIX, progress=lambda m: None, inactive_items=lambda: frozenset({"i5"}))
+    rows = client.query(done.collection, filter='raw_id in ["i3", "i5", "i7"]', output_fields=["raw_id", "active"])
+    assert {r["raw_id"]: r["active"] for r in rows} == {"i3": True, "i5": False, "i7": True}
+
+
+def test_versions_whose_names_share_a_collection_are_refused(two_exports, tmp_path):
+    client = connect(str(tmp_path / "milvus.db"))
+    first = publish(two_exports[0], client, PREFIX, progress=lambda m: None)
+    twin = first.model_version.replace("-", "_").replace(".", "_")
+    assert twin != first.model_version and collection_name(PREFIX, twin) == first.collection
+    other = _edited_export(two_exports[1], tmp_path / "twin", version=twin)
+    with pytest.raises(UserError, match=f"holds the item vectors of model version {first.model_version}, not {twin}"):
+        publish(other, client, PREFIX, progress=lambda m: None)
+    assert alias_target(client, PREFIX) == first.collection
+
+
+def test_another_export_under_an_installed_version_is_refused(two_exports, tmp_path):
+    from model_export.registry import RegistryError
+
+    registry = ModelRegistry(tmp_path / "models")
+    installed = registry.install(two_exports[0])
+    impostor = _edited_export(two_exports[1], tmp_path / "impostor", version=installed.model_version)
+    with pytest.raises(RegistryError, match="is installed .* with other files"):
+        registry.install(impostor)
+    assert registry.install(two_exports[0]) == installed  # the same export again: a no-op
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("nan", "the item vectors are not all finite floats"),
+    ("short side", "side lists disagree with the manifest"),
+])
+def test_export_content_publish_cannot_serve_is_refused_before_any_collection(two_exports, tmp_path, damage, says):
+    manifest = Manifest.load(two_exports[0])
+    vectors = np.load(manifest.file(two_exports[0], "item_vectors"))
+    vocab = json.loads(manifest.file(two_exports[0], "vocab").read_text())
+    if damage == "nan":
+        vectors[4, 1] = np.nan
+        edited = _edited_export(two_exports[0], tmp_path / "export", vectors=vectors)
+    else:
+        vocab["item_side"] = vocab["item_side"][:-1]
+        edited = _edited_export(two_exports[0], tmp_path / "export", vocab=vocab)
+    client = connect(str(tmp_path / "milvus.db"))
+    with pytest.raises(UserError, match=says):
+        publish(edited, client, PREFIX, progress=lambda m: None)
+    assert not client.has_collection(collection_name(PREFIX, manifest.model_version))
