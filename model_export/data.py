@@ -33,9 +33,9 @@ import pandas as pd
 from infra.cli import UserError
 from infra.files import sha256_of, write_atomically
 from infra.wheels import WheelError, extract_from_wheel
-from streaming.events import ID_CONTROL_CHARACTERS
+from streaming.events import ID_CONTROL_CHARACTERS, MAX_ID_CHARS, MAX_TIME_MS
 
-PREPROCESS_VERSION = 6  # bump when the preprocessing changes, to invalidate caches (6: profile values of training users only)
+PREPROCESS_VERSION = 7  # bump when the preprocessing changes, to invalidate caches (7: ids as events take them, times < 2^53)
 MIN_ITEM_COUNT = 5
 MIN_USER_COUNT = 5
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -194,19 +194,31 @@ def _control_character_error(where: str, what: str, value: str) -> DatasetError:
     return DatasetError(f"{where}: {what} {value!r:.80} holds a control character (U+0000-U+001F, U+007F), which no id may hold: remove it")
 
 
+def _long_id_error(where: str, what: str, value: str) -> DatasetError:
+    # no event could name it (streaming/events.py): an item no one can interact with, a user never served
+    return DatasetError(f"{where}: {what} {value[:40]!r}... has {len(value)} characters; an id has at most {MAX_ID_CHARS}, as events carry it")
+
+
 def load_sequence_file(path: Path) -> RawInteractions:
     """One user per line: `user_id item_1 item_2 ... item_n`, items in time order; a user on one line only."""
     users, items, order = [], [], []
     first_line: dict[str, int] = {}
     for line_no, line in _utf8_lines(path):
-        tokens = line.split()
+        # Ids are separated by spaces and tabs only: an id may hold any other character an event's
+        # id may (str.split() would also cut at U+00A0, U+2028 or a bare carriage return)
+        tokens = [t for t in re.split(r"[ \t]+", line.removesuffix("\n").removesuffix("\r")) if t]
         if not tokens:
             continue
         if len(tokens) < 2:
             raise DatasetError(f"{path}:{line_no}: expected 'user_id item_1 ... item_n', got {line.strip()!r}")
         for token in tokens:
+            if "\r" in token:
+                raise DatasetError(f"{path}:{line_no}: a carriage return inside a line: lines end with a line feed (\\n or \\r\\n); "
+                                   "convert the file's line endings")
             if re.search(ID_CONTROL_CHARACTERS, token):
                 raise _control_character_error(f"{path}:{line_no}", "id", token)
+            if len(token) > MAX_ID_CHARS:
+                raise _long_id_error(f"{path}:{line_no}", "id", token)
         # A user's items are ordered by their place on the line: a second line would interleave with the first.
         seen_at = first_line.setdefault(tokens[0], line_no)
         if seen_at != line_no:
@@ -257,9 +269,11 @@ def _as_text(column: pd.Series, where: Callable[[int], str]) -> pd.Series:
 
 def _id_texts(column: pd.Series, where: Callable[[int], str]) -> pd.Series:
     """User or item ids as the text events carry: an id column of whole-number floats (a Parquet
-    integer column with nulls, dropped) is "7", not "7.0"; surrounding spaces are no part of an id.
-    DatasetError naming the row (`where`) of a float that is no int64 (a fraction is no id an event
-    sends, and a float from 2**63 on wraps around) and of an id with a control character."""
+    integer column with nulls, dropped) is "7", not "7.0"; surrounding spaces are no part of an id
+    (other characters are: an event's id keeps them). DatasetError naming the row (`where`) of a
+    float that is no int64 (a fraction is no id an event sends, and a float from 2**63 on wraps
+    around), of an id with a control character (also at an end: never stripped away), and of one
+    longer than an event's id."""
     if pd.api.types.is_float_dtype(column):
         values = column.to_numpy()
         bad = np.flatnonzero((values != np.floor(values)) | (np.abs(values) >= 2.0**63))
@@ -267,10 +281,14 @@ def _id_texts(column: pd.Series, where: Callable[[int], str]) -> pd.Series:
             raise DatasetError(f"{where(int(bad[0]))}: {column.name} {float(values[bad[0]])!r} is not a whole number within int64: "
                                "store ids as text or integers")
         return column.astype(np.int64).astype(str)
-    texts = column.astype(str).str.strip()
+    texts = column.astype(str)
     control = np.flatnonzero(texts.str.contains(ID_CONTROL_CHARACTERS).to_numpy())
     if len(control):
         raise _control_character_error(where(int(control[0])), column.name, texts.iloc[int(control[0])])
+    texts = texts.str.strip(" ")
+    long = np.flatnonzero((texts.str.len() > MAX_ID_CHARS).to_numpy())
+    if len(long):
+        raise _long_id_error(where(int(long[0])), column.name, texts.iloc[int(long[0])])
     return texts
 
 
@@ -369,10 +387,14 @@ def load_table(path: Path) -> RawInteractions:
         raise DatasetError(f"{path}: not UTF-8 text") from None
     except Exception as exc:  # pandas raises many types; name the file and what it said
         raise DatasetError(f"{path}: cannot be read as {suffix[1:]} ({exc})") from None
-    table.columns = [str(c).strip() for c in table.columns]
-    repeated = sorted({c for c in table.columns if list(table.columns).count(c) > 1})
+    # pandas renames a repeated csv header ("user" twice: "user", "user.1"): the names are the file's first record
+    names = [str(c).strip() for c in (table.columns if suffix == ".parquet" else next(_csv_records(path, sep), (1, []))[1])]
+    keys = [n.lower() for n in names]  # the columns are found by their lower-case names
+    repeated = sorted({n for n, key in zip(names, keys) if keys.count(key) > 1})
     if repeated:
-        raise DatasetError(f"{path}: the columns {repeated} appear more than once (names without their surrounding spaces): keep one of each")
+        raise DatasetError(f"{path}: the columns {repeated} appear more than once (names without their surrounding spaces, "
+                           "in any case): keep one of each")
+    table.columns = [str(c).strip() for c in table.columns]
     if suffix != ".parquet":
         if nul_line := _first_nul_line(path):  # pandas' reader ends a value at a NUL and drops the rest of it, silently
             raise DatasetError(f"{path}:{nul_line}: a NUL character (U+0000), which the csv reader would cut a value at "
@@ -399,14 +421,21 @@ def load_table(path: Path) -> RawInteractions:
     ts = _times_ms(table[tcol])
     if not pd.api.types.is_signed_integer_dtype(ts):
         # Event times are whole numbers (e.g. Unix milliseconds): a fraction would be cut off and the
-        # order inside a unit lost, and a value beyond int64 would wrap around.
+        # order inside a unit lost. Below 2^53 (checked next) float64 holds every one exactly.
         ts = ts.astype(np.float64)
-        bad = np.flatnonzero((~np.isfinite(ts) | (ts != np.floor(ts)) | (ts.abs() >= 2.0**63)).to_numpy())
+        bad = np.flatnonzero((~np.isfinite(ts) | (ts != np.floor(ts))).to_numpy())
         if len(bad):
             row = int(bad[0])
             raise DatasetError(f"{where(row)}: timestamp {table[tcol].iloc[row]!r} is not a whole number "
                                "(event times are integers, e.g. Unix milliseconds: scale fractional seconds by 1000, "
                                "convert dates to Unix milliseconds, or store them as a Parquet timestamp column)")
+    # the range of an event's event_time_ms: a negative time, or nanoseconds, trains here and is
+    # refused in every event a replay of the data sends (and above 2^53 floats lose whole numbers)
+    outside = np.flatnonzero(((ts < 0) | (ts >= MAX_TIME_MS)).to_numpy())
+    if len(outside):
+        row = int(outside[0])
+        raise DatasetError(f"{where(row)}: timestamp {table[tcol].iloc[row]!r} is outside 0 <= t < 2^53, the range of an event's "
+                           "event_time_ms (Unix milliseconds): convert the column (nanoseconds: divide by 1,000,000)")
     users, items = _id_texts(table[ucol], where), _id_texts(table[icol], where)
     frame = pd.DataFrame({"user": users, "item": items, "ts": ts.astype(np.int64)})
     # side columns: any item_<name> / user_<name> but another spelling of an id column (a `user_id`
@@ -492,10 +521,11 @@ def preprocess(raw: RawInteractions, name: str, split_seed: int) -> SequenceData
     frame = _k_core(frame)
     if frame.empty:
         raise DatasetError(f"{name}: no user has {MIN_USER_COUNT}+ interactions with items seen {MIN_ITEM_COUNT}+ times")
-    item_ids = np.array(["<pad>", *sorted(frame["item"].unique())], dtype=str)
+    items = sorted(frame["item"].unique())
+    item_ids = np.array(["<pad>", *items], dtype=str)  # an item may be called "<pad>" too: its index is not 0
     user_ids = np.array(sorted(frame["user"].unique()), dtype=str)
     frame = frame.assign(
-        item_idx=pd.Categorical(frame["item"], categories=item_ids).codes.astype(np.int64),
+        item_idx=pd.Categorical(frame["item"], categories=items).codes.astype(np.int64) + 1,
         user_idx=pd.Categorical(frame["user"], categories=user_ids).codes.astype(np.int64),
     ).sort_values(["user_idx", "ts", "order"], kind="stable")
     counts = np.bincount(frame["user_idx"].to_numpy(), minlength=len(user_ids))

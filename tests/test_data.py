@@ -228,19 +228,27 @@ def test_sequence_file_refuses_a_user_on_two_lines_and_bytes_that_are_not_utf8(t
         load_sequence_file(binary)
 
 
-@pytest.mark.parametrize("value", ["1.9", "inf", "1e30", "-1e19"])
-def test_table_refuses_timestamps_that_are_not_whole_int64_numbers(tmp_path, value):
+@pytest.mark.parametrize("value, says", [
+    ("1.9", "is not a whole number"), ("inf", "is not a whole number"),
+    # outside an event's event_time_ms: trained on, then refused in every event a replay sends
+    ("1e30", "is outside 0 <= t < 2\\^53"), ("-1e19", "is outside 0 <= t < 2\\^53"), ("-1000", "is outside 0 <= t < 2\\^53"),
+    ("1700000000000000001", "is outside 0 <= t < 2\\^53"),  # nanoseconds
+])
+def test_table_refuses_timestamps_that_are_not_whole_numbers_an_event_can_carry(tmp_path, value, says):
     # Blank lines do not shift the line named (pandas skips them when it numbers rows).
     path = tmp_path / "times.csv"
     path.write_text(f"user,item,timestamp\n\nu1,i1,1\n\nu1,i2,{value}\n")
-    with pytest.raises(DatasetError, match=rf"times\.csv:5: timestamp '{value}' is not a whole number"):
+    with pytest.raises(DatasetError, match=rf"times\.csv:5: timestamp '{value}' {says}"):
         load_table(path)
 
 
 def test_table_keeps_whole_timestamps_exactly(tmp_path):
-    nanoseconds = tmp_path / "ns.csv"  # integers beyond float64's 2**53 stay exact
-    nanoseconds.write_text("user,item,timestamp\nu1,i1,1700000000000000001\nu1,i2,1700000000000000000\n")
-    assert load_table(nanoseconds).frame["ts"].tolist() == [1700000000000000001, 1700000000000000000]
+    largest = tmp_path / "largest.csv"  # up to an event's limit, 2**53 - 1, also read through float64 (one "1.0" in the column)
+    largest.write_text("user,item,timestamp\nu1,i1,9007199254740991\nu1,i2,9007199254740990\nu1,i3,1.0\n")
+    assert load_table(largest).frame["ts"].tolist() == [9007199254740991, 9007199254740990, 1]
+    unsigned = tmp_path / "unsigned.parquet"
+    pd.DataFrame({"user": ["u1", "u1"], "item": ["a", "b"], "timestamp": np.array([2**53 - 1, 2**53 - 2], dtype=np.uint64)}).to_parquet(unsigned)
+    assert load_table(unsigned).frame["ts"].tolist() == [2**53 - 1, 2**53 - 2]
     written_as_floats = tmp_path / "floats.csv"
     written_as_floats.write_text("user,item,timestamp\nu1,i1,978300760.0\nu1,i2,978300761\n")
     assert load_table(written_as_floats).frame["ts"].tolist() == [978300760, 978300761]
@@ -345,8 +353,12 @@ def test_profile_fields_are_named_as_events_name_them(tmp_path):
     assert data.profile_fields.tolist() == ["gender", "Age"]  # an event's {"profile": {"gender": "F", "Age": "25"}}
     clash = tmp_path / "clash.csv"
     _five_users_five_items(user_gender=lambda r: "F", USER_gender=lambda r: "M").to_csv(clash, index=False)
-    with pytest.raises(DatasetError, match="each `user_<name>` needs a name of its own"):
+    with pytest.raises(DatasetError, match=r"the columns \['USER_gender', 'user_gender'\] appear more than once"):
         load_table(clash)
+    unnamed = tmp_path / "unnamed.csv"
+    _five_users_five_items(user_=lambda r: "F").to_csv(unnamed, index=False)
+    with pytest.raises(DatasetError, match="each `user_<name>` needs a name of its own"):
+        load_table(unnamed)
 
 
 @pytest.mark.parametrize("zone", [None, "Europe/Paris"])
@@ -510,3 +522,47 @@ def test_parquet_ids_that_are_no_text_or_whole_int64_are_refused_by_row(tmp_path
         pd.DataFrame({"user": values, "item": ["a", "b"], "timestamp": [1, 2]}).to_parquet(path)
         with pytest.raises(DatasetError, match=rf"{name}\.parquet, row 2: user {re.escape(repr(values[1]))} is not a whole number within int64"):
             load_table(path)
+
+
+@pytest.mark.parametrize("header, says", [
+    ("user,item,timestamp,user", r"\['user'\] appear more than once"),  # pandas read the second as "user.1": dropped
+    ("user,item,timestamp,item_genre,item_genre", r"\['item_genre'\] appear more than once"),  # a side feature "item_genre.1"
+    ("User,user,item,timestamp", r"\['User', 'user'\] appear more than once"),  # the last one was taken as the user column
+])
+def test_a_column_named_twice_is_refused_as_the_file_names_it(tmp_path, header, says):
+    path = tmp_path / "twice.csv"
+    path.write_text(header + "\n" + ",".join(["x"] * (header.count(",") + 1)) + "\n")
+    with pytest.raises(DatasetError, match=says):
+        load_table(path)
+
+
+def test_ids_are_kept_as_events_carry_them(tmp_path):
+    """An id holds any character an event's id may: only spaces (and tabs between the ids of a line)
+    separate, and only spaces around a table's id are stripped."""
+    lines = tmp_path / "lines.txt"
+    lines.write_text("u1 it\u00a0em b\u2028c\n", encoding="utf-8")
+    assert load_sequence_file(lines).frame["item"].tolist() == ["it\u00a0em", "b\u2028c"]
+    table = tmp_path / "ends.csv"
+    table.write_text("user,item,timestamp\nu1, \u00a0item ,1\n", encoding="utf-8")
+    assert load_table(table).frame["item"].tolist() == ["\u00a0item"]
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("cr.txt", b"u1 a b\ru2 c d\r", r"cr\.txt:1: a carriage return inside a line"),  # one user to split(), u2 an item
+    ("us.txt", b"u1 it\x1fem b\n", r"us\.txt:1: id 'it\\x1fem' holds a control character"),  # split() cut the id there
+    ("long.txt", f"u1 {'x' * 257} b\n".encode(), r"long\.txt:1: id 'x+'\.\.\. has 257 characters"),  # no event could name it
+    ("ends.csv", b"user,item,timestamp\nu1,item\x1f,2\n", r"ends\.csv:2: item 'item\\x1f' holds a control character"),  # stripped before
+])
+def test_an_id_no_event_could_carry_is_refused_with_its_line(tmp_path, name, content, says):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DatasetError, match=says):
+        (load_table if name.endswith(".csv") else load_sequence_file)(path)
+
+
+def test_an_item_called_pad_is_an_item_like_any_other(tmp_path):
+    path = tmp_path / "pad.txt"
+    path.write_text("".join(f"u{u} <pad> a b c d\n" for u in range(12)))
+    data = preprocess(load_sequence_file(path), "pad", split_seed=1)
+    assert data.item_ids.tolist() == ["<pad>", "<pad>", "a", "b", "c", "d"]
+    assert data.seq_items.min() == 1  # the item "<pad>" is index 1, never the padding index 0
