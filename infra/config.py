@@ -289,11 +289,15 @@ class RecallServiceConfig:
             _require_port("recall", self, name)
         # 0 would refuse every RPC, health checks included: a service that never becomes ready, with no word why
         for name in ("workers", "max_concurrent_rpcs", "max_n", "max_batch", "default_deadline_ms",
-                     "feature_store_timeout_ms", "vector_search_timeout_ms", "health_interval_ms", "search_ef", "max_per_interest_n"):
+                     "feature_store_timeout_ms", "vector_search_timeout_ms", "health_interval_ms", "search_ef"):
             _require_range("recall", self, name, 1)
+        # Milvus answers at most 16,384 hits per query vector (a server refuses more: every such search
+        # would fall back to popular items); a filter is parsed per request (the cap bounds that work)
+        _require_range("recall", self, "max_per_interest_n", 1, MILVUS_MAX_TOPK)
+        _require_range("recall", self, "max_filter_chars", 0, 65_536)
         # gRPC takes its receive limit, 4x this (framing, a batch's worth), as a C int
         _require_range("recall", self, "max_request_bytes", 1, (2**31 - 1) // 4)
-        for name in ("outage_cooldown_ms", "max_exclusions", "max_recent_items", "max_filter_chars", "search_batch_vectors"):
+        for name in ("outage_cooldown_ms", "max_exclusions", "max_recent_items", "search_batch_vectors"):
             _require_range("recall", self, name, 0)
 
 
@@ -387,6 +391,7 @@ def uri_problem(uri: str, error: ValueError) -> str:
     return str(error)
 
 
+MILVUS_MAX_TOPK = 16_384  # Milvus' cap on one query's top k (and on the hits of one search call)
 REDIS_MAX_TTL_S = 2**31 - 1  # ~68 years; Redis refuses expiry times whose milliseconds overflow ("invalid expire time")
 
 

@@ -67,11 +67,11 @@ Predicate = Callable[[str, tuple[str, ...], bool], bool]
 
 def _tokens(text: str) -> list[tuple[str, str, int]]:
     """(kind, value, position) with kind in string / op / keyword / name."""
-    out, pos = [], 0
-    while text[pos:].strip():
+    out, pos, end = [], 0, len(text.rstrip())  # positions, not slices: a slice per token made long filters quadratic
+    while pos < end:
         m = TOKEN.match(text, pos)
         if not m:
-            at = len(text) - len(text[pos:].lstrip())
+            at = pos + len(text[pos:end]) - len(text[pos:end].lstrip())
             raise FilterError(f"filter: unexpected character {text[at]!r} at position {at}")
         kind, value, start = m.lastgroup, m.group(m.lastgroup), m.start(m.lastgroup)
         if kind == "word":

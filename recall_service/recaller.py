@@ -38,6 +38,7 @@ from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
+from infra.config import MILVUS_MAX_TOPK
 from recall_service.filters import ItemFilter
 from recall_service.merge import MISSING_ITEM, merge_by_quota, merge_one_by_score
 from model_export.registry import NO_INACTIVE_ITEMS, InactiveItems
@@ -46,9 +47,9 @@ from streaming.feature_store import InterestRecord, RecordError, SeenOnly, get_e
 
 ACTIVE_ONLY = "active == true"  # deactivated items are never recalled, whatever the request's filter
 # Hits (vectors x limit) one Milvus call asks for at most: Milvus' own cap on one query's top k (and
-# on the queries of one call), 16,384. A larger group (a batch of users x K_u x per_interest_n) is
-# sent in several calls, each within vector_search_timeout_ms, instead of one that only times out.
-MAX_HITS_PER_SEARCH = 16_384
+# on the queries of one call). A larger group (a batch of users x K_u x per_interest_n) is sent in
+# several calls, each within vector_search_timeout_ms, instead of one that only times out.
+MAX_HITS_PER_SEARCH = MILVUS_MAX_TOPK
 # Failed calls in a row (no success between them) that open a backend's circuit breaker: one call
 # that failed says little (a slow search, a blip), a run of them is an outage.
 FAILURES_TO_OPEN = 3

@@ -229,6 +229,9 @@ def test_a_redis_uri_that_is_no_uri_is_a_config_error():
     # values taken, then failing far from them: gRPC's C int (a traceback at the service's start), the
     # broker's topic creation (after it started), Redis Cluster's client (advice to start the local stack)
     ({"MINDSTREAM_RECALL__MAX_REQUEST_BYTES": "600000000"}, r"\[recall\].max_request_bytes"),
+    # above Milvus' top k per query vector: every such search refused, answered by popular items instead
+    ({"MINDSTREAM_RECALL__MAX_PER_INTEREST_N": "16385"}, r"\[recall\].max_per_interest_n"),
+    ({"MINDSTREAM_RECALL__MAX_FILTER_CHARS": "1000000"}, r"\[recall\].max_filter_chars"),
     ({"MINDSTREAM_STREAMING__TOPIC_RETENTION_MS": "-5"}, r"\[streaming\].topic_retention_ms"),
     ({"MINDSTREAM_REDIS__CLUSTER": "true", "MINDSTREAM_REDIS__URI": "redis://127.0.0.1:6379/3"}, "names a db other than 0"),
     ({"MINDSTREAM_REDIS__CLUSTER": "true", "MINDSTREAM_REDIS__URI": "redis://127.0.0.1:6379/0?db=2"}, "names a db other than 0"),

@@ -1500,3 +1500,32 @@ def test_what_a_user_without_a_record_has_seen_is_left_out_of_every_fallback(wor
     [computed] = recaller.recall_many([q("newcomer", 30, recent_item_ids=["i7"])], Deadline(1.0))
     assert computed.path is RecallPath.COMPUTED_ON_THE_FLY and computed.reason is FallbackReason.UNKNOWN_USER
     assert not {"i0", "i3", "i7"} & {r for r, _, _ in computed.items} and len(computed.items) == 30
+
+
+def test_the_popular_ranking_is_deep_enough_for_everything_left_out_at_once(two_exports):
+    """A user known by a seen set only, with recent items and exclusions, falls back to popular items
+    while Milvus is down: every item left out can be among the most popular, and n must still come."""
+    from infra.config import Config, RecallServiceConfig, StreamingConfig
+    from model_export.artifact import ModelArtifact
+    from recall_service.backends import LoadedModel
+    from recall_service.server import popular_depth
+    from streaming.feature_store import SeenOnly
+
+    config = Config(recall=RecallServiceConfig(max_n=5, max_exclusions=5, max_recent_items=5), streaming=StreamingConfig(window_length=2, seen_items=8))
+    model = LoadedModel(two_exports[0], prefer_gpu=False, popular_depth=popular_depth(config))
+    artifact = ModelArtifact.load(two_exports[0])
+    ranked = [artifact.raw_items[i] for i in np.argsort(-artifact.popularity, kind="stable")]
+    excluded, recent, seen = ranked[:5], ranked[5:10], frozenset(ranked[10:18])  # the 18 most popular, left out at once
+
+    class SeenOnlyReader:
+        def get_many(self, user_ids):
+            return [SeenOnly(u, seen) for u in user_ids]
+
+    class DownSearch:
+        def search(self, *args, **kwargs):
+            raise BackendUnavailable("Milvus is down")
+
+    query = validate("u", 5, exclude_item_ids=excluded, recent_item_ids=recent, limits=Limits.from_config(config.recall))
+    result = Recaller(SeenOnlyReader(), DownSearch(), FakeModels(model)).recall_many([query], Deadline(5))[0]
+    assert result.path == RecallPath.POPULAR_FALLBACK
+    assert [item for item, *_ in result.items] == ranked[18:23]
