@@ -33,7 +33,6 @@ def cmd_topics(args) -> int:
 def cmd_produce(args) -> int:
     from tqdm import tqdm
 
-    from streaming.events import EventError
     from streaming.producer import EventProducer, ReplayError, ReplayEvents, replay
 
     config = load_config()
@@ -57,9 +56,6 @@ def cmd_produce(args) -> int:
             pace = f" --rate {args.rate:g}" if args.rate else f" --speedup {args.speedup:g}" if args.speedup else ""
             raise UserError(f"{exc}; resend from there: python -m streaming produce --dataset {args.dataset} --start {next_start}"
                             f"{'' if args.limit is None else f' --limit {stop - next_start}'}{pace}") from None
-        except EventError as exc:  # the dataset's own event breaks the contract (times in microseconds, say)
-            raise UserError(f"{args.dataset} holds an interaction that is no valid event ({exc}): fix the file (event times are "
-                            "milliseconds since the epoch); the interactions before it were sent") from None
     print(json.dumps({"topic": config.kafka.events_topic, "sent": sent, "next_start": args.start + sent}))
     return 0
 

@@ -97,12 +97,14 @@ class ReplayEvents:
 
 
 class ReplayError(RuntimeError):
-    """Events of a replay that Kafka did not acknowledge. `first_failed`: the position (0 = the first
-    event of the replay) of the first of them; resending from there loses nothing (the events
-    after it that did arrive come again with their event ids, and the job drops those copies)."""
+    """A replay that stopped before its end or whose events Kafka did not all acknowledge.
+    `first_failed`: the position (0 = the first event of the replay) from which to send again, the
+    first event not acknowledged or not sent; resending from there loses nothing (the events after
+    it that did arrive come again with their event ids, and the job drops those copies). `message`:
+    why it stopped, when it was not a send Kafka refused (an invalid event, an interruption)."""
 
-    def __init__(self, first_failed: int, failed: int, sent: int, error: BaseException):
-        super().__init__(f"{failed} of {sent} events were not acknowledged by Kafka (the first at position {first_failed}: {error!s:.200})")
+    def __init__(self, first_failed: int, failed: int, sent: int, error: BaseException, message: str = ""):
+        super().__init__(message or f"{failed} of {sent} events were not acknowledged by Kafka (the first at position {first_failed}: {error!s:.200})")
         self.first_failed, self.failed, self.sent, self.error = first_failed, failed, sent, error
 
 
@@ -148,22 +150,33 @@ def replay(
 ) -> int:
     """Sends events paced by rate or by their own timestamps and waits until Kafka has them all;
     returns how many were sent. ReplayError when any was not acknowledged (flush waits, it does not
-    report): a count of queued events would pass lost ones for sent, and a resume skip them."""
+    report): a count of queued events would pass lost ones for sent, and a resume skip them; also
+    when an event is invalid or the replay is interrupted (Ctrl-C), once what was queued before is
+    flushed, with the position to resume from."""
     sent = 0
     failures = _Failures()
-    for event in paced(events, rate, speedup):
-        position, sent = sent, sent + 1
-        try:
-            producer.send(event).add_errback(failures.add, position)
-        except EventError:
-            raise  # the dataset's own event breaks the contract: nothing to resend
-        except Exception as exc:  # the producer refused to queue it (no metadata within max_block_ms, a closed producer)
-            failures.add(position, exc)
-            break
-        if sent % 1000 == 0:
-            on_progress(sent)
+    stopped: ReplayError | None = None
+    try:
+        for event in paced(events, rate, speedup):
+            position, sent = sent, sent + 1
+            try:
+                producer.send(event).add_errback(failures.add, position)
+            except EventError as exc:  # the dataset's own event breaks the contract (a time far ahead, say)
+                sent = position
+                stopped = ReplayError(position, 0, position, exc, f"the interaction at position {position} is no valid event ({exc}): "
+                                      "fix it in the dataset (event times are milliseconds since the epoch)")
+                break
+            except Exception as exc:  # the producer refused to queue it (no metadata within max_block_ms, a closed producer)
+                failures.add(position, exc)
+                break
+            if sent % 1000 == 0:
+                on_progress(sent)
+    except KeyboardInterrupt as exc:
+        stopped = ReplayError(sent, 0, sent, exc, f"interrupted after {sent} events were queued")
     producer.flush()
     on_progress(sent)
-    if failures.count:
+    if failures.count:  # an earlier event that did not arrive is where a resume must start
         raise ReplayError(failures.first, failures.count, sent, failures.error)
+    if stopped is not None:
+        raise stopped
     return sent

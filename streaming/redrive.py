@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "mindstream-redrive"  # the prefix of the groups: one per reason, <prefix>.<reason>
 # Why a letter of a chosen reason is not sent again
-TRUNCATED, UNDECODABLE, STILL_INVALID = "truncated", "undecodable", "still_invalid"
+TRUNCATED, UNDECODABLE, STILL_INVALID, REPEATED = "truncated", "undecodable", "still_invalid", "repeated"
 
 
 @dataclass
@@ -81,6 +81,16 @@ class RedriveError(UserError):
 def group_name(prefix: str, reason: str) -> str:
     """The consumer group that keeps the progress of `reason`'s letters."""
     return f"{prefix}.{reason}"
+
+
+def letter_origin(letter: bytes) -> tuple | None:
+    """Where the letter's record was in the events topic (topic, partition, offset), None if it does
+    not say: the job writes a record's letter again when it replays it after a restore."""
+    try:
+        record = json.loads(letter)
+        return record["topic"], record["partition"], record["offset"]
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def original_value(letter: bytes, reasons: set[str]) -> tuple[str, bytes | None, str | None]:
@@ -124,6 +134,7 @@ def redrive(config, reasons: set[str], group: str = DEFAULT_GROUP, dry_run: bool
     reader = next(iter(consumers.values()))
     producer = None
     sends: list = []  # (reason, partition, letter offset, future)
+    sent_origins: set = set()  # (topic, partition, offset) of the records sent in this run
 
     def handle(tp, record) -> None:  # one letter; `starts` and `producer` are set below, before the read
         report.read += 1
@@ -144,6 +155,11 @@ def redrive(config, reasons: set[str], group: str = DEFAULT_GROUP, dry_run: bool
         except EventError:
             report.not_sent[STILL_INVALID] += 1
             return
+        origin = letter_origin(record.value)
+        if origin is not None and origin in sent_origins:  # the sink is at least once: a restored job wrote it twice
+            report.not_sent[REPEATED] += 1
+            return
+        sent_origins.add(origin)
         if producer is not None:
             sends.append((reason, tp, record.offset, producer.send_encoded(user, value, now_ms)))
         report.sent[reason] += 1

@@ -6,6 +6,7 @@ the run is cut short, and a group offset the topic no longer has."""
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import time
 from types import SimpleNamespace
@@ -20,7 +21,7 @@ from infra.cli import UserError
 from streaming.__main__ import main
 from streaming.events import BehaviourEvent, encode_event
 from streaming.interest_writer import dead_letter
-from streaming.redrive import STILL_INVALID, TRUNCATED, UNDECODABLE, original_value
+from streaming.redrive import REPEATED, STILL_INVALID, TRUNCATED, UNDECODABLE, original_value
 
 NOW = int(time.time() * 1000)
 INTERNAL_GROUP, LATE_GROUP = "mindstream-redrive.internal", "mindstream-redrive.late"
@@ -30,8 +31,14 @@ def event_bytes(user: str, item: str, event_id: str = "") -> bytes:
     return encode_event(BehaviourEvent(user, item, "click", NOW - 60_000, event_id))
 
 
-def letter(value: bytes, kind: str = "internal", max_bytes: int = 65_536) -> bytes:
-    return dead_letter(f"{kind}: for a test", kind, value, 0, 7, NOW, "mindstream.events.v1", max_bytes).encode()
+_RECORD_OFFSETS = itertools.count()
+
+
+def letter(value: bytes, kind: str = "internal", max_bytes: int = 65_536, offset: int | None = None) -> bytes:
+    """The job's letter of the record at `offset` (default: one no other letter names) of the events
+    topic's partition 0."""
+    offset = next(_RECORD_OFFSETS) if offset is None else offset
+    return dead_letter(f"{kind}: for a test", kind, value, 0, offset, NOW, "mindstream.events.v1", max_bytes).encode()
 
 
 def test_a_letter_gives_back_its_original_bytes_when_its_reason_is_chosen():
@@ -224,6 +231,16 @@ def test_a_letter_that_cannot_be_decoded_is_counted_and_does_not_stop_the_run(fa
     assert report.sent == {"internal": 3} and report.not_sent == {UNDECODABLE: 2} and report.complete
     assert fake_kafka.sent == ["u0", "u2", "u4"] and fake_kafka.offsets == {INTERNAL_GROUP: {0: 5}}
     assert fake_kafka.run().read == 0
+
+
+def test_a_letter_written_twice_is_sent_once(fake_kafka):
+    """A job restored from a checkpoint replays the records after it and writes their letters again
+    (its sink is at least once): the copy names the same record, and is not sent a second time."""
+    first, second = (letter(event_bytes(user, "i", f"e-{user}"), offset=offset) for user, offset in (("u0", 7), ("u1", 8)))
+    fake_kafka.letters = [(None, first, NOW), (None, second, NOW), (None, first, NOW)]
+    report = fake_kafka.run()
+    assert fake_kafka.sent == ["u0", "u1"] and report.sent == {"internal": 2} and report.not_sent == {REPEATED: 1}
+    assert fake_kafka.offsets == {INTERNAL_GROUP: {0: 3}}
 
 
 def test_a_run_cut_short_commits_what_it_handled_before_the_error(fake_kafka, caplog):

@@ -191,6 +191,41 @@ def test_a_replay_with_unacknowledged_events_fails_naming_the_first_of_them():
     assert replay(iter(events), _FailingAfterFlush(set())) == 10
 
 
+def test_a_replay_stopped_by_an_invalid_event_or_ctrl_c_flushes_and_names_where_to_resume():
+    """What was queued before the stop is flushed and checked: an earlier send Kafka refused is where
+    a resume starts (it went unreported behind the invalid event), else the stopping position."""
+    from streaming.events import EventError
+    from streaming.producer import ReplayError, replay
+
+    class RefusingAt(_FailingAfterFlush):
+        def __init__(self, failing, invalid_at):
+            super().__init__(failing)
+            self.invalid_at = invalid_at
+
+        def send(self, event):
+            if len(self.futures) == self.invalid_at:
+                raise EventError("event_time_ms is more than 60 min after ...", kind="future")
+            return super().send(event)
+
+    events = [event(t=i) for i in range(10)]
+    with pytest.raises(ReplayError) as caught:
+        replay(iter(events), RefusingAt(set(), invalid_at=6))
+    assert (caught.value.first_failed, caught.value.failed, caught.value.sent) == (6, 0, 6)
+    assert str(caught.value).startswith("the interaction at position 6 is no valid event")
+    with pytest.raises(ReplayError) as caught:
+        replay(iter(events), RefusingAt({2}, invalid_at=6))
+    assert (caught.value.first_failed, caught.value.failed) == (2, 1) and "Expiring record 2" in str(caught.value)
+
+    def interrupted():
+        yield from events[:4]
+        raise KeyboardInterrupt
+
+    producer = _FailingAfterFlush(set())
+    with pytest.raises(ReplayError, match="interrupted after 4 events were queued") as caught:
+        replay(interrupted(), producer)
+    assert caught.value.first_failed == 4 and all(f.succeeded() for f in producer.futures)  # flushed before the report
+
+
 def test_the_json_schema_is_generated_from_the_contract():
     schema = json_schema()
     assert set(schema["required"]) == {"schema", "user_id", "item_id", "event_type", "event_time_ms"}
