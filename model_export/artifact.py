@@ -18,6 +18,7 @@ import numpy as np
 
 from model_export.manifest import Manifest
 from model_export.onnx_runtime import UserTowerSession
+from streaming.events import value_text
 
 
 _BLANK = re.compile(r"[ \t\n\r]*")
@@ -125,7 +126,8 @@ class ModelArtifact:
         return [(f, f[len("user_"):] if f.startswith("user_") else f) for f in self.manifest.profile_fields]
 
     def encode_profiles(self, profiles: Sequence[Mapping[str, str] | None]) -> np.ndarray:
-        """Profile field values (e.g. {"gender": "F"}) -> [B, n_fields] ids; absent or unseen values -> 0."""
+        """Profile field values (e.g. {"gender": "F"}) -> [B, n_fields] ids; absent or unseen values -> 0.
+        A value is read as training read it (streaming.events.value_text: " F" is "F", 25.0 is "25")."""
         out = np.zeros((len(profiles), len(self.profile_keys)), dtype=np.int64)
         for row, profile in enumerate(profiles):
             if not profile:
@@ -133,7 +135,7 @@ class ModelArtifact:
             for col, (f, short) in enumerate(self.profile_keys):
                 value = profile.get(f, profile.get(short))
                 if value is not None:
-                    out[row, col] = self.profile_index[f].get(str(value), 0)
+                    out[row, col] = self.profile_index[f].get(value_text(value), 0)
         return out
 
 

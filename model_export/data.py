@@ -33,7 +33,7 @@ import pandas as pd
 from infra.cli import UserError
 from infra.files import sha256_of, write_atomically
 from infra.wheels import WheelError, extract_from_wheel
-from streaming.events import ID_CONTROL_CHARACTERS, MAX_ID_CHARS, MAX_TIME_MS
+from streaming.events import ID_CONTROL_CHARACTERS, MAX_ID_CHARS, MAX_TIME_MS, value_text
 
 PREPROCESS_VERSION = 7  # bump when the preprocessing changes, to invalidate caches (7: ids as events take them, times < 2^53)
 MIN_ITEM_COUNT = 5
@@ -246,10 +246,7 @@ def _cell_text(value: object) -> str:
         return "|".join(t for t in (_cell_text(v) for v in value) if t)
     if pd.api.types.is_scalar(value) and pd.isna(value):
         return ""
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        # an integer Parquet column with nulls reads as float64: age 25 stays the category "25", not "25.0"
-        return str(int(value))
-    return str(value).strip()
+    return value_text(float(value) if isinstance(value, np.floating) else value)
 
 
 def _as_text(column: pd.Series, where: Callable[[int], str]) -> pd.Series:

@@ -53,9 +53,13 @@ def interest_softmax(logits: torch.Tensor, weight_mask: torch.Tensor) -> torch.T
 
 
 def dynamic_interest_count(lengths: torch.Tensor, max_interests: int) -> torch.Tensor:
-    """K_u = max(1, min(K, floor(log2 |I_u|))), [B] int64."""
-    k = torch.floor(torch.log2(lengths.clamp(min=1).to(torch.float32))).to(torch.int64)
-    return k.clamp(min=1, max=max_interests)
+    """K_u = max(1, min(K, floor(log2 |I_u|))), [B] int64.
+
+    Counted in integers: floor(log2 n) >= j exactly when n >= 2^j. A float log2 rounds below an
+    exact power of two in some kernels (ONNX Runtime's Log gave log2(8192) < 13 for a lone value),
+    so the exported tower could give another K_u than PyTorch, varying with the batch."""
+    powers = 2 ** torch.arange(1, min(max_interests, 62) + 1, device=lengths.device)  # [K] 2, 4, ..., 2^K (int64)
+    return (lengths[:, None] >= powers).sum(1).clamp(min=1)
 
 
 def b2i_routing(

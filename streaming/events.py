@@ -103,6 +103,15 @@ def _string_id(obj: dict, name: str) -> str:
     return value
 
 
+def value_text(value: str | int | float) -> str:
+    """A profile or side-feature value as the model's vocabulary holds it, the same whoever reads it
+    (a training table, an event): without surrounding spaces, a whole number as an integer (25, 25.0
+    and "25" are one value: a Parquet integer column with nulls reads as floats)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
 def _string_map(obj: dict, name: str, numbers_allowed: bool) -> dict:
     value = obj.get(name, {})
     allowed = (str, int, float) if numbers_allowed else (str,)

@@ -38,6 +38,26 @@ def test_dynamic_interest_count_follows_log2_of_history_length():
     assert dynamic_interest_count(lengths, 4).tolist() == expected == [1, 1, 1, 1, 2, 2, 3, 3, 4, 4]
 
 
+def test_the_exported_interest_count_is_exact_at_every_power_of_two(tmp_path):
+    """ONNX Runtime must give PyTorch's K_u for any length, at batch 1 and in a batch: a count through
+    a float log2 gave 12 for 8,192 and 14 for 32,768 behaviours at batch 1 (Log's scalar path)."""
+    import onnxruntime as ort
+
+    class Count(torch.nn.Module):
+        def forward(self, lengths):
+            return dynamic_interest_count(lengths, 40)
+
+    path = tmp_path / "count.onnx"
+    torch.onnx.export(Count(), (torch.tensor([5, 9]),), str(path), input_names=["lengths"], output_names=["k"],
+                      dynamic_axes={"lengths": {0: "batch"}}, opset_version=17, dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    lengths = [n for j in range(1, 31) for n in (2**j - 1, 2**j, 2**j + 1)]
+    expected = [max(1, min(40, n.bit_length() - 1)) for n in lengths]  # floor(log2 n), exactly
+    assert dynamic_interest_count(torch.tensor(lengths), 40).tolist() == expected
+    assert [int(session.run(None, {"lengths": np.array([n])})[0][0]) for n in lengths] == expected
+    assert session.run(None, {"lengths": np.array(lengths)})[0].tolist() == expected
+
+
 def test_squash_keeps_direction_and_bounds_norm_below_one():
     # norms 1e-3 .. 1e2 (seeded): beyond ~1e3 the true value 1 - 1/(1 + |z|^2) rounds to 1.0 in float32
     z = torch.randn(100, 8, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 100)[:, None]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -682,3 +683,22 @@ def test_profiles_are_encoded_by_the_fields_events_name_and_by_an_older_exports_
     assert artifact(["gender"]).encode_profiles(events).tolist() == [[2], [0], [0], [0], [0]]
     # exported before preprocessing version 4: the column name, read from the event's key as well
     assert artifact(["user_gender"]).encode_profiles(events).tolist() == [[2], [0], [0], [0], [1]]
+
+
+def test_a_served_profile_value_is_read_as_training_read_it(tmp_path):
+    """A table's " F" and 25.0 are the values "F" and "25" to training: an event's must be too, or
+    the tower gets the unknown profile for a value it was trained on."""
+    from types import SimpleNamespace
+
+    from model_export.artifact import ModelArtifact
+    from model_export.data import load_table
+
+    path = tmp_path / "profiles.parquet"
+    pd.DataFrame({"user": ["u1", "u2", "u3"], "item": ["a", "b", "c"], "timestamp": [1, 2, 3],
+                  "user_gender": [" F", "M ", None], "user_age": [25.0, 35.0, None]}).to_parquet(path)
+    trained = load_table(path).user_profile
+    assert trained.loc["u1"].tolist() == ["F", "25"] and trained.loc["u2"].tolist() == ["M", "35"]
+    tokens = {"gender": ["gender=<unknown>", "gender=F", "gender=M"], "age": ["age=<unknown>", "age=25", "age=35"]}
+    served = ModelArtifact(Path("."), SimpleNamespace(profile_fields=["gender", "age"]), [], [], np.zeros(0), tokens)
+    events = [{"gender": " F", "age": 25.0}, {"gender": "M ", "age": "35"}, {"gender": "F", "age": 25}]
+    assert served.encode_profiles(events).tolist() == [[1, 1], [2, 2], [1, 1]]
