@@ -1254,6 +1254,20 @@ def test_a_job_that_flinks_cli_submits_keeps_the_addresses_it_was_given(tmp_path
         k: v for k, v in local.items() if not k.startswith(("rest.", "jobmanager.", "taskmanager.", "web."))}
 
 
+def test_a_long_store_outage_neither_fails_the_job_over_nor_takes_its_task_manager_down():
+    """A write waiting out a Redis outage holds the checkpoint barriers. Measured with the checkpoint
+    timeout at 20 s and the cancellation watchdog at 30 s (Flink's 10 min and 180 s, scaled down):
+    with 0 tolerable failures the job failed over, the task could not be cancelled out of the retry,
+    the watchdog stopped the local TaskManager, and the job read nothing more after Redis was back;
+    with these two settings it went on by itself 5 s after Redis returned, every window correct."""
+    from infra.config import load_config
+    from streaming.job import job_configuration
+
+    settings = job_configuration(load_config(environ={"MINDSTREAM_CONFIG": ""}), [], None, submitted=False)
+    assert int(settings["execution.checkpointing.tolerable-failed-checkpoints"]) == 2**31 - 1
+    assert settings["task.cancellation.timeout"] == "0"  # 0: no watchdog, a cancel waits for the task
+
+
 def test_a_failure_building_the_kafka_source_names_no_secret_of_its_options():
     """Flink prints every table option when it cannot create a source, hiding passwords and JAAS
     settings but not the client's private key, which the job passes inline."""
