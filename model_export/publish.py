@@ -275,8 +275,9 @@ def publish(export_dir: Path, client, prefix: str, index_type: str | None = None
     """Create, fill, index and load the collection of this export's version, then point the alias at it.
     A version already published whole (same items; the index asked for, or any when none is) keeps
     its collection. `inactive_items` is read twice: for the rows, and again once they are all in (or
-    the collection is kept), so the flags are the registry's when the alias moves (_match_active). `live_version`: the version recall answers with (the registry's CURRENT),
-    whose collection is never dropped to be filled again, as is the one the alias points at."""
+    the collection is kept), so the flags are the registry's when the alias moves (_match_active).
+    `live_version`: the version recall answers with (the registry's CURRENT), whose collection is
+    never dropped to be filled again, as is the one the alias points at."""
     started = time.perf_counter()
     manifest = Manifest.load(export_dir)
     vectors = np.load(manifest.file(export_dir, "item_vectors"), allow_pickle=False)
