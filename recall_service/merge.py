@@ -108,7 +108,8 @@ def merge_by_quota(
         interests = [j for j in range(k) if active_interests is None or active_interests[row, j]]
         if not interests:
             continue
-        candidates = {j: [(int(i), float(s)) for i, s in zip(item_ids[row, j], scores[row, j]) if np.isfinite(s) and i != MISSING_ITEM] for j in interests}
+        usable = np.isfinite(scores[row]) & (item_ids[row] != MISSING_ITEM)  # [K, N], one array pass, not one per candidate
+        candidates = {j: list(zip(item_ids[row, j][usable[j]].tolist(), scores[row, j][usable[j]].tolist())) for j in interests}
         quota = {j: n // len(interests) + (1 if rank < n % len(interests) else 0) for rank, j in enumerate(interests)}
         taken: dict[int, tuple[float, int]] = {}  # item -> (score, interest), insertion = selection order
         cursor = dict.fromkeys(interests, 0)
