@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from infra.config import printable_uri
+from infra.config import Config, printable_uri
 from model_export.publish import category_fields, collection_name, connect
 from model_export.registry import NO_INACTIVE_ITEMS, CurrentUnreadableError, InactiveFileError, InactiveItems
 from recall_service.filters import ItemFilter
@@ -444,6 +444,14 @@ class RegistryAvailability:
                 log.warning("keeping %d inactive items: the registry's inactive set is unreadable: %s", len(self._items.items), exc)
 
 
+def default_popular_depth(config: Config) -> int:
+    """How deep the popular ranking is kept for this configuration: n past every item a popular
+    answer can leave out at once (the exclusions, the recent items, the seen set, and a corrupt
+    record's stored window besides)."""
+    rc, streaming = config.recall, config.streaming
+    return rc.max_n + rc.max_exclusions + rc.max_recent_items + streaming.window_length + streaming.seen_items
+
+
 class RegistryModels:
     """The registry's current model, re-read at most every `refresh_s` (a registry that cannot be
     read keeps the version read last, logged). A newly published version is loaded by `prepare`,
@@ -453,8 +461,10 @@ class RegistryModels:
     request. Two loaded versions are kept. The shape of every installed version comes from
     `installed` (InstalledVersions, listed again every `refresh_s` unless given)."""
 
-    def __init__(self, registry, prefer_gpu: bool = True, popular_depth: int = 6500, refresh_s: float = 2.0, clock=time.monotonic,
+    def __init__(self, registry, prefer_gpu: bool = True, popular_depth: int | None = None, refresh_s: float = 2.0, clock=time.monotonic,
                  installed: InstalledVersions | None = None):
+        """`popular_depth`: see popular_depth(); None: the default configuration's."""
+        popular_depth = default_popular_depth(Config()) if popular_depth is None else popular_depth
         self.registry, self.prefer_gpu, self.popular_depth, self.refresh_s, self.clock = registry, prefer_gpu, popular_depth, refresh_s, clock
         self.installed = installed or InstalledVersions(registry, refresh_s, clock)
         self._version: str | None = None

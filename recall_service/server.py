@@ -324,13 +324,6 @@ class ConcurrencyLimit(grpc.ServerInterceptor):
                         f"the server has {self.limit} RPCs in flight ([recall].max_concurrent_rpcs): retry later, with backoff")
 
 
-def popular_depth(config) -> int:
-    """How deep the popular ranking is kept: n past every item a popular answer can leave out at once
-    (the exclusions, the recent items, the seen set, and a corrupt record's stored window besides)."""
-    rc, streaming = config.recall, config.streaming
-    return rc.max_n + rc.max_exclusions + rc.max_recent_items + streaming.window_length + streaming.seen_items
-
-
 class RecallServer:
     """The server and what it owns: adapters (from config unless given), health prober, metrics."""
 
@@ -339,7 +332,7 @@ class RecallServer:
         from model_export.publish import client_options
         from model_export.registry import ModelRegistry
         from recall_service.backends import (FeatureStoreReader, InstalledVersions, MilvusItemSearch, RegistryAvailability, RegistryModels,
-                                             RegistryVocabularies)
+                                             RegistryVocabularies, default_popular_depth)
         from recall_service.served_log import RedisServedLog
 
         rc = config.recall
@@ -349,7 +342,7 @@ class RecallServer:
         self._owned = [] if reader else [self.reader]  # the clients made here, closed by stop()
         registry = ModelRegistry(config.paths.models_dir)
         installed = InstalledVersions(registry)  # one listing of the registry for the shapes of versions and their vocabularies
-        self.models = models or RegistryModels(registry, popular_depth=popular_depth(config), installed=installed)
+        self.models = models or RegistryModels(registry, popular_depth=default_popular_depth(config), installed=installed)
         loaded_vocabulary = self.models.raw_ids if isinstance(self.models, RegistryModels) else (lambda version: None)
         self.search = search or MilvusItemSearch(config.milvus.uri, client_options(config.milvus), config.milvus.collection_prefix, ef=rc.search_ef,
                                                  vocabularies=RegistryVocabularies(registry, loaded=loaded_vocabulary, installed=installed))

@@ -1508,11 +1508,11 @@ def test_the_popular_ranking_is_deep_enough_for_everything_left_out_at_once(two_
     from infra.config import Config, RecallServiceConfig, StreamingConfig
     from model_export.artifact import ModelArtifact
     from recall_service.backends import LoadedModel
-    from recall_service.server import popular_depth
+    from recall_service.backends import default_popular_depth
     from streaming.feature_store import SeenOnly
 
     config = Config(recall=RecallServiceConfig(max_n=5, max_exclusions=5, max_recent_items=5), streaming=StreamingConfig(window_length=2, seen_items=8))
-    model = LoadedModel(two_exports[0], prefer_gpu=False, popular_depth=popular_depth(config))
+    model = LoadedModel(two_exports[0], prefer_gpu=False, popular_depth=default_popular_depth(config))
     artifact = ModelArtifact.load(two_exports[0])
     ranked = [artifact.raw_items[i] for i in np.argsort(-artifact.popularity, kind="stable")]
     excluded, recent, seen = ranked[:5], ranked[5:10], frozenset(ranked[10:18])  # the 18 most popular, left out at once
