@@ -115,7 +115,7 @@ class SystemUnderTest:
         _reap_children()
 
     def __enter__(self) -> "SystemUnderTest":
-        self._interrupt_on_sigterm = SigtermAsInterrupt().__enter__()  # the stack's services run detached
+        SigtermAsInterrupt.hold()  # the stack's services run detached
         try:
             return self.start()
         except BaseException:
@@ -126,7 +126,7 @@ class SystemUnderTest:
         try:
             self.stop()
         finally:
-            self._interrupt_on_sigterm.__exit__()
+            SigtermAsInterrupt.release()
 
 
 def event_ids_in_topic(kafka, timeout_s: float = 120.0) -> tuple[set[str], bool]:

@@ -154,18 +154,19 @@ class SigtermAsInterrupt:
     _depth = 0
     _previous = None
 
-    def __enter__(self):
+    @classmethod
+    def hold(cls) -> None:
         if threading.current_thread() is threading.main_thread():
-            if SigtermAsInterrupt._depth == 0:
-                SigtermAsInterrupt._previous = signal.signal(signal.SIGTERM, _interrupt)
-            SigtermAsInterrupt._depth += 1
-        return self
+            if cls._depth == 0:
+                cls._previous = signal.signal(signal.SIGTERM, _interrupt)
+            cls._depth += 1
 
-    def __exit__(self, *exc) -> None:
+    @classmethod
+    def release(cls) -> None:
         if threading.current_thread() is threading.main_thread():
-            SigtermAsInterrupt._depth -= 1
-            if SigtermAsInterrupt._depth == 0:
-                signal.signal(signal.SIGTERM, SigtermAsInterrupt._previous)
+            cls._depth -= 1
+            if cls._depth == 0:
+                signal.signal(signal.SIGTERM, cls._previous)
 
 
 def _interrupt(signum, frame):
@@ -308,18 +309,18 @@ class ManagedProcess:
             time.sleep(0.05)
 
     def __enter__(self):
-        self._interrupt_on_sigterm = SigtermAsInterrupt().__enter__()
+        SigtermAsInterrupt.hold()
         try:
             return self.start()
         except BaseException:
-            self._interrupt_on_sigterm.__exit__()
+            SigtermAsInterrupt.release()
             raise
 
     def __exit__(self, *exc) -> None:
         try:
             self.stop()
         finally:
-            self._interrupt_on_sigterm.__exit__()
+            SigtermAsInterrupt.release()
 
 
 class PythonModuleProcess(ManagedProcess):

@@ -80,8 +80,8 @@ class ModelRegistry:
             try:
                 installed = Manifest.load(target)
             except UserError:  # files missing or changed: copied again below
-                installed = None
-            if installed is not None:
+                pass
+            else:
                 if installed.files != manifest.files:  # a version names one export: what serves it must be what was published
                     raise RegistryError(f"version {manifest.model_version} is installed in {self.root} with other files than {export_dir}: "
                                         "a model version names one export; export the model again (a new version)")

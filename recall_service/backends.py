@@ -463,7 +463,7 @@ class RegistryModels:
 
     def __init__(self, registry, prefer_gpu: bool = True, popular_depth: int | None = None, refresh_s: float = 2.0, clock=time.monotonic,
                  installed: InstalledVersions | None = None):
-        """`popular_depth`: see popular_depth(); None: the default configuration's."""
+        """`popular_depth`: see default_popular_depth(); None: the default configuration's."""
         popular_depth = default_popular_depth(Config()) if popular_depth is None else popular_depth
         self.registry, self.prefer_gpu, self.popular_depth, self.refresh_s, self.clock = registry, prefer_gpu, popular_depth, refresh_s, clock
         self.installed = installed or InstalledVersions(registry, refresh_s, clock)
