@@ -14,13 +14,15 @@ Every waiter waits at most its own timeout, as a lone call would: one still queu
 queue, one whose batch has not answered gives up on it (DeadlineExceeded either way). So a batch is
 sent by its member with the latest deadline, with that member's time left as the call's timeout:
 the sender never waits past its own deadline, and the call serves every member that can still use
-it. When the call returns, the sender hands the next batch (if any) to that batch's own sender. No
-thread sends more than one batch, so no request is delayed by others' searches beyond the one in
-flight.
+it. A queue grows into one batch only while it can: once its waiters need more than one call, every
+full batch is handed to its own sender at once (deep searches, a few users per call, would
+otherwise go out one call after another, each behind the last), and when a call returns, the whole
+queue is. No thread sends more than one batch, so no request waits for more than one call in flight.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,16 +48,15 @@ class CoalescingSearch:
         self.inner, self.max_vectors = inner, max_vectors
         self._lock = threading.Lock()
         self._queues: dict[tuple[str, str, int], list[_Waiter]] = {}
-        self._in_flight: set[tuple[str, str, int]] = set()  # keys with a batch handed to its sender
+        self._in_flight: dict[tuple[str, str, int], int] = {}  # key -> batches handed to their senders, not yet returned
 
     def search(self, model_version: str, vectors: np.ndarray, limit: int, expr: str, timeout_s: float) -> SearchHits:
         key = (model_version, expr, vectors.shape[1])  # a width the collection refuses fails only its own batch
         me = _Waiter(vectors, limit, time.monotonic() + timeout_s)
         with self._lock:
             self._queues.setdefault(key, []).append(me)
-            if key not in self._in_flight:  # nothing in flight: this request goes out at once, alone
-                self._in_flight.add(key)
-                self._hand_on(key)
+            # nothing in flight: this request goes out at once, alone; else only batches that cannot grow
+            self._hand_on(key, whole_queue=key not in self._in_flight)
         me.woken.wait(timeout_s)
         with self._lock:
             if me.batch is None:
@@ -69,20 +70,24 @@ class CoalescingSearch:
         self._send(key, model_version, expr, me)
         return self._outcome(me)
 
-    def _hand_on(self, key) -> None:
-        """Hands the queue's first batch to its sender, or ends the key's flight when nobody waits. Lock held."""
-        queue = self._queues.get(key)
+    def _hand_on(self, key, whole_queue: bool) -> None:
+        """Hands the queue's batches to their senders: all of them (`whole_queue`), or the full ones
+        only, leaving the last to grow while a call is in flight. Lock held."""
+        queue = self._queues.get(key, [])
+        while queue:
+            batch, taken, limit = [], 0, 0
+            while queue and (not batch or self._fits(taken + len(queue[0].vectors), max(limit, queue[0].limit))):
+                taken, limit = taken + len(queue[0].vectors), max(limit, queue[0].limit)
+                batch.append(queue.pop(0))
+            if not queue and not whole_queue:  # the last batch could still take more: it waits for a call to return
+                queue.extend(batch)
+                break
+            sender = max(batch, key=lambda w: w.expires)
+            sender.batch = batch
+            sender.woken.set()
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
         if not queue:
             self._queues.pop(key, None)
-            self._in_flight.discard(key)
-            return
-        batch, taken, limit = [], 0, 0
-        while queue and (not batch or self._fits(taken + len(queue[0].vectors), max(limit, queue[0].limit))):
-            taken, limit = taken + len(queue[0].vectors), max(limit, queue[0].limit)
-            batch.append(queue.pop(0))
-        sender = max(batch, key=lambda w: w.expires)
-        sender.batch = batch
-        sender.woken.set()
 
     def _fits(self, vectors: int, limit: int) -> bool:
         return vectors <= self.max_vectors and vectors * limit <= MAX_HITS_PER_SEARCH
@@ -103,15 +108,30 @@ class CoalescingSearch:
             for w in batch:
                 w.error = exc
         with self._lock:
-            self._hand_on(key)
+            self._in_flight[key] -= 1
+            if not self._in_flight[key]:
+                del self._in_flight[key]
+            self._hand_on(key, whole_queue=True)
         for w in batch:
             w.woken.set()
 
     @staticmethod
     def _outcome(w: _Waiter) -> SearchHits:
         if w.error is not None:
-            raise w.error
+            raise _own_copy(w.error)
         return w.result
 
     def ping(self) -> None:
         self.inner.ping()
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """The batch's error for one waiter to raise, with the original (the sender's traceback) as its
+    cause: one exception object raised in every waiter's thread would collect all their frames in its
+    one traceback, and keep them alive. An exception that cannot be copied is raised as it is."""
+    try:
+        mine = copy.copy(error)
+    except Exception:
+        return error
+    mine.__cause__ = error
+    return mine

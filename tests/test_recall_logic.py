@@ -1042,13 +1042,54 @@ def test_a_coalesced_call_never_asks_for_more_hits_than_one_call_may(world):
     for name in ("a", "b", "c"):
         threads.append(threading.Thread(target=ask, args=(name, 2)))
         threads[-1].start()
-    while _waiting(search) < 3:
+        while name != "c" and _waiting(search) < len(threads) - 1:  # a, then b, queued in this order
+            time.sleep(0.001)
+    # c does not fit beside a and b: their full batch goes out now, beside the first call, not after it
+    deadline = time.monotonic() + 5
+    while (search._in_flight.get(("A", ACTIVE_ONLY, DIM)) != 2 or _waiting(search) != 1) and time.monotonic() < deadline:
         time.sleep(0.001)
+    in_flight, waiting = search._in_flight.get(("A", ACTIVE_ONLY, DIM)), _waiting(search)
     inner.gate.set()
     for t in threads:
         t.join(5)
+    assert (in_flight, waiting) == (2, 1)  # the first call and a + b's, c waiting for one of them to return
     assert sorted(c[1] for c in inner.calls) == [1, 2, 4]  # a and b together (2 x 2 vectors x limit = the cap), c alone
     assert all(n * call_limit <= MAX_HITS_PER_SEARCH for _, n, call_limit, *_ in inner.calls) and len(results) == 4
+    assert not search._in_flight and not search._queues
+
+
+def test_coalesced_searches_too_deep_to_share_a_call_are_not_sent_one_call_after_another(world):
+    """Deep searches (one fills a call) queued behind a call in flight go out beside it, each in its
+    own call, not one after another."""
+    from recall_service.coalesce import CoalescingSearch
+
+    _, _, _, catalogs, _ = world
+
+    class CountingGatedSearch(GatedSearch):
+        def __init__(self, catalogs):
+            super().__init__(catalogs)
+            self.lock, self.started = threading.Lock(), 0
+
+        def search(self, version, vectors, limit, expr, timeout_s):
+            with self.lock:
+                self.started += 1
+            return super().search(version, vectors, limit, expr, timeout_s)
+
+    inner = CountingGatedSearch(catalogs)
+    search = CoalescingSearch(inner)
+    limit = MAX_HITS_PER_SEARCH // 4  # 4 vectors fill a call
+    threads = [threading.Thread(target=search.search, args=("A", np.ones((4, DIM), np.float32), limit, ACTIVE_ONLY, 10.0)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while inner.started + _waiting(search) < 8 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    started, waiting = inner.started, _waiting(search)
+    inner.gate.set()
+    for t in threads:
+        t.join(10)
+    assert (started, waiting) == (7, 1)  # the last may still grow; queued behind the first call they were (1, 7)
+    assert len(inner.calls) == 8 and not search._in_flight and not search._queues
 
 
 def test_stubs_are_regenerated_only_when_the_proto_or_the_generator_changes(tmp_path):
