@@ -17,6 +17,7 @@ from typing import Sequence
 import grpc
 
 from infra.config import ConfigError, RecallServiceConfig
+from streaming.events import MAX_ID_CHARS
 
 
 class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
@@ -54,9 +55,20 @@ def grpc_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def largest_answer_bytes(recall: RecallServiceConfig) -> int:
+    """A bound on the size of an answer within [recall]'s limits: a BatchRecall of max_batch requests
+    of max_n items, each with an id of MAX_ID_CHARS characters of up to 4 UTF-8 bytes, a score, an
+    interest index of -1 (10 bytes as a varint), tags and lengths, and per answer its model version.
+    gRPC's default receive limit (4 MiB) is below what the default limits allow (64 x 1,000 items
+    of 64-character ids already pass it), which the client would refuse after the server answered."""
+    return min(2**31 - 1, recall.max_batch * (recall.max_n * (4 * MAX_ID_CHARS + 32) + 1024))
+
+
 def recall_channel(recall: RecallServiceConfig, target: str | None = None, options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
-    """A channel to `target` (default [recall].host:port) as the configuration says to reach it."""
+    """A channel to `target` (default [recall].host:port) as the configuration says to reach it,
+    taking any answer within its limits (largest_answer_bytes)."""
     target = target or grpc_address(recall.host, recall.port)
+    options = [("grpc.max_receive_message_length", largest_answer_bytes(recall)), *options]
     trusted = recall.tls_cafile or recall.tls_certfile
     if trusted:
         try:
@@ -64,7 +76,7 @@ def recall_channel(recall: RecallServiceConfig, target: str | None = None, optio
         except OSError as exc:
             raise ConfigError(f"[recall].tls_cafile / tls_certfile: cannot read {trusted} ({exc.strerror}); "
                                     "set MINDSTREAM_RECALL__TLS_CAFILE to the CA certificate (PEM) of the recall server") from None
-        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=list(options))
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
     else:
-        channel = grpc.insecure_channel(target, options=list(options))
+        channel = grpc.insecure_channel(target, options=options)
     return grpc.intercept_channel(channel, _BearerToken(recall.auth_token)) if recall.auth_token else channel

@@ -5,6 +5,7 @@ import dataclasses
 import shutil
 import threading
 import time
+import traceback
 
 import numpy as np
 import pytest
@@ -930,6 +931,35 @@ def test_a_coalesced_search_shares_errors_and_a_waiter_can_give_up(one_vector_as
     late.join(5)
     assert outcomes == {"impatient": "DeadlineExceeded", "first": "BackendUnavailable", "late": "BackendUnavailable"}
     assert len(inner.calls) == 2 and not search._in_flight
+
+
+def test_each_coalesced_waiter_raises_its_own_copy_of_the_shared_error(one_vector_asks):
+    """One exception object raised in every waiter's thread gathered all their frames in one traceback."""
+    inner, search, _, _ = one_vector_asks
+    caught = {}
+
+    def ask(name):
+        try:
+            search.search("A", np.ones((1, DIM), np.float32), 3, ACTIVE_ONLY, 5.0)
+        except BackendUnavailable as exc:
+            caught[name] = exc
+
+    first = threading.Thread(target=ask, args=("first",))
+    first.start()
+    inner.entered.wait(5)
+    inner.failure = BackendUnavailable("Milvus down")
+    waiters = [threading.Thread(target=ask, args=(f"w{i}",)) for i in range(3)]
+    for t in waiters:
+        t.start()
+    while _waiting(search) < 3:
+        time.sleep(0.001)
+    inner.gate.set()
+    for t in [first, *waiters]:
+        t.join(5)
+    shared = [caught[f"w{i}"] for i in range(3)]
+    assert len({id(e) for e in shared}) == 3 and {str(e) for e in shared} == {"Milvus down"}
+    assert len({id(e.__cause__) for e in shared}) == 1  # the call's own error, raised where it failed
+    assert all(sum(frame.name == "ask" for frame in traceback.extract_tb(e.__traceback__)) == 1 for e in shared)
 
 
 def test_one_failed_call_shared_by_coalesced_searches_does_not_open_the_breaker(world):

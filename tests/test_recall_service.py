@@ -533,6 +533,39 @@ def in_memory_server(tmp_path):
         server.stop(grace_s=0)
 
 
+def test_the_largest_batch_answer_within_the_limits_reaches_the_projects_clients():
+    """64 requests of 1,000 items with ids of 256 characters (every limit at its default): ~17 MB, past
+    gRPC's default 4 MiB receive limit, which made the client refuse an answer the server counted OK."""
+    from concurrent import futures
+
+    from infra.config import RecallServiceConfig
+    from recall_service.channel import largest_answer_bytes, recall_channel
+    from recall_service.metrics import RecallMetrics
+    from recall_service.query import FallbackReason, Limits, RecallPath
+    from recall_service.recaller import RecallResult
+    from recall_service.server import RecallServicer
+    from streaming.events import MAX_ID_CHARS
+
+    class LongIds:
+        def recall_many(self, queries, deadline):
+            return [RecallResult([(f"{i:0{MAX_ID_CHARS}d}", 1.0, -1) for i in range(q.n)], "v1", RecallPath.POPULAR_FALLBACK,
+                                 FallbackReason.UNKNOWN_USER) for q in queries]
+
+    recall = RecallServiceConfig()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    RecallServicer(LongIds(), Limits.from_config(recall), RecallMetrics(), 5.0, recall.max_request_bytes).add_to_server(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        request = recall_pb2.BatchRecallRequest(requests=[recall_pb2.RecallRequest(user_id=f"u{i}", n=recall.max_n) for i in range(recall.max_batch)])
+        with recall_channel(recall, f"127.0.0.1:{port}") as channel:
+            answer = recall_pb2_grpc.RecallServiceStub(channel).BatchRecall(request, timeout=60)
+        assert [len(r.items) for r in answer.responses] == [recall.max_n] * recall.max_batch
+        assert 4 * 2**20 < answer.ByteSize() <= largest_answer_bytes(recall)
+    finally:
+        server.stop(0)
+
+
 def test_an_ipv6_host_is_bracketed_in_the_address_grpc_binds_and_dials():
     from recall_service.channel import grpc_address
 
@@ -776,8 +809,9 @@ def test_the_projects_own_clients_follow_the_configured_tls_and_token(in_memory_
 
 def test_the_node_client_trusts_the_servers_certificate_and_says_what_is_wrong_in_one_line(in_memory_server, tmp_path):
     """As the Python clients (recall_service/channel.py): without a CA file, the configured
-    tls_certfile is what the server's certificate is verified with; a request that is not JSON or
-    a CA file that cannot be read is a one-line error and exit status 2, not a stack trace."""
+    tls_certfile is what the server's certificate is verified with; a request that is not JSON (or
+    not a RecallRequest) or a CA file that cannot be read is a one-line error and exit status 2, not
+    a stack trace."""
     if not (shutil.which("node") and shutil.which("npm")):
         pytest.skip("node and npm are not installed: the Node client test needs them")
     client_dir = REPO / "recall_service" / "clients" / "node"
@@ -793,8 +827,13 @@ def test_the_node_client_trusts_the_servers_certificate_and_says_what_is_wrong_i
 
     answered = node('{"user_id": "alice", "n": 3}', MINDSTREAM_RECALL__TLS_CERTFILE=str(cert))
     assert answered.returncode == 0 and len(json.loads(answered.stdout)["items"]) == 3, answered.stderr
-    for request, variables, says in (('{"user_id": "alice", "n": 3', {"MINDSTREAM_RECALL__TLS_CERTFILE": str(cert)}, "not JSON"),
-                                     ('{"user_id": "alice", "n": 3}', {"MINDSTREAM_RECALL__TLS_CAFILE": str(tmp_path / "missing.pem")}, "missing.pem")):
+    trusting = {"MINDSTREAM_RECALL__TLS_CERTFILE": str(cert)}
+    for request, variables, says in (('{"user_id": "alice", "n": 3', trusting, "not JSON"),
+                                     ('{"user_id": "alice", "n": 3}', {"MINDSTREAM_RECALL__TLS_CAFILE": str(tmp_path / "missing.pem")}, "missing.pem"),
+                                     # protobufjs would drop the field, send QUOTA as 0 and 4294967306 as 10
+                                     ('{"user_id": "alice", "n": 3, "exclude_items": ["i1"]}', trusting, "exclude_items is not a RecallRequest field"),
+                                     ('{"user_id": "alice", "n": 3, "merge_policy": "QUOTA"}', trusting, "MERGE_POLICY_QUOTA"),
+                                     ('{"user_id": "alice", "n": 4294967306}', trusting, "n must be an integer")):
         failed = node(request, **variables)
         assert failed.returncode == 2 and says in failed.stderr and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
 

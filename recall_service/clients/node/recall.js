@@ -47,6 +47,25 @@ if (typeof request !== 'object' || request === null || Array.isArray(request)) {
 const definition = protoLoader.loadSync('mindstream/recall/v1/recall.proto', {
   includeDirs: [protoRoot], keepCase: true, enums: String, longs: Number, defaults: true,
 });
+// protobufjs builds the message leniently (an unknown field is dropped, an unknown enum name becomes
+// 0, n: 4294967306 becomes 10): each field is checked against recall.proto's RecallRequest first, so
+// a typo is an error rather than another request.
+const PACKAGE = 'mindstream.recall.v1';
+const fields = new Map(definition[`${PACKAGE}.RecallRequest`].type.field.map((f) => [f.name, f]));
+for (const [name, value] of Object.entries(request)) {
+  const field = fields.get(name);
+  if (!field) usageError(`REQUEST_JSON: ${name} is not a RecallRequest field (${[...fields.keys()].join(', ')})`);
+  const repeated = field.label === 'LABEL_REPEATED';
+  if (repeated && !Array.isArray(value)) usageError(`REQUEST_JSON: ${name} must be a list`);
+  for (const one of repeated ? value : [value]) {
+    if (field.type === 'TYPE_STRING' && typeof one !== 'string') usageError(`REQUEST_JSON: ${name} must be ${repeated ? 'a list of strings' : 'a string'}`);
+    if (field.type === 'TYPE_INT32' && !(Number.isInteger(one) && one >= -(2 ** 31) && one < 2 ** 31)) usageError(`REQUEST_JSON: ${name} must be an integer (int32)`);
+    if (field.type === 'TYPE_ENUM') {
+      const names = definition[`${PACKAGE}.${field.typeName}`].type.value.map((v) => v.name);
+      if (!names.includes(one)) usageError(`REQUEST_JSON: ${name} must be one of ${names.join(', ')}`);
+    }
+  }
+}
 const v1 = grpc.loadPackageDefinition(definition).mindstream.recall.v1;
 const trusted = process.env.MINDSTREAM_RECALL__TLS_CAFILE || process.env.MINDSTREAM_RECALL__TLS_CERTFILE;
 let credentials = grpc.credentials.createInsecure();
