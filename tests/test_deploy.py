@@ -94,6 +94,40 @@ def test_compose_cross_references():
     assert (DEPLOY / "grpc_health_check.py").is_file()
 
 
+def test_job_submit_cancels_the_running_job_before_it_submits_again(tmp_path):
+    """Run again (after publish, a JobManager restart, a rescale), job-submit must not leave the
+    running job beside the new one: Flink's Kafka source assigns partitions itself, so two jobs each
+    read every event. Its script runs here against a `flink` that answers `list` as Flink's CLI does."""
+    import subprocess
+
+    from streaming.job import JOB_NAME
+
+    service = _compose()["services"]["job-submit"]
+    assert service["profiles"] == ["tools"]  # not submitted by `up`, before any model is published
+    script = service["command"][0].replace("$$", "$")  # compose's escape of a literal $
+    flink = tmp_path / "bin" / "flink"
+    flink.parent.mkdir()
+    calls = tmp_path / "calls"
+    flink.write_text(f"""#!/bin/sh
+echo "$@" >> {calls}
+if [ "$1" = list ]; then
+  echo "Waiting for response..."
+  echo "------------------ Running/Restarting Jobs -------------------"
+  echo "07.01.2026 16:18:08 : 4f7fc878af8c43e3014dc1d0723e8548 : {JOB_NAME} (RUNNING)"
+  echo "07.01.2026 16:19:08 : 77c0064c2878acb7c9c903492d3a11cd : another team's job (RUNNING)"
+  echo "07.01.2026 16:20:08 : e8024b50d877e73c85f02a858ff7bc38 : {JOB_NAME}-v2 (RESTARTING)"
+  echo "--------------------------------------------------------------"
+fi
+""")
+    flink.chmod(0o755)
+    ran = subprocess.run(["sh", "-c", script], env={"FLINK_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=30)
+    assert ran.returncode == 0, ran.stderr
+    list_call, cancel_call, run_call = calls.read_text().splitlines()
+    assert list_call.split()[:2] == ["list", "--running"]
+    assert cancel_call.split() == ["cancel", "--jobmanager", "jobmanager:8081", "4f7fc878af8c43e3014dc1d0723e8548"]
+    assert run_call.split()[0] == "run" and run_call.endswith("--pyModule streaming --pyClientExecutable /opt/mindstream/.venv/bin/python run --restore latest")
+
+
 def _config_fields() -> set[tuple[str, str]]:
     from infra import config as cfg
 
@@ -154,12 +188,38 @@ def test_kustomization_lists_every_manifest():
     assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
 
 
+def test_one_pod_may_write_the_model_registry_and_nothing_else_does():
+    """Every server mounts the registry read-only; without the toolbox nothing could publish a model,
+    and the recall service would never be ready nor the job start."""
+    def containers(node):  # of every pod spec in a manifest, the FlinkDeployment's pod template too
+        if isinstance(node, dict):
+            yield from node.get("containers", [])
+            for value in node.values():
+                yield from containers(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from containers(value)
+
+    readers, writers = [], []
+    for _, doc in _k8s_docs():
+        for container in containers(doc.get("spec")):
+            mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/var/lib/mindstream/models"]
+            (writers if any(not m.get("readOnly") for m in mounts) else readers if mounts else []).append(doc["metadata"]["name"])
+    assert {"recall", "exporter", "mindstream-streaming"} <= set(readers)
+    assert writers == ["model-tools"]
+    tools = _named("Deployment", "model-tools")
+    assert tools["spec"]["strategy"]["type"] == "Recreate" and tools["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 9999
+
+
 def test_recall_probes_use_the_grpc_health_service():
     deploy = _named("Deployment", "recall")
     (container,) = deploy["spec"]["template"]["spec"]["containers"]
     assert container["readinessProbe"]["grpc"]["port"] == 50051
     assert container["startupProbe"]["grpc"]["port"] == 50051
     assert container["resources"]["requests"] and container["resources"]["limits"]
+    # new RPCs are refused from SIGTERM on: the pod keeps serving until it is out of the Endpoints
+    drain_s = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert drain_s >= 5 and deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= drain_s + 5 + 10
     (hpa,) = _by_kind("HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2" and hpa["spec"]["scaleTargetRef"]["name"] == deploy["metadata"]["name"]
     secret_refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
