@@ -250,6 +250,9 @@ def cmd_catalog_bench(args) -> int:
 def cmd_quality(args) -> int:
     from model_export.quality import quality_benchmark
 
+    for flag, values in (("--datasets", args.datasets), ("--models", args.models), ("--seeds", args.seeds)):
+        if len(set(values)) < len(values):  # one run would be summarised as two
+            raise UserError(f"{flag} names {', '.join(sorted({str(v) for v in values if values.count(v) > 1}))} more than once: name each once")
     quality_benchmark(args.datasets, args.models, args.seeds, _out(args, "quality"), max_steps_per_epoch=args.max_steps_per_epoch, epochs=args.epochs)
     return 0
 
@@ -351,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-until", type=_date, default="2000-11-22", help="earlier weeks end (UTC date; ~70%% of ML-1M's interactions)")
     p.add_argument("--later-until", type=_date, default="2000-12-10", help="later weeks end: the stream the model is retrained on")
     p.add_argument("--test-until", type=_date, default="2000-12-31", help="last weeks end: where both models are evaluated")
-    p.add_argument("--epochs", type=int, default=0, help="base model's maximum epochs (default, or 0: the dataset's)")
+    p.add_argument("--epochs", type=at_least(0), default=0, help="base model's maximum epochs (default, or 0: the dataset's)")
     p.add_argument("--out", default=None, help="the runs and the report (default: [paths].var_dir/timesplit, where refresh-bench looks)")
     p.set_defaults(func=cmd_timesplit)
 
@@ -364,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("bench", help="user-tower speed: ONNX Runtime vs PyTorch eager")
     p.add_argument("--export-dir", required=True, help="an export directory (with manifest.json)")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--seconds", type=float, default=3.0, help="time budget per measurement")
+    p.add_argument("--batch", type=at_least(1), default=256)
+    p.add_argument("--seconds", type=at_least(0.1, float), default=3.0, help="time budget per measurement")
     p.add_argument("--gpu", action="store_true", help="the CUDA session (I/O binding) vs PyTorch eager on the GPU, and its parity with the CPU session")
     p.set_defaults(func=cmd_bench)
 
@@ -384,16 +387,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("quality", help="quality table: models x datasets x seeds, mean and spread, ratios")
     p.add_argument("--datasets", nargs="+", default=["ml-1m", "beauty"])
     p.add_argument("--models", nargs="+", choices=MODEL_KINDS, default=list(MODEL_KINDS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--epochs", type=int, default=0, help="maximum epochs (default, or 0: the dataset's)")
-    p.add_argument("--max-steps-per-epoch", type=int, default=0)
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="distinct seeds (a seed named twice would count its run twice)")
+    p.add_argument("--epochs", type=at_least(0), default=0, help="maximum epochs (default, or 0: the dataset's)")
+    p.add_argument("--max-steps-per-epoch", type=at_least(0), default=0, help="cap every model's steps per epoch (0 = full)")
     p.add_argument("--out", default=None, help="run directories and quality-<datasets>.json (default: [paths].var_dir/quality)")
     p.set_defaults(func=cmd_quality)
 
     p = sub.add_parser("peer", help="torch-rechub MIND vs ours on the same split: quality and time per epoch")
     _dataset_arg(p)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap both models' steps per epoch (0 = full)")
+    p.add_argument("--epochs", type=at_least(1), default=1)
+    p.add_argument("--max-steps-per-epoch", type=at_least(0), default=0, help="cap both models' steps per epoch (0 = full)")
     p.add_argument("--out", default=None, help="both runs (default: [paths].var_dir/peer)")
     p.add_argument("--device", default="cpu", help="where both models train: cpu or cuda (both scored on the CPU)")
     p.set_defaults(func=cmd_peer)

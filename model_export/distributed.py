@@ -44,8 +44,16 @@ def init_from_env(device: str) -> World:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend)
         if device.startswith("cuda"):
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(worker_device(device))
     return world()
+
+
+def worker_device(device: str) -> str:
+    """Where this worker trains: under torchrun on CUDA the GPU of its LOCAL_RANK, whatever index
+    --device names (cuda:N would put every worker on GPU N, which NCCL refuses); else `device`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.device(device).type == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
 
 
 def reduces_sparse_gradients() -> bool:
@@ -69,4 +77,7 @@ def loss_function(model: nn.Module) -> Callable[..., torch.Tensor]:
     """model.loss, wrapped once in DistributedDataParallel when running under torchrun."""
     if world().size == 1:
         return model.loss
-    return DistributedDataParallel(_LossModule(model))
+    # No buffer broadcast before each forward: the buffers (the item side-token table, the routing
+    # initialisation) are built alike on every worker and never change; at 1M items the broadcast
+    # cost 0.055 s against 0.024 s per step (2 Gloo workers).
+    return DistributedDataParallel(_LossModule(model), broadcast_buffers=False)

@@ -14,6 +14,17 @@ from infra.files import write_text_atomically
 MODEL_KINDS = ("mostpop", "youtube_dnn", "mind", "mind_remi")
 
 
+# The ModelSpec fields `train` sets from a flag, with the kinds whose model reads each: a flag given for
+# another kind is refused (it would be saved in spec.json and change nothing).
+KNOB_FLAGS = {
+    "dim": ("--dim", ("youtube_dnn", "mind", "mind_remi")),
+    "n_interests": ("--interests", ("youtube_dnn", "mind", "mind_remi")),  # youtube_dnn: 1 only (ModelSpec)
+    "attention_power": ("--power", ("mind", "mind_remi")),  # the label-aware attention
+    "hard_negative_beta": ("--beta", ("mind_remi",)),
+    "routing_regularization": ("--rr-lambda", ("mind_remi",)),
+}
+
+
 class SpecError(UserError, ValueError):
     """A model's settings contradict each other or the model kind; the message says which flag to change."""
 
@@ -36,6 +47,14 @@ class ModelSpec:
     # REMI (Xie et al. 2023); both 0 for plain MIND
     hard_negative_beta: float = 0.0  # IHN: weight of the interest-aware hard negatives
     routing_regularization: float = 0.0  # RR: lambda of the routing-matrix variance penalty
+
+    @staticmethod
+    def refuse_unread_knobs(kind: str, given: dict) -> None:
+        """`given`: field -> a flag's value (None: not given). SpecError for a flag the kind's model does not read."""
+        for name, value in given.items():
+            if value is not None and name in KNOB_FLAGS and kind not in KNOB_FLAGS[name][1]:
+                flag, kinds = KNOB_FLAGS[name]
+                raise SpecError(f"{flag} is a knob of {' / '.join(kinds)}, not of {kind}: leave it out, or train another --model")
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:

@@ -33,6 +33,7 @@ from model_export.evaluate import evaluate_model
 from model_export.event_log import EventLog
 from model_export.retrain import Lineage, clip_history, evaluate_holdout, fine_tune, judge, prepare
 from model_export.train import DATASET_DEFAULTS, TrainConfig, default_spec, load_model, train
+from recall_service.merge import MISSING_ITEM
 from streaming.producer import ReplayEvents
 
 
@@ -68,10 +69,12 @@ def last_weeks(inc_data, raw, later_until_ms: int, test_until_ms: int) -> list[t
 
 def model_cases(weeks: list[tuple[int, list[str], list[str]]], item_index: dict[str, int]) -> EvalCases:
     """One model's cases: histories keep the items it has a vector for; a target it has no vector for
-    is a miss, under an id no item has (one per raw item, so distinct unknown targets stay distinct)."""
+    is a miss, under an id no item has (one per raw item, so distinct unknown targets stay distinct),
+    below MISSING_ITEM too (the padding of a list shorter than n must not hit an unknown target)."""
     unknown: dict[str, int] = {}
     histories = [np.array([item_index[r] for r in before if r in item_index], dtype=np.int64) for _, before, _ in weeks]
-    targets = [[item_index[r] if r in item_index else -1 - unknown.setdefault(r, len(unknown)) for r in items] for _, _, items in weeks]
+    targets = [[item_index[r] if r in item_index else MISSING_ITEM - 1 - unknown.setdefault(r, len(unknown)) for r in items]
+               for _, _, items in weeks]
     return EvalCases.from_lists([u for u, _, _ in weeks], histories, targets)
 
 
@@ -95,7 +98,7 @@ def timesplit_benchmark(model_kind: str, train_until: str, later_until: str, tes
     base = load_dataset(str(early_csv), paths.data_dir, paths.cache_dir, paths.shared_data_dir)
     base_dir = out / f"base-{model_kind}"
     defaults = DATASET_DEFAULTS["ml-1m"]
-    spec = default_spec(model_kind, base, str(early_csv), maxlen=defaults["maxlen"])
+    spec = default_spec(model_kind, base, "ml-1m")  # ML-1M's earlier weeks: ML-1M's defaults (maxlen, REMI's beta), not a file's
     train(TrainConfig(dataset=str(early_csv), model=model_kind, epochs=epochs or defaults["epochs"], batch_size=defaults["batch_size"]),
           spec, base, base_dir, resume=True)
     spec, base_model = load_model(base_dir)

@@ -142,7 +142,9 @@ def dataset_defaults(dataset: str) -> dict:
 
 
 def default_spec(kind: str, data: SequenceDataset, dataset: str, **overrides) -> ModelSpec:
-    """The model trained on `data` by default; `dataset`: the name or path it was loaded by (dataset_defaults)."""
+    """The model trained on `data` by default; `dataset`: the name or path whose defaults apply
+    (dataset_defaults; REMI's beta of a built-in); `overrides`: fields set by flags (None: not given)."""
+    ModelSpec.refuse_unread_knobs(kind, overrides)
     base = dataset_defaults(dataset)
     fields = {
         "kind": kind,
@@ -373,6 +375,7 @@ def train(config: TrainConfig, spec: ModelSpec, data: SequenceDataset, out: Path
         _write_json_atomically(history, out / "history.json")
         return history
 
+    config = dataclasses.replace(config, device=distributed.worker_device(config.device))
     device = config.device
     workers = distributed.init_from_env(device)
     torch.manual_seed(config.seed)

@@ -409,6 +409,29 @@ def test_workers_joined_over_nccl_keep_plain_adam(monkeypatch, capsys):
     assert type(build_optimizer(MIND(_spec(), _side()), TrainConfig(dataset="x", model="mind", sparse_item_rows=1))).__name__ == "LazyItemAdam"
 
 
+def test_each_torchrun_worker_trains_on_its_own_gpu_and_broadcasts_no_buffers(monkeypatch, tmp_path):
+    """--device cuda:N under torchrun put every worker on GPU N (NCCL refuses it); the side-token table
+    and the routing initialisation never change, so DDP need not broadcast them before every step."""
+    import torch.distributed as dist
+
+    import model_export.distributed as distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.worker_device("cuda:3") == "cuda:3" and distributed.worker_device("cpu") == "cpu"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.worker_device("cuda:0") == distributed.worker_device("cuda") == "cuda:1"
+    assert distributed.worker_device("cpu") == "cpu"
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(distributed, "world", lambda: distributed.World(0, 2))
+        wrapped = distributed.loss_function(MIND(_spec(), _side()))
+        assert wrapped.broadcast_buffers is False
+    finally:
+        dist.destroy_process_group()
+
+
 def test_every_torchrun_worker_has_samples_at_every_step(monkeypatch):
     """A last batch with fewer samples than workers gave a worker none, and training failed on it in
     every epoch: under torchrun that batch is left out of the pass; a single process keeps it."""

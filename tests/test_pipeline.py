@@ -110,15 +110,34 @@ def test_out_of_range_training_flags_are_refused_before_anything_runs(flag, valu
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("args, says", [
+    (["quality", "--max-steps-per-epoch", "-1"], "argument --max-steps-per-epoch: -1 is below 0"),  # ran 0 steps, scored an untrained model
+    (["quality", "--epochs", "-3"], "argument --epochs: -3 is below 0"),
+    (["quality", "--seeds", "1", "1"], "--seeds names 1 more than once"),  # one run counted as two seeds, spread 0
+    (["quality", "--models", "mind", "mostpop", "mind"], "--models names mind more than once"),
+    (["peer", "--dataset", "ml-1m", "--epochs", "0"], "argument --epochs: 0 is below 1"),  # pointed at `train` for the run it made
+    (["timesplit", "--epochs", "-1"], "argument --epochs: -1 is below 0"),
+    (["bench", "--export-dir", "x", "--batch", "0"], "argument --batch: 0 is below 1"),
+])
+def test_benchmark_flags_out_of_range_are_refused_before_anything_runs(args, says, tmp_path):
+    result = cli(*args, "--out", str(tmp_path / "out"), check=False) if args[0] != "bench" else cli(*args, check=False)
+    assert result.returncode == 2 and says in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("model, flags, says", [
     ("youtube_dnn", ["--interests", "4"], "youtube_dnn has one user vector, not 4 interests"),
-    ("mind", ["--beta", "1"], "knobs of mind_remi, not of mind"),
-    ("youtube_dnn", ["--rr-lambda", "0.5"], "knobs of mind_remi, not of youtube_dnn"),
+    ("mind", ["--beta", "1"], "--beta is a knob of mind_remi, not of mind"),
+    ("youtube_dnn", ["--rr-lambda", "0.5"], "--rr-lambda is a knob of mind_remi, not of youtube_dnn"),
+    ("youtube_dnn", ["--power", "7"], "--power is a knob of mind / mind_remi, not of youtube_dnn"),  # saved, and changed nothing
+    ("mostpop", ["--dim", "999"], "--dim is a knob of youtube_dnn / mind / mind_remi, not of mostpop"),
+    ("mostpop", ["--interests", "9"], "--interests is a knob of youtube_dnn / mind / mind_remi, not of mostpop"),
     ("mind", ["--power", "inf"], "argument --power: inf is not a finite number"),
 ])
 def test_training_flags_the_model_does_not_take_are_refused(model, flags, says, synthetic_csv, tmp_path):
     """--beta on plain MIND silently trained REMI; --interests 4 on YouTube-DNN exported a manifest
-    claiming 4 interests for a model with one."""
+    claiming 4 interests for a model with one; --power on YouTube-DNN or --dim on MostPop was saved
+    in spec.json and changed nothing."""
     result = cli("train", "--dataset", str(synthetic_csv), "--model", model, "--out", str(tmp_path / "run"), *flags, check=False)
     assert result.returncode == 2 and says in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()

@@ -287,6 +287,7 @@ def test_the_gate_compares_both_models_on_the_same_users_and_the_sampler_never_s
 def test_timesplit_cases_keep_readable_history_and_count_each_unknown_target_as_its_own_miss():
     from model_export.metrics import user_metrics
     from model_export.timesplit import model_cases
+    from recall_service.merge import MISSING_ITEM
 
     weeks = [(0, ["a", "new1", "b"], ["new1", "new2", "a", "new1"])]
     cases = model_cases(weeks, {"a": 1, "b": 2})
@@ -294,6 +295,8 @@ def test_timesplit_cases_keep_readable_history_and_count_each_unknown_target_as_
     targets = cases.targets_of(0)
     assert targets[2] == 1 and (targets[[0, 1, 3]] < 0).all() and targets[0] == targets[3] != targets[1]
     assert user_metrics(np.array([1, 2]), targets, 2)[0] == pytest.approx(1 / 3)  # "a" found, new1 and new2 missed
+    padded = np.array([1, MISSING_ITEM])  # a top list shorter than n ends with MISSING_ITEM: no unknown target is it
+    assert MISSING_ITEM not in targets and user_metrics(padded, targets, 2)[0] == pytest.approx(1 / 3)
     grown = model_cases(weeks, {"a": 1, "b": 2, "new1": 3, "new2": 4})
     assert grown.history.tolist() == [[1, 3, 2]] and grown.targets.tolist() == [3, 4, 1, 3]
 
