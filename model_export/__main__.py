@@ -10,7 +10,7 @@ from pathlib import Path
 
 from infra.cli import UserError, at_least, run_command
 from infra.config import SPARSE_ITEM_ROWS, ConfigError, load_config, printable_uri, warn_plain_text_credentials
-from model_export.spec import MODEL_KINDS
+from model_export.spec import MAX_ATTENTION_POWER, MODEL_KINDS
 
 
 def _dataset_arg(p: argparse.ArgumentParser) -> None:
@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=at_least(1), default=None)
     p.add_argument("--interests", type=at_least(1), default=None, help="K, the most interests per user")
     p.add_argument("--maxlen", type=at_least(1), default=None, help="behaviours read by the user tower (default: per dataset)")
-    p.add_argument("--power", type=at_least(0.0, float), default=None, help="p of the label-aware attention (default 2; 0: the plain average)")
+    p.add_argument("--power", type=at_least(0.0, float, at_most=MAX_ATTENTION_POWER), default=None,
+                   help=f"p of the label-aware attention (default 2; 0: the plain average; at most {MAX_ATTENTION_POWER:g}: hard attention)")
     p.add_argument("--beta", type=at_least(0.0, float), default=None, help="REMI hard-negative beta (mind_remi only; default 1.0, on ml-1m 16.0)")
     p.add_argument("--rr-lambda", type=at_least(0.0, float), default=None, help="REMI routing-regularisation lambda (mind_remi only; default 1.0)")
     p.add_argument("--max-steps-per-epoch", type=at_least(0), default=0, help="cap steps per epoch (0 = full pass); for smoke runs")

@@ -25,6 +25,12 @@ KNOB_FLAGS = {
 }
 
 
+# The largest label-aware attention power: sign(s)|s|^p is computed in float64 with |s| capped at
+# 10^(300/p) (mind.label_aware_attention); at p = 64 the cap is ~49,000, far above any score, while a
+# larger p would tie every score above a smaller cap (at p = 1000: 2) and average those interests.
+MAX_ATTENTION_POWER = 64.0
+
+
 class SpecError(UserError, ValueError):
     """A model's settings contradict each other or the model kind; the message says which flag to change."""
 
@@ -61,6 +67,10 @@ class ModelSpec:
             raise SpecError(f"unknown model kind {self.kind!r}; choose one of {', '.join(MODEL_KINDS)}")
         if self.kind == "youtube_dnn" and self.n_interests != 1:
             raise SpecError(f"youtube_dnn has one user vector, not {self.n_interests} interests: leave --interests out, or train mind / mind_remi")
+        if self.attention_power > MAX_ATTENTION_POWER:
+            raise SpecError(f"attention_power {self.attention_power} is above {MAX_ATTENTION_POWER:g}: its scores would be capped "
+                            f"below overflow and tie, which averages the interests instead of picking one; {MAX_ATTENTION_POWER:g} "
+                            "is already hard attention for scores over 1 (--power)")
         for name in ("attention_power", "hard_negative_beta", "routing_regularization"):
             value = getattr(self, name)
             if not (0 <= value < math.inf):

@@ -93,7 +93,8 @@ class LazyItemAdam:
     LazyAdam) updates only the rows a step touched: those of the batch's items, its targets and its
     negatives; every other weight keeps plain Adam. A row touched on every step gets plain Adam's update
     (but for where SparseAdam adds epsilon); a row left out keeps its value and moments until a step
-    touches it again.
+    touches it again. A batch of at least as many behaviours as the catalog has items embeds the whole
+    catalog (embedding.embed_each_item_once), so it touches every row: such a step is plain Adam's.
     """
 
     def __init__(self, model: torch.nn.Module, tables: list[torch.Tensor], lr: float):

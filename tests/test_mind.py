@@ -144,6 +144,19 @@ def test_label_aware_attention_selects_the_matching_interest_with_large_power():
     assert torch.allclose(soft, (w[:, None] * interests[0, :2]).sum(0, keepdim=True), atol=1e-6)
 
 
+def test_the_largest_attention_power_is_still_hard_attention_and_a_larger_one_is_refused():
+    """A p above MAX_ATTENTION_POWER capped |s| at 10^(300/p) before the power: scores above it tied,
+    and p = 1000 split 0.5 / 0.5 between scores 5 and 10 (the mean, not hard attention)."""
+    from model_export.spec import MAX_ATTENTION_POWER, ModelSpec, SpecError
+
+    interests = torch.tensor([[[5.0, 0.0], [10.0, 0.0]], [[2000.0, 0.0], [4000.0, 0.0]]])
+    target = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    out = label_aware_attention(interests, target, torch.ones(2, 2, dtype=torch.bool), MAX_ATTENTION_POWER)
+    assert torch.equal(out, interests[:, 1])  # all the weight on the larger score, even at 4,000
+    with pytest.raises(SpecError, match="above 64"):
+        ModelSpec(kind="mind", n_items=5, attention_power=MAX_ATTENTION_POWER * 2)
+
+
 def test_label_aware_attention_never_prefers_an_opposed_interest():
     interests = torch.tensor([[[-3.0, 0.0], [1.0, 0.0]]])
     target = torch.tensor([[1.0, 0.0]])

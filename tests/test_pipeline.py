@@ -132,7 +132,8 @@ def test_benchmark_flags_out_of_range_are_refused_before_anything_runs(args, say
     ("youtube_dnn", ["--power", "7"], "--power is a knob of mind / mind_remi, not of youtube_dnn"),  # saved, and changed nothing
     ("mostpop", ["--dim", "999"], "--dim is a knob of youtube_dnn / mind / mind_remi, not of mostpop"),
     ("mostpop", ["--interests", "9"], "--interests is a knob of youtube_dnn / mind / mind_remi, not of mostpop"),
-    ("mind", ["--power", "inf"], "argument --power: inf is not a finite number"),
+    ("mind", ["--power", "inf"], "argument --power: inf is above 64"),
+    ("mind", ["--power", "1000"], "argument --power: 1000 is above 64"),  # tied capped scores: the mean, not hard attention
 ])
 def test_training_flags_the_model_does_not_take_are_refused(model, flags, says, synthetic_csv, tmp_path):
     """--beta on plain MIND silently trained REMI; --interests 4 on YouTube-DNN exported a manifest
