@@ -20,6 +20,11 @@ if [ "$java_major" -lt 17 ]; then
        "Install it (Debian/Ubuntu: sudo apt-get install openjdk-17-jre-headless) or set JAVA_HOME to one" >&2
   exit 2
 fi
+# One bootstrap at a time (the README's two commands started together on a fresh machine, CI beside a
+# developer): a second one waits, then finds everything done, instead of clearing the venv under the
+# first one's pip.
+exec 9>>.bootstrap.lock
+flock 9
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
@@ -38,6 +43,7 @@ fi
 stamp=".venv/.installed-$(cat pyproject.toml infra/constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "==> installing packages into .venv (first run: a few minutes, ~2.5 GB)" >&2
+  rm -f .venv/.installed-*  # another set's stamp: back to that set (an older checkout) must install it again
   # pip 23's resolver gives up on this set; the constraints' pip (26) resolves it in seconds
   .venv/bin/python -m pip install --quiet --upgrade -c infra/constraints.txt pip
   .venv/bin/python -m pip install --quiet -c infra/constraints.txt --build-constraint infra/constraints.txt -e ".[dev]"

@@ -43,7 +43,8 @@ fi
 dpkg -x "$work"/prometheus_*.deb "$work/root" || skip "dpkg -x could not unpack the package"
 mkdir -p "$HOME_DIR/bin"
 for tool in prometheus promtool; do
-  install -m 0755 "$work/root/usr/bin/$tool" "$HOME_DIR/bin/$tool.part"
-  mv "$HOME_DIR/bin/$tool.part" "$HOME_DIR/bin/$tool"
+  part="$HOME_DIR/bin/.$tool.$$.part"  # this process's own: two installs at once never rename each other's away
+  install -m 0755 "$work/root/usr/bin/$tool" "$part"
+  mv "$part" "$HOME_DIR/bin/$tool"
 done
 "$HOME_DIR/bin/prometheus" --version 2>&1 | head -1 >&2

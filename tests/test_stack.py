@@ -405,6 +405,46 @@ class NeverReady(ManagedProcess):
         return False
 
 
+def test_a_server_whose_start_is_interrupted_is_stopped(tmp_path):
+    """Ctrl-C (or SIGTERM, taken as it) while a `with` block's server starts escaped __enter__, so
+    __exit__ never stopped it: in its own session it outlived the command."""
+    class InterruptedWhileStarting(NeverReady):
+        def ready(self):
+            raise KeyboardInterrupt
+
+    server = InterruptedWhileStarting(tmp_path / "interrupted.log")
+    with pytest.raises(KeyboardInterrupt):
+        with server:
+            pass
+    assert server.pid is None and not any(p.info["cmdline"] == ["sleep", "120"] and p.info["ppid"] == os.getpid()
+                                          for p in psutil.process_iter(["cmdline", "ppid"]))
+
+
+class SigintReporter(ManagedProcess):
+    name = "sigint-reporter"
+
+    def command(self):
+        return ["sh", "-c", "grep SigIgn /proc/self/status; sleep 60"]
+
+    def ready(self):
+        return "SigIgn" in self.log_path.read_text()
+
+
+def test_a_server_started_with_sigint_ignored_gets_it_back_as_its_stop_signal(tmp_path):
+    """A background job of a non-interactive shell has SIGINT ignored and its children inherit that:
+    Milvus and the broker, whose stop signal it is, sat out the grace period and were killed."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        server = SigintReporter(tmp_path / "sigint.log").start(timeout_s=10)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    try:
+        ignored = int((tmp_path / "sigint.log").read_text().split()[-1], 16)
+        assert not ignored & (1 << (signal.SIGINT - 1))
+    finally:
+        server.stop()
+
+
 def test_ctrl_c_while_up_waits_returns_at_once_and_leaves_the_services_starting(tmp_path, monkeypatch):
     """The waits ran in a pool whose exit joined them: Ctrl-C took up to the slowest start timeout (180 s)."""
     from infra import stack as stack_module
@@ -512,7 +552,7 @@ def test_the_set_up_refuses_a_java_older_than_17_before_it_installs_anything(tmp
 
 @pytest.mark.parametrize("java_version", ['openjdk version "17.0.15" 2025-04-15', 'openjdk version "21" 2023-09-19'])
 def test_the_set_up_takes_java_17_and_newer(tmp_path, java_version):
-    env = {"PATH": _path_of(tmp_path / "bin", "dirname", java_version=java_version), "PYTHON": str(tmp_path / "no-python")}
+    env = {"PATH": _path_of(tmp_path / "bin", "dirname", "flock", java_version=java_version), "PYTHON": str(tmp_path / "no-python")}
     result = subprocess.run([shutil.which("bash"), "infra/bootstrap.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert "Java 17" not in result.stderr and "Python 3.11 is required" in result.stderr  # it went on, to the next check
 
@@ -529,11 +569,67 @@ def test_the_set_up_makes_a_venv_of_another_python_again(tmp_path):
     python = tmp_path / "python3.11"  # the real one, but for `-m venv`, which it records
     python.write_text(f'#!/bin/sh\nif [ "$1 $2" = "-m venv" ]; then echo "$@" > {tmp_path}/venv-args; exit 3; fi\nexec {sys.executable} "$@"\n')
     python.chmod(0o755)
-    env = {"PATH": _path_of(tmp_path / "bin", "dirname", java_version='openjdk version "17.0.15"'), "PYTHON": str(python)}
+    env = {"PATH": _path_of(tmp_path / "bin", "dirname", "flock", java_version='openjdk version "17.0.15"'), "PYTHON": str(python)}
     result = subprocess.run([shutil.which("bash"), str(checkout / "infra" / "bootstrap.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 3, result.stderr
     assert "note: .venv is no working Python 3.11 environment (Python 3.10.12): making it again" in result.stderr
     assert (tmp_path / "venv-args").read_text().split() == ["-m", "venv", "--clear", ".venv"]
+
+
+def _fake_checkout(tmp_path):
+    """A checkout holding bootstrap.sh, pyproject.toml and the constraints, and a .venv whose python
+    passes for 3.11 with pip and records every `-m pip` call in `pip-calls`."""
+    checkout = tmp_path / "checkout"
+    (checkout / "infra").mkdir(parents=True)
+    shutil.copy(os.path.join(REPO, "infra", "bootstrap.sh"), checkout / "infra")
+    (checkout / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (checkout / "infra" / "constraints.txt").write_text("six==1.17.0\n")
+    (checkout / ".venv" / "bin").mkdir(parents=True)
+    (checkout / ".venv" / "bin" / "python").write_text(
+        f'#!/bin/sh\nif [ "$1 $2" = "-m pip" ]; then echo "$@" >> {tmp_path}/pip-calls; fi\nexit 0\n')
+    (checkout / ".venv" / "bin" / "python").chmod(0o755)
+    env = {"PATH": _path_of(tmp_path / "bin", "dirname", "flock", "cat", "sha256sum", "cut", "rm", "touch",
+                            java_version='openjdk version "17.0.15"'), "PYTHON": sys.executable}
+    return checkout, env
+
+
+def test_the_set_up_installs_again_when_the_pins_come_back_to_an_earlier_set(tmp_path):
+    """Pins A, then B, then A again (an older checkout): A's stamp was still there, so nothing was
+    installed and the venv kept B's versions."""
+    checkout, env = _fake_checkout(tmp_path)
+
+    def bootstrap(pins: str) -> list[str]:
+        (checkout / "infra" / "constraints.txt").write_text(pins)
+        (tmp_path / "pip-calls").unlink(missing_ok=True)
+        subprocess.run([shutil.which("bash"), str(checkout / "infra" / "bootstrap.sh")], env=env, capture_output=True, text=True, timeout=60)
+        return (tmp_path / "pip-calls").read_text().splitlines() if (tmp_path / "pip-calls").exists() else []
+
+    assert bootstrap("six==1.17.0\n") and bootstrap("six==1.16.0\n")
+    assert bootstrap("six==1.17.0\n"), "back to the first pins: installed again"
+    assert len(list((checkout / ".venv").glob(".installed-*"))) == 1
+
+
+def test_two_set_ups_at_once_take_turns(tmp_path):
+    """Two bootstraps at once (the README's two commands on a fresh machine) cleared the venv under
+    each other's pip: the second waits for the first."""
+    import fcntl
+
+    checkout, env = _fake_checkout(tmp_path)
+    with open(checkout / ".bootstrap.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a first bootstrap at work
+        second = subprocess.Popen([shutil.which("bash"), str(checkout / "infra" / "bootstrap.sh")], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.5)
+        assert second.poll() is None and not (tmp_path / "pip-calls").exists()  # waiting, nothing installed
+    second.wait(60)  # the lock let go: it goes on
+    assert (tmp_path / "pip-calls").exists()
+
+
+def test_the_test_command_takes_test_paths_given_from_another_folder():
+    """It moves to the repository's root first: `../infra/test.sh test_heap.py` from tests/ found no file."""
+    result = subprocess.run([os.path.join(REPO, "infra", "test.sh"), "--collect-only", "-q", "test_heap.py", "-k", "heap"],
+                            cwd=os.path.join(REPO, "tests"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "test_heap.py" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
 
 
 def test_a_command_holding_a_server_stops_it_when_terminated(tmp_path):
