@@ -9,8 +9,12 @@ sets one, else by (item, type, event time) among events without an id, among the
 window and the last `max_length` a full window evicted at the time of its oldest behaviour (a copy
 of one of them ties the oldest time and would otherwise look new; a copy of anything evicted
 earlier is older than the whole window and refused as such). Restoring state from a checkpoint and replaying
-Kafka from the checkpointed offsets therefore leaves every window exactly as if no failure had
-happened: nothing missing, nothing twice.
+Kafka from the checkpointed offsets therefore leaves every window the checkpoint holds exactly as if
+no failure had happened: nothing missing, nothing twice. A user the checkpoint does not hold (new
+since it, or expired) is seeded from the stored record, which the failed process may have written
+after the checkpoint: that window is judged as a seeded one (below: older behaviours without their
+times or ids, so a producer's retry of one of them applies again, and an event that was evicted
+rather than late may come back as late).
 
 A record at or before the newest applied offset of its partition (`last_offset`) and no newer than
 the newest event time is a redelivery too: Kafka delivers a partition in order, and a user's
@@ -55,7 +59,7 @@ import orjson
 from streaming.events import MAX_MAP_ENTRIES, BehaviourEvent
 from streaming.feature_store import InterestRecord
 
-UNKNOWN_TIME_MS = 0  # a seeded behaviour's time when the record does not say: no valid event is older
+UNKNOWN_TIME_MS = -1  # a seeded behaviour's time when the record does not say: before every valid event, one at 0 too
 
 
 class Applied(Enum):
@@ -174,10 +178,15 @@ class UserWindow:
         if len(times) != len(self.profile):  # fields kept without a time (a seeded window, an older checkpoint)
             for k in self.profile:
                 times.setdefault(k, self.vouched_ms)
+        # the profile before, when the cap may drop a field this event sets (then "changed" is the net change)
+        before = dict(self.profile) if len(self.profile) + len(profile) > MAX_MAP_ENTRIES else None
         changed = False
         for k, v in profile.items():
             if time_ms >= times.get(k, time_ms):  # a new field, or one no newer event set
                 changed = changed or self.profile.get(k) != v
+                # moved to the end: the dict's order is the order of setting, so a tie goes to the later arrival
+                self.profile.pop(k, None)
+                times.pop(k, None)
                 self.profile[k], times[k] = v, time_ms
         # Kept in order of their times (ties: as they came), so the cap keeps the last; usually already so
         in_order = [times[k] for k in self.profile]
@@ -185,7 +194,7 @@ class UserWindow:
             kept = sorted(self.profile, key=times.__getitem__)[-MAX_MAP_ENTRIES:]  # stable: ties keep their order
             self.profile = {k: self.profile[k] for k in kept}
             self.profile_ms = {k: times[k] for k in kept}
-        return changed
+        return changed if before is None else self.profile != before
 
     # Flink keeps the window as a JSON string (its own string serializer), never pickled:
     # restoring a checkpoint must not run whatever code a pickle in it would. orjson (PyFlink's

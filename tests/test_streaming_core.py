@@ -328,6 +328,37 @@ def test_a_profile_field_set_by_two_events_of_the_same_time_keeps_the_later_arri
     assert w.profile == {"age": "26"}
 
 
+def test_the_field_cap_keeps_the_field_an_event_of_the_same_time_sets_again():
+    """A field set again at an equal time kept its first position, so the cap took it for the oldest
+    and dropped it: the later arrival's value was lost."""
+    from streaming.events import MAX_MAP_ENTRIES
+
+    w = UserWindow()
+    w.apply(event("a", 5, profile={f"f{i}": "old" for i in range(MAX_MAP_ENTRIES)}), 10, 5_000)
+    w.apply(event("b", 5, profile={"f0": "new", "x": "1"}), 10, 5_000)
+    assert w.profile["f0"] == "new" and w.profile["x"] == "1" and len(w.profile) == MAX_MAP_ENTRIES and "f1" not in w.profile
+
+
+def test_an_evicted_event_whose_only_new_field_the_cap_drops_changes_nothing():
+    """Its field, set at its old time, is the oldest and capped away at once: it was reported ADDED
+    (a tower call, a record rewrite, a wrong count) with the profile unchanged."""
+    from streaming.events import MAX_MAP_ENTRIES
+
+    w = UserWindow()
+    w.apply(event("a", 10, profile={f"f{i}": "v" for i in range(MAX_MAP_ENTRIES)}), 1, 5_000)
+    w.apply(event("b", 20), 1, 5_000)
+    profile = dict(w.profile)
+    assert w.apply(event("c", 5, profile={"z": "1"}), 1, 5_000) is Applied.EVICTED and w.profile == profile
+
+
+def test_an_event_at_time_zero_is_not_taken_for_a_seeded_behaviour():
+    """Seeded behaviours without a stored time were at 0, a time an event may have: a click on one of
+    them at 0 was dropped as its duplicate."""
+    seeded = UserWindow.from_record(InterestRecord("u1", "A", np.zeros((1, 2), np.float32), ("x", "y"), 5, "0:1"))
+    assert seeded.apply(event("x", 0), 10, 60_000) is Applied.ADDED
+    assert seeded.item_ids() == ("x", "x", "y")
+
+
 def test_an_event_dated_ahead_of_kafka_does_not_make_the_users_next_events_late():
     """A device clock 5 minutes fast: its event is kept in event-time order, but the lateness bound
     follows what Kafka's timestamps vouch for, so the user's correctly dated events still apply."""
