@@ -358,7 +358,13 @@ class Stack:
             spawned = {}
             for name in wave:
                 if name in starting:
-                    spawned[name] = (self.process(name, config).spawn(), time.monotonic())
+                    try:
+                        spawned[name] = (self.process(name, config).spawn(), time.monotonic())
+                    except OSError as exc:  # a binary that cannot run (no exec permission, gone): one line, not a traceback
+                        started = ", ".join(spawned) or "none"
+                        raise StackError(f"{name} could not be started: {exc}. Started in this step so far: {started} "
+                                         f"(`python -m infra down --stack-dir {shlex.quote(str(self.layout.root))}` stops them); "
+                                         "reinstall it (infra/bootstrap.sh), then `python -m infra up` again") from None
                     self._write_pid(name, spawned[name][0].pid)
             for name in wave:
                 if name in wanted and name not in spawned:

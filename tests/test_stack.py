@@ -192,6 +192,24 @@ def test_up_refuses_a_recall_ca_file_without_a_certificate_before_starting_anyth
     assert not stack.layout.config_path.exists()
 
 
+def test_a_service_that_cannot_be_executed_is_a_one_line_error(tmp_path, monkeypatch):
+    """A binary left without exec permission (an interrupted install) raised Popen's PermissionError
+    as a traceback from `up`."""
+    from infra import stack as stack_module
+
+    class NotExecutable(ManagedProcess):
+        def command(self):
+            return [str(binary)]
+
+    binary = tmp_path / "broker-binary"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o600)
+    monkeypatch.setattr(stack_module.Stack, "process", lambda self, name, config: NotExecutable(tmp_path / f"{name}.log"))
+    stack = stack_module.Stack(tmp_path / "stack", environ={"MINDSTREAM_CONFIG": ""})
+    with pytest.raises(stack_module.StackError, match=r"broker could not be started: \[Errno 13\] Permission denied.*infra down"):
+        stack.up()
+
+
 class Stubborn(ManagedProcess):
     """A shell that ignores SIGTERM and has a child: stop must escalate to SIGKILL for the whole group."""
 
