@@ -74,10 +74,14 @@ def user_error(exc: BaseException) -> str | None:
         return _unreachable("Redis", exc, "[redis].uri")
     if isinstance(exc, _loaded("pymilvus.exceptions", "MilvusException")) and "connect" in str(exc).lower():
         return _unreachable("Milvus", exc, "[milvus].uri")
+    grpc = sys.modules.get("grpc")  # a client of the recall service (the demo, `recall_service recall`) whose call found no server
+    if grpc is not None and isinstance(exc, grpc.RpcError) and hasattr(exc, "code") and exc.code() in (
+            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return _unreachable("the recall service", f"{exc.code().name}: {exc.details()}", "[recall].host / port")
     return None
 
 
-def _unreachable(server: str, exc: BaseException, setting: str) -> str:
+def _unreachable(server: str, exc: BaseException | str, setting: str) -> str:
     return (f"no answer from {server} ({exc}): start the embedded stack (python -m infra up, and export the MINDSTREAM_CONFIG "
             f"it prints), or set {setting} to yours (python -m infra config shows the settings in effect)")
 

@@ -16,7 +16,11 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object], mode: int 
 
     The temporary file has a name of its own per call, so writers that race for the same path (torchrun
     ranks filling a cold cache, two retraining processes) never write into each other's; the last
-    rename wins whole. A failed write removes its temporary file and leaves `path` as it was."""
+    rename wins whole. A failed write removes its temporary file and leaves `path` as it was.
+
+    The content reaches the disk before the rename, and the rename before the return (fsync of the
+    file, then of its folder): after a host crash the registry's CURRENT.json or a run's checkpoint
+    is the old file or the new one, never an empty one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
@@ -24,10 +28,17 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object], mode: int 
             if mode is not None:
                 os.chmod(tmp, mode)
             write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
     return path
 
 

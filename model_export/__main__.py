@@ -6,9 +6,10 @@ import argparse
 import dataclasses
 import json
 import sys
+import traceback
 from pathlib import Path
 
-from infra.cli import UserError, at_least, run_command
+from infra.cli import UserError, at_least, run_command, user_error
 from infra.config import SPARSE_ITEM_ROWS, ConfigError, load_config, printable_uri, warn_plain_text_credentials
 from model_export.spec import MAX_ATTENTION_POWER, MODEL_KINDS
 
@@ -199,15 +200,24 @@ def cmd_retrain(args) -> int:
 
     config = load_config()
     try:
-        if args.schedule:
-            run_schedule(config, publish_model=not args.no_publish, poll_s=args.poll, runs=args.runs, progress=not args.quiet)
-            return 0
-        report = retrain_once(config, publish_model=not args.no_publish, progress=not args.quiet)
+        if args.schedule:  # each run's report is printed as it ends; the exit status is the last one's (with --runs)
+            report = run_schedule(config, publish_model=not args.no_publish, poll_s=args.poll, runs=args.runs, progress=not args.quiet)
+            if report.get("status") == "failed":
+                return 2
+        else:
+            report = retrain_once(config, publish_model=not args.no_publish, progress=not args.quiet)
+            print(json.dumps(report, indent=2, default=str))
     except RetrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=2, default=str))
-    if report["status"] == "refused":
+    except Exception as exc:  # a failure after the publish is a report (incomplete), so nothing was published
+        if user_error(exc) is not None:
+            raise
+        traceback.print_exc()
+        print(f"error: the retraining failed before publishing anything ({type(exc).__name__}: {exc}); "
+              "the traceback above says where", file=sys.stderr)
+        return 2
+    if report.get("status") == "refused":
         print(f"refused: {report['reason']}", file=sys.stderr)
         return 3
     if report.get("incomplete"):
@@ -342,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "versions. Settings: the [retrain] section (MINDSTREAM_RETRAIN__*). Prints a JSON report whose status "
                                    "is published, refused, trained (--no-publish) or skipped (too few new events: exit 0). Exit 1 = "
                                    "published, but the backfill or retirement stopped (the report says how to finish); 2 = an error, "
-                                   "nothing published; 3 = refused by the gate or CURRENT moved meanwhile.")
+                                   "nothing published; 3 = refused by the gate or CURRENT moved meanwhile (--schedule --runs N: the last run's).")
     p.add_argument("--schedule", action="store_true", help="keep running: retrain every [retrain].every_minutes / every_events")
     p.add_argument("--poll", type=at_least(0.1, float), default=10.0, help="scheduled mode: seconds between looks at the topic")
     p.add_argument("--runs", type=at_least(0), default=0, help="scheduled mode: stop after this many retrainings (0 = never)")

@@ -651,7 +651,8 @@ def refresh(config, export_dir: Path, say, stages: "Stages", expect_current: str
                                 f"({type(exc).__name__}: {exc}): `python -m streaming backfill` re-extracts the stored users, "
                                 "and the next refresh retires the old versions", published.model_version) from exc
     if filled.superseded:
-        say("    backfill stopped: another version was published meanwhile; its own backfill re-extracts the users")
+        say("    backfill stopped: another version was published meanwhile; a retraining's publish backfills the users itself, "
+            "after a `model_export publish` run `python -m streaming backfill`")
     left = (f" (the last pass still found {filled.stale_in_last_pass:,} of another version: is the job's reload failing?)"
             if filled.stale_in_last_pass and not filled.superseded else "")
     say(f"    {filled.rewritten:,} records re-extracted{left}; retired {retired or 'nothing'}; stored versions now {dict(versions)}")
@@ -674,10 +675,11 @@ def retrain_due(settings, waiting: int, idle_s: float, since_attempt: int | None
     return None
 
 
-def run_schedule(config, publish_model: bool = True, poll_s: float = 10.0, runs: int = 0, progress: bool = True) -> None:
+def run_schedule(config, publish_model: bool = True, poll_s: float = 10.0, runs: int = 0, progress: bool = True) -> dict:
     """Retrains whenever retrain_due says so; prints one JSON report per line. A failed look at the
     topic or a failed retraining is reported and the schedule goes on (a scheduler that dies with
-    the first broker hiccup refreshes nothing). runs > 0 stops after that many retrainings."""
+    the first broker hiccup refreshes nothing). runs > 0 stops after that many retrainings and
+    returns the last one's report."""
     from model_export.event_log import pending_events
     from model_export.registry import ModelRegistry
 
@@ -687,7 +689,10 @@ def run_schedule(config, publish_model: bool = True, poll_s: float = 10.0, runs:
         raise RetrainError("scheduled mode needs [retrain].every_events or [retrain].every_minutes "
                            "(e.g. MINDSTREAM_RETRAIN__EVERY_MINUTES=30)")
     last = time.monotonic()
-    unpublished_at: int | None = None  # the events waiting when the last attempt published nothing
+    # (the current version's logged events trained on, every event logged or on the topic) when the last
+    # attempt published nothing: counted from there while that version stays current, not after a publish
+    unpublished_at: tuple[int, int] | None = None
+    report: dict = {}
     done = 0
     while runs == 0 or done < runs:
         try:
@@ -702,12 +707,14 @@ def run_schedule(config, publish_model: bool = True, poll_s: float = 10.0, runs:
                         log.save(settings.state_dir)
             # Logged but untrained events count too: those of a run that was skipped, refused or failed.
             trained = Lineage.of(Manifest.load(registry.current(), verify=False)).log_events
-            waiting = len(log) - trained + on_topic
+            seen = len(log) + on_topic  # grows with the topic only: a retraining moves events from the topic into the log
+            waiting = seen - trained
         except Exception as exc:  # noqa: BLE001 - the broker may be restarting; look again next poll
             print(f"warning: could not count the new events ({type(exc).__name__}: {exc}); looking again in {poll_s:g} s", file=sys.stderr, flush=True)
             time.sleep(poll_s)
             continue
-        reason = retrain_due(settings, waiting, time.monotonic() - last, None if unpublished_at is None else waiting - unpublished_at)
+        since_attempt = seen - unpublished_at[1] if unpublished_at is not None and unpublished_at[0] == trained else None
+        reason = retrain_due(settings, waiting, time.monotonic() - last, since_attempt)
         if reason is None:
             time.sleep(poll_s)
             continue
@@ -718,6 +725,7 @@ def run_schedule(config, publish_model: bool = True, poll_s: float = 10.0, runs:
             report = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
             print(f"error: retraining failed ({report['reason']}); the schedule goes on", file=sys.stderr, flush=True)
         print(json.dumps(report, default=str), flush=True)
-        unpublished_at = None if report.get("status") == "published" else waiting
+        unpublished_at = None if report.get("status") == "published" else (trained, seen)
         last = time.monotonic()
         done += 1
+    return report

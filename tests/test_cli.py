@@ -186,3 +186,45 @@ def test_extractions_racing_for_one_file_never_rename_each_others_away(tmp_path,
         t.join(120)
     assert not errors and target.read_bytes() == content
     assert sorted(p.name for p in target.parent.iterdir()) == ["ml-1m.inter"]  # no temporary file left
+
+
+def test_a_recall_call_that_finds_no_server_is_a_one_line_error():
+    """The demo's calls to the recall service raised grpc's UNAVAILABLE as a traceback (exit 1)."""
+    import grpc
+
+    from infra.cli import user_error
+
+    class Unavailable(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "failed to connect to all addresses"
+
+    class Invalid(Unavailable):
+        def code(self):
+            return grpc.StatusCode.INVALID_ARGUMENT
+
+    said = user_error(Unavailable())
+    assert said.startswith("no answer from the recall service (UNAVAILABLE: failed to connect") and "[recall].host / port" in said
+    assert user_error(Invalid()) is None  # a bug of the caller's: its traceback stays
+
+
+def test_an_atomic_write_reaches_the_disk_before_its_rename_and_the_rename_before_it_returns(tmp_path, monkeypatch):
+    """Without fsync a host crash could leave the registry's CURRENT.json (renamed, content unwritten) empty."""
+    import os
+
+    from infra import files
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    target = tmp_path / "models" / "CURRENT.json"
+    files.write_text_atomically(target, '{"version": "v2"}')
+    assert target.read_text() == '{"version": "v2"}'
+    assert len(synced) == 2 and synced[0].endswith(".tmp") and synced[1] == str(target.parent)

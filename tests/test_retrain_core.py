@@ -14,6 +14,7 @@ from model_export.manifest import Manifest
 from model_export.retrain import (
     HeldOut,
     Lineage,
+    RetrainError,
     clip_history,
     evaluate_holdout,
     fine_tune,
@@ -382,6 +383,41 @@ def test_the_schedule_outlives_a_broker_hiccup_and_a_failed_retraining(monkeypat
     assert next(looks, None) is None
 
 
+def test_after_a_publish_elsewhere_the_schedule_counts_from_that_version_again(monkeypatch, two_exports, tmp_path, capsys):
+    """A scheduled attempt fails (a manual retraining holds the state folder), and that manual run
+    publishes a version trained on every logged event: the count of events since the failed attempt
+    was taken against the old version, so the next retraining came 1,100 new events later, not 500."""
+    import model_export.event_log
+    import model_export.retrain
+
+    config = scheduler_config(tmp_path, two_exports[0])
+    log = EventLog()
+    log.append([event(f"u{i}", "a", i, f"e{i}") for i in range(600)], {0: 600})
+    log.save(config.retrain.state_dir)
+    trained = {"events": 0}
+    monkeypatch.setattr(model_export.retrain.Lineage, "of", classmethod(lambda cls, manifest: Lineage("x", "f", trained["events"])))
+    looks = iter([0] + [100 * k for k in range(1, 20)])  # new events on the topic at each look
+    seen = []
+
+    def pending(*args):
+        seen.append(next(looks))
+        return seen[-1], {0: 600}
+
+    fired_at = []
+
+    def retrain(config, publish_model, progress):
+        fired_at.append(seen[-1])
+        if len(fired_at) == 1:
+            trained["events"] = 600  # the manual run that held the lock published, trained on all 600
+            raise RetrainError("another retraining runs (it holds .retrain.lock)")
+        return {"status": "published"}
+
+    monkeypatch.setattr(model_export.event_log, "pending_events", pending)
+    monkeypatch.setattr(model_export.retrain, "retrain_once", retrain)
+    assert run_schedule(config, poll_s=0, runs=2)["status"] == "published"
+    assert fired_at == [0, 500]  # 500 new events after the manual publish: every_events
+
+
 class OnePartitionTopic:
     """The consumer calls the schedule makes, on one partition whose end grows by `grow` records per look."""
 
@@ -664,3 +700,25 @@ def test_a_retraining_is_gated_end_to_end_and_an_unmirrored_offset_does_not_stop
     assert report["holdout"] == {"candidate": scores(None, None, 0), "current": scores(None, None, 0, parent=True)}
     assert (Path(report["run_dir"]) / "export" / "manifest.json").is_file() == (status == "trained")
     assert registry.current_version() == current and registry.versions() == [current]
+
+
+@pytest.mark.parametrize("schedule, outcome, status", [
+    (False, ValueError("event_log.npz is not a valid NPZ file"), 2),  # exited 1, "published", with a traceback
+    (True, {"status": "failed", "reason": "ValueError: ..."}, 2),  # --schedule --runs N exited 0 whatever its runs did
+    (True, {"status": "refused", "reason": "holdout recall@50 below the current model's"}, 3),
+    (True, {"status": "published"}, 0),
+])
+def test_retrain_exit_status_says_whether_a_version_was_published(monkeypatch, capsys, schedule, outcome, status):
+    import model_export.retrain
+    from model_export.__main__ import main
+
+    def run(*args, **kwargs):
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(model_export.retrain, "run_schedule" if schedule else "retrain_once", run)
+    assert main(["retrain", "--quiet", *(["--schedule", "--runs", "1"] if schedule else [])]) == status
+    if isinstance(outcome, Exception):
+        assert "failed before publishing anything (ValueError" in capsys.readouterr().err
+
