@@ -321,11 +321,8 @@ class ManagedProcess:
         SigtermAsInterrupt.hold()
         try:
             return self.start()
-        except BaseException:  # Ctrl-C or SIGTERM while it starts too: __exit__ will not run, stop it here
-            try:
-                self.stop()
-            finally:
-                SigtermAsInterrupt.release()
+        except BaseException:  # Ctrl-C or SIGTERM while it starts too: the with block's __exit__ will not run
+            self.__exit__()
             raise
 
     def __exit__(self, *exc) -> None:

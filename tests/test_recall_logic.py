@@ -863,6 +863,20 @@ def _waiting(search) -> int:
     return sum(len(q) for q in search._queues.values())
 
 
+def _queue_behind_a_gated_call(inner, search, first: threading.Thread, queued: list[threading.Thread]) -> None:
+    """Starts `first` and, once its call holds `inner`'s gate, the `queued` threads; when all of them
+    wait in `search`'s queue, opens the gate and joins every thread."""
+    first.start()
+    inner.entered.wait(5)
+    for t in queued:
+        t.start()
+    while _waiting(search) < len(queued):
+        time.sleep(0.001)
+    inner.gate.set()
+    for t in [first, *queued]:
+        t.join(5)
+
+
 def test_concurrent_searches_go_out_as_one_call_and_get_their_own_rows(world):
     from recall_service.coalesce import CoalescingSearch
 
@@ -876,17 +890,7 @@ def test_concurrent_searches_go_out_as_one_call_and_get_their_own_rows(world):
     def ask(i):
         results[i] = search.search("A", asks[i][0], asks[i][1], ACTIVE_ONLY, 5.0)
 
-    first = threading.Thread(target=ask, args=(0,))
-    first.start()
-    inner.entered.wait(5)  # the first call is in flight: the others queue
-    others = [threading.Thread(target=ask, args=(i,)) for i in (1, 2, 3)]
-    for t in others:
-        t.start()
-    while _waiting(search) < 3:
-        time.sleep(0.001)
-    inner.gate.set()
-    for t in [first, *others]:
-        t.join(5)
+    _queue_behind_a_gated_call(inner, search, threading.Thread(target=ask, args=(0,)), [threading.Thread(target=ask, args=(i,)) for i in (1, 2, 3)])
     assert [(c[1], c[2]) for c in inner.calls] == [(2, 5), (1 + 3 + 2, 9)]  # one call for the three that waited
     for (vectors, limit), got in zip(asks, results):
         alone = FakeSearch(catalogs).search("A", vectors, limit, ACTIVE_ONLY, 1.0)
@@ -944,18 +948,9 @@ def test_each_coalesced_waiter_raises_its_own_copy_of_the_shared_error(one_vecto
         except BackendUnavailable as exc:
             caught[name] = exc
 
-    first = threading.Thread(target=ask, args=("first",))
-    first.start()
-    inner.entered.wait(5)
-    inner.failure = BackendUnavailable("Milvus down")
-    waiters = [threading.Thread(target=ask, args=(f"w{i}",)) for i in range(3)]
-    for t in waiters:
-        t.start()
-    while _waiting(search) < 3:
-        time.sleep(0.001)
-    inner.gate.set()
-    for t in [first, *waiters]:
-        t.join(5)
+    inner.failure = BackendUnavailable("Milvus down")  # raised by every call once the gate opens
+    _queue_behind_a_gated_call(inner, search, threading.Thread(target=ask, args=("first",)),
+                               [threading.Thread(target=ask, args=(f"w{i}",)) for i in range(3)])
     shared = [caught[f"w{i}"] for i in range(3)]
     assert len({id(e) for e in shared}) == 3 and {str(e) for e in shared} == {"Milvus down"}
     assert len({id(e.__cause__) for e in shared}) == 1  # the call's own error, raised where it failed
@@ -982,17 +977,8 @@ def test_one_failed_call_shared_by_coalesced_searches_does_not_open_the_breaker(
     def ask(user):
         results[user] = recaller.recall_many([q(user)], Deadline(5.0))[0]
 
-    first = threading.Thread(target=ask, args=("u0",))
-    first.start()
-    inner.entered.wait(5)
-    queued = [threading.Thread(target=ask, args=(f"u{i}",)) for i in (1, 2, 3)]
-    for t in queued:
-        t.start()
-    while _waiting(recaller.search) < 3:
-        time.sleep(0.001)
-    inner.gate.set()
-    for t in [first, *queued]:
-        t.join(5)
+    _queue_behind_a_gated_call(inner, recaller.search, threading.Thread(target=ask, args=("u0",)),
+                               [threading.Thread(target=ask, args=(f"u{i}",)) for i in (1, 2, 3)])
     assert FAILURES_TO_OPEN <= 3 and [call[1] for call in inner.calls] == [1, 3]  # vectors per call: the three shared the second
     assert {results[f"u{i}"].reason for i in (1, 2, 3)} == {FallbackReason.VECTOR_SEARCH_UNAVAILABLE}
     assert recaller.recall_many([q("u0")], Deadline(5.0))[0].path is RecallPath.STORED_INTERESTS and len(inner.calls) == 3
