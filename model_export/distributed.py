@@ -62,6 +62,17 @@ def reduces_sparse_gradients() -> bool:
     return not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl")
 
 
+def mean_over_workers(value: float) -> float:
+    """The mean of a per-worker figure over all workers (every worker must call it): an epoch's loss
+    is each worker's mean over its own slices, and rank 0's alone is what history.json kept before."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total) / dist.get_world_size()
+
+
 class _LossModule(nn.Module):
     """DDP synchronises gradients through forward(); the models' training entry point is loss()."""
 

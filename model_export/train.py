@@ -327,7 +327,7 @@ def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer | LazyIte
               users: np.ndarray, positions: np.ndarray, config: TrainConfig, rng: np.random.Generator, maxlen: int,
               loss_fn: Callable[..., torch.Tensor] | None = None, desc: str = "epoch", progress: bool = True) -> tuple[float, int]:
     """One shuffled pass over (user, target position) samples (or as many draws of them, user first:
-    config.sample_by); returns (mean loss, steps).
+    config.sample_by); returns (mean loss over all workers, steps).
 
     Each sample's history is the `maxlen` items before its target. Under torchrun (WORLD_SIZE > 1)
     every worker draws the same permutation and takes its own slice of each batch (worker_batches); DDP
@@ -358,7 +358,7 @@ def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer | LazyIte
         total = total + loss.detach()  # summed where it lives: reading it every step would make a GPU wait on each one
         if step % 50 == 0:
             bar.set_postfix(loss=f"{float(total) / (step + 1):.4f}")
-    return float(total) / max(len(batches), 1), len(batches)
+    return distributed.mean_over_workers(float(total) / max(len(batches), 1)), len(batches)
 
 
 def train(config: TrainConfig, spec: ModelSpec, data: SequenceDataset, out: Path, resume: bool = False, progress: bool = True) -> dict:

@@ -445,6 +445,38 @@ def test_each_torchrun_worker_trains_on_its_own_gpu_and_broadcasts_no_buffers(mo
         dist.destroy_process_group()
 
 
+def _report_epoch_loss(rank: int, rendezvous: str, losses: list[float], results) -> None:
+    import torch.distributed as dist
+
+    import model_export.distributed as distributed
+
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
+    try:
+        results.put((rank, distributed.mean_over_workers(losses[rank])))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_epoch_loss_is_the_mean_over_all_torchrun_workers(tmp_path):
+    """Under torchrun history.json kept rank 0's loss, the mean over its own slices only: two real Gloo
+    workers whose slices lose 1.0 and 3.0 both report 2.0 (a single process reports its own)."""
+    import torch.multiprocessing as mp
+
+    import model_export.distributed as distributed
+
+    assert distributed.mean_over_workers(1.5) == 1.5
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_report_epoch_loss, args=(rank, f"file://{tmp_path / 'rendezvous'}", [1.0, 3.0], results))
+               for rank in (0, 1)]
+    for worker in workers:
+        worker.start()
+    reported = dict(results.get(timeout=60) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=30)
+    assert reported == {0: 2.0, 1: 2.0}
+
+
 def test_every_torchrun_worker_has_samples_at_every_step(monkeypatch):
     """A last batch with fewer samples than workers gave a worker none, and training failed on it in
     every epoch: under torchrun that batch is left out of the pass; a single process keeps it."""
