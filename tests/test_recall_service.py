@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -479,6 +480,30 @@ def test_recall_from_node_through_the_proto_file(stack):
     assert [i["interest_index"] for i in answer["items"]] == [i.interest_index for i in python.items]
     status, answer = node({"user_id": "user-old", "n": 0})
     assert status == 1 and answer["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "n: 0" in answer["details"]
+
+
+def test_node_client_gives_up_at_its_deadline():
+    """The Node client waited a fixed 10 s for any server: TIMEOUT_S (default 2 s, as the Python client's
+    --timeout) is its deadline, here against a socket that accepts and never answers; a bad TIMEOUT_S is usage."""
+    if not (shutil.which("node") and shutil.which("npm")):
+        pytest.skip("node and npm are not installed: the Node client test needs them")
+    client_dir = REPO / "recall_service" / "clients" / "node"
+    subprocess.run([str(client_dir / "install.sh")], check=True, capture_output=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "NODE_PATH"}
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        def node(*timeout: str) -> tuple[subprocess.CompletedProcess, float]:
+            started = time.monotonic()
+            done = subprocess.run(["node", str(client_dir / "recall.js"), f"127.0.0.1:{silent.getsockname()[1]}", str(PROTO_ROOT),
+                                   '{"user_id": "u1"}', *timeout], capture_output=True, text=True, env=env, timeout=60)
+            return done, time.monotonic() - started
+
+        done, took = node("0.5")
+        assert done.returncode == 1 and json.loads(done.stdout)["code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and took < 5
+        done, took = node()
+        assert done.returncode == 1 and json.loads(done.stdout)["code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and took < 8
+        for bad in ("0", "soon"):
+            done, _ = node(bad)
+            assert done.returncode == 2 and "TIMEOUT_S must be a number of seconds above 0" in done.stderr
 
 
 # -- the server's own accounting, on in-memory backends (no Redis, Milvus or exports) --------------

@@ -1,7 +1,9 @@
 // Calls mindstream.recall.v1.RecallService/Recall from Node through recall.proto alone (no
 // generated code) and prints the response, or the error's code and details, as one JSON line.
 //   recall_service/clients/node/install.sh        # once: the pinned packages into var/node
-//   node recall_service/clients/node/recall.js HOST:PORT recall_service/proto '{"user_id": "u1", "n": 10}'
+//   node recall_service/clients/node/recall.js HOST:PORT recall_service/proto '{"user_id": "u1", "n": 10}' [TIMEOUT_S]
+// TIMEOUT_S is the call's deadline in seconds, connecting included (default 2, as `python -m
+// recall_service recall --timeout`).
 // TLS and the bearer token come from the variables the project's configuration reads, as the
 // Python clients read them (recall_service/channel.py): MINDSTREAM_RECALL__TLS_CAFILE (the CA
 // certificate the server's is verified with, PEM), else MINDSTREAM_RECALL__TLS_CERTFILE (the
@@ -30,11 +32,13 @@ function usageError(message) {
   process.exit(2);
 }
 
-const [target, protoRoot, requestJson] = process.argv.slice(2);
-if (!requestJson) {
-  console.error('usage: node recall.js HOST:PORT PROTO_ROOT REQUEST_JSON  (run install.sh once first)');
+const [target, protoRoot, requestJson, timeoutArg = '2', ...extra] = process.argv.slice(2);
+if (!requestJson || extra.length) {
+  console.error('usage: node recall.js HOST:PORT PROTO_ROOT REQUEST_JSON [TIMEOUT_S]  (run install.sh once first)');
   process.exit(2);
 }
+const timeoutS = Number(timeoutArg);
+if (!(timeoutS > 0 && Number.isFinite(timeoutS))) usageError(`TIMEOUT_S must be a number of seconds above 0, not ${timeoutArg}`);
 let request;
 try {
   request = JSON.parse(requestJson);
@@ -83,7 +87,7 @@ if (process.env.MINDSTREAM_RECALL__AUTH_TOKEN) {
   metadata.add('authorization', `Bearer ${process.env.MINDSTREAM_RECALL__AUTH_TOKEN}`);
 }
 const client = new v1.RecallService(target, credentials);
-client.Recall(request, metadata, { deadline: Date.now() + 10000 }, (error, response) => {
+client.Recall(request, metadata, { deadline: Date.now() + timeoutS * 1000 }, (error, response) => {
   client.close();
   if (error) {
     console.log(JSON.stringify({ code: error.code, details: error.details }));
