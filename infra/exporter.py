@@ -96,9 +96,13 @@ class StackCollector(Collector):
         topic = self.config.kafka.events_topic
         consumer = KafkaConsumer(group_id=self.config.monitoring.online_quality_group, enable_auto_commit=False,
                                  auto_offset_reset="earliest", **python_client_options(self.config.kafka))
-        partitions = consumer.partitions_for_topic(topic) or ()
-        new_group = is_new_group({p: consumer.committed(TopicPartition(topic, p)) for p in partitions})
-        consumer.subscribe([topic], listener=StartAtTheEnd() if new_group else None)
+        try:
+            partitions = consumer.partitions_for_topic(topic) or ()
+            new_group = is_new_group({p: consumer.committed(TopicPartition(topic, p)) for p in partitions})
+            consumer.subscribe([topic], listener=StartAtTheEnd() if new_group else None)
+        except BaseException:  # the judge makes another every retry_s: each left open kept its I/O thread and connections
+            consumer.close()
+            raise
         return consumer
 
     def collect(self):

@@ -15,8 +15,10 @@ before a lagging judge reads the log, do not push out the ones in force):
     hit       an answer in force lists the event's item
     miss      answers were in force and none lists it
     unjudged  no answer in force (model_version and path ""): the user was not served in the ttl
-              before the event, or was served served_log_answers times since, or the user's
-              served records could not be read
+              before the event, or the answers in force may have been trimmed from the log (the
+              user was served more than LAG_ANSWERS times after the event before the judge read
+              it: the oldest kept answers cannot tell which were in force), or the user's served
+              records could not be read
 
 An event is counted under the model version and path of the newest answer in force, hit or miss,
 so each version's rate has its own events in both its numerator and denominator (counting a hit
@@ -35,7 +37,10 @@ which no longer lists the item, turn the click into a miss. Misses and the label
 record's timestamp only, so a skewed device clock cannot move an event to another answer.
 
 An event is judged only once it is RIPE_S old: the service's answers reach Redis through a queue
-(about 50 ms, seconds while Redis is slow), and a judgement is committed for good.
+(about 50 ms, seconds while Redis is slow), and a judgement is committed for good. Each event is
+judged once: a record `streaming redrive` sent again (its REDRIVEN_HEADER; the original was judged
+when it first entered) is skipped, and so is an event whose event_id the judge saw among its last
+RECENT_EVENT_IDS (a producer's retry), as the streaming job and retraining ignore them.
 A hit rate per version and path is then hit / (hit + miss); dashboards and alerts compute it.
 """
 
@@ -44,11 +49,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
-from recall_service.served_log import ServedRecord, ServedRecordError
-from streaming.events import BehaviourEvent, EventError, accept_record, record_key
+from recall_service.served_log import LAG_ANSWERS, ServedRecord, ServedRecordError
+from streaming.events import REDRIVEN_HEADER, BehaviourEvent, EventError, accept_record, record_key
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,7 @@ JOIN_POLL_MS = 200
 # then a failed read, counted "unavailable", not a quiet topic.
 LIVENESS_S = 10.0
 LIVENESS_TIMEOUT_MS = 5_000
+RECENT_EVENT_IDS = 100_000  # (user, event_id) pairs remembered: a retried send of an event is judged once
 
 
 def is_new_group(committed: Mapping[object, int | None]) -> bool:
@@ -76,10 +82,15 @@ def is_new_group(committed: Mapping[object, int | None]) -> bool:
     return all(offset is None for offset in committed.values())
 
 
-def in_force(kept: Sequence[ServedRecord], at_ms: int, ttl_ms: int, answers: int) -> list[ServedRecord]:
+def in_force(kept: Sequence[ServedRecord], at_ms: int, ttl_ms: int, answers: int) -> list[ServedRecord] | None:
     """Of a user's kept answers (newest first), those in force at `at_ms`: the newest `answers`
-    served at or before it, less those expired by then."""
+    served at or before it, less those expired by then. None when the log cannot tell: it is full
+    (answers + LAG_ANSWERS kept, so older ones were trimmed away), fewer than `answers` of the kept
+    ones are at or before `at_ms`, and a trimmed one (older than every kept one) may still have been
+    in force then: judging against the rest would count a click on its items as a miss."""
     before = [record for record in kept if record.served_ms <= at_ms][:answers]
+    if len(kept) >= answers + LAG_ANSWERS and len(before) < answers and at_ms <= kept[-1].served_ms + ttl_ms:
+        return None
     return [record for record in before if at_ms <= record.served_ms + ttl_ms]
 
 
@@ -102,7 +113,7 @@ def judge_events(events: Iterable[tuple[BehaviourEvent, int]], served: dict[str,
             counts[("", "", event.event_type, UNJUDGED)] += 1
             continue
         delivered_late = 0 < entered_ms - event.event_time_ms <= ttl_ms
-        shown_then = in_force(kept, event.event_time_ms, ttl_ms, answers) if delivered_late else []
+        shown_then = (in_force(kept, event.event_time_ms, ttl_ms, answers) or []) if delivered_late else []
         hit = any(event.item_id in items_of(record) for record in (*shown, *shown_then))
         counts[(shown[0].model_version, shown[0].path, event.event_type, HIT if hit else MISS)] += 1
     return counts
@@ -140,6 +151,7 @@ class OnlineQualityJudge:
         self._positions_committed = False
         self._failing = False
         self._heard_s = 0.0  # self.clock() when the broker last answered
+        self._recent_ids: OrderedDict[tuple[str, str], None] = OrderedDict()  # (user, event_id) judged lately, oldest first
 
     def step(self) -> int:
         """One poll: judge its events, commit their offsets, count them. Returns the events judged."""
@@ -177,10 +189,13 @@ class OnlineQualityJudge:
         events, errors = [], Counter()
         for records in polled.values():
             for record in records:
+                if any(name == REDRIVEN_HEADER for name, _ in record.headers or ()):
+                    continue
                 try:
                     events.append((accept_record(record_key(record.key), record.value, self.max_event_bytes, record.timestamp), record.timestamp))
                 except EventError:
                     errors["invalid_event"] += 1
+        events, judged_ids = self._first_copies(events)
         counts: Counter = Counter()
         if events:
             users = sorted({event.user_id for event, _ in events})
@@ -201,6 +216,7 @@ class OnlineQualityJudge:
             counts = judge_events(events, served, self.ttl_ms, self.answers)
         consumer.commit()
         self._positions_committed = True
+        self._remember(judged_ids)
         for labels, n in counts.items():
             self.count(labels, n)
         for reason, n in errors.items():
@@ -208,6 +224,27 @@ class OnlineQualityJudge:
         if wait_ms is not None and not any(polled.values()):  # all of it too young: wait for the oldest, not poll it again at once
             self.sleep(min(wait_ms, 1000) / 1000)
         return len(events)
+
+    def _first_copies(self, events: list[tuple[BehaviourEvent, int]]) -> tuple[list[tuple[BehaviourEvent, int]], list[tuple[str, str]]]:
+        """The events whose event_id was not judged lately nor earlier in the batch, and their
+        (user, event_id) keys: remembered only once the batch is committed (_remember), so that a
+        batch read again after a failure is judged, not skipped as its own copy."""
+        first, keys, seen = [], [], set()
+        for event, entered_ms in events:
+            if event.event_id:
+                key = (event.user_id, event.event_id)
+                if key in self._recent_ids or key in seen:
+                    continue
+                seen.add(key)
+                keys.append(key)
+            first.append((event, entered_ms))
+        return first, keys
+
+    def _remember(self, keys: list[tuple[str, str]]) -> None:
+        for key in keys:
+            self._recent_ids[key] = None
+        while len(self._recent_ids) > RECENT_EVENT_IDS:
+            self._recent_ids.popitem(last=False)
 
     def run(self, stop: threading.Event) -> None:
         """step() until `stop` is set; a failure is counted and logged (once per outage) and the

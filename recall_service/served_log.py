@@ -213,19 +213,25 @@ class RedisServedLog:
                     batch = []
             self._write(batch)
 
-    def _send(self, batch: list[ServedRecord], replace: bool = False) -> list[list]:
+    def _send(self, batch: list[ServedRecord], replace: frozenset[str] = frozenset()) -> list[list]:
         """One pipeline for the batch, errors answered per command; per record, the replies of its LPUSH,
-        LTRIM and EXPIRE (`replace`: a DEL of the key first)."""
+        LTRIM and EXPIRE. `replace`: users whose key is deleted first, once, before their first record
+        (a DEL before each would keep only a user's last record of the batch)."""
         pipe = self.client.pipeline(transaction=False)
+        starts, commands, deleted = [], 0, set()
         for record in batch:
             key = self.key(record.user_id)
-            if replace:
+            if record.user_id in replace and record.user_id not in deleted:
                 pipe.delete(key)
+                deleted.add(record.user_id)
+                commands += 1
+            starts.append(commands)
             pipe.lpush(key, encode_served(record))
             pipe.ltrim(key, 0, self.answers + LAG_ANSWERS - 1)
             pipe.expire(key, self.ttl_s + LAG_S)
-        replies, n = pipe.execute(raise_on_error=False), 4 if replace else 3
-        return [replies[i * n + n - 3:(i + 1) * n] for i in range(len(batch))]
+            commands += 3
+        replies = pipe.execute(raise_on_error=False)
+        return [replies[start:start + 3] for start in starts]
 
     def _write(self, batch: list[ServedRecord]) -> None:
         if not batch:
@@ -238,7 +244,7 @@ class RedisServedLog:
             stray = [record for record, answered in zip(batch, replies) if _wrong_type(answered[0])]
             if stray:
                 log.warning("served log: %d user key(s) held another Redis type, e.g. %.80r; replaced", len(stray), self.key(stray[0].user_id))
-                replies = [answered for answered in replies if not _wrong_type(answered[0])] + self._send(stray, replace=True)
+                replies = [answered for answered in replies if not _wrong_type(answered[0])] + self._send(stray, replace=frozenset(record.user_id for record in stray))
         except Exception as exc:  # the writer outlives any failure: an outage drops records, it never ends the log
             self._lost(len(batch), exc)
             return

@@ -53,6 +53,9 @@ EVENT_ERROR_KINDS = ("oversized", "malformed", "unknown_field", "missing_field",
 # application failed (a bug or an unreadable state: logged with the traceback)
 LATE, INTERNAL = "late", "internal"
 DEAD_LETTER_REASONS = (*EVENT_ERROR_KINDS, LATE, INTERNAL)
+# A Kafka record header `streaming redrive` puts on a dead letter's event it sends again: the job applies
+# it as any event; the online judge skips it (it judged the original when it first entered)
+REDRIVEN_HEADER = "mindstream-redriven"
 
 
 class EventError(ValueError):

@@ -45,10 +45,10 @@ class EventProducer:
         value = encode_event(event, self.max_event_bytes, produced_ms)  # first: it refuses a user id that is no UTF-8 text as an EventError
         return self.send_encoded(event.user_id, value, produced_ms)
 
-    def send_encoded(self, user_id: str, value: bytes, produced_ms: int):
+    def send_encoded(self, user_id: str, value: bytes, produced_ms: int, headers: list[tuple[str, bytes]] | None = None):
         """Queues an encoded event of `user_id` that the job's rule (`accept_record`) takes from a
         record stamped `produced_ms` (a dead letter's original value: streaming/redrive.py)."""
-        future = self.producer.send(self.topic, key=user_id.encode(), value=value, timestamp_ms=produced_ms)
+        future = self.producer.send(self.topic, key=user_id.encode(), value=value, timestamp_ms=produced_ms, headers=headers)
         self.sent += 1
         return future
 

@@ -6,7 +6,8 @@ the settings of the day. Once the cause is fixed (a new release, a wider allowed
 are accepted data to apply: `python -m streaming redrive --reason internal` reads the dead-letter
 topic up to its end offsets seen at the start, and sends the original value of every letter of the
 chosen reasons to the events topic again, keyed by its user id, with the job's own acceptance rule
-checked first (a value that was malformed stays a dead letter: counted, not sent).
+checked first (a value that was malformed stays a dead letter: counted, not sent). Each carries the
+REDRIVEN_HEADER, so that the online judge, which judged the original, does not judge it again.
 
 Progress is kept per reason, by a consumer group of the dead-letter topic (`[kafka]`'s brokers) named
 `<prefix>.<reason>` (the prefix is `--group`, `mindstream-redrive` by default: `mindstream-redrive.internal`),
@@ -42,7 +43,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from infra.cli import UserError
-from streaming.events import EventError, accept_record, parse_event
+from streaming.events import REDRIVEN_HEADER, EventError, accept_record, parse_event
 from streaming.kafka_clients import group_consumer, offset_and_metadata, records_before, resumed_offsets, topic_partitions, unread
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def redrive(config, reasons: set[str], group: str = DEFAULT_GROUP, dry_run: bool
             return
         sent_origins.add(origin)
         if producer is not None:
-            sends.append((reason, tp, record.offset, producer.send_encoded(user, value, now_ms)))
+            sends.append((reason, tp, record.offset, producer.send_encoded(user, value, now_ms, [(REDRIVEN_HEADER, b"1")])))
         report.sent[reason] += 1
 
     try:

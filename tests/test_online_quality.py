@@ -17,9 +17,10 @@ from infra.broker import EmbeddedBroker, ensure_topics
 from infra.config import load_config
 from infra.process import free_port
 from infra.redis_server import EmbeddedRedis
-from recall_service.online_quality import HIT, IDLE_S, JOIN_POLL_MS, LIVENESS_S, MISS, UNJUDGED, OnlineQualityJudge, judge_events
+from recall_service.online_quality import (HIT, IDLE_S, JOIN_POLL_MS, LIVENESS_S, MISS, UNJUDGED, OnlineQualityJudge, ServedLogUnavailable,
+                                           judge_events)
 from recall_service.served_log import LAG_ANSWERS, LAG_S, RedisServedLog, ServedRecord, ServedRecordError, decode_served, encode_served
-from streaming.events import BehaviourEvent, encode_event
+from streaming.events import REDRIVEN_HEADER, BehaviourEvent, encode_event
 from streaming.feature_store import redis_client
 
 from conftest import wait_for
@@ -101,6 +102,26 @@ def test_answers_served_after_an_event_do_not_push_out_those_in_force_for_it():
         {("v2", "stored_interests", "click", MISS): 1})
 
 
+def test_an_event_whose_answers_in_force_may_have_been_trimmed_from_the_log_is_unjudged():
+    """A judge that reads the log after more than LAG_ANSWERS later answers finds a full log whose
+    oldest kept answers are fewer than those in force: the trimmed one listed the clicked item, and
+    judging against the rest counted a miss. Fewer later answers, or a full log whose older answers
+    had expired by the event, are judged as before."""
+    shown = [served(version="v1", items=("a",), served_ms=SERVED_MS + i) for i in range(3)]  # a trimmed one listed the item too
+    later = [served(version="v2", items=("z",), served_ms=SERVED_MS + 60_000 + i) for i in range(LAG_ANSWERS + 1)]
+    at_ms = SERVED_MS + 30_000
+
+    def judged(kept, at=at_ms):
+        return judge_events([(event("u1", "a"), at)], {"u1": sorted(kept, key=lambda r: -r.served_ms)}, TTL_S * 1000, answers=3)
+
+    full = [*later, *shown[1:]]  # answers + LAG_ANSWERS kept: the oldest of the 3 in force was trimmed
+    assert len(full) == 3 + LAG_ANSWERS
+    assert judged(full) == Counter({("", "", "click", UNJUDGED): 1})
+    assert judged([*later[:-1], *shown[1:]]) == Counter({("v1", "stored_interests", "click", HIT): 1})  # not full: nothing trimmed
+    expired = served(version="v0", items=("y",), served_ms=SERVED_MS - TTL_S * 1000 - 1)  # kept, and expired at the event
+    assert judged([*later, shown[2], expired]) == Counter({("v1", "stored_interests", "click", HIT): 1})  # what was trimmed is older
+
+
 def test_an_item_shown_when_a_late_delivered_event_happened_is_a_hit():
     """Click x, the application refreshes (an answer without x, served before the click reached
     Kafka): the click is a hit of what was shown when it happened, not a miss of the refresh. A
@@ -121,12 +142,13 @@ def test_an_item_shown_when_a_late_delivered_event_happened_is_a_hit():
 
 
 class FakeConsumer:
-    """One partition of (key, value, timestamp) records with a position: poll() hands out what lies
+    """One partition of (key, value, timestamp[, headers]) records with a position: poll() hands out what lies
     after it (up to `per_poll` records), seek() moves it, commit() records it as committed.
     `on_empty`: called by a poll that finds nothing after the position (e.g. to stop a judge's run)."""
 
     def __init__(self, records, per_poll=100, fail_first_poll=False, fail_first_commit=False, on_empty=lambda: None, joins_after=0):
-        self.records = [SimpleNamespace(key=key, value=value, timestamp=ts, offset=i) for i, (key, value, ts) in enumerate(records)]
+        self.records = [SimpleNamespace(key=key, value=value, timestamp=ts, offset=i, headers=headers[0] if headers else [])
+                        for i, (key, value, ts, *headers) in enumerate(records)]
         self.per_poll, self.fail_first_poll, self.fail_first_commit = per_poll, fail_first_poll, fail_first_commit
         self.on_empty = on_empty
         self.joins_after = joins_after  # polls before the group hands out the partition
@@ -215,6 +237,27 @@ def test_the_judge_counts_each_polled_event_after_committing_it():
     assert errors == Counter({"invalid_event": 2, "unreadable_record": 1})
     assert reader.asked == [["u1", "u2"]] and consumer.commits == [5]  # one round trip for the batch's users
     assert judge.step() == 0 and consumer.commits == [5]  # nothing new: the positions were committed already
+
+
+def test_each_event_is_judged_once_a_redriven_copy_or_a_retried_send_is_skipped():
+    """A redriven dead letter (REDRIVEN_HEADER: the original was judged when it entered) and a retried
+    send of an event (its event_id again, in the same batch or a later one) were judged again, the
+    redriven one under the answer in force when it was sent again. A batch read again after a failed
+    read of the served log is still judged: its ids are remembered only once it is counted."""
+    clicked = BehaviourEvent("u1", "a", "click", 5, event_id="e1")
+    batch = [(b"u1", encode_event(clicked), SERVED_MS + 5),
+             (b"u1", encode_event(clicked), SERVED_MS + 6),  # a producer's retry
+             (b"u1", encode_event(event("u1", "b")), SERVED_MS + 7, [(REDRIVEN_HEADER, b"1")]),
+             (b"u1", encode_event(BehaviourEvent("u1", "a", "click", 5, event_id="e2")), SERVED_MS + 8),
+             (b"u2", encode_event(BehaviourEvent("u2", "a", "click", 5, event_id="e1")), SERVED_MS + 9)]  # another user's e1
+    consumer = FakeConsumer(batch, per_poll=4)
+    judge, counts, errors = counting_judge(consumer, FakeServed({"u1": (served(),), "u2": (served("u2"),)}, failures=1))
+    with pytest.raises(ServedLogUnavailable):
+        judge.step()
+    assert judge.step() == 2 and judge.step() == 1
+    assert counts == Counter({("v2", "stored_interests", "click", HIT): 3}) and not errors
+    consumer.records.append(SimpleNamespace(key=b"u1", value=encode_event(clicked), timestamp=SERVED_MS + 10, offset=5, headers=[]))
+    assert judge.step() == 0 and sum(counts.values()) == 3 and consumer.commits[-1] == 6  # a later retry: committed, not judged
 
 
 def test_an_event_is_judged_only_once_its_users_earlier_answers_are_surely_in_redis():
@@ -343,6 +386,34 @@ def test_the_judge_outlives_a_broker_failure_and_reads_on_with_a_new_consumer():
     assert len(made) == 2 and all(c.closed for c in made)  # the broken consumer closed and replaced; the last closed at stop
 
 
+def test_the_exporters_consumer_is_closed_when_its_set_up_fails(monkeypatch):
+    """The judge makes a new consumer every retry_s while the broker fails: one whose metadata or
+    offset lookups raised was left open, an I/O thread and its connections per attempt."""
+    import kafka
+
+    from infra.exporter import StackCollector
+
+    made = []
+
+    class Unanswered:
+        def __init__(self, **options):
+            self.closed = False
+            made.append(self)
+
+        def partitions_for_topic(self, topic):
+            raise kafka.errors.KafkaTimeoutError("Failed to update metadata after 60.0 secs.")
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", Unanswered)
+    collector = StackCollector(load_config(environ={"MINDSTREAM_CONFIG": ""}))
+    for _ in range(3):
+        with pytest.raises(kafka.errors.KafkaTimeoutError):
+            collector._online_consumer()
+    assert len(made) == 3 and all(consumer.closed for consumer in made)
+
+
 def test_the_writer_keeps_the_newest_answers_per_user_with_their_ttl_in_real_redis(tmp_path):
     with EmbeddedRedis(tmp_path / "redis") as server:
         client = redis_client(SimpleNamespace(uri=server.uri, password="", ssl_cafile="", cluster=False))
@@ -362,10 +433,12 @@ def test_the_writer_keeps_the_newest_answers_per_user_with_their_ttl_in_real_red
         client.set("t:answers:u4", b"a string: another Redis type")
         unreadable = log.get_many(["u3", "u4"])
         assert all(isinstance(r, ServedRecordError) for r in unreadable) and "another Redis type" in str(unreadable[1])
-        # the stray key fails its own user's commands only, and the log's next write replaces it
-        log.record([served("u4"), served("u5")])
+        # the stray key fails its own user's commands only, and the log's next write replaces it, keeping
+        # every answer of that write (a DEL before each of u4's kept only the last)
+        u4_later = served("u4", version="v3", served_ms=SERVED_MS + 1)
+        log.record([served("u4"), served("u5"), u4_later])
         assert log.flush(timeout_s=10)
-        assert log.get_many(["u4", "u5"]) == [(served("u4"),), (served("u5"),)] and TTL_S < client.ttl("t:answers:u4") <= TTL_S + LAG_S
+        assert log.get_many(["u4", "u5"]) == [(u4_later, served("u4")), (served("u5"),)] and TTL_S < client.ttl("t:answers:u4") <= TTL_S + LAG_S
         assert not dropped
     log.record([served("u1")])  # Redis is gone: dropped and counted, the caller not held up
     assert log.flush(timeout_s=15) and dropped == Counter({"unavailable": 1})

@@ -19,7 +19,7 @@ import streaming.redrive as redrive_module
 from infra.broker import EmbeddedBroker, ensure_topics
 from infra.cli import UserError
 from streaming.__main__ import main
-from streaming.events import BehaviourEvent, encode_event
+from streaming.events import REDRIVEN_HEADER, BehaviourEvent, encode_event
 from streaming.interest_writer import dead_letter
 from streaming.redrive import REPEATED, STILL_INVALID, TRUNCATED, UNDECODABLE, original_value
 
@@ -109,6 +109,7 @@ def test_redrive_sends_the_chosen_letters_back_keyed_by_user_and_goes_on_from_wh
     records = new_events()
     assert sorted((r.key, r.value) for r in records) == [(b"u1", failed[0]), (b"u2", failed[1])]
     assert all(r.timestamp >= NOW for r in records)  # stamped when sent again: the job's future rule holds
+    assert all(r.headers == [(REDRIVEN_HEADER, b"1")] for r in records)  # the online judge judged the originals: it skips these
 
     assert cli()["read"] == 0  # the group's offsets moved on
     dead_letters(letter(event_bytes("u5", "e")), letter(event_bytes("u6", "f"), "late"))
@@ -168,7 +169,7 @@ class FakeProducer:
     def __init__(self, sent: list, fails: set, raises: set):
         self.sent, self.fails, self.raises = sent, fails, raises
 
-    def send_encoded(self, user, value, produced_ms):
+    def send_encoded(self, user, value, produced_ms, headers=None):
         if user in self.raises:
             raise RuntimeError(f"no buffer space for {user}")
         self.sent.append(user)

@@ -122,7 +122,7 @@ def test_the_producer_validates_against_the_configured_record_limit(monkeypatch)
     from streaming.producer import EventProducer
 
     sent = []
-    monkeypatch.setattr(kafka, "KafkaProducer", lambda **options: type("Client", (), {"send": lambda self, topic, key, value, timestamp_ms: sent.append(value)})())
+    monkeypatch.setattr(kafka, "KafkaProducer", lambda **options: type("Client", (), {"send": lambda self, topic, key, value, timestamp_ms, headers: sent.append(value)})())
     producer = EventProducer(KafkaConfig(), max_event_bytes=200)
     producer.send(event())
     with pytest.raises(EventError, match="oversized"):
@@ -145,7 +145,7 @@ def test_the_producer_refuses_an_event_dated_over_an_hour_after_it_is_sent(monke
 
     sent = []
     monkeypatch.setattr(kafka, "KafkaProducer", lambda **options: type("Client", (), {
-        "send": lambda self, topic, key, value, timestamp_ms: sent.append((value, timestamp_ms))})())
+        "send": lambda self, topic, key, value, timestamp_ms, headers: sent.append((value, timestamp_ms))})())
     producer = EventProducer(KafkaConfig())
     now_ms = int(time.time() * 1000)
     with pytest.raises(EventError) as caught:
