@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", nargs="+", type=at_least(1), default=[100_000, 1_000_000], help="catalog sizes")
     p.add_argument("--side-vocabulary", type=at_least(1), default=10_000, help="distinct side tokens (e.g. brands)")
     p.add_argument("--tokens-per-item", type=at_least(1), default=2)
-    p.add_argument("--steps", type=at_least(1), default=20, help="training steps per optimizer")
+    p.add_argument("--steps", type=at_least(2), default=20, help="training steps per optimizer (the first fifth, at least one, is warm-up)")
     p.add_argument("--users", type=at_least(1), default=1024, help="users whose top 50 are retrieved over the catalog")
     p.add_argument("--sparse-item-rows", type=at_least(0), default=SPARSE_ITEM_ROWS, metavar="N", help=f"as train's (default {SPARSE_ITEM_ROWS:,})")
     p.set_defaults(func=cmd_catalog_bench)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from infra.cli import UserError
+from infra.config import DISABLE_GPU_VARIABLE, gpu_disabled
 from model_export.manifest import Manifest
 from model_export.onnx_runtime import UserTowerSession
 from model_export.export import exported_model
@@ -54,21 +55,34 @@ def _alternating(measure, sides: dict, rounds: int = 6) -> dict:
     return results
 
 
+def check_gpu_sides(provider: str) -> None:
+    """--gpu needs both sides on the GPU: ONNX Runtime's CUDA provider and a CUDA build of torch."""
+    if gpu_disabled():
+        raise UserError(f"--gpu: {DISABLE_GPU_VARIABLE} is set, which keeps ONNX Runtime on the CPU; unset it, or run without --gpu")
+    if provider != "CUDAExecutionProvider":
+        raise UserError("--gpu: no usable CUDA GPU for onnxruntime-gpu (driver, CUDA 13 and cuDNN 9 libraries); run without --gpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"--gpu: ONNX Runtime has the GPU but torch {torch.__version__} is a CPU build, so eager cannot run there: "
+                        "install a CUDA build of the pinned torch version (https://pytorch.org/get-started/locally/), or run without --gpu")
+
+
 def bench_user_tower(export_dir: Path, batch: int = 256, seconds: float = 3.0, single_calls: int = 2000, gpu: bool = False) -> dict:
     manifest = Manifest.load(export_dir)
     _, model = exported_model(export_dir, manifest)
     session = UserTowerSession(export_dir, manifest, prefer_gpu=gpu)
-    if gpu and session.provider != "CUDAExecutionProvider":
-        raise UserError("--gpu: no usable CUDA GPU for onnxruntime-gpu (driver, CUDA 13 and cuDNN 9 libraries); run without --gpu")
+    if gpu:
+        check_gpu_sides(session.provider)
     device = "cuda" if gpu else "cpu"
     model = model.to(device)
     rng = np.random.default_rng(0)
     n_fields = len(manifest.profile_fields)
+    # the first known value of every field (id 1), or "unknown" (0) for a field no training user filled in
+    known_profile = np.minimum(1, session.largest_profile_ids.astype(np.int64))
 
     def inputs(b: int):
         items = rng.integers(1, manifest.n_items + 1, size=(b, manifest.maxlen), dtype=np.int64)
         lengths = np.full(b, manifest.maxlen, dtype=np.int64)
-        profile = np.ones((b, n_fields), dtype=np.int64)
+        profile = np.broadcast_to(known_profile, (b, n_fields)).copy()
         return items, lengths, profile
 
     @torch.no_grad()

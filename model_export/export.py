@@ -23,7 +23,7 @@ from infra.cli import UserError
 from infra.files import sha256_of
 from model_export.data import EvalCases, SequenceDataset, evaluation_cases
 from model_export.evaluate import evaluate_model
-from model_export.manifest import ArtifactFile, Manifest
+from model_export.manifest import MANIFEST_FILE, ArtifactFile, Manifest
 from model_export.onnx_runtime import UserTowerSession
 from model_export.spec import ModelSpec
 from model_export.train import check_dataset, load_model, model_from_weights
@@ -72,6 +72,19 @@ def parity_batches(data: SequenceDataset, maxlen: int, n_users: int = PARITY_USE
     return [(items, lengths, profile), (short_items, short_lengths, profile)]
 
 
+def check_replaceable(out_dir: Path, model_dir: Path) -> None:
+    """An export replaces its folder whole: refuse one that holds the training run, or anything that
+    is not an earlier export (a folder with files and no manifest.json), rather than delete it."""
+    if model_dir.resolve().is_relative_to(out_dir.resolve()):
+        raise UserError(f"--out {out_dir} holds the training run {model_dir}, which the export would replace: "
+                        f"export to another folder (default: {model_dir / 'export'})")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
+        raise UserError(f"--out {out_dir} holds files and no {MANIFEST_FILE}: it is not an earlier export, and an export "
+                        "replaces its folder whole; give an empty or new folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file: give a folder")
+
+
 def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = None, *, source: str | None = None,
                  metrics_cases: tuple[str, EvalCases] | None = None, extra: dict | None = None,
                  progress: bool = False) -> tuple[Path, Manifest]:
@@ -88,6 +101,7 @@ def export_model(model_dir: Path, data: SequenceDataset, out_dir: Path | None = 
         raise UserError(f"{model_dir}: weights {', '.join(broken)} hold NaN or inf (the training run diverged); export refused: "
                         "train again, e.g. with a lower --lr")
     out_dir = out_dir or model_dir / "export"
+    check_replaceable(out_dir, model_dir)
     staging = out_dir.with_name(out_dir.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -118,6 +118,7 @@ def test_out_of_range_training_flags_are_refused_before_anything_runs(flag, valu
     (["peer", "--dataset", "ml-1m", "--epochs", "0"], "argument --epochs: 0 is below 1"),  # pointed at `train` for the run it made
     (["timesplit", "--epochs", "-1"], "argument --epochs: -1 is below 0"),
     (["bench", "--export-dir", "x", "--batch", "0"], "argument --batch: 0 is below 1"),
+    (["catalog-bench", "--steps", "1"], "argument --steps: 1 is below 2"),  # its one step was warm-up: NaN, printed as JSON
 ])
 def test_benchmark_flags_out_of_range_are_refused_before_anything_runs(args, says, tmp_path):
     result = cli(*args, "--out", str(tmp_path / "out"), check=False) if args[0] != "bench" else cli(*args, check=False)
@@ -237,6 +238,40 @@ def test_train_evaluate_export_end_to_end(synthetic_csv, tmp_path):
         Manifest.load(export_dir)
 
 
+def test_bench_runs_on_a_model_with_a_profile_field_no_user_filled_in(tmp_path):
+    """The bench fed profile id 1 to every field: a field with only "unknown" (cardinality 1), which
+    exports and serves, crashed it in the embedding lookup."""
+    from model_export.bench import bench_user_tower
+
+    csv = tmp_path / "interactions.csv"
+    table = synthetic_interactions()
+    table["user_city"] = ""
+    table.to_csv(csv, index=False)
+    data = load_dataset(str(csv), tmp_path / "data", tmp_path / "cache", tmp_path / "shared")
+    spec = default_spec("mind", data, str(csv))
+    assert spec.profile_cardinalities[-1] == 1
+    train(TrainConfig(dataset=str(csv), model="mind", epochs=1, max_steps_per_epoch=1), spec, data, tmp_path / "run", progress=False)
+    export_dir, _ = export_model(tmp_path / "run", data)
+    report = bench_user_tower(export_dir, batch=8, seconds=0.1, single_calls=20)
+    assert report["throughput_users_per_s"]["ratio"] > 0
+
+
+def test_bench_gpu_says_which_side_cannot_use_the_gpu(monkeypatch):
+    """--gpu named a missing GPU where MINDSTREAM_DISABLE_GPU kept ONNX Runtime off it, and failed in
+    torch's own assertion where ONNX Runtime had the GPU and torch was the CPU build."""
+    from model_export.bench import check_gpu_sides
+
+    monkeypatch.setenv("MINDSTREAM_DISABLE_GPU", "1")
+    with pytest.raises(UserError, match="MINDSTREAM_DISABLE_GPU is set"):
+        check_gpu_sides("CPUExecutionProvider")
+    monkeypatch.delenv("MINDSTREAM_DISABLE_GPU")
+    with pytest.raises(UserError, match="no usable CUDA GPU"):
+        check_gpu_sides("CPUExecutionProvider")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="is a CPU build, so eager cannot run there"):
+        check_gpu_sides("CUDAExecutionProvider")
+
+
 def test_lazy_item_updates_train_resume_and_export(synthetic_csv, tmp_path):
     """--sparse-item-rows 1 puts the synthetic catalog on LazyItemAdam (sparse item gradients): trained,
     checkpointed, resumed and exported like any run. A checkpoint of plain Adam (a run of an earlier
@@ -320,6 +355,35 @@ def test_a_diverged_run_is_not_exported(synthetic_csv, tmp_path):
     with pytest.raises(UserError, match="mlp.2.bias hold NaN or inf"):
         export_model(run, data)
     assert not (run / "export").exists()
+
+
+def test_an_export_replaces_only_an_earlier_export_never_the_run_or_other_files(tmp_path):
+    """export --out DIR deleted whatever DIR held: --out MODEL_DIR wiped the run (model.pt, checkpoint.pt,
+    history.json), a folder of notes its notes. Refused before anything is deleted; an earlier export,
+    an empty folder or a new one is replaced as before."""
+    from model_export.export import check_replaceable
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"weights")
+    for out in (run, tmp_path):
+        with pytest.raises(UserError, match="holds the training run"):
+            check_replaceable(out, run)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "important.txt").write_text("keep")
+    with pytest.raises(UserError, match="not an earlier export"):
+        check_replaceable(notes, run)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        check_replaceable(tmp_path / "a-file", run)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "manifest.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    for out in (earlier, tmp_path / "empty", tmp_path / "new", run / "export"):
+        check_replaceable(out, run)
+    assert (run / "model.pt").exists() and (notes / "important.txt").exists()
 
 
 def test_an_exports_weights_are_the_model_it_exported_even_if_the_run_writes_a_newer_one(synthetic_csv, tmp_path, monkeypatch):
