@@ -33,9 +33,9 @@ import pandas as pd
 from infra.cli import UserError
 from infra.files import sha256_of, write_atomically
 from infra.wheels import WheelError, extract_from_wheel
-from streaming.events import ID_CONTROL_CHARACTERS, MAX_ID_CHARS, MAX_TIME_MS, value_text
+from streaming.events import ID_CONTROL_CHARACTERS, MAX_ID_CHARS, MAX_MAP_ENTRIES, MAX_TIME_MS, value_text
 
-PREPROCESS_VERSION = 7  # bump when the preprocessing changes, to invalidate caches (7: ids as events take them, times < 2^53)
+PREPROCESS_VERSION = 8  # bump when the preprocessing changes, to invalidate caches (8: a string / category column's first present value)
 MIN_ITEM_COUNT = 5
 MIN_USER_COUNT = 5
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -386,6 +386,9 @@ def load_table(path: Path) -> RawInteractions:
         raise DatasetError(f"{path}: cannot be read as {suffix[1:]} ({exc})") from None
     # pandas renames a repeated csv header ("user" twice: "user", "user.1"): the names are the file's first record
     names = [str(c).strip() for c in (table.columns if suffix == ".parquet" else next(_csv_records(path, sep), (1, []))[1])]
+    if suffix != ".parquet" and not any(names):  # pandas took the blank line for a header of no columns
+        raise DatasetError(f"{path}:1: the first line is blank, and the first line is the header: "
+                           "remove the blank lines above the column names (user, item, timestamp, ...)")
     keys = [n.lower() for n in names]  # the columns are found by their lower-case names
     repeated = sorted({n for n, key in zip(names, keys) if keys.count(key) > 1})
     if repeated:
@@ -396,7 +399,7 @@ def load_table(path: Path) -> RawInteractions:
         if nul_line := _first_nul_line(path):  # pandas' reader ends a value at a NUL and drops the rest of it, silently
             raise DatasetError(f"{path}:{nul_line}: a NUL character (U+0000), which the csv reader would cut a value at "
                                "(and no id may hold a control character): remove it")
-        table = table[(table.apply(lambda column: column.str.strip()) != "").any(axis=1)]
+        table = table[(table.apply(lambda column: column.str.strip(" ")) != "").any(axis=1)]
 
     def where(row: int) -> str:  # the file and a row's place in it: its line or Parquet row
         position = table.index[row]  # a row number: the read kept no column of the file as the index
@@ -412,7 +415,7 @@ def load_table(path: Path) -> RawInteractions:
 
     ucol, icol, tcol = pick(_USER_COLUMNS, "user"), pick(_ITEM_COLUMNS, "item"), pick(_TIME_COLUMNS, "timestamp")
     for col in (ucol, icol, tcol):
-        empty = np.flatnonzero((table[col].isna() | (_as_text(table[col], where).str.strip() == "")).to_numpy())
+        empty = np.flatnonzero((table[col].isna() | (_as_text(table[col], where).str.strip(" ") == "")).to_numpy())
         if len(empty):
             raise DatasetError(f"{where(int(empty[0]))}: empty {col}: every row needs a user, an item and a timestamp; fill it in or drop the row")
     ts = _times_ms(table[tcol])
@@ -455,6 +458,19 @@ def load_table(path: Path) -> RawInteractions:
         if with_separator:
             raise DatasetError(f"{path}: profile column {with_separator[0]!r}: a profile field's name cannot hold '=' "
                                "(the model stores a value as the token 'name=value'): rename the column")
+        if len(fields) > MAX_MAP_ENTRIES:
+            raise DatasetError(f"{path}: {len(fields)} profile columns (user_<name>); an event's profile holds at most {MAX_MAP_ENTRIES} "
+                               "fields, so every replayed event would be refused: keep the ones the model should read")
+        long_name = next((c for c in user_cols if len(c) - len("user_") > MAX_ID_CHARS), None)
+        if long_name:
+            raise DatasetError(f"{path}: profile column {long_name[:40]!r}...: a field name has at most {MAX_ID_CHARS} characters, as events carry it")
+        for col in user_cols:
+            texts = table[col].astype(object).map(_cell_text)
+            long = np.flatnonzero((texts.str.len() > MAX_ID_CHARS).to_numpy())
+            if len(long):
+                value = texts.iloc[int(long[0])]
+                raise DatasetError(f"{where(int(long[0]))}: {col} {value[:40]!r}... has {len(value)} characters; a profile value has "
+                                   f"at most {MAX_ID_CHARS}, as events carry it (every replayed event of the user would be refused)")
         profile = _first_present(table, users, user_cols).set_axis(fields, axis=1)
     else:
         profile = pd.DataFrame(index=pd.Index([], name="user"))
@@ -466,9 +482,10 @@ def _first_present(table: pd.DataFrame, keys: pd.Series, columns: list[str]) -> 
     as text ("" where every row lacks it): attributes repeat on every row of an event log, and a row
     that leaves one out must not hide the value the later rows carry."""
     def present(column: pd.Series) -> pd.Series:  # text cells as their text, "" (blank, an empty list) -> missing, which first() skips
-        if column.dtype != object:
-            return column
-        text = column.map(_cell_text)
+        if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+            return column  # NaN is missing already
+        # every other dtype as text: a pandas `string` or `category` column's "" was a value first() took
+        text = column.astype(object).map(_cell_text)
         return text.where(text != "")
 
     cells = pd.DataFrame({c: present(table[c]) for c in columns})

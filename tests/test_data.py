@@ -297,15 +297,16 @@ def test_missing_side_feature_and_profile_values_are_no_token_and_unknown(tmp_pa
     assert (data.item_side[data.item_ids.tolist().index("e")] == 0).all()
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
-def test_a_row_that_leaves_an_attribute_out_does_not_hide_the_value_of_later_rows(tmp_path, suffix):
-    # Every user's first row lacks the profile, and the first user's rows (every item's first) lack the genre.
+@pytest.mark.parametrize("suffix, dtype", [(".csv", object), (".parquet", object), (".parquet", "string"), (".parquet", "category")])
+def test_a_row_that_leaves_an_attribute_out_does_not_hide_the_value_of_later_rows(tmp_path, suffix, dtype):
+    # Every user's first row lacks the profile, and the first user's rows (every item's first) lack the genre
+    # (an empty cell of a pandas `string` or `category` column was taken as the value: the genre and profile lost).
     rows = [{"user": f"u{u}", "item": item, "timestamp": t,
-             "item_genre": None if u == 0 else f"g{item}",
-             "user_gender": None if t == 0 else "FM"[u % 2]}
+             "item_genre": ("" if dtype != object else None) if u == 0 else f"g{item}",
+             "user_gender": ("" if dtype != object else None) if t == 0 else "FM"[u % 2]}
             for u in range(8) for t, item in enumerate("abcde")]
     path = tmp_path / f"later{suffix}"
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).astype({"item_genre": dtype, "user_gender": dtype})
     table.to_parquet(path) if suffix == ".parquet" else table.to_csv(path, index=False)
     data = _load(path, tmp_path)
     assert data.side_vocab.tolist() == ["<pad>", *(f"item_genre=g{item}" for item in "abcde")]
@@ -543,8 +544,12 @@ def test_ids_are_kept_as_events_carry_them(tmp_path):
     lines.write_text("u1 it\u00a0em b\u2028c\n", encoding="utf-8")
     assert load_sequence_file(lines).frame["item"].tolist() == ["it\u00a0em", "b\u2028c"]
     table = tmp_path / "ends.csv"
-    table.write_text("user,item,timestamp\nu1, \u00a0item ,1\n", encoding="utf-8")
-    assert load_table(table).frame["item"].tolist() == ["\u00a0item"]
+    table.write_text("user,item,timestamp\nu1, \u00a0item ,1\nu1,\u00a0,2\n", encoding="utf-8")
+    assert load_table(table).frame["item"].tolist() == ["\u00a0item", "\u00a0"]  # an id of U+00A0 alone was refused as empty
+    blank_but_nbsp = tmp_path / "nbsp-row.csv"  # and a row of it dropped as blank, not refused for its empty item
+    blank_but_nbsp.write_text("user,item,timestamp\nu1,i1,1\n\u00a0,,\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"nbsp-row\.csv:3: empty item"):
+        load_table(blank_but_nbsp)
 
 
 @pytest.mark.parametrize("name, content, says", [
@@ -558,6 +563,30 @@ def test_an_id_no_event_could_carry_is_refused_with_its_line(tmp_path, name, con
     path.write_bytes(content)
     with pytest.raises(DatasetError, match=says):
         (load_table if name.endswith(".csv") else load_sequence_file)(path)
+
+
+def test_a_profile_no_event_could_carry_is_refused(tmp_path):
+    """Every replayed event of a user whose profile value is over 256 characters, or of any user of a
+    file with over 16 profile columns, was refused by the events contract after training on them."""
+    long = tmp_path / "long.csv"
+    long.write_text("user,item,timestamp,user_bio\nu1,a,1,short\nu2,a,2,\nu2,b,3," + "x" * 257 + "\n")
+    with pytest.raises(DatasetError, match=r"long\.csv:4: user_bio 'x+'\.\.\. has 257 characters; a profile value has at most 256"):
+        load_table(long)
+    many = tmp_path / "many.csv"
+    many.write_text("user,item,timestamp," + ",".join(f"user_f{n}" for n in range(17)) + "\nu1,a,1" + ",v" * 17 + "\n")
+    with pytest.raises(DatasetError, match="17 profile columns .*at most 16 fields"):
+        load_table(many)
+    long_name = tmp_path / "long-name.csv"
+    long_name.write_text(f"user,item,timestamp,user_{'n' * 257}\nu1,a,1,v\n")
+    with pytest.raises(DatasetError, match="a field name has at most 256 characters"):
+        load_table(long_name)
+
+
+def test_a_blank_first_line_is_named_as_the_missing_header(tmp_path):
+    path = tmp_path / "blank-first.csv"
+    path.write_text("\nuser,item,timestamp\nu1,a,1\n")  # pandas took the blank line as a header of no columns
+    with pytest.raises(DatasetError, match=r"blank-first\.csv:1: the first line is blank, and the first line is the header"):
+        load_table(path)
 
 
 def test_an_item_called_pad_is_an_item_like_any_other(tmp_path):
