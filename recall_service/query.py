@@ -9,13 +9,15 @@ input again.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterable, Set as AbstractSet
 from dataclasses import dataclass
 
 from infra.config import RecallServiceConfig
 from recall_service.filters import FilterError, ItemFilter, parse_filter
+from streaming.events import ID_CONTROL_CHARACTERS, MAX_ID_CHARS  # ids as events carry them: no other user or item exists
 
-MAX_ID_CHARS = 256  # user and item ids; longer ones are not ids
+_ID_CONTROL = re.compile(ID_CONTROL_CHARACTERS)
 
 
 class InvalidRequest(ValueError):
@@ -72,7 +74,7 @@ class RecallQuery:
     excluded: frozenset[str]  # the request's exclusions (the window and seen set are added per path)
     recent_items: tuple[str, ...]  # oldest first
     item_filter: ItemFilter | None
-    per_interest_n: int  # 0 = n + excluded items, capped (see per_interest_limit)
+    per_interest_n: int  # 0 = n (see per_interest_limit)
     merge_policy: MergePolicy
 
     def left_out(self, *also: Iterable[str]) -> frozenset[str]:
@@ -80,20 +82,20 @@ class RecallQuery:
         return self.excluded.union(*also)
 
     def per_interest_limit(self, left_out: AbstractSet[str], cap: int) -> int:
-        """Candidates to fetch per interest, given `left_out(...)`, every item the answer leaves out.
-        By default n + |left_out|: an item of the exact top n by best score ranks at most
-        n + |left_out| in the list of the interest that scores it best."""
-        if self.per_interest_n:
-            return self.per_interest_n
-        return min(cap, self.n + len(left_out))
+        """Candidates to fetch per interest, given `left_out(...)`, every item the answer leaves out:
+        per_interest_n (default n) + |left_out|, capped. By default an item of the exact top n by best
+        score ranks at most n + |left_out| in the list of the interest that scores it best; a
+        per_interest_n of the client's counts the candidates kept after the window and seen items,
+        which it cannot see (taken from a list of per_interest_n they left it short, even empty)."""
+        return min(cap, (self.per_interest_n or self.n) + len(left_out))
 
 
 def _check_ids(field: str, ids, limit: int) -> None:
     if len(ids) > limit:
         raise InvalidRequest(f"{field}: {len(ids)} ids, at most {limit}")
     for i, item in enumerate(ids):
-        if not item or len(item) > MAX_ID_CHARS:
-            raise InvalidRequest(f"{field}[{i}]: an item id must have 1..{MAX_ID_CHARS} characters")
+        if not item or len(item) > MAX_ID_CHARS or _ID_CONTROL.search(item):
+            raise InvalidRequest(f"{field}[{i}]: an item id must have 1..{MAX_ID_CHARS} characters, no control characters (U+0000-U+001F, U+007F)")
 
 
 def validate(
@@ -107,8 +109,8 @@ def validate(
     limits: Limits | None = None,
 ) -> RecallQuery:
     limits = limits or Limits.from_config()
-    if not user_id or len(user_id) > MAX_ID_CHARS:
-        raise InvalidRequest(f"user_id: must have 1..{MAX_ID_CHARS} characters")
+    if not user_id or len(user_id) > MAX_ID_CHARS or _ID_CONTROL.search(user_id):  # as events name users: no other user exists
+        raise InvalidRequest(f"user_id: must have 1..{MAX_ID_CHARS} characters, no control characters (U+0000-U+001F, U+007F)")
     if not 1 <= n <= limits.max_n:
         raise InvalidRequest(f"n: {n} is out of range; ask for 1..{limits.max_n} items")
     if not 0 <= per_interest_n <= limits.max_per_interest_n:

@@ -290,10 +290,12 @@ class Recaller:
     # -- stages ---------------------------------------------------------------------------------
 
     def _read_interests(self, pending: list[_Pending], deadline: Deadline) -> None:
+        # the deadline first: a request out of time that took a half-open breaker's trial would never
+        # report it, and every request would fall back for another cool-down
+        deadline.check("the feature store read")
         if not self.store_breaker.allow():
             self._fall_back(pending, FallbackReason.FEATURE_STORE_UNAVAILABLE, "the feature store failed recently; retrying after the cool-down")
             return
-        deadline.check("the feature store read")
         started = self.clock()
         try:
             records = get_each(self.reader, [p.query.user_id for p in pending],  # one corrupt record must not fail the others
@@ -343,6 +345,7 @@ class Recaller:
         limits = [p.query.per_interest_limit(excluded, self.max_per_interest_n) for p, excluded in zip(group, left_out)]
         if outage.detail:
             return self._fall_back(group, FallbackReason.VECTOR_SEARCH_UNAVAILABLE, outage.detail, popular)
+        deadline.check("the vector search")  # before the breaker, as the feature store read: a trial must report
         if not self.search_breaker.allow():
             return self._fall_back(group, FallbackReason.VECTOR_SEARCH_UNAVAILABLE,
                                    "the vector search failed recently; retrying after the cool-down", popular)

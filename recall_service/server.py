@@ -118,11 +118,12 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         try:
             if isinstance(message, UnreadableRequest):
                 raise message.error
-            requests = list(message.requests) if method == "BatchRecall" else [message]
-            if len(requests) > self.limits.max_batch:
-                raise InvalidRequest(f"requests: {len(requests)} in one batch, at most {self.limits.max_batch}")
+            # both limits before the requests are listed: 4 MiB of empty requests are 2 million wrappers (~1 s, ~200 MB)
+            if method == "BatchRecall" and len(message.requests) > self.limits.max_batch:
+                raise InvalidRequest(f"requests: {len(message.requests)} in one batch, at most {self.limits.max_batch}")
             if message.ByteSize() > self.max_request_bytes:
                 raise InvalidRequest(f"request: {message.ByteSize()} bytes, at most {self.max_request_bytes}; split it")
+            requests = list(message.requests) if method == "BatchRecall" else [message]
             queries = [self._query(r, i if method == "BatchRecall" else None) for i, r in enumerate(requests)]
             remaining = context.time_remaining()
             budget = remaining if remaining is not None and remaining < 1e6 else self.default_deadline_s
@@ -130,7 +131,11 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
                 results = self.recaller.recall_many(queries, Deadline(budget))
             except InvalidRequest as exc:
                 if method == "BatchRecall" and exc.requests:  # as validation names a request: by its index
-                    raise InvalidRequest(f"{', '.join(f'requests[{i}]' for i in exc.requests)}.{exc}") from None
+                    # a filter the vector store rejected: every request of the batch that has it, not only
+                    # those of the group whose search came first
+                    rejected = {queries[i].item_filter.milvus_expr for i in exc.requests if queries[i].item_filter is not None}
+                    named = [i for i, q in enumerate(queries) if i in exc.requests or (q.item_filter is not None and q.item_filter.milvus_expr in rejected)]
+                    raise InvalidRequest(f"{', '.join(f'requests[{i}]' for i in named)}.{exc}") from None
                 raise
             responses = [self._response(r) for r in results]
         except Exception as exc:  # every exception ends as a status code here, never escapes to gRPC

@@ -89,6 +89,9 @@ def test_a_valid_request_is_normalised():
     ({"n": 101}, r"ask for 1..100"),
     ({"user_id": ""}, "user_id"),
     ({"user_id": "u" * 300}, "user_id"),
+    ({"user_id": "bob\nmallory"}, "user_id: .*no control characters"),  # no event can name such a user
+    ({"exclude_item_ids": ["a\x00"]}, r"exclude_item_ids\[0\]: .*no control characters"),
+    ({"recent_item_ids": ["ok", "b\x7f"]}, r"recent_item_ids\[1\]: .*no control characters"),
     ({"exclude_item_ids": ["a", "b", "c", "d"]}, "exclude_item_ids: 4 ids, at most 3"),
     ({"exclude_item_ids": [""]}, r"exclude_item_ids\[0\]"),
     ({"recent_item_ids": ["r"] * 5}, "recent_item_ids: 5 ids, at most 4"),
@@ -109,7 +112,10 @@ def test_default_per_interest_limit_covers_what_is_left_out():
     assert q.left_out(("b", "c"), {"c", "d"}) == frozenset("abcd")  # the exclusions, a window, a seen set
     assert q.per_interest_limit(q.left_out(("b", "c")), cap=300) == 10 + 3
     assert q.per_interest_limit(q.left_out("defghijk"), cap=15) == 15
-    assert validate("u1", 10, per_interest_n=7, limits=LIMITS).per_interest_limit(frozenset("z"), cap=300) == 7
+    # a client's per_interest_n counts the candidates kept after what is left out, which it cannot see
+    # (the window, the seen set): taken as is, a window of the user's 7 best left nothing
+    assert validate("u1", 10, per_interest_n=7, limits=LIMITS).per_interest_limit(frozenset("z"), cap=300) == 7 + 1
+    assert validate("u1", 10, per_interest_n=7, limits=LIMITS).per_interest_limit(frozenset("defghijk"), cap=12) == 12
 
 
 # -- merges -------------------------------------------------------------------------------------
@@ -397,6 +403,32 @@ def test_feature_store_down_falls_back_and_the_breaker_skips_it(world):
     assert recaller.recall_many([q("alice")], Deadline(1.0))[0].path is RecallPath.POPULAR_FALLBACK
 
 
+@pytest.mark.parametrize("backend", ["feature_store", "vector_search"])
+def test_a_request_out_of_time_is_no_trial_of_a_breaker(world, backend):
+    """A request whose deadline had passed took the half-open breaker's one trial, never called the
+    backend and never reported: every request fell back for another cool-down on a recovered backend."""
+    recaller, search, *_ = world
+    clock = [0.0]
+    breaker = CircuitBreaker(1.0, clock=lambda: clock[0], failures_to_open=1)
+    setattr(recaller, "store_breaker" if backend == "feature_store" else "search_breaker", breaker)
+    breaker.failed(0.0)  # opened by an outage
+    clock[0] = 2.0  # the cool-down is over: the next caller is the trial
+    store, elapsed = recaller.reader, [0.0]
+    if backend == "vector_search":  # the store read uses up the request's time: out of time before the search
+
+        class SlowStore:
+            def get_many(self, user_ids):
+                elapsed[0] += 5.0
+                return store.get_many(user_ids)
+
+        recaller.reader = SlowStore()
+    with pytest.raises(DeadlineExceeded):
+        recaller.recall_many([q("alice")], Deadline(0.0 if backend == "feature_store" else 1.0, clock=lambda: elapsed[0]))
+    recaller.reader = store
+    [result] = recaller.recall_many([q("alice")], Deadline(1.0))  # the healthy backend is tried and answers
+    assert result.path is RecallPath.STORED_INTERESTS and result.reason is FallbackReason.NONE
+
+
 def test_an_empty_batch_is_no_trial_of_a_down_feature_store(world):
     """An empty BatchRecall reads nothing: taken as the half-open trial, it would close the breaker
     and the next requests would each wait out the store's timeout."""
@@ -456,10 +488,12 @@ def test_a_batch_whose_filter_the_vector_store_refuses_names_the_request(world):
 
     servicer = RecallServicer(recaller, Limits.from_config(), RecallMetrics(), 1.0, 1 << 20)
     batch = [recall_pb2.RecallRequest(user_id="alice", n=3, filter=text) for text in ("", 'category == "x"', "", 'category == "x"')]
+    # the same filter on another path (a user computed on the fly: another group, searched later) is named too
+    batch.append(recall_pb2.RecallRequest(user_id="nobody", n=3, filter='category == "x"', recent_item_ids=["i4"]))
     context = Context()
     servicer.BatchRecall(recall_pb2.BatchRecallRequest(requests=batch), context)
     assert context.code is grpc.StatusCode.INVALID_ARGUMENT
-    assert context.details.startswith("requests[1], requests[3].filter: the vector store rejected it")
+    assert context.details.startswith("requests[1], requests[3], requests[4].filter: the vector store rejected it")
     context = Context()
     servicer.Recall(batch[1], context)  # one request: the field alone, as validation names it
     assert context.code is grpc.StatusCode.INVALID_ARGUMENT and context.details.startswith("filter: the vector store rejected it")
