@@ -17,6 +17,7 @@ while Milvus is down; a collection found released is loaded in the background.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -184,7 +185,9 @@ class MilvusItemSearch:
     def ping(self) -> None:
         client = self.connect()
         try:
-            client.get_server_version(timeout=self.connect_timeout_s)
+            # a whole number of seconds: pymilvus bounds its retries only by an int timeout (with a float
+            # it retried 75 times, ~211 s, while the health probe reported Milvus up)
+            client.get_server_version(timeout=max(1, math.ceil(self.connect_timeout_s)))
         except Exception as exc:  # pymilvus wraps transport errors in several exception types
             raise BackendUnavailable(f"Milvus at {self.shown_uri}: {exc}") from None
 

@@ -1620,3 +1620,21 @@ def test_the_popular_ranking_is_deep_enough_for_everything_left_out_at_once(two_
     result = Recaller(SeenOnlyReader(), DownSearch(), FakeModels(model)).recall_many([query], Deadline(5))[0]
     assert result.path == RecallPath.POPULAR_FALLBACK
     assert [item for item, *_ in result.items] == ranked[18:23]
+
+
+def test_the_milvus_health_ping_bounds_its_retries_by_a_whole_number_of_seconds():
+    """pymilvus honours only an int timeout for its retries: the probe's ping with 2.0 retried 75
+    times (~211 s against a stopped Milvus) while health and backend_up still said Milvus answered."""
+    from recall_service.backends import MilvusItemSearch
+
+    asked = []
+
+    class Client:
+        def get_server_version(self, timeout):
+            asked.append(timeout)
+
+    for configured, sent in ((2.0, 2), (0.3, 1), (2.5, 3)):
+        search = MilvusItemSearch("http://127.0.0.1:1", connect_timeout_s=configured)
+        search.connect = lambda: Client()
+        search.ping()
+        assert type(asked[-1]) is int and asked[-1] == sent
