@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -461,15 +462,21 @@ def test_bearer_token_and_tls(stack, tmp_path):
         server.stop()
 
 
-def test_recall_from_node_through_the_proto_file(stack):
+@pytest.fixture(scope="module")
+def node_client() -> Path:
+    """recall.js, its pinned packages installed (install.sh, once); skipped where node and npm are not."""
     if not (shutil.which("node") and shutil.which("npm")):
         pytest.skip("node and npm are not installed: the Node client test needs them")
     client_dir = REPO / "recall_service" / "clients" / "node"
     subprocess.run([str(client_dir / "install.sh")], check=True, capture_output=True, timeout=300)
+    return client_dir / "recall.js"
+
+
+def test_recall_from_node_through_the_proto_file(stack, node_client):
     env = {k: v for k, v in os.environ.items() if k != "NODE_PATH"}  # the client finds install.sh's packages itself
 
     def node(request: dict) -> tuple[int, dict]:
-        done = subprocess.run(["node", str(client_dir / "recall.js"), f"127.0.0.1:{stack.server.port}", str(PROTO_ROOT), json.dumps(request)],
+        done = subprocess.run(["node", str(node_client), f"127.0.0.1:{stack.server.port}", str(PROTO_ROOT), json.dumps(request)],
                               capture_output=True, text=True, env=env, timeout=60)
         return done.returncode, json.loads(done.stdout)
 
@@ -482,18 +489,14 @@ def test_recall_from_node_through_the_proto_file(stack):
     assert status == 1 and answer["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "n: 0" in answer["details"]
 
 
-def test_node_client_gives_up_at_its_deadline():
+def test_node_client_gives_up_at_its_deadline(node_client):
     """The Node client waited a fixed 10 s for any server: TIMEOUT_S (default 2 s, as the Python client's
     --timeout) is its deadline, here against a socket that accepts and never answers; a bad TIMEOUT_S is usage."""
-    if not (shutil.which("node") and shutil.which("npm")):
-        pytest.skip("node and npm are not installed: the Node client test needs them")
-    client_dir = REPO / "recall_service" / "clients" / "node"
-    subprocess.run([str(client_dir / "install.sh")], check=True, capture_output=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k != "NODE_PATH"}
     with socket.create_server(("127.0.0.1", 0)) as silent:
         def node(*timeout: str) -> tuple[subprocess.CompletedProcess, float]:
             started = time.monotonic()
-            done = subprocess.run(["node", str(client_dir / "recall.js"), f"127.0.0.1:{silent.getsockname()[1]}", str(PROTO_ROOT),
+            done = subprocess.run(["node", str(node_client), f"127.0.0.1:{silent.getsockname()[1]}", str(PROTO_ROOT),
                                    '{"user_id": "u1"}', *timeout], capture_output=True, text=True, env=env, timeout=60)
             return done, time.monotonic() - started
 
@@ -832,22 +835,18 @@ def test_the_projects_own_clients_follow_the_configured_tls_and_token(in_memory_
     assert recall(dataclasses.replace(token_only.config, recall=dataclasses.replace(token_only.config.recall, port=token_only.port)), "alice", 3)[0].items
 
 
-def test_the_node_client_trusts_the_servers_certificate_and_says_what_is_wrong_in_one_line(in_memory_server, tmp_path):
+def test_the_node_client_trusts_the_servers_certificate_and_says_what_is_wrong_in_one_line(in_memory_server, node_client, tmp_path):
     """As the Python clients (recall_service/channel.py): without a CA file, the configured
     tls_certfile is what the server's certificate is verified with; a request that is not JSON (or
     not a RecallRequest) or a CA file that cannot be read is a one-line error and exit status 2, not
     a stack trace."""
-    if not (shutil.which("node") and shutil.which("npm")):
-        pytest.skip("node and npm are not installed: the Node client test needs them")
-    client_dir = REPO / "recall_service" / "clients" / "node"
-    subprocess.run([str(client_dir / "install.sh")], check=True, capture_output=True, timeout=300)
     cert, key = self_signed_certificate(tmp_path)
     server, _, search = in_memory_server(tls_certfile=str(cert), tls_keyfile=str(key), auth_token="s3cret")
     search.gate.set()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINDSTREAM_")}
 
     def node(request: str, **variables) -> subprocess.CompletedProcess:
-        return subprocess.run(["node", str(client_dir / "recall.js"), f"localhost:{server.port}", str(PROTO_ROOT), request],
+        return subprocess.run(["node", str(node_client), f"localhost:{server.port}", str(PROTO_ROOT), request],
                               env={**env, "MINDSTREAM_RECALL__AUTH_TOKEN": "s3cret", **variables}, capture_output=True, text=True, timeout=60)
 
     answered = node('{"user_id": "alice", "n": 3}', MINDSTREAM_RECALL__TLS_CERTFILE=str(cert))
